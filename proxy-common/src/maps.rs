@@ -1,0 +1,206 @@
+//! Map names, limits, keys and values.
+
+/// Map names as the kernel and bpffs see them (at most 15 characters).
+pub mod names {
+    pub const SERVICES4: &str = "lb4_services";
+    pub const BACKENDS4: &str = "lb4_backends";
+    pub const SLOTS: &str = "lb_slots";
+    pub const CONNTRACK4: &str = "ct4";
+    pub const SERVICE_STATS: &str = "lb_stats";
+    pub const COUNTERS: &str = "counters";
+    /// Every map the programs define, for pinning and cleanup.
+    pub const ALL: [&str; 6] = [
+        SERVICES4,
+        BACKENDS4,
+        SLOTS,
+        CONNTRACK4,
+        SERVICE_STATS,
+        COUNTERS,
+    ];
+}
+
+/// Program names in the object file.
+pub mod programs {
+    pub const XDP: &str = "xdproxy_xdp";
+    pub const TC_INGRESS: &str = "xdproxy_tc";
+    /// An XDP program that only returns XDP_PASS: the benchmark's baseline.
+    pub const XDP_EMPTY: &str = "xdproxy_empty";
+}
+
+/// Default capacities; the agent may override them at load time.
+pub const MAX_SERVICES: u32 = 131_072;
+pub const MAX_BACKENDS: u32 = 131_072;
+pub const MAX_SLOTS: u32 = 524_288;
+pub const MAX_CONNTRACK: u32 = 262_144;
+/// Service ids are indexes into the per-CPU statistics array: 0 is never used.
+pub const MAX_SERVICE_ID: u32 = MAX_SERVICES;
+
+/// What a client addresses: an IPv4 frontend (service VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Frontend4 {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// A frontend's service entry (family-independent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index into `lb_stats` and the first half of every `lb_slots` key.
+    pub id: u32,
+    /// Slots 0..backend_count hold this service's backends.
+    pub backend_count: u32,
+    /// Reserved for per-service behaviour (affinity, algorithm).
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of `lb_slots`: one backend position of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// An IPv4 backend (keyed by backend id in `lb4_backends`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Backend4 {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Conntrack direction: a client's packet towards the frontend.
+pub const CT_FORWARD: u8 = 0;
+/// Conntrack direction: a backend's reply towards the client.
+pub const CT_REPLY: u8 = 1;
+
+/// Key of `ct4`: a flow as it appears on the wire in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Key {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// CT_FORWARD or CT_REPLY.
+    pub direction: u8,
+    pub _pad: u16,
+}
+
+/// Value of `ct4`: where to rewrite a packet of the flow.
+///
+/// For a forward entry `nat_addr`/`nat_port` are the backend's; for a reply
+/// entry they are the frontend's, which become the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ct4Entry {
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// Per-service traffic, per CPU (client-to-service direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indexes of the per-CPU `counters` array: events that are not per service.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A packet for a service that has no backend: passed on untouched.
+    NoBackend = 0,
+    /// A new flow whose conntrack entries could not be written: forwarded anyway.
+    CtInsertFailed = 1,
+    /// An IPv4 fragment for a service: passed on untouched (ports are not in it).
+    Fragment = 2,
+    /// A slot pointed at a backend id that is not in the backends map.
+    BackendMissing = 3,
+    /// An IPv4 packet shorter than its headers claim: passed on untouched.
+    Truncated = 4,
+    /// A flow whose conntrack backend was gone and was sent to a new one.
+    Reselected = 5,
+    /// TC could not finish rewriting a packet (helper error): dropped.
+    RewriteFailed = 6,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::NoBackend,
+        Counter::CtInsertFailed,
+        Counter::Fragment,
+        Counter::BackendMissing,
+        Counter::Truncated,
+        Counter::Reselected,
+        Counter::RewriteFailed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::NoBackend => "no_backend",
+            Counter::CtInsertFailed => "ct_insert_failed",
+            Counter::Fragment => "fragment",
+            Counter::BackendMissing => "backend_missing",
+            Counter::Truncated => "truncated",
+            Counter::Reselected => "reselected",
+            Counter::RewriteFailed => "rewrite_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding fields and
+    // no invalid bit patterns.
+    unsafe impl aya::Pod for Frontend4 {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Entry {}
+    unsafe impl aya::Pod for ServiceStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Frontend4>(), 8);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend4>(), 8);
+        assert_eq!(size_of::<Ct4Key>(), 16);
+        assert_eq!(size_of::<Ct4Entry>(), 16);
+        assert_eq!(size_of::<ServiceStats>(), 16);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in names::ALL {
+            assert!(name.len() <= 15, "{name}");
+        }
+    }
+}

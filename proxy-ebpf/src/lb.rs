@@ -1,0 +1,155 @@
+//! Service lookup, conntrack and backend selection: what to rewrite, if anything.
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use proxy_common::{
+    Backend4, CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, Frontend4, Service, SlotKey,
+};
+
+use crate::{
+    maps::{self, BACKENDS4, CONNTRACK4, SERVICES4, SLOTS},
+    parse::Flow,
+};
+
+/// Which end of the packet changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Client to service: the destination becomes the backend.
+    Destination,
+    /// Backend to client: the source becomes the service again.
+    Source,
+}
+
+pub struct Rewrite {
+    pub side: Side,
+    pub addr: u32,
+    pub port: u16,
+}
+
+/// What to do with a parsed packet: None leaves it untouched.
+#[inline(always)]
+pub fn decide(flow: &Flow, len: u64) -> Option<Rewrite> {
+    let frontend = Frontend4 {
+        addr: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    if let Some(service) = SERVICES4.get_ptr(frontend) {
+        // SAFETY: a copy out of a live map value.
+        let service = unsafe { *service };
+        maps::count_service(service.id, len);
+        let backend = forward_backend(flow, &service)?;
+        return Some(Rewrite {
+            side: Side::Destination,
+            addr: backend.addr,
+            port: backend.port,
+        });
+    }
+    let reply = key(
+        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
+    );
+    let entry = CONNTRACK4.get_ptr(reply)?;
+    // SAFETY: a copy out of a live map value.
+    let entry = unsafe { *entry };
+    Some(Rewrite {
+        side: Side::Source,
+        addr: entry.nat_addr,
+        port: entry.nat_port,
+    })
+}
+
+#[inline(always)]
+fn key(src: u32, sport: u16, dst: u32, dport: u16, proto: u8, direction: u8) -> Ct4Key {
+    Ct4Key {
+        src_addr: src,
+        dst_addr: dst,
+        src_port: sport,
+        dst_port: dport,
+        proto,
+        direction,
+        _pad: 0,
+    }
+}
+
+/// The flow's backend: the one conntrack remembers while it still exists,
+/// otherwise a newly selected one.
+#[inline(always)]
+fn forward_backend(flow: &Flow, service: &Service) -> Option<Backend4> {
+    let forward = key(
+        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_FORWARD,
+    );
+    if let Some(entry) = CONNTRACK4.get_ptr(forward) {
+        // SAFETY: copies out of live map values.
+        let entry = unsafe { *entry };
+        if let Some(backend) = BACKENDS4.get_ptr(entry.backend_id) {
+            let backend = unsafe { *backend };
+            // Ids are reused: the entry is only valid if the id still names
+            // the same address.
+            if backend.addr == entry.nat_addr && backend.port == entry.nat_port {
+                return Some(backend);
+            }
+        }
+        maps::count(Counter::Reselected);
+    }
+    let (id, backend) = select(service)?;
+    remember(flow, forward, service.id, id, &backend);
+    Some(backend)
+}
+
+#[inline(always)]
+fn select(service: &Service) -> Option<(u32, Backend4)> {
+    if service.backend_count == 0 {
+        maps::count(Counter::NoBackend);
+        return None;
+    }
+    // SAFETY: the helper has no preconditions.
+    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    let slot_key = SlotKey {
+        service_id: service.id,
+        slot,
+    };
+    let Some(id) = SLOTS.get_ptr(slot_key) else {
+        maps::count(Counter::BackendMissing);
+        return None;
+    };
+    // SAFETY: copies out of live map values.
+    let id = unsafe { *id };
+    let Some(backend) = BACKENDS4.get_ptr(id) else {
+        maps::count(Counter::BackendMissing);
+        return None;
+    };
+    Some((id, unsafe { *backend }))
+}
+
+/// Writes both directions of a new flow; a failure is counted, and the packet
+/// is still forwarded.
+#[inline(always)]
+fn remember(flow: &Flow, forward: Ct4Key, service_id: u32, backend_id: u32, backend: &Backend4) {
+    let to_backend = Ct4Entry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        _pad: 0,
+        backend_id,
+        service_id,
+    };
+    let reply = key(
+        backend.addr,
+        backend.port,
+        flow.saddr,
+        flow.sport,
+        flow.proto,
+        CT_REPLY,
+    );
+    let to_client = Ct4Entry {
+        nat_addr: flow.daddr,
+        nat_port: flow.dport,
+        _pad: 0,
+        backend_id,
+        service_id,
+    };
+    if CONNTRACK4.insert(reply, to_client, 0).is_err()
+        || CONNTRACK4.insert(forward, to_backend, 0).is_err()
+    {
+        maps::count(Counter::CtInsertFailed);
+    }
+}

@@ -1,0 +1,47 @@
+//! The maps every program shares. Names match `proxy_common::names`.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    MAX_SLOTS, Service, ServiceStats, SlotKey,
+};
+
+#[btf_map(name = "lb4_services")]
+pub static SERVICES4: HashMap<Frontend4, Service, { MAX_SERVICES as usize }> = HashMap::new();
+
+#[btf_map(name = "lb_slots")]
+pub static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }> = HashMap::new();
+
+#[btf_map(name = "lb4_backends")]
+pub static BACKENDS4: HashMap<u32, Backend4, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "ct4")]
+pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Entry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+
+#[btf_map(name = "lb_stats")]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "counters")]
+pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_service(id: u32, bytes: u64) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
+    }
+}
