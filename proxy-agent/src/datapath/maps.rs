@@ -1,0 +1,112 @@
+//! The service maps, owned and typed, behind the reconciler's `Maps` trait.
+
+use anyhow::Context;
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+};
+use proxy_common::{Backend4, Counter, Frontend4, Service, ServiceStats, SlotKey, names};
+
+use crate::reconcile::Maps;
+
+pub struct MapSet {
+    pub services: HashMap<MapData, Frontend4, Service>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend4>,
+    pub stats: PerCpuArray<MapData, ServiceStats>,
+    pub counters: PerCpuArray<MapData, u64>,
+    cpus: usize,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> anyhow::Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl MapSet {
+    /// Takes the service maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<MapSet> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        Ok(MapSet {
+            services: take(ebpf, names::SERVICES4)?,
+            slots: take(ebpf, names::SLOTS)?,
+            backends: take(ebpf, names::BACKENDS4)?,
+            stats: take(ebpf, names::SERVICE_STATS)?,
+            counters: take(ebpf, names::COUNTERS)?,
+            cpus,
+        })
+    }
+
+    /// A service id's traffic summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> anyhow::Result<ServiceStats> {
+        let per_cpu = self.stats.get(&id, 0).context("reading lb_stats")?;
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceStats::default(), |sum, s| ServiceStats {
+                packets: sum.packets + s.packets,
+                bytes: sum.bytes + s.bytes,
+            }))
+    }
+
+    /// A counter summed over CPUs.
+    pub fn counter(&self, counter: Counter) -> anyhow::Result<u64> {
+        let per_cpu = self
+            .counters
+            .get(&(counter as u32), 0)
+            .context("reading counters")?;
+        Ok(per_cpu.iter().sum())
+    }
+}
+
+/// Removing what is already gone is not an error: removal is idempotent.
+fn removed(result: Result<(), MapError>, what: &str) -> anyhow::Result<()> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other.with_context(|| format!("removing from {what}")),
+    }
+}
+
+impl Maps for MapSet {
+    fn set_backend(&mut self, id: u32, backend: Backend4) -> anyhow::Result<()> {
+        self.backends
+            .insert(id, backend, 0)
+            .context("writing lb4_backends")
+    }
+
+    fn remove_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        removed(self.backends.remove(&id), names::BACKENDS4)
+    }
+
+    fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
+        self.slots
+            .insert(key, backend_id, 0)
+            .context("writing lb_slots")
+    }
+
+    fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
+        removed(self.slots.remove(&key), names::SLOTS)
+    }
+
+    fn set_service(&mut self, frontend: Frontend4, service: Service) -> anyhow::Result<()> {
+        self.services
+            .insert(frontend, service, 0)
+            .context("writing lb4_services")
+    }
+
+    fn remove_service(&mut self, frontend: Frontend4) -> anyhow::Result<()> {
+        removed(self.services.remove(&frontend), names::SERVICES4)
+    }
+
+    fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()> {
+        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus])
+            .context("building per-CPU zeros")?;
+        self.stats
+            .set(service_id, zeros, 0)
+            .context("resetting lb_stats")
+    }
+}

@@ -1,0 +1,9 @@
+//! xdproxy agent: Kubernetes Services and EndpointSlices in, eBPF maps out.
+//!
+//! source (manifests) -> model (pure) -> reconciler (diff) -> datapath (maps).
+
+pub mod datapath;
+pub mod model;
+pub mod reconcile;
+pub mod run;
+pub mod source;

@@ -1,0 +1,301 @@
+//! Kubernetes semantics, and nothing else: Services and EndpointSlices in,
+//! the frontends and backends the datapath should serve out. No I/O.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Serialize;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything the model reads.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub slices: BTreeMap<ObjectKey, EndpointSlice>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proxy_common::IPPROTO_TCP,
+            Protocol::Udp => proxy_common::IPPROTO_UDP,
+        }
+    }
+}
+
+/// What a client addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Where a frontend's traffic goes, and which Service port asked for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendState {
+    pub service: ObjectKey,
+    pub port_name: String,
+    /// Sorted, without duplicates.
+    pub backends: Vec<SocketAddrV4>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// Things that are valid Kubernetes but cannot all be served (clashes).
+    pub warnings: Vec<String>,
+}
+
+/// A field of an object that is not acceptable, with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field {}: {}", self.field, self.message)
+    }
+}
+
+fn field_error(field: String, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        message: message.into(),
+    }
+}
+
+fn protocol(
+    value: Option<&str>,
+    field: impl Fn() -> String,
+) -> Result<Option<Protocol>, FieldError> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Ok(Some(Protocol::Tcp)),
+        "UDP" => Ok(Some(Protocol::Udp)),
+        // Valid Kubernetes, not served yet.
+        "SCTP" => Ok(None),
+        other => Err(field_error(field(), format!("unknown protocol {other:?}"))),
+    }
+}
+
+fn port_number(value: i32, field: impl Fn() -> String) -> Result<u16, FieldError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| field_error(field(), format!("port {value} is not in 1..65535")))
+}
+
+/// Rejects what the API server would have rejected and what the model would
+/// otherwise have to guess about.
+pub fn validate_service(service: &Service) -> Result<(), FieldError> {
+    let Some(spec) = &service.spec else {
+        return Ok(());
+    };
+    for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
+        check_cluster_ip(ip, || format!("spec.clusterIPs[{i}]"))?;
+    }
+    if let Some(ip) = &spec.cluster_ip {
+        check_cluster_ip(ip, || "spec.clusterIP".to_string())?;
+    }
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        port_number(port.port, || format!("spec.ports[{i}].port"))?;
+        protocol(port.protocol.as_deref(), || {
+            format!("spec.ports[{i}].protocol")
+        })?;
+    }
+    Ok(())
+}
+
+fn check_cluster_ip(ip: &str, field: impl Fn() -> String) -> Result<(), FieldError> {
+    if ip.is_empty() || ip == "None" || ip.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    Err(field_error(field(), format!("{ip:?} is not an IP address")))
+}
+
+pub fn validate_slice(slice: &EndpointSlice) -> Result<(), FieldError> {
+    let family = slice.address_type.as_str();
+    if !matches!(family, "IPv4" | "IPv6" | "FQDN") {
+        return Err(field_error(
+            "addressType".into(),
+            format!("{family:?} is not IPv4, IPv6 or FQDN"),
+        ));
+    }
+    for (i, endpoint) in slice.endpoints.iter().enumerate() {
+        for (j, addr) in endpoint.addresses.iter().enumerate() {
+            let ok = match family {
+                "IPv4" => addr.parse::<Ipv4Addr>().is_ok(),
+                "IPv6" => addr.parse::<std::net::Ipv6Addr>().is_ok(),
+                _ => true,
+            };
+            if !ok {
+                return Err(field_error(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{addr:?} is not an {family} address"),
+                ));
+            }
+        }
+    }
+    for (i, port) in slice.ports.iter().flatten().enumerate() {
+        if let Some(number) = port.port {
+            port_number(number, || format!("ports[{i}].port"))?;
+        }
+        protocol(port.protocol.as_deref(), || format!("ports[{i}].protocol"))?;
+    }
+    Ok(())
+}
+
+/// The desired datapath state for a set of (validated) objects.
+pub fn desired(objects: &Objects) -> Desired {
+    let mut out = Desired::default();
+    for (key, service) in &objects.services {
+        let slices = slices_of(objects, key);
+        for (frontend, state) in service_frontends(key, service, &slices) {
+            match out.frontends.get(&frontend) {
+                Some(taken) => out.warnings.push(format!(
+                    "{}:{}/{:?} is claimed by Service {} and by Service {}; serving {}",
+                    frontend.addr,
+                    frontend.port,
+                    frontend.protocol,
+                    taken.service,
+                    key,
+                    taken.service
+                )),
+                None => {
+                    out.frontends.insert(frontend, state);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn slices_of<'a>(objects: &'a Objects, service: &ObjectKey) -> Vec<&'a EndpointSlice> {
+    objects
+        .slices
+        .iter()
+        .filter(|(key, slice)| {
+            key.namespace == service.namespace
+                && slice.address_type == "IPv4"
+                && slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .is_some_and(|name| *name == service.name)
+        })
+        .map(|(_, slice)| slice)
+        .collect()
+}
+
+fn service_frontends(
+    key: &ObjectKey,
+    service: &Service,
+    slices: &[&EndpointSlice],
+) -> Vec<(Frontend, FrontendState)> {
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        log::debug!("Service {key}: ExternalName, nothing to program");
+        return Vec::new();
+    }
+    let addrs = cluster_ipv4s(spec.cluster_ips.as_deref(), spec.cluster_ip.as_deref());
+    if addrs.is_empty() {
+        log::debug!("Service {key}: headless or without an IPv4 cluster IP, nothing to program");
+    }
+    let mut out = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let Ok(Some(protocol)) = protocol(port.protocol.as_deref(), String::new) else {
+            continue;
+        };
+        let Ok(number) = port_number(port.port, String::new) else {
+            continue;
+        };
+        let port_name = port.name.clone().unwrap_or_default();
+        let backends = backends(slices, &port_name, protocol);
+        for addr in &addrs {
+            let frontend = Frontend {
+                addr: *addr,
+                port: number,
+                protocol,
+            };
+            let state = FrontendState {
+                service: key.clone(),
+                port_name: port_name.clone(),
+                backends: backends.clone(),
+            };
+            out.push((frontend, state));
+        }
+    }
+    out
+}
+
+fn cluster_ipv4s(ips: Option<&[String]>, ip: Option<&str>) -> Vec<Ipv4Addr> {
+    let mut all: Vec<&str> = ips.unwrap_or_default().iter().map(String::as_str).collect();
+    if all.is_empty() {
+        all.extend(ip);
+    }
+    all.iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+/// Ready endpoints of the slices' port with this name and protocol. As
+/// kube-proxy does, only an endpoint's first address is used, and an
+/// endpoint whose readiness is unknown counts as ready.
+fn backends(slices: &[&EndpointSlice], port_name: &str, protocol: Protocol) -> Vec<SocketAddrV4> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && matches!(crate::model::protocol(p.protocol.as_deref(), String::new), Ok(Some(x)) if x == protocol)
+        }) else {
+            continue;
+        };
+        let Some(Ok(number)) = port.port.map(|p| port_number(p, String::new)) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            let addr = endpoint
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok());
+            if let (true, Some(addr)) = (ready, addr) {
+                out.push(SocketAddrV4::new(addr, number));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
