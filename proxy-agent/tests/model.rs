@@ -1,0 +1,236 @@
+//! The model as tables: objects in, frontends and backends out.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_agent::model::{self, Desired, Frontend, ObjectKey, Objects, Protocol};
+
+fn key(namespace: &str, name: &str) -> ObjectKey {
+    ObjectKey {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn objects(services: &[(&str, &str)], slices: &[(&str, &str)]) -> Objects {
+    let mut out = Objects::default();
+    for (ns, yaml) in services {
+        let s: Service = serde_yaml::from_str(yaml).expect("test service");
+        let name = s.metadata.name.clone().expect("name");
+        out.services.insert(key(ns, &name), s);
+    }
+    for (ns, yaml) in slices {
+        let s: EndpointSlice = serde_yaml::from_str(yaml).expect("test slice");
+        let name = s.metadata.name.clone().expect("name");
+        out.slices.insert(key(ns, &name), s);
+    }
+    out
+}
+
+fn fe(addr: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
+    Frontend {
+        addr: Ipv4Addr::from(addr),
+        port,
+        protocol,
+    }
+}
+
+fn be(addr: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr), port)
+}
+
+fn backends_of(desired: &Desired, frontend: Frontend) -> Vec<SocketAddrV4> {
+    desired
+        .frontends
+        .get(&frontend)
+        .unwrap_or_else(|| panic!("no frontend {frontend:?} in {:?}", desired.frontends.keys()))
+        .backends
+        .clone()
+}
+
+const WEB: &str = r#"
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80, targetPort: http}
+    - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+"#;
+
+fn slice(name: &str, service: &str, endpoints: &str) -> String {
+    format!(
+        r#"
+metadata:
+  name: {name}
+  labels: {{kubernetes.io/service-name: {service}}}
+addressType: IPv4
+ports:
+  - {{name: http, port: 8080, protocol: TCP}}
+  - {{name: dns, port: 5353, protocol: UDP}}
+endpoints: {endpoints}
+"#
+    )
+}
+
+#[test]
+fn cluster_ip_ports_map_to_ready_endpoints_by_port_name() {
+    let s = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], conditions: {ready: true}},
+            {addresses: [10.1.2.2]},
+            {addresses: [10.1.3.2], conditions: {ready: false}}]"#,
+    );
+    let desired = model::desired(&objects(&[("default", WEB)], &[("default", &s)]));
+    assert_eq!(desired.frontends.len(), 2);
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)],
+        "ready and unknown-readiness endpoints serve, not-ready ones do not"
+    );
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 53, Protocol::Udp)),
+        vec![be([10, 1, 1, 2], 5353), be([10, 1, 2, 2], 5353)]
+    );
+    assert!(desired.warnings.is_empty());
+}
+
+#[test]
+fn slices_of_other_services_and_namespaces_are_ignored_and_several_slices_merge() {
+    let mine_a = slice("web-a", "web", "[{addresses: [10.1.1.2]}]");
+    let mine_b = slice(
+        "web-b",
+        "web",
+        "[{addresses: [10.1.2.2]}, {addresses: [10.1.1.2]}]",
+    );
+    let other_service = slice("db-a", "db", "[{addresses: [10.9.9.9]}]");
+    let other_ns = slice("web-x", "web", "[{addresses: [10.8.8.8]}]");
+    let desired = model::desired(&objects(
+        &[("default", WEB)],
+        &[
+            ("default", &mine_a),
+            ("default", &mine_b),
+            ("default", &other_service),
+            ("prod", &other_ns),
+        ],
+    ));
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)]
+    );
+}
+
+#[test]
+fn service_port_without_a_matching_slice_port_has_no_backends() {
+    let svc = r#"
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.10, ports: [{name: metrics, port: 9090}]}
+"#;
+    let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
+    let desired = model::desired(&objects(&[("default", svc)], &[("default", &s)]));
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 9090, Protocol::Tcp)),
+        vec![]
+    );
+}
+
+#[test]
+fn unnamed_single_port_matches_unnamed_slice_port() {
+    let svc = "metadata: {name: one}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80, targetPort: 8080}]}";
+    let s = r#"
+metadata: {name: one-1, labels: {kubernetes.io/service-name: one}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.1.1.2]}]
+"#;
+    let desired = model::desired(&objects(&[("default", svc)], &[("default", s)]));
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 11], 80, Protocol::Tcp)),
+        vec![be([10, 1, 1, 2], 8080)]
+    );
+}
+
+#[test]
+fn services_without_a_cluster_ip_get_nothing() {
+    let cases = [
+        (
+            "external name",
+            "metadata: {name: a}\nspec: {type: ExternalName, externalName: example.com, ports: [{port: 80}]}",
+        ),
+        (
+            "headless",
+            "metadata: {name: b}\nspec: {clusterIP: None, ports: [{port: 80}]}",
+        ),
+        ("no spec", "metadata: {name: c}"),
+        (
+            "ipv6 only",
+            "metadata: {name: d}\nspec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10'], ports: [{port: 80}]}",
+        ),
+    ];
+    for (what, yaml) in cases {
+        let desired = model::desired(&objects(&[("default", yaml)], &[]));
+        assert!(
+            desired.frontends.is_empty(),
+            "{what}: {:?}",
+            desired.frontends
+        );
+    }
+}
+
+#[test]
+fn every_ipv4_cluster_ip_and_no_sctp() {
+    let svc = r#"
+metadata: {name: dual}
+spec:
+  clusterIP: 10.96.0.12
+  clusterIPs: [10.96.0.12, 'fd00::12']
+  ports: [{name: a, port: 80}, {name: s, port: 99, protocol: SCTP}]
+"#;
+    let desired = model::desired(&objects(&[("default", svc)], &[]));
+    let frontends: Vec<Frontend> = desired.frontends.keys().copied().collect();
+    assert_eq!(frontends, vec![fe([10, 96, 0, 12], 80, Protocol::Tcp)]);
+}
+
+#[test]
+fn two_services_claiming_one_frontend_is_a_warning_and_the_first_wins() {
+    let a = "metadata: {name: a}\nspec: {clusterIP: 10.96.0.13, ports: [{port: 80}]}";
+    let b = "metadata: {name: b}\nspec: {clusterIP: 10.96.0.13, ports: [{port: 80}]}";
+    let desired = model::desired(&objects(&[("default", a), ("default", b)], &[]));
+    assert_eq!(desired.frontends.len(), 1);
+    assert_eq!(desired.warnings.len(), 1, "{:?}", desired.warnings);
+    let state = &desired.frontends[&fe([10, 96, 0, 13], 80, Protocol::Tcp)];
+    assert_eq!(state.service, key("default", "a"));
+}
+
+#[test]
+fn validation_names_the_field() {
+    let cases = [
+        (
+            "metadata: {name: a}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}",
+            "spec.clusterIP",
+        ),
+        (
+            "metadata: {name: a}\nspec: {clusterIPs: [10.96.0.1, nope]}",
+            "spec.clusterIPs[1]",
+        ),
+        (
+            "metadata: {name: a}\nspec: {ports: [{port: 80}, {port: 70000}]}",
+            "spec.ports[1].port",
+        ),
+        (
+            "metadata: {name: a}\nspec: {ports: [{port: 80, protocol: ICMP}]}",
+            "spec.ports[0].protocol",
+        ),
+    ];
+    for (yaml, field) in cases {
+        let s: Service = serde_yaml::from_str(yaml).expect("test service");
+        let err = model::validate_service(&s).expect_err(yaml);
+        assert_eq!(err.field, field, "{yaml}");
+    }
+    let bad_slice = "metadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}, {addresses: [banana]}]";
+    let s: EndpointSlice = serde_yaml::from_str(bad_slice).expect("test slice");
+    assert_eq!(
+        model::validate_slice(&s).expect_err("bad").field,
+        "endpoints[1].addresses[0]"
+    );
+}

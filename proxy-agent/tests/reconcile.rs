@@ -1,0 +1,300 @@
+//! The reconciler against a fake set of maps that checks, after every single
+//! write, what a packet arriving at that moment would see.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use proxy_agent::{
+    model::{Desired, Frontend, FrontendState, ObjectKey, Protocol},
+    reconcile::{Maps, Reconciler},
+};
+use proxy_common::{Backend4, Frontend4, Service, SlotKey};
+
+#[derive(Default)]
+struct FakeMaps {
+    services: BTreeMap<(u32, u16, u8), Service>,
+    slots: BTreeMap<(u32, u32), u32>,
+    backends: BTreeMap<u32, Backend4>,
+    log: Vec<String>,
+    /// Fail the next write whose log line starts with this.
+    fail: Option<String>,
+}
+
+impl FakeMaps {
+    fn write(&mut self, line: String) -> anyhow::Result<()> {
+        if let Some(prefix) = &self.fail {
+            if line.starts_with(prefix.as_str()) {
+                self.fail = None;
+                anyhow::bail!("injected failure: {line}");
+            }
+        }
+        self.log.push(line);
+        Ok(())
+    }
+
+    /// A packet's view: every slot below a service's count names a backend
+    /// that exists.
+    fn check(&self) {
+        for (fe, svc) in &self.services {
+            for slot in 0..svc.backend_count {
+                let id = self.slots.get(&(svc.id, slot)).unwrap_or_else(|| {
+                    panic!(
+                        "{fe:?} count {} but slot {slot} missing; log {:?}",
+                        svc.backend_count, self.log
+                    )
+                });
+                assert!(
+                    self.backends.contains_key(id),
+                    "slot {slot} of {fe:?} names missing backend {id}; log {:?}",
+                    self.log
+                );
+            }
+        }
+    }
+
+    fn writes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.log)
+    }
+
+    /// Backend addresses each frontend serves, as the maps say.
+    fn served(&self) -> BTreeMap<u16, Vec<Ipv4Addr>> {
+        let mut out = BTreeMap::new();
+        for ((_, port, _), svc) in &self.services {
+            let mut addrs: Vec<Ipv4Addr> = (0..svc.backend_count)
+                .map(|s| {
+                    Ipv4Addr::from(u32::from_be(self.backends[&self.slots[&(svc.id, s)]].addr))
+                })
+                .collect();
+            addrs.sort();
+            out.insert(u16::from_be(*port), addrs);
+        }
+        out
+    }
+}
+
+impl Maps for FakeMaps {
+    fn set_backend(&mut self, id: u32, backend: Backend4) -> anyhow::Result<()> {
+        self.write(format!("set_backend {id}"))?;
+        self.backends.insert(id, backend);
+        self.check();
+        Ok(())
+    }
+    fn remove_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.write(format!("remove_backend {id}"))?;
+        self.backends.remove(&id);
+        self.check();
+        Ok(())
+    }
+    fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
+        self.write(format!(
+            "set_slot {}/{} {backend_id}",
+            key.service_id, key.slot
+        ))?;
+        self.slots.insert((key.service_id, key.slot), backend_id);
+        self.check();
+        Ok(())
+    }
+    fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
+        self.write(format!("remove_slot {}/{}", key.service_id, key.slot))?;
+        self.slots.remove(&(key.service_id, key.slot));
+        self.check();
+        Ok(())
+    }
+    fn set_service(&mut self, fe: Frontend4, svc: Service) -> anyhow::Result<()> {
+        self.write(format!(
+            "set_service {} count {}",
+            u16::from_be(fe.port),
+            svc.backend_count
+        ))?;
+        self.services.insert((fe.addr, fe.port, fe.proto), svc);
+        self.check();
+        Ok(())
+    }
+    fn remove_service(&mut self, fe: Frontend4) -> anyhow::Result<()> {
+        self.write(format!("remove_service {}", u16::from_be(fe.port)))?;
+        self.services.remove(&(fe.addr, fe.port, fe.proto));
+        self.check();
+        Ok(())
+    }
+    fn reset_stats(&mut self, id: u32) -> anyhow::Result<()> {
+        self.write(format!("reset_stats {id}"))
+    }
+}
+
+fn desired(services: &[(u16, &[u8])]) -> Desired {
+    let mut out = Desired::default();
+    for (port, backends) in services {
+        let frontend = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: *port,
+            protocol: Protocol::Tcp,
+        };
+        let state = FrontendState {
+            service: ObjectKey {
+                namespace: "default".into(),
+                name: format!("svc{port}"),
+            },
+            port_name: String::new(),
+            backends: backends
+                .iter()
+                .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))
+                .collect(),
+        };
+        out.frontends.insert(frontend, state);
+    }
+    out
+}
+
+fn addrs(list: &[u8]) -> Vec<Ipv4Addr> {
+    list.iter().map(|b| Ipv4Addr::new(10, 1, *b, 2)).collect()
+}
+
+#[test]
+fn first_sync_writes_backends_then_slots_then_the_service() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let report = r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        maps.writes(),
+        [
+            "set_backend 1",
+            "set_backend 2",
+            "reset_stats 1",
+            "set_slot 1/0 1",
+            "set_slot 1/1 2",
+            "set_service 80 count 2"
+        ]
+    );
+    assert_eq!(report.writes, 5);
+}
+
+#[test]
+fn an_unchanged_state_writes_nothing() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let d = desired(&[(80, &[1, 2]), (81, &[2, 3])]);
+    r.apply(&d, &mut maps);
+    maps.writes();
+    let report = r.apply(&d, &mut maps);
+    assert_eq!(report.writes, 0);
+    assert!(maps.writes().is_empty());
+}
+
+#[test]
+fn adding_a_backend_writes_only_the_new_slot_and_count() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    maps.writes();
+    r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
+    assert_eq!(
+        maps.writes(),
+        ["set_backend 3", "set_slot 1/2 3", "set_service 80 count 3"]
+    );
+    assert_eq!(maps.served()[&80], addrs(&[1, 2, 3]));
+}
+
+#[test]
+fn removing_a_backend_shrinks_before_deleting() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
+    maps.writes();
+    r.apply(&desired(&[(80, &[1, 3])]), &mut maps);
+    assert_eq!(
+        maps.writes(),
+        [
+            "set_slot 1/1 3",
+            "set_service 80 count 2",
+            "remove_slot 1/2",
+            "remove_backend 2"
+        ]
+    );
+    assert_eq!(maps.served()[&80], addrs(&[1, 3]));
+}
+
+#[test]
+fn deleting_a_service_removes_its_entry_first_and_shared_backends_stay() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2]), (81, &[2])]), &mut maps);
+    maps.writes();
+    r.apply(&desired(&[(81, &[2])]), &mut maps);
+    assert_eq!(
+        maps.writes(),
+        [
+            "remove_service 80",
+            "remove_slot 1/1",
+            "remove_slot 1/0",
+            "remove_backend 1"
+        ]
+    );
+    assert_eq!(maps.served().len(), 1);
+    assert_eq!(r.backend_count(), 1);
+}
+
+#[test]
+fn ids_are_reused_after_removal() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1])]), &mut maps);
+    r.apply(&desired(&[]), &mut maps);
+    maps.writes();
+    r.apply(&desired(&[(90, &[4])]), &mut maps);
+    assert_eq!(
+        maps.writes(),
+        [
+            "set_backend 1",
+            "reset_stats 1",
+            "set_slot 1/0 1",
+            "set_service 90 count 1"
+        ]
+    );
+}
+
+#[test]
+fn a_failed_write_keeps_the_old_state_and_the_next_pass_finishes() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1]), (81, &[2])]), &mut maps);
+    maps.fail = Some("set_backend".into());
+    let report = r.apply(&desired(&[(80, &[1, 3]), (81, &[2, 4])]), &mut maps);
+    assert_eq!(
+        report.errors.len(),
+        2,
+        "one for the backend, one for the frontend that needs it: {:?}",
+        report.errors
+    );
+    let served = maps.served();
+    assert_eq!(served[&80], addrs(&[1]), "80 keeps what it had");
+    assert_eq!(served[&81], addrs(&[2, 4]), "81 moved on");
+    let report = r.apply(&desired(&[(80, &[1, 3]), (81, &[2, 4])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1, 3]));
+}
+
+#[test]
+fn a_failed_slot_write_leaves_a_consistent_service() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    maps.fail = Some("set_slot 1/2".into());
+    let report = r.apply(&desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1, 2]));
+    r.apply(&desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
+    assert_eq!(maps.served()[&80], addrs(&[1, 2, 3, 4]));
+}
+
+#[test]
+fn running_out_of_ids_is_an_error_not_a_crash() {
+    let mut maps = FakeMaps::default();
+    // Ids start at 1, so a limit of 3 leaves two of each.
+    let mut r = Reconciler::new(3, 3);
+    let report = r.apply(&desired(&[(80, &[1]), (81, &[2]), (82, &[3])]), &mut maps);
+    assert!(!report.errors.is_empty());
+    assert_eq!(maps.served().len(), 2);
+}

@@ -1,0 +1,274 @@
+//! Clients that talk to the servers in [`crate::servers`] and report which
+//! backend answered.
+//!
+//! Sockets are created inside the given namespace (on a setns'ed thread) and
+//! are then used from the calling thread; a socket keeps its namespace.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::netns::Netns;
+use crate::servers::is_timeout;
+
+/// Read/write timeout on HTTP connections.
+const HTTP_IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Response heads larger than this mean we are not talking to our server.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Sends per UDP exchange before giving up (UDP may drop the first packet,
+/// e.g. while ARP resolves).
+const UDP_ATTEMPTS: usize = 3;
+
+/// Per-attempt reply timeout for [`UdpFlow`] unless changed.
+const UDP_FLOW_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A keep-alive HTTP/1.1 connection opened from inside a namespace.
+#[derive(Debug)]
+pub struct HttpConn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    /// Bytes read past the end of the previous response.
+    pending: Vec<u8>,
+}
+
+impl HttpConn {
+    /// Connects from inside `ns` to `addr`, waiting at most `timeout`.
+    pub fn connect(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> Result<HttpConn> {
+        let what = || format!("TCP connect to {addr} from namespace {}", ns.name());
+        let stream = ns
+            .run(move || TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout))?
+            .with_context(what)?;
+        stream
+            .set_read_timeout(Some(HTTP_IO_TIMEOUT))
+            .with_context(what)?;
+        stream
+            .set_write_timeout(Some(HTTP_IO_TIMEOUT))
+            .with_context(what)?;
+        stream.set_nodelay(true).with_context(what)?;
+        let peer = stream.peer_addr().with_context(what)?;
+        let local = stream.local_addr().with_context(what)?;
+        Ok(HttpConn {
+            stream,
+            peer,
+            local,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Sends `GET /` on this connection and returns the trimmed response body
+    /// (the answering backend's name).
+    pub fn get(&mut self) -> Result<String> {
+        let peer = self.peer;
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .with_context(|| format!("sending HTTP request to {peer}"))?;
+        let content_length = self
+            .read_head()
+            .with_context(|| format!("reading HTTP response head from {peer}"))?;
+        let body = self
+            .read_exact_pending(content_length)
+            .with_context(|| format!("reading {content_length}-byte HTTP body from {peer}"))?;
+        Ok(String::from_utf8_lossy(&body).trim().to_string())
+    }
+
+    /// The address connected to (as seen by the client, e.g. a service VIP).
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The client's own address and port of this connection.
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The underlying stream, e.g. to shut it down or set options.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Reads until a full response head is buffered, checks for `200` and
+    /// returns its Content-Length; leaves any body bytes in `pending`.
+    fn read_head(&mut self) -> Result<usize> {
+        let head_end = loop {
+            if let Some(pos) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+            ensure!(
+                self.pending.len() <= MAX_HEAD,
+                "response head over {MAX_HEAD} bytes"
+            );
+            self.fill()?;
+        };
+        let head: Vec<u8> = self.pending.drain(..head_end).collect();
+        parse_head(&String::from_utf8_lossy(&head))
+    }
+
+    /// Takes exactly `len` bytes, reading more from the socket as needed.
+    fn read_exact_pending(&mut self, len: usize) -> Result<Vec<u8>> {
+        while self.pending.len() < len {
+            self.fill()?;
+        }
+        Ok(self.pending.drain(..len).collect())
+    }
+
+    /// Appends whatever the socket has (blocking up to the read timeout).
+    fn fill(&mut self) -> Result<()> {
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).map_err(|e| {
+            if is_timeout(&e) {
+                anyhow::anyhow!("timed out after {HTTP_IO_TIMEOUT:?}")
+            } else {
+                anyhow::Error::new(e)
+            }
+        })?;
+        ensure!(n > 0, "connection closed by peer");
+        self.pending.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+/// Checks the status line is a 200 and returns the Content-Length.
+fn parse_head(head: &str) -> Result<usize> {
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default();
+    let code = status.split_whitespace().nth(1);
+    ensure!(
+        status.starts_with("HTTP/1.") && code == Some("200"),
+        "unexpected status line {status:?}"
+    );
+    let length = lines
+        .filter_map(|line| line.split_once(':'))
+        .find(|(key, _)| key.trim().eq_ignore_ascii_case("content-length"))
+        .context("response has no Content-Length")?
+        .1;
+    length
+        .trim()
+        .parse()
+        .with_context(|| format!("bad Content-Length {length:?}"))
+}
+
+/// Sends `payload` from a fresh UDP socket in `ns` to `target` and returns
+/// the answering backend's name and the reply's source address. `timeout`
+/// applies per attempt; the datagram is sent up to 3 times.
+pub fn udp_exchange(
+    ns: &Netns,
+    target: SocketAddrV4,
+    payload: &str,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
+    let socket = bind_udp(ns)?;
+    exchange_on(&socket, target, payload, timeout)
+        .with_context(|| format!("UDP exchange with {target} from namespace {}", ns.name()))
+}
+
+/// Binds an unconnected UDP socket on 0.0.0.0:0 inside `ns`. Unconnected so
+/// replies from any source are received and their source can be checked.
+fn bind_udp(ns: &Netns) -> Result<UdpSocket> {
+    ns.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+        .with_context(|| format!("binding UDP 0.0.0.0:0 in namespace {}", ns.name()))
+}
+
+/// One request/reply round on `socket`, retrying the send on timeout.
+/// Replies for other payloads (late answers to earlier rounds) are skipped.
+fn exchange_on(
+    socket: &UdpSocket,
+    target: SocketAddrV4,
+    payload: &str,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
+    socket
+        .set_read_timeout(Some(timeout))
+        .context("setting UDP read timeout")?;
+    let suffix = format!(":{payload}");
+    let mut buf = vec![0u8; 65536];
+    let mut skipped: Option<String> = None;
+    for _ in 0..UDP_ATTEMPTS {
+        socket
+            .send_to(payload.as_bytes(), target)
+            .context("sending datagram")?;
+        // Keep reading until a matching reply or a timeout.
+        loop {
+            let (len, from) = match socket.recv_from(&mut buf) {
+                Ok(got) => got,
+                Err(e) if is_timeout(&e) => break,
+                Err(e) => return Err(e).context("receiving reply"),
+            };
+            let reply = String::from_utf8_lossy(&buf[..len]).into_owned();
+            match reply.strip_suffix(&suffix) {
+                Some(name) if !name.is_empty() => return Ok((name.to_string(), from)),
+                _ => skipped = Some(format!("{reply:?} from {from}")),
+            }
+        }
+    }
+    match skipped {
+        Some(other) => bail!(
+            "no reply ending in {suffix:?} after {UDP_ATTEMPTS} sends (last unmatched: {other})"
+        ),
+        None => bail!("no reply after {UDP_ATTEMPTS} sends, {timeout:?} each"),
+    }
+}
+
+/// A long-lived UDP "connection": every exchange uses the same local port, so
+/// the proxy sees one flow.
+#[derive(Debug)]
+pub struct UdpFlow {
+    socket: UdpSocket,
+    target: SocketAddrV4,
+    ns_name: String,
+    timeout: Duration,
+}
+
+impl UdpFlow {
+    /// Binds the flow's socket inside `ns`; nothing is sent yet.
+    pub fn open(ns: &Netns, target: SocketAddrV4) -> Result<UdpFlow> {
+        Ok(UdpFlow {
+            socket: bind_udp(ns)?,
+            target,
+            ns_name: ns.name().to_string(),
+            timeout: UDP_FLOW_TIMEOUT,
+        })
+    }
+
+    /// Changes the per-attempt reply timeout (default 1 s).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Sends `payload` and returns the backend name and reply source.
+    pub fn exchange(&mut self, payload: &str) -> Result<(String, SocketAddr)> {
+        exchange_on(&self.socket, self.target, payload, self.timeout).with_context(|| {
+            format!(
+                "UDP exchange with {} from {} in namespace {}",
+                self.target,
+                self.local_addr()
+                    .map_or_else(|_| "?".to_string(), |a| a.to_string()),
+                self.ns_name
+            )
+        })
+    }
+
+    /// The flow's local address (its fixed source port).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.socket
+            .local_addr()
+            .context("reading UDP flow local address")
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn head_parsing() {
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n";
+        assert_eq!(parse_head(head).ok(), Some(4));
+        assert!(parse_head("HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n").is_err());
+        assert!(parse_head("HTTP/1.1 200 OK\r\n\r\n").is_err());
+    }
+}
