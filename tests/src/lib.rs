@@ -6,7 +6,10 @@
 //! lives in namespaces created here ([`netns`]) and is deleted on drop, so tests
 //! never touch the root namespace and leave nothing behind. Requires root.
 
+pub mod agent;
 pub mod clients;
+pub mod manifests;
 pub mod netns;
+pub mod privilege;
 pub mod servers;
 pub mod topology;

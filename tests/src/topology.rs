@@ -176,6 +176,24 @@ impl Topology {
             .run(|| set_tx_csum(LEAF_IFACE, false))?
             .with_context(|| format!("disabling TX checksum offload on {LEAF_IFACE} in {ns}"))
     }
+
+    /// Makes the node finish every checksum in software before a packet
+    /// leaves it, as a physical NIC does in hardware. Without this, a packet
+    /// that left a local socket with a partial checksum crosses veths and is
+    /// accepted at the far end without its checksum ever being computed, so
+    /// a wrong checksum update by the datapath would go unnoticed.
+    pub fn finish_checksums_on_node_egress(&self) -> Result<()> {
+        let mut ifaces = vec![client_iface().to_string()];
+        ifaces.extend((0..self.backends.len()).map(backend_iface));
+        let ns = self.node.name().to_string();
+        self.node.run(move || -> Result<()> {
+            for iface in &ifaces {
+                set_tx_csum(iface, false)
+                    .with_context(|| format!("disabling TX checksum offload on {iface} in {ns}"))?;
+            }
+            Ok(())
+        })?
+    }
 }
 
 /// One veth pair between the node and a leaf (client or backend) namespace.

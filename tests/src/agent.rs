@@ -1,0 +1,185 @@
+//! A `proxy-agent run` process inside a topology's node namespace, with a
+//! bpffs of its own so parallel tests never share pins. Dropping it stops the
+//! agent, runs `proxy-agent cleanup` and unmounts the private bpffs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::netns::Netns;
+
+pub struct Agent {
+    child: Option<Child>,
+    binary: PathBuf,
+    node: PathBuf,
+    bpffs: PathBuf,
+    log: PathBuf,
+}
+
+/// The agent binary next to the test executable (target/debug/proxy-agent),
+/// or PROXY_AGENT_BIN.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PROXY_AGENT_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary location")?;
+    let agent = dir.join("proxy-agent");
+    if !agent.exists() {
+        bail!(
+            "{} not found: build it with `cargo xtask build`",
+            agent.display()
+        );
+    }
+    Ok(agent)
+}
+
+impl Agent {
+    /// Starts `proxy-agent run --manifests M --iface I...` in `node`.
+    pub fn start(node: &Netns, manifests: &Path, ifaces: &[String]) -> anyhow::Result<Agent> {
+        let binary = binary()?;
+        let scratch = std::env::temp_dir().join(format!("xdproxy-{}", node.name()));
+        std::fs::create_dir_all(&scratch).context("scratch dir")?;
+        let bpffs = scratch.join("bpffs");
+        let log = scratch.join("agent.log");
+        let log_file = std::fs::File::create(&log).context("agent log")?;
+        let mut cmd = node.command(binary.to_str().context("agent path")?);
+        cmd.arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--bpffs")
+            .arg(&bpffs);
+        cmd.args(["--poll-ms", "50"]);
+        for iface in ifaces {
+            cmd.arg("--iface").arg(iface);
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(log_file)
+            .env("RUST_LOG", "info");
+        let child = cmd.spawn().context("starting proxy-agent")?;
+        let mut agent = Agent {
+            child: Some(child),
+            binary,
+            node: node.path(),
+            bpffs,
+            log,
+        };
+        agent.wait_for_log("synced:", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pins(&self) -> PathBuf {
+        self.bpffs.join("xdproxy")
+    }
+
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// Waits until the log shows `needle` `count` times in all.
+    pub fn wait_for_syncs(&mut self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.log().matches("synced:").count() < count {
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not sync {count} times in {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "agent did not log {needle:?} in {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = &mut self.child {
+            if let Some(status) = child.try_wait().context("agent status")? {
+                bail!("agent exited ({status}); log:\n{}", self.log());
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped");
+        };
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().context("agent status")? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("agent ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `proxy-agent cleanup` for this agent's bpffs, in the node namespace.
+    pub fn cleanup(&self) -> anyhow::Result<()> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.node.display()))
+            .arg("--")
+            .arg(&self.binary)
+            .arg("cleanup")
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .output()
+            .context("running proxy-agent cleanup")?;
+        if !out.status.success() {
+            bail!("cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = self.cleanup() {
+            eprintln!("agent cleanup: {e:#}");
+        }
+        if let Ok(c) = std::ffi::CString::new(self.bpffs.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid path; failure (not mounted) is fine.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        if let Some(scratch) = self.bpffs.parent() {
+            let _ = std::fs::remove_dir_all(scratch);
+        }
+    }
+}

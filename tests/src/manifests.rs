@@ -1,0 +1,75 @@
+//! Service and EndpointSlice YAML for the topologies' addresses, written the
+//! way an operator's tooling would (atomically, by rename).
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::Context;
+
+use crate::topology::backend_addr;
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const HTTP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 53;
+pub const BACKEND_HTTP_PORT: u16 = 8080;
+pub const BACKEND_UDP_PORT: u16 = 5353;
+
+/// Service `demo/web` (TCP 80 -> http, UDP 53 -> 5353).
+pub fn service() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: demo
+spec:
+  clusterIP: {VIP}
+  clusterIPs: ["{VIP}"]
+  ports:
+    - {{name: http, protocol: TCP, port: {HTTP_PORT}, targetPort: http}}
+    - {{name: dns, protocol: UDP, port: {UDP_PORT}, targetPort: {BACKEND_UDP_PORT}}}
+"#
+    )
+}
+
+/// The EndpointSlice of `demo/web` with the given topology backends ready.
+pub fn slice(backends: &[usize]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|i| {
+            format!(
+                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n",
+                backend_addr(*i)
+            )
+        })
+        .collect();
+    let endpoints = if endpoints.is_empty() {
+        "[]\n".to_string()
+    } else {
+        format!("\n{endpoints}")
+    };
+    format!(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+  - {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}
+  - {{name: dns, protocol: UDP, port: {BACKEND_UDP_PORT}}}
+endpoints: {endpoints}"#
+    )
+}
+
+/// Service and slice as one multi-document file.
+pub fn web(backends: &[usize]) -> String {
+    format!("{}---\n{}", service(), slice(backends))
+}
+
+/// Replaces `path` atomically so the agent never reads half a file.
+pub fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}

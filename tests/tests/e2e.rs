@@ -1,0 +1,350 @@
+//! Real kernel sockets in network namespaces, through the running agent.
+//!
+//! client (10.0.1.2) --cl0--> node --be{i}--> backend i (10.1.{i+1}.2)
+//! The client reaches the Service VIP 10.96.0.10 through the node, where the
+//! agent's programs pick a backend and rewrite both directions.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use proxy_tests::{
+    agent::Agent,
+    clients::{HttpConn, UdpFlow, udp_exchange},
+    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
+    netns::unique_prefix,
+    privilege::require_root,
+    servers::Servers,
+    topology::{Topology, backend_iface, client_iface},
+};
+
+const CONNECTIONS: usize = 1000;
+const EXCHANGES: usize = 1000;
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn http_vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, HTTP_PORT)
+}
+
+fn udp_vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, UDP_PORT)
+}
+
+/// A topology with servers in every backend and an agent on the node.
+struct Lab {
+    topology: Topology,
+    _servers: Vec<Servers>,
+    manifest: PathBuf,
+    agent: Option<Agent>,
+}
+
+impl Lab {
+    /// `backends` namespaces, the first `serving` of them in the manifest.
+    fn start(tag: &str, backends: usize, serving: usize, client_hook: &str) -> anyhow::Result<Lab> {
+        let topology = Topology::build(&unique_prefix(tag), backends)?;
+        topology.finish_checksums_on_node_egress()?;
+        if client_hook == ":xdp" {
+            // A wire delivers full checksums; a veth from a local socket does not.
+            topology.disable_client_tx_checksum()?;
+        }
+        let servers = (0..backends)
+            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let dir = std::env::temp_dir().join(format!("xdproxy-manifests-{}", topology.prefix()));
+        std::fs::create_dir_all(&dir).context("manifest dir")?;
+        let manifest = dir.join("web.yaml");
+        manifests::write(
+            &manifest,
+            &manifests::web(&(0..serving).collect::<Vec<_>>()),
+        )?;
+        let mut ifaces = vec![format!("{}{client_hook}", client_iface())];
+        ifaces.extend((0..backends).map(backend_iface));
+        let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+        Ok(Lab {
+            topology,
+            _servers: servers,
+            manifest,
+            agent: Some(agent),
+        })
+    }
+
+    fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent running")
+    }
+
+    /// Rewrites the manifest and waits until the agent has applied it.
+    fn update(&mut self, text: &str) -> anyhow::Result<()> {
+        let syncs = self.agent().log().matches("synced:").count();
+        manifests::write(&self.manifest, text)?;
+        self.agent()
+            .wait_for_syncs(syncs + 1, Duration::from_secs(10))
+    }
+
+    fn connect(&self) -> anyhow::Result<HttpConn> {
+        let conn = HttpConn::connect(&self.topology.client, http_vip(), TIMEOUT)?;
+        if conn.peer() != SocketAddr::V4(http_vip()) {
+            bail!("connected to {} instead of the VIP", conn.peer());
+        }
+        Ok(conn)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Agent first (it cleans its pins), then the namespaces.
+        self.agent.take();
+        if let Some(dir) = self.manifest.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Opens `n` connections, two requests each, from a few threads; returns
+/// how many each backend served. Fails on any error or backend switch.
+fn tcp_round(lab: &Lab, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let mut conn = lab.connect()?;
+        let first = conn.get()?;
+        let second = conn.get()?;
+        if first != second {
+            bail!("connection {} moved from {first} to {second}", conn.local());
+        }
+        *counts.entry(first).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+/// `n` UDP exchanges, each from a new socket (a new flow); every reply must
+/// come from the VIP.
+fn udp_round(lab: &Lab, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut counts = BTreeMap::new();
+    for i in 0..n {
+        let (name, from) =
+            udp_exchange(&lab.topology.client, udp_vip(), &format!("q{i}"), TIMEOUT)?;
+        if from != SocketAddr::V4(udp_vip()) {
+            bail!("UDP reply came from {from}, not the VIP");
+        }
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+fn names(list: &[usize]) -> BTreeSet<String> {
+    list.iter().map(|i| format!("backend{i}")).collect()
+}
+
+fn traffic_reaches_every_backend(client_hook: &str, tag: &str) -> anyhow::Result<()> {
+    let lab = Lab::start(tag, 3, 3, client_hook)?;
+    let hook = if client_hook.is_empty() { "tc" } else { "xdp" };
+    let attached = format!("attached {hook} to cl0");
+    assert!(
+        lab.agent
+            .as_ref()
+            .is_some_and(|a| a.log().contains(&attached)),
+        "{attached}"
+    );
+    let tcp = tcp_round(&lab, CONNECTIONS)?;
+    assert_eq!(tcp.values().sum::<usize>(), CONNECTIONS);
+    assert_eq!(
+        tcp.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&[0, 1, 2]),
+        "TCP spread: {tcp:?}"
+    );
+    let udp = udp_round(&lab, EXCHANGES)?;
+    assert_eq!(udp.values().sum::<usize>(), EXCHANGES);
+    assert_eq!(
+        udp.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&[0, 1, 2]),
+        "UDP spread: {udp:?}"
+    );
+    let mut flow = UdpFlow::open(&lab.topology.client, udp_vip())?;
+    let (first, _) = flow.exchange("hello")?;
+    for i in 0..50 {
+        let (name, from) = flow.exchange(&format!("again{i}"))?;
+        assert_eq!(name, first, "a UDP flow must stay on its backend");
+        assert_eq!(from, SocketAddr::V4(udp_vip()));
+    }
+    println!("{client_hook}: TCP {tcp:?}, UDP {udp:?}");
+    Ok(())
+}
+
+/// TC on the client-facing veth: the client's packets carry partial
+/// checksums (default offloads), which only TC's helpers handle.
+#[test]
+fn tc_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
+    if !require_root("tc_serves_tcp_and_udp_through_the_vip") {
+        return Ok(());
+    }
+    traffic_reaches_every_backend("", "tc")
+}
+
+/// XDP on the client-facing interface, as on a node's uplink. The client's
+/// TX checksum offload is off, as a wire would deliver full checksums; the
+/// backends' replies (partial checksums) go through TC.
+#[test]
+fn xdp_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
+    if !require_root("xdp_serves_tcp_and_udp_through_the_vip") {
+        return Ok(());
+    }
+    traffic_reaches_every_backend(":xdp", "xdp")
+}
+
+/// Opens long-lived connections and returns them with their backends.
+fn open_connections(lab: &Lab, n: usize) -> anyhow::Result<Vec<(HttpConn, String)>> {
+    (0..n)
+        .map(|_| {
+            let mut conn = lab.connect()?;
+            let name = conn.get()?;
+            Ok((conn, name))
+        })
+        .collect()
+}
+
+/// Every open connection whose backend is in `alive` still answers from it.
+fn check_open(conns: &mut [(HttpConn, String)], alive: &BTreeSet<String>) -> anyhow::Result<usize> {
+    let mut checked = 0;
+    for (conn, name) in conns.iter_mut().filter(|(_, n)| alive.contains(n)) {
+        let now = conn
+            .get()
+            .with_context(|| format!("open connection to {name}"))?;
+        assert_eq!(&now, name, "an open connection changed backend");
+        checked += 1;
+    }
+    Ok(checked)
+}
+
+/// New connections until `want` answers, or fail after `tries`.
+fn reach(lab: &Lab, want: &str, tries: usize) -> anyhow::Result<()> {
+    for _ in 0..tries {
+        if lab.connect()?.get()? == want {
+            return Ok(());
+        }
+    }
+    bail!("{want} never answered in {tries} connections")
+}
+
+#[test]
+fn backends_come_and_go_without_a_restart_and_open_connections_survive() -> anyhow::Result<()> {
+    if !require_root("backends_come_and_go_without_a_restart_and_open_connections_survive") {
+        return Ok(());
+    }
+    let mut lab = Lab::start("chg", 3, 2, "")?;
+    let mut open = open_connections(&lab, 40)?;
+    let before: BTreeSet<String> = open.iter().map(|(_, n)| n.clone()).collect();
+    assert_eq!(before, names(&[0, 1]));
+    let mut udp = UdpFlow::open(&lab.topology.client, udp_vip())?;
+    let (udp_backend, _) = udp.exchange("start")?;
+
+    lab.update(&manifests::web(&[0, 1, 2]))?;
+    reach(&lab, "backend2", 200)?;
+    assert_eq!(
+        check_open(&mut open, &names(&[0, 1]))?,
+        40,
+        "adding a backend moved nobody"
+    );
+
+    lab.update(&manifests::web(&[1, 2]))?;
+    let after = tcp_round(&lab, 300)?;
+    assert!(
+        !after.contains_key("backend0"),
+        "a removed backend got new connections: {after:?}"
+    );
+    assert!(
+        check_open(&mut open, &names(&[1]))? > 0,
+        "connections to backend1 still work"
+    );
+    // A UDP flow whose backend was removed moves to a live one.
+    let (now, _) = udp.exchange("after-removal")?;
+    if udp_backend == "backend0" {
+        assert_ne!(now, "backend0");
+    } else {
+        assert_eq!(now, udp_backend, "a UDP flow to a remaining backend stays");
+    }
+
+    lab.update(&manifests::slice(&[1, 2]))?;
+    let started = Instant::now();
+    let refused = HttpConn::connect(&lab.topology.client, http_vip(), Duration::from_secs(1));
+    assert!(refused.is_err(), "the deleted Service still answers");
+    println!("after deletion, connect failed in {:?}", started.elapsed());
+    Ok(())
+}
+
+#[test]
+fn a_malformed_object_keeps_what_was_programmed_and_valid_changes_apply() -> anyhow::Result<()> {
+    if !require_root("a_malformed_object_keeps_what_was_programmed_and_valid_changes_apply") {
+        return Ok(());
+    }
+    let mut lab = Lab::start("bad", 3, 2, "")?;
+    let broken = manifests::service().replace("port: 80,", "port: eighty,");
+    assert_ne!(broken, manifests::service());
+    // The Service breaks while its slice gains backend2: the slice applies,
+    // the Service keeps its last valid version.
+    lab.update(&format!("{broken}---\n{}", manifests::slice(&[0, 1, 2])))?;
+    let log = lab.agent().log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("web.yaml"))
+        .with_context(|| format!("no error about web.yaml in:\n{log}"))?;
+    assert!(line.contains("Service demo/web"), "{line}");
+    assert!(line.contains("spec.ports[0].port"), "{line}");
+    assert!(line.contains("kept its last valid version"), "{line}");
+    reach(&lab, "backend2", 200)?;
+    let syntax = "apiVersion: v1\nkind: Service\nmetadata: {name: web\n";
+    lab.update(syntax)?;
+    assert!(lab.agent().log().contains("not valid YAML"));
+    let counts = tcp_round(&lab, 100)?;
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        100,
+        "a broken file removed nothing"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_and_cleanup_removes_it() -> anyhow::Result<()> {
+    if !require_root("sigterm_leaves_the_datapath_and_cleanup_removes_it") {
+        return Ok(());
+    }
+    let mut lab = Lab::start("term", 2, 2, "")?;
+    let pins = lab.agent().pins();
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(pins.join("lb4_services"))
+        .output()
+        .context("running bpftool (apt-get install bpftool)")?;
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("\"backend_count\": 2"),
+        "bpftool shows named fields: {dump}"
+    );
+    let status = lab.agent().stop()?;
+    assert!(status.success(), "agent exit status {status}");
+    assert_eq!(
+        tcp_round(&lab, 50)?.values().sum::<usize>(),
+        50,
+        "the datapath outlives the agent"
+    );
+    lab.agent().cleanup()?;
+    assert!(!pins.exists(), "cleanup removed {}", pins.display());
+    let links = lab.topology.node.ip(&["link", "show", "dev", "cl0"])?;
+    assert!(!links.contains("xdp"), "no XDP left: {links}");
+    let tcx = lab
+        .topology
+        .node
+        .command("bpftool")
+        .args(["net", "show", "dev", "cl0"])
+        .output()?;
+    let tcx = String::from_utf8_lossy(&tcx.stdout);
+    assert!(!tcx.contains("xdproxy"), "no TC program left: {tcx}");
+    assert!(
+        HttpConn::connect(&lab.topology.client, http_vip(), Duration::from_secs(1)).is_err(),
+        "the VIP answers after cleanup"
+    );
+    Ok(())
+}
