@@ -1,0 +1,150 @@
+//! The datapath loaded in this process (no pins, no interfaces), programmed
+//! through the agent's own model and reconciler, and run with
+//! BPF_PROG_TEST_RUN.
+
+#![allow(dead_code)]
+
+use anyhow::{Context, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
+};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_agent::{
+    datapath::{self, maps::MapSet},
+    model::{self, Desired, ObjectKey, Objects},
+    reconcile::Reconciler,
+};
+use proxy_common::{MAX_BACKENDS, MAX_SERVICES, programs};
+
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub maps: MapSet,
+    pub reconciler: Reconciler,
+}
+
+impl Loaded {
+    pub fn new() -> anyhow::Result<Loaded> {
+        let mut ebpf = EbpfLoader::new()
+            .load(datapath::object()?)
+            .context("loading the eBPF object")?;
+        for name in [programs::XDP, programs::XDP_EMPTY] {
+            let prog: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+            prog.load().with_context(|| format!("verifying {name}"))?;
+        }
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(programs::TC_INGRESS)
+            .context("tc program")?
+            .try_into()?;
+        tc.load().context("verifying the TC program")?;
+        let maps = MapSet::take(&mut ebpf)?;
+        Ok(Loaded {
+            ebpf,
+            maps,
+            reconciler: Reconciler::new(MAX_SERVICES, MAX_BACKENDS),
+        })
+    }
+
+    pub fn program(&mut self, desired: &Desired) -> anyhow::Result<()> {
+        let report = self.reconciler.apply(desired, &mut self.maps);
+        if !report.errors.is_empty() {
+            bail!("programming failed: {:?}", report.errors);
+        }
+        Ok(())
+    }
+
+    /// Programs the maps from Kubernetes YAML, through the model.
+    pub fn program_yaml(&mut self, yaml: &str) -> anyhow::Result<()> {
+        self.program(&model::desired(&objects(yaml)?))
+    }
+
+    /// (return value, packet out, kernel-measured ns) of one XDP run.
+    pub fn xdp_named(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>, u64)> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(name)
+            .with_context(|| name.to_string())?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 512];
+        let result = prog
+            .test_run(options(packet, &mut out))
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok(finish(result, out))
+    }
+
+    pub fn xdp(&self, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        self.xdp_named(programs::XDP, packet)
+            .map(|(r, p, _)| (r, p))
+    }
+
+    pub fn tc(&self, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(programs::TC_INGRESS)
+            .context("tc")?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 512];
+        let result = prog
+            .test_run(options(packet, &mut out))
+            .context("BPF_PROG_TEST_RUN")?;
+        let (ret, packet, _) = finish(result, out);
+        Ok((ret, packet))
+    }
+}
+
+/// One run, packet restored: the kernel copies `input` in afresh each call.
+fn options<'a>(input: &'a [u8], output: &'a mut [u8]) -> TestRunOptions<'a> {
+    TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(output),
+        repeat: 1,
+        ..Default::default()
+    }
+}
+
+fn finish(result: TestRunResult, mut out: Vec<u8>) -> (u32, Vec<u8>, u64) {
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out, result.duration.as_nanos() as u64)
+}
+
+/// Services and EndpointSlices from a multi-document YAML string.
+pub fn objects(yaml: &str) -> anyhow::Result<Objects> {
+    use serde::Deserialize;
+    let mut out = Objects::default();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(doc)?;
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let meta = value.get("metadata").context("metadata")?;
+        let key = ObjectKey {
+            namespace: meta
+                .get("namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default")
+                .into(),
+            name: meta
+                .get("name")
+                .and_then(|v| v.as_str())
+                .context("name")?
+                .into(),
+        };
+        match kind.as_str() {
+            "Service" => {
+                out.services
+                    .insert(key, serde_yaml::from_value::<Service>(value)?);
+            }
+            "EndpointSlice" => {
+                out.slices
+                    .insert(key, serde_yaml::from_value::<EndpointSlice>(value)?);
+            }
+            other => bail!("unexpected kind {other}"),
+        }
+    }
+    Ok(out)
+}

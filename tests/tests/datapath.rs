@@ -1,0 +1,432 @@
+//! The programs through BPF_PROG_TEST_RUN: crafted packets in, bytes out.
+//! Packets are built and checked with etherparse, an independent parser,
+//! including every IPv4, TCP and UDP checksum.
+
+mod common;
+
+use common::{Loaded, TC_ACT_OK, XDP_PASS};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_common::Counter;
+use proxy_tests::privilege::require_root;
+
+const CLIENT: [u8; 4] = [10, 0, 1, 2];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const OTHER: [u8; 4] = [10, 96, 0, 99];
+const BACKENDS: [[u8; 4]; 2] = [[10, 1, 1, 2], [10, 1, 2, 2]];
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, protocol: TCP, port: 80}
+    - {name: dns, protocol: UDP, port: 53}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: demo}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, protocol: TCP, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+  - {name: http, protocol: TCP, port: 8080}
+  - {name: dns, protocol: UDP, port: 5353}
+endpoints:
+  - addresses: [10.1.1.2]
+  - addresses: [10.1.2.2]
+"#;
+
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+struct Lab {
+    dp: Loaded,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let mut dp = Loaded::new().expect("load the datapath");
+        dp.program_yaml(SERVICES).expect("program the services");
+        Lab { dp }
+    }
+
+    /// Runs the hook's program; checks it let the packet through.
+    fn run(&self, hook: Hook, packet: &[u8]) -> Vec<u8> {
+        let (ret, out) = match hook {
+            Hook::Xdp => self.dp.xdp(packet),
+            Hook::Tc => self.dp.tc(packet),
+        }
+        .unwrap_or_else(|e| panic!("{hook:?} test run of a {}-byte packet: {e:#}", packet.len()));
+        let pass = match hook {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_OK,
+        };
+        assert_eq!(ret, pass, "{hook:?} must pass every packet on");
+        out
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        self.dp.maps.counter(counter).expect("counter")
+    }
+}
+
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn();
+    let payload = b"hello over tcp";
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build tcp");
+    out
+}
+
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let payload = b"hello over udp";
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build udp");
+    out
+}
+
+/// Addressing of a packet, after checking all its checksums.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    udp_check: Option<u16>,
+}
+
+fn seen(packet: &[u8]) -> Seen {
+    let sliced = SlicedPacket::from_ethernet(packet).expect("etherparse parses the output");
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4: {:?}", sliced.net);
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let (src, dst) = (header.source, header.destination);
+    match &sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let want = tcp.calc_checksum_ipv4(src, dst).expect("tcp checksum");
+            assert_eq!(tcp.checksum(), want, "TCP checksum");
+            Seen {
+                src,
+                sport: tcp.source_port(),
+                dst,
+                dport: tcp.destination_port(),
+                udp_check: None,
+            }
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            let check = udp.checksum();
+            if check != 0 {
+                let want = udp
+                    .to_header()
+                    .calc_checksum_ipv4_raw(src, dst, udp.payload())
+                    .expect("udp checksum");
+                assert_eq!(check, want, "UDP checksum");
+            }
+            Seen {
+                src,
+                sport: udp.source_port(),
+                dst,
+                dport: udp.destination_port(),
+                udp_check: Some(check),
+            }
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+#[test]
+fn a_new_flow_goes_to_a_backend_with_correct_checksums() {
+    if !require_root("a_new_flow_goes_to_a_backend_with_correct_checksums") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new();
+        let out = seen(&lab.run(hook, &tcp(CLIENT, 40000, VIP, 80)));
+        assert!(BACKENDS.contains(&out.dst), "{hook:?}: {out:?}");
+        assert_eq!(
+            (out.src, out.sport, out.dport),
+            (CLIENT, 40000, 8080),
+            "{hook:?}"
+        );
+        let out = seen(&lab.run(hook, &udp(CLIENT, 40001, VIP, 53)));
+        assert!(BACKENDS.contains(&out.dst), "{hook:?}: {out:?}");
+        assert_eq!(
+            (out.src, out.sport, out.dport),
+            (CLIENT, 40001, 5353),
+            "{hook:?}"
+        );
+        assert_ne!(out.udp_check, Some(0));
+    }
+}
+
+#[test]
+fn an_established_flow_keeps_its_backend_and_flows_spread() {
+    if !require_root("an_established_flow_keeps_its_backend_and_flows_spread") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new();
+        let mut used = std::collections::BTreeSet::new();
+        for sport in 30000..30200 {
+            let first = seen(&lab.run(hook, &tcp(CLIENT, sport, VIP, 80))).dst;
+            for _ in 0..3 {
+                assert_eq!(
+                    seen(&lab.run(hook, &tcp(CLIENT, sport, VIP, 80))).dst,
+                    first,
+                    "{hook:?}"
+                );
+            }
+            used.insert(first);
+        }
+        assert_eq!(used.len(), 2, "{hook:?}: 200 flows reach both backends");
+        let stats = lab.dp.maps.service_stats(2).expect("stats");
+        let web = [1, 2]
+            .iter()
+            .map(|id| lab.dp.maps.service_stats(*id).expect("stats").packets)
+            .sum::<u64>();
+        assert_eq!(
+            web, 800,
+            "{hook:?}: every VIP packet counted once ({stats:?})"
+        );
+    }
+}
+
+#[test]
+fn replies_come_back_from_the_vip() {
+    if !require_root("replies_come_back_from_the_vip") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new();
+        let fwd = seen(&lab.run(hook, &tcp(CLIENT, 41000, VIP, 80)));
+        let reply = seen(&lab.run(hook, &tcp(fwd.dst, 8080, CLIENT, 41000)));
+        assert_eq!(
+            (reply.src, reply.sport, reply.dst, reply.dport),
+            (VIP, 80, CLIENT, 41000),
+            "{hook:?}"
+        );
+        let fwd = seen(&lab.run(hook, &udp(CLIENT, 41001, VIP, 53)));
+        let reply = seen(&lab.run(hook, &udp(fwd.dst, 5353, CLIENT, 41001)));
+        assert_eq!(
+            (reply.src, reply.sport, reply.dst, reply.dport),
+            (VIP, 53, CLIENT, 41001),
+            "{hook:?}"
+        );
+        // A backend talking to the client on another port is not a reply.
+        let other = udp(fwd.dst, 9999, CLIENT, 41001);
+        assert_eq!(lab.run(hook, &other), other, "{hook:?}");
+    }
+}
+
+#[test]
+fn a_zero_udp_checksum_stays_zero() {
+    if !require_root("a_zero_udp_checksum_stays_zero") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new();
+        let mut packet = udp(CLIENT, 42000, VIP, 53);
+        let check_at = 14 + 20 + 6;
+        packet[check_at..check_at + 2].copy_from_slice(&[0, 0]);
+        let out = seen(&lab.run(hook, &packet));
+        assert!(BACKENDS.contains(&out.dst));
+        assert_eq!(out.udp_check, Some(0), "{hook:?}");
+    }
+}
+
+#[test]
+fn traffic_that_is_not_for_a_service_passes_untouched() {
+    if !require_root("traffic_that_is_not_for_a_service_passes_untouched") {
+        return;
+    }
+    let arp: Vec<u8> = [&[0xff; 6][..], &MAC_A, &[0x08, 0x06], &[0u8; 28]].concat();
+    let ipv6 = {
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv6([0xfd; 16], [0xfe; 16], 64)
+            .udp(1, 53);
+        let mut v = Vec::new();
+        b.write(&mut v, b"x").expect("ipv6");
+        v
+    };
+    let icmp = {
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(CLIENT, VIP, 64)
+            .icmpv4_echo_request(1, 1);
+        let mut v = Vec::new();
+        b.write(&mut v, b"ping").expect("icmp");
+        v
+    };
+    let cases = [
+        ("other address", tcp(CLIENT, 43000, OTHER, 80)),
+        ("VIP, other port", tcp(CLIENT, 43001, VIP, 81)),
+        ("VIP, UDP on a TCP-only port", udp(CLIENT, 43002, VIP, 80)),
+        ("ICMP to the VIP", icmp),
+        ("ARP", arp),
+        ("IPv6", ipv6),
+    ];
+    for hook in HOOKS {
+        let lab = Lab::new();
+        for (what, packet) in &cases {
+            assert_eq!(&lab.run(hook, packet), packet, "{hook:?}: {what}");
+        }
+    }
+}
+
+#[test]
+fn truncated_fragmented_and_garbage_packets_pass_untouched_and_are_counted() {
+    if !require_root("truncated_fragmented_and_garbage_packets_pass_untouched_and_are_counted") {
+        return;
+    }
+    let full = tcp(CLIENT, 44000, VIP, 80);
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x43;
+    let mut long_total = full.clone();
+    long_total[16..18].copy_from_slice(&[0x00, 0x20]);
+    let mut fragment = full.clone();
+    fragment[20] = 0x20; // more fragments
+    let mut later_fragment = full.clone();
+    later_fragment[20..22].copy_from_slice(&[0x00, 0x10]);
+    let cases: [(&str, Vec<u8>, Option<Counter>); 8] = [
+        (
+            "ethernet and one byte",
+            full[..15].to_vec(),
+            Some(Counter::Truncated),
+        ),
+        (
+            "IPv4 header cut",
+            full[..24].to_vec(),
+            Some(Counter::Truncated),
+        ),
+        (
+            "TCP header cut",
+            full[..14 + 20 + 10].to_vec(),
+            Some(Counter::Truncated),
+        ),
+        ("IHL below 5", bad_ihl, None),
+        (
+            "total length shorter than headers",
+            long_total,
+            Some(Counter::Truncated),
+        ),
+        ("first fragment", fragment, Some(Counter::Fragment)),
+        ("later fragment", later_fragment, Some(Counter::Fragment)),
+        (
+            "garbage",
+            (0..60u8).map(|i| i.wrapping_mul(37)).collect(),
+            None,
+        ),
+    ];
+    for hook in HOOKS {
+        let lab = Lab::new();
+        for (what, packet, counter) in &cases {
+            if matches!(hook, Hook::Tc) && packet.len() < 14 + 20 {
+                // The kernel's skb test run refuses IPv4 frames shorter than
+                // an IPv4 header (EINVAL); XDP covers those.
+                continue;
+            }
+            let before = counter.map(|c| lab.counter(c));
+            assert_eq!(&lab.run(hook, packet), packet, "{hook:?}: {what}");
+            if let (Some(c), Some(before)) = (counter, before) {
+                assert_eq!(
+                    lab.counter(*c),
+                    before + 1,
+                    "{hook:?}: {what} counted as {c:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ip_options_are_skipped_correctly() {
+    if !require_root("ip_options_are_skipped_correctly") {
+        return;
+    }
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ip(etherparse::IpHeaders::Ipv4(
+            etherparse::Ipv4Header {
+                source: CLIENT,
+                destination: VIP,
+                time_to_live: 64,
+                options: [1, 1, 1, 1][..].try_into().expect("options"),
+                ..Default::default()
+            },
+            Default::default(),
+        ))
+        .tcp(45000, 80, 1, 1000);
+    let mut packet = Vec::new();
+    builder.write(&mut packet, b"options").expect("build");
+    assert_eq!(packet[14] & 0x0f, 6, "IHL 6");
+    for hook in HOOKS {
+        let lab = Lab::new();
+        let out = seen(&lab.run(hook, &packet));
+        assert!(BACKENDS.contains(&out.dst), "{hook:?}: {out:?}");
+        assert_eq!(out.dport, 8080, "{hook:?}");
+    }
+}
+
+#[test]
+fn a_service_without_backends_passes_untouched_and_is_counted() {
+    if !require_root("a_service_without_backends_passes_untouched_and_is_counted") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new();
+        let packet = tcp(CLIENT, 46000, [10, 96, 0, 20], 80);
+        let before = lab.counter(Counter::NoBackend);
+        assert_eq!(lab.run(hook, &packet), packet, "{hook:?}");
+        assert_eq!(lab.counter(Counter::NoBackend), before + 1, "{hook:?}");
+    }
+}
+
+#[test]
+fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
+    if !require_root("a_flow_whose_backend_is_removed_moves_to_a_live_one") {
+        return;
+    }
+    for hook in HOOKS {
+        let mut lab = Lab::new();
+        let packet = udp(CLIENT, 47000, VIP, 53);
+        let first = seen(&lab.run(hook, &packet)).dst;
+        let keep = if first == BACKENDS[0] {
+            "10.1.2.2"
+        } else {
+            "10.1.1.2"
+        };
+        let yaml = SERVICES.replace(
+            "  - addresses: [10.1.1.2]\n  - addresses: [10.1.2.2]\n",
+            &format!("  - addresses: [{keep}]\n"),
+        );
+        assert_ne!(yaml, SERVICES);
+        lab.dp.program_yaml(&yaml).expect("reprogram");
+        let now = seen(&lab.run(hook, &packet)).dst;
+        assert_ne!(now, first, "{hook:?}");
+        assert_eq!(lab.counter(Counter::Reselected), 1, "{hook:?}");
+    }
+}
