@@ -24,11 +24,13 @@ struct FakeMaps {
 
 impl FakeMaps {
     fn write(&mut self, line: String) -> anyhow::Result<()> {
-        if let Some(prefix) = &self.fail {
-            if line.starts_with(prefix.as_str()) {
-                self.fail = None;
-                anyhow::bail!("injected failure: {line}");
-            }
+        if self
+            .fail
+            .as_ref()
+            .is_some_and(|prefix| line.starts_with(prefix.as_str()))
+        {
+            self.fail = None;
+            anyhow::bail!("injected failure: {line}");
         }
         self.log.push(line);
         Ok(())

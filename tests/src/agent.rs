@@ -44,7 +44,16 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 impl Agent {
     /// Starts `proxy-agent run --manifests M --iface I...` in `node`.
     pub fn start(node: &Netns, manifests: &Path, ifaces: &[String]) -> anyhow::Result<Agent> {
-        let binary = binary()?;
+        Self::start_binary(binary()?, node, manifests, ifaces)
+    }
+
+    /// As `start`, with the agent binary given.
+    pub fn start_binary(
+        binary: PathBuf,
+        node: &Netns,
+        manifests: &Path,
+        ifaces: &[String],
+    ) -> anyhow::Result<Agent> {
         let scratch = std::env::temp_dir().join(format!("xdproxy-{}", node.name()));
         std::fs::create_dir_all(&scratch).context("scratch dir")?;
         let bpffs = scratch.join("bpffs");
@@ -119,10 +128,10 @@ impl Agent {
     }
 
     fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(child) = &mut self.child {
-            if let Some(status) = child.try_wait().context("agent status")? {
-                bail!("agent exited ({status}); log:\n{}", self.log());
-            }
+        if let Some(child) = &mut self.child
+            && let Some(status) = child.try_wait().context("agent status")?
+        {
+            bail!("agent exited ({status}); log:\n{}", self.log());
         }
         Ok(())
     }

@@ -1,1 +1,82 @@
-fn main() {}
+//! `cargo xtask`: everything from a fresh machine to a running datapath.
+
+mod build;
+mod cmd;
+mod demo;
+mod toolchain;
+
+use std::ffi::OsString;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (apt packages, eBPF compiler, bpf-linker).
+    Setup,
+    /// Build the eBPF object (target/ebpf/...).
+    BuildEbpf,
+    /// Build the eBPF object and the agent that embeds it.
+    Build,
+    /// Without arguments: a self-contained demo in network namespaces.
+    /// With `-- ARGS`: run `proxy-agent ARGS` on this machine.
+    Run {
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Run every test (unit, BPF_PROG_TEST_RUN, network namespaces).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Datapath ns/packet against an empty XDP program.
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup().map(|_| ()),
+        Task::BuildEbpf => build::ebpf().map(|_| ()),
+        Task::Build => build::agent(&build::ebpf()?).map(|_| ()),
+        Task::Run { args } => {
+            let agent = build::agent(&setup()?)?;
+            if args.is_empty() {
+                demo::run(&agent)
+            } else {
+                cmd::run(std::process::Command::new(agent).args(args))
+            }
+        }
+        Task::Test { args } => {
+            let object = setup()?;
+            cmd::run(
+                build::host_cargo(&object)
+                    .args(["test", "--workspace"])
+                    .args(args),
+            )
+            .context("tests failed")
+        }
+        Task::Bench => {
+            let object = setup()?;
+            cmd::run(build::host_cargo(&object).args([
+                "bench",
+                "--package",
+                "proxy-tests",
+                "--bench",
+                "datapath",
+            ]))
+        }
+    }
+}
+
+/// System tools, eBPF toolchain, eBPF object.
+fn setup() -> anyhow::Result<std::path::PathBuf> {
+    toolchain::system_tools()?;
+    build::ebpf()
+}
