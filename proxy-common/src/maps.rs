@@ -8,6 +8,9 @@ pub mod names {
     pub const CONNTRACK4: &str = "ct4";
     pub const SERVICE_STATS: &str = "lb_stats";
     pub const COUNTERS: &str = "counters";
+    /// Benchmark-only maps: never pinned.
+    pub const BENCH_PACKET: &str = "bench_packet";
+    pub const BENCH_TARGET: &str = "bench_target";
     /// Every map the programs define, for pinning and cleanup.
     pub const ALL: [&str; 6] = [
         SERVICES4,
@@ -25,6 +28,22 @@ pub mod programs {
     pub const TC_INGRESS: &str = "xdproxy_tc";
     /// An XDP program that only returns XDP_PASS: the benchmark's baseline.
     pub const XDP_EMPTY: &str = "xdproxy_empty";
+    /// Restores a saved packet head, then tail-calls `bench_target[0]`.
+    pub const XDP_BENCH: &str = "xdproxy_bench";
+}
+
+/// Bytes of packet head the benchmark wrapper restores: Ethernet, IPv4
+/// without options, TCP without options, and 10 bytes to spare.
+pub const BENCH_HEAD: usize = 64;
+
+/// The benchmark wrapper's saved packet (see proxy-ebpf's bench.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchPacket {
+    pub head: [u8; BENCH_HEAD],
+    /// Non-zero: every run gets a source address and port not seen before.
+    pub vary_source: u32,
+    pub seq: u32,
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -179,6 +198,7 @@ mod pod {
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for Ct4Entry {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for BenchPacket {}
 }
 
 #[cfg(test)]

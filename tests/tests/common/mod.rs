@@ -31,7 +31,7 @@ impl Loaded {
         let mut ebpf = EbpfLoader::new()
             .load(datapath::object()?)
             .context("loading the eBPF object")?;
-        for name in [programs::XDP, programs::XDP_EMPTY] {
+        for name in [programs::XDP, programs::XDP_EMPTY, programs::XDP_BENCH] {
             let prog: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
@@ -72,6 +72,25 @@ impl Loaded {
         let result = prog
             .test_run(options(packet, &mut out))
             .context("BPF_PROG_TEST_RUN")?;
+        Ok(finish(result, out))
+    }
+
+    /// As `xdp_named`, `repeat` times over the same input; ns is per run.
+    pub fn xdp_repeat(
+        &self,
+        name: &str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<(u32, Vec<u8>, u64)> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(name)
+            .with_context(|| name.to_string())?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 512];
+        let mut opts = options(packet, &mut out);
+        opts.repeat = repeat;
+        let result = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
         Ok(finish(result, out))
     }
 
