@@ -10,6 +10,7 @@
 //!   tail-calling the empty program;
 //! - single pass: one run per syscall, the empty program interleaved, which
 //!   includes the cost of a cold cache on every run.
+//!
 //! Each case proves the path it timed: return value, output bytes and the
 //! per-service and conntrack counters are checked.
 

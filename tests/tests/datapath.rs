@@ -7,7 +7,6 @@ mod common;
 use common::{Loaded, TC_ACT_OK, XDP_PASS};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::Counter;
-use proxy_tests::privilege::require_root;
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -162,7 +161,7 @@ fn seen(packet: &[u8]) -> Seen {
 
 #[test]
 fn a_new_flow_goes_to_a_backend_with_correct_checksums() {
-    if !require_root("a_new_flow_goes_to_a_backend_with_correct_checksums") {
+    if !common::ready("a_new_flow_goes_to_a_backend_with_correct_checksums") {
         return;
     }
     for hook in HOOKS {
@@ -187,7 +186,7 @@ fn a_new_flow_goes_to_a_backend_with_correct_checksums() {
 
 #[test]
 fn an_established_flow_keeps_its_backend_and_flows_spread() {
-    if !require_root("an_established_flow_keeps_its_backend_and_flows_spread") {
+    if !common::ready("an_established_flow_keeps_its_backend_and_flows_spread") {
         return;
     }
     for hook in HOOKS {
@@ -219,7 +218,7 @@ fn an_established_flow_keeps_its_backend_and_flows_spread() {
 
 #[test]
 fn replies_come_back_from_the_vip() {
-    if !require_root("replies_come_back_from_the_vip") {
+    if !common::ready("replies_come_back_from_the_vip") {
         return;
     }
     for hook in HOOKS {
@@ -246,7 +245,7 @@ fn replies_come_back_from_the_vip() {
 
 #[test]
 fn a_zero_udp_checksum_stays_zero() {
-    if !require_root("a_zero_udp_checksum_stays_zero") {
+    if !common::ready("a_zero_udp_checksum_stays_zero") {
         return;
     }
     for hook in HOOKS {
@@ -262,7 +261,7 @@ fn a_zero_udp_checksum_stays_zero() {
 
 #[test]
 fn traffic_that_is_not_for_a_service_passes_untouched() {
-    if !require_root("traffic_that_is_not_for_a_service_passes_untouched") {
+    if !common::ready("traffic_that_is_not_for_a_service_passes_untouched") {
         return;
     }
     let arp: Vec<u8> = [&[0xff; 6][..], &MAC_A, &[0x08, 0x06], &[0u8; 28]].concat();
@@ -300,7 +299,7 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
 
 #[test]
 fn truncated_fragmented_and_garbage_packets_pass_untouched_and_are_counted() {
-    if !require_root("truncated_fragmented_and_garbage_packets_pass_untouched_and_are_counted") {
+    if !common::ready("truncated_fragmented_and_garbage_packets_pass_untouched_and_are_counted") {
         return;
     }
     let full = tcp(CLIENT, 44000, VIP, 80);
@@ -365,7 +364,7 @@ fn truncated_fragmented_and_garbage_packets_pass_untouched_and_are_counted() {
 
 #[test]
 fn ip_options_are_skipped_correctly() {
-    if !require_root("ip_options_are_skipped_correctly") {
+    if !common::ready("ip_options_are_skipped_correctly") {
         return;
     }
     let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
@@ -393,7 +392,7 @@ fn ip_options_are_skipped_correctly() {
 
 #[test]
 fn a_service_without_backends_passes_untouched_and_is_counted() {
-    if !require_root("a_service_without_backends_passes_untouched_and_is_counted") {
+    if !common::ready("a_service_without_backends_passes_untouched_and_is_counted") {
         return;
     }
     for hook in HOOKS {
@@ -407,7 +406,7 @@ fn a_service_without_backends_passes_untouched_and_is_counted() {
 
 #[test]
 fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
-    if !require_root("a_flow_whose_backend_is_removed_moves_to_a_live_one") {
+    if !common::ready("a_flow_whose_backend_is_removed_moves_to_a_live_one") {
         return;
     }
     for hook in HOOKS {

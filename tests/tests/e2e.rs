@@ -4,6 +4,8 @@
 //! The client reaches the Service VIP 10.96.0.10 through the node, where the
 //! agent's programs pick a backend and rewrite both directions.
 
+mod common;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{SocketAddr, SocketAddrV4},
@@ -17,7 +19,6 @@ use proxy_tests::{
     clients::{HttpConn, UdpFlow, udp_exchange},
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
-    privilege::require_root,
     servers::Servers,
     topology::{Topology, backend_iface, client_iface},
 };
@@ -177,7 +178,7 @@ fn traffic_reaches_every_backend(client_hook: &str, tag: &str) -> anyhow::Result
 /// checksums (default offloads), which only TC's helpers handle.
 #[test]
 fn tc_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
-    if !require_root("tc_serves_tcp_and_udp_through_the_vip") {
+    if !common::ready("tc_serves_tcp_and_udp_through_the_vip") {
         return Ok(());
     }
     traffic_reaches_every_backend("", "tc")
@@ -188,7 +189,7 @@ fn tc_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
 /// backends' replies (partial checksums) go through TC.
 #[test]
 fn xdp_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
-    if !require_root("xdp_serves_tcp_and_udp_through_the_vip") {
+    if !common::ready("xdp_serves_tcp_and_udp_through_the_vip") {
         return Ok(());
     }
     traffic_reaches_every_backend(":xdp", "xdp")
@@ -230,7 +231,7 @@ fn reach(lab: &Lab, want: &str, tries: usize) -> anyhow::Result<()> {
 
 #[test]
 fn backends_come_and_go_without_a_restart_and_open_connections_survive() -> anyhow::Result<()> {
-    if !require_root("backends_come_and_go_without_a_restart_and_open_connections_survive") {
+    if !common::ready("backends_come_and_go_without_a_restart_and_open_connections_survive") {
         return Ok(());
     }
     let mut lab = Lab::start("chg", 3, 2, "")?;
@@ -276,7 +277,7 @@ fn backends_come_and_go_without_a_restart_and_open_connections_survive() -> anyh
 
 #[test]
 fn a_malformed_object_keeps_what_was_programmed_and_valid_changes_apply() -> anyhow::Result<()> {
-    if !require_root("a_malformed_object_keeps_what_was_programmed_and_valid_changes_apply") {
+    if !common::ready("a_malformed_object_keeps_what_was_programmed_and_valid_changes_apply") {
         return Ok(());
     }
     let mut lab = Lab::start("bad", 3, 2, "")?;
@@ -308,7 +309,7 @@ fn a_malformed_object_keeps_what_was_programmed_and_valid_changes_apply() -> any
 
 #[test]
 fn sigterm_leaves_the_datapath_and_cleanup_removes_it() -> anyhow::Result<()> {
-    if !require_root("sigterm_leaves_the_datapath_and_cleanup_removes_it") {
+    if !common::ready("sigterm_leaves_the_datapath_and_cleanup_removes_it") {
         return Ok(());
     }
     let mut lab = Lab::start("term", 2, 2, "")?;

@@ -18,6 +18,24 @@ use proxy_agent::{
 use proxy_common::{MAX_BACKENDS, MAX_SERVICES, programs};
 
 pub const XDP_PASS: u32 = 2;
+
+/// True when a datapath test can run: root, and an agent built with its eBPF
+/// object. Under CI=true a missing one is a failure; elsewhere the test says
+/// loudly that it did not run.
+pub fn ready(test: &str) -> bool {
+    if !proxy_tests::privilege::require_root(test) {
+        return false;
+    }
+    if datapath::OBJECT.is_empty() {
+        let why = "needs the eBPF object: run the tests with `cargo xtask test`";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test} {why}; CI=true, so this is a failure, not a skip");
+        }
+        eprintln!("NOT RUN: {test} {why}");
+        return false;
+    }
+    true
+}
 pub const TC_ACT_OK: u32 = 0;
 
 pub struct Loaded {
