@@ -22,12 +22,16 @@ pub struct RunConfig {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let object = datapath::object()?;
-    let mut loaded = loader::load(&config.bpffs, object)?;
-    for iface in &config.ifaces {
-        loaded.attach(iface)?;
-    }
-    let mut maps = MapSet::take(&mut loaded.ebpf)?;
+    let (loaded, mut maps) = match start(&config) {
+        Ok(started) => started,
+        Err(e) => {
+            // Leave nothing half-attached behind.
+            if let Err(cleanup) = loader::cleanup(&config.bpffs) {
+                log::error!("removing the partly set-up datapath: {cleanup:#}");
+            }
+            return Err(e);
+        }
+    };
     let mut source = ManifestSource::new(&config.manifests);
     let mut reconciler = Reconciler::new(MAX_SERVICES, MAX_BACKENDS);
     sync(&mut source, &mut reconciler, &mut maps);
@@ -52,6 +56,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         loaded.pins.display()
     );
     Ok(())
+}
+
+fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
+    let mut loaded = loader::load(&config.bpffs, datapath::object()?)?;
+    for iface in &config.ifaces {
+        loaded.attach(iface)?;
+    }
+    let maps = MapSet::take(&mut loaded.ebpf)?;
+    Ok((loaded, maps))
 }
 
 /// One pass: read, translate, apply. Errors are logged; nothing stops the loop.
