@@ -96,31 +96,30 @@ impl Agent {
         &self.bpffs
     }
 
-    /// Waits until the log shows `needle` `count` times in all.
+    /// Waits until the log shows `count` syncs in all.
     pub fn wait_for_syncs(&mut self, count: usize, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.log().matches("synced:").count() < count {
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "agent did not sync {count} times in {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        let what = format!("sync {count} times");
+        self.wait_until(&what, timeout, |log| {
+            log.matches("synced:").count() >= count
+        })
     }
 
     fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let what = format!("log {needle:?}");
+        self.wait_until(&what, timeout, |log| log.contains(needle))
+    }
+
+    fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        while !self.log().contains(needle) {
+        while !done(&self.log()) {
             self.check_alive()?;
             if Instant::now() > deadline {
-                bail!(
-                    "agent did not log {needle:?} in {timeout:?}; log:\n{}",
-                    self.log()
-                );
+                bail!("agent did not {what} in {timeout:?}; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -81,16 +81,7 @@ impl Loaded {
 
     /// (return value, packet out, kernel-measured ns) of one XDP run.
     pub fn xdp_named(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>, u64)> {
-        let prog: &Xdp = self
-            .ebpf
-            .program(name)
-            .with_context(|| name.to_string())?
-            .try_into()?;
-        let mut out = vec![0u8; packet.len() + 512];
-        let result = prog
-            .test_run(options(packet, &mut out))
-            .context("BPF_PROG_TEST_RUN")?;
-        Ok(finish(result, out))
+        self.xdp_repeat(name, packet, 1)
     }
 
     /// As `xdp_named`, `repeat` times over the same input; ns is per run.
