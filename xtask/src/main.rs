@@ -3,11 +3,11 @@
 mod build;
 mod cmd;
 mod demo;
+mod test;
 mod toolchain;
 
 use std::ffi::OsString;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -55,12 +55,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             let object = setup()?;
-            cmd::run(
-                build::host_cargo(&object)
-                    .args(["test", "--workspace"])
-                    .args(args),
-            )
-            .context("tests failed")
+            test::run(&object, &args)
         }
         Task::Bench => {
             let object = setup()?;
