@@ -110,6 +110,11 @@ impl Reconciler {
         self.backends.len()
     }
 
+    /// The service id a frontend has in the maps (its `lb_stats` index).
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.frontends.get(frontend).map(|a| a.service_id)
+    }
+
     /// Brings the maps to `desired` as far as they can go.
     pub fn apply(&mut self, desired: &Desired, maps: &mut dyn Maps) -> Report {
         let mut report = Report::default();
