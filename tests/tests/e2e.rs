@@ -35,6 +35,15 @@ fn udp_vip() -> SocketAddrV4 {
     SocketAddrV4::new(VIP, UDP_PORT)
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Offloads {
+    /// Every interface as created.
+    Default,
+    /// The node computes checksums in software on egress (as a NIC would),
+    /// so the receiver verifies what the datapath wrote.
+    NodeFinishesChecksums,
+}
+
 /// A topology with servers in every backend and an agent on the node.
 struct Lab {
     topology: Topology,
@@ -46,8 +55,26 @@ struct Lab {
 impl Lab {
     /// `backends` namespaces, the first `serving` of them in the manifest.
     fn start(tag: &str, backends: usize, serving: usize, client_hook: &str) -> anyhow::Result<Lab> {
+        Self::start_with(
+            tag,
+            backends,
+            serving,
+            client_hook,
+            Offloads::NodeFinishesChecksums,
+        )
+    }
+
+    fn start_with(
+        tag: &str,
+        backends: usize,
+        serving: usize,
+        client_hook: &str,
+        offloads: Offloads,
+    ) -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix(tag), backends)?;
-        topology.finish_checksums_on_node_egress()?;
+        if offloads == Offloads::NodeFinishesChecksums {
+            topology.finish_checksums_on_node_egress()?;
+        }
         if client_hook == ":xdp" {
             // A wire delivers full checksums; a veth from a local socket does not.
             topology.disable_client_tx_checksum()?;
@@ -139,8 +166,12 @@ fn names(list: &[usize]) -> BTreeSet<String> {
     list.iter().map(|i| format!("backend{i}")).collect()
 }
 
-fn traffic_reaches_every_backend(client_hook: &str, tag: &str) -> anyhow::Result<()> {
-    let lab = Lab::start(tag, 3, 3, client_hook)?;
+fn traffic_reaches_every_backend(
+    client_hook: &str,
+    tag: &str,
+    offloads: Offloads,
+) -> anyhow::Result<()> {
+    let lab = Lab::start_with(tag, 3, 3, client_hook, offloads)?;
     let hook = if client_hook.is_empty() { "tc" } else { "xdp" };
     let attached = format!("attached {hook} to cl0");
     assert!(
@@ -170,7 +201,7 @@ fn traffic_reaches_every_backend(client_hook: &str, tag: &str) -> anyhow::Result
         assert_eq!(name, first, "a UDP flow must stay on its backend");
         assert_eq!(from, SocketAddr::V4(udp_vip()));
     }
-    println!("{client_hook}: TCP {tcp:?}, UDP {udp:?}");
+    println!("{hook} ({offloads:?}): TCP {tcp:?}, UDP {udp:?}");
     Ok(())
 }
 
@@ -181,7 +212,16 @@ fn tc_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
     if !common::ready("tc_serves_tcp_and_udp_through_the_vip") {
         return Ok(());
     }
-    traffic_reaches_every_backend("", "tc")
+    traffic_reaches_every_backend("", "tc", Offloads::NodeFinishesChecksums)
+}
+
+/// The same with every interface's offloads as the kernel sets them.
+#[test]
+fn tc_serves_tcp_and_udp_with_default_offloads_everywhere() -> anyhow::Result<()> {
+    if !common::ready("tc_serves_tcp_and_udp_with_default_offloads_everywhere") {
+        return Ok(());
+    }
+    traffic_reaches_every_backend("", "def", Offloads::Default)
 }
 
 /// XDP on the client-facing interface, as on a node's uplink. The client's
@@ -192,7 +232,7 @@ fn xdp_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
     if !common::ready("xdp_serves_tcp_and_udp_through_the_vip") {
         return Ok(());
     }
-    traffic_reaches_every_backend(":xdp", "xdp")
+    traffic_reaches_every_backend(":xdp", "xdp", Offloads::NodeFinishesChecksums)
 }
 
 /// Opens long-lived connections and returns them with their backends.
