@@ -75,6 +75,19 @@ impl Ids {
     fn give_back(&mut self, id: u32) {
         self.free.insert(id);
     }
+
+    /// Marks an id found in the maps as taken; false if it cannot be.
+    fn claim(&mut self, id: u32) -> bool {
+        if id == 0 || id >= self.limit {
+            return false;
+        }
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+            return true;
+        }
+        self.free.remove(&id)
+    }
 }
 
 /// Outcome of one pass: how many writes, and what could not be done (the
@@ -90,6 +103,23 @@ pub struct Reconciler {
     backends: BTreeMap<BackendKey, u32>,
     service_ids: Ids,
     backend_ids: Ids,
+    /// Entries found in the maps that nothing explains, removed by the next pass.
+    strays: Strays,
+}
+
+/// What the maps hold, as read back after a restart.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<(Frontend4, Service)>,
+    pub slots: Vec<(SlotKey, u32)>,
+    pub backends: Vec<(u32, Backend4)>,
+}
+
+#[derive(Debug, Default)]
+struct Strays {
+    services: Vec<Frontend4>,
+    slots: Vec<SlotKey>,
+    backends: Vec<u32>,
 }
 
 impl Reconciler {
@@ -99,7 +129,86 @@ impl Reconciler {
             backends: BTreeMap::new(),
             service_ids: Ids::new(max_services),
             backend_ids: Ids::new(max_backends),
+            strays: Strays::default(),
         }
+    }
+
+    /// Takes over what an earlier agent programmed. Entries that are
+    /// consistent become the applied state (the next pass leaves them alone
+    /// when they are still wanted); anything else is removed by the next pass.
+    pub fn adopt(snapshot: &Snapshot, max_services: u32, max_backends: u32) -> Self {
+        let mut r = Reconciler::new(max_services, max_backends);
+        let mut backends_by_id = BTreeMap::new();
+        for (id, backend) in &snapshot.backends {
+            // A duplicate address or an id out of range is a stray.
+            match adopted_backend(backend) {
+                Some(key) if !r.backends.contains_key(&key) && r.backend_ids.claim(*id) => {
+                    r.backends.insert(key, *id);
+                    backends_by_id.insert(*id, key);
+                }
+                _ => r.strays.backends.push(*id),
+            }
+        }
+        let mut slots: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
+        for (key, backend) in &snapshot.slots {
+            slots
+                .entry(key.service_id)
+                .or_default()
+                .insert(key.slot, *backend);
+        }
+        for (frontend4, service) in &snapshot.services {
+            let own = slots.remove(&service.id).unwrap_or_default();
+            match r.adopt_service(frontend4, service, &own, &backends_by_id) {
+                Some(kept) => r.strays.slots.extend(
+                    own.keys()
+                        .skip(kept)
+                        .map(|s| slot_key(service.id, *s as usize)),
+                ),
+                None => {
+                    r.strays.services.push(*frontend4);
+                    r.strays
+                        .slots
+                        .extend(own.keys().map(|s| slot_key(service.id, *s as usize)));
+                }
+            }
+        }
+        for (id, rest) in slots {
+            r.strays
+                .slots
+                .extend(rest.keys().map(|s| slot_key(id, *s as usize)));
+        }
+        r
+    }
+
+    /// Adopts one service entry whose slots 0..count all name known
+    /// backends; returns how many slots it kept, None if it is not usable.
+    fn adopt_service(
+        &mut self,
+        frontend4: &Frontend4,
+        service: &Service,
+        slots: &BTreeMap<u32, u32>,
+        backends: &BTreeMap<u32, BackendKey>,
+    ) -> Option<usize> {
+        let frontend = adopted_frontend(frontend4)?;
+        let kept: Vec<u32> = (0..service.backend_count)
+            .map(|slot| {
+                slots
+                    .get(&slot)
+                    .copied()
+                    .filter(|id| backends.contains_key(id))
+            })
+            .collect::<Option<_>>()?;
+        if self.frontends.contains_key(&frontend) || !self.service_ids.claim(service.id) {
+            return None;
+        }
+        let len = kept.len();
+        let applied = Applied {
+            service_id: service.id,
+            count: Some(service.backend_count),
+            slots: kept,
+        };
+        self.frontends.insert(frontend, applied);
+        Some(len)
     }
 
     pub fn frontend_count(&self) -> usize {
@@ -118,6 +227,7 @@ impl Reconciler {
     /// Brings the maps to `desired` as far as they can go.
     pub fn apply(&mut self, desired: &Desired, maps: &mut dyn Maps) -> Report {
         let mut report = Report::default();
+        self.remove_strays(maps, &mut report);
         self.add_backends(desired, maps, &mut report);
         for (frontend, state) in &desired.frontends {
             let wanted: Option<Vec<u32>> = state
@@ -144,6 +254,33 @@ impl Reconciler {
         self.remove_frontends(desired, maps, &mut report);
         self.remove_backends(maps, &mut report);
         report
+    }
+
+    /// Service entries first, then the slots, then backends: the usual order.
+    fn remove_strays(&mut self, maps: &mut dyn Maps, report: &mut Report) {
+        let strays = std::mem::take(&mut self.strays);
+        for frontend in strays.services {
+            match maps.remove_service(frontend) {
+                Ok(()) => report.writes += 1,
+                Err(e) => report
+                    .errors
+                    .push(format!("removing a stray service entry: {e:#}")),
+            }
+        }
+        for key in strays.slots {
+            match maps.remove_slot(key) {
+                Ok(()) => report.writes += 1,
+                Err(e) => report.errors.push(format!("removing a stray slot: {e:#}")),
+            }
+        }
+        for id in strays.backends {
+            match maps.remove_backend(id) {
+                Ok(()) => report.writes += 1,
+                Err(e) => report
+                    .errors
+                    .push(format!("removing a stray backend: {e:#}")),
+            }
+        }
     }
 
     fn add_backends(&mut self, desired: &Desired, maps: &mut dyn Maps, report: &mut Report) {
@@ -326,4 +463,28 @@ fn backend4(key: &BackendKey) -> Backend4 {
         proto: key.protocol.number(),
         _pad: 0,
     }
+}
+
+fn adopted_protocol(number: u8) -> Option<Protocol> {
+    [Protocol::Tcp, Protocol::Udp]
+        .into_iter()
+        .find(|p| p.number() == number)
+}
+
+fn adopted_frontend(f: &Frontend4) -> Option<Frontend> {
+    Some(Frontend {
+        addr: std::net::Ipv4Addr::from(u32::from_be(f.addr)),
+        port: u16::from_be(f.port),
+        protocol: adopted_protocol(f.proto)?,
+    })
+}
+
+fn adopted_backend(b: &Backend4) -> Option<BackendKey> {
+    Some(BackendKey {
+        addr: SocketAddrV4::new(
+            std::net::Ipv4Addr::from(u32::from_be(b.addr)),
+            u16::from_be(b.port),
+        ),
+        protocol: adopted_protocol(b.proto)?,
+    })
 }

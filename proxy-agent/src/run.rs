@@ -22,10 +22,13 @@ pub struct RunConfig {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let earlier = loader::pin_dir(&config.bpffs).exists();
     let (loaded, mut maps) = match start(&config) {
         Ok(started) => started,
+        // An earlier agent's datapath keeps serving; a new one is not left
+        // half-attached.
+        Err(e) if earlier => return Err(e),
         Err(e) => {
-            // Leave nothing half-attached behind.
             if let Err(cleanup) = loader::cleanup(&config.bpffs) {
                 log::error!("removing the partly set-up datapath: {cleanup:#}");
             }
@@ -33,7 +36,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     };
     let mut source = ManifestSource::new(&config.manifests);
-    let mut reconciler = Reconciler::new(MAX_SERVICES, MAX_BACKENDS);
+    let snapshot = maps.snapshot()?;
+    if !snapshot.services.is_empty() || !snapshot.backends.is_empty() {
+        log::info!(
+            "adopting {} service entries, {} slots and {} backends an earlier agent programmed",
+            snapshot.services.len(),
+            snapshot.slots.len(),
+            snapshot.backends.len()
+        );
+    }
+    let mut reconciler = Reconciler::adopt(&snapshot, MAX_SERVICES, MAX_BACKENDS);
     sync(&mut source, &mut reconciler, &mut maps);
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -63,6 +75,7 @@ fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     for iface in &config.ifaces {
         loaded.attach(iface)?;
     }
+    loaded.retire_other_links()?;
     let maps = MapSet::take(&mut loaded.ebpf)?;
     Ok((loaded, maps))
 }

@@ -8,7 +8,7 @@ use std::{
 
 use proxy_agent::{
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol},
-    reconcile::{Maps, Reconciler},
+    reconcile::{Maps, Reconciler, Snapshot},
 };
 use proxy_common::{Backend4, Frontend4, Service, SlotKey};
 
@@ -299,4 +299,133 @@ fn running_out_of_ids_is_an_error_not_a_crash() {
     let report = r.apply(&desired(&[(80, &[1]), (81, &[2]), (82, &[3])]), &mut maps);
     assert!(!report.errors.is_empty());
     assert_eq!(maps.served().len(), 2);
+}
+
+impl FakeMaps {
+    /// What a restarted agent reads back.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: self
+                .services
+                .iter()
+                .map(|((addr, port, proto), svc)| {
+                    (
+                        Frontend4 {
+                            addr: *addr,
+                            port: *port,
+                            proto: *proto,
+                            _pad: 0,
+                        },
+                        *svc,
+                    )
+                })
+                .collect(),
+            slots: self
+                .slots
+                .iter()
+                .map(|((service_id, slot), b)| {
+                    (
+                        SlotKey {
+                            service_id: *service_id,
+                            slot: *slot,
+                        },
+                        *b,
+                    )
+                })
+                .collect(),
+            backends: self.backends.iter().map(|(id, b)| (*id, *b)).collect(),
+        }
+    }
+}
+
+#[test]
+fn a_restarted_agent_adopts_the_maps_and_writes_nothing_when_nothing_changed() {
+    let mut maps = FakeMaps::default();
+    let d = desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]);
+    Reconciler::new(100, 100).apply(&d, &mut maps);
+    maps.writes();
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let report = adopted.apply(&d, &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        maps.writes(),
+        Vec::<String>::new(),
+        "correct entries are left untouched"
+    );
+    assert_eq!(adopted.frontend_count(), 2);
+    assert_eq!(adopted.backend_count(), 4);
+}
+
+#[test]
+fn an_adopted_state_changes_with_the_fewest_writes_and_new_ids_do_not_collide() {
+    let mut maps = FakeMaps::default();
+    Reconciler::new(100, 100).apply(&desired(&[(80, &[1, 2]), (81, &[3])]), &mut maps);
+    maps.writes();
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    adopted.apply(
+        &desired(&[(80, &[1, 2, 5]), (81, &[3]), (82, &[5])]),
+        &mut maps,
+    );
+    assert_eq!(
+        maps.writes(),
+        [
+            "set_backend 4",
+            "set_slot 1/2 4",
+            "set_service 80 count 3",
+            "reset_stats 3",
+            "set_slot 3/0 4",
+            "set_service 82 count 1"
+        ]
+    );
+}
+
+#[test]
+fn entries_nothing_explains_are_removed_in_a_safe_order() {
+    let mut maps = FakeMaps::default();
+    Reconciler::new(100, 100).apply(&desired(&[(80, &[1, 2]), (81, &[3])]), &mut maps);
+    // A slot past the count and a backend no slot names, as a crash between
+    // writes could leave them.
+    maps.slots.insert((1, 7), 2);
+    maps.backends.insert(
+        42,
+        Backend4 {
+            addr: u32::from(Ipv4Addr::new(10, 9, 9, 9)).to_be(),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        },
+    );
+    maps.writes();
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let report = adopted.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        maps.writes(),
+        [
+            "remove_slot 1/7",
+            "remove_service 81",
+            "remove_slot 2/0",
+            "remove_backend 3",
+            "remove_backend 42"
+        ]
+    );
+    assert_eq!(maps.served()[&80], addrs(&[1, 2]));
+}
+
+#[test]
+fn an_inconsistent_service_entry_is_rebuilt_not_trusted() {
+    let mut maps = FakeMaps::default();
+    Reconciler::new(100, 100).apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    // Slot 1 lost: the entry's count promises more than the slots hold.
+    maps.slots.remove(&(1, 1));
+    maps.writes();
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let report = adopted.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1, 2]));
+    assert!(
+        maps.writes()
+            .first()
+            .is_some_and(|w| w == "remove_service 80")
+    );
 }

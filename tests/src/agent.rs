@@ -15,7 +15,10 @@ use crate::netns::Netns;
 pub struct Agent {
     child: Option<Child>,
     binary: PathBuf,
+    /// The node namespace's file (the Netns itself belongs to the topology).
     node: PathBuf,
+    manifests: PathBuf,
+    ifaces: Vec<String>,
     bpffs: PathBuf,
     log: PathBuf,
 }
@@ -56,32 +59,72 @@ impl Agent {
     ) -> anyhow::Result<Agent> {
         let scratch = std::env::temp_dir().join(format!("xdproxy-{}", node.name()));
         std::fs::create_dir_all(&scratch).context("scratch dir")?;
-        let bpffs = scratch.join("bpffs");
-        let log = scratch.join("agent.log");
-        let log_file = std::fs::File::create(&log).context("agent log")?;
-        let mut cmd = node.command(binary.to_str().context("agent path")?);
+        let mut agent = Agent {
+            child: None,
+            binary,
+            node: node.path(),
+            manifests: manifests.to_path_buf(),
+            ifaces: ifaces.to_vec(),
+            bpffs: scratch.join("bpffs"),
+            log: scratch.join("agent.log"),
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the process and waits for its first sync.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let syncs = self.log().matches("synced:").count();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("agent log")?;
+        let mut cmd = self.in_node();
         cmd.arg("run")
             .arg("--manifests")
-            .arg(manifests)
+            .arg(&self.manifests)
             .arg("--bpffs")
-            .arg(&bpffs);
+            .arg(&self.bpffs);
         cmd.args(["--poll-ms", "50"]);
-        for iface in ifaces {
+        for iface in &self.ifaces {
             cmd.arg("--iface").arg(iface);
         }
         cmd.stdout(Stdio::null())
             .stderr(log_file)
             .env("RUST_LOG", "info");
-        let child = cmd.spawn().context("starting proxy-agent")?;
-        let mut agent = Agent {
-            child: Some(child),
-            binary,
-            node: node.path(),
-            bpffs,
-            log,
-        };
-        agent.wait_for_log("synced:", Duration::from_secs(20))?;
-        Ok(agent)
+        self.child = Some(cmd.spawn().context("starting proxy-agent")?);
+        self.wait_for_syncs(syncs + 1, Duration::from_secs(20))
+    }
+
+    /// The agent binary, run in the node namespace (no new mount namespace,
+    /// so the agent sees the same bpffs as the test).
+    fn in_node(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.node.display()))
+            .arg("--")
+            .arg(&self.binary);
+        cmd
+    }
+
+    /// SIGKILL: the process dies at once and cleans up nothing.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("agent not running")?;
+        child.kill().context("killing the agent")?;
+        child.wait().context("reaping the agent")?;
+        Ok(())
+    }
+
+    /// Starts a new agent process, from `binary` if given, on the same
+    /// manifests, interfaces and bpffs, and waits for its first sync.
+    pub fn restart(&mut self, binary: Option<PathBuf>) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("the agent is still running");
+        }
+        if let Some(binary) = binary {
+            self.binary = binary;
+        }
+        self.spawn()
     }
 
     pub fn log(&self) -> String {
@@ -104,7 +147,7 @@ impl Agent {
         })
     }
 
-    fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let what = format!("log {needle:?}");
         self.wait_until(&what, timeout, |log| log.contains(needle))
     }
@@ -157,10 +200,8 @@ impl Agent {
 
     /// `proxy-agent cleanup` for this agent's bpffs, in the node namespace.
     pub fn cleanup(&self) -> anyhow::Result<()> {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.node.display()))
-            .arg("--")
-            .arg(&self.binary)
+        let out = self
+            .in_node()
             .arg("cleanup")
             .arg("--bpffs")
             .arg(&self.bpffs)

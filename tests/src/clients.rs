@@ -39,10 +39,16 @@ pub struct HttpConn {
 impl HttpConn {
     /// Connects from inside `ns` to `addr`, waiting at most `timeout`.
     pub fn connect(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> Result<HttpConn> {
-        let what = || format!("TCP connect to {addr} from namespace {}", ns.name());
-        let stream = ns
-            .run(move || TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout))?
-            .with_context(what)?;
+        ns.run(move || HttpConn::connect_here(addr, timeout))?
+            .with_context(|| format!("TCP connect to {addr} from namespace {}", ns.name()))
+    }
+
+    /// Connects from the calling thread's namespace (e.g. inside
+    /// [`Netns::spawn`]).
+    pub fn connect_here(addr: SocketAddrV4, timeout: Duration) -> Result<HttpConn> {
+        let what = || format!("TCP connect to {addr}");
+        let stream =
+            TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout).with_context(what)?;
         stream
             .set_read_timeout(Some(HTTP_IO_TIMEOUT))
             .with_context(what)?;

@@ -2,8 +2,9 @@
 //! and removing all of it again.
 //!
 //! Links are pinned, so the datapath stays in place when the agent exits
-//! (connections keep flowing with the last programmed state); `cleanup`
-//! removes it.
+//! (connections keep flowing with the last programmed state); the next agent
+//! reuses the maps and swaps its programs into the links; `cleanup` removes
+//! it all.
 
 use std::{
     ffi::CString,
@@ -15,12 +16,18 @@ use std::{
 use anyhow::Context;
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapInfo,
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
-use proxy_common::{PROJECT, names, programs};
+use proxy_common::{
+    Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    MAX_SLOTS, PROJECT, Service, ServiceStats, SlotKey, names, programs,
+};
 
 use super::iface::{Hook, IfaceSpec};
 
@@ -70,50 +77,153 @@ fn is_bpffs(path: &Path) -> bool {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub pins: PathBuf,
+    /// Link pins this agent attached or took over.
+    links: Vec<PathBuf>,
 }
 
-/// Loads the object with every map pinned under `<bpffs>/xdproxy`. A datapath
-/// left by an earlier agent is removed first.
+/// Loads the object with every map pinned under `<bpffs>/xdproxy`. Maps an
+/// earlier agent pinned there are reused as they are (with their entries and
+/// conntrack state) when their layout is the one this agent expects.
 pub fn load(bpffs: &Path, object: &[u8]) -> anyhow::Result<Loaded> {
     ensure_bpffs(bpffs)?;
     let pins = pin_dir(bpffs);
-    if pins.exists() {
-        log::warn!(
-            "replacing the datapath pinned at {} by an earlier agent",
-            pins.display()
-        );
-        cleanup(bpffs)?;
-    }
     fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
-    let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pins.join(n))).collect();
+    let mut adopted = 0;
+    for (name, path) in &paths {
+        if check_pinned_layout(name, path)? {
+            adopted += 1;
+        }
+    }
+    if adopted > 0 {
+        log::info!("adopting {adopted} maps pinned under {}", pins.display());
+    }
+    let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     let ebpf = loader.load(object).context("loading the eBPF object")?;
-    Ok(Loaded { ebpf, pins })
+    Ok(Loaded {
+        ebpf,
+        pins,
+        links: Vec::new(),
+    })
+}
+
+/// True if a map is pinned at `path` with the layout this agent expects;
+/// an error if it is pinned with another one.
+fn check_pinned_layout(name: &str, path: &Path) -> anyhow::Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let info = MapInfo::from_pin(path).with_context(|| format!("reading {}", path.display()))?;
+    let Some((key, value, max)) = layout(name) else {
+        return Ok(false);
+    };
+    let found = (info.key_size(), info.value_size(), info.max_entries());
+    if found != (key, value, max) {
+        anyhow::bail!(
+            "{} has key/value size and capacity {found:?}, this agent expects {:?}: the map \
+             layout changed; `proxy-agent cleanup` removes the old datapath (open connections \
+             lose their conntrack state)",
+            path.display(),
+            (key, value, max)
+        );
+    }
+    Ok(true)
+}
+
+/// (key size, value size, max entries) of each map the object defines.
+fn layout(name: &str) -> Option<(u32, u32, u32)> {
+    use std::mem::size_of;
+    let size = |n: usize| n as u32;
+    Some(match name {
+        names::SERVICES4 => (
+            size(size_of::<Frontend4>()),
+            size(size_of::<Service>()),
+            MAX_SERVICES,
+        ),
+        names::SLOTS => (size(size_of::<SlotKey>()), 4, MAX_SLOTS),
+        names::BACKENDS4 => (4, size(size_of::<Backend4>()), MAX_BACKENDS),
+        names::CONNTRACK4 => (
+            size(size_of::<Ct4Key>()),
+            size(size_of::<Ct4Entry>()),
+            MAX_CONNTRACK,
+        ),
+        names::SERVICE_STATS => (4, size(size_of::<ServiceStats>()), MAX_SERVICES),
+        names::COUNTERS => (4, 8, Counter::COUNT),
+        _ => return None,
+    })
 }
 
 impl Loaded {
-    /// Attaches the right program to `iface` and pins the link.
+    /// Attaches the right program to `iface` and pins the link. A link an
+    /// earlier agent pinned there gets the new program atomically, so no
+    /// packet goes unprocessed.
     pub fn attach(&mut self, iface: &IfaceSpec) -> anyhow::Result<Hook> {
         let hook = iface.resolve()?;
+        let path = self.pins.join(format!("link_{hook}_{}", iface.name));
+        self.links.push(path.clone());
+        if path.exists() {
+            match self.replace_program(hook, &path) {
+                Ok(()) => {
+                    log::info!("replaced the {hook} program on {} atomically", iface.name);
+                    return Ok(hook);
+                }
+                Err(e) => {
+                    // A link whose interface went away cannot be updated.
+                    log::warn!("{}: {e:#}; attaching afresh", path.display());
+                    unpin_link(&path)?;
+                }
+            }
+        }
         let link: FdLink = match hook {
             Hook::Xdp => self.attach_xdp(&iface.name)?,
             Hook::Tc => self.attach_tc(&iface.name)?,
         };
-        let path = self.pins.join(format!("link_{hook}_{}", iface.name));
         link.pin(&path)
             .with_context(|| format!("pinning the link at {}", path.display()))?;
         log::info!("attached {hook} to {}", iface.name);
         Ok(hook)
     }
 
-    fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<FdLink> {
-        let program: &mut Xdp = self.program(programs::XDP)?;
-        if program.fd().is_err() {
-            program.load().context("verifying the XDP program")?;
+    fn replace_program(&mut self, hook: Hook, path: &Path) -> anyhow::Result<()> {
+        let link: FdLink = PinnedLink::from_pin(path)
+            .context("opening the pinned link")?
+            .into();
+        match hook {
+            Hook::Xdp => {
+                let program: &mut Xdp = self.loaded_program(programs::XDP)?;
+                program.attach_to_link(XdpLink::try_from(link)?)?;
+            }
+            Hook::Tc => {
+                let program: &mut SchedClassifier = self.loaded_program(programs::TC_INGRESS)?;
+                program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Detaches links pinned by an earlier agent for interfaces (or hooks)
+    /// this one was not asked to serve.
+    pub fn retire_other_links(&self) -> anyhow::Result<()> {
+        let Ok(entries) = fs::read_dir(&self.pins) else {
+            return Ok(());
+        };
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            let is_link = path
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"link_"));
+            if is_link && !self.links.contains(&path) {
+                log::info!("detaching {}: not asked for any more", path.display());
+                unpin_link(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<FdLink> {
+        let program: &mut Xdp = self.loaded_program(programs::XDP)?;
         let id = program
             .attach(iface, XdpMode::default())
             .with_context(|| format!("attaching XDP to {iface}"))?;
@@ -123,16 +233,26 @@ impl Loaded {
     }
 
     fn attach_tc(&mut self, iface: &str) -> anyhow::Result<FdLink> {
-        let program: &mut SchedClassifier = self.program(programs::TC_INGRESS)?;
-        if program.fd().is_err() {
-            program.load().context("verifying the TC program")?;
-        }
+        let program: &mut SchedClassifier = self.loaded_program(programs::TC_INGRESS)?;
         let id = program
             .attach(iface, TcAttachType::Ingress)
             .with_context(|| format!("attaching TC ingress to {iface}"))?;
         let link = program.take_link(id)?;
         FdLink::try_from(link)
             .with_context(|| format!("TC on {iface} is not a TCX link (kernel < 6.6?)"))
+    }
+
+    /// The program, verified and loaded into the kernel.
+    fn loaded_program<'a, T>(&'a mut self, name: &str) -> anyhow::Result<&'a mut T>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+        T: LoadedCheck,
+    {
+        let program: &mut T = self.program(name)?;
+        program
+            .ensure_loaded()
+            .with_context(|| format!("verifying {name}"))?;
+        Ok(program)
     }
 
     fn program<'a, T>(&'a mut self, name: &str) -> anyhow::Result<&'a mut T>
@@ -186,4 +306,27 @@ fn unpin_link(path: &Path) -> anyhow::Result<()> {
     // The kernel detaches the program when the last reference goes.
     drop(fd);
     Ok(())
+}
+
+/// Loading a program once, whichever its type.
+pub trait LoadedCheck {
+    fn ensure_loaded(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl LoadedCheck for Xdp {
+    fn ensure_loaded(&mut self) -> Result<(), aya::programs::ProgramError> {
+        if self.fd().is_err() {
+            self.load()?;
+        }
+        Ok(())
+    }
+}
+
+impl LoadedCheck for SchedClassifier {
+    fn ensure_loaded(&mut self) -> Result<(), aya::programs::ProgramError> {
+        if self.fd().is_err() {
+            self.load()?;
+        }
+        Ok(())
+    }
 }

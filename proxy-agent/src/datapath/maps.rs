@@ -7,7 +7,7 @@ use aya::{
 };
 use proxy_common::{Backend4, Counter, Frontend4, Service, ServiceStats, SlotKey, names};
 
-use crate::reconcile::Maps;
+use crate::reconcile::{Maps, Snapshot};
 
 pub struct MapSet {
     pub services: HashMap<MapData, Frontend4, Service>,
@@ -42,6 +42,15 @@ impl MapSet {
         })
     }
 
+    /// Everything the service maps hold, for a restarted agent to adopt.
+    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            services: collect(self.services.iter(), names::SERVICES4)?,
+            slots: collect(self.slots.iter(), names::SLOTS)?,
+            backends: collect(self.backends.iter(), names::BACKENDS4)?,
+        })
+    }
+
     /// A service id's traffic summed over CPUs.
     pub fn service_stats(&self, id: u32) -> anyhow::Result<ServiceStats> {
         let per_cpu = self.stats.get(&id, 0).context("reading lb_stats")?;
@@ -61,6 +70,14 @@ impl MapSet {
             .context("reading counters")?;
         Ok(per_cpu.iter().sum())
     }
+}
+
+fn collect<K, V>(
+    iter: impl Iterator<Item = Result<(K, V), MapError>>,
+    name: &str,
+) -> anyhow::Result<Vec<(K, V)>> {
+    iter.collect::<Result<_, _>>()
+        .with_context(|| format!("reading {name}"))
 }
 
 /// Removing what is already gone is not an error: removal is idempotent.
