@@ -3,6 +3,8 @@
 //! source (manifests) -> model (pure) -> reconciler (diff) -> datapath (maps).
 
 pub mod datapath;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod run;

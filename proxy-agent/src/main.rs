@@ -1,9 +1,9 @@
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use proxy_agent::{
     datapath::{iface::IfaceSpec, loader},
-    run::{self, RunConfig},
+    run::{self, RunConfig, Source},
 };
 
 /// xdproxy: a Kubernetes Service datapath on eBPF/XDP.
@@ -16,24 +16,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath and keep it programmed from Kubernetes manifests.
+    /// Load (or adopt) the datapath and keep it programmed from Kubernetes.
     ///
+    /// Objects come from --manifests if given, else from the API server
+    /// (--kubeconfig, KUBECONFIG, ~/.kube/config or the in-cluster account).
     /// On SIGTERM/SIGINT the agent exits and leaves the datapath in place
-    /// (pinned), serving the last programmed state; `cleanup` removes it.
-    Run {
-        /// A YAML/JSON file or a directory of them, as `kubectl apply -f` takes.
-        #[arg(long)]
-        manifests: PathBuf,
-        /// Interface to attach to: IF, IF:xdp or IF:tc (default: tc on veth, xdp otherwise).
-        #[arg(long = "iface", required = true)]
-        ifaces: Vec<IfaceSpec>,
-        /// Where bpffs is (mounted there if it is not).
-        #[arg(long, default_value = "/sys/fs/bpf")]
-        bpffs: PathBuf,
-        /// How often to check the manifests for changes, in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        poll_ms: u64,
-    },
+    /// (pinned), serving the last programmed state; the next `run` adopts it;
+    /// `cleanup` removes it.
+    Run(RunArgs),
     /// Detach every program and remove every pin the agent created.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf")]
@@ -41,24 +31,80 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// A YAML/JSON file or a directory of them, as `kubectl apply -f` takes.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (default: NODE_NAME, else the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Interface to attach to: IF, IF:xdp or IF:tc (default: tc on veth, xdp otherwise).
+    #[arg(long = "iface", required = true)]
+    ifaces: Vec<IfaceSpec>,
+    /// Where bpffs is (mounted there if it is not).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// How often to check the manifests for changes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
+    /// /healthz, /livez and /readyz, as kube-proxy's.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// /metrics, as kube-proxy's.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// /healthz fails when a change has waited longer than this to be programmed (seconds).
+    #[arg(long, default_value_t = 60)]
+    healthz_timeout_s: u64,
+}
+
+impl RunArgs {
+    fn config(self) -> anyhow::Result<RunConfig> {
+        let source = match self.manifests {
+            Some(path) => Source::Manifests(path),
+            None => Source::Kubernetes {
+                kubeconfig: self.kubeconfig,
+                node_name: match self.node_name {
+                    Some(name) => name,
+                    None => hostname()?,
+                },
+            },
+        };
+        Ok(RunConfig {
+            source,
+            ifaces: self.ifaces,
+            bpffs: self.bpffs,
+            poll: Duration::from_millis(self.poll_ms.max(10)),
+            health_addr: self.healthz_bind_address,
+            metrics_addr: self.metrics_bind_address,
+            health_timeout: Duration::from_secs(self.healthz_timeout_s),
+        })
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is ours and its length is passed.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        anyhow::bail!(
+            "no --node-name, no NODE_NAME and no hostname: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
-        Command::Run {
-            manifests,
-            ifaces,
-            bpffs,
-            poll_ms,
-        } => {
-            run::run(RunConfig {
-                manifests,
-                ifaces,
-                bpffs,
-                poll: Duration::from_millis(poll_ms.max(10)),
-            })
-            .await
-        }
+        Command::Run(args) => run::run(args.config()?).await,
         Command::Cleanup { bpffs } => {
             let removed = loader::cleanup(&bpffs)?;
             log::info!(

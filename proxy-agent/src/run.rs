@@ -1,29 +1,60 @@
-//! The daemon: load and attach, then keep the maps equal to the manifests.
+//! The daemon: load and attach (or adopt), then keep the maps equal to what
+//! the source says, and report how that goes.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::Context;
 use proxy_common::{MAX_BACKENDS, MAX_SERVICES};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
     datapath::{self, iface::IfaceSpec, loader, maps::MapSet},
-    model,
+    http::{self, Endpoints},
+    metrics::{Shared, Status},
+    model::{self, Objects},
     reconcile::Reconciler,
-    source::manifest::ManifestSource,
+    source::{
+        cluster::ClusterStore,
+        kubernetes::{self, Change, Resource},
+        manifest::ManifestSource,
+    },
 };
 
+/// How long the first event of a burst waits for the rest of it.
+const COALESCE: Duration = Duration::from_millis(2);
+/// How soon a sync whose writes failed is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub enum Source {
+    Manifests(PathBuf),
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        node_name: String,
+    },
+}
+
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub ifaces: Vec<IfaceSpec>,
     pub bpffs: PathBuf,
     /// How often the manifests are checked for changes.
     pub poll: Duration,
+    pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// kube-proxy's healthz timeout: a change waiting longer is unhealthy.
+    pub health_timeout: Duration,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let earlier = loader::pin_dir(&config.bpffs).exists();
-    let (loaded, mut maps) = match start(&config) {
+    let (loaded, maps) = match start(&config) {
         Ok(started) => started,
         // An earlier agent's datapath keeps serving; a new one is not left
         // half-attached.
@@ -35,31 +66,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let mut source = ManifestSource::new(&config.manifests);
-    let snapshot = maps.snapshot()?;
-    if !snapshot.services.is_empty() || !snapshot.backends.is_empty() {
-        log::info!(
-            "adopting {} service entries, {} slots and {} backends an earlier agent programmed",
-            snapshot.services.len(),
-            snapshot.slots.len(),
-            snapshot.backends.len()
-        );
-    }
-    let mut reconciler = Reconciler::adopt(&snapshot, MAX_SERVICES, MAX_BACKENDS);
-    sync(&mut source, &mut reconciler, &mut maps);
-
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut tick = tokio::time::interval(config.poll);
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = tick.tick() => {
-                if source.changed() {
-                    sync(&mut source, &mut reconciler, &mut maps);
-                }
-            }
+    let status = Shared::default();
+    let timeout = config.health_timeout;
+    spawn_http(config.health_addr, Endpoints::Health { timeout }, &status);
+    spawn_http(config.metrics_addr, Endpoints::Metrics, &status);
+    let mut programmer = Programmer::adopt(maps, status)?;
+    let mut signals = Signals::new()?;
+    match &config.source {
+        Source::Manifests(path) => {
+            manifest_loop(path, config.poll, &mut programmer, &mut signals).await
+        }
+        Source::Kubernetes {
+            kubeconfig,
+            node_name,
+        } => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            kube_loop(client, node_name, &mut programmer, &mut signals).await
         }
     }
     log::info!(
@@ -80,26 +102,215 @@ fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     Ok((loaded, maps))
 }
 
-/// One pass: read, translate, apply. Errors are logged; nothing stops the loop.
-fn sync(source: &mut ManifestSource, reconciler: &mut Reconciler, maps: &mut MapSet) {
-    let load = source.load();
-    for error in &load.errors {
-        log::error!("{error}");
+fn spawn_http(addr: SocketAddr, endpoints: Endpoints, status: &Shared) {
+    let status = status.clone();
+    tokio::spawn(async move {
+        // The datapath matters more than its reports: a taken port is logged.
+        if let Err(e) = http::serve(addr, endpoints, status).await {
+            log::error!("{e:#}");
+        }
+    });
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
     }
-    let desired = model::desired(&load.objects);
-    for warning in &desired.warnings {
-        log::warn!("{warning}");
+
+    async fn any(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
-    let report = reconciler.apply(&desired, maps);
-    for error in &report.errors {
-        log::error!("programming: {error}");
+}
+
+async fn manifest_loop(
+    path: &std::path::Path,
+    poll: Duration,
+    programmer: &mut Programmer,
+    signals: &mut Signals,
+) {
+    let mut source = ManifestSource::new(path);
+    let mut tick = tokio::time::interval(poll);
+    loop {
+        tokio::select! {
+            _ = signals.any() => return,
+            _ = tick.tick() => {}
+        }
+        if source.changed() || programmer.failed {
+            let seen = Instant::now();
+            let load = source.load();
+            for error in &load.errors {
+                log::error!("{error}");
+            }
+            programmer.status(|s| s.not_ready = None);
+            programmer.program(&load.objects, &[seen]);
+        }
     }
-    log::info!(
-        "synced: {} services, {} endpoint slices -> {} frontends, {} backends ({} map writes)",
-        load.objects.services.len(),
-        load.objects.slices.len(),
-        reconciler.frontend_count(),
-        reconciler.backend_count(),
-        report.writes
-    );
+}
+
+async fn kube_loop(
+    client: kube::Client,
+    node_name: &str,
+    programmer: &mut Programmer,
+    signals: &mut Signals,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    kubernetes::watch(client, node_name, tx);
+    let mut store = ClusterStore::default();
+    let mut health = ApiHealth::default();
+    let mut retry = tokio::time::interval(RETRY);
+    loop {
+        tokio::select! {
+            _ = signals.any() => return,
+            Some(change) = rx.recv() => {
+                health.note(&mut store, change);
+                // A burst arrives together: take what is queued, wait a
+                // moment for stragglers, take those too.
+                drain(&mut rx, &mut store, &mut health);
+                tokio::time::sleep(COALESCE).await;
+                drain(&mut rx, &mut store, &mut health);
+            }
+            _ = retry.tick(), if programmer.failed => {}
+        }
+        for error in store.take_errors() {
+            log::error!("{error}");
+        }
+        programmer.status(|s| {
+            s.not_ready = health.not_ready(&store);
+            if store.has_pending() {
+                s.oldest_pending.get_or_insert_with(Instant::now);
+            }
+        });
+        if store.synced() && (store.has_pending() || programmer.failed) {
+            let pending = store.take_pending();
+            programmer.program(&store.objects(), &pending);
+        }
+    }
+}
+
+fn drain(
+    rx: &mut mpsc::UnboundedReceiver<Change>,
+    store: &mut ClusterStore,
+    health: &mut ApiHealth,
+) {
+    while let Ok(change) = rx.try_recv() {
+        health.note(store, change);
+    }
+}
+
+/// Which watches are failing right now, for logs and readiness.
+#[derive(Default)]
+struct ApiHealth {
+    failing: std::collections::BTreeMap<Resource, String>,
+}
+
+impl ApiHealth {
+    fn note(&mut self, store: &mut ClusterStore, change: Change) {
+        let resource = change.resource();
+        match change {
+            Change::Trouble(_, why) => {
+                if self.failing.insert(resource, why.clone()).is_none() {
+                    log::warn!("{why}; the datapath keeps the last programmed state, retrying");
+                }
+                return;
+            }
+            Change::Service(event) => store.service(*event),
+            Change::Slice(event) => store.slice(*event),
+            Change::Node(event) => store.node(*event),
+        }
+        if self.failing.remove(&resource).is_some() {
+            log::info!("watching {resource:?} works again");
+        }
+    }
+
+    fn not_ready(&self, store: &ClusterStore) -> Option<String> {
+        if let Some(why) = self.failing.values().next() {
+            return Some(why.clone());
+        }
+        (!store.synced()).then(|| "waiting for the initial lists from the API server".to_string())
+    }
+}
+
+/// Desired state to maps, with the bookkeeping kube-proxy's metrics expect.
+struct Programmer {
+    reconciler: Reconciler,
+    maps: MapSet,
+    status: Shared,
+    /// The last pass left writes undone: try again.
+    failed: bool,
+}
+
+impl Programmer {
+    fn adopt(maps: MapSet, status: Shared) -> anyhow::Result<Programmer> {
+        let snapshot = maps.snapshot()?;
+        if !snapshot.services.is_empty() || !snapshot.backends.is_empty() {
+            log::info!(
+                "adopting {} service entries, {} slots and {} backends an earlier agent programmed",
+                snapshot.services.len(),
+                snapshot.slots.len(),
+                snapshot.backends.len()
+            );
+        }
+        Ok(Programmer {
+            reconciler: Reconciler::adopt(&snapshot, MAX_SERVICES, MAX_BACKENDS),
+            maps,
+            status,
+            failed: false,
+        })
+    }
+
+    fn status(&self, update: impl FnOnce(&mut Status)) {
+        if let Ok(mut status) = self.status.lock() {
+            update(&mut status);
+        }
+    }
+
+    /// One pass; `changes` are when the changes it carries happened.
+    fn program(&mut self, objects: &Objects, changes: &[Instant]) {
+        let started = Instant::now();
+        let desired = model::desired(objects);
+        for warning in &desired.warnings {
+            log::warn!("{warning}");
+        }
+        let report = self.reconciler.apply(&desired, &mut self.maps);
+        let done = Instant::now();
+        for error in &report.errors {
+            log::error!("programming: {error}");
+        }
+        self.failed = !report.errors.is_empty();
+        let (frontends, backends) = (
+            self.reconciler.frontend_count(),
+            self.reconciler.backend_count(),
+        );
+        let failed = self.failed;
+        self.status(|s| {
+            s.sync_duration.observe((done - started).as_secs_f64());
+            for at in changes {
+                s.network_programming
+                    .observe(done.saturating_duration_since(*at).as_secs_f64());
+            }
+            s.sync_errors += report.errors.len() as u64;
+            s.last_sync = Some(SystemTime::now());
+            s.oldest_pending = failed.then_some(s.oldest_pending.unwrap_or(started));
+            s.frontends = frontends;
+            s.backends = backends;
+        });
+        log::info!(
+            "synced: {} services, {} endpoint slices -> {frontends} frontends, {backends} backends ({} map writes) in {:?}",
+            objects.services.len(),
+            objects.slices.len(),
+            report.writes,
+            done - started
+        );
+    }
 }

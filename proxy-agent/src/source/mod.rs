@@ -1,3 +1,5 @@
 //! Where objects come from. Sources only produce objects; they never touch maps.
 
+pub mod cluster;
+pub mod kubernetes;
 pub mod manifest;

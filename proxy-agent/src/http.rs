@@ -1,0 +1,98 @@
+//! Two small HTTP servers: health (/healthz, /livez, /readyz, default :10256)
+//! and metrics (/metrics, default :10249). GET only, one request per
+//! connection: probes and scrapers need nothing more.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::metrics::Shared;
+
+#[derive(Clone, Copy)]
+pub enum Endpoints {
+    Health { timeout: Duration },
+    Metrics,
+}
+
+pub async fn serve(addr: SocketAddr, endpoints: Endpoints, status: Shared) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    log::info!(
+        "serving {} on {addr}",
+        match endpoints {
+            Endpoints::Health { .. } => "/healthz, /livez and /readyz",
+            Endpoints::Metrics => "/metrics",
+        }
+    );
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, endpoints, &status).await {
+                log::debug!("http: {e:#}");
+            }
+        });
+    }
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    endpoints: Endpoints,
+    status: &Shared,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+    let request = String::from_utf8_lossy(&buf[..n]);
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let path = path.split('?').next().unwrap_or(path);
+    let (code, content_type, body) = route(path, endpoints, status);
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    Ok(())
+}
+
+fn route(path: &str, endpoints: Endpoints, status: &Shared) -> (u16, &'static str, String) {
+    let Ok(status) = status.lock() else {
+        return (503, "text/plain", "status unavailable\n".into());
+    };
+    match (endpoints, path) {
+        (Endpoints::Metrics, "/metrics") => (200, "text/plain; version=0.0.4", status.render()),
+        (Endpoints::Health { timeout }, "/healthz" | "/livez") => {
+            let healthy = status.healthy(timeout);
+            let last = status
+                .last_sync
+                .map(|t| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()));
+            let body = serde_json::json!({
+                "lastUpdated": last.and_then(Result::ok).unwrap_or_default(),
+                "currentTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "nodeEligible": true,
+            });
+            (
+                if healthy { 200 } else { 503 },
+                "application/json",
+                format!("{body}\n"),
+            )
+        }
+        (Endpoints::Health { .. }, "/readyz") => match &status.not_ready {
+            None => (200, "text/plain", "ok\n".into()),
+            Some(why) => (503, "text/plain", format!("{why}\n")),
+        },
+        _ => (404, "text/plain", "not found\n".into()),
+    }
+}

@@ -1,0 +1,113 @@
+//! Services, EndpointSlices and this node's Node from the API server, through
+//! kube-rs watchers: list, then watch from the listed version, relist after
+//! 410 Gone, back off on errors. Errors are reported and never end a watch.
+
+use std::path::Path;
+
+use anyhow::Context;
+use futures::StreamExt;
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One thing a watch reported.
+pub enum Change {
+    // Boxed: the objects are large and differ in size; they are moved once.
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
+    /// A watch failed (it retries with backoff); the text says which and why.
+    Trouble(Resource, String),
+}
+
+/// The watched resources, for readiness reporting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    Node,
+}
+
+impl Change {
+    pub fn resource(&self) -> Resource {
+        match self {
+            Change::Service(_) => Resource::Services,
+            Change::Slice(_) => Resource::EndpointSlices,
+            Change::Node(_) => Resource::Node,
+            Change::Trouble(r, _) => *r,
+        }
+    }
+}
+
+/// A client from `--kubeconfig`, else KUBECONFIG, ~/.kube/config or the
+/// in-cluster service account, as kubectl finds them.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+        None => Config::infer().await.context(
+            "no kubeconfig: give --kubeconfig or --manifests, set KUBECONFIG, or run in a pod",
+        )?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Starts the three watches; their events arrive on `changes`.
+pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) {
+    let all = watcher::Config::default();
+    let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    spawn(
+        Api::<Service>::all(client.clone()),
+        all.clone(),
+        changes.clone(),
+        |event| Change::Service(Box::new(event)),
+        Resource::Services,
+    );
+    spawn(
+        Api::<EndpointSlice>::all(client.clone()),
+        all,
+        changes.clone(),
+        |event| Change::Slice(Box::new(event)),
+        Resource::EndpointSlices,
+    );
+    spawn(
+        Api::<Node>::all(client),
+        node,
+        changes,
+        |event| Change::Node(Box::new(event)),
+        Resource::Node,
+    );
+}
+
+fn spawn<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changes: UnboundedSender<Change>,
+    wrap: fn(watcher::Event<K>) -> Change,
+    resource: Resource,
+) where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher(api, config).default_backoff().boxed();
+        while let Some(item) = stream.next().await {
+            let change = match item {
+                Ok(event) => wrap(event),
+                Err(e) => Change::Trouble(resource, format!("watching {resource:?}: {e}")),
+            };
+            if changes.send(change).is_err() {
+                return;
+            }
+        }
+    });
+}
