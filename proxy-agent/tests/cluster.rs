@@ -1,0 +1,144 @@
+//! The API server's watch events applied to the agent's view of the cluster.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::runtime::watcher::Event;
+use proxy_agent::{model::ObjectKey, source::cluster::ClusterStore};
+
+fn service(name: &str, port: &str) -> Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: demo}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: {port}}}]}}"
+    ))
+    .expect("service")
+}
+
+fn slice(name: &str, annotation: Option<&str>) -> EndpointSlice {
+    let annotations = annotation
+        .map(|t| {
+            format!(", annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{t}'}}")
+        })
+        .unwrap_or_default();
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: demo, labels: {{kubernetes.io/service-name: web}}{annotations}}}\naddressType: IPv4\nendpoints: []"
+    ))
+    .expect("slice")
+}
+
+fn synced_store() -> ClusterStore {
+    let mut store = ClusterStore::default();
+    store.service(Event::Init);
+    store.service(Event::InitApply(service("web", "80")));
+    store.service(Event::InitDone);
+    store.slice(Event::Init);
+    store.slice(Event::InitDone);
+    store.node(Event::Init);
+    store.node(Event::InitDone);
+    store
+}
+
+fn key(name: &str) -> ObjectKey {
+    ObjectKey {
+        namespace: "demo".into(),
+        name: name.into(),
+    }
+}
+
+fn port(store: &ClusterStore, name: &str) -> Option<i32> {
+    let objects = store.objects();
+    let svc = objects.services.get(&key(name))?;
+    Some(svc.spec.as_ref()?.ports.as_ref()?[0].port)
+}
+
+#[test]
+fn nothing_is_synced_until_every_kind_was_listed() {
+    let mut store = ClusterStore::default();
+    store.service(Event::Init);
+    store.service(Event::InitDone);
+    store.slice(Event::Init);
+    store.slice(Event::InitDone);
+    assert!(!store.synced(), "the node list is still missing");
+    store.node(Event::Init);
+    store.node(Event::<Node>::InitDone);
+    assert!(store.synced());
+}
+
+#[test]
+fn a_relist_replaces_objects_only_when_complete() {
+    let mut store = synced_store();
+    store.service(Event::Apply(service("old", "81")));
+    store.take_pending();
+    // The watch broke (410 Gone): kube relists.
+    store.service(Event::Init);
+    store.service(Event::InitApply(service("web", "8080")));
+    assert_eq!(
+        port(&store, "web"),
+        Some(80),
+        "mid-relist, the live objects stay"
+    );
+    assert_eq!(port(&store, "old"), Some(81));
+    assert!(!store.has_pending());
+    store.service(Event::InitDone);
+    assert_eq!(port(&store, "web"), Some(8080));
+    assert_eq!(
+        port(&store, "old"),
+        None,
+        "gone from the relist, gone from the store"
+    );
+    assert!(store.has_pending());
+}
+
+#[test]
+fn an_invalid_object_keeps_its_last_valid_version_and_is_reported() {
+    let mut store = synced_store();
+    store.service(Event::Apply(service("web", "70000")));
+    assert_eq!(port(&store, "web"), Some(80));
+    let errors = store.take_errors();
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].contains("Service demo/web") && errors[0].contains("spec.ports[0].port"),
+        "{}",
+        errors[0]
+    );
+    // The same during a relist.
+    store.service(Event::Init);
+    store.service(Event::InitApply(service("web", "0")));
+    store.service(Event::InitDone);
+    assert_eq!(port(&store, "web"), Some(80));
+}
+
+#[test]
+fn deletes_remove_and_count_as_changes() {
+    let mut store = synced_store();
+    store.take_pending();
+    store.service(Event::Delete(service("web", "80")));
+    assert_eq!(port(&store, "web"), None);
+    assert_eq!(store.take_pending().len(), 1);
+    store.service(Event::Delete(service("never-there", "80")));
+    assert!(!store.has_pending(), "deleting nothing changes nothing");
+}
+
+#[test]
+fn endpoint_changes_are_timed_from_their_trigger_time() {
+    let mut store = synced_store();
+    store.take_pending();
+    let two_seconds_ago =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(2);
+    store.slice(Event::Apply(slice(
+        "web-1",
+        Some(&two_seconds_ago.to_string()),
+    )));
+    store.slice(Event::Apply(slice("web-2", None)));
+    let pending = store.take_pending();
+    assert_eq!(pending.len(), 2);
+    let age = |at: &Instant| at.elapsed();
+    assert!(
+        age(&pending[0]) >= Duration::from_millis(1900),
+        "{:?}",
+        age(&pending[0])
+    );
+    assert!(
+        age(&pending[1]) < Duration::from_millis(500),
+        "receipt time without the annotation"
+    );
+}
