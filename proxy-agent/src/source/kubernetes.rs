@@ -62,6 +62,19 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// What the watches need from RBAC: (API group, resource) with the verbs
+/// below, for the three types `watch` uses. deploy/'s ClusterRole is tested
+/// against this.
+pub fn watched() -> [(&'static str, &'static str); 3] {
+    fn of<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
+        (K::GROUP, K::URL_PATH_SEGMENT)
+    }
+    [of::<Service>(), of::<EndpointSlice>(), of::<Node>()]
+}
+
+/// A watcher lists, then watches.
+pub const VERBS: [&str; 2] = ["list", "watch"];
+
 /// Starts the three watches; their events arrive on `changes`.
 pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) {
     let all = watcher::Config::default();

@@ -1,0 +1,165 @@
+//! Every manifest in deploy/ parses as the Kubernetes type it claims to be,
+//! and the ClusterRole grants exactly what the agent's watches use.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::ServiceAccount,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use proxy_agent::source::kubernetes::{VERBS, watched};
+use serde::Deserialize;
+
+#[derive(Default)]
+struct Deploy {
+    daemonsets: Vec<DaemonSet>,
+    accounts: Vec<ServiceAccount>,
+    roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+}
+
+fn typed<T: for<'de> Deserialize<'de>>(doc: serde_yaml::Value, file: &str) -> T {
+    serde_path_to_error::deserialize(doc)
+        .unwrap_or_else(|e| panic!("{file}: field {}: {}", e.path(), e.inner()))
+}
+
+fn deploy() -> Deploy {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut out = Deploy::default();
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        files += 1;
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(&path).expect("read");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value =
+                serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: {e}"));
+            match value.get("kind").and_then(|k| k.as_str()) {
+                Some("DaemonSet") => out.daemonsets.push(typed(value, &name)),
+                Some("ServiceAccount") => out.accounts.push(typed(value, &name)),
+                Some("ClusterRole") => out.roles.push(typed(value, &name)),
+                Some("ClusterRoleBinding") => out.bindings.push(typed(value, &name)),
+                other => panic!("{name}: unexpected kind {other:?}"),
+            }
+        }
+    }
+    assert!(files >= 2, "deploy/ has its manifests");
+    out
+}
+
+#[test]
+fn the_cluster_role_grants_exactly_what_the_watches_use() {
+    let deploy = deploy();
+    assert_eq!(deploy.roles.len(), 1);
+    let mut granted = BTreeSet::new();
+    for rule in deploy.roles[0].rules.iter().flatten() {
+        assert!(
+            rule.non_resource_urls.is_none() && rule.resource_names.is_none(),
+            "{rule:?}"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    let needed: BTreeSet<(String, String, String)> = watched()
+        .iter()
+        .flat_map(|(group, resource)| {
+            VERBS
+                .iter()
+                .map(|verb| (group.to_string(), resource.to_string(), verb.to_string()))
+        })
+        .collect();
+    assert_eq!(granted, needed, "granted vs needed");
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_as_a_node_proxy_needs() {
+    let deploy = deploy();
+    assert_eq!(deploy.daemonsets.len(), 1);
+    let spec = deploy.daemonsets[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    assert_eq!(spec.host_network, Some(true));
+    let account = deploy.accounts[0].metadata.name.clone();
+    assert_eq!(spec.service_account_name, account);
+    let binding = &deploy.bindings[0];
+    assert_eq!(
+        binding.role_ref.name,
+        deploy.roles[0].metadata.name.clone().expect("role name")
+    );
+    assert!(
+        binding
+            .subjects
+            .iter()
+            .flatten()
+            .any(|s| Some(&s.name) == account.as_ref())
+    );
+    let agent = &spec.containers[0];
+    assert_eq!(
+        agent
+            .args
+            .as_ref()
+            .and_then(|a| a.first())
+            .map(String::as_str),
+        Some("run")
+    );
+    let node_name = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    let field = node_name
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("downward API");
+    assert_eq!(field.field_path, "spec.nodeName");
+    assert_eq!(
+        agent.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    let probe_path = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("http probe");
+        (get.path.clone().unwrap_or_default(), get.port.clone())
+    };
+    let port = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10256);
+    assert_eq!(
+        probe_path(&agent.liveness_probe),
+        ("/livez".to_string(), port.clone())
+    );
+    assert_eq!(
+        probe_path(&agent.readiness_probe),
+        ("/readyz".to_string(), port)
+    );
+    let bpffs = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.host_path.as_ref().filter(|h| h.path == "/sys/fs/bpf"));
+    assert!(
+        bpffs.is_some(),
+        "bpffs from the host, so pins outlive the pod"
+    );
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("bpffs mount");
+    assert_eq!(mount.mount_propagation.as_deref(), Some("Bidirectional"));
+}
