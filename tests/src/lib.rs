@@ -13,3 +13,4 @@ pub mod netns;
 pub mod privilege;
 pub mod servers;
 pub mod topology;
+pub mod apiserver;
