@@ -2,7 +2,7 @@
 //! the frontends and backends the datapath should serve out. No I/O.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
@@ -173,10 +173,10 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), FieldError> {
 
 /// The desired datapath state for a set of (validated) objects.
 pub fn desired(objects: &Objects) -> Desired {
+    let index = SliceIndex::new(objects);
     let mut out = Desired::default();
     for (key, service) in &objects.services {
-        let slices = slices_of(objects, key);
-        for (frontend, state) in service_frontends(key, service, &slices) {
+        for (frontend, state) in service_frontends(key, service, &index.slices_of(objects, key)) {
             match out.frontends.get(&frontend) {
                 Some(taken) => out.warnings.push(format!(
                     "{}:{}/{:?} is claimed by Service {} and by Service {}; serving {}",
@@ -196,22 +196,81 @@ pub fn desired(objects: &Objects) -> Desired {
     out
 }
 
-fn slices_of<'a>(objects: &'a Objects, service: &ObjectKey) -> Vec<&'a EndpointSlice> {
+/// What the named Services want now (an empty list for one that is gone),
+/// for a pass that touches only them.
+pub fn changes(
+    objects: &Objects,
+    services: &BTreeSet<ObjectKey>,
+) -> BTreeMap<ObjectKey, Vec<(Frontend, FrontendState)>> {
+    services
+        .iter()
+        .map(|key| {
+            let wanted = match objects.services.get(key) {
+                Some(service) => {
+                    service_frontends(key, service, &slices_in_namespace(objects, key))
+                }
+                None => Vec::new(),
+            };
+            (key.clone(), wanted)
+        })
+        .collect()
+}
+
+/// The Service an EndpointSlice belongs to, by its label.
+pub fn owning_service(namespace: &str, slice: &EndpointSlice) -> Option<ObjectKey> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ObjectKey {
+        namespace: namespace.to_string(),
+        name: name.clone(),
+    })
+}
+
+fn serves(slice: &EndpointSlice, namespace: &str, service: &ObjectKey) -> bool {
+    slice.address_type == "IPv4" && owning_service(namespace, slice).as_ref() == Some(service)
+}
+
+/// A Service's slices found by scanning its namespace only (objects are keyed
+/// by namespace first).
+fn slices_in_namespace<'a>(objects: &'a Objects, service: &ObjectKey) -> Vec<&'a EndpointSlice> {
+    let start = ObjectKey {
+        namespace: service.namespace.clone(),
+        name: String::new(),
+    };
     objects
         .slices
-        .iter()
-        .filter(|(key, slice)| {
-            key.namespace == service.namespace
-                && slice.address_type == "IPv4"
-                && slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .is_some_and(|name| *name == service.name)
-        })
+        .range(start..)
+        .take_while(|(key, _)| key.namespace == service.namespace)
+        .filter(|(key, slice)| serves(slice, &key.namespace, service))
         .map(|(_, slice)| slice)
         .collect()
+}
+
+/// Slices by owning Service, built once for a full pass.
+struct SliceIndex {
+    by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
+}
+
+impl SliceIndex {
+    fn new(objects: &Objects) -> Self {
+        let mut by_service: BTreeMap<ObjectKey, Vec<ObjectKey>> = BTreeMap::new();
+        for (key, slice) in &objects.slices {
+            if let Some(owner) =
+                owning_service(&key.namespace, slice).filter(|_| slice.address_type == "IPv4")
+            {
+                by_service.entry(owner).or_default().push(key.clone());
+            }
+        }
+        SliceIndex { by_service }
+    }
+
+    fn slices_of<'a>(&self, objects: &'a Objects, service: &ObjectKey) -> Vec<&'a EndpointSlice> {
+        self.by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| objects.slices.get(key))
+            .collect()
+    }
 }
 
 fn service_frontends(

@@ -2,6 +2,7 @@
 //! the source says, and report how that goes.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
@@ -18,10 +19,10 @@ use crate::{
     datapath::{self, iface::IfaceSpec, loader, maps::MapSet},
     http::{self, Endpoints},
     metrics::{Shared, Status},
-    model::{self, Objects},
-    reconcile::Reconciler,
+    model::{self, ObjectKey, Objects},
+    reconcile::{Reconciler, Report},
     source::{
-        cluster::ClusterStore,
+        cluster::{ClusterStore, Dirty},
         kubernetes::{self, Change, Resource},
         manifest::ManifestSource,
     },
@@ -193,7 +194,12 @@ async fn kube_loop(
         });
         if store.synced() && (store.has_pending() || programmer.failed) {
             let pending = store.take_pending();
-            programmer.program(&store.objects(), &pending);
+            match store.take_dirty() {
+                Dirty::Services(services) if !programmer.failed => {
+                    programmer.program_changes(store.objects(), &services, &pending)
+                }
+                _ => programmer.program(store.objects(), &pending),
+            }
         }
     }
 }
@@ -275,7 +281,7 @@ impl Programmer {
         }
     }
 
-    /// One pass; `changes` are when the changes it carries happened.
+    /// A full pass; `changes` are when the changes it carries happened.
     fn program(&mut self, objects: &Objects, changes: &[Instant]) {
         let started = Instant::now();
         let desired = model::desired(objects);
@@ -283,6 +289,36 @@ impl Programmer {
             log::warn!("{warning}");
         }
         let report = self.reconciler.apply(&desired, &mut self.maps);
+        self.record(objects, &report, started, changes, "all services");
+    }
+
+    /// A pass over the Services that changed only.
+    fn program_changes(
+        &mut self,
+        objects: &Objects,
+        services: &BTreeSet<ObjectKey>,
+        changes: &[Instant],
+    ) {
+        let started = Instant::now();
+        let wanted = model::changes(objects, services);
+        let report = self.reconciler.apply_changes(&wanted, &mut self.maps);
+        self.record(
+            objects,
+            &report,
+            started,
+            changes,
+            &format!("{} changed services", services.len()),
+        );
+    }
+
+    fn record(
+        &mut self,
+        objects: &Objects,
+        report: &Report,
+        started: Instant,
+        changes: &[Instant],
+        scope: &str,
+    ) {
         let done = Instant::now();
         for error in &report.errors {
             log::error!("programming: {error}");
@@ -306,7 +342,7 @@ impl Programmer {
             s.backends = backends;
         });
         log::info!(
-            "synced: {} services, {} endpoint slices -> {frontends} frontends, {backends} backends ({} map writes) in {:?}",
+            "synced: {} services, {} endpoint slices -> {frontends} frontends, {backends} backends ({} map writes) in {:?} ({scope})",
             objects.services.len(),
             objects.slices.len(),
             report.writes,

@@ -142,3 +142,37 @@ fn endpoint_changes_are_timed_from_their_trigger_time() {
         "receipt time without the annotation"
     );
 }
+
+#[test]
+fn only_the_services_a_change_touches_are_dirty() {
+    use proxy_agent::source::cluster::Dirty;
+    let mut store = synced_store();
+    assert_eq!(
+        store.take_dirty(),
+        Dirty::All,
+        "the initial lists need a full pass"
+    );
+    store.slice(Event::Apply(slice("web-1", None)));
+    store.service(Event::Apply(service("other", "81")));
+    let Dirty::Services(dirty) = store.take_dirty() else {
+        panic!("a partial pass is enough");
+    };
+    assert_eq!(
+        dirty.into_iter().collect::<Vec<_>>(),
+        vec![key("other"), key("web")]
+    );
+    // A slice moving to another Service dirties both.
+    let mut moved = slice("web-1", None);
+    moved.metadata.labels = Some(
+        [(
+            "kubernetes.io/service-name".to_string(),
+            "other".to_string(),
+        )]
+        .into(),
+    );
+    store.slice(Event::Apply(moved));
+    assert_eq!(
+        store.take_dirty(),
+        Dirty::Services([key("other"), key("web")].into())
+    );
+}

@@ -429,3 +429,103 @@ fn an_inconsistent_service_entry_is_rebuilt_not_trusted() {
             .is_some_and(|w| w == "remove_service 80")
     );
 }
+
+/// The frontends one Service wants, as `model::changes` gives them.
+fn change(entries: &[(&str, u16, &[u8])]) -> proxy_agent::reconcile::Changes {
+    let mut out = proxy_agent::reconcile::Changes::new();
+    for (name, port, backends) in entries {
+        let key = ObjectKey {
+            namespace: "default".into(),
+            name: name.to_string(),
+        };
+        let wanted = out.entry(key.clone()).or_default();
+        if *port == 0 {
+            continue;
+        }
+        let frontend = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: *port,
+            protocol: Protocol::Tcp,
+        };
+        let state = FrontendState {
+            service: key,
+            port_name: String::new(),
+            backends: backends
+                .iter()
+                .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))
+                .collect(),
+        };
+        wanted.push((frontend, state));
+    }
+    out
+}
+
+#[test]
+fn a_partial_pass_touches_only_the_changed_service() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2]), (81, &[2, 3])]), &mut maps);
+    maps.writes();
+    let report = r.apply_changes(&change(&[("svc80", 80, &[1, 2, 4])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        maps.writes(),
+        ["set_backend 4", "set_slot 1/2 4", "set_service 80 count 3"]
+    );
+    assert_eq!(
+        maps.served()[&81],
+        addrs(&[2, 3]),
+        "the other service is untouched"
+    );
+}
+
+#[test]
+fn a_service_gone_in_a_partial_pass_is_removed_and_its_last_backends_too() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2]), (81, &[2, 3])]), &mut maps);
+    maps.writes();
+    r.apply_changes(&change(&[("svc80", 0, &[])]), &mut maps);
+    assert_eq!(
+        maps.writes(),
+        [
+            "remove_service 80",
+            "remove_slot 1/1",
+            "remove_slot 1/0",
+            "remove_backend 1"
+        ]
+    );
+    assert_eq!(r.backend_count(), 2, "backend 2 is still named by 81");
+}
+
+#[test]
+fn a_frontend_held_by_an_unchanged_service_is_not_taken() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1])]), &mut maps);
+    let report = r.apply_changes(&change(&[("intruder", 80, &[5])]), &mut maps);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1]));
+    // The backend it brought is not left behind.
+    assert_eq!(r.backend_count(), 1);
+}
+
+#[test]
+fn partial_and_full_passes_agree() {
+    let mut partial_maps = FakeMaps::default();
+    let mut partial = Reconciler::new(100, 100);
+    partial.apply(&desired(&[(80, &[1, 2]), (81, &[3])]), &mut partial_maps);
+    partial.apply_changes(&change(&[("svc80", 80, &[2, 5])]), &mut partial_maps);
+    partial.apply_changes(
+        &change(&[("svc81", 0, &[]), ("svc82", 82, &[5, 6])]),
+        &mut partial_maps,
+    );
+    let mut full_maps = FakeMaps::default();
+    Reconciler::new(100, 100).apply(&desired(&[(80, &[2, 5]), (82, &[5, 6])]), &mut full_maps);
+    assert_eq!(partial_maps.served(), full_maps.served());
+    assert_eq!(partial_maps.backends.len(), full_maps.backends.len());
+    // And a full pass after partial ones has nothing to do.
+    partial_maps.writes();
+    let report = partial.apply(&desired(&[(80, &[2, 5]), (82, &[5, 6])]), &mut partial_maps);
+    assert_eq!(report.writes, 0, "{:?}", partial_maps.writes());
+}

@@ -3,7 +3,10 @@
 //! valid version, and a relist replaces a kind's objects only once it is
 //! complete, so a watch that breaks never empties the datapath.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Instant,
+};
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Resource, ResourceExt, runtime::watcher::Event};
@@ -14,10 +17,9 @@ use crate::model::{self, FieldError, ObjectKey, Objects};
 /// caused this version happened (what kube-proxy measures latency from).
 pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// One kind's objects, and a relist in progress.
+/// A relist in progress for one kind, and whether one has completed.
 #[derive(Debug)]
 struct Kind<K> {
-    live: BTreeMap<ObjectKey, K>,
     relist: Option<BTreeMap<ObjectKey, K>>,
     synced: bool,
 }
@@ -25,21 +27,32 @@ struct Kind<K> {
 impl<K> Default for Kind<K> {
     fn default() -> Self {
         Kind {
-            live: BTreeMap::new(),
             relist: None,
             synced: false,
         }
     }
 }
 
+/// Which Services a pass must look at.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dirty {
+    /// All of them (after a relist, or when unsure).
+    All,
+    Services(BTreeSet<ObjectKey>),
+}
+
 /// Everything watched, plus what changed since the last sync.
 #[derive(Debug, Default)]
 pub struct ClusterStore {
-    services: Kind<Service>,
-    slices: Kind<EndpointSlice>,
-    nodes: Kind<Node>,
+    objects: Objects,
+    nodes: BTreeMap<ObjectKey, Node>,
+    service_kind: Kind<Service>,
+    slice_kind: Kind<EndpointSlice>,
+    node_kind: Kind<Node>,
     /// When each change not yet programmed happened (trigger time or receipt).
     pending: Vec<Instant>,
+    dirty: BTreeSet<ObjectKey>,
+    dirty_all: bool,
     /// Objects rejected since the last call to `take_errors`.
     errors: Vec<String>,
 }
@@ -56,6 +69,7 @@ impl<K: Resource + Clone> Kind<K> {
     /// the programmed objects may have changed.
     fn apply(
         &mut self,
+        live: &mut BTreeMap<ObjectKey, K>,
         event: Event<K>,
         check: impl Fn(&K) -> Result<(), FieldError>,
         errors: &mut Vec<String>,
@@ -68,8 +82,8 @@ impl<K: Resource + Clone> Kind<K> {
             }
             Event::InitApply(object) => {
                 let key = key(&object);
-                let accepted = accept(object, &key, &check, errors, label)
-                    .or_else(|| self.live.get(&key).cloned());
+                let accepted =
+                    accept(object, &key, &check, errors, label).or_else(|| live.get(&key).cloned());
                 if let (Some(relist), Some(object)) = (self.relist.as_mut(), accepted) {
                     relist.insert(key, object);
                 }
@@ -77,7 +91,7 @@ impl<K: Resource + Clone> Kind<K> {
             }
             Event::InitDone => {
                 if let Some(relist) = self.relist.take() {
-                    self.live = relist;
+                    *live = relist;
                 }
                 self.synced = true;
                 true
@@ -86,13 +100,13 @@ impl<K: Resource + Clone> Kind<K> {
                 let key = key(&object);
                 match accept(object, &key, &check, errors, label) {
                     Some(object) => {
-                        self.live.insert(key, object);
+                        live.insert(key, object);
                         true
                     }
                     None => false,
                 }
             }
-            Event::Delete(object) => self.live.remove(&key(&object)).is_some(),
+            Event::Delete(object) => live.remove(&key(&object)).is_some(),
         }
     }
 }
@@ -117,60 +131,107 @@ fn accept<K>(
 
 impl ClusterStore {
     pub fn service(&mut self, event: Event<Service>) {
-        let changed =
-            self.services
-                .apply(event, model::validate_service, &mut self.errors, "Service");
-        self.note(changed, Instant::now());
+        let touched = match &event {
+            Event::Apply(s) | Event::Delete(s) => Some(key(s)),
+            _ => None,
+        };
+        let relisted = matches!(event, Event::InitDone);
+        let live = &mut self.objects.services;
+        let changed = self.service_kind.apply(
+            live,
+            event,
+            model::validate_service,
+            &mut self.errors,
+            "Service",
+        );
+        self.note(
+            changed,
+            Instant::now(),
+            touched.into_iter().collect(),
+            relisted,
+        );
     }
 
     pub fn slice(&mut self, event: Event<EndpointSlice>) {
-        let trigger = match &event {
-            Event::Apply(slice) => trigger_time(slice),
-            _ => None,
+        let (trigger, owners) = match &event {
+            Event::Apply(slice) | Event::Delete(slice) => {
+                let key = key(slice);
+                // Its Service now, and the one it belonged to before (labels can change).
+                let before = self
+                    .objects
+                    .slices
+                    .get(&key)
+                    .and_then(|old| model::owning_service(&key.namespace, old));
+                let now = model::owning_service(&key.namespace, slice);
+                let trigger = matches!(event, Event::Apply(_))
+                    .then(|| trigger_time(slice))
+                    .flatten();
+                (trigger, before.into_iter().chain(now).collect())
+            }
+            _ => (None, Vec::new()),
         };
-        let changed = self.slices.apply(
+        let relisted = matches!(event, Event::InitDone);
+        let live = &mut self.objects.slices;
+        let changed = self.slice_kind.apply(
+            live,
             event,
             model::validate_slice,
             &mut self.errors,
             "EndpointSlice",
         );
-        self.note(changed, trigger.unwrap_or_else(Instant::now));
+        self.note(
+            changed,
+            trigger.unwrap_or_else(Instant::now),
+            owners,
+            relisted,
+        );
     }
 
     pub fn node(&mut self, event: Event<Node>) {
-        let changed = self
-            .nodes
-            .apply(event, |_| Ok(()), &mut self.errors, "Node");
-        self.note(changed, Instant::now());
+        let relisted = matches!(event, Event::InitDone);
+        let changed =
+            self.node_kind
+                .apply(&mut self.nodes, event, |_| Ok(()), &mut self.errors, "Node");
+        // Nothing the model computes depends on the Node yet.
+        self.note(changed, Instant::now(), Vec::new(), relisted);
     }
 
-    fn note(&mut self, changed: bool, at: Instant) {
+    fn note(&mut self, changed: bool, at: Instant, services: Vec<ObjectKey>, relisted: bool) {
         if changed {
             self.pending.push(at);
+            self.dirty.extend(services);
+            self.dirty_all |= relisted;
         }
     }
 
     /// True once every kind has been listed completely at least once: before
     /// that, programming would remove what is merely not listed yet.
     pub fn synced(&self) -> bool {
-        self.services.synced && self.slices.synced && self.nodes.synced
+        self.service_kind.synced && self.slice_kind.synced && self.node_kind.synced
     }
 
     /// The objects for the model.
-    pub fn objects(&self) -> Objects {
-        Objects {
-            services: self.services.live.clone(),
-            slices: self.slices.live.clone(),
-        }
+    pub fn objects(&self) -> &Objects {
+        &self.objects
     }
 
     pub fn node_object(&self) -> Option<&Node> {
-        self.nodes.live.values().next()
+        self.nodes.values().next()
     }
 
     /// When the changes not yet programmed happened; clears them.
     pub fn take_pending(&mut self) -> Vec<Instant> {
         std::mem::take(&mut self.pending)
+    }
+
+    /// Which Services the next pass must look at; clears it.
+    pub fn take_dirty(&mut self) -> Dirty {
+        let services = std::mem::take(&mut self.dirty);
+        if std::mem::take(&mut self.dirty_all) {
+            Dirty::All
+        } else {
+            Dirty::Services(services)
+        }
     }
 
     pub fn has_pending(&self) -> bool {

@@ -1,0 +1,127 @@
+//! Taking over what an earlier agent left in the maps.
+
+use std::collections::BTreeMap;
+
+use proxy_common::{Backend4, Frontend4, Service, SlotKey};
+
+use super::{Applied, BackendKey, Reconciler, slot_key};
+use crate::model::{Frontend, Protocol};
+
+/// What the maps hold, as read back after a restart.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<(Frontend4, Service)>,
+    pub slots: Vec<(SlotKey, u32)>,
+    pub backends: Vec<(u32, Backend4)>,
+}
+
+/// Entries nothing explains, removed by the next pass.
+#[derive(Debug, Default)]
+pub(super) struct Strays {
+    pub services: Vec<Frontend4>,
+    pub slots: Vec<SlotKey>,
+    pub backends: Vec<u32>,
+}
+
+impl Reconciler {
+    /// Takes over what an earlier agent programmed. Entries that are
+    /// consistent become the applied state (the next pass leaves them alone
+    /// when they are still wanted); anything else is removed by the next pass.
+    pub fn adopt(snapshot: &Snapshot, max_services: u32, max_backends: u32) -> Self {
+        let mut r = Reconciler::new(max_services, max_backends);
+        for (id, backend) in &snapshot.backends {
+            // A duplicate address or an id out of range is a stray.
+            match adopted_backend(backend) {
+                Some(key) if !r.backends.contains_key(&key) && r.backend_ids.claim(*id) => {
+                    r.backends.insert(key, *id);
+                    r.backend_keys.insert(*id, key);
+                    // Removed by the first pass unless a slot names it.
+                    r.maybe_unused.insert(*id);
+                }
+                _ => r.strays.backends.push(*id),
+            }
+        }
+        let mut slots: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
+        for (key, backend) in &snapshot.slots {
+            slots
+                .entry(key.service_id)
+                .or_default()
+                .insert(key.slot, *backend);
+        }
+        for (frontend4, service) in &snapshot.services {
+            let own = slots.remove(&service.id).unwrap_or_default();
+            let kept = r.adopt_service(frontend4, service, &own);
+            if kept.is_none() {
+                r.strays.services.push(*frontend4);
+            }
+            let stray = own.keys().skip(kept.unwrap_or(0));
+            r.strays
+                .slots
+                .extend(stray.map(|s| slot_key(service.id, *s as usize)));
+        }
+        for (id, rest) in slots {
+            r.strays
+                .slots
+                .extend(rest.keys().map(|s| slot_key(id, *s as usize)));
+        }
+        r
+    }
+
+    /// Adopts one service entry whose slots 0..count all name known
+    /// backends; returns how many slots it kept, None if it is not usable.
+    fn adopt_service(
+        &mut self,
+        frontend4: &Frontend4,
+        service: &Service,
+        slots: &BTreeMap<u32, u32>,
+    ) -> Option<usize> {
+        let frontend = adopted_frontend(frontend4)?;
+        let kept: Vec<u32> = (0..service.backend_count)
+            .map(|slot| {
+                slots
+                    .get(&slot)
+                    .copied()
+                    .filter(|id| self.backend_keys.contains_key(id))
+            })
+            .collect::<Option<_>>()?;
+        if self.frontends.contains_key(&frontend) || !self.service_ids.claim(service.id) {
+            return None;
+        }
+        for id in &kept {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+        let len = kept.len();
+        let applied = Applied {
+            service_id: service.id,
+            count: Some(service.backend_count),
+            slots: kept,
+            owner: None,
+        };
+        self.frontends.insert(frontend, applied);
+        Some(len)
+    }
+}
+
+fn adopted_protocol(number: u8) -> Option<Protocol> {
+    [Protocol::Tcp, Protocol::Udp]
+        .into_iter()
+        .find(|p| p.number() == number)
+}
+
+fn adopted_frontend(f: &Frontend4) -> Option<Frontend> {
+    Some(Frontend {
+        addr: std::net::Ipv4Addr::from(u32::from_be(f.addr)),
+        port: u16::from_be(f.port),
+        protocol: adopted_protocol(f.proto)?,
+    })
+}
+
+fn adopted_backend(b: &Backend4) -> Option<BackendKey> {
+    Some(BackendKey {
+        addr: std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::from(u32::from_be(b.addr)),
+            u16::from_be(b.port),
+        ),
+        protocol: adopted_protocol(b.proto)?,
+    })
+}

@@ -1,0 +1,493 @@
+//! Turns desired state into the fewest map writes, in a safe order, and keeps
+//! an exact record of what the maps hold.
+//!
+//! Order, so that a packet never meets a dangling reference:
+//! backends are written before any slot names them; a service's slots are
+//! written before its count grows; its count shrinks before slots are
+//! removed; a backend is removed only after no slot names it.
+//!
+//! A pass takes the frontends of some Services (`apply_changes`: only those
+//! that changed, so one change costs the same at 10 or 10,000 Services) or
+//! of all of them (`apply`: also removes whatever nothing explains).
+
+mod adopt;
+mod ids;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
+
+use proxy_common::{Backend4, Frontend4, Service, SlotKey};
+
+pub use adopt::Snapshot;
+use adopt::Strays;
+use ids::Ids;
+
+use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol};
+
+/// The map operations the reconciler needs; the kernel maps implement it,
+/// and tests use a fake that records calls and fails on demand.
+pub trait Maps {
+    fn set_backend(&mut self, id: u32, backend: Backend4) -> anyhow::Result<()>;
+    fn remove_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()>;
+    fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()>;
+    fn set_service(&mut self, frontend: Frontend4, service: Service) -> anyhow::Result<()>;
+    fn remove_service(&mut self, frontend: Frontend4) -> anyhow::Result<()>;
+    /// Zeroes a service id's statistics before the id is used again.
+    fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()>;
+}
+
+/// The frontends each changed Service wants now (empty: it is gone).
+pub type Changes = BTreeMap<ObjectKey, Vec<(Frontend, FrontendState)>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub addr: SocketAddrV4,
+    pub protocol: Protocol,
+}
+
+/// What one frontend has in the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Applied {
+    service_id: u32,
+    /// The count the service entry holds (None: no entry yet). Packets only
+    /// see slots below it.
+    count: Option<u32>,
+    /// Backend ids in slots 0..slots.len(), possibly more than `count`.
+    slots: Vec<u32>,
+    /// The Service it was programmed for (None: adopted, not yet claimed).
+    owner: Option<ObjectKey>,
+}
+
+/// Outcome of one pass: how many writes, and what could not be done (the
+/// previous state of those parts stays programmed; the next pass retries).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub writes: usize,
+    pub errors: Vec<String>,
+}
+
+pub struct Reconciler {
+    frontends: BTreeMap<Frontend, Applied>,
+    owners: BTreeMap<ObjectKey, BTreeSet<Frontend>>,
+    backends: BTreeMap<BackendKey, u32>,
+    /// The same, by id.
+    backend_keys: BTreeMap<u32, BackendKey>,
+    /// How many slots name each backend id.
+    refs: BTreeMap<u32, usize>,
+    /// Backend ids that may have lost their last slot.
+    maybe_unused: BTreeSet<u32>,
+    service_ids: Ids,
+    backend_ids: Ids,
+    /// Entries found in the maps that nothing explains, removed by the next pass.
+    strays: Strays,
+}
+
+impl Reconciler {
+    pub fn new(max_services: u32, max_backends: u32) -> Self {
+        Reconciler {
+            frontends: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            backend_keys: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            maybe_unused: BTreeSet::new(),
+            service_ids: Ids::new(max_services),
+            backend_ids: Ids::new(max_backends),
+            strays: Strays::default(),
+        }
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// The service id a frontend has in the maps (its `lb_stats` index).
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.frontends.get(frontend).map(|a| a.service_id)
+    }
+
+    /// Brings the maps to `desired` as far as they can go, removing every
+    /// frontend it does not list.
+    pub fn apply(&mut self, desired: &Desired, maps: &mut dyn Maps) -> Report {
+        let mut changes: Changes = self
+            .owners
+            .keys()
+            .map(|o| (o.clone(), Vec::new()))
+            .collect();
+        for (frontend, state) in &desired.frontends {
+            changes
+                .entry(state.service.clone())
+                .or_default()
+                .push((*frontend, state.clone()));
+        }
+        self.pass(&changes, Some(desired), maps)
+    }
+
+    /// Brings the frontends of the changed Services to what they want now;
+    /// everything else is left as it is.
+    pub fn apply_changes(&mut self, changes: &Changes, maps: &mut dyn Maps) -> Report {
+        self.pass(changes, None, maps)
+    }
+
+    fn pass(&mut self, changes: &Changes, full: Option<&Desired>, maps: &mut dyn Maps) -> Report {
+        let mut report = Report::default();
+        self.remove_strays(maps, &mut report);
+        self.add_backends(changes, maps, &mut report);
+        for (owner, wanted) in changes {
+            for (frontend, state) in wanted {
+                self.want(owner, *frontend, state, changes, maps, &mut report);
+            }
+        }
+        for (owner, wanted) in changes {
+            self.drop_unwanted(owner, wanted, maps, &mut report);
+        }
+        if let Some(desired) = full {
+            let unexplained: Vec<Frontend> = self
+                .frontends
+                .keys()
+                .filter(|f| !desired.frontends.contains_key(f))
+                .copied()
+                .collect();
+            for frontend in unexplained {
+                self.remove_or_report(frontend, maps, &mut report);
+            }
+        }
+        self.remove_unused_backends(maps, &mut report);
+        report
+    }
+
+    /// Programs one frontend for `owner`, unless another Service that is not
+    /// changing in this pass holds it.
+    fn want(
+        &mut self,
+        owner: &ObjectKey,
+        frontend: Frontend,
+        state: &FrontendState,
+        changes: &Changes,
+        maps: &mut dyn Maps,
+        report: &mut Report,
+    ) {
+        let holder = self.frontends.get(&frontend).and_then(|a| a.owner.as_ref());
+        if let Some(holder) = holder.filter(|h| *h != owner && !changes.contains_key(*h)) {
+            report.errors.push(format!(
+                "{frontend:?} is wanted by {owner} but held by {holder}; kept for {holder}"
+            ));
+            return;
+        }
+        let ids: Option<Vec<u32>> = state
+            .backends
+            .iter()
+            .map(|addr| {
+                self.backends
+                    .get(&backend_key(*addr, frontend.protocol))
+                    .copied()
+            })
+            .collect();
+        let Some(ids) = ids else {
+            report.errors.push(format!(
+                "{frontend:?}: a backend could not be written; kept as it was"
+            ));
+            return;
+        };
+        if let Err(e) = self.update_frontend(frontend, owner, &ids, maps, report) {
+            report
+                .errors
+                .push(format!("{frontend:?}: {e:#}; kept as far as written"));
+        }
+    }
+
+    fn drop_unwanted(
+        &mut self,
+        owner: &ObjectKey,
+        wanted: &[(Frontend, FrontendState)],
+        maps: &mut dyn Maps,
+        report: &mut Report,
+    ) {
+        let keep: BTreeSet<Frontend> = wanted.iter().map(|(f, _)| *f).collect();
+        let held = self.owners.get(owner).cloned().unwrap_or_default();
+        for frontend in held.difference(&keep) {
+            self.remove_or_report(*frontend, maps, report);
+        }
+    }
+
+    fn remove_or_report(&mut self, frontend: Frontend, maps: &mut dyn Maps, report: &mut Report) {
+        if let Err(e) = self.remove_frontend(frontend, maps, report) {
+            report.errors.push(format!("removing {frontend:?}: {e:#}"));
+        }
+    }
+
+    fn add_backends(&mut self, changes: &Changes, maps: &mut dyn Maps, report: &mut Report) {
+        for (frontend, state) in changes.values().flatten() {
+            for addr in &state.backends {
+                let key = backend_key(*addr, frontend.protocol);
+                if self.backends.contains_key(&key) {
+                    continue;
+                }
+                let Some(id) = self.backend_ids.take() else {
+                    report.errors.push(format!("no backend id left for {addr}"));
+                    continue;
+                };
+                match maps.set_backend(id, backend4(&key)) {
+                    Ok(()) => {
+                        report.writes += 1;
+                        self.backends.insert(key, id);
+                        self.backend_keys.insert(id, key);
+                        // Unused until a slot names it.
+                        self.maybe_unused.insert(id);
+                    }
+                    Err(e) => {
+                        self.backend_ids.give_back(id);
+                        report.errors.push(format!("backend {addr}: {e:#}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The frontend's entry for `owner`, created (with a fresh service id)
+    /// if it has none.
+    fn entry(
+        &mut self,
+        frontend: Frontend,
+        owner: &ObjectKey,
+        maps: &mut dyn Maps,
+    ) -> anyhow::Result<&mut Applied> {
+        if !self.frontends.contains_key(&frontend) {
+            let id = self
+                .service_ids
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("no service id left"))?;
+            if let Err(e) = maps.reset_stats(id) {
+                self.service_ids.give_back(id);
+                return Err(e);
+            }
+            let fresh = Applied {
+                service_id: id,
+                ..Applied::default()
+            };
+            self.frontends.insert(frontend, fresh);
+        }
+        let applied = self
+            .frontends
+            .get_mut(&frontend)
+            .ok_or_else(|| anyhow::anyhow!("entry vanished"))?;
+        if applied.owner.as_ref() != Some(owner) {
+            if let Some(previous) = applied.owner.replace(owner.clone()) {
+                remove_owned(&mut self.owners, &previous, &frontend);
+            }
+            self.owners
+                .entry(owner.clone())
+                .or_default()
+                .insert(frontend);
+        }
+        Ok(applied)
+    }
+
+    fn update_frontend(
+        &mut self,
+        frontend: Frontend,
+        owner: &ObjectKey,
+        wanted: &[u32],
+        maps: &mut dyn Maps,
+        report: &mut Report,
+    ) -> anyhow::Result<()> {
+        self.entry(frontend, owner, maps)?;
+        let Reconciler {
+            frontends,
+            refs,
+            maybe_unused,
+            ..
+        } = self;
+        let applied = frontends
+            .get_mut(&frontend)
+            .ok_or_else(|| anyhow::anyhow!("entry vanished"))?;
+        let id = applied.service_id;
+        for (slot, backend) in wanted.iter().enumerate() {
+            let old = applied.slots.get(slot).copied();
+            if old == Some(*backend) {
+                continue;
+            }
+            maps.set_slot(slot_key(id, slot), *backend)?;
+            report.writes += 1;
+            *refs.entry(*backend).or_default() += 1;
+            match old {
+                Some(old) => {
+                    applied.slots[slot] = *backend;
+                    release(refs, maybe_unused, old);
+                }
+                None => applied.slots.push(*backend),
+            }
+        }
+        let count = wanted.len() as u32;
+        if applied.count != Some(count) {
+            maps.set_service(frontend4(&frontend), service(id, count))?;
+            report.writes += 1;
+            applied.count = Some(count);
+        }
+        pop_slots(applied, wanted.len(), refs, maybe_unused, maps, report)
+    }
+
+    fn remove_frontend(
+        &mut self,
+        frontend: Frontend,
+        maps: &mut dyn Maps,
+        report: &mut Report,
+    ) -> anyhow::Result<()> {
+        let Reconciler {
+            frontends,
+            refs,
+            maybe_unused,
+            ..
+        } = self;
+        let Some(applied) = frontends.get_mut(&frontend) else {
+            return Ok(());
+        };
+        if applied.count.is_some() {
+            maps.remove_service(frontend4(&frontend))?;
+            report.writes += 1;
+            applied.count = None;
+        }
+        pop_slots(applied, 0, refs, maybe_unused, maps, report)?;
+        let (id, owner) = (applied.service_id, applied.owner.clone());
+        self.frontends.remove(&frontend);
+        if let Some(owner) = owner {
+            remove_owned(&mut self.owners, &owner, &frontend);
+        }
+        self.service_ids.give_back(id);
+        Ok(())
+    }
+
+    fn remove_unused_backends(&mut self, maps: &mut dyn Maps, report: &mut Report) {
+        let candidates = std::mem::take(&mut self.maybe_unused);
+        for id in candidates {
+            if self.refs.get(&id).is_some_and(|n| *n > 0) {
+                continue;
+            }
+            let Some(key) = self.backend_keys.get(&id).copied() else {
+                continue;
+            };
+            match maps.remove_backend(id) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.backends.remove(&key);
+                    self.backend_keys.remove(&id);
+                    self.refs.remove(&id);
+                    self.backend_ids.give_back(id);
+                }
+                Err(e) => {
+                    self.maybe_unused.insert(id);
+                    report
+                        .errors
+                        .push(format!("removing backend {}: {e:#}", key.addr));
+                }
+            }
+        }
+    }
+
+    /// Service entries first, then the slots, then backends: the usual order.
+    fn remove_strays(&mut self, maps: &mut dyn Maps, report: &mut Report) {
+        let strays = std::mem::take(&mut self.strays);
+        let mut results = Vec::new();
+        for frontend in strays.services {
+            results.push(maps.remove_service(frontend));
+        }
+        for key in strays.slots {
+            results.push(maps.remove_slot(key));
+        }
+        for id in strays.backends {
+            results.push(maps.remove_backend(id));
+        }
+        for result in results {
+            match result {
+                Ok(()) => report.writes += 1,
+                Err(e) => report.errors.push(format!("removing a stray entry: {e:#}")),
+            }
+        }
+    }
+}
+
+/// Removes slots from the end down to `len`, releasing their backends.
+fn pop_slots(
+    applied: &mut Applied,
+    len: usize,
+    refs: &mut BTreeMap<u32, usize>,
+    maybe_unused: &mut BTreeSet<u32>,
+    maps: &mut dyn Maps,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    while applied.slots.len() > len {
+        let last = applied.slots.len() - 1;
+        maps.remove_slot(slot_key(applied.service_id, last))?;
+        report.writes += 1;
+        if let Some(old) = applied.slots.pop() {
+            release(refs, maybe_unused, old);
+        }
+    }
+    Ok(())
+}
+
+fn release(refs: &mut BTreeMap<u32, usize>, maybe_unused: &mut BTreeSet<u32>, id: u32) {
+    if let Some(n) = refs.get_mut(&id) {
+        *n = n.saturating_sub(1);
+    }
+    maybe_unused.insert(id);
+}
+
+fn remove_owned(
+    owners: &mut BTreeMap<ObjectKey, BTreeSet<Frontend>>,
+    owner: &ObjectKey,
+    frontend: &Frontend,
+) {
+    if let Some(set) = owners.get_mut(owner) {
+        set.remove(frontend);
+        if set.is_empty() {
+            owners.remove(owner);
+        }
+    }
+}
+
+fn backend_key(addr: SocketAddrV4, protocol: Protocol) -> BackendKey {
+    BackendKey { addr, protocol }
+}
+
+fn slot_key(service_id: u32, slot: usize) -> SlotKey {
+    SlotKey {
+        service_id,
+        slot: slot as u32,
+    }
+}
+
+fn service(id: u32, count: u32) -> Service {
+    Service {
+        id,
+        backend_count: count,
+        flags: 0,
+        _pad: 0,
+    }
+}
+
+/// Map form of a frontend: address and port in network byte order.
+pub fn frontend4(frontend: &Frontend) -> Frontend4 {
+    Frontend4 {
+        addr: u32::from(frontend.addr).to_be(),
+        port: frontend.port.to_be(),
+        proto: frontend.protocol.number(),
+        _pad: 0,
+    }
+}
+
+fn backend4(key: &BackendKey) -> Backend4 {
+    Backend4 {
+        addr: u32::from(*key.addr.ip()).to_be(),
+        port: key.addr.port().to_be(),
+        proto: key.protocol.number(),
+        _pad: 0,
+    }
+}
