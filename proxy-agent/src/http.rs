@@ -47,9 +47,8 @@ async fn answer(
     endpoints: Endpoints,
     status: &Shared,
 ) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
-    let request = String::from_utf8_lossy(&buf[..n]);
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream)).await??;
+    let request = String::from_utf8_lossy(&head);
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let path = path.split('?').next().unwrap_or(path);
     let (code, content_type, body) = route(path, endpoints, status);
@@ -65,6 +64,21 @@ async fn answer(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     Ok(())
+}
+
+/// Reads up to the end of the request head, so that closing afterwards
+/// never leaves unread bytes (which would reset the connection).
+async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() > 16 * 1024 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(head)
 }
 
 fn route(path: &str, endpoints: Endpoints, status: &Shared) -> (u16, &'static str, String) {

@@ -230,6 +230,13 @@ impl ApiHealth {
                 }
                 return;
             }
+            Change::Reachable => {
+                if !self.failing.is_empty() {
+                    log::info!("the API server answers again");
+                    self.failing.clear();
+                }
+                return;
+            }
             Change::Service(event) => store.service(*event),
             Change::Slice(event) => store.slice(*event),
             Change::Node(event) => store.node(*event),

@@ -17,7 +17,8 @@ pub struct Agent {
     binary: PathBuf,
     /// The node namespace's file (the Netns itself belongs to the topology).
     node: PathBuf,
-    manifests: PathBuf,
+    /// `--manifests PATH` or `--kubeconfig PATH --node-name N`.
+    source: Vec<std::ffi::OsString>,
     ifaces: Vec<String>,
     bpffs: PathBuf,
     log: PathBuf,
@@ -50,11 +51,37 @@ impl Agent {
         Self::start_binary(binary()?, node, manifests, ifaces)
     }
 
+    /// Starts `proxy-agent run --kubeconfig K --node-name N --iface I...` in `node`.
+    pub fn start_kube(
+        node: &Netns,
+        kubeconfig: &Path,
+        node_name: &str,
+        ifaces: &[String],
+    ) -> anyhow::Result<Agent> {
+        let source = vec![
+            "--kubeconfig".into(),
+            kubeconfig.as_os_str().to_owned(),
+            "--node-name".into(),
+            node_name.into(),
+        ];
+        Self::start_with(binary()?, node, source, ifaces)
+    }
+
     /// As `start`, with the agent binary given.
     pub fn start_binary(
         binary: PathBuf,
         node: &Netns,
         manifests: &Path,
+        ifaces: &[String],
+    ) -> anyhow::Result<Agent> {
+        let source = vec!["--manifests".into(), manifests.as_os_str().to_owned()];
+        Self::start_with(binary, node, source, ifaces)
+    }
+
+    fn start_with(
+        binary: PathBuf,
+        node: &Netns,
+        source: Vec<std::ffi::OsString>,
         ifaces: &[String],
     ) -> anyhow::Result<Agent> {
         let scratch = std::env::temp_dir().join(format!("xdproxy-{}", node.name()));
@@ -63,7 +90,7 @@ impl Agent {
             child: None,
             binary,
             node: node.path(),
-            manifests: manifests.to_path_buf(),
+            source,
             ifaces: ifaces.to_vec(),
             bpffs: scratch.join("bpffs"),
             log: scratch.join("agent.log"),
@@ -82,8 +109,7 @@ impl Agent {
             .context("agent log")?;
         let mut cmd = self.in_node();
         cmd.arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(&self.source)
             .arg("--bpffs")
             .arg(&self.bpffs);
         cmd.args(["--poll-ms", "50"]);

@@ -1117,12 +1117,20 @@ impl Watch {
     }
 
     fn ended(&self, state: &State) -> Option<Step> {
-        // Closed by the test (close_watches, failing, down, Drop): drop the
-        // connection too, as a restarting server would.
-        if state.watch_epoch != self.watch_epoch || state.conn_epoch != self.conn_epoch {
+        // Going down or dropped: the connection closes as well.
+        if state.conn_epoch != self.conn_epoch {
             return Some(Step::End {
                 last: None,
                 keep_alive: false,
+            });
+        }
+        // close_watches or failing: a clean end keeps the connection, since
+        // the client pools it again as soon as it reads the last chunk and
+        // closing it then would fail the client's next request at random.
+        if state.watch_epoch != self.watch_epoch {
+            return Some(Step::End {
+                last: None,
+                keep_alive: true,
             });
         }
         if self.cursor < state.history_from {
@@ -1513,8 +1521,8 @@ impl ApiServer {
         self.shared.update(State::compact);
     }
 
-    /// Ends every open watch stream now (clean chunked end, then the
-    /// connection closes), as an API server restart or load balancer would.
+    /// Ends every open watch stream now (clean chunked end; the connection
+    /// stays usable), as an API server restart or load balancer would.
     pub fn close_watches(&self) {
         self.shared.update(|state| state.watch_epoch += 1);
     }
@@ -1550,7 +1558,8 @@ impl ApiServer {
         Ok(())
     }
 
-    /// Adds a delay before every response (a slow server).
+    /// Adds a delay before every response (a slow server); for watches it
+    /// delays the start of the stream, not the events in it.
     pub fn set_delay(&self, delay: Duration) {
         self.shared.update(|state| state.delay = delay);
     }
@@ -1562,7 +1571,8 @@ impl ApiServer {
     }
 
     /// (lists, watches) requested so far for "services", "endpointslices" or
-    /// "nodes", including those answered with an error; (0, 0) for others.
+    /// "nodes", cluster-wide or namespaced, including those answered with an
+    /// error; each page of a paginated list counts. (0, 0) for others.
     pub fn requests(&self, resource: &str) -> (usize, usize) {
         Kind::by_plural(resource).map_or((0, 0), |kind| self.shared.lock().counters[kind as usize])
     }
@@ -1579,5 +1589,420 @@ impl Drop for ApiServer {
             acceptor.shutdown();
         }
         self.shared.close_connections();
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use std::io::{BufRead, BufReader};
+
+    use super::*;
+
+    fn service(namespace: &str, name: &str, labels: Value) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "namespace": namespace, "name": name, "labels": labels },
+            "spec": { "clusterIP": "10.96.0.10" },
+        })
+    }
+
+    fn node(name: &str) -> Value {
+        json!({ "kind": "Node", "metadata": { "name": name } })
+    }
+
+    /// A raw HTTP/1.1 client, so these tests exercise the wire format itself.
+    struct Client {
+        reader: BufReader<TcpStream>,
+    }
+
+    impl Client {
+        fn connect(server: &ApiServer) -> Result<Client> {
+            let stream = TcpStream::connect(server.addr())?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(Client {
+                reader: BufReader::new(stream),
+            })
+        }
+
+        fn send(&mut self, path: &str) -> Result<u16> {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+            self.reader.get_mut().write_all(request.as_bytes())?;
+            let status_line = self.line()?;
+            let code = status_line
+                .split(' ')
+                .nth(1)
+                .context("no status")?
+                .parse()?;
+            Ok(code)
+        }
+
+        fn line(&mut self) -> Result<String> {
+            let mut line = String::new();
+            ensure!(self.reader.read_line(&mut line)? > 0, "connection closed");
+            Ok(line.trim_end().to_string())
+        }
+
+        /// Reads headers and a Content-Length body.
+        fn body(&mut self) -> Result<Value> {
+            let mut length = 0;
+            loop {
+                let line = self.line()?;
+                if line.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse()?;
+                }
+            }
+            let mut body = vec![0; length];
+            self.reader.read_exact(&mut body)?;
+            Ok(serde_json::from_slice(&body)?)
+        }
+
+        /// Skips the headers of a chunked response.
+        fn stream_head(&mut self) -> Result<()> {
+            while !self.line()?.is_empty() {}
+            Ok(())
+        }
+
+        /// The next watch event, or None at the end of the stream.
+        fn event(&mut self) -> Result<Option<Value>> {
+            let size = usize::from_str_radix(&self.line()?, 16)?;
+            if size == 0 {
+                ensure!(self.line()?.is_empty(), "no CRLF after the last chunk");
+                return Ok(None);
+            }
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk)?;
+            ensure!(chunk.ends_with(b"\n\r\n"), "chunk is not one line");
+            Ok(Some(serde_json::from_slice(&chunk[..size])?))
+        }
+
+        fn get(&mut self, path: &str) -> Result<(u16, Value)> {
+            let code = self.send(path)?;
+            Ok((code, self.body()?))
+        }
+    }
+
+    fn names(list: &Value) -> Vec<&str> {
+        list["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i["metadata"]["name"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn event_summary(event: &Value) -> (String, String) {
+        let kind = event["type"].as_str().unwrap_or("?").to_string();
+        let name = event["object"]["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        (kind, name)
+    }
+
+    #[test]
+    fn query_and_selectors() -> Result<()> {
+        let query = Query::parse("fieldSelector=metadata.name%3Dnode-1&watch=1&l=a+b%2");
+        assert_eq!(query.get("fieldSelector"), Some("metadata.name=node-1"));
+        assert!(query.flag("watch"));
+        assert_eq!(query.get("l"), Some("a b%2"));
+        let labels = Query::parse("labelSelector=app%3Dweb%2C%21skip");
+        let filter = Filter::from_query(Some("ns".into()), &labels).map_err(|e| anyhow!(e))?;
+        assert!(filter.matches(&service("ns", "a", json!({ "app": "web" }))));
+        assert!(!filter.matches(&service("other", "a", json!({ "app": "web" }))));
+        assert!(!filter.matches(&service("ns", "a", json!({ "app": "web", "skip": "" }))));
+        assert!(!filter.matches(&service("ns", "a", json!({}))));
+        assert!(parse_selector("app in (a,b)", true).is_err());
+        assert!(parse_selector("spec.type=NodePort", false).is_err());
+        assert!(parse_selector("metadata.name", false).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+
+    #[test]
+    fn snapshots_undo_later_writes() -> Result<()> {
+        let mut state = State::new();
+        for name in ["a", "b", "c"] {
+            let (kind, key, object) = prepare(service("ns", name, json!({})))?;
+            state.apply(kind, key, object);
+        }
+        let at = state.rv;
+        let (kind, key, object) = prepare(service("ns", "b", json!({ "v": "2" })))?;
+        state.apply(kind, key, object);
+        state.delete(Kind::Service, ("ns".into(), "c".into()));
+        let (kind, key, object) = prepare(service("ns", "d", json!({})))?;
+        state.apply(kind, key, object);
+        let old = state.snapshot(Kind::Service, at).context("snapshot")?;
+        let old: Vec<_> = old.iter().map(|o| o["metadata"].clone()).collect();
+        assert_eq!(old.len(), 3);
+        assert_eq!(old[1]["resourceVersion"], "2");
+        assert_eq!(old[2]["name"], "c");
+        assert_eq!(state.snapshot(Kind::Node, at).map(|s| s.len()), Some(0));
+        state.compact();
+        assert!(state.snapshot(Kind::Service, at).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn filtered_watches_see_objects_enter_and_leave() -> Result<()> {
+        let mut state = State::new();
+        let filter = Filter::from_query(None, &Query::parse("labelSelector=app%3Dweb"))
+            .map_err(|e| anyhow!(e))?;
+        for labels in [json!({ "app": "web" }), json!({}), json!({ "app": "web" })] {
+            let (kind, key, object) = prepare(service("ns", "s", labels))?;
+            state.apply(kind, key, object);
+        }
+        state.delete(Kind::Service, ("ns".into(), "s".into()));
+        let types: Vec<Value> = state
+            .lines_after(0, Kind::Service, &filter)
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).map(|v| v["type"].clone()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(types, ["ADDED", "DELETED", "ADDED", "DELETED"]);
+        Ok(())
+    }
+
+    #[test]
+    fn apply_stamps_server_fields() -> Result<()> {
+        let server = ApiServer::start()?;
+        let rv = server.apply(json!({ "kind": "Service", "metadata": { "name": "s" } }))?;
+        let (code, object) =
+            Client::connect(&server)?.get("/api/v1/namespaces/default/services/s")?;
+        assert_eq!(code, 200);
+        assert_eq!(object["apiVersion"], "v1");
+        assert_eq!(object["metadata"]["resourceVersion"], rv.to_string());
+        let uid = object["metadata"]["uid"].clone();
+        assert!(uid.is_string());
+        server.apply(json!({ "kind": "Service", "metadata": { "name": "s" } }))?;
+        let (_, object) = Client::connect(&server)?.get("/api/v1/namespaces/default/services/s")?;
+        assert_eq!(object["metadata"]["uid"], uid, "uid survives a replace");
+        assert!(
+            server
+                .apply(json!({ "kind": "Pod", "metadata": { "name": "p" } }))
+                .is_err()
+        );
+        assert!(
+            server
+                .apply(json!({ "kind": "Node", "metadata": {} }))
+                .is_err()
+        );
+        assert_eq!(server.delete("Service", "default", "nope")?, None);
+        assert_eq!(server.delete("Service", "default", "s")?, Some(rv + 2));
+        Ok(())
+    }
+
+    #[test]
+    fn lists_paginate_from_one_snapshot() -> Result<()> {
+        let server = ApiServer::start()?;
+        for name in ["a", "b", "c", "d", "e"] {
+            server.apply(service("ns", name, json!({})))?;
+        }
+        server.apply(node("n"))?;
+        let mut client = Client::connect(&server)?;
+        let (code, page) = client.get("/api/v1/services?limit=2")?;
+        assert_eq!(code, 200);
+        assert_eq!(page["kind"], "ServiceList");
+        assert_eq!(names(&page), ["a", "b"]);
+        assert_eq!(page["metadata"]["resourceVersion"], "6");
+        let token = page["metadata"]["continue"]
+            .as_str()
+            .context("token")?
+            .to_string();
+        server.delete("Service", "ns", "c")?;
+        let (_, page) = client.get(&format!("/api/v1/services?limit=2&continue={token}"))?;
+        assert_eq!(
+            names(&page),
+            ["c", "d"],
+            "the deletion is after the snapshot"
+        );
+        assert_eq!(page["metadata"]["resourceVersion"], "6");
+        let (_, all) = client.get("/api/v1/namespaces/ns/services")?;
+        assert_eq!(names(&all), ["a", "b", "d", "e"]);
+        assert!(all["metadata"].get("continue").is_none());
+        let (_, other) = client.get("/api/v1/namespaces/other/services")?;
+        assert_eq!(names(&other), Vec::<&str>::new());
+        server.compact();
+        let (code, status) = client.get(&format!("/api/v1/services?limit=2&continue={token}"))?;
+        assert_eq!((code, status["reason"].as_str()), (410, Some("Expired")));
+        let (code, status) = client.get("/api/v1/pods")?;
+        assert_eq!((code, status["kind"].as_str()), (404, Some("Status")));
+        assert_eq!(server.requests("services"), (5, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn watches_replay_stream_and_close() -> Result<()> {
+        let server = ApiServer::start()?;
+        server.apply(service("ns", "a", json!({})))?;
+        let rv = server.apply(service("ns", "b", json!({})))?;
+        server.apply(node("n"))?;
+        server.apply(service("ns", "a", json!({ "x": "y" })))?;
+        let mut client = Client::connect(&server)?;
+        assert_eq!(
+            client.send(&format!("/api/v1/services?watch=true&resourceVersion={rv}"))?,
+            200
+        );
+        client.stream_head()?;
+        let event = client.event()?.context("event")?;
+        assert_eq!(event_summary(&event), ("MODIFIED".into(), "a".into()));
+        assert_eq!(event["object"]["kind"], "Service");
+        server.delete("Service", "ns", "b")?;
+        let event = client.event()?.context("event")?;
+        assert_eq!(event_summary(&event), ("DELETED".into(), "b".into()));
+        assert_eq!(event["object"]["metadata"]["resourceVersion"], "5");
+        server.close_watches();
+        assert!(client.event()?.is_none());
+        assert_eq!(server.requests("services"), (0, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn watches_from_compacted_versions_expire() -> Result<()> {
+        let server = ApiServer::start()?;
+        let rv = server.apply(node("n"))?;
+        server.compact();
+        let mut client = Client::connect(&server)?;
+        client.send(&format!("/api/v1/nodes?watch=1&resourceVersion={rv}"))?;
+        client.stream_head()?;
+        let event = client.event()?.context("event")?;
+        assert_eq!(event["type"], "ERROR");
+        assert_eq!(event["object"]["code"], 410);
+        assert_eq!(event["object"]["reason"], "Expired");
+        assert!(client.event()?.is_none());
+        // The connection stays usable, and the current RV still works.
+        let path = format!(
+            "/api/v1/nodes?watch=1&resourceVersion={}",
+            server.resource_version()
+        );
+        client.send(&(path + "&timeoutSeconds=1"))?;
+        client.stream_head()?;
+        assert!(
+            client.event()?.is_none(),
+            "ends cleanly after timeoutSeconds"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn node_watch_with_field_selector_and_bookmarks() -> Result<()> {
+        let server = ApiServer::start()?;
+        server.set_bookmark_interval(Duration::from_millis(50));
+        server.apply(node("node-1"))?;
+        server.apply(node("node-2"))?;
+        let mut client = Client::connect(&server)?;
+        let path = "/api/v1/nodes?watch=true&fieldSelector=metadata.name%3Dnode-1&allowWatchBookmarks=true";
+        client.send(path)?;
+        client.stream_head()?;
+        let event = client.event()?.context("event")?;
+        assert_eq!(event_summary(&event), ("ADDED".into(), "node-1".into()));
+        server.apply(node("node-2"))?;
+        let rv = server.apply(node("node-1"))?;
+        // Bookmarks may come at any point; node-2's change never does.
+        let rv_text = rv.to_string();
+        let mut events = Vec::new();
+        while events.len() < 10 {
+            let event = client.event()?.context("event")?;
+            let done = event["type"] == "BOOKMARK"
+                && event["object"]["metadata"]["resourceVersion"] == rv_text.as_str();
+            events.push(event);
+            if done {
+                break;
+            }
+        }
+        let changes: Vec<_> = events.iter().filter(|e| e["type"] != "BOOKMARK").collect();
+        assert_eq!(changes.len(), 1, "{events:?}");
+        assert_eq!(
+            event_summary(changes[0]),
+            ("MODIFIED".into(), "node-1".into())
+        );
+        let last = events.last().context("no events")?;
+        assert_eq!(
+            last["object"]["kind"], "Node",
+            "the bookmark at {rv} came: {events:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn initial_events_end_with_a_bookmark() -> Result<()> {
+        let server = ApiServer::start()?;
+        server.apply(json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": { "namespace": "ns", "name": "s-abc" },
+            "addressType": "IPv4",
+            "endpoints": [],
+        }))?;
+        let mut client = Client::connect(&server)?;
+        let path = "/apis/discovery.k8s.io/v1/endpointslices?watch=true&sendInitialEvents=true\
+                    &resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true";
+        client.send(path)?;
+        client.stream_head()?;
+        let event = client.event()?.context("event")?;
+        assert_eq!(event_summary(&event), ("ADDED".into(), "s-abc".into()));
+        let bookmark = client.event()?.context("bookmark")?;
+        assert_eq!(bookmark["type"], "BOOKMARK");
+        assert_eq!(bookmark["object"]["apiVersion"], "discovery.k8s.io/v1");
+        let annotations = &bookmark["object"]["metadata"]["annotations"];
+        assert_eq!(annotations["k8s.io/initial-events-end"], "true");
+        Ok(())
+    }
+
+    #[test]
+    fn failing_and_down() -> Result<()> {
+        let server = ApiServer::start()?;
+        let mut watch = Client::connect(&server)?;
+        watch.send("/api/v1/services?watch=true")?;
+        watch.stream_head()?;
+        server.set_failing(true);
+        assert!(watch.event()?.is_none(), "failing closes watches");
+        let (code, status) = Client::connect(&server)?.get("/api/v1/services")?;
+        assert_eq!(
+            (code, status["reason"].as_str()),
+            (500, Some("InternalError"))
+        );
+        server.set_failing(false);
+        let mut idle = Client::connect(&server)?;
+        assert_eq!(idle.get("/api/v1/services")?.0, 200);
+        server.set_down(true)?;
+        assert!(TcpStream::connect(server.addr()).is_err());
+        assert!(
+            idle.get("/api/v1/services").is_err(),
+            "idle connections are closed"
+        );
+        server.set_down(false)?;
+        assert_eq!(Client::connect(&server)?.get("/api/v1/services")?.0, 200);
+        Ok(())
+    }
+
+    #[test]
+    fn delay_and_kubeconfig() -> Result<()> {
+        let server = ApiServer::start()?;
+        server.set_delay(Duration::from_millis(300));
+        let started = Instant::now();
+        assert_eq!(Client::connect(&server)?.get("/version")?.0, 200);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let path =
+            std::env::temp_dir().join(format!("apiserver-kubeconfig-{}", std::process::id()));
+        server.write_kubeconfig(&path)?;
+        let config = std::fs::read_to_string(&path)?;
+        std::fs::remove_file(&path)?;
+        assert!(config.contains(&format!("server: {}\n", server.url())));
+        assert!(server.url().starts_with("http://127.0.0.1:"));
+        Ok(())
     }
 }

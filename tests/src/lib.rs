@@ -7,10 +7,11 @@
 //! never touch the root namespace and leave nothing behind. Requires root.
 
 pub mod agent;
+pub mod apiserver;
 pub mod clients;
 pub mod manifests;
 pub mod netns;
 pub mod privilege;
 pub mod servers;
 pub mod topology;
-pub mod apiserver;
+pub mod traffic;

@@ -3,106 +3,21 @@
 
 mod common;
 
-use std::{
-    net::SocketAddrV4,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
-    time::Duration,
-};
+use std::{path::PathBuf, thread, time::Duration};
 
 use anyhow::Context;
 use proxy_tests::{
     agent::Agent,
-    clients::{HttpConn, UdpFlow},
-    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
-    netns::{Netns, unique_prefix},
+    manifests,
+    netns::unique_prefix,
     servers::Servers,
     topology::{Topology, backend_iface, client_iface},
+    traffic::Traffic,
 };
 
-const OPEN_TCP: usize = 20;
-const OPEN_UDP: usize = 10;
 const BACKENDS: usize = 3;
 /// How long traffic runs between steps (the agent is down for one of them).
 const STEP: Duration = Duration::from_millis(400);
-
-/// What the traffic thread saw.
-#[derive(Debug, Default)]
-struct Seen {
-    requests: usize,
-    new_connections: usize,
-    failures: Vec<String>,
-}
-
-/// Long-lived TCP connections and UDP flows, each with the backend it
-/// started on.
-struct Open {
-    tcp: Vec<(HttpConn, String)>,
-    udp: Vec<(UdpFlow, String)>,
-}
-
-fn open(client: &Netns) -> anyhow::Result<Open> {
-    let vip = SocketAddrV4::new(VIP, HTTP_PORT);
-    let mut tcp = Vec::new();
-    for _ in 0..OPEN_TCP {
-        let mut conn = HttpConn::connect(client, vip, Duration::from_secs(2))?;
-        let backend = conn.get()?;
-        tcp.push((conn, backend));
-    }
-    let mut udp = Vec::new();
-    for i in 0..OPEN_UDP {
-        let mut flow = UdpFlow::open(client, SocketAddrV4::new(VIP, UDP_PORT))?;
-        let (backend, _) = flow.exchange(&format!("hello{i}"))?;
-        udp.push((flow, backend));
-    }
-    Ok(Open { tcp, udp })
-}
-
-/// Keeps every open connection and flow busy and opens a new connection per
-/// round, from inside the client namespace, until `stop`.
-fn traffic(
-    client: &Netns,
-    mut open: Open,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<thread::JoinHandle<Seen>> {
-    client.spawn(move || {
-        let mut seen = Seen::default();
-        let mut round = 0;
-        while !stop.load(Ordering::SeqCst) {
-            round += 1;
-            for (conn, backend) in &mut open.tcp {
-                check(&mut seen, "open TCP connection", conn.get(), backend);
-            }
-            for (flow, backend) in &mut open.udp {
-                let answer = flow.exchange(&format!("r{round}")).map(|(name, _)| name);
-                check(&mut seen, "UDP flow", answer, backend);
-            }
-            seen.new_connections += 1;
-            let fresh =
-                HttpConn::connect_here(SocketAddrV4::new(VIP, HTTP_PORT), Duration::from_secs(2))
-                    .and_then(|mut conn| conn.get());
-            if let Err(e) = fresh {
-                seen.failures.push(format!("new connection: {e:#}"));
-            }
-        }
-        seen
-    })
-}
-
-fn check(seen: &mut Seen, what: &str, answer: anyhow::Result<String>, backend: &str) {
-    seen.requests += 1;
-    match answer {
-        Ok(name) if name == backend => {}
-        Ok(name) => seen
-            .failures
-            .push(format!("{what} moved from {backend} to {name}")),
-        Err(e) => seen.failures.push(format!("{what} to {backend}: {e:#}")),
-    }
-}
 
 /// A copy of the agent binary under another name: what an upgrade puts in place.
 fn rebuilt_binary(scratch: &std::path::Path) -> anyhow::Result<PathBuf> {
@@ -129,8 +44,7 @@ fn killing_restarting_and_replacing_the_agent_drops_nothing() -> anyhow::Result<
     ifaces.extend((0..BACKENDS).map(backend_iface));
     let mut agent = Agent::start(&topology.node, &manifest, &ifaces)?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let runner = traffic(&topology.client, open(&topology.client)?, stop.clone())?;
+    let traffic = Traffic::start(&topology.client)?;
     thread::sleep(STEP);
     agent.kill()?;
     thread::sleep(STEP);
@@ -141,10 +55,7 @@ fn killing_restarting_and_replacing_the_agent_drops_nothing() -> anyhow::Result<
     assert!(status.success(), "SIGTERM exit: {status}");
     agent.restart(Some(upgrade))?;
     thread::sleep(STEP);
-    stop.store(true, Ordering::SeqCst);
-    let seen = runner
-        .join()
-        .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?;
+    let seen = traffic.stop()?;
 
     let log = agent.log();
     // The agent's own clean-up runs its binary, which lives in scratch.

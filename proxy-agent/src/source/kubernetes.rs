@@ -23,6 +23,10 @@ pub enum Change {
     Node(Box<watcher::Event<Node>>),
     /// A watch failed (it retries with backoff); the text says which and why.
     Trouble(Resource, String),
+    /// The API server answered a probe: watches that failed can recover
+    /// silently (a re-watch with nothing new yields no event), so this is
+    /// how the agent learns that it can reach the server again.
+    Reachable,
 }
 
 /// The watched resources, for readiness reporting.
@@ -31,6 +35,8 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Node,
+    /// The periodic probe.
+    ApiServer,
 }
 
 impl Change {
@@ -40,6 +46,7 @@ impl Change {
             Change::Slice(_) => Resource::EndpointSlices,
             Change::Node(_) => Resource::Node,
             Change::Trouble(r, _) => *r,
+            Change::Reachable => Resource::ApiServer,
         }
     }
 }
@@ -93,6 +100,7 @@ pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) 
         |event| Change::Slice(Box::new(event)),
         Resource::EndpointSlices,
     );
+    probe(client.clone(), node_name.to_string(), changes.clone());
     spawn(
         Api::<Node>::all(client),
         node,
@@ -100,6 +108,31 @@ pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) 
         |event| Change::Node(Box::new(event)),
         Resource::Node,
     );
+}
+
+/// How often the API server is probed while the agent runs.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Lists this node (one small object) every `PROBE_EVERY`.
+fn probe(client: Client, node_name: String, changes: UnboundedSender<Change>) {
+    tokio::spawn(async move {
+        let nodes = Api::<Node>::all(client);
+        let params = kube::api::ListParams::default()
+            .fields(&format!("metadata.name={node_name}"))
+            .limit(1);
+        loop {
+            let change = match nodes.list(&params).await {
+                Ok(_) => Change::Reachable,
+                Err(e) => {
+                    Change::Trouble(Resource::ApiServer, format!("probing the API server: {e}"))
+                }
+            };
+            if changes.send(change).is_err() {
+                return;
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    });
 }
 
 fn spawn<K>(
