@@ -200,15 +200,14 @@ pub fn desired(objects: &Objects) -> Desired {
 /// for a pass that touches only them.
 pub fn changes(
     objects: &Objects,
+    index: &SliceIndex,
     services: &BTreeSet<ObjectKey>,
 ) -> BTreeMap<ObjectKey, Vec<(Frontend, FrontendState)>> {
     services
         .iter()
         .map(|key| {
             let wanted = match objects.services.get(key) {
-                Some(service) => {
-                    service_frontends(key, service, &slices_in_namespace(objects, key))
-                }
+                Some(service) => service_frontends(key, service, &index.slices_of(objects, key)),
                 None => Vec::new(),
             };
             (key.clone(), wanted)
@@ -225,42 +224,42 @@ pub fn owning_service(namespace: &str, slice: &EndpointSlice) -> Option<ObjectKe
     })
 }
 
-fn serves(slice: &EndpointSlice, namespace: &str, service: &ObjectKey) -> bool {
-    slice.address_type == "IPv4" && owning_service(namespace, slice).as_ref() == Some(service)
-}
-
-/// A Service's slices found by scanning its namespace only (objects are keyed
-/// by namespace first).
-fn slices_in_namespace<'a>(objects: &'a Objects, service: &ObjectKey) -> Vec<&'a EndpointSlice> {
-    let start = ObjectKey {
-        namespace: service.namespace.clone(),
-        name: String::new(),
-    };
-    objects
-        .slices
-        .range(start..)
-        .take_while(|(key, _)| key.namespace == service.namespace)
-        .filter(|(key, slice)| serves(slice, &key.namespace, service))
-        .map(|(_, slice)| slice)
-        .collect()
-}
-
-/// Slices by owning Service, built once for a full pass.
-struct SliceIndex {
-    by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
+/// Slices by owning Service: built once for a full pass, or kept up to date
+/// by a source as slices come and go.
+#[derive(Debug, Default)]
+pub struct SliceIndex {
+    by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
 }
 
 impl SliceIndex {
-    fn new(objects: &Objects) -> Self {
-        let mut by_service: BTreeMap<ObjectKey, Vec<ObjectKey>> = BTreeMap::new();
+    pub fn new(objects: &Objects) -> Self {
+        let mut index = SliceIndex::default();
         for (key, slice) in &objects.slices {
-            if let Some(owner) =
-                owning_service(&key.namespace, slice).filter(|_| slice.address_type == "IPv4")
-            {
-                by_service.entry(owner).or_default().push(key.clone());
+            index.insert(key, slice);
+        }
+        index
+    }
+
+    /// Notes a slice (IPv4 ones only: the others serve no IPv4 frontend).
+    pub fn insert(&mut self, key: &ObjectKey, slice: &EndpointSlice) {
+        if let Some(owner) =
+            owning_service(&key.namespace, slice).filter(|_| slice.address_type == "IPv4")
+        {
+            self.by_service
+                .entry(owner)
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    /// Forgets a slice that belonged to `owner`.
+    pub fn remove(&mut self, key: &ObjectKey, owner: &ObjectKey) {
+        if let Some(set) = self.by_service.get_mut(owner) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_service.remove(owner);
             }
         }
-        SliceIndex { by_service }
     }
 
     fn slices_of<'a>(&self, objects: &'a Objects, service: &ObjectKey) -> Vec<&'a EndpointSlice> {

@@ -19,7 +19,7 @@ use crate::{
     datapath::{self, iface::IfaceSpec, loader, maps::MapSet},
     http::{self, Endpoints},
     metrics::{Shared, Status},
-    model::{self, ObjectKey, Objects},
+    model::{self, ObjectKey, Objects, SliceIndex},
     reconcile::{Reconciler, Report},
     source::{
         cluster::{ClusterStore, Dirty},
@@ -196,7 +196,7 @@ async fn kube_loop(
             let pending = store.take_pending();
             match store.take_dirty() {
                 Dirty::Services(services) if !programmer.failed => {
-                    programmer.program_changes(store.objects(), &services, &pending)
+                    programmer.program_changes(store.objects(), store.index(), &services, &pending)
                 }
                 _ => programmer.program(store.objects(), &pending),
             }
@@ -303,11 +303,12 @@ impl Programmer {
     fn program_changes(
         &mut self,
         objects: &Objects,
+        index: &SliceIndex,
         services: &BTreeSet<ObjectKey>,
         changes: &[Instant],
     ) {
         let started = Instant::now();
-        let wanted = model::changes(objects, services);
+        let wanted = model::changes(objects, index, services);
         let report = self.reconciler.apply_changes(&wanted, &mut self.maps);
         self.record(
             objects,

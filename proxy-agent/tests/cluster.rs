@@ -176,3 +176,34 @@ fn only_the_services_a_change_touches_are_dirty() {
         Dirty::Services([key("other"), key("web")].into())
     );
 }
+
+#[test]
+fn a_changed_slice_is_found_through_the_index() {
+    use proxy_agent::{model, source::cluster::Dirty};
+    let with = |addrs: &str| -> EndpointSlice {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: web-1, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{addrs}]"
+        ))
+        .expect("slice")
+    };
+    let mut store = ClusterStore::default();
+    store.service(Event::Init);
+    store.service(Event::InitApply(service("web", "80")));
+    store.service(Event::InitDone);
+    store.slice(Event::Init);
+    store.slice(Event::InitApply(with(
+        "{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}",
+    )));
+    store.slice(Event::InitDone);
+    store.node(Event::Init);
+    store.node(Event::InitDone);
+    assert_eq!(store.take_dirty(), Dirty::All);
+    store.slice(Event::Apply(with("{addresses: [10.1.1.2]}")));
+    let Dirty::Services(dirty) = store.take_dirty() else {
+        panic!("partial");
+    };
+    let changes = model::changes(store.objects(), store.index(), &dirty);
+    let wanted = &changes[&key("web")];
+    assert_eq!(wanted.len(), 1);
+    assert_eq!(wanted[0].1.backends.len(), 1, "{wanted:?}");
+}

@@ -204,11 +204,18 @@ fn an_established_flow_keeps_its_backend_and_flows_spread() {
             used.insert(first);
         }
         assert_eq!(used.len(), 2, "{hook:?}: 200 flows reach both backends");
-        let stats = lab.dp.maps.service_stats(2).expect("stats");
-        let web = [1, 2]
-            .iter()
-            .map(|id| lab.dp.maps.service_stats(*id).expect("stats").packets)
-            .sum::<u64>();
+        let tcp_frontend = proxy_agent::model::Frontend {
+            addr: VIP.into(),
+            port: 80,
+            protocol: proxy_agent::model::Protocol::Tcp,
+        };
+        let id = lab
+            .dp
+            .reconciler
+            .service_id(&tcp_frontend)
+            .expect("web's TCP frontend");
+        let stats = lab.dp.maps.service_stats(id).expect("stats");
+        let web = stats.packets;
         assert_eq!(
             web, 800,
             "{hook:?}: every VIP packet counted once ({stats:?})"

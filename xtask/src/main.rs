@@ -59,13 +59,29 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench => {
             let object = setup()?;
+            let bench = |name: &str| {
+                cmd::run(build::host_cargo(&object).args([
+                    "bench",
+                    "--package",
+                    "proxy-tests",
+                    "--bench",
+                    name,
+                ]))
+            };
+            bench("datapath")?;
+            // The control-plane bench runs the agent built for release.
             cmd::run(build::host_cargo(&object).args([
-                "bench",
+                "build",
+                "--release",
                 "--package",
-                "proxy-tests",
-                "--bench",
-                "datapath",
-            ]))
+                "proxy-agent",
+            ]))?;
+            let agent = build::root().join("target/release/proxy-agent");
+            cmd::run(
+                build::host_cargo(&object)
+                    .env("PROXY_AGENT_BIN", agent)
+                    .args(["bench", "--package", "proxy-tests", "--bench", "control"]),
+            )
         }
     }
 }

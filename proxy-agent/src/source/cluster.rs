@@ -11,7 +11,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Resource, ResourceExt, runtime::watcher::Event};
 
-use crate::model::{self, FieldError, ObjectKey, Objects};
+use crate::model::{self, FieldError, ObjectKey, Objects, SliceIndex};
 
 /// The annotation the EndpointSlice controller sets to when the change that
 /// caused this version happened (what kube-proxy measures latency from).
@@ -45,6 +45,8 @@ pub enum Dirty {
 #[derive(Debug, Default)]
 pub struct ClusterStore {
     objects: Objects,
+    /// Which slices each Service has, kept up to date as they change.
+    index: SliceIndex,
     nodes: BTreeMap<ObjectKey, Node>,
     service_kind: Kind<Service>,
     slice_kind: Kind<EndpointSlice>,
@@ -153,7 +155,7 @@ impl ClusterStore {
     }
 
     pub fn slice(&mut self, event: Event<EndpointSlice>) {
-        let (trigger, owners) = match &event {
+        let (touched, trigger, owners) = match &event {
             Event::Apply(slice) | Event::Delete(slice) => {
                 let key = key(slice);
                 // Its Service now, and the one it belonged to before (labels can change).
@@ -166,9 +168,12 @@ impl ClusterStore {
                 let trigger = matches!(event, Event::Apply(_))
                     .then(|| trigger_time(slice))
                     .flatten();
-                (trigger, before.into_iter().chain(now).collect())
+                if let Some(before) = &before {
+                    self.index.remove(&key, before);
+                }
+                (Some(key), trigger, before.into_iter().chain(now).collect())
             }
-            _ => (None, Vec::new()),
+            _ => (None, None, Vec::new()),
         };
         let relisted = matches!(event, Event::InitDone);
         let live = &mut self.objects.slices;
@@ -179,6 +184,14 @@ impl ClusterStore {
             &mut self.errors,
             "EndpointSlice",
         );
+        if relisted {
+            self.index = SliceIndex::new(&self.objects);
+        } else if let Some(key) = touched
+            && let Some(slice) = self.objects.slices.get(&key)
+        {
+            // The version that is live now (an invalid update kept the old one).
+            self.index.insert(&key, slice);
+        }
         self.note(
             changed,
             trigger.unwrap_or_else(Instant::now),
@@ -213,6 +226,11 @@ impl ClusterStore {
     /// The objects for the model.
     pub fn objects(&self) -> &Objects {
         &self.objects
+    }
+
+    /// The objects' slices by Service, for a pass over some Services.
+    pub fn index(&self) -> &SliceIndex {
+        &self.index
     }
 
     pub fn node_object(&self) -> Option<&Node> {

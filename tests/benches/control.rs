@@ -1,0 +1,228 @@
+//! `cargo xtask bench` (control plane): how fast the agent programs what the
+//! API server says, through the test API server and the real kube client.
+//!
+//! For 100 and 10,000 Services with 10 endpoints each: the time from starting
+//! the agent to every frontend programmed, and the latency of one endpoint
+//! change, from the write to the API server to the BPF map holding it,
+//! measured outside the agent by watching the pinned map. Also the agent's
+//! peak RSS.
+
+use std::{
+    net::{Ipv4Addr, TcpListener},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{Frontend4, Service, names};
+use proxy_tests::{
+    agent::Agent,
+    apiserver::ApiServer,
+    netns::unique_prefix,
+    topology::{Topology, client_iface},
+};
+use serde_json::{Value, json};
+
+const SCALES: [usize; 2] = [100, 10_000];
+const ENDPOINTS: usize = 10;
+const CHANGES: usize = 200;
+const NODE: &str = "bench-node";
+
+fn main() -> anyhow::Result<()> {
+    if !proxy_tests::privilege::require_root("cargo xtask bench (control plane)") {
+        bail!("the benchmark needs root");
+    }
+    let mut rows = Vec::new();
+    for services in SCALES {
+        rows.push(measure(services).with_context(|| format!("{services} services"))?);
+    }
+    print(&rows);
+    Ok(())
+}
+
+struct Row {
+    services: usize,
+    full_sync: Duration,
+    programming: String,
+    p50: Duration,
+    p99: Duration,
+    peak_rss_kib: u64,
+}
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        96 + (i / 65_536) as u8,
+        (i / 256 % 256) as u8,
+        (i % 256) as u8,
+    )
+}
+
+fn service(i: usize) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc{i}"), "namespace": "bench"},
+        "spec": {"clusterIP": vip(i).to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    })
+}
+
+/// Service i's slice with `count` endpoints (10.(100 + e).(i / 256).(i % 256)).
+fn slice(i: usize, count: usize) -> Value {
+    let endpoints: Vec<Value> = (0..count)
+        .map(|e| json!({"addresses": [Ipv4Addr::new(10, 100 + e as u8, (i / 256 % 256) as u8, (i % 256) as u8).to_string()],
+                        "conditions": {"ready": true}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("svc{i}-abc"), "namespace": "bench",
+            "labels": {"kubernetes.io/service-name": format!("svc{i}")},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": k8s_now()}
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+fn k8s_now() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+fn measure(services: usize) -> anyhow::Result<Row> {
+    let topology = Topology::build(&unique_prefix("cpb"), 0)?;
+    let listener = topology.node.run(|| TcpListener::bind("127.0.0.1:0"))??;
+    let api = ApiServer::start_on(listener)?;
+    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))?;
+    for i in 0..services {
+        api.apply(service(i))?;
+        api.apply(slice(i, ENDPOINTS))?;
+    }
+    let scratch = std::env::temp_dir().join(format!("xdproxy-bench-{}", topology.prefix()));
+    std::fs::create_dir_all(&scratch)?;
+    let kubeconfig = scratch.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let started = Instant::now();
+    let agent = Agent::start_kube(
+        &topology.node,
+        &kubeconfig,
+        NODE,
+        &[client_iface().to_string()],
+    )?;
+    let full_sync = started.elapsed();
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("synced:"))
+        .context("first sync line")?
+        .to_string();
+    if !line.contains(&format!("-> {services} frontends")) {
+        bail!("the first sync did not program every frontend: {line}");
+    }
+    let programming = line.split(" in ").nth(1).unwrap_or("?").to_string();
+    let services_map = open_services(&agent.pins())?;
+    let mut latencies = Vec::with_capacity(CHANGES);
+    for n in 0..CHANGES {
+        let i = (n * 7919) % services;
+        // One endpoint fewer, timed; then put it back, untimed.
+        let written = Instant::now();
+        api.apply(slice(i, ENDPOINTS - 1))?;
+        wait_for_count(
+            &services_map,
+            vip(i),
+            (ENDPOINTS - 1) as u32,
+            Duration::from_secs(5),
+        )?;
+        latencies.push(written.elapsed());
+        api.apply(slice(i, ENDPOINTS))?;
+        wait_for_count(
+            &services_map,
+            vip(i),
+            ENDPOINTS as u32,
+            Duration::from_secs(5),
+        )?;
+    }
+    latencies.sort();
+    let peak_rss_kib = agent.pid().map(peak_rss).transpose()?.unwrap_or(0);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(Row {
+        services,
+        full_sync,
+        programming,
+        p50: latencies[latencies.len() / 2],
+        p99: latencies[latencies.len() * 99 / 100],
+        peak_rss_kib,
+    })
+}
+
+fn open_services(pins: &Path) -> anyhow::Result<HashMap<MapData, Frontend4, Service>> {
+    let data = MapData::from_pin(pins.join(names::SERVICES4))
+        .context("opening the pinned services map")?;
+    HashMap::try_from(Map::HashMap(data)).context("services map type")
+}
+
+/// Polls the pinned map until the frontend's backend count is `count`.
+fn wait_for_count(
+    map: &HashMap<MapData, Frontend4, Service>,
+    vip: Ipv4Addr,
+    count: u32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let key = Frontend4 {
+        addr: u32::from(vip).to_be(),
+        port: 80u16.to_be(),
+        proto: 6,
+        _pad: 0,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if map.get(&key, 0).is_ok_and(|s| s.backend_count == count) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{vip} never reached {count} backends");
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("agent status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM")
+}
+
+fn print(rows: &[Row]) {
+    println!();
+    println!(
+        "Control plane through the test API server ({ENDPOINTS} endpoints per Service, {CHANGES} single-endpoint changes)"
+    );
+    println!(
+        "{:>9} | {:>14} | {:>12} | {:>10} | {:>10} | {:>13}",
+        "services", "start to synced", "first pass", "change p50", "change p99", "agent peak RSS"
+    );
+    for r in rows {
+        println!(
+            "{:>9} | {:>15.0?} | {:>12} | {:>10.2?} | {:>10.2?} | {:>10} MiB",
+            r.services,
+            r.full_sync,
+            r.programming,
+            r.p50,
+            r.p99,
+            r.peak_rss_kib / 1024
+        );
+    }
+    if let (Some(small), Some(large)) = (rows.first(), rows.last()) {
+        println!(
+            "p99 at {} / at {} services: {:.2}x (target <= 2x); targets: full sync < 1 s, change p99 < 10 ms",
+            large.services,
+            small.services,
+            large.p99.as_secs_f64() / small.p99.as_secs_f64()
+        );
+    }
+}
