@@ -7,6 +7,7 @@
 //! measured outside the agent by watching the pinned map. Also the agent's
 //! peak RSS.
 
+use proxy_tests::manifests::nth_vip;
 use std::{
     net::{Ipv4Addr, TcpListener},
     path::Path,
@@ -50,20 +51,11 @@ struct Row {
     peak_rss_kib: u64,
 }
 
-fn vip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(
-        10,
-        96 + (i / 65_536) as u8,
-        (i / 256 % 256) as u8,
-        (i % 256) as u8,
-    )
-}
-
 fn service(i: usize) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": format!("svc{i}"), "namespace": "bench"},
-        "spec": {"clusterIP": vip(i).to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        "spec": {"clusterIP": nth_vip(i).to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
     })
 }
 
@@ -130,7 +122,7 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         api.apply(slice(i, ENDPOINTS - 1))?;
         wait_for_count(
             &services_map,
-            vip(i),
+            nth_vip(i),
             (ENDPOINTS - 1) as u32,
             Duration::from_secs(5),
         )?;
@@ -138,7 +130,7 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         api.apply(slice(i, ENDPOINTS))?;
         wait_for_count(
             &services_map,
-            vip(i),
+            nth_vip(i),
             ENDPOINTS as u32,
             Duration::from_secs(5),
         )?;

@@ -19,6 +19,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use proxy_tests::manifests::nth_vip;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, bail, ensure};
@@ -125,7 +126,7 @@ impl Scale {
         eprintln!("{services} services programmed in {:?}", started.elapsed());
         // The service under test is the last one written: its lookup is no
         // luckier than any other's.
-        let target = vip(services - 1);
+        let target = nth_vip(services - 1);
         let frontend = Frontend {
             addr: target,
             port: 80,
@@ -173,7 +174,7 @@ impl Scale {
         let fresh = tcp(
             [172, 17, (i / 256) as u8, (i % 256) as u8],
             20_000,
-            vip(self.services - 1),
+            nth_vip(self.services - 1),
             80,
         );
         let (out, ns) = self.run(&fresh)?;
@@ -303,16 +304,6 @@ impl Wrapper {
     }
 }
 
-/// Service i: VIP 10.(96 + i / 65536).(i / 256 % 256).(i % 256):80, two backends.
-fn vip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(
-        10,
-        96 + (i / 65_536) as u8,
-        (i / 256 % 256) as u8,
-        (i % 256) as u8,
-    )
-}
-
 fn desired(services: usize) -> Desired {
     let mut out = Desired::default();
     for i in 0..services {
@@ -321,7 +312,7 @@ fn desired(services: usize) -> Desired {
             .collect();
         out.frontends.insert(
             Frontend {
-                addr: vip(i),
+                addr: nth_vip(i),
                 port: 80,
                 protocol: Protocol::Tcp,
             },

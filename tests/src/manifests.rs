@@ -13,6 +13,16 @@ pub const UDP_PORT: u16 = 53;
 pub const BACKEND_HTTP_PORT: u16 = 8080;
 pub const BACKEND_UDP_PORT: u16 = 5353;
 
+/// The i-th of many Service VIPs: 10.(96 + i / 65536).(i / 256 % 256).(i % 256).
+pub fn nth_vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        96 + (i / 65_536) as u8,
+        (i / 256 % 256) as u8,
+        (i % 256) as u8,
+    )
+}
+
 /// Service `demo/web` (TCP 80 -> http, UDP 53 -> 5353).
 pub fn service() -> String {
     format!(

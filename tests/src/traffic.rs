@@ -95,6 +95,22 @@ fn check(seen: &mut Seen, what: &str, answer: anyhow::Result<String>, backend: &
     }
 }
 
+impl Seen {
+    /// Fails unless nothing failed and at least `min_requests` were made.
+    pub fn assert_clean(&self, min_requests: usize) {
+        assert!(
+            self.failures.is_empty(),
+            "{} failures, first: {:?}",
+            self.failures.len(),
+            self.failures.first()
+        );
+        assert!(
+            self.requests >= min_requests,
+            "too little traffic to prove anything: {self:?}"
+        );
+    }
+}
+
 /// Runs traffic until `stop()`; the seen counts come back from `stop`.
 pub struct Traffic {
     stop: Arc<AtomicBool>,

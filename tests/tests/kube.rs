@@ -269,16 +269,7 @@ fn api_trouble_never_costs_traffic_and_the_agent_catches_up() -> anyhow::Result<
     lab.reach("backend2")?;
 
     let seen = traffic.stop()?;
-    assert!(
-        seen.failures.is_empty(),
-        "{} failures, first: {:?}",
-        seen.failures.len(),
-        seen.failures.first()
-    );
-    assert!(
-        seen.requests > 100,
-        "too little traffic to prove anything: {seen:?}"
-    );
+    seen.assert_clean(100);
     let log = lab.agent().log();
     assert!(
         log.contains("the datapath keeps the last programmed state"),

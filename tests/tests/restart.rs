@@ -61,16 +61,8 @@ fn killing_restarting_and_replacing_the_agent_drops_nothing() -> anyhow::Result<
     // The agent's own clean-up runs its binary, which lives in scratch.
     drop(agent);
     let _ = std::fs::remove_dir_all(&scratch);
-    assert!(
-        seen.failures.is_empty(),
-        "{} failures, first: {:?}",
-        seen.failures.len(),
-        seen.failures.first()
-    );
-    assert!(
-        seen.requests > 100 && seen.new_connections > 10,
-        "too little traffic to prove anything: {seen:?}"
-    );
+    seen.assert_clean(100);
+    assert!(seen.new_connections > 10, "{seen:?}");
     assert_eq!(
         log.matches("replaced the tc program on cl0 atomically")
             .count(),
