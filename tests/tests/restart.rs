@@ -31,8 +31,25 @@ fn killing_restarting_and_replacing_the_agent_drops_nothing() -> anyhow::Result<
     if !common::ready("killing_restarting_and_replacing_the_agent_drops_nothing") {
         return Ok(());
     }
-    let topology = Topology::build(&unique_prefix("rst"), BACKENDS)?;
+    restarts_under_traffic("rst", "tc")
+}
+
+/// The same with XDP on the client-facing interface (the client's checksums
+/// finished, as from a wire): XDP links are taken over too.
+#[test]
+fn restarting_with_xdp_links_drops_nothing() -> anyhow::Result<()> {
+    if !common::ready("restarting_with_xdp_links_drops_nothing") {
+        return Ok(());
+    }
+    restarts_under_traffic("rsx", "xdp")
+}
+
+fn restarts_under_traffic(tag: &str, client_hook: &str) -> anyhow::Result<()> {
+    let topology = Topology::build(&unique_prefix(tag), BACKENDS)?;
     topology.finish_checksums_on_node_egress()?;
+    if client_hook == "xdp" {
+        topology.disable_client_tx_checksum()?;
+    }
     let _servers = (0..BACKENDS)
         .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -40,7 +57,7 @@ fn killing_restarting_and_replacing_the_agent_drops_nothing() -> anyhow::Result<
     std::fs::create_dir_all(&scratch)?;
     let manifest = scratch.join("web.yaml");
     manifests::write(&manifest, &manifests::web(&[0, 1, 2]))?;
-    let mut ifaces = vec![client_iface().to_string()];
+    let mut ifaces = vec![format!("{}:{client_hook}", client_iface())];
     ifaces.extend((0..BACKENDS).map(backend_iface));
     let mut agent = Agent::start(&topology.node, &manifest, &ifaces)?;
 
@@ -64,8 +81,10 @@ fn killing_restarting_and_replacing_the_agent_drops_nothing() -> anyhow::Result<
     seen.assert_clean(100);
     assert!(seen.new_connections > 10, "{seen:?}");
     assert_eq!(
-        log.matches("replaced the tc program on cl0 atomically")
-            .count(),
+        log.matches(&format!(
+            "replaced the {client_hook} program on cl0 atomically"
+        ))
+        .count(),
         2,
         "{log}"
     );
