@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod reconcile;
 pub mod run;
 pub mod source;

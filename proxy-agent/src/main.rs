@@ -24,11 +24,26 @@ enum Command {
     /// (pinned), serving the last programmed state; the next `run` adopts it;
     /// `cleanup` removes it.
     Run(RunArgs),
+    /// Print every frontend `run` would program from these manifests, with
+    /// its backends; needs no kernel and no privileges.
+    Plan {
+        /// A YAML/JSON file or a directory of them, as `kubectl apply -f` takes.
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Detach every program and remove every pin the agent created.
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Args)]
@@ -105,6 +120,25 @@ async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Run(args) => run::run(args.config()?).await,
+        Command::Plan { manifests, output } => {
+            let plan = proxy_agent::plan::from_manifests(&manifests);
+            for error in &plan.errors {
+                eprintln!("error: {error}");
+            }
+            for warning in &plan.warnings {
+                eprintln!("warning: {warning}");
+            }
+            let text = match output {
+                Output::Table => plan.table(),
+                Output::Json => serde_json::to_string_pretty(&plan)? + "\n",
+            };
+            // A closed pipe (`| head`) is the reader's choice, not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+            if !plan.errors.is_empty() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Cleanup { bpffs } => {
             let removed = loader::cleanup(&bpffs)?;
             log::info!(

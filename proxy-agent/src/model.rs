@@ -55,11 +55,23 @@ pub struct Frontend {
     pub protocol: Protocol,
 }
 
+/// How a client reaches a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Scope {
+    /// A cluster IP (`spec.clusterIPs`).
+    ClusterIp,
+    /// An address in `spec.externalIPs`.
+    ExternalIp,
+    /// A `status.loadBalancer.ingress` IP of a LoadBalancer Service.
+    LoadBalancer,
+}
+
 /// Where a frontend's traffic goes, and which Service port asked for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FrontendState {
     pub service: ObjectKey,
     pub port_name: String,
+    pub scope: Scope,
     /// Sorted, without duplicates.
     pub backends: Vec<SocketAddrV4>,
 }
@@ -122,6 +134,14 @@ pub fn validate_service(service: &Service) -> Result<(), FieldError> {
     }
     if let Some(ip) = &spec.cluster_ip {
         check_cluster_ip(ip, || "spec.clusterIP".to_string())?;
+    }
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        if ip.parse::<IpAddr>().is_err() {
+            return Err(field_error(
+                format!("spec.externalIPs[{i}]"),
+                format!("{ip:?} is not an IP address"),
+            ));
+        }
     }
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         port_number(port.port, || format!("spec.ports[{i}].port"))?;
@@ -284,10 +304,12 @@ fn service_frontends(
         log::debug!("Service {key}: ExternalName, nothing to program");
         return Vec::new();
     }
-    let addrs = cluster_ipv4s(spec.cluster_ips.as_deref(), spec.cluster_ip.as_deref());
-    if addrs.is_empty() {
+    let cluster = cluster_ipv4s(spec.cluster_ips.as_deref(), spec.cluster_ip.as_deref());
+    if cluster.is_empty() {
         log::debug!("Service {key}: headless or without an IPv4 cluster IP, nothing to program");
+        return Vec::new();
     }
+    let addrs = addresses(service, cluster);
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
         let Ok(Some(protocol)) = protocol(port.protocol.as_deref(), String::new) else {
@@ -298,7 +320,7 @@ fn service_frontends(
         };
         let port_name = port.name.clone().unwrap_or_default();
         let backends = backends(slices, &port_name, protocol);
-        for addr in &addrs {
+        for (addr, scope) in &addrs {
             let frontend = Frontend {
                 addr: *addr,
                 port: number,
@@ -307,10 +329,44 @@ fn service_frontends(
             let state = FrontendState {
                 service: key.clone(),
                 port_name: port_name.clone(),
+                scope: *scope,
                 backends: backends.clone(),
             };
             out.push((frontend, state));
         }
+    }
+    out
+}
+
+/// Every IPv4 address the Service is reached at, with how: its cluster IPs,
+/// its external IPs, and for a LoadBalancer its ingress IPs.
+fn addresses(service: &Service, cluster: Vec<Ipv4Addr>) -> Vec<(Ipv4Addr, Scope)> {
+    let mut out: Vec<(Ipv4Addr, Scope)> =
+        cluster.into_iter().map(|a| (a, Scope::ClusterIp)).collect();
+    let spec = service.spec.as_ref();
+    let external = spec
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten();
+    out.extend(
+        external
+            .filter_map(|ip| ip.parse().ok())
+            .map(|a| (a, Scope::ExternalIp)),
+    );
+    if spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer") {
+        let status = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref());
+        let ingress = status
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten();
+        out.extend(
+            ingress
+                .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                .map(|a| (a, Scope::LoadBalancer)),
+        );
     }
     out
 }
@@ -323,10 +379,31 @@ fn cluster_ipv4s(ips: Option<&[String]>, ip: Option<&str>) -> Vec<Ipv4Addr> {
     all.iter().filter_map(|s| s.parse().ok()).collect()
 }
 
-/// Ready endpoints of the slices' port with this name and protocol. As
-/// kube-proxy does, only an endpoint's first address is used, and an
-/// endpoint whose readiness is unknown counts as ready.
+/// The endpoints of the slices' port with this name and protocol that get
+/// new connections, as kube-proxy chooses them: the ready ones; if none is
+/// ready, those still serving while terminating (so a rollout's last
+/// connections find a backend). Only an endpoint's first address is used,
+/// and unknown readiness counts as ready.
 fn backends(slices: &[&EndpointSlice], port_name: &str, protocol: Protocol) -> Vec<SocketAddrV4> {
+    let ready = endpoints(slices, port_name, protocol, Condition::Ready);
+    if !ready.is_empty() {
+        return ready;
+    }
+    endpoints(slices, port_name, protocol, Condition::ServingTerminating)
+}
+
+#[derive(Clone, Copy)]
+enum Condition {
+    Ready,
+    ServingTerminating,
+}
+
+fn endpoints(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    wanted: Condition,
+) -> Vec<SocketAddrV4> {
     let mut out = Vec::new();
     for slice in slices {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
@@ -339,16 +416,19 @@ fn backends(slices: &[&EndpointSlice], port_name: &str, protocol: Protocol) -> V
             continue;
         };
         for endpoint in &slice.endpoints {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
+            let c = endpoint.conditions.as_ref();
+            let ok = match wanted {
+                Condition::Ready => c.and_then(|c| c.ready).unwrap_or(true),
+                Condition::ServingTerminating => {
+                    c.and_then(|c| c.serving).unwrap_or(false)
+                        && c.and_then(|c| c.terminating).unwrap_or(false)
+                }
+            };
             let addr = endpoint
                 .addresses
                 .first()
                 .and_then(|a| a.parse::<Ipv4Addr>().ok());
-            if let (true, Some(addr)) = (ready, addr) {
+            if let (true, Some(addr)) = (ok, addr) {
                 out.push(SocketAddrV4::new(addr, number));
             }
         }

@@ -234,3 +234,78 @@ fn validation_names_the_field() {
         "endpoints[1].addresses[0]"
     );
 }
+
+#[test]
+fn external_ips_and_load_balancer_ingress_are_frontends_too() {
+    use proxy_agent::model::Scope;
+    let svc = r#"
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [192.0.2.10]
+  ports: [{name: http, port: 80}]
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.7}, {hostname: lb.example.com}]}
+"#;
+    let desired = model::desired(&objects(&[("default", svc)], &[]));
+    let scopes: Vec<(Ipv4Addr, Scope)> = desired
+        .frontends
+        .iter()
+        .map(|(f, s)| (f.addr, s.scope))
+        .collect();
+    assert_eq!(
+        scopes,
+        vec![
+            (Ipv4Addr::new(10, 96, 0, 20), Scope::ClusterIp),
+            (Ipv4Addr::new(192, 0, 2, 10), Scope::ExternalIp),
+            (Ipv4Addr::new(198, 51, 100, 7), Scope::LoadBalancer),
+        ]
+    );
+    // Ingress IPs belong to LoadBalancer Services only.
+    let not_lb = svc.replace("type: LoadBalancer", "type: ClusterIP");
+    assert_eq!(
+        model::desired(&objects(&[("default", &not_lb)], &[]))
+            .frontends
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_none_is_ready() {
+    let both = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], conditions: {ready: true}},
+            {addresses: [10.1.2.2], conditions: {ready: false, serving: true, terminating: true}}]"#,
+    );
+    let desired = model::desired(&objects(&[("default", WEB)], &[("default", &both)]));
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        vec![be([10, 1, 1, 2], 8080)]
+    );
+    let draining = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], conditions: {ready: false, serving: false, terminating: true}},
+            {addresses: [10.1.2.2], conditions: {ready: false, serving: true, terminating: true}}]"#,
+    );
+    let desired = model::desired(&objects(&[("default", WEB)], &[("default", &draining)]));
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        vec![be([10, 1, 2, 2], 8080)],
+        "the serving terminating endpoint takes new connections while nothing is ready"
+    );
+}
+
+#[test]
+fn an_invalid_external_ip_names_its_field() {
+    let s: Service =
+        serde_yaml::from_str("metadata: {name: a}\nspec: {externalIPs: [192.0.2.1, nope]}")
+            .expect("service");
+    assert_eq!(
+        model::validate_service(&s).expect_err("invalid").field,
+        "spec.externalIPs[1]"
+    );
+}

@@ -7,7 +7,7 @@ use std::{
 };
 
 use proxy_agent::{
-    model::{Desired, Frontend, FrontendState, ObjectKey, Protocol},
+    model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
     reconcile::{Maps, Reconciler, Snapshot},
 };
 use proxy_common::{Backend4, Frontend4, Service, SlotKey};
@@ -139,6 +139,7 @@ fn desired(services: &[(u16, &[u8])]) -> Desired {
                 name: format!("svc{port}"),
             },
             port_name: String::new(),
+            scope: Scope::ClusterIp,
             backends: backends
                 .iter()
                 .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))
@@ -450,6 +451,7 @@ fn change(entries: &[(&str, u16, &[u8])]) -> proxy_agent::reconcile::Changes {
         let state = FrontendState {
             service: key,
             port_name: String::new(),
+            scope: Scope::ClusterIp,
             backends: backends
                 .iter()
                 .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))

@@ -26,7 +26,7 @@ use anyhow::{Context, bail, ensure};
 use aya::maps::{Array, MapData, ProgramArray};
 use common::{Loaded, XDP_PASS};
 use etherparse::PacketBuilder;
-use proxy_agent::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol};
+use proxy_agent::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
 use proxy_common::{BENCH_HEAD, BenchPacket, Counter, names, programs};
 
 const SAMPLES: usize = 20_000;
@@ -322,6 +322,7 @@ fn desired(services: usize) -> Desired {
                     name: format!("svc{i}"),
                 },
                 port_name: "http".into(),
+                scope: Scope::ClusterIp,
                 backends,
             },
         );

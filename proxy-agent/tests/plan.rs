@@ -1,0 +1,63 @@
+//! `proxy-agent plan`: the binary, as a user runs it, without privileges.
+
+use std::process::Command;
+
+fn run_plan(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy-agent"))
+        .arg("plan")
+        .args(args)
+        .output()
+        .expect("run proxy-agent plan");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn examples() -> String {
+    format!("{}/../examples", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn plan_prints_the_examples_frontends_as_json_and_table() {
+    let (code, json, _) = run_plan(&["--manifests", &examples(), "-o", "json"]);
+    assert_eq!(code, 0);
+    let plan: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let frontends = plan["frontends"].as_array().expect("frontends");
+    assert_eq!(frontends.len(), 2);
+    let http = frontends.iter().find(|f| f["port"] == 80).expect("port 80");
+    assert_eq!(http["address"], "10.96.0.10");
+    assert_eq!(http["protocol"], "TCP");
+    assert_eq!(http["scope"], "ClusterIP");
+    assert_eq!(http["service"], "demo/web");
+    assert_eq!(
+        http["backends"],
+        serde_json::json!(["10.1.1.2:8080", "10.1.2.2:8080"])
+    );
+    let (code, table, _) = run_plan(&["--manifests", &examples()]);
+    assert_eq!(code, 0);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("10.96.0.10") && l.contains("10.1.2.2:5353")),
+        "{table}"
+    );
+}
+
+#[test]
+fn plan_reports_bad_objects_and_exits_non_zero() {
+    let dir = std::env::temp_dir().join(format!("xdproxy-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 0}]}\n";
+    std::fs::write(dir.join("bad.yaml"), bad).expect("write");
+    let (code, out, err) = run_plan(&["--manifests", dir.to_str().expect("path"), "-o", "json"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("Service default/bad") && err.contains("spec.ports[0].port"),
+        "{err}"
+    );
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(plan["frontends"].as_array().map(Vec::len), Some(0));
+}
