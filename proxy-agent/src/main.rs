@@ -30,6 +30,9 @@ enum Command {
         /// A YAML/JSON file or a directory of them, as `kubectl apply -f` takes.
         #[arg(long)]
         manifests: PathBuf,
+        /// The node to plan for (node-local policies keep its endpoints only).
+        #[arg(long)]
+        node_name: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -83,14 +86,15 @@ impl RunArgs {
             Some(path) => Source::Manifests(path),
             None => Source::Kubernetes {
                 kubeconfig: self.kubeconfig,
-                node_name: match self.node_name {
-                    Some(name) => name,
-                    None => hostname()?,
-                },
             },
+        };
+        let node_name = match self.node_name {
+            Some(name) => name,
+            None => hostname()?,
         };
         Ok(RunConfig {
             source,
+            node_name,
             ifaces: self.ifaces,
             bpffs: self.bpffs,
             poll: Duration::from_millis(self.poll_ms.max(10)),
@@ -120,8 +124,12 @@ async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Run(args) => run::run(args.config()?).await,
-        Command::Plan { manifests, output } => {
-            let plan = proxy_agent::plan::from_manifests(&manifests);
+        Command::Plan {
+            manifests,
+            output,
+            node_name,
+        } => {
+            let plan = proxy_agent::plan::from_manifests(&manifests, node_name.as_deref());
             for error in &plan.errors {
                 eprintln!("error: {error}");
             }

@@ -30,6 +30,9 @@ impl fmt::Display for ObjectKey {
 pub struct Objects {
     pub services: BTreeMap<ObjectKey, Service>,
     pub slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// This node's name, for policies that keep traffic on the node (None:
+    /// unknown, so no endpoint is local).
+    pub node_name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -196,7 +199,12 @@ pub fn desired(objects: &Objects) -> Desired {
     let index = SliceIndex::new(objects);
     let mut out = Desired::default();
     for (key, service) in &objects.services {
-        for (frontend, state) in service_frontends(key, service, &index.slices_of(objects, key)) {
+        for (frontend, state) in service_frontends(
+            key,
+            service,
+            &index.slices_of(objects, key),
+            objects.node_name.as_deref(),
+        ) {
             match out.frontends.get(&frontend) {
                 Some(taken) => out.warnings.push(format!(
                     "{}:{}/{:?} is claimed by Service {} and by Service {}; serving {}",
@@ -227,7 +235,12 @@ pub fn changes(
         .iter()
         .map(|key| {
             let wanted = match objects.services.get(key) {
-                Some(service) => service_frontends(key, service, &index.slices_of(objects, key)),
+                Some(service) => service_frontends(
+                    key,
+                    service,
+                    &index.slices_of(objects, key),
+                    objects.node_name.as_deref(),
+                ),
                 None => Vec::new(),
             };
             (key.clone(), wanted)
@@ -296,6 +309,7 @@ fn service_frontends(
     key: &ObjectKey,
     service: &Service,
     slices: &[&EndpointSlice],
+    node: Option<&str>,
 ) -> Vec<(Frontend, FrontendState)> {
     let Some(spec) = &service.spec else {
         return Vec::new();
@@ -319,8 +333,18 @@ fn service_frontends(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let backends = backends(slices, &port_name, protocol);
+        // internalTrafficPolicy: Local keeps cluster-IP traffic on this node.
+        let internal = match spec.internal_traffic_policy.as_deref() {
+            Some("Local") => Only::Node(node),
+            _ => Only::Any,
+        };
+        let cluster_backends = backends(slices, &port_name, protocol, internal);
+        let other_backends = backends(slices, &port_name, protocol, Only::Any);
         for (addr, scope) in &addrs {
+            let backends = match scope {
+                Scope::ClusterIp => &cluster_backends,
+                _ => &other_backends,
+            };
             let frontend = Frontend {
                 addr: *addr,
                 port: number,
@@ -384,12 +408,40 @@ fn cluster_ipv4s(ips: Option<&[String]>, ip: Option<&str>) -> Vec<Ipv4Addr> {
 /// ready, those still serving while terminating (so a rollout's last
 /// connections find a backend). Only an endpoint's first address is used,
 /// and unknown readiness counts as ready.
-fn backends(slices: &[&EndpointSlice], port_name: &str, protocol: Protocol) -> Vec<SocketAddrV4> {
-    let ready = endpoints(slices, port_name, protocol, Condition::Ready);
+fn backends(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    only: Only,
+) -> Vec<SocketAddrV4> {
+    let ready = endpoints(slices, port_name, protocol, Condition::Ready, only);
     if !ready.is_empty() {
         return ready;
     }
-    endpoints(slices, port_name, protocol, Condition::ServingTerminating)
+    endpoints(
+        slices,
+        port_name,
+        protocol,
+        Condition::ServingTerminating,
+        only,
+    )
+}
+
+/// Which endpoints a frontend may use: all, or those on one node (none when
+/// the node is unknown).
+#[derive(Clone, Copy)]
+enum Only<'a> {
+    Any,
+    Node(Option<&'a str>),
+}
+
+impl Only<'_> {
+    fn admits(self, endpoint_node: Option<&str>) -> bool {
+        match self {
+            Only::Any => true,
+            Only::Node(node) => node.is_some() && endpoint_node == node,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -403,6 +455,7 @@ fn endpoints(
     port_name: &str,
     protocol: Protocol,
     wanted: Condition,
+    only: Only,
 ) -> Vec<SocketAddrV4> {
     let mut out = Vec::new();
     for slice in slices {
@@ -428,7 +481,8 @@ fn endpoints(
                 .addresses
                 .first()
                 .and_then(|a| a.parse::<Ipv4Addr>().ok());
-            if let (true, Some(addr)) = (ok, addr) {
+            let here = only.admits(endpoint.node_name.as_deref());
+            if let (true, true, Some(addr)) = (ok, here, addr) {
                 out.push(SocketAddrV4::new(addr, number));
             }
         }

@@ -29,9 +29,14 @@ pub struct Plan {
     pub errors: Vec<String>,
 }
 
-/// Reads the manifests as `run` would and computes the frontends.
-pub fn from_manifests(path: &Path) -> Plan {
-    let load = ManifestSource::new(path).load();
+/// Reads the manifests as `run` would (for the node named, if any) and
+/// computes the frontends.
+pub fn from_manifests(path: &Path, node_name: Option<&str>) -> Plan {
+    let mut source = ManifestSource::new(path);
+    if let Some(name) = node_name {
+        source = source.for_node(name);
+    }
+    let load = source.load();
     let desired = model::desired(&load.objects);
     plan(&desired, &load.errors)
 }

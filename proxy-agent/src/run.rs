@@ -35,14 +35,13 @@ const RETRY: Duration = Duration::from_secs(1);
 
 pub enum Source {
     Manifests(PathBuf),
-    Kubernetes {
-        kubeconfig: Option<PathBuf>,
-        node_name: String,
-    },
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 pub struct RunConfig {
     pub source: Source,
+    /// This node (its Node object is watched; node-local policies use it).
+    pub node_name: String,
     pub ifaces: Vec<IfaceSpec>,
     pub bpffs: PathBuf,
     /// How often the manifests are checked for changes.
@@ -75,14 +74,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     match &config.source {
         Source::Manifests(path) => {
-            manifest_loop(path, config.poll, &mut programmer, &mut signals).await
+            let source = ManifestSource::new(path).for_node(&config.node_name);
+            manifest_loop(source, config.poll, &mut programmer, &mut signals).await
         }
-        Source::Kubernetes {
-            kubeconfig,
-            node_name,
-        } => {
+        Source::Kubernetes { kubeconfig } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            kube_loop(client, node_name, &mut programmer, &mut signals).await
+            let store = ClusterStore::new(&config.node_name);
+            kube_loop(
+                client,
+                &config.node_name,
+                store,
+                &mut programmer,
+                &mut signals,
+            )
+            .await
         }
     }
     log::info!(
@@ -135,12 +140,11 @@ impl Signals {
 }
 
 async fn manifest_loop(
-    path: &std::path::Path,
+    mut source: ManifestSource,
     poll: Duration,
     programmer: &mut Programmer,
     signals: &mut Signals,
 ) {
-    let mut source = ManifestSource::new(path);
     let mut tick = tokio::time::interval(poll);
     loop {
         tokio::select! {
@@ -162,12 +166,12 @@ async fn manifest_loop(
 async fn kube_loop(
     client: kube::Client,
     node_name: &str,
+    mut store: ClusterStore,
     programmer: &mut Programmer,
     signals: &mut Signals,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     kubernetes::watch(client, node_name, tx);
-    let mut store = ClusterStore::default();
     let mut health = ApiHealth::default();
     let mut retry = tokio::time::interval(RETRY);
     loop {

@@ -309,3 +309,49 @@ fn an_invalid_external_ip_names_its_field() {
         "spec.externalIPs[1]"
     );
 }
+
+#[test]
+fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_this_node() {
+    let svc = r#"
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  externalIPs: [192.0.2.10]
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80}]
+"#;
+    let s = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], nodeName: n1},
+            {addresses: [10.1.2.2], nodeName: n2},
+            {addresses: [10.1.3.2], nodeName: n1, conditions: {ready: false}}]"#,
+    );
+    let mut objs = objects(&[("default", svc)], &[("default", &s)]);
+    objs.node_name = Some("n1".into());
+    let desired = model::desired(&objs);
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        vec![be([10, 1, 1, 2], 8080)]
+    );
+    assert_eq!(
+        backends_of(&desired, fe([192, 0, 2, 10], 80, Protocol::Tcp)).len(),
+        2,
+        "external traffic is not governed by the internal policy"
+    );
+    objs.node_name = Some("n3".into());
+    let desired = model::desired(&objs);
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        vec![],
+        "no local endpoint, no backend"
+    );
+    objs.node_name = None;
+    assert_eq!(
+        backends_of(
+            &model::desired(&objs),
+            fe([10, 96, 0, 10], 80, Protocol::Tcp)
+        ),
+        vec![]
+    );
+}

@@ -61,3 +61,27 @@ fn plan_reports_bad_objects_and_exits_non_zero() {
     let plan: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(plan["frontends"].as_array().map(Vec::len), Some(0));
 }
+
+#[test]
+fn plan_for_a_node_applies_node_local_policies() {
+    let dir = std::env::temp_dir().join(format!("xdproxy-plan-local-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let manifests = "apiVersion: v1\nkind: Service\nmetadata: {name: loc}\nspec: {clusterIP: 10.96.0.40, internalTrafficPolicy: Local, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: loc-1, labels: {kubernetes.io/service-name: loc}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.1.1.2], nodeName: n1}, {addresses: [10.1.2.2], nodeName: n2}]\n";
+    std::fs::write(dir.join("loc.yaml"), manifests).expect("write");
+    let path = dir.to_str().expect("path").to_string();
+    let backends = |args: &[&str]| -> serde_json::Value {
+        let (code, out, err) = run_plan(args);
+        assert_eq!(code, 0, "{err}");
+        let plan: serde_json::Value = serde_json::from_str(&out).expect("json");
+        plan["frontends"][0]["backends"].clone()
+    };
+    assert_eq!(
+        backends(&["--manifests", &path, "--node-name", "n2", "-o", "json"]),
+        serde_json::json!(["10.1.2.2:8080"])
+    );
+    assert_eq!(
+        backends(&["--manifests", &path, "-o", "json"]),
+        serde_json::json!([])
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

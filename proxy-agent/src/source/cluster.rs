@@ -132,6 +132,13 @@ fn accept<K>(
 }
 
 impl ClusterStore {
+    /// A store for the node named `node_name`.
+    pub fn new(node_name: &str) -> Self {
+        let mut store = ClusterStore::default();
+        store.objects.node_name = Some(node_name.to_string());
+        store
+    }
+
     pub fn service(&mut self, event: Event<Service>) {
         let touched = match &event {
             Event::Apply(s) | Event::Delete(s) => Some(key(s)),

@@ -58,6 +58,8 @@ type Id = (Kind, ObjectKey);
 /// Reads the manifests and remembers the last valid version of each object.
 pub struct ManifestSource {
     path: PathBuf,
+    /// This node's name, for the model's node-local policies.
+    node_name: Option<String>,
     last_good: BTreeMap<Id, (PathBuf, Object)>,
     fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
 }
@@ -72,9 +74,16 @@ impl ManifestSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         ManifestSource {
             path: path.into(),
+            node_name: None,
             last_good: BTreeMap::new(),
             fingerprint: None,
         }
+    }
+
+    /// Tells the model which node this is.
+    pub fn for_node(mut self, name: &str) -> Self {
+        self.node_name = Some(name.to_string());
+        self
     }
 
     /// True when the files changed since the last `load` (or none happened).
@@ -103,10 +112,9 @@ impl ManifestSource {
             }
         }
         self.last_good = found;
-        Load {
-            objects: objects(&self.last_good),
-            errors,
-        }
+        let mut objects = objects(&self.last_good);
+        objects.node_name = self.node_name.clone();
+        Load { objects, errors }
     }
 
     fn read_file(
