@@ -33,6 +33,9 @@ enum Command {
         /// The node to plan for (node-local policies keep its endpoints only).
         #[arg(long)]
         node_name: Option<String>,
+        /// The node's zone, for topology-aware routing.
+        #[arg(long)]
+        zone: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -60,6 +63,9 @@ struct RunArgs {
     /// This node's name (default: NODE_NAME, else the hostname).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// This node's zone, with --manifests (the API server's Node label otherwise).
+    #[arg(long)]
+    zone: Option<String>,
     /// Interface to attach to: IF, IF:xdp or IF:tc (default: tc on veth, xdp otherwise).
     #[arg(long = "iface", required = true)]
     ifaces: Vec<IfaceSpec>,
@@ -95,6 +101,7 @@ impl RunArgs {
         Ok(RunConfig {
             source,
             node_name,
+            zone: self.zone,
             ifaces: self.ifaces,
             bpffs: self.bpffs,
             poll: Duration::from_millis(self.poll_ms.max(10)),
@@ -128,8 +135,13 @@ async fn main() -> anyhow::Result<()> {
             manifests,
             output,
             node_name,
+            zone,
         } => {
-            let plan = proxy_agent::plan::from_manifests(&manifests, node_name.as_deref());
+            let plan = proxy_agent::plan::from_manifests(
+                &manifests,
+                node_name.as_deref(),
+                zone.as_deref(),
+            );
             for error in &plan.errors {
                 eprintln!("error: {error}");
             }

@@ -33,7 +33,12 @@ pub struct Objects {
     /// This node's name, for policies that keep traffic on the node (None:
     /// unknown, so no endpoint is local).
     pub node_name: Option<String>,
+    /// This node's zone, for topology-aware routing (None: not used).
+    pub node_zone: Option<String>,
 }
+
+/// The Node label topology-aware routing reads.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Protocol {
@@ -199,12 +204,9 @@ pub fn desired(objects: &Objects) -> Desired {
     let index = SliceIndex::new(objects);
     let mut out = Desired::default();
     for (key, service) in &objects.services {
-        for (frontend, state) in service_frontends(
-            key,
-            service,
-            &index.slices_of(objects, key),
-            objects.node_name.as_deref(),
-        ) {
+        for (frontend, state) in
+            service_frontends(key, service, &index.slices_of(objects, key), objects)
+        {
             match out.frontends.get(&frontend) {
                 Some(taken) => out.warnings.push(format!(
                     "{}:{}/{:?} is claimed by Service {} and by Service {}; serving {}",
@@ -235,12 +237,9 @@ pub fn changes(
         .iter()
         .map(|key| {
             let wanted = match objects.services.get(key) {
-                Some(service) => service_frontends(
-                    key,
-                    service,
-                    &index.slices_of(objects, key),
-                    objects.node_name.as_deref(),
-                ),
+                Some(service) => {
+                    service_frontends(key, service, &index.slices_of(objects, key), objects)
+                }
                 None => Vec::new(),
             };
             (key.clone(), wanted)
@@ -309,7 +308,7 @@ fn service_frontends(
     key: &ObjectKey,
     service: &Service,
     slices: &[&EndpointSlice],
-    node: Option<&str>,
+    node: &Objects,
 ) -> Vec<(Frontend, FrontendState)> {
     let Some(spec) = &service.spec else {
         return Vec::new();
@@ -334,12 +333,15 @@ fn service_frontends(
         };
         let port_name = port.name.clone().unwrap_or_default();
         // internalTrafficPolicy: Local keeps cluster-IP traffic on this node.
-        let internal = match spec.internal_traffic_policy.as_deref() {
-            Some("Local") => Only::Node(node),
-            _ => Only::Any,
+        let zone = wants_topology(service)
+            .then_some(node.node_zone.as_deref())
+            .flatten();
+        let (internal, internal_zone) = match spec.internal_traffic_policy.as_deref() {
+            Some("Local") => (Only::Node(node.node_name.as_deref()), None),
+            _ => (Only::Any, zone),
         };
-        let cluster_backends = backends(slices, &port_name, protocol, internal);
-        let other_backends = backends(slices, &port_name, protocol, Only::Any);
+        let cluster_backends = backends(slices, &port_name, protocol, internal, internal_zone);
+        let other_backends = backends(slices, &port_name, protocol, Only::Any, zone);
         for (addr, scope) in &addrs {
             let backends = match scope {
                 Scope::ClusterIp => &cluster_backends,
@@ -413,18 +415,72 @@ fn backends(
     port_name: &str,
     protocol: Protocol,
     only: Only,
+    zone: Option<&str>,
 ) -> Vec<SocketAddrV4> {
-    let ready = endpoints(slices, port_name, protocol, Condition::Ready, only);
-    if !ready.is_empty() {
-        return ready;
+    let ready = endpoints(slices, port_name, protocol, Condition::Ready, only, None);
+    if ready.is_empty() {
+        return endpoints(
+            slices,
+            port_name,
+            protocol,
+            Condition::ServingTerminating,
+            only,
+            None,
+        );
     }
-    endpoints(
-        slices,
-        port_name,
-        protocol,
-        Condition::ServingTerminating,
-        only,
-    )
+    match zone.filter(|z| hints_usable(slices, z)) {
+        Some(zone) => endpoints(
+            slices,
+            port_name,
+            protocol,
+            Condition::Ready,
+            only,
+            Some(zone),
+        ),
+        None => ready,
+    }
+}
+
+/// Whether the Service asks for topology-aware routing: the
+/// `service.kubernetes.io/topology-mode: Auto` annotation (or its older
+/// `topology-aware-hints` form) or `trafficDistribution: PreferClose`.
+fn wants_topology(service: &Service) -> bool {
+    let annotations = service.metadata.annotations.as_ref();
+    let auto = |key: &str| {
+        annotations
+            .and_then(|a| a.get(key))
+            .is_some_and(|v| v.eq_ignore_ascii_case("auto"))
+    };
+    let spec = service.spec.as_ref();
+    let prefer_close = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferClose");
+    auto("service.kubernetes.io/topology-mode")
+        || auto("service.kubernetes.io/topology-aware-hints")
+        || prefer_close
+}
+
+/// kube-proxy's rule: zone hints are used only if every ready endpoint has
+/// some and at least one is for this zone; otherwise all endpoints serve.
+fn hints_usable(slices: &[&EndpointSlice], zone: &str) -> bool {
+    let ready = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
+    let mut for_zone = false;
+    for endpoint in ready {
+        match endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref()) {
+            Some(zones) if !zones.is_empty() => for_zone |= zones.iter().any(|z| z.name == zone),
+            _ => return false,
+        }
+    }
+    for_zone
+}
+
+fn hinted_for(endpoint: &k8s_openapi::api::discovery::v1::Endpoint, zone: Option<&str>) -> bool {
+    let Some(zone) = zone else {
+        return true;
+    };
+    let zones = endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref());
+    zones.into_iter().flatten().any(|z| z.name == zone)
 }
 
 /// Which endpoints a frontend may use: all, or those on one node (none when
@@ -456,6 +512,7 @@ fn endpoints(
     protocol: Protocol,
     wanted: Condition,
     only: Only,
+    zone: Option<&str>,
 ) -> Vec<SocketAddrV4> {
     let mut out = Vec::new();
     for slice in slices {
@@ -481,7 +538,7 @@ fn endpoints(
                 .addresses
                 .first()
                 .and_then(|a| a.parse::<Ipv4Addr>().ok());
-            let here = only.admits(endpoint.node_name.as_deref());
+            let here = only.admits(endpoint.node_name.as_deref()) && hinted_for(endpoint, zone);
             if let (true, true, Some(addr)) = (ok, here, addr) {
                 out.push(SocketAddrV4::new(addr, number));
             }

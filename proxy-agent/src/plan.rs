@@ -29,10 +29,10 @@ pub struct Plan {
     pub errors: Vec<String>,
 }
 
-/// Reads the manifests as `run` would (for the node named, if any) and
-/// computes the frontends.
-pub fn from_manifests(path: &Path, node_name: Option<&str>) -> Plan {
-    let mut source = ManifestSource::new(path);
+/// Reads the manifests as `run` would (for the node named and its zone, if
+/// given) and computes the frontends.
+pub fn from_manifests(path: &Path, node_name: Option<&str>, zone: Option<&str>) -> Plan {
+    let mut source = ManifestSource::new(path).in_zone(zone);
     if let Some(name) = node_name {
         source = source.for_node(name);
     }

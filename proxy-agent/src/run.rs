@@ -42,6 +42,9 @@ pub struct RunConfig {
     pub source: Source,
     /// This node (its Node object is watched; node-local policies use it).
     pub node_name: String,
+    /// This node's zone with manifests (with the API server, the Node's
+    /// topology.kubernetes.io/zone label says).
+    pub zone: Option<String>,
     pub ifaces: Vec<IfaceSpec>,
     pub bpffs: PathBuf,
     /// How often the manifests are checked for changes.
@@ -74,7 +77,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     match &config.source {
         Source::Manifests(path) => {
-            let source = ManifestSource::new(path).for_node(&config.node_name);
+            let source = ManifestSource::new(path)
+                .for_node(&config.node_name)
+                .in_zone(config.zone.as_deref());
             manifest_loop(source, config.poll, &mut programmer, &mut signals).await
         }
         Source::Kubernetes { kubeconfig } => {

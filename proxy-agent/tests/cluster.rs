@@ -207,3 +207,16 @@ fn a_changed_slice_is_found_through_the_index() {
     assert_eq!(wanted.len(), 1);
     assert_eq!(wanted[0].1.backends.len(), 1, "{wanted:?}");
 }
+
+#[test]
+fn the_nodes_zone_label_reaches_the_model_and_a_change_redoes_everything() {
+    use proxy_agent::source::cluster::Dirty;
+    let mut store = synced_store();
+    store.take_dirty();
+    let node: Node =
+        serde_yaml::from_str("metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}")
+            .expect("node");
+    store.node(Event::Apply(node));
+    assert_eq!(store.objects().node_zone.as_deref(), Some("a"));
+    assert_eq!(store.take_dirty(), Dirty::All);
+}

@@ -355,3 +355,70 @@ spec:
         vec![]
     );
 }
+
+#[test]
+fn topology_hints_keep_traffic_in_the_zone_as_kube_proxy_does() {
+    let svc = |extra: &str| {
+        format!(
+            "metadata: {{name: web{extra}}}\nspec: {{clusterIP: 10.96.0.10, trafficDistribution: PreferClose, ports: [{{name: http, port: 80}}]}}"
+        )
+    };
+    let hinted = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], hints: {forZones: [{name: a}]}},
+            {addresses: [10.1.2.2], hints: {forZones: [{name: b}]}}]"#,
+    );
+    let with = |service: &str, slice: &str, zone: Option<&str>| {
+        let mut objs = objects(&[("default", service)], &[("default", slice)]);
+        objs.node_zone = zone.map(str::to_string);
+        backends_of(
+            &model::desired(&objs),
+            fe([10, 96, 0, 10], 80, Protocol::Tcp),
+        )
+    };
+    let plain = svc("").replace(", trafficDistribution: PreferClose", "");
+    assert_eq!(
+        with(&svc(""), &hinted, Some("a")),
+        vec![be([10, 1, 1, 2], 8080)],
+        "zone a keeps zone a"
+    );
+    assert_eq!(
+        with(&svc(""), &hinted, Some("b")),
+        vec![be([10, 1, 2, 2], 8080)]
+    );
+    assert_eq!(
+        with(&svc(""), &hinted, Some("c")).len(),
+        2,
+        "no endpoint for the zone: all serve"
+    );
+    assert_eq!(
+        with(&svc(""), &hinted, None).len(),
+        2,
+        "unknown zone: all serve"
+    );
+    assert_eq!(
+        with(&plain, &hinted, Some("a")).len(),
+        2,
+        "not asked for: all serve"
+    );
+    let annotated = plain.replace(
+        "metadata: {name: web}",
+        "metadata: {name: web, annotations: {service.kubernetes.io/topology-mode: Auto}}",
+    );
+    assert_eq!(
+        with(&annotated, &hinted, Some("a")),
+        vec![be([10, 1, 1, 2], 8080)],
+        "the annotation asks too"
+    );
+    let partly = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], hints: {forZones: [{name: a}]}}, {addresses: [10.1.2.2]}]"#,
+    );
+    assert_eq!(
+        with(&svc(""), &partly, Some("a")).len(),
+        2,
+        "an endpoint without hints disables them"
+    );
+}

@@ -85,3 +85,20 @@ fn plan_for_a_node_applies_node_local_policies() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn plan_for_a_zone_applies_topology_hints() {
+    let dir = std::env::temp_dir().join(format!("xdproxy-plan-zone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let manifests = "apiVersion: v1\nkind: Service\nmetadata: {name: z}\nspec: {clusterIP: 10.96.0.50, trafficDistribution: PreferClose, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: z-1, labels: {kubernetes.io/service-name: z}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.1.1.2], hints: {forZones: [{name: a}]}}, {addresses: [10.1.2.2], hints: {forZones: [{name: b}]}}]\n";
+    std::fs::write(dir.join("z.yaml"), manifests).expect("write");
+    let path = dir.to_str().expect("path").to_string();
+    let (code, out, err) = run_plan(&["--manifests", &path, "--zone", "b", "-o", "json"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        plan["frontends"][0]["backends"],
+        serde_json::json!(["10.1.2.2:8080"])
+    );
+}

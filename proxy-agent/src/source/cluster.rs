@@ -212,8 +212,16 @@ impl ClusterStore {
         let changed =
             self.node_kind
                 .apply(&mut self.nodes, event, |_| Ok(()), &mut self.errors, "Node");
-        // Nothing the model computes depends on the Node yet.
-        self.note(changed, Instant::now(), Vec::new(), relisted);
+        // Its zone steers topology-aware routing: when it changes, every
+        // Service is looked at again.
+        let zone = self
+            .nodes
+            .values()
+            .next()
+            .and_then(|n| n.labels().get(model::ZONE_LABEL).cloned());
+        let moved = zone != self.objects.node_zone;
+        self.objects.node_zone = zone;
+        self.note(changed, Instant::now(), Vec::new(), relisted || moved);
     }
 
     fn note(&mut self, changed: bool, at: Instant, services: Vec<ObjectKey>, relisted: bool) {

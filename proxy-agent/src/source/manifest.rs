@@ -58,8 +58,10 @@ type Id = (Kind, ObjectKey);
 /// Reads the manifests and remembers the last valid version of each object.
 pub struct ManifestSource {
     path: PathBuf,
-    /// This node's name, for the model's node-local policies.
+    /// This node's name and zone, for the model's node-local and
+    /// topology-aware policies.
     node_name: Option<String>,
+    node_zone: Option<String>,
     last_good: BTreeMap<Id, (PathBuf, Object)>,
     fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
 }
@@ -75,6 +77,7 @@ impl ManifestSource {
         ManifestSource {
             path: path.into(),
             node_name: None,
+            node_zone: None,
             last_good: BTreeMap::new(),
             fingerprint: None,
         }
@@ -83,6 +86,12 @@ impl ManifestSource {
     /// Tells the model which node this is.
     pub fn for_node(mut self, name: &str) -> Self {
         self.node_name = Some(name.to_string());
+        self
+    }
+
+    /// Tells the model which zone this node is in.
+    pub fn in_zone(mut self, zone: Option<&str>) -> Self {
+        self.node_zone = zone.map(str::to_string);
         self
     }
 
@@ -114,6 +123,7 @@ impl ManifestSource {
         self.last_good = found;
         let mut objects = objects(&self.last_good);
         objects.node_name = self.node_name.clone();
+        objects.node_zone = self.node_zone.clone();
         Load { objects, errors }
     }
 
