@@ -51,8 +51,6 @@ pub const MAX_SERVICES: u32 = 131_072;
 pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_SLOTS: u32 = 524_288;
 pub const MAX_CONNTRACK: u32 = 262_144;
-/// Service ids are indexes into the per-CPU statistics array: 0 is never used.
-pub const MAX_SERVICE_ID: u32 = MAX_SERVICES;
 
 /// What a client addresses: an IPv4 frontend (service VIP, port, protocol).
 #[repr(C)]

@@ -1318,7 +1318,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) 
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => spawn_connection(stream, shared),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => wait_readable(listener),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => crate::servers::wait_readable(listener),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             // E.g. ECONNABORTED when a client resets before accept; keep serving.
             Err(e) => {
@@ -1327,19 +1327,6 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) 
             }
         }
     }
-}
-
-/// Waits up to [`POLL_INTERVAL`] for `fd` to become readable.
-fn wait_readable(fd: &impl AsRawFd) {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let timeout = libc::c_int::try_from(POLL_INTERVAL.as_millis()).unwrap_or(100);
-    // SAFETY: one valid pollfd for the duration of the call. The result does
-    // not matter: the caller retries accept and re-checks its stop flag.
-    unsafe { libc::poll(&mut pfd, 1, timeout) };
 }
 
 fn spawn_connection(stream: TcpStream, shared: &Arc<Shared>) {

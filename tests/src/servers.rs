@@ -126,8 +126,9 @@ fn bind(tcp_port: u16, udp_port: u16) -> Result<(TcpListener, UdpSocket)> {
     Ok((listener, udp))
 }
 
-/// Waits up to [`POLL_INTERVAL`] for `fd` to become readable.
-fn wait_readable(fd: &impl AsRawFd) {
+/// Waits up to [`POLL_INTERVAL`] for `fd` to become readable (also used by
+/// the test API server's accept loop).
+pub(crate) fn wait_readable(fd: &impl AsRawFd) {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,

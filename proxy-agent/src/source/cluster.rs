@@ -248,10 +248,6 @@ impl ClusterStore {
         &self.index
     }
 
-    pub fn node_object(&self) -> Option<&Node> {
-        self.nodes.values().next()
-    }
-
     /// When the changes not yet programmed happened; clears them.
     pub fn take_pending(&mut self) -> Vec<Instant> {
         std::mem::take(&mut self.pending)
