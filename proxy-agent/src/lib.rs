@@ -2,6 +2,7 @@
 //!
 //! source (manifests) -> model (pure) -> reconciler (diff) -> datapath (maps).
 
+pub mod cidr;
 pub mod datapath;
 pub mod http;
 pub mod metrics;

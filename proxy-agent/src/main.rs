@@ -2,7 +2,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use proxy_agent::{
+    cidr::Cidr,
     datapath::{iface::IfaceSpec, loader},
+    plan::NodeOptions,
     run::{self, RunConfig, Source},
 };
 
@@ -36,6 +38,10 @@ enum Command {
         /// The node's zone, for topology-aware routing.
         #[arg(long)]
         zone: Option<String>,
+        /// NodePorts only on node addresses in these CIDRs (default: all of
+        /// the Node's InternalIP and ExternalIP addresses).
+        #[arg(long, value_delimiter = ',')]
+        nodeport_addresses: Vec<Cidr>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -66,6 +72,11 @@ struct RunArgs {
     /// This node's zone, with --manifests (the API server's Node label otherwise).
     #[arg(long)]
     zone: Option<String>,
+    /// NodePorts only on node addresses in these CIDRs (default: all of the
+    /// Node's InternalIP and ExternalIP addresses, from the API server or the
+    /// manifests).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<Cidr>,
     /// Interface to attach to: IF, IF:xdp or IF:tc (default: tc on veth, xdp otherwise).
     #[arg(long = "iface", required = true)]
     ifaces: Vec<IfaceSpec>,
@@ -102,6 +113,7 @@ impl RunArgs {
             source,
             node_name,
             zone: self.zone,
+            nodeport_ranges: self.nodeport_addresses,
             ifaces: self.ifaces,
             bpffs: self.bpffs,
             poll: Duration::from_millis(self.poll_ms.max(10)),
@@ -136,12 +148,14 @@ async fn main() -> anyhow::Result<()> {
             output,
             node_name,
             zone,
+            nodeport_addresses,
         } => {
-            let plan = proxy_agent::plan::from_manifests(
-                &manifests,
-                node_name.as_deref(),
-                zone.as_deref(),
-            );
+            let node = NodeOptions {
+                name: node_name.as_deref(),
+                zone: zone.as_deref(),
+                nodeport_ranges: &nodeport_addresses,
+            };
+            let plan = proxy_agent::plan::from_manifests(&manifests, &node);
             for error in &plan.errors {
                 eprintln!("error: {error}");
             }

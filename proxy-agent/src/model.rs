@@ -7,8 +7,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Serialize;
+
+use crate::cidr::Cidr;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -35,6 +40,47 @@ pub struct Objects {
     pub node_name: Option<String>,
     /// This node's zone, for topology-aware routing (None: not used).
     pub node_zone: Option<String>,
+    /// This node's addresses (its Node's InternalIP and ExternalIP ones):
+    /// where NodePorts are served.
+    pub node_addresses: Vec<Ipv4Addr>,
+    /// `--nodeport-addresses`: NodePorts only on node addresses in these
+    /// ranges (empty: on all of them).
+    pub nodeport_ranges: Vec<Cidr>,
+}
+
+/// The zone a Node is labelled with.
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()
+}
+
+/// The addresses a Node object lists for reaching it (IPv4 for now).
+pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
+    let listed = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten();
+    let mut out: Vec<Ipv4Addr> = listed
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+impl Objects {
+    /// Where this node serves NodePorts.
+    fn nodeport_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.node_addresses.iter().copied().filter(|a| {
+            self.nodeport_ranges.is_empty()
+                || self
+                    .nodeport_ranges
+                    .iter()
+                    .any(|r| r.contains(IpAddr::V4(*a)))
+        })
+    }
 }
 
 /// The Node label topology-aware routing reads.
@@ -72,6 +118,16 @@ pub enum Scope {
     ExternalIp,
     /// A `status.loadBalancer.ingress` IP of a LoadBalancer Service.
     LoadBalancer,
+    /// One of this node's addresses, at a `nodePort`.
+    NodePort,
+}
+
+impl Scope {
+    /// Traffic that comes from outside the cluster, which
+    /// `externalTrafficPolicy` governs.
+    pub fn is_external(self) -> bool {
+        self != Scope::ClusterIp
+    }
 }
 
 /// Where a frontend's traffic goes, and which Service port asked for it.
@@ -332,36 +388,81 @@ fn service_frontends(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        // internalTrafficPolicy: Local keeps cluster-IP traffic on this node.
-        let zone = wants_topology(service)
-            .then_some(node.node_zone.as_deref())
-            .flatten();
-        let (internal, internal_zone) = match spec.internal_traffic_policy.as_deref() {
-            Some("Local") => (Only::Node(node.node_name.as_deref()), None),
-            _ => (Only::Any, zone),
+        let wanted = Wanted {
+            slices,
+            port_name: &port_name,
+            protocol,
         };
-        let cluster_backends = backends(slices, &port_name, protocol, internal, internal_zone);
-        let other_backends = backends(slices, &port_name, protocol, Only::Any, zone);
-        for (addr, scope) in &addrs {
-            let backends = match scope {
-                Scope::ClusterIp => &cluster_backends,
-                _ => &other_backends,
-            };
+        let internal = wanted.backends(service, false, node);
+        let external = wanted.backends(service, true, node);
+        let mut push = |addr: Ipv4Addr, number: u16, scope: Scope| {
             let frontend = Frontend {
-                addr: *addr,
+                addr,
                 port: number,
                 protocol,
             };
             let state = FrontendState {
                 service: key.clone(),
                 port_name: port_name.clone(),
-                scope: *scope,
-                backends: backends.clone(),
+                scope,
+                backends: if scope.is_external() {
+                    external.clone()
+                } else {
+                    internal.clone()
+                },
             };
             out.push((frontend, state));
+        };
+        for (addr, scope) in &addrs {
+            push(*addr, number, *scope);
+        }
+        if let Some(node_port) = node_port(service, port.node_port) {
+            for addr in node.nodeport_addresses() {
+                push(addr, node_port, Scope::NodePort);
+            }
         }
     }
     out
+}
+
+/// The port's `nodePort`, for the Service types that open one.
+fn node_port(service: &Service, value: Option<i32>) -> Option<u16> {
+    let kind = service.spec.as_ref()?.type_.as_deref();
+    if !matches!(kind, Some("NodePort" | "LoadBalancer")) {
+        return None;
+    }
+    port_number(value?, String::new).ok()
+}
+
+/// One Service port's endpoints, looked up in the Service's slices.
+struct Wanted<'a> {
+    slices: &'a [&'a EndpointSlice],
+    port_name: &'a str,
+    protocol: Protocol,
+}
+
+impl Wanted<'_> {
+    /// The backends of the port for internal (cluster IP) or external
+    /// traffic: each traffic policy `Local` keeps its kind of traffic on this
+    /// node; otherwise topology-aware routing may narrow them to the zone.
+    fn backends(&self, service: &Service, external: bool, node: &Objects) -> Vec<SocketAddrV4> {
+        let spec = service.spec.as_ref();
+        let policy = if external {
+            spec.and_then(|s| s.external_traffic_policy.as_deref())
+        } else {
+            spec.and_then(|s| s.internal_traffic_policy.as_deref())
+        };
+        let (only, zone) = match policy {
+            Some("Local") => (Only::Node(node.node_name.as_deref()), None),
+            _ => {
+                let zone = wants_topology(service)
+                    .then_some(node.node_zone.as_deref())
+                    .flatten();
+                (Only::Any, zone)
+            }
+        };
+        backends(self.slices, self.port_name, self.protocol, only, zone)
+    }
 }
 
 /// Every IPv4 address the Service is reached at, with how: its cluster IPs,

@@ -6,6 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use crate::{
+    cidr::Cidr,
     model::{self, Desired, Protocol, Scope},
     source::manifest::{ManifestError, ManifestSource},
 };
@@ -29,10 +30,21 @@ pub struct Plan {
     pub errors: Vec<String>,
 }
 
+/// Which node to plan for, as `run` would be told.
+#[derive(Default)]
+pub struct NodeOptions<'a> {
+    pub name: Option<&'a str>,
+    pub zone: Option<&'a str>,
+    pub nodeport_ranges: &'a [Cidr],
+}
+
 /// Reads the manifests as `run` would (for the node named and its zone, if
 /// given) and computes the frontends.
-pub fn from_manifests(path: &Path, node_name: Option<&str>, zone: Option<&str>) -> Plan {
-    let mut source = ManifestSource::new(path).in_zone(zone);
+pub fn from_manifests(path: &Path, node: &NodeOptions) -> Plan {
+    let (node_name, zone) = (node.name, node.zone);
+    let mut source = ManifestSource::new(path)
+        .in_zone(zone)
+        .nodeport_ranges(node.nodeport_ranges);
     if let Some(name) = node_name {
         source = source.for_node(name);
     }
@@ -56,6 +68,7 @@ fn plan(desired: &Desired, errors: &[ManifestError]) -> Plan {
                 Scope::ClusterIp => "ClusterIP",
                 Scope::ExternalIp => "ExternalIP",
                 Scope::LoadBalancer => "LoadBalancer",
+                Scope::NodePort => "NodePort",
             },
             service: state.service.to_string(),
             port_name: state.port_name.clone(),

@@ -16,6 +16,7 @@ use tokio::{
 };
 
 use crate::{
+    cidr::Cidr,
     datapath::{self, iface::IfaceSpec, loader, maps::MapSet},
     http::{self, Endpoints},
     metrics::{Shared, Status},
@@ -45,6 +46,8 @@ pub struct RunConfig {
     /// This node's zone with manifests (with the API server, the Node's
     /// topology.kubernetes.io/zone label says).
     pub zone: Option<String>,
+    /// `--nodeport-addresses`.
+    pub nodeport_ranges: Vec<Cidr>,
     pub ifaces: Vec<IfaceSpec>,
     pub bpffs: PathBuf,
     /// How often the manifests are checked for changes.
@@ -79,12 +82,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Source::Manifests(path) => {
             let source = ManifestSource::new(path)
                 .for_node(&config.node_name)
-                .in_zone(config.zone.as_deref());
+                .in_zone(config.zone.as_deref())
+                .nodeport_ranges(&config.nodeport_ranges);
             manifest_loop(source, config.poll, &mut programmer, &mut signals).await
         }
         Source::Kubernetes { kubeconfig } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            let store = ClusterStore::new(&config.node_name);
+            let store =
+                ClusterStore::new(&config.node_name).nodeport_ranges(&config.nodeport_ranges);
             kube_loop(
                 client,
                 &config.node_name,

@@ -422,3 +422,139 @@ fn topology_hints_keep_traffic_in_the_zone_as_kube_proxy_does() {
         "an endpoint without hints disables them"
     );
 }
+
+fn node(yaml: &str) -> k8s_openapi::api::core::v1::Node {
+    serde_yaml::from_str(yaml).expect("test node")
+}
+
+const NODE_PORT_WEB: &str = r#"
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80, nodePort: 30080}
+    - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
+"#;
+
+#[test]
+fn node_ports_are_served_on_the_nodes_addresses_within_the_ranges() {
+    let n = node(
+        r#"
+metadata: {name: n1}
+status:
+  addresses:
+    - {type: InternalIP, address: 10.0.0.1}
+    - {type: ExternalIP, address: 203.0.113.7}
+    - {type: Hostname, address: n1}
+    - {type: InternalIP, address: "fd00::1"}
+"#,
+    );
+    assert_eq!(
+        model::node_addresses(&n),
+        vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(203, 0, 113, 7)]
+    );
+    let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
+    let mut objs = objects(&[("default", NODE_PORT_WEB)], &[("default", &s)]);
+    objs.node_addresses = model::node_addresses(&n);
+    let desired = model::desired(&objs);
+    for addr in [[10, 0, 0, 1], [203, 0, 113, 7]] {
+        let frontend = fe(addr, 30080, Protocol::Tcp);
+        assert_eq!(backends_of(&desired, frontend), vec![be([10, 1, 1, 2], 8080)]);
+        assert_eq!(desired.frontends[&frontend].scope, model::Scope::NodePort);
+        assert_eq!(
+            backends_of(&desired, fe(addr, 30053, Protocol::Udp)),
+            vec![be([10, 1, 1, 2], 5353)]
+        );
+    }
+    assert_eq!(desired.frontends.len(), 2 + 4, "cluster IP and node ports");
+
+    objs.nodeport_ranges = vec!["10.0.0.0/8".parse().expect("cidr")];
+    let desired = model::desired(&objs);
+    assert!(desired.frontends.contains_key(&fe([10, 0, 0, 1], 30080, Protocol::Tcp)));
+    assert!(!desired.frontends.contains_key(&fe([203, 0, 113, 7], 30080, Protocol::Tcp)));
+
+    objs.node_addresses.clear();
+    assert_eq!(model::desired(&objs).frontends.len(), 2, "no known address, no NodePort");
+}
+
+#[test]
+fn only_node_port_and_load_balancer_services_open_node_ports() {
+    let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
+    for (kind, opens) in [
+        ("ClusterIP", false),
+        ("NodePort", true),
+        ("LoadBalancer", true),
+    ] {
+        let svc = NODE_PORT_WEB.replace("type: NodePort", &format!("type: {kind}"));
+        let mut objs = objects(&[("default", &svc)], &[("default", &s)]);
+        objs.node_addresses = vec![Ipv4Addr::new(10, 0, 0, 1)];
+        let desired = model::desired(&objs);
+        assert_eq!(
+            desired
+                .frontends
+                .contains_key(&fe([10, 0, 0, 1], 30080, Protocol::Tcp)),
+            opens,
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_external_traffic_on_this_node() {
+    let svc = r#"
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [192.0.2.10]
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+"#;
+    let s = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], nodeName: n1},
+            {addresses: [10.1.2.2], nodeName: n2},
+            {addresses: [10.1.4.2], nodeName: n1,
+             conditions: {ready: false, serving: true, terminating: true}}]"#,
+    );
+    let mut objs = objects(&[("default", svc)], &[("default", &s)]);
+    objs.node_name = Some("n1".into());
+    objs.node_addresses = vec![Ipv4Addr::new(10, 0, 0, 1)];
+    let desired = model::desired(&objs);
+    for external in [
+        fe([192, 0, 2, 10], 80, Protocol::Tcp),
+        fe([198, 51, 100, 1], 80, Protocol::Tcp),
+        fe([10, 0, 0, 1], 30080, Protocol::Tcp),
+    ] {
+        assert_eq!(
+            backends_of(&desired, external),
+            vec![be([10, 1, 1, 2], 8080)],
+            "{external:?}"
+        );
+    }
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)).len(),
+        2,
+        "cluster IP traffic is not governed by the external policy"
+    );
+    // Seen from n2, only its own endpoint serves.
+    objs.node_name = Some("n2".into());
+    let desired = model::desired(&objs);
+    assert_eq!(
+        backends_of(&desired, fe([10, 0, 0, 1], 30080, Protocol::Tcp)),
+        vec![be([10, 1, 2, 2], 8080)]
+    );
+    objs.node_name = Some("n3".into());
+    assert_eq!(
+        backends_of(
+            &model::desired(&objs),
+            fe([198, 51, 100, 1], 80, Protocol::Tcp)
+        ),
+        vec![]
+    );
+}

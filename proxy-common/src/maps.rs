@@ -26,6 +26,8 @@ pub mod names {
 pub mod programs {
     pub const XDP: &str = "xdproxy_xdp";
     pub const TC_INGRESS: &str = "xdproxy_tc";
+    /// TC egress: translates replies left for the egress hook.
+    pub const TC_EGRESS: &str = "xdproxy_tc_out";
     /// An XDP program that only returns XDP_PASS: the benchmark's baseline.
     pub const XDP_EMPTY: &str = "xdproxy_empty";
     /// Restores a saved packet head, then tail-calls `bench_target[0]`.
@@ -73,10 +75,18 @@ pub struct Service {
     pub id: u32,
     /// Slots 0..backend_count hold this service's backends.
     pub backend_count: u32,
-    /// Reserved for per-service behaviour (affinity, algorithm).
+    /// `SVC_*` bits.
     pub flags: u32,
+    /// Reserved (session affinity timeout).
     pub _pad: u32,
 }
+
+/// Replies are translated back at the egress of the interface that takes
+/// them to the client, not at ingress: a frontend on one of the node's own
+/// addresses (NodePort, a node's external IP) would otherwise become the
+/// source of a packet the kernel forwards, and the kernel drops such packets
+/// as martians.
+pub const SVC_REPLY_AT_EGRESS: u32 = 1;
 
 /// Key of `lb_slots`: one backend position of one service.
 #[repr(C)]
@@ -103,6 +113,10 @@ pub const CT_FORWARD: u8 = 0;
 /// Conntrack direction: a backend's reply towards the client.
 pub const CT_REPLY: u8 = 1;
 
+/// A reply entry whose translation waits for the egress hook
+/// (see `SVC_REPLY_AT_EGRESS`).
+pub const CT_AT_EGRESS: u16 = 1;
+
 /// Key of `ct4`: a flow as it appears on the wire in one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -126,7 +140,8 @@ pub struct Ct4Key {
 pub struct Ct4Entry {
     pub nat_addr: u32,
     pub nat_port: u16,
-    pub _pad: u16,
+    /// `CT_*` bits.
+    pub flags: u16,
     pub backend_id: u32,
     pub service_id: u32,
 }

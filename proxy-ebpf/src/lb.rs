@@ -2,7 +2,8 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    Backend4, CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, Frontend4, Service, SlotKey,
+    Backend4, CT_AT_EGRESS, CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, Frontend4,
+    SVC_REPLY_AT_EGRESS, Service, SlotKey,
 };
 
 use crate::{
@@ -19,6 +20,14 @@ pub enum Side {
     Source,
 }
 
+/// Where a program runs: ingress hooks translate towards backends and most
+/// replies; the egress hook only the replies left for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Ingress,
+    Egress,
+}
+
 pub struct Rewrite {
     pub side: Side,
     pub addr: u32,
@@ -27,7 +36,10 @@ pub struct Rewrite {
 
 /// What to do with a parsed packet: None leaves it untouched.
 #[inline(always)]
-pub fn decide(flow: &Flow, len: u64) -> Option<Rewrite> {
+pub fn decide(flow: &Flow, len: u64, stage: Stage) -> Option<Rewrite> {
+    if stage == Stage::Egress {
+        return reply(flow, stage);
+    }
     let frontend = Frontend4 {
         addr: flow.daddr,
         port: flow.dport,
@@ -45,12 +57,23 @@ pub fn decide(flow: &Flow, len: u64) -> Option<Rewrite> {
             port: backend.port,
         });
     }
+    reply(flow, stage)
+}
+
+/// A backend's reply, translated back to the frontend at the stage its
+/// conntrack entry asks for.
+#[inline(always)]
+fn reply(flow: &Flow, stage: Stage) -> Option<Rewrite> {
     let reply = key(
         flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
     );
     let entry = CONNTRACK4.get_ptr(reply)?;
     // SAFETY: a copy out of a live map value.
     let entry = unsafe { *entry };
+    let at_egress = entry.flags & CT_AT_EGRESS != 0;
+    if at_egress != (stage == Stage::Egress) {
+        return None;
+    }
     Some(Rewrite {
         side: Side::Source,
         addr: entry.nat_addr,
@@ -92,7 +115,7 @@ fn forward_backend(flow: &Flow, service: &Service) -> Option<Backend4> {
         maps::count(Counter::Reselected);
     }
     let (id, backend) = select(service)?;
-    remember(flow, forward, service.id, id, &backend);
+    remember(flow, forward, service, id, &backend);
     Some(backend)
 }
 
@@ -124,11 +147,12 @@ fn select(service: &Service) -> Option<(u32, Backend4)> {
 /// Writes both directions of a new flow; a failure is counted, and the packet
 /// is still forwarded.
 #[inline(always)]
-fn remember(flow: &Flow, forward: Ct4Key, service_id: u32, backend_id: u32, backend: &Backend4) {
+fn remember(flow: &Flow, forward: Ct4Key, service: &Service, backend_id: u32, backend: &Backend4) {
+    let service_id = service.id;
     let to_backend = Ct4Entry {
         nat_addr: backend.addr,
         nat_port: backend.port,
-        _pad: 0,
+        flags: 0,
         backend_id,
         service_id,
     };
@@ -143,7 +167,11 @@ fn remember(flow: &Flow, forward: Ct4Key, service_id: u32, backend_id: u32, back
     let to_client = Ct4Entry {
         nat_addr: flow.daddr,
         nat_port: flow.dport,
-        _pad: 0,
+        flags: if service.flags & SVC_REPLY_AT_EGRESS != 0 {
+            CT_AT_EGRESS
+        } else {
+            0
+        },
         backend_id,
         service_id,
     };

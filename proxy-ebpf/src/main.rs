@@ -18,6 +18,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use lb::Stage;
 use proxy_common::Counter;
 
 const TC_ACT_OK: i32 = 0;
@@ -33,7 +34,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let Some(flow) = parse::flow(start, end) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if let Some(rewrite) = lb::decide(&flow, (end - start) as u64) {
+    if let Some(rewrite) = lb::decide(&flow, (end - start) as u64, Stage::Ingress) {
         nat::xdp(ctx, &flow, &rewrite)?;
     }
     Ok(xdp_action::XDP_PASS)
@@ -41,10 +42,17 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 
 #[classifier]
 pub fn xdproxy_tc(ctx: TcContext) -> i32 {
-    try_tc(&ctx).unwrap_or(TC_ACT_OK)
+    try_tc(&ctx, Stage::Ingress).unwrap_or(TC_ACT_OK)
 }
 
-fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
+/// Translates the replies of frontends on the node's own addresses on their
+/// way out to the client (see `SVC_REPLY_AT_EGRESS`).
+#[classifier]
+pub fn xdproxy_tc_out(ctx: TcContext) -> i32 {
+    try_tc(&ctx, Stage::Egress).unwrap_or(TC_ACT_OK)
+}
+
+fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     // Headers of locally built packets are linear already; pull in case not.
     if ctx.data_end() - ctx.data() < parse::MAX_HEADERS {
         let _ = ctx.pull_data(ctx.len().min(parse::MAX_HEADERS as u32));
@@ -52,7 +60,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, ()> {
     let Some(flow) = parse::flow(ctx.data(), ctx.data_end()) else {
         return Ok(TC_ACT_OK);
     };
-    let Some(rewrite) = lb::decide(&flow, ctx.len() as u64) else {
+    let Some(rewrite) = lb::decide(&flow, ctx.len() as u64, stage) else {
         return Ok(TC_ACT_OK);
     };
     if nat::tc(ctx, &flow, &rewrite).is_err() {

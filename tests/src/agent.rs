@@ -45,8 +45,12 @@ pub fn binary() -> anyhow::Result<PathBuf> {
     Ok(agent)
 }
 
+/// The node name manifest-driven agents run as (manifests may hold a Node
+/// object of this name).
+pub const NODE_NAME: &str = "test-node";
+
 impl Agent {
-    /// Starts `proxy-agent run --manifests M --iface I...` in `node`.
+    /// Starts `proxy-agent run --manifests M --node-name test-node --iface I...` in `node`.
     pub fn start(node: &Netns, manifests: &Path, ifaces: &[String]) -> anyhow::Result<Agent> {
         Self::start_binary(binary()?, node, manifests, ifaces)
     }
@@ -74,7 +78,12 @@ impl Agent {
         manifests: &Path,
         ifaces: &[String],
     ) -> anyhow::Result<Agent> {
-        let source = vec!["--manifests".into(), manifests.as_os_str().to_owned()];
+        let source = vec![
+            "--manifests".into(),
+            manifests.as_os_str().to_owned(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+        ];
         Self::start_with(binary, node, source, ifaces)
     }
 

@@ -72,6 +72,39 @@ endpoints: {endpoints}"#
     )
 }
 
+/// This node's address on the client side, where NodePorts are reached.
+pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+pub const HTTP_NODE_PORT: u16 = 30080;
+pub const UDP_NODE_PORT: u16 = 30053;
+
+/// `demo/web` as a NodePort Service (with its cluster IP too), its slice,
+/// and the Node object that tells the agent its addresses.
+pub fn web_node_port(backends: &[usize]) -> String {
+    let service = service()
+        .replace("spec:\n", "spec:\n  type: NodePort\n")
+        .replace(
+            "targetPort: http}",
+            &format!("targetPort: http, nodePort: {HTTP_NODE_PORT}}}"),
+        )
+        .replace(
+            &format!("targetPort: {BACKEND_UDP_PORT}}}"),
+            &format!("targetPort: {BACKEND_UDP_PORT}, nodePort: {UDP_NODE_PORT}}}"),
+        );
+    let node = format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: {}}}
+status:
+  addresses:
+    - {{type: InternalIP, address: "{NODE_ADDR}"}}
+    - {{type: Hostname, address: {}}}
+"#,
+        crate::agent::NODE_NAME,
+        crate::agent::NODE_NAME
+    );
+    format!("{service}---\n{}---\n{node}", slice(backends))
+}
+
 /// Service and slice as one multi-document file.
 pub fn web(backends: &[usize]) -> String {
     format!("{}---\n{}", service(), slice(backends))

@@ -113,9 +113,13 @@ impl Lab {
     }
 
     fn connect(&self) -> anyhow::Result<HttpConn> {
-        let conn = HttpConn::connect(&self.topology.client, http_vip(), TIMEOUT)?;
-        if conn.peer() != SocketAddr::V4(http_vip()) {
-            bail!("connected to {} instead of the VIP", conn.peer());
+        self.connect_to(http_vip())
+    }
+
+    fn connect_to(&self, frontend: SocketAddrV4) -> anyhow::Result<HttpConn> {
+        let conn = HttpConn::connect(&self.topology.client, frontend, TIMEOUT)?;
+        if conn.peer() != SocketAddr::V4(frontend) {
+            bail!("connected to {} instead of {frontend}", conn.peer());
         }
         Ok(conn)
     }
@@ -134,9 +138,17 @@ impl Drop for Lab {
 /// Opens `n` connections, two requests each, from a few threads; returns
 /// how many each backend served. Fails on any error or backend switch.
 fn tcp_round(lab: &Lab, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    tcp_round_to(lab, http_vip(), n)
+}
+
+fn tcp_round_to(
+    lab: &Lab,
+    frontend: SocketAddrV4,
+    n: usize,
+) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
     for _ in 0..n {
-        let mut conn = lab.connect()?;
+        let mut conn = lab.connect_to(frontend)?;
         let first = conn.get()?;
         let second = conn.get()?;
         if first != second {
@@ -150,12 +162,20 @@ fn tcp_round(lab: &Lab, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
 /// `n` UDP exchanges, each from a new socket (a new flow); every reply must
 /// come from the VIP.
 fn udp_round(lab: &Lab, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    udp_round_to(lab, udp_vip(), n)
+}
+
+fn udp_round_to(
+    lab: &Lab,
+    frontend: SocketAddrV4,
+    n: usize,
+) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
     for i in 0..n {
         let (name, from) =
-            udp_exchange(&lab.topology.client, udp_vip(), &format!("q{i}"), TIMEOUT)?;
-        if from != SocketAddr::V4(udp_vip()) {
-            bail!("UDP reply came from {from}, not the VIP");
+            udp_exchange(&lab.topology.client, frontend, &format!("q{i}"), TIMEOUT)?;
+        if from != SocketAddr::V4(frontend) {
+            bail!("UDP reply came from {from}, not {frontend}");
         }
         *counts.entry(name).or_insert(0) += 1;
     }
@@ -388,4 +408,62 @@ fn sigterm_leaves_the_datapath_and_cleanup_removes_it() -> anyhow::Result<()> {
         "the VIP answers after cleanup"
     );
     Ok(())
+}
+
+/// A NodePort on the node's own address: requests are translated at the
+/// client-facing ingress, replies at its egress (translated at the backend's
+/// ingress, they would carry the node's own address as source into
+/// forwarding, and the kernel drops those as martians).
+fn node_port_serves(client_hook: &str, tag: &str) -> anyhow::Result<()> {
+    let mut lab = Lab::start(tag, 2, 2, client_hook)?;
+    lab.update(&manifests::web_node_port(&[0, 1]))?;
+    let http = SocketAddrV4::new(manifests::NODE_ADDR, manifests::HTTP_NODE_PORT);
+    let udp = SocketAddrV4::new(manifests::NODE_ADDR, manifests::UDP_NODE_PORT);
+    let tcp = tcp_round_to(&lab, http, 300)?;
+    assert_eq!(
+        tcp.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&[0, 1]),
+        "TCP spread: {tcp:?}"
+    );
+    let udp_counts = udp_round_to(&lab, udp, 300)?;
+    assert_eq!(
+        udp_counts.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&[0, 1]),
+        "UDP spread: {udp_counts:?}"
+    );
+    assert_eq!(
+        tcp_round(&lab, 100)?.values().sum::<usize>(),
+        100,
+        "the cluster IP still answers"
+    );
+    // Another port of the node's address is not ours: the node's own stack
+    // answers it (nothing listens: refused at once).
+    let other = SocketAddrV4::new(manifests::NODE_ADDR, manifests::HTTP_NODE_PORT + 1);
+    let refused = HttpConn::connect(&lab.topology.client, other, TIMEOUT);
+    let error = refused.err().context("nothing listens there")?;
+    assert!(
+        format!("{error:#}").contains("refused"),
+        "not refused: {error:#}"
+    );
+    // Once the Service is a ClusterIP again, the NodePort is gone.
+    lab.update(&manifests::web(&[0, 1]))?;
+    assert!(HttpConn::connect(&lab.topology.client, http, TIMEOUT).is_err());
+    println!("NodePort {client_hook:?}: TCP {tcp:?}, UDP {udp_counts:?}");
+    Ok(())
+}
+
+#[test]
+fn tc_serves_a_node_port_on_the_nodes_address() -> anyhow::Result<()> {
+    if !common::ready("tc_serves_a_node_port_on_the_nodes_address") {
+        return Ok(());
+    }
+    node_port_serves("", "nptc")
+}
+
+#[test]
+fn xdp_serves_a_node_port_on_the_nodes_address() -> anyhow::Result<()> {
+    if !common::ready("xdp_serves_a_node_port_on_the_nodes_address") {
+        return Ok(());
+    }
+    node_port_serves(":xdp", "npxdp")
 }

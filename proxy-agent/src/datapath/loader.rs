@@ -156,19 +156,58 @@ fn layout(name: &str) -> Option<(u32, u32, u32)> {
     })
 }
 
+/// One program on one interface hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attachment {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+impl Attachment {
+    /// The name part of its link pin (`link_<tag>_<iface>`).
+    fn tag(self) -> &'static str {
+        match self {
+            Attachment::Xdp => "xdp",
+            Attachment::TcIngress => "tc",
+            Attachment::TcEgress => "tcout",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Attachment::Xdp => programs::XDP,
+            Attachment::TcIngress => programs::TC_INGRESS,
+            Attachment::TcEgress => programs::TC_EGRESS,
+        }
+    }
+}
+
 impl Loaded {
-    /// Attaches the right program to `iface` and pins the link. A link an
-    /// earlier agent pinned there gets the new program atomically, so no
-    /// packet goes unprocessed.
+    /// Attaches the right ingress program to `iface`, and the egress program
+    /// that finishes replies for frontends on the node's own addresses, and
+    /// pins the links. Links an earlier agent pinned there get the new
+    /// programs atomically, so no packet goes unprocessed.
     pub fn attach(&mut self, iface: &IfaceSpec) -> anyhow::Result<Hook> {
         let hook = iface.resolve()?;
-        let path = self.pins.join(format!("link_{hook}_{}", iface.name));
+        let ingress = match hook {
+            Hook::Xdp => Attachment::Xdp,
+            Hook::Tc => Attachment::TcIngress,
+        };
+        self.attach_one(ingress, &iface.name)?;
+        self.attach_one(Attachment::TcEgress, &iface.name)?;
+        Ok(hook)
+    }
+
+    fn attach_one(&mut self, what: Attachment, iface: &str) -> anyhow::Result<()> {
+        let tag = what.tag();
+        let path = self.pins.join(format!("link_{tag}_{iface}"));
         self.links.push(path.clone());
         if path.exists() {
-            match self.replace_program(hook, &path) {
+            match self.replace_program(what, &path) {
                 Ok(()) => {
-                    log::info!("replaced the {hook} program on {} atomically", iface.name);
-                    return Ok(hook);
+                    log::info!("replaced the {tag} program on {iface} atomically");
+                    return Ok(());
                 }
                 Err(e) => {
                     // A link whose interface went away cannot be updated.
@@ -177,29 +216,27 @@ impl Loaded {
                 }
             }
         }
-        let link: FdLink = match hook {
-            Hook::Xdp => self.attach_xdp(&iface.name)?,
-            Hook::Tc => self.attach_tc(&iface.name)?,
+        let link: FdLink = match what {
+            Attachment::Xdp => self.attach_xdp(iface)?,
+            Attachment::TcIngress => self.attach_tc(iface, TcAttachType::Ingress)?,
+            Attachment::TcEgress => self.attach_tc(iface, TcAttachType::Egress)?,
         };
         link.pin(&path)
             .with_context(|| format!("pinning the link at {}", path.display()))?;
-        log::info!("attached {hook} to {}", iface.name);
-        Ok(hook)
+        log::info!("attached {tag} to {iface}");
+        Ok(())
     }
 
-    fn replace_program(&mut self, hook: Hook, path: &Path) -> anyhow::Result<()> {
+    fn replace_program(&mut self, what: Attachment, path: &Path) -> anyhow::Result<()> {
         let link: FdLink = PinnedLink::from_pin(path)
             .context("opening the pinned link")?
             .into();
-        match hook {
-            Hook::Xdp => {
-                let program: &mut Xdp = self.loaded_program(programs::XDP)?;
-                program.attach_to_link(XdpLink::try_from(link)?)?;
-            }
-            Hook::Tc => {
-                let program: &mut SchedClassifier = self.loaded_program(programs::TC_INGRESS)?;
-                program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
-            }
+        if what == Attachment::Xdp {
+            let program: &mut Xdp = self.loaded_program(what.program())?;
+            program.attach_to_link(XdpLink::try_from(link)?)?;
+        } else {
+            let program: &mut SchedClassifier = self.loaded_program(what.program())?;
+            program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
         }
         Ok(())
     }
@@ -232,11 +269,15 @@ impl Loaded {
             .with_context(|| format!("XDP on {iface} is not a bpf_link (kernel < 5.9?)"))
     }
 
-    fn attach_tc(&mut self, iface: &str) -> anyhow::Result<FdLink> {
-        let program: &mut SchedClassifier = self.loaded_program(programs::TC_INGRESS)?;
+    fn attach_tc(&mut self, iface: &str, direction: TcAttachType) -> anyhow::Result<FdLink> {
+        let name = match direction {
+            TcAttachType::Egress => programs::TC_EGRESS,
+            _ => programs::TC_INGRESS,
+        };
+        let program: &mut SchedClassifier = self.loaded_program(name)?;
         let id = program
-            .attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching TC ingress to {iface}"))?;
+            .attach(iface, direction)
+            .with_context(|| format!("attaching TC {direction:?} to {iface}"))?;
         let link = program.take_link(id)?;
         FdLink::try_from(link)
             .with_context(|| format!("TC on {iface} is not a TCX link (kernel < 6.6?)"))

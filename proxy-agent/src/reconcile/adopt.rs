@@ -94,6 +94,7 @@ impl Reconciler {
         let applied = Applied {
             service_id: service.id,
             count: Some(service.backend_count),
+            flags: service.flags,
             slots: kept,
             owner: None,
         };

@@ -18,13 +18,13 @@ use std::{
     net::SocketAddrV4,
 };
 
-use proxy_common::{Backend4, Frontend4, Service, SlotKey};
+use proxy_common::{Backend4, Frontend4, SVC_REPLY_AT_EGRESS, Service, SlotKey};
 
 pub use adopt::Snapshot;
 use adopt::Strays;
 use ids::Ids;
 
-use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol};
+use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
 
 /// The map operations the reconciler needs; the kernel maps implement it,
 /// and tests use a fake that records calls and fails on demand.
@@ -55,6 +55,8 @@ struct Applied {
     /// The count the service entry holds (None: no entry yet). Packets only
     /// see slots below it.
     count: Option<u32>,
+    /// The flags the service entry holds.
+    flags: u32,
     /// Backend ids in slots 0..slots.len(), possibly more than `count`.
     slots: Vec<u32>,
     /// The Service it was programmed for (None: adopted, not yet claimed).
@@ -196,7 +198,8 @@ impl Reconciler {
             ));
             return;
         };
-        if let Err(e) = self.update_frontend(frontend, owner, &ids, maps, report) {
+        let flags = service_flags(state);
+        if let Err(e) = self.update_frontend(frontend, owner, (&ids, flags), maps, report) {
             report
                 .errors
                 .push(format!("{frontend:?}: {e:#}; kept as far as written"));
@@ -294,7 +297,7 @@ impl Reconciler {
         &mut self,
         frontend: Frontend,
         owner: &ObjectKey,
-        wanted: &[u32],
+        (wanted, flags): (&[u32], u32),
         maps: &mut dyn Maps,
         report: &mut Report,
     ) -> anyhow::Result<()> {
@@ -326,10 +329,11 @@ impl Reconciler {
             }
         }
         let count = wanted.len() as u32;
-        if applied.count != Some(count) {
-            maps.set_service(frontend4(&frontend), service(id, count))?;
+        if applied.count != Some(count) || applied.flags != flags {
+            maps.set_service(frontend4(&frontend), service(id, count, flags))?;
             report.writes += 1;
             applied.count = Some(count);
+            applied.flags = flags;
         }
         pop_slots(applied, wanted.len(), refs, maybe_unused, maps, report)
     }
@@ -464,11 +468,21 @@ fn slot_key(service_id: u32, slot: usize) -> SlotKey {
     }
 }
 
-fn service(id: u32, count: u32) -> Service {
+/// How the datapath treats a frontend's traffic beyond picking a backend.
+fn service_flags(state: &FrontendState) -> u32 {
+    let mut flags = 0;
+    // Frontends outside the cluster range may be the node's own addresses.
+    if state.scope != Scope::ClusterIp {
+        flags |= SVC_REPLY_AT_EGRESS;
+    }
+    flags
+}
+
+fn service(id: u32, count: u32, flags: u32) -> Service {
     Service {
         id,
         backend_count: count,
-        flags: 0,
+        flags,
         _pad: 0,
     }
 }

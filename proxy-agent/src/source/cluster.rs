@@ -11,7 +11,10 @@ use std::{
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Resource, ResourceExt, runtime::watcher::Event};
 
-use crate::model::{self, FieldError, ObjectKey, Objects, SliceIndex};
+use crate::{
+    cidr::Cidr,
+    model::{self, FieldError, ObjectKey, Objects, SliceIndex},
+};
 
 /// The annotation the EndpointSlice controller sets to when the change that
 /// caused this version happened (what kube-proxy measures latency from).
@@ -139,6 +142,12 @@ impl ClusterStore {
         store
     }
 
+    /// Serves NodePorts only on node addresses in these ranges.
+    pub fn nodeport_ranges(mut self, ranges: &[Cidr]) -> Self {
+        self.objects.nodeport_ranges = ranges.to_vec();
+        self
+    }
+
     pub fn service(&mut self, event: Event<Service>) {
         let touched = match &event {
             Event::Apply(s) | Event::Delete(s) => Some(key(s)),
@@ -212,15 +221,14 @@ impl ClusterStore {
         let changed =
             self.node_kind
                 .apply(&mut self.nodes, event, |_| Ok(()), &mut self.errors, "Node");
-        // Its zone steers topology-aware routing: when it changes, every
-        // Service is looked at again.
-        let zone = self
-            .nodes
-            .values()
-            .next()
-            .and_then(|n| n.labels().get(model::ZONE_LABEL).cloned());
-        let moved = zone != self.objects.node_zone;
+        // Its zone steers topology-aware routing and its addresses carry
+        // NodePorts: when they change, every Service is looked at again.
+        let node = self.nodes.values().next();
+        let zone = node.and_then(model::node_zone);
+        let addresses = node.map(model::node_addresses).unwrap_or_default();
+        let moved = zone != self.objects.node_zone || addresses != self.objects.node_addresses;
         self.objects.node_zone = zone;
+        self.objects.node_addresses = addresses;
         self.note(changed, Instant::now(), Vec::new(), relisted || moved);
     }
 

@@ -1,4 +1,4 @@
-//! Services and EndpointSlices from Kubernetes YAML: a file or a directory of
+//! Services, EndpointSlices and Nodes from Kubernetes YAML: a file or a directory of
 //! `.yaml`, `.yml` and `.json` files (not recursive), multi-document, `kind:
 //! List` included, as `kubectl apply -f` takes them.
 //!
@@ -14,22 +14,32 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use crate::model::{self, FieldError, ObjectKey, Objects};
+use crate::{
+    cidr::Cidr,
+    model::{self, FieldError, ObjectKey, Objects},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Service,
     EndpointSlice,
+    /// This node's own Node object gives its addresses (for NodePorts) and
+    /// zone; other Nodes are ignored.
+    Node,
 }
 
 #[derive(Clone, Debug)]
 enum Object {
     Service(Box<Service>),
     Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
 }
 
 /// One problem in the input, and what was done about it.
@@ -62,6 +72,7 @@ pub struct ManifestSource {
     /// topology-aware policies.
     node_name: Option<String>,
     node_zone: Option<String>,
+    nodeport_ranges: Vec<Cidr>,
     last_good: BTreeMap<Id, (PathBuf, Object)>,
     fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
 }
@@ -78,6 +89,7 @@ impl ManifestSource {
             path: path.into(),
             node_name: None,
             node_zone: None,
+            nodeport_ranges: Vec::new(),
             last_good: BTreeMap::new(),
             fingerprint: None,
         }
@@ -89,9 +101,16 @@ impl ManifestSource {
         self
     }
 
-    /// Tells the model which zone this node is in.
+    /// Tells the model which zone this node is in (otherwise its Node's
+    /// label says, if the manifests hold it).
     pub fn in_zone(mut self, zone: Option<&str>) -> Self {
         self.node_zone = zone.map(str::to_string);
+        self
+    }
+
+    /// Serves NodePorts only on node addresses in these ranges.
+    pub fn nodeport_ranges(mut self, ranges: &[Cidr]) -> Self {
+        self.nodeport_ranges = ranges.to_vec();
         self
     }
 
@@ -122,8 +141,18 @@ impl ManifestSource {
         }
         self.last_good = found;
         let mut objects = objects(&self.last_good);
+        let node = self.node_name.as_ref().and_then(|name| {
+            let key = (Kind::Node, node_key(name));
+            match self.last_good.get(&key) {
+                Some((_, Object::Node(node))) => Some(node),
+                _ => None,
+            }
+        });
+        objects.node_addresses = node.map(|n| model::node_addresses(n)).unwrap_or_default();
+        let labelled = node.and_then(|n| model::node_zone(n));
+        objects.node_zone = self.node_zone.clone().or(labelled);
         objects.node_name = self.node_name.clone();
-        objects.node_zone = self.node_zone.clone();
+        objects.nodeport_ranges = self.nodeport_ranges.clone();
         Load { objects, errors }
     }
 
@@ -185,7 +214,7 @@ impl ManifestSource {
             log::debug!("{}: ignoring a {kind:?} object", file.display());
             return;
         };
-        let key = object_key(&document);
+        let key = object_key(kind, &document);
         let id = (kind, key.clone());
         let label = format!("{kind:?} {key}");
         match parse(kind, document) {
@@ -221,18 +250,31 @@ fn wanted_kind(document: &Value) -> Option<Kind> {
     match (api, document.get("kind").and_then(Value::as_str)) {
         (Some("v1"), Some("Service")) => Some(Kind::Service),
         (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => Some(Kind::EndpointSlice),
+        (Some("v1"), Some("Node")) => Some(Kind::Node),
         _ => None,
     }
 }
 
 /// Namespace and name, read leniently so that even a broken object can be
 /// named in an error and matched with its last valid version.
-fn object_key(document: &Value) -> ObjectKey {
+fn object_key(kind: Kind, document: &Value) -> ObjectKey {
     let meta = document.get("metadata");
     let get = |field: &str| meta.and_then(|m| m.get(field)).and_then(Value::as_str);
+    let name = get("name").unwrap_or("<unnamed>");
+    if kind == Kind::Node {
+        return node_key(name);
+    }
     ObjectKey {
         namespace: get("namespace").unwrap_or("default").to_string(),
-        name: get("name").unwrap_or("<unnamed>").to_string(),
+        name: name.to_string(),
+    }
+}
+
+/// Nodes have no namespace.
+fn node_key(name: &str) -> ObjectKey {
+    ObjectKey {
+        namespace: String::new(),
+        name: name.to_string(),
     }
 }
 
@@ -258,6 +300,7 @@ fn parse(kind: Kind, document: Value) -> Result<Object, FieldError> {
             model::validate_slice(&slice)?;
             Ok(Object::Slice(Box::new(slice)))
         }
+        Kind::Node => Ok(Object::Node(Box::new(typed(document)?))),
     }
 }
 
@@ -324,6 +367,7 @@ fn objects(found: &BTreeMap<Id, (PathBuf, Object)>) -> Objects {
             Object::Slice(s) => {
                 out.slices.insert(key.clone(), (**s).clone());
             }
+            Object::Node(_) => {}
         }
     }
     out
