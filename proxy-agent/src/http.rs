@@ -68,7 +68,7 @@ async fn answer(
 
 /// Reads up to the end of the request head, so that closing afterwards
 /// never leaves unread bytes (which would reset the connection).
-async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+pub(crate) async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
