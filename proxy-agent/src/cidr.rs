@@ -27,7 +27,11 @@ impl Cidr {
 /// Keeps the top `prefix` of `bits` bits.
 fn mask(value: u128, bits: u8, prefix: u8) -> u128 {
     let host = bits - prefix.min(bits);
-    if host >= 128 { 0 } else { value >> host << host }
+    if host >= 128 {
+        0
+    } else {
+        value >> host << host
+    }
 }
 
 impl FromStr for Cidr {
@@ -59,5 +63,11 @@ impl FromStr for Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }

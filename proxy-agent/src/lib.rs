@@ -4,6 +4,7 @@
 
 pub mod cidr;
 pub mod datapath;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod model;

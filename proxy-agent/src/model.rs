@@ -18,7 +18,7 @@ use crate::cidr::Cidr;
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectKey {
     pub namespace: String,
     pub name: String,
@@ -110,9 +110,10 @@ pub struct Frontend {
 }
 
 /// How a client reaches a frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Scope {
     /// A cluster IP (`spec.clusterIPs`).
+    #[default]
     ClusterIp,
     /// An address in `spec.externalIPs`.
     ExternalIp,
@@ -131,14 +132,27 @@ impl Scope {
 }
 
 /// Where a frontend's traffic goes, and which Service port asked for it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FrontendState {
     pub service: ObjectKey,
     pub port_name: String,
     pub scope: Scope,
     /// Sorted, without duplicates.
     pub backends: Vec<SocketAddrV4>,
+    /// sessionAffinity: ClientIP, with its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges, for LoadBalancer frontends (empty: all
+    /// sources). IPv4 ranges only.
+    pub source_ranges: Vec<Cidr>,
+    /// No backend for this frontend although the Service has endpoints on
+    /// other nodes (externalTrafficPolicy: Local): drop new flows rather
+    /// than refuse them, as kube-proxy does, so a load balancer's health
+    /// check takes the node out instead of clients seeing refusals.
+    pub drop_when_empty: bool,
 }
+
+/// kube-proxy's default for sessionAffinity: ClientIP without a timeout.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
@@ -207,6 +221,17 @@ pub fn validate_service(service: &Service) -> Result<(), FieldError> {
             ));
         }
     }
+    for (i, range) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        range
+            .parse::<Cidr>()
+            .map_err(|e| field_error(format!("spec.loadBalancerSourceRanges[{i}]"), e))?;
+    }
+    affinity_timeout(service)?;
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         port_number(port.port, || format!("spec.ports[{i}].port"))?;
         protocol(port.protocol.as_deref(), || {
@@ -214,6 +239,29 @@ pub fn validate_service(service: &Service) -> Result<(), FieldError> {
         })?;
     }
     Ok(())
+}
+
+/// sessionAffinity: ClientIP's timeout; None without affinity.
+fn affinity_timeout(service: &Service) -> Result<Option<u32>, FieldError> {
+    let Some(spec) = &service.spec else {
+        return Ok(None);
+    };
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return Ok(None);
+    }
+    let seconds = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match seconds {
+        None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT)),
+        Some(s @ 1..=86_400) => Ok(Some(s as u32)),
+        Some(s) => Err(field_error(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+            format!("{s} is not in 1..86400"),
+        )),
+    }
 }
 
 fn check_cluster_ip(ip: &str, field: impl Fn() -> String) -> Result<(), FieldError> {
@@ -395,21 +443,34 @@ fn service_frontends(
         };
         let internal = wanted.backends(service, false, node);
         let external = wanted.backends(service, true, node);
+        // Endpoints elsewhere, none here: kube-proxy drops instead of refusing.
+        let drop_external = external.is_empty()
+            && spec.external_traffic_policy.as_deref() == Some("Local")
+            && !wanted.backends_anywhere().is_empty();
+        let affinity = affinity_timeout(service).ok().flatten();
         let mut push = |addr: Ipv4Addr, number: u16, scope: Scope| {
             let frontend = Frontend {
                 addr,
                 port: number,
                 protocol,
             };
+            let external_scope = scope.is_external();
             let state = FrontendState {
                 service: key.clone(),
                 port_name: port_name.clone(),
                 scope,
-                backends: if scope.is_external() {
+                backends: if external_scope {
                     external.clone()
                 } else {
                     internal.clone()
                 },
+                affinity_timeout: affinity,
+                source_ranges: if scope == Scope::LoadBalancer {
+                    source_ranges(service)
+                } else {
+                    Vec::new()
+                },
+                drop_when_empty: external_scope && drop_external,
             };
             out.push((frontend, state));
         };
@@ -422,6 +483,23 @@ fn service_frontends(
             }
         }
     }
+    out
+}
+
+/// The Service's valid IPv4 loadBalancerSourceRanges.
+fn source_ranges(service: &Service) -> Vec<Cidr> {
+    let ranges = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref());
+    let mut out: Vec<Cidr> = ranges
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.parse::<Cidr>().ok())
+        .filter(|c| c.addr.is_ipv4())
+        .collect();
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -462,6 +540,11 @@ impl Wanted<'_> {
             }
         };
         backends(self.slices, self.port_name, self.protocol, only, zone)
+    }
+
+    /// Every endpoint that would serve without node or zone limits.
+    fn backends_anywhere(&self) -> Vec<SocketAddrV4> {
+        backends(self.slices, self.port_name, self.protocol, Only::Any, None)
     }
 }
 

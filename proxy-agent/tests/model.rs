@@ -460,7 +460,10 @@ status:
     let desired = model::desired(&objs);
     for addr in [[10, 0, 0, 1], [203, 0, 113, 7]] {
         let frontend = fe(addr, 30080, Protocol::Tcp);
-        assert_eq!(backends_of(&desired, frontend), vec![be([10, 1, 1, 2], 8080)]);
+        assert_eq!(
+            backends_of(&desired, frontend),
+            vec![be([10, 1, 1, 2], 8080)]
+        );
         assert_eq!(desired.frontends[&frontend].scope, model::Scope::NodePort);
         assert_eq!(
             backends_of(&desired, fe(addr, 30053, Protocol::Udp)),
@@ -471,11 +474,23 @@ status:
 
     objs.nodeport_ranges = vec!["10.0.0.0/8".parse().expect("cidr")];
     let desired = model::desired(&objs);
-    assert!(desired.frontends.contains_key(&fe([10, 0, 0, 1], 30080, Protocol::Tcp)));
-    assert!(!desired.frontends.contains_key(&fe([203, 0, 113, 7], 30080, Protocol::Tcp)));
+    assert!(
+        desired
+            .frontends
+            .contains_key(&fe([10, 0, 0, 1], 30080, Protocol::Tcp))
+    );
+    assert!(
+        !desired
+            .frontends
+            .contains_key(&fe([203, 0, 113, 7], 30080, Protocol::Tcp))
+    );
 
     objs.node_addresses.clear();
-    assert_eq!(model::desired(&objs).frontends.len(), 2, "no known address, no NodePort");
+    assert_eq!(
+        model::desired(&objs).frontends.len(),
+        2,
+        "no known address, no NodePort"
+    );
 }
 
 #[test]

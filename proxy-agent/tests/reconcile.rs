@@ -2,24 +2,29 @@
 //! write, what a packet arriving at that moment would see.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
 use proxy_agent::{
+    cidr::Cidr,
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
     reconcile::{Maps, Reconciler, Snapshot},
 };
-use proxy_common::{Backend4, Frontend4, Service, SlotKey};
+use proxy_common::{Backend4, Frontend4, MemberKey, SVC_SOURCE_RANGES, Service, SlotKey};
 
 #[derive(Default)]
 struct FakeMaps {
     services: BTreeMap<(u32, u16, u8), Service>,
     slots: BTreeMap<(u32, u32), u32>,
     backends: BTreeMap<u32, Backend4>,
+    members: BTreeMap<(u32, u32), Backend4>,
+    ranges: BTreeSet<(u32, Cidr)>,
     log: Vec<String>,
     /// Fail the next write whose log line starts with this.
     fail: Option<String>,
+    /// Skip the per-write check (for maps corrupted on purpose).
+    unchecked: bool,
 }
 
 impl FakeMaps {
@@ -37,9 +42,19 @@ impl FakeMaps {
     }
 
     /// A packet's view: every slot below a service's count names a backend
-    /// that exists.
+    /// that exists and is a member of the service with the same address; a
+    /// service that admits only some sources has ranges.
     fn check(&self) {
+        if self.unchecked {
+            return;
+        }
         for (fe, svc) in &self.services {
+            assert!(
+                svc.flags & SVC_SOURCE_RANGES == 0
+                    || self.ranges.iter().any(|(id, _)| *id == svc.id),
+                "{fe:?} admits ranges it does not have; log {:?}",
+                self.log
+            );
             for slot in 0..svc.backend_count {
                 let id = self.slots.get(&(svc.id, slot)).unwrap_or_else(|| {
                     panic!(
@@ -50,6 +65,12 @@ impl FakeMaps {
                 assert!(
                     self.backends.contains_key(id),
                     "slot {slot} of {fe:?} names missing backend {id}; log {:?}",
+                    self.log
+                );
+                assert_eq!(
+                    self.members.get(&(svc.id, *id)),
+                    self.backends.get(id),
+                    "slot {slot} of {fe:?} names backend {id}, not a member; log {:?}",
                     self.log
                 );
             }
@@ -123,6 +144,34 @@ impl Maps for FakeMaps {
     fn reset_stats(&mut self, id: u32) -> anyhow::Result<()> {
         self.write(format!("reset_stats {id}"))
     }
+    fn set_member(&mut self, key: MemberKey, backend: Backend4) -> anyhow::Result<()> {
+        self.write(format!("set_member {}/{}", key.service_id, key.backend_id))?;
+        self.members
+            .insert((key.service_id, key.backend_id), backend);
+        self.check();
+        Ok(())
+    }
+    fn remove_member(&mut self, key: MemberKey) -> anyhow::Result<()> {
+        self.write(format!(
+            "remove_member {}/{}",
+            key.service_id, key.backend_id
+        ))?;
+        self.members.remove(&(key.service_id, key.backend_id));
+        self.check();
+        Ok(())
+    }
+    fn set_source_range(&mut self, id: u32, range: Cidr) -> anyhow::Result<()> {
+        self.write(format!("set_range {id} {range}"))?;
+        self.ranges.insert((id, range));
+        self.check();
+        Ok(())
+    }
+    fn remove_source_range(&mut self, id: u32, range: Cidr) -> anyhow::Result<()> {
+        self.write(format!("remove_range {id} {range}"))?;
+        self.ranges.remove(&(id, range));
+        self.check();
+        Ok(())
+    }
 }
 
 fn desired(services: &[(u16, &[u8])]) -> Desired {
@@ -144,6 +193,7 @@ fn desired(services: &[(u16, &[u8])]) -> Desired {
                 .iter()
                 .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))
                 .collect(),
+            ..FrontendState::default()
         };
         out.frontends.insert(frontend, state);
     }
@@ -155,7 +205,7 @@ fn addrs(list: &[u8]) -> Vec<Ipv4Addr> {
 }
 
 #[test]
-fn first_sync_writes_backends_then_slots_then_the_service() {
+fn first_sync_writes_backends_then_members_then_slots_then_the_service() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
     let report = r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
@@ -166,12 +216,14 @@ fn first_sync_writes_backends_then_slots_then_the_service() {
             "set_backend 1",
             "set_backend 2",
             "reset_stats 1",
+            "set_member 1/1",
+            "set_member 1/2",
             "set_slot 1/0 1",
             "set_slot 1/1 2",
             "set_service 80 count 2"
         ]
     );
-    assert_eq!(report.writes, 5);
+    assert_eq!(report.writes, 7);
 }
 
 #[test]
@@ -195,7 +247,12 @@ fn adding_a_backend_writes_only_the_new_slot_and_count() {
     r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
     assert_eq!(
         maps.writes(),
-        ["set_backend 3", "set_slot 1/2 3", "set_service 80 count 3"]
+        [
+            "set_backend 3",
+            "set_member 1/3",
+            "set_slot 1/2 3",
+            "set_service 80 count 3"
+        ]
     );
     assert_eq!(maps.served()[&80], addrs(&[1, 2, 3]));
 }
@@ -213,6 +270,7 @@ fn removing_a_backend_shrinks_before_deleting() {
             "set_slot 1/1 3",
             "set_service 80 count 2",
             "remove_slot 1/2",
+            "remove_member 1/2",
             "remove_backend 2"
         ]
     );
@@ -232,6 +290,8 @@ fn deleting_a_service_removes_its_entry_first_and_shared_backends_stay() {
             "remove_service 80",
             "remove_slot 1/1",
             "remove_slot 1/0",
+            "remove_member 1/1",
+            "remove_member 1/2",
             "remove_backend 1"
         ]
     );
@@ -252,6 +312,7 @@ fn ids_are_reused_after_removal() {
         [
             "set_backend 1",
             "reset_stats 1",
+            "set_member 1/1",
             "set_slot 1/0 1",
             "set_service 90 count 1"
         ]
@@ -335,6 +396,20 @@ impl FakeMaps {
                 })
                 .collect(),
             backends: self.backends.iter().map(|(id, b)| (*id, *b)).collect(),
+            members: self
+                .members
+                .iter()
+                .map(|((service_id, backend_id), b)| {
+                    (
+                        MemberKey {
+                            service_id: *service_id,
+                            backend_id: *backend_id,
+                        },
+                        *b,
+                    )
+                })
+                .collect(),
+            source_ranges: self.ranges.iter().copied().collect(),
         }
     }
 }
@@ -371,9 +446,11 @@ fn an_adopted_state_changes_with_the_fewest_writes_and_new_ids_do_not_collide() 
         maps.writes(),
         [
             "set_backend 4",
+            "set_member 1/4",
             "set_slot 1/2 4",
             "set_service 80 count 3",
             "reset_stats 3",
+            "set_member 3/4",
             "set_slot 3/0 4",
             "set_service 82 count 1"
         ]
@@ -406,6 +483,7 @@ fn entries_nothing_explains_are_removed_in_a_safe_order() {
             "remove_slot 1/7",
             "remove_service 81",
             "remove_slot 2/0",
+            "remove_member 2/3",
             "remove_backend 3",
             "remove_backend 42"
         ]
@@ -456,6 +534,7 @@ fn change(entries: &[(&str, u16, &[u8])]) -> proxy_agent::reconcile::Changes {
                 .iter()
                 .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))
                 .collect(),
+            ..FrontendState::default()
         };
         wanted.push((frontend, state));
     }
@@ -472,7 +551,12 @@ fn a_partial_pass_touches_only_the_changed_service() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
         maps.writes(),
-        ["set_backend 4", "set_slot 1/2 4", "set_service 80 count 3"]
+        [
+            "set_backend 4",
+            "set_member 1/4",
+            "set_slot 1/2 4",
+            "set_service 80 count 3"
+        ]
     );
     assert_eq!(
         maps.served()[&81],
@@ -494,6 +578,8 @@ fn a_service_gone_in_a_partial_pass_is_removed_and_its_last_backends_too() {
             "remove_service 80",
             "remove_slot 1/1",
             "remove_slot 1/0",
+            "remove_member 1/1",
+            "remove_member 1/2",
             "remove_backend 1"
         ]
     );
@@ -530,4 +616,87 @@ fn partial_and_full_passes_agree() {
     partial_maps.writes();
     let report = partial.apply(&desired(&[(80, &[2, 5]), (82, &[5, 6])]), &mut partial_maps);
     assert_eq!(report.writes, 0, "{:?}", partial_maps.writes());
+}
+
+fn with_ranges(ranges: &[&str]) -> Desired {
+    let mut d = desired(&[(80, &[1, 2])]);
+    for state in d.frontends.values_mut() {
+        state.scope = Scope::LoadBalancer;
+        state.affinity_timeout = Some(30);
+        state.source_ranges = ranges.iter().map(|r| r.parse().expect("cidr")).collect();
+    }
+    d
+}
+
+#[test]
+fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_after() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&with_ranges(&[]), &mut maps);
+    maps.writes();
+    r.apply(
+        &with_ranges(&["192.0.2.0/24", "198.51.100.7/32"]),
+        &mut maps,
+    );
+    assert_eq!(
+        maps.writes(),
+        [
+            "set_range 1 192.0.2.0/24",
+            "set_range 1 198.51.100.7/32",
+            "set_service 80 count 2"
+        ]
+    );
+    let entry = maps.services.values().next().copied().expect("entry");
+    assert_eq!(entry.affinity_timeout, 30);
+    assert_ne!(entry.flags & SVC_SOURCE_RANGES, 0);
+    r.apply(&with_ranges(&["192.0.2.0/24", "203.0.113.0/24"]), &mut maps);
+    assert_eq!(
+        maps.writes(),
+        [
+            "set_range 1 203.0.113.0/24",
+            "remove_range 1 198.51.100.7/32"
+        ],
+        "a changed set adds before it removes, and the entry stays"
+    );
+    r.apply(&with_ranges(&[]), &mut maps);
+    assert_eq!(
+        maps.writes(),
+        [
+            "set_service 80 count 2",
+            "remove_range 1 192.0.2.0/24",
+            "remove_range 1 203.0.113.0/24"
+        ]
+    );
+    // A restarted agent adopts members and ranges as they are.
+    r.apply(&with_ranges(&["10.0.0.0/8"]), &mut maps);
+    maps.writes();
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let report = adopted.apply(&with_ranges(&["10.0.0.0/8"]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.writes(), Vec::<String>::new());
+}
+
+#[test]
+fn a_member_naming_another_address_is_replaced() {
+    let mut maps = FakeMaps::default();
+    let d = desired(&[(80, &[1, 2])]);
+    Reconciler::new(100, 100).apply(&d, &mut maps);
+    // A stray member left by a crash, and one whose address is wrong.
+    let wrong = maps.backends[&1];
+    maps.members.insert((1, 2), wrong);
+    maps.members.insert((9, 1), wrong);
+    maps.unchecked = true;
+    maps.writes();
+    let snapshot = maps.snapshot();
+    let mut adopted = Reconciler::adopt(&snapshot, 100, 100);
+    let report = adopted.apply(&d, &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let writes = maps.writes();
+    assert!(
+        writes.contains(&"remove_member 9/1".to_string()),
+        "{writes:?}"
+    );
+    assert_eq!(maps.members[&(1, 2)], maps.backends[&2], "{writes:?}");
+    maps.unchecked = false;
+    maps.check();
 }

@@ -8,17 +8,23 @@ pub mod names {
     pub const CONNTRACK4: &str = "ct4";
     pub const SERVICE_STATS: &str = "lb_stats";
     pub const COUNTERS: &str = "counters";
+    pub const MEMBERS: &str = "lb_members";
+    pub const AFFINITY4: &str = "lb4_affinity";
+    pub const SOURCE_RANGES4: &str = "lb4_src_ranges";
     /// Benchmark-only maps: never pinned.
     pub const BENCH_PACKET: &str = "bench_packet";
     pub const BENCH_TARGET: &str = "bench_target";
     /// Every map the programs define, for pinning and cleanup.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 9] = [
         SERVICES4,
         BACKENDS4,
         SLOTS,
         CONNTRACK4,
         SERVICE_STATS,
         COUNTERS,
+        MEMBERS,
+        AFFINITY4,
+        SOURCE_RANGES4,
     ];
 }
 
@@ -53,6 +59,10 @@ pub const MAX_SERVICES: u32 = 131_072;
 pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_SLOTS: u32 = 524_288;
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// One entry per (service, backend) pair.
+pub const MAX_MEMBERS: u32 = MAX_SLOTS;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
 /// What a client addresses: an IPv4 frontend (service VIP, port, protocol).
 #[repr(C)]
@@ -77,9 +87,20 @@ pub struct Service {
     pub backend_count: u32,
     /// `SVC_*` bits.
     pub flags: u32,
-    /// Reserved (session affinity timeout).
-    pub _pad: u32,
+    /// With `SVC_AFFINITY`: seconds without traffic after which a client's
+    /// backend is forgotten.
+    pub affinity_timeout: u32,
 }
+
+/// sessionAffinity: ClientIP: a client's new flows go to the backend its
+/// earlier ones went to (`lb4_affinity`), while it is still a member.
+pub const SVC_AFFINITY: u32 = 2;
+/// loadBalancerSourceRanges: only sources in `lb4_src_ranges` for this
+/// service id are served; others are dropped and counted.
+pub const SVC_SOURCE_RANGES: u32 = 4;
+/// With no backend, drop (a node without local endpoints under
+/// externalTrafficPolicy: Local) rather than refuse the connection.
+pub const SVC_DROP_WHEN_EMPTY: u32 = 8;
 
 /// Replies are translated back at the egress of the interface that takes
 /// them to the client, not at ingress: a frontend on one of the node's own
@@ -106,6 +127,47 @@ pub struct Backend4 {
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// Key of `lb_members`: a backend of a service. The value is the backend's
+/// `Backend4` as the service uses it, so that a conntrack or affinity entry
+/// naming a backend id that was since reused for another address is not
+/// mistaken for a live one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// Key of `lb4_affinity`: one client of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Affinity4Key {
+    pub service_id: u32,
+    /// Client IPv4 address, network byte order.
+    pub client_addr: u32,
+}
+
+/// Value of `lb4_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityEntry {
+    /// bpf_ktime_get_ns() of the client's last packet (at most a second stale).
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Data of an `lb4_src_ranges` LPM key: the prefix length covers all of
+/// `service_id` (32 bits) plus the range's own prefix of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceRange4 {
+    /// Big-endian, so the trie compares it first and whole.
+    pub service_id_be: u32,
+    /// IPv4 network address, network byte order.
+    pub addr: u32,
 }
 
 /// Conntrack direction: a client's packet towards the frontend.
@@ -172,10 +234,23 @@ pub enum Counter {
     Reselected = 5,
     /// TC could not finish rewriting a packet (helper error): dropped.
     RewriteFailed = 6,
+    /// A packet from outside a LoadBalancer's loadBalancerSourceRanges: dropped.
+    SourceRangeDenied = 7,
+    /// A new flow to a service without endpoints, refused with ICMP port unreachable.
+    Rejected = 8,
+    /// A new flow to a service without endpoints that could not be refused
+    /// (IP options, or the reply could not be built): dropped.
+    RejectFailed = 9,
+    /// A new flow to an externalTrafficPolicy: Local service without local
+    /// endpoints: dropped.
+    NoLocalBackend = 10,
+    /// A client's affinity pointed at a backend that is no longer a member:
+    /// a new one was chosen.
+    AffinityStale = 11,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NoBackend,
         Counter::CtInsertFailed,
@@ -184,6 +259,11 @@ impl Counter {
         Counter::Truncated,
         Counter::Reselected,
         Counter::RewriteFailed,
+        Counter::SourceRangeDenied,
+        Counter::Rejected,
+        Counter::RejectFailed,
+        Counter::NoLocalBackend,
+        Counter::AffinityStale,
     ];
 
     pub fn name(self) -> &'static str {
@@ -195,6 +275,11 @@ impl Counter {
             Counter::Truncated => "truncated",
             Counter::Reselected => "reselected",
             Counter::RewriteFailed => "rewrite_failed",
+            Counter::SourceRangeDenied => "source_range_denied",
+            Counter::Rejected => "rejected",
+            Counter::RejectFailed => "reject_failed",
+            Counter::NoLocalBackend => "no_local_backend",
+            Counter::AffinityStale => "affinity_stale",
         }
     }
 }
@@ -212,6 +297,10 @@ mod pod {
     unsafe impl aya::Pod for Ct4Entry {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BenchPacket {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SourceRange4 {}
 }
 
 #[cfg(test)]
@@ -228,6 +317,10 @@ mod tests {
         assert_eq!(size_of::<Ct4Key>(), 16);
         assert_eq!(size_of::<Ct4Entry>(), 16);
         assert_eq!(size_of::<ServiceStats>(), 16);
+        assert_eq!(size_of::<MemberKey>(), 8);
+        assert_eq!(size_of::<Affinity4Key>(), 8);
+        assert_eq!(size_of::<AffinityEntry>(), 16);
+        assert_eq!(size_of::<SourceRange4>(), 8);
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! Service lookup, conntrack and backend selection: what to rewrite, if anything.
+//! Service lookup, conntrack and backend selection: what to do with a packet.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    Backend4, CT_AT_EGRESS, CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, Frontend4,
-    SVC_REPLY_AT_EGRESS, Service, SlotKey,
+    Backend4, CT_AT_EGRESS, CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, Frontend4, MemberKey,
+    SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::{
-    maps::{self, BACKENDS4, CONNTRACK4, SERVICES4, SLOTS},
+    affinity,
+    maps::{self, BACKENDS4, CONNTRACK4, MEMBERS, SERVICES4, SLOTS},
     parse::Flow,
 };
 
@@ -34,30 +35,38 @@ pub struct Rewrite {
     pub port: u16,
 }
 
-/// What to do with a parsed packet: None leaves it untouched.
+pub enum Verdict {
+    /// Not ours, or nothing to change: untouched.
+    Pass,
+    Rewrite(Rewrite),
+    /// A service's packet it must not serve (source outside its ranges, no
+    /// local endpoint under externalTrafficPolicy: Local).
+    Drop,
+    /// A service without endpoints: refuse, as kube-proxy's REJECT does.
+    Reject,
+}
+
+/// What to do with a parsed packet.
 #[inline(always)]
-pub fn decide(flow: &Flow, len: u64, stage: Stage) -> Option<Rewrite> {
-    if stage == Stage::Egress {
-        return reply(flow, stage);
+pub fn decide(flow: &Flow, len: u64, stage: Stage) -> Verdict {
+    if stage == Stage::Ingress {
+        let frontend = Frontend4 {
+            addr: flow.daddr,
+            port: flow.dport,
+            proto: flow.proto,
+            _pad: 0,
+        };
+        if let Some(service) = SERVICES4.get_ptr(frontend) {
+            // SAFETY: a copy out of a live map value.
+            let service = unsafe { *service };
+            maps::count_service(service.id, len);
+            return to_service(flow, &service);
+        }
     }
-    let frontend = Frontend4 {
-        addr: flow.daddr,
-        port: flow.dport,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    if let Some(service) = SERVICES4.get_ptr(frontend) {
-        // SAFETY: a copy out of a live map value.
-        let service = unsafe { *service };
-        maps::count_service(service.id, len);
-        let backend = forward_backend(flow, &service)?;
-        return Some(Rewrite {
-            side: Side::Destination,
-            addr: backend.addr,
-            port: backend.port,
-        });
+    match reply(flow, stage) {
+        Some(rewrite) => Verdict::Rewrite(rewrite),
+        None => Verdict::Pass,
     }
-    reply(flow, stage)
 }
 
 /// A backend's reply, translated back to the frontend at the stage its
@@ -94,37 +103,82 @@ fn key(src: u32, sport: u16, dst: u32, dport: u16, proto: u8, direction: u8) -> 
     }
 }
 
-/// The flow's backend: the one conntrack remembers while it still exists,
-/// otherwise a newly selected one.
+/// A client's packet to a service: to the backend conntrack remembers while
+/// it is still a member of the service, otherwise to a newly chosen one.
 #[inline(always)]
-fn forward_backend(flow: &Flow, service: &Service) -> Option<Backend4> {
+fn to_service(flow: &Flow, service: &Service) -> Verdict {
     let forward = key(
         flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_FORWARD,
     );
     if let Some(entry) = CONNTRACK4.get_ptr(forward) {
-        // SAFETY: copies out of live map values.
+        // SAFETY: a copy out of a live map value.
         let entry = unsafe { *entry };
-        if let Some(backend) = BACKENDS4.get_ptr(entry.backend_id) {
-            let backend = unsafe { *backend };
-            // Ids are reused: the entry is only valid if the id still names
-            // the same address.
-            if backend.addr == entry.nat_addr && backend.port == entry.nat_port {
-                return Some(backend);
+        if let Some(backend) = member(service.id, entry.backend_id)
+            && backend.addr == entry.nat_addr
+            && backend.port == entry.nat_port
+        {
+            if service.flags & SVC_AFFINITY != 0 {
+                affinity::touch(service, flow.saddr, entry.backend_id);
             }
+            return to(&backend);
         }
         maps::count(Counter::Reselected);
     }
-    let (id, backend) = select(service)?;
+    if service.flags & SVC_SOURCE_RANGES != 0 && !crate::ranges::admits(service.id, flow.saddr) {
+        maps::count(Counter::SourceRangeDenied);
+        return Verdict::Drop;
+    }
+    if service.backend_count == 0 {
+        return empty(service);
+    }
+    let chosen = if service.flags & SVC_AFFINITY != 0 {
+        affinity::backend(service, flow.saddr).or_else(|| select(service))
+    } else {
+        select(service)
+    };
+    let Some((id, backend)) = chosen else {
+        return Verdict::Pass;
+    };
+    if service.flags & SVC_AFFINITY != 0 {
+        affinity::remember(service, flow.saddr, id);
+    }
     remember(flow, forward, service, id, &backend);
-    Some(backend)
+    to(&backend)
+}
+
+#[inline(always)]
+fn to(backend: &Backend4) -> Verdict {
+    Verdict::Rewrite(Rewrite {
+        side: Side::Destination,
+        addr: backend.addr,
+        port: backend.port,
+    })
+}
+
+/// No backend: refused, unless the service asks for a silent drop.
+#[inline(always)]
+fn empty(service: &Service) -> Verdict {
+    if service.flags & SVC_DROP_WHEN_EMPTY != 0 {
+        maps::count(Counter::NoLocalBackend);
+        return Verdict::Drop;
+    }
+    maps::count(Counter::NoBackend);
+    Verdict::Reject
+}
+
+/// The backend `backend_id` as a member of service `service_id`.
+#[inline(always)]
+pub fn member(service_id: u32, backend_id: u32) -> Option<Backend4> {
+    let key = MemberKey {
+        service_id,
+        backend_id,
+    };
+    // SAFETY: a copy out of a live map value.
+    MEMBERS.get_ptr(key).map(|b| unsafe { *b })
 }
 
 #[inline(always)]
 fn select(service: &Service) -> Option<(u32, Backend4)> {
-    if service.backend_count == 0 {
-        maps::count(Counter::NoBackend);
-        return None;
-    }
     // SAFETY: the helper has no preconditions.
     let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
     let slot_key = SlotKey {

@@ -7,18 +7,21 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod bench;
 mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod ranges;
+mod reject;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb::Stage;
+use lb::{Stage, Verdict};
 use proxy_common::Counter;
 
 const TC_ACT_OK: i32 = 0;
@@ -34,8 +37,11 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let Some(flow) = parse::flow(start, end) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if let Some(rewrite) = lb::decide(&flow, (end - start) as u64, Stage::Ingress) {
-        nat::xdp(ctx, &flow, &rewrite)?;
+    match lb::decide(&flow, (end - start) as u64, Stage::Ingress) {
+        Verdict::Pass => {}
+        Verdict::Rewrite(rewrite) => nat::xdp(ctx, &flow, &rewrite)?,
+        Verdict::Drop => return Ok(xdp_action::XDP_DROP),
+        Verdict::Reject => return Ok(reject::xdp(ctx, &flow, start, end)),
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -60,8 +66,11 @@ fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     let Some(flow) = parse::flow(ctx.data(), ctx.data_end()) else {
         return Ok(TC_ACT_OK);
     };
-    let Some(rewrite) = lb::decide(&flow, ctx.len() as u64, stage) else {
-        return Ok(TC_ACT_OK);
+    let rewrite = match lb::decide(&flow, ctx.len() as u64, stage) {
+        Verdict::Pass => return Ok(TC_ACT_OK),
+        Verdict::Rewrite(rewrite) => rewrite,
+        Verdict::Drop => return Ok(TC_ACT_SHOT),
+        Verdict::Reject => return Ok(reject::tc(ctx, &flow)),
     };
     if nat::tc(ctx, &flow, &rewrite).is_err() {
         // A half-rewritten packet would reach the wrong place or fail its

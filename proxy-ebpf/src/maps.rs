@@ -1,12 +1,13 @@
 //! The maps every program shares. Names match `proxy_common::names`.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
-    MAX_SLOTS, Service, ServiceStats, SlotKey,
+    Affinity4Key, AffinityEntry, Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
+    MemberKey, Service, ServiceStats, SlotKey, SourceRange4,
 };
 
 #[btf_map(name = "lb4_services")]
@@ -20,6 +21,17 @@ pub static BACKENDS4: HashMap<u32, Backend4, { MAX_BACKENDS as usize }> = HashMa
 
 #[btf_map(name = "ct4")]
 pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Entry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+
+#[btf_map(name = "lb_members")]
+pub static MEMBERS: HashMap<MemberKey, Backend4, { MAX_MEMBERS as usize }> = HashMap::new();
+
+#[btf_map(name = "lb4_affinity")]
+pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityEntry, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "lb4_src_ranges")]
+pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u32, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 #[btf_map(name = "lb_stats")]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();

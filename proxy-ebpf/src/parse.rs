@@ -7,7 +7,7 @@ use proxy_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
 use crate::maps;
 
 const ETH_P_IP: u16 = 0x0800;
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 /// Ethernet + the longest IPv4 header + the TCP bytes we touch.
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + 20;
 

@@ -324,6 +324,7 @@ fn desired(services: usize) -> Desired {
                 port_name: "http".into(),
                 scope: Scope::ClusterIp,
                 backends,
+                ..FrontendState::default()
             },
         );
     }

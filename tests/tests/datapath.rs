@@ -78,6 +78,15 @@ impl Lab {
         out
     }
 
+    /// The hook's program's verdict and output, whatever they are.
+    fn run_raw(&self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+        match hook {
+            Hook::Xdp => self.dp.xdp(packet),
+            Hook::Tc => self.dp.tc(packet),
+        }
+        .unwrap_or_else(|e| panic!("{hook:?} test run: {e:#}"))
+    }
+
     fn counter(&self, counter: Counter) -> u64 {
         self.dp.maps.counter(counter).expect("counter")
     }
@@ -398,20 +407,6 @@ fn ip_options_are_skipped_correctly() {
 }
 
 #[test]
-fn a_service_without_backends_passes_untouched_and_is_counted() {
-    if !common::ready("a_service_without_backends_passes_untouched_and_is_counted") {
-        return;
-    }
-    for hook in HOOKS {
-        let lab = Lab::new();
-        let packet = tcp(CLIENT, 46000, [10, 96, 0, 20], 80);
-        let before = lab.counter(Counter::NoBackend);
-        assert_eq!(lab.run(hook, &packet), packet, "{hook:?}");
-        assert_eq!(lab.counter(Counter::NoBackend), before + 1, "{hook:?}");
-    }
-}
-
-#[test]
 fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
     if !common::ready("a_flow_whose_backend_is_removed_moves_to_a_live_one") {
         return;
@@ -434,5 +429,257 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
         let now = seen(&lab.run(hook, &packet)).dst;
         assert_ne!(now, first, "{hook:?}");
         assert_eq!(lab.counter(Counter::Reselected), 1, "{hook:?}");
+    }
+}
+
+const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// One's complement sum of 16-bit words, as a receiver checks a checksum.
+fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Checks an ICMP port unreachable for `original` (sent by the client to
+/// `frontend`) and returns the ICMP message's offset in the packet.
+fn check_port_unreachable(reply: &[u8], original: &[u8], frontend: [u8; 4]) -> usize {
+    let sliced = SlicedPacket::from_ethernet(reply).expect("etherparse parses the reply");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &sliced.link else {
+        panic!("no Ethernet: {:?}", sliced.link);
+    };
+    assert_eq!(
+        (eth.source(), eth.destination()),
+        (MAC_B, MAC_A),
+        "MACs swapped"
+    );
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4: {:?}", sliced.net);
+    };
+    let header = ip.header().to_header();
+    assert_eq!(header.header_checksum, header.calc_header_checksum());
+    assert_eq!((header.source, header.destination), (frontend, CLIENT));
+    let Some(TransportSlice::Icmpv4(icmp)) = &sliced.transport else {
+        panic!("not ICMP: {:?}", sliced.transport);
+    };
+    assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 3), "port unreachable");
+    assert_eq!(ones_sum(icmp.slice()), 0xffff, "ICMP checksum");
+    // The quote: the original IP header (ID aside) and 8 bytes of L4.
+    let quote = icmp.payload();
+    assert_eq!(quote.len(), 28);
+    assert_eq!(quote[..4], original[14..18]);
+    assert_eq!(quote[6..20], original[20..34]);
+    assert_eq!(quote[20..28], original[34..42]);
+    reply.len() - icmp.slice().len()
+}
+
+/// What the kernel does to a CHECKSUM_PARTIAL packet on transmit without
+/// offload: sum from the original L4 header to the end, fold, write at the
+/// original checksum offset (0 becomes 0xffff).
+fn finish_partial(packet: &mut [u8], check_at: usize) {
+    let sum = !ones_sum(&packet[34..]);
+    let sum = if sum == 0 { 0xffff } else { sum };
+    packet[check_at..check_at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+#[test]
+fn a_service_without_backends_refuses_with_port_unreachable() {
+    if !common::ready("a_service_without_backends_refuses_with_port_unreachable") {
+        return;
+    }
+    let empty = [10, 96, 0, 20];
+    let yaml = SERVICES.replace(
+        "ports: [{name: http, protocol: TCP, port: 80}]",
+        "ports: [{name: http, protocol: TCP, port: 80}, {name: dns, protocol: UDP, port: 53}]",
+    );
+    let lab = {
+        let mut dp = Loaded::new().expect("load");
+        dp.program_yaml(&yaml).expect("program");
+        Lab { dp }
+    };
+    for hook in HOOKS {
+        let cases = [
+            (tcp(CLIENT, 46000, empty, 80), 34 + 16),
+            (udp(CLIENT, 46001, empty, 53), 34 + 6),
+        ];
+        for (packet, check_at) in cases {
+            let before = lab.counter(Counter::Rejected);
+            let (verdict, reply) = lab.run_raw(hook, &packet);
+            let sent = match hook {
+                Hook::Xdp => XDP_TX,
+                Hook::Tc => TC_ACT_REDIRECT,
+            };
+            assert_eq!(verdict, sent, "{hook:?}");
+            assert_eq!(lab.counter(Counter::Rejected), before + 1);
+            check_port_unreachable(&reply, &packet, empty);
+            // A partial checksum the kernel finishes later must not break it.
+            let mut finished = reply.clone();
+            finish_partial(&mut finished, check_at);
+            check_port_unreachable(&finished, &packet, empty);
+        }
+    }
+}
+
+/// `yaml` programmed for node `node` with these node addresses.
+fn lab_for(yaml: &str, node: &str) -> Lab {
+    let mut dp = Loaded::new().expect("load the datapath");
+    let mut objects = common::objects(yaml).expect("objects");
+    objects.node_name = Some(node.into());
+    dp.program(&proxy_agent::model::desired(&objects))
+        .expect("program");
+    Lab { dp }
+}
+
+const LOAD_BALANCER: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: [10.0.1.0/24]
+  ports: [{name: http, protocol: TCP, port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: [10.1.1.2], nodeName: here}
+  - {addresses: [10.1.2.2], nodeName: there}
+"#;
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    if !common::ready("load_balancer_source_ranges_admit_only_their_clients") {
+        return;
+    }
+    let lb = [198, 51, 100, 1];
+    for hook in HOOKS {
+        let lab = lab_for(LOAD_BALANCER, "here");
+        let inside = seen(&lab.run(hook, &tcp(CLIENT, 40000, lb, 80)));
+        assert_eq!(
+            (inside.dst, inside.dport),
+            ([10, 1, 1, 2], 8080),
+            "{hook:?}"
+        );
+        let outsider = tcp([192, 0, 2, 9], 40000, lb, 80);
+        let (verdict, _) = lab.run_raw(hook, &outsider);
+        let dropped = match hook {
+            Hook::Xdp => XDP_DROP,
+            Hook::Tc => TC_ACT_SHOT,
+        };
+        assert_eq!(verdict, dropped, "{hook:?}");
+        assert_eq!(lab.counter(Counter::SourceRangeDenied), 1, "{hook:?}");
+        // The cluster IP is not behind the ranges.
+        let cluster = seen(&lab.run(hook, &tcp([192, 0, 2, 9], 40001, [10, 96, 0, 30], 80)));
+        assert!(BACKENDS.contains(&cluster.dst), "{hook:?}");
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints_drops() {
+    if !common::ready("external_traffic_policy_local_without_local_endpoints_drops") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = lab_for(LOAD_BALANCER, "elsewhere");
+        let (verdict, _) = lab.run_raw(hook, &tcp(CLIENT, 40000, [198, 51, 100, 1], 80));
+        let dropped = match hook {
+            Hook::Xdp => XDP_DROP,
+            Hook::Tc => TC_ACT_SHOT,
+        };
+        assert_eq!(verdict, dropped, "{hook:?}: dropped, not refused");
+        assert_eq!(lab.counter(Counter::NoLocalBackend), 1, "{hook:?}");
+    }
+}
+
+#[test]
+fn replies_of_external_frontends_are_translated_at_egress_only() {
+    if !common::ready("replies_of_external_frontends_are_translated_at_egress_only") {
+        return;
+    }
+    let lb = [198, 51, 100, 1];
+    for hook in HOOKS {
+        let lab = lab_for(LOAD_BALANCER, "here");
+        seen(&lab.run(hook, &tcp(CLIENT, 40000, lb, 80)));
+        let reply = tcp([10, 1, 1, 2], 8080, CLIENT, 40000);
+        assert_eq!(
+            lab.run(hook, &reply),
+            reply,
+            "{hook:?}: untouched at ingress"
+        );
+        let (verdict, out) = lab.dp.tc_egress(&reply).expect("egress run");
+        assert_eq!(verdict, TC_ACT_OK);
+        let out = seen(&out);
+        assert_eq!(
+            (out.src, out.sport),
+            (lb, 80),
+            "{hook:?}: translated at egress"
+        );
+        // A cluster-IP reply is translated at ingress and left alone at egress.
+        let lab = Lab::new();
+        seen(&lab.run(hook, &tcp(CLIENT, 40001, VIP, 80)));
+        for backend in BACKENDS {
+            let reply = tcp(backend, 8080, CLIENT, 40001);
+            let (_, out) = lab.dp.tc_egress(&reply).expect("egress run");
+            assert_eq!(out, reply, "{hook:?}: egress leaves cluster-IP replies");
+        }
+    }
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_its_backend() {
+    if !common::ready("client_ip_affinity_keeps_a_client_on_its_backend") {
+        return;
+    }
+    let yaml = SERVICES.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n",
+    );
+    assert_ne!(yaml, SERVICES);
+    for hook in HOOKS {
+        let mut lab = Lab::new();
+        lab.dp.program_yaml(&yaml).expect("program");
+        let first = seen(&lab.run(hook, &tcp(CLIENT, 41000, VIP, 80))).dst;
+        for port in 41001..41050 {
+            let out = seen(&lab.run(hook, &tcp(CLIENT, port, VIP, 80)));
+            assert_eq!(
+                out.dst, first,
+                "{hook:?}: new flows follow the client's affinity"
+            );
+        }
+        let others: std::collections::BTreeSet<[u8; 4]> = (0..50)
+            .map(|i| seen(&lab.run(hook, &tcp([10, 0, 2, i], 41000, VIP, 80))).dst)
+            .collect();
+        assert_eq!(others.len(), 2, "{hook:?}: clients still spread");
+        // The backend leaves the Service: the client moves.
+        let keep = if first == BACKENDS[0] {
+            "10.1.2.2"
+        } else {
+            "10.1.1.2"
+        };
+        let shrunk = yaml.replace(
+            "  - addresses: [10.1.1.2]\n  - addresses: [10.1.2.2]\n",
+            &format!("  - addresses: [{keep}]\n"),
+        );
+        assert_ne!(shrunk, yaml);
+        lab.dp.program_yaml(&shrunk).expect("reprogram");
+        let moved = seen(&lab.run(hook, &tcp(CLIENT, 42000, VIP, 80))).dst;
+        assert_ne!(moved, first, "{hook:?}");
+        assert_eq!(lab.counter(Counter::AffinityStale), 1, "{hook:?}");
     }
 }

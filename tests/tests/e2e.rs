@@ -172,8 +172,7 @@ fn udp_round_to(
 ) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
     for i in 0..n {
-        let (name, from) =
-            udp_exchange(&lab.topology.client, frontend, &format!("q{i}"), TIMEOUT)?;
+        let (name, from) = udp_exchange(&lab.topology.client, frontend, &format!("q{i}"), TIMEOUT)?;
         if from != SocketAddr::V4(frontend) {
             bail!("UDP reply came from {from}, not {frontend}");
         }

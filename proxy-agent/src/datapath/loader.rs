@@ -25,8 +25,9 @@ use aya::{
     },
 };
 use proxy_common::{
-    Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
-    MAX_SLOTS, PROJECT, Service, ServiceStats, SlotKey, names, programs,
+    Affinity4Key, AffinityEntry, Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
+    MemberKey, PROJECT, Service, ServiceStats, SlotKey, SourceRange4, names, programs,
 };
 
 use super::iface::{Hook, IfaceSpec};
@@ -152,6 +153,18 @@ fn layout(name: &str) -> Option<(u32, u32, u32)> {
         ),
         names::SERVICE_STATS => (4, size(size_of::<ServiceStats>()), MAX_SERVICES),
         names::COUNTERS => (4, 8, Counter::COUNT),
+        names::MEMBERS => (
+            size(size_of::<MemberKey>()),
+            size(size_of::<Backend4>()),
+            MAX_MEMBERS,
+        ),
+        names::AFFINITY4 => (
+            size(size_of::<Affinity4Key>()),
+            size(size_of::<AffinityEntry>()),
+            MAX_AFFINITY,
+        ),
+        // LPM keys start with their 4-byte prefix length.
+        names::SOURCE_RANGES4 => (4 + size(size_of::<SourceRange4>()), 4, MAX_SOURCE_RANGES),
         _ => return None,
     })
 }

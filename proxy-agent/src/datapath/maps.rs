@@ -1,18 +1,30 @@
 //! The service maps, owned and typed, behind the reconciler's `Maps` trait.
 
 use anyhow::Context;
+use std::net::{IpAddr, Ipv4Addr};
+
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
-use proxy_common::{Backend4, Counter, Frontend4, Service, ServiceStats, SlotKey, names};
+use proxy_common::{
+    Backend4, Counter, Frontend4, MemberKey, Service, ServiceStats, SlotKey, SourceRange4, names,
+};
 
-use crate::reconcile::{Maps, Snapshot};
+use crate::{
+    cidr::Cidr,
+    reconcile::{Maps, Snapshot},
+};
 
 pub struct MapSet {
     pub services: HashMap<MapData, Frontend4, Service>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend4>,
+    pub members: HashMap<MapData, MemberKey, Backend4>,
+    pub source_ranges: LpmTrie<MapData, SourceRange4, u32>,
     pub stats: PerCpuArray<MapData, ServiceStats>,
     pub counters: PerCpuArray<MapData, u64>,
     cpus: usize,
@@ -36,6 +48,8 @@ impl MapSet {
             services: take(ebpf, names::SERVICES4)?,
             slots: take(ebpf, names::SLOTS)?,
             backends: take(ebpf, names::BACKENDS4)?,
+            members: take(ebpf, names::MEMBERS)?,
+            source_ranges: take(ebpf, names::SOURCE_RANGES4)?,
             stats: take(ebpf, names::SERVICE_STATS)?,
             counters: take(ebpf, names::COUNTERS)?,
             cpus,
@@ -48,6 +62,11 @@ impl MapSet {
             services: collect(self.services.iter(), names::SERVICES4)?,
             slots: collect(self.slots.iter(), names::SLOTS)?,
             backends: collect(self.backends.iter(), names::BACKENDS4)?,
+            members: collect(self.members.iter(), names::MEMBERS)?,
+            source_ranges: collect(self.source_ranges.iter(), names::SOURCE_RANGES4)?
+                .into_iter()
+                .filter_map(|(key, _)| source_range(&key))
+                .collect(),
         })
     }
 
@@ -78,6 +97,30 @@ fn collect<K, V>(
 ) -> anyhow::Result<Vec<(K, V)>> {
     iter.collect::<Result<_, _>>()
         .with_context(|| format!("reading {name}"))
+}
+
+/// The trie key of a service's IPv4 source range: the service id is
+/// matched whole, then the range's prefix of the address.
+fn range_key(service_id: u32, range: Cidr) -> anyhow::Result<Key<SourceRange4>> {
+    let IpAddr::V4(addr) = range.addr else {
+        anyhow::bail!("{range} is not an IPv4 range");
+    };
+    Ok(Key::new(
+        32 + u32::from(range.prefix),
+        SourceRange4 {
+            service_id_be: service_id.to_be(),
+            addr: u32::from(addr).to_be(),
+        },
+    ))
+}
+
+/// The service id and range an adopted trie key stands for.
+fn source_range(key: &Key<SourceRange4>) -> Option<(u32, Cidr)> {
+    let prefix = key.prefix_len().checked_sub(32).filter(|p| *p <= 32)?;
+    let data = key.data();
+    let addr = Ipv4Addr::from(u32::from_be(data.addr));
+    let range = format!("{addr}/{prefix}").parse().ok()?;
+    Some((u32::from_be(data.service_id_be), range))
 }
 
 /// Removing what is already gone is not an error: removal is idempotent.
@@ -117,6 +160,27 @@ impl Maps for MapSet {
 
     fn remove_service(&mut self, frontend: Frontend4) -> anyhow::Result<()> {
         removed(self.services.remove(&frontend), names::SERVICES4)
+    }
+
+    fn set_member(&mut self, key: MemberKey, backend: Backend4) -> anyhow::Result<()> {
+        self.members
+            .insert(key, backend, 0)
+            .context("writing lb_members")
+    }
+
+    fn remove_member(&mut self, key: MemberKey) -> anyhow::Result<()> {
+        removed(self.members.remove(&key), names::MEMBERS)
+    }
+
+    fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {
+        self.source_ranges
+            .insert(&range_key(service_id, range)?, 1, 0)
+            .context("writing lb4_src_ranges")
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {
+        let key = range_key(service_id, range)?;
+        removed(self.source_ranges.remove(&key), names::SOURCE_RANGES4)
     }
 
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()> {

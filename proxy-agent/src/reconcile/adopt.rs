@@ -1,11 +1,14 @@
 //! Taking over what an earlier agent left in the maps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend4, Frontend4, Service, SlotKey};
+use proxy_common::{Backend4, Frontend4, MemberKey, Service, SlotKey};
 
-use super::{Applied, BackendKey, Reconciler, slot_key};
-use crate::model::{Frontend, Protocol};
+use super::{Applied, BackendKey, Reconciler, backend4, member_key, slot_key};
+use crate::{
+    cidr::Cidr,
+    model::{Frontend, Protocol},
+};
 
 /// What the maps hold, as read back after a restart.
 #[derive(Clone, Debug, Default)]
@@ -13,6 +16,9 @@ pub struct Snapshot {
     pub services: Vec<(Frontend4, Service)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend4)>,
+    pub members: Vec<(MemberKey, Backend4)>,
+    /// (service id, range) pairs.
+    pub source_ranges: Vec<(u32, Cidr)>,
 }
 
 /// Entries nothing explains, removed by the next pass.
@@ -20,7 +26,35 @@ pub struct Snapshot {
 pub(super) struct Strays {
     pub services: Vec<Frontend4>,
     pub slots: Vec<SlotKey>,
+    pub members: Vec<MemberKey>,
+    pub source_ranges: Vec<(u32, Cidr)>,
     pub backends: Vec<u32>,
+}
+
+/// Per-service parts of a snapshot, taken as services claim them.
+#[derive(Default)]
+struct Parts {
+    slots: BTreeMap<u32, BTreeMap<u32, u32>>,
+    members: BTreeMap<u32, BTreeMap<u32, Backend4>>,
+    ranges: BTreeMap<u32, BTreeSet<Cidr>>,
+}
+
+impl Parts {
+    fn new(snapshot: &Snapshot) -> Self {
+        let mut parts = Parts::default();
+        for (key, backend) in &snapshot.slots {
+            let own = parts.slots.entry(key.service_id).or_default();
+            own.insert(key.slot, *backend);
+        }
+        for (key, backend) in &snapshot.members {
+            let own = parts.members.entry(key.service_id).or_default();
+            own.insert(key.backend_id, *backend);
+        }
+        for (id, range) in &snapshot.source_ranges {
+            parts.ranges.entry(*id).or_default().insert(*range);
+        }
+        parts
+    }
 }
 
 impl Reconciler {
@@ -41,15 +75,9 @@ impl Reconciler {
                 _ => r.strays.backends.push(*id),
             }
         }
-        let mut slots: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
-        for (key, backend) in &snapshot.slots {
-            slots
-                .entry(key.service_id)
-                .or_default()
-                .insert(key.slot, *backend);
-        }
+        let mut parts = Parts::new(snapshot);
         for (frontend4, service) in &snapshot.services {
-            let own = slots.remove(&service.id).unwrap_or_default();
+            let own = parts.slots.remove(&service.id).unwrap_or_default();
             let kept = r.adopt_service(frontend4, service, &own);
             if kept.is_none() {
                 r.strays.services.push(*frontend4);
@@ -58,13 +86,40 @@ impl Reconciler {
             r.strays
                 .slots
                 .extend(stray.map(|s| slot_key(service.id, *s as usize)));
+            if let Some(frontend) = kept.and_then(|_| adopted_frontend(frontend4)) {
+                r.adopt_extras(frontend, service.id, &mut parts);
+            }
         }
-        for (id, rest) in slots {
+        for (id, rest) in parts.slots {
             r.strays
                 .slots
                 .extend(rest.keys().map(|s| slot_key(id, *s as usize)));
         }
+        for (id, rest) in parts.members {
+            r.strays
+                .members
+                .extend(rest.keys().map(|b| member_key(id, *b)));
+        }
+        for (id, rest) in parts.ranges {
+            r.strays.source_ranges.extend(rest.iter().map(|c| (id, *c)));
+        }
         r
+    }
+
+    /// Members that name the backend their id stands for, and source
+    /// ranges, of an adopted service.
+    fn adopt_extras(&mut self, frontend: Frontend, service_id: u32, parts: &mut Parts) {
+        let Some(applied) = self.frontends.get_mut(&frontend) else {
+            return;
+        };
+        for (backend, value) in parts.members.remove(&service_id).unwrap_or_default() {
+            let known = self.backend_keys.get(&backend).map(backend4);
+            if known != Some(value) {
+                applied.stale_members.insert(backend);
+            }
+            applied.members.insert(backend);
+        }
+        applied.ranges = parts.ranges.remove(&service_id).unwrap_or_default();
     }
 
     /// Adopts one service entry whose slots 0..count all name known
@@ -93,8 +148,10 @@ impl Reconciler {
         let len = kept.len();
         let applied = Applied {
             service_id: service.id,
-            count: Some(service.backend_count),
-            flags: service.flags,
+            entry: Some(*service),
+            members: BTreeSet::new(),
+            stale_members: BTreeSet::new(),
+            ranges: BTreeSet::new(),
             slots: kept,
             owner: None,
         };

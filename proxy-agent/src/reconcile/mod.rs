@@ -2,9 +2,12 @@
 //! an exact record of what the maps hold.
 //!
 //! Order, so that a packet never meets a dangling reference:
-//! backends are written before any slot names them; a service's slots are
-//! written before its count grows; its count shrinks before slots are
-//! removed; a backend is removed only after no slot names it.
+//! backends are written before any slot names them; a backend becomes a
+//! member of a service before a slot of it names the backend, and stops
+//! being one after no slot does; a service's slots are written before its
+//! count grows; its count shrinks before slots are removed; source ranges
+//! are written before the entry that enables them and removed after; a
+//! backend is removed only after no slot names it.
 //!
 //! A pass takes the frontends of some Services (`apply_changes`: only those
 //! that changed, so one change costs the same at 10 or 10,000 Services) or
@@ -18,7 +21,12 @@ use std::{
     net::SocketAddrV4,
 };
 
-use proxy_common::{Backend4, Frontend4, SVC_REPLY_AT_EGRESS, Service, SlotKey};
+use proxy_common::{
+    Backend4, Frontend4, MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS,
+    SVC_SOURCE_RANGES, Service, SlotKey,
+};
+
+use crate::cidr::Cidr;
 
 pub use adopt::Snapshot;
 use adopt::Strays;
@@ -35,6 +43,12 @@ pub trait Maps {
     fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()>;
     fn set_service(&mut self, frontend: Frontend4, service: Service) -> anyhow::Result<()>;
     fn remove_service(&mut self, frontend: Frontend4) -> anyhow::Result<()>;
+    /// Makes `backend` (the service's view of it) a member of a service.
+    fn set_member(&mut self, key: MemberKey, backend: Backend4) -> anyhow::Result<()>;
+    fn remove_member(&mut self, key: MemberKey) -> anyhow::Result<()>;
+    /// Admits the sources in `range` to a service with `SVC_SOURCE_RANGES`.
+    fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
+    fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
     /// Zeroes a service id's statistics before the id is used again.
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()>;
 }
@@ -52,11 +66,16 @@ pub struct BackendKey {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Applied {
     service_id: u32,
-    /// The count the service entry holds (None: no entry yet). Packets only
-    /// see slots below it.
-    count: Option<u32>,
-    /// The flags the service entry holds.
-    flags: u32,
+    /// The service entry as written (None: no entry yet). Packets only see
+    /// slots below its count.
+    entry: Option<Service>,
+    /// Backend ids with a member entry for this service.
+    members: BTreeSet<u32>,
+    /// Adopted members whose entry names another address: rewritten if
+    /// still wanted, removed if not.
+    stale_members: BTreeSet<u32>,
+    /// Source ranges written for this service.
+    ranges: BTreeSet<Cidr>,
     /// Backend ids in slots 0..slots.len(), possibly more than `count`.
     slots: Vec<u32>,
     /// The Service it was programmed for (None: adopted, not yet claimed).
@@ -198,8 +217,7 @@ impl Reconciler {
             ));
             return;
         };
-        let flags = service_flags(state);
-        if let Err(e) = self.update_frontend(frontend, owner, (&ids, flags), maps, report) {
+        if let Err(e) = self.update_frontend(frontend, owner, (&ids, state), maps, report) {
             report
                 .errors
                 .push(format!("{frontend:?}: {e:#}; kept as far as written"));
@@ -297,7 +315,7 @@ impl Reconciler {
         &mut self,
         frontend: Frontend,
         owner: &ObjectKey,
-        (wanted, flags): (&[u32], u32),
+        (wanted, state): (&[u32], &FrontendState),
         maps: &mut dyn Maps,
         report: &mut Report,
     ) -> anyhow::Result<()> {
@@ -306,12 +324,32 @@ impl Reconciler {
             frontends,
             refs,
             maybe_unused,
+            backend_keys,
             ..
         } = self;
         let applied = frontends
             .get_mut(&frontend)
             .ok_or_else(|| anyhow::anyhow!("entry vanished"))?;
         let id = applied.service_id;
+        let members: BTreeSet<u32> = wanted.iter().copied().collect();
+        for backend in &members {
+            if applied.members.contains(backend) && !applied.stale_members.contains(backend) {
+                continue;
+            }
+            let key = backend_keys
+                .get(backend)
+                .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
+            maps.set_member(member_key(id, *backend), backend4(key))?;
+            report.writes += 1;
+            applied.members.insert(*backend);
+            applied.stale_members.remove(backend);
+        }
+        let ranges = v4_ranges(&state.source_ranges);
+        for range in ranges.difference(&applied.ranges.clone()) {
+            maps.set_source_range(id, *range)?;
+            report.writes += 1;
+            applied.ranges.insert(*range);
+        }
         for (slot, backend) in wanted.iter().enumerate() {
             let old = applied.slots.get(slot).copied();
             if old == Some(*backend) {
@@ -328,14 +366,24 @@ impl Reconciler {
                 None => applied.slots.push(*backend),
             }
         }
-        let count = wanted.len() as u32;
-        if applied.count != Some(count) || applied.flags != flags {
-            maps.set_service(frontend4(&frontend), service(id, count, flags))?;
+        let entry = service(id, wanted.len() as u32, state);
+        if applied.entry != Some(entry) {
+            maps.set_service(frontend4(&frontend), entry)?;
             report.writes += 1;
-            applied.count = Some(count);
-            applied.flags = flags;
+            applied.entry = Some(entry);
         }
-        pop_slots(applied, wanted.len(), refs, maybe_unused, maps, report)
+        pop_slots(applied, wanted.len(), refs, maybe_unused, maps, report)?;
+        for backend in applied.members.clone().difference(&members) {
+            maps.remove_member(member_key(id, *backend))?;
+            report.writes += 1;
+            applied.members.remove(backend);
+        }
+        for range in applied.ranges.clone().difference(&ranges) {
+            maps.remove_source_range(id, *range)?;
+            report.writes += 1;
+            applied.ranges.remove(range);
+        }
+        Ok(())
     }
 
     fn remove_frontend(
@@ -353,12 +401,22 @@ impl Reconciler {
         let Some(applied) = frontends.get_mut(&frontend) else {
             return Ok(());
         };
-        if applied.count.is_some() {
+        if applied.entry.is_some() {
             maps.remove_service(frontend4(&frontend))?;
             report.writes += 1;
-            applied.count = None;
+            applied.entry = None;
         }
         pop_slots(applied, 0, refs, maybe_unused, maps, report)?;
+        for backend in applied.members.clone() {
+            maps.remove_member(member_key(applied.service_id, backend))?;
+            report.writes += 1;
+            applied.members.remove(&backend);
+        }
+        for range in applied.ranges.clone() {
+            maps.remove_source_range(applied.service_id, range)?;
+            report.writes += 1;
+            applied.ranges.remove(&range);
+        }
         let (id, owner) = (applied.service_id, applied.owner.clone());
         self.frontends.remove(&frontend);
         if let Some(owner) = owner {
@@ -404,6 +462,12 @@ impl Reconciler {
         }
         for key in strays.slots {
             results.push(maps.remove_slot(key));
+        }
+        for key in strays.members {
+            results.push(maps.remove_member(key));
+        }
+        for (id, range) in strays.source_ranges {
+            results.push(maps.remove_source_range(id, range));
         }
         for id in strays.backends {
             results.push(maps.remove_backend(id));
@@ -468,22 +532,44 @@ fn slot_key(service_id: u32, slot: usize) -> SlotKey {
     }
 }
 
-/// How the datapath treats a frontend's traffic beyond picking a backend.
-fn service_flags(state: &FrontendState) -> u32 {
+fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
+    MemberKey {
+        service_id,
+        backend_id,
+    }
+}
+
+/// The ranges the IPv4 datapath can use.
+fn v4_ranges(ranges: &[Cidr]) -> BTreeSet<Cidr> {
+    ranges
+        .iter()
+        .filter(|r| r.addr.is_ipv4())
+        .copied()
+        .collect()
+}
+
+/// The service entry: its backends and how the datapath treats its traffic
+/// beyond picking one.
+fn service(id: u32, count: u32, state: &FrontendState) -> Service {
     let mut flags = 0;
     // Frontends outside the cluster range may be the node's own addresses.
     if state.scope != Scope::ClusterIp {
         flags |= SVC_REPLY_AT_EGRESS;
     }
-    flags
-}
-
-fn service(id: u32, count: u32, flags: u32) -> Service {
+    if state.affinity_timeout.is_some() {
+        flags |= SVC_AFFINITY;
+    }
+    if !v4_ranges(&state.source_ranges).is_empty() {
+        flags |= SVC_SOURCE_RANGES;
+    }
+    if state.drop_when_empty {
+        flags |= SVC_DROP_WHEN_EMPTY;
+    }
     Service {
         id,
         backend_count: count,
         flags,
-        _pad: 0,
+        affinity_timeout: state.affinity_timeout.unwrap_or(0),
     }
 }
 

@@ -53,11 +53,10 @@ impl Loaded {
             let prog: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(programs::TC_INGRESS)
-            .context("tc program")?
-            .try_into()?;
-        tc.load().context("verifying the TC program")?;
+        for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
+            let tc: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
+            tc.load().with_context(|| format!("verifying {name}"))?;
+        }
         let maps = MapSet::take(&mut ebpf)?;
         Ok(Loaded {
             ebpf,
@@ -109,11 +108,15 @@ impl Loaded {
     }
 
     pub fn tc(&self, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(programs::TC_INGRESS)
-            .context("tc")?
-            .try_into()?;
+        self.tc_named(programs::TC_INGRESS, packet)
+    }
+
+    pub fn tc_egress(&self, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        self.tc_named(programs::TC_EGRESS, packet)
+    }
+
+    fn tc_named(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let prog: &SchedClassifier = self.ebpf.program(name).context("tc")?.try_into()?;
         let mut out = vec![0u8; packet.len() + 512];
         let result = prog
             .test_run(options(packet, &mut out))

@@ -1,0 +1,207 @@
+//! Refusing a flow to a service without endpoints: the packet becomes an
+//! ICMP port unreachable back to the client (as kube-proxy's REJECT), which
+//! fails a TCP connect or a connected UDP socket at once.
+//!
+//! The reply is built in place and sent back out of the interface it came
+//! in on. A packet from a local socket may still carry CHECKSUM_PARTIAL,
+//! which XDP cannot see and TC cannot clear: the kernel may then "finish" a
+//! checksum at the original L4 checksum offset after we are done. The
+//! layout puts a zeroed field the receiver ignores at exactly that offset
+//! (the ICMP header's unused bytes for UDP; behind a 4-byte IP option, the
+//! quoted header's IP ID for TCP), and a zero there leaves the ICMP
+//! checksum valid whether or not the kernel writes into it.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
+    programs::{TcContext, XdpContext},
+};
+use core::mem::size_of;
+
+use proxy_common::{Counter, IPPROTO_TCP};
+
+use crate::{
+    maps,
+    parse::{Flow, ptr_at},
+};
+
+const IPV4_HLEN: usize = 20;
+/// What ICMP quotes of the original: its IP header and 8 bytes of L4.
+const QUOTE: usize = IPV4_HLEN + 8;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const TC_ACT_SHOT: i32 = 2;
+
+/// The reply: Ethernet, IPv4 with `OPT` bytes of options, ICMP, the quote.
+#[repr(C)]
+struct Reply<const OPT: usize> {
+    eth: [u8; 14],
+    ip: [u8; IPV4_HLEN],
+    options: [u8; OPT],
+    icmp: [u8; 8],
+    quote: [u8; QUOTE],
+}
+
+/// What the reply needs of the original packet.
+struct Original {
+    eth: [u8; 12],
+    quote: [u8; QUOTE],
+}
+
+/// Refuses the flow from XDP: XDP_TX, or XDP_DROP if the reply cannot be
+/// built (counted).
+#[inline(always)]
+pub fn xdp(ctx: &XdpContext, flow: &Flow, start: usize, end: usize) -> u32 {
+    let built = if flow.proto == IPPROTO_TCP {
+        try_xdp::<4>(ctx, flow, start, end)
+    } else {
+        try_xdp::<0>(ctx, flow, start, end)
+    };
+    match built {
+        Some(()) => {
+            maps::count(Counter::Rejected);
+            xdp_action::XDP_TX
+        }
+        None => {
+            maps::count(Counter::RejectFailed);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_xdp<const OPT: usize>(
+    ctx: &XdpContext,
+    flow: &Flow,
+    start: usize,
+    end: usize,
+) -> Option<()> {
+    let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
+    let quote: *const [u8; QUOTE] = ptr_at(start, end, flow.l3)?;
+    // SAFETY: both were bounds-checked by ptr_at.
+    let original = unsafe { original(flow, *eth, *quote)? };
+    // The verifier allows no arithmetic on data_end: ask for the length.
+    // SAFETY: the context is the program's own.
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;
+    let delta = size_of::<Reply<OPT>>() as i32 - len;
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return None;
+    }
+    // Fresh pointers: adjusting the tail invalidated the old ones.
+    // SAFETY: reading the context's own fields.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    let reply: *mut Reply<OPT> = ptr_at(start, end, 0)?;
+    // SAFETY: bounds-checked above; the original's bytes were copied out.
+    unsafe { fill(&mut *reply, &original) };
+    Some(())
+}
+
+/// Refuses the flow from TC: the reply leaves through the interface the
+/// packet came in on; TC_ACT_SHOT if it cannot be built (counted).
+#[inline(always)]
+pub fn tc(ctx: &TcContext, flow: &Flow) -> i32 {
+    let built = if flow.proto == IPPROTO_TCP {
+        try_tc::<4>(ctx, flow)
+    } else {
+        try_tc::<0>(ctx, flow)
+    };
+    match built {
+        Some(action) => {
+            maps::count(Counter::Rejected);
+            action
+        }
+        None => {
+            maps::count(Counter::RejectFailed);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_tc<const OPT: usize>(ctx: &TcContext, flow: &Flow) -> Option<i32> {
+    let original = original(flow, ctx.load(0).ok()?, ctx.load(flow.l3).ok()?)?;
+    let mut reply = Reply::<OPT> {
+        eth: [0; 14],
+        ip: [0; IPV4_HLEN],
+        options: [0; OPT],
+        icmp: [0; 8],
+        quote: [0; QUOTE],
+    };
+    fill(&mut reply, &original);
+    let len = size_of::<Reply<OPT>>() as u32;
+    // SAFETY: the context is the program's own.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
+        return None;
+    }
+    ctx.store(0, &reply, 0).ok()?;
+    // SAFETY: reading the context's own field.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the helper has no preconditions beyond a valid ifindex.
+    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// None for a packet with IP options: its quote would need them too.
+#[inline(always)]
+fn original(flow: &Flow, eth: [u8; 12], quote: [u8; QUOTE]) -> Option<Original> {
+    if flow.l4 != flow.l3 + IPV4_HLEN {
+        return None;
+    }
+    Some(Original { eth, quote })
+}
+
+#[inline(always)]
+fn fill<const OPT: usize>(r: &mut Reply<OPT>, original: &Original) {
+    // Ethernet: back to where it came from.
+    r.eth[..6].copy_from_slice(&original.eth[6..12]);
+    r.eth[6..12].copy_from_slice(&original.eth[..6]);
+    r.eth[12] = 0x08;
+    r.eth[13] = 0;
+    let total = (IPV4_HLEN + OPT + 8 + QUOTE) as u16;
+    r.ip = [0; IPV4_HLEN];
+    r.ip[0] = 0x40 | ((IPV4_HLEN + OPT) / 4) as u8;
+    r.ip[1] = 0xc0; // precedence: internetwork control, as the kernel's ICMP errors
+    r.ip[2..4].copy_from_slice(&total.to_be_bytes());
+    r.ip[8] = 64;
+    r.ip[9] = IPPROTO_ICMP;
+    // From the address the client tried, to the client.
+    r.ip[12..16].copy_from_slice(&original.quote[16..20]);
+    r.ip[16..20].copy_from_slice(&original.quote[12..16]);
+    // All zeros: End of Options List.
+    r.options = [0; OPT];
+    r.icmp = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    r.quote = original.quote;
+    if OPT != 0 {
+        // The quoted IP ID: where a late TCP checksum lands (module comment).
+        r.quote[4] = 0;
+        r.quote[5] = 0;
+    }
+    let ip_check = fold(sum(&r.ip) + sum(&r.options));
+    r.ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    let icmp_check = fold(sum(&r.icmp) + sum(&r.quote));
+    r.icmp[2..4].copy_from_slice(&icmp_check.to_be_bytes());
+}
+
+/// One's complement sum of big-endian 16-bit words (even length).
+#[inline(always)]
+fn sum(bytes: &[u8]) -> u32 {
+    let mut total = 0u32;
+    for pair in bytes.chunks_exact(2) {
+        total += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    total
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
