@@ -351,6 +351,36 @@ pub fn changes(
         .collect()
 }
 
+/// The health check node port a Service asks this node to answer, with its
+/// local ready endpoints counted as kube-proxy counts them (summed over the
+/// Service's ports): LoadBalancer Services with externalTrafficPolicy:
+/// Local only.
+pub fn health_check(
+    objects: &Objects,
+    index: &SliceIndex,
+    key: &ObjectKey,
+) -> Option<(u16, usize)> {
+    let service = objects.services.get(key)?;
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    let port = port_number(spec.health_check_node_port?, String::new).ok()?;
+    let slices = index.slices_of(objects, key);
+    let only = Only::Node(objects.node_name.as_deref());
+    let mut local = 0;
+    for service_port in spec.ports.iter().flatten() {
+        let Ok(Some(protocol)) = protocol(service_port.protocol.as_deref(), String::new) else {
+            continue;
+        };
+        let name = service_port.name.as_deref().unwrap_or("");
+        local += endpoints(&slices, name, protocol, Condition::Ready, only, None).len();
+    }
+    Some((port, local))
+}
+
 /// The Service an EndpointSlice belongs to, by its label.
 pub fn owning_service(namespace: &str, slice: &EndpointSlice) -> Option<ObjectKey> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;

@@ -2,9 +2,10 @@
 //! the source says, and report how that goes.
 
 use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -18,6 +19,7 @@ use tokio::{
 use crate::{
     cidr::Cidr,
     datapath::{self, iface::IfaceSpec, loader, maps::MapSet},
+    healthcheck::{HealthChecks, ServiceHealth},
     http::{self, Endpoints},
     metrics::{Shared, Status},
     model::{self, ObjectKey, Objects, SliceIndex},
@@ -76,7 +78,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let timeout = config.health_timeout;
     spawn_http(config.health_addr, Endpoints::Health { timeout }, &status);
     spawn_http(config.metrics_addr, Endpoints::Metrics, &status);
-    let mut programmer = Programmer::adopt(maps, status)?;
+    let health_checks = health_checks(config.health_addr.ip(), &status, timeout);
+    let mut programmer = Programmer::adopt(maps, status, health_checks)?;
     let mut signals = Signals::new()?;
     match &config.source {
         Source::Manifests(path) => {
@@ -116,6 +119,14 @@ fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     loaded.retire_other_links()?;
     let maps = MapSet::take(&mut loaded.ebpf)?;
     Ok((loaded, maps))
+}
+
+/// Health check node ports answer on the health server's address, and fail
+/// when the agent itself is unhealthy, as kube-proxy's do.
+fn health_checks(bind: IpAddr, status: &Shared, timeout: Duration) -> HealthChecks {
+    let status = status.clone();
+    let healthy = move || status.lock().is_ok_and(|s| s.healthy(timeout));
+    HealthChecks::new(bind, Arc::new(healthy))
 }
 
 fn spawn_http(addr: SocketAddr, endpoints: Endpoints, status: &Shared) {
@@ -275,10 +286,17 @@ struct Programmer {
     status: Shared,
     /// The last pass left writes undone: try again.
     failed: bool,
+    health_checks: HealthChecks,
+    /// Each Service's health check node port and local endpoint count.
+    health_wanted: BTreeMap<ObjectKey, (u16, usize)>,
 }
 
 impl Programmer {
-    fn adopt(maps: MapSet, status: Shared) -> anyhow::Result<Programmer> {
+    fn adopt(
+        maps: MapSet,
+        status: Shared,
+        health_checks: HealthChecks,
+    ) -> anyhow::Result<Programmer> {
         let snapshot = maps.snapshot()?;
         if !snapshot.services.is_empty() || !snapshot.backends.is_empty() {
             log::info!(
@@ -293,7 +311,52 @@ impl Programmer {
             maps,
             status,
             failed: false,
+            health_checks,
+            health_wanted: BTreeMap::new(),
         })
+    }
+
+    /// Brings the health check node ports up to date for these Services
+    /// (all of them: None).
+    fn sync_health_checks(
+        &mut self,
+        objects: &Objects,
+        index: &SliceIndex,
+        services: Option<&BTreeSet<ObjectKey>>,
+    ) {
+        match services {
+            Some(keys) => {
+                for key in keys {
+                    match model::health_check(objects, index, key) {
+                        Some(wanted) => self.health_wanted.insert(key.clone(), wanted),
+                        None => self.health_wanted.remove(key),
+                    };
+                }
+            }
+            None => {
+                self.health_wanted = objects
+                    .services
+                    .keys()
+                    .filter_map(|k| Some((k.clone(), model::health_check(objects, index, k)?)))
+                    .collect();
+            }
+        }
+        let mut ports = BTreeMap::new();
+        for (service, (port, local_endpoints)) in &self.health_wanted {
+            let health = ServiceHealth {
+                service: service.clone(),
+                local_endpoints: *local_endpoints,
+            };
+            if let Some(other) = ports.insert(*port, health) {
+                log::warn!(
+                    "health check node port {port} is claimed twice ({})",
+                    other.service
+                );
+            }
+        }
+        for error in self.health_checks.sync(&ports) {
+            log::error!("{error}; retried on the next sync");
+        }
     }
 
     fn status(&self, update: impl FnOnce(&mut Status)) {
@@ -310,6 +373,7 @@ impl Programmer {
             log::warn!("{warning}");
         }
         let report = self.reconciler.apply(&desired, &mut self.maps);
+        self.sync_health_checks(objects, &SliceIndex::new(objects), None);
         self.record(objects, &report, started, changes, "all services");
     }
 
@@ -324,6 +388,7 @@ impl Programmer {
         let started = Instant::now();
         let wanted = model::changes(objects, index, services);
         let report = self.reconciler.apply_changes(&wanted, &mut self.maps);
+        self.sync_health_checks(objects, index, Some(services));
         self.record(
             objects,
             &report,

@@ -13,7 +13,10 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
+    helpers::{
+        bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_xdp_get_buff_len,
+    },
     programs::{TcContext, XdpContext},
 };
 use core::mem::size_of;
@@ -85,8 +88,17 @@ fn try_xdp<const OPT: usize>(
     // SAFETY: the context is the program's own.
     let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;
     let delta = size_of::<Reply<OPT>>() as i32 - len;
-    // SAFETY: as above.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+    // Grow at the front, where XDP always has headroom (drivers need not
+    // leave any tailroom); shrink at the back.
+    // SAFETY: as above; the original's bytes were copied out.
+    let rc = unsafe {
+        if delta > 0 {
+            bpf_xdp_adjust_head(ctx.ctx, -delta)
+        } else {
+            bpf_xdp_adjust_tail(ctx.ctx, delta)
+        }
+    };
+    if rc != 0 {
         return None;
     }
     // Fresh pointers: adjusting the tail invalidated the old ones.

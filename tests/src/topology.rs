@@ -177,6 +177,17 @@ impl Topology {
             .with_context(|| format!("disabling TX checksum offload on {LEAF_IFACE} in {ns}"))
     }
 
+    /// Turns GRO on on the client's eth0. A veth delivers frames that XDP on
+    /// its peer sends back (XDP_TX, as for refusals) only when it runs NAPI,
+    /// which GRO (or an XDP program of its own) turns on; a physical NIC
+    /// needs nothing of the kind.
+    pub fn enable_client_gro(&self) -> Result<()> {
+        let ns = self.client.name().to_string();
+        self.client
+            .run(|| set_gro(LEAF_IFACE, true))?
+            .with_context(|| format!("enabling GRO on {LEAF_IFACE} in {ns}"))
+    }
+
     /// Makes the node finish every checksum in software before a packet
     /// leaves it, as a physical NIC does in hardware. Without this, a packet
     /// that left a local socket with a partial checksum crosses veths and is
@@ -295,6 +306,8 @@ const SIOCETHTOOL: libc::Ioctl = 0x8946;
 /// Legacy ethtool commands for TX checksumming (linux/ethtool.h).
 const ETHTOOL_GTXCSUM: u32 = 0x16;
 const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_GGRO: u32 = 0x2b;
+const ETHTOOL_SGRO: u32 = 0x2c;
 
 /// `struct ethtool_value`.
 #[repr(C)]
@@ -314,6 +327,21 @@ struct IfreqData {
 /// Sets TX checksum offload on `iface` in the calling thread's namespace and
 /// verifies the result with a read-back.
 fn set_tx_csum(iface: &str, on: bool) -> Result<()> {
+    set_feature(
+        iface,
+        (ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM),
+        on,
+        "TX checksum offload",
+    )
+}
+
+/// Sets GRO on `iface` in the calling thread's namespace, read back.
+fn set_gro(iface: &str, on: bool) -> Result<()> {
+    set_feature(iface, (ETHTOOL_GGRO, ETHTOOL_SGRO), on, "GRO")
+}
+
+/// One on/off feature through its legacy ethtool (get, set) commands.
+fn set_feature(iface: &str, (get, set): (u32, u32), on: bool, what: &str) -> Result<()> {
     // SAFETY: socket(2) with constant arguments; the fd is owned right below.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
@@ -321,10 +349,10 @@ fn set_tx_csum(iface: &str, on: bool) -> Result<()> {
     }
     // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    ethtool_value(&sock, iface, ETHTOOL_STXCSUM, u32::from(on)).context("ETHTOOL_STXCSUM")?;
-    let now = ethtool_value(&sock, iface, ETHTOOL_GTXCSUM, 0).context("ETHTOOL_GTXCSUM")?;
+    ethtool_value(&sock, iface, set, u32::from(on)).with_context(|| format!("setting {what}"))?;
+    let now = ethtool_value(&sock, iface, get, 0).with_context(|| format!("reading {what}"))?;
     if (now != 0) != on {
-        bail!("TX checksum offload on {iface} is still {now} after setting it to {on}");
+        bail!("{what} on {iface} is still {now} after setting it to {on}");
     }
     Ok(())
 }

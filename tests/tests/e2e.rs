@@ -78,6 +78,7 @@ impl Lab {
         if client_hook == ":xdp" {
             // A wire delivers full checksums; a veth from a local socket does not.
             topology.disable_client_tx_checksum()?;
+            topology.enable_client_gro()?;
         }
         let servers = (0..backends)
             .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
@@ -465,4 +466,135 @@ fn xdp_serves_a_node_port_on_the_nodes_address() -> anyhow::Result<()> {
         return Ok(());
     }
     node_port_serves(":xdp", "npxdp")
+}
+
+/// The error kind of a TCP connect to `target` from the client.
+fn connect_error(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<std::io::ErrorKind> {
+    let result = lab
+        .topology
+        .client
+        .run(move || std::net::TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT))?;
+    match result {
+        Ok(stream) => bail!("connected to {target} (from {:?})", stream.local_addr()),
+        Err(e) => Ok(e.kind()),
+    }
+}
+
+/// The error kind of a datagram round trip on a connected UDP socket.
+fn udp_error(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<std::io::ErrorKind> {
+    let result = lab.topology.client.run(move || -> std::io::Result<()> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.send(b"anyone?")?;
+        let mut buf = [0u8; 512];
+        socket.recv(&mut buf).map(|_| ())
+    })?;
+    match result {
+        Ok(()) => bail!("{target} answered"),
+        Err(e) => Ok(e.kind()),
+    }
+}
+
+/// kube-proxy's REJECT: a Service without endpoints refuses at once
+/// (ICMP port unreachable), instead of leaving clients to time out.
+fn refuses_without_endpoints(client_hook: &str, tag: &str) -> anyhow::Result<()> {
+    let mut lab = Lab::start(tag, 1, 1, client_hook)?;
+    lab.update(&manifests::web(&[]))?;
+    use std::io::ErrorKind::ConnectionRefused;
+    assert_eq!(connect_error(&lab, http_vip())?, ConnectionRefused, "TCP");
+    assert_eq!(udp_error(&lab, udp_vip())?, ConnectionRefused, "UDP");
+    // Endpoints come back: served again.
+    lab.update(&manifests::web(&[0]))?;
+    assert_eq!(tcp_round(&lab, 20)?.values().sum::<usize>(), 20);
+    Ok(())
+}
+
+#[test]
+fn tc_refuses_connections_to_a_service_without_endpoints() -> anyhow::Result<()> {
+    if !common::ready("tc_refuses_connections_to_a_service_without_endpoints") {
+        return Ok(());
+    }
+    refuses_without_endpoints("", "rjtc")
+}
+
+#[test]
+fn xdp_refuses_connections_to_a_service_without_endpoints() -> anyhow::Result<()> {
+    if !common::ready("xdp_refuses_connections_to_a_service_without_endpoints") {
+        return Ok(());
+    }
+    refuses_without_endpoints(":xdp", "rjxdp")
+}
+
+/// sessionAffinity: ClientIP: every connection of the client reaches one
+/// backend; without it they spread.
+#[test]
+fn client_ip_affinity_holds_across_connections() -> anyhow::Result<()> {
+    if !common::ready("client_ip_affinity_holds_across_connections") {
+        return Ok(());
+    }
+    let mut lab = Lab::start("aff", 3, 3, "")?;
+    let sticky = manifests::web(&[0, 1, 2]).replace(
+        "spec:\n  clusterIP",
+        "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  clusterIP",
+    );
+    assert_ne!(sticky, manifests::web(&[0, 1, 2]));
+    lab.update(&sticky)?;
+    let tcp = tcp_round(&lab, 100)?;
+    assert_eq!(tcp.len(), 1, "one backend for one client: {tcp:?}");
+    let udp = udp_round(&lab, 100)?;
+    assert_eq!(udp.len(), 1, "UDP too: {udp:?}");
+    lab.update(&manifests::web(&[0, 1, 2]))?;
+    let spread = tcp_round(&lab, 100)?;
+    assert!(
+        spread.len() > 1,
+        "without affinity flows spread: {spread:?}"
+    );
+    Ok(())
+}
+
+/// loadBalancerSourceRanges: the client is served only while its address is
+/// in the ranges; others' packets are dropped (the connect times out).
+#[test]
+fn load_balancer_source_ranges_shut_out_other_clients() -> anyhow::Result<()> {
+    if !common::ready("load_balancer_source_ranges_shut_out_other_clients") {
+        return Ok(());
+    }
+    let mut lab = Lab::start("lbsr", 2, 2, "")?;
+    let lb = |ranges: &str| {
+        let service = manifests::service().replace(
+            "spec:\n  clusterIP",
+            &format!(
+                "spec:\n  type: LoadBalancer\n  loadBalancerSourceRanges: [{ranges}]\n  clusterIP"
+            ),
+        );
+        format!(
+            "{service}status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.1}}]}}}}\n---\n{}",
+            manifests::slice(&[0, 1])
+        )
+    };
+    let frontend = SocketAddrV4::new(
+        std::net::Ipv4Addr::new(198, 51, 100, 1),
+        manifests::HTTP_PORT,
+    );
+    lab.update(&lb("10.0.1.0/24"))?;
+    assert_eq!(
+        tcp_round_to(&lab, frontend, 20)?.values().sum::<usize>(),
+        20
+    );
+    lab.update(&lb("192.0.2.0/24"))?;
+    let kind = connect_error(&lab, frontend)?;
+    assert!(
+        matches!(
+            kind,
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ),
+        "dropped, not refused: {kind:?}"
+    );
+    assert_eq!(
+        tcp_round(&lab, 20)?.values().sum::<usize>(),
+        20,
+        "the cluster IP is open to all"
+    );
+    Ok(())
 }

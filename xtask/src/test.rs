@@ -13,6 +13,15 @@ use crate::build::host_cargo;
 /// Runs `cargo test --workspace ARGS`, passing its output through, and ends
 /// with the sum of every test binary's "test result" line.
 pub fn run(object: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    // The integration tests run the agent binary; a filtered `cargo test`
+    // (`-- --test e2e`) would not rebuild it and would test a stale one.
+    let built = host_cargo(object)
+        .args(["build", "-p", "proxy-agent", "--bin", "proxy-agent"])
+        .status()
+        .context("building the agent")?;
+    if !built.success() {
+        bail!("building the agent failed: {built}");
+    }
     let mut child = host_cargo(object)
         .args(["test", "--workspace"])
         .args(args)
