@@ -352,9 +352,10 @@ pub fn changes(
 }
 
 /// The health check node port a Service asks this node to answer, with its
-/// local ready endpoints counted as kube-proxy counts them (summed over the
-/// Service's ports): LoadBalancer Services with externalTrafficPolicy:
-/// Local only.
+/// local ready endpoints counted as kube-proxy counts them (distinct
+/// addresses over all the Service's ports; terminating ones do not count, so
+/// a node left with only those fails the check): LoadBalancer Services with
+/// externalTrafficPolicy: Local only.
 pub fn health_check(
     objects: &Objects,
     index: &SliceIndex,
@@ -370,15 +371,16 @@ pub fn health_check(
     let port = port_number(spec.health_check_node_port?, String::new).ok()?;
     let slices = index.slices_of(objects, key);
     let only = Only::Node(objects.node_name.as_deref());
-    let mut local = 0;
+    let mut local = BTreeSet::new();
     for service_port in spec.ports.iter().flatten() {
         let Ok(Some(protocol)) = protocol(service_port.protocol.as_deref(), String::new) else {
             continue;
         };
         let name = service_port.name.as_deref().unwrap_or("");
-        local += endpoints(&slices, name, protocol, Condition::Ready, only, None).len();
+        let ready = endpoints(&slices, name, protocol, Condition::Ready, only, None);
+        local.extend(ready.iter().map(|e| *e.ip()));
     }
-    Some((port, local))
+    Some((port, local.len()))
 }
 
 /// The Service an EndpointSlice belongs to, by its label.

@@ -21,11 +21,31 @@ pub struct PlannedFrontend {
     pub service: String,
     pub port_name: String,
     pub backends: Vec<String>,
+    /// sessionAffinity: ClientIP timeout in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_seconds: Option<u32>,
+    /// loadBalancerSourceRanges the datapath enforces.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
+    /// What a new flow meets with no backend: "reject" (ICMP port
+    /// unreachable) or "drop".
+    pub without_backends: &'static str,
+}
+
+/// A health check node port this node answers.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedHealthCheck {
+    pub port: u16,
+    pub service: String,
+    pub local_endpoints: usize,
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub frontends: Vec<PlannedFrontend>,
+    pub health_check_node_ports: Vec<PlannedHealthCheck>,
     pub warnings: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -50,10 +70,28 @@ pub fn from_manifests(path: &Path, node: &NodeOptions) -> Plan {
     }
     let load = source.load();
     let desired = model::desired(&load.objects);
-    plan(&desired, &load.errors)
+    let index = model::SliceIndex::new(&load.objects);
+    let health_checks = load
+        .objects
+        .services
+        .keys()
+        .filter_map(|key| {
+            let (port, local_endpoints) = model::health_check(&load.objects, &index, key)?;
+            Some(PlannedHealthCheck {
+                port,
+                service: key.to_string(),
+                local_endpoints,
+            })
+        })
+        .collect();
+    plan(&desired, health_checks, &load.errors)
 }
 
-fn plan(desired: &Desired, errors: &[ManifestError]) -> Plan {
+fn plan(
+    desired: &Desired,
+    health_check_node_ports: Vec<PlannedHealthCheck>,
+    errors: &[ManifestError],
+) -> Plan {
     let frontends = desired
         .frontends
         .iter()
@@ -73,10 +111,22 @@ fn plan(desired: &Desired, errors: &[ManifestError]) -> Plan {
             service: state.service.to_string(),
             port_name: state.port_name.clone(),
             backends: state.backends.iter().map(ToString::to_string).collect(),
+            affinity_timeout_seconds: state.affinity_timeout,
+            source_ranges: state
+                .source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            without_backends: if state.drop_when_empty {
+                "drop"
+            } else {
+                "reject"
+            },
         })
         .collect();
     Plan {
         frontends,
+        health_check_node_ports,
         warnings: desired.warnings.clone(),
         errors: errors.iter().map(ToString::to_string).collect(),
     }
@@ -87,21 +137,51 @@ impl Plan {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<16} {:>5} {:<5} {:<12} {:<28} {:<10} BACKENDS",
-            "ADDRESS", "PORT", "PROTO", "SCOPE", "SERVICE", "PORT NAME"
+            "{:<16} {:>5} {:<5} {:<12} {:<28} {:<10} {:<24} BACKENDS",
+            "ADDRESS", "PORT", "PROTO", "SCOPE", "SERVICE", "PORT NAME", "FLAGS"
         );
         for f in &self.frontends {
             let backends = if f.backends.is_empty() {
-                "(none)".to_string()
+                format!("(none: {})", f.without_backends)
             } else {
                 f.backends.join(",")
             };
             let _ = writeln!(
                 out,
-                "{:<16} {:>5} {:<5} {:<12} {:<28} {:<10} {backends}",
-                f.address, f.port, f.protocol, f.scope, f.service, f.port_name
+                "{:<16} {:>5} {:<5} {:<12} {:<28} {:<10} {:<24} {backends}",
+                f.address,
+                f.port,
+                f.protocol,
+                f.scope,
+                f.service,
+                f.port_name,
+                f.flags()
+            );
+        }
+        for h in &self.health_check_node_ports {
+            let _ = writeln!(
+                out,
+                "health check node port {} for {}: {} local endpoints",
+                h.port, h.service, h.local_endpoints
             );
         }
         out
+    }
+}
+
+impl PlannedFrontend {
+    /// The table's short form of what is not plain load balancing.
+    fn flags(&self) -> String {
+        let mut flags = Vec::new();
+        if let Some(seconds) = self.affinity_timeout_seconds {
+            flags.push(format!("affinity={seconds}s"));
+        }
+        if !self.source_ranges.is_empty() {
+            flags.push(format!("ranges={}", self.source_ranges.join("+")));
+        }
+        if flags.is_empty() {
+            return "-".into();
+        }
+        flags.join(",")
     }
 }

@@ -573,3 +573,39 @@ status:
         vec![]
     );
 }
+
+#[test]
+fn health_check_counts_distinct_local_ready_addresses_over_all_ports() {
+    let svc = r#"
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports:
+    - {name: http, port: 80}
+    - {name: dns, port: 53, protocol: UDP}
+"#;
+    let s = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], nodeName: n1},
+            {addresses: [10.1.3.2], nodeName: n1,
+             conditions: {ready: false, serving: true, terminating: true}},
+            {addresses: [10.1.2.2], nodeName: n2}]"#,
+    );
+    let mut objs = objects(&[("default", svc)], &[("default", &s)]);
+    objs.node_name = Some("n1".into());
+    let index = model::SliceIndex::new(&objs);
+    let web = key("default", "web");
+    assert_eq!(model::health_check(&objs, &index, &web), Some((32000, 1)));
+    objs.node_name = Some("n3".into());
+    assert_eq!(model::health_check(&objs, &index, &web), Some((32000, 0)));
+    let cluster = svc.replace(
+        "externalTrafficPolicy: Local",
+        "externalTrafficPolicy: Cluster",
+    );
+    let objs = objects(&[("default", &cluster)], &[("default", &s)]);
+    assert_eq!(model::health_check(&objs, &index, &web), None);
+}

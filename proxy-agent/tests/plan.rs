@@ -102,3 +102,97 @@ fn plan_for_a_zone_applies_topology_hints() {
         serde_json::json!(["10.1.2.2:8080"])
     );
 }
+
+#[test]
+fn plan_shows_node_ports_policies_affinity_ranges_and_health_checks() {
+    let dir = std::env::temp_dir().join(format!("xdproxy-plan-lb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let yaml = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status:
+  addresses: [{type: InternalIP, address: 10.0.0.1}, {type: ExternalIP, address: 203.0.113.7}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  sessionAffinity: ClientIP
+  loadBalancerSourceRanges: [192.0.2.0/24]
+  ports: [{name: http, protocol: TCP, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: [10.1.1.2], nodeName: n1}
+  - {addresses: [10.1.2.2], nodeName: n2}
+"#;
+    std::fs::write(dir.join("lb.yaml"), yaml).expect("write");
+    let path = dir.to_str().expect("path").to_string();
+    let plan_for = |args: &[&str]| {
+        let mut all = vec!["--manifests", path.as_str(), "-o", "json"];
+        all.extend_from_slice(args);
+        let (code, json, err) = run_plan(&all);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&json).expect("json")
+    };
+    let plan = plan_for(&["--node-name", "n1"]);
+    let frontends = plan["frontends"].as_array().expect("frontends");
+    let find = |address: &str, port: u16| {
+        frontends
+            .iter()
+            .find(|f| f["address"] == address && f["port"] == port)
+            .unwrap_or_else(|| panic!("{address}:{port} in {frontends:?}"))
+    };
+    let cluster = find("10.96.0.30", 80);
+    assert_eq!(cluster["backends"].as_array().map(Vec::len), Some(2));
+    assert_eq!(cluster["affinityTimeoutSeconds"], 10800);
+    let lb = find("198.51.100.1", 80);
+    assert_eq!(lb["scope"], "LoadBalancer");
+    assert_eq!(lb["backends"], serde_json::json!(["10.1.1.2:8080"]));
+    assert_eq!(lb["sourceRanges"], serde_json::json!(["192.0.2.0/24"]));
+    for node_ip in ["10.0.0.1", "203.0.113.7"] {
+        let np = find(node_ip, 30080);
+        assert_eq!(np["scope"], "NodePort");
+        assert_eq!(np["backends"], serde_json::json!(["10.1.1.2:8080"]));
+        assert!(np.get("sourceRanges").is_none(), "ranges are for LB IPs");
+    }
+    assert_eq!(
+        plan["healthCheckNodePorts"],
+        serde_json::json!([{"port": 32000, "service": "demo/lb", "localEndpoints": 1}])
+    );
+    // Another node, without local endpoints: external traffic is dropped.
+    let plan = plan_for(&["--node-name", "n3", "--nodeport-addresses", "10.0.0.0/8"]);
+    let frontends = plan["frontends"].as_array().expect("frontends");
+    assert!(
+        frontends.iter().all(|f| f["address"] != "10.0.0.1"),
+        "n3 has no Node object, so no node ports: {frontends:?}"
+    );
+    let lb = frontends
+        .iter()
+        .find(|f| f["address"] == "198.51.100.1")
+        .expect("lb");
+    assert_eq!(lb["withoutBackends"], "drop");
+    assert_eq!(plan["healthCheckNodePorts"][0]["localEndpoints"], 0);
+    let (_, table, _) = run_plan(&["--manifests", &path, "--node-name", "n1"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        table.contains("affinity=10800s,ranges=192.0.2.0/24"),
+        "{table}"
+    );
+    assert!(
+        table.contains("health check node port 32000 for demo/lb: 1 local endpoints"),
+        "{table}"
+    );
+}

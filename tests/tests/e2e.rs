@@ -598,3 +598,97 @@ fn load_balancer_source_ranges_shut_out_other_clients() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `GET /` on `target` from the client: the status code and the body.
+fn http_get(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<(u16, String)> {
+    let response = lab
+        .topology
+        .client
+        .run(move || -> anyhow::Result<String> {
+            use std::io::{Read, Write};
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text)?;
+            Ok(text)
+        })??;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {response:?}"))?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok((code, body.to_string()))
+}
+
+/// externalTrafficPolicy: Local: the LoadBalancer IP reaches only this
+/// node's endpoint, and the health check node port tells a load balancer
+/// whether this node has one.
+#[test]
+fn external_traffic_policy_local_serves_local_endpoints_and_its_health_check() -> anyhow::Result<()>
+{
+    if !common::ready("external_traffic_policy_local_serves_local_endpoints_and_its_health_check") {
+        return Ok(());
+    }
+    let mut lab = Lab::start("etp", 2, 2, "")?;
+    let local_on = |node0: &str| {
+        let service = manifests::service().replace(
+            "spec:\n  clusterIP",
+            "spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  clusterIP",
+        );
+        let slice = manifests::slice(&[0, 1])
+            .replacen(
+                "    conditions:",
+                &format!("    nodeName: {node0}\n    conditions:"),
+                1,
+            )
+            .replacen(
+                "    conditions: {ready: true}\n  - ",
+                "    conditions: {ready: true}\n  - nodeName: other\n    ",
+                1,
+            );
+        format!(
+            "{service}status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.1}}]}}}}\n---\n{slice}"
+        )
+    };
+    let text = local_on(proxy_tests::agent::NODE_NAME);
+    assert!(
+        text.contains("nodeName: other") && text.contains("nodeName: test-node"),
+        "{text}"
+    );
+    lab.update(&text)?;
+    let frontend = SocketAddrV4::new(
+        std::net::Ipv4Addr::new(198, 51, 100, 1),
+        manifests::HTTP_PORT,
+    );
+    let served = tcp_round_to(&lab, frontend, 50)?;
+    assert_eq!(
+        served.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&[0]),
+        "{served:?}"
+    );
+    assert_eq!(
+        tcp_round(&lab, 100)?.len(),
+        2,
+        "the cluster IP uses every endpoint"
+    );
+    let health = SocketAddrV4::new(manifests::NODE_ADDR, 32000);
+    let (code, body) = http_get(&lab, health)?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    assert!(body.contains("\"name\": \"web\""), "{body}");
+    lab.update(&local_on("elsewhere"))?;
+    let (code, body) = http_get(&lab, health)?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+    lab.update(&manifests::web(&[0, 1]))?;
+    let gone = connect_error(&lab, health)?;
+    assert_eq!(
+        gone,
+        std::io::ErrorKind::ConnectionRefused,
+        "the port closed with the Service"
+    );
+    Ok(())
+}
