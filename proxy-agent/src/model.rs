@@ -53,20 +53,25 @@ pub fn node_zone(node: &Node) -> Option<String> {
     node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()
 }
 
-/// The addresses a Node object lists for reaching it (IPv4 for now).
+/// The addresses a Node object lists for reaching it (IPv4 for now),
+/// InternalIPs first (the first one is the node's source NAT address).
 pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
-    let listed = node
+    let listed: Vec<_> = node
         .status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
         .into_iter()
-        .flatten();
-    let mut out: Vec<Ipv4Addr> = listed
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse().ok())
+        .flatten()
         .collect();
-    out.sort();
-    out.dedup();
+    let mut out: Vec<Ipv4Addr> = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        let of_kind = listed.iter().filter(|a| a.type_ == kind);
+        for addr in of_kind.filter_map(|a| a.address.parse().ok()) {
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
     out
 }
 
@@ -149,6 +154,10 @@ pub struct FrontendState {
     /// than refuse them, as kube-proxy does, so a load balancer's health
     /// check takes the node out instead of clients seeing refusals.
     pub drop_when_empty: bool,
+    /// Source NAT new flows from outside (external frontends under
+    /// externalTrafficPolicy: Cluster), so replies from a backend on another
+    /// node come back through this one.
+    pub snat: bool,
 }
 
 /// kube-proxy's default for sessionAffinity: ClientIP without a timeout.
@@ -157,6 +166,9 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// The address source NAT uses: this node's first address (None:
+    /// unknown, so flows that need source NAT get none, and a counter says so).
+    pub snat_addr: Option<Ipv4Addr>,
     /// Things that are valid Kubernetes but cannot all be served (clashes).
     pub warnings: Vec<String>,
 }
@@ -306,7 +318,10 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), FieldError> {
 /// The desired datapath state for a set of (validated) objects.
 pub fn desired(objects: &Objects) -> Desired {
     let index = SliceIndex::new(objects);
-    let mut out = Desired::default();
+    let mut out = Desired {
+        snat_addr: objects.node_addresses.first().copied(),
+        ..Desired::default()
+    };
     for (key, service) in &objects.services {
         for (frontend, state) in
             service_frontends(key, service, &index.slices_of(objects, key), objects)
@@ -480,6 +495,7 @@ fn service_frontends(
             && spec.external_traffic_policy.as_deref() == Some("Local")
             && !wanted.backends_anywhere().is_empty();
         let affinity = affinity_timeout(service).ok().flatten();
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         let mut push = |addr: Ipv4Addr, number: u16, scope: Scope| {
             let frontend = Frontend {
                 addr,
@@ -503,6 +519,7 @@ fn service_frontends(
                     Vec::new()
                 },
                 drop_when_empty: external_scope && drop_external,
+                snat: external_scope && !external_local,
             };
             out.push((frontend, state));
         };

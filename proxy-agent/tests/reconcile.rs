@@ -11,7 +11,9 @@ use proxy_agent::{
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
     reconcile::{Maps, Reconciler, Snapshot},
 };
-use proxy_common::{Backend4, Frontend4, MemberKey, SVC_SOURCE_RANGES, Service, SlotKey};
+use proxy_common::{
+    Backend4, Frontend4, MemberKey, NodeConfig, SVC_SOURCE_RANGES, Service, SlotKey,
+};
 
 #[derive(Default)]
 struct FakeMaps {
@@ -25,6 +27,7 @@ struct FakeMaps {
     fail: Option<String>,
     /// Skip the per-write check (for maps corrupted on purpose).
     unchecked: bool,
+    config: Option<NodeConfig>,
 }
 
 impl FakeMaps {
@@ -160,6 +163,11 @@ impl Maps for FakeMaps {
         self.check();
         Ok(())
     }
+    fn set_config(&mut self, config: NodeConfig) -> anyhow::Result<()> {
+        self.write("set_config".into())?;
+        self.config = Some(config);
+        Ok(())
+    }
     fn set_source_range(&mut self, id: u32, range: Cidr) -> anyhow::Result<()> {
         self.write(format!("set_range {id} {range}"))?;
         self.ranges.insert((id, range));
@@ -213,6 +221,7 @@ fn first_sync_writes_backends_then_members_then_slots_then_the_service() {
     assert_eq!(
         maps.writes(),
         [
+            "set_config",
             "set_backend 1",
             "set_backend 2",
             "reset_stats 1",
@@ -223,7 +232,7 @@ fn first_sync_writes_backends_then_members_then_slots_then_the_service() {
             "set_service 80 count 2"
         ]
     );
-    assert_eq!(report.writes, 7);
+    assert_eq!(report.writes, 8);
 }
 
 #[test]
@@ -410,6 +419,7 @@ impl FakeMaps {
                 })
                 .collect(),
             source_ranges: self.ranges.iter().copied().collect(),
+            config: self.config,
         }
     }
 }

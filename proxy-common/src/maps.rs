@@ -9,13 +9,15 @@ pub mod names {
     pub const SERVICE_STATS: &str = "lb_stats";
     pub const COUNTERS: &str = "counters";
     pub const MEMBERS: &str = "lb_members";
+    pub const CONFIG: &str = "lb_config";
     pub const AFFINITY4: &str = "lb4_affinity";
     pub const SOURCE_RANGES4: &str = "lb4_src_ranges";
     /// Benchmark-only maps: never pinned.
     pub const BENCH_PACKET: &str = "bench_packet";
     pub const BENCH_TARGET: &str = "bench_target";
     /// Every map the programs define, for pinning and cleanup.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
+        CONFIG,
         SERVICES4,
         BACKENDS4,
         SLOTS,
@@ -170,14 +172,46 @@ pub struct SourceRange4 {
     pub addr: u32,
 }
 
-/// Conntrack direction: a client's packet towards the frontend.
+/// Conntrack direction: a client's packet towards the frontend, at
+/// ingress; its destination becomes the backend.
 pub const CT_FORWARD: u8 = 0;
-/// Conntrack direction: a backend's reply towards the client.
+/// Conntrack direction: a packet coming back, at ingress; its source
+/// becomes the frontend, or (`CT_REWRITE_DST`) its destination the client
+/// whose source was translated.
 pub const CT_REPLY: u8 = 1;
+/// Conntrack direction: a packet leaving through an attached interface, at
+/// egress; its source becomes the entry's address and port. Source
+/// rewrites that would put one of the node's own addresses into a packet
+/// the node still has to forward happen here, after forwarding (the kernel
+/// drops forwarded packets with a local source as martians).
+pub const CT_EGRESS: u8 = 2;
 
-/// A reply entry whose translation waits for the egress hook
-/// (see `SVC_REPLY_AT_EGRESS`).
-pub const CT_AT_EGRESS: u16 = 1;
+/// A `CT_REPLY` entry that rewrites the destination, not the source.
+pub const CT_REWRITE_DST: u16 = 1;
+
+/// Source NAT for flows a backend would otherwise answer around this node:
+/// traffic from outside to external frontends under externalTrafficPolicy:
+/// Cluster (as kube-proxy masquerades it), and a backend reaching itself
+/// through its own Service (hairpin; always).
+pub const SVC_SNAT_EXTERNAL: u32 = 16;
+
+/// The single entry of `lb_config`: what the datapath needs of the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// The address source NAT uses (network byte order; 0: none known, no
+    /// source NAT).
+    pub snat_addr4: u32,
+    /// Source NAT ports, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// Default source NAT ports: above Linux's default ephemeral range
+/// (32768-60999), so they do not meet the node's own connections, and
+/// above the NodePort range.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Key of `ct4`: a flow as it appears on the wire in one direction.
 #[repr(C)]
@@ -188,7 +222,7 @@ pub struct Ct4Key {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    /// CT_FORWARD or CT_REPLY.
+    /// CT_FORWARD, CT_REPLY or CT_EGRESS.
     pub direction: u8,
     pub _pad: u16,
 }
@@ -247,10 +281,13 @@ pub enum Counter {
     /// A client's affinity pointed at a backend that is no longer a member:
     /// a new one was chosen.
     AffinityStale = 11,
+    /// A flow that needed source NAT got none (no node address known, or no
+    /// free port): forwarded untranslated.
+    SnatFailed = 12,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NoBackend,
         Counter::CtInsertFailed,
@@ -264,6 +301,7 @@ impl Counter {
         Counter::RejectFailed,
         Counter::NoLocalBackend,
         Counter::AffinityStale,
+        Counter::SnatFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -280,6 +318,7 @@ impl Counter {
             Counter::RejectFailed => "reject_failed",
             Counter::NoLocalBackend => "no_local_backend",
             Counter::AffinityStale => "affinity_stale",
+            Counter::SnatFailed => "snat_failed",
         }
     }
 }
@@ -301,6 +340,7 @@ mod pod {
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRange4 {}
+    unsafe impl aya::Pod for NodeConfig {}
 }
 
 #[cfg(test)]
@@ -321,6 +361,7 @@ mod tests {
         assert_eq!(size_of::<Affinity4Key>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<SourceRange4>(), 8);
+        assert_eq!(size_of::<NodeConfig>(), 8);
     }
 
     #[test]

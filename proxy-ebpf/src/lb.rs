@@ -2,13 +2,13 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    Backend4, CT_AT_EGRESS, CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, Frontend4, MemberKey,
-    SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SOURCE_RANGES, Service, SlotKey,
+    Backend4, Counter, Frontend4, MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES,
+    Service, SlotKey,
 };
 
 use crate::{
-    affinity,
-    maps::{self, BACKENDS4, CONNTRACK4, MEMBERS, SERVICES4, SLOTS},
+    affinity, ct,
+    maps::{self, BACKENDS4, MEMBERS, SERVICES4, SLOTS},
     parse::Flow,
 };
 
@@ -49,57 +49,27 @@ pub enum Verdict {
 /// What to do with a parsed packet.
 #[inline(always)]
 pub fn decide(flow: &Flow, len: u64, stage: Stage) -> Verdict {
-    if stage == Stage::Ingress {
-        let frontend = Frontend4 {
-            addr: flow.daddr,
-            port: flow.dport,
-            proto: flow.proto,
-            _pad: 0,
-        };
-        if let Some(service) = SERVICES4.get_ptr(frontend) {
-            // SAFETY: a copy out of a live map value.
-            let service = unsafe { *service };
-            maps::count_service(service.id, len);
-            return to_service(flow, &service);
+    let rewrite = match stage {
+        Stage::Egress => ct::egress(flow),
+        Stage::Ingress => {
+            let frontend = Frontend4 {
+                addr: flow.daddr,
+                port: flow.dport,
+                proto: flow.proto,
+                _pad: 0,
+            };
+            if let Some(service) = SERVICES4.get_ptr(frontend) {
+                // SAFETY: a copy out of a live map value.
+                let service = unsafe { *service };
+                maps::count_service(service.id, len);
+                return to_service(flow, &service);
+            }
+            ct::reply(flow)
         }
-    }
-    match reply(flow, stage) {
+    };
+    match rewrite {
         Some(rewrite) => Verdict::Rewrite(rewrite),
         None => Verdict::Pass,
-    }
-}
-
-/// A backend's reply, translated back to the frontend at the stage its
-/// conntrack entry asks for.
-#[inline(always)]
-fn reply(flow: &Flow, stage: Stage) -> Option<Rewrite> {
-    let reply = key(
-        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
-    );
-    let entry = CONNTRACK4.get_ptr(reply)?;
-    // SAFETY: a copy out of a live map value.
-    let entry = unsafe { *entry };
-    let at_egress = entry.flags & CT_AT_EGRESS != 0;
-    if at_egress != (stage == Stage::Egress) {
-        return None;
-    }
-    Some(Rewrite {
-        side: Side::Source,
-        addr: entry.nat_addr,
-        port: entry.nat_port,
-    })
-}
-
-#[inline(always)]
-fn key(src: u32, sport: u16, dst: u32, dport: u16, proto: u8, direction: u8) -> Ct4Key {
-    Ct4Key {
-        src_addr: src,
-        dst_addr: dst,
-        src_port: sport,
-        dst_port: dport,
-        proto,
-        direction,
-        _pad: 0,
     }
 }
 
@@ -107,12 +77,7 @@ fn key(src: u32, sport: u16, dst: u32, dport: u16, proto: u8, direction: u8) -> 
 /// it is still a member of the service, otherwise to a newly chosen one.
 #[inline(always)]
 fn to_service(flow: &Flow, service: &Service) -> Verdict {
-    let forward = key(
-        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_FORWARD,
-    );
-    if let Some(entry) = CONNTRACK4.get_ptr(forward) {
-        // SAFETY: a copy out of a live map value.
-        let entry = unsafe { *entry };
+    if let Some(entry) = ct::forward(flow) {
         if let Some(backend) = member(service.id, entry.backend_id)
             && backend.addr == entry.nat_addr
             && backend.port == entry.nat_port
@@ -142,7 +107,7 @@ fn to_service(flow: &Flow, service: &Service) -> Verdict {
     if service.flags & SVC_AFFINITY != 0 {
         affinity::remember(service, flow.saddr, id);
     }
-    remember(flow, forward, service, id, &backend);
+    ct::remember(flow, service, id, &backend);
     to(&backend)
 }
 
@@ -196,42 +161,4 @@ fn select(service: &Service) -> Option<(u32, Backend4)> {
         return None;
     };
     Some((id, unsafe { *backend }))
-}
-
-/// Writes both directions of a new flow; a failure is counted, and the packet
-/// is still forwarded.
-#[inline(always)]
-fn remember(flow: &Flow, forward: Ct4Key, service: &Service, backend_id: u32, backend: &Backend4) {
-    let service_id = service.id;
-    let to_backend = Ct4Entry {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        flags: 0,
-        backend_id,
-        service_id,
-    };
-    let reply = key(
-        backend.addr,
-        backend.port,
-        flow.saddr,
-        flow.sport,
-        flow.proto,
-        CT_REPLY,
-    );
-    let to_client = Ct4Entry {
-        nat_addr: flow.daddr,
-        nat_port: flow.dport,
-        flags: if service.flags & SVC_REPLY_AT_EGRESS != 0 {
-            CT_AT_EGRESS
-        } else {
-            0
-        },
-        backend_id,
-        service_id,
-    };
-    if CONNTRACK4.insert(reply, to_client, 0).is_err()
-        || CONNTRACK4.insert(forward, to_backend, 0).is_err()
-    {
-        maps::count(Counter::CtInsertFailed);
-    }
 }

@@ -9,6 +9,7 @@
 
 mod affinity;
 mod bench;
+mod ct;
 mod lb;
 mod maps;
 mod nat;

@@ -1,14 +1,17 @@
 //! The maps every program shares. Names match `proxy_common::names`.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     Affinity4Key, AffinityEntry, Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_AFFINITY,
     MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
-    MemberKey, Service, ServiceStats, SlotKey, SourceRange4,
+    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SourceRange4,
 };
+
+#[btf_map(name = "lb_config")]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 
 #[btf_map(name = "lb4_services")]
 pub static SERVICES4: HashMap<Frontend4, Service, { MAX_SERVICES as usize }> = HashMap::new();

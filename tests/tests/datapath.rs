@@ -683,3 +683,125 @@ fn client_ip_affinity_keeps_a_client_on_its_backend() {
         assert_eq!(lab.counter(Counter::AffinityStale), 1, "{hook:?}");
     }
 }
+
+/// `yaml` programmed for node `here` at 10.0.0.1 (its source NAT address).
+fn lab_with_node_address(yaml: &str) -> Lab {
+    let mut dp = Loaded::new().expect("load the datapath");
+    let mut objects = common::objects(yaml).expect("objects");
+    objects.node_name = Some("here".into());
+    objects.node_addresses = vec![std::net::Ipv4Addr::new(10, 0, 0, 1)];
+    dp.program(&proxy_agent::model::desired(&objects))
+        .expect("program");
+    Lab { dp }
+}
+
+/// Runs the egress program; it must pass the packet on.
+fn egress(lab: &Lab, packet: &[u8]) -> Vec<u8> {
+    let (verdict, out) = lab.dp.tc_egress(packet).expect("egress run");
+    assert_eq!(verdict, TC_ACT_OK);
+    out
+}
+
+#[test]
+fn external_traffic_is_source_nated_to_the_node_and_back() {
+    if !common::ready("external_traffic_is_source_nated_to_the_node_and_back") {
+        return;
+    }
+    let cluster = LOAD_BALANCER
+        .replace("  externalTrafficPolicy: Local\n", "")
+        .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "");
+    let (lb, node, outsider) = ([198, 51, 100, 1], [10, 0, 0, 1], [203, 0, 113, 50]);
+    for hook in HOOKS {
+        let lab = lab_with_node_address(&cluster);
+        // In: the destination becomes a backend, the source stays.
+        let request = tcp(outsider, 50000, lb, 80);
+        let dnat = seen(&lab.run(hook, &request));
+        assert_eq!((dnat.src, dnat.sport), (outsider, 50000), "{hook:?}");
+        let backend = dnat.dst;
+        // Out, after forwarding: the source becomes the node.
+        let forwarded = tcp(outsider, 50000, backend, 8080);
+        let snat = seen(&egress(&lab, &forwarded));
+        assert_eq!(
+            (snat.src, snat.dst, snat.dport),
+            (node, backend, 8080),
+            "{hook:?}"
+        );
+        assert!(
+            snat.sport >= proxy_common::SNAT_PORT_MIN,
+            "{hook:?}: {}",
+            snat.sport
+        );
+        // The reply to the node: its destination becomes the client again.
+        let reply = tcp(backend, 8080, node, snat.sport);
+        let back = seen(&lab.run(hook, &reply));
+        assert_eq!(
+            (back.src, back.dst, back.dport),
+            (backend, outsider, 50000),
+            "{hook:?}"
+        );
+        // Out to the client: the source becomes the frontend.
+        let out = seen(&egress(&lab, &tcp(backend, 8080, outsider, 50000)));
+        assert_eq!(
+            (out.src, out.sport, out.dst),
+            (lb, 80, outsider),
+            "{hook:?}"
+        );
+        // A second flow from another port gets another node port.
+        seen(&lab.run(hook, &tcp(outsider, 50001, lb, 80)));
+        let dnat2 = seen(&lab.run(hook, &tcp(outsider, 50001, lb, 80)));
+        let second = seen(&egress(&lab, &tcp(outsider, 50001, dnat2.dst, 8080)));
+        if dnat2.dst == backend {
+            assert_ne!(second.sport, snat.sport, "{hook:?}: one node port per flow");
+        }
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address() {
+    if !common::ready("external_traffic_policy_local_keeps_the_client_address") {
+        return;
+    }
+    let local = LOAD_BALANCER.replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "");
+    let lab = lab_with_node_address(&local);
+    let outsider = [203, 0, 113, 50];
+    let dnat = seen(&lab.run(Hook::Tc, &tcp(outsider, 50000, [198, 51, 100, 1], 80)));
+    let forwarded = tcp(outsider, 50000, dnat.dst, 8080);
+    assert_eq!(egress(&lab, &forwarded), forwarded, "no source NAT");
+}
+
+#[test]
+fn a_backend_reaching_itself_through_its_service_is_source_nated() {
+    if !common::ready("a_backend_reaching_itself_through_its_service_is_source_nated") {
+        return;
+    }
+    let lab = lab_with_node_address(SERVICES);
+    let me = BACKENDS[0];
+    // Connect until the service picks this backend itself.
+    let mut hairpin = None;
+    for port in 51000..51100 {
+        let out = seen(&lab.run(Hook::Tc, &tcp(me, port, VIP, 80)));
+        if out.dst == me {
+            hairpin = Some(port);
+            break;
+        }
+    }
+    let port = hairpin.expect("the service picked the client itself within 100 flows");
+    let snat = seen(&egress(&lab, &tcp(me, port, me, 8080)));
+    assert_eq!(
+        snat.src,
+        [10, 0, 0, 1],
+        "the backend sees the node, not itself"
+    );
+    let back = seen(&lab.run(Hook::Tc, &tcp(me, 8080, [10, 0, 0, 1], snat.sport)));
+    assert_eq!((back.src, back.dst, back.dport), (me, me, port));
+    let out = seen(&egress(&lab, &tcp(me, 8080, me, port)));
+    assert_eq!(
+        (out.src, out.sport),
+        (VIP, 80),
+        "and the reply comes from the VIP"
+    );
+    // Other clients of the same service keep their address.
+    let other = seen(&lab.run(Hook::Tc, &tcp(CLIENT, 52000, VIP, 80)));
+    let forwarded = tcp(CLIENT, 52000, other.dst, 8080);
+    assert_eq!(egress(&lab, &forwarded), forwarded);
+}

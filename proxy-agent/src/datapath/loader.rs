@@ -27,7 +27,7 @@ use aya::{
 use proxy_common::{
     Affinity4Key, AffinityEntry, Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_AFFINITY,
     MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
-    MemberKey, PROJECT, Service, ServiceStats, SlotKey, SourceRange4, names, programs,
+    MemberKey, NodeConfig, PROJECT, Service, ServiceStats, SlotKey, SourceRange4, names, programs,
 };
 
 use super::iface::{Hook, IfaceSpec};
@@ -153,6 +153,7 @@ fn layout(name: &str) -> Option<(u32, u32, u32)> {
         ),
         names::SERVICE_STATS => (4, size(size_of::<ServiceStats>()), MAX_SERVICES),
         names::COUNTERS => (4, 8, Counter::COUNT),
+        names::CONFIG => (4, size(size_of::<NodeConfig>()), 1),
         names::MEMBERS => (
             size(size_of::<MemberKey>()),
             size(size_of::<Backend4>()),

@@ -6,12 +6,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use aya::{
     Ebpf,
     maps::{
-        HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use proxy_common::{
-    Backend4, Counter, Frontend4, MemberKey, Service, ServiceStats, SlotKey, SourceRange4, names,
+    Backend4, Counter, Frontend4, MemberKey, NodeConfig, Service, ServiceStats, SlotKey,
+    SourceRange4, names,
 };
 
 use crate::{
@@ -25,6 +26,7 @@ pub struct MapSet {
     pub backends: HashMap<MapData, u32, Backend4>,
     pub members: HashMap<MapData, MemberKey, Backend4>,
     pub source_ranges: LpmTrie<MapData, SourceRange4, u32>,
+    pub config: Array<MapData, NodeConfig>,
     pub stats: PerCpuArray<MapData, ServiceStats>,
     pub counters: PerCpuArray<MapData, u64>,
     cpus: usize,
@@ -50,6 +52,7 @@ impl MapSet {
             backends: take(ebpf, names::BACKENDS4)?,
             members: take(ebpf, names::MEMBERS)?,
             source_ranges: take(ebpf, names::SOURCE_RANGES4)?,
+            config: take(ebpf, names::CONFIG)?,
             stats: take(ebpf, names::SERVICE_STATS)?,
             counters: take(ebpf, names::COUNTERS)?,
             cpus,
@@ -67,6 +70,7 @@ impl MapSet {
                 .into_iter()
                 .filter_map(|(key, _)| source_range(&key))
                 .collect(),
+            config: Some(self.config.get(&0, 0).context("reading lb_config")?),
         })
     }
 
@@ -181,6 +185,10 @@ impl Maps for MapSet {
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {
         let key = range_key(service_id, range)?;
         removed(self.source_ranges.remove(&key), names::SOURCE_RANGES4)
+    }
+
+    fn set_config(&mut self, config: NodeConfig) -> anyhow::Result<()> {
+        self.config.set(0, config, 0).context("writing lb_config")
     }
 
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()> {

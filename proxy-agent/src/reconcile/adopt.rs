@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend4, Frontend4, MemberKey, Service, SlotKey};
+use proxy_common::{Backend4, Frontend4, MemberKey, NodeConfig, Service, SlotKey};
 
 use super::{Applied, BackendKey, Reconciler, backend4, member_key, slot_key};
 use crate::{
@@ -19,6 +19,7 @@ pub struct Snapshot {
     pub members: Vec<(MemberKey, Backend4)>,
     /// (service id, range) pairs.
     pub source_ranges: Vec<(u32, Cidr)>,
+    pub config: Option<NodeConfig>,
 }
 
 /// Entries nothing explains, removed by the next pass.
@@ -63,6 +64,7 @@ impl Reconciler {
     /// when they are still wanted); anything else is removed by the next pass.
     pub fn adopt(snapshot: &Snapshot, max_services: u32, max_backends: u32) -> Self {
         let mut r = Reconciler::new(max_services, max_backends);
+        r.config = snapshot.config;
         for (id, backend) in &snapshot.backends {
             // A duplicate address or an id out of range is a stray.
             match adopted_backend(backend) {

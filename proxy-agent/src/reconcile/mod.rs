@@ -22,8 +22,9 @@ use std::{
 };
 
 use proxy_common::{
-    Backend4, Frontend4, MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS,
-    SVC_SOURCE_RANGES, Service, SlotKey,
+    Backend4, Frontend4, MemberKey, NodeConfig, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY,
+    SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service,
+    SlotKey,
 };
 
 use crate::cidr::Cidr;
@@ -49,6 +50,8 @@ pub trait Maps {
     /// Admits the sources in `range` to a service with `SVC_SOURCE_RANGES`.
     fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
+    /// What the datapath needs of the node (source NAT address and ports).
+    fn set_config(&mut self, config: NodeConfig) -> anyhow::Result<()>;
     /// Zeroes a service id's statistics before the id is used again.
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()>;
 }
@@ -104,6 +107,8 @@ pub struct Reconciler {
     backend_ids: Ids,
     /// Entries found in the maps that nothing explains, removed by the next pass.
     strays: Strays,
+    /// The node configuration as written (None: not yet).
+    config: Option<NodeConfig>,
 }
 
 impl Reconciler {
@@ -118,6 +123,7 @@ impl Reconciler {
             service_ids: Ids::new(max_services),
             backend_ids: Ids::new(max_backends),
             strays: Strays::default(),
+            config: None,
         }
     }
 
@@ -148,7 +154,32 @@ impl Reconciler {
                 .or_default()
                 .push((*frontend, state.clone()));
         }
-        self.pass(&changes, Some(desired), maps)
+        let mut report = Report::default();
+        self.write_config(desired, maps, &mut report);
+        let pass = self.pass(&changes, Some(desired), maps);
+        report.writes += pass.writes;
+        report.errors.extend(pass.errors);
+        report
+    }
+
+    /// The node configuration, written when it changed (before services
+    /// that may need it: source NAT without an address only counts).
+    fn write_config(&mut self, desired: &Desired, maps: &mut dyn Maps, report: &mut Report) {
+        let config = NodeConfig {
+            snat_addr4: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()),
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_max: SNAT_PORT_MAX,
+        };
+        if self.config == Some(config) {
+            return;
+        }
+        match maps.set_config(config) {
+            Ok(()) => {
+                report.writes += 1;
+                self.config = Some(config);
+            }
+            Err(e) => report.errors.push(format!("node configuration: {e:#}")),
+        }
     }
 
     /// Brings the frontends of the changed Services to what they want now;
@@ -564,6 +595,9 @@ fn service(id: u32, count: u32, state: &FrontendState) -> Service {
     }
     if state.drop_when_empty {
         flags |= SVC_DROP_WHEN_EMPTY;
+    }
+    if state.snat {
+        flags |= SVC_SNAT_EXTERNAL;
     }
     Service {
         id,
