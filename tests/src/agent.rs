@@ -71,6 +71,22 @@ impl Agent {
         Self::start_with(binary()?, node, source, ifaces)
     }
 
+    /// As `start`, as the node named `node_name`.
+    pub fn start_named(
+        node: &Netns,
+        manifests: &Path,
+        node_name: &str,
+        ifaces: &[String],
+    ) -> anyhow::Result<Agent> {
+        let source = vec![
+            "--manifests".into(),
+            manifests.as_os_str().to_owned(),
+            "--node-name".into(),
+            node_name.into(),
+        ];
+        Self::start_with(binary()?, node, source, ifaces)
+    }
+
     /// As `start`, with the agent binary given.
     pub fn start_binary(
         binary: PathBuf,

@@ -15,3 +15,4 @@ pub mod privilege;
 pub mod servers;
 pub mod topology;
 pub mod traffic;
+pub mod twonode;

@@ -181,11 +181,19 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<(
     stream.set_read_timeout(Some(POLL_INTERVAL))?;
     stream.set_nodelay(true)?;
     let response = http_response(&shared.name);
+    // `GET /peer` answers with the address the request came from, so a test
+    // can see what source the backend saw.
+    let peer = stream.peer_addr()?;
+    let peer_response = http_response(&peer.to_string());
     let mut pending = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         while let Some(len) = complete_request_len(&pending) {
-            stream.write_all(&response)?;
+            if pending.starts_with(b"GET /peer ") {
+                stream.write_all(&peer_response)?;
+            } else {
+                stream.write_all(&response)?;
+            }
             pending.drain(..len);
         }
         if shared.stop.load(Ordering::SeqCst) || pending.len() > MAX_HEAD {

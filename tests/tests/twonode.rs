@@ -1,0 +1,278 @@
+//! Two nodes, each with its own agent, a router and an external client:
+//! traffic that enters one node and is served on the other, both traffic
+//! policies, health check node ports and hairpin.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use proxy_tests::{
+    agent::Agent,
+    clients::{HttpConn, udp_exchange},
+    manifests,
+    netns::{Netns, unique_prefix},
+    servers::Servers,
+    twonode::{self, CLIENT, LB_ADDR, NODE_NAMES, POD_LINK, TwoNodes, UPLINK, node_addr, pod_addr},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const HTTP_NODE_PORT: u16 = 30080;
+const UDP_NODE_PORT: u16 = 30053;
+const HEALTH_PORT: u16 = 32000;
+
+struct Cluster {
+    topology: TwoNodes,
+    _servers: Vec<Servers>,
+    manifest: PathBuf,
+    agents: Vec<Agent>,
+}
+
+impl Cluster {
+    fn start(tag: &str, extra_spec: &str) -> anyhow::Result<Cluster> {
+        let topology = TwoNodes::build(&unique_prefix(tag))?;
+        let servers = (0..2)
+            .map(|n| Servers::start(&topology.pods[n], &format!("pod{}", n + 1), 8080, 5353))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let dir = std::env::temp_dir().join(format!("xdproxy-2n-{}", topology.client.name()));
+        std::fs::create_dir_all(&dir).context("manifest dir")?;
+        let manifest = dir.join("web.yaml");
+        manifests::write(&manifest, &twonode::manifests(extra_spec))?;
+        let ifaces = [UPLINK.to_string(), POD_LINK.to_string()];
+        let agents = (0..2)
+            .map(|n| Agent::start_named(&topology.nodes[n], &manifest, NODE_NAMES[n], &ifaces))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Cluster {
+            topology,
+            _servers: servers,
+            manifest,
+            agents,
+        })
+    }
+
+    /// Rewrites the manifests and waits until both agents applied them.
+    fn update(&mut self, text: &str) -> anyhow::Result<()> {
+        let before: Vec<usize> = self
+            .agents
+            .iter()
+            .map(|a| a.log().matches("synced:").count())
+            .collect();
+        manifests::write(&self.manifest, text)?;
+        for (agent, syncs) in self.agents.iter_mut().zip(before) {
+            agent.wait_for_syncs(syncs + 1, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Who answers `n` new connections from `ns` to `target`; every
+    /// connection must see `target` as its peer.
+    fn spread(
+        &self,
+        ns: &Netns,
+        target: SocketAddrV4,
+        n: usize,
+    ) -> anyhow::Result<BTreeSet<String>> {
+        let mut names = BTreeSet::new();
+        for _ in 0..n {
+            let mut conn = HttpConn::connect(ns, target, TIMEOUT)?;
+            if conn.peer() != SocketAddr::V4(target) {
+                bail!("connected to {} instead of {target}", conn.peer());
+            }
+            names.insert(conn.get()?);
+        }
+        Ok(names)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        if let Some(dir) = self.manifest.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// `GET path` from `ns` to `target`: status code and body.
+fn get(ns: &Netns, target: SocketAddrV4, path: &str) -> anyhow::Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n");
+    let response = ns.run(move || -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.write_all(request.as_bytes())?;
+        let mut text = String::new();
+        // The test servers keep connections alive: read the one response.
+        let mut buf = [0u8; 4096];
+        while !complete(&text) {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        Ok(text)
+    })??;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {response:?}"))?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok((code, body.trim().to_string()))
+}
+
+/// A response whose body is as long as its Content-Length says.
+fn complete(text: &str) -> bool {
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    length.is_some_and(|n| body.len() >= n)
+}
+
+fn at(addr: std::net::Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr, port)
+}
+
+/// externalTrafficPolicy: Cluster: a NodePort or the LoadBalancer address
+/// on either node reaches the pods of both, the replies come back through
+/// the entry node, and the backends see the entry node as the source.
+#[test]
+fn external_traffic_reaches_pods_on_both_nodes_through_either_node() -> anyhow::Result<()> {
+    if !common::ready("external_traffic_reaches_pods_on_both_nodes_through_either_node") {
+        return Ok(());
+    }
+    let cluster = Cluster::start("2nc", "")?;
+    let client = &cluster.topology.client;
+    let both = names(&["pod1", "pod2"]);
+    for n in 0..2 {
+        let target = at(node_addr(n), HTTP_NODE_PORT);
+        assert_eq!(
+            cluster.spread(client, target, 60)?,
+            both,
+            "NodePort on node{}",
+            n + 1
+        );
+        let udp = at(node_addr(n), UDP_NODE_PORT);
+        let mut seen = BTreeSet::new();
+        for i in 0..60 {
+            let (name, from) = udp_exchange(client, udp, &format!("q{i}"), TIMEOUT)?;
+            assert_eq!(from, SocketAddr::V4(udp), "UDP reply source");
+            seen.insert(name);
+        }
+        assert_eq!(seen, both, "UDP NodePort on node{}", n + 1);
+        // Every backend saw the entry node, never the client.
+        for _ in 0..20 {
+            let (code, peer) = get(client, target, "/peer")?;
+            assert_eq!(code, 200);
+            assert!(
+                peer.starts_with(&format!("{}:", node_addr(n))),
+                "backend saw {peer}"
+            );
+        }
+    }
+    let lb = at(LB_ADDR, manifests::HTTP_PORT);
+    assert_eq!(
+        cluster.spread(client, lb, 60)?,
+        both,
+        "LoadBalancer address"
+    );
+    // No health check node port for externalTrafficPolicy: Cluster.
+    let refused = HttpConn::connect(client, at(node_addr(0), HEALTH_PORT), TIMEOUT);
+    assert!(refused.is_err());
+    Ok(())
+}
+
+/// externalTrafficPolicy: Local: each node serves its own pod only, the pod
+/// sees the real client, and the health check node port tells a load
+/// balancer which nodes have a pod.
+#[test]
+fn external_traffic_policy_local_across_two_nodes() -> anyhow::Result<()> {
+    if !common::ready("external_traffic_policy_local_across_two_nodes") {
+        return Ok(());
+    }
+    let local = "  externalTrafficPolicy: Local\n";
+    let mut cluster = Cluster::start("2nl", local)?;
+    for n in 0..2 {
+        let client = &cluster.topology.client;
+        let target = at(node_addr(n), HTTP_NODE_PORT);
+        let own = names(&[&format!("pod{}", n + 1)]);
+        assert_eq!(cluster.spread(client, target, 30)?, own, "node{}", n + 1);
+        let (_, peer) = get(client, target, "/peer")?;
+        assert!(
+            peer.starts_with(&format!("{CLIENT}:")),
+            "the pod sees the client: {peer}"
+        );
+        let (code, body) = get(client, at(node_addr(n), HEALTH_PORT), "/")?;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    }
+    // Node2's pod goes away: its health check fails, its NodePort drops
+    // (not refuses) new connections, node1 keeps serving.
+    let text = twonode::manifests(local).replace(
+        &format!(
+            "  - {{addresses: [\"{}\"], nodeName: node2}}\n",
+            pod_addr(1)
+        ),
+        "",
+    );
+    assert_ne!(text, twonode::manifests(local));
+    cluster.update(&text)?;
+    let client = &cluster.topology.client;
+    let (code, body) = get(client, at(node_addr(1), HEALTH_PORT), "/")?;
+    assert_eq!(code, 503, "{body}");
+    let dropped = client.run(move || {
+        TcpStream::connect_timeout(&SocketAddr::V4(at(node_addr(1), HTTP_NODE_PORT)), TIMEOUT)
+    })?;
+    let kind = dropped.err().map(|e| e.kind());
+    assert!(
+        matches!(
+            kind,
+            Some(std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+        ),
+        "dropped, not refused: {kind:?}"
+    );
+    let node1 = at(node_addr(0), HTTP_NODE_PORT);
+    assert_eq!(cluster.spread(client, node1, 10)?, names(&["pod1"]));
+    Ok(())
+}
+
+/// A pod reaching its own Service lands on itself now and then: that works
+/// (the node source-NATs it), and so do its connections to the other pod.
+#[test]
+fn a_pod_reaches_itself_through_its_service() -> anyhow::Result<()> {
+    if !common::ready("a_pod_reaches_itself_through_its_service") {
+        return Ok(());
+    }
+    let cluster = Cluster::start("2nh", "")?;
+    let pod1 = &cluster.topology.pods[0];
+    let vip = at(manifests::VIP, manifests::HTTP_PORT);
+    let seen = cluster.spread(pod1, vip, 60)?;
+    assert_eq!(seen, names(&["pod1", "pod2"]), "itself and the other pod");
+    let mut hairpin_peer = None;
+    for _ in 0..60 {
+        let (_, peer) = get(pod1, vip, "/peer")?;
+        if peer.starts_with("192.168.1.1:") {
+            hairpin_peer = Some(peer);
+            break;
+        }
+    }
+    assert!(
+        hairpin_peer.is_some(),
+        "pod1 reached itself, seeing its node as the source"
+    );
+    Ok(())
+}
