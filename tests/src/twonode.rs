@@ -166,10 +166,9 @@ fn wait_up(ns: &Netns, iface: &str, deadline: Instant) -> Result<()> {
 /// and `extra` lines added to its spec.
 pub fn manifests(extra_spec: &str) -> String {
     let mut out = String::new();
-    for n in 0..2 {
+    for (n, name) in NODE_NAMES.iter().enumerate() {
         out.push_str(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{}\"}}]\n---\n",
-            NODE_NAMES[n],
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{}\"}}]\n---\n",
             node_addr(n)
         ));
     }
