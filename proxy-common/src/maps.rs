@@ -10,14 +10,26 @@ pub mod names {
     pub const COUNTERS: &str = "counters";
     pub const MEMBERS: &str = "lb_members";
     pub const CONFIG: &str = "lb_config";
+    pub const SERVICES6: &str = "lb6_services";
+    pub const BACKENDS6: &str = "lb6_backends";
+    pub const MEMBERS6: &str = "lb6_members";
+    pub const CONNTRACK6: &str = "ct6";
+    pub const AFFINITY6: &str = "lb6_affinity";
+    pub const SOURCE_RANGES6: &str = "lb6_src_ranges";
     pub const AFFINITY4: &str = "lb4_affinity";
     pub const SOURCE_RANGES4: &str = "lb4_src_ranges";
     /// Benchmark-only maps: never pinned.
     pub const BENCH_PACKET: &str = "bench_packet";
     pub const BENCH_TARGET: &str = "bench_target";
     /// Every map the programs define, for pinning and cleanup.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
+        SERVICES6,
+        BACKENDS6,
+        MEMBERS6,
+        CONNTRACK6,
+        AFFINITY6,
+        SOURCE_RANGES6,
         SERVICES4,
         BACKENDS4,
         SLOTS,
@@ -205,6 +217,8 @@ pub struct NodeConfig {
     /// Source NAT ports, host byte order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// The IPv6 address source NAT uses (all zero: none).
+    pub snat_addr6: Addr6,
 }
 
 /// Default source NAT ports: above Linux's default ephemeral range
@@ -240,6 +254,71 @@ pub struct Ct4Entry {
     pub flags: u16,
     pub backend_id: u32,
     pub service_id: u32,
+}
+
+/// An IPv6 address as four 32-bit words in network byte order, exactly as
+/// in the packet.
+pub type Addr6 = [u32; 4];
+
+/// What a client addresses: an IPv6 frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Frontend6 {
+    pub addr: Addr6,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// An IPv6 backend (keyed by backend id in `lb6_backends`, and the value of
+/// `lb6_members`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Backend6 {
+    pub addr: Addr6,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Key of `ct6`, as `Ct4Key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Key {
+    pub src_addr: Addr6,
+    pub dst_addr: Addr6,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: u16,
+}
+
+/// Value of `ct6`, as `Ct4Entry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ct6Entry {
+    pub nat_addr: Addr6,
+    pub nat_port: u16,
+    pub flags: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// Key of `lb6_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Affinity6Key {
+    pub service_id: u32,
+    pub client_addr: Addr6,
+}
+
+/// Data of an `lb6_src_ranges` LPM key, as `SourceRange4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceRange6 {
+    pub service_id_be: u32,
+    pub addr: Addr6,
 }
 
 /// Per-service traffic, per CPU (client-to-service direction).
@@ -341,6 +420,12 @@ mod pod {
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for Frontend6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for Ct6Entry {}
+    unsafe impl aya::Pod for Affinity6Key {}
+    unsafe impl aya::Pod for SourceRange6 {}
 }
 
 #[cfg(test)]
@@ -361,7 +446,13 @@ mod tests {
         assert_eq!(size_of::<Affinity4Key>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<SourceRange4>(), 8);
-        assert_eq!(size_of::<NodeConfig>(), 8);
+        assert_eq!(size_of::<NodeConfig>(), 24);
+        assert_eq!(size_of::<Frontend6>(), 20);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<Ct6Key>(), 40);
+        assert_eq!(size_of::<Ct6Entry>(), 28);
+        assert_eq!(size_of::<Affinity6Key>(), 20);
+        assert_eq!(size_of::<SourceRange6>(), 20);
     }
 
     #[test]

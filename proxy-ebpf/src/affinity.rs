@@ -2,22 +2,17 @@
 //! it has sent nothing for the service's timeout.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use proxy_common::{Affinity4Key, AffinityEntry, Backend4, Counter, Service};
+use proxy_common::{AffinityEntry, Counter, Service};
 
-use crate::{lb, maps, maps::AFFINITY4};
+use crate::{
+    family::{Family, Target},
+    lb, maps,
+};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// Refreshing the timestamp on every packet would write the entry on every
 /// packet; a second of staleness is nothing next to a timeout in seconds.
 const TOUCH_EVERY_NS: u64 = NS_PER_SEC;
-
-#[inline(always)]
-fn key(service: &Service, client: u32) -> Affinity4Key {
-    Affinity4Key {
-        service_id: service.id,
-        client_addr: client,
-    }
-}
 
 #[inline(always)]
 fn now() -> u64 {
@@ -28,15 +23,15 @@ fn now() -> u64 {
 /// The client's backend, if it used one within the timeout and that backend
 /// still serves the service.
 #[inline(always)]
-pub fn backend(service: &Service, client: u32) -> Option<(u32, Backend4)> {
-    let entry = AFFINITY4.get_ptr(key(service, client))?;
+pub fn backend<F: Family>(service: &Service, client: F::Addr) -> Option<(u32, Target<F::Addr>)> {
+    let entry = F::affinity_get(service.id, client)?;
     // SAFETY: a copy out of a live map value.
     let entry = unsafe { *entry };
     let timeout = service.affinity_timeout as u64 * NS_PER_SEC;
     if now().saturating_sub(entry.last_used_ns) > timeout {
         return None;
     }
-    let Some(backend) = lb::member(service.id, entry.backend_id) else {
+    let Some(backend) = lb::member::<F>(service.id, entry.backend_id) else {
         maps::count(Counter::AffinityStale);
         return None;
     };
@@ -44,21 +39,20 @@ pub fn backend(service: &Service, client: u32) -> Option<(u32, Backend4)> {
 }
 
 #[inline(always)]
-pub fn remember(service: &Service, client: u32, backend_id: u32) {
+pub fn remember<F: Family>(service: &Service, client: F::Addr, backend_id: u32) {
     let entry = AffinityEntry {
         last_used_ns: now(),
         backend_id,
         _pad: 0,
     };
-    // A failed write only costs the affinity of this one client.
-    let _ = AFFINITY4.insert(key(service, client), entry, 0);
+    F::affinity_insert(service.id, client, entry);
 }
 
 /// Traffic on an established flow keeps the client's affinity alive.
 #[inline(always)]
-pub fn touch(service: &Service, client: u32, backend_id: u32) {
-    let Some(entry) = AFFINITY4.get_ptr_mut(key(service, client)) else {
-        remember(service, client, backend_id);
+pub fn touch<F: Family>(service: &Service, client: F::Addr, backend_id: u32) {
+    let Some(entry) = F::affinity_get(service.id, client) else {
+        remember::<F>(service, client, backend_id);
         return;
     };
     let now = now();

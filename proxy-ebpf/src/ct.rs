@@ -12,13 +12,14 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use proxy_common::{
-    Backend4, CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, Ct4Entry, Ct4Key,
-    SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
+    CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, SVC_REPLY_AT_EGRESS,
+    SVC_SNAT_EXTERNAL, Service,
 };
 
 use crate::{
+    family::{Entry, Family, Target},
     lb::{Rewrite, Side},
-    maps::{self, CONFIG, CONNTRACK4},
+    maps::{self, CONFIG},
     parse::Flow,
 };
 
@@ -26,40 +27,22 @@ use crate::{
 const SNAT_TRIES: u32 = 8;
 
 #[inline(always)]
-fn key(src: u32, sport: u16, dst: u32, dport: u16, proto: u8, direction: u8) -> Ct4Key {
-    Ct4Key {
-        src_addr: src,
-        dst_addr: dst,
-        src_port: sport,
-        dst_port: dport,
-        proto,
-        direction,
-        _pad: 0,
-    }
-}
-
-#[inline(always)]
-fn of(flow: &Flow, direction: u8) -> Ct4Key {
-    key(
+fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
+    F::ct_key(
         flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, direction,
     )
 }
 
 /// The flow's forward entry, if it has one.
 #[inline(always)]
-pub fn forward(flow: &Flow) -> Option<Ct4Entry> {
-    // SAFETY: a copy out of a live map value.
-    CONNTRACK4
-        .get_ptr(of(flow, CT_FORWARD))
-        .map(|e| unsafe { *e })
+pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
+    F::ct_get(of::<F>(flow, CT_FORWARD))
 }
 
 /// A packet coming back in: what changes, if it belongs to a flow.
 #[inline(always)]
-pub fn reply(flow: &Flow) -> Option<Rewrite> {
-    let entry = CONNTRACK4.get_ptr(of(flow, CT_REPLY))?;
-    // SAFETY: a copy out of a live map value.
-    let entry = unsafe { *entry };
+pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
+    let entry = F::ct_get(of::<F>(flow, CT_REPLY))?;
     let side = if entry.flags & CT_REWRITE_DST != 0 {
         Side::Destination
     } else {
@@ -67,29 +50,27 @@ pub fn reply(flow: &Flow) -> Option<Rewrite> {
     };
     Some(Rewrite {
         side,
-        addr: entry.nat_addr,
-        port: entry.nat_port,
+        addr: entry.addr,
+        port: entry.port,
     })
 }
 
 /// A packet leaving: the source it gets, if it belongs to a flow.
 #[inline(always)]
-pub fn egress(flow: &Flow) -> Option<Rewrite> {
-    let entry = CONNTRACK4.get_ptr(of(flow, CT_EGRESS))?;
-    // SAFETY: a copy out of a live map value.
-    let entry = unsafe { *entry };
+pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
+    let entry = F::ct_get(of::<F>(flow, CT_EGRESS))?;
     Some(Rewrite {
         side: Side::Source,
-        addr: entry.nat_addr,
-        port: entry.nat_port,
+        addr: entry.addr,
+        port: entry.port,
     })
 }
 
 #[inline(always)]
-fn entry(addr: u32, port: u16, flags: u16, backend_id: u32, service_id: u32) -> Ct4Entry {
-    Ct4Entry {
-        nat_addr: addr,
-        nat_port: port,
+fn entry<A>(addr: A, port: u16, flags: u16, backend_id: u32, service_id: u32) -> Entry<A> {
+    Entry {
+        addr,
+        port,
         flags,
         backend_id,
         service_id,
@@ -99,15 +80,20 @@ fn entry(addr: u32, port: u16, flags: u16, backend_id: u32, service_id: u32) -> 
 /// Writes the entries of a new flow; a failure is counted, and the packet
 /// is still forwarded.
 #[inline(always)]
-pub fn remember(flow: &Flow, service: &Service, backend_id: u32, backend: &Backend4) {
+pub fn remember<F: Family>(
+    flow: &Flow<F::Addr>,
+    service: &Service,
+    backend_id: u32,
+    backend: &Target<F::Addr>,
+) {
     let id = service.id;
     // A backend reaching itself would see its own address as the source.
     let hairpin = backend.addr == flow.saddr;
     let snat = (hairpin || service.flags & SVC_SNAT_EXTERNAL != 0)
-        && source_nat(flow, backend, backend_id, id);
+        && source_nat::<F>(flow, backend, backend_id, id);
     let reply_at_egress = snat || service.flags & SVC_REPLY_AT_EGRESS != 0;
     let direction = if reply_at_egress { CT_EGRESS } else { CT_REPLY };
-    let reply = key(
+    let reply = F::ct_key(
         backend.addr,
         backend.port,
         flow.saddr,
@@ -117,10 +103,7 @@ pub fn remember(flow: &Flow, service: &Service, backend_id: u32, backend: &Backe
     );
     let to_client = entry(flow.daddr, flow.dport, 0, backend_id, id);
     let to_backend = entry(backend.addr, backend.port, 0, backend_id, id);
-    if CONNTRACK4.insert(reply, to_client, 0).is_err()
-        || CONNTRACK4
-            .insert(of(flow, CT_FORWARD), to_backend, 0)
-            .is_err()
+    if !F::ct_insert(reply, to_client, 0) || !F::ct_insert(of::<F>(flow, CT_FORWARD), to_backend, 0)
     {
         maps::count(Counter::CtInsertFailed);
     }
@@ -129,17 +112,20 @@ pub fn remember(flow: &Flow, service: &Service, backend_id: u32, backend: &Backe
 /// Picks a free node port for the flow towards `backend` and writes both
 /// source NAT entries; false (counted) if there is no address or port.
 #[inline(always)]
-fn source_nat(flow: &Flow, backend: &Backend4, backend_id: u32, service_id: u32) -> bool {
-    let Some(config) = CONFIG.get(0) else {
+fn source_nat<F: Family>(
+    flow: &Flow<F::Addr>,
+    backend: &Target<F::Addr>,
+    backend_id: u32,
+    service_id: u32,
+) -> bool {
+    let config = CONFIG.get(0);
+    let node = config.and_then(|c| F::snat_addr(c));
+    let (Some(config), Some(node)) = (config, node) else {
         maps::count(Counter::SnatFailed);
         return false;
     };
-    let (node, min, max) = (
-        config.snat_addr4,
-        config.snat_port_min,
-        config.snat_port_max,
-    );
-    if node == 0 || max < min {
+    let (min, max) = (config.snat_port_min, config.snat_port_max);
+    if max < min {
         maps::count(Counter::SnatFailed);
         return false;
     }
@@ -147,15 +133,8 @@ fn source_nat(flow: &Flow, backend: &Backend4, backend_id: u32, service_id: u32)
     // SAFETY: the helper has no preconditions.
     let start = unsafe { bpf_get_prandom_u32() };
     for i in 0..SNAT_TRIES {
-        let port = (min as u32 + start.wrapping_add(i) % range) as u16;
-        let back = key(
-            backend.addr,
-            backend.port,
-            node,
-            port.to_be(),
-            flow.proto,
-            CT_REPLY,
-        );
+        let port = ((min as u32 + start.wrapping_add(i) % range) as u16).to_be();
+        let back = F::ct_key(backend.addr, backend.port, node, port, flow.proto, CT_REPLY);
         let to_client = entry(
             flow.saddr,
             flow.sport,
@@ -164,13 +143,10 @@ fn source_nat(flow: &Flow, backend: &Backend4, backend_id: u32, service_id: u32)
             service_id,
         );
         // Taken ports belong to other flows towards this backend.
-        if CONNTRACK4
-            .insert(back, to_client, BPF_NOEXIST as u64)
-            .is_err()
-        {
+        if !F::ct_insert(back, to_client, BPF_NOEXIST as u64) {
             continue;
         }
-        let out = key(
+        let out = F::ct_key(
             flow.saddr,
             flow.sport,
             backend.addr,
@@ -178,9 +154,8 @@ fn source_nat(flow: &Flow, backend: &Backend4, backend_id: u32, service_id: u32)
             flow.proto,
             CT_EGRESS,
         );
-        let as_node = entry(node, port.to_be(), 0, backend_id, service_id);
-        if CONNTRACK4.insert(out, as_node, 0).is_err() {
-            let _ = CONNTRACK4.remove(back);
+        if !F::ct_insert(out, entry(node, port, 0, backend_id, service_id), 0) {
+            F::ct_remove(back);
             break;
         }
         return true;

@@ -2,13 +2,13 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
-    Backend4, Counter, Frontend4, MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES,
-    Service, SlotKey,
+    Counter, MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::{
     affinity, ct,
-    maps::{self, BACKENDS4, MEMBERS, SERVICES4, SLOTS},
+    family::{Family, Target},
+    maps::{self, SLOTS},
     parse::Flow,
 };
 
@@ -22,23 +22,23 @@ pub enum Side {
 }
 
 /// Where a program runs: ingress hooks translate towards backends and most
-/// replies; the egress hook only the replies left for it.
+/// replies; the egress hook only the source rewrites left for it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     Ingress,
     Egress,
 }
 
-pub struct Rewrite {
+pub struct Rewrite<A> {
     pub side: Side,
-    pub addr: u32,
+    pub addr: A,
     pub port: u16,
 }
 
-pub enum Verdict {
+pub enum Verdict<A> {
     /// Not ours, or nothing to change: untouched.
     Pass,
-    Rewrite(Rewrite),
+    Rewrite(Rewrite<A>),
     /// A service's packet it must not serve (source outside its ranges, no
     /// local endpoint under externalTrafficPolicy: Local).
     Drop,
@@ -48,23 +48,15 @@ pub enum Verdict {
 
 /// What to do with a parsed packet.
 #[inline(always)]
-pub fn decide(flow: &Flow, len: u64, stage: Stage) -> Verdict {
+pub fn decide<F: Family>(flow: &Flow<F::Addr>, len: u64, stage: Stage) -> Verdict<F::Addr> {
     let rewrite = match stage {
-        Stage::Egress => ct::egress(flow),
+        Stage::Egress => ct::egress::<F>(flow),
         Stage::Ingress => {
-            let frontend = Frontend4 {
-                addr: flow.daddr,
-                port: flow.dport,
-                proto: flow.proto,
-                _pad: 0,
-            };
-            if let Some(service) = SERVICES4.get_ptr(frontend) {
-                // SAFETY: a copy out of a live map value.
-                let service = unsafe { *service };
+            if let Some(service) = F::service(flow.daddr, flow.dport, flow.proto) {
                 maps::count_service(service.id, len);
-                return to_service(flow, &service);
+                return to_service::<F>(flow, &service);
             }
-            ct::reply(flow)
+            ct::reply::<F>(flow)
         }
     };
     match rewrite {
@@ -76,20 +68,20 @@ pub fn decide(flow: &Flow, len: u64, stage: Stage) -> Verdict {
 /// A client's packet to a service: to the backend conntrack remembers while
 /// it is still a member of the service, otherwise to a newly chosen one.
 #[inline(always)]
-fn to_service(flow: &Flow, service: &Service) -> Verdict {
-    if let Some(entry) = ct::forward(flow) {
-        if let Some(backend) = member(service.id, entry.backend_id)
-            && backend.addr == entry.nat_addr
-            && backend.port == entry.nat_port
+fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
+    if let Some(entry) = ct::forward::<F>(flow) {
+        if let Some(backend) = member::<F>(service.id, entry.backend_id)
+            && backend.addr == entry.addr
+            && backend.port == entry.port
         {
             if service.flags & SVC_AFFINITY != 0 {
-                affinity::touch(service, flow.saddr, entry.backend_id);
+                affinity::touch::<F>(service, flow.saddr, entry.backend_id);
             }
             return to(&backend);
         }
         maps::count(Counter::Reselected);
     }
-    if service.flags & SVC_SOURCE_RANGES != 0 && !crate::ranges::admits(service.id, flow.saddr) {
+    if service.flags & SVC_SOURCE_RANGES != 0 && !F::admits(service.id, flow.saddr) {
         maps::count(Counter::SourceRangeDenied);
         return Verdict::Drop;
     }
@@ -97,22 +89,22 @@ fn to_service(flow: &Flow, service: &Service) -> Verdict {
         return empty(service);
     }
     let chosen = if service.flags & SVC_AFFINITY != 0 {
-        affinity::backend(service, flow.saddr).or_else(|| select(service))
+        affinity::backend::<F>(service, flow.saddr).or_else(|| select::<F>(service))
     } else {
-        select(service)
+        select::<F>(service)
     };
     let Some((id, backend)) = chosen else {
         return Verdict::Pass;
     };
     if service.flags & SVC_AFFINITY != 0 {
-        affinity::remember(service, flow.saddr, id);
+        affinity::remember::<F>(service, flow.saddr, id);
     }
-    ct::remember(flow, service, id, &backend);
+    ct::remember::<F>(flow, service, id, &backend);
     to(&backend)
 }
 
 #[inline(always)]
-fn to(backend: &Backend4) -> Verdict {
+fn to<A: Copy>(backend: &Target<A>) -> Verdict<A> {
     Verdict::Rewrite(Rewrite {
         side: Side::Destination,
         addr: backend.addr,
@@ -122,7 +114,7 @@ fn to(backend: &Backend4) -> Verdict {
 
 /// No backend: refused, unless the service asks for a silent drop.
 #[inline(always)]
-fn empty(service: &Service) -> Verdict {
+fn empty<A>(service: &Service) -> Verdict<A> {
     if service.flags & SVC_DROP_WHEN_EMPTY != 0 {
         maps::count(Counter::NoLocalBackend);
         return Verdict::Drop;
@@ -133,17 +125,15 @@ fn empty(service: &Service) -> Verdict {
 
 /// The backend `backend_id` as a member of service `service_id`.
 #[inline(always)]
-pub fn member(service_id: u32, backend_id: u32) -> Option<Backend4> {
-    let key = MemberKey {
+pub fn member<F: Family>(service_id: u32, backend_id: u32) -> Option<Target<F::Addr>> {
+    F::member(MemberKey {
         service_id,
         backend_id,
-    };
-    // SAFETY: a copy out of a live map value.
-    MEMBERS.get_ptr(key).map(|b| unsafe { *b })
+    })
 }
 
 #[inline(always)]
-fn select(service: &Service) -> Option<(u32, Backend4)> {
+fn select<F: Family>(service: &Service) -> Option<(u32, Target<F::Addr>)> {
     // SAFETY: the helper has no preconditions.
     let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
     let slot_key = SlotKey {
@@ -154,11 +144,11 @@ fn select(service: &Service) -> Option<(u32, Backend4)> {
         maps::count(Counter::BackendMissing);
         return None;
     };
-    // SAFETY: copies out of live map values.
+    // SAFETY: a copy out of a live map value.
     let id = unsafe { *id };
-    let Some(backend) = BACKENDS4.get_ptr(id) else {
+    let Some(backend) = F::backend(id) else {
         maps::count(Counter::BackendMissing);
         return None;
     };
-    Some((id, unsafe { *backend }))
+    Some((id, backend))
 }

@@ -10,23 +10,32 @@
 mod affinity;
 mod bench;
 mod ct;
+mod family;
 mod lb;
 mod maps;
 mod nat;
 mod parse;
-mod ranges;
 mod reject;
+mod reject6;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use family::{V4, V6};
 use lb::{Stage, Verdict};
+use nat::Nat;
+use parse::{Flow, Parsed};
 use proxy_common::Counter;
+use reject::Refuse;
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
+
+/// Everything a hook needs of an address family.
+trait Datapath: Nat + Refuse {}
+impl<F: Nat + Refuse> Datapath for F {}
 
 #[xdp]
 pub fn xdproxy_xdp(ctx: XdpContext) -> u32 {
@@ -35,14 +44,25 @@ pub fn xdproxy_xdp(ctx: XdpContext) -> u32 {
 
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let Some(flow) = parse::flow(start, end) else {
-        return Ok(xdp_action::XDP_PASS);
-    };
-    match lb::decide(&flow, (end - start) as u64, Stage::Ingress) {
+    match parse::flow(start, end) {
+        Parsed::V4(flow) => xdp_flow::<V4>(ctx, &flow, start, end),
+        Parsed::V6(flow) => xdp_flow::<V6>(ctx, &flow, start, end),
+        Parsed::Other => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+#[inline(always)]
+fn xdp_flow<F: Datapath>(
+    ctx: &XdpContext,
+    flow: &Flow<F::Addr>,
+    start: usize,
+    end: usize,
+) -> Result<u32, ()> {
+    match lb::decide::<F>(flow, (end - start) as u64, Stage::Ingress) {
         Verdict::Pass => {}
-        Verdict::Rewrite(rewrite) => nat::xdp(ctx, &flow, &rewrite)?,
+        Verdict::Rewrite(rewrite) => <F as Nat>::xdp(ctx, flow, &rewrite)?,
         Verdict::Drop => return Ok(xdp_action::XDP_DROP),
-        Verdict::Reject => return Ok(reject::xdp(ctx, &flow, start, end)),
+        Verdict::Reject => return Ok(<F as Refuse>::xdp(ctx, flow, start, end)),
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -52,8 +72,8 @@ pub fn xdproxy_tc(ctx: TcContext) -> i32 {
     try_tc(&ctx, Stage::Ingress).unwrap_or(TC_ACT_OK)
 }
 
-/// Translates the replies of frontends on the node's own addresses on their
-/// way out to the client (see `SVC_REPLY_AT_EGRESS`).
+/// Source rewrites that must wait until the node has forwarded the packet
+/// (see `proxy_common::CT_EGRESS`).
 #[classifier]
 pub fn xdproxy_tc_out(ctx: TcContext) -> i32 {
     try_tc(&ctx, Stage::Egress).unwrap_or(TC_ACT_OK)
@@ -64,16 +84,22 @@ fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     if ctx.data_end() - ctx.data() < parse::MAX_HEADERS {
         let _ = ctx.pull_data(ctx.len().min(parse::MAX_HEADERS as u32));
     }
-    let Some(flow) = parse::flow(ctx.data(), ctx.data_end()) else {
-        return Ok(TC_ACT_OK);
-    };
-    let rewrite = match lb::decide(&flow, ctx.len() as u64, stage) {
+    match parse::flow(ctx.data(), ctx.data_end()) {
+        Parsed::V4(flow) => tc_flow::<V4>(ctx, &flow, stage),
+        Parsed::V6(flow) => tc_flow::<V6>(ctx, &flow, stage),
+        Parsed::Other => Ok(TC_ACT_OK),
+    }
+}
+
+#[inline(always)]
+fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> Result<i32, ()> {
+    let rewrite = match lb::decide::<F>(flow, ctx.len() as u64, stage) {
         Verdict::Pass => return Ok(TC_ACT_OK),
         Verdict::Rewrite(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
-        Verdict::Reject => return Ok(reject::tc(ctx, &flow)),
+        Verdict::Reject => return Ok(<F as Refuse>::tc(ctx, flow)),
     };
-    if nat::tc(ctx, &flow, &rewrite).is_err() {
+    if <F as Nat>::tc(ctx, flow, &rewrite).is_err() {
         // A half-rewritten packet would reach the wrong place or fail its
         // checksum: drop it and say so.
         maps::count(Counter::RewriteFailed);

@@ -5,9 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity4Key, AffinityEntry, Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
-    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SourceRange4,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
+    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig, Service, ServiceStats,
+    SlotKey, SourceRange4, SourceRange6,
 };
 
 #[btf_map(name = "lb_config")]
@@ -35,6 +36,40 @@ pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityEntry, { MAX_AFFINITY as 
 #[btf_map(name = "lb4_src_ranges")]
 pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u32, { MAX_SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+#[btf_map(name = "lb6_services")]
+pub static SERVICES6: HashMap<Frontend6, Service, { MAX_SERVICES as usize }> = HashMap::new();
+
+#[btf_map(name = "lb6_backends")]
+pub static BACKENDS6: HashMap<u32, Backend6, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "lb6_members")]
+pub static MEMBERS6: HashMap<MemberKey, Backend6, { MAX_MEMBERS as usize }> = HashMap::new();
+
+#[btf_map(name = "ct6")]
+pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Entry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+
+#[btf_map(name = "lb6_affinity")]
+pub static AFFINITY6: LruHashMap<Affinity6Key, AffinityEntry, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "lb6_src_ranges")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRange6, u32, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+/// Room to build a refusal in, off the 512-byte BPF stack. Not pinned.
+#[btf_map(name = "scratch")]
+pub static SCRATCH: PerCpuArray<[u8; 256], 1> = PerCpuArray::new();
+
+/// A per-CPU scratch buffer seen as a `T` made of bytes only.
+#[inline(always)]
+pub fn scratch<T>() -> Option<&'static mut T> {
+    const { assert!(core::mem::size_of::<T>() <= 256 && core::mem::align_of::<T>() == 1) };
+    let buf = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU, so no other user while this program runs; T is
+    // byte-aligned and fits, as checked at compile time.
+    Some(unsafe { &mut *(buf as *mut T) })
+}
 
 #[btf_map(name = "lb_stats")]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();

@@ -1,11 +1,12 @@
 //! Applying a rewrite: by hand in XDP, through the checksum helpers in TC.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use proxy_common::{IPPROTO_UDP, csum};
+use proxy_common::{Addr6, IPPROTO_UDP, csum};
 
 use crate::{
+    family::{Family, V4, V6},
     lb::{Rewrite, Side},
-    parse::{Flow, Ipv4Hdr, Ports, ptr_at},
+    parse::{Flow, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
@@ -13,82 +14,190 @@ const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 const IP_CHECK: usize = 10;
 const IP_SADDR: usize = 12;
 const IP_DADDR: usize = 16;
+const IP6_SADDR: usize = 8;
+const IP6_DADDR: usize = 24;
 
-/// Offsets (from the IPv4 and L4 headers) and old values of what changes.
+/// Rewriting a packet of one address family.
+pub trait Nat: Family {
+    /// Full checksums only (see `proxy_common::csum`): XDP sees no partial
+    /// ones on interfaces it is meant for.
+    fn xdp(
+        ctx: &XdpContext,
+        flow: &Flow<Self::Addr>,
+        rewrite: &Rewrite<Self::Addr>,
+    ) -> Result<(), ()>;
+    /// The helpers update a partial (pseudo-header only) L4 checksum
+    /// correctly, which locally built packets on a veth carry.
+    fn tc(
+        ctx: &TcContext,
+        flow: &Flow<Self::Addr>,
+        rewrite: &Rewrite<Self::Addr>,
+    ) -> Result<(), ()>;
+}
+
+/// The old address and port of the side that changes.
 #[inline(always)]
-fn targets(flow: &Flow, rewrite: &Rewrite) -> (usize, u32, usize, u16) {
+fn old<A: Copy>(flow: &Flow<A>, rewrite: &Rewrite<A>) -> (A, u16) {
     match rewrite.side {
-        Side::Destination => (IP_DADDR, flow.daddr, 2, flow.dport),
-        Side::Source => (IP_SADDR, flow.saddr, 0, flow.sport),
+        Side::Destination => (flow.daddr, flow.dport),
+        Side::Source => (flow.saddr, flow.sport),
     }
 }
 
-/// Full checksums only (see `proxy_common::csum`): XDP sees no partial ones
-/// on interfaces it is meant for.
+/// The L4 checksum after the address words and the port changed; a UDP
+/// checksum of 0 ("none") stays 0.
 #[inline(always)]
-pub fn xdp(ctx: &XdpContext, flow: &Flow, rewrite: &Rewrite) -> Result<(), ()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let ip: *mut Ipv4Hdr = ptr_at(start, end, flow.l3).ok_or(())?;
-    let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
-    let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
-    let (_, old_addr, _, old_port) = targets(flow, rewrite);
-    // SAFETY: every pointer was bounds-checked against data_end above.
+fn l4_check(proto: u8, check: u16, words: &[(u32, u32)], port: (u16, u16)) -> u16 {
+    if proto == IPPROTO_UDP && check == 0 {
+        return 0;
+    }
+    let mut new = check;
+    for (from, to) in words {
+        new = csum::replace4(new, *from, *to);
+    }
+    let new = csum::replace2(new, port.0, port.1);
+    if proto == IPPROTO_UDP {
+        csum::udp_fixup(check, new)
+    } else {
+        new
+    }
+}
+
+/// Sets the port of the side that changes.
+///
+/// # Safety
+/// `ports` must point into the packet, bounds-checked.
+#[inline(always)]
+unsafe fn set_port(ports: *mut Ports, side: Side, port: u16) {
+    // SAFETY: per the caller.
     unsafe {
-        (*ip).check = csum::replace4((*ip).check, old_addr, rewrite.addr);
-        match rewrite.side {
-            Side::Destination => {
-                (*ip).daddr = rewrite.addr;
-                (*ports).dst = rewrite.port;
-            }
-            Side::Source => {
-                (*ip).saddr = rewrite.addr;
-                (*ports).src = rewrite.port;
-            }
+        match side {
+            Side::Destination => (*ports).dst = port,
+            Side::Source => (*ports).src = port,
         }
-        let old = *check;
-        if flow.proto == IPPROTO_UDP && old == 0 {
-            return Ok(());
-        }
-        let new = csum::replace4(old, old_addr, rewrite.addr);
-        let new = csum::replace2(new, old_port, rewrite.port);
-        *check = if flow.proto == IPPROTO_UDP {
-            csum::udp_fixup(old, new)
-        } else {
-            new
-        };
     }
-    Ok(())
 }
 
-/// The helpers update a partial (pseudo-header only) L4 checksum correctly,
-/// which locally built packets on a veth carry.
 #[inline(always)]
-pub fn tc(ctx: &TcContext, flow: &Flow, rewrite: &Rewrite) -> Result<(), ()> {
-    let (addr_at, old_addr, port_at, old_port) = targets(flow, rewrite);
-    let mangled = if flow.proto == IPPROTO_UDP {
+fn mangled(flow_proto: u8) -> u64 {
+    if flow_proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0
     } else {
         0
+    }
+}
+
+/// Stores the new port and fixes the L4 checksum for it.
+#[inline(always)]
+fn tc_port<A>(ctx: &TcContext, flow: &Flow<A>, side: Side, from: u16, to: u16) -> Result<(), ()> {
+    let at = match side {
+        Side::Destination => 2,
+        Side::Source => 0,
     };
-    ctx.store(flow.l3 + addr_at, &rewrite.addr, 0)
-        .map_err(|_| ())?;
-    ctx.l3_csum_replace(flow.l3 + IP_CHECK, old_addr as u64, rewrite.addr as u64, 4)
-        .map_err(|_| ())?;
+    ctx.store(flow.l4 + at, &to, 0).map_err(|_| ())?;
     ctx.l4_csum_replace(
         flow.l4_check,
-        old_addr as u64,
-        rewrite.addr as u64,
-        BPF_F_PSEUDO_HDR | mangled | 4,
+        from as u64,
+        to as u64,
+        mangled(flow.proto) | 2,
     )
-    .map_err(|_| ())?;
-    ctx.store(flow.l4 + port_at, &rewrite.port, 0)
+    .map_err(|_| ())
+}
+
+impl Nat for V4 {
+    #[inline(always)]
+    fn xdp(ctx: &XdpContext, flow: &Flow<u32>, rewrite: &Rewrite<u32>) -> Result<(), ()> {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let ip: *mut Ipv4Hdr = ptr_at(start, end, flow.l3).ok_or(())?;
+        let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
+        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
+        let (old_addr, old_port) = old(flow, rewrite);
+        // SAFETY: every pointer was bounds-checked against data_end above.
+        unsafe {
+            (*ip).check = csum::replace4((*ip).check, old_addr, rewrite.addr);
+            match rewrite.side {
+                Side::Destination => (*ip).daddr = rewrite.addr,
+                Side::Source => (*ip).saddr = rewrite.addr,
+            }
+            set_port(ports, rewrite.side, rewrite.port);
+            *check = l4_check(
+                flow.proto,
+                *check,
+                &[(old_addr, rewrite.addr)],
+                (old_port, rewrite.port),
+            );
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn tc(ctx: &TcContext, flow: &Flow<u32>, rewrite: &Rewrite<u32>) -> Result<(), ()> {
+        let (old_addr, old_port) = old(flow, rewrite);
+        let addr_at = match rewrite.side {
+            Side::Destination => IP_DADDR,
+            Side::Source => IP_SADDR,
+        };
+        ctx.store(flow.l3 + addr_at, &rewrite.addr, 0)
+            .map_err(|_| ())?;
+        ctx.l3_csum_replace(flow.l3 + IP_CHECK, old_addr as u64, rewrite.addr as u64, 4)
+            .map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            flow.l4_check,
+            old_addr as u64,
+            rewrite.addr as u64,
+            BPF_F_PSEUDO_HDR | mangled(flow.proto) | 4,
+        )
         .map_err(|_| ())?;
-    ctx.l4_csum_replace(
-        flow.l4_check,
-        old_port as u64,
-        rewrite.port as u64,
-        mangled | 2,
-    )
-    .map_err(|_| ())?;
-    Ok(())
+        tc_port(ctx, flow, rewrite.side, old_port, rewrite.port)
+    }
+}
+
+impl Nat for V6 {
+    #[inline(always)]
+    fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, rewrite: &Rewrite<Addr6>) -> Result<(), ()> {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let ip: *mut Ipv6Hdr = ptr_at(start, end, flow.l3).ok_or(())?;
+        let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
+        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
+        let (from, old_port) = old(flow, rewrite);
+        let to = rewrite.addr;
+        let words = [
+            (from[0], to[0]),
+            (from[1], to[1]),
+            (from[2], to[2]),
+            (from[3], to[3]),
+        ];
+        // SAFETY: every pointer was bounds-checked against data_end above.
+        unsafe {
+            match rewrite.side {
+                Side::Destination => (*ip).daddr = to,
+                Side::Source => (*ip).saddr = to,
+            }
+            set_port(ports, rewrite.side, rewrite.port);
+            *check = l4_check(flow.proto, *check, &words, (old_port, rewrite.port));
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn tc(ctx: &TcContext, flow: &Flow<Addr6>, rewrite: &Rewrite<Addr6>) -> Result<(), ()> {
+        let (from, old_port) = old(flow, rewrite);
+        let addr_at = match rewrite.side {
+            Side::Destination => IP6_DADDR,
+            Side::Source => IP6_SADDR,
+        };
+        ctx.store(flow.l3 + addr_at, &rewrite.addr, 0)
+            .map_err(|_| ())?;
+        // IPv6 has no header checksum; the pseudo-header covers the address.
+        for i in 0..4 {
+            ctx.l4_csum_replace(
+                flow.l4_check,
+                from[i] as u64,
+                rewrite.addr[i] as u64,
+                BPF_F_PSEUDO_HDR | mangled(flow.proto) | 4,
+            )
+            .map_err(|_| ())?;
+        }
+        tc_port(ctx, flow, rewrite.side, old_port, rewrite.port)
+    }
 }

@@ -2,13 +2,15 @@
 
 use core::mem::size_of;
 
-use proxy_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{Addr6, Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::maps;
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_HLEN: usize = 14;
-/// Ethernet + the longest IPv4 header + the TCP bytes we touch.
+pub const IPV6_HLEN: usize = 40;
+/// Ethernet + the longest IP header we parse + the TCP bytes we touch.
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + 20;
 
 #[repr(C)]
@@ -26,24 +28,41 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
+pub struct Ipv6Hdr {
+    pub ver_tc_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+}
+
+#[repr(C)]
 pub struct Ports {
     pub src: u16,
     pub dst: u16,
 }
 
-/// One IPv4 TCP/UDP packet's addressing. Addresses and ports in network order.
-pub struct Flow {
-    pub saddr: u32,
-    pub daddr: u32,
+/// One TCP/UDP packet's addressing. Addresses and ports in network order.
+pub struct Flow<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// Offset of the IPv4 header from the start of the packet.
+    /// Offset of the IP header from the start of the packet.
     pub l3: usize,
     /// Offset of the TCP/UDP header.
     pub l4: usize,
     /// Offset of the L4 checksum field.
     pub l4_check: usize,
+}
+
+pub enum Parsed {
+    V4(Flow<u32>),
+    V6(Flow<Addr6>),
+    /// Not TCP or UDP over IP (or not parseable): not ours.
+    Other,
 }
 
 /// A `T` at `start + offset` if it lies wholly before `end`.
@@ -55,14 +74,23 @@ pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// The flow of an unfragmented IPv4 TCP or UDP packet; None for anything else.
+/// The flow of an unfragmented TCP or UDP packet over IPv4, or over IPv6
+/// without extension headers.
 #[inline(always)]
-pub fn flow(start: usize, end: usize) -> Option<Flow> {
-    let ether_type: *mut u16 = ptr_at(start, end, 12)?;
+pub fn flow(start: usize, end: usize) -> Parsed {
+    let Some(ether_type) = ptr_at::<u16>(start, end, 12) else {
+        return Parsed::Other;
+    };
     // SAFETY: ptr_at checked the bounds.
-    if u16::from_be(unsafe { *ether_type }) != ETH_P_IP {
-        return None;
+    match u16::from_be(unsafe { *ether_type }) {
+        ETH_P_IP => flow4(start, end).map_or(Parsed::Other, Parsed::V4),
+        ETH_P_IPV6 => flow6(start, end).map_or(Parsed::Other, Parsed::V6),
+        _ => Parsed::Other,
     }
+}
+
+#[inline(always)]
+fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
     let l3 = ETH_HLEN;
     let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, l3) else {
         maps::count(Counter::Truncated);
@@ -82,25 +110,76 @@ pub fn flow(start: usize, end: usize) -> Option<Flow> {
         maps::count(Counter::Fragment);
         return None;
     }
-    let l4 = l3 + ihl;
-    let (check_at, l4_len, present) = if ip.proto == IPPROTO_TCP {
-        (16, 20, ptr_at::<[u8; 20]>(start, end, l4).is_some())
-    } else {
-        (6, 8, ptr_at::<[u8; 8]>(start, end, l4).is_some())
-    };
-    if !present || (u16::from_be(ip.tot_len) as usize) < ihl + l4_len {
+    let (l4, l4_len) = l4_at(start, end, l3 + ihl, ip.proto)?;
+    if (u16::from_be(ip.tot_len) as usize) < ihl + l4_len {
         maps::count(Counter::Truncated);
         return None;
     }
-    let ports: *mut Ports = ptr_at(start, end, l4)?;
+    ports(start, end, l4, ip.proto, ip.saddr, ip.daddr, l3)
+}
+
+/// IPv6 with TCP or UDP right after the fixed header. Anything else
+/// (extension headers, fragments, ICMPv6 such as neighbour discovery) is
+/// not ours and passes untouched.
+#[inline(always)]
+fn flow6(start: usize, end: usize) -> Option<Flow<Addr6>> {
+    let l3 = ETH_HLEN;
+    let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, l3) else {
+        maps::count(Counter::Truncated);
+        return None;
+    };
     // SAFETY: bounds checked above.
+    let ip = unsafe { &*ip };
+    if u32::from_be(ip.ver_tc_flow) >> 28 != 6 {
+        return None;
+    }
+    let proto = ip.next_header;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let (l4, l4_len) = l4_at(start, end, l3 + IPV6_HLEN, proto)?;
+    if (u16::from_be(ip.payload_len) as usize) < l4_len {
+        maps::count(Counter::Truncated);
+        return None;
+    }
+    ports(start, end, l4, proto, ip.saddr, ip.daddr, l3)
+}
+
+/// The L4 header's offset and the length we need of it, if present.
+#[inline(always)]
+fn l4_at(start: usize, end: usize, l4: usize, proto: u8) -> Option<(usize, usize)> {
+    let present = if proto == IPPROTO_TCP {
+        ptr_at::<[u8; 20]>(start, end, l4).is_some()
+    } else {
+        ptr_at::<[u8; 8]>(start, end, l4).is_some()
+    };
+    if !present {
+        maps::count(Counter::Truncated);
+        return None;
+    }
+    Some((l4, if proto == IPPROTO_TCP { 20 } else { 8 }))
+}
+
+#[inline(always)]
+fn ports<A>(
+    start: usize,
+    end: usize,
+    l4: usize,
+    proto: u8,
+    saddr: A,
+    daddr: A,
+    l3: usize,
+) -> Option<Flow<A>> {
+    let ports: *mut Ports = ptr_at(start, end, l4)?;
+    // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { &*ports };
+    let check_at = if proto == IPPROTO_TCP { 16 } else { 6 };
     Some(Flow {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
+        saddr,
+        daddr,
         sport: ports.src,
         dport: ports.dst,
-        proto: ip.proto,
+        proto,
         l3,
         l4,
         l4_check: l4 + check_at,

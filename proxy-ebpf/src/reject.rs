@@ -7,9 +7,12 @@
 //! which XDP cannot see and TC cannot clear: the kernel may then "finish" a
 //! checksum at the original L4 checksum offset after we are done. The
 //! layout puts a zeroed field the receiver ignores at exactly that offset
-//! (the ICMP header's unused bytes for UDP; behind a 4-byte IP option, the
-//! quoted header's IP ID for TCP), and a zero there leaves the ICMP
-//! checksum valid whether or not the kernel writes into it.
+//! (IPv4: the ICMP header's unused bytes for UDP; behind a 4-byte IP option,
+//! the quoted header's IP ID for TCP), and a zero there leaves the ICMP
+//! checksum valid whether or not the kernel writes into it. IPv6's checksum
+//! covers a pseudo-header the kernel would not add, so there the offset
+//! lands in the data of a skippable destination option that no checksum
+//! covers (see `reject6`).
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -24,9 +27,19 @@ use core::mem::size_of;
 use proxy_common::{Counter, IPPROTO_TCP};
 
 use crate::{
+    family::{Family, V4},
     maps,
     parse::{Flow, ptr_at},
 };
+
+/// Refusing a flow of one address family.
+pub trait Refuse: Family {
+    /// XDP_TX with the refusal, or XDP_DROP if it cannot be built (counted).
+    fn xdp(ctx: &XdpContext, flow: &Flow<Self::Addr>, start: usize, end: usize) -> u32;
+    /// The refusal redirected out of the interface the packet came in on,
+    /// or TC_ACT_SHOT if it cannot be built (counted).
+    fn tc(ctx: &TcContext, flow: &Flow<Self::Addr>) -> i32;
+}
 
 const IPV4_HLEN: usize = 20;
 /// What ICMP quotes of the original: its IP header and 8 bytes of L4.
@@ -52,15 +65,28 @@ struct Original {
     quote: [u8; QUOTE],
 }
 
-/// Refuses the flow from XDP: XDP_TX, or XDP_DROP if the reply cannot be
-/// built (counted).
+impl Refuse for V4 {
+    #[inline(always)]
+    fn xdp(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize) -> u32 {
+        xdp_outcome(if flow.proto == IPPROTO_TCP {
+            try_xdp::<4>(ctx, flow, start, end)
+        } else {
+            try_xdp::<0>(ctx, flow, start, end)
+        })
+    }
+
+    #[inline(always)]
+    fn tc(ctx: &TcContext, flow: &Flow<u32>) -> i32 {
+        tc_outcome(if flow.proto == IPPROTO_TCP {
+            try_tc::<4>(ctx, flow)
+        } else {
+            try_tc::<0>(ctx, flow)
+        })
+    }
+}
+
 #[inline(always)]
-pub fn xdp(ctx: &XdpContext, flow: &Flow, start: usize, end: usize) -> u32 {
-    let built = if flow.proto == IPPROTO_TCP {
-        try_xdp::<4>(ctx, flow, start, end)
-    } else {
-        try_xdp::<0>(ctx, flow, start, end)
-    };
+pub(crate) fn xdp_outcome(built: Option<()>) -> u32 {
     match built {
         Some(()) => {
             maps::count(Counter::Rejected);
@@ -74,56 +100,7 @@ pub fn xdp(ctx: &XdpContext, flow: &Flow, start: usize, end: usize) -> u32 {
 }
 
 #[inline(always)]
-fn try_xdp<const OPT: usize>(
-    ctx: &XdpContext,
-    flow: &Flow,
-    start: usize,
-    end: usize,
-) -> Option<()> {
-    let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
-    let quote: *const [u8; QUOTE] = ptr_at(start, end, flow.l3)?;
-    // SAFETY: both were bounds-checked by ptr_at.
-    let original = unsafe { original(flow, *eth, *quote)? };
-    // The verifier allows no arithmetic on data_end: ask for the length.
-    // SAFETY: the context is the program's own.
-    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;
-    let delta = size_of::<Reply<OPT>>() as i32 - len;
-    // Grow at the front, where XDP always has headroom (drivers need not
-    // leave any tailroom); shrink at the back.
-    // SAFETY: as above; the original's bytes were copied out.
-    let rc = unsafe {
-        if delta > 0 {
-            bpf_xdp_adjust_head(ctx.ctx, -delta)
-        } else {
-            bpf_xdp_adjust_tail(ctx.ctx, delta)
-        }
-    };
-    if rc != 0 {
-        return None;
-    }
-    // Fresh pointers: adjusting the tail invalidated the old ones.
-    // SAFETY: reading the context's own fields.
-    let (start, end) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    };
-    let reply: *mut Reply<OPT> = ptr_at(start, end, 0)?;
-    // SAFETY: bounds-checked above; the original's bytes were copied out.
-    unsafe { fill(&mut *reply, &original) };
-    Some(())
-}
-
-/// Refuses the flow from TC: the reply leaves through the interface the
-/// packet came in on; TC_ACT_SHOT if it cannot be built (counted).
-#[inline(always)]
-pub fn tc(ctx: &TcContext, flow: &Flow) -> i32 {
-    let built = if flow.proto == IPPROTO_TCP {
-        try_tc::<4>(ctx, flow)
-    } else {
-        try_tc::<0>(ctx, flow)
-    };
+pub(crate) fn tc_outcome(built: Option<i32>) -> i32 {
     match built {
         Some(action) => {
             maps::count(Counter::Rejected);
@@ -136,32 +113,80 @@ pub fn tc(ctx: &TcContext, flow: &Flow) -> i32 {
     }
 }
 
+/// Makes the XDP packet `len` bytes long; returns its new bounds. Grows at
+/// the front, where XDP always has headroom (drivers need not leave any
+/// tailroom); shrinks at the back. The caller has copied out what it needs.
 #[inline(always)]
-fn try_tc<const OPT: usize>(ctx: &TcContext, flow: &Flow) -> Option<i32> {
-    let original = original(flow, ctx.load(0).ok()?, ctx.load(flow.l3).ok()?)?;
-    let mut reply = Reply::<OPT> {
-        eth: [0; 14],
-        ip: [0; IPV4_HLEN],
-        options: [0; OPT],
-        icmp: [0; 8],
-        quote: [0; QUOTE],
-    };
-    fill(&mut reply, &original);
-    let len = size_of::<Reply<OPT>>() as u32;
+pub(crate) fn xdp_resize(ctx: &XdpContext, len: usize) -> Option<(usize, usize)> {
+    // The verifier allows no arithmetic on data_end: ask for the length.
     // SAFETY: the context is the program's own.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
+    let now = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;
+    let delta = len as i32 - now;
+    // SAFETY: as above.
+    let rc = unsafe {
+        if delta > 0 {
+            bpf_xdp_adjust_head(ctx.ctx, -delta)
+        } else {
+            bpf_xdp_adjust_tail(ctx.ctx, delta)
+        }
+    };
+    if rc != 0 {
         return None;
     }
-    ctx.store(0, &reply, 0).ok()?;
+    // Fresh pointers: adjusting invalidated the old ones.
+    // SAFETY: reading the context's own fields.
+    Some(unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    })
+}
+
+/// Replaces the whole TC packet with `reply` and sends it back out of the
+/// interface it came in on.
+#[inline(always)]
+pub(crate) fn tc_send_back<T>(ctx: &TcContext, reply: &T) -> Option<i32> {
+    // SAFETY: the context is the program's own.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, size_of::<T>() as u32, 0) } != 0 {
+        return None;
+    }
+    ctx.store(0, reply, 0).ok()?;
     // SAFETY: reading the context's own field.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the helper has no preconditions beyond a valid ifindex.
     Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
+#[inline(always)]
+fn try_xdp<const OPT: usize>(
+    ctx: &XdpContext,
+    flow: &Flow<u32>,
+    start: usize,
+    end: usize,
+) -> Option<()> {
+    let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
+    let quote: *const [u8; QUOTE] = ptr_at(start, end, flow.l3)?;
+    // SAFETY: both were bounds-checked by ptr_at.
+    let original = unsafe { original(flow, *eth, *quote)? };
+    let (start, end) = xdp_resize(ctx, size_of::<Reply<OPT>>())?;
+    let reply: *mut Reply<OPT> = ptr_at(start, end, 0)?;
+    // SAFETY: bounds-checked above; the original's bytes were copied out.
+    unsafe { fill(&mut *reply, &original) };
+    Some(())
+}
+
+#[inline(always)]
+fn try_tc<const OPT: usize>(ctx: &TcContext, flow: &Flow<u32>) -> Option<i32> {
+    let original = original(flow, ctx.load(0).ok()?, ctx.load(flow.l3).ok()?)?;
+    let reply = maps::scratch::<Reply<OPT>>()?;
+    fill(reply, &original);
+    tc_send_back(ctx, reply)
+}
+
 /// None for a packet with IP options: its quote would need them too.
 #[inline(always)]
-fn original(flow: &Flow, eth: [u8; 12], quote: [u8; QUOTE]) -> Option<Original> {
+fn original(flow: &Flow<u32>, eth: [u8; 12], quote: [u8; QUOTE]) -> Option<Original> {
     if flow.l4 != flow.l3 + IPV4_HLEN {
         return None;
     }
@@ -202,7 +227,7 @@ fn fill<const OPT: usize>(r: &mut Reply<OPT>, original: &Original) {
 
 /// One's complement sum of big-endian 16-bit words (even length).
 #[inline(always)]
-fn sum(bytes: &[u8]) -> u32 {
+pub(crate) fn sum(bytes: &[u8]) -> u32 {
     let mut total = 0u32;
     for pair in bytes.chunks_exact(2) {
         total += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
@@ -211,7 +236,7 @@ fn sum(bytes: &[u8]) -> u32 {
 }
 
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

@@ -25,9 +25,10 @@ use aya::{
     },
 };
 use proxy_common::{
-    Affinity4Key, AffinityEntry, Backend4, Counter, Ct4Entry, Ct4Key, Frontend4, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
-    MemberKey, NodeConfig, PROJECT, Service, ServiceStats, SlotKey, SourceRange4, names, programs,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
+    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT, Service,
+    ServiceStats, SlotKey, SourceRange4, SourceRange6, names, programs,
 };
 
 use super::iface::{Hook, IfaceSpec};
@@ -154,6 +155,28 @@ fn layout(name: &str) -> Option<(u32, u32, u32)> {
         names::SERVICE_STATS => (4, size(size_of::<ServiceStats>()), MAX_SERVICES),
         names::COUNTERS => (4, 8, Counter::COUNT),
         names::CONFIG => (4, size(size_of::<NodeConfig>()), 1),
+        names::SERVICES6 => (
+            size(size_of::<Frontend6>()),
+            size(size_of::<Service>()),
+            MAX_SERVICES,
+        ),
+        names::BACKENDS6 => (4, size(size_of::<Backend6>()), MAX_BACKENDS),
+        names::MEMBERS6 => (
+            size(size_of::<MemberKey>()),
+            size(size_of::<Backend6>()),
+            MAX_MEMBERS,
+        ),
+        names::CONNTRACK6 => (
+            size(size_of::<Ct6Key>()),
+            size(size_of::<Ct6Entry>()),
+            MAX_CONNTRACK,
+        ),
+        names::AFFINITY6 => (
+            size(size_of::<Affinity6Key>()),
+            size(size_of::<AffinityEntry>()),
+            MAX_AFFINITY,
+        ),
+        names::SOURCE_RANGES6 => (4 + size(size_of::<SourceRange6>()), 4, MAX_SOURCE_RANGES),
         names::MEMBERS => (
             size(size_of::<MemberKey>()),
             size(size_of::<Backend4>()),

@@ -169,6 +169,7 @@ impl Reconciler {
             snat_addr4: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()),
             snat_port_min: SNAT_PORT_MIN,
             snat_port_max: SNAT_PORT_MAX,
+            snat_addr6: [0; 4],
         };
         if self.config == Some(config) {
             return;
