@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use k8s_openapi::api::{
@@ -42,7 +42,7 @@ pub struct Objects {
     pub node_zone: Option<String>,
     /// This node's addresses (its Node's InternalIP and ExternalIP ones):
     /// where NodePorts are served.
-    pub node_addresses: Vec<Ipv4Addr>,
+    pub node_addresses: Vec<IpAddr>,
     /// `--nodeport-addresses`: NodePorts only on node addresses in these
     /// ranges (empty: on all of them).
     pub nodeport_ranges: Vec<Cidr>,
@@ -53,9 +53,9 @@ pub fn node_zone(node: &Node) -> Option<String> {
     node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()
 }
 
-/// The addresses a Node object lists for reaching it (IPv4 for now),
-/// InternalIPs first (the first one is the node's source NAT address).
-pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
+/// The addresses a Node object lists for reaching it, InternalIPs first
+/// (the first one of each family is the node's source NAT address).
+pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
     let listed: Vec<_> = node
         .status
         .as_ref()
@@ -63,7 +63,7 @@ pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
         .into_iter()
         .flatten()
         .collect();
-    let mut out: Vec<Ipv4Addr> = Vec::new();
+    let mut out: Vec<IpAddr> = Vec::new();
     for kind in ["InternalIP", "ExternalIP"] {
         let of_kind = listed.iter().filter(|a| a.type_ == kind);
         for addr in of_kind.filter_map(|a| a.address.parse().ok()) {
@@ -77,13 +77,9 @@ pub fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
 
 impl Objects {
     /// Where this node serves NodePorts.
-    fn nodeport_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    fn nodeport_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.node_addresses.iter().copied().filter(|a| {
-            self.nodeport_ranges.is_empty()
-                || self
-                    .nodeport_ranges
-                    .iter()
-                    .any(|r| r.contains(IpAddr::V4(*a)))
+            self.nodeport_ranges.is_empty() || self.nodeport_ranges.iter().any(|r| r.contains(*a))
         })
     }
 }
@@ -109,7 +105,7 @@ impl Protocol {
 /// What a client addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
@@ -142,12 +138,12 @@ pub struct FrontendState {
     pub service: ObjectKey,
     pub port_name: String,
     pub scope: Scope,
-    /// Sorted, without duplicates.
-    pub backends: Vec<SocketAddrV4>,
+    /// Sorted, without duplicates; of the frontend's address family.
+    pub backends: Vec<SocketAddr>,
     /// sessionAffinity: ClientIP, with its timeout in seconds.
     pub affinity_timeout: Option<u32>,
-    /// loadBalancerSourceRanges, for LoadBalancer frontends (empty: all
-    /// sources). IPv4 ranges only.
+    /// loadBalancerSourceRanges of the frontend's family, for LoadBalancer
+    /// frontends (empty: all sources).
     pub source_ranges: Vec<Cidr>,
     /// No backend for this frontend although the Service has endpoints on
     /// other nodes (externalTrafficPolicy: Local): drop new flows rather
@@ -166,9 +162,11 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendState>,
-    /// The address source NAT uses: this node's first address (None:
-    /// unknown, so flows that need source NAT get none, and a counter says so).
-    pub snat_addr: Option<Ipv4Addr>,
+    /// The addresses source NAT uses: this node's first address of each
+    /// family (None: unknown, so flows that need source NAT get none, and a
+    /// counter says so).
+    pub snat_addr4: Option<Ipv4Addr>,
+    pub snat_addr6: Option<Ipv6Addr>,
     /// Things that are valid Kubernetes but cannot all be served (clashes).
     pub warnings: Vec<String>,
 }
@@ -319,7 +317,14 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), FieldError> {
 pub fn desired(objects: &Objects) -> Desired {
     let index = SliceIndex::new(objects);
     let mut out = Desired {
-        snat_addr: objects.node_addresses.first().copied(),
+        snat_addr4: objects.node_addresses.iter().find_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }),
+        snat_addr6: objects.node_addresses.iter().find_map(|a| match a {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        }),
         ..Desired::default()
     };
     for (key, service) in &objects.services {
@@ -386,16 +391,27 @@ pub fn health_check(
     let port = port_number(spec.health_check_node_port?, String::new).ok()?;
     let slices = index.slices_of(objects, key);
     let only = Only::Node(objects.node_name.as_deref());
-    let mut local = BTreeSet::new();
-    for service_port in spec.ports.iter().flatten() {
-        let Ok(Some(protocol)) = protocol(service_port.protocol.as_deref(), String::new) else {
-            continue;
-        };
-        let name = service_port.name.as_deref().unwrap_or("");
-        let ready = endpoints(&slices, name, protocol, Condition::Ready, only, None);
-        local.extend(ready.iter().map(|e| *e.ip()));
+    // Dual-stack kube-proxy reports one family's count (its proxiers share
+    // one health server): a dual-stack pod counts once.
+    let mut most = 0;
+    for family in ["IPv4", "IPv6"] {
+        let of_family: Vec<&EndpointSlice> = slices
+            .iter()
+            .copied()
+            .filter(|s| s.address_type == family)
+            .collect();
+        let mut local = BTreeSet::new();
+        for service_port in spec.ports.iter().flatten() {
+            let Ok(Some(protocol)) = protocol(service_port.protocol.as_deref(), String::new) else {
+                continue;
+            };
+            let name = service_port.name.as_deref().unwrap_or("");
+            let ready = endpoints(&of_family, name, protocol, Condition::Ready, only, None);
+            local.extend(ready.iter().map(|e| e.ip()));
+        }
+        most = most.max(local.len());
     }
-    Some((port, local.len()))
+    Some((port, most))
 }
 
 /// The Service an EndpointSlice belongs to, by its label.
@@ -423,11 +439,10 @@ impl SliceIndex {
         index
     }
 
-    /// Notes a slice (IPv4 ones only: the others serve no IPv4 frontend).
+    /// Notes a slice (IP ones only: FQDN slices serve no frontend).
     pub fn insert(&mut self, key: &ObjectKey, slice: &EndpointSlice) {
-        if let Some(owner) =
-            owning_service(&key.namespace, slice).filter(|_| slice.address_type == "IPv4")
-        {
+        let ip = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
+        if let Some(owner) = owning_service(&key.namespace, slice).filter(|_| ip) {
             self.by_service
                 .entry(owner)
                 .or_default()
@@ -468,9 +483,9 @@ fn service_frontends(
         log::debug!("Service {key}: ExternalName, nothing to program");
         return Vec::new();
     }
-    let cluster = cluster_ipv4s(spec.cluster_ips.as_deref(), spec.cluster_ip.as_deref());
+    let cluster = cluster_ips(spec.cluster_ips.as_deref(), spec.cluster_ip.as_deref());
     if cluster.is_empty() {
-        log::debug!("Service {key}: headless or without an IPv4 cluster IP, nothing to program");
+        log::debug!("Service {key}: headless or without a cluster IP, nothing to program");
         return Vec::new();
     }
     let addrs = addresses(service, cluster);
@@ -482,30 +497,70 @@ fn service_frontends(
         let Ok(number) = port_number(port.port, String::new) else {
             continue;
         };
+        let node_port = node_port(service, port.node_port);
         let port_name = port.name.clone().unwrap_or_default();
-        let wanted = Wanted {
-            slices,
-            port_name: &port_name,
-            protocol,
-        };
-        let internal = wanted.backends(service, false, node);
-        let external = wanted.backends(service, true, node);
-        // Endpoints elsewhere, none here: kube-proxy drops instead of refusing.
-        let drop_external = external.is_empty()
-            && spec.external_traffic_policy.as_deref() == Some("Local")
-            && !wanted.backends_anywhere().is_empty();
-        let affinity = affinity_timeout(service).ok().flatten();
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let mut push = |addr: Ipv4Addr, number: u16, scope: Scope| {
-            let frontend = Frontend {
-                addr,
-                port: number,
+        for v6 in [false, true] {
+            let wanted = Wanted {
+                slices,
+                port_name: &port_name,
+                protocol,
+                v6,
+            };
+            let mut targets: Vec<(IpAddr, u16, Scope)> = addrs
+                .iter()
+                .filter(|(a, _)| a.is_ipv6() == v6)
+                .map(|(a, scope)| (*a, number, *scope))
+                .collect();
+            if let Some(node_port) = node_port {
+                let on_node = node.nodeport_addresses().filter(|a| a.is_ipv6() == v6);
+                targets.extend(on_node.map(|a| (a, node_port, Scope::NodePort)));
+            }
+            let frontend = FrontendOf {
+                key,
+                service,
+                port_name: &port_name,
                 protocol,
             };
+            out.extend(frontend.states(&wanted, node, &targets));
+        }
+    }
+    out
+}
+
+/// One Service port, turned into frontend states.
+struct FrontendOf<'a> {
+    key: &'a ObjectKey,
+    service: &'a Service,
+    port_name: &'a str,
+    protocol: Protocol,
+}
+
+impl FrontendOf<'_> {
+    /// The states of the port's frontends of one family (`targets`).
+    fn states(
+        &self,
+        wanted: &Wanted,
+        node: &Objects,
+        targets: &[(IpAddr, u16, Scope)],
+    ) -> Vec<(Frontend, FrontendState)> {
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        let spec = self.service.spec.as_ref();
+        let external_local =
+            spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+        let internal = wanted.backends(self.service, false, node);
+        let external = wanted.backends(self.service, true, node);
+        // Endpoints elsewhere, none here: kube-proxy drops instead of refusing.
+        let drop_external =
+            external.is_empty() && external_local && !wanted.backends_anywhere().is_empty();
+        let affinity = affinity_timeout(self.service).ok().flatten();
+        let ranges = source_ranges(self.service, wanted.v6);
+        let state = |scope: Scope| {
             let external_scope = scope.is_external();
-            let state = FrontendState {
-                service: key.clone(),
-                port_name: port_name.clone(),
+            FrontendState {
+                service: self.key.clone(),
+                port_name: self.port_name.to_string(),
                 scope,
                 backends: if external_scope {
                     external.clone()
@@ -514,29 +569,32 @@ fn service_frontends(
                 },
                 affinity_timeout: affinity,
                 source_ranges: if scope == Scope::LoadBalancer {
-                    source_ranges(service)
+                    ranges.clone()
                 } else {
                     Vec::new()
                 },
                 drop_when_empty: external_scope && drop_external,
                 snat: external_scope && !external_local,
-            };
-            out.push((frontend, state));
-        };
-        for (addr, scope) in &addrs {
-            push(*addr, number, *scope);
-        }
-        if let Some(node_port) = node_port(service, port.node_port) {
-            for addr in node.nodeport_addresses() {
-                push(addr, node_port, Scope::NodePort);
             }
-        }
+        };
+        targets
+            .iter()
+            .map(|(addr, port, scope)| {
+                let frontend = Frontend {
+                    addr: *addr,
+                    port: *port,
+                    protocol: self.protocol,
+                };
+                (frontend, state(*scope))
+            })
+            .collect()
     }
-    out
 }
 
-/// The Service's valid IPv4 loadBalancerSourceRanges.
-fn source_ranges(service: &Service) -> Vec<Cidr> {
+/// The Service's valid loadBalancerSourceRanges of one family: the others
+/// do not limit this family's frontends (as kube-proxy's per-family
+/// proxiers ignore them).
+fn source_ranges(service: &Service, v6: bool) -> Vec<Cidr> {
     let ranges = service
         .spec
         .as_ref()
@@ -545,7 +603,7 @@ fn source_ranges(service: &Service) -> Vec<Cidr> {
         .into_iter()
         .flatten()
         .filter_map(|r| r.parse::<Cidr>().ok())
-        .filter(|c| c.addr.is_ipv4())
+        .filter(|c| c.addr.is_ipv6() == v6)
         .collect();
     out.sort();
     out.dedup();
@@ -566,13 +624,15 @@ struct Wanted<'a> {
     slices: &'a [&'a EndpointSlice],
     port_name: &'a str,
     protocol: Protocol,
+    /// The family: IPv6 endpoints (from IPv6 slices), or IPv4 ones.
+    v6: bool,
 }
 
 impl Wanted<'_> {
     /// The backends of the port for internal (cluster IP) or external
     /// traffic: each traffic policy `Local` keeps its kind of traffic on this
     /// node; otherwise topology-aware routing may narrow them to the zone.
-    fn backends(&self, service: &Service, external: bool, node: &Objects) -> Vec<SocketAddrV4> {
+    fn backends(&self, service: &Service, external: bool, node: &Objects) -> Vec<SocketAddr> {
         let spec = service.spec.as_ref();
         let policy = if external {
             spec.and_then(|s| s.external_traffic_policy.as_deref())
@@ -588,19 +648,35 @@ impl Wanted<'_> {
                 (Only::Any, zone)
             }
         };
-        backends(self.slices, self.port_name, self.protocol, only, zone)
+        backends(&self.of_family(), self.port_name, self.protocol, only, zone)
     }
 
     /// Every endpoint that would serve without node or zone limits.
-    fn backends_anywhere(&self) -> Vec<SocketAddrV4> {
-        backends(self.slices, self.port_name, self.protocol, Only::Any, None)
+    fn backends_anywhere(&self) -> Vec<SocketAddr> {
+        backends(
+            &self.of_family(),
+            self.port_name,
+            self.protocol,
+            Only::Any,
+            None,
+        )
+    }
+
+    /// The slices of this family.
+    fn of_family(&self) -> Vec<&EndpointSlice> {
+        let family = if self.v6 { "IPv6" } else { "IPv4" };
+        self.slices
+            .iter()
+            .copied()
+            .filter(|s| s.address_type == family)
+            .collect()
     }
 }
 
-/// Every IPv4 address the Service is reached at, with how: its cluster IPs,
-/// its external IPs, and for a LoadBalancer its ingress IPs.
-fn addresses(service: &Service, cluster: Vec<Ipv4Addr>) -> Vec<(Ipv4Addr, Scope)> {
-    let mut out: Vec<(Ipv4Addr, Scope)> =
+/// Every address the Service is reached at, with how: its cluster IPs, its
+/// external IPs, and for a LoadBalancer its ingress IPs.
+fn addresses(service: &Service, cluster: Vec<IpAddr>) -> Vec<(IpAddr, Scope)> {
+    let mut out: Vec<(IpAddr, Scope)> =
         cluster.into_iter().map(|a| (a, Scope::ClusterIp)).collect();
     let spec = service.spec.as_ref();
     let external = spec
@@ -630,7 +706,7 @@ fn addresses(service: &Service, cluster: Vec<Ipv4Addr>) -> Vec<(Ipv4Addr, Scope)
     out
 }
 
-fn cluster_ipv4s(ips: Option<&[String]>, ip: Option<&str>) -> Vec<Ipv4Addr> {
+fn cluster_ips(ips: Option<&[String]>, ip: Option<&str>) -> Vec<IpAddr> {
     let mut all: Vec<&str> = ips.unwrap_or_default().iter().map(String::as_str).collect();
     if all.is_empty() {
         all.extend(ip);
@@ -649,7 +725,7 @@ fn backends(
     protocol: Protocol,
     only: Only,
     zone: Option<&str>,
-) -> Vec<SocketAddrV4> {
+) -> Vec<SocketAddr> {
     let ready = endpoints(slices, port_name, protocol, Condition::Ready, only, None);
     if ready.is_empty() {
         return endpoints(
@@ -746,7 +822,7 @@ fn endpoints(
     wanted: Condition,
     only: Only,
     zone: Option<&str>,
-) -> Vec<SocketAddrV4> {
+) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for slice in slices {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
@@ -770,10 +846,10 @@ fn endpoints(
             let addr = endpoint
                 .addresses
                 .first()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok());
+                .and_then(|a| a.parse::<IpAddr>().ok());
             let here = only.admits(endpoint.node_name.as_deref()) && hinted_for(endpoint, zone);
             if let (true, true, Some(addr)) = (ok, here, addr) {
-                out.push(SocketAddrV4::new(addr, number));
+                out.push(SocketAddr::new(addr, number));
             }
         }
     }

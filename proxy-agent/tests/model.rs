@@ -1,6 +1,6 @@
 //! The model as tables: objects in, frontends and backends out.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_agent::model::{self, Desired, Frontend, ObjectKey, Objects, Protocol};
@@ -29,17 +29,17 @@ fn objects(services: &[(&str, &str)], slices: &[(&str, &str)]) -> Objects {
 
 fn fe(addr: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
     Frontend {
-        addr: Ipv4Addr::from(addr),
+        addr: IpAddr::V4(Ipv4Addr::from(addr)),
         port,
         protocol,
     }
 }
 
-fn be(addr: [u8; 4], port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr), port)
+fn be(addr: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(addr)), port)
 }
 
-fn backends_of(desired: &Desired, frontend: Frontend) -> Vec<SocketAddrV4> {
+fn backends_of(desired: &Desired, frontend: Frontend) -> Vec<SocketAddr> {
     desired
         .frontends
         .get(&frontend)
@@ -162,10 +162,6 @@ fn services_without_a_cluster_ip_get_nothing() {
             "metadata: {name: b}\nspec: {clusterIP: None, ports: [{port: 80}]}",
         ),
         ("no spec", "metadata: {name: c}"),
-        (
-            "ipv6 only",
-            "metadata: {name: d}\nspec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10'], ports: [{port: 80}]}",
-        ),
     ];
     for (what, yaml) in cases {
         let desired = model::desired(&objects(&[("default", yaml)], &[]));
@@ -178,7 +174,7 @@ fn services_without_a_cluster_ip_get_nothing() {
 }
 
 #[test]
-fn every_ipv4_cluster_ip_and_no_sctp() {
+fn every_cluster_ip_of_both_families_and_no_sctp() {
     let svc = r#"
 metadata: {name: dual}
 spec:
@@ -188,7 +184,12 @@ spec:
 "#;
     let desired = model::desired(&objects(&[("default", svc)], &[]));
     let frontends: Vec<Frontend> = desired.frontends.keys().copied().collect();
-    assert_eq!(frontends, vec![fe([10, 96, 0, 12], 80, Protocol::Tcp)]);
+    let v6 = Frontend {
+        addr: "fd00::12".parse().expect("v6"),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    assert_eq!(frontends, vec![fe([10, 96, 0, 12], 80, Protocol::Tcp), v6]);
 }
 
 #[test]
@@ -249,7 +250,7 @@ status:
   loadBalancer: {ingress: [{ip: 198.51.100.7}, {hostname: lb.example.com}]}
 "#;
     let desired = model::desired(&objects(&[("default", svc)], &[]));
-    let scopes: Vec<(Ipv4Addr, Scope)> = desired
+    let scopes: Vec<(IpAddr, Scope)> = desired
         .frontends
         .iter()
         .map(|(f, s)| (f.addr, s.scope))
@@ -257,9 +258,9 @@ status:
     assert_eq!(
         scopes,
         vec![
-            (Ipv4Addr::new(10, 96, 0, 20), Scope::ClusterIp),
-            (Ipv4Addr::new(192, 0, 2, 10), Scope::ExternalIp),
-            (Ipv4Addr::new(198, 51, 100, 7), Scope::LoadBalancer),
+            (IpAddr::from([10, 96, 0, 20]), Scope::ClusterIp),
+            (IpAddr::from([192, 0, 2, 10]), Scope::ExternalIp),
+            (IpAddr::from([198, 51, 100, 7]), Scope::LoadBalancer),
         ]
     );
     // Ingress IPs belong to LoadBalancer Services only.
@@ -450,13 +451,20 @@ status:
     - {type: InternalIP, address: "fd00::1"}
 "#,
     );
+    let v6: IpAddr = "fd00::1".parse().expect("v6");
     assert_eq!(
         model::node_addresses(&n),
-        vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(203, 0, 113, 7)]
+        vec![
+            IpAddr::from([10, 0, 0, 1]),
+            v6,
+            IpAddr::from([203, 0, 113, 7])
+        ],
+        "InternalIPs first"
     );
     let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
     let mut objs = objects(&[("default", NODE_PORT_WEB)], &[("default", &s)]);
     objs.node_addresses = model::node_addresses(&n);
+    objs.node_addresses.retain(|a| a.is_ipv4());
     let desired = model::desired(&objs);
     for addr in [[10, 0, 0, 1], [203, 0, 113, 7]] {
         let frontend = fe(addr, 30080, Protocol::Tcp);
@@ -503,7 +511,7 @@ fn only_node_port_and_load_balancer_services_open_node_ports() {
     ] {
         let svc = NODE_PORT_WEB.replace("type: NodePort", &format!("type: {kind}"));
         let mut objs = objects(&[("default", &svc)], &[("default", &s)]);
-        objs.node_addresses = vec![Ipv4Addr::new(10, 0, 0, 1)];
+        objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
         let desired = model::desired(&objs);
         assert_eq!(
             desired
@@ -539,7 +547,7 @@ status:
     );
     let mut objs = objects(&[("default", svc)], &[("default", &s)]);
     objs.node_name = Some("n1".into());
-    objs.node_addresses = vec![Ipv4Addr::new(10, 0, 0, 1)];
+    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
     let desired = model::desired(&objs);
     for external in [
         fe([192, 0, 2, 10], 80, Protocol::Tcp),
@@ -608,4 +616,62 @@ spec:
     );
     let objs = objects(&[("default", &cluster)], &[("default", &s)]);
     assert_eq!(model::health_check(&objs, &index, &web), None);
+}
+
+#[test]
+fn dual_stack_services_serve_each_family_from_its_own_slices() {
+    let svc = r#"
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  loadBalancerSourceRanges: [192.0.2.0/24, "2001:db8::/32"]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}, {ip: "2001:db8:1::1"}]
+"#;
+    let v4 = slice("web-v4", "web", "[{addresses: [10.1.1.2]}]");
+    let v6 = slice("web-v6", "web", r#"[{addresses: ["fd00:1:1::2"]}]"#)
+        .replace("addressType: IPv4", "addressType: IPv6");
+    let mut objs = objects(&[("default", svc)], &[("default", &v4), ("default", &v6)]);
+    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1]), "fd00::1".parse().expect("v6")];
+    let desired = model::desired(&objs);
+    let at = |addr: &str, port: u16| Frontend {
+        addr: addr.parse().expect("address"),
+        port,
+        protocol: Protocol::Tcp,
+    };
+    let v4_backend: Vec<SocketAddr> = vec!["10.1.1.2:8080".parse().expect("v4")];
+    let v6_backend: Vec<SocketAddr> = vec!["[fd00:1:1::2]:8080".parse().expect("v6")];
+    for (frontend, backends) in [
+        (at("10.96.0.10", 80), &v4_backend),
+        (at("198.51.100.1", 80), &v4_backend),
+        (at("10.0.0.1", 30080), &v4_backend),
+        (at("fd00:96::10", 80), &v6_backend),
+        (at("2001:db8:1::1", 80), &v6_backend),
+        (at("fd00::1", 30080), &v6_backend),
+    ] {
+        assert_eq!(&backends_of(&desired, frontend), backends, "{frontend:?}");
+    }
+    let ranges = |addr: &str| {
+        let state = &desired.frontends[&at(addr, 80)];
+        state
+            .source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ranges("198.51.100.1"),
+        ["192.0.2.0/24"],
+        "each family its own ranges"
+    );
+    assert_eq!(ranges("2001:db8:1::1"), ["2001:db8::/32"]);
+    assert_eq!(
+        desired.snat_addr4,
+        Some(std::net::Ipv4Addr::new(10, 0, 0, 1))
+    );
+    assert_eq!(desired.snat_addr6, Some("fd00::1".parse().expect("v6")));
 }

@@ -3,24 +3,22 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use proxy_agent::{
     cidr::Cidr,
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
-    reconcile::{Maps, Reconciler, Snapshot},
+    reconcile::{BackendKey, Maps, Reconciler, Snapshot},
 };
-use proxy_common::{
-    Backend4, Frontend4, MemberKey, NodeConfig, SVC_SOURCE_RANGES, Service, SlotKey,
-};
+use proxy_common::{MemberKey, NodeConfig, SVC_SOURCE_RANGES, Service, SlotKey};
 
 #[derive(Default)]
 struct FakeMaps {
-    services: BTreeMap<(u32, u16, u8), Service>,
+    services: BTreeMap<Frontend, Service>,
     slots: BTreeMap<(u32, u32), u32>,
-    backends: BTreeMap<u32, Backend4>,
-    members: BTreeMap<(u32, u32), Backend4>,
+    backends: BTreeMap<u32, BackendKey>,
+    members: BTreeMap<(u32, u32), BackendKey>,
     ranges: BTreeSet<(u32, Cidr)>,
     log: Vec<String>,
     /// Fail the next write whose log line starts with this.
@@ -85,29 +83,27 @@ impl FakeMaps {
     }
 
     /// Backend addresses each frontend serves, as the maps say.
-    fn served(&self) -> BTreeMap<u16, Vec<Ipv4Addr>> {
+    fn served(&self) -> BTreeMap<u16, Vec<IpAddr>> {
         let mut out = BTreeMap::new();
-        for ((_, port, _), svc) in &self.services {
-            let mut addrs: Vec<Ipv4Addr> = (0..svc.backend_count)
-                .map(|s| {
-                    Ipv4Addr::from(u32::from_be(self.backends[&self.slots[&(svc.id, s)]].addr))
-                })
+        for (frontend, svc) in &self.services {
+            let mut addrs: Vec<IpAddr> = (0..svc.backend_count)
+                .map(|s| self.backends[&self.slots[&(svc.id, s)]].addr.ip())
                 .collect();
             addrs.sort();
-            out.insert(u16::from_be(*port), addrs);
+            out.insert(frontend.port, addrs);
         }
         out
     }
 }
 
 impl Maps for FakeMaps {
-    fn set_backend(&mut self, id: u32, backend: Backend4) -> anyhow::Result<()> {
+    fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
         self.write(format!("set_backend {id}"))?;
-        self.backends.insert(id, backend);
+        self.backends.insert(id, *backend);
         self.check();
         Ok(())
     }
-    fn remove_backend(&mut self, id: u32) -> anyhow::Result<()> {
+    fn remove_backend(&mut self, id: u32, _: &BackendKey) -> anyhow::Result<()> {
         self.write(format!("remove_backend {id}"))?;
         self.backends.remove(&id);
         self.check();
@@ -128,33 +124,32 @@ impl Maps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn set_service(&mut self, fe: Frontend4, svc: Service) -> anyhow::Result<()> {
+    fn set_service(&mut self, fe: &Frontend, svc: Service) -> anyhow::Result<()> {
         self.write(format!(
             "set_service {} count {}",
-            u16::from_be(fe.port),
-            svc.backend_count
+            fe.port, svc.backend_count
         ))?;
-        self.services.insert((fe.addr, fe.port, fe.proto), svc);
+        self.services.insert(*fe, svc);
         self.check();
         Ok(())
     }
-    fn remove_service(&mut self, fe: Frontend4) -> anyhow::Result<()> {
-        self.write(format!("remove_service {}", u16::from_be(fe.port)))?;
-        self.services.remove(&(fe.addr, fe.port, fe.proto));
+    fn remove_service(&mut self, fe: &Frontend) -> anyhow::Result<()> {
+        self.write(format!("remove_service {}", fe.port))?;
+        self.services.remove(fe);
         self.check();
         Ok(())
     }
     fn reset_stats(&mut self, id: u32) -> anyhow::Result<()> {
         self.write(format!("reset_stats {id}"))
     }
-    fn set_member(&mut self, key: MemberKey, backend: Backend4) -> anyhow::Result<()> {
+    fn set_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()> {
         self.write(format!("set_member {}/{}", key.service_id, key.backend_id))?;
         self.members
-            .insert((key.service_id, key.backend_id), backend);
+            .insert((key.service_id, key.backend_id), *backend);
         self.check();
         Ok(())
     }
-    fn remove_member(&mut self, key: MemberKey) -> anyhow::Result<()> {
+    fn remove_member(&mut self, key: MemberKey, _: &BackendKey) -> anyhow::Result<()> {
         self.write(format!(
             "remove_member {}/{}",
             key.service_id, key.backend_id
@@ -186,7 +181,7 @@ fn desired(services: &[(u16, &[u8])]) -> Desired {
     let mut out = Desired::default();
     for (port, backends) in services {
         let frontend = Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, 10),
+            addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
             port: *port,
             protocol: Protocol::Tcp,
         };
@@ -199,7 +194,7 @@ fn desired(services: &[(u16, &[u8])]) -> Desired {
             scope: Scope::ClusterIp,
             backends: backends
                 .iter()
-                .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))
+                .map(|b| SocketAddr::from(([10, 1, *b, 2], 8080)))
                 .collect(),
             ..FrontendState::default()
         };
@@ -208,8 +203,8 @@ fn desired(services: &[(u16, &[u8])]) -> Desired {
     out
 }
 
-fn addrs(list: &[u8]) -> Vec<Ipv4Addr> {
-    list.iter().map(|b| Ipv4Addr::new(10, 1, *b, 2)).collect()
+fn addrs(list: &[u8]) -> Vec<IpAddr> {
+    list.iter().map(|b| IpAddr::from([10, 1, *b, 2])).collect()
 }
 
 #[test]
@@ -376,21 +371,7 @@ impl FakeMaps {
     /// What a restarted agent reads back.
     fn snapshot(&self) -> Snapshot {
         Snapshot {
-            services: self
-                .services
-                .iter()
-                .map(|((addr, port, proto), svc)| {
-                    (
-                        Frontend4 {
-                            addr: *addr,
-                            port: *port,
-                            proto: *proto,
-                            _pad: 0,
-                        },
-                        *svc,
-                    )
-                })
-                .collect(),
+            services: self.services.iter().map(|(f, s)| (*f, *s)).collect(),
             slots: self
                 .slots
                 .iter()
@@ -476,11 +457,9 @@ fn entries_nothing_explains_are_removed_in_a_safe_order() {
     maps.slots.insert((1, 7), 2);
     maps.backends.insert(
         42,
-        Backend4 {
-            addr: u32::from(Ipv4Addr::new(10, 9, 9, 9)).to_be(),
-            port: 80u16.to_be(),
-            proto: 6,
-            _pad: 0,
+        BackendKey {
+            addr: SocketAddr::from(([10, 9, 9, 9], 80)),
+            protocol: Protocol::Tcp,
         },
     );
     maps.writes();
@@ -532,7 +511,7 @@ fn change(entries: &[(&str, u16, &[u8])]) -> proxy_agent::reconcile::Changes {
             continue;
         }
         let frontend = Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, 10),
+            addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
             port: *port,
             protocol: Protocol::Tcp,
         };
@@ -542,7 +521,7 @@ fn change(entries: &[(&str, u16, &[u8])]) -> proxy_agent::reconcile::Changes {
             scope: Scope::ClusterIp,
             backends: backends
                 .iter()
-                .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 1, *b, 2), 8080))
+                .map(|b| SocketAddr::from(([10, 1, *b, 2], 8080)))
                 .collect(),
             ..FrontendState::default()
         };

@@ -20,7 +20,7 @@
 mod common;
 
 use proxy_tests::manifests::nth_vip;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, bail, ensure};
 use aya::maps::{Array, MapData, ProgramArray};
@@ -128,7 +128,7 @@ impl Scale {
         // luckier than any other's.
         let target = nth_vip(services - 1);
         let frontend = Frontend {
-            addr: target,
+            addr: IpAddr::V4(target),
             port: 80,
             protocol: Protocol::Tcp,
         };
@@ -308,11 +308,11 @@ fn desired(services: usize) -> Desired {
     let mut out = Desired::default();
     for i in 0..services {
         let backends = (0..2)
-            .map(|b| SocketAddrV4::new(Ipv4Addr::new(10, 200, ((i * 2 + b) % 250) as u8, 2), 8080))
+            .map(|b| SocketAddr::from(([10, 200, ((i * 2 + b) % 250) as u8, 2], 8080)))
             .collect();
         out.frontends.insert(
             Frontend {
-                addr: nth_vip(i),
+                addr: IpAddr::V4(nth_vip(i)),
                 port: 80,
                 protocol: Protocol::Tcp,
             },

@@ -689,7 +689,7 @@ fn lab_with_node_address(yaml: &str) -> Lab {
     let mut dp = Loaded::new().expect("load the datapath");
     let mut objects = common::objects(yaml).expect("objects");
     objects.node_name = Some("here".into());
-    objects.node_addresses = vec![std::net::Ipv4Addr::new(10, 0, 0, 1)];
+    objects.node_addresses = vec![std::net::IpAddr::from([10, 0, 0, 1])];
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
     Lab { dp }

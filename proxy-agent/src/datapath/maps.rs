@@ -1,7 +1,7 @@
 //! The service maps, owned and typed, behind the reconciler's `Maps` trait.
 
 use anyhow::Context;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use aya::{
     Ebpf,
@@ -11,21 +11,29 @@ use aya::{
     },
 };
 use proxy_common::{
-    Backend4, Counter, Frontend4, MemberKey, NodeConfig, Service, ServiceStats, SlotKey,
-    SourceRange4, names,
+    Backend4, Backend6, Counter, Frontend4, Frontend6, MemberKey, NodeConfig, Service,
+    ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
 };
 
+use super::keys::{self, BackendValue, FrontendKey};
 use crate::{
     cidr::Cidr,
-    reconcile::{Maps, Snapshot},
+    model::Frontend,
+    reconcile::{BackendKey, Maps, Snapshot},
 };
 
+/// One family's maps.
+pub struct Family<F, B, R> {
+    pub services: HashMap<MapData, F, Service>,
+    pub backends: HashMap<MapData, u32, B>,
+    pub members: HashMap<MapData, MemberKey, B>,
+    pub source_ranges: LpmTrie<MapData, R, u32>,
+}
+
 pub struct MapSet {
-    pub services: HashMap<MapData, Frontend4, Service>,
+    pub v4: Family<Frontend4, Backend4, SourceRange4>,
+    pub v6: Family<Frontend6, Backend6, SourceRange6>,
     pub slots: HashMap<MapData, SlotKey, u32>,
-    pub backends: HashMap<MapData, u32, Backend4>,
-    pub members: HashMap<MapData, MemberKey, Backend4>,
-    pub source_ranges: LpmTrie<MapData, SourceRange4, u32>,
     pub config: Array<MapData, NodeConfig>,
     pub stats: PerCpuArray<MapData, ServiceStats>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -47,11 +55,19 @@ impl MapSet {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<MapSet> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         Ok(MapSet {
-            services: take(ebpf, names::SERVICES4)?,
+            v4: Family {
+                services: take(ebpf, names::SERVICES4)?,
+                backends: take(ebpf, names::BACKENDS4)?,
+                members: take(ebpf, names::MEMBERS)?,
+                source_ranges: take(ebpf, names::SOURCE_RANGES4)?,
+            },
+            v6: Family {
+                services: take(ebpf, names::SERVICES6)?,
+                backends: take(ebpf, names::BACKENDS6)?,
+                members: take(ebpf, names::MEMBERS6)?,
+                source_ranges: take(ebpf, names::SOURCE_RANGES6)?,
+            },
             slots: take(ebpf, names::SLOTS)?,
-            backends: take(ebpf, names::BACKENDS4)?,
-            members: take(ebpf, names::MEMBERS)?,
-            source_ranges: take(ebpf, names::SOURCE_RANGES4)?,
             config: take(ebpf, names::CONFIG)?,
             stats: take(ebpf, names::SERVICE_STATS)?,
             counters: take(ebpf, names::COUNTERS)?,
@@ -59,19 +75,46 @@ impl MapSet {
         })
     }
 
-    /// Everything the service maps hold, for a restarted agent to adopt.
+    /// Everything the service maps of both families hold, for a restarted
+    /// agent to adopt.
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        Ok(Snapshot {
-            services: collect(self.services.iter(), names::SERVICES4)?,
+        let mut snapshot = Snapshot {
             slots: collect(self.slots.iter(), names::SLOTS)?,
-            backends: collect(self.backends.iter(), names::BACKENDS4)?,
-            members: collect(self.members.iter(), names::MEMBERS)?,
-            source_ranges: collect(self.source_ranges.iter(), names::SOURCE_RANGES4)?
-                .into_iter()
-                .filter_map(|(key, _)| source_range(&key))
-                .collect(),
             config: Some(self.config.get(&0, 0).context("reading lb_config")?),
-        })
+            ..Snapshot::default()
+        };
+        let services4 = collect(self.v4.services.iter(), names::SERVICES4)?;
+        let services6 = collect(self.v6.services.iter(), names::SERVICES6)?;
+        let services = (services4.into_iter())
+            .map(|(f, s)| (FrontendKey::V4(f), s))
+            .chain(services6.into_iter().map(|(f, s)| (FrontendKey::V6(f), s)));
+        snapshot.services = services
+            .filter_map(|(key, s)| Some((keys::frontend_of(&key)?, s)))
+            .collect();
+        let backends4 = collect(self.v4.backends.iter(), names::BACKENDS4)?;
+        let backends6 = collect(self.v6.backends.iter(), names::BACKENDS6)?;
+        snapshot.backends = (backends4.into_iter())
+            .map(|(id, b)| (id, BackendValue::V4(b)))
+            .chain(
+                backends6
+                    .into_iter()
+                    .map(|(id, b)| (id, BackendValue::V6(b))),
+            )
+            .filter_map(|(id, b)| Some((id, keys::backend_of(&b)?)))
+            .collect();
+        let members4 = collect(self.v4.members.iter(), names::MEMBERS)?;
+        let members6 = collect(self.v6.members.iter(), names::MEMBERS6)?;
+        snapshot.members = (members4.into_iter())
+            .map(|(k, b)| (k, BackendValue::V4(b)))
+            .chain(members6.into_iter().map(|(k, b)| (k, BackendValue::V6(b))))
+            .filter_map(|(k, b)| Some((k, keys::backend_of(&b)?)))
+            .collect();
+        let ranges4 = collect(self.v4.source_ranges.iter(), names::SOURCE_RANGES4)?;
+        let ranges6 = collect(self.v6.source_ranges.iter(), names::SOURCE_RANGES6)?;
+        snapshot.source_ranges = (ranges4.iter().filter_map(|(k, _)| range_of4(k)))
+            .chain(ranges6.iter().filter_map(|(k, _)| range_of6(k)))
+            .collect();
+        Ok(snapshot)
     }
 
     /// A service id's traffic summed over CPUs.
@@ -103,27 +146,50 @@ fn collect<K, V>(
         .with_context(|| format!("reading {name}"))
 }
 
-/// The trie key of a service's IPv4 source range: the service id is
-/// matched whole, then the range's prefix of the address.
-fn range_key(service_id: u32, range: Cidr) -> anyhow::Result<Key<SourceRange4>> {
-    let IpAddr::V4(addr) = range.addr else {
-        anyhow::bail!("{range} is not an IPv4 range");
-    };
-    Ok(Key::new(
-        32 + u32::from(range.prefix),
-        SourceRange4 {
-            service_id_be: service_id.to_be(),
-            addr: u32::from(addr).to_be(),
-        },
-    ))
+/// The trie keys of a service's source range: the service id is matched
+/// whole, then the range's prefix of the address.
+enum RangeKey {
+    V4(Key<SourceRange4>),
+    V6(Key<SourceRange6>),
+}
+
+fn range_key(service_id: u32, range: Cidr) -> RangeKey {
+    let prefix = 32 + u32::from(range.prefix);
+    let service_id_be = service_id.to_be();
+    match range.addr {
+        IpAddr::V4(a) => RangeKey::V4(Key::new(
+            prefix,
+            SourceRange4 {
+                service_id_be,
+                addr: keys::v4(&a),
+            },
+        )),
+        IpAddr::V6(a) => RangeKey::V6(Key::new(
+            prefix,
+            SourceRange6 {
+                service_id_be,
+                addr: keys::v6(&a),
+            },
+        )),
+    }
 }
 
 /// The service id and range an adopted trie key stands for.
-fn source_range(key: &Key<SourceRange4>) -> Option<(u32, Cidr)> {
+fn range_of4(key: &Key<SourceRange4>) -> Option<(u32, Cidr)> {
     let prefix = key.prefix_len().checked_sub(32).filter(|p| *p <= 32)?;
     let data = key.data();
-    let addr = Ipv4Addr::from(u32::from_be(data.addr));
-    let range = format!("{addr}/{prefix}").parse().ok()?;
+    let range = format!("{}/{prefix}", keys::from_v4(data.addr))
+        .parse()
+        .ok()?;
+    Some((u32::from_be(data.service_id_be), range))
+}
+
+fn range_of6(key: &Key<SourceRange6>) -> Option<(u32, Cidr)> {
+    let prefix = key.prefix_len().checked_sub(32).filter(|p| *p <= 128)?;
+    let data = key.data();
+    let range = format!("{}/{prefix}", keys::from_v6(&data.addr))
+        .parse()
+        .ok()?;
     Some((u32::from_be(data.service_id_be), range))
 }
 
@@ -135,60 +201,85 @@ fn removed(result: Result<(), MapError>, what: &str) -> anyhow::Result<()> {
     }
 }
 
+fn written(result: Result<(), MapError>, what: &str) -> anyhow::Result<()> {
+    result.with_context(|| format!("writing {what}"))
+}
+
 impl Maps for MapSet {
-    fn set_backend(&mut self, id: u32, backend: Backend4) -> anyhow::Result<()> {
-        self.backends
-            .insert(id, backend, 0)
-            .context("writing lb4_backends")
+    fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
+        match keys::backend(backend) {
+            BackendValue::V4(b) => written(self.v4.backends.insert(id, b, 0), names::BACKENDS4),
+            BackendValue::V6(b) => written(self.v6.backends.insert(id, b, 0), names::BACKENDS6),
+        }
     }
 
-    fn remove_backend(&mut self, id: u32) -> anyhow::Result<()> {
-        removed(self.backends.remove(&id), names::BACKENDS4)
+    fn remove_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
+        if backend.addr.is_ipv6() {
+            removed(self.v6.backends.remove(&id), names::BACKENDS6)
+        } else {
+            removed(self.v4.backends.remove(&id), names::BACKENDS4)
+        }
     }
 
     fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
-        self.slots
-            .insert(key, backend_id, 0)
-            .context("writing lb_slots")
+        written(self.slots.insert(key, backend_id, 0), names::SLOTS)
     }
 
     fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
         removed(self.slots.remove(&key), names::SLOTS)
     }
 
-    fn set_service(&mut self, frontend: Frontend4, service: Service) -> anyhow::Result<()> {
-        self.services
-            .insert(frontend, service, 0)
-            .context("writing lb4_services")
+    fn set_service(&mut self, frontend: &Frontend, service: Service) -> anyhow::Result<()> {
+        match keys::frontend(frontend) {
+            FrontendKey::V4(f) => written(self.v4.services.insert(f, service, 0), names::SERVICES4),
+            FrontendKey::V6(f) => written(self.v6.services.insert(f, service, 0), names::SERVICES6),
+        }
     }
 
-    fn remove_service(&mut self, frontend: Frontend4) -> anyhow::Result<()> {
-        removed(self.services.remove(&frontend), names::SERVICES4)
+    fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()> {
+        match keys::frontend(frontend) {
+            FrontendKey::V4(f) => removed(self.v4.services.remove(&f), names::SERVICES4),
+            FrontendKey::V6(f) => removed(self.v6.services.remove(&f), names::SERVICES6),
+        }
     }
 
-    fn set_member(&mut self, key: MemberKey, backend: Backend4) -> anyhow::Result<()> {
-        self.members
-            .insert(key, backend, 0)
-            .context("writing lb_members")
+    fn set_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()> {
+        match keys::backend(backend) {
+            BackendValue::V4(b) => written(self.v4.members.insert(key, b, 0), names::MEMBERS),
+            BackendValue::V6(b) => written(self.v6.members.insert(key, b, 0), names::MEMBERS6),
+        }
     }
 
-    fn remove_member(&mut self, key: MemberKey) -> anyhow::Result<()> {
-        removed(self.members.remove(&key), names::MEMBERS)
+    fn remove_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()> {
+        if backend.addr.is_ipv6() {
+            removed(self.v6.members.remove(&key), names::MEMBERS6)
+        } else {
+            removed(self.v4.members.remove(&key), names::MEMBERS)
+        }
     }
 
     fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {
-        self.source_ranges
-            .insert(&range_key(service_id, range)?, 1, 0)
-            .context("writing lb4_src_ranges")
+        match range_key(service_id, range) {
+            RangeKey::V4(k) => written(
+                self.v4.source_ranges.insert(&k, 1, 0),
+                names::SOURCE_RANGES4,
+            ),
+            RangeKey::V6(k) => written(
+                self.v6.source_ranges.insert(&k, 1, 0),
+                names::SOURCE_RANGES6,
+            ),
+        }
     }
 
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {
-        let key = range_key(service_id, range)?;
-        removed(self.source_ranges.remove(&key), names::SOURCE_RANGES4)
+        match range_key(service_id, range) {
+            RangeKey::V4(k) => removed(self.v4.source_ranges.remove(&k), names::SOURCE_RANGES4),
+            RangeKey::V6(k) => removed(self.v6.source_ranges.remove(&k), names::SOURCE_RANGES6),
+        }
     }
 
     fn set_config(&mut self, config: NodeConfig) -> anyhow::Result<()> {
-        self.config.set(0, config, 0).context("writing lb_config")
+        written(self.config.set(0, config, 0), names::CONFIG)
     }
 
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! loading, pinning and attaching it.
 
 pub mod iface;
+pub mod keys;
 pub mod loader;
 pub mod maps;
 

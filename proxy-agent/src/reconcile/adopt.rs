@@ -2,21 +2,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend4, Frontend4, MemberKey, NodeConfig, Service, SlotKey};
+use proxy_common::{MemberKey, NodeConfig, Service, SlotKey};
 
-use super::{Applied, BackendKey, Reconciler, backend4, member_key, slot_key};
-use crate::{
-    cidr::Cidr,
-    model::{Frontend, Protocol},
-};
+use super::{Applied, BackendKey, Reconciler, member_key, slot_key};
+use crate::{cidr::Cidr, model::Frontend};
 
-/// What the maps hold, as read back after a restart.
+/// What the maps of both families hold, as read back after a restart
+/// (entries the model cannot express, such as an unknown protocol, are
+/// left out by the reader).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<(Frontend4, Service)>,
+    pub services: Vec<(Frontend, Service)>,
     pub slots: Vec<(SlotKey, u32)>,
-    pub backends: Vec<(u32, Backend4)>,
-    pub members: Vec<(MemberKey, Backend4)>,
+    pub backends: Vec<(u32, BackendKey)>,
+    pub members: Vec<(MemberKey, BackendKey)>,
     /// (service id, range) pairs.
     pub source_ranges: Vec<(u32, Cidr)>,
     pub config: Option<NodeConfig>,
@@ -25,18 +24,18 @@ pub struct Snapshot {
 /// Entries nothing explains, removed by the next pass.
 #[derive(Debug, Default)]
 pub(super) struct Strays {
-    pub services: Vec<Frontend4>,
+    pub services: Vec<Frontend>,
     pub slots: Vec<SlotKey>,
-    pub members: Vec<MemberKey>,
+    pub members: Vec<(MemberKey, BackendKey)>,
     pub source_ranges: Vec<(u32, Cidr)>,
-    pub backends: Vec<u32>,
+    pub backends: Vec<(u32, BackendKey)>,
 }
 
 /// Per-service parts of a snapshot, taken as services claim them.
 #[derive(Default)]
 struct Parts {
     slots: BTreeMap<u32, BTreeMap<u32, u32>>,
-    members: BTreeMap<u32, BTreeMap<u32, Backend4>>,
+    members: BTreeMap<u32, BTreeMap<u32, BackendKey>>,
     ranges: BTreeMap<u32, BTreeSet<Cidr>>,
 }
 
@@ -65,31 +64,30 @@ impl Reconciler {
     pub fn adopt(snapshot: &Snapshot, max_services: u32, max_backends: u32) -> Self {
         let mut r = Reconciler::new(max_services, max_backends);
         r.config = snapshot.config;
-        for (id, backend) in &snapshot.backends {
-            // A duplicate address or an id out of range is a stray.
-            match adopted_backend(backend) {
-                Some(key) if !r.backends.contains_key(&key) && r.backend_ids.claim(*id) => {
-                    r.backends.insert(key, *id);
-                    r.backend_keys.insert(*id, key);
-                    // Removed by the first pass unless a slot names it.
-                    r.maybe_unused.insert(*id);
-                }
-                _ => r.strays.backends.push(*id),
+        for (id, key) in &snapshot.backends {
+            // A duplicate address or id, or an id out of range, is a stray.
+            if !r.backends.contains_key(key) && r.backend_ids.claim(*id) {
+                r.backends.insert(*key, *id);
+                r.backend_keys.insert(*id, *key);
+                // Removed by the first pass unless a slot names it.
+                r.maybe_unused.insert(*id);
+            } else {
+                r.strays.backends.push((*id, *key));
             }
         }
         let mut parts = Parts::new(snapshot);
-        for (frontend4, service) in &snapshot.services {
+        for (frontend, service) in &snapshot.services {
             let own = parts.slots.remove(&service.id).unwrap_or_default();
-            let kept = r.adopt_service(frontend4, service, &own);
+            let kept = r.adopt_service(frontend, service, &own);
             if kept.is_none() {
-                r.strays.services.push(*frontend4);
+                r.strays.services.push(*frontend);
             }
             let stray = own.keys().skip(kept.unwrap_or(0));
             r.strays
                 .slots
                 .extend(stray.map(|s| slot_key(service.id, *s as usize)));
-            if let Some(frontend) = kept.and_then(|_| adopted_frontend(frontend4)) {
-                r.adopt_extras(frontend, service.id, &mut parts);
+            if kept.is_some() {
+                r.adopt_extras(*frontend, service.id, &mut parts);
             }
         }
         for (id, rest) in parts.slots {
@@ -98,9 +96,8 @@ impl Reconciler {
                 .extend(rest.keys().map(|s| slot_key(id, *s as usize)));
         }
         for (id, rest) in parts.members {
-            r.strays
-                .members
-                .extend(rest.keys().map(|b| member_key(id, *b)));
+            let keys = rest.iter().map(|(b, key)| (member_key(id, *b), *key));
+            r.strays.members.extend(keys);
         }
         for (id, rest) in parts.ranges {
             r.strays.source_ranges.extend(rest.iter().map(|c| (id, *c)));
@@ -115,9 +112,18 @@ impl Reconciler {
             return;
         };
         for (backend, value) in parts.members.remove(&service_id).unwrap_or_default() {
-            let known = self.backend_keys.get(&backend).map(backend4);
-            if known != Some(value) {
-                applied.stale_members.insert(backend);
+            match self.backend_keys.get(&backend) {
+                Some(known) if *known == value => {}
+                // Another address, or another family: rewritten or removed.
+                Some(known) if known.addr.is_ipv6() == value.addr.is_ipv6() => {
+                    applied.stale_members.insert(backend);
+                }
+                _ => {
+                    self.strays
+                        .members
+                        .push((member_key(service_id, backend), value));
+                    continue;
+                }
             }
             applied.members.insert(backend);
         }
@@ -128,11 +134,10 @@ impl Reconciler {
     /// backends; returns how many slots it kept, None if it is not usable.
     fn adopt_service(
         &mut self,
-        frontend4: &Frontend4,
+        frontend: &Frontend,
         service: &Service,
         slots: &BTreeMap<u32, u32>,
     ) -> Option<usize> {
-        let frontend = adopted_frontend(frontend4)?;
         let kept: Vec<u32> = (0..service.backend_count)
             .map(|slot| {
                 slots
@@ -141,7 +146,7 @@ impl Reconciler {
                     .filter(|id| self.backend_keys.contains_key(id))
             })
             .collect::<Option<_>>()?;
-        if self.frontends.contains_key(&frontend) || !self.service_ids.claim(service.id) {
+        if self.frontends.contains_key(frontend) || !self.service_ids.claim(service.id) {
             return None;
         }
         for id in &kept {
@@ -157,31 +162,7 @@ impl Reconciler {
             slots: kept,
             owner: None,
         };
-        self.frontends.insert(frontend, applied);
+        self.frontends.insert(*frontend, applied);
         Some(len)
     }
-}
-
-fn adopted_protocol(number: u8) -> Option<Protocol> {
-    [Protocol::Tcp, Protocol::Udp]
-        .into_iter()
-        .find(|p| p.number() == number)
-}
-
-fn adopted_frontend(f: &Frontend4) -> Option<Frontend> {
-    Some(Frontend {
-        addr: std::net::Ipv4Addr::from(u32::from_be(f.addr)),
-        port: u16::from_be(f.port),
-        protocol: adopted_protocol(f.proto)?,
-    })
-}
-
-fn adopted_backend(b: &Backend4) -> Option<BackendKey> {
-    Some(BackendKey {
-        addr: std::net::SocketAddrV4::new(
-            std::net::Ipv4Addr::from(u32::from_be(b.addr)),
-            u16::from_be(b.port),
-        ),
-        protocol: adopted_protocol(b.proto)?,
-    })
 }

@@ -18,13 +18,12 @@ mod ids;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use proxy_common::{
-    Backend4, Frontend4, MemberKey, NodeConfig, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY,
-    SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service,
-    SlotKey,
+    MemberKey, NodeConfig, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY,
+    SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::cidr::Cidr;
@@ -35,18 +34,19 @@ use ids::Ids;
 
 use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
 
-/// The map operations the reconciler needs; the kernel maps implement it,
-/// and tests use a fake that records calls and fails on demand.
+/// The map operations the reconciler needs; the kernel maps implement it
+/// (picking each family's maps), and tests use a fake that records calls
+/// and fails on demand.
 pub trait Maps {
-    fn set_backend(&mut self, id: u32, backend: Backend4) -> anyhow::Result<()>;
-    fn remove_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()>;
+    fn remove_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()>;
     fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()>;
     fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()>;
-    fn set_service(&mut self, frontend: Frontend4, service: Service) -> anyhow::Result<()>;
-    fn remove_service(&mut self, frontend: Frontend4) -> anyhow::Result<()>;
-    /// Makes `backend` (the service's view of it) a member of a service.
-    fn set_member(&mut self, key: MemberKey, backend: Backend4) -> anyhow::Result<()>;
-    fn remove_member(&mut self, key: MemberKey) -> anyhow::Result<()>;
+    fn set_service(&mut self, frontend: &Frontend, service: Service) -> anyhow::Result<()>;
+    fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()>;
+    /// Makes `backend` a member of a service.
+    fn set_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()>;
+    fn remove_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()>;
     /// Admits the sources in `range` to a service with `SVC_SOURCE_RANGES`.
     fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
@@ -61,7 +61,7 @@ pub type Changes = BTreeMap<ObjectKey, Vec<(Frontend, FrontendState)>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendKey {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub protocol: Protocol,
 }
 
@@ -166,10 +166,10 @@ impl Reconciler {
     /// that may need it: source NAT without an address only counts).
     fn write_config(&mut self, desired: &Desired, maps: &mut dyn Maps, report: &mut Report) {
         let config = NodeConfig {
-            snat_addr4: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()),
+            snat_addr4: desired.snat_addr4.map_or(0, |a| u32::from(a).to_be()),
             snat_port_min: SNAT_PORT_MIN,
             snat_port_max: SNAT_PORT_MAX,
-            snat_addr6: [0; 4],
+            snat_addr6: desired.snat_addr6.map_or([0; 4], |a| words6(&a)),
         };
         if self.config == Some(config) {
             return;
@@ -287,7 +287,7 @@ impl Reconciler {
                     report.errors.push(format!("no backend id left for {addr}"));
                     continue;
                 };
-                match maps.set_backend(id, backend4(&key)) {
+                match maps.set_backend(id, &key) {
                     Ok(()) => {
                         report.writes += 1;
                         self.backends.insert(key, id);
@@ -371,7 +371,7 @@ impl Reconciler {
             let key = backend_keys
                 .get(backend)
                 .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
-            maps.set_member(member_key(id, *backend), backend4(key))?;
+            maps.set_member(member_key(id, *backend), key)?;
             report.writes += 1;
             applied.members.insert(*backend);
             applied.stale_members.remove(backend);
@@ -400,13 +400,16 @@ impl Reconciler {
         }
         let entry = service(id, wanted.len() as u32, state);
         if applied.entry != Some(entry) {
-            maps.set_service(frontend4(&frontend), entry)?;
+            maps.set_service(&frontend, entry)?;
             report.writes += 1;
             applied.entry = Some(entry);
         }
         pop_slots(applied, wanted.len(), refs, maybe_unused, maps, report)?;
         for backend in applied.members.clone().difference(&members) {
-            maps.remove_member(member_key(id, *backend))?;
+            let key = backend_keys
+                .get(backend)
+                .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
+            maps.remove_member(member_key(id, *backend), key)?;
             report.writes += 1;
             applied.members.remove(backend);
         }
@@ -428,19 +431,23 @@ impl Reconciler {
             frontends,
             refs,
             maybe_unused,
+            backend_keys,
             ..
         } = self;
         let Some(applied) = frontends.get_mut(&frontend) else {
             return Ok(());
         };
         if applied.entry.is_some() {
-            maps.remove_service(frontend4(&frontend))?;
+            maps.remove_service(&frontend)?;
             report.writes += 1;
             applied.entry = None;
         }
         pop_slots(applied, 0, refs, maybe_unused, maps, report)?;
         for backend in applied.members.clone() {
-            maps.remove_member(member_key(applied.service_id, backend))?;
+            let key = backend_keys
+                .get(&backend)
+                .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
+            maps.remove_member(member_key(applied.service_id, backend), key)?;
             report.writes += 1;
             applied.members.remove(&backend);
         }
@@ -467,7 +474,7 @@ impl Reconciler {
             let Some(key) = self.backend_keys.get(&id).copied() else {
                 continue;
             };
-            match maps.remove_backend(id) {
+            match maps.remove_backend(id, &key) {
                 Ok(()) => {
                     report.writes += 1;
                     self.backends.remove(&key);
@@ -490,19 +497,19 @@ impl Reconciler {
         let strays = std::mem::take(&mut self.strays);
         let mut results = Vec::new();
         for frontend in strays.services {
-            results.push(maps.remove_service(frontend));
+            results.push(maps.remove_service(&frontend));
         }
         for key in strays.slots {
             results.push(maps.remove_slot(key));
         }
-        for key in strays.members {
-            results.push(maps.remove_member(key));
+        for (key, backend) in strays.members {
+            results.push(maps.remove_member(key, &backend));
         }
         for (id, range) in strays.source_ranges {
             results.push(maps.remove_source_range(id, range));
         }
-        for id in strays.backends {
-            results.push(maps.remove_backend(id));
+        for (id, backend) in strays.backends {
+            results.push(maps.remove_backend(id, &backend));
         }
         for result in results {
             match result {
@@ -553,7 +560,7 @@ fn remove_owned(
     }
 }
 
-fn backend_key(addr: SocketAddrV4, protocol: Protocol) -> BackendKey {
+fn backend_key(addr: SocketAddr, protocol: Protocol) -> BackendKey {
     BackendKey { addr, protocol }
 }
 
@@ -608,21 +615,9 @@ fn service(id: u32, count: u32, state: &FrontendState) -> Service {
     }
 }
 
-/// Map form of a frontend: address and port in network byte order.
-pub fn frontend4(frontend: &Frontend) -> Frontend4 {
-    Frontend4 {
-        addr: u32::from(frontend.addr).to_be(),
-        port: frontend.port.to_be(),
-        proto: frontend.protocol.number(),
-        _pad: 0,
-    }
-}
-
-fn backend4(key: &BackendKey) -> Backend4 {
-    Backend4 {
-        addr: u32::from(*key.addr.ip()).to_be(),
-        port: key.addr.port().to_be(),
-        proto: key.protocol.number(),
-        _pad: 0,
-    }
+/// An IPv6 address as the datapath's four network-order words.
+pub fn words6(addr: &std::net::Ipv6Addr) -> [u32; 4] {
+    let o = addr.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
 }

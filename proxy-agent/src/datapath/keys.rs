@@ -1,0 +1,128 @@
+//! The model's frontends and backends in the maps' byte layout, and back:
+//! addresses and ports in network byte order, as in the packet.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use proxy_common::{Addr6, Backend4, Backend6, Frontend4, Frontend6};
+
+use crate::{
+    model::{Frontend, Protocol},
+    reconcile::BackendKey,
+};
+
+/// A frontend in the map of its family.
+pub enum FrontendKey {
+    V4(Frontend4),
+    V6(Frontend6),
+}
+
+/// A backend in the map of its family.
+pub enum BackendValue {
+    V4(Backend4),
+    V6(Backend6),
+}
+
+pub fn frontend(f: &Frontend) -> FrontendKey {
+    let (port, proto) = (f.port.to_be(), f.protocol.number());
+    match f.addr {
+        IpAddr::V4(a) => FrontendKey::V4(Frontend4 {
+            addr: v4(&a),
+            port,
+            proto,
+            _pad: 0,
+        }),
+        IpAddr::V6(a) => FrontendKey::V6(Frontend6 {
+            addr: v6(&a),
+            port,
+            proto,
+            _pad: 0,
+        }),
+    }
+}
+
+pub fn backend(b: &BackendKey) -> BackendValue {
+    let (port, proto) = (b.addr.port().to_be(), b.protocol.number());
+    match b.addr.ip() {
+        IpAddr::V4(a) => BackendValue::V4(Backend4 {
+            addr: v4(&a),
+            port,
+            proto,
+            _pad: 0,
+        }),
+        IpAddr::V6(a) => BackendValue::V6(Backend6 {
+            addr: v6(&a),
+            port,
+            proto,
+            _pad: 0,
+        }),
+    }
+}
+
+pub fn v4(a: &Ipv4Addr) -> u32 {
+    u32::from(*a).to_be()
+}
+
+pub fn v6(a: &Ipv6Addr) -> Addr6 {
+    let o = a.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+pub fn from_v4(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(a))
+}
+
+pub fn from_v6(a: &Addr6) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+fn protocol(number: u8) -> Option<Protocol> {
+    [Protocol::Tcp, Protocol::Udp]
+        .into_iter()
+        .find(|p| p.number() == number)
+}
+
+/// The model's frontend an adopted map key stands for (None: a protocol the
+/// model does not know).
+pub fn frontend_of(key: &FrontendKey) -> Option<Frontend> {
+    let (addr, port, proto) = match key {
+        FrontendKey::V4(f) => (IpAddr::V4(from_v4(f.addr)), f.port, f.proto),
+        FrontendKey::V6(f) => (IpAddr::V6(from_v6(&f.addr)), f.port, f.proto),
+    };
+    Some(Frontend {
+        addr,
+        port: u16::from_be(port),
+        protocol: protocol(proto)?,
+    })
+}
+
+pub fn backend_of(value: &BackendValue) -> Option<BackendKey> {
+    let (addr, port, proto) = match value {
+        BackendValue::V4(b) => (IpAddr::V4(from_v4(b.addr)), b.port, b.proto),
+        BackendValue::V6(b) => (IpAddr::V6(from_v6(&b.addr)), b.port, b.proto),
+    };
+    Some(BackendKey {
+        addr: SocketAddr::new(addr, u16::from_be(port)),
+        protocol: protocol(proto)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_in_packet_order() {
+        let a6: Ipv6Addr = "fd00:96::10".parse().expect("v6");
+        assert_eq!(from_v6(&v6(&a6)), a6);
+        // The first word holds the address's first bytes as they sit in memory.
+        assert_eq!(v6(&a6)[0].to_ne_bytes(), [0xfd, 0x00, 0x00, 0x96]);
+        let a4 = Ipv4Addr::new(10, 96, 0, 10);
+        assert_eq!(v4(&a4).to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(from_v4(v4(&a4)), a4);
+    }
+}
