@@ -1,0 +1,299 @@
+//! The programs on IPv6 through BPF_PROG_TEST_RUN: crafted packets in, bytes
+//! out, every checksum recomputed by etherparse.
+
+mod common;
+
+use common::{Loaded, TC_ACT_OK, XDP_PASS};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_common::Counter;
+
+const CLIENT: [u8; 16] = addr(0x2001_0db8_0009, 2);
+const VIP: [u8; 16] = addr(0xfd00_0096_0000, 0x10);
+const EMPTY_VIP: [u8; 16] = addr(0xfd00_0096_0000, 0x20);
+const NODE: [u8; 16] = addr(0xfd00_0000_0001, 1);
+const BACKENDS: [[u8; 16]; 2] = [addr(0xfd00_0001_0001, 2), addr(0xfd00_0001_0002, 2)];
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const XDP_TX: u32 = 3;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// An address with a 48-bit prefix and a 16-bit host part.
+const fn addr(prefix: u64, host: u16) -> [u8; 16] {
+    let p = prefix.to_be_bytes();
+    let h = host.to_be_bytes();
+    [p[2], p[3], p[4], p[5], p[6], p[7], 0, 0, 0, 0, 0, 0, 0, 0, h[0], h[1]]
+}
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ports:
+    - {name: http, protocol: TCP, port: 80, nodePort: 30080}
+    - {name: dns, protocol: UDP, port: 53, nodePort: 30053}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: demo}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  ports: [{name: http, protocol: TCP, port: 80}, {name: dns, protocol: UDP, port: 53}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports:
+  - {name: http, protocol: TCP, port: 8080}
+  - {name: dns, protocol: UDP, port: 5353}
+endpoints:
+  - addresses: ["fd00:1:1::2"]
+  - addresses: ["fd00:1:2::2"]
+"#;
+
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+fn lab() -> Loaded {
+    let mut dp = Loaded::new().expect("load the datapath");
+    let mut objects = common::objects(SERVICES).expect("objects");
+    objects.node_name = Some("here".into());
+    objects.node_addresses = vec![std::net::IpAddr::from(NODE)];
+    dp.program(&proxy_agent::model::desired(&objects))
+        .expect("program");
+    dp
+}
+
+fn run(dp: &Loaded, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+    match hook {
+        Hook::Xdp => dp.xdp(packet),
+        Hook::Tc => dp.tc(packet),
+    }
+    .expect("test run")
+}
+
+/// Runs the hook; it must pass the packet on.
+fn pass(dp: &Loaded, hook: Hook, packet: &[u8]) -> Vec<u8> {
+    let (verdict, out) = run(dp, hook, packet);
+    let want = match hook {
+        Hook::Xdp => XDP_PASS,
+        Hook::Tc => TC_ACT_OK,
+    };
+    assert_eq!(verdict, want, "{hook:?}");
+    out
+}
+
+fn egress(dp: &Loaded, packet: &[u8]) -> Vec<u8> {
+    let (verdict, out) = dp.tc_egress(packet).expect("egress run");
+    assert_eq!(verdict, TC_ACT_OK);
+    out
+}
+
+fn tcp(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn();
+    let payload = b"hello over tcp";
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build tcp");
+    out
+}
+
+fn udp(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src, dst, 64)
+        .udp(sport, dport);
+    let payload = b"hello over udp";
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build udp");
+    out
+}
+
+/// (source, source port, destination, destination port) after checking the
+/// L4 checksum.
+fn seen(packet: &[u8]) -> ([u8; 16], u16, [u8; 16], u16) {
+    let sliced = SlicedPacket::from_ethernet(packet).expect("etherparse parses the output");
+    let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
+        panic!("not IPv6: {:?}", sliced.net);
+    };
+    let header = ip.header().to_header();
+    let (src, dst) = (header.source, header.destination);
+    match &sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let want = tcp.calc_checksum_ipv6(src, dst).expect("checksum");
+            assert_eq!(tcp.checksum(), want, "TCP checksum");
+            (src, tcp.source_port(), dst, tcp.destination_port())
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            let want = udp
+                .to_header()
+                .calc_checksum_ipv6_raw(src, dst, udp.payload())
+                .expect("checksum");
+            assert_eq!(udp.checksum(), want, "UDP checksum");
+            (src, udp.source_port(), dst, udp.destination_port())
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+#[test]
+fn ipv6_flows_reach_backends_and_replies_come_back_from_the_vip() {
+    if !common::ready("ipv6_flows_reach_backends_and_replies_come_back_from_the_vip") {
+        return;
+    }
+    for hook in HOOKS {
+        let dp = lab();
+        let mut chosen = std::collections::BTreeSet::new();
+        for port in 40000..40032 {
+            for (packet, backend_port) in [
+                (tcp(CLIENT, port, VIP, 80), 8080),
+                (udp(CLIENT, port, VIP, 53), 5353),
+            ] {
+                let (src, sport, dst, dport) = seen(&pass(&dp, hook, &packet));
+                assert_eq!((src, sport, dport), (CLIENT, port, backend_port), "{hook:?}");
+                assert!(BACKENDS.contains(&dst), "{hook:?}");
+                chosen.insert(dst);
+                // Established: same backend.
+                assert_eq!(seen(&pass(&dp, hook, &packet)).2, dst, "{hook:?}");
+                let reply = if backend_port == 8080 {
+                    tcp(dst, 8080, CLIENT, port)
+                } else {
+                    udp(dst, 5353, CLIENT, port)
+                };
+                let back = seen(&pass(&dp, hook, &reply));
+                let frontend_port = if backend_port == 8080 { 80 } else { 53 };
+                assert_eq!((back.0, back.1), (VIP, frontend_port), "{hook:?}");
+            }
+        }
+        assert_eq!(chosen.len(), 2, "{hook:?}: flows spread");
+    }
+}
+
+#[test]
+fn ipv6_node_port_traffic_is_source_nated_and_translated_back_at_egress() {
+    if !common::ready("ipv6_node_port_traffic_is_source_nated_and_translated_back_at_egress") {
+        return;
+    }
+    for hook in HOOKS {
+        let dp = lab();
+        let (_, _, backend, _) = seen(&pass(&dp, hook, &tcp(CLIENT, 41000, NODE, 30080)));
+        assert!(BACKENDS.contains(&backend));
+        let (src, sport, dst, _) = seen(&egress(&dp, &tcp(CLIENT, 41000, backend, 8080)));
+        assert_eq!((src, dst), (NODE, backend), "{hook:?}: the backend sees the node");
+        assert!(sport >= proxy_common::SNAT_PORT_MIN);
+        let back = seen(&pass(&dp, hook, &tcp(backend, 8080, NODE, sport)));
+        assert_eq!((back.0, back.2, back.3), (backend, CLIENT, 41000), "{hook:?}");
+        let out = seen(&egress(&dp, &tcp(backend, 8080, CLIENT, 41000)));
+        assert_eq!((out.0, out.1), (NODE, 30080), "{hook:?}: from the node port");
+    }
+}
+
+/// One's complement sum of 16-bit words.
+fn ones_sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Checks an ICMPv6 port unreachable for `original`, sent to `frontend`.
+fn check_unreachable(reply: &[u8], original: &[u8], frontend: [u8; 16]) {
+    let sliced = SlicedPacket::from_ethernet(reply).expect("etherparse parses the reply");
+    let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
+        panic!("not IPv6: {:?}", sliced.net);
+    };
+    let header = ip.header().to_header();
+    assert_eq!((header.source, header.destination), (frontend, CLIENT));
+    let Some(TransportSlice::Icmpv6(icmp)) = &sliced.transport else {
+        panic!("not ICMPv6: {:?}", sliced.transport);
+    };
+    let message = icmp.slice();
+    assert_eq!((message[0], message[1]), (1, 4), "port unreachable");
+    let length = message.len() as u32;
+    let pseudo = ones_sum(&header.source) + ones_sum(&header.destination) + length + 58;
+    assert_eq!(fold(pseudo + ones_sum(message)), 0xffff, "ICMPv6 checksum");
+    assert_eq!(&message[8..56], &original[14..62], "quotes the original");
+}
+
+/// What the kernel does to a CHECKSUM_PARTIAL packet on transmit: sum from
+/// the original L4 header to the end, fold, write at the original offset.
+fn finish_partial(packet: &mut [u8], check_at: usize) {
+    let sum = !fold(ones_sum(&packet[54..]));
+    let sum = if sum == 0 { 0xffff } else { sum };
+    packet[check_at..check_at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+#[test]
+fn ipv6_service_without_backends_refuses_with_icmpv6() {
+    if !common::ready("ipv6_service_without_backends_refuses_with_icmpv6") {
+        return;
+    }
+    let dp = lab();
+    for hook in HOOKS {
+        for (packet, check_at) in [
+            (tcp(CLIENT, 42000, EMPTY_VIP, 80), 54 + 16),
+            (udp(CLIENT, 42001, EMPTY_VIP, 53), 54 + 6),
+        ] {
+            let before = dp.maps.counter(Counter::Rejected).expect("counter");
+            let (verdict, reply) = run(&dp, hook, &packet);
+            let sent = match hook {
+                Hook::Xdp => XDP_TX,
+                Hook::Tc => TC_ACT_REDIRECT,
+            };
+            assert_eq!(verdict, sent, "{hook:?}");
+            assert_eq!(dp.maps.counter(Counter::Rejected).expect("counter"), before + 1);
+            check_unreachable(&reply, &packet, EMPTY_VIP);
+            let mut finished = reply.clone();
+            finish_partial(&mut finished, check_at);
+            check_unreachable(&finished, &packet, EMPTY_VIP);
+        }
+    }
+}
+
+#[test]
+fn neighbour_discovery_and_other_ipv6_traffic_pass_untouched() {
+    if !common::ready("neighbour_discovery_and_other_ipv6_traffic_pass_untouched") {
+        return;
+    }
+    let dp = lab();
+    let solicit = {
+        let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv6(CLIENT, addr(0xff02_0000_0000, 1), 255)
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            });
+        let payload = VIP;
+        let mut out = Vec::new();
+        builder.write(&mut out, &payload).expect("build ns");
+        out
+    };
+    for hook in HOOKS {
+        for packet in [
+            solicit.clone(),
+            tcp(CLIENT, 43000, BACKENDS[0], 8080),
+            udp(CLIENT, 43001, VIP, 9999),
+        ] {
+            assert_eq!(pass(&dp, hook, &packet), packet, "{hook:?}");
+        }
+    }
+}
