@@ -6,8 +6,16 @@
 //! partial checksum there after we are done, it writes into option data
 //! that nothing checks, and the ICMPv6 checksum (which covers a
 //! pseudo-header the kernel would not add) stays valid.
+//!
+//! From XDP the refusal is handed to the node's own stack, which routes it
+//! to the client (its source is not the node's, or IPv6 forwarding does not
+//! mind): sent back with XDP_TX, these frames were lost between veths in
+//! our tests while IPv4 ones arrived.
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    programs::{TcContext, XdpContext},
+};
 use core::mem::size_of;
 
 use proxy_common::Addr6;
@@ -42,7 +50,10 @@ struct Reply {
 impl Refuse for V6 {
     #[inline(always)]
     fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> u32 {
-        xdp_outcome(try_xdp(ctx, flow, start, end))
+        match xdp_outcome(try_xdp(ctx, flow, start, end)) {
+            xdp_action::XDP_TX => xdp_action::XDP_PASS,
+            dropped => dropped,
+        }
     }
 
     #[inline(always)]
@@ -60,7 +71,7 @@ fn try_xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> Op
     let (start, end) = xdp_resize(ctx, size_of::<Reply>())?;
     let reply: *mut Reply = ptr_at(start, end, 0)?;
     // SAFETY: bounds-checked above.
-    unsafe { fill(&mut *reply, &eth, &quote) };
+    unsafe { fill(&mut *reply, &eth, &quote, Towards::Stack) };
     Some(())
 }
 
@@ -69,14 +80,28 @@ fn try_tc(ctx: &TcContext, flow: &Flow<Addr6>) -> Option<i32> {
     let eth: [u8; 12] = ctx.load(0).ok()?;
     let quote: [u8; QUOTE] = ctx.load(flow.l3).ok()?;
     let reply = maps::scratch::<Reply>()?;
-    fill(reply, &eth, &quote);
+    fill(reply, &eth, &quote, Towards::Sender);
     tc_send_back(ctx, reply)
 }
 
+/// Where the refusal goes first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Towards {
+    /// Straight back out of the interface: the MACs are swapped.
+    Sender,
+    /// Up the node's stack, which routes it: addressed to the node as the
+    /// original was.
+    Stack,
+}
+
 #[inline(always)]
-fn fill(r: &mut Reply, eth: &[u8; 12], quote: &[u8; QUOTE]) {
-    r.eth[..6].copy_from_slice(&eth[6..12]);
-    r.eth[6..12].copy_from_slice(&eth[..6]);
+fn fill(r: &mut Reply, eth: &[u8; 12], quote: &[u8; QUOTE], towards: Towards) {
+    if towards == Towards::Sender {
+        r.eth[..6].copy_from_slice(&eth[6..12]);
+        r.eth[6..12].copy_from_slice(&eth[..6]);
+    } else {
+        r.eth[..12].copy_from_slice(eth);
+    }
     r.eth[12] = 0x86;
     r.eth[13] = 0xdd;
     let payload = (OPTIONS_LEN + 8 + QUOTE) as u16;

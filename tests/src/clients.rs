@@ -5,7 +5,7 @@
 //! are then used from the calling thread; a socket keeps its namespace.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -38,17 +38,18 @@ pub struct HttpConn {
 
 impl HttpConn {
     /// Connects from inside `ns` to `addr`, waiting at most `timeout`.
-    pub fn connect(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> Result<HttpConn> {
+    pub fn connect(ns: &Netns, addr: impl Into<SocketAddr>, timeout: Duration) -> Result<HttpConn> {
+        let addr = addr.into();
         ns.run(move || HttpConn::connect_here(addr, timeout))?
             .with_context(|| format!("TCP connect to {addr} from namespace {}", ns.name()))
     }
 
     /// Connects from the calling thread's namespace (e.g. inside
     /// [`Netns::spawn`]).
-    pub fn connect_here(addr: SocketAddrV4, timeout: Duration) -> Result<HttpConn> {
+    pub fn connect_here(addr: impl Into<SocketAddr>, timeout: Duration) -> Result<HttpConn> {
+        let addr = addr.into();
         let what = || format!("TCP connect to {addr}");
-        let stream =
-            TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout).with_context(what)?;
+        let stream = TcpStream::connect_timeout(&addr, timeout).with_context(what)?;
         stream
             .set_read_timeout(Some(HTTP_IO_TIMEOUT))
             .with_context(what)?;
@@ -163,27 +164,34 @@ fn parse_head(head: &str) -> Result<usize> {
 /// applies per attempt; the datagram is sent up to 3 times.
 pub fn udp_exchange(
     ns: &Netns,
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     payload: &str,
     timeout: Duration,
 ) -> Result<(String, SocketAddr)> {
-    let socket = bind_udp(ns)?;
+    let target = target.into();
+    let socket = bind_udp(ns, target.is_ipv6())?;
     exchange_on(&socket, target, payload, timeout)
         .with_context(|| format!("UDP exchange with {target} from namespace {}", ns.name()))
 }
 
-/// Binds an unconnected UDP socket on 0.0.0.0:0 inside `ns`. Unconnected so
-/// replies from any source are received and their source can be checked.
-fn bind_udp(ns: &Netns) -> Result<UdpSocket> {
-    ns.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
-        .with_context(|| format!("binding UDP 0.0.0.0:0 in namespace {}", ns.name()))
+/// Binds an unconnected UDP socket on the unspecified address of the
+/// family, port 0, inside `ns`. Unconnected so replies from any source are
+/// received and their source can be checked.
+fn bind_udp(ns: &Netns, v6: bool) -> Result<UdpSocket> {
+    let any: SocketAddr = if v6 {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    ns.run(move || UdpSocket::bind(any))?
+        .with_context(|| format!("binding UDP {any} in namespace {}", ns.name()))
 }
 
 /// One request/reply round on `socket`, retrying the send on timeout.
 /// Replies for other payloads (late answers to earlier rounds) are skipped.
 fn exchange_on(
     socket: &UdpSocket,
-    target: SocketAddrV4,
+    target: SocketAddr,
     payload: &str,
     timeout: Duration,
 ) -> Result<(String, SocketAddr)> {
@@ -224,16 +232,17 @@ fn exchange_on(
 #[derive(Debug)]
 pub struct UdpFlow {
     socket: UdpSocket,
-    target: SocketAddrV4,
+    target: SocketAddr,
     ns_name: String,
     timeout: Duration,
 }
 
 impl UdpFlow {
     /// Binds the flow's socket inside `ns`; nothing is sent yet.
-    pub fn open(ns: &Netns, target: SocketAddrV4) -> Result<UdpFlow> {
+    pub fn open(ns: &Netns, target: impl Into<SocketAddr>) -> Result<UdpFlow> {
+        let target = target.into();
         Ok(UdpFlow {
-            socket: bind_udp(ns)?,
+            socket: bind_udp(ns, target.is_ipv6())?,
             target,
             ns_name: ns.name().to_string(),
             timeout: UDP_FLOW_TIMEOUT,

@@ -1,11 +1,14 @@
 //! Service and EndpointSlice YAML for the topologies' addresses, written the
 //! way an operator's tooling would (atomically, by rename).
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use anyhow::Context;
 
-use crate::topology::backend_addr;
+use crate::topology::{CLIENT_GATEWAY6, backend_addr, backend_addr6};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const HTTP_PORT: u16 = 80;
@@ -103,6 +106,47 @@ status:
         crate::agent::NODE_NAME
     );
     format!("{service}---\n{}---\n{node}", slice(backends))
+}
+
+/// The IPv6 cluster IP of the dual-stack `web`.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+
+/// `demo/web` dual-stack (IPv4 and IPv6 cluster IPs, NodePorts 30080/30053),
+/// its slices of both families, and the Node with an address of each.
+pub fn web_dual_stack(backends: &[usize]) -> String {
+    let service = web_node_port(&[])
+        .split("---\n")
+        .next()
+        .unwrap_or_default()
+        .replace(
+            &format!("  clusterIPs: [\"{VIP}\"]\n"),
+            &format!("  clusterIPs: [\"{VIP}\", \"{VIP6}\"]\n  ipFamilyPolicy: RequireDualStack\n"),
+        );
+    let endpoints6: String = backends
+        .iter()
+        .map(|i| {
+            format!(
+                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n",
+                backend_addr6(*i)
+            )
+        })
+        .collect();
+    let slice6 = slice(&[])
+        .replace("name: web-1", "name: web-v6")
+        .replace("addressType: IPv4", "addressType: IPv6")
+        .replace("endpoints: []\n", &format!("endpoints:\n{endpoints6}"));
+    let node = format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: {}}}
+status:
+  addresses:
+    - {{type: InternalIP, address: "{NODE_ADDR}"}}
+    - {{type: InternalIP, address: "{CLIENT_GATEWAY6}"}}
+"#,
+        crate::agent::NODE_NAME
+    );
+    format!("{service}---\n{}---\n{slice6}---\n{node}", slice(backends))
 }
 
 /// Service and slice as one multi-document file.

@@ -7,7 +7,7 @@
 //! returns promptly even while clients hold connections open.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -112,15 +112,16 @@ impl Drop for Servers {
 }
 
 /// Binds both sockets; runs inside the target namespace.
+/// Dual-stack sockets on [::] (IPv4 clients arrive as v4-mapped addresses).
 fn bind(tcp_port: u16, udp_port: u16) -> Result<(TcpListener, UdpSocket)> {
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, tcp_port))
-        .with_context(|| format!("binding TCP 0.0.0.0:{tcp_port}"))?;
+    let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, tcp_port))
+        .with_context(|| format!("binding TCP [::]:{tcp_port}"))?;
     // Nonblocking so accept never hangs after poll() raced with a stop.
     listener
         .set_nonblocking(true)
         .context("making the TCP listener nonblocking")?;
-    let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, udp_port))
-        .with_context(|| format!("binding UDP 0.0.0.0:{udp_port}"))?;
+    let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, udp_port))
+        .with_context(|| format!("binding UDP [::]:{udp_port}"))?;
     udp.set_read_timeout(Some(POLL_INTERVAL))
         .context("setting the UDP read timeout")?;
     Ok((listener, udp))
@@ -184,6 +185,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<(
     // `GET /peer` answers with the address the request came from, so a test
     // can see what source the backend saw.
     let peer = stream.peer_addr()?;
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let peer_response = http_response(&peer.to_string());
     let mut pending = Vec::new();
     let mut chunk = [0u8; 4096];

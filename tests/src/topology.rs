@@ -7,12 +7,14 @@
 //!  eth0 10.0.1.2/24 <--> cl0 10.0.1.1/24
 //!                        be{i} 10.1.(i+1).1/24 <-->  eth0 10.1.(i+1).2/24
 //! ```
+//! Every link is dual-stack: fd00:0:1::2/64 and ::1 on the client link,
+//! fd00:1:(i+1)::2/64 and ::1 on backend i's.
 //!
 //! Addresses are fixed: namespaces are isolated, so parallel topologies can
 //! reuse them. Veth pairs are created directly inside the namespaces, never in
 //! the root namespace, and vanish with them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -34,6 +36,20 @@ pub fn backend_addr(i: usize) -> Ipv4Addr {
 /// The node's address on backend `i`'s link, that backend's gateway.
 pub fn backend_gateway(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 1, backend_octet(i), 1)
+}
+
+/// The client's IPv6 address.
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 2);
+/// The node's IPv6 address on the client link.
+pub const CLIENT_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 1, 0, 0, 0, 0, 1);
+
+/// IPv6 address of backend `i`: fd00:1:(i+1)::2.
+pub fn backend_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 1, u16::from(backend_octet(i)), 0, 0, 0, 0, 2)
+}
+
+fn backend_gateway6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 1, u16::from(backend_octet(i)), 0, 0, 0, 0, 1)
 }
 
 /// Third octet of backend `i`'s subnet. More than 254 backends do not fit the
@@ -120,6 +136,7 @@ impl Topology {
     /// Set before creating links so new interfaces inherit `default`.
     fn setup_node(&self) -> Result<()> {
         self.node.sysctl("net.ipv4.ip_forward", "1")?;
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         self.node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         self.node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         Ok(())
@@ -129,8 +146,10 @@ impl Topology {
         Link {
             node_iface: client_iface().to_string(),
             node_addr: CLIENT_GATEWAY,
+            node_addr6: CLIENT_GATEWAY6,
             leaf: &self.client,
             leaf_addr: CLIENT_ADDR,
+            leaf_addr6: CLIENT_ADDR6,
         }
     }
 
@@ -138,8 +157,10 @@ impl Topology {
         Link {
             node_iface: backend_iface(i),
             node_addr: backend_gateway(i),
+            node_addr6: backend_gateway6(i),
             leaf: &self.backends[i],
             leaf_addr: backend_addr(i),
+            leaf_addr6: backend_addr6(i),
         }
     }
 
@@ -211,8 +232,10 @@ impl Topology {
 struct Link<'a> {
     node_iface: String,
     node_addr: Ipv4Addr,
+    node_addr6: Ipv6Addr,
     leaf: &'a Netns,
     leaf_addr: Ipv4Addr,
+    leaf_addr6: Ipv6Addr,
 }
 
 impl Link<'_> {
@@ -266,6 +289,31 @@ impl Link<'_> {
             "default",
             "via",
             &self.node_addr.to_string(),
+        ])?;
+        // No duplicate address detection: the addresses are usable at once.
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", self.node_addr6),
+            "dev",
+            &self.node_iface,
+            "nodad",
+        ])?;
+        self.leaf.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", self.leaf_addr6),
+            "dev",
+            LEAF_IFACE,
+            "nodad",
+        ])?;
+        self.leaf.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.node_addr6.to_string(),
         ])?;
         Ok(())
     }

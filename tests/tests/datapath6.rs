@@ -14,14 +14,15 @@ const NODE: [u8; 16] = addr(0xfd00_0000_0001, 1);
 const BACKENDS: [[u8; 16]; 2] = [addr(0xfd00_0001_0001, 2), addr(0xfd00_0001_0002, 2)];
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const XDP_TX: u32 = 3;
 const TC_ACT_REDIRECT: u32 = 7;
 
 /// An address with a 48-bit prefix and a 16-bit host part.
 const fn addr(prefix: u64, host: u16) -> [u8; 16] {
     let p = prefix.to_be_bytes();
     let h = host.to_be_bytes();
-    [p[2], p[3], p[4], p[5], p[6], p[7], 0, 0, 0, 0, 0, 0, 0, 0, h[0], h[1]]
+    [
+        p[2], p[3], p[4], p[5], p[6], p[7], 0, 0, 0, 0, 0, 0, 0, 0, h[0], h[1],
+    ]
 }
 
 const SERVICES: &str = r#"
@@ -161,7 +162,11 @@ fn ipv6_flows_reach_backends_and_replies_come_back_from_the_vip() {
                 (udp(CLIENT, port, VIP, 53), 5353),
             ] {
                 let (src, sport, dst, dport) = seen(&pass(&dp, hook, &packet));
-                assert_eq!((src, sport, dport), (CLIENT, port, backend_port), "{hook:?}");
+                assert_eq!(
+                    (src, sport, dport),
+                    (CLIENT, port, backend_port),
+                    "{hook:?}"
+                );
                 assert!(BACKENDS.contains(&dst), "{hook:?}");
                 chosen.insert(dst);
                 // Established: same backend.
@@ -190,12 +195,24 @@ fn ipv6_node_port_traffic_is_source_nated_and_translated_back_at_egress() {
         let (_, _, backend, _) = seen(&pass(&dp, hook, &tcp(CLIENT, 41000, NODE, 30080)));
         assert!(BACKENDS.contains(&backend));
         let (src, sport, dst, _) = seen(&egress(&dp, &tcp(CLIENT, 41000, backend, 8080)));
-        assert_eq!((src, dst), (NODE, backend), "{hook:?}: the backend sees the node");
+        assert_eq!(
+            (src, dst),
+            (NODE, backend),
+            "{hook:?}: the backend sees the node"
+        );
         assert!(sport >= proxy_common::SNAT_PORT_MIN);
         let back = seen(&pass(&dp, hook, &tcp(backend, 8080, NODE, sport)));
-        assert_eq!((back.0, back.2, back.3), (backend, CLIENT, 41000), "{hook:?}");
+        assert_eq!(
+            (back.0, back.2, back.3),
+            (backend, CLIENT, 41000),
+            "{hook:?}"
+        );
         let out = seen(&egress(&dp, &tcp(backend, 8080, CLIENT, 41000)));
-        assert_eq!((out.0, out.1), (NODE, 30080), "{hook:?}: from the node port");
+        assert_eq!(
+            (out.0, out.1),
+            (NODE, 30080),
+            "{hook:?}: from the node port"
+        );
     }
 }
 
@@ -254,12 +271,22 @@ fn ipv6_service_without_backends_refuses_with_icmpv6() {
         ] {
             let before = dp.maps.counter(Counter::Rejected).expect("counter");
             let (verdict, reply) = run(&dp, hook, &packet);
-            let sent = match hook {
-                Hook::Xdp => XDP_TX,
-                Hook::Tc => TC_ACT_REDIRECT,
+            // XDP hands the refusal to the node's stack, addressed to the
+            // node as the original was; TC sends it straight back.
+            let (sent, macs) = match hook {
+                Hook::Xdp => (XDP_PASS, (MAC_A, MAC_B)),
+                Hook::Tc => (TC_ACT_REDIRECT, (MAC_B, MAC_A)),
             };
             assert_eq!(verdict, sent, "{hook:?}");
-            assert_eq!(dp.maps.counter(Counter::Rejected).expect("counter"), before + 1);
+            assert_eq!(
+                (&reply[6..12], &reply[..6]),
+                (&macs.0[..], &macs.1[..]),
+                "{hook:?}: MACs"
+            );
+            assert_eq!(
+                dp.maps.counter(Counter::Rejected).expect("counter"),
+                before + 1
+            );
             check_unreachable(&reply, &packet, EMPTY_VIP);
             let mut finished = reply.clone();
             finish_partial(&mut finished, check_at);

@@ -117,9 +117,10 @@ impl Lab {
         self.connect_to(http_vip())
     }
 
-    fn connect_to(&self, frontend: SocketAddrV4) -> anyhow::Result<HttpConn> {
+    fn connect_to(&self, frontend: impl Into<SocketAddr>) -> anyhow::Result<HttpConn> {
+        let frontend = frontend.into();
         let conn = HttpConn::connect(&self.topology.client, frontend, TIMEOUT)?;
-        if conn.peer() != SocketAddr::V4(frontend) {
+        if conn.peer() != frontend {
             bail!("connected to {} instead of {frontend}", conn.peer());
         }
         Ok(conn)
@@ -144,7 +145,7 @@ fn tcp_round(lab: &Lab, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
 
 fn tcp_round_to(
     lab: &Lab,
-    frontend: SocketAddrV4,
+    frontend: impl Into<SocketAddr> + Copy,
     n: usize,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
@@ -168,13 +169,14 @@ fn udp_round(lab: &Lab, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
 
 fn udp_round_to(
     lab: &Lab,
-    frontend: SocketAddrV4,
+    frontend: impl Into<SocketAddr> + Copy,
     n: usize,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
+    let frontend: SocketAddr = frontend.into();
     let mut counts = BTreeMap::new();
     for i in 0..n {
         let (name, from) = udp_exchange(&lab.topology.client, frontend, &format!("q{i}"), TIMEOUT)?;
-        if from != SocketAddr::V4(frontend) {
+        if from != frontend {
             bail!("UDP reply came from {from}, not {frontend}");
         }
         *counts.entry(name).or_insert(0) += 1;
@@ -469,11 +471,12 @@ fn xdp_serves_a_node_port_on_the_nodes_address() -> anyhow::Result<()> {
 }
 
 /// The error kind of a TCP connect to `target` from the client.
-fn connect_error(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<std::io::ErrorKind> {
+fn connect_error(lab: &Lab, target: impl Into<SocketAddr>) -> anyhow::Result<std::io::ErrorKind> {
+    let target = target.into();
     let result = lab
         .topology
         .client
-        .run(move || std::net::TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT))?;
+        .run(move || std::net::TcpStream::connect_timeout(&target, TIMEOUT))?;
     match result {
         Ok(stream) => bail!("connected to {target} (from {:?})", stream.local_addr()),
         Err(e) => Ok(e.kind()),
@@ -481,9 +484,15 @@ fn connect_error(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<std::io::Err
 }
 
 /// The error kind of a datagram round trip on a connected UDP socket.
-fn udp_error(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<std::io::ErrorKind> {
+fn udp_error(lab: &Lab, target: impl Into<SocketAddr>) -> anyhow::Result<std::io::ErrorKind> {
+    let target = target.into();
     let result = lab.topology.client.run(move || -> std::io::Result<()> {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let any = if target.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let socket = std::net::UdpSocket::bind(any)?;
         socket.connect(target)?;
         socket.set_read_timeout(Some(TIMEOUT))?;
         socket.send(b"anyone?")?;
@@ -691,4 +700,56 @@ fn external_traffic_policy_local_serves_local_endpoints_and_its_health_check() -
         "the port closed with the Service"
     );
     Ok(())
+}
+
+/// IPv6 through the same datapath: the dual-stack Service's IPv6 cluster IP
+/// and NodePort, with the IPv4 ones still served, and refusals.
+fn serves_ipv6(client_hook: &str, tag: &str) -> anyhow::Result<()> {
+    let mut lab = Lab::start(tag, 3, 3, client_hook)?;
+    lab.update(&manifests::web_dual_stack(&[0, 1, 2]))?;
+    let vip6 = |port| SocketAddr::from((manifests::VIP6, port));
+    let all = names(&[0, 1, 2]);
+    let tcp = tcp_round_to(&lab, vip6(manifests::HTTP_PORT), 300)?;
+    assert_eq!(tcp.keys().cloned().collect::<BTreeSet<_>>(), all, "{tcp:?}");
+    let udp = udp_round_to(&lab, vip6(manifests::UDP_PORT), 300)?;
+    assert_eq!(udp.keys().cloned().collect::<BTreeSet<_>>(), all, "{udp:?}");
+    let node6 = SocketAddr::from((
+        proxy_tests::topology::CLIENT_GATEWAY6,
+        manifests::HTTP_NODE_PORT,
+    ));
+    let node_port = tcp_round_to(&lab, node6, 100)?;
+    assert_eq!(node_port.values().sum::<usize>(), 100, "IPv6 NodePort");
+    assert_eq!(
+        tcp_round(&lab, 100)?.values().sum::<usize>(),
+        100,
+        "IPv4 still served"
+    );
+    lab.update(&manifests::web_dual_stack(&[]))?;
+    use std::io::ErrorKind::ConnectionRefused;
+    assert_eq!(
+        connect_error(&lab, vip6(manifests::HTTP_PORT))?,
+        ConnectionRefused
+    );
+    assert_eq!(
+        udp_error(&lab, vip6(manifests::UDP_PORT))?,
+        ConnectionRefused
+    );
+    println!("IPv6 {client_hook:?}: TCP {tcp:?}, UDP {udp:?}, NodePort {node_port:?}");
+    Ok(())
+}
+
+#[test]
+fn tc_serves_ipv6() -> anyhow::Result<()> {
+    if !common::ready("tc_serves_ipv6") {
+        return Ok(());
+    }
+    serves_ipv6("", "v6tc")
+}
+
+#[test]
+fn xdp_serves_ipv6() -> anyhow::Result<()> {
+    if !common::ready("xdp_serves_ipv6") {
+        return Ok(());
+    }
+    serves_ipv6(":xdp", "v6xdp")
 }
