@@ -12,8 +12,11 @@
 //! The router knows each node's pod range (10.N.0.0/16 via node N) and
 //! sends the LoadBalancer address 198.51.100.1 to node1, as a cloud load
 //! balancer would deliver it. Nodes route everything else to the router.
+//! Every link is dual-stack too: client 2001:db8:9::2, node N
+//! fd00:168:N::1 (router ::254), pod on node N fd01:N::2 (node ::1), the
+//! IPv6 LoadBalancer address 2001:db8:100::1 routed to node1.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +26,8 @@ use crate::netns::Netns;
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 2);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 2);
+pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
 /// The node names agents run as and manifests use.
 pub const NODE_NAMES: [&str; 2] = ["node1", "node2"];
 
@@ -34,6 +39,16 @@ pub fn node_addr(n: usize) -> Ipv4Addr {
 /// The pod on node `n`.
 pub fn pod_addr(n: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, n as u8 + 1, 1, 2)
+}
+
+/// Node `n`'s IPv6 address on its uplink.
+pub fn node_addr6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x168, n as u16 + 1, 0, 0, 0, 0, 1)
+}
+
+/// The pod on node `n`, IPv6.
+pub fn pod_addr6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd01, n as u16 + 1, 0, 0, 0, 0, 0, 2)
 }
 
 pub const UPLINK: &str = "eth1";
@@ -62,6 +77,7 @@ impl TwoNodes {
     fn wire(&self) -> Result<()> {
         for ns in [&self.router, &self.nodes[0], &self.nodes[1]] {
             ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
             ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
             // A node sending a packet back out of the interface it came in
@@ -77,6 +93,10 @@ impl TwoNodes {
         )?;
         self.client
             .ip(&["route", "add", "default", "via", "10.0.9.1"])?;
+        addr6(&self.router, "rx", "2001:db8:9::1")?;
+        addr6(&self.client, "eth0", &CLIENT6.to_string())?;
+        self.client
+            .ip(&["-6", "route", "add", "default", "via", "2001:db8:9::1"])?;
         for n in 0..2 {
             let router_side = format!("r{}", n + 1);
             let router_addr = format!("192.168.{}.254", n + 1);
@@ -87,6 +107,14 @@ impl TwoNodes {
                 24,
             )?;
             node.ip(&["route", "add", "default", "via", &router_addr])?;
+            let router6 = format!("fd00:168:{}::254", n + 1);
+            addr6(&self.router, &router_side, &router6)?;
+            addr6(node, UPLINK, &node_addr6(n).to_string())?;
+            node.ip(&["-6", "route", "add", "default", "via", &router6])?;
+            let pods6 = format!("fd01:{}::/64", n + 1);
+            let via6 = node_addr6(n).to_string();
+            self.router
+                .ip(&["-6", "route", "add", &pods6, "via", &via6])?;
             let pods = format!("10.{}.0.0/16", n + 1);
             self.router
                 .ip(&["route", "add", &pods, "via", &node_addr(n).to_string()])?;
@@ -97,6 +125,10 @@ impl TwoNodes {
                 24,
             )?;
             self.pods[n].ip(&["route", "add", "default", "via", &gateway])?;
+            let gateway6 = format!("fd01:{}::1", n + 1);
+            addr6(node, POD_LINK, &gateway6)?;
+            addr6(&self.pods[n], "eth0", &pod_addr6(n).to_string())?;
+            self.pods[n].ip(&["-6", "route", "add", "default", "via", &gateway6])?;
         }
         self.router.ip(&[
             "route",
@@ -104,6 +136,14 @@ impl TwoNodes {
             &format!("{LB_ADDR}/32"),
             "via",
             &node_addr(0).to_string(),
+        ])?;
+        self.router.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{LB_ADDR6}/128"),
+            "via",
+            &node_addr6(0).to_string(),
         ])?;
         let deadline = Instant::now() + Duration::from_secs(5);
         for (ns, iface) in [
@@ -147,6 +187,12 @@ fn veth(a: (&Netns, &str, &str), b: (&Netns, &str, &str), prefix: u8) -> Result<
     Ok(())
 }
 
+/// An IPv6 /64 address, usable at once (no duplicate address detection).
+fn addr6(ns: &Netns, iface: &str, addr: &str) -> Result<()> {
+    ns.ip(&["addr", "add", &format!("{addr}/64"), "dev", iface, "nodad"])?;
+    Ok(())
+}
+
 fn wait_up(ns: &Netns, iface: &str, deadline: Instant) -> Result<()> {
     loop {
         let line = ns.ip(&["-o", "link", "show", "dev", iface])?;
@@ -161,15 +207,17 @@ fn wait_up(ns: &Netns, iface: &str, deadline: Instant) -> Result<()> {
 }
 
 /// Services, slices and both Node objects for the two-node topology: `web`
-/// (TCP 80 -> 8080, UDP 53 -> 5353) with one endpoint per pod, as a
-/// LoadBalancer with node ports 30080/30053, health check node port 32000,
-/// and `extra` lines added to its spec.
+/// (TCP 80 -> 8080, UDP 53 -> 5353), dual-stack, with one endpoint per pod
+/// in each family's slice, as a LoadBalancer (an ingress address of each
+/// family) with node ports 30080/30053, health check node port 32000, and
+/// `extra` lines added to its spec.
 pub fn manifests(extra_spec: &str) -> String {
     let mut out = String::new();
     for (n, name) in NODE_NAMES.iter().enumerate() {
         out.push_str(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{}\"}}]\n---\n",
-            node_addr(n)
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses:\n    - {{type: InternalIP, address: \"{}\"}}\n    - {{type: InternalIP, address: \"{}\"}}\n---\n",
+            node_addr(n),
+            node_addr6(n)
         ));
     }
     out.push_str(&format!(
@@ -179,21 +227,38 @@ metadata: {{name: web, namespace: demo}}
 spec:
   type: LoadBalancer
   clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ipFamilyPolicy: RequireDualStack
   healthCheckNodePort: 32000
 {extra_spec}  ports:
     - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}}
     - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}}
 status:
   loadBalancer:
-    ingress: [{{ip: "{LB_ADDR}"}}]
----
+    ingress: [{{ip: "{LB_ADDR}"}}, {{ip: "{LB_ADDR6}"}}]
+"#
+    ));
+    for (family, name, addrs) in [
+        (
+            "IPv4",
+            "web-1",
+            [pod_addr(0).to_string(), pod_addr(1).to_string()],
+        ),
+        (
+            "IPv6",
+            "web-v6",
+            [pod_addr6(0).to_string(), pod_addr6(1).to_string()],
+        ),
+    ] {
+        out.push_str(&format!(
+            r#"---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: web-1
+  name: {name}
   namespace: demo
   labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
+addressType: {family}
 ports:
   - {{name: http, protocol: TCP, port: 8080}}
   - {{name: dns, protocol: UDP, port: 5353}}
@@ -201,10 +266,8 @@ endpoints:
   - {{addresses: ["{}"], nodeName: {}}}
   - {{addresses: ["{}"], nodeName: {}}}
 "#,
-        pod_addr(0),
-        NODE_NAMES[0],
-        pod_addr(1),
-        NODE_NAMES[1]
-    ));
+            addrs[0], NODE_NAMES[0], addrs[1], NODE_NAMES[1]
+        ));
+    }
     out
 }

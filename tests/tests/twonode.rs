@@ -19,7 +19,10 @@ use proxy_tests::{
     manifests,
     netns::{Netns, unique_prefix},
     servers::Servers,
-    twonode::{self, CLIENT, LB_ADDR, NODE_NAMES, POD_LINK, TwoNodes, UPLINK, node_addr, pod_addr},
+    twonode::{
+        self, CLIENT, CLIENT6, LB_ADDR, LB_ADDR6, NODE_NAMES, POD_LINK, TwoNodes, UPLINK,
+        node_addr, node_addr6, pod_addr, pod_addr6,
+    },
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -75,13 +78,14 @@ impl Cluster {
     fn spread(
         &self,
         ns: &Netns,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
         n: usize,
     ) -> anyhow::Result<BTreeSet<String>> {
+        let target = target.into();
         let mut names = BTreeSet::new();
         for _ in 0..n {
             let mut conn = HttpConn::connect(ns, target, TIMEOUT)?;
-            if conn.peer() != SocketAddr::V4(target) {
+            if conn.peer() != target {
                 bail!("connected to {} instead of {target}", conn.peer());
             }
             names.insert(conn.get()?);
@@ -104,10 +108,11 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 }
 
 /// `GET path` from `ns` to `target`: status code and body.
-fn get(ns: &Netns, target: SocketAddrV4, path: &str) -> anyhow::Result<(u16, String)> {
+fn get(ns: &Netns, target: impl Into<SocketAddr>, path: &str) -> anyhow::Result<(u16, String)> {
+    let target = target.into();
     let request = format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n");
     let response = ns.run(move || -> anyhow::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT)?;
+        let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         stream.write_all(request.as_bytes())?;
         let mut text = String::new();
@@ -222,13 +227,13 @@ fn external_traffic_policy_local_across_two_nodes() -> anyhow::Result<()> {
     }
     // Node2's pod goes away: its health check fails, its NodePort drops
     // (not refuses) new connections, node1 keeps serving.
-    let text = twonode::manifests(local).replace(
-        &format!(
-            "  - {{addresses: [\"{}\"], nodeName: node2}}\n",
-            pod_addr(1)
-        ),
-        "",
-    );
+    let mut text = twonode::manifests(local);
+    for pod in [pod_addr(1).to_string(), pod_addr6(1).to_string()] {
+        text = text.replace(
+            &format!("  - {{addresses: [\"{pod}\"], nodeName: node2}}\n"),
+            "",
+        );
+    }
     assert_ne!(text, twonode::manifests(local));
     cluster.update(&text)?;
     let client = &cluster.topology.client;
@@ -273,6 +278,60 @@ fn a_pod_reaches_itself_through_its_service() -> anyhow::Result<()> {
     assert!(
         hairpin_peer.is_some(),
         "pod1 reached itself, seeing its node as the source"
+    );
+    Ok(())
+}
+
+/// The same over IPv6: NodePort and LoadBalancer traffic entering a node
+/// reaches both pods (source-NATed to the entry node's IPv6 address) under
+/// externalTrafficPolicy: Cluster, only the local pod, which sees the
+/// client, under Local; and a pod reaching its own Service over IPv6.
+#[test]
+fn external_ipv6_traffic_across_two_nodes() -> anyhow::Result<()> {
+    if !common::ready("external_ipv6_traffic_across_two_nodes") {
+        return Ok(());
+    }
+    let cluster = Cluster::start("2n6", "")?;
+    let client = &cluster.topology.client;
+    let both = names(&["pod1", "pod2"]);
+    let node1 = SocketAddr::from((node_addr6(0), HTTP_NODE_PORT));
+    assert_eq!(cluster.spread(client, node1, 60)?, both, "IPv6 NodePort");
+    let lb = SocketAddr::from((LB_ADDR6, manifests::HTTP_PORT));
+    assert_eq!(
+        cluster.spread(client, lb, 60)?,
+        both,
+        "IPv6 LoadBalancer address"
+    );
+    let udp = SocketAddr::from((node_addr6(1), UDP_NODE_PORT));
+    let mut seen = BTreeSet::new();
+    for i in 0..60 {
+        let (name, from) = udp_exchange(client, udp, &format!("q{i}"), TIMEOUT)?;
+        assert_eq!(from, udp, "UDP reply source");
+        seen.insert(name);
+    }
+    assert_eq!(seen, both, "IPv6 UDP NodePort on node2");
+    for _ in 0..10 {
+        let (_, peer) = get(client, node1, "/peer")?;
+        assert!(
+            peer.starts_with(&format!("[{}]:", node_addr6(0))),
+            "backend saw {peer}"
+        );
+    }
+    let vip6 = SocketAddr::from((manifests::VIP6, manifests::HTTP_PORT));
+    let from_pod = cluster.spread(&cluster.topology.pods[1], vip6, 40)?;
+    assert_eq!(
+        from_pod, both,
+        "a pod reaching its Service over IPv6, itself included"
+    );
+    drop(cluster);
+    let cluster = Cluster::start("2n6l", "  externalTrafficPolicy: Local\n")?;
+    let client = &cluster.topology.client;
+    let node2 = SocketAddr::from((node_addr6(1), HTTP_NODE_PORT));
+    assert_eq!(cluster.spread(client, node2, 30)?, names(&["pod2"]));
+    let (_, peer) = get(client, node2, "/peer")?;
+    assert!(
+        peer.starts_with(&format!("[{CLIENT6}]:")),
+        "the pod sees the client: {peer}"
     );
     Ok(())
 }
