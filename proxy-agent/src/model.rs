@@ -91,6 +91,7 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -98,6 +99,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => proxy_common::IPPROTO_TCP,
             Protocol::Udp => proxy_common::IPPROTO_UDP,
+            Protocol::Sctp => proxy_common::IPPROTO_SCTP,
         }
     }
 }
@@ -198,8 +200,7 @@ fn protocol(
     match value.unwrap_or("TCP") {
         "TCP" => Ok(Some(Protocol::Tcp)),
         "UDP" => Ok(Some(Protocol::Udp)),
-        // Valid Kubernetes, not served yet.
-        "SCTP" => Ok(None),
+        "SCTP" => Ok(Some(Protocol::Sctp)),
         other => Err(field_error(field(), format!("unknown protocol {other:?}"))),
     }
 }

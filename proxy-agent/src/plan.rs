@@ -101,6 +101,7 @@ fn plan(
             protocol: match f.protocol {
                 Protocol::Tcp => "TCP",
                 Protocol::Udp => "UDP",
+                Protocol::Sctp => "SCTP",
             },
             scope: match state.scope {
                 Scope::ClusterIp => "ClusterIP",

@@ -174,7 +174,7 @@ fn services_without_a_cluster_ip_get_nothing() {
 }
 
 #[test]
-fn every_cluster_ip_of_both_families_and_no_sctp() {
+fn every_cluster_ip_of_both_families_and_every_protocol() {
     let svc = r#"
 metadata: {name: dual}
 spec:
@@ -189,7 +189,13 @@ spec:
         port: 80,
         protocol: Protocol::Tcp,
     };
-    assert_eq!(frontends, vec![fe([10, 96, 0, 12], 80, Protocol::Tcp), v6]);
+    let sctp = |mut f: Frontend| {
+        f.port = 99;
+        f.protocol = Protocol::Sctp;
+        f
+    };
+    let v4 = fe([10, 96, 0, 12], 80, Protocol::Tcp);
+    assert_eq!(frontends, vec![v4, sctp(v4), v6, sctp(v6)]);
 }
 
 #[test]

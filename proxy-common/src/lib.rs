@@ -10,6 +10,7 @@
 //! the IPv4 ones without changing them.
 #![no_std]
 
+pub mod crc32c;
 pub mod csum;
 pub mod maps;
 
@@ -20,3 +21,4 @@ pub const PROJECT: &str = "xdproxy";
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;

@@ -1,7 +1,7 @@
 //! Applying a rewrite: by hand in XDP, through the checksum helpers in TC.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use proxy_common::{Addr6, IPPROTO_UDP, csum};
+use proxy_common::{Addr6, IPPROTO_SCTP, IPPROTO_UDP, crc32c, csum};
 
 use crate::{
     family::{Family, V4, V6},
@@ -63,6 +63,49 @@ fn l4_check(proto: u8, check: u16, words: &[(u32, u32)], port: (u16, u16)) -> u1
     }
 }
 
+/// The SCTP packet's ports as they sit in it: before, and after the rewrite.
+#[inline(always)]
+fn sctp_ports<A>(flow: &Flow<A>, side: Side, port: u16) -> ([u8; 4], [u8; 4]) {
+    let (s, d) = (flow.sport.to_ne_bytes(), flow.dport.to_ne_bytes());
+    let old = [s[0], s[1], d[0], d[1]];
+    let mut new = old;
+    let at = match side {
+        Side::Source => 0,
+        Side::Destination => 2,
+    };
+    let p = port.to_ne_bytes();
+    new[at] = p[0];
+    new[at + 1] = p[1];
+    (old, new)
+}
+
+/// SCTP's CRC32c after a port change (stored little-endian); None for a
+/// packet too long to update. It does not cover the IP header, so an
+/// address change needs nothing.
+#[inline(always)]
+fn sctp_check<A>(flow: &Flow<A>, side: Side, port: u16, stored: [u8; 4]) -> Option<[u8; 4]> {
+    let (old, new) = sctp_ports(flow, side, port);
+    let crc = u32::from_le_bytes(stored);
+    Some(crc32c::update_head4(crc, old, new, flow.l4_len)?.to_le_bytes())
+}
+
+/// Fixes an SCTP packet's CRC in TC for a port change.
+#[inline(always)]
+fn tc_sctp<A>(ctx: &TcContext, flow: &Flow<A>, side: Side, from: u16, to: u16) -> Result<(), ()> {
+    if from == to {
+        return Ok(());
+    }
+    let stored: [u8; 4] = ctx.load(flow.l4_check).map_err(|_| ())?;
+    let check = sctp_check(flow, side, to, stored).ok_or(())?;
+    let at = match side {
+        Side::Destination => 2,
+        Side::Source => 0,
+    };
+    ctx.store(flow.l4 + at, &to, 0).map_err(|_| ())?;
+    // A CRC the kernel still has to compute (offloaded) is overwritten then.
+    ctx.store(flow.l4_check, &check, 0).map_err(|_| ())
+}
+
 /// Sets the port of the side that changes.
 ///
 /// # Safety
@@ -112,6 +155,7 @@ impl Nat for V4 {
         let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
         let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
         let (old_addr, old_port) = old(flow, rewrite);
+        let sctp = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
         // SAFETY: every pointer was bounds-checked against data_end above.
         unsafe {
             (*ip).check = csum::replace4((*ip).check, old_addr, rewrite.addr);
@@ -120,6 +164,10 @@ impl Nat for V4 {
                 Side::Source => (*ip).saddr = rewrite.addr,
             }
             set_port(ports, rewrite.side, rewrite.port);
+            if let Some((check, new)) = sctp {
+                *check = new;
+                return Ok(());
+            }
             *check = l4_check(
                 flow.proto,
                 *check,
@@ -141,6 +189,9 @@ impl Nat for V4 {
             .map_err(|_| ())?;
         ctx.l3_csum_replace(flow.l3 + IP_CHECK, old_addr as u64, rewrite.addr as u64, 4)
             .map_err(|_| ())?;
+        if flow.proto == IPPROTO_SCTP {
+            return tc_sctp(ctx, flow, rewrite.side, old_port, rewrite.port);
+        }
         ctx.l4_csum_replace(
             flow.l4_check,
             old_addr as u64,
@@ -161,6 +212,7 @@ impl Nat for V6 {
         let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
         let (from, old_port) = old(flow, rewrite);
         let to = rewrite.addr;
+        let sctp = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
         let words = [
             (from[0], to[0]),
             (from[1], to[1]),
@@ -174,6 +226,10 @@ impl Nat for V6 {
                 Side::Source => (*ip).saddr = to,
             }
             set_port(ports, rewrite.side, rewrite.port);
+            if let Some((check, new)) = sctp {
+                *check = new;
+                return Ok(());
+            }
             *check = l4_check(flow.proto, *check, &words, (old_port, rewrite.port));
         }
         Ok(())
@@ -188,6 +244,9 @@ impl Nat for V6 {
         };
         ctx.store(flow.l3 + addr_at, &rewrite.addr, 0)
             .map_err(|_| ())?;
+        if flow.proto == IPPROTO_SCTP {
+            return tc_sctp(ctx, flow, rewrite.side, old_port, rewrite.port);
+        }
         // IPv6 has no header checksum; the pseudo-header covers the address.
         for i in 0..4 {
             ctx.l4_csum_replace(
@@ -200,4 +259,24 @@ impl Nat for V6 {
         }
         tc_port(ctx, flow, rewrite.side, old_port, rewrite.port)
     }
+}
+
+/// An SCTP packet's new CRC for XDP, computed before anything is written
+/// (XDP passes a packet whose rewrite failed, so it must not be half done);
+/// Ok(None) for TCP and UDP.
+#[inline(always)]
+fn xdp_sctp<A>(
+    start: usize,
+    end: usize,
+    flow: &Flow<A>,
+    side: Side,
+    port: u16,
+) -> Result<Option<(*mut [u8; 4], [u8; 4])>, ()> {
+    if flow.proto != IPPROTO_SCTP {
+        return Ok(None);
+    }
+    let check: *mut [u8; 4] = ptr_at(start, end, flow.l4_check).ok_or(())?;
+    // SAFETY: bounds-checked by ptr_at.
+    let new = sctp_check(flow, side, port, unsafe { *check }).ok_or(())?;
+    Ok(Some((check, new)))
 }

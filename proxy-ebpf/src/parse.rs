@@ -2,7 +2,7 @@
 
 use core::mem::size_of;
 
-use proxy_common::{Addr6, Counter, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{Addr6, Counter, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::maps;
 
@@ -43,7 +43,8 @@ pub struct Ports {
     pub dst: u16,
 }
 
-/// One TCP/UDP packet's addressing. Addresses and ports in network order.
+/// One TCP, UDP or SCTP packet's addressing. Addresses and ports in network
+/// order.
 pub struct Flow<A> {
     pub saddr: A,
     pub daddr: A,
@@ -54,8 +55,10 @@ pub struct Flow<A> {
     pub l3: usize,
     /// Offset of the TCP/UDP header.
     pub l4: usize,
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (SCTP: its CRC32c).
     pub l4_check: usize,
+    /// Bytes from the L4 header to the end of the IP payload.
+    pub l4_len: usize,
 }
 
 pub enum Parsed {
@@ -102,7 +105,7 @@ fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
     if ip.ver_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
         return None;
     }
-    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+    if !ours(ip.proto) {
         return None;
     }
     // More-fragments or a non-zero offset: later fragments carry no ports.
@@ -110,12 +113,15 @@ fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
         maps::count(Counter::Fragment);
         return None;
     }
-    let (l4, l4_len) = l4_at(start, end, l3 + ihl, ip.proto)?;
-    if (u16::from_be(ip.tot_len) as usize) < ihl + l4_len {
+    let (l4, l4_min) = l4_at(start, end, l3 + ihl, ip.proto)?;
+    let total = u16::from_be(ip.tot_len) as usize;
+    if total < ihl + l4_min {
         maps::count(Counter::Truncated);
         return None;
     }
-    ports(start, end, l4, ip.proto, ip.saddr, ip.daddr, l3)
+    let mut flow = ports(start, end, l4, ip.proto, ip.saddr, ip.daddr, l3)?;
+    flow.l4_len = total - ihl;
+    Some(flow)
 }
 
 /// IPv6 with TCP or UDP right after the fixed header. Anything else
@@ -134,30 +140,39 @@ fn flow6(start: usize, end: usize) -> Option<Flow<Addr6>> {
         return None;
     }
     let proto = ip.next_header;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if !ours(proto) {
         return None;
     }
-    let (l4, l4_len) = l4_at(start, end, l3 + IPV6_HLEN, proto)?;
-    if (u16::from_be(ip.payload_len) as usize) < l4_len {
+    let (l4, l4_min) = l4_at(start, end, l3 + IPV6_HLEN, proto)?;
+    let payload = u16::from_be(ip.payload_len) as usize;
+    if payload < l4_min {
         maps::count(Counter::Truncated);
         return None;
     }
-    ports(start, end, l4, proto, ip.saddr, ip.daddr, l3)
+    let mut flow = ports(start, end, l4, proto, ip.saddr, ip.daddr, l3)?;
+    flow.l4_len = payload;
+    Some(flow)
+}
+
+#[inline(always)]
+fn ours(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP
 }
 
 /// The L4 header's offset and the length we need of it, if present.
 #[inline(always)]
 fn l4_at(start: usize, end: usize, l4: usize, proto: u8) -> Option<(usize, usize)> {
-    let present = if proto == IPPROTO_TCP {
-        ptr_at::<[u8; 20]>(start, end, l4).is_some()
-    } else {
-        ptr_at::<[u8; 8]>(start, end, l4).is_some()
+    let (present, need) = match proto {
+        IPPROTO_TCP => (ptr_at::<[u8; 20]>(start, end, l4).is_some(), 20),
+        // SCTP's common header: ports, verification tag, CRC32c.
+        IPPROTO_SCTP => (ptr_at::<[u8; 12]>(start, end, l4).is_some(), 12),
+        _ => (ptr_at::<[u8; 8]>(start, end, l4).is_some(), 8),
     };
     if !present {
         maps::count(Counter::Truncated);
         return None;
     }
-    Some((l4, if proto == IPPROTO_TCP { 20 } else { 8 }))
+    Some((l4, need))
 }
 
 #[inline(always)]
@@ -173,7 +188,11 @@ fn ports<A>(
     let ports: *mut Ports = ptr_at(start, end, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { &*ports };
-    let check_at = if proto == IPPROTO_TCP { 16 } else { 6 };
+    let check_at = match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_SCTP => 8,
+        _ => 6,
+    };
     Some(Flow {
         saddr,
         daddr,
@@ -183,5 +202,6 @@ fn ports<A>(
         l3,
         l4,
         l4_check: l4 + check_at,
+        l4_len: 0,
     })
 }

@@ -805,3 +805,105 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated() {
     let forwarded = tcp(CLIENT, 52000, other.dst, 8080);
     assert_eq!(egress(&lab, &forwarded), forwarded);
 }
+
+/// CRC32c, bit by bit: the reference for SCTP checksums.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet (common header and one DATA chunk) with a correct CRC32c.
+fn sctp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
+    l4.extend_from_slice(&[0; 4]); // CRC, filled below
+    // DATA chunk: type 0, flags, length 16 + 4 bytes of data.
+    l4.extend_from_slice(&[0, 3, 0, 20, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    l4.extend_from_slice(b"ping");
+    let crc = crc32c(&l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    let ip = etherparse::Ipv4Header::new(l4.len() as u16, 64, etherparse::IpNumber(132), src, dst)
+        .expect("ipv4 header");
+    let mut out = Vec::new();
+    etherparse::Ethernet2Header {
+        source: MAC_A,
+        destination: MAC_B,
+        ether_type: etherparse::EtherType::IPV4,
+    }
+    .write(&mut out)
+    .expect("ethernet");
+    ip.write(&mut out).expect("ip");
+    out.extend_from_slice(&l4);
+    out
+}
+
+/// (source, source port, destination, destination port) of an SCTP packet,
+/// after checking its IPv4 header checksum and its CRC32c.
+fn seen_sctp(packet: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
+    let (ip, rest) = etherparse::Ipv4Header::from_slice(&packet[14..]).expect("ipv4");
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    let mut l4 = rest.to_vec();
+    let stored = u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]);
+    l4[8..12].copy_from_slice(&[0; 4]);
+    assert_eq!(stored, crc32c(&l4), "SCTP CRC32c");
+    let port = |at: usize| u16::from_be_bytes([rest[at], rest[at + 1]]);
+    (ip.source, port(0), ip.destination, port(2))
+}
+
+#[test]
+fn sctp_is_served_with_its_crc_updated_for_the_ports() {
+    if !common::ready("sctp_is_served_with_its_crc_updated_for_the_ports") {
+        return;
+    }
+    let yaml = SERVICES
+        .replace(
+            "    - {name: dns, protocol: UDP, port: 53}\n",
+            "    - {name: dns, protocol: UDP, port: 53}\n    - {name: sig, protocol: SCTP, port: 3868}\n",
+        )
+        .replace(
+            "  - {name: dns, protocol: UDP, port: 5353}\n",
+            "  - {name: dns, protocol: UDP, port: 5353}\n  - {name: sig, protocol: SCTP, port: 13868}\n",
+        );
+    for hook in HOOKS {
+        let mut lab = Lab::new();
+        lab.dp.program_yaml(&yaml).expect("program");
+        let (src, sport, dst, dport) = seen_sctp(&lab.run(hook, &sctp(CLIENT, 40000, VIP, 3868)));
+        assert_eq!((src, sport, dport), (CLIENT, 40000, 13868), "{hook:?}");
+        assert!(BACKENDS.contains(&dst), "{hook:?}");
+        let reply = seen_sctp(&lab.run(hook, &sctp(dst, 13868, CLIENT, 40000)));
+        assert_eq!((reply.0, reply.1), (VIP, 3868), "{hook:?}: from the VIP");
+    }
+    // Without endpoints: refused from XDP; TC drops (a late CRC completion
+    // would corrupt a refusal), counted.
+    let lab = Lab::new();
+    let empty = sctp(CLIENT, 40001, [10, 96, 0, 20], 80).clone();
+    let mut yaml = SERVICES.replace(
+        "ports: [{name: http, protocol: TCP, port: 80}]",
+        "ports: [{name: http, protocol: SCTP, port: 80}]",
+    );
+    yaml.push('\n');
+    let mut lab = lab;
+    lab.dp.program_yaml(&yaml).expect("program");
+    let (verdict, reply) = lab.run_raw(Hook::Xdp, &empty);
+    assert_eq!(verdict, XDP_TX);
+    check_port_unreachable(&reply, &empty, [10, 96, 0, 20]);
+    let (verdict, _) = lab.run_raw(Hook::Tc, &empty);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(lab.counter(Counter::RejectFailed), 1);
+}

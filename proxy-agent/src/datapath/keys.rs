@@ -81,7 +81,7 @@ pub fn from_v6(a: &Addr6) -> Ipv6Addr {
 }
 
 fn protocol(number: u8) -> Option<Protocol> {
-    [Protocol::Tcp, Protocol::Udp]
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
         .into_iter()
         .find(|p| p.number() == number)
 }
