@@ -324,3 +324,101 @@ fn neighbour_discovery_and_other_ipv6_traffic_pass_untouched() {
         }
     }
 }
+
+const LOAD_BALANCER6: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  clusterIPs: [10.96.0.30, "fd00:96::30"]
+  sessionAffinity: ClientIP
+  loadBalancerSourceRanges: ["2001:db8:9::/48"]
+  ports: [{name: http, protocol: TCP, port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: "2001:db8:100::1"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-v6, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv6
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: ["fd00:1:1::2"], nodeName: here}
+  - {addresses: ["fd00:1:2::2"], nodeName: there}
+"#;
+
+fn lab_for(yaml: &str) -> Loaded {
+    let mut dp = Loaded::new().expect("load the datapath");
+    let mut objects = common::objects(yaml).expect("objects");
+    objects.node_name = Some("here".into());
+    objects.node_addresses = vec![std::net::IpAddr::from(NODE)];
+    dp.program(&proxy_agent::model::desired(&objects))
+        .expect("program");
+    dp
+}
+
+#[test]
+fn ipv6_source_ranges_and_affinity() {
+    if !common::ready("ipv6_source_ranges_and_affinity") {
+        return;
+    }
+    let lb = addr(0x2001_0db8_0100, 1);
+    let outsider = addr(0x2001_0db8_0777, 5);
+    for hook in HOOKS {
+        let dp = lab_for(LOAD_BALANCER6);
+        let first = seen(&pass(&dp, hook, &tcp(CLIENT, 44000, lb, 80))).2;
+        for port in 44001..44030 {
+            let out = seen(&pass(&dp, hook, &tcp(CLIENT, port, lb, 80)));
+            assert_eq!(out.2, first, "{hook:?}: the client keeps its backend");
+        }
+        let (verdict, _) = run(&dp, hook, &tcp(outsider, 44000, lb, 80));
+        let dropped = match hook {
+            Hook::Xdp => 1,
+            Hook::Tc => 2,
+        };
+        assert_eq!(verdict, dropped, "{hook:?}: outside the ranges");
+        assert_eq!(
+            dp.maps
+                .counter(Counter::SourceRangeDenied)
+                .expect("counter"),
+            1
+        );
+    }
+}
+
+#[test]
+fn ipv6_external_traffic_policy_local_drops_without_local_endpoints() {
+    if !common::ready("ipv6_external_traffic_policy_local_drops_without_local_endpoints") {
+        return;
+    }
+    let yaml = LOAD_BALANCER6
+        .replace(
+            "  sessionAffinity: ClientIP\n",
+            "  externalTrafficPolicy: Local\n",
+        )
+        .replace("nodeName: here", "nodeName: elsewhere");
+    let dp = lab_for(&yaml);
+    let lb = addr(0x2001_0db8_0100, 1);
+    let (verdict, _) = run(&dp, Hook::Tc, &tcp(CLIENT, 45000, lb, 80));
+    assert_eq!(verdict, 2, "dropped, not refused");
+    assert_eq!(
+        dp.maps.counter(Counter::NoLocalBackend).expect("counter"),
+        1
+    );
+    // The client address reaches the backend unchanged under Local.
+    let yaml = LOAD_BALANCER6.replace(
+        "  sessionAffinity: ClientIP\n",
+        "  externalTrafficPolicy: Local\n",
+    );
+    let dp = lab_for(&yaml);
+    let (_, _, backend, _) = seen(&pass(&dp, Hook::Tc, &tcp(CLIENT, 45001, lb, 80)));
+    let forwarded = tcp(CLIENT, 45001, backend, 8080);
+    assert_eq!(
+        egress(&dp, &forwarded),
+        forwarded,
+        "no source NAT under Local"
+    );
+}

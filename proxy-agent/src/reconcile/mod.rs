@@ -376,7 +376,7 @@ impl Reconciler {
             applied.members.insert(*backend);
             applied.stale_members.remove(backend);
         }
-        let ranges = v4_ranges(&state.source_ranges);
+        let ranges = range_set(&state.source_ranges);
         for range in ranges.difference(&applied.ranges.clone()) {
             maps.set_source_range(id, *range)?;
             report.writes += 1;
@@ -578,13 +578,10 @@ fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
     }
 }
 
-/// The ranges the IPv4 datapath can use.
-fn v4_ranges(ranges: &[Cidr]) -> BTreeSet<Cidr> {
-    ranges
-        .iter()
-        .filter(|r| r.addr.is_ipv4())
-        .copied()
-        .collect()
+/// A frontend's source ranges (the model gives each frontend those of its
+/// own family).
+fn range_set(ranges: &[Cidr]) -> BTreeSet<Cidr> {
+    ranges.iter().copied().collect()
 }
 
 /// The service entry: its backends and how the datapath treats its traffic
@@ -598,7 +595,7 @@ fn service(id: u32, count: u32, state: &FrontendState) -> Service {
     if state.affinity_timeout.is_some() {
         flags |= SVC_AFFINITY;
     }
-    if !v4_ranges(&state.source_ranges).is_empty() {
+    if !range_set(&state.source_ranges).is_empty() {
         flags |= SVC_SOURCE_RANGES;
     }
     if state.drop_when_empty {
