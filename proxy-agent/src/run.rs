@@ -121,9 +121,16 @@ fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     Ok((loaded, maps))
 }
 
-/// Health check node ports answer on the health server's address, and fail
-/// when the agent itself is unhealthy, as kube-proxy's do.
+/// Health check node ports answer on the health server's address (both
+/// families when that is 0.0.0.0, as a load balancer may probe over either),
+/// and fail when the agent itself is unhealthy, as kube-proxy's do.
 fn health_checks(bind: IpAddr, status: &Shared, timeout: Duration) -> HealthChecks {
+    let bind = if bind == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        // A [::] socket takes IPv4 too (unless the host set bindv6only).
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        bind
+    };
     let status = status.clone();
     let healthy = move || status.lock().is_ok_and(|s| s.healthy(timeout));
     HealthChecks::new(bind, Arc::new(healthy))

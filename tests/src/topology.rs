@@ -374,7 +374,7 @@ struct IfreqData {
 
 /// Sets TX checksum offload on `iface` in the calling thread's namespace and
 /// verifies the result with a read-back.
-fn set_tx_csum(iface: &str, on: bool) -> Result<()> {
+pub(crate) fn set_tx_csum(iface: &str, on: bool) -> Result<()> {
     set_feature(
         iface,
         (ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM),

@@ -164,6 +164,21 @@ impl TwoNodes {
     }
 }
 
+impl TwoNodes {
+    /// Makes every packet that reaches a node's uplink carry a complete
+    /// checksum, as from a wire, so the uplinks can run XDP: the client and
+    /// the pods (the only local senders whose packets cross uplinks) finish
+    /// their checksums in software.
+    pub fn finish_checksums_at_the_sources(&self) -> Result<()> {
+        for ns in [&self.client, &self.pods[0], &self.pods[1]] {
+            let name = ns.name().to_string();
+            ns.run(|| crate::topology::set_tx_csum("eth0", false))?
+                .with_context(|| format!("TX checksum offload off in {name}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// A veth pair from `a` to `b`, both ends addressed and up.
 fn veth(a: (&Netns, &str, &str), b: (&Netns, &str, &str), prefix: u8) -> Result<()> {
     let (a_ns, a_if, a_addr) = a;

@@ -39,7 +39,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(tag: &str, extra_spec: &str) -> anyhow::Result<Cluster> {
+        Self::start_with(tag, extra_spec, "")
+    }
+
+    /// `uplink_hook`: "" (TC, the default for veths) or ":xdp".
+    fn start_with(tag: &str, extra_spec: &str, uplink_hook: &str) -> anyhow::Result<Cluster> {
         let topology = TwoNodes::build(&unique_prefix(tag))?;
+        if uplink_hook == ":xdp" {
+            topology.finish_checksums_at_the_sources()?;
+        }
         let servers = (0..2)
             .map(|n| Servers::start(&topology.pods[n], &format!("pod{}", n + 1), 8080, 5353))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -47,7 +55,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir).context("manifest dir")?;
         let manifest = dir.join("web.yaml");
         manifests::write(&manifest, &twonode::manifests(extra_spec))?;
-        let ifaces = [UPLINK.to_string(), POD_LINK.to_string()];
+        let ifaces = [format!("{UPLINK}{uplink_hook}"), POD_LINK.to_string()];
         let agents = (0..2)
             .map(|n| Agent::start_named(&topology.nodes[n], &manifest, NODE_NAMES[n], &ifaces))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -160,7 +168,29 @@ fn external_traffic_reaches_pods_on_both_nodes_through_either_node() -> anyhow::
     if !common::ready("external_traffic_reaches_pods_on_both_nodes_through_either_node") {
         return Ok(());
     }
-    let cluster = Cluster::start("2nc", "")?;
+    external_traffic_through_either_node("2nc", "")
+}
+
+/// The same with XDP on the nodes' uplinks, as a node would run it on its
+/// NIC (every packet on the uplinks carries a full checksum).
+#[test]
+fn external_traffic_through_xdp_uplinks() -> anyhow::Result<()> {
+    if !common::ready("external_traffic_through_xdp_uplinks") {
+        return Ok(());
+    }
+    external_traffic_through_either_node("2nx", ":xdp")
+}
+
+fn external_traffic_through_either_node(tag: &str, uplink_hook: &str) -> anyhow::Result<()> {
+    let cluster = Cluster::start_with(tag, "", uplink_hook)?;
+    let attached = format!(
+        "attached {} to {UPLINK}",
+        if uplink_hook.is_empty() { "tc" } else { "xdp" }
+    );
+    assert!(
+        cluster.agents.iter().all(|a| a.log().contains(&attached)),
+        "{attached}"
+    );
     let client = &cluster.topology.client;
     let both = names(&["pod1", "pod2"]);
     for n in 0..2 {
@@ -291,7 +321,19 @@ fn external_ipv6_traffic_across_two_nodes() -> anyhow::Result<()> {
     if !common::ready("external_ipv6_traffic_across_two_nodes") {
         return Ok(());
     }
-    let cluster = Cluster::start("2n6", "")?;
+    ipv6_across_two_nodes("2n6", "")
+}
+
+#[test]
+fn external_ipv6_traffic_through_xdp_uplinks() -> anyhow::Result<()> {
+    if !common::ready("external_ipv6_traffic_through_xdp_uplinks") {
+        return Ok(());
+    }
+    ipv6_across_two_nodes("2n6x", ":xdp")
+}
+
+fn ipv6_across_two_nodes(tag: &str, uplink_hook: &str) -> anyhow::Result<()> {
+    let cluster = Cluster::start_with(tag, "", uplink_hook)?;
     let client = &cluster.topology.client;
     let both = names(&["pod1", "pod2"]);
     let node1 = SocketAddr::from((node_addr6(0), HTTP_NODE_PORT));
@@ -324,10 +366,13 @@ fn external_ipv6_traffic_across_two_nodes() -> anyhow::Result<()> {
         "a pod reaching its Service over IPv6, itself included"
     );
     drop(cluster);
-    let cluster = Cluster::start("2n6l", "  externalTrafficPolicy: Local\n")?;
+    let local = "  externalTrafficPolicy: Local\n";
+    let cluster = Cluster::start_with(&format!("{tag}l"), local, uplink_hook)?;
     let client = &cluster.topology.client;
     let node2 = SocketAddr::from((node_addr6(1), HTTP_NODE_PORT));
     assert_eq!(cluster.spread(client, node2, 30)?, names(&["pod2"]));
+    let (code, body) = get(client, SocketAddr::from((node_addr6(1), HEALTH_PORT)), "/")?;
+    assert_eq!(code, 200, "health check over IPv6: {body}");
     let (_, peer) = get(client, node2, "/peer")?;
     assert!(
         peer.starts_with(&format!("[{CLIENT6}]:")),
