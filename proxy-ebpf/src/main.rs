@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod abort;
 mod affinity;
 mod bench;
 mod ct;
@@ -27,7 +28,7 @@ use family::{V4, V6};
 use lb::{Stage, Verdict};
 use nat::Nat;
 use parse::{Flow, Parsed};
-use proxy_common::{Counter, IPPROTO_SCTP};
+use proxy_common::Counter;
 use reject::Refuse;
 
 const TC_ACT_OK: i32 = 0;
@@ -97,12 +98,6 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         Verdict::Pass => return Ok(TC_ACT_OK),
         Verdict::Rewrite(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
-        // A late SCTP CRC completion would land on the refusal's ICMP
-        // (see reject.rs), which no layout keeps valid: dropped, counted.
-        Verdict::Reject if flow.proto == IPPROTO_SCTP => {
-            maps::count(Counter::RejectFailed);
-            return Ok(TC_ACT_SHOT);
-        }
         Verdict::Reject => return Ok(<F as Refuse>::tc(ctx, flow)),
     };
     if <F as Nat>::tc(ctx, flow, &rewrite).is_err() {

@@ -24,9 +24,10 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 
-use proxy_common::{Counter, IPPROTO_TCP};
+use proxy_common::{Counter, IPPROTO_SCTP, IPPROTO_TCP};
 
 use crate::{
+    abort,
     family::{Family, V4},
     maps,
     parse::{Flow, ptr_at},
@@ -68,6 +69,9 @@ struct Original {
 impl Refuse for V4 {
     #[inline(always)]
     fn xdp(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize) -> u32 {
+        if flow.proto == IPPROTO_SCTP {
+            return xdp_outcome(abort::xdp4(ctx, flow, start, end));
+        }
         xdp_outcome(if flow.proto == IPPROTO_TCP {
             try_xdp::<4>(ctx, flow, start, end)
         } else {
@@ -77,6 +81,9 @@ impl Refuse for V4 {
 
     #[inline(always)]
     fn tc(ctx: &TcContext, flow: &Flow<u32>) -> i32 {
+        if flow.proto == IPPROTO_SCTP {
+            return tc_outcome(abort::tc4(ctx, flow));
+        }
         tc_outcome(if flow.proto == IPPROTO_TCP {
             try_tc::<4>(ctx, flow)
         } else {

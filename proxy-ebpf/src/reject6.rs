@@ -18,9 +18,10 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 
-use proxy_common::Addr6;
+use proxy_common::{Addr6, IPPROTO_SCTP};
 
 use crate::{
+    abort,
     family::V6,
     maps,
     parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
@@ -50,7 +51,12 @@ struct Reply {
 impl Refuse for V6 {
     #[inline(always)]
     fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> u32 {
-        match xdp_outcome(try_xdp(ctx, flow, start, end)) {
+        let built = if flow.proto == IPPROTO_SCTP {
+            abort::xdp6(ctx, flow, start, end)
+        } else {
+            try_xdp(ctx, flow, start, end)
+        };
+        match xdp_outcome(built) {
             xdp_action::XDP_TX => xdp_action::XDP_PASS,
             dropped => dropped,
         }
@@ -58,6 +64,9 @@ impl Refuse for V6 {
 
     #[inline(always)]
     fn tc(ctx: &TcContext, flow: &Flow<Addr6>) -> i32 {
+        if flow.proto == IPPROTO_SCTP {
+            return tc_outcome(abort::tc6(ctx, flow));
+        }
         tc_outcome(try_tc(ctx, flow))
     }
 }

@@ -889,21 +889,72 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
         let reply = seen_sctp(&lab.run(hook, &sctp(dst, 13868, CLIENT, 40000)));
         assert_eq!((reply.0, reply.1), (VIP, 3868), "{hook:?}: from the VIP");
     }
-    // Without endpoints: refused from XDP; TC drops (a late CRC completion
-    // would corrupt a refusal), counted.
-    let lab = Lab::new();
-    let empty = sctp(CLIENT, 40001, [10, 96, 0, 20], 80).clone();
-    let mut yaml = SERVICES.replace(
+    // Without endpoints: refused with an ABORT, on both hooks, valid also
+    // after the kernel finishes an offloaded CRC at the original offset.
+    let yaml = SERVICES.replace(
         "ports: [{name: http, protocol: TCP, port: 80}]",
         "ports: [{name: http, protocol: SCTP, port: 80}]",
     );
-    yaml.push('\n');
-    let mut lab = lab;
-    lab.dp.program_yaml(&yaml).expect("program");
-    let (verdict, reply) = lab.run_raw(Hook::Xdp, &empty);
-    assert_eq!(verdict, XDP_TX);
-    check_port_unreachable(&reply, &empty, [10, 96, 0, 20]);
-    let (verdict, _) = lab.run_raw(Hook::Tc, &empty);
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(lab.counter(Counter::RejectFailed), 1);
+    let empty = [10, 96, 0, 20];
+    for hook in HOOKS {
+        let mut lab = Lab::new();
+        lab.dp.program_yaml(&yaml).expect("program");
+        let init = sctp_init(CLIENT, 40001, empty, 80, 0xcafe_f00d);
+        let (verdict, reply) = lab.run_raw(hook, &init);
+        let sent = match hook {
+            Hook::Xdp => XDP_TX,
+            Hook::Tc => TC_ACT_REDIRECT,
+        };
+        assert_eq!(verdict, sent, "{hook:?}");
+        assert_eq!(lab.counter(Counter::Rejected), 1, "{hook:?}");
+        assert_eq!(
+            (&reply[..6], &reply[6..12]),
+            (&MAC_A[..], &MAC_B[..]),
+            "{hook:?}"
+        );
+        let (src, sport, dst, dport) = seen_sctp(&reply);
+        assert_eq!(
+            (src, sport, dst, dport),
+            (empty, 80, CLIENT, 40001),
+            "{hook:?}"
+        );
+        let l4 = &reply[34..];
+        assert_eq!(
+            &l4[4..8],
+            &0xcafe_f00du32.to_be_bytes(),
+            "the INIT's Initiate Tag"
+        );
+        assert_eq!(&l4[12..16], &[6, 0, 0, 4], "ABORT, T clear");
+        // What a CRC completion at the original offset (34 + 8) writes.
+        let mut finished = reply.clone();
+        let mut body = finished[34..].to_vec();
+        body[8..12].copy_from_slice(&[0; 4]);
+        finished[42..46].copy_from_slice(&crc32c(&body).to_le_bytes());
+        assert_eq!(
+            finished, reply,
+            "{hook:?}: a late completion changes nothing"
+        );
+    }
+}
+
+/// An SCTP INIT (Initiate Tag `tag`), verification tag 0.
+fn sctp_init(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, tag: u32) -> Vec<u8> {
+    let mut packet = sctp(src, sport, dst, dport);
+    let l4 = 34;
+    packet[l4 + 4..l4 + 8].copy_from_slice(&[0; 4]);
+    // INIT: type 1, length 20, Initiate Tag, a_rwnd, streams, initial TSN.
+    let chunk = [
+        [1u8, 0, 0, 20],
+        tag.to_be_bytes(),
+        [0, 1, 0, 0],
+        [0, 1, 0, 1],
+        [0, 0, 0, 1],
+    ]
+    .concat();
+    packet[l4 + 12..l4 + 32].copy_from_slice(&chunk);
+    let mut body = packet[l4..].to_vec();
+    body[8..12].copy_from_slice(&[0; 4]);
+    let crc = crc32c(&body);
+    packet[l4 + 8..l4 + 12].copy_from_slice(&crc.to_le_bytes());
+    packet
 }

@@ -422,3 +422,109 @@ fn ipv6_external_traffic_policy_local_drops_without_local_endpoints() {
         "no source NAT under Local"
     );
 }
+
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// An SCTP INIT over IPv6 with a correct CRC32c.
+fn sctp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&[0; 8]); // verification tag 0 (INIT), CRC
+    l4.extend_from_slice(&[
+        1, 0, 0, 20, 0xca, 0xfe, 0xf0, 0x0d, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1,
+    ]);
+    let crc = crc32c(&l4);
+    l4[8..12].copy_from_slice(&crc.to_le_bytes());
+    let ip = etherparse::Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: l4.len() as u16,
+        next_header: etherparse::IpNumber(132),
+        hop_limit: 64,
+        source: src,
+        destination: dst,
+    };
+    let mut out = Vec::new();
+    etherparse::Ethernet2Header {
+        source: MAC_A,
+        destination: MAC_B,
+        ether_type: etherparse::EtherType::IPV6,
+    }
+    .write(&mut out)
+    .expect("ethernet");
+    ip.write(&mut out).expect("ipv6");
+    out.extend_from_slice(&l4);
+    out
+}
+
+/// Addresses and ports of an SCTP-over-IPv6 packet, after checking its CRC.
+fn seen_sctp6(packet: &[u8]) -> ([u8; 16], u16, [u8; 16], u16) {
+    let (ip, rest) = etherparse::Ipv6Header::from_slice(&packet[14..]).expect("ipv6");
+    let mut l4 = rest.to_vec();
+    let stored = u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]);
+    l4[8..12].copy_from_slice(&[0; 4]);
+    assert_eq!(stored, crc32c(&l4), "SCTP CRC32c");
+    let port = |at: usize| u16::from_be_bytes([rest[at], rest[at + 1]]);
+    (ip.source, port(0), ip.destination, port(2))
+}
+
+#[test]
+fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
+    if !common::ready("ipv6_sctp_is_translated_and_refused_with_an_abort") {
+        return;
+    }
+    let yaml = SERVICES
+        .replace(
+            "    - {name: dns, protocol: UDP, port: 53, nodePort: 30053}\n",
+            "    - {name: dns, protocol: UDP, port: 53, nodePort: 30053}\n    - {name: sig, protocol: SCTP, port: 3868}\n",
+        )
+        .replace(
+            "  - {name: dns, protocol: UDP, port: 5353}\n",
+            "  - {name: dns, protocol: UDP, port: 5353}\n  - {name: sig, protocol: SCTP, port: 13868}\n",
+        )
+        .replace(
+            "ports: [{name: http, protocol: TCP, port: 80}, {name: dns, protocol: UDP, port: 53}]",
+            "ports: [{name: sig, protocol: SCTP, port: 3868}]",
+        );
+    for hook in HOOKS {
+        let dp = lab_for(&yaml);
+        let (src, sport, dst, dport) =
+            seen_sctp6(&pass(&dp, hook, &sctp6(CLIENT, 46000, VIP, 3868)));
+        assert_eq!((src, sport, dport), (CLIENT, 46000, 13868), "{hook:?}");
+        assert!(BACKENDS.contains(&dst), "{hook:?}");
+        let back = seen_sctp6(&pass(&dp, hook, &sctp6(dst, 13868, CLIENT, 46000)));
+        assert_eq!((back.0, back.1), (VIP, 3868), "{hook:?}");
+        let (verdict, reply) = run(&dp, hook, &sctp6(CLIENT, 46001, EMPTY_VIP, 3868));
+        let sent = match hook {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_REDIRECT,
+        };
+        assert_eq!(verdict, sent, "{hook:?}");
+        let (src, sport, dst, dport) = seen_sctp6(&reply);
+        assert_eq!(
+            (src, sport, dst, dport),
+            (EMPTY_VIP, 3868, CLIENT, 46001),
+            "{hook:?}"
+        );
+        assert_eq!(
+            &reply[54 + 4..54 + 8],
+            &[0xca, 0xfe, 0xf0, 0x0d],
+            "the Initiate Tag"
+        );
+        assert_eq!(reply[54 + 12], 6, "an ABORT");
+    }
+}

@@ -1,0 +1,253 @@
+//! Refusing SCTP: an ABORT back to the client, as a host with nothing
+//! listening answers (RFC 9260 8.4), which fails its connect at once.
+//!
+//! An ICMP refusal cannot survive a late CRC32c completion (SCTP is
+//! CRC-offloaded on veths, so the kernel may still write a CRC into the
+//! packet after us). An ABORT can: its own CRC sits exactly at the offset
+//! the kernel would write to, over exactly the bytes it would cover, so a
+//! completion writes the value we wrote.
+
+use aya_ebpf::{
+    helpers::bpf_skb_load_bytes,
+    programs::{TcContext, XdpContext},
+};
+use core::mem::size_of;
+
+use proxy_common::crc32c;
+
+use crate::{
+    maps,
+    parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
+    reject::{fold, sum, tc_send_back, xdp_resize},
+};
+
+const IPV4_HLEN: usize = 20;
+const CHUNK_INIT: u8 = 1;
+const CHUNK_ABORT: u8 = 6;
+/// ABORT flag: the verification tag is the one received (not the peer's).
+const FLAG_T: u8 = 1;
+const IPPROTO_SCTP: u8 = 132;
+
+/// The SCTP part of the refusal: common header and ABORT chunk.
+#[repr(C)]
+struct Abort {
+    ports: [u8; 4],
+    vtag: [u8; 4],
+    crc: [u8; 4],
+    chunk: [u8; 4],
+}
+
+#[repr(C)]
+struct Reply4 {
+    eth: [u8; ETH_HLEN],
+    ip: [u8; IPV4_HLEN],
+    sctp: Abort,
+}
+
+#[repr(C)]
+struct Reply6 {
+    eth: [u8; ETH_HLEN],
+    ip: [u8; IPV6_HLEN],
+    sctp: Abort,
+}
+
+/// What the refusal needs of the original SCTP header and first chunk.
+#[derive(Clone, Copy)]
+struct Original {
+    ports: [u8; 4],
+    vtag: [u8; 4],
+    /// The first chunk's type and, for an INIT, its Initiate Tag.
+    chunk: u8,
+    initiate_tag: [u8; 4],
+}
+
+/// `start..start+20` of the SCTP packet: header and first chunk's head.
+#[inline(always)]
+fn original(head: &[u8; 20]) -> Original {
+    Original {
+        ports: [head[0], head[1], head[2], head[3]],
+        vtag: [head[4], head[5], head[6], head[7]],
+        chunk: head[12],
+        initiate_tag: [head[16], head[17], head[18], head[19]],
+    }
+}
+
+#[inline(always)]
+fn abort(o: &Original) -> Abort {
+    // An INIT is answered with its Initiate Tag; anything else with its
+    // own tag and the T flag.
+    let (vtag, flags) = if o.chunk == CHUNK_INIT {
+        (o.initiate_tag, 0)
+    } else {
+        (o.vtag, FLAG_T)
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..2].copy_from_slice(&o.ports[2..4]);
+    bytes[2..4].copy_from_slice(&o.ports[..2]);
+    bytes[4..8].copy_from_slice(&vtag);
+    bytes[12] = CHUNK_ABORT;
+    bytes[13] = flags;
+    bytes[15] = 4;
+    let crc = crc32c::checksum(&bytes).to_le_bytes();
+    Abort {
+        ports: [bytes[0], bytes[1], bytes[2], bytes[3]],
+        vtag,
+        crc,
+        chunk: [CHUNK_ABORT, flags, 0, 4],
+    }
+}
+
+/// The MACs of a refusal: swapped to go straight back, or as received to
+/// go up the node's stack.
+#[inline(always)]
+fn eth(original: &[u8; 12], back: bool, ether_type: u16) -> [u8; ETH_HLEN] {
+    let mut e = [0u8; ETH_HLEN];
+    e[12..14].copy_from_slice(&ether_type.to_be_bytes());
+    if back {
+        e[..6].copy_from_slice(&original[6..12]);
+        e[6..12].copy_from_slice(&original[..6]);
+    } else {
+        e[..12].copy_from_slice(original);
+    }
+    e
+}
+
+#[inline(always)]
+fn ip4(original: &[u8; IPV4_HLEN]) -> [u8; IPV4_HLEN] {
+    let mut ip = [0u8; IPV4_HLEN];
+    let total = (IPV4_HLEN + size_of::<Abort>()) as u16;
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = IPPROTO_SCTP;
+    ip[12..16].copy_from_slice(&original[16..20]);
+    ip[16..20].copy_from_slice(&original[12..16]);
+    let check = fold(sum(&ip));
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    ip
+}
+
+#[inline(always)]
+fn ip6(original: &[u8; IPV6_HLEN]) -> [u8; IPV6_HLEN] {
+    let mut ip = [0u8; IPV6_HLEN];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(size_of::<Abort>() as u16).to_be_bytes());
+    ip[6] = IPPROTO_SCTP;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&original[24..40]);
+    ip[24..40].copy_from_slice(&original[8..24]);
+    ip
+}
+
+/// IPv4 from XDP: straight back (XDP_TX).
+#[inline(always)]
+pub fn xdp4(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize) -> Option<()> {
+    if flow.l4 != flow.l3 + IPV4_HLEN {
+        return None;
+    }
+    let e: *const [u8; 12] = ptr_at(start, end, 0)?;
+    let ip: *const [u8; IPV4_HLEN] = ptr_at(start, end, flow.l3)?;
+    let head: *const [u8; 20] = ptr_at(start, end, flow.l4)?;
+    // SAFETY: bounds-checked by ptr_at; copied before resizing.
+    let (e, ip, o) = unsafe { (*e, *ip, original(&*head)) };
+    let (start, end) = xdp_resize(ctx, size_of::<Reply4>())?;
+    let reply: *mut Reply4 = ptr_at(start, end, 0)?;
+    // SAFETY: bounds-checked above.
+    unsafe {
+        (*reply).eth = eth(&e, true, 0x0800);
+        (*reply).ip = ip4(&ip);
+        (*reply).sctp = abort(&o);
+    }
+    Some(())
+}
+
+/// IPv6 from XDP: up the node's stack, like the ICMPv6 refusals.
+#[inline(always)]
+pub fn xdp6(
+    ctx: &XdpContext,
+    flow: &Flow<proxy_common::Addr6>,
+    start: usize,
+    end: usize,
+) -> Option<()> {
+    let e: *const [u8; 12] = ptr_at(start, end, 0)?;
+    let ip: *const [u8; IPV6_HLEN] = ptr_at(start, end, flow.l3)?;
+    let head: *const [u8; 20] = ptr_at(start, end, flow.l4)?;
+    // SAFETY: bounds-checked by ptr_at; copied before resizing.
+    let (e, ip, o) = unsafe { (*e, *ip, original(&*head)) };
+    let (start, end) = xdp_resize(ctx, size_of::<Reply6>())?;
+    let reply: *mut Reply6 = ptr_at(start, end, 0)?;
+    // SAFETY: bounds-checked above.
+    unsafe {
+        (*reply).eth = eth(&e, false, 0x86dd);
+        (*reply).ip = ip6(&ip);
+        (*reply).sctp = abort(&o);
+    }
+    Some(())
+}
+
+// TC builds the refusal in the per-CPU scratch map, reading the original
+// headers straight into it: the TC program has little stack left.
+
+#[inline(always)]
+pub fn tc4(ctx: &TcContext, flow: &Flow<u32>) -> Option<i32> {
+    if flow.l4 != flow.l3 + IPV4_HLEN {
+        return None;
+    }
+    let head: [u8; 20] = ctx.load(flow.l4).ok()?;
+    let reply = maps::scratch::<Reply4>()?;
+    load_into(ctx, 0, &mut reply.eth)?;
+    swap_macs(&mut reply.eth);
+    load_into(ctx, flow.l3, &mut reply.ip)?;
+    let (src, dst) = (
+        [reply.ip[12], reply.ip[13], reply.ip[14], reply.ip[15]],
+        [reply.ip[16], reply.ip[17], reply.ip[18], reply.ip[19]],
+    );
+    let mut original_ip = [0u8; IPV4_HLEN];
+    original_ip[12..16].copy_from_slice(&src);
+    original_ip[16..20].copy_from_slice(&dst);
+    reply.ip = ip4(&original_ip);
+    reply.sctp = abort(&original(&head));
+    tc_send_back(ctx, reply)
+}
+
+#[inline(always)]
+pub fn tc6(ctx: &TcContext, flow: &Flow<proxy_common::Addr6>) -> Option<i32> {
+    let head: [u8; 20] = ctx.load(flow.l4).ok()?;
+    let reply = maps::scratch::<Reply6>()?;
+    load_into(ctx, 0, &mut reply.eth)?;
+    swap_macs(&mut reply.eth);
+    load_into(ctx, flow.l3, &mut reply.ip)?;
+    for i in 8..24 {
+        reply.ip.swap(i, i + 16);
+    }
+    reply.ip[0] = 0x60;
+    reply.ip[1..4].copy_from_slice(&[0, 0, 0]);
+    reply.ip[4..6].copy_from_slice(&(size_of::<Abort>() as u16).to_be_bytes());
+    reply.ip[6] = IPPROTO_SCTP;
+    reply.ip[7] = 64;
+    reply.sctp = abort(&original(&head));
+    tc_send_back(ctx, reply)
+}
+
+/// Copies `N` packet bytes at `offset` into `dst` (a constant length, which
+/// the verifier needs to see).
+#[inline(always)]
+fn load_into<const N: usize>(ctx: &TcContext, offset: usize, dst: &mut [u8; N]) -> Option<()> {
+    // SAFETY: `dst` is N writable bytes; the helper checks the packet side.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            offset as u32,
+            dst.as_mut_ptr().cast(),
+            N as u32,
+        )
+    };
+    (rc == 0).then_some(())
+}
+
+#[inline(always)]
+fn swap_macs(eth: &mut [u8; ETH_HLEN]) {
+    for i in 0..6 {
+        eth.swap(i, i + 6);
+    }
+}
