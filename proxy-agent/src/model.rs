@@ -489,7 +489,7 @@ fn service_frontends(
         log::debug!("Service {key}: headless or without a cluster IP, nothing to program");
         return Vec::new();
     }
-    let addrs = addresses(service, cluster);
+    let addrs = addresses(service, cluster.clone());
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
         let Ok(Some(protocol)) = protocol(port.protocol.as_deref(), String::new) else {
@@ -512,7 +512,10 @@ fn service_frontends(
                 .filter(|(a, _)| a.is_ipv6() == v6)
                 .map(|(a, scope)| (*a, number, *scope))
                 .collect();
-            if let Some(node_port) = node_port {
+            // kube-proxy's proxier of a family ignores Services without a
+            // cluster IP of that family, NodePorts included.
+            let has_family = cluster.iter().any(|a| a.is_ipv6() == v6);
+            if let Some(node_port) = node_port.filter(|_| has_family) {
                 let on_node = node.nodeport_addresses().filter(|a| a.is_ipv6() == v6);
                 targets.extend(on_node.map(|a| (a, node_port, Scope::NodePort)));
             }

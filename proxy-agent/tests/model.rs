@@ -681,3 +681,21 @@ status:
     );
     assert_eq!(desired.snat_addr6, Some("fd00::1".parse().expect("v6")));
 }
+
+#[test]
+fn a_single_stack_service_opens_no_node_port_on_the_other_family() {
+    let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
+    let mut objs = objects(&[("default", NODE_PORT_WEB)], &[("default", &s)]);
+    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1]), "fd00::1".parse().expect("v6")];
+    let desired = model::desired(&objs);
+    assert!(
+        desired
+            .frontends
+            .contains_key(&fe([10, 0, 0, 1], 30080, Protocol::Tcp))
+    );
+    assert!(
+        desired.frontends.keys().all(|f| f.addr.is_ipv4()),
+        "no IPv6 NodePort for an IPv4-only Service: {:?}",
+        desired.frontends.keys()
+    );
+}

@@ -689,3 +689,28 @@ fn a_member_naming_another_address_is_replaced() {
     maps.unchecked = false;
     maps.check();
 }
+
+#[test]
+fn a_backend_stays_while_a_member_entry_names_it_even_after_a_failed_pass() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1])]), &mut maps);
+    // Members for 2 and 3 get written, then the slot write fails.
+    maps.fail = Some("set_slot 1/1".into());
+    let report = r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    for (key, backend) in &maps.members {
+        assert!(
+            maps.backends.get(&key.1) == Some(backend),
+            "member {key:?} names a backend that was removed"
+        );
+    }
+    // Dropping them later works, and everything is cleaned up.
+    let report = r.apply(&desired(&[(80, &[1])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.members.len(), 1);
+    assert_eq!(maps.backends.len(), 1);
+    let report = r.apply(&desired(&[]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(maps.members.is_empty() && maps.backends.is_empty());
+}

@@ -24,6 +24,7 @@ use crate::{
 const IPV4_HLEN: usize = 20;
 const CHUNK_INIT: u8 = 1;
 const CHUNK_ABORT: u8 = 6;
+const CHUNK_SHUTDOWN_COMPLETE: u8 = 14;
 /// ABORT flag: the verification tag is the one received (not the peer's).
 const FLAG_T: u8 = 1;
 const IPPROTO_SCTP: u8 = 132;
@@ -70,6 +71,13 @@ fn original(head: &[u8; 20]) -> Original {
         chunk: head[12],
         initiate_tag: [head[16], head[17], head[18], head[19]],
     }
+}
+
+/// RFC 9260 8.4: an out-of-the-blue ABORT or SHUTDOWN COMPLETE is
+/// discarded, never answered (two refusing ends would ping-pong).
+#[inline(always)]
+fn answerable(o: &Original) -> bool {
+    o.chunk != CHUNK_ABORT && o.chunk != CHUNK_SHUTDOWN_COMPLETE
 }
 
 #[inline(always)]
@@ -150,6 +158,9 @@ pub fn xdp4(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize) -> Opt
     let head: *const [u8; 20] = ptr_at(start, end, flow.l4)?;
     // SAFETY: bounds-checked by ptr_at; copied before resizing.
     let (e, ip, o) = unsafe { (*e, *ip, original(&*head)) };
+    if !answerable(&o) {
+        return None;
+    }
     let (start, end) = xdp_resize(ctx, size_of::<Reply4>())?;
     let reply: *mut Reply4 = ptr_at(start, end, 0)?;
     // SAFETY: bounds-checked above.
@@ -174,6 +185,9 @@ pub fn xdp6(
     let head: *const [u8; 20] = ptr_at(start, end, flow.l4)?;
     // SAFETY: bounds-checked by ptr_at; copied before resizing.
     let (e, ip, o) = unsafe { (*e, *ip, original(&*head)) };
+    if !answerable(&o) {
+        return None;
+    }
     let (start, end) = xdp_resize(ctx, size_of::<Reply6>())?;
     let reply: *mut Reply6 = ptr_at(start, end, 0)?;
     // SAFETY: bounds-checked above.
@@ -194,6 +208,9 @@ pub fn tc4(ctx: &TcContext, flow: &Flow<u32>) -> Option<i32> {
         return None;
     }
     let head: [u8; 20] = ctx.load(flow.l4).ok()?;
+    if !answerable(&original(&head)) {
+        return None;
+    }
     let reply = maps::scratch::<Reply4>()?;
     load_into(ctx, 0, &mut reply.eth)?;
     swap_macs(&mut reply.eth);
@@ -213,6 +230,9 @@ pub fn tc4(ctx: &TcContext, flow: &Flow<u32>) -> Option<i32> {
 #[inline(always)]
 pub fn tc6(ctx: &TcContext, flow: &Flow<proxy_common::Addr6>) -> Option<i32> {
     let head: [u8; 20] = ctx.load(flow.l4).ok()?;
+    if !answerable(&original(&head)) {
+        return None;
+    }
     let reply = maps::scratch::<Reply6>()?;
     load_into(ctx, 0, &mut reply.eth)?;
     swap_macs(&mut reply.eth);

@@ -95,12 +95,19 @@ fn tc_sctp<A>(ctx: &TcContext, flow: &Flow<A>, side: Side, from: u16, to: u16) -
     if from == to {
         return Ok(());
     }
-    let stored: [u8; 4] = ctx.load(flow.l4_check).map_err(|_| ())?;
-    let check = sctp_check(flow, side, to, stored).ok_or(())?;
     let at = match side {
         Side::Destination => 2,
         Side::Source => 0,
     };
+    // SAFETY: reading the context's own field.
+    if unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        // A GSO bundle (pods send those on veths) gets its CRC per segment
+        // when it is split; its IP length is the bundle's, too long to
+        // update anyway.
+        return ctx.store(flow.l4 + at, &to, 0).map_err(|_| ());
+    }
+    let stored: [u8; 4] = ctx.load(flow.l4_check).map_err(|_| ())?;
+    let check = sctp_check(flow, side, to, stored).ok_or(())?;
     ctx.store(flow.l4 + at, &to, 0).map_err(|_| ())?;
     // A CRC the kernel still has to compute (offloaded) is overwritten then.
     ctx.store(flow.l4_check, &check, 0).map_err(|_| ())
@@ -122,8 +129,11 @@ unsafe fn set_port(ports: *mut Ports, side: Side, port: u16) {
 }
 
 #[inline(always)]
-fn mangled(flow_proto: u8) -> u64 {
-    if flow_proto == IPPROTO_UDP {
+/// The helpers' UDP flag: a zero checksum means "none" and stays zero, a
+/// computed zero is sent as 0xffff. IPv4 only: over IPv6 a UDP checksum is
+/// mandatory, so a zero field is a partial seed that must be updated.
+fn mangled(flow_proto: u8, v4: bool) -> u64 {
+    if v4 && flow_proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0
     } else {
         0
@@ -132,19 +142,19 @@ fn mangled(flow_proto: u8) -> u64 {
 
 /// Stores the new port and fixes the L4 checksum for it.
 #[inline(always)]
-fn tc_port<A>(ctx: &TcContext, flow: &Flow<A>, side: Side, from: u16, to: u16) -> Result<(), ()> {
+fn tc_port<A>(
+    ctx: &TcContext,
+    flow: &Flow<A>,
+    (side, from, to): (Side, u16, u16),
+    mangle: u64,
+) -> Result<(), ()> {
     let at = match side {
         Side::Destination => 2,
         Side::Source => 0,
     };
     ctx.store(flow.l4 + at, &to, 0).map_err(|_| ())?;
-    ctx.l4_csum_replace(
-        flow.l4_check,
-        from as u64,
-        to as u64,
-        mangled(flow.proto) | 2,
-    )
-    .map_err(|_| ())
+    ctx.l4_csum_replace(flow.l4_check, from as u64, to as u64, mangle | 2)
+        .map_err(|_| ())
 }
 
 impl Nat for V4 {
@@ -196,10 +206,11 @@ impl Nat for V4 {
             flow.l4_check,
             old_addr as u64,
             rewrite.addr as u64,
-            BPF_F_PSEUDO_HDR | mangled(flow.proto) | 4,
+            BPF_F_PSEUDO_HDR | mangled(flow.proto, true) | 4,
         )
         .map_err(|_| ())?;
-        tc_port(ctx, flow, rewrite.side, old_port, rewrite.port)
+        let change = (rewrite.side, old_port, rewrite.port);
+        tc_port(ctx, flow, change, mangled(flow.proto, true))
     }
 }
 
@@ -253,11 +264,12 @@ impl Nat for V6 {
                 flow.l4_check,
                 from[i] as u64,
                 rewrite.addr[i] as u64,
-                BPF_F_PSEUDO_HDR | mangled(flow.proto) | 4,
+                BPF_F_PSEUDO_HDR | mangled(flow.proto, false) | 4,
             )
             .map_err(|_| ())?;
         }
-        tc_port(ctx, flow, rewrite.side, old_port, rewrite.port)
+        let change = (rewrite.side, old_port, rewrite.port);
+        tc_port(ctx, flow, change, mangled(flow.proto, false))
     }
 }
 

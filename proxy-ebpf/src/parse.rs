@@ -10,6 +10,7 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_HLEN: usize = 14;
 pub const IPV6_HLEN: usize = 40;
+const NEXTHDR_FRAGMENT: u8 = 44;
 /// Ethernet + the longest IP header we parse + the TCP bytes we touch.
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + 20;
 
@@ -140,6 +141,11 @@ fn flow6(start: usize, end: usize) -> Option<Flow<Addr6>> {
         return None;
     }
     let proto = ip.next_header;
+    if proto == NEXTHDR_FRAGMENT {
+        // A later fragment carries no ports; counted as IPv4's are.
+        maps::count(Counter::Fragment);
+        return None;
+    }
     if !ours(proto) {
         return None;
     }

@@ -125,7 +125,9 @@ impl Reconciler {
                     continue;
                 }
             }
-            applied.members.insert(backend);
+            if applied.members.insert(backend) {
+                *self.refs.entry(backend).or_default() += 1;
+            }
         }
         applied.ranges = parts.ranges.remove(&service_id).unwrap_or_default();
     }

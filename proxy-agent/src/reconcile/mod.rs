@@ -99,7 +99,8 @@ pub struct Reconciler {
     backends: BTreeMap<BackendKey, u32>,
     /// The same, by id.
     backend_keys: BTreeMap<u32, BackendKey>,
-    /// How many slots name each backend id.
+    /// How many slots and member entries name each backend id: it is freed
+    /// only when none does.
     refs: BTreeMap<u32, usize>,
     /// Backend ids that may have lost their last slot.
     maybe_unused: BTreeSet<u32>,
@@ -373,7 +374,10 @@ impl Reconciler {
                 .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
             maps.set_member(member_key(id, *backend), key)?;
             report.writes += 1;
-            applied.members.insert(*backend);
+            // A member entry holds its backend like a slot does.
+            if applied.members.insert(*backend) {
+                *refs.entry(*backend).or_default() += 1;
+            }
             applied.stale_members.remove(backend);
         }
         let ranges = range_set(&state.source_ranges);
@@ -412,6 +416,7 @@ impl Reconciler {
             maps.remove_member(member_key(id, *backend), key)?;
             report.writes += 1;
             applied.members.remove(backend);
+            release(refs, maybe_unused, *backend);
         }
         for range in applied.ranges.clone().difference(&ranges) {
             maps.remove_source_range(id, *range)?;
@@ -450,6 +455,7 @@ impl Reconciler {
             maps.remove_member(member_key(applied.service_id, backend), key)?;
             report.writes += 1;
             applied.members.remove(&backend);
+            release(refs, maybe_unused, backend);
         }
         for range in applied.ranges.clone() {
             maps.remove_source_range(applied.service_id, range)?;
