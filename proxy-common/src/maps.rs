@@ -225,6 +225,11 @@ pub struct NodeConfig {
 /// (32768-60999), so they do not meet the node's own connections, and
 /// above the NodePort range.
 pub const SNAT_PORT_MIN: u16 = 61_000;
+/// Seconds without a packet after which a flow's source NAT port may go to
+/// a new flow: long for TCP and SCTP (idle connections are common), short
+/// for UDP. Without this, ports would stay taken until LRU eviction.
+pub const SNAT_IDLE_STREAM: u32 = 3_600;
+pub const SNAT_IDLE_DATAGRAM: u32 = 120;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Key of `ct4`: a flow as it appears on the wire in one direction.
@@ -254,6 +259,9 @@ pub struct Ct4Entry {
     pub flags: u16,
     pub backend_id: u32,
     pub service_id: u32,
+    /// Coarse monotonic seconds of the last packet (refreshed at most once a
+    /// second): an idle source NAT port may be taken over.
+    pub last_seen: u32,
 }
 
 /// An IPv6 address as four 32-bit words in network byte order, exactly as
@@ -303,6 +311,7 @@ pub struct Ct6Entry {
     pub flags: u16,
     pub backend_id: u32,
     pub service_id: u32,
+    pub last_seen: u32,
 }
 
 /// Key of `lb6_affinity`.
@@ -440,7 +449,7 @@ mod tests {
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend4>(), 8);
         assert_eq!(size_of::<Ct4Key>(), 16);
-        assert_eq!(size_of::<Ct4Entry>(), 16);
+        assert_eq!(size_of::<Ct4Entry>(), 20);
         assert_eq!(size_of::<ServiceStats>(), 16);
         assert_eq!(size_of::<MemberKey>(), 8);
         assert_eq!(size_of::<Affinity4Key>(), 8);
@@ -450,7 +459,7 @@ mod tests {
         assert_eq!(size_of::<Frontend6>(), 20);
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<Ct6Key>(), 40);
-        assert_eq!(size_of::<Ct6Entry>(), 28);
+        assert_eq!(size_of::<Ct6Entry>(), 32);
         assert_eq!(size_of::<Affinity6Key>(), 20);
         assert_eq!(size_of::<SourceRange6>(), 20);
     }

@@ -10,10 +10,13 @@
 //! - EGRESS (C -> B): source becomes N:p, after the node forwarded it;
 //! - REPLY (B -> N:p) with CT_REWRITE_DST: destination becomes C again.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+};
 use proxy_common::{
-    CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, SVC_REPLY_AT_EGRESS,
-    SVC_SNAT_EXTERNAL, Service,
+    CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, IPPROTO_UDP, SNAT_IDLE_DATAGRAM,
+    SNAT_IDLE_STREAM, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
 };
 
 use crate::{
@@ -26,6 +29,13 @@ use crate::{
 /// Ports tried for one new source-NATed flow before giving up.
 const SNAT_TRIES: u32 = 8;
 
+/// Coarse monotonic seconds: what conntrack entries remember of time.
+#[inline(always)]
+pub fn now() -> u32 {
+    // SAFETY: the helper has no preconditions.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
 #[inline(always)]
 fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
     F::ct_key(
@@ -36,13 +46,13 @@ fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
 /// The flow's forward entry, if it has one.
 #[inline(always)]
 pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
-    F::ct_get(of::<F>(flow, CT_FORWARD))
+    F::ct_get(of::<F>(flow, CT_FORWARD), Some(now()))
 }
 
 /// A packet coming back in: what changes, if it belongs to a flow.
 #[inline(always)]
 pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_REPLY))?;
+    let entry = F::ct_get(of::<F>(flow, CT_REPLY), Some(now()))?;
     let side = if entry.flags & CT_REWRITE_DST != 0 {
         Side::Destination
     } else {
@@ -58,7 +68,7 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
 /// A packet leaving: the source it gets, if it belongs to a flow.
 #[inline(always)]
 pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_EGRESS))?;
+    let entry = F::ct_get(of::<F>(flow, CT_EGRESS), Some(now()))?;
     Some(Rewrite {
         side: Side::Source,
         addr: entry.addr,
@@ -74,6 +84,7 @@ fn entry<A>(addr: A, port: u16, flags: u16, backend_id: u32, service_id: u32) ->
         flags,
         backend_id,
         service_id,
+        last_seen: now(),
     }
 }
 
@@ -142,8 +153,11 @@ fn source_nat<F: Family>(
             backend_id,
             service_id,
         );
-        // Taken ports belong to other flows towards this backend.
-        if !F::ct_insert(back, to_client, BPF_NOEXIST as u64) {
+        // Taken ports belong to other flows towards this backend, unless
+        // that flow has been idle long enough to be given up.
+        if !F::ct_insert(back, to_client, BPF_NOEXIST as u64)
+            && !(idle::<F>(back, flow.proto) && F::ct_insert(back, to_client, BPF_ANY as u64))
+        {
             continue;
         }
         let out = F::ct_key(
@@ -162,4 +176,16 @@ fn source_nat<F: Family>(
     }
     maps::count(Counter::SnatFailed);
     false
+}
+
+/// True if the entry at `key` has seen no packet for the protocol's source
+/// NAT idle time.
+#[inline(always)]
+fn idle<F: Family>(key: F::CtKey, proto: u8) -> bool {
+    let limit = if proto == IPPROTO_UDP {
+        SNAT_IDLE_DATAGRAM
+    } else {
+        SNAT_IDLE_STREAM
+    };
+    F::ct_get(key, None).is_some_and(|e| now().wrapping_sub(e.last_seen) > limit)
 }

@@ -29,6 +29,8 @@ pub struct Entry<A> {
     pub flags: u16,
     pub backend_id: u32,
     pub service_id: u32,
+    /// Coarse seconds of the entry's last packet.
+    pub last_seen: u32,
 }
 
 pub trait Family {
@@ -49,7 +51,8 @@ pub trait Family {
         proto: u8,
         direction: u8,
     ) -> Self::CtKey;
-    fn ct_get(key: Self::CtKey) -> Option<Entry<Self::Addr>>;
+    /// The entry as it was; with `now`, also marks it used now.
+    fn ct_get(key: Self::CtKey, now: Option<u32>) -> Option<Entry<Self::Addr>>;
     fn ct_insert(key: Self::CtKey, entry: Entry<Self::Addr>, flags: u64) -> bool;
     fn ct_remove(key: Self::CtKey);
 
@@ -107,16 +110,21 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn ct_get(key: Ct4Key) -> Option<Entry<u32>> {
-        let e = CONNTRACK4.get_ptr(key)?;
+    fn ct_get(key: Ct4Key, now: Option<u32>) -> Option<Entry<u32>> {
+        let ptr = CONNTRACK4.get_ptr_mut(key)?;
         // SAFETY: a copy out of a live map value.
-        let e = unsafe { *e };
+        let e = unsafe { *ptr };
+        if let Some(now) = now.filter(|n| *n != e.last_seen) {
+            // SAFETY: a live map value; racing CPUs store the same second.
+            unsafe { (*ptr).last_seen = now };
+        }
         Some(Entry {
             addr: e.nat_addr,
             port: e.nat_port,
             flags: e.flags,
             backend_id: e.backend_id,
             service_id: e.service_id,
+            last_seen: e.last_seen,
         })
     }
 
@@ -128,6 +136,7 @@ impl Family for V4 {
             flags: e.flags,
             backend_id: e.backend_id,
             service_id: e.service_id,
+            last_seen: e.last_seen,
         };
         CONNTRACK4.insert(key, value, flags).is_ok()
     }
@@ -228,16 +237,21 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn ct_get(key: Ct6Key) -> Option<Entry<Addr6>> {
-        let e = CONNTRACK6.get_ptr(key)?;
+    fn ct_get(key: Ct6Key, now: Option<u32>) -> Option<Entry<Addr6>> {
+        let ptr = CONNTRACK6.get_ptr_mut(key)?;
         // SAFETY: a copy out of a live map value.
-        let e = unsafe { *e };
+        let e = unsafe { *ptr };
+        if let Some(now) = now.filter(|n| *n != e.last_seen) {
+            // SAFETY: a live map value; racing CPUs store the same second.
+            unsafe { (*ptr).last_seen = now };
+        }
         Some(Entry {
             addr: e.nat_addr,
             port: e.nat_port,
             flags: e.flags,
             backend_id: e.backend_id,
             service_id: e.service_id,
+            last_seen: e.last_seen,
         })
     }
 
@@ -249,6 +263,7 @@ impl Family for V6 {
             flags: e.flags,
             backend_id: e.backend_id,
             service_id: e.service_id,
+            last_seen: e.last_seen,
         };
         CONNTRACK6.insert(key, value, flags).is_ok()
     }

@@ -958,3 +958,73 @@ fn sctp_init(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, tag: u32) -> Ve
     packet[l4 + 8..l4 + 12].copy_from_slice(&crc.to_le_bytes());
     packet
 }
+
+/// CLOCK_MONOTONIC_COARSE seconds: the clock conntrack entries remember.
+fn coarse_now() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+#[test]
+fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
+    if !common::ready("an_idle_flows_source_nat_port_goes_to_a_new_flow") {
+        return;
+    }
+    // One backend and a single source NAT port, so the second flow competes.
+    let one = LOAD_BALANCER
+        .replace("  externalTrafficPolicy: Local\n", "")
+        .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "")
+        .replace("  - {addresses: [10.1.2.2], nodeName: there}\n", "");
+    let mut lab = lab_with_node_address(&one);
+    let node = [10, 0, 0, 1];
+    let config = proxy_common::NodeConfig {
+        snat_addr4: u32::from_ne_bytes(node),
+        snat_port_min: 61000,
+        snat_port_max: 61000,
+        snat_addr6: [0; 4],
+    };
+    lab.dp.maps.config.set(0, config, 0).expect("config");
+    let (lb, outsider) = ([198, 51, 100, 1], [203, 0, 113, 50]);
+    let backend = [10, 1, 1, 2];
+    let flow = |lab: &Lab, port: u16| {
+        seen(&lab.run(Hook::Tc, &tcp(outsider, port, lb, 80)));
+        seen(&egress(lab, &tcp(outsider, port, backend, 8080)))
+    };
+    assert_eq!(
+        (flow(&lab, 50000).src, flow(&lab, 50000).sport),
+        (node, 61000)
+    );
+    let second = flow(&lab, 50001);
+    assert_eq!(
+        second.src, outsider,
+        "the only port is taken: no source NAT"
+    );
+    assert_eq!(lab.counter(Counter::SnatFailed), 1);
+    // The first flow goes quiet for longer than TCP's idle time.
+    let reply_key = proxy_common::Ct4Key {
+        src_addr: u32::from_ne_bytes(backend),
+        dst_addr: u32::from_ne_bytes(node),
+        src_port: 8080u16.to_be(),
+        dst_port: 61000u16.to_be(),
+        proto: 6,
+        direction: proxy_common::CT_REPLY,
+        _pad: 0,
+    };
+    let mut ct: aya::maps::HashMap<_, proxy_common::Ct4Key, proxy_common::Ct4Entry> =
+        aya::maps::HashMap::try_from(lab.dp.ebpf.map_mut("ct4").expect("ct4")).expect("hash");
+    let mut entry = ct.get(&reply_key, 0).expect("the first flow's reply entry");
+    entry.last_seen = coarse_now().wrapping_sub(proxy_common::SNAT_IDLE_STREAM + 10);
+    ct.insert(reply_key, entry, 0).expect("age it");
+    let third = flow(&lab, 50002);
+    assert_eq!(
+        (third.src, third.sport),
+        (node, 61000),
+        "the idle port is taken over"
+    );
+    assert_eq!(lab.counter(Counter::SnatFailed), 1);
+}
