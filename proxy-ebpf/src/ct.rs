@@ -114,9 +114,43 @@ pub fn remember<F: Family>(
     );
     let to_client = entry(flow.daddr, flow.dport, 0, backend_id, id);
     let to_backend = entry(backend.addr, backend.port, 0, backend_id, id);
+    forget_stale::<F>(flow, backend, reply_at_egress, snat);
     if !F::ct_insert(reply, to_client, 0) || !F::ct_insert(of::<F>(flow, CT_FORWARD), to_backend, 0)
     {
         maps::count(Counter::CtInsertFailed);
+    }
+}
+
+/// Removes what an earlier flow between the same client port and backend
+/// left under the keys this flow does not write (the client may reuse its
+/// port towards another frontend of the same backend): its reply entry of
+/// the other stage would rewrite this flow's replies, its source NAT entry
+/// this flow's packets.
+#[inline(always)]
+fn forget_stale<F: Family>(
+    flow: &Flow<F::Addr>,
+    backend: &Target<F::Addr>,
+    reply_at_egress: bool,
+    snat: bool,
+) {
+    let other = if reply_at_egress { CT_REPLY } else { CT_EGRESS };
+    F::ct_remove(F::ct_key(
+        backend.addr,
+        backend.port,
+        flow.saddr,
+        flow.sport,
+        flow.proto,
+        other,
+    ));
+    if !snat {
+        F::ct_remove(F::ct_key(
+            flow.saddr,
+            flow.sport,
+            backend.addr,
+            backend.port,
+            flow.proto,
+            CT_EGRESS,
+        ));
     }
 }
 

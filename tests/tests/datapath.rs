@@ -1028,3 +1028,56 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
     );
     assert_eq!(lab.counter(Counter::SnatFailed), 1);
 }
+
+#[test]
+fn a_client_port_reused_towards_another_frontend_of_the_same_backend_is_not_mistranslated() {
+    if !common::ready(
+        "a_client_port_reused_towards_another_frontend_of_the_same_backend_is_not_mistranslated",
+    ) {
+        return;
+    }
+    // One backend behind a cluster IP and a source-NATed LoadBalancer IP.
+    let one = LOAD_BALANCER
+        .replace("  externalTrafficPolicy: Local\n", "")
+        .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "")
+        .replace("  - {addresses: [10.1.2.2], nodeName: there}\n", "");
+    let (lb, vip, backend) = ([198, 51, 100, 1], [10, 96, 0, 30], [10, 1, 1, 2]);
+    for first_lb in [true, false] {
+        let lab = lab_with_node_address(&one);
+        let order = if first_lb { [lb, vip] } else { [vip, lb] };
+        for frontend in order {
+            // The same client port each time, as a client may reuse it
+            // towards a different destination.
+            seen(&lab.run(Hook::Tc, &tcp(CLIENT, 47000, frontend, 80)));
+            let forwarded = tcp(CLIENT, 47000, backend, 8080);
+            let out = seen(&egress(&lab, &forwarded));
+            let reply = seen(&lab.run(
+                Hook::Tc,
+                &tcp(
+                    backend,
+                    8080,
+                    if frontend == lb { out.src } else { CLIENT },
+                    out.sport,
+                ),
+            ));
+            let to_client = seen(&egress(
+                &lab,
+                &tcp(reply.src, reply.sport, reply.dst, reply.dport),
+            ));
+            assert_eq!(
+                (
+                    to_client.src,
+                    to_client.sport,
+                    to_client.dst,
+                    to_client.dport
+                ),
+                (frontend, 80, CLIENT, 47000),
+                "first {}, now {frontend:?}",
+                if first_lb { "LB" } else { "VIP" }
+            );
+            if frontend == vip {
+                assert_eq!(out.src, CLIENT, "a cluster-IP flow is not source-NATed");
+            }
+        }
+    }
+}

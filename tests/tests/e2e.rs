@@ -25,7 +25,9 @@ use proxy_tests::{
 
 const CONNECTIONS: usize = 1000;
 const EXCHANGES: usize = 1000;
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// Generous: SYN retransmits come at 1 s and 3 s, and the suite runs many
+/// namespaces in parallel on few cores.
+const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn http_vip() -> SocketAddrV4 {
     SocketAddrV4::new(VIP, HTTP_PORT)
@@ -101,6 +103,37 @@ impl Lab {
         })
     }
 
+    /// The datapath's non-zero counters, for a failure's context.
+    fn counters(&self) -> String {
+        let Some(agent) = &self.agent else {
+            return "no agent".into();
+        };
+        let dump = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(agent.pins().join("counters"))
+            .output();
+        let Ok(dump) = dump else {
+            return "counters unreadable".into();
+        };
+        let text = String::from_utf8_lossy(&dump.stdout);
+        let Ok(entries) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return format!("counters: {text}");
+        };
+        let mut out = Vec::new();
+        for entry in entries.as_array().into_iter().flatten() {
+            let total: u64 = entry["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["value"].as_u64())
+                .sum();
+            if total > 0 {
+                out.push(format!("{}={total}", entry["key"]));
+            }
+        }
+        format!("datapath counters (by index) {}", out.join(" "))
+    }
+
     fn agent(&mut self) -> &mut Agent {
         self.agent.as_mut().expect("agent running")
     }
@@ -119,7 +152,8 @@ impl Lab {
 
     fn connect_to(&self, frontend: impl Into<SocketAddr>) -> anyhow::Result<HttpConn> {
         let frontend = frontend.into();
-        let conn = HttpConn::connect(&self.topology.client, frontend, TIMEOUT)?;
+        let conn = HttpConn::connect(&self.topology.client, frontend, TIMEOUT)
+            .with_context(|| self.counters())?;
         if conn.peer() != frontend {
             bail!("connected to {} instead of {frontend}", conn.peer());
         }

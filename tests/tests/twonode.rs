@@ -25,7 +25,9 @@ use proxy_tests::{
     },
 };
 
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// Generous: SYN retransmits come at 1 s and 3 s, and the suite runs many
+/// namespaces in parallel on few cores.
+const TIMEOUT: Duration = Duration::from_secs(5);
 const HTTP_NODE_PORT: u16 = 30080;
 const UDP_NODE_PORT: u16 = 30053;
 const HEALTH_PORT: u16 = 32000;
