@@ -134,7 +134,7 @@ fn forget_stale<F: Family>(
     snat: bool,
 ) {
     let other = if reply_at_egress { CT_REPLY } else { CT_EGRESS };
-    F::ct_remove(F::ct_key(
+    remove_if_there::<F>(F::ct_key(
         backend.addr,
         backend.port,
         flow.saddr,
@@ -143,7 +143,7 @@ fn forget_stale<F: Family>(
         other,
     ));
     if !snat {
-        F::ct_remove(F::ct_key(
+        remove_if_there::<F>(F::ct_key(
             flow.saddr,
             flow.sport,
             backend.addr,
@@ -151,6 +151,14 @@ fn forget_stale<F: Family>(
             flow.proto,
             CT_EGRESS,
         ));
+    }
+}
+
+/// A lookup is lock-free and cheap; a delete of an absent key is not.
+#[inline(always)]
+fn remove_if_there<F: Family>(key: F::CtKey) {
+    if F::ct_get(key, None).is_some() {
+        F::ct_remove(key);
     }
 }
 
