@@ -46,13 +46,13 @@ fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
 /// The flow's forward entry, if it has one.
 #[inline(always)]
 pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
-    F::ct_get(of::<F>(flow, CT_FORWARD), Some(now()))
+    F::ct_get(of::<F>(flow, CT_FORWARD), true)
 }
 
 /// A packet coming back in: what changes, if it belongs to a flow.
 #[inline(always)]
 pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_REPLY), Some(now()))?;
+    let entry = F::ct_get(of::<F>(flow, CT_REPLY), true)?;
     let side = if entry.flags & CT_REWRITE_DST != 0 {
         Side::Destination
     } else {
@@ -68,7 +68,7 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
 /// A packet leaving: the source it gets, if it belongs to a flow.
 #[inline(always)]
 pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_EGRESS), Some(now()))?;
+    let entry = F::ct_get(of::<F>(flow, CT_EGRESS), true)?;
     Some(Rewrite {
         side: Side::Source,
         addr: entry.addr,
@@ -157,7 +157,7 @@ fn forget_stale<F: Family>(
 /// A lookup is lock-free and cheap; a delete of an absent key is not.
 #[inline(always)]
 fn remove_if_there<F: Family>(key: F::CtKey) {
-    if F::ct_get(key, None).is_some() {
+    if F::ct_get(key, false).is_some() {
         F::ct_remove(key);
     }
 }
@@ -229,5 +229,5 @@ fn idle<F: Family>(key: F::CtKey, proto: u8) -> bool {
     } else {
         SNAT_IDLE_STREAM
     };
-    F::ct_get(key, None).is_some_and(|e| now().wrapping_sub(e.last_seen) > limit)
+    F::ct_get(key, false).is_some_and(|e| now().wrapping_sub(e.last_seen) > limit)
 }

@@ -51,8 +51,9 @@ pub trait Family {
         proto: u8,
         direction: u8,
     ) -> Self::CtKey;
-    /// The entry as it was; with `now`, also marks it used now.
-    fn ct_get(key: Self::CtKey, now: Option<u32>) -> Option<Entry<Self::Addr>>;
+    /// The entry as it was; with `touch`, also marks it used now (the
+    /// clock is read only for an entry that exists).
+    fn ct_get(key: Self::CtKey, touch: bool) -> Option<Entry<Self::Addr>>;
     fn ct_insert(key: Self::CtKey, entry: Entry<Self::Addr>, flags: u64) -> bool;
     fn ct_remove(key: Self::CtKey);
 
@@ -110,13 +111,16 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn ct_get(key: Ct4Key, now: Option<u32>) -> Option<Entry<u32>> {
+    fn ct_get(key: Ct4Key, touch: bool) -> Option<Entry<u32>> {
         let ptr = CONNTRACK4.get_ptr_mut(key)?;
         // SAFETY: a copy out of a live map value.
         let e = unsafe { *ptr };
-        if let Some(now) = now.filter(|n| *n != e.last_seen) {
-            // SAFETY: a live map value; racing CPUs store the same second.
-            unsafe { (*ptr).last_seen = now };
+        if touch {
+            let now = crate::ct::now();
+            if now != e.last_seen {
+                // SAFETY: a live map value; racing CPUs store the same second.
+                unsafe { (*ptr).last_seen = now };
+            }
         }
         Some(Entry {
             addr: e.nat_addr,
@@ -237,13 +241,16 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn ct_get(key: Ct6Key, now: Option<u32>) -> Option<Entry<Addr6>> {
+    fn ct_get(key: Ct6Key, touch: bool) -> Option<Entry<Addr6>> {
         let ptr = CONNTRACK6.get_ptr_mut(key)?;
         // SAFETY: a copy out of a live map value.
         let e = unsafe { *ptr };
-        if let Some(now) = now.filter(|n| *n != e.last_seen) {
-            // SAFETY: a live map value; racing CPUs store the same second.
-            unsafe { (*ptr).last_seen = now };
+        if touch {
+            let now = crate::ct::now();
+            if now != e.last_seen {
+                // SAFETY: a live map value; racing CPUs store the same second.
+                unsafe { (*ptr).last_seen = now };
+            }
         }
         Some(Entry {
             addr: e.nat_addr,

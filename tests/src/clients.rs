@@ -275,6 +275,53 @@ impl UdpFlow {
     }
 }
 
+/// `GET path` from `ns` to `target`: status code and body. Reads one
+/// response (by its Content-Length), so it works with keep-alive servers.
+pub fn http_get(
+    ns: &Netns,
+    target: impl Into<SocketAddr>,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let target = target.into();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n");
+    let response = ns.run(move || -> Result<String> {
+        let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(request.as_bytes())?;
+        let mut text = String::new();
+        // The test servers keep connections alive: read the one response.
+        let mut buf = [0u8; 4096];
+        while !complete_response(&text) {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        Ok(text)
+    })??;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {response:?}"))?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok((code, body.trim().to_string()))
+}
+
+/// A response whose body is as long as its Content-Length says.
+fn complete_response(text: &str) -> bool {
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    length.is_some_and(|n| body.len() >= n)
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Loaded, TC_ACT_OK, XDP_PASS};
+use common::{Loaded, TC_ACT_OK, XDP_PASS, crc32c};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::Counter;
 
@@ -804,22 +804,6 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated() {
     let other = seen(&lab.run(Hook::Tc, &tcp(CLIENT, 52000, VIP, 80)));
     let forwarded = tcp(CLIENT, 52000, other.dst, 8080);
     assert_eq!(egress(&lab, &forwarded), forwarded);
-}
-
-/// CRC32c, bit by bit: the reference for SCTP checksums.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for byte in data {
-        crc ^= u32::from(*byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 /// An SCTP packet (common header and one DATA chunk) with a correct CRC32c.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Loaded, TC_ACT_OK, XDP_PASS};
+use common::{Loaded, TC_ACT_OK, XDP_PASS, crc32c};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::Counter;
 
@@ -421,21 +421,6 @@ fn ipv6_external_traffic_policy_local_drops_without_local_endpoints() {
         forwarded,
         "no source NAT under Local"
     );
-}
-
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for byte in data {
-        crc ^= u32::from(*byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 /// An SCTP INIT over IPv6 with a correct CRC32c.

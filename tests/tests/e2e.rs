@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, bail};
 use proxy_tests::{
     agent::Agent,
-    clients::{HttpConn, UdpFlow, udp_exchange},
+    clients::{HttpConn, UdpFlow, http_get, udp_exchange},
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
@@ -642,30 +642,6 @@ fn load_balancer_source_ranges_shut_out_other_clients() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `GET /` on `target` from the client: the status code and the body.
-fn http_get(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<(u16, String)> {
-    let response = lab
-        .topology
-        .client
-        .run(move || -> anyhow::Result<String> {
-            use std::io::{Read, Write};
-            let mut stream =
-                std::net::TcpStream::connect_timeout(&SocketAddr::V4(target), TIMEOUT)?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
-            let mut text = String::new();
-            stream.read_to_string(&mut text)?;
-            Ok(text)
-        })??;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {response:?}"))?;
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-    Ok((code, body.to_string()))
-}
-
 /// externalTrafficPolicy: Local: the LoadBalancer IP reaches only this
 /// node's endpoint, and the health check node port tells a load balancer
 /// whether this node has one.
@@ -718,12 +694,12 @@ fn external_traffic_policy_local_serves_local_endpoints_and_its_health_check() -
         "the cluster IP uses every endpoint"
     );
     let health = SocketAddrV4::new(manifests::NODE_ADDR, 32000);
-    let (code, body) = http_get(&lab, health)?;
+    let (code, body) = http_get(&lab.topology.client, health, "/", TIMEOUT)?;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"localEndpoints\": 1"), "{body}");
     assert!(body.contains("\"name\": \"web\""), "{body}");
     lab.update(&local_on("elsewhere"))?;
-    let (code, body) = http_get(&lab, health)?;
+    let (code, body) = http_get(&lab.topology.client, health, "/", TIMEOUT)?;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("\"localEndpoints\": 0"), "{body}");
     lab.update(&manifests::web(&[0, 1]))?;

@@ -6,7 +6,6 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     time::Duration,
@@ -15,7 +14,7 @@ use std::{
 use anyhow::{Context, bail};
 use proxy_tests::{
     agent::Agent,
-    clients::{HttpConn, udp_exchange},
+    clients::{HttpConn, http_get, udp_exchange},
     manifests,
     netns::{Netns, unique_prefix},
     servers::Servers,
@@ -117,47 +116,6 @@ fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-/// `GET path` from `ns` to `target`: status code and body.
-fn get(ns: &Netns, target: impl Into<SocketAddr>, path: &str) -> anyhow::Result<(u16, String)> {
-    let target = target.into();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n");
-    let response = ns.run(move || -> anyhow::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.write_all(request.as_bytes())?;
-        let mut text = String::new();
-        // The test servers keep connections alive: read the one response.
-        let mut buf = [0u8; 4096];
-        while !complete(&text) {
-            let n = stream.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        Ok(text)
-    })??;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {response:?}"))?;
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-    Ok((code, body.trim().to_string()))
-}
-
-/// A response whose body is as long as its Content-Length says.
-fn complete(text: &str) -> bool {
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return false;
-    };
-    let length = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    length.is_some_and(|n| body.len() >= n)
-}
-
 fn at(addr: std::net::Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(addr, port)
 }
@@ -213,7 +171,7 @@ fn external_traffic_through_either_node(tag: &str, uplink_hook: &str) -> anyhow:
         assert_eq!(seen, both, "UDP NodePort on node{}", n + 1);
         // Every backend saw the entry node, never the client.
         for _ in 0..20 {
-            let (code, peer) = get(client, target, "/peer")?;
+            let (code, peer) = http_get(client, target, "/peer", TIMEOUT)?;
             assert_eq!(code, 200);
             assert!(
                 peer.starts_with(&format!("{}:", node_addr(n))),
@@ -248,12 +206,12 @@ fn external_traffic_policy_local_across_two_nodes() -> anyhow::Result<()> {
         let target = at(node_addr(n), HTTP_NODE_PORT);
         let own = names(&[&format!("pod{}", n + 1)]);
         assert_eq!(cluster.spread(client, target, 30)?, own, "node{}", n + 1);
-        let (_, peer) = get(client, target, "/peer")?;
+        let (_, peer) = http_get(client, target, "/peer", TIMEOUT)?;
         assert!(
             peer.starts_with(&format!("{CLIENT}:")),
             "the pod sees the client: {peer}"
         );
-        let (code, body) = get(client, at(node_addr(n), HEALTH_PORT), "/")?;
+        let (code, body) = http_get(client, at(node_addr(n), HEALTH_PORT), "/", TIMEOUT)?;
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("\"localEndpoints\": 1"), "{body}");
     }
@@ -269,7 +227,7 @@ fn external_traffic_policy_local_across_two_nodes() -> anyhow::Result<()> {
     assert_ne!(text, twonode::manifests(local));
     cluster.update(&text)?;
     let client = &cluster.topology.client;
-    let (code, body) = get(client, at(node_addr(1), HEALTH_PORT), "/")?;
+    let (code, body) = http_get(client, at(node_addr(1), HEALTH_PORT), "/", TIMEOUT)?;
     assert_eq!(code, 503, "{body}");
     let dropped = client.run(move || {
         TcpStream::connect_timeout(&SocketAddr::V4(at(node_addr(1), HTTP_NODE_PORT)), TIMEOUT)
@@ -301,7 +259,7 @@ fn a_pod_reaches_itself_through_its_service() -> anyhow::Result<()> {
     assert_eq!(seen, names(&["pod1", "pod2"]), "itself and the other pod");
     let mut hairpin_peer = None;
     for _ in 0..60 {
-        let (_, peer) = get(pod1, vip, "/peer")?;
+        let (_, peer) = http_get(pod1, vip, "/peer", TIMEOUT)?;
         if peer.starts_with("192.168.1.1:") {
             hairpin_peer = Some(peer);
             break;
@@ -355,7 +313,7 @@ fn ipv6_across_two_nodes(tag: &str, uplink_hook: &str) -> anyhow::Result<()> {
     }
     assert_eq!(seen, both, "IPv6 UDP NodePort on node2");
     for _ in 0..10 {
-        let (_, peer) = get(client, node1, "/peer")?;
+        let (_, peer) = http_get(client, node1, "/peer", TIMEOUT)?;
         assert!(
             peer.starts_with(&format!("[{}]:", node_addr6(0))),
             "backend saw {peer}"
@@ -373,9 +331,14 @@ fn ipv6_across_two_nodes(tag: &str, uplink_hook: &str) -> anyhow::Result<()> {
     let client = &cluster.topology.client;
     let node2 = SocketAddr::from((node_addr6(1), HTTP_NODE_PORT));
     assert_eq!(cluster.spread(client, node2, 30)?, names(&["pod2"]));
-    let (code, body) = get(client, SocketAddr::from((node_addr6(1), HEALTH_PORT)), "/")?;
+    let (code, body) = http_get(
+        client,
+        SocketAddr::from((node_addr6(1), HEALTH_PORT)),
+        "/",
+        TIMEOUT,
+    )?;
     assert_eq!(code, 200, "health check over IPv6: {body}");
-    let (_, peer) = get(client, node2, "/peer")?;
+    let (_, peer) = http_get(client, node2, "/peer", TIMEOUT)?;
     assert!(
         peer.starts_with(&format!("[{CLIENT6}]:")),
         "the pod sees the client: {peer}"

@@ -179,3 +179,19 @@ pub fn objects(yaml: &str) -> anyhow::Result<Objects> {
     }
     Ok(out)
 }
+
+/// CRC32c, bit by bit: the reference for SCTP checksums.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
