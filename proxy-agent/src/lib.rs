@@ -3,9 +3,12 @@
 //! source (manifests) -> model (pure) -> reconciler (diff) -> datapath (maps).
 
 pub mod cidr;
+pub mod conntrack;
 pub mod datapath;
 pub mod healthcheck;
 pub mod http;
+pub mod inspect;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -50,6 +50,17 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Print what the datapath pinned on this node holds: services,
+    /// backends, conntrack or counters. Read-only; no agent has to run.
+    Inspect {
+        #[arg(value_enum)]
+        subject: proxy_agent::inspect::Subject,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Where bpffs is mounted (the maps are under <bpffs>/xdproxy).
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -95,6 +106,8 @@ struct RunArgs {
     /// /healthz fails when a change has waited longer than this to be programmed (seconds).
     #[arg(long, default_value_t = 60)]
     healthz_timeout_s: u64,
+    #[command(flatten)]
+    conntrack: proxy_agent::conntrack::Flags,
 }
 
 impl RunArgs {
@@ -120,6 +133,7 @@ impl RunArgs {
             health_addr: self.healthz_bind_address,
             metrics_addr: self.metrics_bind_address,
             health_timeout: Duration::from_secs(self.healthz_timeout_s),
+            conntrack: self.conntrack.config(),
         })
     }
 }
@@ -179,6 +193,21 @@ async fn main() -> anyhow::Result<()> {
                 "removed {removed} pins under {}",
                 loader::pin_dir(&bpffs).display()
             );
+            Ok(())
+        }
+        Command::Inspect {
+            subject,
+            output,
+            bpffs,
+        } => {
+            use proxy_agent::inspect::{self, Format};
+            let format = match output {
+                Output::Table => Format::Table,
+                Output::Json => Format::Json,
+            };
+            let text = inspect::inspect(&bpffs, subject, format)?;
+            // A closed pipe (`| head`) is the reader's choice, not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
             Ok(())
         }
     }

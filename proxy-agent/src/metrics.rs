@@ -61,6 +61,18 @@ pub struct Status {
     pub not_ready: Option<String>,
     pub frontends: usize,
     pub backends: usize,
+    pub conntrack: Conntrack,
+}
+
+/// What the last conntrack garbage collection pass saw, and all passes did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Conntrack {
+    pub entries4: usize,
+    pub entries6: usize,
+    /// Entries deleted since the agent started.
+    pub gc_deleted: u64,
+    /// The last pass's duration, seconds.
+    pub gc_duration: f64,
 }
 
 pub type Shared = Arc<Mutex<Status>>;
@@ -77,6 +89,7 @@ impl Default for Status {
             not_ready: Some("initial sync not done".into()),
             frontends: 0,
             backends: 0,
+            conntrack: Conntrack::default(),
         }
     }
 }
@@ -125,6 +138,16 @@ impl Status {
                 "Backends programmed",
                 self.backends as f64,
             ),
+            (
+                "xdproxy_conntrack_gc_deleted_total",
+                "Conntrack entries deleted by garbage collection",
+                self.conntrack.gc_deleted as f64,
+            ),
+            (
+                "xdproxy_conntrack_gc_duration_seconds",
+                "Duration of the last conntrack garbage collection pass",
+                self.conntrack.gc_duration,
+            ),
         ];
         for (name, help, value) in gauges {
             let kind = if name.ends_with("_total") {
@@ -137,6 +160,14 @@ impl Status {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        let name = "xdproxy_conntrack_entries";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Conntrack entries at the last garbage collection pass\n\
+             # TYPE {name} gauge\n\
+             {name}{{family=\"ipv4\"}} {}\n{name}{{family=\"ipv6\"}} {}",
+            self.conntrack.entries4, self.conntrack.entries6
+        );
         out
     }
 }
@@ -157,6 +188,31 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"0.004\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn conntrack_metrics_are_rendered() {
+        let s = Status {
+            conntrack: Conntrack {
+                entries4: 12,
+                entries6: 3,
+                gc_deleted: 40,
+                gc_duration: 0.25,
+            },
+            ..Status::default()
+        };
+        let out = s.render();
+        for line in [
+            "xdproxy_conntrack_entries{family=\"ipv4\"} 12\n",
+            "xdproxy_conntrack_entries{family=\"ipv6\"} 3\n",
+            "# TYPE xdproxy_conntrack_entries gauge\n",
+            "# TYPE xdproxy_conntrack_gc_deleted_total counter\n",
+            "xdproxy_conntrack_gc_deleted_total 40\n",
+            "# TYPE xdproxy_conntrack_gc_duration_seconds gauge\n",
+            "xdproxy_conntrack_gc_duration_seconds 0.25\n",
+        ] {
+            assert!(out.contains(line), "{line} missing from\n{out}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::{
 
 use crate::{
     cidr::Cidr,
+    conntrack,
     datapath::{self, iface::IfaceSpec, loader, maps::MapSet},
     healthcheck::{HealthChecks, ServiceHealth},
     http::{self, Endpoints},
@@ -58,6 +59,8 @@ pub struct RunConfig {
     pub metrics_addr: SocketAddr,
     /// kube-proxy's healthz timeout: a change waiting longer is unhealthy.
     pub health_timeout: Duration,
+    /// Conntrack size, garbage collection interval and timeouts.
+    pub conntrack: conntrack::Config,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -75,6 +78,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     };
     let status = Shared::default();
+    conntrack::spawn(config.bpffs.clone(), &config.conntrack, &status);
     let timeout = config.health_timeout;
     spawn_http(config.health_addr, Endpoints::Health { timeout }, &status);
     spawn_http(config.metrics_addr, Endpoints::Metrics, &status);
@@ -112,7 +116,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 }
 
 fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
-    let mut loaded = loader::load(&config.bpffs, datapath::object()?)?;
+    let max = config.conntrack.max_entries;
+    let mut loaded = loader::load(&config.bpffs, datapath::object()?, max)?;
     for iface in &config.ifaces {
         loaded.attach(iface)?;
     }

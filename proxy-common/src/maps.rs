@@ -21,8 +21,16 @@ pub mod names {
     /// Benchmark-only maps: never pinned.
     pub const BENCH_PACKET: &str = "bench_packet";
     pub const BENCH_TARGET: &str = "bench_target";
+    pub const BACKEND_STATS: &str = "lb_be_stats";
+    pub const CONNECTIONS: &str = "lb_conns";
+    pub const ROUND_ROBIN: &str = "lb_rr";
+    pub const REAPED: &str = "lb_reaped";
     /// Every map the programs define, for pinning and cleanup.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 20] = [
+        REAPED,
+        BACKEND_STATS,
+        CONNECTIONS,
+        ROUND_ROBIN,
         CONFIG,
         SERVICES6,
         BACKENDS6,
@@ -71,10 +79,12 @@ pub struct BenchPacket {
 /// Default capacities; the agent may override them at load time.
 pub const MAX_SERVICES: u32 = 131_072;
 pub const MAX_BACKENDS: u32 = 131_072;
-pub const MAX_SLOTS: u32 = 524_288;
+/// Slots are allocated as they are written (BPF_F_NO_PREALLOC): room for
+/// 256 services with a Maglev table of 16381, or many more listed ones.
+pub const MAX_SLOTS: u32 = 4_194_304;
 pub const MAX_CONNTRACK: u32 = 262_144;
 /// One entry per (service, backend) pair.
-pub const MAX_MEMBERS: u32 = MAX_SLOTS;
+pub const MAX_MEMBERS: u32 = 524_288;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
@@ -104,7 +114,27 @@ pub struct Service {
     /// With `SVC_AFFINITY`: seconds without traffic after which a client's
     /// backend is forgotten.
     pub affinity_timeout: u32,
+    /// `ALG_*`: how a new flow's backend is chosen.
+    pub algorithm: u32,
+    /// With `ALG_MAGLEV` or `ALG_SOURCE_HASH`: slots 0..table_size hold the
+    /// lookup table (a prime size); otherwise 0, and slots 0..backend_count
+    /// list the backends.
+    pub table_size: u32,
 }
+
+/// Backend choice for a new flow: uniformly at random (kube-proxy's default).
+pub const ALG_RANDOM: u32 = 0;
+/// The service's backends in turn (one counter per service in `lb_rr`).
+pub const ALG_ROUND_ROBIN: u32 = 1;
+/// The backend with the fewest open connections (`lb_conns`).
+pub const ALG_LEAST_CONN: u32 = 2;
+/// Maglev consistent hashing of the flow's 5-tuple over the service's table.
+pub const ALG_MAGLEV: u32 = 3;
+/// Maglev consistent hashing of the client address only.
+pub const ALG_SOURCE_HASH: u32 = 4;
+/// Least connections looks at this many consecutive slots from a random
+/// one: exact for services with up to this many backends.
+pub const LEAST_CONN_SCAN: u32 = 64;
 
 /// sessionAffinity: ClientIP: a client's new flows go to the backend its
 /// earlier ones went to (`lb4_affinity`), while it is still a member.
@@ -140,8 +170,13 @@ pub struct Backend4 {
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `BACKEND_*` bits (as a member: how the service uses it).
+    pub flags: u8,
 }
+
+/// A member that is terminating: its flows stay, new ones go elsewhere
+/// (it has no slot, but conntrack still honours it).
+pub const BACKEND_TERMINATING: u8 = 1;
 
 /// Key of `lb_members`: a backend of a service. The value is the backend's
 /// `Backend4` as the service uses it, so that a conntrack or affinity entry
@@ -260,9 +295,28 @@ pub struct Ct4Entry {
     pub backend_id: u32,
     pub service_id: u32,
     /// Coarse monotonic seconds of the last packet (refreshed at most once a
-    /// second): an idle source NAT port may be taken over.
+    /// second, and on every state change): garbage collection and source NAT
+    /// port takeover go by it.
     pub last_seen: u32,
+    /// `CT_STATE_*` of the packets seen in this entry's direction.
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// 1 while the flow counts as an open connection of its backend in
+    /// `lb_conns` (forward entries only); whoever swaps it to 0 takes the
+    /// count back.
+    pub active: u32,
 }
+
+/// Conntrack state of one direction of a flow. Not TCP: 0.
+pub const CT_STATE_OPEN: u8 = 0;
+/// TCP: only SYNs seen so far.
+pub const CT_STATE_SYN: u8 = 1;
+/// TCP: a packet without SYN seen.
+pub const CT_STATE_ESTABLISHED: u8 = 2;
+/// TCP: a FIN seen (this side is done sending).
+pub const CT_STATE_FIN: u8 = 3;
+/// TCP: a RST seen.
+pub const CT_STATE_RST: u8 = 4;
 
 /// An IPv6 address as four 32-bit words in network byte order, exactly as
 /// in the packet.
@@ -286,7 +340,8 @@ pub struct Backend6 {
     pub addr: Addr6,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `BACKEND_*` bits.
+    pub flags: u8,
 }
 
 /// Key of `ct6`, as `Ct4Key`.
@@ -312,6 +367,9 @@ pub struct Ct6Entry {
     pub backend_id: u32,
     pub service_id: u32,
     pub last_seen: u32,
+    pub state: u8,
+    pub _pad: [u8; 3],
+    pub active: u32,
 }
 
 /// Key of `lb6_affinity`.
@@ -336,6 +394,28 @@ pub struct SourceRange6 {
 pub struct ServiceStats {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Per-backend activity, per CPU (indexed by backend id in `lb_be_stats`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    /// New flows sent to the backend.
+    pub flows: u64,
+}
+
+/// A backend's connections in `lb_conns` (indexed by backend id), counted
+/// by the kernel with atomic adds: open connections are `opened - closed`
+/// minus what garbage collection reaped (`lb_reaped`, which only the agent
+/// writes, so neither side overwrites the other's counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Connections {
+    /// New flows whose conntrack entry was written.
+    pub opened: u32,
+    /// Flows the kernel saw end (a TCP FIN or RST from the client, or a
+    /// flow moved away from a backend that left).
+    pub closed: u32,
 }
 
 /// Indexes of the per-CPU `counters` array: events that are not per service.
@@ -372,10 +452,18 @@ pub enum Counter {
     /// A flow that needed source NAT got none (no node address known, or no
     /// free port): forwarded untranslated.
     SnatFailed = 12,
+    /// A new flow that found conntrack full: forwarded by a hash of its
+    /// 5-tuple (the same backend for each of its packets) without an entry.
+    CtFull = 13,
+    /// A TCP packet of a connection whose backend left the service: the
+    /// client was sent a RST.
+    Reset = 14,
+    /// As `Reset`, but the RST could not be built: dropped.
+    ResetFailed = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NoBackend,
         Counter::CtInsertFailed,
@@ -390,6 +478,9 @@ impl Counter {
         Counter::NoLocalBackend,
         Counter::AffinityStale,
         Counter::SnatFailed,
+        Counter::CtFull,
+        Counter::Reset,
+        Counter::ResetFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -407,6 +498,9 @@ impl Counter {
             Counter::NoLocalBackend => "no_local_backend",
             Counter::AffinityStale => "affinity_stale",
             Counter::SnatFailed => "snat_failed",
+            Counter::CtFull => "ct_full",
+            Counter::Reset => "reset",
+            Counter::ResetFailed => "reset_failed",
         }
     }
 }
@@ -435,6 +529,8 @@ mod pod {
     unsafe impl aya::Pod for Ct6Entry {}
     unsafe impl aya::Pod for Affinity6Key {}
     unsafe impl aya::Pod for SourceRange6 {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for Connections {}
 }
 
 #[cfg(test)]
@@ -445,11 +541,11 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Frontend4>(), 8);
-        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Service>(), 24);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend4>(), 8);
         assert_eq!(size_of::<Ct4Key>(), 16);
-        assert_eq!(size_of::<Ct4Entry>(), 20);
+        assert_eq!(size_of::<Ct4Entry>(), 28);
         assert_eq!(size_of::<ServiceStats>(), 16);
         assert_eq!(size_of::<MemberKey>(), 8);
         assert_eq!(size_of::<Affinity4Key>(), 8);
@@ -459,7 +555,8 @@ mod tests {
         assert_eq!(size_of::<Frontend6>(), 20);
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<Ct6Key>(), 40);
-        assert_eq!(size_of::<Ct6Entry>(), 32);
+        assert_eq!(size_of::<Ct6Entry>(), 40);
+        assert_eq!(size_of::<BackendStats>(), 8);
         assert_eq!(size_of::<Affinity6Key>(), 20);
         assert_eq!(size_of::<SourceRange6>(), 20);
     }

@@ -2,7 +2,7 @@
 //! it has sent nothing for the service's timeout.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use proxy_common::{AffinityEntry, Counter, Service};
+use proxy_common::{AffinityEntry, BACKEND_TERMINATING, Counter, Service};
 
 use crate::{
     family::{Family, Target},
@@ -31,7 +31,10 @@ pub fn backend<F: Family>(service: &Service, client: F::Addr) -> Option<(u32, Ta
     if now().saturating_sub(entry.last_used_ns) > timeout {
         return None;
     }
-    let Some(backend) = lb::member::<F>(service.id, entry.backend_id) else {
+    // A terminating backend keeps its flows but takes no new ones.
+    let backend = lb::member::<F>(service.id, entry.backend_id)
+        .filter(|b| b.flags & BACKEND_TERMINATING == 0);
+    let Some(backend) = backend else {
         maps::count(Counter::AffinityStale);
         return None;
     };

@@ -15,16 +15,29 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use proxy_common::{
-    CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, IPPROTO_UDP, SNAT_IDLE_DATAGRAM,
-    SNAT_IDLE_STREAM, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
+    CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
+    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Counter, IPPROTO_TCP, IPPROTO_UDP,
+    SNAT_IDLE_DATAGRAM, SNAT_IDLE_STREAM, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
 };
 
 use crate::{
+    atomic,
     family::{Entry, Family, Target},
     lb::{Rewrite, Side},
-    maps::{self, CONFIG},
-    parse::Flow,
+    maps::{self, CONFIG, CONNECTIONS},
+    parse::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+/// The kernel's answer to an insert into a full hash map.
+const E2BIG: i64 = 7;
+
+/// Why a new flow has no conntrack entries.
+pub enum Untracked {
+    /// The table is full: the flow must be steered without state.
+    Full,
+    /// Another error (counted).
+    Failed,
+}
 
 /// Ports tried for one new source-NATed flow before giving up.
 const SNAT_TRIES: u32 = 8;
@@ -36,6 +49,68 @@ pub fn now() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
+/// A direction's TCP state after a packet with `tcp_flags`. FIN and RST
+/// stay: a new SYN on such an entry is a new connection, which the caller
+/// sees and handles.
+#[inline(always)]
+pub fn next_state(state: u8, proto: u8, tcp_flags: u8) -> u8 {
+    if proto != IPPROTO_TCP {
+        CT_STATE_OPEN
+    } else if tcp_flags & TCP_RST != 0 {
+        CT_STATE_RST
+    } else if tcp_flags & TCP_FIN != 0 || state == CT_STATE_FIN || state == CT_STATE_RST {
+        state.max(CT_STATE_FIN)
+    } else if tcp_flags & TCP_SYN != 0 {
+        state
+    } else {
+        CT_STATE_ESTABLISHED
+    }
+}
+
+/// The state a new entry starts in, from the flow's first packet.
+#[inline(always)]
+fn first_state<A>(flow: &Flow<A>) -> u8 {
+    if flow.proto != IPPROTO_TCP {
+        CT_STATE_OPEN
+    } else if flow.tcp_flags & TCP_SYN != 0 {
+        CT_STATE_SYN
+    } else {
+        CT_STATE_ESTABLISHED
+    }
+}
+
+/// True once either side of a TCP flow began closing it.
+#[inline(always)]
+pub fn closing(state: u8) -> bool {
+    state == CT_STATE_FIN || state == CT_STATE_RST
+}
+
+/// The flow stops counting as an open connection of its backend (least
+/// connections), once, whichever CPU gets here first.
+#[inline(always)]
+pub fn release<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
+    if entry.active == 0 {
+        return;
+    }
+    let Some(active) = F::ct_active(of::<F>(flow, CT_FORWARD)) else {
+        return;
+    };
+    // SAFETY: a field of a live map value, 32-bit aligned.
+    if unsafe { atomic::swap(active, 0) } != 0 {
+        // SAFETY: a field of the array value the closure is given.
+        connections(entry.backend_id, |c| unsafe { &raw mut (*c).closed });
+    }
+}
+
+/// Adds one to a backend's `lb_conns` field, atomically (all CPUs share it).
+#[inline(always)]
+fn connections(backend_id: u32, field: impl Fn(*mut proxy_common::Connections) -> *mut u32) {
+    if let Some(c) = CONNECTIONS.get_ptr_mut(backend_id) {
+        // SAFETY: a field of a live array value, 32-bit aligned.
+        unsafe { atomic::fetch_add(field(c), 1) };
+    }
+}
+
 #[inline(always)]
 fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
     F::ct_key(
@@ -43,16 +118,39 @@ fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
     )
 }
 
-/// The flow's forward entry, if it has one.
+/// The flow's forward entry, if it has one, with this packet taken in. A
+/// connection the client began closing stops counting as open.
 #[inline(always)]
 pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
-    F::ct_get(of::<F>(flow, CT_FORWARD), true)
+    let entry = F::ct_get(of::<F>(flow, CT_FORWARD), Some(flow.tcp_flags))?;
+    if closing(entry.state) {
+        release::<F>(flow, &entry);
+    }
+    Some(entry)
+}
+
+/// Removes a flow whose backend is gone: its forward entry and the reply
+/// entry of whichever stage it has.
+#[inline(always)]
+pub fn forget<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
+    release::<F>(flow, entry);
+    for direction in [CT_REPLY, CT_EGRESS] {
+        F::ct_remove(F::ct_key(
+            entry.addr, entry.port, flow.saddr, flow.sport, flow.proto, direction,
+        ));
+    }
+    // Source NAT's: its reply entry towards the node port stays until
+    // garbage collection, which knows the port.
+    F::ct_remove(F::ct_key(
+        flow.saddr, flow.sport, entry.addr, entry.port, flow.proto, CT_EGRESS,
+    ));
+    F::ct_remove(of::<F>(flow, CT_FORWARD));
 }
 
 /// A packet coming back in: what changes, if it belongs to a flow.
 #[inline(always)]
 pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_REPLY), true)?;
+    let entry = F::ct_get(of::<F>(flow, CT_REPLY), Some(flow.tcp_flags))?;
     let side = if entry.flags & CT_REWRITE_DST != 0 {
         Side::Destination
     } else {
@@ -68,7 +166,7 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
 /// A packet leaving: the source it gets, if it belongs to a flow.
 #[inline(always)]
 pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_EGRESS), true)?;
+    let entry = F::ct_get(of::<F>(flow, CT_EGRESS), Some(flow.tcp_flags))?;
     Some(Rewrite {
         side: Side::Source,
         addr: entry.addr,
@@ -77,7 +175,13 @@ pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
 }
 
 #[inline(always)]
-fn entry<A>(addr: A, port: u16, flags: u16, backend_id: u32, service_id: u32) -> Entry<A> {
+fn entry<A>(
+    flow: &Flow<A>,
+    (addr, port): (A, u16),
+    flags: u16,
+    backend_id: u32,
+    service_id: u32,
+) -> Entry<A> {
     Entry {
         addr,
         port,
@@ -85,18 +189,19 @@ fn entry<A>(addr: A, port: u16, flags: u16, backend_id: u32, service_id: u32) ->
         backend_id,
         service_id,
         last_seen: now(),
+        state: first_state(flow),
+        active: 0,
     }
 }
 
-/// Writes the entries of a new flow; a failure is counted, and the packet
-/// is still forwarded.
+/// Writes the entries of a new flow, and counts it for its backend.
 #[inline(always)]
 pub fn remember<F: Family>(
     flow: &Flow<F::Addr>,
     service: &Service,
     backend_id: u32,
     backend: &Target<F::Addr>,
-) {
+) -> Result<(), Untracked> {
     let id = service.id;
     // A backend reaching itself would see its own address as the source.
     let hairpin = backend.addr == flow.saddr;
@@ -112,12 +217,29 @@ pub fn remember<F: Family>(
         flow.proto,
         direction,
     );
-    let to_client = entry(flow.daddr, flow.dport, 0, backend_id, id);
-    let to_backend = entry(backend.addr, backend.port, 0, backend_id, id);
+    let to_client = entry(flow, (flow.daddr, flow.dport), 0, backend_id, id);
+    let to_backend = Entry {
+        active: 1,
+        ..entry(flow, (backend.addr, backend.port), 0, backend_id, id)
+    };
     forget_stale::<F>(flow, backend, reply_at_egress, snat);
-    if !F::ct_insert(reply, to_client, 0) || !F::ct_insert(of::<F>(flow, CT_FORWARD), to_backend, 0)
-    {
+    F::ct_insert(reply, to_client, 0).map_err(untracked)?;
+    if let Err(e) = F::ct_insert(of::<F>(flow, CT_FORWARD), to_backend, 0) {
+        F::ct_remove(reply);
+        return Err(untracked(e));
+    }
+    // SAFETY: a field of the array value the closure is given.
+    connections(backend_id, |c| unsafe { &raw mut (*c).opened });
+    Ok(())
+}
+
+#[inline(always)]
+fn untracked(error: i64) -> Untracked {
+    if error == -E2BIG {
+        Untracked::Full
+    } else {
         maps::count(Counter::CtInsertFailed);
+        Untracked::Failed
     }
 }
 
@@ -157,7 +279,7 @@ fn forget_stale<F: Family>(
 /// A lookup is lock-free and cheap; a delete of an absent key is not.
 #[inline(always)]
 fn remove_if_there<F: Family>(key: F::CtKey) {
-    if F::ct_get(key, false).is_some() {
+    if F::ct_get(key, None).is_some() {
         F::ct_remove(key);
     }
 }
@@ -189,16 +311,17 @@ fn source_nat<F: Family>(
         let port = ((min as u32 + start.wrapping_add(i) % range) as u16).to_be();
         let back = F::ct_key(backend.addr, backend.port, node, port, flow.proto, CT_REPLY);
         let to_client = entry(
-            flow.saddr,
-            flow.sport,
+            flow,
+            (flow.saddr, flow.sport),
             CT_REWRITE_DST,
             backend_id,
             service_id,
         );
         // Taken ports belong to other flows towards this backend, unless
         // that flow has been idle long enough to be given up.
-        if !F::ct_insert(back, to_client, BPF_NOEXIST as u64)
-            && !(idle::<F>(back, flow.proto) && F::ct_insert(back, to_client, BPF_ANY as u64))
+        if F::ct_insert(back, to_client, BPF_NOEXIST as u64).is_err()
+            && !(idle::<F>(back, flow.proto)
+                && F::ct_insert(back, to_client, BPF_ANY as u64).is_ok())
         {
             continue;
         }
@@ -210,7 +333,8 @@ fn source_nat<F: Family>(
             flow.proto,
             CT_EGRESS,
         );
-        if !F::ct_insert(out, entry(node, port, 0, backend_id, service_id), 0) {
+        let to_node = entry(flow, (node, port), 0, backend_id, service_id);
+        if F::ct_insert(out, to_node, 0).is_err() {
             F::ct_remove(back);
             break;
         }
@@ -229,5 +353,5 @@ fn idle<F: Family>(key: F::CtKey, proto: u8) -> bool {
     } else {
         SNAT_IDLE_STREAM
     };
-    F::ct_get(key, false).is_some_and(|e| now().wrapping_sub(e.last_seen) > limit)
+    F::ct_get(key, None).is_some_and(|e| now().wrapping_sub(e.last_seen) > limit)
 }

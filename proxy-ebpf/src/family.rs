@@ -10,15 +10,27 @@ use proxy_common::{
 };
 
 use crate::maps::{
-    AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONNTRACK4, CONNTRACK6, MEMBERS, MEMBERS6,
-    SERVICES4, SERVICES6, SOURCE_RANGES4, SOURCE_RANGES6,
+    AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch,
+    MEMBERS, MEMBERS6, SERVICES4, SERVICES6, SOURCE_RANGES4, SOURCE_RANGES6,
 };
+
+/// Where conntrack keys and values are put together for the map helpers,
+/// which take them by pointer: on the stack, every one of them would hold
+/// its own slot, and together they outgrow BPF's 512 bytes.
+#[inline(always)]
+fn scratch() -> Option<&'static mut CtScratch> {
+    // SAFETY: per-CPU, and only used between a write and the helper call
+    // that reads it, with no other use in between.
+    CT_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &mut *s })
+}
 
 /// A backend as the datapath uses it: where to send the flow.
 #[derive(Clone, Copy)]
 pub struct Target<A> {
     pub addr: A,
     pub port: u16,
+    /// `BACKEND_*` bits (of a member).
+    pub flags: u8,
 }
 
 /// A conntrack value, family-independent.
@@ -31,6 +43,10 @@ pub struct Entry<A> {
     pub service_id: u32,
     /// Coarse seconds of the entry's last packet.
     pub last_seen: u32,
+    /// `CT_STATE_*`, including the packet just seen.
+    pub state: u8,
+    /// Non-zero while the flow counts as an open connection.
+    pub active: u32,
 }
 
 pub trait Family {
@@ -51,11 +67,15 @@ pub trait Family {
         proto: u8,
         direction: u8,
     ) -> Self::CtKey;
-    /// The entry as it was; with `touch`, also marks it used now (the
-    /// clock is read only for an entry that exists).
-    fn ct_get(key: Self::CtKey, touch: bool) -> Option<Entry<Self::Addr>>;
-    fn ct_insert(key: Self::CtKey, entry: Entry<Self::Addr>, flags: u64) -> bool;
+    /// The entry; with `seen` (a packet's TCP flags, 0 for other
+    /// protocols), the entry also takes in that packet: its time (the clock
+    /// is read only for an entry that exists) and state.
+    fn ct_get(key: Self::CtKey, seen: Option<u8>) -> Option<Entry<Self::Addr>>;
+    /// Writes the entry; the kernel's error code on failure.
+    fn ct_insert(key: Self::CtKey, entry: Entry<Self::Addr>, flags: u64) -> Result<(), i64>;
     fn ct_remove(key: Self::CtKey);
+    /// The entry's `active` field, for an atomic exchange.
+    fn ct_active(key: Self::CtKey) -> Option<*mut u32>;
 
     fn affinity_get(service_id: u32, client: Self::Addr) -> Option<*mut AffinityEntry>;
     fn affinity_insert(service_id: u32, client: Self::Addr, entry: AffinityEntry);
@@ -64,6 +84,25 @@ pub trait Family {
     fn admits(service_id: u32, client: Self::Addr) -> bool;
     /// The node address source NAT uses, if one is known.
     fn snat_addr(config: &NodeConfig) -> Option<Self::Addr>;
+    /// The address folded into 32 well-mixed bits, for flow hashing.
+    fn addr_hash(addr: Self::Addr) -> u32;
+}
+
+/// Takes a packet into an entry: refreshes its second (at most one write a
+/// second) and its TCP state; returns the state after the packet.
+#[inline(always)]
+fn take_in(last_seen: *mut u32, state: *mut u8, proto: u8, tcp_flags: u8) -> u8 {
+    let now = crate::ct::now();
+    // SAFETY: both point into a live map value; a racing CPU stores the same
+    // second, or a state that the next packet corrects.
+    unsafe {
+        let next = crate::ct::next_state(*state, proto, tcp_flags);
+        if *last_seen != now || *state != next {
+            *last_seen = now;
+            *state = next;
+        }
+        next
+    }
 }
 
 pub struct V4;
@@ -111,17 +150,24 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn ct_get(key: Ct4Key, touch: bool) -> Option<Entry<u32>> {
-        let ptr = CONNTRACK4.get_ptr_mut(key)?;
+    fn ct_get(key: Ct4Key, seen: Option<u8>) -> Option<Entry<u32>> {
+        let s = scratch()?;
+        s.key4 = key;
+        let ptr = CONNTRACK4.get_ptr_mut(&s.key4)?;
         // SAFETY: a copy out of a live map value.
         let e = unsafe { *ptr };
-        if touch {
-            let now = crate::ct::now();
-            if now != e.last_seen {
-                // SAFETY: a live map value; racing CPUs store the same second.
-                unsafe { (*ptr).last_seen = now };
-            }
-        }
+        let state = match seen {
+            // SAFETY: fields of a live map value.
+            Some(tcp_flags) => unsafe {
+                take_in(
+                    &raw mut (*ptr).last_seen,
+                    &raw mut (*ptr).state,
+                    key.proto,
+                    tcp_flags,
+                )
+            },
+            None => e.state,
+        };
         Some(Entry {
             addr: e.nat_addr,
             port: e.nat_port,
@@ -129,25 +175,47 @@ impl Family for V4 {
             backend_id: e.backend_id,
             service_id: e.service_id,
             last_seen: e.last_seen,
+            state,
+            active: e.active,
         })
     }
 
     #[inline(always)]
-    fn ct_insert(key: Ct4Key, e: Entry<u32>, flags: u64) -> bool {
-        let value = Ct4Entry {
+    fn ct_insert(key: Ct4Key, e: Entry<u32>, flags: u64) -> Result<(), i64> {
+        let s = scratch().ok_or(-1i64)?;
+        s.key4 = key;
+        s.value4 = Ct4Entry {
             nat_addr: e.addr,
             nat_port: e.port,
             flags: e.flags,
             backend_id: e.backend_id,
             service_id: e.service_id,
             last_seen: e.last_seen,
+            state: e.state,
+            _pad: [0; 3],
+            active: e.active,
         };
-        CONNTRACK4.insert(key, value, flags).is_ok()
+        CONNTRACK4
+            .insert(&s.key4, &s.value4, flags)
+            .map_err(i64::from)
     }
 
     #[inline(always)]
     fn ct_remove(key: Ct4Key) {
-        let _ = CONNTRACK4.remove(key);
+        if let Some(s) = scratch() {
+            s.key4 = key;
+            let _ = CONNTRACK4.remove(&s.key4);
+        }
+    }
+
+    #[inline(always)]
+    fn ct_active(key: Ct4Key) -> Option<*mut u32> {
+        let s = scratch()?;
+        s.key4 = key;
+        // SAFETY: a field of a live map value.
+        CONNTRACK4
+            .get_ptr_mut(&s.key4)
+            .map(|e| unsafe { &raw mut (*e).active })
     }
 
     #[inline(always)]
@@ -181,6 +249,11 @@ impl Family for V4 {
     fn snat_addr(config: &NodeConfig) -> Option<u32> {
         (config.snat_addr4 != 0).then_some(config.snat_addr4)
     }
+
+    #[inline(always)]
+    fn addr_hash(addr: u32) -> u32 {
+        crate::hash::mix(addr)
+    }
 }
 
 #[inline(always)]
@@ -188,6 +261,7 @@ fn target4(b: &Backend4) -> Target<u32> {
     Target {
         addr: b.addr,
         port: b.port,
+        flags: b.flags,
     }
 }
 
@@ -196,6 +270,7 @@ fn target6(b: &Backend6) -> Target<Addr6> {
     Target {
         addr: b.addr,
         port: b.port,
+        flags: b.flags,
     }
 }
 
@@ -241,17 +316,24 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn ct_get(key: Ct6Key, touch: bool) -> Option<Entry<Addr6>> {
-        let ptr = CONNTRACK6.get_ptr_mut(key)?;
+    fn ct_get(key: Ct6Key, seen: Option<u8>) -> Option<Entry<Addr6>> {
+        let s = scratch()?;
+        s.key6 = key;
+        let ptr = CONNTRACK6.get_ptr_mut(&s.key6)?;
         // SAFETY: a copy out of a live map value.
         let e = unsafe { *ptr };
-        if touch {
-            let now = crate::ct::now();
-            if now != e.last_seen {
-                // SAFETY: a live map value; racing CPUs store the same second.
-                unsafe { (*ptr).last_seen = now };
-            }
-        }
+        let state = match seen {
+            // SAFETY: fields of a live map value.
+            Some(tcp_flags) => unsafe {
+                take_in(
+                    &raw mut (*ptr).last_seen,
+                    &raw mut (*ptr).state,
+                    key.proto,
+                    tcp_flags,
+                )
+            },
+            None => e.state,
+        };
         Some(Entry {
             addr: e.nat_addr,
             port: e.nat_port,
@@ -259,25 +341,47 @@ impl Family for V6 {
             backend_id: e.backend_id,
             service_id: e.service_id,
             last_seen: e.last_seen,
+            state,
+            active: e.active,
         })
     }
 
     #[inline(always)]
-    fn ct_insert(key: Ct6Key, e: Entry<Addr6>, flags: u64) -> bool {
-        let value = Ct6Entry {
+    fn ct_insert(key: Ct6Key, e: Entry<Addr6>, flags: u64) -> Result<(), i64> {
+        let s = scratch().ok_or(-1i64)?;
+        s.key6 = key;
+        s.value6 = Ct6Entry {
             nat_addr: e.addr,
             nat_port: e.port,
             flags: e.flags,
             backend_id: e.backend_id,
             service_id: e.service_id,
             last_seen: e.last_seen,
+            state: e.state,
+            _pad: [0; 3],
+            active: e.active,
         };
-        CONNTRACK6.insert(key, value, flags).is_ok()
+        CONNTRACK6
+            .insert(&s.key6, &s.value6, flags)
+            .map_err(i64::from)
     }
 
     #[inline(always)]
     fn ct_remove(key: Ct6Key) {
-        let _ = CONNTRACK6.remove(key);
+        if let Some(s) = scratch() {
+            s.key6 = key;
+            let _ = CONNTRACK6.remove(&s.key6);
+        }
+    }
+
+    #[inline(always)]
+    fn ct_active(key: Ct6Key) -> Option<*mut u32> {
+        let s = scratch()?;
+        s.key6 = key;
+        // SAFETY: a field of a live map value.
+        CONNTRACK6
+            .get_ptr_mut(&s.key6)
+            .map(|e| unsafe { &raw mut (*e).active })
     }
 
     #[inline(always)]
@@ -310,5 +414,13 @@ impl Family for V6 {
     #[inline(always)]
     fn snat_addr(config: &NodeConfig) -> Option<Addr6> {
         (config.snat_addr6 != [0; 4]).then_some(config.snat_addr6)
+    }
+
+    #[inline(always)]
+    fn addr_hash(addr: Addr6) -> u32 {
+        crate::hash::mix(
+            crate::hash::mix(crate::hash::mix(crate::hash::mix(addr[0]) ^ addr[1]) ^ addr[2])
+                ^ addr[3],
+        )
     }
 }

@@ -1,14 +1,20 @@
 //! Service lookup, conntrack and backend selection: what to do with a packet.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_loop},
+};
 use proxy_common::{
-    Counter, MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES, Service, SlotKey,
+    ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Counter, IPPROTO_TCP, LEAST_CONN_SCAN,
+    MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::{
-    affinity, ct,
-    family::{Family, Target},
-    maps::{self, SLOTS},
+    affinity, atomic,
+    ct::{self, Untracked},
+    family::{Entry, Family, Target},
+    hash,
+    maps::{self, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
     parse::Flow,
 };
 
@@ -44,6 +50,9 @@ pub enum Verdict<A> {
     Drop,
     /// A service without endpoints: refuse, as kube-proxy's REJECT does.
     Reject,
+    /// A TCP connection whose backend left the service: reset it, so the
+    /// client learns now instead of after its timeouts.
+    Reset,
 }
 
 /// What to do with a parsed packet.
@@ -65,22 +74,30 @@ pub fn decide<F: Family>(flow: &Flow<F::Addr>, len: u64, stage: Stage) -> Verdic
     }
 }
 
+/// How a backend is picked for a flow without a usable conntrack entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// By the service's algorithm.
+    Algorithm,
+    /// By the flow's hash: the same backend for every packet of the flow
+    /// without any state (a connection met mid-way, a full table).
+    Hash,
+}
+
 /// A client's packet to a service: to the backend conntrack remembers while
 /// it is still a member of the service, otherwise to a newly chosen one.
 #[inline(always)]
 fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
-    if let Some(entry) = ct::forward::<F>(flow) {
-        if let Some(backend) = member::<F>(service.id, entry.backend_id)
-            && backend.addr == entry.addr
-            && backend.port == entry.port
-        {
-            if service.flags & SVC_AFFINITY != 0 {
-                affinity::touch::<F>(service, flow.saddr, entry.backend_id);
-            }
-            return to(&backend);
-        }
-        maps::count(Counter::Reselected);
-    }
+    let pick = match ct::forward::<F>(flow) {
+        Some(entry) => match established::<F>(flow, service, &entry) {
+            Some(verdict) => return verdict,
+            None => Pick::Algorithm,
+        },
+        // Only a SYN may start a connection anywhere; a packet in the
+        // middle of one must go where the hash says, every time.
+        None if flow.proto == IPPROTO_TCP && !flow.opens() => Pick::Hash,
+        None => Pick::Algorithm,
+    };
     if service.flags & SVC_SOURCE_RANGES != 0 && !F::admits(service.id, flow.saddr) {
         maps::count(Counter::SourceRangeDenied);
         return Verdict::Drop;
@@ -88,19 +105,60 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
     if service.backend_count == 0 {
         return empty(service);
     }
-    let chosen = if service.flags & SVC_AFFINITY != 0 {
-        affinity::backend::<F>(service, flow.saddr).or_else(|| select::<F>(service))
-    } else {
-        select::<F>(service)
+    let affinity = service.flags & SVC_AFFINITY != 0;
+    let chosen = match affinity && pick == Pick::Algorithm {
+        true => affinity::backend::<F>(service, flow.saddr),
+        false => None,
     };
-    let Some((id, backend)) = chosen else {
+    let Some((id, backend)) = chosen.or_else(|| select::<F>(service, flow, pick)) else {
         return Verdict::Pass;
     };
-    if service.flags & SVC_AFFINITY != 0 {
-        affinity::remember::<F>(service, flow.saddr, id);
+    match ct::remember::<F>(flow, service, id, &backend) {
+        Ok(()) => {
+            maps::count_backend_flow(id);
+            if affinity {
+                affinity::remember::<F>(service, flow.saddr, id);
+            }
+            to(&backend)
+        }
+        // Without an entry, every packet of the flow comes here again: it
+        // must get the same backend each time.
+        Err(Untracked::Full) => {
+            maps::count(Counter::CtFull);
+            select::<F>(service, flow, Pick::Hash).map_or(Verdict::Pass, |(_, b)| to(&b))
+        }
+        Err(Untracked::Failed) => to(&backend),
     }
-    ct::remember::<F>(flow, service, id, &backend);
-    to(&backend)
+}
+
+/// A packet of a flow conntrack knows: its verdict, or None if the flow
+/// must be given a backend anew (its connection closed and a new one
+/// reuses the port, or its backend left and it is not TCP).
+#[inline(always)]
+fn established<F: Family>(
+    flow: &Flow<F::Addr>,
+    service: &Service,
+    entry: &Entry<F::Addr>,
+) -> Option<Verdict<F::Addr>> {
+    let still_member = member::<F>(service.id, entry.backend_id)
+        .filter(|b| b.addr == entry.addr && b.port == entry.port);
+    let Some(backend) = still_member else {
+        maps::count(Counter::Reselected);
+        if flow.proto == IPPROTO_TCP && !flow.opens() {
+            ct::forget::<F>(flow, entry);
+            return Some(Verdict::Reset);
+        }
+        ct::release::<F>(flow, entry);
+        return None;
+    };
+    if flow.opens() && ct::closing(entry.state) {
+        ct::release::<F>(flow, entry);
+        return None;
+    }
+    if service.flags & SVC_AFFINITY != 0 {
+        affinity::touch::<F>(service, flow.saddr, entry.backend_id);
+    }
+    Some(to(&backend))
 }
 
 #[inline(always)]
@@ -132,14 +190,129 @@ pub fn member<F: Family>(service_id: u32, backend_id: u32) -> Option<Target<F::A
     })
 }
 
+/// A backend for a new flow, from the service's slots.
 #[inline(always)]
-fn select<F: Family>(service: &Service) -> Option<(u32, Target<F::Addr>)> {
+fn select<F: Family>(
+    service: &Service,
+    flow: &Flow<F::Addr>,
+    pick: Pick,
+) -> Option<(u32, Target<F::Addr>)> {
+    let slot = if service.table_size != 0 {
+        // Maglev and source hash: slots hold the lookup table.
+        let h = match service.algorithm {
+            ALG_SOURCE_HASH => hash::source::<F>(flow),
+            _ => hash::five_tuple::<F>(flow),
+        };
+        h % service.table_size
+    } else if pick == Pick::Hash {
+        hash::five_tuple::<F>(flow) % service.backend_count
+    } else {
+        match service.algorithm {
+            ALG_ROUND_ROBIN => next_turn(service.id) % service.backend_count,
+            ALG_LEAST_CONN => return least_connections::<F>(service),
+            _ => random() % service.backend_count,
+        }
+    };
+    slot_backend::<F>(service.id, slot)
+}
+
+#[inline(always)]
+fn random() -> u32 {
     // SAFETY: the helper has no preconditions.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
-    let slot_key = SlotKey {
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// The service's round-robin counter, advanced atomically: CPUs share it.
+#[inline(always)]
+fn next_turn(service_id: u32) -> u32 {
+    match ROUND_ROBIN.get_ptr_mut(service_id) {
+        // SAFETY: a live array value, 32-bit aligned.
+        Some(turn) => unsafe { atomic::fetch_add(turn, 1) },
+        None => random(),
+    }
+}
+
+/// The backend with the fewest open connections among up to
+/// `LEAST_CONN_SCAN` slots from a random one (the random start spreads ties).
+#[inline(always)]
+fn least_connections<F: Family>(service: &Service) -> Option<(u32, Target<F::Addr>)> {
+    let count = service.backend_count;
+    let mut scan = Scan {
         service_id: service.id,
+        count,
+        start: random() % count,
+        best: 0,
+        fewest: u32::MAX,
+    };
+    // bpf_loop: the verifier checks the body once, not once per turn.
+    // SAFETY: the callback and its context match what it expects.
+    unsafe {
+        bpf_loop(
+            count.min(LEAST_CONN_SCAN),
+            scan_slot as *mut c_void,
+            (&raw mut scan).cast(),
+            0,
+        )
+    };
+    if scan.fewest == u32::MAX {
+        maps::count(Counter::BackendMissing);
+        return None;
+    }
+    F::backend(scan.best).map(|b| (scan.best, b))
+}
+
+/// State of a least-connections scan.
+#[repr(C)]
+struct Scan {
+    service_id: u32,
+    count: u32,
+    start: u32,
+    best: u32,
+    fewest: u32,
+}
+
+/// One turn of the scan: the `i`th slot from the start.
+extern "C" fn scan_slot(i: u64, scan: *mut Scan) -> i64 {
+    // SAFETY: bpf_loop passes the context it was given.
+    let scan = unsafe { &mut *scan };
+    let mut slot = scan.start.wrapping_add(i as u32);
+    if slot >= scan.count {
+        slot -= scan.count;
+    }
+    let key = SlotKey {
+        service_id: scan.service_id,
         slot,
     };
+    if let Some(id) = SLOTS.get_ptr(key) {
+        // SAFETY: a copy out of a live map value.
+        let id = unsafe { *id };
+        let open = open_connections(id);
+        if open < scan.fewest {
+            scan.fewest = open;
+            scan.best = id;
+        }
+    }
+    0
+}
+
+/// A backend's open connections: opened - closed - reaped (see
+/// `proxy_common::Connections`), in wrapping arithmetic.
+#[inline(always)]
+fn open_connections(backend_id: u32) -> u32 {
+    let Some(c) = CONNECTIONS.get_ptr_mut(backend_id) else {
+        return u32::MAX;
+    };
+    // SAFETY: a copy out of a live array value; a torn read only skews one
+    // choice.
+    let c = unsafe { *c };
+    // SAFETY: as above.
+    let reaped = REAPED.get_ptr_mut(backend_id).map_or(0, |r| unsafe { *r });
+    c.opened.wrapping_sub(c.closed).wrapping_sub(reaped)
+}
+
+#[inline(always)]
+fn slot_backend<F: Family>(service_id: u32, slot: u32) -> Option<(u32, Target<F::Addr>)> {
+    let slot_key = SlotKey { service_id, slot };
     let Some(id) = SLOTS.get_ptr(slot_key) else {
         maps::count(Counter::BackendMissing);
         return None;

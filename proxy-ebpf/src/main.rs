@@ -6,18 +6,24 @@
 //! pseudo-header sum correctly either way.
 #![no_std]
 #![no_main]
+// Atomic read-modify-write (see `atomic`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod abort;
 mod affinity;
+mod atomic;
 mod bench;
 mod ct;
 mod family;
+mod hash;
 mod lb;
 mod maps;
 mod nat;
 mod parse;
 mod reject;
 mod reject6;
+mod reset;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -30,19 +36,21 @@ use nat::Nat;
 use parse::{Flow, Parsed};
 use proxy_common::Counter;
 use reject::Refuse;
+use reset::Reset;
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 
 /// Everything a hook needs of an address family.
-trait Datapath: Nat + Refuse {}
-impl<F: Nat + Refuse> Datapath for F {}
+trait Datapath: Nat + Refuse + Reset {}
+impl<F: Nat + Refuse + Reset> Datapath for F {}
 
 #[xdp]
 pub fn xdproxy_xdp(ctx: XdpContext) -> u32 {
     try_xdp(&ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
+#[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     match parse::flow(start, end) {
@@ -63,7 +71,8 @@ fn xdp_flow<F: Datapath>(
         Verdict::Pass => {}
         Verdict::Rewrite(rewrite) => <F as Nat>::xdp(ctx, flow, &rewrite)?,
         Verdict::Drop => return Ok(xdp_action::XDP_DROP),
-        Verdict::Reject => return Ok(<F as Refuse>::xdp(ctx, flow, start, end)),
+        Verdict::Reject => return Ok(<F as Refuse>::xdp(ctx)),
+        Verdict::Reset => return Ok(<F as Reset>::xdp(ctx)),
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -80,6 +89,7 @@ pub fn xdproxy_tc_out(ctx: TcContext) -> i32 {
     try_tc(&ctx, Stage::Egress).unwrap_or(TC_ACT_OK)
 }
 
+#[inline(always)]
 fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     // Headers of locally built packets are linear already; pull in case not.
     if ctx.data_end() - ctx.data() < parse::MAX_HEADERS {
@@ -98,7 +108,8 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         Verdict::Pass => return Ok(TC_ACT_OK),
         Verdict::Rewrite(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
-        Verdict::Reject => return Ok(<F as Refuse>::tc(ctx, flow)),
+        Verdict::Reject => return Ok(<F as Refuse>::tc(ctx)),
+        Verdict::Reset => return Ok(<F as Reset>::tc(ctx)),
     };
     if <F as Nat>::tc(ctx, flow, &rewrite).is_err() {
         // A half-rewritten packet would reach the wrong place or fail its

@@ -1,15 +1,20 @@
 //! The maps every program shares. Names match `proxy_common::names`.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
-    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig, Service, ServiceStats,
-    SlotKey, SourceRange4, SourceRange6,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, Connections,
+    Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig,
+    Service, ServiceStats, SlotKey, SourceRange4, SourceRange6,
 };
+
+/// Maglev tables make slot counts vary by orders of magnitude between
+/// services: allocate slots as they are written.
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 #[btf_map(name = "lb_config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
@@ -18,13 +23,17 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 pub static SERVICES4: HashMap<Frontend4, Service, { MAX_SERVICES as usize }> = HashMap::new();
 
 #[btf_map(name = "lb_slots")]
-pub static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }> = HashMap::new();
+pub static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "lb4_backends")]
 pub static BACKENDS4: HashMap<u32, Backend4, { MAX_BACKENDS as usize }> = HashMap::new();
 
+// Conntrack is a plain hash, not an LRU: a full table must not evict an
+// established flow to make room for a new one. Expired entries are removed
+// by the agent's garbage collection; new flows that find it full are
+// forwarded by flow hash and counted.
 #[btf_map(name = "ct4")]
-pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Entry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+pub static CONNTRACK4: HashMap<Ct4Key, Ct4Entry, { MAX_CONNTRACK as usize }> = HashMap::new();
 
 #[btf_map(name = "lb_members")]
 pub static MEMBERS: HashMap<MemberKey, Backend4, { MAX_MEMBERS as usize }> = HashMap::new();
@@ -47,7 +56,7 @@ pub static BACKENDS6: HashMap<u32, Backend6, { MAX_BACKENDS as usize }> = HashMa
 pub static MEMBERS6: HashMap<MemberKey, Backend6, { MAX_MEMBERS as usize }> = HashMap::new();
 
 #[btf_map(name = "ct6")]
-pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Entry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+pub static CONNTRACK6: HashMap<Ct6Key, Ct6Entry, { MAX_CONNTRACK as usize }> = HashMap::new();
 
 #[btf_map(name = "lb6_affinity")]
 pub static AFFINITY6: LruHashMap<Affinity6Key, AffinityEntry, { MAX_AFFINITY as usize }> =
@@ -56,6 +65,19 @@ pub static AFFINITY6: LruHashMap<Affinity6Key, AffinityEntry, { MAX_AFFINITY as 
 #[btf_map(name = "lb6_src_ranges")]
 pub static SOURCE_RANGES6: LpmTrie<SourceRange6, u32, { MAX_SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// Conntrack keys and values on their way into the map helpers (see
+/// `family`). Not pinned.
+#[repr(C)]
+pub struct CtScratch {
+    pub key4: Ct4Key,
+    pub value4: Ct4Entry,
+    pub key6: Ct6Key,
+    pub value6: Ct6Entry,
+}
+
+#[btf_map(name = "ct_scratch")]
+pub static CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
 
 /// Room to build a refusal in, off the 512-byte BPF stack. Not pinned.
 #[btf_map(name = "scratch")]
@@ -73,6 +95,19 @@ pub fn scratch<T>() -> Option<&'static mut T> {
 
 #[btf_map(name = "lb_stats")]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "lb_be_stats")]
+pub static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "lb_conns")]
+pub static CONNECTIONS: Array<Connections, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Written by the agent only: connections its garbage collection removed.
+#[btf_map(name = "lb_reaped")]
+pub static REAPED: Array<u32, { MAX_BACKENDS as usize }> = Array::new();
+
+#[btf_map(name = "lb_rr")]
+pub static ROUND_ROBIN: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 
 #[btf_map(name = "counters")]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
@@ -93,5 +128,13 @@ pub fn count_service(id: u32, bytes: u64) {
             (*s).packets += 1;
             (*s).bytes += bytes;
         }
+    }
+}
+
+#[inline(always)]
+pub fn count_backend_flow(id: u32) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe { (*s).flows += 1 };
     }
 }

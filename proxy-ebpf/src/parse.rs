@@ -46,6 +46,7 @@ pub struct Ports {
 
 /// One TCP, UDP or SCTP packet's addressing. Addresses and ports in network
 /// order.
+#[derive(Clone, Copy)]
 pub struct Flow<A> {
     pub saddr: A,
     pub daddr: A,
@@ -60,6 +61,21 @@ pub struct Flow<A> {
     pub l4_check: usize,
     /// Bytes from the L4 header to the end of the IP payload.
     pub l4_len: usize,
+    /// TCP: the flags byte (`TCP_*`); other protocols: 0.
+    pub tcp_flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl<A> Flow<A> {
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    #[inline(always)]
+    pub fn opens(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    }
 }
 
 pub enum Parsed {
@@ -199,6 +215,11 @@ fn ports<A>(
         IPPROTO_SCTP => 8,
         _ => 6,
     };
+    let tcp_flags = match proto {
+        // SAFETY: l4_at checked the 20-byte TCP header is there.
+        IPPROTO_TCP => ptr_at::<u8>(start, end, l4 + 13).map_or(0, |f| unsafe { *f }),
+        _ => 0,
+    };
     Some(Flow {
         saddr,
         daddr,
@@ -209,5 +230,6 @@ fn ports<A>(
         l4,
         l4_check: l4 + check_at,
         l4_len: 0,
+        tcp_flags,
     })
 }

@@ -30,16 +30,18 @@ use crate::{
     abort,
     family::{Family, V4},
     maps,
-    parse::{Flow, ptr_at},
+    parse::{self, Flow, Parsed, ptr_at},
 };
 
-/// Refusing a flow of one address family.
+/// Refusing a flow of one address family. As `reset::Reset`, these start
+/// from the packet alone (parsing it again), which keeps the hook's flow
+/// from having its address taken.
 pub trait Refuse: Family {
     /// XDP_TX with the refusal, or XDP_DROP if it cannot be built (counted).
-    fn xdp(ctx: &XdpContext, flow: &Flow<Self::Addr>, start: usize, end: usize) -> u32;
+    fn xdp(ctx: &XdpContext) -> u32;
     /// The refusal redirected out of the interface the packet came in on,
     /// or TC_ACT_SHOT if it cannot be built (counted).
-    fn tc(ctx: &TcContext, flow: &Flow<Self::Addr>) -> i32;
+    fn tc(ctx: &TcContext) -> i32;
 }
 
 const IPV4_HLEN: usize = 20;
@@ -68,7 +70,12 @@ struct Original {
 
 impl Refuse for V4 {
     #[inline(always)]
-    fn xdp(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize) -> u32 {
+    fn xdp(ctx: &XdpContext) -> u32 {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let Parsed::V4(flow) = parse::flow(start, end) else {
+            return xdp_outcome(None);
+        };
+        let flow = &flow;
         if flow.proto == IPPROTO_SCTP {
             return xdp_outcome(abort::xdp4(ctx, flow, start, end));
         }
@@ -80,7 +87,11 @@ impl Refuse for V4 {
     }
 
     #[inline(always)]
-    fn tc(ctx: &TcContext, flow: &Flow<u32>) -> i32 {
+    fn tc(ctx: &TcContext) -> i32 {
+        let Parsed::V4(flow) = parse::flow(ctx.data(), ctx.data_end()) else {
+            return tc_outcome(None);
+        };
+        let flow = &flow;
         if flow.proto == IPPROTO_SCTP {
             return tc_outcome(abort::tc4(ctx, flow));
         }

@@ -59,6 +59,13 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench => {
             let object = setup()?;
+            cmd::run(build::host_cargo(&object).args([
+                "bench",
+                "--package",
+                "proxy-agent",
+                "--bench",
+                "maglev",
+            ]))?;
             let bench = |name: &str| {
                 cmd::run(build::host_cargo(&object).args([
                     "bench",

@@ -47,13 +47,13 @@ pub fn backend(b: &BackendKey) -> BackendValue {
             addr: v4(&a),
             port,
             proto,
-            _pad: 0,
+            flags: 0,
         }),
         IpAddr::V6(a) => BackendValue::V6(Backend6 {
             addr: v6(&a),
             port,
             proto,
-            _pad: 0,
+            flags: 0,
         }),
     }
 }

@@ -26,9 +26,9 @@ use aya::{
 };
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
-    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_MEMBERS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT, Service,
-    ServiceStats, SlotKey, SourceRange4, SourceRange6, names, programs,
+    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_MEMBERS, MAX_SERVICES,
+    MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT, Service, ServiceStats, SlotKey,
+    SourceRange4, SourceRange6, names, programs,
 };
 
 use super::iface::{Hook, IfaceSpec};
@@ -83,17 +83,18 @@ pub struct Loaded {
     links: Vec<PathBuf>,
 }
 
-/// Loads the object with every map pinned under `<bpffs>/xdproxy`. Maps an
-/// earlier agent pinned there are reused as they are (with their entries and
+/// Loads the object with every map pinned under `<bpffs>/xdproxy`, the
+/// conntrack maps sized for `conntrack_max` entries each. Maps an earlier
+/// agent pinned there are reused as they are (with their entries and
 /// conntrack state) when their layout is the one this agent expects.
-pub fn load(bpffs: &Path, object: &[u8]) -> anyhow::Result<Loaded> {
+pub fn load(bpffs: &Path, object: &[u8], conntrack_max: u32) -> anyhow::Result<Loaded> {
     ensure_bpffs(bpffs)?;
     let pins = pin_dir(bpffs);
     fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
     let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pins.join(n))).collect();
     let mut adopted = 0;
     for (name, path) in &paths {
-        if check_pinned_layout(name, path)? {
+        if check_pinned_layout(name, path, conntrack_max)? {
             adopted += 1;
         }
     }
@@ -104,6 +105,10 @@ pub fn load(bpffs: &Path, object: &[u8]) -> anyhow::Result<Loaded> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    // A pinned map is reused at the size it has, whatever is set here.
+    for name in [names::CONNTRACK4, names::CONNTRACK6] {
+        loader.map_max_entries(name, conntrack_max);
+    }
     let ebpf = loader.load(object).context("loading the eBPF object")?;
     Ok(Loaded {
         ebpf,
@@ -113,16 +118,28 @@ pub fn load(bpffs: &Path, object: &[u8]) -> anyhow::Result<Loaded> {
 }
 
 /// True if a map is pinned at `path` with the layout this agent expects;
-/// an error if it is pinned with another one.
-fn check_pinned_layout(name: &str, path: &Path) -> anyhow::Result<bool> {
+/// an error if it is pinned with another one. A conntrack map of another
+/// size is adopted as it is: its open connections matter more than the
+/// size asked for.
+fn check_pinned_layout(name: &str, path: &Path, conntrack_max: u32) -> anyhow::Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
     let info = MapInfo::from_pin(path).with_context(|| format!("reading {}", path.display()))?;
-    let Some((key, value, max)) = layout(name) else {
+    let Some((key, value, max)) = layout(name, conntrack_max) else {
         return Ok(false);
     };
     let found = (info.key_size(), info.value_size(), info.max_entries());
+    let conntrack = name == names::CONNTRACK4 || name == names::CONNTRACK6;
+    if conntrack && (found.0, found.1) == (key, value) && found.2 != max {
+        log::warn!(
+            "{} holds {} entries, not the {max} asked for: keeping it and its connections; \
+             the new size applies after `proxy-agent cleanup`",
+            path.display(),
+            found.2
+        );
+        return Ok(true);
+    }
     if found != (key, value, max) {
         anyhow::bail!(
             "{} has key/value size and capacity {found:?}, this agent expects {:?}: the map \
@@ -136,7 +153,7 @@ fn check_pinned_layout(name: &str, path: &Path) -> anyhow::Result<bool> {
 }
 
 /// (key size, value size, max entries) of each map the object defines.
-fn layout(name: &str) -> Option<(u32, u32, u32)> {
+fn layout(name: &str, conntrack_max: u32) -> Option<(u32, u32, u32)> {
     use std::mem::size_of;
     let size = |n: usize| n as u32;
     Some(match name {
@@ -150,7 +167,7 @@ fn layout(name: &str) -> Option<(u32, u32, u32)> {
         names::CONNTRACK4 => (
             size(size_of::<Ct4Key>()),
             size(size_of::<Ct4Entry>()),
-            MAX_CONNTRACK,
+            conntrack_max,
         ),
         names::SERVICE_STATS => (4, size(size_of::<ServiceStats>()), MAX_SERVICES),
         names::COUNTERS => (4, 8, Counter::COUNT),
@@ -169,7 +186,7 @@ fn layout(name: &str) -> Option<(u32, u32, u32)> {
         names::CONNTRACK6 => (
             size(size_of::<Ct6Key>()),
             size(size_of::<Ct6Entry>()),
-            MAX_CONNTRACK,
+            conntrack_max,
         ),
         names::AFFINITY6 => (
             size(size_of::<Affinity6Key>()),

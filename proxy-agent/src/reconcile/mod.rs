@@ -615,6 +615,8 @@ fn service(id: u32, count: u32, state: &FrontendState) -> Service {
         backend_count: count,
         flags,
         affinity_timeout: state.affinity_timeout.unwrap_or(0),
+        algorithm: proxy_common::ALG_RANDOM,
+        table_size: 0,
     }
 }
 

@@ -1,0 +1,351 @@
+//! Garbage collection's I/O: reads the pinned conntrack maps, deletes what
+//! `expiry` says has expired, and hands the open connections it removed
+//! back to least-connections balancing through `lb_reaped`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::Hash,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use aya::{
+    Pod,
+    maps::{Array, HashMap as BpfHashMap, IterableMap, Map, MapData, MapError},
+};
+use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, names};
+
+use super::{
+    expiry::{self, Record},
+    timeouts::Timeouts,
+};
+use crate::datapath::loader;
+
+/// What one pass saw and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Entries in `ct4` when the pass read it.
+    pub entries4: usize,
+    /// Entries in `ct6` when the pass read it.
+    pub entries6: usize,
+    /// Entries deleted (both families).
+    pub deleted: usize,
+    /// Expired flows left in place because a packet arrived while the pass
+    /// ran.
+    pub revived: usize,
+    /// Open connections handed back to `lb_reaped`.
+    pub reaped: u64,
+    pub duration: Duration,
+}
+
+/// The pinned maps garbage collection works on.
+pub struct Gc {
+    ct4: BpfHashMap<MapData, Ct4Key, Ct4Entry>,
+    ct6: BpfHashMap<MapData, Ct6Key, Ct6Entry>,
+    reaped: Array<MapData, u32>,
+    timeouts: Timeouts,
+    /// Reaped counts not yet written to `lb_reaped` (a write failed): the
+    /// next pass tries again, as the entries they came from are gone.
+    pending: BTreeMap<u32, u32>,
+}
+
+impl Gc {
+    /// Opens `ct4`, `ct6` and `lb_reaped` where the agent pinned them under
+    /// `bpffs`.
+    pub fn open(bpffs: &Path, timeouts: Timeouts) -> anyhow::Result<Gc> {
+        let pins = loader::pin_dir(bpffs);
+        Ok(Gc {
+            ct4: open_pinned(&pins, names::CONNTRACK4)?,
+            ct6: open_pinned(&pins, names::CONNTRACK6)?,
+            reaped: open_pinned(&pins, names::REAPED)?,
+            timeouts,
+            pending: BTreeMap::new(),
+        })
+    }
+
+    /// One pass over both families. Entries a pass could not delete stay
+    /// for the next one; nothing in the maps makes it panic.
+    pub fn pass(&mut self) -> anyhow::Result<Stats> {
+        let started = Instant::now();
+        let now = now()?;
+        let v4 = sweep(&mut self.ct4, now, &self.timeouts, &mut self.pending)
+            .with_context(|| format!("collecting {}", names::CONNTRACK4));
+        let v6 = sweep(&mut self.ct6, now, &self.timeouts, &mut self.pending)
+            .with_context(|| format!("collecting {}", names::CONNTRACK6));
+        // Whatever was deleted is counted, even if one family failed.
+        let reaped = self.flush_reaped();
+        let (v4, v6) = (v4?, v6?);
+        Ok(Stats {
+            entries4: v4.seen,
+            entries6: v6.seen,
+            deleted: v4.deleted + v6.deleted,
+            revived: v4.revived + v6.revived,
+            reaped: reaped?,
+            duration: started.elapsed(),
+        })
+    }
+
+    /// Adds the pending reaped counts to `lb_reaped`; the count written.
+    fn flush_reaped(&mut self) -> anyhow::Result<u64> {
+        let mut written = 0;
+        let mut failure = None;
+        for (id, count) in std::mem::take(&mut self.pending) {
+            // Only the agent writes lb_reaped and one pass runs at a time:
+            // read, add, write is safe.
+            let result = (self.reaped.get(&id, 0))
+                .and_then(|old| self.reaped.set(id, old.wrapping_add(count), 0));
+            match result {
+                Ok(()) => written += u64::from(count),
+                Err(MapError::OutOfBounds { .. }) => log::warn!(
+                    "conntrack names backend id {id}, beyond {}: {count} closed connections \
+                     not recorded",
+                    names::REAPED
+                ),
+                Err(e) => {
+                    self.pending.insert(id, count);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e).with_context(|| format!("writing {}", names::REAPED)),
+            None => Ok(written),
+        }
+    }
+}
+
+fn open_pinned<T: TryFrom<Map, Error = MapError>>(pins: &Path, name: &str) -> anyhow::Result<T> {
+    let path = pins.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("{}", path.display()))?;
+    T::try_from(map).with_context(|| format!("{} has an unexpected type", path.display()))
+}
+
+/// Coarse monotonic seconds, the clock the datapath stamps entries with
+/// (`bpf_ktime_get_coarse_ns`). The agent must not run in a time namespace
+/// with a monotonic offset, or its seconds would not be the kernel's.
+pub fn now() -> anyhow::Result<u32> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("clock_gettime(CLOCK_MONOTONIC_COARSE)");
+    }
+    // As the datapath does: the low 32 bits of the seconds.
+    Ok(ts.tv_sec as u32)
+}
+
+/// A conntrack key type, with its value, seen as a family-independent
+/// record.
+pub trait CtKey: Pod + Eq + Hash {
+    type Value: Pod;
+    type Addr: Copy + Ord;
+    fn record(&self, value: &Self::Value) -> Record<Self::Addr>;
+}
+
+impl CtKey for Ct4Key {
+    type Value = Ct4Entry;
+    type Addr = u32;
+    fn record(&self, v: &Ct4Entry) -> Record<u32> {
+        Record {
+            src: (self.src_addr, self.src_port),
+            dst: (self.dst_addr, self.dst_port),
+            proto: self.proto,
+            direction: self.direction,
+            nat: (v.nat_addr, v.nat_port),
+            flags: v.flags,
+            backend_id: v.backend_id,
+            last_seen: v.last_seen,
+            state: v.state,
+            active: v.active != 0,
+        }
+    }
+}
+
+impl CtKey for Ct6Key {
+    type Value = Ct6Entry;
+    type Addr = Addr6;
+    fn record(&self, v: &Ct6Entry) -> Record<Addr6> {
+        Record {
+            src: (self.src_addr, self.src_port),
+            dst: (self.dst_addr, self.dst_port),
+            proto: self.proto,
+            direction: self.direction,
+            nat: (v.nat_addr, v.nat_port),
+            flags: v.flags,
+            backend_id: v.backend_id,
+            last_seen: v.last_seen,
+            state: v.state,
+            active: v.active != 0,
+        }
+    }
+}
+
+/// One family's part of a pass.
+#[derive(Default)]
+struct Sweep {
+    seen: usize,
+    deleted: usize,
+    revived: usize,
+}
+
+/// Reads every entry, then deletes the expired flows (never while walking:
+/// a deleted key makes the kernel's walk start over). Open connections
+/// deleted are added to `reaped` as they go, so an error part way loses
+/// none.
+fn sweep<K: CtKey>(
+    map: &mut BpfHashMap<MapData, K, K::Value>,
+    now: u32,
+    timeouts: &Timeouts,
+    reaped: &mut BTreeMap<u32, u32>,
+) -> anyhow::Result<Sweep> {
+    let entries = read_all(map)?;
+    let mut sweep = Sweep {
+        seen: entries.len(),
+        ..Sweep::default()
+    };
+    let records = entries.into_iter().map(|(k, v)| ((k, v), k.record(&v)));
+    let plan = expiry::plan(records, now, timeouts);
+    for flow in &plan.expired {
+        match delete_flow(map, flow, reaped)? {
+            Some(deleted) => sweep.deleted += deleted,
+            None => sweep.revived += 1,
+        }
+    }
+    Ok(sweep)
+}
+
+/// Every entry, each once. A key the kernel deletes between two steps makes
+/// the walk start over from the first key, so the walk may meet entries
+/// twice (kept once) and, under heavy churn, go on; it stops after twice
+/// the map's capacity, and the next pass sees the rest.
+fn read_all<K: CtKey>(
+    map: &BpfHashMap<MapData, K, K::Value>,
+) -> anyhow::Result<HashMap<K, K::Value>> {
+    let capacity = map
+        .map()
+        .info()
+        .map_or(MAX_CONNTRACK, |info| info.max_entries());
+    let limit = (capacity as usize).saturating_mul(2).max(1024);
+    let mut entries = HashMap::new();
+    for (step, item) in map.iter().enumerate() {
+        if step >= limit {
+            log::debug!("conntrack walk stopped after {step} steps (entries churning)");
+            break;
+        }
+        let (key, value) = item.context("walking the map")?;
+        entries.insert(key, value);
+    }
+    Ok(entries)
+}
+
+/// Deletes one expired flow, replies before forwards, unless one of its
+/// entries changed since the snapshot (a packet arrived, or a new flow
+/// took the key over): then the flow stays (None). Otherwise the number of
+/// entries this call deleted.
+fn delete_flow<K: CtKey>(
+    map: &mut BpfHashMap<MapData, K, K::Value>,
+    flow: &[(K, K::Value)],
+    reaped: &mut BTreeMap<u32, u32>,
+) -> anyhow::Result<Option<usize>> {
+    for (key, seen) in flow {
+        match map.get(key, 0) {
+            Ok(current) if !same_state(key, seen, &current) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if absent(&e) => {}
+            Err(e) => return Err(e).context("re-reading an expired entry"),
+        }
+    }
+    let mut deleted = 0;
+    for (key, seen) in flow {
+        if !key.record(seen).is_forward() {
+            match map.remove(key) {
+                Ok(()) => deleted += 1,
+                Err(e) if absent(&e) => {}
+                Err(e) => return Err(e).context("deleting an expired entry"),
+            }
+            continue;
+        }
+        // The forward entry's `active` as it was when it went, not as the
+        // snapshot saw it: the kernel may have released the connection
+        // since, and counting it twice would skew least connections.
+        let taken = take(map.map(), key).context("deleting an expired forward entry")?;
+        if let Some(value) = taken {
+            deleted += 1;
+            expiry::add_reaped(reaped, [&key.record(&value)]);
+        }
+    }
+    Ok(Some(deleted))
+}
+
+/// Equal but for `active`, which the kernel clears without a packet being
+/// counted as activity.
+fn same_state<K: CtKey>(key: &K, a: &K::Value, b: &K::Value) -> bool {
+    let quiet = |v: &K::Value| Record {
+        active: false,
+        ..key.record(v)
+    };
+    quiet(a) == quiet(b)
+}
+
+/// The key was not there (any more): someone else deleted it, which is fine.
+fn absent(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps: Linux 5.14), which aya 0.14
+/// offers for queues and stacks only.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The element-command part of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Deletes `key` and returns its value as it was at that moment (None: it
+/// was not there), in one step that no other deletion can interleave with.
+fn take<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: the attribute points at a key and a value buffer of the map's
+    // key and value types (aya checked their sizes when the map was typed),
+    // both live for the call; the kernel zero-fills the rest of the union.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw const attr,
+            size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        // SAFETY: the kernel wrote the whole value; any bytes are a valid V (Pod).
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    Err(error)
+}

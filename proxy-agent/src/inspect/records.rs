@@ -1,0 +1,168 @@
+//! What the pinned maps hold, decoded from their byte layout (network byte
+//! order, per-family structs) into addresses and ports, but not interpreted
+//! yet. The reports are built from these by pure functions, and unit tests
+//! build them by hand.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use proxy_common::{
+    Addr6, Backend4, Backend6, Connections, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4,
+    Frontend6, Service, ServiceStats, SlotKey,
+};
+
+use crate::datapath::keys::{from_v4, from_v6};
+
+/// An address, port and IP protocol number, as a map key or value holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub proto: u8,
+}
+
+/// An IPv4 address and port in network byte order, as in the packet.
+pub fn socket4(addr: u32, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(from_v4(addr)), u16::from_be(port))
+}
+
+/// An IPv6 address and port in network byte order, as in the packet.
+pub fn socket6(addr: &Addr6, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(from_v6(addr)), u16::from_be(port))
+}
+
+impl From<&Frontend4> for Endpoint {
+    fn from(f: &Frontend4) -> Self {
+        Endpoint {
+            addr: socket4(f.addr, f.port),
+            proto: f.proto,
+        }
+    }
+}
+
+impl From<&Frontend6> for Endpoint {
+    fn from(f: &Frontend6) -> Self {
+        Endpoint {
+            addr: socket6(&f.addr, f.port),
+            proto: f.proto,
+        }
+    }
+}
+
+impl From<&Backend4> for Endpoint {
+    fn from(b: &Backend4) -> Self {
+        Endpoint {
+            addr: socket4(b.addr, b.port),
+            proto: b.proto,
+        }
+    }
+}
+
+impl From<&Backend6> for Endpoint {
+    fn from(b: &Backend6) -> Self {
+        Endpoint {
+            addr: socket6(&b.addr, b.port),
+            proto: b.proto,
+        }
+    }
+}
+
+/// One entry of `lb4_services` or `lb6_services`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub frontend: Endpoint,
+    pub entry: Service,
+}
+
+/// One entry of `lb_members` or `lb6_members`: a backend as a service uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend: Endpoint,
+    /// `BACKEND_*` bits.
+    pub flags: u8,
+}
+
+/// A backend's counters. `None`: the map is not pinned (a datapath older
+/// than the counter) or has no index for this backend id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendActivity {
+    /// `lb_be_stats`, summed over CPUs.
+    pub flows: Option<u64>,
+    /// `lb_conns`.
+    pub connections: Option<Connections>,
+    /// `lb_reaped`.
+    pub reaped: Option<u32>,
+}
+
+/// The load-balancing maps of both families: what `services` and
+/// `backends` show.
+#[derive(Clone, Debug, Default)]
+pub struct LbRecords {
+    pub services: Vec<ServiceRecord>,
+    /// `lb_slots`: (service id, slot) -> backend id.
+    pub slots: BTreeMap<SlotKey, u32>,
+    /// `lb4_backends` and `lb6_backends`: backend id -> address.
+    pub backends: BTreeMap<u32, Endpoint>,
+    pub members: Vec<MemberRecord>,
+    /// `lb_stats` of each service id, summed over CPUs.
+    pub service_stats: BTreeMap<u32, ServiceStats>,
+    /// Of each backend id that appears in a backends, members or slots map.
+    pub activity: BTreeMap<u32, BackendActivity>,
+}
+
+/// One entry of `ct4` or `ct6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtRecord {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub proto: u8,
+    /// `CT_FORWARD`, `CT_REPLY` or `CT_EGRESS`.
+    pub direction: u8,
+    pub nat: SocketAddr,
+    /// `CT_*` bits.
+    pub flags: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Coarse monotonic seconds of the last packet.
+    pub last_seen: u32,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    pub active: u32,
+}
+
+impl CtRecord {
+    pub fn v4(key: &Ct4Key, e: &Ct4Entry) -> Self {
+        CtRecord {
+            src: socket4(key.src_addr, key.src_port),
+            dst: socket4(key.dst_addr, key.dst_port),
+            proto: key.proto,
+            direction: key.direction,
+            nat: socket4(e.nat_addr, e.nat_port),
+            flags: e.flags,
+            backend_id: e.backend_id,
+            service_id: e.service_id,
+            last_seen: e.last_seen,
+            state: e.state,
+            active: e.active,
+        }
+    }
+
+    pub fn v6(key: &Ct6Key, e: &Ct6Entry) -> Self {
+        CtRecord {
+            src: socket6(&key.src_addr, key.src_port),
+            dst: socket6(&key.dst_addr, key.dst_port),
+            proto: key.proto,
+            direction: key.direction,
+            nat: socket6(&e.nat_addr, e.nat_port),
+            flags: e.flags,
+            backend_id: e.backend_id,
+            service_id: e.service_id,
+            last_seen: e.last_seen,
+            state: e.state,
+            active: e.active,
+        }
+    }
+}

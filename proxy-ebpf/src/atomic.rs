@@ -1,0 +1,26 @@
+//! Atomic read-modify-write on map values shared by all CPUs. The BPF
+//! target has no `core::sync::atomic` read-modify-write types; the
+//! intrinsics lower to BPF_ATOMIC instructions (fetching forms need
+//! `-C target-cpu=v3`, kernel 5.12 or later).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
+
+/// `*ptr += value`; the value before.
+///
+/// # Safety
+/// `ptr` points into a live map value, 4-byte aligned.
+#[inline(always)]
+pub unsafe fn fetch_add(ptr: *mut u32, value: u32) -> u32 {
+    // SAFETY: as the caller promised.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(ptr, value) }
+}
+
+/// `*ptr = value`; the value before.
+///
+/// # Safety
+/// As `fetch_add`.
+#[inline(always)]
+pub unsafe fn swap(ptr: *mut u32, value: u32) -> u32 {
+    // SAFETY: as the caller promised.
+    unsafe { atomic_xchg::<u32, { AtomicOrdering::Relaxed }>(ptr, value) }
+}

@@ -1,0 +1,29 @@
+//! Flow hashing for backend choice without per-flow state: Maglev, source
+//! hash, and flows that conntrack could not keep. Every packet of a flow,
+//! on any CPU, hashes the same.
+
+use crate::{family::Family, parse::Flow};
+
+/// MurmurHash3's 32-bit finalizer: every input bit affects every output bit.
+#[inline(always)]
+pub fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The flow's 5-tuple.
+#[inline(always)]
+pub fn five_tuple<F: Family>(flow: &Flow<F::Addr>) -> u32 {
+    let addrs = F::addr_hash(flow.saddr) ^ F::addr_hash(flow.daddr).rotate_left(16);
+    let ports = ((flow.sport as u32) << 16) | flow.dport as u32;
+    mix(mix(addrs ^ ports) ^ flow.proto as u32)
+}
+
+/// The client address only.
+#[inline(always)]
+pub fn source<F: Family>(flow: &Flow<F::Addr>) -> u32 {
+    F::addr_hash(flow.saddr)
+}

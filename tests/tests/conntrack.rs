@@ -1,0 +1,450 @@
+//! Conntrack garbage collection against real maps: the object loaded with
+//! its maps pinned in a private bpffs, entries written straight into
+//! `ct4`/`ct6` with ages relative to the kernel's coarse clock, one pass run
+//! through the agent's own `Gc`, and what remains read back. And
+//! `--conntrack-max`: the size the maps are created with, and a pinned map
+//! of another size adopted as it is.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, ensure};
+use aya::maps::{Array, HashMap, MapData, MapInfo};
+use proxy_agent::{
+    conntrack::{Gc, Timeouts, gc},
+    datapath::{self, loader},
+};
+use proxy_common::{
+    Addr6, CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
+    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_SERVICES, names,
+};
+
+/// Short timeouts, so that "expired" needs only minutes of uptime.
+const TIMEOUTS: Timeouts = Timeouts {
+    tcp_syn: 20,
+    tcp_established: 100,
+    tcp_fin: 5,
+    tcp_rst: 5,
+    udp: 30,
+    other: 50,
+};
+const SIZE: u32 = 4096;
+
+/// The object loaded with its maps pinned under a bpffs of its own, in a
+/// scratch directory; dropping it removes the pins, unmounts and deletes
+/// the directory, whether the test passed or not.
+struct Pinned {
+    scratch: PathBuf,
+    loaded: Option<loader::Loaded>,
+}
+
+impl Pinned {
+    fn new(tag: &str) -> anyhow::Result<Pinned> {
+        let scratch = std::env::temp_dir().join(format!("xdproxy-ct-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).context("scratch dir")?;
+        Ok(Pinned {
+            scratch,
+            loaded: None,
+        })
+    }
+
+    fn bpffs(&self) -> PathBuf {
+        self.scratch.join("bpffs")
+    }
+
+    fn pin(&self, name: &str) -> PathBuf {
+        loader::pin_dir(&self.bpffs()).join(name)
+    }
+
+    /// Loads (or reloads, adopting the pins) with `--conntrack-max SIZE`.
+    fn load(&mut self, conntrack_max: u32) -> anyhow::Result<&mut loader::Loaded> {
+        self.loaded = None;
+        let loaded = loader::load(&self.bpffs(), datapath::object()?, conntrack_max)?;
+        Ok(self.loaded.insert(loaded))
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.loaded = None;
+        let bpffs = self.bpffs();
+        if let Err(e) = loader::cleanup(&bpffs) {
+            eprintln!("removing the pins: {e:#}");
+        }
+        if let Ok(c) = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid path; failure (never mounted) is fine.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+fn pinned_map<K: aya::Pod, V: aya::Pod>(path: &Path) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(HashMap::try_from(aya::maps::Map::from_map_data(data)?)?)
+}
+
+fn v4(a: [u8; 4]) -> u32 {
+    u32::from(Ipv4Addr::from(a)).to_be()
+}
+
+fn v6(text: &str) -> Addr6 {
+    let octets = text.parse::<Ipv6Addr>().map_or([0; 16], |a| a.octets());
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ])
+    })
+}
+
+/// An entry to write: its name (for messages), key, value, and whether one
+/// pass must keep it.
+struct Case<K, V> {
+    name: &'static str,
+    key: K,
+    value: V,
+    keep: bool,
+}
+
+/// A flow's entries, built from its endpoints and the coarse clock.
+struct Flow4 {
+    client: (u32, u16),
+    frontend: (u32, u16),
+    backend: (u32, u16),
+    proto: u8,
+    backend_id: u32,
+    now: u32,
+}
+
+impl Flow4 {
+    fn key(&self, src: (u32, u16), dst: (u32, u16), direction: u8) -> Ct4Key {
+        Ct4Key {
+            src_addr: src.0,
+            dst_addr: dst.0,
+            src_port: src.1.to_be(),
+            dst_port: dst.1.to_be(),
+            proto: self.proto,
+            direction,
+            _pad: 0,
+        }
+    }
+
+    fn value(&self, nat: (u32, u16), flags: u16, idle: u32, state: u8, active: bool) -> Ct4Entry {
+        Ct4Entry {
+            nat_addr: nat.0,
+            nat_port: nat.1.to_be(),
+            flags,
+            backend_id: self.backend_id,
+            service_id: 1,
+            last_seen: self.now - idle,
+            state,
+            _pad: [0; 3],
+            active: u32::from(active),
+        }
+    }
+
+    fn forward(&self, idle: u32, state: u8, active: bool) -> (Ct4Key, Ct4Entry) {
+        (
+            self.key(self.client, self.frontend, CT_FORWARD),
+            self.value(self.backend, 0, idle, state, active),
+        )
+    }
+
+    fn reply(&self, direction: u8, idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
+        (
+            self.key(self.backend, self.client, direction),
+            self.value(self.frontend, 0, idle, state, false),
+        )
+    }
+
+    /// Source NAT's pair: C -> B leaving as node:port, B -> node:port back to C.
+    fn snat(&self, node: (u32, u16), idle: [u32; 2], state: u8) -> [(Ct4Key, Ct4Entry); 2] {
+        [
+            (
+                self.key(self.client, self.backend, CT_EGRESS),
+                self.value(node, 0, idle[0], state, false),
+            ),
+            (
+                self.key(self.backend, node, CT_REPLY),
+                self.value(self.client, CT_REWRITE_DST, idle[1], state, false),
+            ),
+        ]
+    }
+}
+
+fn case<K, V>(name: &'static str, (key, value): (K, V), keep: bool) -> Case<K, V> {
+    Case {
+        name,
+        key,
+        value,
+        keep,
+    }
+}
+
+/// The IPv4 table: what each flow looks like and whether it stays.
+fn ipv4_cases(now: u32) -> Vec<Case<Ct4Key, Ct4Entry>> {
+    use CT_STATE_ESTABLISHED as EST;
+    let node = (v4([10, 0, 0, 1]), 61_000);
+    let flow = |client: u8, backend_id: u32, proto: u8| Flow4 {
+        client: (v4([10, 0, 1, client]), 40_000 + u16::from(client)),
+        frontend: (v4([10, 96, 0, 10]), 80),
+        backend: (v4([10, 1, 1, 2]), 8080),
+        proto,
+        backend_id,
+        now,
+    };
+    let (a, b, c) = (
+        flow(1, 1, IPPROTO_TCP),
+        flow(2, 1, IPPROTO_TCP),
+        flow(3, 1, IPPROTO_TCP),
+    );
+    let (d, e, f) = (
+        flow(4, 2, IPPROTO_UDP),
+        flow(5, 3, IPPROTO_TCP),
+        flow(6, 3, IPPROTO_UDP),
+    );
+    let (g, h, i) = (
+        flow(7, 1, IPPROTO_TCP),
+        flow(8, 1, IPPROTO_TCP),
+        flow(9, 4, IPPROTO_TCP),
+    );
+    let [e_out, e_back] = e.snat(node, [200, 200], EST);
+    let [f_out, f_back] = f.snat((node.0, 61_001), [40, 2], CT_STATE_OPEN);
+    vec![
+        case("fresh forward", a.forward(1, EST, true), true),
+        case("fresh reply", a.reply(CT_REPLY, 0, EST), true),
+        case(
+            "idle forward of a live pair",
+            b.forward(200, EST, true),
+            true,
+        ),
+        case("live reply", b.reply(CT_EGRESS, 3, EST), true),
+        case("closed forward", c.forward(10, CT_STATE_FIN, false), false),
+        case("closed reply", c.reply(CT_REPLY, 10, CT_STATE_FIN), false),
+        case(
+            "idle udp forward",
+            d.forward(40, CT_STATE_OPEN, true),
+            false,
+        ),
+        case(
+            "idle udp reply",
+            d.reply(CT_REPLY, 40, CT_STATE_OPEN),
+            false,
+        ),
+        case("snat forward", e.forward(200, EST, true), false),
+        case("snat reply", e.reply(CT_EGRESS, 200, EST), false),
+        case("snat out", e_out, false),
+        case("snat back", e_back, false),
+        case(
+            "live snat forward",
+            f.forward(40, CT_STATE_OPEN, true),
+            true,
+        ),
+        case(
+            "live snat reply",
+            f.reply(CT_EGRESS, 40, CT_STATE_OPEN),
+            true,
+        ),
+        case("live snat out", f_out, true),
+        case("live snat back", f_back, true),
+        case("orphan reply", g.reply(CT_REPLY, 10, CT_STATE_FIN), false),
+        case("young syn", h.forward(10, CT_STATE_SYN, true), true),
+        case("reset forward", i.forward(10, CT_STATE_RST, true), false),
+        case("reset peer", i.reply(CT_REPLY, 10, EST), false),
+    ]
+}
+
+fn ipv6_cases(now: u32) -> Vec<Case<Ct6Key, Ct6Entry>> {
+    let key = |src: (&str, u16), dst: (&str, u16), proto: u8, direction: u8| Ct6Key {
+        src_addr: v6(src.0),
+        dst_addr: v6(dst.0),
+        src_port: src.1.to_be(),
+        dst_port: dst.1.to_be(),
+        proto,
+        direction,
+        _pad: 0,
+    };
+    let value = |nat: (&str, u16), idle: u32, state: u8, backend_id: u32, active: bool| Ct6Entry {
+        nat_addr: v6(nat.0),
+        nat_port: nat.1.to_be(),
+        flags: 0,
+        backend_id,
+        service_id: 2,
+        last_seen: now - idle,
+        state,
+        _pad: [0; 3],
+        active: u32::from(active),
+    };
+    let (c1, c2, f, b) = (
+        ("fd00:1::2", 40_001),
+        ("fd00:1::3", 40_002),
+        ("fd00:96::10", 53),
+        ("fd00:2::2", 5353),
+    );
+    let udp = IPPROTO_UDP;
+    let tcp = IPPROTO_TCP;
+    vec![
+        Case {
+            name: "fresh udp forward",
+            key: key(c1, f, udp, CT_FORWARD),
+            value: value(b, 5, CT_STATE_OPEN, 5, true),
+            keep: true,
+        },
+        Case {
+            name: "fresh udp reply",
+            key: key(b, c1, udp, CT_REPLY),
+            value: value(f, 5, CT_STATE_OPEN, 5, false),
+            keep: true,
+        },
+        Case {
+            name: "stale syn forward",
+            key: key(c2, (f.0, 80), tcp, CT_FORWARD),
+            value: value((b.0, 8080), 30, CT_STATE_SYN, 5, true),
+            keep: false,
+        },
+        Case {
+            name: "stale syn reply",
+            key: key((b.0, 8080), c2, tcp, CT_REPLY),
+            value: value((f.0, 80), 30, CT_STATE_SYN, 5, false),
+            keep: false,
+        },
+    ]
+}
+
+/// Writes the cases into the map; the keys that must remain.
+fn write<K: aya::Pod + Eq + Hash, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    cases: &[Case<K, V>],
+) -> anyhow::Result<HashSet<K>> {
+    for c in cases {
+        map.insert(c.key, c.value, 0)
+            .with_context(|| format!("writing {}", c.name))?;
+    }
+    Ok(cases.iter().filter(|c| c.keep).map(|c| c.key).collect())
+}
+
+fn remaining<K: aya::Pod + Eq + Hash, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+) -> anyhow::Result<HashSet<K>> {
+    Ok(map.keys().collect::<Result<_, _>>()?)
+}
+
+/// Names of the cases whose keys are in `keys`.
+fn names_of<K: Eq + Hash, V>(cases: &[Case<K, V>], keys: &HashSet<K>) -> Vec<&'static str> {
+    cases
+        .iter()
+        .filter(|c| keys.contains(&c.key))
+        .map(|c| c.name)
+        .collect()
+}
+
+#[test]
+fn a_pass_deletes_expired_flows_whole_and_reaps_their_connections() -> anyhow::Result<()> {
+    if !common::ready("a_pass_deletes_expired_flows_whole_and_reaps_their_connections") {
+        return Ok(());
+    }
+    let mut pinned = Pinned::new("gc")?;
+    pinned.load(SIZE)?;
+    let now = gc::now()?;
+    ensure!(
+        now > 1_000,
+        "the machine booted {now} s ago; entry ages here need more uptime"
+    );
+    let cases4 = ipv4_cases(now);
+    let cases6 = ipv6_cases(now);
+    let mut ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
+    let mut ct6 = pinned_map::<Ct6Key, Ct6Entry>(&pinned.pin(names::CONNTRACK6))?;
+    let keep4 = write(&mut ct4, &cases4)?;
+    let keep6 = write(&mut ct6, &cases6)?;
+    let reaped_path = pinned.pin(names::REAPED);
+    let mut reaped: Array<MapData, u32> = Array::try_from(aya::maps::Map::from_map_data(
+        MapData::from_pin(&reaped_path)?,
+    )?)?;
+    // Earlier passes' counts are added to, not replaced.
+    reaped.set(3, 5, 0)?;
+
+    let mut gc = Gc::open(&pinned.bpffs(), TIMEOUTS)?;
+    let stats = gc.pass()?;
+
+    let left4 = remaining(&ct4)?;
+    let left6 = remaining(&ct6)?;
+    assert_eq!(
+        names_of(&cases4, &left4),
+        names_of(&cases4, &keep4),
+        "IPv4 entries left"
+    );
+    assert_eq!(left4, keep4);
+    assert_eq!(
+        names_of(&cases6, &left6),
+        names_of(&cases6, &keep6),
+        "IPv6 entries left"
+    );
+    assert_eq!(left6, keep6);
+    assert_eq!(
+        (stats.entries4, stats.entries6),
+        (cases4.len(), cases6.len())
+    );
+    let deleted = cases4.len() + cases6.len() - keep4.len() - keep6.len();
+    assert_eq!(stats.deleted, deleted);
+    assert_eq!((stats.reaped, stats.revived), (4, 0));
+    // Backend 1: its closed and live flows are not reaped; 2: the idle UDP
+    // flow; 3: the source-NATed flow, on top of 5; 4: the reset connection;
+    // 5: the IPv6 handshake.
+    let counts: Vec<u32> = (0..=5)
+        .map(|id| reaped.get(&id, 0))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(counts, [0, 0, 1, 6, 1, 1], "lb_reaped by backend id");
+
+    let again = gc.pass()?;
+    assert_eq!(
+        (again.entries4, again.entries6, again.deleted, again.reaped),
+        (keep4.len(), keep6.len(), 0, 0),
+        "a second pass finds nothing more"
+    );
+    Ok(())
+}
+
+#[test]
+fn conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept() -> anyhow::Result<()> {
+    if !common::ready("conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept") {
+        return Ok(());
+    }
+    let mut pinned = Pinned::new("max")?;
+    pinned.load(SIZE)?;
+    let sizes = |pinned: &Pinned| -> anyhow::Result<[u32; 3]> {
+        let max = |name: &str| MapInfo::from_pin(pinned.pin(name)).map(|i| i.max_entries());
+        Ok([
+            max(names::CONNTRACK4)?,
+            max(names::CONNTRACK6)?,
+            max(names::SERVICES4)?,
+        ])
+    };
+    assert_eq!(sizes(&pinned)?, [SIZE, SIZE, MAX_SERVICES]);
+
+    // An open connection in the pinned map...
+    let mut ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
+    let now = gc::now()?;
+    let (key, value) = ipv4_cases(now)
+        .into_iter()
+        .next()
+        .map(|c| (c.key, c.value))
+        .context("a case")?;
+    ct4.insert(key, value, 0)?;
+    drop(ct4);
+    // ... survives an agent asking for another size, which gets the old one.
+    pinned.load(2 * SIZE)?;
+    assert_eq!(sizes(&pinned)?, [SIZE, SIZE, MAX_SERVICES]);
+    let ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
+    assert_eq!(ct4.get(&key, 0)?, value, "the pinned entry is kept");
+    Ok(())
+}
