@@ -2,6 +2,7 @@
 //!
 //! source (manifests) -> model (pure) -> reconciler (diff) -> datapath (maps).
 
+pub mod balancing;
 pub mod cidr;
 pub mod conntrack;
 pub mod datapath;

@@ -42,6 +42,8 @@ enum Command {
         /// the Node's InternalIP and ExternalIP addresses).
         #[arg(long, value_delimiter = ',')]
         nodeport_addresses: Vec<Cidr>,
+        #[command(flatten)]
+        balancing: proxy_agent::balancing::Flags,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -88,6 +90,8 @@ struct RunArgs {
     /// manifests).
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<Cidr>,
+    #[command(flatten)]
+    balancing: proxy_agent::balancing::Flags,
     /// Interface to attach to: IF, IF:xdp or IF:tc (default: tc on veth, xdp otherwise).
     #[arg(long = "iface", required = true)]
     ifaces: Vec<IfaceSpec>,
@@ -127,6 +131,7 @@ impl RunArgs {
             node_name,
             zone: self.zone,
             nodeport_ranges: self.nodeport_addresses,
+            balancing: self.balancing.balancing(),
             ifaces: self.ifaces,
             bpffs: self.bpffs,
             poll: Duration::from_millis(self.poll_ms.max(10)),
@@ -163,11 +168,13 @@ async fn main() -> anyhow::Result<()> {
             node_name,
             zone,
             nodeport_addresses,
+            balancing,
         } => {
             let node = NodeOptions {
                 name: node_name.as_deref(),
                 zone: zone.as_deref(),
                 nodeport_ranges: &nodeport_addresses,
+                balancing: balancing.balancing(),
             };
             let plan = proxy_agent::plan::from_manifests(&manifests, &node);
             for error in &plan.errors {

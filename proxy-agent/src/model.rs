@@ -13,7 +13,10 @@ use k8s_openapi::api::{
 };
 use serde::Serialize;
 
-use crate::cidr::Cidr;
+use crate::{
+    balancing::{self, Algorithm, Balancing},
+    cidr::Cidr,
+};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -46,6 +49,9 @@ pub struct Objects {
     /// `--nodeport-addresses`: NodePorts only on node addresses in these
     /// ranges (empty: on all of them).
     pub nodeport_ranges: Vec<Cidr>,
+    /// `--lb-algorithm` and `--maglev-table-size`: for Services whose
+    /// annotations do not choose.
+    pub balancing: Balancing,
 }
 
 /// The zone a Node is labelled with.
@@ -156,6 +162,12 @@ pub struct FrontendState {
     /// externalTrafficPolicy: Cluster), so replies from a backend on another
     /// node come back through this one.
     pub snat: bool,
+    /// Terminating endpoints that are not in `backends`: their flows keep
+    /// going, new ones go elsewhere. Sorted, without duplicates.
+    pub terminating: Vec<SocketAddr>,
+    pub algorithm: Algorithm,
+    /// With a table algorithm: the Maglev table size; otherwise 0.
+    pub table_size: u32,
 }
 
 /// kube-proxy's default for sessionAffinity: ClientIP without a timeout.
@@ -243,6 +255,8 @@ pub fn validate_service(service: &Service) -> Result<(), FieldError> {
             .map_err(|e| field_error(format!("spec.loadBalancerSourceRanges[{i}]"), e))?;
     }
     affinity_timeout(service)?;
+    balancing::of_service(service, Balancing::default())
+        .map_err(|(field, message)| field_error(field, message))?;
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         port_number(port.port, || format!("spec.ports[{i}].port"))?;
         protocol(port.protocol.as_deref(), || {
@@ -559,6 +573,15 @@ impl FrontendOf<'_> {
         let drop_external =
             external.is_empty() && external_local && !wanted.backends_anywhere().is_empty();
         let affinity = affinity_timeout(self.service).ok().flatten();
+        let balancing =
+            balancing::of_service(self.service, node.balancing).unwrap_or(node.balancing);
+        let terminating = |backends: &[SocketAddr]| {
+            let mut out = wanted.terminating();
+            out.retain(|a| !backends.contains(a));
+            out
+        };
+        let (internal_terminating, external_terminating) =
+            (terminating(&internal), terminating(&external));
         let ranges = source_ranges(self.service, wanted.v6);
         let state = |scope: Scope| {
             let external_scope = scope.is_external();
@@ -579,6 +602,17 @@ impl FrontendOf<'_> {
                 },
                 drop_when_empty: external_scope && drop_external,
                 snat: external_scope && !external_local,
+                terminating: if external_scope {
+                    external_terminating.clone()
+                } else {
+                    internal_terminating.clone()
+                },
+                algorithm: balancing.algorithm,
+                table_size: if balancing.algorithm.uses_table() {
+                    balancing.table_size
+                } else {
+                    0
+                },
             }
         };
         targets
@@ -653,6 +687,19 @@ impl Wanted<'_> {
             }
         };
         backends(&self.of_family(), self.port_name, self.protocol, only, zone)
+    }
+
+    /// Every terminating endpoint (serving or not): flows that began while
+    /// it was ready keep it until it is gone from the slice.
+    fn terminating(&self) -> Vec<SocketAddr> {
+        endpoints(
+            &self.of_family(),
+            self.port_name,
+            self.protocol,
+            Condition::Terminating,
+            Only::Any,
+            None,
+        )
     }
 
     /// Every endpoint that would serve without node or zone limits.
@@ -817,6 +864,7 @@ impl Only<'_> {
 enum Condition {
     Ready,
     ServingTerminating,
+    Terminating,
 }
 
 fn endpoints(
@@ -846,6 +894,7 @@ fn endpoints(
                     c.and_then(|c| c.serving).unwrap_or(false)
                         && c.and_then(|c| c.terminating).unwrap_or(false)
                 }
+                Condition::Terminating => c.and_then(|c| c.terminating).unwrap_or(false),
             };
             let addr = endpoint
                 .addresses

@@ -56,6 +56,7 @@ pub struct NodeOptions<'a> {
     pub name: Option<&'a str>,
     pub zone: Option<&'a str>,
     pub nodeport_ranges: &'a [Cidr],
+    pub balancing: crate::balancing::Balancing,
 }
 
 /// Reads the manifests as `run` would (for the node named and its zone, if
@@ -64,7 +65,8 @@ pub fn from_manifests(path: &Path, node: &NodeOptions) -> Plan {
     let (node_name, zone) = (node.name, node.zone);
     let mut source = ManifestSource::new(path)
         .in_zone(zone)
-        .nodeport_ranges(node.nodeport_ranges);
+        .nodeport_ranges(node.nodeport_ranges)
+        .balancing(node.balancing);
     if let Some(name) = node_name {
         source = source.for_node(name);
     }

@@ -51,6 +51,8 @@ pub struct RunConfig {
     pub zone: Option<String>,
     /// `--nodeport-addresses`.
     pub nodeport_ranges: Vec<Cidr>,
+    /// `--lb-algorithm`, `--maglev-table-size`.
+    pub balancing: crate::balancing::Balancing,
     pub ifaces: Vec<IfaceSpec>,
     pub bpffs: PathBuf,
     /// How often the manifests are checked for changes.
@@ -90,13 +92,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             let source = ManifestSource::new(path)
                 .for_node(&config.node_name)
                 .in_zone(config.zone.as_deref())
-                .nodeport_ranges(&config.nodeport_ranges);
+                .nodeport_ranges(&config.nodeport_ranges)
+                .balancing(config.balancing);
             manifest_loop(source, config.poll, &mut programmer, &mut signals).await
         }
         Source::Kubernetes { kubeconfig } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            let store =
-                ClusterStore::new(&config.node_name).nodeport_ranges(&config.nodeport_ranges);
+            let store = ClusterStore::new(&config.node_name)
+                .nodeport_ranges(&config.nodeport_ranges)
+                .balancing(config.balancing);
             kube_loop(
                 client,
                 &config.node_name,

@@ -7,6 +7,7 @@ use std::{
 };
 
 use proxy_agent::{
+    balancing::Algorithm,
     cidr::Cidr,
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
     reconcile::{BackendKey, Maps, Reconciler, Snapshot},
@@ -19,6 +20,8 @@ struct FakeMaps {
     slots: BTreeMap<(u32, u32), u32>,
     backends: BTreeMap<u32, BackendKey>,
     members: BTreeMap<(u32, u32), BackendKey>,
+    /// Members written as terminating.
+    terminating: BTreeSet<(u32, u32)>,
     ranges: BTreeSet<(u32, Cidr)>,
     log: Vec<String>,
     /// Fail the next write whose log line starts with this.
@@ -56,7 +59,16 @@ impl FakeMaps {
                 "{fe:?} admits ranges it does not have; log {:?}",
                 self.log
             );
-            for slot in 0..svc.backend_count {
+            // A Maglev table fills table_size slots; a list, backend_count.
+            let used = match svc.table_size {
+                0 => svc.backend_count,
+                size => size,
+            };
+            assert!(
+                svc.backend_count > 0 || svc.table_size == 0,
+                "{fe:?} has a table but no backend"
+            );
+            for slot in 0..used {
                 let id = self.slots.get(&(svc.id, slot)).unwrap_or_else(|| {
                     panic!(
                         "{fe:?} count {} but slot {slot} missing; log {:?}",
@@ -72,6 +84,11 @@ impl FakeMaps {
                     self.members.get(&(svc.id, *id)),
                     self.backends.get(id),
                     "slot {slot} of {fe:?} names backend {id}, not a member; log {:?}",
+                    self.log
+                );
+                assert!(
+                    !self.terminating.contains(&(svc.id, *id)),
+                    "slot {slot} of {fe:?} names terminating backend {id}; log {:?}",
                     self.log
                 );
             }
@@ -142,10 +159,23 @@ impl Maps for FakeMaps {
     fn reset_stats(&mut self, id: u32) -> anyhow::Result<()> {
         self.write(format!("reset_stats {id}"))
     }
-    fn set_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()> {
-        self.write(format!("set_member {}/{}", key.service_id, key.backend_id))?;
-        self.members
-            .insert((key.service_id, key.backend_id), *backend);
+    fn set_member(
+        &mut self,
+        key: MemberKey,
+        backend: &BackendKey,
+        terminating: bool,
+    ) -> anyhow::Result<()> {
+        let tag = if terminating { " terminating" } else { "" };
+        self.write(format!(
+            "set_member {}/{}{tag}",
+            key.service_id, key.backend_id
+        ))?;
+        let pair = (key.service_id, key.backend_id);
+        self.members.insert(pair, *backend);
+        match terminating {
+            true => self.terminating.insert(pair),
+            false => self.terminating.remove(&pair),
+        };
         self.check();
         Ok(())
     }
@@ -155,6 +185,7 @@ impl Maps for FakeMaps {
             key.service_id, key.backend_id
         ))?;
         self.members.remove(&(key.service_id, key.backend_id));
+        self.terminating.remove(&(key.service_id, key.backend_id));
         self.check();
         Ok(())
     }
@@ -386,6 +417,14 @@ impl FakeMaps {
                 })
                 .collect(),
             backends: self.backends.iter().map(|(id, b)| (*id, *b)).collect(),
+            terminating_members: self
+                .terminating
+                .iter()
+                .map(|(service_id, backend_id)| MemberKey {
+                    service_id: *service_id,
+                    backend_id: *backend_id,
+                })
+                .collect(),
             members: self
                 .members
                 .iter()
@@ -713,4 +752,104 @@ fn a_backend_stays_while_a_member_entry_names_it_even_after_a_failed_pass() {
     let report = r.apply(&desired(&[]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(maps.members.is_empty() && maps.backends.is_empty());
+}
+
+/// The one frontend of `desired` with its state changed by `f`.
+fn with_state(mut d: Desired, f: impl Fn(&mut FrontendState)) -> Desired {
+    for state in d.frontends.values_mut() {
+        f(state);
+    }
+    d
+}
+
+fn maglev(d: Desired) -> Desired {
+    with_state(d, |s| {
+        s.algorithm = Algorithm::Maglev;
+        s.table_size = 251;
+    })
+}
+
+/// Slot contents of the single service, by slot.
+fn slot_contents(maps: &FakeMaps) -> Vec<u32> {
+    maps.slots.values().copied().collect()
+}
+
+#[test]
+fn a_maglev_service_gets_its_table_in_slots_and_keeps_most_of_it_when_a_backend_leaves() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let report = r.apply(&maglev(desired(&[(80, &[1, 2, 3, 4, 5])])), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let svc = *maps.services.values().next().expect("service");
+    assert_eq!(
+        (svc.algorithm, svc.table_size, svc.backend_count),
+        (proxy_common::ALG_MAGLEV, 251, 5)
+    );
+    let before = slot_contents(&maps);
+    assert_eq!(before.len(), 251);
+    let used: BTreeSet<u32> = before.iter().copied().collect();
+    assert_eq!(used.len(), 5, "every backend has slots");
+    r.apply(&maglev(desired(&[(80, &[1, 2, 3, 5])])), &mut maps);
+    let after = slot_contents(&maps);
+    let removed = *used
+        .difference(&after.iter().copied().collect())
+        .next()
+        .expect("a backend left the table");
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b != a && **b != removed)
+        .count();
+    // Maglev moves the removed backend's slots and only a few others.
+    assert!(moved < 251 / 10, "{moved} slots of staying backends moved");
+    maps.writes();
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    adopted.apply(&maglev(desired(&[(80, &[1, 2, 3, 5])])), &mut maps);
+    assert_eq!(maps.writes(), Vec::<String>::new(), "a table is adopted");
+}
+
+#[test]
+fn terminating_backends_stay_members_without_slots_and_flip_in_place() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let terminating = |ids: &'static [u8]| {
+        move |s: &mut FrontendState| {
+            s.terminating = ids
+                .iter()
+                .map(|b| SocketAddr::from(([10, 1, *b, 2], 8080)))
+                .collect();
+        }
+    };
+    let d = with_state(desired(&[(80, &[1, 2])]), terminating(&[3]));
+    let report = r.apply(&d, &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.members.len(), 3);
+    assert_eq!(maps.terminating.len(), 1);
+    assert_eq!(
+        maps.services.values().next().map(|s| s.backend_count),
+        Some(2)
+    );
+    maps.writes();
+    // Backend 2 begins terminating: its member entry is rewritten, not
+    // removed, so its flows keep it.
+    r.apply(
+        &with_state(desired(&[(80, &[1])]), terminating(&[2, 3])),
+        &mut maps,
+    );
+    let log = maps.writes();
+    assert!(log.iter().any(|l| l.ends_with(" terminating")), "{log:?}");
+    assert!(
+        !log.iter().any(|l| l.starts_with("remove_member")),
+        "{log:?}"
+    );
+    assert_eq!(maps.members.len(), 3);
+    assert_eq!(maps.terminating.len(), 2);
+    let d = with_state(desired(&[(80, &[1])]), terminating(&[2, 3]));
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    adopted.apply(&d, &mut maps);
+    assert_eq!(maps.writes(), Vec::<String>::new(), "flags are adopted");
+    // Gone from the slice: no longer a member.
+    adopted.apply(&desired(&[(80, &[1])]), &mut maps);
+    assert_eq!(maps.members.len(), 1);
+    assert!(maps.terminating.is_empty());
 }

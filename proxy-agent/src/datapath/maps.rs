@@ -11,8 +11,8 @@ use aya::{
     },
 };
 use proxy_common::{
-    Backend4, Backend6, Counter, Frontend4, Frontend6, MemberKey, NodeConfig, Service,
-    ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
+    BACKEND_TERMINATING, Backend4, Backend6, Counter, Frontend4, Frontend6, MemberKey, NodeConfig,
+    Service, ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
 };
 
 use super::keys::{self, BackendValue, FrontendKey};
@@ -104,6 +104,15 @@ impl MapSet {
             .collect();
         let members4 = collect(self.v4.members.iter(), names::MEMBERS)?;
         let members6 = collect(self.v6.members.iter(), names::MEMBERS6)?;
+        let flagged4 = members4
+            .iter()
+            .filter(|(_, b)| b.flags & BACKEND_TERMINATING != 0);
+        let flagged6 = members6
+            .iter()
+            .filter(|(_, b)| b.flags & BACKEND_TERMINATING != 0);
+        snapshot.terminating_members = (flagged4.map(|(k, _)| *k))
+            .chain(flagged6.map(|(k, _)| *k))
+            .collect();
         snapshot.members = (members4.into_iter())
             .map(|(k, b)| (k, BackendValue::V4(b)))
             .chain(members6.into_iter().map(|(k, b)| (k, BackendValue::V6(b))))
@@ -243,10 +252,22 @@ impl Maps for MapSet {
         }
     }
 
-    fn set_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()> {
+    fn set_member(
+        &mut self,
+        key: MemberKey,
+        backend: &BackendKey,
+        terminating: bool,
+    ) -> anyhow::Result<()> {
+        let flags = if terminating { BACKEND_TERMINATING } else { 0 };
         match keys::backend(backend) {
-            BackendValue::V4(b) => written(self.v4.members.insert(key, b, 0), names::MEMBERS),
-            BackendValue::V6(b) => written(self.v6.members.insert(key, b, 0), names::MEMBERS6),
+            BackendValue::V4(b) => {
+                let b = Backend4 { flags, ..b };
+                written(self.v4.members.insert(key, b, 0), names::MEMBERS)
+            }
+            BackendValue::V6(b) => {
+                let b = Backend6 { flags, ..b };
+                written(self.v6.members.insert(key, b, 0), names::MEMBERS6)
+            }
         }
     }
 

@@ -16,6 +16,8 @@ pub struct Snapshot {
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, BackendKey)>,
     pub members: Vec<(MemberKey, BackendKey)>,
+    /// Members written as terminating.
+    pub terminating_members: BTreeSet<MemberKey>,
     /// (service id, range) pairs.
     pub source_ranges: Vec<(u32, Cidr)>,
     pub config: Option<NodeConfig>,
@@ -87,7 +89,8 @@ impl Reconciler {
                 .slots
                 .extend(stray.map(|s| slot_key(service.id, *s as usize)));
             if kept.is_some() {
-                r.adopt_extras(*frontend, service.id, &mut parts);
+                let terminating = &snapshot.terminating_members;
+                r.adopt_extras(*frontend, service.id, &mut parts, terminating);
             }
         }
         for (id, rest) in parts.slots {
@@ -107,7 +110,13 @@ impl Reconciler {
 
     /// Members that name the backend their id stands for, and source
     /// ranges, of an adopted service.
-    fn adopt_extras(&mut self, frontend: Frontend, service_id: u32, parts: &mut Parts) {
+    fn adopt_extras(
+        &mut self,
+        frontend: Frontend,
+        service_id: u32,
+        parts: &mut Parts,
+        terminating: &BTreeSet<MemberKey>,
+    ) {
         let Some(applied) = self.frontends.get_mut(&frontend) else {
             return;
         };
@@ -128,6 +137,9 @@ impl Reconciler {
             if applied.members.insert(backend) {
                 *self.refs.entry(backend).or_default() += 1;
             }
+            if terminating.contains(&member_key(service_id, backend)) {
+                applied.terminating.insert(backend);
+            }
         }
         applied.ranges = parts.ranges.remove(&service_id).unwrap_or_default();
     }
@@ -140,7 +152,12 @@ impl Reconciler {
         service: &Service,
         slots: &BTreeMap<u32, u32>,
     ) -> Option<usize> {
-        let kept: Vec<u32> = (0..service.backend_count)
+        // A Maglev table fills table_size slots; a list, backend_count.
+        let used = match service.table_size {
+            0 => service.backend_count,
+            size => size,
+        };
+        let kept: Vec<u32> = (0..used)
             .map(|slot| {
                 slots
                     .get(&slot)
@@ -160,6 +177,7 @@ impl Reconciler {
             entry: Some(*service),
             members: BTreeSet::new(),
             stale_members: BTreeSet::new(),
+            terminating: BTreeSet::new(),
             ranges: BTreeSet::new(),
             slots: kept,
             owner: None,

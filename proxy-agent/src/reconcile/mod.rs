@@ -45,7 +45,13 @@ pub trait Maps {
     fn set_service(&mut self, frontend: &Frontend, service: Service) -> anyhow::Result<()>;
     fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()>;
     /// Makes `backend` a member of a service.
-    fn set_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()>;
+    /// (`terminating`: it keeps its flows but has no slot.)
+    fn set_member(
+        &mut self,
+        key: MemberKey,
+        backend: &BackendKey,
+        terminating: bool,
+    ) -> anyhow::Result<()>;
     fn remove_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()>;
     /// Admits the sources in `range` to a service with `SVC_SOURCE_RANGES`.
     fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
@@ -65,6 +71,16 @@ pub struct BackendKey {
     pub protocol: Protocol,
 }
 
+/// What one frontend should have in the maps, in backend ids.
+struct Wanted {
+    /// Backends that take new flows.
+    count: u32,
+    /// Slot contents: the backends, or their Maglev table.
+    slots: Vec<u32>,
+    /// Every member, and whether it is terminating.
+    members: BTreeMap<u32, bool>,
+}
+
 /// What one frontend has in the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Applied {
@@ -77,6 +93,8 @@ struct Applied {
     /// Adopted members whose entry names another address: rewritten if
     /// still wanted, removed if not.
     stale_members: BTreeSet<u32>,
+    /// Members written as terminating.
+    terminating: BTreeSet<u32>,
     /// Source ranges written for this service.
     ranges: BTreeSet<Cidr>,
     /// Backend ids in slots 0..slots.len(), possibly more than `count`.
@@ -235,26 +253,48 @@ impl Reconciler {
             ));
             return;
         }
-        let ids: Option<Vec<u32>> = state
-            .backends
-            .iter()
-            .map(|addr| {
-                self.backends
-                    .get(&backend_key(*addr, frontend.protocol))
-                    .copied()
-            })
-            .collect();
-        let Some(ids) = ids else {
+        let Some(wanted) = self.wanted(frontend, state) else {
             report.errors.push(format!(
                 "{frontend:?}: a backend could not be written; kept as it was"
             ));
             return;
         };
-        if let Err(e) = self.update_frontend(frontend, owner, (&ids, state), maps, report) {
+        if let Err(e) = self.update_frontend(frontend, owner, (&wanted, state), maps, report) {
             report
                 .errors
                 .push(format!("{frontend:?}: {e:#}; kept as far as written"));
         }
+    }
+
+    /// The frontend's slots and members in backend ids (None: a backend has
+    /// no id, because writing it failed).
+    fn wanted(&self, frontend: Frontend, state: &FrontendState) -> Option<Wanted> {
+        let id = |addr: &SocketAddr| {
+            self.backends
+                .get(&backend_key(*addr, frontend.protocol))
+                .copied()
+        };
+        let ids: Vec<u32> = state.backends.iter().map(id).collect::<Option<_>>()?;
+        let mut members: BTreeMap<u32, bool> = ids.iter().map(|b| (*b, false)).collect();
+        for addr in &state.terminating {
+            members.entry(id(addr)?).or_insert(true);
+        }
+        let slots = if state.algorithm.uses_table() && !ids.is_empty() {
+            let names: Vec<String> = state
+                .backends
+                .iter()
+                .map(|a| format!("{a}/{:?}", frontend.protocol))
+                .collect();
+            let table = crate::maglev::table(&names, state.table_size);
+            table.iter().map(|i| ids[*i as usize]).collect()
+        } else {
+            ids.clone()
+        };
+        Some(Wanted {
+            count: ids.len() as u32,
+            slots,
+            members,
+        })
     }
 
     fn drop_unwanted(
@@ -279,7 +319,7 @@ impl Reconciler {
 
     fn add_backends(&mut self, changes: &Changes, maps: &mut dyn Maps, report: &mut Report) {
         for (frontend, state) in changes.values().flatten() {
-            for addr in &state.backends {
+            for addr in state.backends.iter().chain(&state.terminating) {
                 let key = backend_key(*addr, frontend.protocol);
                 if self.backends.contains_key(&key) {
                     continue;
@@ -348,7 +388,7 @@ impl Reconciler {
         &mut self,
         frontend: Frontend,
         owner: &ObjectKey,
-        (wanted, state): (&[u32], &FrontendState),
+        (wanted, state): (&Wanted, &FrontendState),
         maps: &mut dyn Maps,
         report: &mut Report,
     ) -> anyhow::Result<()> {
@@ -364,21 +404,22 @@ impl Reconciler {
             .get_mut(&frontend)
             .ok_or_else(|| anyhow::anyhow!("entry vanished"))?;
         let id = applied.service_id;
-        let members: BTreeSet<u32> = wanted.iter().copied().collect();
-        for backend in &members {
-            if applied.members.contains(backend) && !applied.stale_members.contains(backend) {
-                continue;
-            }
-            let key = backend_keys
-                .get(backend)
-                .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
-            maps.set_member(member_key(id, *backend), key)?;
-            report.writes += 1;
-            // A member entry holds its backend like a slot does.
-            if applied.members.insert(*backend) {
-                *refs.entry(*backend).or_default() += 1;
-            }
-            applied.stale_members.remove(backend);
+        let members: BTreeSet<u32> = wanted.members.keys().copied().collect();
+        // Members that take new flows, and new terminating ones, before any
+        // slot names them; a member that begins terminating only after no
+        // slot does (below).
+        let early = |b: &u32, t: &bool| !*t || !applied.members.contains(b);
+        let (first, later): (Vec<_>, Vec<_>) =
+            wanted.members.iter().partition(|(b, t)| early(b, t));
+        for (backend, terminating) in first {
+            write_member(
+                applied,
+                (*backend, *terminating),
+                backend_keys,
+                refs,
+                maps,
+                report,
+            )?;
         }
         let ranges = range_set(&state.source_ranges);
         for range in ranges.difference(&applied.ranges.clone()) {
@@ -386,7 +427,7 @@ impl Reconciler {
             report.writes += 1;
             applied.ranges.insert(*range);
         }
-        for (slot, backend) in wanted.iter().enumerate() {
+        for (slot, backend) in wanted.slots.iter().enumerate() {
             let old = applied.slots.get(slot).copied();
             if old == Some(*backend) {
                 continue;
@@ -402,13 +443,30 @@ impl Reconciler {
                 None => applied.slots.push(*backend),
             }
         }
-        let entry = service(id, wanted.len() as u32, state);
+        let entry = service(id, wanted.count, state);
         if applied.entry != Some(entry) {
             maps.set_service(&frontend, entry)?;
             report.writes += 1;
             applied.entry = Some(entry);
         }
-        pop_slots(applied, wanted.len(), refs, maybe_unused, maps, report)?;
+        pop_slots(
+            applied,
+            wanted.slots.len(),
+            refs,
+            maybe_unused,
+            maps,
+            report,
+        )?;
+        for (backend, terminating) in later {
+            write_member(
+                applied,
+                (*backend, *terminating),
+                backend_keys,
+                refs,
+                maps,
+                report,
+            )?;
+        }
         for backend in applied.members.clone().difference(&members) {
             let key = backend_keys
                 .get(backend)
@@ -416,6 +474,7 @@ impl Reconciler {
             maps.remove_member(member_key(id, *backend), key)?;
             report.writes += 1;
             applied.members.remove(backend);
+            applied.terminating.remove(backend);
             release(refs, maybe_unused, *backend);
         }
         for range in applied.ranges.clone().difference(&ranges) {
@@ -526,6 +585,38 @@ impl Reconciler {
     }
 }
 
+/// Writes a member entry unless it is already as wanted.
+fn write_member(
+    applied: &mut Applied,
+    (backend, terminating): (u32, bool),
+    backend_keys: &BTreeMap<u32, BackendKey>,
+    refs: &mut BTreeMap<u32, usize>,
+    maps: &mut dyn Maps,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    if applied.members.contains(&backend)
+        && !applied.stale_members.contains(&backend)
+        && applied.terminating.contains(&backend) == terminating
+    {
+        return Ok(());
+    }
+    let key = backend_keys
+        .get(&backend)
+        .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
+    maps.set_member(member_key(applied.service_id, backend), key, terminating)?;
+    report.writes += 1;
+    // A member entry holds its backend like a slot does.
+    if applied.members.insert(backend) {
+        *refs.entry(backend).or_default() += 1;
+    }
+    applied.stale_members.remove(&backend);
+    match terminating {
+        true => applied.terminating.insert(backend),
+        false => applied.terminating.remove(&backend),
+    };
+    Ok(())
+}
+
 /// Removes slots from the end down to `len`, releasing their backends.
 fn pop_slots(
     applied: &mut Applied,
@@ -615,8 +706,9 @@ fn service(id: u32, count: u32, state: &FrontendState) -> Service {
         backend_count: count,
         flags,
         affinity_timeout: state.affinity_timeout.unwrap_or(0),
-        algorithm: proxy_common::ALG_RANDOM,
-        table_size: 0,
+        algorithm: state.algorithm.number(),
+        // A table only exists with backends to fill it.
+        table_size: if count == 0 { 0 } else { state.table_size },
     }
 }
 

@@ -148,6 +148,12 @@ impl ClusterStore {
         self
     }
 
+    /// Balancing for Services whose annotations do not choose.
+    pub fn balancing(mut self, balancing: crate::balancing::Balancing) -> Self {
+        self.objects.balancing = balancing;
+        self
+    }
+
     pub fn service(&mut self, event: Event<Service>) {
         let touched = match &event {
             Event::Apply(s) | Event::Delete(s) => Some(key(s)),

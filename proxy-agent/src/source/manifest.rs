@@ -73,6 +73,7 @@ pub struct ManifestSource {
     node_name: Option<String>,
     node_zone: Option<String>,
     nodeport_ranges: Vec<Cidr>,
+    balancing: crate::balancing::Balancing,
     last_good: BTreeMap<Id, (PathBuf, Object)>,
     fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
 }
@@ -90,6 +91,7 @@ impl ManifestSource {
             node_name: None,
             node_zone: None,
             nodeport_ranges: Vec::new(),
+            balancing: Default::default(),
             last_good: BTreeMap::new(),
             fingerprint: None,
         }
@@ -111,6 +113,12 @@ impl ManifestSource {
     /// Serves NodePorts only on node addresses in these ranges.
     pub fn nodeport_ranges(mut self, ranges: &[Cidr]) -> Self {
         self.nodeport_ranges = ranges.to_vec();
+        self
+    }
+
+    /// Balancing for Services whose annotations do not choose.
+    pub fn balancing(mut self, balancing: crate::balancing::Balancing) -> Self {
+        self.balancing = balancing;
         self
     }
 
@@ -153,6 +161,7 @@ impl ManifestSource {
         objects.node_zone = self.node_zone.clone().or(labelled);
         objects.node_name = self.node_name.clone();
         objects.nodeport_ranges = self.nodeport_ranges.clone();
+        objects.balancing = self.balancing;
         Load { objects, errors }
     }
 
