@@ -307,7 +307,9 @@ fn open_connections(backend_id: u32) -> u32 {
     let c = unsafe { *c };
     // SAFETY: as above.
     let reaped = REAPED.get_ptr_mut(backend_id).map_or(0, |r| unsafe { *r });
-    c.opened.wrapping_sub(c.closed).wrapping_sub(reaped)
+    // Read apart from each other, the counts can disagree for a moment; a
+    // negative difference means none open, not four billion.
+    (c.opened.wrapping_sub(c.closed).wrapping_sub(reaped) as i32).max(0) as u32
 }
 
 #[inline(always)]
