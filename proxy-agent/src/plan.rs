@@ -30,6 +30,14 @@ pub struct PlannedFrontend {
     /// What a new flow meets with no backend: "reject" (ICMP port
     /// unreachable) or "drop".
     pub without_backends: &'static str,
+    /// How a new flow picks its backend.
+    pub algorithm: &'static str,
+    /// The Maglev table size (maglev and source-hash only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_size: Option<u32>,
+    /// Terminating endpoints: their flows continue, no new ones.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub terminating: Vec<String>,
 }
 
 /// A health check node port this node answers.
@@ -125,6 +133,9 @@ fn plan(
             } else {
                 "reject"
             },
+            algorithm: state.algorithm.name(),
+            table_size: state.algorithm.uses_table().then_some(state.table_size),
+            terminating: state.terminating.iter().map(ToString::to_string).collect(),
         })
         .collect();
     Plan {
@@ -176,6 +187,14 @@ impl PlannedFrontend {
     /// The table's short form of what is not plain load balancing.
     fn flags(&self) -> String {
         let mut flags = Vec::new();
+        match self.table_size {
+            Some(size) => flags.push(format!("{}/{size}", self.algorithm)),
+            None if self.algorithm != "random" => flags.push(self.algorithm.to_string()),
+            None => {}
+        }
+        if !self.terminating.is_empty() {
+            flags.push(format!("terminating={}", self.terminating.join("+")));
+        }
         if let Some(seconds) = self.affinity_timeout_seconds {
             flags.push(format!("affinity={seconds}s"));
         }

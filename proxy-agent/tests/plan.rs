@@ -196,3 +196,72 @@ endpoints:
         "{table}"
     );
 }
+
+const ANNOTATED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: demo
+  annotations: {xdproxy.io/lb-algorithm: maglev, xdproxy.io/maglev-table-size: "251"}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: demo}
+spec: {clusterIP: 10.96.0.21, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.1.1.2]
+  conditions: {ready: true}
+- addresses: [10.1.2.2]
+  conditions: {ready: false, serving: true, terminating: true}
+"#;
+
+#[test]
+fn plan_shows_algorithms_from_annotations_and_flags_and_terminating_endpoints() {
+    let dir = std::env::temp_dir().join(format!("xdproxy-plan-alg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("svc.yaml"), ANNOTATED).expect("write");
+    let path = dir.to_str().expect("path").to_string();
+    let (code, json, err) = run_plan(&[
+        "--manifests",
+        &path,
+        "--lb-algorithm",
+        "least-connections",
+        "-o",
+        "json",
+    ]);
+    let bad = ANNOTATED.replace("\"251\"", "\"250\"");
+    std::fs::write(dir.join("svc.yaml"), bad).expect("write");
+    let (bad_code, _, bad_err) = run_plan(&["--manifests", &path]);
+    let (flag_code, _, flag_err) = run_plan(&["--manifests", &path, "--lb-algorithm", "fastest"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let find = |addr: &str| {
+        plan["frontends"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["address"] == addr).cloned())
+            .expect(addr)
+    };
+    let web = find("10.96.0.20");
+    assert_eq!(web["algorithm"], "maglev");
+    assert_eq!(web["tableSize"], 251);
+    assert_eq!(web["backends"], serde_json::json!(["10.1.1.2:8080"]));
+    assert_eq!(web["terminating"], serde_json::json!(["10.1.2.2:8080"]));
+    assert_eq!(find("10.96.0.21")["algorithm"], "least-connections");
+    // A size that is not a prime rejects the Service, naming the annotation.
+    assert_eq!(bad_code, 2);
+    assert!(
+        bad_err.contains("xdproxy.io/maglev-table-size"),
+        "{bad_err}"
+    );
+    assert_ne!(flag_code, 0);
+    assert!(flag_err.contains("round-robin"), "{flag_err}");
+}

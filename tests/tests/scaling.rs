@@ -255,6 +255,12 @@ struct UdpLog {
 }
 
 impl UdpLog {
+    /// The stream's local port, for messages.
+    fn port(&self) -> String {
+        self.local
+            .map_or_else(|| "?".into(), |a| a.port().to_string())
+    }
+
     fn first(&self) -> &str {
         self.replies.first().map_or("", |r| r.backend.as_str())
     }
@@ -650,7 +656,7 @@ fn scaling_down_resets_or_moves_the_removed_backends_flows_and_scaling_up_moves_
 
     let mut resteered = Vec::new();
     for u in &udp {
-        let who = format!("UDP {:?} (on {})", u.local, u.first());
+        let who = format!("UDP stream {} (on {})", u.port(), u.first());
         if !u.errors.is_empty() {
             problems.push(format!("{who}: {:?}", u.errors));
         }
@@ -771,7 +777,7 @@ fn terminating_endpoints_keep_their_flows_and_get_no_new_ones() -> anyhow::Resul
         on_tcp += usize::from(draining.contains(&t.first));
     }
     for u in &udp {
-        let who = format!("UDP {:?} (on {})", u.local, u.first());
+        let who = format!("UDP stream {} (on {})", u.port(), u.first());
         if !u.errors.is_empty() {
             problems.push(format!("{who}: {:?}", u.errors));
         }

@@ -1,0 +1,1062 @@
+//! Backend choice through BPF_PROG_TEST_RUN: how each `xdproxy.io/lb-algorithm`
+//! spreads new flows, how conntrack follows a TCP connection's state and
+//! resets connections whose backend left, terminating endpoints, and a full
+//! conntrack table. Packets are built and checked with etherparse, and the
+//! maps the kernel writes (`ct4`, `lb_conns`, `counters`) are read back.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap},
+    programs::Xdp,
+};
+use common::{Loaded, XDP_PASS};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_agent::{datapath, datapath::maps::MapSet, reconcile::Reconciler};
+use proxy_common::{
+    CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
+    Connections, Counter, Ct4Entry, Ct4Key, MAX_BACKENDS, MAX_SERVICES, names, programs,
+};
+
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const CLIENT: [u8; 4] = [10, 0, 1, 2];
+const BACKENDS: [[u8; 4]; 5] = [
+    [10, 1, 0, 1],
+    [10, 1, 0, 2],
+    [10, 1, 0, 3],
+    [10, 1, 0, 4],
+    [10, 1, 0, 5],
+];
+const MAC_CLIENT: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_NODE: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+const XDP_TX: u32 = 3;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// How an endpoint appears in the slice.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Ready,
+    /// ready: false, serving: true, terminating: true.
+    Terminating,
+}
+
+fn ip_text(a: [u8; 4]) -> String {
+    format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
+}
+
+/// A Service on VIP (TCP 80 -> 8080, UDP 53 -> 5353) with the given
+/// algorithm and endpoints.
+fn yaml(algorithm: &str, endpoints: &[([u8; 4], Endpoint)]) -> String {
+    let mut out = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: demo
+  annotations: {{"xdproxy.io/lb-algorithm": "{algorithm}"}}
+spec:
+  clusterIP: {vip}
+  ports:
+    - {{name: http, protocol: TCP, port: 80}}
+    - {{name: dns, protocol: UDP, port: 53}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports:
+  - {{name: http, protocol: TCP, port: 8080}}
+  - {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+"#,
+        vip = ip_text(VIP)
+    );
+    for (addr, kind) in endpoints {
+        out.push_str(&format!("  - addresses: [{}]\n", ip_text(*addr)));
+        if *kind == Endpoint::Terminating {
+            out.push_str("    conditions: {ready: false, serving: true, terminating: true}\n");
+        }
+    }
+    out
+}
+
+fn all_ready(algorithm: &str, backends: &[[u8; 4]]) -> String {
+    let endpoints: Vec<_> = backends.iter().map(|b| (*b, Endpoint::Ready)).collect();
+    yaml(algorithm, &endpoints)
+}
+
+fn be32(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+struct Lab {
+    dp: Loaded,
+}
+
+impl Lab {
+    fn new(yaml: &str) -> Lab {
+        let mut dp = Loaded::new().expect("load the datapath");
+        dp.program_yaml(yaml).expect("program the service");
+        Lab { dp }
+    }
+
+    /// As `new`, with `ct4` sized to `conntrack_max` entries (as the agent's
+    /// loader sizes it), and only the XDP program loaded.
+    fn with_conntrack_max(yaml: &str, conntrack_max: u32) -> Lab {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::CONNTRACK4, conntrack_max);
+        let mut ebpf = loader
+            .load(datapath::object().expect("object"))
+            .expect("load the eBPF object");
+        let prog: &mut Xdp = ebpf
+            .program_mut(programs::XDP)
+            .expect("xdp program")
+            .try_into()
+            .expect("an XDP program");
+        prog.load().expect("verify the XDP program");
+        let maps = MapSet::take(&mut ebpf).expect("maps");
+        let mut dp = Loaded {
+            ebpf,
+            maps,
+            reconciler: Reconciler::new(MAX_SERVICES, MAX_BACKENDS),
+        };
+        dp.program_yaml(yaml).expect("program the service");
+        Lab { dp }
+    }
+
+    fn reprogram(&mut self, yaml: &str) {
+        self.dp.program_yaml(yaml).expect("reprogram the service");
+    }
+
+    fn run(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.dp.xdp(packet).expect("XDP test run")
+    }
+
+    /// Runs a client's packet that must be passed on rewritten to a backend
+    /// on the service's target port; returns the backend.
+    fn to_backend(&self, packet: &[u8]) -> [u8; 4] {
+        let (ret, out) = self.run(packet);
+        assert_eq!(ret, XDP_PASS, "a client's packet is passed on");
+        let out = parse(&out);
+        let sent = parse(packet);
+        assert_eq!(
+            (out.src, out.sport),
+            (sent.src, sent.sport),
+            "the client's side is untouched"
+        );
+        let want_port = if out.proto == IPPROTO_UDP { 5353 } else { 8080 };
+        assert_eq!(out.dport, want_port, "rewritten to the target port");
+        assert!(
+            BACKENDS.contains(&out.dst),
+            "rewritten to a backend, not {:?}",
+            out.dst
+        );
+        out.dst
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        self.dp.maps.counter(counter).expect("counter")
+    }
+
+    fn ct(&self) -> BpfHashMap<&aya::maps::MapData, Ct4Key, Ct4Entry> {
+        BpfHashMap::try_from(self.dp.ebpf.map(names::CONNTRACK4).expect("ct4")).expect("ct4 hash")
+    }
+
+    fn ct_get(&self, key: &Ct4Key) -> Option<Ct4Entry> {
+        self.ct().get(key, 0).ok()
+    }
+
+    fn ct_len(&self) -> usize {
+        self.ct().keys().count()
+    }
+
+    /// Deletes every conntrack entry: the next packet of any flow is new.
+    fn clear_ct(&mut self) {
+        let mut ct: BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> =
+            BpfHashMap::try_from(self.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4"))
+                .expect("ct4 hash");
+        let keys: Vec<Ct4Key> = ct.keys().map(|k| k.expect("ct4 key")).collect();
+        for key in keys {
+            ct.remove(&key).expect("remove a ct4 entry");
+        }
+        drop(ct);
+        assert_eq!(self.ct_len(), 0);
+    }
+
+    /// Backend address -> backend id, from `lb4_backends`.
+    fn backend_ids(&self) -> BTreeMap<[u8; 4], u32> {
+        self.dp
+            .maps
+            .v4
+            .backends
+            .iter()
+            .map(|r| r.expect("lb4_backends"))
+            .map(|(id, b)| (b.addr.to_ne_bytes(), id))
+            .collect()
+    }
+
+    fn conns(&self, backend: [u8; 4]) -> Connections {
+        let id = *self
+            .backend_ids()
+            .get(&backend)
+            .unwrap_or_else(|| panic!("no backend id for {backend:?}"));
+        self.conns_of(id)
+    }
+
+    fn conns_of(&self, id: u32) -> Connections {
+        let conns: Array<&aya::maps::MapData, Connections> =
+            Array::try_from(self.dp.ebpf.map(names::CONNECTIONS).expect("lb_conns"))
+                .expect("lb_conns array");
+        conns.get(&id, 0).expect("lb_conns entry")
+    }
+
+    /// opened - closed per backend address.
+    fn open(&self) -> BTreeMap<[u8; 4], i64> {
+        self.backend_ids()
+            .into_iter()
+            .map(|(addr, id)| {
+                let c = self.conns_of(id);
+                (addr, i64::from(c.opened) - i64::from(c.closed))
+            })
+            .collect()
+    }
+}
+
+fn packet_tcp(src: [u8; 4], sport: u16, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_CLIENT, MAC_NODE)
+        .ipv4(src, VIP, 64)
+        .tcp(sport, 80, seq, 64240);
+    if flags & SYN != 0 {
+        b = b.syn();
+    }
+    if flags & ACK != 0 {
+        b = b.ack(ack);
+    }
+    if flags & FIN != 0 {
+        b = b.fin();
+    }
+    if flags & RST != 0 {
+        b = b.rst();
+    }
+    if flags & PSH != 0 {
+        b = b.psh();
+    }
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("build tcp");
+    out
+}
+
+fn syn(src: [u8; 4], sport: u16) -> Vec<u8> {
+    packet_tcp(src, sport, SYN, 1000, 0, b"")
+}
+
+fn with(src: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
+    packet_tcp(src, sport, flags, 1001, 5001, b"")
+}
+
+fn udp(src: [u8; 4], sport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_CLIENT, MAC_NODE)
+        .ipv4(src, VIP, 64)
+        .udp(sport, 53);
+    let payload = b"query";
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("build udp");
+    out
+}
+
+/// A packet as parsed by etherparse, after checking all its checksums.
+#[derive(Debug)]
+struct Seen {
+    eth_src: [u8; 6],
+    eth_dst: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload_len: usize,
+}
+
+fn parse(packet: &[u8]) -> Seen {
+    let sliced = SlicedPacket::from_ethernet(packet).expect("etherparse parses the packet");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &sliced.link else {
+        panic!("not Ethernet II");
+    };
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4: {:?}", sliced.net);
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let (src, dst) = (header.source, header.destination);
+    let mut seen = Seen {
+        eth_src: eth.source(),
+        eth_dst: eth.destination(),
+        src,
+        dst,
+        proto: header.protocol.0,
+        sport: 0,
+        dport: 0,
+        flags: 0,
+        seq: 0,
+        ack: 0,
+        payload_len: 0,
+    };
+    match &sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let want = tcp.calc_checksum_ipv4(src, dst).expect("tcp checksum");
+            assert_eq!(tcp.checksum(), want, "TCP checksum");
+            seen.sport = tcp.source_port();
+            seen.dport = tcp.destination_port();
+            seen.flags = u8::from(tcp.fin())
+                | u8::from(tcp.syn()) << 1
+                | u8::from(tcp.rst()) << 2
+                | u8::from(tcp.psh()) << 3
+                | u8::from(tcp.ack()) << 4;
+            seen.seq = tcp.sequence_number();
+            seen.ack = tcp.acknowledgment_number();
+            seen.payload_len = tcp.payload().len();
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            seen.sport = udp.source_port();
+            seen.dport = udp.destination_port();
+            seen.payload_len = udp.payload().len();
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+    seen
+}
+
+/// One's complement sum of 16-bit words.
+fn ones_sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn forward_key(client: [u8; 4], sport: u16, proto: u8) -> Ct4Key {
+    let dport: u16 = if proto == IPPROTO_UDP { 53 } else { 80 };
+    Ct4Key {
+        src_addr: be32(client),
+        dst_addr: be32(VIP),
+        src_port: sport.to_be(),
+        dst_port: dport.to_be(),
+        proto,
+        direction: CT_FORWARD,
+        _pad: 0,
+    }
+}
+
+fn reply_key(backend: [u8; 4], client: [u8; 4], sport: u16, proto: u8) -> Ct4Key {
+    let bport: u16 = if proto == IPPROTO_UDP { 5353 } else { 8080 };
+    Ct4Key {
+        src_addr: be32(backend),
+        dst_addr: be32(client),
+        src_port: bport.to_be(),
+        dst_port: sport.to_be(),
+        proto,
+        direction: CT_REPLY,
+        _pad: 0,
+    }
+}
+
+fn tally(backends: impl IntoIterator<Item = [u8; 4]>) -> BTreeMap<[u8; 4], usize> {
+    let mut out: BTreeMap<[u8; 4], usize> = BACKENDS.iter().map(|b| (*b, 0)).collect();
+    for b in backends {
+        *out.entry(b).or_default() += 1;
+    }
+    out
+}
+
+/// Each backend's share within `tolerance` (a fraction) of an even split.
+fn assert_balanced(what: &str, counts: &BTreeMap<[u8; 4], usize>, tolerance: f64) {
+    let total: usize = counts.values().sum();
+    let even = total as f64 / counts.len() as f64;
+    for (backend, n) in counts {
+        let off = (*n as f64 - even).abs() / even;
+        assert!(
+            off <= tolerance,
+            "{what}: backend {backend:?} got {n} of {total} new flows (even: {even}); all: {counts:?}"
+        );
+    }
+}
+
+const FLOWS: u16 = 2000;
+
+fn ports() -> impl Iterator<Item = u16> {
+    20000..20000 + FLOWS
+}
+
+#[test]
+fn random_spreads_new_flows_over_every_backend() {
+    if !common::ready("random_spreads_new_flows_over_every_backend") {
+        return;
+    }
+    let lab = Lab::new(&all_ready("random", &BACKENDS));
+    let chosen: Vec<_> = ports().map(|p| lab.to_backend(&syn(CLIENT, p))).collect();
+    let counts = tally(chosen.iter().copied());
+    // Binomial(2000, 1/5): sigma ~ 18 around 400; 25% is 5.6 sigma.
+    assert_balanced("random", &counts, 0.25);
+    // The kernel counted each new flow for the backend it went to.
+    for (backend, n) in &counts {
+        assert_eq!(lab.conns(*backend).opened as usize, *n, "{backend:?}");
+    }
+    // A run of the same ports is not a new choice: conntrack keeps them.
+    for (p, first) in ports().zip(&chosen).take(200) {
+        assert_eq!(
+            lab.to_backend(&with(CLIENT, p, ACK)),
+            *first,
+            "port {p} stays"
+        );
+    }
+}
+
+#[test]
+fn round_robin_cycles_through_every_backend_in_turn() {
+    if !common::ready("round_robin_cycles_through_every_backend_in_turn") {
+        return;
+    }
+    let lab = Lab::new(&all_ready("round-robin", &BACKENDS));
+    let chosen: Vec<_> = ports().map(|p| lab.to_backend(&syn(CLIENT, p))).collect();
+    let counts = tally(chosen.iter().copied());
+    let (min, max) = (counts.values().min(), counts.values().max());
+    assert!(
+        max.unwrap() - min.unwrap() <= 1,
+        "round robin evens counts: {counts:?}"
+    );
+    for (i, window) in chosen.windows(BACKENDS.len()).enumerate() {
+        let distinct: BTreeSet<_> = window.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            BACKENDS.len(),
+            "new flows {i}..{}: every backend in turn: {window:?}",
+            i + BACKENDS.len()
+        );
+    }
+    // The turn order is fixed: flow i and flow i + 5 share a backend.
+    for i in 0..chosen.len() - BACKENDS.len() {
+        assert_eq!(chosen[i], chosen[i + BACKENDS.len()], "flow {i}");
+    }
+}
+
+#[test]
+fn maglev_balances_is_stateless_and_moves_few_flows_when_a_backend_leaves() {
+    if !common::ready("maglev_balances_is_stateless_and_moves_few_flows_when_a_backend_leaves") {
+        return;
+    }
+    let service = all_ready("maglev", &BACKENDS);
+    let mut lab = Lab::new(&service);
+    let first: Vec<_> = ports().map(|p| lab.to_backend(&syn(CLIENT, p))).collect();
+    let counts = tally(first.iter().copied());
+    assert_balanced("maglev", &counts, 0.25);
+
+    // Without conntrack, the table alone gives each 5-tuple the same backend.
+    lab.clear_ct();
+    let again: Vec<_> = ports().map(|p| lab.to_backend(&syn(CLIENT, p))).collect();
+    assert_eq!(
+        again, first,
+        "the same backends after conntrack was cleared"
+    );
+    // Mid-connection packets with no entry are hashed to the same backend.
+    lab.clear_ct();
+    for (p, b) in ports().zip(&first).take(300) {
+        assert_eq!(lab.to_backend(&with(CLIENT, p, ACK)), *b, "port {p}");
+    }
+    // And a freshly loaded datapath (another node) agrees.
+    let other = Lab::new(&service);
+    let fresh: Vec<_> = ports().map(|p| other.to_backend(&syn(CLIENT, p))).collect();
+    assert_eq!(fresh, first, "the same backends on a fresh load");
+    drop(other);
+
+    // One backend leaves: its flows spread over the rest, the others stay.
+    let gone = BACKENDS[4];
+    lab.reprogram(&all_ready("maglev", &BACKENDS[..4]));
+    lab.clear_ct();
+    let after: Vec<_> = ports().map(|p| lab.to_backend(&syn(CLIENT, p))).collect();
+    assert!(
+        !after.contains(&gone),
+        "no flow goes to the removed backend"
+    );
+    let stayed_on_remaining = first.iter().filter(|b| **b != gone).count();
+    let moved_on_remaining = first
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| **b != gone && a != b)
+        .count();
+    let unchanged = first.iter().zip(&after).filter(|(b, a)| a == b).count();
+    let orphans = tally(
+        first
+            .iter()
+            .zip(&after)
+            .filter(|(b, _)| **b == gone)
+            .map(|(_, a)| *a),
+    );
+    eprintln!(
+        "maglev: {moved_on_remaining} of {stayed_on_remaining} flows of remaining backends moved; \
+         {unchanged} of {FLOWS} unchanged; orphans went to {orphans:?}"
+    );
+    // Maglev's table (16381 entries, 5 -> 4 backends) moves a few percent
+    // of the remaining backends' flows; a modulo hash would move ~75%.
+    assert!(
+        moved_on_remaining * 100 <= stayed_on_remaining * 5,
+        "{moved_on_remaining} of {stayed_on_remaining} flows moved off a backend that remained"
+    );
+    assert!(
+        unchanged as f64 >= f64::from(FLOWS) * (0.8 - 0.05 - 0.05),
+        "{unchanged} of {FLOWS} flows kept their backend"
+    );
+    let used = orphans.values().filter(|n| **n > 0).count();
+    assert_eq!(
+        used, 4,
+        "the removed backend's flows spread over all the rest: {orphans:?}"
+    );
+}
+
+#[test]
+fn source_hash_keeps_a_client_on_one_backend_and_spreads_clients() {
+    if !common::ready("source_hash_keeps_a_client_on_one_backend_and_spreads_clients") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("source-hash", &BACKENDS));
+    let mut of_client = BTreeMap::new();
+    for host in 1..=100u8 {
+        let client = [10, 0, 2, host];
+        let chosen: BTreeSet<_> = (30000..30020)
+            .map(|p| lab.to_backend(&syn(client, p)))
+            .collect();
+        assert_eq!(
+            chosen.len(),
+            1,
+            "all 20 flows of {client:?} on one backend: {chosen:?}"
+        );
+        of_client.insert(client, *chosen.first().expect("one"));
+    }
+    let counts = tally(of_client.values().copied());
+    assert!(
+        counts.values().all(|n| *n > 0),
+        "100 clients reach all 5 backends: {counts:?}"
+    );
+    // And without conntrack the same client lands on the same backend.
+    lab.clear_ct();
+    for (client, backend) in &of_client {
+        assert_eq!(lab.to_backend(&syn(*client, 31000)), *backend, "{client:?}");
+    }
+}
+
+#[test]
+fn least_connections_evens_open_connections_and_refills_a_drained_backend() {
+    if !common::ready("least_connections_evens_open_connections_and_refills_a_drained_backend") {
+        return;
+    }
+    let lab = Lab::new(&all_ready("least-connections", &BACKENDS));
+    let mut flows: Vec<(u16, [u8; 4])> = Vec::new();
+    for p in 20000..20500 {
+        flows.push((p, lab.to_backend(&syn(CLIENT, p))));
+    }
+    let open = lab.open();
+    let spread =
+        |open: &BTreeMap<[u8; 4], i64>| open.values().max().unwrap() - open.values().min().unwrap();
+    assert!(
+        spread(&open) <= 1,
+        "500 open connections spread evenly: {open:?}"
+    );
+    assert_eq!(open.values().sum::<i64>(), 500);
+    assert_eq!(
+        tally(flows.iter().map(|f| f.1)),
+        open.iter()
+            .map(|(b, n)| (*b, *n as usize))
+            .collect::<BTreeMap<_, _>>(),
+        "lb_conns matches where the packets went"
+    );
+
+    // The client closes every connection of one backend.
+    let drained = BACKENDS[2];
+    let mut closed = 0u32;
+    for (p, b) in &flows {
+        if *b == drained {
+            assert_eq!(lab.to_backend(&with(CLIENT, *p, FIN | ACK)), drained);
+            closed += 1;
+        }
+    }
+    let c = lab.conns(drained);
+    assert_eq!(
+        (c.opened, c.closed),
+        (closed, closed),
+        "every connection of {drained:?} closed once"
+    );
+    let others_min = *lab
+        .open()
+        .iter()
+        .filter(|(b, _)| **b != drained)
+        .map(|(_, n)| n)
+        .min()
+        .unwrap();
+    assert!(others_min >= 99);
+    // New flows go to the drained backend until it catches up.
+    for p in 21000..21000 + others_min as u16 {
+        assert_eq!(
+            lab.to_backend(&syn(CLIENT, p)),
+            drained,
+            "new flow from port {p} goes to the least loaded backend; open: {:?}",
+            lab.open()
+        );
+    }
+    for p in 22000..22050 {
+        lab.to_backend(&syn(CLIENT, p));
+    }
+    assert!(spread(&lab.open()) <= 1, "even again: {:?}", lab.open());
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let r = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            r,
+            0,
+            "pin to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn least_connections_counts_every_flow_from_concurrent_cpus() {
+    if !common::ready("least_connections_counts_every_flow_from_concurrent_cpus") {
+        return;
+    }
+    let lab = Lab::new(&all_ready("least-connections", &BACKENDS));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const PER_THREAD: u16 = 2000;
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        for t in 0..2usize {
+            let (lab, barrier) = (&lab, &barrier);
+            s.spawn(move || {
+                pin_to_cpu(t % cpus);
+                let client = [10, 0, 10 + t as u8, 1];
+                barrier.wait();
+                for p in 10000..10000 + PER_THREAD {
+                    lab.to_backend(&syn(client, p));
+                }
+            });
+        }
+    });
+    let ids = lab.backend_ids();
+    let conns: Vec<_> = ids.values().map(|id| lab.conns_of(*id)).collect();
+    let opened: u64 = conns.iter().map(|c| u64::from(c.opened)).sum();
+    let closed: u64 = conns.iter().map(|c| u64::from(c.closed)).sum();
+    assert_eq!(
+        (opened, closed),
+        (2 * u64::from(PER_THREAD), 0),
+        "every new flow counted once: {conns:?}"
+    );
+    let forward = lab
+        .ct()
+        .keys()
+        .map(|k| k.expect("ct4 key"))
+        .filter(|k| k.direction == CT_FORWARD)
+        .count();
+    assert_eq!(forward, 2 * usize::from(PER_THREAD));
+    let open = lab.open();
+    let spread = open.values().max().unwrap() - open.values().min().unwrap();
+    eprintln!("least connections, 2 CPUs: open {open:?}");
+    // Two CPUs may both pick the same least loaded backend at once; the
+    // next choices correct it.
+    assert!(spread <= 4, "open connections stay even: {open:?}");
+}
+
+#[test]
+fn tcp_state_follows_the_client_and_a_connection_closes_once() {
+    if !common::ready("tcp_state_follows_the_client_and_a_connection_closes_once") {
+        return;
+    }
+    let lab = Lab::new(&all_ready("random", &BACKENDS));
+    let sport = 40000;
+    let key = forward_key(CLIENT, sport, IPPROTO_TCP);
+    let backend = lab.to_backend(&syn(CLIENT, sport));
+    let e = lab.ct_get(&key).expect("a forward entry after the SYN");
+    assert_eq!((e.state, e.active), (CT_STATE_SYN, 1), "{e:?}");
+    assert_eq!(
+        (e.nat_addr, e.nat_port),
+        (be32(backend), 8080u16.to_be()),
+        "{e:?}"
+    );
+    let id = lab.backend_ids()[&backend];
+    assert_eq!(e.backend_id, id);
+    assert_eq!(
+        (lab.conns(backend).opened, lab.conns(backend).closed),
+        (1, 0)
+    );
+    let reply = lab
+        .ct_get(&reply_key(backend, CLIENT, sport, IPPROTO_TCP))
+        .expect("a reply entry");
+    assert_eq!((reply.nat_addr, reply.nat_port), (be32(VIP), 80u16.to_be()));
+
+    assert_eq!(lab.to_backend(&with(CLIENT, sport, ACK)), backend);
+    let e = lab.ct_get(&key).expect("entry");
+    assert_eq!((e.state, e.active), (CT_STATE_ESTABLISHED, 1), "{e:?}");
+
+    assert_eq!(lab.to_backend(&with(CLIENT, sport, FIN | ACK)), backend);
+    let e = lab.ct_get(&key).expect("entry");
+    assert_eq!((e.state, e.active), (CT_STATE_FIN, 0), "{e:?}");
+    assert_eq!(
+        (lab.conns(backend).opened, lab.conns(backend).closed),
+        (1, 1)
+    );
+
+    // A retransmitted FIN, and the last ACK, change nothing.
+    assert_eq!(lab.to_backend(&with(CLIENT, sport, FIN | ACK)), backend);
+    assert_eq!(lab.to_backend(&with(CLIENT, sport, ACK)), backend);
+    let e = lab.ct_get(&key).expect("entry");
+    assert_eq!((e.state, e.active), (CT_STATE_FIN, 0), "{e:?}");
+    assert_eq!(
+        (lab.conns(backend).opened, lab.conns(backend).closed),
+        (1, 1),
+        "closed counted exactly once"
+    );
+
+    // A RST closes a connection too, once.
+    let sport = 40001;
+    let key = forward_key(CLIENT, sport, IPPROTO_TCP);
+    let backend = lab.to_backend(&syn(CLIENT, sport));
+    let before = lab.conns(backend);
+    lab.to_backend(&with(CLIENT, sport, ACK));
+    lab.to_backend(&with(CLIENT, sport, RST | ACK));
+    lab.to_backend(&with(CLIENT, sport, RST));
+    let e = lab.ct_get(&key).expect("entry");
+    assert_eq!((e.state, e.active), (CT_STATE_RST, 0), "{e:?}");
+    assert_eq!(lab.conns(backend).closed, before.closed + 1);
+    assert_eq!(lab.conns(backend).opened, before.opened);
+}
+
+/// Checks a RST from the frontend to the client, against the client's
+/// packet `sent`; returns it parsed.
+fn check_rst(out: &[u8], sent: &[u8]) -> Seen {
+    let rst = parse(out);
+    let sent_seen = parse(sent);
+    assert_eq!(
+        (rst.eth_src, rst.eth_dst),
+        (sent_seen.eth_dst, sent_seen.eth_src),
+        "Ethernet back to the sender"
+    );
+    assert_eq!(
+        (rst.src, rst.sport, rst.dst, rst.dport, rst.proto),
+        (VIP, 80, sent_seen.src, sent_seen.sport, IPPROTO_TCP),
+        "from the frontend to the client"
+    );
+    assert_eq!(rst.payload_len, 0);
+    assert_eq!(out.len(), 14 + 20 + 20, "a bare RST");
+    // Independently of etherparse: both checksums sum to all ones.
+    let ip = &out[14..34];
+    assert_eq!(fold(ones_sum(ip)), 0xffff, "IPv4 header checksum");
+    let tcp = &out[34..54];
+    let pseudo = ones_sum(&ip[12..20]) + u32::from(IPPROTO_TCP) + 20;
+    assert_eq!(fold(pseudo + ones_sum(tcp)), 0xffff, "TCP checksum");
+    assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 40);
+    rst
+}
+
+#[test]
+fn a_tcp_packet_whose_backend_left_is_answered_with_a_reset() {
+    if !common::ready("a_tcp_packet_whose_backend_left_is_answered_with_a_reset") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("round-robin", &BACKENDS));
+    // Round robin: five flows, one per backend.
+    let flows: Vec<(u16, [u8; 4])> = (41000..41005)
+        .map(|p| {
+            let b = lab.to_backend(&syn(CLIENT, p));
+            lab.to_backend(&with(CLIENT, p, ACK));
+            (p, b)
+        })
+        .collect();
+    let gone = BACKENDS[1];
+    let (p_ack, _) = *flows.iter().find(|f| f.1 == gone).expect("a flow on it");
+    // A second connection to the leaving backend, for a packet without ACK.
+    let p_noack = (41100..41200)
+        .find(|p| lab.to_backend(&syn(CLIENT, *p)) == gone)
+        .expect("round robin comes back to it");
+    let conns_before = lab.conns(gone);
+    let remaining: Vec<_> = BACKENDS.iter().copied().filter(|b| *b != gone).collect();
+    lab.reprogram(&all_ready("round-robin", &remaining));
+
+    // Data with ACK: RST with seq = its ack number, no ACK.
+    let sent = packet_tcp(CLIENT, p_ack, PSH | ACK, 777_000, 123_456_789, b"data!");
+    let (resets, reselected) = (
+        lab.counter(Counter::Reset),
+        lab.counter(Counter::Reselected),
+    );
+    let (ret, out) = lab.run(&sent);
+    assert_eq!(ret, XDP_TX, "the RST goes back out of the interface");
+    let rst = check_rst(&out, &sent);
+    assert_eq!(rst.flags, RST, "RST only, answering a packet with ACK");
+    assert_eq!(rst.seq, 123_456_789, "seq = the packet's ack number");
+    assert_eq!(lab.counter(Counter::Reset), resets + 1);
+    assert_eq!(lab.counter(Counter::Reselected), reselected + 1);
+    assert!(
+        lab.ct_get(&forward_key(CLIENT, p_ack, IPPROTO_TCP))
+            .is_none(),
+        "the forward entry is gone"
+    );
+    assert!(
+        lab.ct_get(&reply_key(gone, CLIENT, p_ack, IPPROTO_TCP))
+            .is_none(),
+        "the reply entry is gone"
+    );
+
+    // A FIN without ACK: RST|ACK acknowledging the FIN.
+    let sent = packet_tcp(CLIENT, p_noack, FIN, 5_000_000, 0, b"xyz");
+    let (ret, out) = lab.run(&sent);
+    assert_eq!(ret, XDP_TX);
+    let rst = check_rst(&out, &sent);
+    assert_eq!(rst.flags, RST | ACK);
+    assert_eq!((rst.seq, rst.ack), (0, 5_000_000 + 3 + 1));
+    assert_eq!(lab.counter(Counter::Reset), resets + 2);
+    assert!(
+        lab.ct_get(&forward_key(CLIENT, p_noack, IPPROTO_TCP))
+            .is_none()
+    );
+    // Both connections stopped counting for the backend that left.
+    let c = lab.conns(gone);
+    assert_eq!(c.closed, conns_before.closed + 2, "{c:?}");
+
+    // The client's next SYN on the port is a new connection to a live one.
+    let b = lab.to_backend(&syn(CLIENT, p_ack));
+    assert_ne!(b, gone);
+    // Flows of the remaining backends are untouched.
+    for (p, b) in &flows {
+        if *b != gone {
+            assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b);
+        }
+    }
+    assert_eq!(lab.counter(Counter::Reset), resets + 2);
+}
+
+#[test]
+fn a_udp_flow_whose_backend_left_moves_to_a_live_one() {
+    if !common::ready("a_udp_flow_whose_backend_left_moves_to_a_live_one") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let sport = 42000;
+    let first = lab.to_backend(&udp(CLIENT, sport));
+    assert_eq!(lab.to_backend(&udp(CLIENT, sport)), first);
+    let remaining: Vec<_> = BACKENDS.iter().copied().filter(|b| *b != first).collect();
+    lab.reprogram(&all_ready("random", &remaining));
+    let before = lab.counter(Counter::Reselected);
+    let (ret, _) = lab.run(&udp(CLIENT, sport));
+    assert_eq!(ret, XDP_PASS, "not reset, not dropped");
+    // Run again through to_backend: the entry now names the new backend.
+    let now = lab.to_backend(&udp(CLIENT, sport));
+    assert_ne!(now, first, "moved off the removed backend");
+    assert_eq!(lab.counter(Counter::Reselected), before + 1);
+    assert_eq!(lab.counter(Counter::Reset), 0);
+    let e = lab
+        .ct_get(&forward_key(CLIENT, sport, IPPROTO_UDP))
+        .expect("a forward entry for the new backend");
+    assert_eq!(e.nat_addr, be32(now));
+    assert_eq!(e.active, 1);
+    for _ in 0..5 {
+        assert_eq!(lab.to_backend(&udp(CLIENT, sport)), now, "stays");
+    }
+    assert_eq!(lab.counter(Counter::Reselected), before + 1, "once");
+    let c = lab.conns(first);
+    assert_eq!(
+        (c.opened, c.closed),
+        (1, 1),
+        "the old backend's count released"
+    );
+}
+
+#[test]
+fn a_syn_after_close_is_a_new_connection_but_a_retransmitted_syn_is_not() {
+    if !common::ready("a_syn_after_close_is_a_new_connection_but_a_retransmitted_syn_is_not") {
+        return;
+    }
+    let lab = Lab::new(&all_ready("round-robin", &BACKENDS));
+    let p = 43000;
+    let key = forward_key(CLIENT, p, IPPROTO_TCP);
+    let b0 = lab.to_backend(&syn(CLIENT, p));
+    // A retransmitted SYN keeps the backend and takes no turn.
+    for _ in 0..3 {
+        assert_eq!(lab.to_backend(&syn(CLIENT, p)), b0, "retransmitted SYN");
+    }
+    let e = lab.ct_get(&key).expect("entry");
+    assert_eq!((e.state, e.active), (CT_STATE_SYN, 1));
+    let b1 = lab.to_backend(&syn(CLIENT, p + 1));
+    assert_ne!(b1, b0, "the retransmissions took no turn");
+    assert_eq!(lab.conns(b0).opened, 1, "one connection, not four");
+
+    // FIN, then a SYN on the same port: a new connection, the next turn.
+    lab.to_backend(&with(CLIENT, p, ACK));
+    lab.to_backend(&with(CLIENT, p, FIN | ACK));
+    let b2 = lab.to_backend(&syn(CLIENT, p));
+    assert_ne!(b2, b0, "a SYN after FIN is a new connection");
+    assert_ne!(b2, b1);
+    let e = lab.ct_get(&key).expect("entry");
+    assert_eq!(
+        (e.state, e.active, e.nat_addr),
+        (CT_STATE_SYN, 1, be32(b2)),
+        "{e:?}"
+    );
+    assert!(
+        lab.ct_get(&reply_key(b2, CLIENT, p, IPPROTO_TCP)).is_some(),
+        "a reply entry for the new backend"
+    );
+    assert_eq!(
+        (lab.conns(b0).opened, lab.conns(b0).closed),
+        (1, 1),
+        "the old connection closed once"
+    );
+    assert_eq!(lab.conns(b2).opened, 1);
+    // Its ACK stays on the new backend.
+    assert_eq!(lab.to_backend(&with(CLIENT, p, ACK)), b2);
+
+    // RST, then a SYN: also a new connection.
+    lab.to_backend(&with(CLIENT, p, RST));
+    let e = lab.ct_get(&key).expect("entry");
+    assert_eq!(e.state, CT_STATE_RST);
+    let b3 = lab.to_backend(&syn(CLIENT, p));
+    assert!(![b0, b1, b2].contains(&b3), "a SYN after RST takes a turn");
+    assert_eq!(lab.ct_get(&key).expect("entry").state, CT_STATE_SYN);
+    assert_eq!((lab.conns(b2).opened, lab.conns(b2).closed), (1, 1));
+}
+
+#[test]
+fn a_terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
+    if !common::ready("a_terminating_backend_keeps_its_flows_and_gets_no_new_ones") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let leaving = BACKENDS[3];
+    let p = (44000..44500)
+        .find(|p| lab.to_backend(&syn(CLIENT, *p)) == leaving)
+        .expect("some flow reaches it");
+    lab.to_backend(&with(CLIENT, p, ACK));
+    let endpoints: Vec<_> = BACKENDS
+        .iter()
+        .map(|b| {
+            let kind = if *b == leaving {
+                Endpoint::Terminating
+            } else {
+                Endpoint::Ready
+            };
+            (*b, kind)
+        })
+        .collect();
+    lab.reprogram(&yaml("random", &endpoints));
+    for _ in 0..5 {
+        assert_eq!(
+            lab.to_backend(&with(CLIENT, p, ACK)),
+            leaving,
+            "the existing flow keeps its terminating backend"
+        );
+    }
+    let mut counts = BTreeMap::new();
+    for p in 45000..45200 {
+        *counts.entry(lab.to_backend(&syn(CLIENT, p))).or_insert(0) += 1;
+    }
+    assert!(
+        !counts.contains_key(&leaving),
+        "no new flow goes to the terminating backend: {counts:?}"
+    );
+    assert_eq!(counts.len(), 4, "the ready ones share them: {counts:?}");
+    assert_eq!(lab.counter(Counter::Reset), 0);
+    assert_eq!(lab.counter(Counter::Reselected), 0);
+    // The same holds whatever the algorithm.
+    for algorithm in ["round-robin", "least-connections", "maglev", "source-hash"] {
+        lab.reprogram(&yaml(algorithm, &endpoints));
+        assert_eq!(
+            lab.to_backend(&with(CLIENT, p, ACK)),
+            leaving,
+            "{algorithm}: the existing flow stays"
+        );
+        for q in 46000..46200 {
+            let client = [10, 0, 3, (q % 200) as u8];
+            assert_ne!(
+                lab.to_backend(&syn(client, q)),
+                leaving,
+                "{algorithm}: new flow from port {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_full_conntrack_table_still_forwards_new_flows_by_hash() {
+    if !common::ready("a_full_conntrack_table_still_forwards_new_flows_by_hash") {
+        return;
+    }
+    const MAX: u32 = 8;
+    let lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX);
+    // Each flow takes two entries: forward and reply.
+    let tracked: Vec<(u16, [u8; 4])> = (50000..50000 + MAX as u16 / 2)
+        .map(|p| (p, lab.to_backend(&syn(CLIENT, p))))
+        .collect();
+    assert_eq!(lab.ct_len(), MAX as usize, "the table is full");
+    assert_eq!(lab.counter(Counter::CtFull), 0);
+
+    let mut untracked: HashMap<u16, [u8; 4]> = HashMap::new();
+    let mut packets = 0;
+    for p in 51000..51100 {
+        let b = lab.to_backend(&syn(CLIENT, p));
+        packets += 1;
+        for _ in 0..3 {
+            assert_eq!(lab.to_backend(&syn(CLIENT, p)), b, "SYN again, port {p}");
+            assert_eq!(lab.to_backend(&with(CLIENT, p, ACK)), b, "ACK, port {p}");
+            packets += 2;
+        }
+        untracked.insert(p, b);
+    }
+    assert_eq!(
+        lab.counter(Counter::CtFull),
+        packets,
+        "every packet of an untracked new flow counted"
+    );
+    assert_eq!(lab.counter(Counter::CtInsertFailed), 0);
+    assert_eq!(lab.ct_len(), MAX as usize);
+    let spread: BTreeSet<_> = untracked.values().collect();
+    assert!(
+        spread.len() >= 4,
+        "untracked flows are hashed over backends: {spread:?}"
+    );
+    // Tracked flows keep their backends.
+    for (p, b) in &tracked {
+        assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b, "port {p}");
+    }
+    // UDP too.
+    let u = lab.to_backend(&udp(CLIENT, 52000));
+    for _ in 0..5 {
+        assert_eq!(lab.to_backend(&udp(CLIENT, 52000)), u);
+    }
+}
