@@ -15,7 +15,7 @@ use crate::{
     family::{Entry, Family, Target},
     hash,
     maps::{self, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
-    parse::Flow,
+    parse::{Flow, TCP_RST},
 };
 
 /// Which end of the packet changes.
@@ -146,7 +146,12 @@ fn established<F: Family>(
         maps::count(Counter::Reselected);
         if flow.proto == IPPROTO_TCP && !flow.opens() {
             ct::forget::<F>(flow, entry);
-            return Some(Verdict::Reset);
+            // A RST is never answered with one (RFC 9293): the client is
+            // closing the connection anyway.
+            return Some(match flow.tcp_flags & TCP_RST {
+                0 => Verdict::Reset,
+                _ => Verdict::Drop,
+            });
         }
         ct::release::<F>(flow, entry);
         return None;
