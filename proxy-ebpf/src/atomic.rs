@@ -11,8 +11,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 /// `ptr` points into a live map value, 4-byte aligned.
 #[inline(always)]
 pub unsafe fn fetch_add(ptr: *mut u32, value: u32) -> u32 {
+    // SeqCst, not Relaxed: LLVM's BPF backend lowers a relaxed add to the
+    // non-fetching form and hands back the addend as the "old" value (round
+    // robin then always took the same slot).
     // SAFETY: as the caller promised.
-    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(ptr, value) }
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(ptr, value) }
 }
 
 /// `*ptr = value`; the value before.

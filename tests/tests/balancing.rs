@@ -185,27 +185,51 @@ impl Lab {
 
     /// Deletes every conntrack entry: the next packet of any flow is new.
     fn clear_ct(&mut self) {
-        let mut ct: BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> =
-            BpfHashMap::try_from(self.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4"))
-                .expect("ct4 hash");
-        let keys: Vec<Ct4Key> = ct.keys().map(|k| k.expect("ct4 key")).collect();
-        for key in keys {
-            ct.remove(&key).expect("remove a ct4 entry");
+        {
+            let mut ct: BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> =
+                BpfHashMap::try_from(self.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4"))
+                    .expect("ct4 hash");
+            let keys: Vec<Ct4Key> = ct.keys().map(|k| k.expect("ct4 key")).collect();
+            for key in keys {
+                ct.remove(&key).expect("remove a ct4 entry");
+            }
         }
-        drop(ct);
         assert_eq!(self.ct_len(), 0);
     }
 
-    /// Backend address -> backend id, from `lb4_backends`.
+    /// Backend address -> backend id of its TCP target (8080), from
+    /// `lb4_backends`.
     fn backend_ids(&self) -> BTreeMap<[u8; 4], u32> {
+        self.backend_ids_of(IPPROTO_TCP, 8080)
+    }
+
+    fn backend_ids_of(&self, proto: u8, port: u16) -> BTreeMap<[u8; 4], u32> {
         self.dp
             .maps
             .v4
             .backends
             .iter()
             .map(|r| r.expect("lb4_backends"))
+            .filter(|(_, b)| b.proto == proto && b.port == port.to_be())
             .map(|(id, b)| (b.addr.to_ne_bytes(), id))
             .collect()
+    }
+
+    /// The round-robin turn counter of a frontend's service.
+    fn turn(&self, port: u16, protocol: proxy_agent::model::Protocol) -> u32 {
+        let frontend = proxy_agent::model::Frontend {
+            addr: VIP.into(),
+            port,
+            protocol,
+        };
+        let id = self
+            .dp
+            .reconciler
+            .service_id(&frontend)
+            .expect("the frontend's service id");
+        let rr: Array<&aya::maps::MapData, u32> =
+            Array::try_from(self.dp.ebpf.map(names::ROUND_ROBIN).expect("lb_rr")).expect("lb_rr");
+        rr.get(&id, 0).expect("lb_rr entry")
     }
 
     fn conns(&self, backend: [u8; 4]) -> Connections {
@@ -445,6 +469,8 @@ fn round_robin_cycles_through_every_backend_in_turn() {
     }
     let lab = Lab::new(&all_ready("round-robin", &BACKENDS));
     let chosen: Vec<_> = ports().map(|p| lab.to_backend(&syn(CLIENT, p))).collect();
+    let turn = lab.turn(80, proxy_agent::model::Protocol::Tcp);
+    assert_eq!(turn, u32::from(FLOWS), "lb_rr: one turn per new flow");
     let counts = tally(chosen.iter().copied());
     let (min, max) = (counts.values().min(), counts.values().max());
     assert!(
@@ -522,14 +548,15 @@ fn maglev_balances_is_stateless_and_moves_few_flows_when_a_backend_leaves() {
         "maglev: {moved_on_remaining} of {stayed_on_remaining} flows of remaining backends moved; \
          {unchanged} of {FLOWS} unchanged; orphans went to {orphans:?}"
     );
-    // Maglev's table (16381 entries, 5 -> 4 backends) moves a few percent
-    // of the remaining backends' flows; a modulo hash would move ~75%.
+    // Maglev's table (16381 entries, 5 -> 4 backends) moves very few of
+    // the remaining backends' flows (measured: 3 of 1588, the hash is
+    // fixed); a modulo hash would move ~75%. At most 1%:
     assert!(
-        moved_on_remaining * 100 <= stayed_on_remaining * 5,
+        moved_on_remaining * 100 <= stayed_on_remaining,
         "{moved_on_remaining} of {stayed_on_remaining} flows moved off a backend that remained"
     );
     assert!(
-        unchanged as f64 >= f64::from(FLOWS) * (0.8 - 0.05 - 0.05),
+        unchanged as f64 >= f64::from(FLOWS) * 0.78,
         "{unchanged} of {FLOWS} flows kept their backend"
     );
     let used = orphans.values().filter(|n| **n > 0).count();
@@ -687,9 +714,25 @@ fn least_connections_counts_every_flow_from_concurrent_cpus() {
         .filter(|k| k.direction == CT_FORWARD)
         .count();
     assert_eq!(forward, 2 * usize::from(PER_THREAD));
+    // Both CPUs ran the program (lb_stats is per CPU).
+    let frontend = proxy_agent::model::Frontend {
+        addr: VIP.into(),
+        port: 80,
+        protocol: proxy_agent::model::Protocol::Tcp,
+    };
+    let id = lab.dp.reconciler.service_id(&frontend).expect("service id");
+    let per_cpu = lab.dp.maps.stats.get(&id, 0).expect("lb_stats");
+    let packets: Vec<u64> = per_cpu.iter().map(|s| s.packets).collect();
+    if cpus >= 2 {
+        assert_eq!(
+            &packets[..2],
+            &[u64::from(PER_THREAD); 2],
+            "one thread's packets on each CPU"
+        );
+    }
     let open = lab.open();
     let spread = open.values().max().unwrap() - open.values().min().unwrap();
-    eprintln!("least connections, 2 CPUs: open {open:?}");
+    eprintln!("least connections, 2 CPUs: open {open:?}, packets per CPU {packets:?}");
     // Two CPUs may both pick the same least loaded backend at once; the
     // next choices correct it.
     assert!(spread <= 4, "open connections stay even: {open:?}");
@@ -791,24 +834,26 @@ fn a_tcp_packet_whose_backend_left_is_answered_with_a_reset() {
     if !common::ready("a_tcp_packet_whose_backend_left_is_answered_with_a_reset") {
         return;
     }
-    let mut lab = Lab::new(&all_ready("round-robin", &BACKENDS));
-    // Round robin: five flows, one per backend.
-    let flows: Vec<(u16, [u8; 4])> = (41000..41005)
-        .map(|p| {
-            let b = lab.to_backend(&syn(CLIENT, p));
-            lab.to_backend(&with(CLIENT, p, ACK));
-            (p, b)
-        })
-        .collect();
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    // Established connections until every backend has one (random choice).
+    let mut flows: Vec<(u16, [u8; 4])> = Vec::new();
+    for p in 41000..41500 {
+        let b = lab.to_backend(&syn(CLIENT, p));
+        lab.to_backend(&with(CLIENT, p, ACK));
+        flows.push((p, b));
+        if tally(flows.iter().map(|f| f.1)).values().all(|n| *n >= 2) {
+            break;
+        }
+    }
     let gone = BACKENDS[1];
-    let (p_ack, _) = *flows.iter().find(|f| f.1 == gone).expect("a flow on it");
+    let mut on_gone = flows.iter().filter(|f| f.1 == gone).map(|f| f.0);
+    let p_ack = on_gone.next().expect("a flow on it");
     // A second connection to the leaving backend, for a packet without ACK.
-    let p_noack = (41100..41200)
-        .find(|p| lab.to_backend(&syn(CLIENT, *p)) == gone)
-        .expect("round robin comes back to it");
-    let conns_before = lab.conns(gone);
+    let p_noack = on_gone.next().expect("a second flow on it");
+    let gone_id = lab.backend_ids()[&gone];
+    let conns_before = lab.conns_of(gone_id);
     let remaining: Vec<_> = BACKENDS.iter().copied().filter(|b| *b != gone).collect();
-    lab.reprogram(&all_ready("round-robin", &remaining));
+    lab.reprogram(&all_ready("random", &remaining));
 
     // Data with ACK: RST with seq = its ack number, no ACK.
     let sent = packet_tcp(CLIENT, p_ack, PSH | ACK, 777_000, 123_456_789, b"data!");
@@ -847,7 +892,7 @@ fn a_tcp_packet_whose_backend_left_is_answered_with_a_reset() {
             .is_none()
     );
     // Both connections stopped counting for the backend that left.
-    let c = lab.conns(gone);
+    let c = lab.conns_of(gone_id);
     assert_eq!(c.closed, conns_before.closed + 2, "{c:?}");
 
     // The client's next SYN on the port is a new connection to a live one.
@@ -871,6 +916,7 @@ fn a_udp_flow_whose_backend_left_moves_to_a_live_one() {
     let sport = 42000;
     let first = lab.to_backend(&udp(CLIENT, sport));
     assert_eq!(lab.to_backend(&udp(CLIENT, sport)), first);
+    let first_id = lab.backend_ids_of(IPPROTO_UDP, 5353)[&first];
     let remaining: Vec<_> = BACKENDS.iter().copied().filter(|b| *b != first).collect();
     lab.reprogram(&all_ready("random", &remaining));
     let before = lab.counter(Counter::Reselected);
@@ -890,7 +936,7 @@ fn a_udp_flow_whose_backend_left_moves_to_a_live_one() {
         assert_eq!(lab.to_backend(&udp(CLIENT, sport)), now, "stays");
     }
     assert_eq!(lab.counter(Counter::Reselected), before + 1, "once");
-    let c = lab.conns(first);
+    let c = lab.conns_of(first_id);
     assert_eq!(
         (c.opened, c.closed),
         (1, 1),
@@ -950,6 +996,60 @@ fn a_syn_after_close_is_a_new_connection_but_a_retransmitted_syn_is_not() {
     assert!(![b0, b1, b2].contains(&b3), "a SYN after RST takes a turn");
     assert_eq!(lab.ct_get(&key).expect("entry").state, CT_STATE_SYN);
     assert_eq!((lab.conns(b2).opened, lab.conns(b2).closed), (1, 1));
+}
+
+#[test]
+fn a_syn_after_close_opens_a_new_connection_under_random_choice() {
+    if !common::ready("a_syn_after_close_opens_a_new_connection_under_random_choice") {
+        return;
+    }
+    let lab = Lab::new(&all_ready("random", &BACKENDS));
+    let p = 43500;
+    let key = forward_key(CLIENT, p, IPPROTO_TCP);
+    let first = lab.to_backend(&syn(CLIENT, p));
+    // 50 retransmitted SYNs: one connection, one backend.
+    for _ in 0..50 {
+        assert_eq!(lab.to_backend(&syn(CLIENT, p)), first, "retransmitted SYN");
+    }
+    let total = |lab: &Lab| {
+        lab.backend_ids()
+            .values()
+            .map(|id| lab.conns_of(*id))
+            .fold((0, 0), |(o, c), x| (o + x.opened, c + x.closed))
+    };
+    assert_eq!(total(&lab), (1, 0), "one connection opened");
+    // 50 connections on the same port, each closed by FIN (even-numbered)
+    // or RST (odd): every SYN after the close is a new choice.
+    let mut used = BTreeSet::from([first]);
+    for i in 0..50u32 {
+        let close = if i % 2 == 0 { FIN | ACK } else { RST };
+        lab.to_backend(&with(CLIENT, p, ACK));
+        lab.to_backend(&with(CLIENT, p, close));
+        let e = lab.ct_get(&key).expect("entry");
+        let closing = if i % 2 == 0 {
+            CT_STATE_FIN
+        } else {
+            CT_STATE_RST
+        };
+        assert_eq!((e.state, e.active), (closing, 0), "close {i}");
+        let b = lab.to_backend(&syn(CLIENT, p));
+        let e = lab.ct_get(&key).expect("entry");
+        assert_eq!(
+            (e.state, e.active, e.nat_addr),
+            (CT_STATE_SYN, 1, be32(b)),
+            "SYN {i} after close: a new entry"
+        );
+        assert_eq!(
+            total(&lab),
+            (i + 2, i + 1),
+            "SYN {i}: opened and closed once each"
+        );
+        used.insert(b);
+    }
+    assert!(
+        used.len() >= 3,
+        "51 new connections on one port chose anew each time: {used:?}"
+    );
 }
 
 #[test]
