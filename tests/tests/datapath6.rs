@@ -513,3 +513,78 @@ fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
         assert_eq!(reply[54 + 12], 6, "an ABORT");
     }
 }
+
+/// An ACK with data from the client, acknowledging up to `ack`.
+fn tcp_ack(sport: u16, ack: u32) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(CLIENT, VIP, 64)
+        .tcp(sport, 80, 2000, 64240)
+        .ack(ack);
+    let payload = b"more";
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).expect("build tcp");
+    out
+}
+
+#[test]
+fn ipv6_connection_to_a_removed_backend_is_reset() {
+    if !common::ready("ipv6_connection_to_a_removed_backend_is_reset") {
+        return;
+    }
+    for (i, hook) in HOOKS.into_iter().enumerate() {
+        let mut dp = lab();
+        let sport = 42000 + i as u16;
+        let out = pass(&dp, hook, &tcp(CLIENT, sport, VIP, 80));
+        let (_, _, backend, _) = seen(&out);
+        let staying = BACKENDS.into_iter().find(|b| *b != backend).expect("other");
+        let without = SERVICES.replace(
+            &format!(
+                "  - addresses: [\"{}\"]\n",
+                std::net::Ipv6Addr::from(backend)
+            ),
+            "",
+        );
+        assert_ne!(without, SERVICES, "{hook:?}: the backend is in the slice");
+        let mut objects = common::objects(&without).expect("objects");
+        objects.node_name = Some("here".into());
+        objects.node_addresses = vec![std::net::IpAddr::from(NODE)];
+        dp.program(&proxy_agent::model::desired(&objects))
+            .expect("program");
+        let before = dp.maps.counter(Counter::Reset).expect("counter");
+        let (verdict, rst) = run(&dp, hook, &tcp_ack(sport, 5555));
+        // XDP hands IPv6 replies to the node's stack; TC redirects them.
+        let want = match hook {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_REDIRECT,
+        };
+        assert_eq!(verdict, want, "{hook:?}");
+        let sliced = SlicedPacket::from_ethernet(&rst).expect("parses");
+        let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
+            panic!("{hook:?}: not IPv6");
+        };
+        let header = ip.header().to_header();
+        assert_eq!(
+            (header.source, header.destination),
+            (VIP, CLIENT),
+            "{hook:?}"
+        );
+        let Some(TransportSlice::Tcp(t)) = &sliced.transport else {
+            panic!("{hook:?}: not TCP");
+        };
+        assert!(t.rst() && !t.syn() && !t.fin(), "{hook:?}: a RST");
+        assert_eq!((t.source_port(), t.destination_port()), (80, sport));
+        assert_eq!(t.sequence_number(), 5555, "{hook:?}: from the ACK");
+        let want = t.calc_checksum_ipv6(VIP, CLIENT).expect("checksum");
+        assert_eq!(t.checksum(), want, "{hook:?}: TCP checksum");
+        assert!(t.payload().is_empty());
+        assert_eq!(
+            dp.maps.counter(Counter::Reset).expect("counter"),
+            before + 1,
+            "{hook:?}"
+        );
+        // The flow is forgotten: a new SYN from that port goes to the
+        // backend that stayed.
+        let out = pass(&dp, hook, &tcp(CLIENT, sport, VIP, 80));
+        assert_eq!(seen(&out).2, staying, "{hook:?}");
+    }
+}
