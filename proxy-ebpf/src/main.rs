@@ -71,7 +71,7 @@ fn xdp_flow<F: Datapath>(
         Verdict::Pass => {}
         Verdict::Rewrite(rewrite) => <F as Nat>::xdp(ctx, flow, &rewrite)?,
         Verdict::Drop => return Ok(xdp_action::XDP_DROP),
-        Verdict::Reject => return Ok(<F as Refuse>::xdp(ctx)),
+        Verdict::Reject => return Ok(<F as Refuse>::xdp(ctx, flow, start, end)),
         Verdict::Reset => return Ok(<F as Reset>::xdp(ctx)),
     }
     Ok(xdp_action::XDP_PASS)
@@ -108,7 +108,7 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         Verdict::Pass => return Ok(TC_ACT_OK),
         Verdict::Rewrite(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
-        Verdict::Reject => return Ok(<F as Refuse>::tc(ctx)),
+        Verdict::Reject => return Ok(<F as Refuse>::tc(ctx, flow)),
         Verdict::Reset => return Ok(<F as Reset>::tc(ctx)),
     };
     if <F as Nat>::tc(ctx, flow, &rewrite).is_err() {

@@ -24,7 +24,7 @@ use crate::{
     abort,
     family::V6,
     maps,
-    parse::{self, ETH_HLEN, Flow, IPV6_HLEN, Parsed, ptr_at},
+    parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
     reject::{Refuse, fold, sum, tc_outcome, tc_send_back, xdp_outcome, xdp_resize},
 };
 
@@ -50,12 +50,7 @@ struct Reply {
 
 impl Refuse for V6 {
     #[inline(always)]
-    fn xdp(ctx: &XdpContext) -> u32 {
-        let (start, end) = (ctx.data(), ctx.data_end());
-        let Parsed::V6(flow) = parse::flow(start, end) else {
-            return xdp_outcome(None);
-        };
-        let flow = &flow;
+    fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> u32 {
         let built = if flow.proto == IPPROTO_SCTP {
             abort::xdp6(ctx, flow, start, end)
         } else {
@@ -68,11 +63,7 @@ impl Refuse for V6 {
     }
 
     #[inline(always)]
-    fn tc(ctx: &TcContext) -> i32 {
-        let Parsed::V6(flow) = parse::flow(ctx.data(), ctx.data_end()) else {
-            return tc_outcome(None);
-        };
-        let flow = &flow;
+    fn tc(ctx: &TcContext, flow: &Flow<Addr6>) -> i32 {
         if flow.proto == IPPROTO_SCTP {
             return tc_outcome(abort::tc6(ctx, flow));
         }

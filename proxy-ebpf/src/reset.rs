@@ -6,8 +6,8 @@
 //! out.
 //!
 //! It is sent back the way the family's refusals are (see `reject` and
-//! `reject6`): out of the interface it came in on, or for IPv6 from XDP up
-//! the node's stack. Its checksum is complete; a packet still carrying a
+//! `reject6`): from TC out of the interface it came in on, from XDP up the
+//! node's stack, which routes it. Its checksum is complete; a packet still carrying a
 //! partial checksum only ever reaches a local socket over a veth, which
 //! trusts it.
 
@@ -73,8 +73,20 @@ impl Fill<Addr6> for Rst6 {
     }
 }
 
-/// IPv6 from XDP: addressed to the node as the original was, so that the
-/// stack routes it.
+/// From XDP: addressed to the node as the original was, so that the stack
+/// routes it (XDP_TX back out of a veth lost frames in our tests).
+#[repr(transparent)]
+struct Rst4ViaStack(Rst4);
+
+impl Fill<u32> for Rst4ViaStack {
+    #[inline(always)]
+    fn fill(&mut self, o: &Original<u32>) {
+        fill4(&mut self.0, o);
+        self.0.eth[..12].copy_from_slice(&o.eth);
+    }
+}
+
+/// IPv6 from XDP, as `Rst4ViaStack`.
 #[repr(transparent)]
 struct Rst6ViaStack(Rst6);
 
@@ -101,10 +113,10 @@ impl Reset for V4 {
     fn xdp(ctx: &XdpContext) -> u32 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let built = match parse::flow(start, end) {
-            Parsed::V4(flow) => try_xdp::<V4, Rst4>(ctx, &flow, start, end),
+            Parsed::V4(flow) => try_xdp::<V4, Rst4ViaStack>(ctx, &flow, start, end),
             _ => None,
         };
-        xdp_outcome(built, xdp_action::XDP_TX)
+        xdp_outcome(built, xdp_action::XDP_PASS)
     }
 
     #[inline(always)]
