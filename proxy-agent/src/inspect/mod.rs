@@ -47,7 +47,7 @@ pub fn inspect(bpffs: &Path, subject: Subject, format: Format) -> anyhow::Result
             let records = pins.conntrack()?;
             // After the walk: no entry was seen later than this, so no age
             // comes out negative.
-            let now = read::coarse_seconds()?;
+            let now = crate::conntrack::gc::now()?;
             render(&report::conntrack(&records, now), format, table::conntrack)
         }
         Subject::Counters => render(

@@ -243,22 +243,6 @@ fn at<V>(result: Result<V, MapError>, name: &str) -> anyhow::Result<Option<V>> {
     }
 }
 
-/// The clock conntrack's `last_seen` is kept in: CLOCK_MONOTONIC_COARSE
-/// seconds, truncated to 32 bits as the kernel side stores them.
-pub fn coarse_seconds() -> anyhow::Result<u32> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("clock_gettime(CLOCK_MONOTONIC_COARSE)");
-    }
-    Ok(ts.tv_sec as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,10 +260,5 @@ mod tests {
                 && error.contains("is the agent running on this node?"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn the_clock_reads() {
-        assert!(coarse_seconds().is_ok());
     }
 }
