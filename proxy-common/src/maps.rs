@@ -25,8 +25,17 @@ pub mod names {
     pub const CONNECTIONS: &str = "lb_conns";
     pub const ROUND_ROBIN: &str = "lb_rr";
     pub const REAPED: &str = "lb_reaped";
+    /// Conntrack for new flows that found `ct4`/`ct6` full: LRU maps.
+    pub const OVERFLOW4: &str = "ct4_overflow";
+    pub const OVERFLOW6: &str = "ct6_overflow";
+    /// Non-zero while the overflow maps may hold entries: the datapath
+    /// looks there only then.
+    pub const OVERFLOWED: &str = "ct_overflowed";
     /// Every map the programs define, for pinning and cleanup.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 23] = [
+        OVERFLOW4,
+        OVERFLOW6,
+        OVERFLOWED,
         REAPED,
         BACKEND_STATS,
         CONNECTIONS,
@@ -83,6 +92,8 @@ pub const MAX_BACKENDS: u32 = 131_072;
 /// 256 services with a Maglev table of 16381, or many more listed ones.
 pub const MAX_SLOTS: u32 = 4_194_304;
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Entries per family of the overflow conntrack (`ct4_overflow`).
+pub const MAX_CT_OVERFLOW: u32 = 65_536;
 /// One entry per (service, backend) pair.
 pub const MAX_MEMBERS: u32 = 524_288;
 pub const MAX_AFFINITY: u32 = 65_536;

@@ -22,7 +22,7 @@ use proxy_common::{
 
 use crate::{
     atomic,
-    family::{Entry, Family, Target},
+    family::{Entry, Family, Table, Target},
     lb::{Rewrite, Side},
     maps::{self, CONFIG, CONNECTIONS},
     parse::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
@@ -194,9 +194,12 @@ fn entry<A>(
     }
 }
 
-/// Writes the entries of a new flow, and counts it for its backend.
+/// Writes the entries of a new flow into `table`. A flow in `Main` counts
+/// as an open connection of its backend; one in `Overflow` may be evicted
+/// without notice, so it does not.
 #[inline(always)]
 pub fn remember<F: Family>(
+    table: Table,
     flow: &Flow<F::Addr>,
     service: &Service,
     backend_id: u32,
@@ -206,7 +209,7 @@ pub fn remember<F: Family>(
     // A backend reaching itself would see its own address as the source.
     let hairpin = backend.addr == flow.saddr;
     let snat = (hairpin || service.flags & SVC_SNAT_EXTERNAL != 0)
-        && source_nat::<F>(flow, backend, backend_id, id);
+        && source_nat::<F>(table, flow, backend, backend_id, id)?;
     let reply_at_egress = snat || service.flags & SVC_REPLY_AT_EGRESS != 0;
     let direction = if reply_at_egress { CT_EGRESS } else { CT_REPLY };
     let reply = F::ct_key(
@@ -218,18 +221,21 @@ pub fn remember<F: Family>(
         direction,
     );
     let to_client = entry(flow, (flow.daddr, flow.dport), 0, backend_id, id);
+    let counted = table == Table::Main;
     let to_backend = Entry {
-        active: 1,
+        active: counted as u32,
         ..entry(flow, (backend.addr, backend.port), 0, backend_id, id)
     };
     forget_stale::<F>(flow, backend, reply_at_egress, snat);
-    F::ct_insert(reply, to_client, 0).map_err(untracked)?;
-    if let Err(e) = F::ct_insert(of::<F>(flow, CT_FORWARD), to_backend, 0) {
+    F::ct_insert(table, reply, to_client, 0).map_err(untracked)?;
+    if let Err(e) = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, 0) {
         F::ct_remove(reply);
         return Err(untracked(e));
     }
-    // SAFETY: a field of the array value the closure is given.
-    connections(backend_id, |c| unsafe { &raw mut (*c).opened });
+    if counted {
+        // SAFETY: a field of the array value the closure is given.
+        connections(backend_id, |c| unsafe { &raw mut (*c).opened });
+    }
     Ok(())
 }
 
@@ -285,24 +291,26 @@ fn remove_if_there<F: Family>(key: F::CtKey) {
 }
 
 /// Picks a free node port for the flow towards `backend` and writes both
-/// source NAT entries; false (counted) if there is no address or port.
+/// source NAT entries into `table`; false (counted) if there is no address
+/// or port, `Full` if the table is.
 #[inline(always)]
 fn source_nat<F: Family>(
+    table: Table,
     flow: &Flow<F::Addr>,
     backend: &Target<F::Addr>,
     backend_id: u32,
     service_id: u32,
-) -> bool {
+) -> Result<bool, Untracked> {
     let config = CONFIG.get(0);
     let node = config.and_then(|c| F::snat_addr(c));
     let (Some(config), Some(node)) = (config, node) else {
         maps::count(Counter::SnatFailed);
-        return false;
+        return Ok(false);
     };
     let (min, max) = (config.snat_port_min, config.snat_port_max);
     if max < min {
         maps::count(Counter::SnatFailed);
-        return false;
+        return Ok(false);
     }
     let range = (max - min) as u32 + 1;
     // SAFETY: the helper has no preconditions.
@@ -319,11 +327,15 @@ fn source_nat<F: Family>(
         );
         // Taken ports belong to other flows towards this backend, unless
         // that flow has been idle long enough to be given up.
-        if F::ct_insert(back, to_client, BPF_NOEXIST as u64).is_err()
-            && !(idle::<F>(back, flow.proto)
-                && F::ct_insert(back, to_client, BPF_ANY as u64).is_ok())
-        {
-            continue;
+        match F::ct_insert(table, back, to_client, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(e) if e == -E2BIG => return Err(Untracked::Full),
+            Err(_) if idle::<F>(back, flow.proto) => {
+                if F::ct_insert(table, back, to_client, BPF_ANY as u64).is_err() {
+                    continue;
+                }
+            }
+            Err(_) => continue,
         }
         let out = F::ct_key(
             flow.saddr,
@@ -334,14 +346,17 @@ fn source_nat<F: Family>(
             CT_EGRESS,
         );
         let to_node = entry(flow, (node, port), 0, backend_id, service_id);
-        if F::ct_insert(out, to_node, 0).is_err() {
+        if let Err(e) = F::ct_insert(table, out, to_node, 0) {
             F::ct_remove(back);
+            if e == -E2BIG {
+                return Err(Untracked::Full);
+            }
             break;
         }
-        return true;
+        return Ok(true);
     }
     maps::count(Counter::SnatFailed);
-    false
+    Ok(false)
 }
 
 /// True if the entry at `key` has seen no packet for the protocol's source

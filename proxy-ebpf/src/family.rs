@@ -11,8 +11,40 @@ use proxy_common::{
 
 use crate::maps::{
     AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch,
-    MEMBERS, MEMBERS6, SERVICES4, SERVICES6, SOURCE_RANGES4, SOURCE_RANGES6,
+    MEMBERS, MEMBERS6, OVERFLOW4, OVERFLOW6, OVERFLOWED, SERVICES4, SERVICES6, SOURCE_RANGES4,
+    SOURCE_RANGES6,
 };
+
+/// The conntrack map a new flow's entries go to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `ct4`/`ct6`: never evicted.
+    Main,
+    /// `ct4_overflow`/`ct6_overflow`, LRU: for flows that found `Main` full.
+    Overflow,
+}
+
+/// True while the overflow maps may hold entries. Until a flow overflows,
+/// a conntrack miss costs no second hash lookup.
+#[inline(always)]
+fn overflowed() -> bool {
+    OVERFLOWED.get(0).is_some_and(|v| *v != 0)
+}
+
+/// Set before an overflow insert; the agent clears it once the overflow
+/// maps are empty (and sets it back if an insert raced with it).
+#[inline(always)]
+fn mark_overflowed() {
+    if let Some(v) = OVERFLOWED.get_ptr_mut(0) {
+        // SAFETY: a live array value; read first so that the cache line is
+        // written only on the first overflow.
+        unsafe {
+            if *v == 0 {
+                *v = 1;
+            }
+        }
+    }
+}
 
 /// Where conntrack keys and values are put together for the map helpers,
 /// which take them by pointer: on the stack, every one of them would hold
@@ -71,10 +103,17 @@ pub trait Family {
     /// protocols), the entry also takes in that packet: its time (the clock
     /// is read only for an entry that exists) and state.
     fn ct_get(key: Self::CtKey, seen: Option<u8>) -> Option<Entry<Self::Addr>>;
-    /// Writes the entry; the kernel's error code on failure.
-    fn ct_insert(key: Self::CtKey, entry: Entry<Self::Addr>, flags: u64) -> Result<(), i64>;
+    /// Writes the entry into `table`; the kernel's error code on failure.
+    fn ct_insert(
+        table: Table,
+        key: Self::CtKey,
+        entry: Entry<Self::Addr>,
+        flags: u64,
+    ) -> Result<(), i64>;
+    /// Removes the key from whichever table has it.
     fn ct_remove(key: Self::CtKey);
-    /// The entry's `active` field, for an atomic exchange.
+    /// The entry's `active` field, for an atomic exchange. Only `Main`
+    /// entries are ever active.
     fn ct_active(key: Self::CtKey) -> Option<*mut u32>;
 
     fn affinity_get(service_id: u32, client: Self::Addr) -> Option<*mut AffinityEntry>;
@@ -153,7 +192,8 @@ impl Family for V4 {
     fn ct_get(key: Ct4Key, seen: Option<u8>) -> Option<Entry<u32>> {
         let s = scratch()?;
         s.key4 = key;
-        let ptr = CONNTRACK4.get_ptr_mut(&s.key4)?;
+        let ptr = (CONNTRACK4.get_ptr_mut(&s.key4))
+            .or_else(|| overflowed().then(|| OVERFLOW4.get_ptr_mut(&s.key4))?)?;
         // SAFETY: a copy out of a live map value.
         let e = unsafe { *ptr };
         let state = match seen {
@@ -181,7 +221,7 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn ct_insert(key: Ct4Key, e: Entry<u32>, flags: u64) -> Result<(), i64> {
+    fn ct_insert(table: Table, key: Ct4Key, e: Entry<u32>, flags: u64) -> Result<(), i64> {
         let s = scratch().ok_or(-1i64)?;
         s.key4 = key;
         s.value4 = Ct4Entry {
@@ -195,9 +235,14 @@ impl Family for V4 {
             _pad: [0; 3],
             active: e.active,
         };
-        CONNTRACK4
-            .insert(&s.key4, &s.value4, flags)
-            .map_err(i64::from)
+        let inserted = match table {
+            Table::Main => CONNTRACK4.insert(&s.key4, &s.value4, flags),
+            Table::Overflow => {
+                mark_overflowed();
+                OVERFLOW4.insert(&s.key4, &s.value4, flags)
+            }
+        };
+        inserted.map_err(i64::from)
     }
 
     #[inline(always)]
@@ -205,6 +250,9 @@ impl Family for V4 {
         if let Some(s) = scratch() {
             s.key4 = key;
             let _ = CONNTRACK4.remove(&s.key4);
+            if overflowed() {
+                let _ = OVERFLOW4.remove(&s.key4);
+            }
         }
     }
 
@@ -319,7 +367,8 @@ impl Family for V6 {
     fn ct_get(key: Ct6Key, seen: Option<u8>) -> Option<Entry<Addr6>> {
         let s = scratch()?;
         s.key6 = key;
-        let ptr = CONNTRACK6.get_ptr_mut(&s.key6)?;
+        let ptr = (CONNTRACK6.get_ptr_mut(&s.key6))
+            .or_else(|| overflowed().then(|| OVERFLOW6.get_ptr_mut(&s.key6))?)?;
         // SAFETY: a copy out of a live map value.
         let e = unsafe { *ptr };
         let state = match seen {
@@ -347,7 +396,7 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn ct_insert(key: Ct6Key, e: Entry<Addr6>, flags: u64) -> Result<(), i64> {
+    fn ct_insert(table: Table, key: Ct6Key, e: Entry<Addr6>, flags: u64) -> Result<(), i64> {
         let s = scratch().ok_or(-1i64)?;
         s.key6 = key;
         s.value6 = Ct6Entry {
@@ -361,9 +410,14 @@ impl Family for V6 {
             _pad: [0; 3],
             active: e.active,
         };
-        CONNTRACK6
-            .insert(&s.key6, &s.value6, flags)
-            .map_err(i64::from)
+        let inserted = match table {
+            Table::Main => CONNTRACK6.insert(&s.key6, &s.value6, flags),
+            Table::Overflow => {
+                mark_overflowed();
+                OVERFLOW6.insert(&s.key6, &s.value6, flags)
+            }
+        };
+        inserted.map_err(i64::from)
     }
 
     #[inline(always)]
@@ -371,6 +425,9 @@ impl Family for V6 {
         if let Some(s) = scratch() {
             s.key6 = key;
             let _ = CONNTRACK6.remove(&s.key6);
+            if overflowed() {
+                let _ = OVERFLOW6.remove(&s.key6);
+            }
         }
     }
 

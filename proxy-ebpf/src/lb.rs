@@ -12,7 +12,7 @@ use proxy_common::{
 use crate::{
     affinity, atomic,
     ct::{self, Untracked},
-    family::{Entry, Family, Target},
+    family::{Entry, Family, Table, Target},
     hash,
     maps::{self, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
     parse::{Flow, TCP_RST},
@@ -113,7 +113,7 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
     let Some((id, backend)) = chosen.or_else(|| select::<F>(service, flow, pick)) else {
         return Verdict::Pass;
     };
-    match ct::remember::<F>(flow, service, id, &backend) {
+    match ct::remember::<F>(Table::Main, flow, service, id, &backend) {
         Ok(()) => {
             maps::count_backend_flow(id);
             if affinity {
@@ -121,14 +121,26 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
             }
             to(&backend)
         }
-        // Without an entry, every packet of the flow comes here again: it
-        // must get the same backend each time.
         Err(Untracked::Full) => {
             maps::count(Counter::CtFull);
-            select::<F>(service, flow, Pick::Hash).map_or(Verdict::Pass, |(_, b)| to(&b))
+            overflow::<F>(flow, service)
         }
         Err(Untracked::Failed) => to(&backend),
     }
+}
+
+/// A new flow that found conntrack full: tracked in the overflow table, and
+/// steered by its hash, so that if its entries are evicted its next packets
+/// still reach the same backend.
+#[inline(always)]
+fn overflow<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
+    let Some((id, backend)) = select::<F>(service, flow, Pick::Hash) else {
+        return Verdict::Pass;
+    };
+    if ct::remember::<F>(Table::Overflow, flow, service, id, &backend).is_ok() {
+        maps::count_backend_flow(id);
+    }
+    to(&backend)
 }
 
 /// A packet of a flow conntrack knows: its verdict, or None if the flow

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, Connections,
     Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig,
+    MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig,
     Service, ServiceStats, SlotKey, SourceRange4, SourceRange6,
 };
 
@@ -34,6 +34,20 @@ pub static BACKENDS4: HashMap<u32, Backend4, { MAX_BACKENDS as usize }> = HashMa
 // forwarded by flow hash and counted.
 #[btf_map(name = "ct4")]
 pub static CONNTRACK4: HashMap<Ct4Key, Ct4Entry, { MAX_CONNTRACK as usize }> = HashMap::new();
+
+// New flows that found the conntrack table full. An LRU: under pressure it
+// evicts the least recently used of these flows, never one in `ct4`.
+#[btf_map(name = "ct4_overflow")]
+pub static OVERFLOW4: LruHashMap<Ct4Key, Ct4Entry, { MAX_CT_OVERFLOW as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "ct6_overflow")]
+pub static OVERFLOW6: LruHashMap<Ct6Key, Ct6Entry, { MAX_CT_OVERFLOW as usize }> =
+    LruHashMap::new();
+
+/// Non-zero while the overflow maps may hold entries (see `family`).
+#[btf_map(name = "ct_overflowed")]
+pub static OVERFLOWED: Array<u32, 1> = Array::new();
 
 #[btf_map(name = "lb_members")]
 pub static MEMBERS: HashMap<MemberKey, Backend4, { MAX_MEMBERS as usize }> = HashMap::new();

@@ -111,11 +111,12 @@ impl Lab {
         Lab { dp }
     }
 
-    /// As `new`, with `ct4` sized to `conntrack_max` entries (as the agent's
-    /// loader sizes it), and only the XDP program loaded.
-    fn with_conntrack_max(yaml: &str, conntrack_max: u32) -> Lab {
+    /// As `new`, with `ct4` and `ct4_overflow` sized as given (as the
+    /// agent's loader sizes them), and only the XDP program loaded.
+    fn with_conntrack_max(yaml: &str, conntrack_max: u32, overflow_max: u32) -> Lab {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::CONNTRACK4, conntrack_max);
+        loader.map_max_entries(names::OVERFLOW4, overflow_max);
         let mut ebpf = loader
             .load(datapath::object().expect("object"))
             .expect("load the eBPF object");
@@ -179,6 +180,49 @@ impl Lab {
 
     fn ct_len(&self) -> usize {
         self.ct().keys().count()
+    }
+
+    fn overflow(&self) -> BpfHashMap<&aya::maps::MapData, Ct4Key, Ct4Entry> {
+        let map = self.dp.ebpf.map(names::OVERFLOW4).expect("ct4_overflow");
+        BpfHashMap::try_from(map).expect("ct4_overflow is a hash")
+    }
+
+    fn overflow_entries(&self) -> Vec<(Ct4Key, Ct4Entry)> {
+        let entries = self.overflow().iter().collect::<Result<Vec<_>, _>>();
+        entries.expect("read ct4_overflow")
+    }
+
+    /// As the LRU would under pressure: every overflow entry is gone.
+    fn evict_overflow(&mut self) {
+        let map = self.dp.ebpf.map_mut(names::OVERFLOW4).expect("ct4_overflow");
+        let mut overflow: BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> =
+            BpfHashMap::try_from(map).expect("ct4_overflow is a hash");
+        let keys: Vec<Ct4Key> = overflow.keys().map(|k| k.expect("key")).collect();
+        for key in keys {
+            overflow.remove(&key).expect("remove an overflow entry");
+        }
+    }
+
+    /// `ct_overflowed[0]`: set once a flow went to the overflow table.
+    fn overflowed(&self) -> u32 {
+        let map = self.dp.ebpf.map(names::OVERFLOWED).expect("ct_overflowed");
+        let flag: Array<&aya::maps::MapData, u32> = Array::try_from(map).expect("an array");
+        flag.get(&0, 0).expect("ct_overflowed[0]")
+    }
+
+    /// Runs a backend's reply, which must come out from the service's
+    /// address and port, to the client.
+    fn reply_from_service(&self, packet: &[u8]) {
+        let sent = parse(packet);
+        let (ret, out) = self.run(packet);
+        assert_eq!(ret, XDP_PASS, "a reply is passed on");
+        let out = parse(&out);
+        let service_port = if sent.proto == IPPROTO_UDP { 53 } else { 80 };
+        assert_eq!(
+            (out.src, out.sport, out.dst, out.dport),
+            (VIP, service_port, sent.dst, sent.dport),
+            "the reply of {sent:?} comes from the service"
+        );
     }
 
     /// Deletes every conntrack entry: the next packet of any flow is new.
@@ -287,6 +331,19 @@ fn syn(src: [u8; 4], sport: u16) -> Vec<u8> {
 
 fn with(src: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
     packet_tcp(src, sport, flags, 1001, 5001, b"")
+}
+
+/// A backend's SYN-ACK (TCP) or answer (UDP) to the client's port.
+fn answer(backend: [u8; 4], client: [u8; 4], cport: u16, proto: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_NODE, MAC_CLIENT).ipv4(backend, client, 64);
+    let mut out = Vec::new();
+    if proto == IPPROTO_UDP {
+        b.udp(5353, cport).write(&mut out, b"answer")
+    } else {
+        b.tcp(8080, cport, 5000, 64240).syn().ack(1001).write(&mut out, b"")
+    }
+    .expect("build an answer");
+    out
 }
 
 fn udp(src: [u8; 4], sport: u16) -> Vec<u8> {
@@ -1112,51 +1169,95 @@ fn a_terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
     }
 }
 
+/// Fills a `ct4` of `MAX` entries with two-entry flows from `CLIENT`;
+/// returns each flow's port and backend.
+fn fill(lab: &Lab, max: u32) -> Vec<(u16, [u8; 4])> {
+    let tracked: Vec<(u16, [u8; 4])> = (50000..50000 + max as u16 / 2)
+        .map(|p| (p, lab.to_backend(&syn(CLIENT, p))))
+        .collect();
+    assert_eq!(lab.ct_len(), max as usize, "the table is full");
+    assert_eq!(lab.counter(Counter::CtFull), 0);
+    assert_eq!(lab.overflowed(), 0, "nothing overflowed yet");
+    tracked
+}
+
 #[test]
-fn a_full_conntrack_table_still_forwards_new_flows_by_hash() {
-    if !common::ready("a_full_conntrack_table_still_forwards_new_flows_by_hash") {
+fn a_full_conntrack_table_tracks_new_flows_in_the_overflow_table() {
+    if !common::ready("a_full_conntrack_table_tracks_new_flows_in_the_overflow_table") {
         return;
     }
     const MAX: u32 = 8;
-    let lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX);
-    // Each flow takes two entries: forward and reply.
-    let tracked: Vec<(u16, [u8; 4])> = (50000..50000 + MAX as u16 / 2)
-        .map(|p| (p, lab.to_backend(&syn(CLIENT, p))))
-        .collect();
-    assert_eq!(lab.ct_len(), MAX as usize, "the table is full");
-    assert_eq!(lab.counter(Counter::CtFull), 0);
+    let mut lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX, 1024);
+    let tracked = fill(&lab, MAX);
 
-    let mut untracked: HashMap<u16, [u8; 4]> = HashMap::new();
-    let mut packets = 0;
-    for p in 51000..51100 {
+    let mut overflowed = BTreeMap::new();
+    for p in 51000..51040 {
         let b = lab.to_backend(&syn(CLIENT, p));
-        packets += 1;
-        for _ in 0..3 {
-            assert_eq!(lab.to_backend(&syn(CLIENT, p)), b, "SYN again, port {p}");
-            assert_eq!(lab.to_backend(&with(CLIENT, p, ACK)), b, "ACK, port {p}");
-            packets += 2;
-        }
-        untracked.insert(p, b);
+        lab.reply_from_service(&answer(b, CLIENT, p, IPPROTO_TCP));
+        assert_eq!(lab.to_backend(&with(CLIENT, p, ACK)), b, "port {p}");
+        overflowed.insert(p, b);
     }
-    assert_eq!(
-        lab.counter(Counter::CtFull),
-        packets,
-        "every packet of an untracked new flow counted"
-    );
+    let u = lab.to_backend(&udp(CLIENT, 52000));
+    lab.reply_from_service(&answer(u, CLIENT, 52000, IPPROTO_UDP));
+    assert_eq!(lab.to_backend(&udp(CLIENT, 52000)), u);
+
+    assert_eq!(lab.counter(Counter::CtFull), 41, "each new flow counted once");
     assert_eq!(lab.counter(Counter::CtInsertFailed), 0);
-    assert_eq!(lab.ct_len(), MAX as usize);
-    let spread: BTreeSet<_> = untracked.values().collect();
+    assert_eq!(lab.ct_len(), MAX as usize, "ct4 kept its flows");
+    assert_eq!(lab.overflowed(), 1);
+    let entries = lab.overflow_entries();
+    assert_eq!(entries.len(), 82, "forward and reply entries of 41 flows");
     assert!(
-        spread.len() >= 4,
-        "untracked flows are hashed over backends: {spread:?}"
+        entries.iter().all(|(_, e)| e.active == 0),
+        "overflow flows are not open connections for least connections"
     );
-    // Tracked flows keep their backends.
+    let opened: u32 = BACKENDS.iter().map(|b| lab.conns(*b).opened).sum();
+    assert_eq!(opened, tracked.len() as u32, "only ct4's flows were opened");
+    let spread: BTreeSet<_> = overflowed.values().collect();
+    assert!(spread.len() >= 4, "overflow flows are hashed: {spread:?}");
+
+    // Evicted, a flow's next packet still reaches its backend: overflow
+    // flows were placed by hash, not by the algorithm.
+    lab.evict_overflow();
+    for (p, b) in &overflowed {
+        assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b, "port {p}");
+        lab.reply_from_service(&answer(*b, CLIENT, *p, IPPROTO_TCP));
+    }
+    assert_eq!(lab.to_backend(&udp(CLIENT, 52000)), u);
+    for (p, b) in &tracked {
+        assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b, "port {p}");
+        lab.reply_from_service(&answer(*b, CLIENT, *p, IPPROTO_TCP));
+    }
+    assert_eq!(lab.ct_len(), MAX as usize);
+}
+
+#[test]
+fn an_overflow_table_under_pressure_keeps_each_flows_backend() {
+    if !common::ready("an_overflow_table_under_pressure_keeps_each_flows_backend") {
+        return;
+    }
+    const MAX: u32 = 8;
+    const OVERFLOW: u32 = 16;
+    let lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX, OVERFLOW);
+    let tracked = fill(&lab, MAX);
+    // Far more flows than both tables hold, interleaved so that the LRU
+    // evicts flows that are still sending.
+    let flows: Vec<u16> = (51000..51100).collect();
+    let mut first: HashMap<u16, [u8; 4]> = HashMap::new();
+    for round in 0..4 {
+        for p in &flows {
+            let packet = if round == 0 { syn(CLIENT, *p) } else { with(CLIENT, *p, ACK) };
+            let b = lab.to_backend(&packet);
+            assert_eq!(*first.entry(*p).or_insert(b), b, "port {p}, round {round}");
+        }
+    }
+    assert_eq!(lab.counter(Counter::CtInsertFailed), 0);
+    assert!(lab.counter(Counter::CtFull) >= flows.len() as u64);
+    assert!(lab.overflow_entries().len() <= OVERFLOW as usize);
+    let spread: BTreeSet<_> = first.values().collect();
+    assert!(spread.len() >= 4, "flows are hashed over backends: {spread:?}");
     for (p, b) in &tracked {
         assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b, "port {p}");
     }
-    // UDP too.
-    let u = lab.to_backend(&udp(CLIENT, 52000));
-    for _ in 0..5 {
-        assert_eq!(lab.to_backend(&udp(CLIENT, 52000)), u);
-    }
+    assert_eq!(lab.ct_len(), MAX as usize);
 }
