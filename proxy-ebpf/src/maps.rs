@@ -8,8 +8,8 @@ use aya_ebpf::{
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, Connections,
     Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig,
-    Service, ServiceStats, SlotKey, SourceRange4, SourceRange6,
+    MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
+    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SourceRange4, SourceRange6,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
