@@ -3,12 +3,13 @@
 //! agent, runs `proxy-agent cleanup` and unmounts the private bpffs.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 
 use crate::netns::Netns;
 
@@ -45,6 +46,16 @@ pub fn binary() -> anyhow::Result<PathBuf> {
     Ok(agent)
 }
 
+/// `--manifests PATH --node-name NAME`.
+fn from_manifests(manifests: &Path, node_name: &str) -> Vec<std::ffi::OsString> {
+    vec![
+        "--manifests".into(),
+        manifests.as_os_str().to_owned(),
+        "--node-name".into(),
+        node_name.into(),
+    ]
+}
+
 /// The node name manifest-driven agents run as (manifests may hold a Node
 /// object of this name).
 pub const NODE_NAME: &str = "test-node";
@@ -78,13 +89,12 @@ impl Agent {
         node_name: &str,
         ifaces: &[String],
     ) -> anyhow::Result<Agent> {
-        let source = vec![
-            "--manifests".into(),
-            manifests.as_os_str().to_owned(),
-            "--node-name".into(),
-            node_name.into(),
-        ];
-        Self::start_with(binary()?, node, source, ifaces)
+        Self::start_with(
+            binary()?,
+            node,
+            from_manifests(manifests, node_name),
+            ifaces,
+        )
     }
 
     /// As `start`, with the agent binary given.
@@ -94,13 +104,19 @@ impl Agent {
         manifests: &Path,
         ifaces: &[String],
     ) -> anyhow::Result<Agent> {
-        let source = vec![
-            "--manifests".into(),
-            manifests.as_os_str().to_owned(),
-            "--node-name".into(),
-            NODE_NAME.into(),
-        ];
-        Self::start_with(binary, node, source, ifaces)
+        Self::start_with(binary, node, from_manifests(manifests, NODE_NAME), ifaces)
+    }
+
+    /// As `start`, with more flags of `run`.
+    pub fn start_flags(
+        node: &Netns,
+        manifests: &Path,
+        ifaces: &[String],
+        flags: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let mut source = from_manifests(manifests, NODE_NAME);
+        source.extend(flags.iter().map(Into::into));
+        Self::start_with(binary()?, node, source, ifaces)
     }
 
     fn start_with(
@@ -193,6 +209,32 @@ impl Agent {
 
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
+    }
+
+    /// The datapath's global counters by name (`proxy-agent inspect counters`).
+    pub fn counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let out = std::process::Command::new(binary()?)
+            .args(["inspect", "counters", "-o", "json", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()
+            .context("running proxy-agent inspect counters")?;
+        ensure!(
+            out.status.success(),
+            "inspect counters failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("inspect counters -o json")?;
+        let map = json["counters"]
+            .as_object()
+            .with_context(|| format!("no counters object in {json}"))?;
+        map.iter()
+            .map(|(k, v)| {
+                let v = v.as_u64().with_context(|| format!("counter {k}: {v}"))?;
+                Ok((k.clone(), v))
+            })
+            .collect()
     }
 
     /// Waits until the log shows `count` syncs in all.

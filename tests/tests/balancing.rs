@@ -8,17 +8,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aya::{
-    EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap},
-    programs::Xdp,
-};
+use aya::maps::{Array, HashMap as BpfHashMap};
 use common::{Loaded, XDP_PASS};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use proxy_agent::{datapath, datapath::maps::MapSet, reconcile::Reconciler};
 use proxy_common::{
     CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
-    Connections, Counter, Ct4Entry, Ct4Key, MAX_BACKENDS, MAX_SERVICES, names, programs,
+    Connections, Counter, Ct4Entry, Ct4Key, names, programs,
 };
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -111,27 +106,11 @@ impl Lab {
         Lab { dp }
     }
 
-    /// As `new`, with `ct4` and `ct4_overflow` sized as given (as the
-    /// agent's loader sizes them), and only the XDP program loaded.
+    /// As `new`, with `ct4` and `ct4_overflow` sized as given, and only
+    /// the XDP program loaded.
     fn with_conntrack_max(yaml: &str, conntrack_max: u32, overflow_max: u32) -> Lab {
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::CONNTRACK4, conntrack_max);
-        loader.map_max_entries(names::OVERFLOW4, overflow_max);
-        let mut ebpf = loader
-            .load(datapath::object().expect("object"))
-            .expect("load the eBPF object");
-        let prog: &mut Xdp = ebpf
-            .program_mut(programs::XDP)
-            .expect("xdp program")
-            .try_into()
-            .expect("an XDP program");
-        prog.load().expect("verify the XDP program");
-        let maps = MapSet::take(&mut ebpf).expect("maps");
-        let mut dp = Loaded {
-            ebpf,
-            maps,
-            reconciler: Reconciler::new(MAX_SERVICES, MAX_BACKENDS),
-        };
+        let mut dp = Loaded::with_conntrack(conntrack_max, overflow_max, &[programs::XDP])
+            .expect("load the datapath");
         dp.program_yaml(yaml).expect("program the service");
         Lab { dp }
     }
@@ -194,7 +173,11 @@ impl Lab {
 
     /// As the LRU would under pressure: every overflow entry is gone.
     fn evict_overflow(&mut self) {
-        let map = self.dp.ebpf.map_mut(names::OVERFLOW4).expect("ct4_overflow");
+        let map = self
+            .dp
+            .ebpf
+            .map_mut(names::OVERFLOW4)
+            .expect("ct4_overflow");
         let mut overflow: BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> =
             BpfHashMap::try_from(map).expect("ct4_overflow is a hash");
         let keys: Vec<Ct4Key> = overflow.keys().map(|k| k.expect("key")).collect();
@@ -340,7 +323,10 @@ fn answer(backend: [u8; 4], client: [u8; 4], cport: u16, proto: u8) -> Vec<u8> {
     if proto == IPPROTO_UDP {
         b.udp(5353, cport).write(&mut out, b"answer")
     } else {
-        b.tcp(8080, cport, 5000, 64240).syn().ack(1001).write(&mut out, b"")
+        b.tcp(8080, cport, 5000, 64240)
+            .syn()
+            .ack(1001)
+            .write(&mut out, b"")
     }
     .expect("build an answer");
     out
@@ -1201,7 +1187,11 @@ fn a_full_conntrack_table_tracks_new_flows_in_the_overflow_table() {
     lab.reply_from_service(&answer(u, CLIENT, 52000, IPPROTO_UDP));
     assert_eq!(lab.to_backend(&udp(CLIENT, 52000)), u);
 
-    assert_eq!(lab.counter(Counter::CtFull), 41, "each new flow counted once");
+    assert_eq!(
+        lab.counter(Counter::CtFull),
+        41,
+        "each new flow counted once"
+    );
     assert_eq!(lab.counter(Counter::CtInsertFailed), 0);
     assert_eq!(lab.ct_len(), MAX as usize, "ct4 kept its flows");
     assert_eq!(lab.overflowed(), 1);
@@ -1246,7 +1236,11 @@ fn an_overflow_table_under_pressure_keeps_each_flows_backend() {
     let mut first: HashMap<u16, [u8; 4]> = HashMap::new();
     for round in 0..4 {
         for p in &flows {
-            let packet = if round == 0 { syn(CLIENT, *p) } else { with(CLIENT, *p, ACK) };
+            let packet = if round == 0 {
+                syn(CLIENT, *p)
+            } else {
+                with(CLIENT, *p, ACK)
+            };
             let b = lab.to_backend(&packet);
             assert_eq!(*first.entry(*p).or_insert(b), b, "port {p}, round {round}");
         }
@@ -1255,7 +1249,10 @@ fn an_overflow_table_under_pressure_keeps_each_flows_backend() {
     assert!(lab.counter(Counter::CtFull) >= flows.len() as u64);
     assert!(lab.overflow_entries().len() <= OVERFLOW as usize);
     let spread: BTreeSet<_> = first.values().collect();
-    assert!(spread.len() >= 4, "flows are hashed over backends: {spread:?}");
+    assert!(
+        spread.len() >= 4,
+        "flows are hashed over backends: {spread:?}"
+    );
     for (p, b) in &tracked {
         assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b, "port {p}");
     }

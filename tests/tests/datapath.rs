@@ -4,9 +4,10 @@
 
 mod common;
 
+use aya::maps::HashMap as BpfHashMap;
 use common::{Loaded, TC_ACT_OK, XDP_PASS, crc32c};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use proxy_common::Counter;
+use proxy_common::{Counter, Ct4Entry, Ct4Key, names};
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -688,7 +689,10 @@ fn client_ip_affinity_keeps_a_client_on_its_backend() {
 
 /// `yaml` programmed for node `here` at 10.0.0.1 (its source NAT address).
 fn lab_with_node_address(yaml: &str) -> Lab {
-    let mut dp = Loaded::new().expect("load the datapath");
+    programmed_with_node_address(Loaded::new().expect("load the datapath"), yaml)
+}
+
+fn programmed_with_node_address(mut dp: Loaded, yaml: &str) -> Lab {
     let mut objects = common::objects(yaml).expect("objects");
     objects.node_name = Some("here".into());
     objects.node_addresses = vec![std::net::IpAddr::from([10, 0, 0, 1])];
@@ -704,17 +708,30 @@ fn egress(lab: &Lab, packet: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The LoadBalancer Service with externalTrafficPolicy Cluster: external
+/// clients are source-NATed.
+fn load_balancer_cluster() -> String {
+    LOAD_BALANCER
+        .replace("  externalTrafficPolicy: Local\n", "")
+        .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "")
+}
+
 #[test]
 fn external_traffic_is_source_nated_to_the_node_and_back() {
     if !common::ready("external_traffic_is_source_nated_to_the_node_and_back") {
         return;
     }
-    let cluster = LOAD_BALANCER
-        .replace("  externalTrafficPolicy: Local\n", "")
-        .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "");
-    let (lb, node, outsider) = ([198, 51, 100, 1], [10, 0, 0, 1], [203, 0, 113, 50]);
     for hook in HOOKS {
-        let lab = lab_with_node_address(&cluster);
+        source_nat_and_back(&lab_with_node_address(&load_balancer_cluster()), hook);
+    }
+}
+
+/// Where a flow from outside goes: to a backend, source-NATed to the node
+/// after forwarding, and back to the client from the load balancer's IP;
+/// a second flow gets another node port.
+fn source_nat_and_back(lab: &Lab, hook: Hook) {
+    let (lb, node, outsider) = ([198, 51, 100, 1], [10, 0, 0, 1], [203, 0, 113, 50]);
+    {
         // In: the destination becomes a backend, the source stays.
         let request = tcp(outsider, 50000, lb, 80);
         let dnat = seen(&lab.run(hook, &request));
@@ -722,7 +739,7 @@ fn external_traffic_is_source_nated_to_the_node_and_back() {
         let backend = dnat.dst;
         // Out, after forwarding: the source becomes the node.
         let forwarded = tcp(outsider, 50000, backend, 8080);
-        let snat = seen(&egress(&lab, &forwarded));
+        let snat = seen(&egress(lab, &forwarded));
         assert_eq!(
             (snat.src, snat.dst, snat.dport),
             (node, backend, 8080),
@@ -742,7 +759,7 @@ fn external_traffic_is_source_nated_to_the_node_and_back() {
             "{hook:?}"
         );
         // Out to the client: the source becomes the frontend.
-        let out = seen(&egress(&lab, &tcp(backend, 8080, outsider, 50000)));
+        let out = seen(&egress(lab, &tcp(backend, 8080, outsider, 50000)));
         assert_eq!(
             (out.src, out.sport, out.dst),
             (lb, 80, outsider),
@@ -751,11 +768,59 @@ fn external_traffic_is_source_nated_to_the_node_and_back() {
         // A second flow from another port gets another node port.
         seen(&lab.run(hook, &tcp(outsider, 50001, lb, 80)));
         let dnat2 = seen(&lab.run(hook, &tcp(outsider, 50001, lb, 80)));
-        let second = seen(&egress(&lab, &tcp(outsider, 50001, dnat2.dst, 8080)));
+        let second = seen(&egress(lab, &tcp(outsider, 50001, dnat2.dst, 8080)));
         if dnat2.dst == backend {
             assert_ne!(second.sport, snat.sport, "{hook:?}: one node port per flow");
         }
     }
+}
+
+#[test]
+fn source_nat_works_for_flows_that_found_conntrack_full() {
+    if !common::ready("source_nat_works_for_flows_that_found_conntrack_full") {
+        return;
+    }
+    const MAX: u32 = 8;
+    for hook in HOOKS {
+        let programs = [
+            proxy_common::programs::XDP,
+            proxy_common::programs::TC_INGRESS,
+            proxy_common::programs::TC_EGRESS,
+        ];
+        let dp = Loaded::with_conntrack(MAX, 1024, &programs).expect("load the datapath");
+        let mut lab = programmed_with_node_address(dp, &load_balancer_cluster());
+        fill_ct4(&mut lab);
+        source_nat_and_back(&lab, hook);
+        assert_eq!(lab.counter(Counter::CtFull), 2, "{hook:?}: two new flows");
+        assert_eq!(lab.counter(Counter::SnatFailed), 0, "{hook:?}");
+        assert_eq!(lab.counter(Counter::CtInsertFailed), 0, "{hook:?}");
+        let overflow = lab.dp.ebpf.map(names::OVERFLOW4).expect("ct4_overflow");
+        let overflow: BpfHashMap<_, Ct4Key, Ct4Entry> =
+            BpfHashMap::try_from(overflow).expect("a hash");
+        assert_eq!(
+            overflow.keys().count(),
+            8,
+            "{hook:?}: forward, reply and two source NAT entries of each flow"
+        );
+    }
+}
+
+/// Fills `ct4` with entries of flows that never come.
+fn fill_ct4(lab: &mut Lab) {
+    let ct4 = lab.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4");
+    let mut ct4: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct4).expect("a hash");
+    for port in 1.. {
+        let key = Ct4Key {
+            src_addr: u32::from_ne_bytes([192, 0, 2, 1]),
+            src_port: u16::to_be(port),
+            proto: 6,
+            ..Ct4Key::default()
+        };
+        if ct4.insert(key, Ct4Entry::default(), 0).is_err() {
+            break;
+        }
+    }
+    assert!(ct4.keys().count() > 0, "ct4 filled");
 }
 
 #[test]

@@ -17,7 +17,6 @@ use std::{
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     path::PathBuf,
-    process::Command,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -29,7 +28,7 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use proxy_common::Counter;
 use proxy_tests::{
-    agent::{self, Agent},
+    agent::Agent,
     clients::{HttpConn, udp_exchange},
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
@@ -144,30 +143,8 @@ impl Lab {
         })
     }
 
-    /// The datapath's global counters by name (`proxy-agent inspect counters`).
     fn counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
-        let out = Command::new(agent::binary()?)
-            .args(["inspect", "counters", "-o", "json", "--bpffs"])
-            .arg(self.agent.bpffs())
-            .output()
-            .context("running proxy-agent inspect counters")?;
-        ensure!(
-            out.status.success(),
-            "inspect counters failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let json: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("inspect counters -o json")?;
-        let map = json["counters"]
-            .as_object()
-            .with_context(|| format!("no counters object in {json}"))?;
-        map.iter()
-            .map(|(k, v)| {
-                let v = v.as_u64().with_context(|| format!("counter {k}: {v}"))?;
-                Ok((k.clone(), v))
-            })
-            .collect()
+        self.agent.counters()
     }
 
     /// `n` new connections, one request each: how many each backend served.

@@ -44,18 +44,41 @@ pub struct Loaded {
     pub reconciler: Reconciler,
 }
 
+/// Every XDP and TC program of the object.
+pub const ALL_PROGRAMS: [&str; 5] = [
+    programs::XDP,
+    programs::XDP_EMPTY,
+    programs::XDP_BENCH,
+    programs::TC_INGRESS,
+    programs::TC_EGRESS,
+];
+
 impl Loaded {
     pub fn new() -> anyhow::Result<Loaded> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load(&mut EbpfLoader::new(), &ALL_PROGRAMS)
+    }
+
+    /// With `ct4` and `ct4_overflow` sized as given (as the agent's loader
+    /// sizes them), and only the programs named verified.
+    pub fn with_conntrack(max: u32, overflow_max: u32, names: &[&str]) -> anyhow::Result<Loaded> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(proxy_common::names::CONNTRACK4, max);
+        loader.map_max_entries(proxy_common::names::OVERFLOW4, overflow_max);
+        Self::load(&mut loader, names)
+    }
+
+    fn load(loader: &mut EbpfLoader, names: &[&str]) -> anyhow::Result<Loaded> {
+        let mut ebpf = loader
             .load(datapath::object()?)
             .context("loading the eBPF object")?;
-        for name in [programs::XDP, programs::XDP_EMPTY, programs::XDP_BENCH] {
-            let prog: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
-            prog.load().with_context(|| format!("verifying {name}"))?;
-        }
-        for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
-            let tc: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
-            tc.load().with_context(|| format!("verifying {name}"))?;
+        for name in names {
+            let program = ebpf.program_mut(name).with_context(|| name.to_string())?;
+            match program {
+                aya::programs::Program::Xdp(xdp) => xdp.load(),
+                aya::programs::Program::SchedClassifier(tc) => tc.load(),
+                _ => bail!("{name} is neither XDP nor TC"),
+            }
+            .with_context(|| format!("verifying {name}"))?;
         }
         let maps = MapSet::take(&mut ebpf)?;
         Ok(Loaded {
