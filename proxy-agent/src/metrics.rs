@@ -69,6 +69,9 @@ pub struct Status {
 pub struct Conntrack {
     pub entries4: usize,
     pub entries6: usize,
+    /// Entries of the overflow maps (new flows that found the table full).
+    pub overflow4: usize,
+    pub overflow6: usize,
     /// Entries deleted since the agent started.
     pub gc_deleted: u64,
     /// The last pass's duration, seconds.
@@ -160,16 +163,31 @@ impl Status {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
-        let name = "xdproxy_conntrack_entries";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Conntrack entries at the last garbage collection pass\n\
-             # TYPE {name} gauge\n\
-             {name}{{family=\"ipv4\"}} {}\n{name}{{family=\"ipv6\"}} {}",
-            self.conntrack.entries4, self.conntrack.entries6
+        let c = &self.conntrack;
+        per_family(
+            &mut out,
+            "xdproxy_conntrack_entries",
+            "Conntrack entries at the last garbage collection pass",
+            (c.entries4, c.entries6),
+        );
+        per_family(
+            &mut out,
+            "xdproxy_conntrack_overflow_entries",
+            "Entries of the LRU overflow conntrack (flows that found the table full) at the \
+             last garbage collection pass",
+            (c.overflow4, c.overflow6),
         );
         out
     }
+}
+
+/// A gauge with an IPv4 and an IPv6 series.
+fn per_family(out: &mut String, name: &str, help: &str, (v4, v6): (usize, usize)) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n\
+         {name}{{family=\"ipv4\"}} {v4}\n{name}{{family=\"ipv6\"}} {v6}"
+    );
 }
 
 #[cfg(test)]
@@ -196,6 +214,8 @@ mod tests {
             conntrack: Conntrack {
                 entries4: 12,
                 entries6: 3,
+                overflow4: 5,
+                overflow6: 0,
                 gc_deleted: 40,
                 gc_duration: 0.25,
             },
@@ -206,6 +226,9 @@ mod tests {
             "xdproxy_conntrack_entries{family=\"ipv4\"} 12\n",
             "xdproxy_conntrack_entries{family=\"ipv6\"} 3\n",
             "# TYPE xdproxy_conntrack_entries gauge\n",
+            "xdproxy_conntrack_overflow_entries{family=\"ipv4\"} 5\n",
+            "xdproxy_conntrack_overflow_entries{family=\"ipv6\"} 0\n",
+            "# TYPE xdproxy_conntrack_overflow_entries gauge\n",
             "# TYPE xdproxy_conntrack_gc_deleted_total counter\n",
             "xdproxy_conntrack_gc_deleted_total 40\n",
             "# TYPE xdproxy_conntrack_gc_duration_seconds gauge\n",

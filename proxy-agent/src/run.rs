@@ -120,8 +120,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 }
 
 fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
-    let max = config.conntrack.max_entries;
-    let mut loaded = loader::load(&config.bpffs, datapath::object()?, max)?;
+    let sizes = config.conntrack.sizes();
+    let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
     for iface in &config.ifaces {
         loaded.attach(iface)?;
     }

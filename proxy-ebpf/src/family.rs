@@ -31,8 +31,9 @@ fn overflowed() -> bool {
     OVERFLOWED.get(0).is_some_and(|v| *v != 0)
 }
 
-/// Set before an overflow insert; the agent clears it once the overflow
-/// maps are empty (and sets it back if an insert raced with it).
+/// Set before and after an overflow insert. The agent clears it once the
+/// overflow maps are empty, then sets it back if it finds an entry after
+/// all: whatever the interleaving, it ends set while an entry exists.
 #[inline(always)]
 fn mark_overflowed() {
     if let Some(v) = OVERFLOWED.get_ptr_mut(0) {
@@ -239,7 +240,9 @@ impl Family for V4 {
             Table::Main => CONNTRACK4.insert(&s.key4, &s.value4, flags),
             Table::Overflow => {
                 mark_overflowed();
-                OVERFLOW4.insert(&s.key4, &s.value4, flags)
+                let inserted = OVERFLOW4.insert(&s.key4, &s.value4, flags);
+                mark_overflowed();
+                inserted
             }
         };
         inserted.map_err(i64::from)
@@ -414,7 +417,9 @@ impl Family for V6 {
             Table::Main => CONNTRACK6.insert(&s.key6, &s.value6, flags),
             Table::Overflow => {
                 mark_overflowed();
-                OVERFLOW6.insert(&s.key6, &s.value6, flags)
+                let inserted = OVERFLOW6.insert(&s.key6, &s.value6, flags);
+                mark_overflowed();
+                inserted
             }
         };
         inserted.map_err(i64::from)

@@ -66,7 +66,11 @@ impl Pinned {
     /// Loads (or reloads, adopting the pins) with `--conntrack-max SIZE`.
     fn load(&mut self, conntrack_max: u32) -> anyhow::Result<&mut loader::Loaded> {
         self.loaded = None;
-        let loaded = loader::load(&self.bpffs(), datapath::object()?, conntrack_max)?;
+        let sizes = loader::ConntrackSizes {
+            entries: conntrack_max,
+            ..loader::ConntrackSizes::default()
+        };
+        let loaded = loader::load(&self.bpffs(), datapath::object()?, sizes)?;
         Ok(self.loaded.insert(loaded))
     }
 }

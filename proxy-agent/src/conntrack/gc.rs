@@ -1,6 +1,8 @@
-//! Garbage collection's I/O: reads the pinned conntrack maps, deletes what
-//! `expiry` says has expired, and hands the open connections it removed
-//! back to least-connections balancing through `lb_reaped`.
+//! Garbage collection's I/O: reads the pinned conntrack maps (each family's
+//! main map and its overflow map), deletes what `expiry` says has expired,
+//! hands the open connections it removed back to least-connections
+//! balancing through `lb_reaped`, and clears `ct_overflowed` when `overflow`
+//! says it may.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,7 +21,8 @@ use aya::{
 use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, names};
 
 use super::{
-    expiry::{self, Record},
+    expiry::{self, Plan, Record},
+    overflow,
     timeouts::Timeouts,
 };
 use crate::datapath::loader;
@@ -31,6 +34,10 @@ pub struct Stats {
     pub entries4: usize,
     /// Entries in `ct6` when the pass read it.
     pub entries6: usize,
+    /// Entries in `ct4_overflow` when the pass read it.
+    pub overflow4: usize,
+    /// Entries in `ct6_overflow` when the pass read it.
+    pub overflow6: usize,
     /// Entries deleted (both families).
     pub deleted: usize,
     /// Expired flows left in place because a packet arrived while the pass
@@ -39,13 +46,68 @@ pub struct Stats {
     /// Open connections handed back to `lb_reaped`.
     pub reaped: u64,
     pub duration: Duration,
+    /// The overflow maps still held entries after the pass, so
+    /// `ct_overflowed` stays set.
+    pub overflowing: bool,
+}
+
+/// Which of a family's two conntrack maps an entry is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Table {
+    Main,
+    Overflow,
+}
+
+/// One family's conntrack maps. Both are swept together: a flow is judged
+/// by all its entries, wherever the datapath put each of them.
+struct Tables<K: CtKey> {
+    main: BpfHashMap<MapData, K, K::Value>,
+    overflow: BpfHashMap<MapData, K, K::Value>,
+    /// The main map's name, the overflow map's.
+    names: (&'static str, &'static str),
+}
+
+impl<K: CtKey> Tables<K> {
+    fn open(pins: &Path, main: &'static str, overflow: &'static str) -> anyhow::Result<Self> {
+        Ok(Tables {
+            main: open_pinned(pins, main)?,
+            overflow: open_pinned(pins, overflow)?,
+            names: (main, overflow),
+        })
+    }
+
+    fn map(&mut self, table: Table) -> &mut BpfHashMap<MapData, K, K::Value> {
+        match table {
+            Table::Main => &mut self.main,
+            Table::Overflow => &mut self.overflow,
+        }
+    }
+
+    fn name(&self, table: Table) -> &'static str {
+        match table {
+            Table::Main => self.names.0,
+            Table::Overflow => self.names.1,
+        }
+    }
+
+    fn overflow_empty(&self) -> anyhow::Result<bool> {
+        // The first key, if any: no walk of the map.
+        match self.overflow.keys().next() {
+            None => Ok(true),
+            Some(Ok(_)) => Ok(false),
+            Some(Err(e)) => {
+                Err(e).with_context(|| format!("reading {}", self.name(Table::Overflow)))
+            }
+        }
+    }
 }
 
 /// The pinned maps garbage collection works on.
 pub struct Gc {
-    ct4: BpfHashMap<MapData, Ct4Key, Ct4Entry>,
-    ct6: BpfHashMap<MapData, Ct6Key, Ct6Entry>,
+    v4: Tables<Ct4Key>,
+    v6: Tables<Ct6Key>,
     reaped: Array<MapData, u32>,
+    overflowed: Array<MapData, u32>,
     timeouts: Timeouts,
     /// Reaped counts not yet written to `lb_reaped` (a write failed): the
     /// next pass tries again, as the entries they came from are gone.
@@ -53,14 +115,15 @@ pub struct Gc {
 }
 
 impl Gc {
-    /// Opens `ct4`, `ct6` and `lb_reaped` where the agent pinned them under
-    /// `bpffs`.
+    /// Opens the conntrack maps, `lb_reaped` and `ct_overflowed` where the
+    /// agent pinned them under `bpffs`.
     pub fn open(bpffs: &Path, timeouts: Timeouts) -> anyhow::Result<Gc> {
         let pins = loader::pin_dir(bpffs);
         Ok(Gc {
-            ct4: open_pinned(&pins, names::CONNTRACK4)?,
-            ct6: open_pinned(&pins, names::CONNTRACK6)?,
+            v4: Tables::open(&pins, names::CONNTRACK4, names::OVERFLOW4)?,
+            v6: Tables::open(&pins, names::CONNTRACK6, names::OVERFLOW6)?,
             reaped: open_pinned(&pins, names::REAPED)?,
+            overflowed: open_pinned(&pins, names::OVERFLOWED)?,
             timeouts,
             pending: BTreeMap::new(),
         })
@@ -71,21 +134,39 @@ impl Gc {
     pub fn pass(&mut self) -> anyhow::Result<Stats> {
         let started = Instant::now();
         let now = now()?;
-        let v4 = sweep(&mut self.ct4, now, &self.timeouts, &mut self.pending)
-            .with_context(|| format!("collecting {}", names::CONNTRACK4));
-        let v6 = sweep(&mut self.ct6, now, &self.timeouts, &mut self.pending)
-            .with_context(|| format!("collecting {}", names::CONNTRACK6));
+        let v4 = sweep(&mut self.v4, now, &self.timeouts, &mut self.pending)
+            .context("collecting IPv4 conntrack");
+        let v6 = sweep(&mut self.v6, now, &self.timeouts, &mut self.pending)
+            .context("collecting IPv6 conntrack");
         // Whatever was deleted is counted, even if one family failed.
         let reaped = self.flush_reaped();
         let (v4, v6) = (v4?, v6?);
+        let reaped = reaped?;
+        let overflowing = self.settle_overflowed()?;
         Ok(Stats {
-            entries4: v4.seen,
-            entries6: v6.seen,
+            entries4: v4.seen_main,
+            entries6: v6.seen_main,
+            overflow4: v4.seen_overflow,
+            overflow6: v6.seen_overflow,
             deleted: v4.deleted + v6.deleted,
             revived: v4.revived + v6.revived,
-            reaped: reaped?,
+            reaped,
             duration: started.elapsed(),
+            overflowing,
         })
+    }
+
+    /// Clears `ct_overflowed` once both overflow maps are empty (see
+    /// `overflow`); whether it stays set.
+    fn settle_overflowed(&mut self) -> anyhow::Result<bool> {
+        let (v4, v6) = (&self.v4, &self.v6);
+        let flag = &mut self.overflowed;
+        overflow::settle(
+            || Ok(v4.overflow_empty()? && v6.overflow_empty()?),
+            |value| {
+                (flag.set(0, value, 0)).with_context(|| format!("writing {}", names::OVERFLOWED))
+            },
+        )
     }
 
     /// Adds the pending reaped counts to `lb_reaped`; the count written.
@@ -190,35 +271,56 @@ impl CtKey for Ct6Key {
 /// One family's part of a pass.
 #[derive(Default)]
 struct Sweep {
-    seen: usize,
+    /// Entries read from the main map and from the overflow map.
+    seen_main: usize,
+    seen_overflow: usize,
     deleted: usize,
     revived: usize,
 }
 
-/// Reads every entry, then deletes the expired flows (never while walking:
-/// a deleted key makes the kernel's walk start over). Open connections
-/// deleted are added to `reaped` as they go, so an error part way loses
-/// none.
+/// An entry as a pass saw it: where, its key, its value.
+type Seen<K> = (Table, K, <K as CtKey>::Value);
+
+/// Reads every entry of both maps, then deletes the expired flows (never
+/// while walking: a deleted key makes the kernel's walk start over). Open
+/// connections deleted are added to `reaped` as they go, so an error part
+/// way loses none.
 fn sweep<K: CtKey>(
-    map: &mut BpfHashMap<MapData, K, K::Value>,
+    tables: &mut Tables<K>,
     now: u32,
     timeouts: &Timeouts,
     reaped: &mut BTreeMap<u32, u32>,
 ) -> anyhow::Result<Sweep> {
-    let entries = read_all(map)?;
+    let main =
+        read_all(&tables.main).with_context(|| format!("reading {}", tables.name(Table::Main)))?;
+    let overflow = read_all(&tables.overflow)
+        .with_context(|| format!("reading {}", tables.name(Table::Overflow)))?;
     let mut sweep = Sweep {
-        seen: entries.len(),
+        seen_main: main.len(),
+        seen_overflow: overflow.len(),
         ..Sweep::default()
     };
-    let records = entries.into_iter().map(|(k, v)| ((k, v), k.record(&v)));
-    let plan = expiry::plan(records, now, timeouts);
+    let plan = plan(main, overflow, now, timeouts);
     for flow in &plan.expired {
-        match delete_flow(map, flow, reaped)? {
+        match delete_flow(tables, flow, reaped)? {
             Some(deleted) => sweep.deleted += deleted,
             None => sweep.revived += 1,
         }
     }
     Ok(sweep)
+}
+
+/// The expired flows among the entries of both maps, grouped across them.
+fn plan<K: CtKey>(
+    main: HashMap<K, K::Value>,
+    overflow: HashMap<K, K::Value>,
+    now: u32,
+    timeouts: &Timeouts,
+) -> Plan<Seen<K>> {
+    let tagged = |table| move |(k, v): (K, K::Value)| ((table, k, v), k.record(&v));
+    let records = (main.into_iter().map(tagged(Table::Main)))
+        .chain(overflow.into_iter().map(tagged(Table::Overflow)));
+    expiry::plan(records, now, timeouts)
 }
 
 /// Every entry, each once. A key the kernel deletes between two steps makes
@@ -250,32 +352,40 @@ fn read_all<K: CtKey>(
 /// took the key over): then the flow stays (None). Otherwise the number of
 /// entries this call deleted.
 fn delete_flow<K: CtKey>(
-    map: &mut BpfHashMap<MapData, K, K::Value>,
-    flow: &[(K, K::Value)],
+    tables: &mut Tables<K>,
+    flow: &[Seen<K>],
     reaped: &mut BTreeMap<u32, u32>,
 ) -> anyhow::Result<Option<usize>> {
-    for (key, seen) in flow {
-        match map.get(key, 0) {
+    for (table, key, seen) in flow {
+        match tables.map(*table).get(key, 0) {
             Ok(current) if !same_state(key, seen, &current) => return Ok(None),
             Ok(_) => {}
             Err(e) if absent(&e) => {}
-            Err(e) => return Err(e).context("re-reading an expired entry"),
+            Err(e) => {
+                let name = tables.name(*table);
+                return Err(e).with_context(|| format!("re-reading an expired entry of {name}"));
+            }
         }
     }
     let mut deleted = 0;
-    for (key, seen) in flow {
+    for (table, key, seen) in flow {
+        let name = tables.name(*table);
+        let map = tables.map(*table);
         if !key.record(seen).is_forward() {
             match map.remove(key) {
                 Ok(()) => deleted += 1,
                 Err(e) if absent(&e) => {}
-                Err(e) => return Err(e).context("deleting an expired entry"),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("deleting an expired entry of {name}"));
+                }
             }
             continue;
         }
         // The forward entry's `active` as it was when it went, not as the
         // snapshot saw it: the kernel may have released the connection
         // since, and counting it twice would skew least connections.
-        let taken = take(map.map(), key).context("deleting an expired forward entry")?;
+        let taken = take(map.map(), key)
+            .with_context(|| format!("deleting an expired forward entry of {name}"))?;
         if let Some(value) = taken {
             deleted += 1;
             expiry::add_reaped(reaped, [&key.record(&value)]);
@@ -348,4 +458,94 @@ fn take<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
         return Ok(None);
     }
     Err(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_common::{CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, IPPROTO_TCP};
+
+    const NOW: u32 = 1_000_000;
+
+    /// Client 1:40000 -> frontend 2:80, sent to backend 3:8080.
+    fn forward(idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
+        let key = Ct4Key {
+            src_addr: 1,
+            dst_addr: 2,
+            src_port: 40_000,
+            dst_port: 80,
+            proto: IPPROTO_TCP,
+            direction: CT_FORWARD,
+            _pad: 0,
+        };
+        let value = Ct4Entry {
+            nat_addr: 3,
+            nat_port: 8080,
+            backend_id: 7,
+            last_seen: NOW - idle,
+            state,
+            ..Ct4Entry::default()
+        };
+        (key, value)
+    }
+
+    /// Its reply: backend 3:8080 -> client, source back to the frontend.
+    fn reply(idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
+        let key = Ct4Key {
+            src_addr: 3,
+            dst_addr: 1,
+            src_port: 8080,
+            dst_port: 40_000,
+            proto: IPPROTO_TCP,
+            direction: CT_REPLY,
+            _pad: 0,
+        };
+        let value = Ct4Entry {
+            nat_addr: 2,
+            nat_port: 80,
+            backend_id: 7,
+            last_seen: NOW - idle,
+            state,
+            ..Ct4Entry::default()
+        };
+        (key, value)
+    }
+
+    /// The expired flows' entries, as (map, direction), in deletion order.
+    fn expired(
+        main: &[(Ct4Key, Ct4Entry)],
+        overflow: &[(Ct4Key, Ct4Entry)],
+    ) -> Vec<Vec<(Table, u8)>> {
+        let main = main.iter().copied().collect();
+        let overflow = overflow.iter().copied().collect();
+        let plan = plan(main, overflow, NOW, &Timeouts::default());
+        let entries =
+            |flow: Vec<Seen<Ct4Key>>| flow.iter().map(|(t, k, _)| (*t, k.direction)).collect();
+        plan.expired.into_iter().map(entries).collect()
+    }
+
+    #[test]
+    fn overflow_entries_expire_as_main_ones_do() {
+        let closed = [forward(11, CT_STATE_FIN), reply(20, CT_STATE_FIN)];
+        let half_closed = [forward(11, CT_STATE_FIN), reply(3, CT_STATE_ESTABLISHED)];
+        assert_eq!(
+            expired(&[], &closed),
+            [[(Table::Overflow, CT_REPLY), (Table::Overflow, CT_FORWARD)]]
+        );
+        assert!(expired(&[], &half_closed).is_empty());
+    }
+
+    /// A flow with entries in both maps is one flow: a live entry in either
+    /// keeps the other, and an expired flow goes from both, forward last.
+    #[test]
+    fn a_flow_is_judged_across_both_maps() {
+        let (forward_idle, reply_idle) = (forward(11, CT_STATE_FIN), reply(20, CT_STATE_FIN));
+        let reply_live = reply(3, CT_STATE_ESTABLISHED);
+        assert!(expired(&[forward_idle], &[reply_live]).is_empty());
+        assert!(expired(&[reply_live], &[forward_idle]).is_empty());
+        assert_eq!(
+            expired(&[forward_idle], &[reply_idle]),
+            [[(Table::Overflow, CT_REPLY), (Table::Main, CT_FORWARD)]]
+        );
+    }
 }

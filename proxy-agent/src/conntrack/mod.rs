@@ -2,12 +2,16 @@
 //!
 //! `ct4`/`ct6` are plain hash maps: the kernel never evicts an entry to make
 //! room (an LRU would drop established flows under a flood of new ones), so
-//! the agent removes what has gone idle. `timeouts` says how long an entry
-//! may stay idle, `expiry` (pure) which flows have expired, `gc` reads and
-//! deletes, and `spawn` runs it periodically.
+//! the agent removes what has gone idle. New flows that find them full go to
+//! the LRU maps `ct4_overflow`/`ct6_overflow`, collected the same way.
+//! `timeouts` says how long an entry may stay idle, `expiry` (pure) which
+//! flows have expired, `overflow` (pure) when the datapath may stop looking
+//! in the overflow maps, `gc` reads and deletes, and `spawn` runs it
+//! periodically.
 
 pub mod expiry;
 pub mod gc;
+pub mod overflow;
 pub mod timeouts;
 
 use std::{path::PathBuf, time::Duration};
@@ -17,7 +21,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 pub use gc::{Gc, Stats};
 pub use timeouts::Timeouts;
 
-use crate::metrics::Shared;
+use crate::{datapath::loader::ConntrackSizes, metrics::Shared};
 
 /// Conntrack settings of `run`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,18 +29,32 @@ pub struct Config {
     /// Entries per family (`--conntrack-max`), applied when the maps are
     /// created.
     pub max_entries: u32,
+    /// Entries per family of the overflow maps (`--conntrack-overflow-max`),
+    /// applied when they are created.
+    pub overflow_entries: u32,
     /// Time between garbage collection passes.
     pub gc_interval: Duration,
     pub timeouts: Timeouts,
 }
 
-/// The smallest `--conntrack-max` taken.
+/// The smallest `--conntrack-max` and `--conntrack-overflow-max` taken.
 pub const MIN_ENTRIES: u32 = 1024;
+
+impl Config {
+    /// The map sizes the loader creates the maps with.
+    pub fn sizes(&self) -> ConntrackSizes {
+        ConntrackSizes {
+            entries: self.max_entries,
+            overflow: self.overflow_entries,
+        }
+    }
+}
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             max_entries: proxy_common::MAX_CONNTRACK,
+            overflow_entries: proxy_common::MAX_CT_OVERFLOW,
             gc_interval: Duration::from_secs(10),
             timeouts: Timeouts::default(),
         }
@@ -52,6 +70,12 @@ pub struct Flags {
     #[arg(long, default_value_t = proxy_common::MAX_CONNTRACK,
           value_parser = clap::value_parser!(u32).range(i64::from(MIN_ENTRIES)..))]
     pub conntrack_max: u32,
+    /// Entries per address family of the LRU tables that take new flows
+    /// while the conntrack table is full (at least 1024). A datapath
+    /// already pinned keeps its size until `proxy-agent cleanup`.
+    #[arg(long, default_value_t = proxy_common::MAX_CT_OVERFLOW,
+          value_parser = clap::value_parser!(u32).range(i64::from(MIN_ENTRIES)..))]
+    pub conntrack_overflow_max: u32,
     /// Time between conntrack garbage collection passes.
     #[arg(long, default_value = "10s", value_parser = timeouts::parse_interval)]
     pub conntrack_gc_interval: Duration,
@@ -82,6 +106,7 @@ impl Flags {
     pub fn config(&self) -> Config {
         Config {
             max_entries: self.conntrack_max,
+            overflow_entries: self.conntrack_overflow_max,
             gc_interval: self.conntrack_gc_interval,
             timeouts: Timeouts {
                 tcp_syn: self.conntrack_tcp_timeout_syn,
@@ -154,15 +179,25 @@ fn report(result: anyhow::Result<Stats>, status: &Shared) {
         let c = &mut status.conntrack;
         c.entries4 = stats.entries4;
         c.entries6 = stats.entries6;
+        c.overflow4 = stats.overflow4;
+        c.overflow6 = stats.overflow6;
         c.gc_deleted += stats.deleted as u64;
         c.gc_duration = stats.duration.as_secs_f64();
     }
     let summary = format!(
-        "conntrack: {} IPv4 and {} IPv6 entries, deleted {} ({} open connections reaped, {} \
-         flows revived during the pass) in {:?}",
-        stats.entries4, stats.entries6, stats.deleted, stats.reaped, stats.revived, stats.duration
+        "conntrack: {} IPv4 and {} IPv6 entries, {} and {} in overflow, deleted {} ({} open \
+         connections reaped, {} flows revived during the pass) in {:?}",
+        stats.entries4,
+        stats.entries6,
+        stats.overflow4,
+        stats.overflow6,
+        stats.deleted,
+        stats.reaped,
+        stats.revived,
+        stats.duration
     );
-    if stats.deleted > 0 {
+    // Overflow entries mean the table was full: worth an operator's eye.
+    if stats.deleted > 0 || stats.overflowing {
         log::info!("{summary}");
     } else {
         log::debug!("{summary}");
@@ -194,6 +229,7 @@ mod tests {
     fn flags_take_go_durations_and_seconds() {
         let config = parse(&[
             "--conntrack-max=4096",
+            "--conntrack-overflow-max=2048",
             "--conntrack-gc-interval=1m",
             "--conntrack-tcp-timeout-syn=30s",
             "--conntrack-tcp-timeout-established=1h30m",
@@ -204,6 +240,7 @@ mod tests {
         ]);
         let want = Config {
             max_entries: 4096,
+            overflow_entries: 2048,
             gc_interval: Duration::from_secs(60),
             timeouts: Timeouts {
                 tcp_syn: 30,
@@ -222,6 +259,8 @@ mod tests {
         for bad in [
             "--conntrack-max=1023",
             "--conntrack-max=-1",
+            "--conntrack-overflow-max=1023",
+            "--conntrack-overflow-max=0",
             "--conntrack-gc-interval=0s",
             "--conntrack-tcp-timeout-established=0",
             "--conntrack-udp-timeout=soon",
@@ -229,5 +268,19 @@ mod tests {
             assert!(parse(&[bad]).is_err(), "{bad} must be refused");
         }
         assert!(parse(&["--conntrack-max=1024"]).is_ok());
+        assert!(parse(&["--conntrack-overflow-max=1024"]).is_ok());
+    }
+
+    #[test]
+    fn the_overflow_maps_default_to_their_own_size() {
+        let config = parse(&["--conntrack-max=4096"]).ok();
+        let sizes = config.map(|c| c.sizes());
+        assert_eq!(
+            sizes,
+            Some(ConntrackSizes {
+                entries: 4096,
+                overflow: proxy_common::MAX_CT_OVERFLOW,
+            })
+        );
     }
 }

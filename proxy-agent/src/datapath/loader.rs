@@ -26,9 +26,10 @@ use aya::{
 };
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
-    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_MEMBERS, MAX_SERVICES,
-    MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT, Service, ServiceStats, SlotKey,
-    SourceRange4, SourceRange6, names, programs,
+    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey,
+    NodeConfig, PROJECT, Service, ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
+    programs,
 };
 
 use super::iface::{Hook, IfaceSpec};
@@ -83,18 +84,54 @@ pub struct Loaded {
     links: Vec<PathBuf>,
 }
 
+/// Capacities per family of the conntrack maps, applied when they are
+/// created (`--conntrack-max`, `--conntrack-overflow-max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackSizes {
+    /// `ct4`, `ct6`.
+    pub entries: u32,
+    /// `ct4_overflow`, `ct6_overflow`.
+    pub overflow: u32,
+}
+
+impl Default for ConntrackSizes {
+    fn default() -> Self {
+        ConntrackSizes {
+            entries: MAX_CONNTRACK,
+            overflow: MAX_CT_OVERFLOW,
+        }
+    }
+}
+
+impl ConntrackSizes {
+    /// The maps these sizes apply to, each with its size.
+    fn by_map(self) -> [(&'static str, u32); 4] {
+        [
+            (names::CONNTRACK4, self.entries),
+            (names::CONNTRACK6, self.entries),
+            (names::OVERFLOW4, self.overflow),
+            (names::OVERFLOW6, self.overflow),
+        ]
+    }
+
+    /// True for a map whose size these are.
+    fn apply_to(self, name: &str) -> bool {
+        self.by_map().iter().any(|(n, _)| *n == name)
+    }
+}
+
 /// Loads the object with every map pinned under `<bpffs>/xdproxy`, the
-/// conntrack maps sized for `conntrack_max` entries each. Maps an earlier
-/// agent pinned there are reused as they are (with their entries and
-/// conntrack state) when their layout is the one this agent expects.
-pub fn load(bpffs: &Path, object: &[u8], conntrack_max: u32) -> anyhow::Result<Loaded> {
+/// conntrack maps sized as `sizes` says. Maps an earlier agent pinned there
+/// are reused as they are (with their entries and conntrack state) when
+/// their layout is the one this agent expects.
+pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Result<Loaded> {
     ensure_bpffs(bpffs)?;
     let pins = pin_dir(bpffs);
     fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
     let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pins.join(n))).collect();
     let mut adopted = 0;
     for (name, path) in &paths {
-        if check_pinned_layout(name, path, conntrack_max)? {
+        if check_pinned_layout(name, path, sizes)? {
             adopted += 1;
         }
     }
@@ -106,8 +143,8 @@ pub fn load(bpffs: &Path, object: &[u8], conntrack_max: u32) -> anyhow::Result<L
         loader.map_pin_path(name, path.as_path());
     }
     // A pinned map is reused at the size it has, whatever is set here.
-    for name in [names::CONNTRACK4, names::CONNTRACK6] {
-        loader.map_max_entries(name, conntrack_max);
+    for (name, max) in sizes.by_map() {
+        loader.map_max_entries(name, max);
     }
     let ebpf = loader.load(object).context("loading the eBPF object")?;
     Ok(Loaded {
@@ -117,43 +154,66 @@ pub fn load(bpffs: &Path, object: &[u8], conntrack_max: u32) -> anyhow::Result<L
     })
 }
 
-/// True if a map is pinned at `path` with the layout this agent expects;
-/// an error if it is pinned with another one. A conntrack map of another
-/// size is adopted as it is: its open connections matter more than the
-/// size asked for.
-fn check_pinned_layout(name: &str, path: &Path, conntrack_max: u32) -> anyhow::Result<bool> {
+/// How a pinned map compares with the layout this agent expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fit {
+    /// The layout expected: adopt it.
+    Expected,
+    /// A conntrack map of another size: adopted as it is, as its open
+    /// connections matter more than the size asked for.
+    Resized,
+    /// Another key or value size, or another size of a map the flags do
+    /// not size: not usable.
+    Mismatch,
+}
+
+/// Compares the (key size, value size, max entries) `found` pinned for
+/// `name` with the layout `want`.
+fn fit(name: &str, found: (u32, u32, u32), want: (u32, u32, u32), sizes: ConntrackSizes) -> Fit {
+    if found == want {
+        Fit::Expected
+    } else if sizes.apply_to(name) && (found.0, found.1) == (want.0, want.1) {
+        Fit::Resized
+    } else {
+        Fit::Mismatch
+    }
+}
+
+/// True if a map is pinned at `path` with the layout this agent expects
+/// (a conntrack map also with another size); an error if it is pinned with
+/// another one.
+fn check_pinned_layout(name: &str, path: &Path, sizes: ConntrackSizes) -> anyhow::Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
     let info = MapInfo::from_pin(path).with_context(|| format!("reading {}", path.display()))?;
-    let Some((key, value, max)) = layout(name, conntrack_max) else {
+    let Some(want) = layout(name, sizes) else {
         return Ok(false);
     };
     let found = (info.key_size(), info.value_size(), info.max_entries());
-    let conntrack = name == names::CONNTRACK4 || name == names::CONNTRACK6;
-    if conntrack && (found.0, found.1) == (key, value) && found.2 != max {
-        log::warn!(
-            "{} holds {} entries, not the {max} asked for: keeping it and its connections; \
-             the new size applies after `proxy-agent cleanup`",
-            path.display(),
-            found.2
-        );
-        return Ok(true);
+    match fit(name, found, want, sizes) {
+        Fit::Expected => Ok(true),
+        Fit::Resized => {
+            log::warn!(
+                "{} holds {} entries, not the {} asked for: keeping it and its connections; \
+                 the new size applies after `proxy-agent cleanup`",
+                path.display(),
+                found.2,
+                want.2
+            );
+            Ok(true)
+        }
+        Fit::Mismatch => anyhow::bail!(
+            "{} has key/value size and capacity {found:?}, this agent expects {want:?}: the \
+             map layout changed; `proxy-agent cleanup` removes the old datapath (open \
+             connections lose their conntrack state)",
+            path.display()
+        ),
     }
-    if found != (key, value, max) {
-        anyhow::bail!(
-            "{} has key/value size and capacity {found:?}, this agent expects {:?}: the map \
-             layout changed; `proxy-agent cleanup` removes the old datapath (open connections \
-             lose their conntrack state)",
-            path.display(),
-            (key, value, max)
-        );
-    }
-    Ok(true)
 }
 
 /// (key size, value size, max entries) of each map the object defines.
-fn layout(name: &str, conntrack_max: u32) -> Option<(u32, u32, u32)> {
+fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
     use std::mem::size_of;
     let size = |n: usize| n as u32;
     Some(match name {
@@ -167,7 +227,7 @@ fn layout(name: &str, conntrack_max: u32) -> Option<(u32, u32, u32)> {
         names::CONNTRACK4 => (
             size(size_of::<Ct4Key>()),
             size(size_of::<Ct4Entry>()),
-            conntrack_max,
+            sizes.entries,
         ),
         names::SERVICE_STATS => (4, size(size_of::<ServiceStats>()), MAX_SERVICES),
         names::COUNTERS => (4, 8, Counter::COUNT),
@@ -186,7 +246,7 @@ fn layout(name: &str, conntrack_max: u32) -> Option<(u32, u32, u32)> {
         names::CONNTRACK6 => (
             size(size_of::<Ct6Key>()),
             size(size_of::<Ct6Entry>()),
-            conntrack_max,
+            sizes.entries,
         ),
         names::AFFINITY6 => (
             size(size_of::<Affinity6Key>()),
@@ -206,6 +266,17 @@ fn layout(name: &str, conntrack_max: u32) -> Option<(u32, u32, u32)> {
         ),
         // LPM keys start with their 4-byte prefix length.
         names::SOURCE_RANGES4 => (4 + size(size_of::<SourceRange4>()), 4, MAX_SOURCE_RANGES),
+        names::OVERFLOW4 => (
+            size(size_of::<Ct4Key>()),
+            size(size_of::<Ct4Entry>()),
+            sizes.overflow,
+        ),
+        names::OVERFLOW6 => (
+            size(size_of::<Ct6Key>()),
+            size(size_of::<Ct6Entry>()),
+            sizes.overflow,
+        ),
+        names::OVERFLOWED => (4, 4, 1),
         _ => return None,
     })
 }
@@ -423,5 +494,59 @@ impl LoadedCheck for SchedClassifier {
             self.load()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZES: ConntrackSizes = ConntrackSizes {
+        entries: 4096,
+        overflow: 2048,
+    };
+
+    #[test]
+    fn the_overflow_maps_are_conntrack_maps_sized_by_their_flag() {
+        let ct4 = (size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32);
+        let ct6 = (size_of::<Ct6Key>() as u32, size_of::<Ct6Entry>() as u32);
+        assert_eq!(layout(names::CONNTRACK4, SIZES), Some((ct4.0, ct4.1, 4096)));
+        assert_eq!(layout(names::OVERFLOW4, SIZES), Some((ct4.0, ct4.1, 2048)));
+        assert_eq!(layout(names::CONNTRACK6, SIZES), Some((ct6.0, ct6.1, 4096)));
+        assert_eq!(layout(names::OVERFLOW6, SIZES), Some((ct6.0, ct6.1, 2048)));
+        assert_eq!(layout(names::OVERFLOWED, SIZES), Some((4, 4, 1)));
+    }
+
+    #[test]
+    fn the_sized_maps_are_maps_of_the_object() {
+        for (name, _) in SIZES.by_map() {
+            assert!(names::ALL.contains(&name), "{name}");
+        }
+    }
+
+    #[test]
+    fn conntrack_maps_of_another_size_are_adopted_and_nothing_else() {
+        for name in [
+            names::CONNTRACK4,
+            names::CONNTRACK6,
+            names::OVERFLOW4,
+            names::OVERFLOW6,
+        ] {
+            let Some(want) = layout(name, SIZES) else {
+                panic!("{name} has a layout");
+            };
+            assert_eq!(fit(name, want, want, SIZES), Fit::Expected, "{name}");
+            let bigger = (want.0, want.1, 2 * want.2);
+            assert_eq!(fit(name, bigger, want, SIZES), Fit::Resized, "{name}");
+            let other_value = (want.0, want.1 + 4, want.2);
+            assert_eq!(fit(name, other_value, want, SIZES), Fit::Mismatch, "{name}");
+        }
+        let flag = (4, 4, 1);
+        assert_eq!(fit(names::OVERFLOWED, flag, flag, SIZES), Fit::Expected);
+        assert_eq!(
+            fit(names::OVERFLOWED, (4, 4, 2), flag, SIZES),
+            Fit::Mismatch,
+            "only the flags' maps change size"
+        );
     }
 }

@@ -18,7 +18,9 @@ use proxy_common::{
     Frontend6, MemberKey, Service, ServiceStats, SlotKey, names,
 };
 
-use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
+use super::records::{
+    BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord,
+};
 use crate::datapath::loader;
 
 /// The pin directory of a node's datapath.
@@ -98,7 +100,32 @@ impl Pins {
         K: Pod + Eq + Hash,
         V: Pod,
     {
-        let pinned: Pinned<HashMap<MapData, K, V>> = self.map(name)?;
+        self.entries(name, self.map(name)?)
+    }
+
+    /// As `hash`, but no entries when the map is not pinned: maps a
+    /// datapath of an earlier version does not have.
+    fn optional_hash<K, V>(&self, name: &str) -> anyhow::Result<Vec<(K, V)>>
+    where
+        K: Pod + Eq + Hash,
+        V: Pod,
+    {
+        match self.optional_map(name)? {
+            Some(pinned) => self.entries(name, pinned),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Every entry of `pinned`, the map pinned as `name`.
+    fn entries<K, V>(
+        &self,
+        name: &str,
+        pinned: Pinned<HashMap<MapData, K, V>>,
+    ) -> anyhow::Result<Vec<(K, V)>>
+    where
+        K: Pod + Eq + Hash,
+        V: Pod,
+    {
         // The kernel restarts a key walk from the first key when the
         // current one is deleted meanwhile (conntrack churns): collecting by
         // key drops the repeats, and the bound ends the walk even under
@@ -211,12 +238,18 @@ impl Pins {
         Ok(out)
     }
 
-    /// Every conntrack entry of both families.
+    /// Every conntrack entry of both families, main and overflow maps.
     pub fn conntrack(&self) -> anyhow::Result<Vec<CtRecord>> {
         let v4 = self.hash::<Ct4Key, Ct4Entry>(names::CONNTRACK4)?;
         let v6 = self.hash::<Ct6Key, Ct6Entry>(names::CONNTRACK6)?;
-        Ok((v4.iter().map(|(k, e)| CtRecord::v4(k, e)))
-            .chain(v6.iter().map(|(k, e)| CtRecord::v6(k, e)))
+        let over4 = self.optional_hash::<Ct4Key, Ct4Entry>(names::OVERFLOW4)?;
+        let over6 = self.optional_hash::<Ct6Key, Ct6Entry>(names::OVERFLOW6)?;
+        let of4 = |table| move |(k, e): &(Ct4Key, Ct4Entry)| CtRecord::v4(table, k, e);
+        let of6 = |table| move |(k, e): &(Ct6Key, Ct6Entry)| CtRecord::v6(table, k, e);
+        Ok((v4.iter().map(of4(CtTable::Main)))
+            .chain(over4.iter().map(of4(CtTable::Overflow)))
+            .chain(v6.iter().map(of6(CtTable::Main)))
+            .chain(over6.iter().map(of6(CtTable::Overflow)))
             .collect())
     }
 

@@ -13,6 +13,8 @@ use proxy_common::{
     Frontend6, Service, ServiceStats, SlotKey,
 };
 
+use serde::Serialize;
+
 use crate::datapath::keys::{from_v4, from_v6};
 
 /// An address, port and IP protocol number, as a map key or value holds them.
@@ -113,9 +115,30 @@ pub struct LbRecords {
     pub activity: BTreeMap<u32, BackendActivity>,
 }
 
-/// One entry of `ct4` or `ct6`.
+/// Which conntrack map of its family an entry is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CtTable {
+    /// `ct4`/`ct6`.
+    Main,
+    /// `ct4_overflow`/`ct6_overflow`: a flow that found the main map full.
+    Overflow,
+}
+
+impl CtTable {
+    /// As in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            CtTable::Main => "main",
+            CtTable::Overflow => "overflow",
+        }
+    }
+}
+
+/// One entry of `ct4`, `ct6` or their overflow maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtRecord {
+    pub table: CtTable,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub proto: u8,
@@ -134,8 +157,9 @@ pub struct CtRecord {
 }
 
 impl CtRecord {
-    pub fn v4(key: &Ct4Key, e: &Ct4Entry) -> Self {
+    pub fn v4(table: CtTable, key: &Ct4Key, e: &Ct4Entry) -> Self {
         CtRecord {
+            table,
             src: socket4(key.src_addr, key.src_port),
             dst: socket4(key.dst_addr, key.dst_port),
             proto: key.proto,
@@ -150,8 +174,9 @@ impl CtRecord {
         }
     }
 
-    pub fn v6(key: &Ct6Key, e: &Ct6Entry) -> Self {
+    pub fn v6(table: CtTable, key: &Ct6Key, e: &Ct6Entry) -> Self {
         CtRecord {
+            table,
             src: socket6(&key.src_addr, key.src_port),
             dst: socket6(&key.dst_addr, key.dst_port),
             proto: key.proto,

@@ -14,7 +14,9 @@ use proxy_common::{
 };
 use serde::{Serialize, Serializer, ser::SerializeMap};
 
-use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
+use super::records::{
+    BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord,
+};
 
 /// An address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -439,6 +441,9 @@ pub struct ConntrackReport {
 #[derive(Debug, Serialize)]
 pub struct CtView {
     pub family: Family,
+    /// `main` (`ct4`/`ct6`) or `overflow` (`ct4_overflow`/`ct6_overflow`:
+    /// a flow that found the main map full; the LRU may evict it).
+    pub table: CtTable,
     /// `forward`, `reply`, `dnat-back` (a reply entry that rewrites the
     /// destination) or `egress`.
     pub direction: String,
@@ -460,26 +465,45 @@ pub struct CtView {
     pub active: bool,
 }
 
-/// Entries per family.
+/// Entries per family (both tables), and of those in the overflow table.
 #[derive(Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CtTotals {
     pub ipv4: usize,
     pub ipv6: usize,
+    pub ipv4_overflow: usize,
+    pub ipv6_overflow: usize,
 }
 
-/// Every entry, by family, direction, source and destination. `now` is the
-/// coarse monotonic second the ages are counted to.
-pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
-    let mut sorted: Vec<&CtRecord> = records.iter().collect();
-    sorted.sort_by_key(|r| (Family::of(&r.src), r.direction, r.src, r.dst, r.proto));
-    let entries: Vec<CtView> = sorted.into_iter().map(|r| ct_view(r, now)).collect();
-    let mut totals = CtTotals::default();
-    for e in &entries {
-        match e.family {
-            Family::Ipv4 => totals.ipv4 += 1,
-            Family::Ipv6 => totals.ipv6 += 1,
+impl CtTotals {
+    fn count(&mut self, e: &CtView) {
+        let (all, overflow) = match e.family {
+            Family::Ipv4 => (&mut self.ipv4, &mut self.ipv4_overflow),
+            Family::Ipv6 => (&mut self.ipv6, &mut self.ipv6_overflow),
+        };
+        *all += 1;
+        if e.table == CtTable::Overflow {
+            *overflow += 1;
         }
     }
+}
+
+/// Every entry, by family, table, direction, source and destination. `now`
+/// is the coarse monotonic second the ages are counted to.
+pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
+    let mut sorted: Vec<&CtRecord> = records.iter().collect();
+    sorted.sort_by_key(|r| {
+        (
+            Family::of(&r.src),
+            r.table,
+            r.direction,
+            r.src,
+            r.dst,
+            r.proto,
+        )
+    });
+    let entries: Vec<CtView> = sorted.into_iter().map(|r| ct_view(r, now)).collect();
+    let mut totals = CtTotals::default();
+    entries.iter().for_each(|e| totals.count(e));
     ConntrackReport {
         now,
         entries,
@@ -490,6 +514,7 @@ pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
 fn ct_view(r: &CtRecord, now: u32) -> CtView {
     CtView {
         family: Family::of(&r.src),
+        table: r.table,
         direction: direction_name(r.direction, r.flags),
         protocol: protocol_name(r.proto),
         src: r.src,

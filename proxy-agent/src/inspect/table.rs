@@ -117,11 +117,27 @@ pub fn conntrack(report: &ConntrackReport) -> String {
         "BACKEND",
         "SERVICE",
         "ACTIVE",
+        "TABLE",
     ];
     let mut out = grid("", &header, &rows);
     let t = &report.totals;
-    let _ = writeln!(out, "ipv4: {} entries, ipv6: {} entries", t.ipv4, t.ipv6);
+    let _ = writeln!(
+        out,
+        "ipv4: {} entries{}, ipv6: {} entries{}",
+        t.ipv4,
+        in_overflow(t.ipv4_overflow),
+        t.ipv6,
+        in_overflow(t.ipv6_overflow)
+    );
     out
+}
+
+/// ` (N in overflow)`, or nothing for none: most nodes never overflow.
+fn in_overflow(entries: usize) -> String {
+    match entries {
+        0 => String::new(),
+        n => format!(" ({n} in overflow)"),
+    }
 }
 
 fn ct_row(e: &CtView) -> Vec<String> {
@@ -134,6 +150,7 @@ fn ct_row(e: &CtView) -> Vec<String> {
         e.backend_id.to_string(),
         e.service_id.to_string(),
         if e.active { "yes" } else { "no" }.into(),
+        e.table.name().into(),
     ]
 }
 

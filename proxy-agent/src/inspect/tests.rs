@@ -10,7 +10,9 @@ use proxy_common::{
 use serde_json::json;
 
 use super::{
-    records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord},
+    records::{
+        BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord,
+    },
     report::{self, MemberState},
     table,
 };
@@ -274,6 +276,7 @@ fn backends_show_flows_open_connections_and_memberships() {
 
 fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> CtRecord {
     CtRecord {
+        table: CtTable::Main,
         src: addr(src),
         dst: addr(dst),
         proto: IPPROTO_TCP,
@@ -326,11 +329,15 @@ fn conntrack_names_directions_and_states_and_counts_families() {
     let records = [egress6, dnat_back, reply, forward];
     let report = report::conntrack(&records, 100);
     let json = serde_json::to_value(&report).expect("json");
-    assert_eq!(json["totals"], json!({"ipv4": 3, "ipv6": 1}));
+    assert_eq!(
+        json["totals"],
+        json!({"ipv4": 3, "ipv6": 1, "ipv4_overflow": 0, "ipv6_overflow": 0})
+    );
     assert_eq!(
         json["entries"][0],
         json!({
             "family": "ipv4",
+            "table": "main",
             "direction": "forward",
             "protocol": "TCP",
             "src": "10.0.1.2:40000",
@@ -367,6 +374,57 @@ fn conntrack_names_directions_and_states_and_counts_families() {
     );
     assert!(
         text.ends_with("ipv4: 3 entries, ipv6: 1 entries\n"),
+        "{text}"
+    );
+}
+
+/// A flow that found conntrack full: its entries come after the main
+/// table's, marked in JSON, in the table and in the totals.
+#[test]
+fn overflow_entries_are_marked_as_such() {
+    let main = CtRecord {
+        active: 1,
+        ..ct(
+            "10.0.1.2:40000",
+            "10.96.0.10:80",
+            CT_FORWARD,
+            "10.1.1.2:8080",
+        )
+    };
+    let overflow = CtRecord {
+        table: CtTable::Overflow,
+        ..ct(
+            "10.0.1.3:40000",
+            "10.96.0.10:80",
+            CT_FORWARD,
+            "10.1.1.2:8080",
+        )
+    };
+    let overflow_reply = CtRecord {
+        table: CtTable::Overflow,
+        ..ct("10.1.1.2:8080", "10.0.1.3:40000", CT_REPLY, "10.96.0.10:80")
+    };
+    let report = report::conntrack(&[overflow_reply, overflow, main], 100);
+    let json = serde_json::to_value(&report).expect("json");
+    let tables: Vec<&str> = (report.entries.iter()).map(|e| e.table.name()).collect();
+    assert_eq!(tables, ["main", "overflow", "overflow"]);
+    assert_eq!(json["entries"][1]["table"], "overflow");
+    assert_eq!(json["entries"][1]["active"], false);
+    assert_eq!(
+        json["totals"],
+        json!({"ipv4": 3, "ipv6": 0, "ipv4_overflow": 2, "ipv6_overflow": 0})
+    );
+    let text = table::conntrack(&report);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].ends_with("ACTIVE  TABLE"), "{text}");
+    assert!(lines[1].ends_with("yes     main"), "{text}");
+    assert!(
+        lines[2].starts_with("forward    10.0.1.3:40000 -> 10.96.0.10:80 TCP")
+            && lines[2].ends_with("no      overflow"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("ipv4: 3 entries (2 in overflow), ipv6: 0 entries\n"),
         "{text}"
     );
 }

@@ -1,0 +1,287 @@
+//! A full conntrack table under real traffic: new TCP connections and UDP
+//! flows through the cluster IP still work both ways (their entries go to
+//! the LRU overflow table), connections already tracked keep working, and
+//! garbage collection empties the overflow table and turns its lookups off
+//! again once those flows are gone.
+//!
+//! client (10.0.1.2) --cl0 (TC)--> node --be{i}--> backend i (10.1.{i+1}.2)
+//!
+//! `ct4` is filled with entries of made-up flows written by the test, as a
+//! flood of real connections would fill it.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use proxy_agent::conntrack::gc;
+use proxy_common::{
+    CT_FORWARD, CT_STATE_ESTABLISHED, Counter, Ct4Entry, Ct4Key, IPPROTO_TCP, names,
+};
+use proxy_tests::{
+    agent::Agent,
+    clients::{HttpConn, udp_exchange},
+    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
+    netns::unique_prefix,
+    servers::Servers,
+    topology::{Topology, backend_iface, client_iface},
+};
+
+const BACKENDS: usize = 3;
+const CONNTRACK_MAX: u32 = 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Short timeouts, so that one test sees the overflow flows expire.
+const FLAGS: &[&str] = &[
+    "--conntrack-max",
+    "1024",
+    "--conntrack-overflow-max",
+    "1024",
+    "--conntrack-gc-interval",
+    "1s",
+    "--conntrack-tcp-timeout-syn",
+    "2s",
+    "--conntrack-tcp-timeout-fin",
+    "1s",
+    "--conntrack-tcp-timeout-rst",
+    "1s",
+    "--conntrack-udp-timeout",
+    "2s",
+];
+
+fn http_vip() -> SocketAddr {
+    SocketAddrV4::new(VIP, HTTP_PORT).into()
+}
+
+fn udp_vip() -> SocketAddr {
+    SocketAddrV4::new(VIP, UDP_PORT).into()
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Fields drop in order: the agent (it cleans its pins), the servers, the
+/// namespaces, the manifest directory.
+struct Lab {
+    agent: Agent,
+    _servers: Vec<Servers>,
+    topology: Topology,
+    _scratch: Scratch,
+}
+
+impl Lab {
+    fn start() -> anyhow::Result<Lab> {
+        let topology = Topology::build(&unique_prefix("ovf"), BACKENDS)?;
+        topology.finish_checksums_on_node_egress()?;
+        let servers = (0..BACKENDS)
+            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let dir = std::env::temp_dir().join(format!("xdproxy-overflow-{}", topology.prefix()));
+        std::fs::create_dir_all(&dir).context("manifest dir")?;
+        let scratch = Scratch(dir);
+        let manifest = scratch.0.join("web.yaml");
+        let all: Vec<usize> = (0..BACKENDS).collect();
+        manifests::write(&manifest, &manifests::web(&all))?;
+        let mut ifaces = vec![client_iface().to_string()];
+        ifaces.extend((0..BACKENDS).map(backend_iface));
+        let agent = Agent::start_flags(&topology.node, &manifest, &ifaces, FLAGS)?;
+        Ok(Lab {
+            agent,
+            _servers: servers,
+            topology,
+            _scratch: scratch,
+        })
+    }
+
+    fn pin(&self, name: &str) -> PathBuf {
+        self.agent.pins().join(name)
+    }
+
+    fn ct4(&self) -> anyhow::Result<HashMap<MapData, Ct4Key, Ct4Entry>> {
+        pinned(&self.pin(names::CONNTRACK4))
+    }
+
+    fn overflow_len(&self) -> anyhow::Result<usize> {
+        let map: HashMap<MapData, Ct4Key, Ct4Entry> = pinned(&self.pin(names::OVERFLOW4))?;
+        Ok(map.keys().count())
+    }
+
+    fn overflowed(&self) -> anyhow::Result<u32> {
+        let flag: Array<MapData, u32> = pinned(&self.pin(names::OVERFLOWED))?;
+        Ok(flag.get(&0, 0)?)
+    }
+
+    fn counter(&self, counter: Counter) -> anyhow::Result<u64> {
+        Ok(self
+            .agent
+            .counters()?
+            .get(counter.name())
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// `n` new connections, one request each: the backends that answered.
+    fn new_connections(&self, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let mut conn = HttpConn::connect(&self.topology.client, http_vip(), CONNECT_TIMEOUT)
+                .with_context(|| format!("new connection {i}"))?;
+            let backend = conn.get().with_context(|| format!("new connection {i}"))?;
+            *counts.entry(backend).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+
+    /// `n` new UDP flows, one exchange each, all answered from the service.
+    fn new_udp_flows(&self, n: usize) -> anyhow::Result<BTreeSet<String>> {
+        let mut backends = BTreeSet::new();
+        for i in 0..n {
+            let timeout = Duration::from_secs(1);
+            let (backend, from) =
+                udp_exchange(&self.topology.client, udp_vip(), &format!("q{i}"), timeout)?;
+            ensure!(from == udp_vip(), "UDP flow {i} answered from {from}");
+            backends.insert(backend);
+        }
+        Ok(backends)
+    }
+}
+
+fn pinned<T: TryFrom<Map, Error = MapError>>(path: &Path) -> anyhow::Result<T> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(T::try_from(Map::from_map_data(data)?)?)
+}
+
+/// Fills `ct4` with established entries of flows from 192.0.2.0/24 that
+/// never send; returns their keys.
+fn fill(ct4: &mut HashMap<MapData, Ct4Key, Ct4Entry>) -> anyhow::Result<Vec<Ct4Key>> {
+    let now = gc::now()?;
+    let mut keys = Vec::new();
+    for i in 0..CONNTRACK_MAX {
+        let key = Ct4Key {
+            src_addr: u32::from_be_bytes([192, 0, 2, (i % 250) as u8 + 1]).to_be(),
+            dst_addr: u32::from_be_bytes([198, 51, 100, 1]).to_be(),
+            src_port: (10000 + i as u16).to_be(),
+            dst_port: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            direction: CT_FORWARD,
+            _pad: 0,
+        };
+        let value = Ct4Entry {
+            nat_addr: u32::from_be_bytes([198, 51, 100, 2]).to_be(),
+            nat_port: 8080u16.to_be(),
+            last_seen: now,
+            state: CT_STATE_ESTABLISHED,
+            ..Ct4Entry::default()
+        };
+        match ct4.insert(key, value, 0) {
+            Ok(()) => keys.push(key),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                return Ok(keys);
+            }
+            Err(e) => return Err(e).context("filling ct4"),
+        }
+    }
+    bail!("ct4 took {CONNTRACK_MAX} more entries: it is larger than --conntrack-max")
+}
+
+/// Polls `done` every 100 ms until it holds or `timeout` passes.
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done()? {
+        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> anyhow::Result<()> {
+    if !common::ready("a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after") {
+        return Ok(());
+    }
+    let lab = Lab::start()?;
+    // Connections tracked in ct4 before it fills up.
+    let mut tracked = (0..4)
+        .map(|_| HttpConn::connect(&lab.topology.client, http_vip(), CONNECT_TIMEOUT))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let first: Vec<String> = tracked
+        .iter_mut()
+        .map(HttpConn::get)
+        .collect::<Result<_, _>>()?;
+
+    let mut ct4 = lab.ct4()?;
+    let filler = fill(&mut ct4)?;
+    let full_before = lab.counter(Counter::CtFull)?;
+    ensure!(lab.overflowed()? == 0, "nothing overflowed before the fill");
+
+    let tcp = lab.new_connections(30)?;
+    let udp = lab.new_udp_flows(20)?;
+    ensure!(
+        tcp.len() == BACKENDS,
+        "new connections hashed over all backends: {tcp:?}"
+    );
+    ensure!(udp.len() > 1, "new UDP flows hashed over backends: {udp:?}");
+    let full = lab.counter(Counter::CtFull)? - full_before;
+    ensure!(
+        full >= 50,
+        "ct_full counted {full} new flows, not at least 50"
+    );
+    ensure!(
+        lab.counter(Counter::CtInsertFailed)? == 0,
+        "no insert failed"
+    );
+    ensure!(lab.overflowed()? == 1, "the overflow table is in use");
+    ensure!(
+        lab.overflow_len()? > 0,
+        "the overflow table holds the new flows"
+    );
+    for (conn, backend) in tracked.iter_mut().zip(&first) {
+        let now = conn.get().context("a connection tracked before the fill")?;
+        ensure!(
+            &now == backend,
+            "a tracked connection moved: {backend} -> {now}"
+        );
+    }
+
+    // The new flows are closed (TCP) or idle (UDP): garbage collection
+    // empties the overflow table and turns its lookups off.
+    wait_for("overflow table collected", Duration::from_secs(20), || {
+        Ok(lab.overflow_len()? == 0 && lab.overflowed()? == 0)
+    })?;
+    ensure!(
+        lab.ct4()?.keys().count() >= filler.len(),
+        "the filler is untouched"
+    );
+
+    // Room again: new flows are tracked in ct4, not counted as ct_full.
+    for key in &filler[..64] {
+        ct4.remove(key).context("freeing a ct4 entry")?;
+    }
+    let full_before = lab.counter(Counter::CtFull)?;
+    lab.new_connections(10)?;
+    ensure!(
+        lab.counter(Counter::CtFull)? == full_before,
+        "flows fit in ct4 again"
+    );
+    ensure!(lab.overflowed()? == 0 && lab.overflow_len()? == 0);
+    for conn in &mut tracked {
+        conn.get()
+            .context("a connection tracked before the fill, at the end")?;
+    }
+    Ok(())
+}
