@@ -39,6 +39,8 @@ pub struct Record<A> {
     /// `CT_*` bits.
     pub flags: u16,
     pub backend_id: u32,
+    /// The service it was chosen for (shown by `inspect`, not used here).
+    pub service_id: u32,
     /// Coarse monotonic seconds of the entry's last packet.
     pub last_seen: u32,
     /// `CT_STATE_*` of the packets seen in the entry's direction.
@@ -224,6 +226,7 @@ mod tests {
             nat,
             flags,
             backend_id: 7,
+            service_id: 3,
             last_seen: NOW - idle,
             state,
             active: false,

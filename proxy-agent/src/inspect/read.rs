@@ -19,9 +19,10 @@ use proxy_common::{
 };
 
 use super::records::{
-    BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord,
+    BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord, socket4,
+    socket6,
 };
-use crate::datapath::loader;
+use crate::{conntrack::gc::CtKey as _, datapath::loader};
 
 /// The pin directory of a node's datapath.
 pub struct Pins {
@@ -244,8 +245,13 @@ impl Pins {
         let v6 = self.hash::<Ct6Key, Ct6Entry>(names::CONNTRACK6)?;
         let over4 = self.optional_hash::<Ct4Key, Ct4Entry>(names::OVERFLOW4)?;
         let over6 = self.optional_hash::<Ct6Key, Ct6Entry>(names::OVERFLOW6)?;
-        let of4 = |table| move |(k, e): &(Ct4Key, Ct4Entry)| CtRecord::v4(table, k, e);
-        let of6 = |table| move |(k, e): &(Ct6Key, Ct6Entry)| CtRecord::v6(table, k, e);
+        let of4 =
+            |table| move |(k, e): &(Ct4Key, Ct4Entry)| CtRecord::new(table, &k.record(e), socket4);
+        let of6 = |table| {
+            move |(k, e): &(Ct6Key, Ct6Entry)| {
+                CtRecord::new(table, &k.record(e), |a, port| socket6(&a, port))
+            }
+        };
         Ok((v4.iter().map(of4(CtTable::Main)))
             .chain(over4.iter().map(of4(CtTable::Overflow)))
             .chain(v6.iter().map(of6(CtTable::Main)))

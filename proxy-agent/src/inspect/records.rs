@@ -9,13 +9,15 @@ use std::{
 };
 
 use proxy_common::{
-    Addr6, Backend4, Backend6, Connections, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4,
-    Frontend6, Service, ServiceStats, SlotKey,
+    Addr6, Backend4, Backend6, Connections, Frontend4, Frontend6, Service, ServiceStats, SlotKey,
 };
 
 use serde::Serialize;
 
-use crate::datapath::keys::{from_v4, from_v6};
+use crate::{
+    conntrack::expiry::Record,
+    datapath::keys::{from_v4, from_v6},
+};
 
 /// An address, port and IP protocol number, as a map key or value holds them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -153,41 +155,31 @@ pub struct CtRecord {
     pub last_seen: u32,
     /// `CT_STATE_*`.
     pub state: u8,
-    pub active: u32,
+    /// Counts as an open connection of its backend.
+    pub active: bool,
 }
 
 impl CtRecord {
-    pub fn v4(table: CtTable, key: &Ct4Key, e: &Ct4Entry) -> Self {
+    /// An entry as garbage collection decodes it, its addresses made
+    /// socket addresses by `socket`.
+    pub fn new<A: Copy>(
+        table: CtTable,
+        r: &Record<A>,
+        socket: impl Fn(A, u16) -> SocketAddr,
+    ) -> Self {
         CtRecord {
             table,
-            src: socket4(key.src_addr, key.src_port),
-            dst: socket4(key.dst_addr, key.dst_port),
-            proto: key.proto,
-            direction: key.direction,
-            nat: socket4(e.nat_addr, e.nat_port),
-            flags: e.flags,
-            backend_id: e.backend_id,
-            service_id: e.service_id,
-            last_seen: e.last_seen,
-            state: e.state,
-            active: e.active,
-        }
-    }
-
-    pub fn v6(table: CtTable, key: &Ct6Key, e: &Ct6Entry) -> Self {
-        CtRecord {
-            table,
-            src: socket6(&key.src_addr, key.src_port),
-            dst: socket6(&key.dst_addr, key.dst_port),
-            proto: key.proto,
-            direction: key.direction,
-            nat: socket6(&e.nat_addr, e.nat_port),
-            flags: e.flags,
-            backend_id: e.backend_id,
-            service_id: e.service_id,
-            last_seen: e.last_seen,
-            state: e.state,
-            active: e.active,
+            src: socket(r.src.0, r.src.1),
+            dst: socket(r.dst.0, r.dst.1),
+            proto: r.proto,
+            direction: r.direction,
+            nat: socket(r.nat.0, r.nat.1),
+            flags: r.flags,
+            backend_id: r.backend_id,
+            service_id: r.service_id,
+            last_seen: r.last_seen,
+            state: r.state,
+            active: r.active,
         }
     }
 }

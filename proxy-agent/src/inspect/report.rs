@@ -525,7 +525,7 @@ fn ct_view(r: &CtRecord, now: u32) -> CtView {
         last_seen: r.last_seen,
         backend_id: r.backend_id,
         service_id: r.service_id,
-        active: r.active != 0,
+        active: r.active,
     }
 }
 

@@ -287,14 +287,14 @@ fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> CtRecord {
         service_id: 1,
         last_seen: 100,
         state: CT_STATE_ESTABLISHED,
-        active: 0,
+        active: false,
     }
 }
 
 #[test]
 fn conntrack_names_directions_and_states_and_counts_families() {
     let forward = CtRecord {
-        active: 1,
+        active: true,
         last_seen: 95,
         ..ct(
             "10.0.1.2:40000",
@@ -383,7 +383,7 @@ fn conntrack_names_directions_and_states_and_counts_families() {
 #[test]
 fn overflow_entries_are_marked_as_such() {
     let main = CtRecord {
-        active: 1,
+        active: true,
         ..ct(
             "10.0.1.2:40000",
             "10.96.0.10:80",

@@ -128,7 +128,14 @@ pub struct Reconciler {
     strays: Strays,
     /// The node configuration as written (None: not yet).
     config: Option<NodeConfig>,
+    /// Maglev tables built in this pass: a Service's frontends (cluster IP,
+    /// node ports, external IPs) share one backend set, and so one table.
+    maglev: BTreeMap<MaglevKey, Vec<u32>>,
 }
+
+/// What a Maglev table depends on: the backends in order, their protocol
+/// and the table size.
+type MaglevKey = (Vec<SocketAddr>, Protocol, u32);
 
 impl Reconciler {
     pub fn new(max_services: u32, max_backends: u32) -> Self {
@@ -143,6 +150,7 @@ impl Reconciler {
             backend_ids: Ids::new(max_backends),
             strays: Strays::default(),
             config: None,
+            maglev: BTreeMap::new(),
         }
     }
 
@@ -220,6 +228,8 @@ impl Reconciler {
         for (owner, wanted) in changes {
             self.drop_unwanted(owner, wanted, maps, &mut report);
         }
+        // Not kept between passes: a table per Maglev service would be.
+        self.maglev.clear();
         if let Some(desired) = full {
             let unexplained: Vec<Frontend> = self
                 .frontends
@@ -268,7 +278,7 @@ impl Reconciler {
 
     /// The frontend's slots and members in backend ids (None: a backend has
     /// no id, because writing it failed).
-    fn wanted(&self, frontend: Frontend, state: &FrontendState) -> Option<Wanted> {
+    fn wanted(&mut self, frontend: Frontend, state: &FrontendState) -> Option<Wanted> {
         let id = |addr: &SocketAddr| {
             self.backends
                 .get(&backend_key(*addr, frontend.protocol))
@@ -280,12 +290,7 @@ impl Reconciler {
             members.entry(id(addr)?).or_insert(true);
         }
         let slots = if state.algorithm.uses_table() && !ids.is_empty() {
-            let names: Vec<String> = state
-                .backends
-                .iter()
-                .map(|a| format!("{a}/{:?}", frontend.protocol))
-                .collect();
-            let table = crate::maglev::table(&names, state.table_size);
+            let table = self.maglev_table(frontend.protocol, state);
             table.iter().map(|i| ids[*i as usize]).collect()
         } else {
             ids.clone()
@@ -294,6 +299,18 @@ impl Reconciler {
             count: ids.len() as u32,
             slots,
             members,
+        })
+    }
+
+    /// The Maglev table of the frontend's backends (indices into
+    /// `state.backends`), built once per pass for each backend set.
+    fn maglev_table(&mut self, protocol: Protocol, state: &FrontendState) -> &[u32] {
+        let key = (state.backends.clone(), protocol, state.table_size);
+        self.maglev.entry(key).or_insert_with(|| {
+            let names: Vec<String> = (state.backends.iter())
+                .map(|a| format!("{a}/{protocol:?}"))
+                .collect();
+            crate::maglev::table(&names, state.table_size)
         })
     }
 
