@@ -102,28 +102,33 @@ impl Refuse for V4 {
 
 #[inline(always)]
 pub(crate) fn xdp_outcome(built: Option<()>) -> u32 {
-    match built {
-        Some(()) => {
-            maps::count(Counter::Rejected);
-            xdp_action::XDP_TX
-        }
-        None => {
-            maps::count(Counter::RejectFailed);
-            xdp_action::XDP_DROP
-        }
-    }
+    let built = built.map(|()| xdp_action::XDP_TX);
+    outcome(
+        built,
+        Counter::Rejected,
+        Counter::RejectFailed,
+        xdp_action::XDP_DROP,
+    )
 }
 
 #[inline(always)]
 pub(crate) fn tc_outcome(built: Option<i32>) -> i32 {
+    outcome(built, Counter::Rejected, Counter::RejectFailed, TC_ACT_SHOT)
+}
+
+/// The verdict for a packet answered with one the program built: the
+/// answer's (counted as `done`), or `dropped` if it could not be built
+/// (counted as `failed`).
+#[inline(always)]
+pub(crate) fn outcome<T>(built: Option<T>, done: Counter, failed: Counter, dropped: T) -> T {
     match built {
-        Some(action) => {
-            maps::count(Counter::Rejected);
-            action
+        Some(verdict) => {
+            maps::count(done);
+            verdict
         }
         None => {
-            maps::count(Counter::RejectFailed);
-            TC_ACT_SHOT
+            maps::count(failed);
+            dropped
         }
     }
 }

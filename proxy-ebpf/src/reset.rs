@@ -23,7 +23,7 @@ use crate::{
     family::{Family, V4, V6},
     maps,
     parse::{self, ETH_HLEN, Flow, IPV6_HLEN, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    reject::{fold, sum, tc_send_back, xdp_resize},
+    reject::{fold, outcome, sum, tc_send_back, xdp_resize},
 };
 
 const TCP_HLEN: usize = 20;
@@ -152,30 +152,18 @@ impl Reset for V6 {
 
 #[inline(always)]
 fn xdp_outcome(built: Option<()>, action: u32) -> u32 {
-    match built {
-        Some(()) => {
-            maps::count(Counter::Reset);
-            action
-        }
-        None => {
-            maps::count(Counter::ResetFailed);
-            xdp_action::XDP_DROP
-        }
-    }
+    let built = built.map(|()| action);
+    outcome(
+        built,
+        Counter::Reset,
+        Counter::ResetFailed,
+        xdp_action::XDP_DROP,
+    )
 }
 
 #[inline(always)]
 fn tc_outcome(built: Option<i32>) -> i32 {
-    match built {
-        Some(action) => {
-            maps::count(Counter::Reset);
-            action
-        }
-        None => {
-            maps::count(Counter::ResetFailed);
-            TC_ACT_SHOT
-        }
-    }
+    outcome(built, Counter::Reset, Counter::ResetFailed, TC_ACT_SHOT)
 }
 
 #[inline(always)]
