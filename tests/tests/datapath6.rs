@@ -3,9 +3,10 @@
 
 mod common;
 
+use aya::maps::HashMap as BpfHashMap;
 use common::{Loaded, TC_ACT_OK, XDP_PASS, crc32c};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use proxy_common::Counter;
+use proxy_common::{Counter, Ct6Entry, Ct6Key, names, programs};
 
 const CLIENT: [u8; 16] = addr(0x2001_0db8_0009, 2);
 const VIP: [u8; 16] = addr(0xfd00_0096_0000, 0x10);
@@ -66,7 +67,10 @@ enum Hook {
 const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 
 fn lab() -> Loaded {
-    let mut dp = Loaded::new().expect("load the datapath");
+    programmed(Loaded::new().expect("load the datapath"))
+}
+
+fn programmed(mut dp: Loaded) -> Loaded {
     let mut objects = common::objects(SERVICES).expect("objects");
     objects.node_name = Some("here".into());
     objects.node_addresses = vec![std::net::IpAddr::from(NODE)];
@@ -154,14 +158,21 @@ fn ipv6_flows_reach_backends_and_replies_come_back_from_the_vip() {
         return;
     }
     for hook in HOOKS {
-        let dp = lab();
+        flows_and_replies(&lab(), hook);
+    }
+}
+
+/// Flows to the VIP spread over both backends, keep them, and their
+/// replies come back from the VIP.
+fn flows_and_replies(dp: &Loaded, hook: Hook) {
+    {
         let mut chosen = std::collections::BTreeSet::new();
         for port in 40000..40032 {
             for (packet, backend_port) in [
                 (tcp(CLIENT, port, VIP, 80), 8080),
                 (udp(CLIENT, port, VIP, 53), 5353),
             ] {
-                let (src, sport, dst, dport) = seen(&pass(&dp, hook, &packet));
+                let (src, sport, dst, dport) = seen(&pass(dp, hook, &packet));
                 assert_eq!(
                     (src, sport, dport),
                     (CLIENT, port, backend_port),
@@ -170,13 +181,13 @@ fn ipv6_flows_reach_backends_and_replies_come_back_from_the_vip() {
                 assert!(BACKENDS.contains(&dst), "{hook:?}");
                 chosen.insert(dst);
                 // Established: same backend.
-                assert_eq!(seen(&pass(&dp, hook, &packet)).2, dst, "{hook:?}");
+                assert_eq!(seen(&pass(dp, hook, &packet)).2, dst, "{hook:?}");
                 let reply = if backend_port == 8080 {
                     tcp(dst, 8080, CLIENT, port)
                 } else {
                     udp(dst, 5353, CLIENT, port)
                 };
-                let back = seen(&pass(&dp, hook, &reply));
+                let back = seen(&pass(dp, hook, &reply));
                 let frontend_port = if backend_port == 8080 { 80 } else { 53 };
                 assert_eq!((back.0, back.1), (VIP, frontend_port), "{hook:?}");
             }
@@ -191,29 +202,84 @@ fn ipv6_node_port_traffic_is_source_nated_and_translated_back_at_egress() {
         return;
     }
     for hook in HOOKS {
-        let dp = lab();
-        let (_, _, backend, _) = seen(&pass(&dp, hook, &tcp(CLIENT, 41000, NODE, 30080)));
+        node_port_source_nat(&lab(), hook);
+    }
+}
+
+/// A node port flow: source-NATed to the node towards the backend, and
+/// back to the client from the node port.
+fn node_port_source_nat(dp: &Loaded, hook: Hook) {
+    {
+        let (_, _, backend, _) = seen(&pass(dp, hook, &tcp(CLIENT, 41000, NODE, 30080)));
         assert!(BACKENDS.contains(&backend));
-        let (src, sport, dst, _) = seen(&egress(&dp, &tcp(CLIENT, 41000, backend, 8080)));
+        let (src, sport, dst, _) = seen(&egress(dp, &tcp(CLIENT, 41000, backend, 8080)));
         assert_eq!(
             (src, dst),
             (NODE, backend),
             "{hook:?}: the backend sees the node"
         );
         assert!(sport >= proxy_common::SNAT_PORT_MIN);
-        let back = seen(&pass(&dp, hook, &tcp(backend, 8080, NODE, sport)));
+        let back = seen(&pass(dp, hook, &tcp(backend, 8080, NODE, sport)));
         assert_eq!(
             (back.0, back.2, back.3),
             (backend, CLIENT, 41000),
             "{hook:?}"
         );
-        let out = seen(&egress(&dp, &tcp(backend, 8080, CLIENT, 41000)));
+        let out = seen(&egress(dp, &tcp(backend, 8080, CLIENT, 41000)));
         assert_eq!(
             (out.0, out.1),
             (NODE, 30080),
             "{hook:?}: from the node port"
         );
     }
+}
+
+#[test]
+fn ipv6_flows_that_found_conntrack_full_work_both_ways() {
+    if !common::ready("ipv6_flows_that_found_conntrack_full_work_both_ways") {
+        return;
+    }
+    const MAX: u32 = 8;
+    for hook in HOOKS {
+        let programs = [programs::XDP, programs::TC_INGRESS, programs::TC_EGRESS];
+        let loaded = Loaded::with_conntrack(MAX, 1024, &programs).expect("load the datapath");
+        let mut dp = programmed(loaded);
+        fill_ct6(&mut dp);
+        flows_and_replies(&dp, hook);
+        node_port_source_nat(&dp, hook);
+        // 32 TCP and 32 UDP flows, and the node port flow.
+        assert_eq!(
+            dp.maps.counter(Counter::CtFull).expect("counter"),
+            65,
+            "{hook:?}"
+        );
+        assert_eq!(
+            dp.maps.counter(Counter::CtInsertFailed).expect("counter"),
+            0
+        );
+        let overflow = dp.ebpf.map(names::OVERFLOW6).expect("ct6_overflow");
+        let overflow: BpfHashMap<_, Ct6Key, Ct6Entry> =
+            BpfHashMap::try_from(overflow).expect("a hash");
+        // Forward and reply of 64 flows; the node port flow's four.
+        assert_eq!(overflow.keys().count(), 2 * 64 + 4, "{hook:?}");
+    }
+}
+
+/// Fills `ct6` with entries of flows that never come.
+fn fill_ct6(dp: &mut Loaded) {
+    let ct6 = dp.ebpf.map_mut(names::CONNTRACK6).expect("ct6");
+    let mut ct6: BpfHashMap<_, Ct6Key, Ct6Entry> = BpfHashMap::try_from(ct6).expect("a hash");
+    for port in 1.. {
+        let key = Ct6Key {
+            src_port: u16::to_be(port),
+            proto: 6,
+            ..Ct6Key::default()
+        };
+        if ct6.insert(key, Ct6Entry::default(), 0).is_err() {
+            break;
+        }
+    }
+    assert!(ct6.keys().count() > 0, "ct6 filled");
 }
 
 /// One's complement sum of 16-bit words.

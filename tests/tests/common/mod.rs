@@ -58,12 +58,19 @@ impl Loaded {
         Self::load(&mut EbpfLoader::new(), &ALL_PROGRAMS)
     }
 
-    /// With `ct4` and `ct4_overflow` sized as given (as the agent's loader
-    /// sizes them), and only the programs named verified.
+    /// With the conntrack maps of both families sized as given (as the
+    /// agent's loader sizes them), and only the programs named verified.
     pub fn with_conntrack(max: u32, overflow_max: u32, names: &[&str]) -> anyhow::Result<Loaded> {
+        use proxy_common::names::{CONNTRACK4, CONNTRACK6, OVERFLOW4, OVERFLOW6};
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(proxy_common::names::CONNTRACK4, max);
-        loader.map_max_entries(proxy_common::names::OVERFLOW4, overflow_max);
+        for (map, size) in [
+            (CONNTRACK4, max),
+            (CONNTRACK6, max),
+            (OVERFLOW4, overflow_max),
+            (OVERFLOW6, overflow_max),
+        ] {
+            loader.map_max_entries(map, size);
+        }
         Self::load(&mut loader, names)
     }
 
