@@ -418,6 +418,66 @@ fn a_pass_deletes_expired_flows_whole_and_reaps_their_connections() -> anyhow::R
     Ok(())
 }
 
+/// `n` one-entry UDP flows to backend `backend_id`, each from a client of
+/// its own; every other one idle past the UDP timeout. Each with whether a
+/// pass keeps it.
+fn udp_flows(n: u32, backend_id: u32, now: u32) -> Vec<(Ct4Key, Ct4Entry, bool)> {
+    (0..n)
+        .map(|i| {
+            let [_, a, b, c] = i.to_be_bytes();
+            let flow = Flow4 {
+                client: (v4([10, a, b, c]), 40_000),
+                frontend: (v4([10, 96, 0, 10]), 53),
+                backend: (v4([10, 1, 1, 2]), 5353),
+                proto: IPPROTO_UDP,
+                backend_id,
+                now,
+            };
+            let keep = i % 2 == 1;
+            let idle = if keep { 0 } else { TIMEOUTS.udp + 30 };
+            let (key, value) = flow.forward(idle, CT_STATE_OPEN, true);
+            (key, value, keep)
+        })
+        .collect()
+}
+
+/// More entries than one batch read returns: a pass still reads each once
+/// and deletes exactly the expired ones.
+#[test]
+fn a_pass_reads_every_entry_of_a_large_map() -> anyhow::Result<()> {
+    if !common::ready("a_pass_reads_every_entry_of_a_large_map") {
+        return Ok(());
+    }
+    const FLOWS: u32 = 5_000;
+    const BACKEND: u32 = 9;
+    let mut pinned = Pinned::new("many")?;
+    pinned.load(2 * SIZE)?;
+    let now = gc::now()?;
+    ensure!(now > 1_000, "the machine booted {now} s ago; too recently");
+    let flows = udp_flows(FLOWS, BACKEND, now);
+    let mut ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
+    for (key, value, _) in &flows {
+        ct4.insert(key, value, 0)?;
+    }
+    let keep: HashSet<Ct4Key> = flows.iter().filter(|f| f.2).map(|f| f.0).collect();
+
+    let stats = Gc::open(&pinned.bpffs(), TIMEOUTS)?.pass()?;
+
+    let expired = flows.len() - keep.len();
+    assert_eq!(stats.entries4, flows.len(), "entries read");
+    assert_eq!((stats.deleted, stats.revived), (expired, 0));
+    assert_eq!(stats.reaped, expired as u64);
+    assert!(
+        remaining(&ct4)? == keep,
+        "the live entries, and only they, are left"
+    );
+    let reaped: Array<MapData, u32> = Array::try_from(aya::maps::Map::from_map_data(
+        MapData::from_pin(pinned.pin(names::REAPED))?,
+    )?)?;
+    assert_eq!(reaped.get(&BACKEND, 0)?, expired as u32);
+    Ok(())
+}
+
 #[test]
 fn conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept() -> anyhow::Result<()> {
     if !common::ready("conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept") {

@@ -1,8 +1,8 @@
 //! Garbage collection's I/O: reads the pinned conntrack maps (each family's
-//! main map and its overflow map), deletes what `expiry` says has expired,
-//! hands the open connections it removed back to least-connections
-//! balancing through `lb_reaped`, and clears `ct_overflowed` when `overflow`
-//! says it may.
+//! main map and its overflow map, in batches through `batch`), deletes what
+//! `expiry` says has expired, hands the open connections it removed back to
+//! least-connections balancing through `lb_reaped`, and clears
+//! `ct_overflowed` when `overflow` says it may.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,6 +10,7 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd},
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -21,6 +22,7 @@ use aya::{
 use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, names};
 
 use super::{
+    batch,
     expiry::{self, Plan, Record},
     overflow,
     timeouts::Timeouts,
@@ -325,10 +327,13 @@ fn plan<K: CtKey>(
     expiry::plan(records, now, timeouts)
 }
 
-/// Every entry, each once. A key the kernel deletes between two steps makes
-/// the walk start over from the first key, so the walk may meet entries
-/// twice (kept once) and, under heavy churn, go on; it stops after twice
-/// the map's capacity, and the next pass sees the rest.
+/// Set once the kernel has refused `BPF_MAP_LOOKUP_BATCH`: it will not
+/// learn it while the agent runs, so later reads go straight to the walk.
+static NO_BATCH: AtomicBool = AtomicBool::new(false);
+
+/// Every entry, each once, in batches where the kernel offers them (see
+/// `batch`), else by a key-by-key walk. Either read stops after twice the
+/// map's capacity, and the next pass sees the rest.
 fn read_all<K: CtKey>(
     map: &BpfHashMap<MapData, K, K::Value>,
 ) -> anyhow::Result<HashMap<K, K::Value>> {
@@ -337,6 +342,36 @@ fn read_all<K: CtKey>(
         .info()
         .map_or(MAX_CONNTRACK, |info| info.max_entries());
     let limit = (capacity as usize).saturating_mul(2).max(1024);
+    if !NO_BATCH.load(Ordering::Relaxed) {
+        match batch::lookup_all(map, limit).context("reading in batches")? {
+            Some(entries) => return Ok(keep_once(entries, limit)),
+            None => {
+                if !NO_BATCH.swap(true, Ordering::Relaxed) {
+                    log::debug!(
+                        "the kernel lacks BPF_MAP_LOOKUP_BATCH: reading conntrack key by key"
+                    );
+                }
+            }
+        }
+    }
+    walk(map, limit)
+}
+
+/// The batch read's entries by key, as `plan` takes them.
+fn keep_once<K: CtKey>(entries: Vec<(K, K::Value)>, limit: usize) -> HashMap<K, K::Value> {
+    if entries.len() >= limit {
+        log::debug!("conntrack read stopped after {} entries", entries.len());
+    }
+    entries.into_iter().collect()
+}
+
+/// Every entry by a key-by-key walk. A key the kernel deletes between two
+/// steps makes the walk start over from the first key, so the walk may meet entries twice (kept once) and,
+/// under heavy churn, go on until `limit` steps.
+fn walk<K: CtKey>(
+    map: &BpfHashMap<MapData, K, K::Value>,
+    limit: usize,
+) -> anyhow::Result<HashMap<K, K::Value>> {
     let mut entries = HashMap::new();
     for (step, item) in map.iter().enumerate() {
         if step >= limit {
