@@ -139,12 +139,21 @@ pub fn forget<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
             entry.addr, entry.port, flow.saddr, flow.sport, flow.proto, direction,
         ));
     }
-    // Source NAT's: its reply entry towards the node port stays until
-    // garbage collection, which knows the port.
-    F::ct_remove(F::ct_key(
-        flow.saddr, flow.sport, entry.addr, entry.port, flow.proto, CT_EGRESS,
-    ));
+    forget_source_nat::<F>(flow, (entry.addr, entry.port));
     F::ct_remove(of::<F>(flow, CT_FORWARD));
+}
+
+/// Removes the flow's source NAT entries towards `backend`, if it has
+/// them: the egress entry names the node port the reply entry is keyed by.
+#[inline(always)]
+fn forget_source_nat<F: Family>(flow: &Flow<F::Addr>, (addr, port): (F::Addr, u16)) {
+    let out = F::ct_key(flow.saddr, flow.sport, addr, port, flow.proto, CT_EGRESS);
+    if let Some(node) = F::ct_get(out, None) {
+        F::ct_remove(F::ct_key(
+            addr, port, node.addr, node.port, flow.proto, CT_REPLY,
+        ));
+        F::ct_remove(out);
+    }
 }
 
 /// A packet coming back in: what changes, if it belongs to a flow.
@@ -227,9 +236,19 @@ pub fn remember<F: Family>(
         ..entry(flow, (backend.addr, backend.port), 0, backend_id, id)
     };
     forget_stale::<F>(flow, backend, reply_at_egress, snat);
-    F::ct_insert(table, reply, to_client, 0).map_err(untracked)?;
-    if let Err(e) = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, 0) {
-        F::ct_remove(reply);
+    let mut written = F::ct_insert(table, reply, to_client, 0);
+    if written.is_ok() {
+        written = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, 0);
+        if written.is_err() {
+            F::ct_remove(reply);
+        }
+    }
+    if let Err(e) = written {
+        // All of the flow's entries or none: a flow retried in the overflow
+        // table must not leave a half in this one.
+        if snat {
+            forget_source_nat::<F>(flow, (backend.addr, backend.port));
+        }
         return Err(untracked(e));
     }
     if counted {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::collections::HashSet;
+
 use aya::maps::HashMap as BpfHashMap;
 use common::{Loaded, TC_ACT_OK, XDP_PASS, crc32c};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -781,7 +783,9 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
         return;
     }
     const MAX: u32 = 8;
-    for hook in HOOKS {
+    // With room for two entries, a flow's source NAT entries fit in ct4
+    // but its own do not: it must not leave the former behind.
+    for (hook, room) in [(Hook::Xdp, 0), (Hook::Tc, 0), (Hook::Xdp, 2), (Hook::Tc, 2)] {
         let programs = [
             proxy_common::programs::XDP,
             proxy_common::programs::TC_INGRESS,
@@ -789,8 +793,13 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
         ];
         let dp = Loaded::with_conntrack(MAX, 1024, &programs).expect("load the datapath");
         let mut lab = programmed_with_node_address(dp, &load_balancer_cluster());
-        fill_ct4(&mut lab);
+        let filler = fill_ct4(&mut lab, room);
         source_nat_and_back(&lab, hook);
+        assert_eq!(
+            ct4_keys(&lab),
+            filler,
+            "{hook:?}, room {room}: ct4 as filled"
+        );
         assert_eq!(lab.counter(Counter::CtFull), 2, "{hook:?}: two new flows");
         assert_eq!(lab.counter(Counter::SnatFailed), 0, "{hook:?}");
         assert_eq!(lab.counter(Counter::CtInsertFailed), 0, "{hook:?}");
@@ -805,10 +814,12 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
     }
 }
 
-/// Fills `ct4` with entries of flows that never come.
-fn fill_ct4(lab: &mut Lab) {
+/// Fills `ct4` with entries of flows that never come, but for `room`
+/// entries; returns the keys written.
+fn fill_ct4(lab: &mut Lab, room: usize) -> HashSet<Ct4Key> {
     let ct4 = lab.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4");
     let mut ct4: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct4).expect("a hash");
+    let mut keys = Vec::new();
     for port in 1.. {
         let key = Ct4Key {
             src_addr: u32::from_ne_bytes([192, 0, 2, 1]),
@@ -819,8 +830,19 @@ fn fill_ct4(lab: &mut Lab) {
         if ct4.insert(key, Ct4Entry::default(), 0).is_err() {
             break;
         }
+        keys.push(key);
     }
-    assert!(ct4.keys().count() > 0, "ct4 filled");
+    for key in keys.drain(keys.len() - room..) {
+        ct4.remove(&key).expect("make room");
+    }
+    assert!(!keys.is_empty(), "ct4 filled");
+    keys.into_iter().collect()
+}
+
+fn ct4_keys(lab: &Lab) -> HashSet<Ct4Key> {
+    let ct4 = lab.dp.ebpf.map(names::CONNTRACK4).expect("ct4");
+    let ct4: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct4).expect("a hash");
+    ct4.keys().map(|k| k.expect("a ct4 key")).collect()
 }
 
 #[test]
