@@ -15,6 +15,7 @@ mod affinity;
 mod atomic;
 mod bench;
 mod ct;
+mod ctmap;
 mod family;
 mod hash;
 mod lb;

@@ -1,0 +1,273 @@
+//! Conntrack map access, written once for both families: `ct4`/`ct6`, and
+//! their overflow maps while `ct_overflowed` says they may hold entries.
+//! Keys and values reach the map helpers through the per-CPU `ct_scratch`.
+
+use aya_ebpf::btf_maps::{HashMap, LruHashMap};
+use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, MAX_CT_OVERFLOW};
+
+use crate::{
+    family::Entry,
+    maps::{CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch, OVERFLOW4, OVERFLOW6, OVERFLOWED},
+};
+
+type Main<K, V> = HashMap<K, V, { MAX_CONNTRACK as usize }>;
+type Overflow<K, V> = LruHashMap<K, V, { MAX_CT_OVERFLOW as usize }>;
+
+/// The conntrack map a new flow's entries go to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `ct4`/`ct6`: never evicted.
+    Main,
+    /// `ct4_overflow`/`ct6_overflow`, LRU: for flows that found `Main` full.
+    Overflow,
+}
+
+/// A family's conntrack maps, key and value.
+pub trait CtMaps {
+    type Addr: Copy;
+    type Key: Copy + 'static;
+    type Value: Copy + 'static;
+
+    fn key(
+        src: Self::Addr,
+        sport: u16,
+        dst: Self::Addr,
+        dport: u16,
+        proto: u8,
+        direction: u8,
+    ) -> Self::Key;
+    fn main() -> &'static Main<Self::Key, Self::Value>;
+    fn overflow() -> &'static Overflow<Self::Key, Self::Value>;
+    /// This family's places in the scratch buffer.
+    fn slots(s: &mut CtScratch) -> (&mut Self::Key, &mut Self::Value);
+    fn proto(key: &Self::Key) -> u8;
+    fn value(e: &Entry<Self::Addr>) -> Self::Value;
+    fn entry(v: &Self::Value) -> Entry<Self::Addr>;
+    /// The `last_seen`, `state` and `active` fields of a live map value.
+    ///
+    /// # Safety
+    /// `v` points to a live value of one of the maps.
+    unsafe fn fields(v: *mut Self::Value) -> (*mut u32, *mut u8, *mut u32);
+}
+
+/// True while the overflow maps may hold entries. Until a flow overflows,
+/// a conntrack miss costs no second hash lookup.
+#[inline(always)]
+fn overflowed() -> bool {
+    OVERFLOWED.get(0).is_some_and(|v| *v != 0)
+}
+
+/// Set before and after an overflow insert. The agent clears it once the
+/// overflow maps are empty, then sets it back if it finds an entry after
+/// all: whatever the interleaving, it ends set while an entry exists.
+#[inline(always)]
+fn mark_overflowed() {
+    if let Some(v) = OVERFLOWED.get_ptr_mut(0) {
+        // SAFETY: a live array value; read first so that the cache line is
+        // written only on the first overflow.
+        unsafe {
+            if *v == 0 {
+                *v = 1;
+            }
+        }
+    }
+}
+
+/// Where conntrack keys and values are put together for the map helpers,
+/// which take them by pointer: on the stack, every one of them would hold
+/// its own slot, and together they outgrow BPF's 512 bytes.
+#[inline(always)]
+fn scratch() -> Option<&'static mut CtScratch> {
+    // SAFETY: per-CPU, and only used between a write and the helper call
+    // that reads it, with no other use in between.
+    CT_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &mut *s })
+}
+
+/// The value at `key`, in the main map or, while in use, the overflow map.
+#[inline(always)]
+fn lookup<M: CtMaps>(key: &M::Key) -> Option<*mut M::Value> {
+    (M::main().get_ptr_mut(key)).or_else(|| overflowed().then(|| M::overflow().get_ptr_mut(key))?)
+}
+
+/// Takes a packet into an entry: refreshes its second (at most one write a
+/// second) and its TCP state; returns the state after the packet.
+#[inline(always)]
+fn take_in(last_seen: *mut u32, state: *mut u8, proto: u8, tcp_flags: u8) -> u8 {
+    let now = crate::ct::now();
+    // SAFETY: both point into a live map value; a racing CPU stores the same
+    // second, or a state that the next packet corrects.
+    unsafe {
+        let next = crate::ct::next_state(*state, proto, tcp_flags);
+        if *last_seen != now || *state != next {
+            *last_seen = now;
+            *state = next;
+        }
+        next
+    }
+}
+
+/// The entry; with `seen` (a packet's TCP flags, 0 for other protocols),
+/// the entry also takes in that packet: its time (the clock is read only
+/// for an entry that exists) and state.
+#[inline(always)]
+pub fn get<M: CtMaps>(key: M::Key, seen: Option<u8>) -> Option<Entry<M::Addr>> {
+    let (k, _) = M::slots(scratch()?);
+    *k = key;
+    let ptr = lookup::<M>(k)?;
+    // SAFETY: a copy out of a live map value.
+    let mut entry = M::entry(unsafe { &*ptr });
+    if let Some(tcp_flags) = seen {
+        // SAFETY: a live map value.
+        let (last_seen, state, _) = unsafe { M::fields(ptr) };
+        entry.state = take_in(last_seen, state, M::proto(&key), tcp_flags);
+    }
+    Some(entry)
+}
+
+/// Writes the entry into `table`; the kernel's error code on failure.
+#[inline(always)]
+pub fn insert<M: CtMaps>(
+    table: Table,
+    key: M::Key,
+    entry: Entry<M::Addr>,
+    flags: u64,
+) -> Result<(), i64> {
+    let (k, v) = M::slots(scratch().ok_or(-1i64)?);
+    *k = key;
+    *v = M::value(&entry);
+    let inserted = match table {
+        Table::Main => M::main().insert(k, v, flags),
+        Table::Overflow => {
+            mark_overflowed();
+            let inserted = M::overflow().insert(k, v, flags);
+            mark_overflowed();
+            inserted
+        }
+    };
+    inserted.map_err(i64::from)
+}
+
+/// Removes the key from whichever table has it.
+#[inline(always)]
+pub fn remove<M: CtMaps>(key: M::Key) {
+    if let Some((k, _)) = scratch().map(M::slots) {
+        *k = key;
+        let _ = M::main().remove(&*k);
+        if overflowed() {
+            let _ = M::overflow().remove(&*k);
+        }
+    }
+}
+
+/// The entry's `active` field, for an atomic exchange. Only `Main` entries
+/// are ever active.
+#[inline(always)]
+pub fn active<M: CtMaps>(key: M::Key) -> Option<*mut u32> {
+    let (k, _) = M::slots(scratch()?);
+    *k = key;
+    let ptr = M::main().get_ptr_mut(k)?;
+    // SAFETY: a live map value.
+    Some(unsafe { M::fields(ptr) }.2)
+}
+
+/// The families' impls differ only in names and types: the fields are the
+/// same, so one body serves both.
+macro_rules! ct_maps {
+    ($name:ident, $addr:ty, $key:ident, $value:ident, $main:ident, $overflow:ident, $k:ident, $v:ident) => {
+        pub struct $name;
+
+        impl CtMaps for $name {
+            type Addr = $addr;
+            type Key = $key;
+            type Value = $value;
+
+            #[inline(always)]
+            fn key(
+                src: $addr,
+                sport: u16,
+                dst: $addr,
+                dport: u16,
+                proto: u8,
+                direction: u8,
+            ) -> $key {
+                $key {
+                    src_addr: src,
+                    dst_addr: dst,
+                    src_port: sport,
+                    dst_port: dport,
+                    proto,
+                    direction,
+                    _pad: 0,
+                }
+            }
+
+            #[inline(always)]
+            fn main() -> &'static Main<$key, $value> {
+                &$main
+            }
+
+            #[inline(always)]
+            fn overflow() -> &'static Overflow<$key, $value> {
+                &$overflow
+            }
+
+            #[inline(always)]
+            fn slots(s: &mut CtScratch) -> (&mut $key, &mut $value) {
+                (&mut s.$k, &mut s.$v)
+            }
+
+            #[inline(always)]
+            fn proto(key: &$key) -> u8 {
+                key.proto
+            }
+
+            #[inline(always)]
+            fn value(e: &Entry<$addr>) -> $value {
+                $value {
+                    nat_addr: e.addr,
+                    nat_port: e.port,
+                    flags: e.flags,
+                    backend_id: e.backend_id,
+                    service_id: e.service_id,
+                    last_seen: e.last_seen,
+                    state: e.state,
+                    _pad: [0; 3],
+                    active: e.active,
+                }
+            }
+
+            #[inline(always)]
+            fn entry(v: &$value) -> Entry<$addr> {
+                Entry {
+                    addr: v.nat_addr,
+                    port: v.nat_port,
+                    flags: v.flags,
+                    backend_id: v.backend_id,
+                    service_id: v.service_id,
+                    last_seen: v.last_seen,
+                    state: v.state,
+                    active: v.active,
+                }
+            }
+
+            #[inline(always)]
+            unsafe fn fields(v: *mut $value) -> (*mut u32, *mut u8, *mut u32) {
+                // SAFETY: the caller's.
+                unsafe {
+                    (
+                        &raw mut (*v).last_seen,
+                        &raw mut (*v).state,
+                        &raw mut (*v).active,
+                    )
+                }
+            }
+        }
+    };
+}
+
+ct_maps!(
+    Ct4, u32, Ct4Key, Ct4Entry, CONNTRACK4, OVERFLOW4, key4, value4
+);
+ct_maps!(
+    Ct6, Addr6, Ct6Key, Ct6Entry, CONNTRACK6, OVERFLOW6, key6, value6
+);
