@@ -4,6 +4,7 @@
 //! Sockets are created inside the given namespace (on a setns'ed thread) and
 //! are then used from the calling thread; a socket keeps its namespace.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
@@ -225,6 +226,41 @@ fn exchange_on(
         ),
         None => bail!("no reply after {UDP_ATTEMPTS} sends, {timeout:?} each"),
     }
+}
+
+/// `n` new TCP connections from `ns` to `target`, one request each: how
+/// many each backend answered.
+pub fn new_connections(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Result<BTreeMap<String, usize>> {
+    let mut counts = BTreeMap::new();
+    for i in 0..n {
+        let mut conn = HttpConn::connect(ns, target, timeout)
+            .with_context(|| format!("new connection {i}"))?;
+        let backend = conn.get().with_context(|| format!("new connection {i}"))?;
+        *counts.entry(backend).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+/// `n` new UDP flows (a fresh socket each) from `ns` to `target`, one
+/// exchange each, every reply from `target`: how many each backend answered.
+pub fn new_udp_flows(
+    ns: &Netns,
+    target: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Result<BTreeMap<String, usize>> {
+    let mut counts = BTreeMap::new();
+    for i in 0..n {
+        let (backend, from) = udp_exchange(ns, target, &format!("new{i}"), timeout)?;
+        ensure!(from == target, "new UDP flow {i} answered from {from}");
+        *counts.entry(backend).or_insert(0) += 1;
+    }
+    Ok(counts)
 }
 
 /// A long-lived UDP "connection": every exchange uses the same local port, so

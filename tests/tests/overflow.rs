@@ -12,7 +12,7 @@
 mod common;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -26,7 +26,7 @@ use proxy_common::{
 };
 use proxy_tests::{
     agent::Agent,
-    clients::{HttpConn, udp_exchange},
+    clients::{HttpConn, new_connections, new_udp_flows},
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
@@ -131,29 +131,12 @@ impl Lab {
             .unwrap_or(0))
     }
 
-    /// `n` new connections, one request each: the backends that answered.
     fn new_connections(&self, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let mut conn = HttpConn::connect(&self.topology.client, http_vip(), CONNECT_TIMEOUT)
-                .with_context(|| format!("new connection {i}"))?;
-            let backend = conn.get().with_context(|| format!("new connection {i}"))?;
-            *counts.entry(backend).or_insert(0) += 1;
-        }
-        Ok(counts)
+        new_connections(&self.topology.client, http_vip(), n, CONNECT_TIMEOUT)
     }
 
-    /// `n` new UDP flows, one exchange each, all answered from the service.
-    fn new_udp_flows(&self, n: usize) -> anyhow::Result<BTreeSet<String>> {
-        let mut backends = BTreeSet::new();
-        for i in 0..n {
-            let timeout = Duration::from_secs(1);
-            let (backend, from) =
-                udp_exchange(&self.topology.client, udp_vip(), &format!("q{i}"), timeout)?;
-            ensure!(from == udp_vip(), "UDP flow {i} answered from {from}");
-            backends.insert(backend);
-        }
-        Ok(backends)
+    fn new_udp_flows(&self, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+        new_udp_flows(&self.topology.client, udp_vip(), n, Duration::from_secs(1))
     }
 }
 

@@ -29,7 +29,7 @@ use anyhow::{Context, bail, ensure};
 use proxy_common::Counter;
 use proxy_tests::{
     agent::Agent,
-    clients::{HttpConn, udp_exchange},
+    clients::{HttpConn, new_connections, new_udp_flows},
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
@@ -149,30 +149,12 @@ impl Lab {
 
     /// `n` new connections, one request each: how many each backend served.
     fn short_tcp(&self, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let mut conn = HttpConn::connect(&self.topology.client, http_vip(), CONNECT_TIMEOUT)
-                .with_context(|| format!("new connection {i}"))?;
-            let backend = conn.get().with_context(|| format!("new connection {i}"))?;
-            *counts.entry(backend).or_insert(0) += 1;
-        }
-        Ok(counts)
+        new_connections(&self.topology.client, http_vip(), n, CONNECT_TIMEOUT)
     }
 
     /// `n` new UDP flows (a fresh socket each), one exchange each.
     fn short_udp(&self, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
-        let mut counts = BTreeMap::new();
-        for i in 0..n {
-            let (backend, from) = udp_exchange(
-                &self.topology.client,
-                udp_vip(),
-                &format!("new{i}"),
-                Duration::from_secs(2),
-            )?;
-            ensure!(from == udp_vip(), "new UDP flow {i} answered from {from}");
-            *counts.entry(backend).or_insert(0) += 1;
-        }
-        Ok(counts)
+        new_udp_flows(&self.topology.client, udp_vip(), n, Duration::from_secs(2))
     }
 }
 

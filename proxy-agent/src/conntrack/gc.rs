@@ -232,45 +232,34 @@ pub trait CtKey: Pod + Eq + Hash {
     fn record(&self, value: &Self::Value) -> Record<Self::Addr>;
 }
 
-impl CtKey for Ct4Key {
-    type Value = Ct4Entry;
-    type Addr = u32;
-    fn record(&self, v: &Ct4Entry) -> Record<u32> {
-        Record {
-            src: (self.src_addr, self.src_port),
-            dst: (self.dst_addr, self.dst_port),
-            proto: self.proto,
-            direction: self.direction,
-            nat: (v.nat_addr, v.nat_port),
-            flags: v.flags,
-            backend_id: v.backend_id,
-            service_id: v.service_id,
-            last_seen: v.last_seen,
-            state: v.state,
-            active: v.active != 0,
+/// The families' keys and values have the same fields; only their address
+/// types differ.
+macro_rules! ct_key {
+    ($key:ty, $value:ty, $addr:ty) => {
+        impl CtKey for $key {
+            type Value = $value;
+            type Addr = $addr;
+            fn record(&self, v: &$value) -> Record<$addr> {
+                Record {
+                    src: (self.src_addr, self.src_port),
+                    dst: (self.dst_addr, self.dst_port),
+                    proto: self.proto,
+                    direction: self.direction,
+                    nat: (v.nat_addr, v.nat_port),
+                    flags: v.flags,
+                    backend_id: v.backend_id,
+                    service_id: v.service_id,
+                    last_seen: v.last_seen,
+                    state: v.state,
+                    active: v.active != 0,
+                }
+            }
         }
-    }
+    };
 }
 
-impl CtKey for Ct6Key {
-    type Value = Ct6Entry;
-    type Addr = Addr6;
-    fn record(&self, v: &Ct6Entry) -> Record<Addr6> {
-        Record {
-            src: (self.src_addr, self.src_port),
-            dst: (self.dst_addr, self.dst_port),
-            proto: self.proto,
-            direction: self.direction,
-            nat: (v.nat_addr, v.nat_port),
-            flags: v.flags,
-            backend_id: v.backend_id,
-            service_id: v.service_id,
-            last_seen: v.last_seen,
-            state: v.state,
-            active: v.active != 0,
-        }
-    }
-}
+ct_key!(Ct4Key, Ct4Entry, u32);
+ct_key!(Ct6Key, Ct6Entry, Addr6);
 
 /// One family's part of a pass.
 #[derive(Default)]
