@@ -5,7 +5,7 @@ use proxy_agent::{
     cidr::Cidr,
     datapath::{iface::IfaceSpec, loader},
     plan::NodeOptions,
-    run::{self, RunConfig, Source},
+    run::{self, RunConfig, SocketLb, Source},
 };
 
 /// xdproxy: a Kubernetes Service datapath on eBPF/XDP.
@@ -79,6 +79,21 @@ struct RunArgs {
     /// Kubeconfig for the API server (default: KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// The API server's URL, reached directly rather than through the
+    /// `kubernetes` Service this agent programs (so a restarted agent or a
+    /// new node never depends on itself). Overrides the kubeconfig's server;
+    /// in a pod, KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT do the same.
+    #[arg(long, env = "XDPROXY_KUBE_APISERVER")]
+    kube_apiserver: Option<String>,
+    /// Socket-level load balancing: cgroup hooks give every local socket
+    /// (host network and pods) its backend at connect() time.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// The cgroup v2 directory the socket hooks attach at (default: the
+    /// root of the cgroup v2 mount, mounted at /run/xdproxy/cgroupv2 if
+    /// there is none). Only sockets of processes in it are served.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
     /// This node's name (default: NODE_NAME, else the hostname).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -92,8 +107,11 @@ struct RunArgs {
     nodeport_addresses: Vec<Cidr>,
     #[command(flatten)]
     balancing: proxy_agent::balancing::Flags,
-    /// Interface to attach to: IF, IF:xdp or IF:tc (default: tc on veth, xdp otherwise).
-    #[arg(long = "iface", required = true)]
+    /// Interfaces to attach to: a name, a glob (`veth*`, `eth?`) or `auto`
+    /// (those of the default routes), each optionally with :xdp or :tc
+    /// (default: tc on veth, bridge, tun, dummy, xdp otherwise). Followed as
+    /// interfaces come and go; the first spec that matches one decides.
+    #[arg(long = "iface", default_value = "auto")]
     ifaces: Vec<IfaceSpec>,
     /// Where bpffs is (mounted there if it is not).
     #[arg(long, default_value = "/sys/fs/bpf")]
@@ -120,6 +138,7 @@ impl RunArgs {
             Some(path) => Source::Manifests(path),
             None => Source::Kubernetes {
                 kubeconfig: self.kubeconfig,
+                apiserver: self.kube_apiserver,
             },
         };
         let node_name = match self.node_name {
@@ -133,6 +152,9 @@ impl RunArgs {
             nodeport_ranges: self.nodeport_addresses,
             balancing: self.balancing.balancing(),
             ifaces: self.ifaces,
+            socket_lb: self.socket_lb.then_some(SocketLb {
+                cgroup_root: self.cgroup_root,
+            }),
             bpffs: self.bpffs,
             poll: Duration::from_millis(self.poll_ms.max(10)),
             health_addr: self.healthz_bind_address,

@@ -61,6 +61,8 @@ pub struct Status {
     pub not_ready: Option<String>,
     pub frontends: usize,
     pub backends: usize,
+    /// Interfaces with the datapath attached (`--iface`).
+    pub interfaces: usize,
     pub conntrack: Conntrack,
 }
 
@@ -92,6 +94,7 @@ impl Default for Status {
             not_ready: Some("initial sync not done".into()),
             frontends: 0,
             backends: 0,
+            interfaces: 0,
             conntrack: Conntrack::default(),
         }
     }
@@ -140,6 +143,11 @@ impl Status {
                 "xdproxy_backends",
                 "Backends programmed",
                 self.backends as f64,
+            ),
+            (
+                "xdproxy_interfaces_attached",
+                "Interfaces the datapath is attached to",
+                self.interfaces as f64,
             ),
             (
                 "xdproxy_conntrack_gc_deleted_total",

@@ -116,6 +116,23 @@ pub struct Frontend {
     pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// Which clients the entry serves.
+    pub clients: Clients,
+}
+
+/// Which clients a frontend entry is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Clients {
+    /// Everyone: the packet path, and local sockets unless a `Local` twin
+    /// exists.
+    #[default]
+    All,
+    /// Sockets on this node only, where they get other backends than
+    /// clients elsewhere: externalTrafficPolicy: Local keeps outside
+    /// traffic on this node's endpoints, while pods and processes on the
+    /// node reach every endpoint (kube-proxy short-circuits them).
+    Local,
 }
 
 /// How a client reaches a frontend.
@@ -168,6 +185,9 @@ pub struct FrontendState {
     pub algorithm: Algorithm,
     /// With a table algorithm: the Maglev table size; otherwise 0.
     pub table_size: u32,
+    /// Clients on this node have a frontend of their own
+    /// (`Clients::Local`, same address, port and protocol).
+    pub local_twin: bool,
 }
 
 /// kube-proxy's default for sessionAffinity: ClientIP without a timeout.
@@ -613,19 +633,45 @@ impl FrontendOf<'_> {
                 } else {
                     0
                 },
+                local_twin: false,
             }
         };
-        targets
-            .iter()
-            .map(|(addr, port, scope)| {
-                let frontend = Frontend {
-                    addr: *addr,
-                    port: *port,
-                    protocol: self.protocol,
+        // Local clients of externalTrafficPolicy: Local frontends reach every
+        // endpoint, where outside clients reach this node's only.
+        let cluster = wanted.cluster_backends(self.service, node);
+        let twin = external_local && cluster != external;
+        let local_state = |scope: Scope| FrontendState {
+            backends: cluster.clone(),
+            drop_when_empty: false,
+            snat: false,
+            terminating: terminating(&cluster),
+            ..state(scope)
+        };
+        let mut out = Vec::new();
+        for (addr, port, scope) in targets {
+            let frontend = Frontend {
+                addr: *addr,
+                port: *port,
+                protocol: self.protocol,
+                clients: Clients::All,
+            };
+            let twin = twin && scope.is_external();
+            out.push((
+                frontend,
+                FrontendState {
+                    local_twin: twin,
+                    ..state(*scope)
+                },
+            ));
+            if twin {
+                let local = Frontend {
+                    clients: Clients::Local,
+                    ..frontend
                 };
-                (frontend, state(*scope))
-            })
-            .collect()
+                out.push((local, local_state(*scope)));
+            }
+        }
+        out
     }
 }
 
@@ -687,6 +733,23 @@ impl Wanted<'_> {
             }
         };
         backends(&self.of_family(), self.port_name, self.protocol, only, zone)
+    }
+
+    /// The backends under the Cluster policy, whatever the Service's
+    /// traffic policies say: what pods and processes on this node reach
+    /// through an external address (kube-proxy sends them to the cluster
+    /// endpoints).
+    fn cluster_backends(&self, service: &Service, node: &Objects) -> Vec<SocketAddr> {
+        let zone = wants_topology(service)
+            .then_some(node.node_zone.as_deref())
+            .flatten();
+        backends(
+            &self.of_family(),
+            self.port_name,
+            self.protocol,
+            Only::Any,
+            zone,
+        )
     }
 
     /// Every terminating endpoint (serving or not): flows that began while

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     cidr::Cidr,
-    model::{self, Desired, Protocol, Scope},
+    model::{self, Clients, Desired, Protocol, Scope},
     source::manifest::{ManifestError, ManifestSource},
 };
 
@@ -18,6 +18,10 @@ pub struct PlannedFrontend {
     pub port: u16,
     pub protocol: &'static str,
     pub scope: &'static str,
+    /// "all", or "local": the entry the socket hooks give pods and
+    /// processes on this node, where their backends differ from what
+    /// clients elsewhere get (the "all" entry next to it).
+    pub clients: Clients,
     pub service: String,
     pub port_name: String,
     pub backends: Vec<String>,
@@ -119,6 +123,7 @@ fn plan(
                 Scope::LoadBalancer => "LoadBalancer",
                 Scope::NodePort => "NodePort",
             },
+            clients: f.clients,
             service: state.service.to_string(),
             port_name: state.port_name.clone(),
             backends: state.backends.iter().map(ToString::to_string).collect(),
@@ -187,6 +192,9 @@ impl PlannedFrontend {
     /// The table's short form of what is not plain load balancing.
     fn flags(&self) -> String {
         let mut flags = Vec::new();
+        if self.clients == Clients::Local {
+            flags.push("local-clients".to_string());
+        }
         match self.table_size {
             Some(size) => flags.push(format!("{}/{size}", self.algorithm)),
             None if self.algorithm != "random" => flags.push(self.algorithm.to_string()),

@@ -19,7 +19,7 @@ use tokio::{
 use crate::{
     cidr::Cidr,
     conntrack,
-    datapath::{self, iface::IfaceSpec, loader, maps::MapSet},
+    datapath::{self, cgroup, iface::IfaceSpec, links, loader, maps::MapSet},
     healthcheck::{HealthChecks, ServiceHealth},
     http::{self, Endpoints},
     metrics::{Shared, Status},
@@ -39,7 +39,17 @@ const RETRY: Duration = Duration::from_secs(1);
 
 pub enum Source {
     Manifests(PathBuf),
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        /// `--kube-apiserver`: the server's URL, overriding the kubeconfig's.
+        apiserver: Option<String>,
+    },
+}
+
+/// Socket-level load balancing (`--socket-lb`).
+pub struct SocketLb {
+    /// `--cgroup-root`: where to attach (None: the hierarchy's root).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 pub struct RunConfig {
@@ -53,7 +63,10 @@ pub struct RunConfig {
     pub nodeport_ranges: Vec<Cidr>,
     /// `--lb-algorithm`, `--maglev-table-size`.
     pub balancing: crate::balancing::Balancing,
+    /// `--iface`: the first spec that selects an interface decides its hook.
     pub ifaces: Vec<IfaceSpec>,
+    /// None: `--socket-lb=false`.
+    pub socket_lb: Option<SocketLb>,
     pub bpffs: PathBuf,
     /// How often the manifests are checked for changes.
     pub poll: Duration,
@@ -67,7 +80,7 @@ pub struct RunConfig {
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let earlier = loader::pin_dir(&config.bpffs).exists();
-    let (loaded, maps) = match start(&config) {
+    let (loaded, maps, watcher) = match start(&config) {
         Ok(started) => started,
         // An earlier agent's datapath keeps serving; a new one is not left
         // half-attached.
@@ -80,6 +93,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     };
     let status = Shared::default();
+    let pins = loaded.pins.clone();
+    watcher.spawn(loaded, status.clone())?;
     conntrack::spawn(config.bpffs.clone(), &config.conntrack, &status);
     let timeout = config.health_timeout;
     spawn_http(config.health_addr, Endpoints::Health { timeout }, &status);
@@ -96,8 +111,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .balancing(config.balancing);
             manifest_loop(source, config.poll, &mut programmer, &mut signals).await
         }
-        Source::Kubernetes { kubeconfig } => {
-            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+        Source::Kubernetes {
+            kubeconfig,
+            apiserver,
+        } => {
+            let client = kubernetes::client(kubeconfig.as_deref(), apiserver.as_deref()).await?;
             let store = ClusterStore::new(&config.node_name)
                 .nodeport_ranges(&config.nodeport_ranges)
                 .balancing(config.balancing);
@@ -114,20 +132,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     log::info!(
         "exiting; the datapath stays in place under {} with the last programmed state \
          (`proxy-agent cleanup` removes it)",
-        loaded.pins.display()
+        pins.display()
     );
     Ok(())
 }
 
-fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
+/// Loads (or adopts) the datapath and attaches it to the interfaces
+/// `--iface` selects now; the watcher returned follows their changes.
+fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet, links::Watcher)> {
     let sizes = config.conntrack.sizes();
     let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
-    for iface in &config.ifaces {
-        loaded.attach(iface)?;
+    loaded.load_programs()?;
+    if let Some(socket_lb) = &config.socket_lb {
+        let root = cgroup::root(socket_lb.cgroup_root.as_deref())?;
+        loaded.attach_socket_hooks(&root)?;
     }
-    loaded.retire_other_links()?;
+    let watcher = links::Watcher::start(&config.ifaces, &mut loaded)?;
+    loaded.retire_other_links();
     let maps = MapSet::take(&mut loaded.ebpf)?;
-    Ok((loaded, maps))
+    Ok((loaded, maps, watcher))
 }
 
 /// Health check node ports answer on the health server's address (both

@@ -1,11 +1,14 @@
 //! Every manifest in deploy/ parses as the Kubernetes type it claims to be,
-//! and the ClusterRole grants exactly what the agent's watches use.
+//! the ClusterRole grants exactly what the agent's watches use, and the
+//! DaemonSet gives the agent what it needs and no more: capabilities, not a
+//! privileged container; the host's cgroup v2 root; the API server's own
+//! address; an image named by the agent's version.
 
 use std::{collections::BTreeSet, path::PathBuf};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::ServiceAccount,
+    core::v1::{ConfigMap, Container, PodSpec, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use proxy_agent::source::kubernetes::{VERBS, watched};
@@ -17,6 +20,7 @@ struct Deploy {
     accounts: Vec<ServiceAccount>,
     roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    config_maps: Vec<ConfigMap>,
 }
 
 fn typed<T: for<'de> Deserialize<'de>>(doc: serde_yaml::Value, file: &str) -> T {
@@ -44,6 +48,7 @@ fn deploy() -> Deploy {
                 Some("ServiceAccount") => out.accounts.push(typed(value, &name)),
                 Some("ClusterRole") => out.roles.push(typed(value, &name)),
                 Some("ClusterRoleBinding") => out.bindings.push(typed(value, &name)),
+                Some("ConfigMap") => out.config_maps.push(typed(value, &name)),
                 other => panic!("{name}: unexpected kind {other:?}"),
             }
         }
@@ -84,12 +89,7 @@ fn the_cluster_role_grants_exactly_what_the_watches_use() {
 #[test]
 fn the_daemonset_runs_the_agent_as_a_node_proxy_needs() {
     let deploy = deploy();
-    assert_eq!(deploy.daemonsets.len(), 1);
-    let spec = deploy.daemonsets[0]
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .expect("pod spec");
+    let spec = pod_spec(&deploy);
     assert_eq!(spec.host_network, Some(true));
     let account = deploy.accounts[0].metadata.name.clone();
     assert_eq!(spec.service_account_name, account);
@@ -126,10 +126,6 @@ fn the_daemonset_runs_the_agent_as_a_node_proxy_needs() {
         .and_then(|v| v.field_ref.as_ref())
         .expect("downward API");
     assert_eq!(field.field_path, "spec.nodeName");
-    assert_eq!(
-        agent.security_context.as_ref().and_then(|s| s.privileged),
-        Some(true)
-    );
     let probe_path = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
         let get = probe
             .as_ref()
@@ -162,4 +158,111 @@ fn the_daemonset_runs_the_agent_as_a_node_proxy_needs() {
         .find(|m| m.mount_path == "/sys/fs/bpf")
         .expect("bpffs mount");
     assert_eq!(mount.mount_propagation.as_deref(), Some("Bidirectional"));
+}
+
+fn pod_spec(deploy: &Deploy) -> &PodSpec {
+    assert_eq!(deploy.daemonsets.len(), 1);
+    deploy.daemonsets[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec")
+}
+
+fn args(agent: &Container) -> Vec<&str> {
+    agent.args.iter().flatten().map(String::as_str).collect()
+}
+
+#[test]
+fn the_agent_gets_capabilities_not_a_privileged_container() {
+    let deploy = deploy();
+    let spec = pod_spec(&deploy);
+    let security = spec.containers[0]
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    assert_ne!(security.privileged, Some(true), "privileged");
+    let capabilities = security.capabilities.as_ref().expect("capabilities");
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_string()]));
+    let added: BTreeSet<&str> = capabilities
+        .add
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let wanted = [
+        "BPF",
+        "NET_ADMIN",
+        "PERFMON",
+        "SYS_ADMIN",
+        "SYS_PTRACE",
+        "SYS_RESOURCE",
+    ];
+    assert_eq!(added, BTreeSet::from(wanted));
+    // Sockets of every pod are reached through /proc/<pid>/ns/net.
+    assert_eq!(spec.host_pid, Some(true));
+}
+
+#[test]
+fn the_image_is_the_agents_version_never_latest() {
+    let deploy = deploy();
+    let agent = &pod_spec(&deploy).containers[0];
+    let image = agent.image.as_deref().expect("image");
+    let (_, tag) = image.rsplit_once(':').expect("a tagged image");
+    assert_ne!(tag, "latest");
+    assert_eq!(tag, env!("CARGO_PKG_VERSION"), "{image}");
+    assert_eq!(agent.image_pull_policy.as_deref(), Some("IfNotPresent"));
+}
+
+#[test]
+fn socket_hooks_get_the_hosts_cgroup_root() {
+    let deploy = deploy();
+    let spec = pod_spec(&deploy);
+    let agent = &spec.containers[0];
+    let inside = "/run/xdproxy/cgroupv2";
+    assert!(
+        args(agent).contains(&format!("--cgroup-root={inside}").as_str()),
+        "{:?}",
+        args(agent)
+    );
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == inside)
+        .expect("cgroup v2 mount");
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.host_path.as_ref())
+        .expect("cgroup v2 hostPath");
+    assert_eq!(volume.path, "/sys/fs/cgroup");
+}
+
+#[test]
+fn the_api_server_is_reached_directly_with_the_address_from_the_config_map() {
+    let deploy = deploy();
+    let agent = &pod_spec(&deploy).containers[0];
+    assert_eq!(deploy.config_maps.len(), 1);
+    let config = &deploy.config_maps[0];
+    let name = config.metadata.name.as_deref().expect("ConfigMap name");
+    assert_eq!(config.metadata.namespace.as_deref(), Some("kube-system"));
+    for key in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        let from = agent
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == key)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.config_map_key_ref.as_ref())
+            .unwrap_or_else(|| panic!("{key} from a ConfigMap"));
+        assert_eq!((from.name.as_str(), from.key.as_str()), (name, key));
+        assert!(
+            config.data.as_ref().is_some_and(|d| d.contains_key(key)),
+            "{name} has {key}"
+        );
+    }
+    assert!(args(agent).contains(&"--node-name=$(NODE_NAME)"));
 }

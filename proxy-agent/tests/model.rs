@@ -32,6 +32,7 @@ fn fe(addr: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
         addr: IpAddr::V4(Ipv4Addr::from(addr)),
         port,
         protocol,
+        clients: Default::default(),
     }
 }
 
@@ -188,6 +189,7 @@ spec:
         addr: "fd00::12".parse().expect("v6"),
         port: 80,
         protocol: Protocol::Tcp,
+        clients: Default::default(),
     };
     let sctp = |mut f: Frontend| {
         f.port = 99;
@@ -648,6 +650,7 @@ status:
         addr: addr.parse().expect("address"),
         port,
         protocol: Protocol::Tcp,
+        clients: Default::default(),
     };
     let v4_backend: Vec<SocketAddr> = vec!["10.1.1.2:8080".parse().expect("v4")];
     let v6_backend: Vec<SocketAddr> = vec!["[fd00:1:1::2]:8080".parse().expect("v6")];

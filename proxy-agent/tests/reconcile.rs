@@ -215,6 +215,7 @@ fn desired(services: &[(u16, &[u8])]) -> Desired {
             addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
             port: *port,
             protocol: Protocol::Tcp,
+            clients: Default::default(),
         };
         let state = FrontendState {
             service: ObjectKey {
@@ -553,6 +554,7 @@ fn change(entries: &[(&str, u16, &[u8])]) -> proxy_agent::reconcile::Changes {
             addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
             port: *port,
             protocol: Protocol::Tcp,
+            clients: Default::default(),
         };
         let state = FrontendState {
             service: key,

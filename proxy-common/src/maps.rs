@@ -31,8 +31,14 @@ pub mod names {
     /// Non-zero while the overflow maps may hold entries: the datapath
     /// looks there only then.
     pub const OVERFLOWED: &str = "ct_overflowed";
+    /// Socket-level load balancing: per socket, its backend for a
+    /// frontend and the frontend behind a backend (LRU maps).
+    pub const SOCK_NAT4: &str = "sock4_nat";
+    pub const SOCK_NAT6: &str = "sock6_nat";
     /// Every map the programs define, for pinning and cleanup.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 25] = [
+        SOCK_NAT4,
+        SOCK_NAT6,
         OVERFLOW4,
         OVERFLOW6,
         OVERFLOWED,
@@ -69,6 +75,15 @@ pub mod programs {
     pub const XDP_EMPTY: &str = "xdproxy_empty";
     /// Restores a saved packet head, then tail-calls `bench_target[0]`.
     pub const XDP_BENCH: &str = "xdproxy_bench";
+    /// cgroup sock_addr hooks: socket-level load balancing.
+    pub const SOCK_CONNECT4: &str = "xdproxy_connect4";
+    pub const SOCK_CONNECT6: &str = "xdproxy_connect6";
+    pub const SOCK_SENDMSG4: &str = "xdproxy_sendmsg4";
+    pub const SOCK_SENDMSG6: &str = "xdproxy_sendmsg6";
+    pub const SOCK_RECVMSG4: &str = "xdproxy_recvmsg4";
+    pub const SOCK_RECVMSG6: &str = "xdproxy_recvmsg6";
+    pub const SOCK_GETPEERNAME4: &str = "xdproxy_getpeername4";
+    pub const SOCK_GETPEERNAME6: &str = "xdproxy_getpeername6";
 }
 
 /// Bytes of packet head the benchmark wrapper restores: Ethernet, IPv4
@@ -98,6 +113,10 @@ pub const MAX_CT_OVERFLOW: u32 = 65_536;
 pub const MAX_MEMBERS: u32 = 524_288;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Entries per family of `sock4_nat`: two per socket connected to a
+/// service (an LRU: a socket idle long enough to be evicted shows its
+/// backend's address to getpeername).
+pub const MAX_SOCK_NAT: u32 = 262_144;
 
 /// What a client addresses: an IPv4 frontend (service VIP, port, protocol).
 #[repr(C)]
@@ -109,8 +128,18 @@ pub struct Frontend4 {
     pub port: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,
-    pub _pad: u8,
+    /// `SCOPE_*`: which clients the entry is for.
+    pub scope: u8,
 }
+
+/// A frontend entry for every client: the packet path reads only these.
+pub const SCOPE_ALL: u8 = 0;
+/// A frontend entry for clients on this node only (the socket hooks), where
+/// they get other backends than clients elsewhere (externalTrafficPolicy:
+/// Local frontends, which local clients reach through all endpoints, as
+/// kube-proxy short-circuits them). Its `SCOPE_ALL` twin has
+/// `SVC_LOCAL_TWIN`.
+pub const SCOPE_LOCAL: u8 = 1;
 
 /// A frontend's service entry (family-independent).
 #[repr(C)]
@@ -156,6 +185,8 @@ pub const SVC_SOURCE_RANGES: u32 = 4;
 /// With no backend, drop (a node without local endpoints under
 /// externalTrafficPolicy: Local) rather than refuse the connection.
 pub const SVC_DROP_WHEN_EMPTY: u32 = 8;
+/// Clients on this node have an entry of their own (`SCOPE_LOCAL`).
+pub const SVC_LOCAL_TWIN: u32 = 32;
 
 /// Replies are translated back at the egress of the interface that takes
 /// them to the client, not at ingress: a frontend on one of the node's own
@@ -340,7 +371,8 @@ pub struct Frontend6 {
     pub addr: Addr6,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
 }
 
 /// An IPv6 backend (keyed by backend id in `lb6_backends`, and the value of
@@ -397,6 +429,60 @@ pub struct Affinity6Key {
 pub struct SourceRange6 {
     pub service_id_be: u32,
     pub addr: Addr6,
+}
+
+/// Key of `sock4_nat`: one socket (its cookie) and an address it talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockNat4Key {
+    /// bpf_get_socket_cookie(): unique per socket for the kernel's uptime.
+    pub cookie: u64,
+    /// The frontend (`SOCK_FORWARD`) or the backend (`SOCK_REVERSE`).
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+}
+
+/// A socket's unconnected UDP datagrams to a frontend: which backend.
+pub const SOCK_FORWARD: u8 = 0;
+/// What a socket connected to a backend through the hooks sees as its
+/// peer: the frontend.
+pub const SOCK_REVERSE: u8 = 1;
+
+/// Value of `sock4_nat`: the other side of the translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockNat4 {
+    /// The backend (`SOCK_FORWARD`) or the frontend (`SOCK_REVERSE`).
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// Key of `sock6_nat`, as `SockNat4Key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockNat6Key {
+    pub cookie: u64,
+    pub addr: Addr6,
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: u32,
+}
+
+/// Value of `sock6_nat`, as `SockNat4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockNat6 {
+    pub addr: Addr6,
+    pub port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
 }
 
 /// Per-service traffic, per CPU (client-to-service direction).
@@ -471,10 +557,19 @@ pub enum Counter {
     Reset = 14,
     /// As `Reset`, but the RST could not be built: dropped.
     ResetFailed = 15,
+    /// A local socket's connect() (or unconnected UDP flow) to a service
+    /// given a backend by the socket hooks.
+    SockConnect = 16,
+    /// A local socket's connect() or sendmsg() to a service without
+    /// endpoints: refused with ECONNREFUSED.
+    SockRefused = 17,
+    /// A socket-level translation whose reverse entry could not be
+    /// written: getpeername() and recvmsg() show the backend's address.
+    SockNatFailed = 18,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NoBackend,
         Counter::CtInsertFailed,
@@ -492,6 +587,9 @@ impl Counter {
         Counter::CtFull,
         Counter::Reset,
         Counter::ResetFailed,
+        Counter::SockConnect,
+        Counter::SockRefused,
+        Counter::SockNatFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -512,6 +610,9 @@ impl Counter {
             Counter::CtFull => "ct_full",
             Counter::Reset => "reset",
             Counter::ResetFailed => "reset_failed",
+            Counter::SockConnect => "sock_connect",
+            Counter::SockRefused => "sock_refused",
+            Counter::SockNatFailed => "sock_nat_failed",
         }
     }
 }
@@ -542,6 +643,10 @@ mod pod {
     unsafe impl aya::Pod for SourceRange6 {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Connections {}
+    unsafe impl aya::Pod for SockNat4Key {}
+    unsafe impl aya::Pod for SockNat4 {}
+    unsafe impl aya::Pod for SockNat6Key {}
+    unsafe impl aya::Pod for SockNat6 {}
 }
 
 #[cfg(test)]
@@ -570,6 +675,10 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 8);
         assert_eq!(size_of::<Affinity6Key>(), 20);
         assert_eq!(size_of::<SourceRange6>(), 20);
+        assert_eq!(size_of::<SockNat4Key>(), 16);
+        assert_eq!(size_of::<SockNat4>(), 16);
+        assert_eq!(size_of::<SockNat6Key>(), 32);
+        assert_eq!(size_of::<SockNat6>(), 28);
     }
 
     #[test]

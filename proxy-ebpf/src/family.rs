@@ -48,7 +48,8 @@ pub trait Family {
     /// The family's conntrack maps.
     type Ct: CtMaps<Addr = Self::Addr, Key = Self::CtKey>;
 
-    fn service(addr: Self::Addr, port: u16, proto: u8) -> Option<Service>;
+    /// The entry of a frontend for clients of `scope` (`SCOPE_*`).
+    fn service(addr: Self::Addr, port: u16, proto: u8, scope: u8) -> Option<Service>;
     /// The backend a slot's id names.
     fn backend(id: u32) -> Option<Target<Self::Addr>>;
     /// The backend as a member of the service.
@@ -111,12 +112,12 @@ impl Family for V4 {
     type Ct = Ct4;
 
     #[inline(always)]
-    fn service(addr: u32, port: u16, proto: u8) -> Option<Service> {
+    fn service(addr: u32, port: u16, proto: u8, scope: u8) -> Option<Service> {
         let key = Frontend4 {
             addr,
             port,
             proto,
-            _pad: 0,
+            scope,
         };
         // SAFETY: a copy out of a live map value.
         SERVICES4.get_ptr(key).map(|s| unsafe { *s })
@@ -196,12 +197,12 @@ impl Family for V6 {
     type Ct = Ct6;
 
     #[inline(always)]
-    fn service(addr: Addr6, port: u16, proto: u8) -> Option<Service> {
+    fn service(addr: Addr6, port: u16, proto: u8, scope: u8) -> Option<Service> {
         let key = Frontend6 {
             addr,
             port,
             proto,
-            _pad: 0,
+            scope,
         };
         // SAFETY: a copy out of a live map value.
         SERVICES6.get_ptr(key).map(|s| unsafe { *s })

@@ -2,7 +2,45 @@
 //! hash, and flows that conntrack could not keep. Every packet of a flow,
 //! on any CPU, hashes the same.
 
+use core::marker::PhantomData;
+
 use crate::{family::Family, parse::Flow};
+
+/// What backend choice by hash reads of a flow: a packet's, or a socket's.
+pub trait Hashed {
+    /// Spreads a client's flows over the backends (Maglev).
+    fn five_tuple(&self) -> u32;
+    /// The same for every flow of a client (source hash).
+    fn source(&self) -> u32;
+}
+
+/// A packet's flow, hashed only if the service's algorithm asks.
+pub struct OfFlow<'a, F: Family> {
+    flow: &'a Flow<F::Addr>,
+    family: PhantomData<F>,
+}
+
+impl<'a, F: Family> OfFlow<'a, F> {
+    #[inline(always)]
+    pub fn new(flow: &'a Flow<F::Addr>) -> Self {
+        OfFlow {
+            flow,
+            family: PhantomData,
+        }
+    }
+}
+
+impl<F: Family> Hashed for OfFlow<'_, F> {
+    #[inline(always)]
+    fn five_tuple(&self) -> u32 {
+        five_tuple::<F>(self.flow)
+    }
+
+    #[inline(always)]
+    fn source(&self) -> u32 {
+        source::<F>(self.flow)
+    }
+}
 
 /// MurmurHash3's 32-bit finalizer: every input bit affects every output bit.
 #[inline(always)]

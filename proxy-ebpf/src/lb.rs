@@ -6,14 +6,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Counter, IPPROTO_TCP, LEAST_CONN_SCAN,
-    MemberKey, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES, Service, SlotKey,
+    MemberKey, SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::{
     affinity, atomic,
     ct::{self, Untracked},
     family::{Entry, Family, Table, Target},
-    hash,
+    hash::{Hashed, OfFlow},
     maps::{self, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
     parse::{Flow, TCP_RST},
 };
@@ -61,7 +61,7 @@ pub fn decide<F: Family>(flow: &Flow<F::Addr>, len: u64, stage: Stage) -> Verdic
     let rewrite = match stage {
         Stage::Egress => ct::egress::<F>(flow),
         Stage::Ingress => {
-            if let Some(service) = F::service(flow.daddr, flow.dport, flow.proto) {
+            if let Some(service) = F::service(flow.daddr, flow.dport, flow.proto, SCOPE_ALL) {
                 maps::count_service(service.id, len);
                 return to_service::<F>(flow, &service);
             }
@@ -76,7 +76,7 @@ pub fn decide<F: Family>(flow: &Flow<F::Addr>, len: u64, stage: Stage) -> Verdic
 
 /// How a backend is picked for a flow without a usable conntrack entry.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Pick {
+pub enum Pick {
     /// By the service's algorithm.
     Algorithm,
     /// By the flow's hash: the same backend for every packet of the flow
@@ -110,7 +110,8 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
         true => affinity::backend::<F>(service, flow.saddr),
         false => None,
     };
-    let Some((id, backend)) = chosen.or_else(|| select::<F>(service, flow, pick)) else {
+    let hashed = OfFlow::<F>::new(flow);
+    let Some((id, backend)) = chosen.or_else(|| select::<F, _>(service, &hashed, pick)) else {
         return Verdict::Pass;
     };
     match ct::remember::<F>(Table::Main, flow, service, id, &backend) {
@@ -134,7 +135,7 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
 /// still reach the same backend.
 #[inline(always)]
 fn overflow<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
-    let Some((id, backend)) = select::<F>(service, flow, Pick::Hash) else {
+    let Some((id, backend)) = select::<F, _>(service, &OfFlow::<F>::new(flow), Pick::Hash) else {
         return Verdict::Pass;
     };
     if ct::remember::<F>(Table::Overflow, flow, service, id, &backend).is_ok() {
@@ -209,20 +210,20 @@ pub fn member<F: Family>(service_id: u32, backend_id: u32) -> Option<Target<F::A
 
 /// A backend for a new flow, from the service's slots.
 #[inline(always)]
-fn select<F: Family>(
+pub fn select<F: Family, H: Hashed>(
     service: &Service,
-    flow: &Flow<F::Addr>,
+    hashed: &H,
     pick: Pick,
 ) -> Option<(u32, Target<F::Addr>)> {
     let slot = if service.table_size != 0 {
         // Maglev and source hash: slots hold the lookup table.
         let h = match service.algorithm {
-            ALG_SOURCE_HASH => hash::source::<F>(flow),
-            _ => hash::five_tuple::<F>(flow),
+            ALG_SOURCE_HASH => hashed.source(),
+            _ => hashed.five_tuple(),
         };
         h % service.table_size
     } else if pick == Pick::Hash {
-        hash::five_tuple::<F>(flow) % service.backend_count
+        hashed.five_tuple() % service.backend_count
     } else {
         match service.algorithm {
             ALG_ROUND_ROBIN => next_turn(service.id) % service.backend_count,
@@ -234,7 +235,7 @@ fn select<F: Family>(
 }
 
 #[inline(always)]
-fn random() -> u32 {
+pub fn random() -> u32 {
     // SAFETY: the helper has no preconditions.
     unsafe { bpf_get_prandom_u32() }
 }

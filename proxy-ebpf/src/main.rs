@@ -25,11 +25,13 @@ mod parse;
 mod reject;
 mod reject6;
 mod reset;
+mod sock;
+mod socknat;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use family::{V4, V6};
 use lb::{Stage, Verdict};
@@ -38,6 +40,7 @@ use parse::{Flow, Parsed};
 use proxy_common::Counter;
 use reject::Refuse;
 use reset::Reset;
+use sock::{Mapped4, User4, User6};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
@@ -119,6 +122,62 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         return Ok(TC_ACT_SHOT);
     }
     Ok(TC_ACT_OK)
+}
+
+// Socket hooks, at the cgroup v2 root: every local socket, host network and
+// pods alike. IPv6 sockets may carry IPv4-mapped addresses (dual-stack
+// sockets), which are IPv4 frontends.
+
+#[cgroup_sock_addr(connect4)]
+pub fn xdproxy_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect::<V4, User4>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn xdproxy_connect6(ctx: SockAddrContext) -> i32 {
+    match sock::is_mapped4(&ctx) {
+        true => sock::connect::<V4, Mapped4>(&ctx),
+        false => sock::connect::<V6, User6>(&ctx),
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn xdproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<V4, User4>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn xdproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    match sock::is_mapped4(&ctx) {
+        true => sock::sendmsg::<V4, Mapped4>(&ctx),
+        false => sock::sendmsg::<V6, User6>(&ctx),
+    }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn xdproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::peer::<V4, User4>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn xdproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
+    match sock::is_mapped4(&ctx) {
+        true => sock::peer::<V4, Mapped4>(&ctx),
+        false => sock::peer::<V6, User6>(&ctx),
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn xdproxy_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::peer::<V4, User4>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn xdproxy_getpeername6(ctx: SockAddrContext) -> i32 {
+    match sock::is_mapped4(&ctx) {
+        true => sock::peer::<V4, Mapped4>(&ctx),
+        false => sock::peer::<V6, User6>(&ctx),
+    }
 }
 
 /// Does nothing: the benchmark's baseline, loaded from the same object.

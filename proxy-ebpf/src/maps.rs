@@ -8,8 +8,9 @@ use aya_ebpf::{
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, Connections,
     Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES,
-    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SourceRange4, SourceRange6,
+    MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT,
+    MAX_SOURCE_RANGES, MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SockNat4,
+    SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
@@ -152,3 +153,13 @@ pub fn count_backend_flow(id: u32) {
         unsafe { (*s).flows += 1 };
     }
 }
+
+// Socket-level load balancing. LRUs: an entry lives as long as its socket
+// is in use, and nobody tells the datapath when a socket closes.
+#[btf_map(name = "sock4_nat")]
+pub static SOCK_NAT4: LruHashMap<SockNat4Key, SockNat4, { MAX_SOCK_NAT as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "sock6_nat")]
+pub static SOCK_NAT6: LruHashMap<SockNat6Key, SockNat6, { MAX_SOCK_NAT as usize }> =
+    LruHashMap::new();

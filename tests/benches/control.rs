@@ -166,7 +166,7 @@ fn wait_for_count(
         addr: u32::from(vip).to_be(),
         port: 80u16.to_be(),
         proto: 6,
-        _pad: 0,
+        scope: 0,
     };
     let deadline = Instant::now() + timeout;
     loop {

@@ -134,6 +134,7 @@ impl Scale {
             addr: IpAddr::V4(target),
             port: 80,
             protocol: Protocol::Tcp,
+            clients: Default::default(),
         };
         let service_id = dp
             .reconciler
@@ -331,6 +332,7 @@ fn desired(services: usize) -> Desired {
                 addr: IpAddr::V4(nth_vip(i)),
                 port: 80,
                 protocol: Protocol::Tcp,
+                clients: Default::default(),
             },
             FrontendState {
                 service: ObjectKey {

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 
-use crate::netns::Netns;
+use crate::{cgroup::Cgroup, netns::Netns};
 
 pub struct Agent {
     child: Option<Child>,
@@ -23,6 +23,9 @@ pub struct Agent {
     ifaces: Vec<String>,
     bpffs: PathBuf,
     log: PathBuf,
+    /// The agent's own cgroup (`--cgroup-root`): its socket hooks serve
+    /// only processes started there, never other tests' sockets.
+    cgroup: Cgroup,
 }
 
 /// The agent binary next to the test executable (target/debug/proxy-agent),
@@ -135,6 +138,7 @@ impl Agent {
             ifaces: ifaces.to_vec(),
             bpffs: scratch.join("bpffs"),
             log: scratch.join("agent.log"),
+            cgroup: Cgroup::create(node.name())?,
         };
         agent.spawn()?;
         Ok(agent)
@@ -154,6 +158,7 @@ impl Agent {
             .arg("--bpffs")
             .arg(&self.bpffs);
         cmd.args(["--poll-ms", "50"]);
+        cmd.arg("--cgroup-root").arg(self.cgroup.path());
         for iface in &self.ifaces {
             cmd.arg("--iface").arg(iface);
         }
@@ -203,12 +208,36 @@ impl Agent {
         self.child.as_ref().map(std::process::Child::id)
     }
 
+    /// The cgroup whose processes the agent's socket hooks serve.
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
     pub fn pins(&self) -> PathBuf {
         self.bpffs.join("xdproxy")
     }
 
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
+    }
+
+    /// The names of the interface links pinned now
+    /// (`link_<xdp|tc|tcout>_<iface>`), sorted.
+    pub fn link_pins(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.pins()) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                ["link_xdp_", "link_tc_", "link_tcout_"]
+                    .iter()
+                    .any(|tag| n.starts_with(tag))
+            })
+            .collect();
+        names.sort();
+        names
     }
 
     /// The datapath's global counters by name (`proxy-agent inspect counters`).

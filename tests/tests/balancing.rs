@@ -246,6 +246,7 @@ impl Lab {
             addr: VIP.into(),
             port,
             protocol,
+            clients: Default::default(),
         };
         let id = self
             .dp
@@ -760,6 +761,7 @@ fn least_connections_counts_every_flow_from_concurrent_cpus() {
         addr: VIP.into(),
         port: 80,
         protocol: proxy_agent::model::Protocol::Tcp,
+        clients: Default::default(),
     };
     let id = lab.dp.reconciler.service_id(&frontend).expect("service id");
     let per_cpu = lab.dp.maps.stats.get(&id, 0).expect("lb_stats");

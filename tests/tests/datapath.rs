@@ -220,6 +220,7 @@ fn an_established_flow_keeps_its_backend_and_flows_spread() {
             addr: VIP.into(),
             port: 80,
             protocol: proxy_agent::model::Protocol::Tcp,
+            clients: Default::default(),
         };
         let id = lab
             .dp

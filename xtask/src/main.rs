@@ -3,6 +3,7 @@
 mod build;
 mod cmd;
 mod demo;
+mod image;
 mod test;
 mod toolchain;
 
@@ -38,12 +39,15 @@ enum Task {
     },
     /// Datapath ns/packet against an empty XDP program.
     Bench,
+    /// The container image xdproxy:VERSION (release agent, FROM scratch), with podman.
+    Image,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup().map(|_| ()),
         Task::BuildEbpf => build::ebpf().map(|_| ()),
+        Task::Image => image::build().map(|_| ()),
         Task::Build => build::agent(&build::ebpf()?).map(|_| ()),
         Task::Run { args } => {
             let agent = build::agent(&setup()?)?;

@@ -1,4 +1,4 @@
-//! Which hook an interface gets.
+//! Which interfaces the agent serves (`--iface`), and which hook each gets.
 //!
 //! XDP sees packets before the kernel has an skb, so it cannot tell a full
 //! checksum from a partial one (CHECKSUM_PARTIAL, left by local sockets that
@@ -6,8 +6,6 @@
 //! come from a wire. TC sees the skb, and its helpers handle both.
 
 use std::{fmt, str::FromStr};
-
-use anyhow::Context;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
@@ -24,12 +22,90 @@ impl fmt::Display for Hook {
     }
 }
 
-/// `IF`, `IF:xdp` or `IF:tc` (interface names cannot contain ':').
+impl Hook {
+    /// The hook for an interface of this rtnetlink link kind (IFLA_INFO_KIND;
+    /// None for a physical NIC): TC for virtual interfaces fed by local
+    /// sockets, XDP for the rest.
+    pub fn for_kind(kind: Option<&str>) -> Hook {
+        match kind {
+            Some("veth" | "tun" | "bridge" | "dummy") => Hook::Tc,
+            _ => Hook::Xdp,
+        }
+    }
+}
+
+/// Which interfaces a spec selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// The interfaces that carry the default routes (IPv4 and IPv6, main
+    /// table, every nexthop of a multipath route), followed as they change.
+    Auto,
+    /// An interface name, or a glob over names: `*` matches any run of
+    /// characters, `?` any one character.
+    Glob(String),
+}
+
+/// The longest interface name (IFNAMSIZ less its NUL).
+const MAX_NAME: usize = 15;
+
+impl Pattern {
+    /// True if this glob matches `name` (`Auto` never matches by name).
+    pub fn matches_name(&self, name: &str) -> bool {
+        match self {
+            Pattern::Auto => false,
+            Pattern::Glob(glob) => glob_match(glob.as_bytes(), name.as_bytes()),
+        }
+    }
+}
+
+/// Shell-style matching of `*` and `?` against a whole name; on a mismatch
+/// after a `*`, that `*` takes one more character and matching resumes.
+fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    // Where the last `*` was and where in the name its match ends now.
+    let mut star: Option<(usize, usize)> = None;
+    while let Some(&c) = name.get(n) {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&want) if want == b'?' || want == c => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    star = Some((sp, sn + 1));
+                    p = sp + 1;
+                    n = sn + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern
+        .get(p..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
+}
+
+/// `PATTERN`, `PATTERN:xdp` or `PATTERN:tc`, PATTERN being an interface
+/// name, a glob over names or `auto` (interface names cannot contain ':').
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IfaceSpec {
-    pub name: String,
-    /// None: chosen by the interface's driver.
+    pub pattern: Pattern,
+    /// None: chosen by the interface's kind.
     pub hook: Option<Hook>,
+}
+
+impl IfaceSpec {
+    /// `auto` with the hook chosen by kind: what `run` serves without `--iface`.
+    pub fn auto() -> IfaceSpec {
+        IfaceSpec {
+            pattern: Pattern::Auto,
+            hook: None,
+        }
+    }
 }
 
 impl FromStr for IfaceSpec {
@@ -42,115 +118,118 @@ impl FromStr for IfaceSpec {
             Some((name, "tc")) => (name, Some(Hook::Tc)),
             Some((_, other)) => return Err(format!("unknown hook {other:?} (use xdp or tc)")),
         };
-        if name.is_empty() || name.len() > 15 {
-            return Err(format!("{name:?} is not an interface name"));
+        let pattern = if name == "auto" {
+            Pattern::Auto
+        } else {
+            check_glob(name)?;
+            Pattern::Glob(name.to_string())
+        };
+        Ok(IfaceSpec { pattern, hook })
+    }
+}
+
+/// A glob that could match some interface name: not empty, no character a
+/// name cannot have, and no more fixed characters than a name can hold.
+fn check_glob(glob: &str) -> Result<(), String> {
+    let fixed = glob.chars().filter(|c| *c != '*').count();
+    let bad = glob.chars().any(|c| c == '/' || c.is_whitespace());
+    if glob.is_empty() || bad || fixed > MAX_NAME {
+        return Err(format!(
+            "{glob:?} is not an interface name or pattern (at most {MAX_NAME} characters \
+             besides `*`, no '/' or spaces)"
+        ));
+    }
+    Ok(())
+}
+
+impl fmt::Display for IfaceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.pattern {
+            Pattern::Auto => f.write_str("auto")?,
+            Pattern::Glob(glob) => f.write_str(glob)?,
         }
-        Ok(IfaceSpec {
-            name: name.to_string(),
-            hook,
-        })
-    }
-}
-
-impl IfaceSpec {
-    /// The hook to use: the one asked for, else TC for virtual interfaces fed
-    /// by local sockets, XDP for the rest.
-    pub fn resolve(&self) -> anyhow::Result<Hook> {
-        if let Some(hook) = self.hook {
-            return Ok(hook);
+        match self.hook {
+            Some(hook) => write!(f, ":{hook}"),
+            None => Ok(()),
         }
-        let driver = driver(&self.name).with_context(|| format!("interface {}", self.name))?;
-        Ok(match driver.as_str() {
-            "veth" | "tun" | "bridge" | "dummy" => Hook::Tc,
-            _ => Hook::Xdp,
-        })
     }
-}
-
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
-const ETHTOOL_GDRVINFO: u32 = 0x3;
-
-#[repr(C)]
-struct DrvInfo {
-    cmd: u32,
-    driver: [u8; 32],
-    rest: [u8; 160],
-}
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    data: *mut DrvInfo,
-    _pad: [u8; 16],
-}
-
-/// The interface's driver name (ETHTOOL_GDRVINFO), in the caller's netns.
-fn driver(name: &str) -> anyhow::Result<String> {
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        rest: [0; 160],
-    };
-    let mut req = IfReq {
-        name: [0; 16],
-        data: &mut info,
-        _pad: [0; 16],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: plain socket syscall; the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: req and info outlive the call and have the layout the kernel expects.
-    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        return Err(err).context("reading the driver name (does the interface exist?)");
-    }
-    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
-    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn glob(name: &str, hook: Option<Hook>) -> IfaceSpec {
+        IfaceSpec {
+            pattern: Pattern::Glob(name.into()),
+            hook,
+        }
+    }
+
     #[test]
     fn parses_interface_specs() {
+        assert_eq!("eth0".parse(), Ok(glob("eth0", None)));
+        assert_eq!("eth0:xdp".parse(), Ok(glob("eth0", Some(Hook::Xdp))));
+        assert_eq!("veth1:tc".parse(), Ok(glob("veth1", Some(Hook::Tc))));
+        assert_eq!("veth*:tc".parse(), Ok(glob("veth*", Some(Hook::Tc))));
+        assert_eq!("auto".parse(), Ok(IfaceSpec::auto()));
         assert_eq!(
-            "eth0".parse(),
+            "auto:xdp".parse(),
             Ok(IfaceSpec {
-                name: "eth0".into(),
-                hook: None
-            })
-        );
-        assert_eq!(
-            "eth0:xdp".parse(),
-            Ok(IfaceSpec {
-                name: "eth0".into(),
+                pattern: Pattern::Auto,
                 hook: Some(Hook::Xdp)
-            })
-        );
-        assert_eq!(
-            "veth1:tc".parse(),
-            Ok(IfaceSpec {
-                name: "veth1".into(),
-                hook: Some(Hook::Tc)
             })
         );
         assert!("eth0:foo".parse::<IfaceSpec>().is_err());
         assert!("".parse::<IfaceSpec>().is_err());
+        assert!(":tc".parse::<IfaceSpec>().is_err());
         assert!("a-very-long-interface-name".parse::<IfaceSpec>().is_err());
+        assert!("a/b".parse::<IfaceSpec>().is_err());
+        assert!("a b".parse::<IfaceSpec>().is_err());
+        // Stars match nothing as well, so they do not count against the length.
+        assert!("*fifteen-chars-1*".parse::<IfaceSpec>().is_ok());
     }
 
     #[test]
-    fn loopback_has_no_wire() {
-        // lo has no ethtool driver info; the error must name the interface.
-        let spec: IfaceSpec = "no-such-if0".parse().unwrap();
-        let err = spec.resolve().unwrap_err();
-        assert!(format!("{err:#}").contains("no-such-if0"));
+    fn specs_print_as_given() {
+        for text in ["eth0", "veth*:tc", "auto", "auto:xdp", "eth?:xdp"] {
+            let spec: IfaceSpec = text.parse().expect(text);
+            assert_eq!(spec.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn globs_match_whole_names() {
+        let cases = [
+            ("veth*", "veth1234", true),
+            ("veth*", "veth", true),
+            ("veth*", "xveth1", false),
+            ("eth?", "eth0", true),
+            ("eth?", "eth10", false),
+            ("eth?", "eth", false),
+            ("cni0", "cni0", true),
+            ("cni0", "cni01", false),
+            ("*", "lo", true),
+            ("*0", "cni0", true),
+            ("*0", "cni1", false),
+            ("a*b*c", "aXbYbZc", true),
+            ("a*b*c", "aXbYbZ", false),
+            ("**x", "x", true),
+            ("?*", "", false),
+        ];
+        for (pattern, name, want) in cases {
+            let got = Pattern::Glob(pattern.into()).matches_name(name);
+            assert_eq!(got, want, "{pattern} against {name}");
+        }
+        assert!(!Pattern::Auto.matches_name("auto"));
+    }
+
+    #[test]
+    fn hooks_follow_the_link_kind() {
+        for kind in ["veth", "tun", "bridge", "dummy"] {
+            assert_eq!(Hook::for_kind(Some(kind)), Hook::Tc, "{kind}");
+        }
+        assert_eq!(Hook::for_kind(None), Hook::Xdp, "a physical NIC");
+        assert_eq!(Hook::for_kind(Some("vxlan")), Hook::Xdp);
     }
 }

@@ -3,10 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use proxy_common::{Addr6, Backend4, Backend6, Frontend4, Frontend6};
+use proxy_common::{Addr6, Backend4, Backend6, Frontend4, Frontend6, SCOPE_ALL, SCOPE_LOCAL};
 
 use crate::{
-    model::{Frontend, Protocol},
+    model::{Clients, Frontend, Protocol},
     reconcile::BackendKey,
 };
 
@@ -24,18 +24,22 @@ pub enum BackendValue {
 
 pub fn frontend(f: &Frontend) -> FrontendKey {
     let (port, proto) = (f.port.to_be(), f.protocol.number());
+    let scope = match f.clients {
+        Clients::All => SCOPE_ALL,
+        Clients::Local => SCOPE_LOCAL,
+    };
     match f.addr {
         IpAddr::V4(a) => FrontendKey::V4(Frontend4 {
             addr: v4(&a),
             port,
             proto,
-            _pad: 0,
+            scope,
         }),
         IpAddr::V6(a) => FrontendKey::V6(Frontend6 {
             addr: v6(&a),
             port,
             proto,
-            _pad: 0,
+            scope,
         }),
     }
 }
@@ -86,17 +90,23 @@ fn protocol(number: u8) -> Option<Protocol> {
         .find(|p| p.number() == number)
 }
 
-/// The model's frontend an adopted map key stands for (None: a protocol the
-/// model does not know).
+/// The model's frontend an adopted map key stands for (None: a protocol or
+/// scope the model does not know).
 pub fn frontend_of(key: &FrontendKey) -> Option<Frontend> {
-    let (addr, port, proto) = match key {
-        FrontendKey::V4(f) => (IpAddr::V4(from_v4(f.addr)), f.port, f.proto),
-        FrontendKey::V6(f) => (IpAddr::V6(from_v6(&f.addr)), f.port, f.proto),
+    let (addr, port, proto, scope) = match key {
+        FrontendKey::V4(f) => (IpAddr::V4(from_v4(f.addr)), f.port, f.proto, f.scope),
+        FrontendKey::V6(f) => (IpAddr::V6(from_v6(&f.addr)), f.port, f.proto, f.scope),
+    };
+    let clients = match scope {
+        SCOPE_ALL => Clients::All,
+        SCOPE_LOCAL => Clients::Local,
+        _ => return None,
     };
     Some(Frontend {
         addr,
         port: u16::from_be(port),
         protocol: protocol(proto)?,
+        clients,
     })
 }
 

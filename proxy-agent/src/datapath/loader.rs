@@ -27,12 +27,12 @@ use aya::{
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
     Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOURCE_RANGES, MemberKey,
-    NodeConfig, PROJECT, Service, ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
-    programs,
+    MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES,
+    MemberKey, NodeConfig, PROJECT, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key,
+    SockNat6, SockNat6Key, SourceRange4, SourceRange6, names, programs,
 };
 
-use super::iface::{Hook, IfaceSpec};
+use super::iface::Hook;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -277,6 +277,16 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
             sizes.overflow,
         ),
         names::OVERFLOWED => (4, 4, 1),
+        names::SOCK_NAT4 => (
+            size(size_of::<SockNat4Key>()),
+            size(size_of::<SockNat4>()),
+            MAX_SOCK_NAT,
+        ),
+        names::SOCK_NAT6 => (
+            size(size_of::<SockNat6Key>()),
+            size(size_of::<SockNat6>()),
+            MAX_SOCK_NAT,
+        ),
         _ => return None,
     })
 }
@@ -308,26 +318,77 @@ impl Attachment {
     }
 }
 
+impl Attachment {
+    fn ingress(hook: Hook) -> Attachment {
+        match hook {
+            Hook::Xdp => Attachment::Xdp,
+            Hook::Tc => Attachment::TcIngress,
+        }
+    }
+}
+
 impl Loaded {
+    /// Loads (verifies) every program now, so a program the kernel refuses
+    /// stops the agent at start rather than at the first interface, and the
+    /// programs hold their maps before the maps are taken out.
+    pub fn load_programs(&mut self) -> anyhow::Result<()> {
+        self.loaded_program::<Xdp>(programs::XDP)?;
+        self.loaded_program::<SchedClassifier>(programs::TC_INGRESS)?;
+        self.loaded_program::<SchedClassifier>(programs::TC_EGRESS)?;
+        Ok(())
+    }
+
     /// Attaches the right ingress program to `iface`, and the egress program
     /// that finishes replies for frontends on the node's own addresses, and
     /// pins the links. Links an earlier agent pinned there get the new
     /// programs atomically, so no packet goes unprocessed.
-    pub fn attach(&mut self, iface: &IfaceSpec) -> anyhow::Result<Hook> {
-        let hook = iface.resolve()?;
-        let ingress = match hook {
-            Hook::Xdp => Attachment::Xdp,
-            Hook::Tc => Attachment::TcIngress,
-        };
-        self.attach_one(ingress, &iface.name)?;
-        self.attach_one(Attachment::TcEgress, &iface.name)?;
-        Ok(hook)
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
+        self.attach_one(Attachment::ingress(hook), iface)?;
+        self.attach_one(Attachment::TcEgress, iface)
+    }
+
+    /// Unpins the links of `iface` for `hook`; the kernel detaches their
+    /// programs (at once, or already did when the interface went).
+    pub fn detach(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for what in [Attachment::ingress(hook), Attachment::TcEgress] {
+            let path = self.link_pin(what, iface);
+            self.links.retain(|p| *p != path);
+            if path.exists()
+                && let Err(e) = unpin_link(&path)
+            {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+
+    /// Moves the pins of an interface renamed from `from` to `to`: its links
+    /// stay attached, under the name it has now.
+    pub fn rename(&mut self, from: &str, to: &str, hook: Hook) -> anyhow::Result<()> {
+        for what in [Attachment::ingress(hook), Attachment::TcEgress] {
+            let (old, new) = (self.link_pin(what, from), self.link_pin(what, to));
+            fs::rename(&old, &new).with_context(|| {
+                format!("moving the pin {} to {}", old.display(), new.display())
+            })?;
+            self.links.retain(|p| *p != old);
+            self.links.push(new);
+        }
+        Ok(())
+    }
+
+    fn link_pin(&self, what: Attachment, iface: &str) -> PathBuf {
+        self.pins.join(format!("link_{}_{iface}", what.tag()))
     }
 
     fn attach_one(&mut self, what: Attachment, iface: &str) -> anyhow::Result<()> {
         let tag = what.tag();
-        let path = self.pins.join(format!("link_{tag}_{iface}"));
-        self.links.push(path.clone());
+        let path = self.link_pin(what, iface);
+        // Kept from retirement even if attaching fails: an earlier agent's
+        // link there still serves the interface.
+        if !self.links.contains(&path) {
+            self.links.push(path.clone());
+        }
         if path.exists() {
             match self.replace_program(what, &path) {
                 Ok(()) => {
@@ -366,11 +427,19 @@ impl Loaded {
         Ok(())
     }
 
+    /// Marks a link pin as this agent's, so it is not retired.
+    pub(super) fn keep_link(&mut self, path: PathBuf) {
+        if !self.links.contains(&path) {
+            self.links.push(path);
+        }
+    }
+
     /// Detaches links pinned by an earlier agent for interfaces (or hooks)
-    /// this one was not asked to serve.
-    pub fn retire_other_links(&self) -> anyhow::Result<()> {
+    /// this one does not serve. A pin that cannot be removed is logged and
+    /// the rest are still retired.
+    pub fn retire_other_links(&self) {
         let Ok(entries) = fs::read_dir(&self.pins) else {
-            return Ok(());
+            return;
         };
         for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
             let is_link = path
@@ -378,10 +447,11 @@ impl Loaded {
                 .is_some_and(|n| n.as_bytes().starts_with(b"link_"));
             if is_link && !self.links.contains(&path) {
                 log::info!("detaching {}: not asked for any more", path.display());
-                unpin_link(&path)?;
+                if let Err(e) = unpin_link(&path) {
+                    log::error!("{e:#}");
+                }
             }
         }
-        Ok(())
     }
 
     fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<FdLink> {

@@ -1,10 +1,13 @@
 //! The kernel side as the agent sees it: the embedded object, its maps, and
 //! loading, pinning and attaching it.
 
+pub mod cgroup;
 pub mod iface;
 pub mod keys;
+pub mod links;
 pub mod loader;
 pub mod maps;
+pub mod sockets;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));

@@ -23,7 +23,7 @@ use std::{
 
 use proxy_common::{
     MemberKey, NodeConfig, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY,
-    SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service, SlotKey,
+    SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::cidr::Cidr;
@@ -717,6 +717,9 @@ fn service(id: u32, count: u32, state: &FrontendState) -> Service {
     }
     if state.snat {
         flags |= SVC_SNAT_EXTERNAL;
+    }
+    if state.local_twin {
+        flags |= SVC_LOCAL_TWIN;
     }
     Service {
         id,

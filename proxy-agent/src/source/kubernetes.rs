@@ -52,21 +52,44 @@ impl Change {
 }
 
 /// A client from `--kubeconfig`, else KUBECONFIG, ~/.kube/config or the
-/// in-cluster service account, as kubectl finds them.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using {}", path.display()))?
-        }
-        None => Config::infer().await.context(
-            "no kubeconfig: give --kubeconfig or --manifests, set KUBECONFIG, or run in a pod",
-        )?,
+/// in-cluster service account, as kubectl finds them; `apiserver`
+/// (`--kube-apiserver`) replaces the server they name, and alone (no
+/// credentials anywhere) makes an anonymous client of it.
+pub async fn client(kubeconfig: Option<&Path>, apiserver: Option<&str>) -> anyhow::Result<Client> {
+    let found = match kubeconfig {
+        Some(path) => Some(from_file(path).await?),
+        None => Config::infer().await.ok(),
     };
+    let config = match (found, apiserver) {
+        (Some(mut config), Some(url)) => {
+            config.cluster_url = server(url)?;
+            config
+        }
+        (Some(config), None) => config,
+        (None, Some(url)) => Config::new(server(url)?),
+        (None, None) => anyhow::bail!(
+            "no kubeconfig: give --kubeconfig, --kube-apiserver or --manifests, set \
+             KUBECONFIG, or run in a pod"
+        ),
+    };
+    log::info!("API server: {}", config.cluster_url);
     Client::try_from(config).context("building the Kubernetes client")
+}
+
+fn server<U: std::str::FromStr>(url: &str) -> anyhow::Result<U>
+where
+    U::Err: std::error::Error + Send + Sync + 'static,
+{
+    url.parse()
+        .with_context(|| format!("--kube-apiserver {url:?} is not a URL"))
+}
+
+async fn from_file(path: &Path) -> anyhow::Result<Config> {
+    let file =
+        Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("using {}", path.display()))
 }
 
 /// What the watches need from RBAC: (API group, resource) with the verbs

@@ -1,0 +1,452 @@
+//! The container image, built and run: `cargo xtask image` builds it, the
+//! test mounts it (`podman image mount`) and runs the agent from the image's
+//! own root filesystem in a chroot, the way a container runtime would (a
+//! private mount namespace with the host's /proc and /sys, a bpffs at
+//! /sys/fs/bpf, the node's network namespace), against the test API server,
+//! with real TCP and UDP traffic through a ClusterIP. Then `proxy-agent
+//! cleanup` from the image removes the datapath.
+//!
+//! Why not `podman run`: these machines mount cgroups in the hybrid layout,
+//! which podman's runtime (crun) refuses.
+
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, SocketAddrV4, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use proxy_tests::{
+    apiserver::ApiServer,
+    clients::{new_connections, new_udp_flows},
+    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
+    netns::unique_prefix,
+    servers::Servers,
+    topology::{Topology, backend_iface, client_iface},
+};
+use serde_json::Value;
+
+const BACKENDS: usize = 2;
+const NODE: &str = "node-1";
+const FLOWS: usize = 40;
+/// Generous: SYN retransmits come at 1 s and 3 s, and the suite runs many
+/// namespaces in parallel on few cores.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// Where the image's filesystem is mounted by the runtime (empty in the
+/// image); anything else in it must be a file the agent loads.
+const MOUNT_POINTS: [&str; 5] = ["proc", "sys/fs/bpf", "run", "tmp", "etc"];
+const BINARY: &str = "usr/bin/proxy-agent";
+
+/// Mounts the host's /proc and /sys, the test's bpffs and its config
+/// directory at the image's mount points in a private mount namespace (made
+/// by `unshare`, so nothing reaches the host's), then runs the image's agent
+/// chrooted there, in the node's network namespace.
+/// Arguments: root, bpffs, config dir, network namespace file, agent args.
+const CHROOT_SCRIPT: &str = r#"set -e
+root=$1 bpffs=$2 config=$3 netns=$4
+shift 4
+mount --bind /proc "$root/proc"
+mount --bind /sys "$root/sys"
+mount --bind "$bpffs" "$root/sys/fs/bpf"
+mount --bind "$config" "$root/tmp"
+exec nsenter --net="$netns" -- chroot "$root" /usr/bin/proxy-agent "$@"
+"#;
+
+/// Root, and podman to build and mount the image. Under CI=true a missing
+/// one is a failure; elsewhere the test says loudly that it did not run.
+fn ready(test: &str) -> bool {
+    if !proxy_tests::privilege::require_root(test) {
+        return false;
+    }
+    if Command::new("podman").arg("--version").output().is_ok() {
+        return true;
+    }
+    let why = "needs podman (apt-get install podman buildah) to build and mount the image";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} {why}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("NOT RUN: {test} {why}");
+    false
+}
+
+struct Image {
+    tag: String,
+    id: String,
+}
+
+/// Runs `cargo xtask image` (the release build is reused when it is up to
+/// date) and reads the image it reports.
+fn build_image() -> anyhow::Result<Image> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace)
+        .args(["xtask", "image"])
+        .output()
+        .context("starting `cargo xtask image`")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "`cargo xtask image` failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "xtask: image localhost/xdproxy:0.1.0 id 3f2a... size 123 bytes (...)"
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("xtask: image "))
+        .with_context(|| format!("no image line in `cargo xtask image` output:\n{stdout}"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        [tag, "id", id, ..] => Ok(Image {
+            tag: tag.to_string(),
+            id: id.to_string(),
+        }),
+        _ => bail!("unexpected image line {line:?}"),
+    }
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The image's filesystem, mounted by podman (read-only) until dropped.
+struct Mounted {
+    id: String,
+    root: PathBuf,
+}
+
+impl Mounted {
+    fn new(id: &str) -> anyhow::Result<Mounted> {
+        let root = output(Command::new("podman").args(["image", "mount", id]))?;
+        Ok(Mounted {
+            id: id.to_string(),
+            root: PathBuf::from(root.trim()),
+        })
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = output(Command::new("podman").args(["image", "unmount", &self.id])) {
+            eprintln!("unmounting image {}: {e:#}", self.id);
+        }
+    }
+}
+
+/// Every path under `root`, relative to it: (files, directories).
+fn tree(root: &Path) -> anyhow::Result<(BTreeSet<PathBuf>, BTreeSet<PathBuf>)> {
+    let (mut files, mut dirs) = (BTreeSet::new(), BTreeSet::new());
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("listing {}", dir.display()))?
+                .path();
+            let relative = path.strip_prefix(root)?.to_path_buf();
+            if path.is_dir() && !path.is_symlink() {
+                dirs.insert(relative);
+                todo.push(path);
+            } else {
+                files.insert(relative);
+            }
+        }
+    }
+    Ok((files, dirs))
+}
+
+/// The image holds the agent, the files the loader maps for it, and the
+/// mount points: nothing else.
+fn check_contents(root: &Path) -> anyhow::Result<()> {
+    let binary = root.join(BINARY);
+    let ldd = output(Command::new("ldd").arg(&binary))?;
+    let mut needed: BTreeSet<PathBuf> = ldd
+        .lines()
+        .filter_map(|l| match l.split_once("=>") {
+            Some((_, found)) => found.split_whitespace().next(),
+            None => l.split_whitespace().next(),
+        })
+        .filter_map(|p| p.strip_prefix('/'))
+        .map(PathBuf::from)
+        .collect();
+    needed.insert(PathBuf::from(BINARY));
+    let (files, dirs) = tree(root)?;
+    assert_eq!(files, needed, "the image's files vs what the agent loads");
+    let mut allowed: BTreeSet<PathBuf> = BTreeSet::new();
+    for path in needed.iter().chain(MOUNT_POINTS.map(PathBuf::from).iter()) {
+        allowed.extend(path.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    allowed.extend(MOUNT_POINTS.map(PathBuf::from));
+    allowed.remove(Path::new(""));
+    assert_eq!(dirs, allowed, "the image's directories");
+    for dir in MOUNT_POINTS {
+        let entries = std::fs::read_dir(root.join(dir))
+            .with_context(|| format!("listing /{dir} of the image"))?
+            .count();
+        assert_eq!(entries, 0, "mount point /{dir} is not empty");
+    }
+    eprintln!("image files: {files:?}");
+    Ok(())
+}
+
+/// The image's tags: its own version, never `latest`.
+fn check_tags(image: &Image, root: &Path) -> anyhow::Result<()> {
+    let version = output(
+        Command::new("chroot")
+            .arg(root)
+            .args(["/usr/bin/proxy-agent", "--version"]),
+    )?;
+    let version = version
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("proxy-agent --version said {version:?}"))?;
+    assert_eq!(
+        image.tag.rsplit_once(':').map(|(_, tag)| tag),
+        Some(version),
+        "{}",
+        image.tag
+    );
+    let tags = output(Command::new("podman").args([
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoTags}}",
+        &image.id,
+    ]))?;
+    let tags: Vec<String> = serde_json::from_str(tags.trim()).context("RepoTags")?;
+    assert!(tags.contains(&image.tag), "{tags:?}");
+    assert!(!tags.iter().any(|t| t.ends_with(":latest")), "{tags:?}");
+    Ok(())
+}
+
+fn json(yaml: &str) -> Value {
+    serde_yaml::from_str(yaml).expect("test object")
+}
+
+/// Namespaces with backends, an API server in the node namespace, and a
+/// scratch directory: `config/` (the chroot's /tmp, with the kubeconfig),
+/// `bpffs/` (a bpffs of this test's own, the chroot's /sys/fs/bpf) and the
+/// agent's log.
+struct Lab {
+    topology: Topology,
+    _servers: Vec<Servers>,
+    api: ApiServer,
+    scratch: PathBuf,
+}
+
+impl Lab {
+    fn start() -> anyhow::Result<Lab> {
+        let topology = Topology::build(&unique_prefix("img"), BACKENDS)?;
+        topology.finish_checksums_on_node_egress()?;
+        let servers = (0..BACKENDS)
+            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let listener = topology.node.run(|| TcpListener::bind("127.0.0.1:0"))??;
+        let api = ApiServer::start_on(listener)?;
+        api.apply(json(&manifests::service()))?;
+        api.apply(json(&manifests::slice(&[0, 1])))?;
+        api.apply(json(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"
+        )))?;
+        let scratch = std::env::temp_dir().join(format!("xdproxy-image-{}", topology.prefix()));
+        let lab = Lab {
+            topology,
+            _servers: servers,
+            api,
+            scratch,
+        };
+        std::fs::create_dir_all(lab.config()).context("scratch config dir")?;
+        std::fs::create_dir_all(lab.bpffs()).context("scratch bpffs dir")?;
+        output(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(lab.bpffs()),
+        )?;
+        lab.api.write_kubeconfig(&lab.config().join("kubeconfig"))?;
+        Ok(lab)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.scratch.join("config")
+    }
+
+    fn bpffs(&self) -> PathBuf {
+        self.scratch.join("bpffs")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.scratch.join("agent.log")).unwrap_or_default()
+    }
+
+    /// `proxy-agent ARGS` from the image, chrooted, in the node namespace.
+    fn in_image(&self, root: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--"])
+            .args(["sh", "-c", CHROOT_SCRIPT, "sh"])
+            .arg(root)
+            .arg(self.bpffs())
+            .arg(self.config())
+            .arg(self.topology.node.path())
+            .args(args);
+        cmd
+    }
+
+    /// Starts `proxy-agent run` from the image and waits for its first sync.
+    fn run_agent(&self, root: &Path) -> anyhow::Result<Running> {
+        let mut args = vec![
+            "run",
+            "--kubeconfig",
+            "/tmp/kubeconfig",
+            "--node-name",
+            NODE,
+        ];
+        let ifaces: Vec<String> = std::iter::once(client_iface().to_string())
+            .chain((0..BACKENDS).map(backend_iface))
+            .collect();
+        for iface in &ifaces {
+            args.extend(["--iface", iface]);
+        }
+        let log = std::fs::File::create(self.scratch.join("agent.log")).context("agent log")?;
+        let child = self
+            .in_image(root, &args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the agent from the image")?;
+        let mut running = Running { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains("synced:") {
+            if let Some(status) = running.exited()? {
+                bail!("the agent exited ({status}); log:\n{}", self.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the agent did not sync in 30 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(running)
+    }
+
+    /// `proxy-agent cleanup` from the image; the datapath's pins are gone after.
+    fn cleanup(&self, root: &Path) -> anyhow::Result<()> {
+        output(&mut self.in_image(root, &["cleanup"]))?;
+        let pins = self.bpffs().join("xdproxy");
+        ensure!(!pins.exists(), "{} is still there", pins.display());
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // The datapath's pins live in this bpffs: unmounting it (once the
+        // agent is gone) releases the programs even if cleanup never ran.
+        let _ = Command::new("umount")
+            .arg("--lazy")
+            .arg(self.bpffs())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// The agent process (unshare execs sh, sh execs nsenter, nsenter execs
+/// chroot, chroot execs the agent: one pid throughout). Killed if dropped
+/// while running.
+struct Running {
+    child: Option<Child>,
+}
+
+impl Running {
+    fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(child) => child.try_wait().context("agent status"),
+            None => bail!("the agent was already stopped"),
+        }
+    }
+
+    /// SIGTERM, as the kubelet stops a pod; returns the exit status.
+    fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("the agent was already stopped")?;
+        let pid = i32::try_from(child.id()).context("agent pid")?;
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().context("agent status")? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the agent ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// TCP connections and UDP flows through the ClusterIP reach every backend.
+fn check_traffic(lab: &Lab) -> anyhow::Result<()> {
+    let all: BTreeSet<String> = (0..BACKENDS).map(|i| format!("backend{i}")).collect();
+    let tcp = SocketAddr::V4(SocketAddrV4::new(VIP, HTTP_PORT));
+    let seen = new_connections(&lab.topology.client, tcp, FLOWS, TIMEOUT)
+        .with_context(|| format!("TCP through {tcp}; agent log:\n{}", lab.log()))?;
+    assert_eq!(
+        seen.keys().cloned().collect::<BTreeSet<_>>(),
+        all,
+        "TCP {seen:?}"
+    );
+    let udp = SocketAddr::V4(SocketAddrV4::new(VIP, UDP_PORT));
+    let seen = new_udp_flows(&lab.topology.client, udp, FLOWS, TIMEOUT)
+        .with_context(|| format!("UDP through {udp}; agent log:\n{}", lab.log()))?;
+    assert_eq!(
+        seen.keys().cloned().collect::<BTreeSet<_>>(),
+        all,
+        "UDP {seen:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_image_runs_the_agent_and_holds_nothing_else() -> anyhow::Result<()> {
+    if !ready("the_image_runs_the_agent_and_holds_nothing_else") {
+        return Ok(());
+    }
+    let image = build_image()?;
+    // Dropped in reverse: the agent first, then the lab (namespaces,
+    // bpffs, scratch), then the image mount.
+    let mounted = Mounted::new(&image.id)?;
+    check_contents(&mounted.root)?;
+    check_tags(&image, &mounted.root)?;
+    let lab = Lab::start()?;
+    let mut agent = lab.run_agent(&mounted.root)?;
+    check_traffic(&lab)?;
+    let status = agent.stop()?;
+    assert!(status.success(), "agent exit {status}; log:\n{}", lab.log());
+    lab.cleanup(&mounted.root)?;
+    Ok(())
+}
