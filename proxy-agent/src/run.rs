@@ -19,7 +19,7 @@ use tokio::{
 use crate::{
     cidr::Cidr,
     conntrack,
-    datapath::{self, cgroup, iface::IfaceSpec, links, loader, maps::MapSet},
+    datapath::{self, cgroup, iface::IfaceSpec, links, loader, maps::MapSet, stale},
     healthcheck::{HealthChecks, ServiceHealth},
     http::{self, Endpoints},
     metrics::{Shared, Status},
@@ -101,6 +101,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     spawn_http(config.metrics_addr, Endpoints::Metrics, &status);
     let health_checks = health_checks(config.health_addr.ip(), &status, timeout);
     let mut programmer = Programmer::adopt(maps, status, health_checks)?;
+    programmer.sweeper = config
+        .socket_lb
+        .as_ref()
+        .map(|_| Arc::new(stale::Sweeper::new(&config.bpffs)));
     let mut signals = Signals::new()?;
     match &config.source {
         Source::Manifests(path) => {
@@ -328,6 +332,9 @@ struct Programmer {
     health_checks: HealthChecks,
     /// Each Service's health check node port and local endpoint count.
     health_wanted: BTreeMap<ObjectKey, (u16, usize)>,
+    /// With socket-level load balancing: destroys the sockets the hooks
+    /// connected to backends that left.
+    sweeper: Option<Arc<stale::Sweeper>>,
 }
 
 impl Programmer {
@@ -352,6 +359,7 @@ impl Programmer {
             failed: false,
             health_checks,
             health_wanted: BTreeMap::new(),
+            sweeper: None,
         })
     }
 
@@ -412,6 +420,7 @@ impl Programmer {
             log::warn!("{warning}");
         }
         let report = self.reconciler.apply(&desired, &mut self.maps);
+        self.sweep_stale_sockets();
         self.sync_health_checks(objects, &SliceIndex::new(objects), None);
         self.record(objects, &report, started, changes, "all services");
     }
@@ -427,6 +436,7 @@ impl Programmer {
         let started = Instant::now();
         let wanted = model::changes(objects, index, services);
         let report = self.reconciler.apply_changes(&wanted, &mut self.maps);
+        self.sweep_stale_sockets();
         self.sync_health_checks(objects, index, Some(services));
         self.record(
             objects,
@@ -435,6 +445,31 @@ impl Programmer {
             changes,
             &format!("{} changed services", services.len()),
         );
+    }
+
+    /// Sockets connected to backends this pass removed go, in the
+    /// background: the maps already send new connections elsewhere.
+    fn sweep_stale_sockets(&mut self) {
+        let left = self.maps.take_left();
+        let Some(sweeper) = self.sweeper.clone().filter(|_| !left.is_empty()) else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || match sweeper.sweep(&left) {
+            Ok(done) => {
+                if done.sockets > 0 {
+                    log::info!(
+                        "destroyed {} sockets connected to {} backends that left (in {} network namespaces)",
+                        done.sockets,
+                        left.len(),
+                        done.namespaces
+                    );
+                }
+                for error in done.errors {
+                    log::debug!("stale sockets: {error}");
+                }
+            }
+            Err(e) => log::error!("stale sockets: {e:#}"),
+        });
     }
 
     fn record(

@@ -26,11 +26,12 @@ use serde_json::Value;
 
 const ECONNREFUSED: i64 = 111;
 
+/// Fields drop in order: the agent is cleaned up while its node exists.
 struct Lab {
-    topology: Topology,
+    agent: Agent,
     servers: Vec<Servers>,
     manifest: PathBuf,
-    agent: Agent,
+    topology: Topology,
 }
 
 impl Lab {
@@ -271,13 +272,14 @@ fn socket_lb_off_attaches_no_socket_hooks_and_retires_old_ones() -> anyhow::Resu
     }
     let mut lab = Lab::start("skf", 1, &manifests::web(&[0]))?;
     let hooks = |agent: &Agent| -> Vec<String> {
-        agent
-            .link_pins()
-            .into_iter()
+        let names = std::fs::read_dir(agent.pins()).into_iter().flatten();
+        names
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with("link_sock_"))
             .collect()
     };
-    ensure!(hooks(&lab.agent).len() == 8, "{:?}", lab.agent.link_pins());
+    ensure!(hooks(&lab.agent).len() == 8, "{:?}", hooks(&lab.agent));
     lab.agent.stop()?;
     let restarted = Agent::start_flags(
         &lab.topology.node,
@@ -285,12 +287,158 @@ fn socket_lb_off_attaches_no_socket_hooks_and_retires_old_ones() -> anyhow::Resu
         &[],
         &["--socket-lb=false"],
     )?;
-    ensure!(hooks(&restarted).is_empty(), "{:?}", restarted.link_pins());
+    ensure!(hooks(&restarted).is_empty(), "{:?}", hooks(&restarted));
     let target = format!("{VIP}:{HTTP_PORT}");
     let out = restarted
         .cgroup()
         .probe(&lab.topology.node, &["tcp", &target, "1"])?;
     ensure!(out.len() == 1 && out[0]["ok"] == false, "{out:?}");
     drop(restarted);
+    Ok(())
+}
+
+const ECONNABORTED: i64 = 103;
+const ECONNRESET: i64 = 104;
+/// How long the stale-socket probes run.
+const RUN_MS: u64 = 4000;
+
+/// A probe process started at `started`.
+struct Running {
+    child: std::process::Child,
+    started: Instant,
+}
+
+impl Running {
+    /// Its lines, and the removal's time on its clock.
+    fn finish(self, removed_at: Instant) -> anyhow::Result<(Vec<Value>, u64)> {
+        let at = removed_at.duration_since(self.started).as_millis() as u64;
+        let output = self.child.wait_with_output().context("probe output")?;
+        Ok((lines(&output)?, at))
+    }
+}
+
+/// The backend each probe talked to before `at` (None: it was not yet
+/// answering), checking it never changed before then.
+fn backend_before(lines: &[Value], at: u64) -> anyhow::Result<Option<String>> {
+    let before: BTreeSet<&str> = lines
+        .iter()
+        .filter(|l| l["t_ms"].as_u64().is_some_and(|t| t < at) && l["ok"] == true)
+        .filter_map(|l| l["backend"].as_str())
+        .collect();
+    ensure!(before.len() <= 1, "moved before the removal: {before:?}");
+    Ok(before.into_iter().next().map(str::to_string))
+}
+
+#[test]
+fn a_backend_that_leaves_takes_its_sockets_with_it() -> anyhow::Result<()> {
+    if !require_root("socket_lb::a_backend_that_leaves_takes_its_sockets_with_it") {
+        return Ok(());
+    }
+    let lab = Lab::start("sks", 3, &manifests::web(&[0, 1, 2]))?;
+    let spawn = |mode: &str, target: String| -> anyhow::Result<Running> {
+        let ms = RUN_MS.to_string();
+        let child = lab
+            .agent
+            .cgroup()
+            .spawn_probe(&lab.topology.client, &[mode, &target, &ms])?;
+        Ok(Running {
+            child,
+            started: Instant::now(),
+        })
+    };
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        streams.push(spawn("udp-stream", format!("{VIP}:{UDP_PORT}"))?);
+    }
+    let mut holds = Vec::new();
+    for _ in 0..12 {
+        holds.push(spawn("tcp-hold", format!("{VIP}:{HTTP_PORT}"))?);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let datagrams: Vec<usize> = lab.servers.iter().map(Servers::datagrams).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A backend that has both a UDP stream and a TCP connection now.
+    let victim = (0..3)
+        .find(|i| lab.servers[*i].datagrams() > datagrams[*i] && lab.servers[*i].connections() > 0)
+        .context("no backend has both a stream and a connection")?;
+    let others: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    manifests::write(&lab.manifest, &manifests::web(&others))?;
+    let removed_at = Instant::now();
+    let victim_name = format!("backend{victim}");
+
+    let (mut moved, mut reset) = (0, 0);
+    for stream in streams {
+        let (out, at) = stream.finish(removed_at)?;
+        let before = backend_before(&out, at)?;
+        let after: Vec<&Value> = out
+            .iter()
+            .filter(|l| l["t_ms"].as_u64().is_some_and(|t| t >= at))
+            .collect();
+        let last = after
+            .last()
+            .with_context(|| format!("stream ended early: {out:?}"))?;
+        ensure!(
+            last["ok"] == true && last["backend"] != victim_name.as_str(),
+            "a stream ended on {last}"
+        );
+        if before.as_deref() != Some(victim_name.as_str()) {
+            ensure!(
+                after
+                    .iter()
+                    .all(|l| l["ok"] == true && l["backend"] == before.as_deref().unwrap_or("")),
+                "a stream on a staying backend was disturbed: {after:?}"
+            );
+            continue;
+        }
+        // Within 1 s of the manifest change the stream answers from a live
+        // backend, after its socket was destroyed and it reconnected.
+        let first_live = after
+            .iter()
+            .find(|l| l["ok"] == true && l["backend"] != victim_name.as_str())
+            .and_then(|l| l["t_ms"].as_u64())
+            .context("never moved")?;
+        ensure!(
+            first_live - at < 1000,
+            "the stream moved {} ms after the removal: {after:?}",
+            first_live - at
+        );
+        // A destroyed UDP socket is disconnected: its next send fails
+        // (EDESTADDRREQ, or ECONNABORTED on a receive).
+        ensure!(
+            after.iter().any(|l| l["ok"] == false),
+            "the old socket was not destroyed: {after:?}"
+        );
+        moved += 1;
+    }
+    for hold in holds {
+        let (out, at) = hold.finish(removed_at)?;
+        let before = backend_before(&out, at)?;
+        let last = out.last().context("no output")?;
+        if before.as_deref() != Some(victim_name.as_str()) {
+            ensure!(
+                last["ok"] == true,
+                "a connection to a staying backend ended: {last}"
+            );
+            continue;
+        }
+        let errno = last["errno"].as_i64();
+        ensure!(
+            errno == Some(ECONNABORTED) || errno == Some(ECONNRESET),
+            "a connection to the removed backend ended with {last}"
+        );
+        let when = last["t_ms"].as_u64().unwrap_or(u64::MAX);
+        ensure!(
+            when.saturating_sub(at) < 1000,
+            "reset {} ms after the removal",
+            when - at
+        );
+        reset += 1;
+    }
+    ensure!(moved > 0 && reset > 0, "moved {moved}, reset {reset}");
+    ensure!(
+        lab.agent.log().contains("destroyed "),
+        "{}",
+        lab.agent.log()
+    );
     Ok(())
 }

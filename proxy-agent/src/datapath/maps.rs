@@ -38,6 +38,9 @@ pub struct MapSet {
     pub stats: PerCpuArray<MapData, ServiceStats>,
     pub counters: PerCpuArray<MapData, u64>,
     cpus: usize,
+    /// Backends that stopped being a member of some service since the last
+    /// `take_left`: sockets connected to them may have to go.
+    left: Vec<BackendKey>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -72,7 +75,16 @@ impl MapSet {
             stats: take(ebpf, names::SERVICE_STATS)?,
             counters: take(ebpf, names::COUNTERS)?,
             cpus,
+            left: Vec::new(),
         })
+    }
+
+    /// The backends that left a service since the last call, once each.
+    pub fn take_left(&mut self) -> Vec<BackendKey> {
+        let mut left = std::mem::take(&mut self.left);
+        left.sort();
+        left.dedup();
+        left
     }
 
     /// Everything the service maps of both families hold, for a restarted
@@ -273,10 +285,12 @@ impl Maps for MapSet {
 
     fn remove_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()> {
         if backend.addr.is_ipv6() {
-            removed(self.v6.members.remove(&key), names::MEMBERS6)
+            removed(self.v6.members.remove(&key), names::MEMBERS6)?;
         } else {
-            removed(self.v4.members.remove(&key), names::MEMBERS)
+            removed(self.v4.members.remove(&key), names::MEMBERS)?;
         }
+        self.left.push(*backend);
+        Ok(())
     }
 
     fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ pub mod links;
 pub mod loader;
 pub mod maps;
 pub mod sockets;
+pub mod stale;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));

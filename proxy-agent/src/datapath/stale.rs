@@ -1,0 +1,135 @@
+//! Sockets the socket hooks connected to a backend that has since left its
+//! Service. Nothing in the datapath sees their packets (they go to the
+//! backend's own address), so nothing would tell the application: a
+//! connected UDP socket would send into a pod that is gone for as long as
+//! it lives. They are destroyed (sock_diag SOCK_DESTROY): TCP connections
+//! are reset, and the application's next call on a UDP socket fails, so it
+//! reconnects and the hooks give it a live backend.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use aya::maps::{HashMap, Map, MapData, MapError};
+use proxy_common::{
+    Backend4, Backend6, IPPROTO_TCP, IPPROTO_UDP, MemberKey, SOCK_REVERSE, SockNat4, SockNat4Key,
+    SockNat6, SockNat6Key, names,
+};
+
+use super::{
+    keys::{v4, v6},
+    loader,
+    sockets::{self, Destroyed, Peer},
+};
+use crate::reconcile::BackendKey;
+
+/// The pinned maps a sweep reads.
+struct Maps {
+    nat4: HashMap<MapData, SockNat4Key, SockNat4>,
+    nat6: HashMap<MapData, SockNat6Key, SockNat6>,
+    members4: HashMap<MapData, MemberKey, Backend4>,
+    members6: HashMap<MapData, MemberKey, Backend6>,
+}
+
+fn open<T: TryFrom<Map, Error = MapError>>(pins: &Path, name: &str) -> anyhow::Result<T> {
+    let path = pins.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("{}", path.display()))?;
+    T::try_from(map).with_context(|| format!("{} has an unexpected type", path.display()))
+}
+
+impl Maps {
+    fn open(pins: &Path) -> anyhow::Result<Maps> {
+        Ok(Maps {
+            nat4: open(pins, names::SOCK_NAT4)?,
+            nat6: open(pins, names::SOCK_NAT6)?,
+            members4: open(pins, names::MEMBERS)?,
+            members6: open(pins, names::MEMBERS6)?,
+        })
+    }
+
+    /// True if the hooks connected this socket to `peer` for a service that
+    /// no longer has `peer` as a member.
+    fn stale(&self, cookie: u64, peer: Peer) -> bool {
+        let port = peer.addr.port().to_be();
+        match peer.addr.ip() {
+            IpAddr::V4(a) => {
+                let key = SockNat4Key {
+                    cookie,
+                    addr: v4(&a),
+                    port,
+                    proto: peer.proto,
+                    direction: SOCK_REVERSE,
+                };
+                let Ok(entry) = self.nat4.get(&key, 0) else {
+                    return false;
+                };
+                let member = self
+                    .members4
+                    .get(&member_key(entry.service_id, entry.backend_id), 0);
+                !member.is_ok_and(|b| b.addr == key.addr && b.port == port)
+            }
+            IpAddr::V6(a) => {
+                let key = SockNat6Key {
+                    cookie,
+                    addr: v6(&a),
+                    port,
+                    proto: peer.proto,
+                    direction: SOCK_REVERSE,
+                    _pad: 0,
+                };
+                let Ok(entry) = self.nat6.get(&key, 0) else {
+                    return false;
+                };
+                let member = self
+                    .members6
+                    .get(&member_key(entry.service_id, entry.backend_id), 0);
+                !member.is_ok_and(|b| b.addr == key.addr && b.port == port)
+            }
+        }
+    }
+}
+
+fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
+    MemberKey {
+        service_id,
+        backend_id,
+    }
+}
+
+/// Finds and destroys stale sockets; the maps are under `<bpffs>/xdproxy`.
+pub struct Sweeper {
+    pins: PathBuf,
+}
+
+impl Sweeper {
+    pub fn new(bpffs: &Path) -> Sweeper {
+        Sweeper {
+            pins: loader::pin_dir(bpffs),
+        }
+    }
+
+    /// Destroys, in every network namespace, the sockets the hooks
+    /// connected to one of `left` for a service it no longer serves.
+    /// Blocking.
+    pub fn sweep(&self, left: &[BackendKey]) -> anyhow::Result<Destroyed> {
+        let peers: Vec<Peer> = left.iter().filter_map(peer).collect();
+        if peers.is_empty() {
+            return Ok(Destroyed::default());
+        }
+        let maps = Maps::open(&self.pins)?;
+        let select = |cookie: u64, _local: SocketAddr, peer: Peer| maps.stale(cookie, peer);
+        Ok(sockets::destroy(&peers, &select))
+    }
+}
+
+/// The sockets of a backend: TCP and UDP only (the hooks serve no other).
+fn peer(backend: &BackendKey) -> Option<Peer> {
+    let proto = backend.protocol.number();
+    (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(Peer {
+        addr: backend.addr,
+        proto,
+    })
+}
