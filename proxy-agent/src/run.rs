@@ -29,6 +29,7 @@ use crate::{
         cluster::{ClusterStore, Dirty},
         kubernetes::{self, Change, Resource},
         manifest::ManifestSource,
+        route::Route,
     },
 };
 
@@ -119,18 +120,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             kubeconfig,
             apiserver,
         } => {
-            let client = kubernetes::client(kubeconfig.as_deref(), apiserver.as_deref()).await?;
+            let bootstrap = kubernetes::config(kubeconfig.as_deref(), apiserver.as_deref()).await?;
+            let route = Route::new(bootstrap, apiserver.is_some());
             let store = ClusterStore::new(&config.node_name)
                 .nodeport_ranges(&config.nodeport_ranges)
                 .balancing(config.balancing);
             kube_loop(
-                client,
+                route,
                 &config.node_name,
                 store,
                 &mut programmer,
                 &mut signals,
             )
-            .await
+            .await?
         }
     }
     log::info!(
@@ -228,19 +230,20 @@ async fn manifest_loop(
 }
 
 async fn kube_loop(
-    client: kube::Client,
+    mut route: Route,
     node_name: &str,
     mut store: ClusterStore,
     programmer: &mut Programmer,
     signals: &mut Signals,
-) {
+) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    kubernetes::watch(client, node_name, tx);
+    // Kept alive by the binding: dropping the watches stops them.
+    let mut _watches = kubernetes::watch(route.bootstrap_client()?, node_name, tx.clone());
     let mut health = ApiHealth::default();
     let mut retry = tokio::time::interval(RETRY);
     loop {
         tokio::select! {
-            _ = signals.any() => return,
+            _ = signals.any() => return Ok(()),
             Some(change) = rx.recv() => {
                 health.note(&mut store, change);
                 // A burst arrives together: take what is queued, wait a
@@ -267,6 +270,14 @@ async fn kube_loop(
                     programmer.program_changes(store.objects(), store.index(), &services, &pending)
                 }
                 _ => programmer.program(store.objects(), &pending),
+            }
+        }
+        if store.synced() {
+            let failing = health.failing();
+            if let Some(client) = route.next(store.objects(), failing, node_name).await {
+                // Dropping the old watches stops them; the new ones list
+                // afresh, and a relist replaces objects only when complete.
+                _watches = kubernetes::watch(client, node_name, tx.clone());
             }
         }
     }
@@ -312,6 +323,10 @@ impl ApiHealth {
         if self.failing.remove(&resource).is_some() {
             log::info!("watching {resource:?} works again");
         }
+    }
+
+    fn failing(&self) -> bool {
+        !self.failing.is_empty()
     }
 
     fn not_ready(&self, store: &ClusterStore) -> Option<String> {

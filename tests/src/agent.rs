@@ -152,7 +152,10 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .context("agent log")?;
-        let mut cmd = self.in_node();
+        // The agent is a host-network process like any other: in the cgroup
+        // its hooks serve, so its own connect() to a Service (the API
+        // server's) is load balanced as it would be on a node.
+        let mut cmd = self.cgroup.command_at(&self.node, &self.binary);
         cmd.arg("run")
             .args(&self.source)
             .arg("--bpffs")

@@ -40,8 +40,13 @@ impl Cgroup {
 
     /// A command that runs `program` in this cgroup, in `ns`.
     pub fn command(&self, ns: &Netns, program: &Path) -> Command {
+        self.command_at(&ns.path(), program)
+    }
+
+    /// As `command`, with the namespace given by its file.
+    pub fn command_at(&self, netns: &Path, program: &Path) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", ns.path().display()))
+        cmd.arg(format!("--net={}", netns.display()))
             .arg("--")
             .arg(program);
         let procs = self.dir.join("cgroup.procs");

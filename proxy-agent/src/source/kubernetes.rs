@@ -51,11 +51,11 @@ impl Change {
     }
 }
 
-/// A client from `--kubeconfig`, else KUBECONFIG, ~/.kube/config or the
-/// in-cluster service account, as kubectl finds them; `apiserver`
-/// (`--kube-apiserver`) replaces the server they name, and alone (no
-/// credentials anywhere) makes an anonymous client of it.
-pub async fn client(kubeconfig: Option<&Path>, apiserver: Option<&str>) -> anyhow::Result<Client> {
+/// The client configuration from `--kubeconfig`, else KUBECONFIG,
+/// ~/.kube/config or the in-cluster service account, as kubectl finds
+/// them; `apiserver` (`--kube-apiserver`) replaces the server they name,
+/// and alone (no credentials anywhere) makes an anonymous configuration.
+pub async fn config(kubeconfig: Option<&Path>, apiserver: Option<&str>) -> anyhow::Result<Config> {
     let found = match kubeconfig {
         Some(path) => Some(from_file(path).await?),
         None => Config::infer().await.ok(),
@@ -72,8 +72,36 @@ pub async fn client(kubeconfig: Option<&Path>, apiserver: Option<&str>) -> anyho
              KUBECONFIG, or run in a pod"
         ),
     };
-    log::info!("API server: {}", config.cluster_url);
+    Ok(config)
+}
+
+/// A client of `config`.
+pub fn client(config: Config) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// `config` with its server moved to `addr`, same scheme and credentials.
+pub fn via(config: &Config, addr: std::net::SocketAddr) -> anyhow::Result<Config> {
+    let scheme = config.cluster_url.scheme_str().unwrap_or("https");
+    let mut moved = config.clone();
+    moved.cluster_url = server(&format!("{scheme}://{addr}"))?;
+    // The certificate still names the server the configuration named.
+    if moved.tls_server_name.is_none() {
+        moved.tls_server_name = config.cluster_url.host().map(str::to_string);
+    }
+    Ok(moved)
+}
+
+/// True if the API server answers `client` within `timeout`.
+pub async fn answers(client: &Client, node_name: &str, timeout: std::time::Duration) -> bool {
+    let nodes = Api::<Node>::all(client.clone());
+    let params = kube::api::ListParams::default()
+        .fields(&format!("metadata.name={node_name}"))
+        .limit(1);
+    matches!(
+        tokio::time::timeout(timeout, nodes.list(&params)).await,
+        Ok(Ok(_))
+    )
 }
 
 fn server<U: std::str::FromStr>(url: &str) -> anyhow::Result<U>
@@ -105,39 +133,56 @@ pub fn watched() -> [(&'static str, &'static str); 3] {
 /// A watcher lists, then watches.
 pub const VERBS: [&str; 2] = ["list", "watch"];
 
+/// The running watches; dropping them stops them.
+pub struct Watches(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Starts the three watches; their events arrive on `changes`.
-pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) {
+pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) -> Watches {
     let all = watcher::Config::default();
     let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-    spawn(
-        Api::<Service>::all(client.clone()),
-        all.clone(),
-        changes.clone(),
-        |event| Change::Service(Box::new(event)),
-        Resource::Services,
-    );
-    spawn(
-        Api::<EndpointSlice>::all(client.clone()),
-        all,
-        changes.clone(),
-        |event| Change::Slice(Box::new(event)),
-        Resource::EndpointSlices,
-    );
-    probe(client.clone(), node_name.to_string(), changes.clone());
-    spawn(
-        Api::<Node>::all(client),
-        node,
-        changes,
-        |event| Change::Node(Box::new(event)),
-        Resource::Node,
-    );
+    Watches(vec![
+        spawn(
+            Api::<Service>::all(client.clone()),
+            all.clone(),
+            changes.clone(),
+            |event| Change::Service(Box::new(event)),
+            Resource::Services,
+        ),
+        spawn(
+            Api::<EndpointSlice>::all(client.clone()),
+            all,
+            changes.clone(),
+            |event| Change::Slice(Box::new(event)),
+            Resource::EndpointSlices,
+        ),
+        probe(client.clone(), node_name.to_string(), changes.clone()),
+        spawn(
+            Api::<Node>::all(client),
+            node,
+            changes,
+            |event| Change::Node(Box::new(event)),
+            Resource::Node,
+        ),
+    ])
 }
 
 /// How often the API server is probed while the agent runs.
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Lists this node (one small object) every `PROBE_EVERY`.
-fn probe(client: Client, node_name: String, changes: UnboundedSender<Change>) {
+fn probe(
+    client: Client,
+    node_name: String,
+    changes: UnboundedSender<Change>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let nodes = Api::<Node>::all(client);
         let params = kube::api::ListParams::default()
@@ -155,7 +200,7 @@ fn probe(client: Client, node_name: String, changes: UnboundedSender<Change>) {
             }
             tokio::time::sleep(PROBE_EVERY).await;
         }
-    });
+    })
 }
 
 fn spawn<K>(
@@ -164,7 +209,8 @@ fn spawn<K>(
     changes: UnboundedSender<Change>,
     wrap: fn(watcher::Event<K>) -> Change,
     resource: Resource,
-) where
+) -> tokio::task::JoinHandle<()>
+where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     tokio::spawn(async move {
@@ -178,5 +224,5 @@ fn spawn<K>(
                 return;
             }
         }
-    });
+    })
 }

@@ -3,3 +3,4 @@
 pub mod cluster;
 pub mod kubernetes;
 pub mod manifest;
+pub mod route;
