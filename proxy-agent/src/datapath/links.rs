@@ -300,10 +300,13 @@ impl View {
 
     /// Reads one datagram and applies it; returns the links it named.
     fn step(&mut self, buf: &mut [u8]) -> anyhow::Result<BTreeSet<u32>> {
-        let len = self.socket.recv(buf).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOBUFS) => anyhow::Error::new(Overrun),
-            _ => anyhow::Error::new(e).context("reading rtnetlink"),
-        })?;
+        let len = match self.socket.recv(buf) {
+            Ok(len) => len,
+            // A signal, not a failure: nothing was read.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(BTreeSet::new()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(Overrun.into()),
+            Err(e) => return Err(anyhow::Error::new(e).context("reading rtnetlink")),
+        };
         let mut touched = BTreeSet::new();
         for msg in netlink::parse(&buf[..len]) {
             self.message(msg, &mut touched)?;
@@ -316,10 +319,11 @@ impl View {
 
     fn message(&mut self, msg: Message, touched: &mut BTreeSet<u32>) -> anyhow::Result<()> {
         let ours = self.ours(&msg);
-        if ours && msg.interrupted {
-            if let Phase::Dumping { interrupted, .. } = &mut self.phase {
-                *interrupted = true;
-            }
+        if ours
+            && msg.interrupted
+            && let Phase::Dumping { interrupted, .. } = &mut self.phase
+        {
+            *interrupted = true;
         }
         match msg.body {
             Body::Link(link) => {
