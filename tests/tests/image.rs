@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use proxy_tests::{
     apiserver::ApiServer,
+    cgroup::Cgroup,
     clients::{new_connections, new_udp_flows},
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
@@ -36,21 +37,29 @@ const FLOWS: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the image's filesystem is mounted by the runtime (empty in the
 /// image); anything else in it must be a file the agent loads.
-const MOUNT_POINTS: [&str; 5] = ["proc", "sys/fs/bpf", "run", "tmp", "etc"];
+const MOUNT_POINTS: [&str; 4] = ["proc", "sys/fs/bpf", "run", "tmp"];
+/// The kube client refuses to start without system root certificates.
+const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 const BINARY: &str = "usr/bin/proxy-agent";
 
 /// Mounts the host's /proc and /sys, the test's bpffs and its config
 /// directory at the image's mount points in a private mount namespace (made
-/// by `unshare`, so nothing reaches the host's), then runs the image's agent
-/// chrooted there, in the node's network namespace.
-/// Arguments: root, bpffs, config dir, network namespace file, agent args.
+/// by `unshare`, so nothing reaches the host's), and the agent's cgroup at
+/// /run/xdproxy/cgroupv2 as the DaemonSet mounts the host's cgroup v2 root
+/// (on a tmpfs, as a runtime creates mount points in a writable layer), then
+/// runs the image's agent chrooted there, in the node's network namespace.
+/// Arguments: root, bpffs, config dir, cgroup, network namespace file,
+/// agent args.
 const CHROOT_SCRIPT: &str = r#"set -e
-root=$1 bpffs=$2 config=$3 netns=$4
-shift 4
+root=$1 bpffs=$2 config=$3 cgroup=$4 netns=$5
+shift 5
 mount --bind /proc "$root/proc"
 mount --bind /sys "$root/sys"
 mount --bind "$bpffs" "$root/sys/fs/bpf"
 mount --bind "$config" "$root/tmp"
+mount -t tmpfs tmpfs "$root/run"
+mkdir -p "$root/run/xdproxy/cgroupv2"
+mount --bind "$cgroup" "$root/run/xdproxy/cgroupv2"
 exec nsenter --net="$netns" -- chroot "$root" /usr/bin/proxy-agent "$@"
 "#;
 
@@ -168,8 +177,8 @@ fn tree(root: &Path) -> anyhow::Result<(BTreeSet<PathBuf>, BTreeSet<PathBuf>)> {
     Ok((files, dirs))
 }
 
-/// The image holds the agent, the files the loader maps for it, and the
-/// mount points: nothing else.
+/// The image holds the agent, the files the loader maps for it, the CA
+/// bundle and the mount points: nothing else.
 fn check_contents(root: &Path) -> anyhow::Result<()> {
     let binary = root.join(BINARY);
     let ldd = output(Command::new("ldd").arg(&binary))?;
@@ -182,7 +191,7 @@ fn check_contents(root: &Path) -> anyhow::Result<()> {
         .filter_map(|p| p.strip_prefix('/'))
         .map(PathBuf::from)
         .collect();
-    needed.insert(PathBuf::from(BINARY));
+    needed.extend([BINARY, CA_BUNDLE].map(PathBuf::from));
     let (files, dirs) = tree(root)?;
     assert_eq!(files, needed, "the image's files vs what the agent loads");
     let mut allowed: BTreeSet<PathBuf> = BTreeSet::new();
@@ -236,14 +245,16 @@ fn json(yaml: &str) -> Value {
     serde_yaml::from_str(yaml).expect("test object")
 }
 
-/// Namespaces with backends, an API server in the node namespace, and a
-/// scratch directory: `config/` (the chroot's /tmp, with the kubeconfig),
+/// Namespaces with backends, an API server in the node namespace, a cgroup
+/// for the agent's socket hooks (so they serve no other test's sockets), and
+/// a scratch directory: `config/` (the chroot's /tmp, with the kubeconfig),
 /// `bpffs/` (a bpffs of this test's own, the chroot's /sys/fs/bpf) and the
 /// agent's log.
 struct Lab {
     topology: Topology,
     _servers: Vec<Servers>,
     api: ApiServer,
+    cgroup: Cgroup,
     scratch: PathBuf,
 }
 
@@ -263,6 +274,7 @@ impl Lab {
         )))?;
         let scratch = std::env::temp_dir().join(format!("xdproxy-image-{}", topology.prefix()));
         let lab = Lab {
+            cgroup: Cgroup::create(topology.node.name())?,
             topology,
             _servers: servers,
             api,
@@ -299,6 +311,7 @@ impl Lab {
             .arg(root)
             .arg(self.bpffs())
             .arg(self.config())
+            .arg(self.cgroup.path())
             .arg(self.topology.node.path())
             .args(args);
         cmd
@@ -312,6 +325,8 @@ impl Lab {
             "/tmp/kubeconfig",
             "--node-name",
             NODE,
+            // As the DaemonSet's; the script mounts the test's cgroup there.
+            "--cgroup-root=/run/xdproxy/cgroupv2",
         ];
         let ifaces: Vec<String> = std::iter::once(client_iface().to_string())
             .chain((0..BACKENDS).map(backend_iface))
@@ -322,6 +337,10 @@ impl Lab {
         let log = std::fs::File::create(self.scratch.join("agent.log")).context("agent log")?;
         let child = self
             .in_image(root, &args)
+            // A pod's environment: nothing of the test's (SSL_CERT_FILE
+            // would hide a missing CA bundle).
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

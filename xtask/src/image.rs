@@ -2,7 +2,7 @@
 //!
 //! No base image: the root filesystem is staged here (the release agent at
 //! /usr/bin/proxy-agent, the shared libraries `ldd` says it loads, at the
-//! paths it loads them from, and empty mount points) and
+//! paths it loads them from, the CA bundle, and empty mount points) and
 //! `podman build -f deploy/Containerfile` copies it into a `FROM scratch`
 //! image, so no registry is needed. The tag is the agent crate's version,
 //! never `latest`, so a node never runs a build it cannot name.
@@ -26,9 +26,14 @@ use crate::{
 const REPOSITORY: &str = "localhost/xdproxy";
 const BINARY: &str = "usr/bin/proxy-agent";
 /// Where the runtime mounts what the agent uses (procfs, sysfs, bpffs, the
-/// host's cgroup v2 under /run, resolv.conf under /etc); a read-only image
-/// mount needs the directories to exist already.
-const MOUNT_POINTS: [&str; 5] = ["proc", "sys/fs/bpf", "run", "tmp", "etc"];
+/// host's cgroup v2 under /run); a read-only image mount needs the
+/// directories to exist already. /etc exists for the CA bundle.
+const MOUNT_POINTS: [&str; 4] = ["proc", "sys/fs/bpf", "run", "tmp"];
+/// The kube client's TLS setup (rustls-platform-verifier) refuses to build a
+/// client when the system has no root certificates, even one that only
+/// trusts the service account's CA or speaks plain HTTP; this is the first
+/// place it looks. Debian's package `ca-certificates`.
+const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 
 /// A built image.
 pub struct Image {
@@ -121,7 +126,8 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     .with_context(|| format!("installing {} (apt-get needs root)", packages.join(" ")))
 }
 
-/// A fresh root filesystem at `rootfs`: the agent, its libraries, mount points.
+/// A fresh root filesystem at `rootfs`: the agent, its libraries, the CA
+/// bundle, mount points.
 fn stage(agent: &Path, rootfs: &Path) -> anyhow::Result<()> {
     if rootfs.exists() {
         fs::remove_dir_all(rootfs).with_context(|| format!("removing {}", rootfs.display()))?;
@@ -133,6 +139,11 @@ fn stage(agent: &Path, rootfs: &Path) -> anyhow::Result<()> {
     fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))
         .context("chmod 1777 tmp")?;
     copy_binary(agent, &rootfs.join(BINARY))?;
+    let bundle = Path::new("/").join(CA_BUNDLE);
+    if !bundle.exists() {
+        apt_install(&["ca-certificates"])?;
+    }
+    copy_file(&bundle, &rootfs.join(CA_BUNDLE))?;
     for library in shared_libraries(agent)? {
         let inside = rootfs.join(library.strip_prefix("/").unwrap_or(&library));
         copy_file(&library, &inside)?;
