@@ -25,7 +25,7 @@ enum Command {
     /// On SIGTERM/SIGINT the agent exits and leaves the datapath in place
     /// (pinned), serving the last programmed state; the next `run` adopts it;
     /// `cleanup` removes it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every frontend `run` would program from these manifests, with
     /// its backends; needs no kernel and no privileges.
     Plan {

@@ -109,7 +109,7 @@ pub fn probe_binary() -> Result<PathBuf> {
 }
 
 /// The cgroup v2 mount of the hierarchy's root.
-fn mount() -> Result<PathBuf> {
+pub fn mount() -> Result<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
     mountinfo
         .lines()

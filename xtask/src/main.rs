@@ -80,6 +80,7 @@ fn main() -> anyhow::Result<()> {
                 ]))
             };
             bench("datapath")?;
+            bench("sockets")?;
             // The control-plane bench runs the agent built for release.
             cmd::run(build::host_cargo(&object).args([
                 "build",

@@ -81,7 +81,7 @@ impl Route {
                 None
             }
             None if Instant::now() < self.not_before => None,
-            None => self.to_service(wanted?, node).await,
+            None => self.move_to_service(wanted?, node).await,
         }
     }
 
@@ -94,7 +94,7 @@ impl Route {
             .ok()
     }
 
-    async fn to_service(&mut self, addr: SocketAddr, node: &str) -> Option<Client> {
+    async fn move_to_service(&mut self, addr: SocketAddr, node: &str) -> Option<Client> {
         let client = kubernetes::via(&self.bootstrap, addr)
             .and_then(kubernetes::client)
             .inspect_err(|e| log::error!("{e:#}"))
