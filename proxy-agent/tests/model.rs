@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use proxy_agent::model::{self, Desired, Frontend, ObjectKey, Objects, Protocol};
+use proxy_agent::model::{self, Clients, Desired, Frontend, ObjectKey, Objects, Protocol};
 
 fn key(namespace: &str, name: &str) -> ObjectKey {
     ObjectKey {
@@ -588,6 +588,73 @@ status:
         ),
         vec![]
     );
+}
+
+#[test]
+fn local_clients_of_external_local_frontends_get_every_endpoint() {
+    let svc = r#"
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [192.0.2.10]
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+"#;
+    let s = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], nodeName: n1},
+            {addresses: [10.1.2.2], nodeName: n2}]"#,
+    );
+    let mut objs = objects(&[("default", svc)], &[("default", &s)]);
+    objs.node_name = Some("n3".into());
+    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
+    let desired = model::desired(&objs);
+    let both = vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)];
+    for external in [
+        fe([192, 0, 2, 10], 80, Protocol::Tcp),
+        fe([198, 51, 100, 1], 80, Protocol::Tcp),
+        fe([10, 0, 0, 1], 30080, Protocol::Tcp),
+    ] {
+        // Outside clients: this node has no endpoint, so they are dropped.
+        let state = &desired.frontends[&external];
+        assert!(
+            state.backends.is_empty() && state.drop_when_empty,
+            "{external:?}"
+        );
+        assert!(state.local_twin, "{external:?}");
+        // Pods and processes on the node reach every endpoint, unmasqueraded.
+        let local = Frontend {
+            clients: Clients::Local,
+            ..external
+        };
+        let twin = &desired.frontends[&local];
+        assert_eq!(twin.backends, both, "{external:?}");
+        assert!(!twin.drop_when_empty && !twin.snat && !twin.local_twin);
+    }
+    // The cluster IP follows internalTrafficPolicy, for local clients too:
+    // no twin, and no endpoint on n3.
+    let cluster = fe([10, 96, 0, 10], 80, Protocol::Tcp);
+    assert!(desired.frontends[&cluster].backends.is_empty());
+    assert!(!desired.frontends[&cluster].local_twin);
+    let twins = desired
+        .frontends
+        .keys()
+        .filter(|f| f.clients == Clients::Local)
+        .count();
+    assert_eq!(twins, 3);
+    // Where outside and local clients get the same endpoints, no twin.
+    objs.node_name = Some("n1".into());
+    let s = slice("web-1", "web", r#"[{addresses: [10.1.1.2], nodeName: n1}]"#);
+    objs.slices = objects(&[], &[("default", &s)]).slices;
+    let desired = model::desired(&objs);
+    assert!(desired.frontends.keys().all(|f| f.clients == Clients::All));
+    assert!(desired.frontends.values().all(|s| !s.local_twin));
 }
 
 #[test]

@@ -135,4 +135,27 @@ mod tests {
         assert_eq!(v4(&a4).to_ne_bytes(), [10, 96, 0, 10]);
         assert_eq!(from_v4(v4(&a4)), a4);
     }
+
+    #[test]
+    fn a_frontends_clients_are_its_keys_scope_and_come_back_on_adoption() {
+        for clients in [Clients::All, Clients::Local] {
+            let f = Frontend {
+                addr: "10.0.0.1".parse().expect("v4"),
+                port: 30080,
+                protocol: Protocol::Tcp,
+                clients,
+            };
+            let key = frontend(&f);
+            let FrontendKey::V4(k) = &key else {
+                panic!("an IPv4 key");
+            };
+            let scope = if clients == Clients::Local {
+                SCOPE_LOCAL
+            } else {
+                SCOPE_ALL
+            };
+            assert_eq!(k.scope, scope);
+            assert_eq!(frontend_of(&key), Some(f));
+        }
+    }
 }
