@@ -265,4 +265,13 @@ fn the_api_server_is_reached_directly_with_the_address_from_the_config_map() {
         );
     }
     assert!(args(agent).contains(&"--node-name=$(NODE_NAME)"));
+    // The same address as the agent's bootstrap URL, so it can move its
+    // watches to the kubernetes Service once it serves it, and come back.
+    assert!(
+        args(agent).contains(
+            &"--kube-apiserver=https://$(KUBERNETES_SERVICE_HOST):$(KUBERNETES_SERVICE_PORT)"
+        ),
+        "{:?}",
+        args(agent)
+    );
 }
