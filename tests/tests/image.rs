@@ -38,7 +38,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the image's filesystem is mounted by the runtime (empty in the
 /// image); anything else in it must be a file the agent loads.
 const MOUNT_POINTS: [&str; 4] = ["proc", "sys/fs/bpf", "run", "tmp"];
-/// The kube client refuses to start without system root certificates.
+/// The kube client refuses to start without system root certificates when
+/// its configuration names no CA, as this test's kubeconfig does.
 const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 const BINARY: &str = "usr/bin/proxy-agent";
 

@@ -29,10 +29,12 @@ const BINARY: &str = "usr/bin/proxy-agent";
 /// host's cgroup v2 under /run); a read-only image mount needs the
 /// directories to exist already. /etc exists for the CA bundle.
 const MOUNT_POINTS: [&str; 4] = ["proc", "sys/fs/bpf", "run", "tmp"];
-/// The kube client's TLS setup (rustls-platform-verifier) refuses to build a
-/// client when the system has no root certificates, even one that only
-/// trusts the service account's CA or speaks plain HTTP; this is the first
-/// place it looks. Debian's package `ca-certificates`.
+/// When its configuration names no CA (a kubeconfig that trusts the
+/// system's roots, or a plain-HTTP one), the kube client builds its TLS
+/// setup from the system's roots (rustls-platform-verifier) and refuses to
+/// start if there are none; this is the first place it looks. In-cluster,
+/// with the service account's CA, it would not need it. Debian's package
+/// `ca-certificates`.
 const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 
 /// A built image.
