@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod clients;
 pub mod manifests;
 pub mod netns;
+pub mod node;
 pub mod privilege;
 pub mod servers;
 pub mod topology;

@@ -13,6 +13,10 @@
 //! xdproxy-probe udp-stream ADDR MILLIS    one connected socket sending every 20 ms
 //!                                         for MILLIS, reconnecting after an error
 //! xdproxy-probe tcp-hold ADDR MILLIS      one connection, a request every 20 ms
+//! xdproxy-probe tcp-each ADDR MILLIS      a new connection (one request) every 20 ms
+//! xdproxy-probe udp-each ADDR MILLIS      a new connected UDP socket (one exchange)
+//!                                         every 20 ms
+//! xdproxy-probe http-get ADDR PATH        one `GET PATH`: status, body and peer
 //! ```
 
 use std::{
@@ -39,6 +43,10 @@ fn run(args: &[String]) -> Result<(), String> {
         return Err("usage: xdproxy-probe MODE ADDR N".into());
     };
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    if mode == "http-get" {
+        report_http(addr, http_get_path(addr, n));
+        return Ok(());
+    }
     let n: u64 = n.parse().map_err(|e| format!("{n}: {e}"))?;
     match mode.as_str() {
         "tcp" => (0..n).for_each(|_| report(tcp_once(addr))),
@@ -46,6 +54,8 @@ fn run(args: &[String]) -> Result<(), String> {
         "udp-unconnected" => udp_unconnected(addr, n),
         "udp-stream" => udp_stream(addr, Duration::from_millis(n)),
         "tcp-hold" => tcp_hold(addr, Duration::from_millis(n)),
+        "tcp-each" => each(Duration::from_millis(n), || tcp_once(addr)),
+        "udp-each" => each(Duration::from_millis(n), || udp_once(addr)),
         other => return Err(format!("unknown mode {other}")),
     }
     Ok(())
@@ -196,4 +206,60 @@ fn tcp_hold(addr: SocketAddr, duration: Duration) {
         println!("{line}");
         std::thread::sleep(INTERVAL);
     }
+}
+
+/// `exchange` every interval for `duration`, each line with its time.
+fn each(duration: Duration, exchange: impl Fn() -> Outcome) {
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let at = start.elapsed().as_millis() as u64;
+        let line = match exchange() {
+            Ok((backend, peer)) => {
+                json!({"ok": true, "t_ms": at, "backend": backend, "peer": peer.to_string()})
+            }
+            Err(e) => {
+                json!({"ok": false, "t_ms": at, "error": e.to_string(), "errno": e.raw_os_error()})
+            }
+        };
+        println!("{line}");
+        std::thread::sleep(INTERVAL);
+    }
+}
+
+/// One `GET path` on a new connection: the status code, the body and the
+/// peer the socket saw.
+fn http_get_path(addr: SocketAddr, path: &str) -> io::Result<(u16, String, SocketAddr)> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let peer = stream.peer_addr()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("no status: {text:?}"))
+        })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body, peer))
+}
+
+fn report_http(addr: SocketAddr, outcome: io::Result<(u16, String, SocketAddr)>) {
+    let line = match outcome {
+        Ok((status, body, peer)) => {
+            json!({"ok": true, "addr": addr.to_string(), "status": status, "body": body, "peer": peer.to_string()})
+        }
+        Err(e) => {
+            json!({"ok": false, "addr": addr.to_string(), "error": e.to_string(), "errno": e.raw_os_error()})
+        }
+    };
+    println!("{line}");
 }
