@@ -2,7 +2,8 @@
 //! test mounts it (`podman image mount`) and runs the agent from the image's
 //! own root filesystem in a chroot, the way a container runtime would (a
 //! private mount namespace with the host's /proc and /sys, a bpffs at
-//! /sys/fs/bpf, the node's network namespace), against the test API server,
+//! /sys/fs/bpf, the node's network namespace, and only the capabilities
+//! deploy/daemonset.yaml asks for), against the test API server,
 //! with real TCP and UDP traffic through a ClusterIP. Then `proxy-agent
 //! cleanup` from the image removes the datapath.
 //!
@@ -48,12 +49,13 @@ const BINARY: &str = "usr/bin/proxy-agent";
 /// by `unshare`, so nothing reaches the host's), and the agent's cgroup at
 /// /run/xdproxy/cgroupv2 as the DaemonSet mounts the host's cgroup v2 root
 /// (on a tmpfs, as a runtime creates mount points in a writable layer), then
-/// runs the image's agent chrooted there, in the node's network namespace.
+/// runs the image's agent chrooted there, in the node's network namespace,
+/// with only the capabilities in `caps` (a setpriv bounding set).
 /// Arguments: root, bpffs, config dir, cgroup, network namespace file,
-/// agent args.
+/// caps, agent args.
 const CHROOT_SCRIPT: &str = r#"set -e
-root=$1 bpffs=$2 config=$3 cgroup=$4 netns=$5
-shift 5
+root=$1 bpffs=$2 config=$3 cgroup=$4 netns=$5 caps=$6
+shift 6
 mount --bind /proc "$root/proc"
 mount --bind /sys "$root/sys"
 mount --bind "$bpffs" "$root/sys/fs/bpf"
@@ -61,8 +63,33 @@ mount --bind "$config" "$root/tmp"
 mount -t tmpfs tmpfs "$root/run"
 mkdir -p "$root/run/xdproxy/cgroupv2"
 mount --bind "$cgroup" "$root/run/xdproxy/cgroupv2"
-exec nsenter --net="$netns" -- chroot "$root" /usr/bin/proxy-agent "$@"
+exec nsenter --net="$netns" -- setpriv --bounding-set="$caps" -- \
+    chroot "$root" /usr/bin/proxy-agent "$@"
 "#;
+
+/// The capabilities deploy/daemonset.yaml gives the agent, as a setpriv
+/// bounding set, plus SYS_CHROOT for the chroot that stands in for the
+/// runtime's pivot_root (the agent itself never uses it).
+fn daemonset_capabilities() -> anyhow::Result<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let daemonset: Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let added = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+        ["add"];
+    let added = added
+        .as_array()
+        .with_context(|| format!("{}: no capabilities.add list", path.display()))?;
+    let mut caps = vec!["-all".to_string(), "+sys_chroot".to_string()];
+    for cap in added {
+        let cap = cap
+            .as_str()
+            .with_context(|| format!("{}: capability {cap}", path.display()))?;
+        caps.push(format!("+{}", cap.to_ascii_lowercase()));
+    }
+    Ok(caps.join(","))
+}
 
 /// Root, and podman to build and mount the image. Under CI=true a missing
 /// one is a failure; elsewhere the test says loudly that it did not run.
@@ -256,6 +283,7 @@ struct Lab {
     _servers: Vec<Servers>,
     api: ApiServer,
     cgroup: Cgroup,
+    caps: String,
     scratch: PathBuf,
 }
 
@@ -276,6 +304,7 @@ impl Lab {
         let scratch = std::env::temp_dir().join(format!("xdproxy-image-{}", topology.prefix()));
         let lab = Lab {
             cgroup: Cgroup::create(topology.node.name())?,
+            caps: daemonset_capabilities()?,
             topology,
             _servers: servers,
             api,
@@ -314,6 +343,7 @@ impl Lab {
             .arg(self.config())
             .arg(self.cgroup.path())
             .arg(self.topology.node.path())
+            .arg(&self.caps)
             .args(args);
         cmd
     }
@@ -429,6 +459,34 @@ impl Drop for Running {
     }
 }
 
+/// The `CapEff:` mask of a /proc/PID/status text.
+fn effective_caps(status: &str) -> anyhow::Result<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|caps| caps.trim().to_string())
+        .context("no CapEff line in a process status")
+}
+
+/// The agent runs with the DaemonSet's capabilities, not the test's: the
+/// same set setpriv gives a process of its own, and less than root's.
+fn check_capabilities(lab: &Lab, agent: &Running) -> anyhow::Result<()> {
+    let pid = agent.child.as_ref().context("agent not running")?.id();
+    let status = format!("/proc/{pid}/status");
+    let got = effective_caps(
+        &std::fs::read_to_string(&status).with_context(|| format!("reading {status}"))?,
+    )?;
+    let want = effective_caps(&output(
+        Command::new("setpriv")
+            .arg(format!("--bounding-set={}", lab.caps))
+            .args(["--", "cat", "/proc/self/status"]),
+    )?)?;
+    assert_eq!(got, want, "the agent's capabilities ({})", lab.caps);
+    let ours = effective_caps(&output(Command::new("cat").arg("/proc/self/status"))?)?;
+    assert_ne!(got, ours, "the agent kept all of root's capabilities");
+    Ok(())
+}
+
 /// TCP connections and UDP flows through the ClusterIP reach every backend.
 fn check_traffic(lab: &Lab) -> anyhow::Result<()> {
     let all: BTreeSet<String> = (0..BACKENDS).map(|i| format!("backend{i}")).collect();
@@ -464,6 +522,7 @@ fn the_image_runs_the_agent_and_holds_nothing_else() -> anyhow::Result<()> {
     check_tags(&image, &mounted.root)?;
     let lab = Lab::start()?;
     let mut agent = lab.run_agent(&mounted.root)?;
+    check_capabilities(&lab, &agent)?;
     check_traffic(&lab)?;
     let status = agent.stop()?;
     assert!(status.success(), "agent exit {status}; log:\n{}", lab.log());

@@ -9,7 +9,7 @@
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt,
+    os::{fd::AsRawFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -52,7 +52,9 @@ pub fn build() -> anyhow::Result<Image> {
     run(build::host_cargo(&object).args(["build", "--release", "--package", "proxy-agent"]))
         .context("building the release agent for the image")?;
     let agent = build::root().join("target/release/proxy-agent");
-    let rootfs = build::root().join("target/image/rootfs");
+    let dir = build::root().join("target/image");
+    let _lock = lock(&dir)?;
+    let rootfs = dir.join("rootfs");
     stage(&agent, &rootfs)?;
     let tag = format!("{REPOSITORY}:{}", agent_version()?);
     let image = podman_build(&rootfs, &tag)?;
@@ -64,6 +66,21 @@ pub fn build() -> anyhow::Result<Image> {
         image.size as f64 / (1024.0 * 1024.0)
     );
     Ok(image)
+}
+
+/// Holds `dir/.lock` exclusively until dropped: two builds at once (the
+/// image test while someone runs `cargo xtask image`) would stage into the
+/// same tree.
+fn lock(dir: &Path) -> anyhow::Result<fs::File> {
+    create_dir(dir)?;
+    let path = dir.join(".lock");
+    let file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; the lock goes with it.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(file)
 }
 
 /// The proxy-agent crate's version, as cargo resolves it (`cargo pkgid`
