@@ -454,6 +454,9 @@ pub const SOCK_REVERSE: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockNat4 {
+    /// bpf_get_netns_cookie() of the socket's network namespace: where to
+    /// look for it when its backend leaves.
+    pub netns_cookie: u64,
     /// The backend (`SOCK_FORWARD`) or the frontend (`SOCK_REVERSE`).
     pub addr: u32,
     pub port: u16,
@@ -478,11 +481,13 @@ pub struct SockNat6Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockNat6 {
+    pub netns_cookie: u64,
     pub addr: Addr6,
     pub port: u16,
     pub _pad: u16,
     pub backend_id: u32,
     pub service_id: u32,
+    pub _pad2: u32,
 }
 
 /// Per-service traffic, per CPU (client-to-service direction).
@@ -676,9 +681,9 @@ mod tests {
         assert_eq!(size_of::<Affinity6Key>(), 20);
         assert_eq!(size_of::<SourceRange6>(), 20);
         assert_eq!(size_of::<SockNat4Key>(), 16);
-        assert_eq!(size_of::<SockNat4>(), 16);
+        assert_eq!(size_of::<SockNat4>(), 24);
         assert_eq!(size_of::<SockNat6Key>(), 32);
-        assert_eq!(size_of::<SockNat6>(), 28);
+        assert_eq!(size_of::<SockNat6>(), 40);
     }
 
     #[test]

@@ -135,6 +135,24 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// The socket, as the maps know it.
+#[derive(Clone, Copy)]
+struct Socket {
+    cookie: u64,
+    /// Its network namespace: the client identity of affinity and source
+    /// hashing, and where to find the socket when its backend leaves.
+    netns: u64,
+}
+
+#[inline(always)]
+fn socket(ctx: &SockAddrContext) -> Socket {
+    Socket {
+        cookie: cookie(ctx),
+        // SAFETY: a sock_addr context is what the helper takes.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+    }
+}
+
 /// A frontend, with the entry for clients on this node where it has one.
 #[inline(always)]
 fn lookup<F: Family>(addr: F::Addr, port: u16, proto: u8) -> Option<Service> {
@@ -177,7 +195,7 @@ impl<F: Family> Hashed for OfSocket<F> {
 
 /// A backend for a new socket flow to `service`.
 #[inline(always)]
-fn choose<F: SockFamily>(ctx: &SockAddrContext, service: &Service) -> Choice<F::Addr> {
+fn choose<F: SockFamily>(sock: Socket, service: &Service) -> Choice<F::Addr> {
     // Source ranges need the client's address, which a socket may not have
     // yet: the packet path enforces them.
     if service.flags & SVC_SOURCE_RANGES != 0 {
@@ -186,8 +204,7 @@ fn choose<F: SockFamily>(ctx: &SockAddrContext, service: &Service) -> Choice<F::
     if service.backend_count == 0 {
         return Choice::Refuse;
     }
-    // SAFETY: a sock_addr context is what the helper takes.
-    let client = F::netns_client(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) });
+    let client = F::netns_client(sock.netns);
     let affinity = service.flags & SVC_AFFINITY != 0;
     let remembered = match affinity {
         true => affinity::backend::<F>(service, client),
@@ -216,20 +233,21 @@ fn choose<F: SockFamily>(ctx: &SockAddrContext, service: &Service) -> Choice<F::
 /// must show the frontend.
 #[inline(always)]
 fn remember_reverse<F: SockFamily>(
-    cookie: u64,
+    sock: Socket,
     proto: u8,
     frontend: (F::Addr, u16),
     service_id: u32,
     (id, backend): (u32, &Target<F::Addr>),
 ) {
     let key = SockKey {
-        cookie,
+        cookie: sock.cookie,
         addr: backend.addr,
         port: backend.port,
         proto,
         direction: SOCK_REVERSE,
     };
     let value = Translation {
+        netns_cookie: sock.netns,
         addr: frontend.0,
         port: frontend.1,
         backend_id: id,
@@ -260,11 +278,12 @@ pub fn connect<F: SockFamily, D: Dest<F::Addr>>(ctx: &SockAddrContext) -> i32 {
     let Some(service) = lookup::<F>(addr, port, proto) else {
         return PROCEED;
     };
-    match choose::<F>(ctx, &service) {
+    let sock = socket(ctx);
+    match choose::<F>(sock, &service) {
         Choice::Untouched => PROCEED,
         Choice::Refuse => refuse(),
         Choice::Backend(id, backend) => {
-            remember_reverse::<F>(cookie(ctx), proto, (addr, port), service.id, (id, &backend));
+            remember_reverse::<F>(sock, proto, (addr, port), service.id, (id, &backend));
             D::set(ctx, backend.addr);
             set_port(ctx, backend.port);
             PROCEED
@@ -285,9 +304,9 @@ pub fn sendmsg<F: SockFamily, D: Dest<F::Addr>>(ctx: &SockAddrContext) -> i32 {
     let Some(service) = lookup::<F>(addr, port, proto) else {
         return PROCEED;
     };
-    let cookie = cookie(ctx);
+    let sock = socket(ctx);
     let forward = SockKey {
-        cookie,
+        cookie: sock.cookie,
         addr,
         port,
         proto,
@@ -298,11 +317,12 @@ pub fn sendmsg<F: SockFamily, D: Dest<F::Addr>>(ctx: &SockAddrContext) -> i32 {
         set_port(ctx, backend.port);
         return PROCEED;
     }
-    match choose::<F>(ctx, &service) {
+    match choose::<F>(sock, &service) {
         Choice::Untouched => PROCEED,
         Choice::Refuse => refuse(),
         Choice::Backend(id, backend) => {
             let to_backend = Translation {
+                netns_cookie: sock.netns,
                 addr: backend.addr,
                 port: backend.port,
                 backend_id: id,
@@ -311,7 +331,7 @@ pub fn sendmsg<F: SockFamily, D: Dest<F::Addr>>(ctx: &SockAddrContext) -> i32 {
             if F::sock_insert(forward, to_backend).is_err() {
                 maps::count(Counter::SockNatFailed);
             }
-            remember_reverse::<F>(cookie, proto, (addr, port), service.id, (id, &backend));
+            remember_reverse::<F>(sock, proto, (addr, port), service.id, (id, &backend));
             D::set(ctx, backend.addr);
             set_port(ctx, backend.port);
             PROCEED

@@ -11,6 +11,8 @@ use crate::{
 /// One translation of one socket, family-independent.
 #[derive(Clone, Copy)]
 pub struct Translation<A> {
+    /// The socket's network namespace (bpf_get_netns_cookie).
+    pub netns_cookie: u64,
     /// The backend (forward) or the frontend (reverse).
     pub addr: A,
     pub port: u16,
@@ -55,6 +57,7 @@ impl SockFamily for V4 {
         // SAFETY: a copy out of a live map value.
         let value = unsafe { *SOCK_NAT4.get_ptr(key)? };
         Some(Translation {
+            netns_cookie: value.netns_cookie,
             addr: value.addr,
             port: value.port,
             backend_id: value.backend_id,
@@ -72,6 +75,7 @@ impl SockFamily for V4 {
             direction: key.direction,
         };
         let value = SockNat4 {
+            netns_cookie: value.netns_cookie,
             addr: value.addr,
             port: value.port,
             _pad: 0,
@@ -102,6 +106,7 @@ impl SockFamily for V6 {
         // SAFETY: a copy out of a live map value.
         let value = unsafe { *SOCK_NAT6.get_ptr(key)? };
         Some(Translation {
+            netns_cookie: value.netns_cookie,
             addr: value.addr,
             port: value.port,
             backend_id: value.backend_id,
@@ -120,11 +125,13 @@ impl SockFamily for V6 {
             _pad: 0,
         };
         let value = SockNat6 {
+            netns_cookie: value.netns_cookie,
             addr: value.addr,
             port: value.port,
             _pad: 0,
             backend_id: value.backend_id,
             service_id: value.service_id,
+            _pad2: 0,
         };
         SOCK_NAT6.insert(key, value, 0)
     }

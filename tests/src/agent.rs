@@ -26,6 +26,9 @@ pub struct Agent {
     /// The agent's own cgroup (`--cgroup-root`): its socket hooks serve
     /// only processes started there, never other tests' sockets.
     cgroup: Cgroup,
+    /// False: no `--cgroup-root`, so the hooks go where the agent finds the
+    /// hierarchy's root, as on a node (`start_machine_wide`).
+    own_cgroup_root: bool,
 }
 
 /// The agent binary next to the test executable (target/debug/proxy-agent),
@@ -122,7 +125,30 @@ impl Agent {
         Self::start_with(binary()?, node, source, ifaces)
     }
 
+    /// As `start`, with the socket hooks at the machine's cgroup v2 root
+    /// (the agent's default): they see every socket on the machine, other
+    /// tests' included, so the manifests must hold frontends no other test
+    /// uses.
+    pub fn start_machine_wide(node: &Netns, manifests: &Path) -> anyhow::Result<Agent> {
+        let mut agent = Self::prepare(binary()?, node, from_manifests(manifests, NODE_NAME), &[])?;
+        agent.own_cgroup_root = false;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
     fn start_with(
+        binary: PathBuf,
+        node: &Netns,
+        source: Vec<std::ffi::OsString>,
+        ifaces: &[String],
+    ) -> anyhow::Result<Agent> {
+        let mut agent = Self::prepare(binary, node, source, ifaces)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// The agent's scratch space and cgroup, not started yet.
+    fn prepare(
         binary: PathBuf,
         node: &Netns,
         source: Vec<std::ffi::OsString>,
@@ -130,7 +156,7 @@ impl Agent {
     ) -> anyhow::Result<Agent> {
         let scratch = std::env::temp_dir().join(format!("xdproxy-{}", node.name()));
         std::fs::create_dir_all(&scratch).context("scratch dir")?;
-        let mut agent = Agent {
+        Ok(Agent {
             child: None,
             binary,
             node: node.path(),
@@ -139,9 +165,8 @@ impl Agent {
             bpffs: scratch.join("bpffs"),
             log: scratch.join("agent.log"),
             cgroup: Cgroup::create(node.name())?,
-        };
-        agent.spawn()?;
-        Ok(agent)
+            own_cgroup_root: true,
+        })
     }
 
     /// Starts the process and waits for its first sync.
@@ -161,7 +186,9 @@ impl Agent {
             .arg("--bpffs")
             .arg(&self.bpffs);
         cmd.args(["--poll-ms", "50"]);
-        cmd.arg("--cgroup-root").arg(self.cgroup.path());
+        if self.own_cgroup_root {
+            cmd.arg("--cgroup-root").arg(self.cgroup.path());
+        }
         for iface in &self.ifaces {
             cmd.arg("--iface").arg(iface);
         }

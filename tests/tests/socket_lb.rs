@@ -442,3 +442,80 @@ fn a_backend_that_leaves_takes_its_sockets_with_it() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A Service address and backend port no other test uses: hooks at the
+/// machine's root see every test's sockets.
+const MACHINE_WIDE_VIP: &str = "10.96.251.7";
+
+#[test]
+fn by_default_the_hooks_serve_every_cgroup_of_the_machine() -> anyhow::Result<()> {
+    if !require_root("socket_lb::by_default_the_hooks_serve_every_cgroup_of_the_machine") {
+        return Ok(());
+    }
+    let topology = Topology::build(&unique_prefix("skm"), 1)?;
+    let _servers = Servers::start(&topology.backends[0], "backend0", 8080, 5353)?;
+    let dir = std::env::temp_dir().join(format!("xdproxy-{}", topology.prefix()));
+    std::fs::create_dir_all(&dir).context("manifest dir")?;
+    let path = dir.join("web.yaml");
+    manifests::write(
+        &path,
+        &manifests::web(&[0]).replace(&VIP.to_string(), MACHINE_WIDE_VIP),
+    )?;
+    let agent = Agent::start_machine_wide(&topology.node, &path)?;
+    let root = agent_cgroup_root(&agent)?;
+    // Attached where /proc/self/mountinfo shows the hierarchy's root...
+    let tree = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&root)
+        .output()
+        .context("bpftool cgroup show")?;
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    for hook in [
+        "connect4",
+        "connect6",
+        "sendmsg4",
+        "recvmsg6",
+        "getpeername4",
+    ] {
+        ensure!(
+            tree.contains(hook),
+            "no {hook} at {}:\n{tree}",
+            root.display()
+        );
+    }
+    // ...so a process in a cgroup the agent was never told about is served.
+    let elsewhere = proxy_tests::cgroup::Cgroup::create(&format!("{}-other", topology.prefix()))?;
+    let target = format!("{MACHINE_WIDE_VIP}:{HTTP_PORT}");
+    let out = elsewhere.probe(&topology.client, &["tcp", &target, "3"])?;
+    ensure!(backends_of(&out)? == all_backends(1), "{out:?}");
+    ensure!(peers_of(&out) == BTreeSet::from([target]), "{out:?}");
+    drop(agent);
+    // cleanup detached them.
+    let after = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&root)
+        .output()
+        .context("bpftool cgroup show")?;
+    ensure!(
+        !String::from_utf8_lossy(&after.stdout).contains("xdproxy"),
+        "left behind: {}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+    Ok(())
+}
+
+/// The cgroup the agent logged attaching at.
+fn agent_cgroup_root(agent: &Agent) -> anyhow::Result<PathBuf> {
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find_map(|l| l.split("socket hooks attached at cgroup ").nth(1))
+        .with_context(|| format!("no attach line in:\n{log}"))?;
+    let root = PathBuf::from(line.trim());
+    ensure!(
+        root == proxy_tests::cgroup::mount()?,
+        "attached at {}, not the hierarchy's root",
+        root.display()
+    );
+    Ok(root)
+}

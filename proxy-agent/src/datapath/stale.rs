@@ -7,23 +7,27 @@
 //! reconnects and the hooks give it a live backend.
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use anyhow::Context;
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError},
+};
 use proxy_common::{
-    Backend4, Backend6, IPPROTO_TCP, IPPROTO_UDP, MemberKey, SOCK_REVERSE, SockNat4, SockNat4Key,
-    SockNat6, SockNat6Key, names,
+    Backend4, Backend6, IPPROTO_TCP, IPPROTO_UDP, MAX_SOCK_NAT, MemberKey, SOCK_REVERSE, SockNat4,
+    SockNat4Key, SockNat6, SockNat6Key, names,
 };
 
 use super::{
-    keys::{v4, v6},
+    keys::{from_v4, from_v6, v4, v6},
     loader,
     sockets::{self, Destroyed, Peer},
 };
-use crate::reconcile::BackendKey;
+use crate::{conntrack::batch, reconcile::BackendKey};
 
 /// The pinned maps a sweep reads.
 struct Maps {
@@ -48,6 +52,27 @@ impl Maps {
             members4: open(pins, names::MEMBERS)?,
             members6: open(pins, names::MEMBERS6)?,
         })
+    }
+
+    /// The network namespaces of the sockets the hooks connected to one of
+    /// `peers`: only those are searched, so a backend nobody reached
+    /// through the hooks costs no walk at all.
+    fn namespaces(&self, peers: &[Peer]) -> anyhow::Result<HashSet<u64>> {
+        let wanted: HashSet<(SocketAddr, u8)> = peers.iter().map(|p| (p.addr, p.proto)).collect();
+        let mut out = HashSet::new();
+        for (key, value) in entries(&self.nat4, names::SOCK_NAT4)? {
+            let addr = SocketAddr::new(IpAddr::V4(from_v4(key.addr)), u16::from_be(key.port));
+            if key.direction == SOCK_REVERSE && wanted.contains(&(addr, key.proto)) {
+                out.insert(value.netns_cookie);
+            }
+        }
+        for (key, value) in entries(&self.nat6, names::SOCK_NAT6)? {
+            let addr = SocketAddr::new(IpAddr::V6(from_v6(&key.addr)), u16::from_be(key.port));
+            if key.direction == SOCK_REVERSE && wanted.contains(&(addr, key.proto)) {
+                out.insert(value.netns_cookie);
+            }
+        }
+        Ok(out)
     }
 
     /// True if the hooks connected this socket to `peer` for a service that
@@ -92,6 +117,20 @@ impl Maps {
     }
 }
 
+/// Every entry of a socket map: in batches where the kernel can, else one
+/// by one.
+fn entries<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+) -> anyhow::Result<Vec<(K, V)>> {
+    let limit = MAX_SOCK_NAT as usize;
+    if let Some(all) = batch::lookup_all(map, limit).with_context(|| format!("reading {name}"))? {
+        return Ok(all);
+    }
+    // An entry evicted between listing and reading is simply gone.
+    Ok(map.iter().filter_map(Result::ok).take(limit).collect())
+}
+
 fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
     MemberKey {
         service_id,
@@ -111,17 +150,21 @@ impl Sweeper {
         }
     }
 
-    /// Destroys, in every network namespace, the sockets the hooks
-    /// connected to one of `left` for a service it no longer serves.
-    /// Blocking.
+    /// Destroys the sockets the hooks connected to one of `left` for a
+    /// service it no longer serves, in the network namespaces the hooks
+    /// recorded for them. Blocking.
     pub fn sweep(&self, left: &[BackendKey]) -> anyhow::Result<Destroyed> {
         let peers: Vec<Peer> = left.iter().filter_map(peer).collect();
         if peers.is_empty() {
             return Ok(Destroyed::default());
         }
         let maps = Maps::open(&self.pins)?;
+        let netns = maps.namespaces(&peers)?;
+        if netns.is_empty() {
+            return Ok(Destroyed::default());
+        }
         let select = |cookie: u64, _local: SocketAddr, peer: Peer| maps.stale(cookie, peer);
-        Ok(sockets::destroy(&peers, &select))
+        Ok(sockets::destroy_in(&peers, &netns, &select))
     }
 }
 
