@@ -60,8 +60,18 @@ impl Cgroup {
     /// Runs the test probe (`xdproxy-probe ARGS`) in this cgroup, in `ns`,
     /// and returns its JSON lines.
     pub fn probe(&self, ns: &Netns, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+        self.probe_with(&probe_binary()?, ns, args)
+    }
+
+    /// As `probe`, with the probe binary given.
+    pub fn probe_with(
+        &self,
+        probe: &Path,
+        ns: &Netns,
+        args: &[&str],
+    ) -> Result<Vec<serde_json::Value>> {
         let output = self
-            .command(ns, &probe_binary()?)
+            .command(ns, probe)
             .args(args)
             .output()
             .context("running xdproxy-probe")?;

@@ -78,3 +78,15 @@ pub fn agent(object: &Path) -> anyhow::Result<PathBuf> {
     run(host_cargo(object).args(["build", "--package", "proxy-agent"]))?;
     Ok(root().join("target/debug/proxy-agent"))
 }
+
+/// Builds the demo's and tests' client process (`xdproxy-probe`).
+pub fn probe(object: &Path) -> anyhow::Result<PathBuf> {
+    run(host_cargo(object).args([
+        "build",
+        "--package",
+        "proxy-tests",
+        "--bin",
+        "xdproxy-probe",
+    ]))?;
+    Ok(root().join("target/debug/xdproxy-probe"))
+}

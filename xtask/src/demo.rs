@@ -26,7 +26,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKENDS: usize = 2;
 const REQUESTS: usize = 200;
 
-pub fn run(agent: &Path) -> anyhow::Result<()> {
+pub fn run(agent: &Path, probe: &Path) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root");
@@ -62,6 +62,7 @@ pub fn run(agent: &Path) -> anyhow::Result<()> {
         )
         .map(|(n, _)| n)
     })?;
+    let local = host_network_clients(&agent, &topology, probe)?;
     let services = agent.pins().join("lb4_services");
     println!("demo: bpftool map dump pinned {}", services.display());
     match std::process::Command::new("bpftool")
@@ -75,10 +76,51 @@ pub fn run(agent: &Path) -> anyhow::Result<()> {
     drop(agent);
     drop(topology);
     println!("demo: removed the agent's pins and links, its bpffs and the namespaces");
-    if http.len() < BACKENDS || udp.len() < BACKENDS {
+    if http.len() < BACKENDS || udp.len() < BACKENDS || local.len() < BACKENDS {
         bail!("not every backend was reached");
     }
     Ok(())
+}
+
+/// A process on the node itself connects to the ClusterIP: the socket hooks
+/// give each connect() a backend, and getpeername() shows the Service. The
+/// process runs in the agent's cgroup (the demo's hooks serve only that
+/// cgroup, not the rest of this machine).
+fn host_network_clients(
+    agent: &Agent,
+    topology: &Topology,
+    probe: &Path,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let lines =
+        agent
+            .cgroup()
+            .probe_with(probe, &topology.node, &["tcp", "10.96.0.10:80", "40"])?;
+    let mut counts = BTreeMap::new();
+    let mut peers = BTreeMap::new();
+    for line in &lines {
+        if line["ok"] != true {
+            bail!("a host-network connect() failed: {line}");
+        }
+        let name = line["backend"].as_str().unwrap_or_default().to_string();
+        *counts.entry(name).or_insert(0) += 1;
+        *peers
+            .entry(line["peer"].as_str().unwrap_or_default().to_string())
+            .or_insert(0) += 1;
+    }
+    println!(
+        "demo: {} x connect() to 10.96.0.10:80 from a process on the node (socket hooks):",
+        lines.len()
+    );
+    for (name, count) in &counts {
+        println!(
+            "      {name:<10} {count:>4}  {}",
+            "#".repeat(count * 40 / lines.len().max(1))
+        );
+    }
+    for (peer, count) in &peers {
+        println!("      getpeername() = {peer} ({count} times)");
+    }
+    Ok(counts)
 }
 
 /// Sends `n` requests and prints how they spread over the backends.

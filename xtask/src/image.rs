@@ -19,6 +19,7 @@ use anyhow::{Context, bail, ensure};
 use crate::{
     build,
     cmd::{output_of, run},
+    toolchain,
 };
 
 /// podman's name for a local image; the DaemonSet names it the same way,
@@ -105,7 +106,7 @@ fn agent_version() -> anyhow::Result<String> {
 /// driver that works on this machine.
 fn podman() -> anyhow::Result<()> {
     if output_of(Command::new("podman").arg("--version")).is_err() {
-        apt_install(&["podman", "buildah"])?;
+        toolchain::apt_install(&["podman", "buildah"])?;
     }
     if output_of(Command::new("podman").arg("info")).is_ok() {
         return Ok(());
@@ -130,21 +131,6 @@ fn podman() -> anyhow::Result<()> {
         .context("podman does not work even with the vfs storage driver")
 }
 
-fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
-    ensure!(
-        Path::new("/usr/bin/apt-get").exists(),
-        "{} missing and this is not a Debian-like system: install them",
-        packages.join(" ")
-    );
-    println!("xtask: installing {} with apt-get", packages.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("installing {} (apt-get needs root)", packages.join(" ")))
-}
-
 /// A fresh root filesystem at `rootfs`: the agent, its libraries, the CA
 /// bundle, mount points.
 fn stage(agent: &Path, rootfs: &Path) -> anyhow::Result<()> {
@@ -160,7 +146,7 @@ fn stage(agent: &Path, rootfs: &Path) -> anyhow::Result<()> {
     copy_binary(agent, &rootfs.join(BINARY))?;
     let bundle = Path::new("/").join(CA_BUNDLE);
     if !bundle.exists() {
-        apt_install(&["ca-certificates"])?;
+        toolchain::apt_install(&["ca-certificates"])?;
     }
     copy_file(&bundle, &rootfs.join(CA_BUNDLE))?;
     for library in shared_libraries(agent)? {

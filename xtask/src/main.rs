@@ -50,9 +50,10 @@ fn main() -> anyhow::Result<()> {
         Task::Image => image::build().map(|_| ()),
         Task::Build => build::agent(&build::ebpf()?).map(|_| ()),
         Task::Run { args } => {
-            let agent = build::agent(&setup()?)?;
+            let object = setup()?;
+            let agent = build::agent(&object)?;
             if args.is_empty() {
-                demo::run(&agent)
+                demo::run(&agent, &build::probe(&object)?)
             } else {
                 cmd::run(std::process::Command::new(agent).args(args))
             }

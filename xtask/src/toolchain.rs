@@ -152,7 +152,7 @@ fn on_path(tool: &str) -> bool {
         || Path::new("/usr/sbin").join(tool).is_file()
 }
 
-fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     if !Path::new("/usr/bin/apt-get").exists() {
         bail!(
             "{} missing and this is not a Debian-like system: install them",
