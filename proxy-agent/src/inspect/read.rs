@@ -166,9 +166,13 @@ impl Pins {
     fn services(&self) -> anyhow::Result<Vec<ServiceRecord>> {
         let v4 = self.hash::<Frontend4, Service>(names::SERVICES4)?;
         let v6 = self.hash::<Frontend6, Service>(names::SERVICES6)?;
-        let record = |frontend: Endpoint, entry: Service| ServiceRecord { frontend, entry };
-        Ok((v4.iter().map(|(f, s)| record(f.into(), *s)))
-            .chain(v6.iter().map(|(f, s)| record(f.into(), *s)))
+        let record = |frontend: Endpoint, scope: u8, entry: Service| ServiceRecord {
+            frontend,
+            scope,
+            entry,
+        };
+        Ok((v4.iter().map(|(f, s)| record(f.into(), f.scope, *s)))
+            .chain(v6.iter().map(|(f, s)| record(f.into(), f.scope, *s)))
             .collect())
     }
 

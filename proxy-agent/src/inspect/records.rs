@@ -76,6 +76,8 @@ impl From<&Backend6> for Endpoint {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceRecord {
     pub frontend: Endpoint,
+    /// `SCOPE_*`: which clients the entry is for.
+    pub scope: u8,
     pub entry: Service,
 }
 

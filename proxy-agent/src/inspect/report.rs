@@ -9,8 +9,8 @@ use proxy_common::{
     ALG_LEAST_CONN, ALG_MAGLEV, ALG_RANDOM, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, BACKEND_TERMINATING,
     CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
     CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Counter, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES,
-    SlotKey,
+    SCOPE_LOCAL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
+    SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, SlotKey,
 };
 use serde::{Serialize, Serializer, ser::SerializeMap};
 
@@ -75,12 +75,13 @@ fn uses_table(algorithm: u32) -> bool {
     matches!(algorithm, ALG_MAGLEV | ALG_SOURCE_HASH)
 }
 
-const SERVICE_FLAGS: [(u32, &str); 5] = [
+const SERVICE_FLAGS: [(u32, &str); 6] = [
     (SVC_REPLY_AT_EGRESS, "reply-at-egress"),
     (SVC_AFFINITY, "affinity"),
     (SVC_SOURCE_RANGES, "source-ranges"),
     (SVC_DROP_WHEN_EMPTY, "drop-when-empty"),
     (SVC_SNAT_EXTERNAL, "snat-external"),
+    (SVC_LOCAL_TWIN, "local-twin"),
 ];
 
 /// The names of the `SVC_*` bits set, lowest first; bits without a name
@@ -161,6 +162,10 @@ pub struct ServiceView {
     /// `TCP`, `UDP`, `SCTP` or the protocol number.
     pub protocol: String,
     pub family: Family,
+    /// `all`, or `local`: the entry the socket hooks give this node's own
+    /// clients where they get other backends (its `all` twin has the
+    /// `local-twin` flag).
+    pub clients: &'static str,
     pub service_id: u32,
     /// `random`, `round-robin`, `least-connections`, `maglev`, `source-hash`.
     pub algorithm: String,
@@ -213,7 +218,7 @@ fn member_index(members: &[MemberRecord]) -> MemberIndex<'_> {
 pub fn services(lb: &LbRecords) -> ServicesReport {
     let members = member_index(&lb.members);
     let mut records: Vec<&ServiceRecord> = lb.services.iter().collect();
-    records.sort_by_key(|s| s.frontend);
+    records.sort_by_key(|s| (s.frontend, s.scope));
     let services = records
         .into_iter()
         .map(|s| service(s, lb, members.get(&s.entry.id)))
@@ -237,6 +242,10 @@ fn service(
         frontend: s.frontend.addr,
         protocol: protocol_name(s.frontend.proto),
         family: Family::of(&s.frontend.addr),
+        clients: match s.scope {
+            SCOPE_LOCAL => "local",
+            _ => "all",
+        },
         service_id: e.id,
         algorithm: algorithm_name(e.algorithm),
         flags: flag_names(e.flags),

@@ -17,7 +17,11 @@ pub fn services(report: &ServicesReport) -> String {
 }
 
 fn service(s: &ServiceView) -> String {
-    let mut out = format!("{}/{}\n", s.frontend, s.protocol);
+    let clients = match s.clients {
+        "local" => "  (this node's clients)",
+        _ => "",
+    };
+    let mut out = format!("{}/{}{clients}\n", s.frontend, s.protocol);
     let mut facts = vec![
         format!("service {}", s.service_id),
         format!("algorithm {}", s.algorithm),

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use proxy_common::{
     ALG_MAGLEV, ALG_ROUND_ROBIN, BACKEND_TERMINATING, CT_EGRESS, CT_FORWARD, CT_REPLY,
     CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_SYN, Connections, Counter, IPPROTO_TCP,
-    IPPROTO_UDP, SVC_AFFINITY, SVC_REPLY_AT_EGRESS, Service, ServiceStats, SlotKey,
+    IPPROTO_UDP, SCOPE_ALL, SCOPE_LOCAL, SVC_AFFINITY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
+    Service, ServiceStats, SlotKey,
 };
 use serde_json::json;
 
@@ -31,6 +32,7 @@ fn tcp(text: &str) -> Endpoint {
 fn service(frontend: &str, entry: Service) -> ServiceRecord {
     ServiceRecord {
         frontend: tcp(frontend),
+        scope: SCOPE_ALL,
         entry,
     }
 }
@@ -98,6 +100,7 @@ fn a_listed_service_shows_slots_then_members_without_one() {
             "frontend": "10.96.0.10:80",
             "protocol": "TCP",
             "family": "ipv4",
+            "clients": "all",
             "service_id": 1,
             "algorithm": "round-robin",
             "flags": ["reply-at-egress", "affinity"],
@@ -484,4 +487,23 @@ fn enum_names_match_their_json() {
             json!(family.name())
         );
     }
+}
+
+#[test]
+fn a_local_twin_is_shown_after_the_entry_for_every_client() {
+    let mut lb = listed();
+    let mut twin = lb.services[0];
+    twin.scope = SCOPE_LOCAL;
+    twin.entry.id = 7;
+    lb.services[0].entry.flags |= SVC_LOCAL_TWIN;
+    lb.services.insert(0, twin);
+    let report = report::services(&lb);
+    let clients: Vec<&str> = report.services.iter().map(|s| s.clients).collect();
+    assert_eq!(clients, ["all", "local"]);
+    assert!(report.services[0].flags.contains(&"local-twin".to_string()));
+    let text = table::services(&report);
+    assert!(
+        text.contains("10.96.0.10:80/TCP  (this node's clients)\n  service 7"),
+        "{text}"
+    );
 }
