@@ -9,6 +9,12 @@
 //! after the agent started, and a pod elsewhere behind the router. It
 //! balances round-robin, so a few consecutive flows reach every backend
 //! and "reaches every backend" is exact, not a matter of luck.
+//!
+//! The agent runs with `--kube-apiserver http://10.0.8.2:6443` (the direct
+//! address) and `--iface auto --iface 'veth*' --iface 'cali*' --iface cni0`;
+//! `default/kubernetes` (10.96.0.1:443) points at the same server's other
+//! address, 10.0.8.3:6443, so a test can take the direct address away from
+//! the node (a prohibit route) and leave the Service working.
 
 use std::{
     collections::BTreeSet,
