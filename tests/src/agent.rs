@@ -88,6 +88,24 @@ impl Agent {
         Self::start_with(binary()?, node, source, ifaces)
     }
 
+    /// As `start_kube`, with more flags of `run` (`--kube-apiserver URL`).
+    pub fn start_kube_flags(
+        node: &Netns,
+        kubeconfig: &Path,
+        node_name: &str,
+        ifaces: &[String],
+        flags: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let mut source: Vec<std::ffi::OsString> = vec![
+            "--kubeconfig".into(),
+            kubeconfig.as_os_str().to_owned(),
+            "--node-name".into(),
+            node_name.into(),
+        ];
+        source.extend(flags.iter().map(Into::into));
+        Self::start_with(binary()?, node, source, ifaces)
+    }
+
     /// As `start`, as the node named `node_name`.
     pub fn start_named(
         node: &Netns,
@@ -227,6 +245,11 @@ impl Agent {
             self.binary = binary;
         }
         self.spawn()
+    }
+
+    /// Where the agent's log is written (it outlives the process).
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     pub fn log(&self) -> String {

@@ -22,7 +22,6 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, TcpListener},
     path::PathBuf,
     process::{Child, Stdio},
-    sync::Once,
     thread,
     time::{Duration, Instant},
 };
@@ -72,21 +71,6 @@ const REMOTE_BACKEND: &str = "remote";
 
 fn apiserver_url() -> String {
     format!("http://{APISERVER_DIRECT}:{APISERVER_PORT}")
-}
-
-/// `--kube-apiserver` for every agent of this test binary. The harness's
-/// `Agent::start_kube` takes no extra flags, and the agent reads the flag
-/// from XDPROXY_KUBE_APISERVER too; the address is the same for every test
-/// here (each has its own namespaces), so it is set once, before any test
-/// starts a process.
-fn kube_apiserver_flag() {
-    static SET: Once = Once::new();
-    SET.call_once(|| {
-        // SAFETY: every test calls this first thing, and Once makes the
-        // others wait, so no thread of this binary reads the environment
-        // while it is written (std's own readers take its lock anyway).
-        unsafe { std::env::set_var("XDPROXY_KUBE_APISERVER", apiserver_url()) };
-    });
 }
 
 /// A backend of `demo/web`: its server's name and addresses.
@@ -244,7 +228,6 @@ impl Lab {
     /// server and the agent, and waits until the agent's watches have moved
     /// to the kubernetes Service.
     fn start(tag: &str) -> anyhow::Result<Lab> {
-        kube_apiserver_flag();
         let mut net = EmulatedNode::build(&unique_prefix(tag))?;
         net.add_routed_pod()?;
         let servers = vec![
@@ -286,7 +269,9 @@ impl Lab {
         let kubeconfig = scratch.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_text()).context("kubeconfig")?;
         let ifaces: Vec<String> = IFACES.iter().map(|s| s.to_string()).collect();
-        let mut agent = Agent::start_kube(&net.node, &kubeconfig, NODE, &ifaces)?;
+        let apiserver = format!("--kube-apiserver={}", apiserver_url());
+        let mut agent =
+            Agent::start_kube_flags(&net.node, &kubeconfig, NODE, &ifaces, &[&apiserver])?;
         agent.wait_for_log(MOVED, Duration::from_secs(15))?;
         Ok(Lab {
             agent,
@@ -813,16 +798,7 @@ fn no_request_fails_across_an_agent_restart_and_the_api_server_stays_reachable()
     const RUN_MS: u64 = 12_000;
     let mut lab = Lab::start("nds")?;
     lab.add_late_pod()?;
-    // Where Agent writes its log (tests/src/agent.rs); checked against
-    // Agent::log before it is relied on.
-    let log_path = std::env::temp_dir()
-        .join(format!("xdproxy-{}", lab.net.node.name()))
-        .join("agent.log");
-    ensure!(
-        std::fs::read_to_string(&log_path).ok() == Some(lab.agent.log()),
-        "the agent's log is not at {}",
-        log_path.display()
-    );
+    let log_path = lab.agent.log_path().to_path_buf();
 
     let run = RUN_MS.to_string();
     let web = target(WEB_VIP, HTTP_PORT);

@@ -309,7 +309,9 @@ struct Running {
 }
 
 impl Running {
-    /// Its lines, and the removal's time on its clock.
+    /// Its lines, and the removal's time on its clock. The probe's clock
+    /// starts a little after `started` (nsenter and the probe still have to
+    /// start): lines a moment before `at` may be after the removal.
     fn finish(self, removed_at: Instant) -> anyhow::Result<(Vec<Value>, u64)> {
         let at = removed_at.duration_since(self.started).as_millis() as u64;
         let output = self.child.wait_with_output().context("probe output")?;
@@ -317,12 +319,16 @@ impl Running {
     }
 }
 
+/// How much later than its spawn a probe's clock may start.
+const PROBE_START_SLACK_MS: u64 = 200;
+
 /// The backend each probe talked to before `at` (None: it was not yet
 /// answering), checking it never changed before then.
 fn backend_before(lines: &[Value], at: u64) -> anyhow::Result<Option<String>> {
+    let surely_before = at.saturating_sub(PROBE_START_SLACK_MS);
     let before: BTreeSet<&str> = lines
         .iter()
-        .filter(|l| l["t_ms"].as_u64().is_some_and(|t| t < at) && l["ok"] == true)
+        .filter(|l| l["t_ms"].as_u64().is_some_and(|t| t < surely_before) && l["ok"] == true)
         .filter_map(|l| l["backend"].as_str())
         .collect();
     ensure!(before.len() <= 1, "moved before the removal: {before:?}");
@@ -372,7 +378,11 @@ fn a_backend_that_leaves_takes_its_sockets_with_it() -> anyhow::Result<()> {
         let before = backend_before(&out, at)?;
         let after: Vec<&Value> = out
             .iter()
-            .filter(|l| l["t_ms"].as_u64().is_some_and(|t| t >= at))
+            .filter(|l| {
+                l["t_ms"]
+                    .as_u64()
+                    .is_some_and(|t| t >= at.saturating_sub(PROBE_START_SLACK_MS))
+            })
             .collect();
         let last = after
             .last()
@@ -398,9 +408,9 @@ fn a_backend_that_leaves_takes_its_sockets_with_it() -> anyhow::Result<()> {
             .and_then(|l| l["t_ms"].as_u64())
             .context("never moved")?;
         ensure!(
-            first_live - at < 1000,
+            first_live.saturating_sub(at) < 1000,
             "the stream moved {} ms after the removal: {after:?}",
-            first_live - at
+            first_live.saturating_sub(at)
         );
         // A destroyed UDP socket is disconnected: its next send fails
         // (EDESTADDRREQ, or ECONNABORTED on a receive).
