@@ -44,100 +44,71 @@ pub trait SockFamily: Family {
     fn netns_client(netns_cookie: u64) -> Self::Addr;
 }
 
-impl SockFamily for V4 {
-    #[inline(always)]
-    fn sock_get(key: SockKey<u32>) -> Option<Translation<u32>> {
-        let key = SockNat4Key {
-            cookie: key.cookie,
-            addr: key.addr,
-            port: key.port,
-            proto: key.proto,
-            direction: key.direction,
-        };
-        // SAFETY: a copy out of a live map value.
-        let value = unsafe { *SOCK_NAT4.get_ptr(key)? };
-        Some(Translation {
-            netns_cookie: value.netns_cookie,
-            addr: value.addr,
-            port: value.port,
-            backend_id: value.backend_id,
-            service_id: value.service_id,
-        })
-    }
+/// The map access of one family: the two families' maps differ only in
+/// their key and value types.
+macro_rules! sock_family {
+    ($family:ty, $addr:ty, $key:ident, $value:ident, $map:ident, $client:ident) => {
+        impl SockFamily for $family {
+            #[inline(always)]
+            fn sock_get(key: SockKey<$addr>) -> Option<Translation<$addr>> {
+                let key = $key {
+                    cookie: key.cookie,
+                    addr: key.addr,
+                    port: key.port,
+                    proto: key.proto,
+                    direction: key.direction,
+                    ..Default::default()
+                };
+                // SAFETY: a copy out of a live map value.
+                let value = unsafe { *$map.get_ptr(key)? };
+                Some(Translation {
+                    netns_cookie: value.netns_cookie,
+                    addr: value.addr,
+                    port: value.port,
+                    backend_id: value.backend_id,
+                    service_id: value.service_id,
+                })
+            }
 
-    #[inline(always)]
-    fn sock_insert(key: SockKey<u32>, value: Translation<u32>) -> Result<(), i32> {
-        let key = SockNat4Key {
-            cookie: key.cookie,
-            addr: key.addr,
-            port: key.port,
-            proto: key.proto,
-            direction: key.direction,
-        };
-        let value = SockNat4 {
-            netns_cookie: value.netns_cookie,
-            addr: value.addr,
-            port: value.port,
-            _pad: 0,
-            backend_id: value.backend_id,
-            service_id: value.service_id,
-        };
-        SOCK_NAT4.insert(key, value, 0)
-    }
+            #[inline(always)]
+            fn sock_insert(key: SockKey<$addr>, value: Translation<$addr>) -> Result<(), i32> {
+                let key = $key {
+                    cookie: key.cookie,
+                    addr: key.addr,
+                    port: key.port,
+                    proto: key.proto,
+                    direction: key.direction,
+                    ..Default::default()
+                };
+                let value = $value {
+                    netns_cookie: value.netns_cookie,
+                    addr: value.addr,
+                    port: value.port,
+                    backend_id: value.backend_id,
+                    service_id: value.service_id,
+                    ..Default::default()
+                };
+                $map.insert(key, value, 0)
+            }
 
-    #[inline(always)]
-    fn netns_client(netns_cookie: u64) -> u32 {
-        // The first octet (the lowest byte in memory) stays 0.
-        (crate::hash::mix(netns_cookie as u32 ^ (netns_cookie >> 32) as u32)) << 8
-    }
+            #[inline(always)]
+            fn netns_client(netns_cookie: u64) -> $addr {
+                $client(netns_cookie)
+            }
+        }
+    };
 }
 
-impl SockFamily for V6 {
-    #[inline(always)]
-    fn sock_get(key: SockKey<Addr6>) -> Option<Translation<Addr6>> {
-        let key = SockNat6Key {
-            cookie: key.cookie,
-            addr: key.addr,
-            port: key.port,
-            proto: key.proto,
-            direction: key.direction,
-            _pad: 0,
-        };
-        // SAFETY: a copy out of a live map value.
-        let value = unsafe { *SOCK_NAT6.get_ptr(key)? };
-        Some(Translation {
-            netns_cookie: value.netns_cookie,
-            addr: value.addr,
-            port: value.port,
-            backend_id: value.backend_id,
-            service_id: value.service_id,
-        })
-    }
+sock_family!(V4, u32, SockNat4Key, SockNat4, SOCK_NAT4, netns_client_v4);
+sock_family!(V6, Addr6, SockNat6Key, SockNat6, SOCK_NAT6, netns_client_v6);
 
-    #[inline(always)]
-    fn sock_insert(key: SockKey<Addr6>, value: Translation<Addr6>) -> Result<(), i32> {
-        let key = SockNat6Key {
-            cookie: key.cookie,
-            addr: key.addr,
-            port: key.port,
-            proto: key.proto,
-            direction: key.direction,
-            _pad: 0,
-        };
-        let value = SockNat6 {
-            netns_cookie: value.netns_cookie,
-            addr: value.addr,
-            port: value.port,
-            _pad: 0,
-            backend_id: value.backend_id,
-            service_id: value.service_id,
-            _pad2: 0,
-        };
-        SOCK_NAT6.insert(key, value, 0)
-    }
+/// The first octet (the lowest byte in memory) stays 0.
+#[inline(always)]
+fn netns_client_v4(netns_cookie: u64) -> u32 {
+    crate::hash::mix(netns_cookie as u32 ^ (netns_cookie >> 32) as u32) << 8
+}
 
-    #[inline(always)]
-    fn netns_client(netns_cookie: u64) -> Addr6 {
-        [0, 0, netns_cookie as u32, (netns_cookie >> 32) as u32]
-    }
+#[inline(always)]
+fn netns_client_v6(netns_cookie: u64) -> Addr6 {
+    [0, 0, netns_cookie as u32, (netns_cookie >> 32) as u32]
 }
