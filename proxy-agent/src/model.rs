@@ -587,11 +587,15 @@ impl FrontendOf<'_> {
         let spec = self.service.spec.as_ref();
         let external_local =
             spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+        let internal_local =
+            spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
         let internal = wanted.backends(self.service, false, node);
         let external = wanted.backends(self.service, true, node);
-        // Endpoints elsewhere, none here: kube-proxy drops instead of refusing.
-        let drop_external =
-            external.is_empty() && external_local && !wanted.backends_anywhere().is_empty();
+        // Endpoints elsewhere, none here: kube-proxy drops instead of
+        // refusing, for either traffic policy.
+        let elsewhere = !wanted.backends_anywhere().is_empty();
+        let drop_external = external.is_empty() && external_local && elsewhere;
+        let drop_internal = internal.is_empty() && internal_local && elsewhere;
         let affinity = affinity_timeout(self.service).ok().flatten();
         let balancing =
             balancing::of_service(self.service, node.balancing).unwrap_or(node.balancing);
@@ -620,7 +624,11 @@ impl FrontendOf<'_> {
                 } else {
                     Vec::new()
                 },
-                drop_when_empty: external_scope && drop_external,
+                drop_when_empty: if external_scope {
+                    drop_external
+                } else {
+                    drop_internal
+                },
                 snat: external_scope && !external_local,
                 terminating: if external_scope {
                     external_terminating.clone()
@@ -811,8 +819,11 @@ fn addresses(service: &Service, cluster: Vec<IpAddr>) -> Vec<(IpAddr, Scope)> {
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten();
+        // ipMode: Proxy (KEP-1860): the load balancer proxies to the nodes
+        // and its address must not be captured on them.
         out.extend(
             ingress
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
                 .filter_map(|i| i.ip.as_deref()?.parse().ok())
                 .map(|a| (a, Scope::LoadBalancer)),
         );
@@ -953,8 +964,10 @@ fn endpoints(
             let c = endpoint.conditions.as_ref();
             let ok = match wanted {
                 Condition::Ready => c.and_then(|c| c.ready).unwrap_or(true),
+                // As kube-proxy reads them: an omitted `serving` is true,
+                // an omitted `terminating` false.
                 Condition::ServingTerminating => {
-                    c.and_then(|c| c.serving).unwrap_or(false)
+                    c.and_then(|c| c.serving).unwrap_or(true)
                         && c.and_then(|c| c.terminating).unwrap_or(false)
                 }
                 Condition::Terminating => c.and_then(|c| c.terminating).unwrap_or(false),

@@ -355,6 +355,17 @@ spec:
         vec![],
         "no local endpoint, no backend"
     );
+    // Endpoints elsewhere: kube-proxy drops, it does not refuse.
+    assert!(desired.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)].drop_when_empty);
+    let nowhere = objects(
+        &[("default", svc)],
+        &[("default", &slice("web-1", "web", "[]"))],
+    );
+    let desired = model::desired(&nowhere);
+    assert!(
+        !desired.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)].drop_when_empty,
+        "no endpoint anywhere: refused"
+    );
     objs.node_name = None;
     assert_eq!(
         backends_of(
@@ -767,5 +778,66 @@ fn a_single_stack_service_opens_no_node_port_on_the_other_family() {
         desired.frontends.keys().all(|f| f.addr.is_ipv4()),
         "no IPv6 NodePort for an IPv4-only Service: {:?}",
         desired.frontends.keys()
+    );
+}
+
+#[test]
+fn omitted_conditions_read_as_kube_proxy_reads_them() {
+    // ready omitted: ready; serving omitted: serving; terminating omitted:
+    // not terminating. A terminating endpoint without `serving` is the
+    // fallback when nothing is ready.
+    let s = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], conditions: {ready: false, terminating: true}},
+            {addresses: [10.1.2.2], conditions: {ready: false, serving: false, terminating: true}}]"#,
+    );
+    let objs = objects(&[("default", WEB)], &[("default", &s)]);
+    let desired = model::desired(&objs);
+    assert_eq!(
+        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        vec![be([10, 1, 1, 2], 8080)]
+    );
+    let s = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.3.2], conditions: {}}]"#,
+    );
+    let objs = objects(&[("default", WEB)], &[("default", &s)]);
+    assert_eq!(
+        backends_of(
+            &model::desired(&objs),
+            fe([10, 96, 0, 10], 80, Protocol::Tcp)
+        ),
+        vec![be([10, 1, 3, 2], 8080)]
+    );
+}
+
+#[test]
+fn load_balancer_ingress_in_proxy_mode_is_not_captured() {
+    let svc = r#"
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1, ipMode: Proxy}, {ip: 198.51.100.2, ipMode: VIP}, {ip: 198.51.100.3}]
+"#;
+    let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
+    let desired = model::desired(&objects(&[("default", svc)], &[("default", &s)]));
+    let ingress: Vec<IpAddr> = desired
+        .frontends
+        .iter()
+        .filter(|(_, state)| state.scope == model::Scope::LoadBalancer)
+        .map(|(f, _)| f.addr)
+        .collect();
+    assert_eq!(
+        ingress,
+        vec![
+            IpAddr::from([198, 51, 100, 2]),
+            IpAddr::from([198, 51, 100, 3])
+        ]
     );
 }
