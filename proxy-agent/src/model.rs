@@ -21,6 +21,24 @@ use crate::{
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// Services (and their slices) another proxy serves.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller on slices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The label selector that leaves both out, as kube-proxy's informers do:
+/// the API server never even lists them to the agent.
+pub const OURS_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// False for objects kube-proxy leaves alone: those of another service
+/// proxy, and headless ones.
+pub fn ours(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    let labels = meta.labels.as_ref();
+    ![SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]
+        .iter()
+        .any(|l| labels.is_some_and(|m| m.contains_key(*l)))
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectKey {
     pub namespace: String,

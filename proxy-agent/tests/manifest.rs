@@ -241,3 +241,25 @@ fn an_invalid_cluster_ip_names_its_field() {
         load.errors[0]
     );
 }
+
+#[test]
+fn objects_of_another_proxy_and_headless_ones_are_ignored() {
+    let dir = Dir::new();
+    let other = service("other", "80").replace(
+        "metadata: {name: other, namespace: demo}",
+        "metadata: {name: other, namespace: demo, labels: {service.kubernetes.io/service-proxy-name: someone-else}}",
+    );
+    let headless_slice = SLICE.replace(
+        "labels: {kubernetes.io/service-name: web}",
+        "labels: {kubernetes.io/service-name: web, service.kubernetes.io/headless: \"\"}",
+    );
+    let file = dir.write(
+        "all.yaml",
+        &format!("{}---\n{other}---\n{headless_slice}", service("web", "80")),
+    );
+    let (_, load) = load(&file);
+    assert!(load.errors.is_empty(), "{:?}", load.errors);
+    let services: Vec<&ObjectKey> = load.objects.services.keys().collect();
+    assert_eq!(services, vec![&key("demo", "web")]);
+    assert!(load.objects.slices.is_empty());
+}

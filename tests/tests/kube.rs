@@ -277,3 +277,62 @@ fn api_trouble_never_costs_traffic_and_the_agent_catches_up() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn services_of_another_proxy_and_headless_slices_are_never_listed() -> anyhow::Result<()> {
+    if !common::ready("services_of_another_proxy_and_headless_slices_are_never_listed") {
+        return Ok(());
+    }
+    let other_vip = "10.96.0.11";
+    let other = manifests::service()
+        .replace(
+            "name: web\n",
+            "name: other\n  labels: {service.kubernetes.io/service-proxy-name: someone-else}\n",
+        )
+        .replace(&VIP.to_string(), other_vip);
+    let other_slice = manifests::slice(&[1])
+        .replace("name: web-1", "name: other-1")
+        .replace(
+            "kubernetes.io/service-name: web",
+            "kubernetes.io/service-name: other",
+        );
+    // A slice of `web` the EndpointSlice controller marked headless: not ours.
+    let headless_slice = manifests::slice(&[2])
+        .replace("name: web-1", "name: web-headless")
+        .replace(
+            "labels: {kubernetes.io/service-name: web}",
+            "labels: {kubernetes.io/service-name: web, service.kubernetes.io/headless: \"\"}",
+        );
+    let mut objects = web(&[0]);
+    objects.extend([json(&other), json(&other_slice), json(&headless_slice)]);
+    let mut lab = KubeLab::start("own", &objects)?;
+    lab.reach("backend0")?;
+    for _ in 0..50 {
+        assert_eq!(
+            lab.connect()?.get()?,
+            "backend0",
+            "a headless slice's endpoint was used"
+        );
+    }
+    let out = std::process::Command::new(proxy_tests::agent::binary()?)
+        .args(["inspect", "services", "-o", "json", "--bpffs"])
+        .arg(lab.agent().bpffs())
+        .output()
+        .context("proxy-agent inspect services")?;
+    let report: Value = serde_json::from_slice(&out.stdout).context("inspect json")?;
+    let frontends: Vec<&str> = report["services"]
+        .as_array()
+        .context("services")?
+        .iter()
+        .filter_map(|s| s["frontend"].as_str())
+        .collect();
+    assert!(
+        frontends.iter().all(|f| !f.starts_with(other_vip)),
+        "another proxy's Service was programmed: {frontends:?}"
+    );
+    assert!(
+        frontends.iter().any(|f| f.starts_with(&VIP.to_string())),
+        "{frontends:?}"
+    );
+    Ok(())
+}

@@ -146,7 +146,7 @@ impl Drop for Watches {
 
 /// Starts the three watches; their events arrive on `changes`.
 pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) -> Watches {
-    let all = watcher::Config::default();
+    let all = watcher::Config::default().labels(crate::model::OURS_SELECTOR);
     let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     Watches(vec![
         spawn(

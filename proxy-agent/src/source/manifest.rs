@@ -370,13 +370,13 @@ fn objects(found: &BTreeMap<Id, (PathBuf, Object)>) -> Objects {
     let mut out = Objects::default();
     for ((_, key), (_, object)) in found {
         match object {
-            Object::Service(s) => {
+            Object::Service(s) if model::ours(&s.metadata) => {
                 out.services.insert(key.clone(), (**s).clone());
             }
-            Object::Slice(s) => {
+            Object::Slice(s) if model::ours(&s.metadata) => {
                 out.slices.insert(key.clone(), (**s).clone());
             }
-            Object::Node(_) => {}
+            _ => {}
         }
     }
     out
