@@ -664,7 +664,7 @@ impl FrontendOf<'_> {
         };
         // Local clients of externalTrafficPolicy: Local frontends reach every
         // endpoint, where outside clients reach this node's only.
-        let cluster = wanted.cluster_backends(self.service, node);
+        let cluster = wanted.cluster_backends(node);
         let twin = external_local && cluster != external;
         let local_state = |scope: Scope| FrontendState {
             backends: cluster.clone(),
@@ -749,32 +749,24 @@ impl Wanted<'_> {
         } else {
             spec.and_then(|s| s.internal_traffic_policy.as_deref())
         };
-        let (only, zone) = match policy {
+        let (only, here) = match policy {
             Some("Local") => (Only::Node(node.node_name.as_deref()), None),
-            _ => {
-                let zone = wants_topology(service)
-                    .then_some(node.node_zone.as_deref())
-                    .flatten();
-                (Only::Any, zone)
-            }
+            _ => (Only::Any, Some(Here::of(node))),
         };
-        backends(&self.of_family(), self.port_name, self.protocol, only, zone)
+        backends(&self.of_family(), self.port_name, self.protocol, only, here)
     }
 
     /// The backends under the Cluster policy, whatever the Service's
     /// traffic policies say: what pods and processes on this node reach
     /// through an external address (kube-proxy sends them to the cluster
     /// endpoints).
-    fn cluster_backends(&self, service: &Service, node: &Objects) -> Vec<SocketAddr> {
-        let zone = wants_topology(service)
-            .then_some(node.node_zone.as_deref())
-            .flatten();
+    fn cluster_backends(&self, node: &Objects) -> Vec<SocketAddr> {
         backends(
             &self.of_family(),
             self.port_name,
             self.protocol,
             Only::Any,
-            zone,
+            Some(Here::of(node)),
         )
     }
 
@@ -867,7 +859,7 @@ fn backends(
     port_name: &str,
     protocol: Protocol,
     only: Only,
-    zone: Option<&str>,
+    here: Option<Here>,
 ) -> Vec<SocketAddr> {
     let ready = endpoints(slices, port_name, protocol, Condition::Ready, only, None);
     if ready.is_empty() {
@@ -880,59 +872,94 @@ fn backends(
             None,
         );
     }
-    match zone.filter(|z| hints_usable(slices, z)) {
-        Some(zone) => endpoints(
+    match here.and_then(|h| hint(slices, h)) {
+        Some(hint) => endpoints(
             slices,
             port_name,
             protocol,
             Condition::Ready,
             only,
-            Some(zone),
+            Some(hint),
         ),
         None => ready,
     }
 }
 
-/// Whether the Service asks for topology-aware routing: the
-/// `service.kubernetes.io/topology-mode: Auto` annotation (or its older
-/// `topology-aware-hints` form) or `trafficDistribution: PreferClose`.
-fn wants_topology(service: &Service) -> bool {
-    let annotations = service.metadata.annotations.as_ref();
-    let auto = |key: &str| {
-        annotations
-            .and_then(|a| a.get(key))
-            .is_some_and(|v| v.eq_ignore_ascii_case("auto"))
-    };
-    let spec = service.spec.as_ref();
-    let prefer_close = spec.and_then(|s| s.traffic_distribution.as_deref()) == Some("PreferClose");
-    auto("service.kubernetes.io/topology-mode")
-        || auto("service.kubernetes.io/topology-aware-hints")
-        || prefer_close
+/// This node, as topology hints name it.
+#[derive(Clone, Copy)]
+struct Here<'a> {
+    node: Option<&'a str>,
+    zone: Option<&'a str>,
 }
 
-/// kube-proxy's rule: zone hints are used only if every ready endpoint has
-/// some and at least one is for this zone; otherwise all endpoints serve.
-fn hints_usable(slices: &[&EndpointSlice], zone: &str) -> bool {
+impl<'a> Here<'a> {
+    fn of(objects: &'a Objects) -> Here<'a> {
+        Here {
+            node: objects.node_name.as_deref(),
+            zone: objects.node_zone.as_deref(),
+        }
+    }
+}
+
+/// Which endpoints topology hints keep for this node.
+#[derive(Clone, Copy)]
+enum Hint<'a> {
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+/// kube-proxy's rule, from the hints alone (the EndpointSlice controller
+/// writes them for `trafficDistribution` and the topology annotation): if
+/// every ready endpoint has node hints and one names this node, those; else
+/// if every one has zone hints and one names this node's zone, those; else
+/// no filtering.
+fn hint<'a>(slices: &[&EndpointSlice], here: Here<'a>) -> Option<Hint<'a>> {
     let ready = slices
         .iter()
         .flat_map(|s| s.endpoints.iter())
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
-    let mut for_zone = false;
+    let (mut all_nodes, mut for_node, mut all_zones, mut for_zone) = (true, false, true, false);
     for endpoint in ready {
-        match endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref()) {
-            Some(zones) if !zones.is_empty() => for_zone |= zones.iter().any(|z| z.name == zone),
-            _ => return false,
+        let hints = endpoint.hints.as_ref();
+        match hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .filter(|n| !n.is_empty())
+        {
+            Some(nodes) => for_node |= nodes.iter().any(|n| Some(n.name.as_str()) == here.node),
+            None => all_nodes = false,
+        }
+        match hints
+            .and_then(|h| h.for_zones.as_ref())
+            .filter(|z| !z.is_empty())
+        {
+            Some(zones) => for_zone |= zones.iter().any(|z| Some(z.name.as_str()) == here.zone),
+            None => all_zones = false,
         }
     }
-    for_zone
+    if all_nodes && for_node {
+        return here.node.map(Hint::Node);
+    }
+    if all_zones && for_zone {
+        return here.zone.map(Hint::Zone);
+    }
+    None
 }
 
-fn hinted_for(endpoint: &k8s_openapi::api::discovery::v1::Endpoint, zone: Option<&str>) -> bool {
-    let Some(zone) = zone else {
-        return true;
-    };
-    let zones = endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref());
-    zones.into_iter().flatten().any(|z| z.name == zone)
+fn hinted_for(endpoint: &k8s_openapi::api::discovery::v1::Endpoint, hint: Option<Hint>) -> bool {
+    let hints = endpoint.hints.as_ref();
+    match hint {
+        None => true,
+        Some(Hint::Node(node)) => hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|n| n.name == node),
+        Some(Hint::Zone(zone)) => hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|z| z.name == zone),
+    }
 }
 
 /// Which endpoints a frontend may use: all, or those on one node (none when
@@ -965,7 +992,7 @@ fn endpoints(
     protocol: Protocol,
     wanted: Condition,
     only: Only,
-    zone: Option<&str>,
+    hint: Option<Hint>,
 ) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for slice in slices {
@@ -994,7 +1021,7 @@ fn endpoints(
                 .addresses
                 .first()
                 .and_then(|a| a.parse::<IpAddr>().ok());
-            let here = only.admits(endpoint.node_name.as_deref()) && hinted_for(endpoint, zone);
+            let here = only.admits(endpoint.node_name.as_deref()) && hinted_for(endpoint, hint);
             if let (true, true, Some(addr)) = (ok, here, addr) {
                 out.push(SocketAddr::new(addr, number));
             }

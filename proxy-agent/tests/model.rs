@@ -417,10 +417,12 @@ fn topology_hints_keep_traffic_in_the_zone_as_kube_proxy_does() {
         2,
         "unknown zone: all serve"
     );
+    // The hints alone decide, as in kube-proxy: the EndpointSlice
+    // controller writes them only for Services that asked.
     assert_eq!(
-        with(&plain, &hinted, Some("a")).len(),
-        2,
-        "not asked for: all serve"
+        with(&plain, &hinted, Some("a")),
+        vec![be([10, 1, 1, 2], 8080)],
+        "hints are followed whatever the Service says"
     );
     let annotated = plain.replace(
         "metadata: {name: web}",
@@ -440,6 +442,45 @@ fn topology_hints_keep_traffic_in_the_zone_as_kube_proxy_does() {
         with(&svc(""), &partly, Some("a")).len(),
         2,
         "an endpoint without hints disables them"
+    );
+}
+
+#[test]
+fn node_hints_come_before_zone_hints() {
+    let svc =
+        "metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}";
+    let hinted = slice(
+        "web-1",
+        "web",
+        r#"[{addresses: [10.1.1.2], hints: {forNodes: [{name: n1}], forZones: [{name: a}]}},
+            {addresses: [10.1.2.2], hints: {forNodes: [{name: n2}], forZones: [{name: a}]}},
+            {addresses: [10.1.3.2], hints: {forNodes: [{name: n3}], forZones: [{name: b}]}}]"#,
+    );
+    let with = |node: &str, zone: &str, slice: &str| {
+        let mut objs = objects(&[("default", svc)], &[("default", slice)]);
+        objs.node_name = Some(node.into());
+        objs.node_zone = Some(zone.into());
+        backends_of(
+            &model::desired(&objs),
+            fe([10, 96, 0, 10], 80, Protocol::Tcp),
+        )
+    };
+    assert_eq!(
+        with("n2", "a", &hinted),
+        vec![be([10, 1, 2, 2], 8080)],
+        "this node's"
+    );
+    assert_eq!(
+        with("n9", "a", &hinted),
+        vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)],
+        "no endpoint for this node: the zone's"
+    );
+    assert_eq!(with("n9", "z", &hinted).len(), 3, "neither: all");
+    let one_without = hinted.replace("forNodes: [{name: n3}], ", "");
+    assert_eq!(
+        with("n3", "b", &one_without),
+        vec![be([10, 1, 3, 2], 8080)],
+        "not every endpoint has node hints: zone hints decide"
     );
 }
 
