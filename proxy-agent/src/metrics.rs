@@ -61,6 +61,9 @@ pub struct Status {
     pub not_ready: Option<String>,
     pub frontends: usize,
     pub backends: usize,
+    /// Frontends another Service also claimed, at the last full pass: the
+    /// losers, not programmed.
+    pub frontend_conflicts: usize,
     /// Interfaces with the datapath attached (`--iface`).
     pub interfaces: usize,
     pub conntrack: Conntrack,
@@ -93,6 +96,7 @@ impl Default for Status {
             oldest_pending: Some(Instant::now()),
             not_ready: Some("initial sync not done".into()),
             frontends: 0,
+            frontend_conflicts: 0,
             backends: 0,
             interfaces: 0,
             conntrack: Conntrack::default(),
@@ -143,6 +147,11 @@ impl Status {
                 "xdproxy_backends",
                 "Backends programmed",
                 self.backends as f64,
+            ),
+            (
+                "xdproxy_frontend_conflicts",
+                "Frontends two Services claim, left to the better claim (allocated addresses win)",
+                self.frontend_conflicts as f64,
             ),
             (
                 "xdproxy_interfaces_attached",

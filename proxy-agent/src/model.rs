@@ -173,6 +173,15 @@ impl Scope {
     pub fn is_external(self) -> bool {
         self != Scope::ClusterIp
     }
+
+    /// An address the API server allocates (a cluster IP, a node port), as
+    /// opposed to one a Service's author writes (`externalIPs`) or a load
+    /// balancer reports: where both claim a frontend, the allocated one
+    /// wins, so nobody can take over another Service's address
+    /// (CVE-2020-8554).
+    pub fn is_allocated(self) -> bool {
+        matches!(self, Scope::ClusterIp | Scope::NodePort)
+    }
 }
 
 /// Where a frontend's traffic goes, and which Service port asked for it.
@@ -221,6 +230,8 @@ pub struct Desired {
     pub snat_addr6: Option<Ipv6Addr>,
     /// Things that are valid Kubernetes but cannot all be served (clashes).
     pub warnings: Vec<String>,
+    /// Frontends two Services claimed; each loser counted once.
+    pub conflicts: usize,
 }
 
 /// A field of an object that is not acceptable, with the reason.
@@ -384,23 +395,61 @@ pub fn desired(objects: &Objects) -> Desired {
         for (frontend, state) in
             service_frontends(key, service, &index.slices_of(objects, key), objects)
         {
-            match out.frontends.get(&frontend) {
-                Some(taken) => out.warnings.push(format!(
-                    "{}:{}/{:?} is claimed by Service {} and by Service {}; serving {}",
-                    frontend.addr,
-                    frontend.port,
-                    frontend.protocol,
-                    taken.service,
-                    key,
-                    taken.service
-                )),
-                None => {
-                    out.frontends.insert(frontend, state);
-                }
-            }
+            claim(&mut out, frontend, state);
         }
     }
+    // A local-client twin goes with the entry it completes.
+    let lost: Vec<Frontend> = out
+        .frontends
+        .iter()
+        .filter(|(f, s)| f.clients == Clients::Local && !completes(&out, f, s))
+        .map(|(f, _)| *f)
+        .collect();
+    for frontend in lost {
+        out.frontends.remove(&frontend);
+    }
     out
+}
+
+/// Adds a frontend unless another Service holds it with a better claim (an
+/// allocated address over a written one; else the first Service in name
+/// order); the loser is reported and counted.
+fn claim(out: &mut Desired, frontend: Frontend, state: FrontendState) {
+    let Some(taken) = out.frontends.get(&frontend) else {
+        out.frontends.insert(frontend, state);
+        return;
+    };
+    let wins = state.scope.is_allocated() && !taken.scope.is_allocated();
+    let (winner, loser) = match wins {
+        true => (&state, taken),
+        false => (taken, &state),
+    };
+    out.warnings.push(format!(
+        "{}:{}/{:?} is claimed by Service {} ({:?}) and by Service {} ({:?}); serving {}",
+        frontend.addr,
+        frontend.port,
+        frontend.protocol,
+        winner.service,
+        winner.scope,
+        loser.service,
+        loser.scope,
+        winner.service
+    ));
+    out.conflicts += 1;
+    if wins {
+        out.frontends.insert(frontend, state);
+    }
+}
+
+/// True if the `All` entry of a local twin's frontend is its Service's.
+fn completes(out: &Desired, twin: &Frontend, state: &FrontendState) -> bool {
+    let main = Frontend {
+        clients: Clients::All,
+        ..*twin
+    };
+    out.frontends
+        .get(&main)
+        .is_some_and(|m| m.service == state.service && m.local_twin)
 }
 
 /// What the named Services want now (an empty list for one that is gone),

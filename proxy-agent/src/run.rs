@@ -434,6 +434,7 @@ impl Programmer {
         for warning in &desired.warnings {
             log::warn!("{warning}");
         }
+        self.status(|s| s.frontend_conflicts = desired.conflicts);
         let report = self.reconciler.apply(&desired, &mut self.maps);
         self.sweep_stale_sockets();
         self.sync_health_checks(objects, &SliceIndex::new(objects), None);

@@ -207,8 +207,52 @@ fn two_services_claiming_one_frontend_is_a_warning_and_the_first_wins() {
     let desired = model::desired(&objects(&[("default", a), ("default", b)], &[]));
     assert_eq!(desired.frontends.len(), 1);
     assert_eq!(desired.warnings.len(), 1, "{:?}", desired.warnings);
+    assert_eq!(desired.conflicts, 1);
     let state = &desired.frontends[&fe([10, 96, 0, 13], 80, Protocol::Tcp)];
     assert_eq!(state.service, key("default", "a"));
+}
+
+#[test]
+fn an_allocated_address_wins_over_an_external_ip_claiming_it_whatever_the_names() {
+    // `default/a` sorts first and claims kube-dns's address as its
+    // LoadBalancer IP; the cluster IP keeps it (CVE-2020-8554).
+    let dns = "metadata: {name: kube-dns}\nspec: {clusterIP: 10.96.0.53, ports: [{port: 53, protocol: UDP}]}";
+    let a = r#"
+metadata: {name: a}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalTrafficPolicy: Local
+  ports: [{port: 53, protocol: UDP, nodePort: 30053}]
+status: {loadBalancer: {ingress: [{ip: 10.96.0.53}]}}
+"#;
+    let s = slice("a-1", "a", "[{addresses: [10.1.9.2], nodeName: elsewhere}]");
+    let objs = objects(&[("default", a), ("kube-system", dns)], &[("default", &s)]);
+    let desired = model::desired(&objs);
+    let dns_frontend = fe([10, 96, 0, 53], 53, Protocol::Udp);
+    assert_eq!(
+        desired.frontends[&dns_frontend].service,
+        key("kube-system", "kube-dns")
+    );
+    assert_eq!(
+        desired.frontends[&dns_frontend].scope,
+        model::Scope::ClusterIp
+    );
+    assert_eq!(desired.conflicts, 1, "{:?}", desired.warnings);
+    assert!(
+        desired
+            .warnings
+            .iter()
+            .all(|w| w.contains("serving kube-system/kube-dns"))
+    );
+    // And the loser's local-client twin does not linger.
+    assert!(
+        desired.frontends.iter().all(
+            |(f, s)| f.addr != dns_frontend.addr || s.service == key("kube-system", "kube-dns")
+        ),
+        "{:?}",
+        desired.frontends.keys().collect::<Vec<_>>()
+    );
 }
 
 #[test]

@@ -628,6 +628,35 @@ fn a_frontend_held_by_an_unchanged_service_is_not_taken() {
     assert_eq!(r.backend_count(), 1);
 }
 
+/// `change`, with the frontend claimed as an external IP.
+fn external(mut changes: proxy_agent::reconcile::Changes) -> proxy_agent::reconcile::Changes {
+    for (_, state) in changes.values_mut().flatten() {
+        state.scope = Scope::ExternalIp;
+    }
+    changes
+}
+
+#[test]
+fn in_partial_passes_an_allocated_address_wins_over_an_external_ip() {
+    // An external IP holds the frontend; the cluster IP the API server
+    // allocated there takes it over.
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let report = r.apply_changes(&external(change(&[("intruder", 80, &[5])])), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let report = r.apply_changes(&change(&[("dns", 80, &[1])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1]));
+    // The external IP cannot take it back, changing alone or with it.
+    let report = r.apply_changes(&external(change(&[("intruder", 80, &[6])])), &mut maps);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    let mut both = external(change(&[("intruder", 80, &[7])]));
+    both.extend(change(&[("dns", 80, &[1, 2])]));
+    let report = r.apply_changes(&both, &mut maps);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1, 2]));
+}
+
 #[test]
 fn partial_and_full_passes_agree() {
     let mut partial_maps = FakeMaps::default();

@@ -181,6 +181,7 @@ impl Reconciler {
             ranges: BTreeSet::new(),
             slots: kept,
             owner: None,
+            scope: None,
         };
         self.frontends.insert(*frontend, applied);
         Some(len)

@@ -101,6 +101,8 @@ struct Applied {
     slots: Vec<u32>,
     /// The Service it was programmed for (None: adopted, not yet claimed).
     owner: Option<ObjectKey>,
+    /// How that Service reaches it (None: adopted).
+    scope: Option<Scope>,
 }
 
 /// Outcome of one pass: how many writes, and what could not be done (the
@@ -256,10 +258,10 @@ impl Reconciler {
         maps: &mut dyn Maps,
         report: &mut Report,
     ) {
-        let holder = self.frontends.get(&frontend).and_then(|a| a.owner.as_ref());
-        if let Some(holder) = holder.filter(|h| *h != owner && !changes.contains_key(*h)) {
+        if let Some(holder) = self.held_against(owner, frontend, state, changes) {
             report.errors.push(format!(
-                "{frontend:?} is wanted by {owner} but held by {holder}; kept for {holder}"
+                "{frontend:?} is wanted by {owner} ({:?}) but held by {holder}; kept for {holder}",
+                state.scope
             ));
             return;
         }
@@ -274,6 +276,32 @@ impl Reconciler {
                 .errors
                 .push(format!("{frontend:?}: {e:#}; kept as far as written"));
         }
+    }
+
+    /// The other Service that keeps `frontend` from `owner`: one that still
+    /// wants it and has the better claim (an allocated address over a
+    /// written one; between equals, the one holding it, unless it changes
+    /// in this pass too).
+    fn held_against(
+        &self,
+        owner: &ObjectKey,
+        frontend: Frontend,
+        state: &FrontendState,
+        changes: &Changes,
+    ) -> Option<ObjectKey> {
+        let applied = self.frontends.get(&frontend)?;
+        let holder = applied.owner.as_ref().filter(|h| *h != owner)?;
+        let still_wanted = changes
+            .get(holder)
+            .is_none_or(|wanted| wanted.iter().any(|(f, _)| *f == frontend));
+        let held_allocated = applied.scope.is_some_and(Scope::is_allocated);
+        let mine_allocated = state.scope.is_allocated();
+        let keeps = match (held_allocated, mine_allocated) {
+            (true, false) => true,
+            (false, true) => false,
+            _ => !changes.contains_key(holder),
+        };
+        (still_wanted && keeps).then(|| holder.clone())
     }
 
     /// The frontend's slots and members in backend ids (None: a backend has
@@ -410,6 +438,9 @@ impl Reconciler {
         report: &mut Report,
     ) -> anyhow::Result<()> {
         self.entry(frontend, owner, maps)?;
+        if let Some(applied) = self.frontends.get_mut(&frontend) {
+            applied.scope = Some(state.scope);
+        }
         let Reconciler {
             frontends,
             refs,
