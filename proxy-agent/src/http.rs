@@ -87,15 +87,18 @@ fn route(path: &str, endpoints: Endpoints, status: &Shared) -> (u16, &'static st
     };
     match (endpoints, path) {
         (Endpoints::Metrics, "/metrics") => (200, "text/plain; version=0.0.4", status.render()),
-        (Endpoints::Health { timeout }, "/healthz" | "/livez") => {
-            let healthy = status.healthy(timeout);
+        (Endpoints::Health { timeout }, path @ ("/healthz" | "/livez")) => {
+            // As kube-proxy: a node going away fails /healthz (load
+            // balancers drain it) but not /livez (nothing to restart).
+            let eligible = status.node_eligible || path == "/livez";
+            let healthy = status.healthy(timeout) && eligible;
             let last = status
                 .last_sync
                 .map(|t| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()));
             let body = serde_json::json!({
                 "lastUpdated": last.and_then(Result::ok).unwrap_or_default(),
                 "currentTime": k8s_openapi::jiff::Timestamp::now().to_string(),
-                "nodeEligible": true,
+                "nodeEligible": status.node_eligible,
             });
             (
                 if healthy { 200 } else { 503 },
@@ -108,5 +111,41 @@ fn route(path: &str, endpoints: Endpoints, status: &Shared) -> (u16, &'static st
             Some(why) => (503, "text/plain", format!("{why}\n")),
         },
         _ => (404, "text/plain", "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::metrics::Status;
+
+    /// What `path` answers for a synced agent on a node that is (not)
+    /// eligible.
+    fn ask(path: &str, node_eligible: bool) -> (u16, String) {
+        let status = Status {
+            oldest_pending: None,
+            node_eligible,
+            ..Status::default()
+        };
+        let shared: Shared = Arc::new(Mutex::new(status));
+        let health = Endpoints::Health {
+            timeout: Duration::from_secs(60),
+        };
+        let (code, _, body) = route(path, health, &shared);
+        (code, body)
+    }
+
+    #[test]
+    fn a_node_going_away_fails_healthz_but_not_livez() {
+        assert_eq!(ask("/healthz", true).0, 200);
+        let (code, body) = ask("/healthz", false);
+        assert_eq!(code, 503);
+        assert!(body.contains(r#""nodeEligible":false"#), "{body}");
+        assert_eq!(ask("/livez", false).0, 200);
     }
 }

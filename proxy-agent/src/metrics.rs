@@ -59,6 +59,9 @@ pub struct Status {
     pub oldest_pending: Option<Instant>,
     /// Why the agent is not ready (API unreachable, initial list missing), if it is not.
     pub not_ready: Option<String>,
+    /// False while this node is going away (`model::node_leaving`):
+    /// `/healthz` fails so load balancers stop sending to it.
+    pub node_eligible: bool,
     pub frontends: usize,
     pub backends: usize,
     /// Frontends another Service also claimed, at the last full pass: the
@@ -95,6 +98,7 @@ impl Default for Status {
             last_sync: None,
             oldest_pending: Some(Instant::now()),
             not_ready: Some("initial sync not done".into()),
+            node_eligible: true,
             frontends: 0,
             frontend_conflicts: 0,
             backends: 0,

@@ -70,6 +70,22 @@ pub struct Objects {
     /// `--lb-algorithm` and `--maglev-table-size`: for Services whose
     /// annotations do not choose.
     pub balancing: Balancing,
+    /// This node is going away (being deleted, or tainted by the cluster
+    /// autoscaler): `/healthz` fails so load balancers drain it (KEP-3836).
+    pub node_leaving: bool,
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+pub const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// True for a Node being deleted or about to be, as kube-proxy judges it.
+pub fn node_leaving(node: &Node) -> bool {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_TAINT));
+    tainted || node.metadata.deletion_timestamp.is_some()
 }
 
 /// The zone a Node is labelled with.

@@ -223,7 +223,10 @@ async fn manifest_loop(
             for error in &load.errors {
                 log::error!("{error}");
             }
-            programmer.status(|s| s.not_ready = None);
+            programmer.status(|s| {
+                s.not_ready = None;
+                s.node_eligible = !load.objects.node_leaving;
+            });
             programmer.program(&load.objects, &[seen]);
         }
     }
@@ -259,6 +262,7 @@ async fn kube_loop(
         }
         programmer.status(|s| {
             s.not_ready = health.not_ready(&store);
+            s.node_eligible = !store.objects().node_leaving;
             if store.has_pending() {
                 s.oldest_pending.get_or_insert_with(Instant::now);
             }

@@ -926,3 +926,18 @@ status:
         ]
     );
 }
+
+#[test]
+fn a_node_being_deleted_or_tainted_by_the_autoscaler_is_leaving() {
+    let plain = node("metadata: {name: n1}");
+    assert!(!model::node_leaving(&plain));
+    let tainted = node(
+        "metadata: {name: n1}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}]}",
+    );
+    assert!(model::node_leaving(&tainted));
+    let other_taint =
+        node("metadata: {name: n1}\nspec: {taints: [{key: dedicated, effect: NoSchedule}]}");
+    assert!(!model::node_leaving(&other_taint));
+    let deleted = node("metadata: {name: n1, deletionTimestamp: \"2026-12-04T10:00:00Z\"}");
+    assert!(model::node_leaving(&deleted));
+}

@@ -235,6 +235,7 @@ impl ClusterStore {
         let moved = zone != self.objects.node_zone || addresses != self.objects.node_addresses;
         self.objects.node_zone = zone;
         self.objects.node_addresses = addresses;
+        self.objects.node_leaving = node.is_some_and(model::node_leaving);
         self.note(changed, Instant::now(), Vec::new(), relisted || moved);
     }
 

@@ -159,6 +159,7 @@ impl ManifestSource {
         objects.node_addresses = node.map(|n| model::node_addresses(n)).unwrap_or_default();
         let labelled = node.and_then(|n| model::node_zone(n));
         objects.node_zone = self.node_zone.clone().or(labelled);
+        objects.node_leaving = node.is_some_and(|n| model::node_leaving(n));
         objects.node_name = self.node_name.clone();
         objects.nodeport_ranges = self.nodeport_ranges.clone();
         objects.balancing = self.balancing;
