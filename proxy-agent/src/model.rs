@@ -689,7 +689,11 @@ impl FrontendOf<'_> {
         };
         let (internal_terminating, external_terminating) =
             (terminating(&internal), terminating(&external));
-        let ranges = source_ranges(self.service, wanted.v6);
+        let lb_ips = targets
+            .iter()
+            .filter(|(_, _, scope)| *scope == Scope::LoadBalancer)
+            .map(|(addr, _, _)| *addr);
+        let ranges = source_ranges(self.service, wanted.v6, &node.node_addresses, lb_ips);
         let state = |scope: Scope| {
             let external_scope = scope.is_external();
             FrontendState {
@@ -768,8 +772,16 @@ impl FrontendOf<'_> {
 
 /// The Service's valid loadBalancerSourceRanges of one family: the others
 /// do not limit this family's frontends (as kube-proxy's per-family
-/// proxiers ignore them).
-fn source_ranges(service: &Service, v6: bool) -> Vec<Cidr> {
+/// proxiers ignore them). When a range holds one of this node's addresses,
+/// the node may use the load balancer, whose address its traffic may then
+/// come back with: the LoadBalancer IPs are sources too (kube-proxy's
+/// allow-from-node).
+fn source_ranges(
+    service: &Service,
+    v6: bool,
+    node_addresses: &[IpAddr],
+    lb_ips: impl Iterator<Item = IpAddr>,
+) -> Vec<Cidr> {
     let ranges = service
         .spec
         .as_ref()
@@ -780,6 +792,15 @@ fn source_ranges(service: &Service, v6: bool) -> Vec<Cidr> {
         .filter_map(|r| r.parse::<Cidr>().ok())
         .filter(|c| c.addr.is_ipv6() == v6)
         .collect();
+    let from_node = node_addresses
+        .iter()
+        .any(|a| out.iter().any(|c| c.contains(*a)));
+    if from_node {
+        out.extend(lb_ips.map(|addr| Cidr {
+            addr,
+            prefix: if addr.is_ipv6() { 128 } else { 32 },
+        }));
+    }
     out.sort();
     out.dedup();
     out

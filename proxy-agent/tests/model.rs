@@ -941,3 +941,36 @@ fn a_node_being_deleted_or_tainted_by_the_autoscaler_is_leaving() {
     let deleted = node("metadata: {name: n1, deletionTimestamp: \"2026-12-04T10:00:00Z\"}");
     assert!(model::node_leaving(&deleted));
 }
+
+#[test]
+fn source_ranges_holding_the_node_admit_the_load_balancer_ips() {
+    let svc = r#"
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  loadBalancerSourceRanges: [10.0.0.0/24]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2}]
+"#;
+    let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
+    let mut objs = objects(&[("default", svc)], &[("default", &s)]);
+    let ranges = |objs: &Objects| -> Vec<String> {
+        let desired = model::desired(objs);
+        desired.frontends[&fe([198, 51, 100, 1], 80, Protocol::Tcp)]
+            .source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 7])];
+    assert_eq!(
+        ranges(&objs),
+        ["10.0.0.0/24", "198.51.100.1/32", "198.51.100.2/32"],
+        "the node is inside the ranges: its traffic through the load balancer is too"
+    );
+    objs.node_addresses = vec![IpAddr::from([10, 0, 9, 7])];
+    assert_eq!(ranges(&objs), ["10.0.0.0/24"], "outside: only the ranges");
+}
