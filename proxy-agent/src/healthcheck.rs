@@ -16,7 +16,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
     task::{Context, Poll},
-    time::Duration,
 };
 
 use tokio::{
@@ -41,14 +40,6 @@ type ProxyHealthy = Arc<dyn Fn() -> bool + Send + Sync>;
 /// stopping can close the socket itself: aborting a task only drops its
 /// future later, on a worker, and the port must be free when `sync` returns.
 type Slot = Arc<Mutex<Option<TcpListener>>>;
-
-/// How long one probe may take to send its request and read the answer, so
-/// that a client that never finishes cannot pin a task.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Pause after a failed accept: errors such as EMFILE last until connections
-/// close, and retrying at once would spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Listen backlog: probes from many load balancer frontends can arrive at once.
 const BACKLOG: u32 = 1024;
@@ -188,14 +179,18 @@ async fn accept_loop(slot: Slot, health: Arc<RwLock<ServiceHealth>>, proxy_healt
             Ok(stream) => stream,
             Err(e) => {
                 log::debug!("health check node port: accept: {e}");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                tokio::time::sleep(crate::http::ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        if connections.len() >= crate::http::MAX_CONNECTIONS {
+            log::debug!("health check node port: connections at their limit; closing a new one");
+            continue;
+        }
         let (health, proxy_healthy) = (health.clone(), proxy_healthy.clone());
         connections.spawn(async move {
             let exchange = answer(stream, &health, &*proxy_healthy);
-            match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+            match tokio::time::timeout(crate::http::EXCHANGE_TIMEOUT, exchange).await {
                 Ok(Err(e)) => log::debug!("health check node port: {e:#}"),
                 Err(_) => log::debug!("health check node port: client too slow"),
                 Ok(Ok(())) => {}

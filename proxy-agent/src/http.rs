@@ -2,12 +2,13 @@
 //! and metrics (/metrics, default :10249). GET only, one request per
 //! connection: probes and scrapers need nothing more.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 
 use crate::metrics::Shared;
@@ -17,6 +18,18 @@ pub enum Endpoints {
     Health { timeout: Duration },
     Metrics,
 }
+
+/// Connections one server answers at once; more are closed at once, so a
+/// client that opens many cannot exhaust the agent's memory or descriptors.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// How long one exchange may take, reading and writing: a client that
+/// never finishes cannot hold a connection.
+pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept: errors such as EMFILE last until
+/// connections close, and retrying at once would spin.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The most of a request head read; the rest is not looked at.
+const MAX_HEAD: usize = 16 * 1024;
 
 pub async fn serve(addr: SocketAddr, endpoints: Endpoints, status: Shared) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
@@ -29,14 +42,33 @@ pub async fn serve(addr: SocketAddr, endpoints: Endpoints, status: Shared) -> an
             Endpoints::Metrics => "/metrics",
         }
     );
+    serve_on(listener, endpoints, status).await;
+    Ok(())
+}
+
+/// Answers on `listener` until the task is dropped.
+pub async fn serve_on(listener: TcpListener, endpoints: Endpoints, status: Shared) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::debug!("http: accept: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            log::debug!("http: {MAX_CONNECTIONS} connections open; closing a new one");
             continue;
         };
         let status = status.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, endpoints, &status).await {
-                log::debug!("http: {e:#}");
+            let _permit = permit;
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, endpoints, &status)).await {
+                Ok(Err(e)) => log::debug!("http: {e:#}"),
+                Err(_) => log::debug!("http: client too slow"),
+                Ok(Ok(())) => {}
             }
         });
     }
@@ -47,7 +79,7 @@ async fn answer(
     endpoints: Endpoints,
     status: &Shared,
 ) -> anyhow::Result<()> {
-    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream)).await??;
+    let head = read_head(&mut stream).await?;
     let request = String::from_utf8_lossy(&head);
     let path = request.split_whitespace().nth(1).unwrap_or("/");
     let path = path.split('?').next().unwrap_or(path);
@@ -73,7 +105,7 @@ pub(crate) async fn read_head(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>>
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() > 16 * 1024 {
+        if n == 0 || head.len() > MAX_HEAD {
             break;
         }
         head.extend_from_slice(&buf[..n]);
@@ -138,6 +170,43 @@ mod tests {
         };
         let (code, _, body) = route(path, health, &shared);
         (code, body)
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_the_server_keeps_answering() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let status: Shared = Arc::new(Mutex::new(Status::default()));
+        let server = tokio::spawn(serve_on(listener, Endpoints::Metrics, status));
+        // Clients that connect and never send hold every permit...
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // ...so one more is closed at once, without an answer.
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        let _ = extra.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut buf)).await;
+        assert!(read.is_ok() && buf.is_empty(), "{read:?} {buf:?}");
+        // Once they go, the server answers again.
+        idle.clear();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        server.abort();
     }
 
     #[test]
