@@ -571,10 +571,14 @@ pub enum Counter {
     /// A socket-level translation whose reverse entry could not be
     /// written: getpeername() and recvmsg() show the backend's address.
     SockNatFailed = 18,
+    /// A new flow to a service from outside claiming one of the node's own
+    /// source NAT addresses: dropped, so it cannot touch the node's
+    /// source-NATed flows.
+    SpoofedNodeSource = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NoBackend,
         Counter::CtInsertFailed,
@@ -595,6 +599,7 @@ impl Counter {
         Counter::SockConnect,
         Counter::SockRefused,
         Counter::SockNatFailed,
+        Counter::SpoofedNodeSource,
     ];
 
     pub fn name(self) -> &'static str {
@@ -618,6 +623,7 @@ impl Counter {
             Counter::SockConnect => "sock_connect",
             Counter::SockRefused => "sock_refused",
             Counter::SockNatFailed => "sock_nat_failed",
+            Counter::SpoofedNodeSource => "spoofed_node_source",
         }
     }
 }

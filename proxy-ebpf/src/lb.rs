@@ -14,7 +14,7 @@ use crate::{
     ct::{self, Untracked},
     family::{Entry, Family, Table, Target},
     hash::{Hashed, OfFlow},
-    maps::{self, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
+    maps::{self, CONFIG, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
     parse::{Flow, TCP_RST},
 };
 
@@ -98,6 +98,13 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
         None if flow.proto == IPPROTO_TCP && !flow.opens() => Pick::Hash,
         None => Pick::Algorithm,
     };
+    // Packets that reach an ingress hook never come from the node itself:
+    // one with the node's source NAT address came from outside, and its
+    // flow would overwrite the node's own source-NATed flows' entries.
+    if from_node::<F>(flow.saddr) {
+        maps::count(Counter::SpoofedNodeSource);
+        return Verdict::Drop;
+    }
     if service.flags & SVC_SOURCE_RANGES != 0 && !F::admits(service.id, flow.saddr) {
         maps::count(Counter::SourceRangeDenied);
         return Verdict::Drop;
@@ -177,6 +184,15 @@ fn established<F: Family>(
         affinity::touch::<F>(service, flow.saddr, entry.backend_id);
     }
     Some(to(&backend))
+}
+
+/// True if `addr` is the node's source NAT address of its family.
+#[inline(always)]
+fn from_node<F: Family>(addr: F::Addr) -> bool {
+    CONFIG
+        .get(0)
+        .and_then(|c| F::snat_addr(c))
+        .is_some_and(|node| node == addr)
 }
 
 #[inline(always)]

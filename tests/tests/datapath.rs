@@ -779,6 +779,32 @@ fn source_nat_and_back(lab: &Lab, hook: Hook) {
 }
 
 #[test]
+fn a_packet_from_outside_with_the_nodes_address_cannot_touch_its_flows() {
+    if !common::ready("a_packet_from_outside_with_the_nodes_address_cannot_touch_its_flows") {
+        return;
+    }
+    let (lb, node, outsider) = ([198, 51, 100, 1], [10, 0, 0, 1], [203, 0, 113, 50]);
+    for hook in HOOKS {
+        let lab = lab_with_node_address(&load_balancer_cluster());
+        let backend = seen(&lab.run(hook, &tcp(outsider, 50000, lb, 80))).dst;
+        let snat = seen(&egress(&lab, &tcp(outsider, 50000, backend, 8080)));
+        // A spoofed new flow from the node's address and source NAT port.
+        let (verdict, _) = lab.run_raw(hook, &tcp(node, snat.sport, lb, 80));
+        let dropped = match hook {
+            Hook::Xdp => XDP_DROP,
+            Hook::Tc => TC_ACT_SHOT,
+        };
+        assert_eq!(verdict, dropped, "{hook:?}");
+        assert_eq!(lab.counter(Counter::SpoofedNodeSource), 1, "{hook:?}");
+        // The real flow's replies still find their client.
+        let back = seen(&lab.run(hook, &tcp(backend, 8080, node, snat.sport)));
+        assert_eq!((back.dst, back.dport), (outsider, 50000), "{hook:?}");
+        let again = seen(&egress(&lab, &tcp(outsider, 50000, backend, 8080)));
+        assert_eq!((again.src, again.sport), (node, snat.sport), "{hook:?}");
+    }
+}
+
+#[test]
 fn source_nat_works_for_flows_that_found_conntrack_full() {
     if !common::ready("source_nat_works_for_flows_that_found_conntrack_full") {
         return;

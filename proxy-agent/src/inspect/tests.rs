@@ -443,7 +443,7 @@ fn counters_are_named_in_index_order() {
         "{json}"
     );
     assert!(
-        json.ends_with(r#""sock_nat_failed":18,"counter_19":7}}"#),
+        json.ends_with(r#""spoofed_node_source":19,"counter_20":7}}"#),
         "{json}"
     );
     let text = table::counters(&report);
