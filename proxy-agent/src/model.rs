@@ -733,7 +733,11 @@ impl FrontendOf<'_> {
         };
         // Local clients of externalTrafficPolicy: Local frontends reach every
         // endpoint, where outside clients reach this node's only.
-        let cluster = wanted.cluster_backends(node);
+        // Only externalTrafficPolicy: Local can give them other backends.
+        let cluster = match external_local {
+            true => wanted.cluster_backends(node),
+            false => Vec::new(),
+        };
         let twin = external_local && cluster != external;
         let local_state = |scope: Scope| FrontendState {
             backends: cluster.clone(),
@@ -1000,6 +1004,9 @@ enum Hint<'a> {
 /// if every one has zone hints and one names this node's zone, those; else
 /// no filtering.
 fn hint<'a>(slices: &[&EndpointSlice], here: Here<'a>) -> Option<Hint<'a>> {
+    if here.node.is_none() && here.zone.is_none() {
+        return None;
+    }
     let ready = slices
         .iter()
         .flat_map(|s| s.endpoints.iter())

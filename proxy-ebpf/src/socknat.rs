@@ -48,19 +48,25 @@ pub trait SockFamily: Family {
 /// their key and value types.
 macro_rules! sock_family {
     ($family:ty, $addr:ty, $key:ident, $value:ident, $map:ident, $client:ident) => {
-        impl SockFamily for $family {
+        impl From<SockKey<$addr>> for $key {
             #[inline(always)]
-            fn sock_get(key: SockKey<$addr>) -> Option<Translation<$addr>> {
-                let key = $key {
+            fn from(key: SockKey<$addr>) -> Self {
+                $key {
                     cookie: key.cookie,
                     addr: key.addr,
                     port: key.port,
                     proto: key.proto,
                     direction: key.direction,
                     ..Default::default()
-                };
+                }
+            }
+        }
+
+        impl SockFamily for $family {
+            #[inline(always)]
+            fn sock_get(key: SockKey<$addr>) -> Option<Translation<$addr>> {
                 // SAFETY: a copy out of a live map value.
-                let value = unsafe { *$map.get_ptr(key)? };
+                let value = unsafe { *$map.get_ptr($key::from(key))? };
                 Some(Translation {
                     netns_cookie: value.netns_cookie,
                     addr: value.addr,
@@ -72,14 +78,6 @@ macro_rules! sock_family {
 
             #[inline(always)]
             fn sock_insert(key: SockKey<$addr>, value: Translation<$addr>) -> Result<(), i32> {
-                let key = $key {
-                    cookie: key.cookie,
-                    addr: key.addr,
-                    port: key.port,
-                    proto: key.proto,
-                    direction: key.direction,
-                    ..Default::default()
-                };
                 let value = $value {
                     netns_cookie: value.netns_cookie,
                     addr: value.addr,
@@ -88,7 +86,7 @@ macro_rules! sock_family {
                     service_id: value.service_id,
                     ..Default::default()
                 };
-                $map.insert(key, value, 0)
+                $map.insert($key::from(key), value, 0)
             }
 
             #[inline(always)]

@@ -88,6 +88,24 @@ impl Cgroup {
     }
 }
 
+/// Every probe line succeeded; the backends that answered.
+pub fn backends(lines: &[serde_json::Value]) -> Result<std::collections::BTreeSet<String>> {
+    let mut seen = std::collections::BTreeSet::new();
+    for line in lines {
+        anyhow::ensure!(line["ok"] == true, "probe failed: {line}");
+        seen.insert(line["backend"].as_str().unwrap_or_default().to_string());
+    }
+    Ok(seen)
+}
+
+/// The peer addresses the probe's sockets reported.
+pub fn peers(lines: &[serde_json::Value]) -> std::collections::BTreeSet<String> {
+    lines
+        .iter()
+        .filter_map(|l| l["peer"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// The JSON lines a probe printed; an error if it failed.
 pub fn lines(output: &Output) -> Result<Vec<serde_json::Value>> {
     if !output.status.success() {

@@ -31,12 +31,11 @@
 //! [`EmulatedNode::add_routed_pod`], before or after the agent starts.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, twonode::wait_up};
 
 /// The node's uplink and the leaves' interface name.
 pub const UPLINK: &str = "eth0";
@@ -398,17 +397,4 @@ fn addr(ns: &Netns, iface: &str, cidr: &str) -> Result<()> {
         ns.ip(&["addr", "add", cidr, "dev", iface])?;
     }
     Ok(())
-}
-
-fn wait_up(ns: &Netns, iface: &str, deadline: Instant) -> Result<()> {
-    loop {
-        let line = ns.ip(&["-o", "link", "show", "dev", iface])?;
-        if line.contains(" state UP ") {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{iface} in {} is not up: {}", ns.name(), line.trim());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }

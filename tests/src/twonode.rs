@@ -208,7 +208,8 @@ fn addr6(ns: &Netns, iface: &str, addr: &str) -> Result<()> {
     Ok(())
 }
 
-fn wait_up(ns: &Netns, iface: &str, deadline: Instant) -> Result<()> {
+/// Waits until `iface` in `ns` is up, at most until `deadline`.
+pub(crate) fn wait_up(ns: &Netns, iface: &str, deadline: Instant) -> Result<()> {
     loop {
         let line = ns.ip(&["-o", "link", "show", "dev", iface])?;
         if line.contains(" state UP ") {

@@ -369,23 +369,6 @@ fn outside(ns: &Netns, args: &[&str]) -> anyhow::Result<Vec<Value>> {
     lines(&output)
 }
 
-/// Every line succeeded; the backends that answered.
-fn backends_of(lines: &[Value]) -> anyhow::Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for line in lines {
-        ensure!(line["ok"] == true, "failed: {line}");
-        seen.insert(line["backend"].as_str().unwrap_or_default().to_string());
-    }
-    Ok(seen)
-}
-
-fn peers_of(lines: &[Value]) -> BTreeSet<String> {
-    lines
-        .iter()
-        .filter_map(|l| l["peer"].as_str().map(str::to_string))
-        .collect()
-}
-
 /// Collects what went wrong, so one run reports every broken path.
 #[derive(Default)]
 struct Failures(Vec<String>);
@@ -413,9 +396,9 @@ impl Failures {
 /// `lines` reached exactly `want`, each through `peer` as the socket's
 /// view of its peer.
 fn reached(lines: &[Value], want: &BTreeSet<String>, peer: &str) -> anyhow::Result<()> {
-    let seen = backends_of(lines)?;
+    let seen = proxy_tests::cgroup::backends(lines)?;
     ensure!(&seen == want, "reached {seen:?}, not {want:?}");
-    let peers = peers_of(lines);
+    let peers = proxy_tests::cgroup::peers(lines);
     ensure!(
         peers == BTreeSet::from([peer.to_string()]),
         "the socket saw its peer as {peers:?}, not {peer}"
@@ -760,7 +743,7 @@ fn a_backend_removed_under_load_moves_connected_udp_sockets_within_a_second() ->
     }
     let (what, out, at) = news.finish(removed_at)?;
     let outcome = (|| -> anyhow::Result<()> {
-        backends_of(&out)?;
+        proxy_tests::cgroup::backends(&out)?;
         let late: Vec<&Value> = out
             .iter()
             .filter(|l| {
@@ -907,7 +890,7 @@ fn no_request_fails_across_an_agent_restart_and_the_api_server_stays_reachable()
                     out.iter().filter_map(|l| l["backend"].as_str()).collect();
                 ensure!(backends.len() == 1, "moved: {backends:?}");
             }
-            seen.extend(backends_of(&out)?);
+            seen.extend(proxy_tests::cgroup::backends(&out)?);
             Ok(())
         })();
         failures.check(&what, outcome);

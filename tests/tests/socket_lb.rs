@@ -58,23 +58,6 @@ impl Lab {
     }
 }
 
-/// Every line succeeded; the backends that answered.
-fn backends_of(lines: &[Value]) -> anyhow::Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for line in lines {
-        ensure!(line["ok"] == true, "probe failed: {line}");
-        seen.insert(line["backend"].as_str().unwrap_or_default().to_string());
-    }
-    Ok(seen)
-}
-
-fn peers_of(lines: &[Value]) -> BTreeSet<String> {
-    lines
-        .iter()
-        .filter_map(|l| l["peer"].as_str().map(str::to_string))
-        .collect()
-}
-
 fn all_backends(n: usize) -> BTreeSet<String> {
     (0..n).map(|i| format!("backend{i}")).collect()
 }
@@ -100,13 +83,14 @@ fn host_and_pod_sockets_reach_every_backend_and_see_the_service() -> anyhow::Res
         for (mode, target, count) in runs {
             let out = lab.probe(ns, &[mode, target, &count.to_string()])?;
             ensure!(out.len() == count, "{who} {mode} {target}: {out:?}");
-            let seen = backends_of(&out).with_context(|| format!("{who} {mode} {target}"))?;
+            let seen = proxy_tests::cgroup::backends(&out)
+                .with_context(|| format!("{who} {mode} {target}"))?;
             ensure!(
                 seen == all_backends(2),
                 "{who} {mode} {target} reached {seen:?}"
             );
             // The application sees the Service, not the pod it talks to.
-            let peers = peers_of(&out);
+            let peers = proxy_tests::cgroup::peers(&out);
             ensure!(
                 peers == BTreeSet::from([target.to_string()]),
                 "{who} {mode} {target}: getpeername/recvfrom showed {peers:?}"
@@ -116,9 +100,12 @@ fn host_and_pod_sockets_reach_every_backend_and_see_the_service() -> anyhow::Res
     // An unconnected UDP socket: every reply comes from the Service, and its
     // datagrams stay with one backend, as a conntrack'ed flow would.
     let out = lab.probe(pod, &["udp-unconnected", &udp, "10"])?;
-    let seen = backends_of(&out)?;
+    let seen = proxy_tests::cgroup::backends(&out)?;
     ensure!(seen.len() == 1, "one unconnected socket reached {seen:?}");
-    ensure!(peers_of(&out) == BTreeSet::from([udp.clone()]), "{out:?}");
+    ensure!(
+        proxy_tests::cgroup::peers(&out) == BTreeSet::from([udp.clone()]),
+        "{out:?}"
+    );
     let counters = lab.agent.counters()?;
     ensure!(
         counters.get("sock_connect").copied().unwrap_or(0) > 2 * (20 + 20 + 12 + 12),
@@ -196,13 +183,13 @@ fn local_clients_of_external_local_node_ports_reach_every_endpoint() -> anyhow::
     let lab = Lab::start("ske", 2, &manifest)?;
     let node_port = format!("{NODE_ADDR}:{HTTP_NODE_PORT}");
     let out = lab.probe(&lab.topology.node, &["tcp", &node_port, "24"])?;
-    let seen = backends_of(&out)?;
+    let seen = proxy_tests::cgroup::backends(&out)?;
     ensure!(
         seen == all_backends(2),
         "a host-network client reached {seen:?}"
     );
     ensure!(
-        peers_of(&out) == BTreeSet::from([node_port.clone()]),
+        proxy_tests::cgroup::peers(&out) == BTreeSet::from([node_port.clone()]),
         "{out:?}"
     );
     // plan shows both: outside clients get backend 0 only.
@@ -261,7 +248,10 @@ fn sockets_outside_the_cgroup_are_not_touched() -> anyhow::Result<()> {
     )?;
     ensure!(out.len() == 1 && out[0]["ok"] == false, "{out:?}");
     let out = lab.probe(&lab.topology.node, &["tcp", &target, "1"])?;
-    ensure!(backends_of(&out)? == all_backends(1), "{out:?}");
+    ensure!(
+        proxy_tests::cgroup::backends(&out)? == all_backends(1),
+        "{out:?}"
+    );
     Ok(())
 }
 
@@ -497,8 +487,14 @@ fn by_default_the_hooks_serve_every_cgroup_of_the_machine() -> anyhow::Result<()
     let elsewhere = proxy_tests::cgroup::Cgroup::create(&format!("{}-other", topology.prefix()))?;
     let target = format!("{MACHINE_WIDE_VIP}:{HTTP_PORT}");
     let out = elsewhere.probe(&topology.client, &["tcp", &target, "3"])?;
-    ensure!(backends_of(&out)? == all_backends(1), "{out:?}");
-    ensure!(peers_of(&out) == BTreeSet::from([target]), "{out:?}");
+    ensure!(
+        proxy_tests::cgroup::backends(&out)? == all_backends(1),
+        "{out:?}"
+    );
+    ensure!(
+        proxy_tests::cgroup::peers(&out) == BTreeSet::from([target]),
+        "{out:?}"
+    );
     drop(agent);
     // cleanup detached them.
     let after = std::process::Command::new("bpftool")

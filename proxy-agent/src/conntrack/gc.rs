@@ -200,7 +200,10 @@ impl Gc {
     }
 }
 
-fn open_pinned<T: TryFrom<Map, Error = MapError>>(pins: &Path, name: &str) -> anyhow::Result<T> {
+pub(crate) fn open_pinned<T: TryFrom<Map, Error = MapError>>(
+    pins: &Path,
+    name: &str,
+) -> anyhow::Result<T> {
     let path = pins.join(name);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let map = Map::from_map_data(data).with_context(|| format!("{}", path.display()))?;

@@ -22,7 +22,7 @@ use anyhow::Context;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use proxy_common::programs;
 
-use super::loader::Loaded;
+use super::loader::{self, Loaded};
 
 /// Where cgroup v2 is mounted when the node has it nowhere.
 pub const FALLBACK_MOUNT: &str = "/run/xdproxy/cgroupv2";
@@ -86,13 +86,7 @@ fn unescape(field: &str) -> String {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
+    loader::is_fs(path, CGROUP2_SUPER_MAGIC)
 }
 
 fn mount_cgroup2(dir: &Path) -> anyhow::Result<()> {

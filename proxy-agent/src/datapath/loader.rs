@@ -68,13 +68,18 @@ pub fn ensure_bpffs(root: &Path) -> anyhow::Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
+    is_fs(path, BPF_FS_MAGIC)
+}
+
+/// True if `path` is on a file system of type `magic` (statfs).
+pub(super) fn is_fs(path: &Path, magic: i64) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
     // SAFETY: statfs writes into the zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    rc == 0 && st.f_type as i64 == magic
 }
 
 pub struct Loaded {

@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context;
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{HashMap, MapData},
 };
 use proxy_common::{
     Backend4, Backend6, IPPROTO_TCP, IPPROTO_UDP, MAX_SOCK_NAT, MemberKey, SOCK_REVERSE, SockNat4,
@@ -27,7 +27,10 @@ use super::{
     loader,
     sockets::{self, Destroyed, Peer},
 };
-use crate::{conntrack::batch, reconcile::BackendKey};
+use crate::{
+    conntrack::{batch, gc::open_pinned},
+    reconcile::BackendKey,
+};
 
 /// The pinned maps a sweep reads.
 struct Maps {
@@ -37,20 +40,13 @@ struct Maps {
     members6: HashMap<MapData, MemberKey, Backend6>,
 }
 
-fn open<T: TryFrom<Map, Error = MapError>>(pins: &Path, name: &str) -> anyhow::Result<T> {
-    let path = pins.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let map = Map::from_map_data(data).with_context(|| format!("{}", path.display()))?;
-    T::try_from(map).with_context(|| format!("{} has an unexpected type", path.display()))
-}
-
 impl Maps {
     fn open(pins: &Path) -> anyhow::Result<Maps> {
         Ok(Maps {
-            nat4: open(pins, names::SOCK_NAT4)?,
-            nat6: open(pins, names::SOCK_NAT6)?,
-            members4: open(pins, names::MEMBERS)?,
-            members6: open(pins, names::MEMBERS6)?,
+            nat4: open_pinned(pins, names::SOCK_NAT4)?,
+            nat6: open_pinned(pins, names::SOCK_NAT6)?,
+            members4: open_pinned(pins, names::MEMBERS)?,
+            members6: open_pinned(pins, names::MEMBERS6)?,
         })
     }
 
