@@ -552,7 +552,7 @@ pub enum Counter {
     /// a new one was chosen.
     AffinityStale = 11,
     /// A flow that needed source NAT got none (no node address known, or no
-    /// free port): forwarded untranslated.
+    /// free port): dropped, never forwarded untranslated.
     SnatFailed = 12,
     /// A new flow that found conntrack full: forwarded by a hash of its
     /// 5-tuple (the same backend for each of its packets) without an entry.
@@ -575,10 +575,26 @@ pub enum Counter {
     /// source NAT addresses: dropped, so it cannot touch the node's
     /// source-NATed flows.
     SpoofedNodeSource = 19,
+    /// A TCP RST that belongs to no known flow: forwarded by the flow's hash
+    /// without creating conntrack state.
+    UntrackedRst = 20,
+    /// An ICMP error about a translated flow (fragmentation needed, packet
+    /// too big, unreachable, time exceeded): its outer and inner headers
+    /// translated back.
+    IcmpErrorTranslated = 21,
+    /// An ICMP error about a translated flow that could not be translated
+    /// (truncated quote, helper error): dropped.
+    IcmpErrorFailed = 22,
+    /// A non-first fragment of a tracked datagram: translated as its first
+    /// fragment was.
+    FragmentTracked = 23,
+    /// A fragment to or from a service whose datagram could not be tracked
+    /// (its first fragment not seen, or the fragment table full).
+    FragmentUntracked = 24,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 25;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NoBackend,
         Counter::CtInsertFailed,
@@ -600,6 +616,11 @@ impl Counter {
         Counter::SockRefused,
         Counter::SockNatFailed,
         Counter::SpoofedNodeSource,
+        Counter::UntrackedRst,
+        Counter::IcmpErrorTranslated,
+        Counter::IcmpErrorFailed,
+        Counter::FragmentTracked,
+        Counter::FragmentUntracked,
     ];
 
     pub fn name(self) -> &'static str {
@@ -624,6 +645,11 @@ impl Counter {
             Counter::SockRefused => "sock_refused",
             Counter::SockNatFailed => "sock_nat_failed",
             Counter::SpoofedNodeSource => "spoofed_node_source",
+            Counter::UntrackedRst => "untracked_rst",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::IcmpErrorFailed => "icmp_error_failed",
+            Counter::FragmentTracked => "fragment_tracked",
+            Counter::FragmentUntracked => "fragment_untracked",
         }
     }
 }

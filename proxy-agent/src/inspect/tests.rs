@@ -443,12 +443,12 @@ fn counters_are_named_in_index_order() {
         "{json}"
     );
     assert!(
-        json.ends_with(r#""spoofed_node_source":19,"counter_20":7}}"#),
+        json.ends_with(r#""fragment_untracked":24,"counter_25":7}}"#),
         "{json}"
     );
     let text = table::counters(&report);
     assert!(
-        text.starts_with("COUNTER              VALUE\nno_backend           0\n"),
+        text.starts_with("COUNTER                VALUE\nno_backend             0\n"),
         "{text}"
     );
     for c in Counter::ALL {
