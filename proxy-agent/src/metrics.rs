@@ -82,6 +82,8 @@ pub struct Conntrack {
     pub overflow6: usize,
     /// Entries deleted since the agent started.
     pub gc_deleted: u64,
+    /// Unconfirmed flows given up early because a table ran full.
+    pub gc_unconfirmed: u64,
     /// The last pass's duration, seconds.
     pub gc_duration: f64,
 }
@@ -168,6 +170,11 @@ impl Status {
                 self.conntrack.gc_deleted as f64,
             ),
             (
+                "xdproxy_conntrack_unconfirmed_evicted_total",
+                "Unconfirmed flows (nothing answered yet) removed early because conntrack ran full",
+                self.conntrack.gc_unconfirmed as f64,
+            ),
+            (
                 "xdproxy_conntrack_gc_duration_seconds",
                 "Duration of the last conntrack garbage collection pass",
                 self.conntrack.gc_duration,
@@ -238,6 +245,7 @@ mod tests {
                 overflow4: 5,
                 overflow6: 0,
                 gc_deleted: 40,
+                gc_unconfirmed: 9,
                 gc_duration: 0.25,
             },
             ..Status::default()
@@ -252,6 +260,7 @@ mod tests {
             "# TYPE xdproxy_conntrack_overflow_entries gauge\n",
             "# TYPE xdproxy_conntrack_gc_deleted_total counter\n",
             "xdproxy_conntrack_gc_deleted_total 40\n",
+            "xdproxy_conntrack_unconfirmed_evicted_total 9\n",
             "# TYPE xdproxy_conntrack_gc_duration_seconds gauge\n",
             "xdproxy_conntrack_gc_duration_seconds 0.25\n",
         ] {

@@ -277,6 +277,12 @@ pub const CT_EGRESS: u8 = 2;
 
 /// A `CT_REPLY` entry that rewrites the destination, not the source.
 pub const CT_REWRITE_DST: u16 = 1;
+/// A reply-direction entry that has not yet seen a packet: the flow is
+/// unconfirmed (nothing came back). Garbage collection gives such a flow the
+/// SYN timeout whatever its state, and removes it first when the table runs
+/// full, so that packets nobody answers (bare ACKs from spoofed sources, a
+/// backend that drops them) cannot hold entries for a day.
+pub const CT_UNREPLIED: u16 = 2;
 
 /// Source NAT for flows a backend would otherwise answer around this node:
 /// traffic from outside to external frontends under externalTrafficPolicy:

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
-    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Counter, IPPROTO_TCP, IPPROTO_UDP,
+    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, CT_UNREPLIED, Counter, IPPROTO_TCP, IPPROTO_UDP,
     SNAT_IDLE_DATAGRAM, SNAT_IDLE_STREAM, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
 };
 
@@ -229,7 +229,8 @@ pub fn remember<F: Family>(
         flow.proto,
         direction,
     );
-    let to_client = entry(flow, (flow.daddr, flow.dport), 0, backend_id, id);
+    // Unconfirmed until the backend answers (see `CT_UNREPLIED`).
+    let to_client = entry(flow, (flow.daddr, flow.dport), CT_UNREPLIED, backend_id, id);
     let counted = table == Table::Main;
     let to_backend = Entry {
         active: counted as u32,
@@ -340,7 +341,7 @@ fn source_nat<F: Family>(
         let to_client = entry(
             flow,
             (flow.saddr, flow.sport),
-            CT_REWRITE_DST,
+            CT_REWRITE_DST | CT_UNREPLIED,
             backend_id,
             service_id,
         );

@@ -3,7 +3,9 @@
 //! Keys and values reach the map helpers through the per-CPU `ct_scratch`.
 
 use aya_ebpf::btf_maps::{HashMap, LruHashMap};
-use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, MAX_CT_OVERFLOW};
+use proxy_common::{
+    Addr6, CT_UNREPLIED, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, MAX_CT_OVERFLOW,
+};
 
 use crate::{
     family::Entry,
@@ -43,11 +45,12 @@ pub trait CtMaps {
     fn proto(key: &Self::Key) -> u8;
     fn value(e: &Entry<Self::Addr>) -> Self::Value;
     fn entry(v: &Self::Value) -> Entry<Self::Addr>;
-    /// The `last_seen`, `state` and `active` fields of a live map value.
+    /// The `last_seen`, `state`, `active` and `flags` fields of a live map
+    /// value.
     ///
     /// # Safety
     /// `v` points to a live value of one of the maps.
-    unsafe fn fields(v: *mut Self::Value) -> (*mut u32, *mut u8, *mut u32);
+    unsafe fn fields(v: *mut Self::Value) -> Fields;
 }
 
 /// True while the overflow maps may hold entries. Until a flow overflows,
@@ -89,18 +92,31 @@ fn lookup<M: CtMaps>(key: &M::Key) -> Option<*mut M::Value> {
     (M::main().get_ptr_mut(key)).or_else(|| overflowed().then(|| M::overflow().get_ptr_mut(key))?)
 }
 
+/// Pointers to the fields of a live map value that packets change.
+pub struct Fields {
+    pub last_seen: *mut u32,
+    pub state: *mut u8,
+    pub active: *mut u32,
+    pub flags: *mut u16,
+}
+
 /// Takes a packet into an entry: refreshes its second (at most one write a
-/// second) and its TCP state; returns the state after the packet.
+/// second) and its TCP state, and confirms an unreplied reply entry (only
+/// reply-direction entries carry the flag, so any packet here is a reply);
+/// returns the state after the packet.
 #[inline(always)]
-fn take_in(last_seen: *mut u32, state: *mut u8, proto: u8, tcp_flags: u8) -> u8 {
+fn take_in(f: &Fields, proto: u8, tcp_flags: u8) -> u8 {
     let now = crate::ct::now();
-    // SAFETY: both point into a live map value; a racing CPU stores the same
-    // second, or a state that the next packet corrects.
+    // SAFETY: all point into a live map value; a racing CPU stores the same
+    // second, flags, or a state that the next packet corrects.
     unsafe {
-        let next = crate::ct::next_state(*state, proto, tcp_flags);
-        if *last_seen != now || *state != next {
-            *last_seen = now;
-            *state = next;
+        let next = crate::ct::next_state(*f.state, proto, tcp_flags);
+        if *f.last_seen != now || *f.state != next {
+            *f.last_seen = now;
+            *f.state = next;
+        }
+        if *f.flags & CT_UNREPLIED != 0 {
+            *f.flags &= !CT_UNREPLIED;
         }
         next
     }
@@ -118,8 +134,8 @@ pub fn get<M: CtMaps>(key: M::Key, seen: Option<u8>) -> Option<Entry<M::Addr>> {
     let mut entry = M::entry(unsafe { &*ptr });
     if let Some(tcp_flags) = seen {
         // SAFETY: a live map value.
-        let (last_seen, state, _) = unsafe { M::fields(ptr) };
-        entry.state = take_in(last_seen, state, M::proto(&key), tcp_flags);
+        let fields = unsafe { M::fields(ptr) };
+        entry.state = take_in(&fields, M::proto(&key), tcp_flags);
     }
     Some(entry)
 }
@@ -167,7 +183,7 @@ pub fn active<M: CtMaps>(key: M::Key) -> Option<*mut u32> {
     *k = key;
     let ptr = M::main().get_ptr_mut(k)?;
     // SAFETY: a live map value.
-    Some(unsafe { M::fields(ptr) }.2)
+    Some(unsafe { M::fields(ptr) }.active)
 }
 
 /// The families' impls differ only in names and types: the fields are the
@@ -251,14 +267,15 @@ macro_rules! ct_maps {
             }
 
             #[inline(always)]
-            unsafe fn fields(v: *mut $value) -> (*mut u32, *mut u8, *mut u32) {
+            unsafe fn fields(v: *mut $value) -> Fields {
                 // SAFETY: the caller's.
                 unsafe {
-                    (
-                        &raw mut (*v).last_seen,
-                        &raw mut (*v).state,
-                        &raw mut (*v).active,
-                    )
+                    Fields {
+                        last_seen: &raw mut (*v).last_seen,
+                        state: &raw mut (*v).state,
+                        active: &raw mut (*v).active,
+                        flags: &raw mut (*v).flags,
+                    }
                 }
             }
         }

@@ -112,6 +112,9 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
     if service.backend_count == 0 {
         return empty(service);
     }
+    if pick == Pick::Hash && flow.tcp_flags & TCP_RST != 0 {
+        return untracked_rst::<F>(flow, service);
+    }
     let affinity = service.flags & SVC_AFFINITY != 0;
     let chosen = match affinity && pick == Pick::Algorithm {
         true => affinity::backend::<F>(service, flow.saddr),
@@ -134,6 +137,18 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
             overflow::<F>(flow, service)
         }
         Err(Untracked::Failed) => to(&backend),
+    }
+}
+
+/// A RST of no flow conntrack knows: sent where the flow's hash says,
+/// without state. A RST creates no flow, and entries for a stream of forged
+/// RSTs would only fill the table.
+#[inline(always)]
+fn untracked_rst<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
+    maps::count(Counter::UntrackedRst);
+    match select::<F, _>(service, &OfFlow::<F>::new(flow), Pick::Hash) {
+        Some((_, backend)) => to(&backend),
+        None => Verdict::Pass,
     }
 }
 

@@ -1181,3 +1181,86 @@ fn a_client_port_reused_towards_another_frontend_of_the_same_backend_is_not_mist
         }
     }
 }
+
+/// A TCP packet with the given flags (etherparse's builder steps) instead
+/// of a SYN.
+fn tcp_flagged(
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+    flags: impl FnOnce(
+        etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+) -> Vec<u8> {
+    let builder = flags(
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(src, dst, 64)
+            .tcp(sport, dport, 1000, 64240),
+    );
+    let mut out = Vec::with_capacity(builder.size(0));
+    builder.write(&mut out, &[]).expect("build tcp");
+    out
+}
+
+fn ct4_entries(lab: &Lab) -> Vec<(Ct4Key, Ct4Entry)> {
+    let ct4 = lab.dp.ebpf.map(names::CONNTRACK4).expect("ct4");
+    let ct4: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct4).expect("a hash");
+    ct4.iter().map(|e| e.expect("a ct4 entry")).collect()
+}
+
+/// The reply entries of the flows in ct4, with whether each is unreplied.
+fn unreplied(lab: &Lab) -> Vec<bool> {
+    ct4_entries(lab)
+        .iter()
+        .filter(|(k, _)| k.direction != proxy_common::CT_FORWARD)
+        .map(|(_, v)| v.flags & proxy_common::CT_UNREPLIED != 0)
+        .collect()
+}
+
+#[test]
+fn a_flow_stays_unconfirmed_until_its_backend_answers() {
+    if !common::ready("a_flow_stays_unconfirmed_until_its_backend_answers") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new();
+        // A bare ACK, as from a client whose connection conntrack lost,
+        // or a forged one: tracked, but unconfirmed.
+        let ack = tcp_flagged((CLIENT, 40000), (VIP, 80), |b| b.ack(1));
+        let backend = seen(&lab.run(hook, &ack)).dst;
+        assert_eq!(unreplied(&lab), [true], "{hook:?}");
+        // Another bare ACK from the client confirms nothing.
+        seen(&lab.run(hook, &ack));
+        assert_eq!(unreplied(&lab), [true], "{hook:?}");
+        // The backend's answer does.
+        let answer = tcp_flagged((backend, 8080), (CLIENT, 40000), |b| b.ack(1));
+        seen(&lab.run(hook, &answer));
+        assert_eq!(unreplied(&lab), [false], "{hook:?}");
+    }
+}
+
+#[test]
+fn a_rst_of_no_known_flow_creates_no_state() {
+    if !common::ready("a_rst_of_no_known_flow_creates_no_state") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new();
+        let mut backends = HashSet::new();
+        for port in 40000..40064 {
+            let rst = tcp_flagged((CLIENT, port), (VIP, 80), |b| b.rst());
+            let out = seen(&lab.run(hook, &rst));
+            assert!(BACKENDS.contains(&out.dst), "{hook:?}: {out:?}");
+            // The same RST again goes to the same backend: the flow's hash.
+            assert_eq!(seen(&lab.run(hook, &rst)).dst, out.dst, "{hook:?}");
+            backends.insert(out.dst);
+        }
+        assert_eq!(backends.len(), BACKENDS.len(), "{hook:?}: spread by hash");
+        assert!(ct4_entries(&lab).is_empty(), "{hook:?}: no entries");
+        assert_eq!(lab.counter(Counter::UntrackedRst), 128, "{hook:?}");
+        // A RST of a tracked flow still closes it as before.
+        let backend = seen(&lab.run(hook, &tcp(CLIENT, 41000, VIP, 80))).dst;
+        let rst = tcp_flagged((CLIENT, 41000), (VIP, 80), |b| b.rst());
+        assert_eq!(seen(&lab.run(hook, &rst)).dst, backend, "{hook:?}");
+        assert_eq!(lab.counter(Counter::UntrackedRst), 128, "{hook:?}");
+    }
+}

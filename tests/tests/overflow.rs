@@ -82,6 +82,11 @@ struct Lab {
 
 impl Lab {
     fn start() -> anyhow::Result<Lab> {
+        Lab::start_with(FLAGS, "")
+    }
+
+    /// With these agent flags, and `extra` appended to the manifest.
+    fn start_with(flags: &[&str], extra: &str) -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix("ovf"), BACKENDS)?;
         topology.finish_checksums_on_node_egress()?;
         let servers = (0..BACKENDS)
@@ -92,10 +97,10 @@ impl Lab {
         let scratch = Scratch(dir);
         let manifest = scratch.0.join("web.yaml");
         let all: Vec<usize> = (0..BACKENDS).collect();
-        manifests::write(&manifest, &manifests::web(&all))?;
+        manifests::write(&manifest, &(manifests::web(&all) + extra))?;
         let mut ifaces = vec![client_iface().to_string()];
         ifaces.extend((0..BACKENDS).map(backend_iface));
-        let agent = Agent::start_flags(&topology.node, &manifest, &ifaces, FLAGS)?;
+        let agent = Agent::start_flags(&topology.node, &manifest, &ifaces, flags)?;
         Ok(Lab {
             agent,
             _servers: servers,
@@ -110,6 +115,10 @@ impl Lab {
 
     fn ct4(&self) -> anyhow::Result<HashMap<MapData, Ct4Key, Ct4Entry>> {
         pinned(&self.pin(names::CONNTRACK4))
+    }
+
+    fn ct4_len(&self) -> anyhow::Result<usize> {
+        Ok(self.ct4()?.keys().count())
     }
 
     fn overflow_len(&self) -> anyhow::Result<usize> {
@@ -266,5 +275,147 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
         conn.get()
             .context("a connection tracked before the fill, at the end")?;
     }
+    Ok(())
+}
+
+/// A Service whose only endpoint is an address nobody holds: packets to it
+/// are dropped past the node, as a firewall, a NetworkPolicy or a dead
+/// backend would drop them. Nothing ever comes back.
+fn dead_service() -> String {
+    let [a, b, c, _] = proxy_tests::topology::backend_addr(0).octets();
+    format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dead, namespace: demo}}
+spec:
+  clusterIP: {DEAD_VIP}
+  ports: [{{name: http, protocol: TCP, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: dead-1, namespace: demo, labels: {{kubernetes.io/service-name: dead}}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints: [{{addresses: [{a}.{b}.{c}.99]}}]
+"#
+    )
+}
+
+const DEAD_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 77);
+
+/// Sends `count` bare TCP ACKs (no SYN: mid-connection packets of
+/// connections that never were) from the client to the dead Service, one
+/// source port each, through a raw socket.
+fn bare_acks(lab: &Lab, count: u16) -> anyhow::Result<()> {
+    let src = proxy_tests::topology::CLIENT_ADDR.octets();
+    let packets: Vec<Vec<u8>> = (0..count)
+        .map(|i| {
+            let builder = etherparse::PacketBuilder::ipv4(src, DEAD_VIP.octets(), 64)
+                .tcp(20_000 + i, 80, 1, 64240)
+                .ack(1);
+            let mut out = Vec::with_capacity(builder.size(0));
+            builder.write(&mut out, &[]).map(|()| out)
+        })
+        .collect::<Result<_, _>>()?;
+    lab.topology.client.run(move || send_raw(&packets))?
+}
+
+fn send_raw(packets: &[Vec<u8>]) -> anyhow::Result<()> {
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor we just opened and nobody else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(DEAD_VIP).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    for packet in packets {
+        // SAFETY: the buffer and address outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const to).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        ensure!(sent >= 0, "sendto: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The unconfirmed flows garbage collection reported giving up early.
+fn given_up(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            l.split(" unconfirmed flows given up")
+                .next()?
+                .rsplit(' ')
+                .next()
+        })
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum()
+}
+
+/// Measured before: 200 bare ACKs to a Service whose backend drops them
+/// left 400 `established` entries due to stay a day.
+#[test]
+fn bare_acks_nobody_answers_last_only_the_syn_timeout() -> anyhow::Result<()> {
+    if !common::ready("bare_acks_nobody_answers_last_only_the_syn_timeout") {
+        return Ok(());
+    }
+    let lab = Lab::start_with(FLAGS, &dead_service())?;
+    bare_acks(&lab, 200)?;
+    wait_for("the ACKs' entries", Duration::from_secs(5), || {
+        Ok(lab.ct4_len()? >= 400)
+    })?;
+    let unreplied = lab
+        .ct4()?
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.flags & proxy_common::CT_UNREPLIED != 0)
+        .count();
+    assert_eq!(unreplied, 200, "one unconfirmed reply entry per ACK");
+    // --conntrack-tcp-timeout-syn 2s, a pass every second.
+    wait_for("the ACKs' entries to go", Duration::from_secs(8), || {
+        Ok(lab.ct4_len()? == 0)
+    })?;
+    Ok(())
+}
+
+/// A flood of unanswered ACKs that fills three quarters of the table is
+/// given up at the next pass, long before the SYN timeout, while a
+/// confirmed connection stays.
+#[test]
+fn a_full_table_gives_up_unanswered_flows_first() -> anyhow::Result<()> {
+    if !common::ready("a_full_table_gives_up_unanswered_flows_first") {
+        return Ok(());
+    }
+    let flags = ["--conntrack-max", "1024", "--conntrack-gc-interval", "1s"];
+    let mut lab = Lab::start_with(&flags, &dead_service())?;
+    let mut conn = HttpConn::connect(&lab.topology.client, http_vip(), CONNECT_TIMEOUT)?;
+    conn.get()?;
+    bare_acks(&lab, 400)?;
+    wait_for("the flood's entries", Duration::from_secs(5), || {
+        Ok(lab.ct4_len()? >= 800)
+    })?;
+    // The SYN timeout is 60 s: only the pressure rule removes them this soon.
+    wait_for("the flood's entries to go", Duration::from_secs(10), || {
+        Ok(lab.ct4_len()? <= 2)
+    })?;
+    assert_eq!(given_up(&lab.agent.log()), 400, "{}", lab.agent.log());
+    conn.get()
+        .context("the confirmed connection after the flood")?;
+    assert_eq!(lab.ct4_len()?, 2, "the confirmed connection's entries stay");
+    lab.agent.stop()?;
     Ok(())
 }

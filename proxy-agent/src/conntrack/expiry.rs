@@ -11,6 +11,12 @@
 //! backend share a group; they are expired together, which costs nothing
 //! but a little longer life.
 //!
+//! A flow nothing has answered yet (its reply entries carry
+//! `CT_UNREPLIED`) is unconfirmed: it gets at most the SYN timeout, whatever
+//! the TCP state its first packet claimed, and when the table runs full
+//! (`Pressure::High`) it goes as soon as it has been idle for
+//! `UNCONFIRMED_GRACE`, before any confirmed flow would be touched.
+//!
 //! Time is the datapath's: coarse monotonic seconds since boot, as u32.
 //! They wrap after 136 years of uptime, so deadlines are computed in u64
 //! and never wrap; an entry stamped after `now` (written while a pass ran)
@@ -18,7 +24,7 @@
 
 use std::collections::BTreeMap;
 
-use proxy_common::{CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_RST, IPPROTO_TCP};
+use proxy_common::{CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_RST, CT_UNREPLIED, IPPROTO_TCP};
 
 use super::timeouts::Timeouts;
 
@@ -80,10 +86,41 @@ impl<A: Copy + Ord> Record<A> {
         self.direction == CT_FORWARD
     }
 
+    /// True for a reply entry that has not seen a packet yet.
+    pub fn unreplied(&self) -> bool {
+        self.flags & CT_UNREPLIED != 0
+    }
+
     /// The last second the entry is still alive, with its idle timeout
     /// (u64: never wraps).
     fn deadline(&self, timeout: u32) -> u64 {
         u64::from(self.last_seen) + u64::from(timeout)
+    }
+}
+
+/// Seconds an unconfirmed flow may stay idle while the table runs full: a
+/// handshake in progress retransmits its SYN within a second or three, and
+/// one whose entries go early simply starts over.
+pub const UNCONFIRMED_GRACE: u32 = 2;
+
+/// How full the conntrack table is, as a pass judges it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pressure {
+    Normal,
+    /// Most of the table is taken (or new flows already overflow):
+    /// unconfirmed flows go first.
+    High,
+}
+
+impl Pressure {
+    /// High from three quarters of `capacity` on, or while the overflow
+    /// table is in use.
+    pub fn of(entries: usize, capacity: usize, overflowing: bool) -> Pressure {
+        if overflowing || entries.saturating_mul(4) >= capacity.saturating_mul(3) {
+            Pressure::High
+        } else {
+            Pressure::Normal
+        }
     }
 }
 
@@ -100,6 +137,9 @@ pub struct Plan<K> {
     pub reaped: BTreeMap<u32, u32>,
     /// Flows kept.
     pub kept: usize,
+    /// Unconfirmed flows deleted before their deadline because the table
+    /// ran full.
+    pub unconfirmed: usize,
 }
 
 impl<K> Plan<K> {
@@ -118,6 +158,17 @@ pub fn plan<K, A: Copy + Ord>(
     now: u32,
     timeouts: &Timeouts,
 ) -> Plan<K> {
+    plan_under(entries, now, timeouts, Pressure::Normal)
+}
+
+/// As `plan`, and under `Pressure::High` also the unconfirmed flows idle
+/// for longer than `UNCONFIRMED_GRACE`.
+pub fn plan_under<K, A: Copy + Ord>(
+    entries: impl IntoIterator<Item = (K, Record<A>)>,
+    now: u32,
+    timeouts: &Timeouts,
+    pressure: Pressure,
+) -> Plan<K> {
     let mut flows: BTreeMap<FlowId<A>, Vec<(K, Record<A>)>> = BTreeMap::new();
     for (key, record) in entries {
         flows.entry(record.flow()).or_default().push((key, record));
@@ -126,12 +177,16 @@ pub fn plan<K, A: Copy + Ord>(
         expired: Vec::new(),
         reaped: BTreeMap::new(),
         kept: 0,
+        unconfirmed: 0,
     };
     for (_, mut group) in flows {
         let records = group.iter().map(|(_, r)| r);
-        if !expired(records, now, timeouts) {
-            plan.kept += 1;
-            continue;
+        if !expired(records.clone(), now, timeouts) {
+            if pressure == Pressure::Normal || !evictable(records, now) {
+                plan.kept += 1;
+                continue;
+            }
+            plan.unconfirmed += 1;
         }
         // Stable: the entries' order among themselves stays the caller's.
         group.sort_by_key(|(_, r)| r.is_forward());
@@ -143,6 +198,9 @@ pub fn plan<K, A: Copy + Ord>(
 }
 
 /// True when every entry of one flow is past its deadline at `now`.
+///
+/// An unconfirmed flow's entries get at most the SYN timeout (see
+/// `Timeouts::unconfirmed`).
 ///
 /// A RST, in either direction, ends a TCP connection in both: the other
 /// side never sends again, so its entry would otherwise keep the flow for
@@ -158,14 +216,29 @@ pub fn expired<'a, A: Copy + Ord + 'a>(
         .clone()
         .into_iter()
         .any(|r| r.proto == IPPROTO_TCP && r.state == CT_STATE_RST);
+    let unconfirmed = group.clone().into_iter().any(Record::unreplied);
     group.into_iter().all(|r| {
         let timeout = if reset {
             timeouts.tcp_rst
+        } else if unconfirmed {
+            timeouts.unconfirmed(r.proto, r.state)
         } else {
             timeouts.of(r.proto, r.state)
         };
         u64::from(now) > r.deadline(timeout)
     })
+}
+
+/// True for an unconfirmed flow whose every entry has been idle for longer
+/// than `UNCONFIRMED_GRACE`: what a table under pressure gives up first.
+fn evictable<'a, A: Copy + Ord + 'a>(
+    group: impl IntoIterator<Item = &'a Record<A>> + Clone,
+    now: u32,
+) -> bool {
+    group.clone().into_iter().any(Record::unreplied)
+        && group
+            .into_iter()
+            .all(|r| u64::from(now) > r.deadline(UNCONFIRMED_GRACE))
 }
 
 /// Adds the forward entries among `records` that still count as open
@@ -414,6 +487,94 @@ mod tests {
                 assert_eq!(plan.kept, 1);
             }
         }
+    }
+
+    /// A reply entry nothing has come back through yet.
+    fn unreplied(r: Record<u32>) -> Record<u32> {
+        Record {
+            flags: r.flags | CT_UNREPLIED,
+            ..r
+        }
+    }
+
+    /// Bare ACKs that claim an established connection, never answered:
+    /// the SYN timeout, not the established one.
+    #[test]
+    fn an_unanswered_flow_gets_the_syn_timeout_whatever_it_claims() {
+        for (idle, gone) in [(59, false), (61, true)] {
+            let entries = [
+                ("forward", forward(IPPROTO_TCP, idle, CT_STATE_ESTABLISHED)),
+                (
+                    "reply",
+                    unreplied(reply(IPPROTO_TCP, CT_REPLY, idle, CT_STATE_ESTABLISHED)),
+                ),
+            ];
+            let plan = plan(entries, NOW, &t());
+            assert_eq!(plan.expired.len(), usize::from(gone), "idle {idle}");
+        }
+        // Once answered, the same flow is an established connection.
+        let entries = [
+            ("forward", forward(IPPROTO_TCP, 61, CT_STATE_ESTABLISHED)),
+            (
+                "reply",
+                reply(IPPROTO_TCP, CT_REPLY, 61, CT_STATE_ESTABLISHED),
+            ),
+        ];
+        assert!(plan(entries, NOW, &t()).expired.is_empty());
+        // A source-NATed flow is confirmed only once its replies came back.
+        let entries = [
+            ("forward", forward(IPPROTO_UDP, 59, CT_STATE_OPEN)),
+            ("snat out", snat_out(IPPROTO_UDP, 59, CT_STATE_OPEN)),
+            (
+                "snat back",
+                unreplied(snat_back(IPPROTO_UDP, 59, CT_STATE_OPEN)),
+            ),
+        ];
+        let udp = Timeouts { udp: 300, ..t() };
+        assert_eq!(plan(entries, NOW, &udp).expired.len(), 0);
+        assert_eq!(plan(entries, NOW + 2, &udp).expired.len(), 1);
+    }
+
+    /// Under pressure, unconfirmed flows idle past the grace go first;
+    /// confirmed ones and fresh handshakes stay.
+    #[test]
+    fn a_full_table_gives_up_unconfirmed_flows_first() {
+        let idle = UNCONFIRMED_GRACE + 1;
+        let from = |c: u32, r: Record<u32>| Record { src: (c, CP), ..r };
+        let to = |c: u32, r: Record<u32>| Record { dst: (c, CP), ..r };
+        let entries = [
+            ("ack", forward(IPPROTO_TCP, idle, CT_STATE_ESTABLISHED)),
+            (
+                "ack reply",
+                unreplied(reply(IPPROTO_TCP, CT_REPLY, idle, CT_STATE_ESTABLISHED)),
+            ),
+            ("syn", from(C2, forward(IPPROTO_TCP, 0, CT_STATE_SYN))),
+            (
+                "syn reply",
+                to(C2, unreplied(reply(IPPROTO_TCP, CT_REPLY, 0, CT_STATE_SYN))),
+            ),
+            (
+                "open",
+                from(N, forward(IPPROTO_TCP, 500, CT_STATE_ESTABLISHED)),
+            ),
+            (
+                "open reply",
+                to(N, reply(IPPROTO_TCP, CT_REPLY, 500, CT_STATE_ESTABLISHED)),
+            ),
+        ];
+        let normal = plan_under(entries, NOW, &t(), Pressure::Normal);
+        assert!(normal.expired.is_empty());
+        assert_eq!(normal.unconfirmed, 0);
+        let high = plan_under(entries, NOW, &t(), Pressure::High);
+        assert_eq!(names(&high), vec![vec!["ack reply", "ack"]]);
+        assert_eq!((high.unconfirmed, high.kept), (1, 2));
+    }
+
+    #[test]
+    fn pressure_starts_at_three_quarters_or_with_overflow() {
+        assert_eq!(Pressure::of(767, 1024, false), Pressure::Normal);
+        assert_eq!(Pressure::of(768, 1024, false), Pressure::High);
+        assert_eq!(Pressure::of(0, 1024, true), Pressure::High);
     }
 
     /// A reply without its forward entry, and a forward entry without its

@@ -23,7 +23,7 @@ use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, nam
 
 use super::{
     batch,
-    expiry::{self, Plan, Record},
+    expiry::{self, Plan, Pressure, Record},
     overflow,
     timeouts::Timeouts,
 };
@@ -47,6 +47,8 @@ pub struct Stats {
     pub revived: usize,
     /// Open connections handed back to `lb_reaped`.
     pub reaped: u64,
+    /// Unconfirmed flows deleted early because a table ran full.
+    pub unconfirmed: usize,
     pub duration: Duration,
     /// The overflow maps still held entries after the pass, so
     /// `ct_overflowed` stays set.
@@ -153,6 +155,7 @@ impl Gc {
             deleted: v4.deleted + v6.deleted,
             revived: v4.revived + v6.revived,
             reaped,
+            unconfirmed: v4.unconfirmed + v6.unconfirmed,
             duration: started.elapsed(),
             overflowing,
         })
@@ -272,6 +275,7 @@ struct Sweep {
     seen_overflow: usize,
     deleted: usize,
     revived: usize,
+    unconfirmed: usize,
 }
 
 /// An entry as a pass saw it: where, its key, its value.
@@ -296,7 +300,9 @@ fn sweep<K: CtKey>(
         seen_overflow: overflow.len(),
         ..Sweep::default()
     };
-    let plan = plan(main, overflow, now, timeouts);
+    let pressure = Pressure::of(main.len(), capacity(&tables.main), !overflow.is_empty());
+    let plan = plan(main, overflow, now, timeouts, pressure);
+    sweep.unconfirmed = plan.unconfirmed;
     for flow in &plan.expired {
         match delete_flow(tables, flow, reaped)? {
             Some(deleted) => sweep.deleted += deleted,
@@ -312,11 +318,19 @@ fn plan<K: CtKey>(
     overflow: HashMap<K, K::Value>,
     now: u32,
     timeouts: &Timeouts,
+    pressure: Pressure,
 ) -> Plan<Seen<K>> {
     let tagged = |table| move |(k, v): (K, K::Value)| ((table, k, v), k.record(&v));
     let records = (main.into_iter().map(tagged(Table::Main)))
         .chain(overflow.into_iter().map(tagged(Table::Overflow)));
-    expiry::plan(records, now, timeouts)
+    expiry::plan_under(records, now, timeouts, pressure)
+}
+
+/// The map's size as created (the default size if the kernel will not say).
+fn capacity<K: CtKey>(map: &BpfHashMap<MapData, K, K::Value>) -> usize {
+    map.map()
+        .info()
+        .map_or(MAX_CONNTRACK, |info| info.max_entries()) as usize
 }
 
 /// Set once the kernel has refused `BPF_MAP_LOOKUP_BATCH`: it will not
@@ -329,11 +343,7 @@ static NO_BATCH: AtomicBool = AtomicBool::new(false);
 fn read_all<K: CtKey>(
     map: &BpfHashMap<MapData, K, K::Value>,
 ) -> anyhow::Result<HashMap<K, K::Value>> {
-    let capacity = map
-        .map()
-        .info()
-        .map_or(MAX_CONNTRACK, |info| info.max_entries());
-    let limit = (capacity as usize).saturating_mul(2).max(1024);
+    let limit = capacity(map).saturating_mul(2).max(1024);
     if !NO_BATCH.load(Ordering::Relaxed) {
         match batch::lookup_all(map, limit).context("reading in batches")? {
             Some(entries) => return Ok(keep_once(entries, limit)),
@@ -547,7 +557,7 @@ mod tests {
     ) -> Vec<Vec<(Table, u8)>> {
         let main = main.iter().copied().collect();
         let overflow = overflow.iter().copied().collect();
-        let plan = plan(main, overflow, NOW, &Timeouts::default());
+        let plan = plan(main, overflow, NOW, &Timeouts::default(), Pressure::Normal);
         let entries =
             |flow: Vec<Seen<Ct4Key>>| flow.iter().map(|(t, k, _)| (*t, k.direction)).collect();
         plan.expired.into_iter().map(entries).collect()

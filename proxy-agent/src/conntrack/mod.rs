@@ -183,17 +183,20 @@ fn report(result: anyhow::Result<Stats>, status: &Shared) {
         c.overflow4 = stats.overflow4;
         c.overflow6 = stats.overflow6;
         c.gc_deleted += stats.deleted as u64;
+        c.gc_unconfirmed += stats.unconfirmed as u64;
         c.gc_duration = stats.duration.as_secs_f64();
     }
     let summary = format!(
         "conntrack: {} IPv4 and {} IPv6 entries, {} and {} in overflow, deleted {} ({} open \
-         connections reaped, {} flows revived during the pass) in {:?}",
+         connections reaped, {} unconfirmed flows given up under pressure, {} flows revived \
+         during the pass) in {:?}",
         stats.entries4,
         stats.entries6,
         stats.overflow4,
         stats.overflow6,
         stats.deleted,
         stats.reaped,
+        stats.unconfirmed,
         stats.revived,
         stats.duration
     );

@@ -59,6 +59,13 @@ impl Timeouts {
             _ => self.other,
         }
     }
+
+    /// The idle time allowed to an entry of a flow nothing has answered
+    /// yet: no longer than a handshake that never finishes, whatever state
+    /// its packets claimed (a bare ACK claims an established connection).
+    pub fn unconfirmed(&self, proto: u8, state: u8) -> u32 {
+        self.of(proto, state).min(self.tcp_syn)
+    }
 }
 
 /// A duration as Go's `time.ParseDuration` (and so kube-proxy's flags)
