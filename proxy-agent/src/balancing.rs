@@ -200,6 +200,12 @@ pub struct Flags {
     /// `xdproxy.io/maglev-table-size` annotation says.
     #[arg(long = "maglev-table-size", default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
     pub table_size: u32,
+    /// Most lb_slots entries one Service's slot tables may take (frontends
+    /// with the same backends share a table: a Maglev table costs its size
+    /// once per distinct backend set). A Service over it is invalid and
+    /// keeps its last valid version. Default: a sixteenth of lb_slots.
+    #[arg(long = "slot-budget", default_value_t = crate::budget::DEFAULT_SLOT_BUDGET)]
+    pub slot_budget: u32,
 }
 
 impl Flags {

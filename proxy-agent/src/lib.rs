@@ -2,7 +2,9 @@
 //!
 //! source (manifests) -> model (pure) -> reconciler (diff) -> datapath (maps).
 
+pub mod backoff;
 pub mod balancing;
+pub mod budget;
 pub mod cidr;
 pub mod conntrack;
 pub mod datapath;

@@ -151,6 +151,7 @@ impl RunArgs {
             zone: self.zone,
             nodeport_ranges: self.nodeport_addresses,
             balancing: self.balancing.balancing(),
+            slot_budget: self.balancing.slot_budget,
             ifaces: self.ifaces,
             socket_lb: self.socket_lb.then_some(SocketLb {
                 cgroup_root: self.cgroup_root,
@@ -197,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 zone: zone.as_deref(),
                 nodeport_ranges: &nodeport_addresses,
                 balancing: balancing.balancing(),
+                slot_budget: balancing.slot_budget,
             };
             let plan = proxy_agent::plan::from_manifests(&manifests, &node);
             for error in &plan.errors {

@@ -64,6 +64,13 @@ pub struct Status {
     pub node_eligible: bool,
     pub frontends: usize,
     pub backends: usize,
+    /// Slot tables in `lb_slots` (frontends with the same slots share one)
+    /// and the entries they take.
+    pub slot_tables: usize,
+    pub slots: u64,
+    /// Services kept at their last valid version because their tables
+    /// would need more than `--slot-budget` entries.
+    pub services_over_slot_budget: usize,
     /// Frontends another Service also claimed, at the last full pass: the
     /// losers, not programmed.
     pub frontend_conflicts: usize,
@@ -104,6 +111,9 @@ impl Default for Status {
             frontends: 0,
             frontend_conflicts: 0,
             backends: 0,
+            slot_tables: 0,
+            slots: 0,
+            services_over_slot_budget: 0,
             interfaces: 0,
             conntrack: Conntrack::default(),
         }
@@ -153,6 +163,22 @@ impl Status {
                 "xdproxy_backends",
                 "Backends programmed",
                 self.backends as f64,
+            ),
+            (
+                "xdproxy_slot_tables",
+                "Slot tables in lb_slots (frontends with the same backends and table size share one)",
+                self.slot_tables as f64,
+            ),
+            (
+                "xdproxy_slots",
+                "lb_slots entries in use",
+                self.slots as f64,
+            ),
+            (
+                "xdproxy_services_over_slot_budget",
+                "Services kept at their last valid version: their slot tables would need more \
+                 than --slot-budget lb_slots entries",
+                self.services_over_slot_budget as f64,
             ),
             (
                 "xdproxy_frontend_conflicts",

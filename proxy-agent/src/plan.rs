@@ -69,6 +69,8 @@ pub struct NodeOptions<'a> {
     pub zone: Option<&'a str>,
     pub nodeport_ranges: &'a [Cidr],
     pub balancing: crate::balancing::Balancing,
+    /// `--slot-budget` (0: the default).
+    pub slot_budget: u32,
 }
 
 /// Reads the manifests as `run` would (for the node named and its zone, if
@@ -83,7 +85,16 @@ pub fn from_manifests(path: &Path, node: &NodeOptions) -> Plan {
         source = source.for_node(name);
     }
     let load = source.load();
-    let desired = model::desired(&load.objects);
+    let mut desired = model::desired(&load.objects);
+    let budget = match node.slot_budget {
+        0 => crate::budget::DEFAULT_SLOT_BUDGET,
+        n => n,
+    };
+    // As `run` would: a Service over the budget is not programmed.
+    let over = crate::budget::over_budget(&desired.frontends, budget);
+    desired
+        .frontends
+        .retain(|_, state| !over.iter().any(|o| o.service == state.service));
     let index = model::SliceIndex::new(&load.objects);
     let health_checks = load
         .objects
@@ -98,13 +109,14 @@ pub fn from_manifests(path: &Path, node: &NodeOptions) -> Plan {
             })
         })
         .collect();
-    plan(&desired, health_checks, &load.errors)
+    plan(&desired, health_checks, &load.errors, &over)
 }
 
 fn plan(
     desired: &Desired,
     health_check_node_ports: Vec<PlannedHealthCheck>,
     errors: &[ManifestError],
+    over_budget: &[crate::budget::OverBudget],
 ) -> Plan {
     let frontends = desired
         .frontends
@@ -147,7 +159,9 @@ fn plan(
         frontends,
         health_check_node_ports,
         warnings: desired.warnings.clone(),
-        errors: errors.iter().map(ToString::to_string).collect(),
+        errors: (errors.iter().map(ToString::to_string))
+            .chain(over_budget.iter().map(ToString::to_string))
+            .collect(),
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use crate::{
+    backoff::Backoff,
     cidr::Cidr,
     conntrack,
     datapath::{self, cgroup, iface::IfaceSpec, links, loader, maps::MapSet, stale},
@@ -35,8 +36,8 @@ use crate::{
 
 /// How long the first event of a burst waits for the rest of it.
 const COALESCE: Duration = Duration::from_millis(2);
-/// How soon a sync whose writes failed is tried again.
-const RETRY: Duration = Duration::from_secs(1);
+/// A retry pass not pending: a branch that waits for it never fires.
+const NO_RETRY: Duration = Duration::from_secs(3600);
 
 pub enum Source {
     Manifests(PathBuf),
@@ -64,6 +65,8 @@ pub struct RunConfig {
     pub nodeport_ranges: Vec<Cidr>,
     /// `--lb-algorithm`, `--maglev-table-size`.
     pub balancing: crate::balancing::Balancing,
+    /// `--slot-budget`: most `lb_slots` entries one Service's tables take.
+    pub slot_budget: u32,
     /// `--iface`: the first spec that selects an interface decides its hook.
     pub ifaces: Vec<IfaceSpec>,
     /// None: `--socket-lb=false`.
@@ -106,6 +109,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .socket_lb
         .as_ref()
         .map(|_| Arc::new(stale::Sweeper::new(&config.bpffs)));
+    programmer.reconciler.set_slot_budget(config.slot_budget);
     let mut signals = Signals::new()?;
     match &config.source {
         Source::Manifests(path) => {
@@ -217,7 +221,7 @@ async fn manifest_loop(
             _ = signals.any() => return,
             _ = tick.tick() => {}
         }
-        if source.changed() || programmer.failed {
+        if source.changed() || programmer.retry.is_due(Instant::now()) {
             let seen = Instant::now();
             let load = source.load();
             for error in &load.errors {
@@ -243,7 +247,6 @@ async fn kube_loop(
     // Kept alive by the binding: dropping the watches stops them.
     let mut _watches = kubernetes::watch(route.bootstrap_client()?, node_name, tx.clone());
     let mut health = ApiHealth::default();
-    let mut retry = tokio::time::interval(RETRY);
     loop {
         tokio::select! {
             _ = signals.any() => return Ok(()),
@@ -255,7 +258,7 @@ async fn kube_loop(
                 tokio::time::sleep(COALESCE).await;
                 drain(&mut rx, &mut store, &mut health);
             }
-            _ = retry.tick(), if programmer.failed => {}
+            _ = tokio::time::sleep_until(programmer.retry_at()), if programmer.retry.pending() => {}
         }
         for error in store.take_errors() {
             log::error!("{error}");
@@ -267,10 +270,13 @@ async fn kube_loop(
                 s.oldest_pending.get_or_insert_with(Instant::now);
             }
         });
-        if store.synced() && (store.has_pending() || programmer.failed) {
+        // Changes go in as they come; what a failed pass left undone waits
+        // for its retry (a full pass) on the backoff schedule.
+        let retry = programmer.retry.is_due(Instant::now());
+        if store.synced() && (store.has_pending() || retry) {
             let pending = store.take_pending();
             match store.take_dirty() {
-                Dirty::Services(services) if !programmer.failed => {
+                Dirty::Services(services) if !retry => {
                     programmer.program_changes(store.objects(), store.index(), &services, &pending)
                 }
                 _ => programmer.program(store.objects(), &pending),
@@ -346,8 +352,8 @@ struct Programmer {
     reconciler: Reconciler,
     maps: MapSet,
     status: Shared,
-    /// The last pass left writes undone: try again.
-    failed: bool,
+    /// When to retry what failed passes left undone (a full pass).
+    retry: Backoff,
     health_checks: HealthChecks,
     /// Each Service's health check node port and local endpoint count.
     health_wanted: BTreeMap<ObjectKey, (u16, usize)>,
@@ -375,11 +381,17 @@ impl Programmer {
             reconciler: Reconciler::adopt(&snapshot, MAX_SERVICES, MAX_BACKENDS),
             maps,
             status,
-            failed: false,
+            retry: Backoff::default(),
             health_checks,
             health_wanted: BTreeMap::new(),
             sweeper: None,
         })
+    }
+
+    /// When the pending retry is due (far away when none is).
+    fn retry_at(&self) -> tokio::time::Instant {
+        let due = (self.retry.due()).unwrap_or_else(|| Instant::now() + NO_RETRY);
+        tokio::time::Instant::from_std(due)
     }
 
     /// Brings the health check node ports up to date for these Services
@@ -440,6 +452,11 @@ impl Programmer {
         }
         self.status(|s| s.frontend_conflicts = desired.conflicts);
         let report = self.reconciler.apply(&desired, &mut self.maps);
+        // A full pass is the retry of whatever earlier ones left undone.
+        match report.errors.is_empty() {
+            true => self.retry.succeeded(),
+            false => self.retry.start(),
+        }
         self.sweep_stale_sockets();
         self.sync_health_checks(objects, &SliceIndex::new(objects), None);
         self.record(objects, &report, started, changes, "all services");
@@ -504,12 +521,25 @@ impl Programmer {
         for error in &report.errors {
             log::error!("programming: {error}");
         }
-        self.failed = !report.errors.is_empty();
+        for invalid in &report.invalid {
+            log::error!("{invalid}");
+        }
+        if !report.errors.is_empty() {
+            self.retry.failed(done);
+            if let Some(due) = self.retry.due() {
+                log::warn!(
+                    "programming failed; a full pass retries in {:?}",
+                    due.saturating_duration_since(done)
+                );
+            }
+        }
         let (frontends, backends) = (
             self.reconciler.frontend_count(),
             self.reconciler.backend_count(),
         );
-        let failed = self.failed;
+        let (slot_tables, slots) = self.reconciler.slot_usage();
+        let over_budget = self.reconciler.over_budget();
+        let failed = self.retry.pending();
         self.status(|s| {
             s.sync_duration.observe((done - started).as_secs_f64());
             for at in changes {
@@ -521,6 +551,9 @@ impl Programmer {
             s.oldest_pending = failed.then_some(s.oldest_pending.unwrap_or(started));
             s.frontends = frontends;
             s.backends = backends;
+            s.slot_tables = slot_tables;
+            s.slots = slots;
+            s.services_over_slot_budget = over_budget;
         });
         log::info!(
             "synced: {} services, {} endpoint slices -> {frontends} frontends, {backends} backends ({} map writes) in {:?} ({scope})",

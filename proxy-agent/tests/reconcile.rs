@@ -69,7 +69,7 @@ impl FakeMaps {
                 "{fe:?} has a table but no backend"
             );
             for slot in 0..used {
-                let id = self.slots.get(&(svc.id, slot)).unwrap_or_else(|| {
+                let id = self.slots.get(&(svc.slots_id, slot)).unwrap_or_else(|| {
                     panic!(
                         "{fe:?} count {} but slot {slot} missing; log {:?}",
                         svc.backend_count, self.log
@@ -104,7 +104,7 @@ impl FakeMaps {
         let mut out = BTreeMap::new();
         for (frontend, svc) in &self.services {
             let mut addrs: Vec<IpAddr> = (0..svc.backend_count)
-                .map(|s| self.backends[&self.slots[&(svc.id, s)]].addr.ip())
+                .map(|s| self.backends[&self.slots[&(svc.slots_id, s)]].addr.ip())
                 .collect();
             addrs.sort();
             out.insert(frontend.port, addrs);
@@ -143,8 +143,8 @@ impl Maps for FakeMaps {
     }
     fn set_service(&mut self, fe: &Frontend, svc: Service) -> anyhow::Result<()> {
         self.write(format!(
-            "set_service {} count {}",
-            fe.port, svc.backend_count
+            "set_service {} count {} table {}",
+            fe.port, svc.backend_count, svc.slots_id
         ))?;
         self.services.insert(*fe, svc);
         self.check();
@@ -256,7 +256,7 @@ fn first_sync_writes_backends_then_members_then_slots_then_the_service() {
             "set_member 1/2",
             "set_slot 1/0 1",
             "set_slot 1/1 2",
-            "set_service 80 count 2"
+            "set_service 80 count 2 table 1"
         ]
     );
     assert_eq!(report.writes, 8);
@@ -274,8 +274,10 @@ fn an_unchanged_state_writes_nothing() {
     assert!(maps.writes().is_empty());
 }
 
+/// Make before break: the new table is written in full, the entry
+/// switches to it, then the old one goes (never a half-written table).
 #[test]
-fn adding_a_backend_writes_only_the_new_slot_and_count() {
+fn adding_a_backend_writes_a_new_table_switches_then_deletes_the_old() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
     r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
@@ -286,15 +288,19 @@ fn adding_a_backend_writes_only_the_new_slot_and_count() {
         [
             "set_backend 3",
             "set_member 1/3",
-            "set_slot 1/2 3",
-            "set_service 80 count 3"
+            "set_slot 2/0 1",
+            "set_slot 2/1 2",
+            "set_slot 2/2 3",
+            "set_service 80 count 3 table 2",
+            "remove_slot 1/1",
+            "remove_slot 1/0"
         ]
     );
     assert_eq!(maps.served()[&80], addrs(&[1, 2, 3]));
 }
 
 #[test]
-fn removing_a_backend_shrinks_before_deleting() {
+fn removing_a_backend_switches_tables_before_deleting() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
     r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
@@ -303,9 +309,12 @@ fn removing_a_backend_shrinks_before_deleting() {
     assert_eq!(
         maps.writes(),
         [
-            "set_slot 1/1 3",
-            "set_service 80 count 2",
+            "set_slot 2/0 1",
+            "set_slot 2/1 3",
+            "set_service 80 count 2 table 2",
             "remove_slot 1/2",
+            "remove_slot 1/1",
+            "remove_slot 1/0",
             "remove_member 1/2",
             "remove_backend 2"
         ]
@@ -350,7 +359,7 @@ fn ids_are_reused_after_removal() {
             "reset_stats 1",
             "set_member 1/1",
             "set_slot 1/0 1",
-            "set_service 90 count 1"
+            "set_service 90 count 1 table 1"
         ]
     );
 }
@@ -381,10 +390,12 @@ fn a_failed_slot_write_leaves_a_consistent_service() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
     r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
-    maps.fail = Some("set_slot 1/2".into());
+    // The third slot of the new table (2) fails: what was written of it goes.
+    maps.fail = Some("set_slot 2/2".into());
     let report = r.apply(&desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     assert_eq!(maps.served()[&80], addrs(&[1, 2]));
+    assert_eq!(maps.slots.len(), 2, "only the old table: {:?}", maps.slots);
     r.apply(&desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
     assert_eq!(maps.served()[&80], addrs(&[1, 2, 3, 4]));
 }
@@ -473,17 +484,22 @@ fn an_adopted_state_changes_with_the_fewest_writes_and_new_ids_do_not_collide() 
         &desired(&[(80, &[1, 2, 5]), (81, &[3]), (82, &[5])]),
         &mut maps,
     );
+    // Table ids 1 and 2 are adopted: the new ones do not collide.
     assert_eq!(
         maps.writes(),
         [
             "set_backend 4",
             "set_member 1/4",
-            "set_slot 1/2 4",
-            "set_service 80 count 3",
+            "set_slot 3/0 1",
+            "set_slot 3/1 2",
+            "set_slot 3/2 4",
+            "set_service 80 count 3 table 3",
+            "remove_slot 1/1",
+            "remove_slot 1/0",
             "reset_stats 3",
             "set_member 3/4",
-            "set_slot 3/0 4",
-            "set_service 82 count 1"
+            "set_slot 4/0 4",
+            "set_service 82 count 1 table 4"
         ]
     );
 }
@@ -584,8 +600,12 @@ fn a_partial_pass_touches_only_the_changed_service() {
         [
             "set_backend 4",
             "set_member 1/4",
-            "set_slot 1/2 4",
-            "set_service 80 count 3"
+            "set_slot 3/0 1",
+            "set_slot 3/1 2",
+            "set_slot 3/2 4",
+            "set_service 80 count 3 table 3",
+            "remove_slot 1/1",
+            "remove_slot 1/0"
         ]
     );
     assert_eq!(
@@ -702,7 +722,7 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
         [
             "set_range 1 192.0.2.0/24",
             "set_range 1 198.51.100.7/32",
-            "set_service 80 count 2"
+            "set_service 80 count 2 table 1"
         ]
     );
     let entry = maps.services.values().next().copied().expect("entry");
@@ -721,7 +741,7 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
     assert_eq!(
         maps.writes(),
         [
-            "set_service 80 count 2",
+            "set_service 80 count 2 table 1",
             "remove_range 1 192.0.2.0/24",
             "remove_range 1 203.0.113.0/24"
         ]
@@ -765,8 +785,8 @@ fn a_backend_stays_while_a_member_entry_names_it_even_after_a_failed_pass() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
     r.apply(&desired(&[(80, &[1])]), &mut maps);
-    // Members for 2 and 3 get written, then the slot write fails.
-    maps.fail = Some("set_slot 1/1".into());
+    // Members for 2 and 3 get written, then a slot write fails.
+    maps.fail = Some("set_slot 2/1".into());
     let report = r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     for (key, backend) in &maps.members {
@@ -883,4 +903,255 @@ fn terminating_backends_stay_members_without_slots_and_flip_in_place() {
     adopted.apply(&desired(&[(80, &[1])]), &mut maps);
     assert_eq!(maps.members.len(), 1);
     assert!(maps.terminating.is_empty());
+}
+
+/// One Service (`name`) with a frontend on each port, all with the same
+/// backends.
+fn one_service(name: &str, ports: &[u16], backends: &[u8]) -> Vec<(Frontend, FrontendState)> {
+    let mut d = desired(&ports.iter().map(|p| (*p, backends)).collect::<Vec<_>>());
+    for state in d.frontends.values_mut() {
+        state.service.name = name.into();
+    }
+    d.frontends.into_iter().collect()
+}
+
+fn merged(parts: &[Vec<(Frontend, FrontendState)>]) -> Desired {
+    let mut d = Desired::default();
+    d.frontends.extend(parts.iter().flatten().cloned());
+    d
+}
+
+fn tables_named(maps: &FakeMaps) -> BTreeSet<u32> {
+    maps.services.values().map(|s| s.slots_id).collect()
+}
+
+#[test]
+fn thirty_two_frontends_of_a_large_maglev_table_share_one_copy() {
+    let mut maps = FakeMaps {
+        // 131071 slots under 32 entries: checking every slot of every entry
+        // after every write would take hours; the checked tests below use
+        // small tables.
+        unchecked: true,
+        ..FakeMaps::default()
+    };
+    let mut r = Reconciler::new(100, 100);
+    let ports: Vec<u16> = (1..=32).collect();
+    let d = with_state(merged(&[one_service("big", &ports, &[1, 2, 3])]), |s| {
+        s.algorithm = Algorithm::Maglev;
+        s.table_size = 131_071;
+    });
+    let report = r.apply(&d, &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(report.invalid.is_empty(), "{:?}", report.invalid);
+    assert_eq!(maps.services.len(), 32);
+    assert_eq!(maps.slots.len(), 131_071, "one table, not 32");
+    assert_eq!(tables_named(&maps).len(), 1);
+    assert_eq!(r.slot_usage(), (1, 131_071));
+    maps.unchecked = false;
+    maps.check();
+}
+
+#[test]
+fn frontends_with_equal_slots_share_a_table_until_the_last_one_leaves() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let a = one_service("a", &[80, 81, 82], &[1, 2]);
+    let b = one_service("b", &[90], &[1, 2]);
+    let c = one_service("c", &[91], &[2, 1]);
+    r.apply(
+        &maglev(merged(&[a.clone(), b.clone(), c.clone()])),
+        &mut maps,
+    );
+    assert_eq!(tables_named(&maps), [1].into(), "same backends, one table");
+    assert_eq!(maps.slots.len(), 251);
+    maps.writes();
+    // Another algorithm over the same list: another table (slots differ).
+    r.apply(&merged(&[a.clone(), b.clone()]), &mut maps);
+    let log = maps.writes();
+    assert_eq!(r.slot_usage(), (1, 2), "{log:?}");
+    assert_eq!(tables_named(&maps), [2].into());
+    // Frontends leave one by one; the table goes with the last.
+    r.apply(&merged(std::slice::from_ref(&a)), &mut maps);
+    let log = maps.writes();
+    assert!(!log.iter().any(|l| l.starts_with("remove_slot")), "{log:?}");
+    r.apply(&merged(&[]), &mut maps);
+    let log = maps.writes();
+    let last_entry = log.iter().rposition(|l| l.starts_with("remove_service"));
+    let first_slot = log.iter().position(|l| l.starts_with("remove_slot"));
+    assert!(
+        last_entry < first_slot,
+        "entries go before their table: {log:?}"
+    );
+    assert!(maps.slots.is_empty());
+    assert_eq!(r.slot_usage(), (0, 0));
+}
+
+#[test]
+fn a_shared_table_that_changes_is_replaced_make_before_break() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(
+        &merged(&[one_service("a", &[80, 81, 82], &[1, 2])]),
+        &mut maps,
+    );
+    maps.writes();
+    r.apply(
+        &merged(&[one_service("a", &[80, 81, 82], &[1, 3])]),
+        &mut maps,
+    );
+    let log = maps.writes();
+    let pos = |f: &dyn Fn(&String) -> bool| log.iter().position(f);
+    let rpos = |f: &dyn Fn(&String) -> bool| log.iter().rposition(f);
+    let new_slots = rpos(&|l| l.starts_with("set_slot 2/"));
+    let switches: Vec<&String> = log
+        .iter()
+        .filter(|l| l.starts_with("set_service"))
+        .collect();
+    assert_eq!(switches.len(), 3, "{log:?}");
+    assert!(switches.iter().all(|l| l.ends_with("table 2")), "{log:?}");
+    assert!(
+        new_slots < pos(&|l| l.starts_with("set_service")),
+        "{log:?}"
+    );
+    assert!(
+        rpos(&|l| l.starts_with("set_service")) < pos(&|l| l.starts_with("remove_slot 1/")),
+        "the old table goes after the last switch: {log:?}"
+    );
+    assert_eq!(r.slot_usage(), (1, 2));
+}
+
+#[test]
+fn a_freed_table_id_is_reused_only_in_a_later_pass() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    // Table 1 is replaced and deleted; the new frontend in the same pass
+    // does not get its id, though it is the lowest free one.
+    r.apply(&desired(&[(80, &[1, 3]), (81, &[5])]), &mut maps);
+    let table = |maps: &FakeMaps, port: u16| {
+        maps.services
+            .iter()
+            .find(|(f, _)| f.port == port)
+            .map(|(_, s)| s.slots_id)
+    };
+    assert_eq!((table(&maps, 80), table(&maps, 81)), (Some(2), Some(3)));
+    r.apply(
+        &desired(&[(80, &[1, 3]), (81, &[5]), (82, &[6])]),
+        &mut maps,
+    );
+    assert_eq!(table(&maps, 82), Some(1), "reused a pass later");
+}
+
+#[test]
+fn a_service_over_the_slot_budget_keeps_what_it_had_and_others_go_on() {
+    let mut maps = FakeMaps::default();
+    // Room for two 251-slot tables per Service.
+    let mut r = Reconciler::new(100, 100).with_slots(100_000, 600);
+    let big = |ports: &[u16], backends: &[u8]| one_service("big", ports, backends);
+    let mut wanted = vec![big(&[80], &[1, 2]), one_service("small", &[90], &[1])];
+    let report = r.apply(&maglev(merged(&wanted)), &mut maps);
+    assert!(report.invalid.is_empty() && report.errors.is_empty());
+    let before = maps.served();
+    // Three distinct tables (753 slots): over the budget. The small one
+    // changes in the same pass and is programmed.
+    let mut three = big(&[80], &[1, 2]);
+    for (frontend, state) in three.iter_mut() {
+        frontend.port = 80;
+        state.backends.push(SocketAddr::from(([10, 1, 9, 2], 8080)));
+    }
+    let mut more = big(&[81], &[3]);
+    more.extend(big(&[82], &[4]));
+    three.extend(more);
+    wanted = vec![three, one_service("small", &[90], &[1, 5])];
+    maps.writes();
+    let report = r.apply(&maglev(merged(&wanted)), &mut maps);
+    assert_eq!(report.invalid.len(), 1, "{:?}", report.invalid);
+    assert!(
+        report.invalid[0].contains("default/big"),
+        "{:?}",
+        report.invalid
+    );
+    assert!(
+        report.errors.is_empty(),
+        "not a failed write: {:?}",
+        report.errors
+    );
+    assert_eq!(r.over_budget(), 1);
+    let after = maps.served();
+    assert_eq!(after[&80], before[&80], "the old state stays programmed");
+    assert!(!after.contains_key(&81) && !after.contains_key(&82));
+    let entry = |maps: &FakeMaps, port: u16| {
+        let found = maps.services.iter().find(|(f, _)| f.port == port);
+        found.map(|(_, s)| (s.backend_count, s.slots_id))
+    };
+    assert_eq!(
+        entry(&maps, 90).map(|e| e.0),
+        Some(2),
+        "another Service is unaffected"
+    );
+    // Within the budget again: programmed, no longer counted.
+    let report = r.apply(
+        &maglev(merged(&[
+            big(&[80, 81], &[1, 2]),
+            one_service("small", &[90], &[1, 5]),
+        ])),
+        &mut maps,
+    );
+    assert!(report.invalid.is_empty() && report.errors.is_empty());
+    assert_eq!(r.over_budget(), 0);
+    assert_eq!(entry(&maps, 81), entry(&maps, 80), "one table for both");
+}
+
+#[test]
+fn a_table_that_does_not_fit_the_map_fails_that_frontend_only() {
+    let mut maps = FakeMaps::default();
+    // lb_slots of 600: two 251-slot tables fit, a third does not.
+    let mut r = Reconciler::new(100, 100).with_slots(600, 600);
+    let d = maglev(desired(&[(80, &[1]), (81, &[2])]));
+    assert!(r.apply(&d, &mut maps).errors.is_empty());
+    let before = maps.served();
+    maps.writes();
+    let report = r.apply(
+        &maglev(desired(&[(80, &[1, 3]), (81, &[2]), (82, &[4])])),
+        &mut maps,
+    );
+    assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
+    assert!(
+        report.errors.iter().all(|e| e.contains("lb_slots is full")),
+        "{:?}",
+        report.errors
+    );
+    let after = maps.served();
+    assert_eq!(after[&80], before[&80], "80 keeps its table");
+    assert_eq!(after[&81], before[&81]);
+    assert!(!after.contains_key(&82));
+    assert_eq!(maps.slots.len(), 502, "nothing half-written is left");
+    assert!(!maps.writes().iter().any(|l| l.starts_with("set_slot")));
+}
+
+#[test]
+fn a_restarted_agent_adopts_shared_tables_without_rewriting_them() {
+    let mut maps = FakeMaps::default();
+    let d = maglev(merged(&[
+        one_service("a", &[80, 81, 82], &[1, 2]),
+        one_service("b", &[90], &[3]),
+    ]));
+    Reconciler::new(100, 100).apply(&d, &mut maps);
+    maps.writes();
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    assert_eq!(adopted.slot_usage(), (2, 502));
+    let report = adopted.apply(&d, &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.writes(), Vec::<String>::new());
+    // The adopted table is still shared: it goes only with its last user.
+    adopted.apply(
+        &maglev(merged(&[
+            one_service("a", &[80], &[1, 2]),
+            one_service("b", &[90], &[3]),
+        ])),
+        &mut maps,
+    );
+    let log = maps.writes();
+    assert!(!log.iter().any(|l| l.starts_with("remove_slot")), "{log:?}");
+    assert_eq!(adopted.slot_usage(), (2, 502));
 }

@@ -145,9 +145,10 @@ pub const SCOPE_LOCAL: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
-    /// Index into `lb_stats` and the first half of every `lb_slots` key.
+    /// This frontend's own id: `lb_stats`, `lb_members`, affinity, source
+    /// ranges, round robin and conntrack go by it.
     pub id: u32,
-    /// Slots 0..backend_count hold this service's backends.
+    /// Slots 0..backend_count of its slot table hold this service's backends.
     pub backend_count: u32,
     /// `SVC_*` bits.
     pub flags: u32,
@@ -160,6 +161,11 @@ pub struct Service {
     /// lookup table (a prime size); otherwise 0, and slots 0..backend_count
     /// list the backends.
     pub table_size: u32,
+    /// The slot table it reads: the first half of its `lb_slots` keys.
+    /// Frontends whose slots would be equal (same backends in the same
+    /// order, same table size) share one table, so a Service's cluster IP,
+    /// node ports and external IPs cost one copy.
+    pub slots_id: u32,
 }
 
 /// Backend choice for a new flow: uniformly at random (kube-proxy's default).
@@ -195,10 +201,11 @@ pub const SVC_LOCAL_TWIN: u32 = 32;
 /// as martians.
 pub const SVC_REPLY_AT_EGRESS: u32 = 1;
 
-/// Key of `lb_slots`: one backend position of one service.
+/// Key of `lb_slots`: one backend position of one slot table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct SlotKey {
+    /// The table: a `Service::slots_id`, not a service id.
     pub service_id: u32,
     pub slot: u32,
 }
@@ -700,7 +707,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Frontend4>(), 8);
-        assert_eq!(size_of::<Service>(), 24);
+        assert_eq!(size_of::<Service>(), 28);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend4>(), 8);
         assert_eq!(size_of::<Ct4Key>(), 16);

@@ -262,7 +262,7 @@ pub fn select<F: Family, H: Hashed>(
             _ => random() % service.backend_count,
         }
     };
-    slot_backend::<F>(service.id, slot)
+    slot_backend::<F>(service.slots_id, slot)
 }
 
 #[inline(always)]
@@ -287,7 +287,7 @@ fn next_turn(service_id: u32) -> u32 {
 fn least_connections<F: Family>(service: &Service) -> Option<(u32, Target<F::Addr>)> {
     let count = service.backend_count;
     let mut scan = Scan {
-        service_id: service.id,
+        slots_id: service.slots_id,
         count,
         start: random() % count,
         best: 0,
@@ -313,7 +313,8 @@ fn least_connections<F: Family>(service: &Service) -> Option<(u32, Target<F::Add
 /// State of a least-connections scan.
 #[repr(C)]
 struct Scan {
-    service_id: u32,
+    /// The service's slot table.
+    slots_id: u32,
     count: u32,
     start: u32,
     best: u32,
@@ -329,7 +330,7 @@ extern "C" fn scan_slot(i: u64, scan: *mut Scan) -> i64 {
         slot -= scan.count;
     }
     let key = SlotKey {
-        service_id: scan.service_id,
+        service_id: scan.slots_id,
         slot,
     };
     if let Some(id) = SLOTS.get_ptr(key) {
@@ -362,8 +363,11 @@ fn open_connections(backend_id: u32) -> u32 {
 }
 
 #[inline(always)]
-fn slot_backend<F: Family>(service_id: u32, slot: u32) -> Option<(u32, Target<F::Addr>)> {
-    let slot_key = SlotKey { service_id, slot };
+fn slot_backend<F: Family>(slots_id: u32, slot: u32) -> Option<(u32, Target<F::Addr>)> {
+    let slot_key = SlotKey {
+        service_id: slots_id,
+        slot,
+    };
     let Some(id) = SLOTS.get_ptr(slot_key) else {
         maps::count(Counter::BackendMissing);
         return None;

@@ -167,6 +167,9 @@ pub struct ServiceView {
     /// `local-twin` flag).
     pub clients: &'static str,
     pub service_id: u32,
+    /// The `lb_slots` table it reads (frontends with the same backends and
+    /// table size share one).
+    pub slot_table: u32,
     /// `random`, `round-robin`, `least-connections`, `maglev`, `source-hash`.
     pub algorithm: String,
     /// `reply-at-egress`, `affinity`, `source-ranges`, `drop-when-empty`,
@@ -234,7 +237,7 @@ fn service(
     let e = &s.entry;
     let table = uses_table(e.algorithm);
     let len = if table { e.table_size } else { e.backend_count };
-    let slots = service_slots(lb, e.id, len);
+    let slots = service_slots(lb, e.slots_id, len);
     let written = slots.values().map(Vec::len).sum::<usize>();
     let stats = lb.service_stats.get(&e.id).copied().unwrap_or_default();
     let empty = BTreeMap::new();
@@ -247,6 +250,7 @@ fn service(
             _ => "all",
         },
         service_id: e.id,
+        slot_table: e.slots_id,
         algorithm: algorithm_name(e.algorithm),
         flags: flag_names(e.flags),
         affinity_timeout_seconds: (e.flags & SVC_AFFINITY != 0).then_some(e.affinity_timeout),
@@ -259,14 +263,14 @@ fn service(
     }
 }
 
-/// Slots 0..len of a service, grouped by backend id.
-fn service_slots(lb: &LbRecords, service_id: u32, len: u32) -> BTreeMap<u32, Vec<u32>> {
+/// Slots 0..len of a slot table, grouped by backend id.
+fn service_slots(lb: &LbRecords, slots_id: u32, len: u32) -> BTreeMap<u32, Vec<u32>> {
     let first = SlotKey {
-        service_id,
+        service_id: slots_id,
         slot: 0,
     };
     let end = SlotKey {
-        service_id,
+        service_id: slots_id,
         slot: len,
     };
     let mut by_backend: BTreeMap<u32, Vec<u32>> = BTreeMap::new();

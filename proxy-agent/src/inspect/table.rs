@@ -24,6 +24,7 @@ fn service(s: &ServiceView) -> String {
     let mut out = format!("{}/{}{clients}\n", s.frontend, s.protocol);
     let mut facts = vec![
         format!("service {}", s.service_id),
+        format!("slot table {}", s.slot_table),
         format!("algorithm {}", s.algorithm),
         format!("backends {}", s.backend_count),
     ];

@@ -61,6 +61,7 @@ fn listed() -> LbRecords {
         affinity_timeout: 10_800,
         algorithm: ALG_ROUND_ROBIN,
         table_size: 0,
+        slots_id: 1,
     };
     LbRecords {
         services: vec![service("10.96.0.10:80", entry)],
@@ -102,6 +103,7 @@ fn a_listed_service_shows_slots_then_members_without_one() {
             "family": "ipv4",
             "clients": "all",
             "service_id": 1,
+            "slot_table": 1,
             "algorithm": "round-robin",
             "flags": ["reply-at-egress", "affinity"],
             "affinity_timeout_seconds": 10800,
@@ -126,7 +128,7 @@ fn a_listed_service_shows_slots_then_members_without_one() {
     assert_eq!(
         text,
         "10.96.0.10:80/TCP\n\
-         \x20 service 1  algorithm round-robin  backends 2  flags reply-at-egress,affinity(10800s)  packets 12  bytes 1736\n\
+         \x20 service 1  slot table 1  algorithm round-robin  backends 2  flags reply-at-egress,affinity(10800s)  packets 12  bytes 1736\n\
          \x20 BACKEND  ADDRESS        SLOTS  STATE\n\
          \x20 2        10.1.2.2:8080  0      active\n\
          \x20 1        10.1.1.2:8080  1      active\n\
@@ -142,6 +144,7 @@ fn a_maglev_service_shows_each_backends_share_of_its_table() {
         backend_count: 2,
         algorithm: ALG_MAGLEV,
         table_size: 7,
+        slots_id: 7,
         ..Service::default()
     };
     // Slot 6 is missing; backend 5 has 4 entries, backend 6 two.
@@ -187,6 +190,7 @@ fn a_slot_without_member_or_backend_is_flagged() {
     let entry = Service {
         id: 2,
         backend_count: 1,
+        slots_id: 2,
         ..Service::default()
     };
     let lb = LbRecords {

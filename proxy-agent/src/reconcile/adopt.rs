@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{MemberKey, NodeConfig, Service, SlotKey};
 
-use super::{Applied, BackendKey, Reconciler, member_key, slot_key};
+use super::{Applied, BackendKey, Reconciler, member_key};
 use crate::{cidr::Cidr, model::Frontend};
 
 /// What the maps of both families hold, as read back after a restart
@@ -23,11 +23,11 @@ pub struct Snapshot {
     pub config: Option<NodeConfig>,
 }
 
-/// Entries nothing explains, removed by the next pass.
+/// Entries nothing explains, removed by the next pass (slots: by the slot
+/// tables, `Tables::adopt_found`).
 #[derive(Debug, Default)]
 pub(super) struct Strays {
     pub services: Vec<Frontend>,
-    pub slots: Vec<SlotKey>,
     pub members: Vec<(MemberKey, BackendKey)>,
     pub source_ranges: Vec<(u32, Cidr)>,
     pub backends: Vec<(u32, BackendKey)>,
@@ -36,6 +36,7 @@ pub(super) struct Strays {
 /// Per-service parts of a snapshot, taken as services claim them.
 #[derive(Default)]
 struct Parts {
+    /// Slot table id -> slot -> backend id.
     slots: BTreeMap<u32, BTreeMap<u32, u32>>,
     members: BTreeMap<u32, BTreeMap<u32, BackendKey>>,
     ranges: BTreeMap<u32, BTreeSet<Cidr>>,
@@ -72,32 +73,22 @@ impl Reconciler {
                 r.backends.insert(*key, *id);
                 r.backend_keys.insert(*id, *key);
                 // Removed by the first pass unless a slot names it.
-                r.maybe_unused.insert(*id);
+                r.holds.maybe_unused.insert(*id);
             } else {
                 r.strays.backends.push((*id, *key));
             }
         }
         let mut parts = Parts::new(snapshot);
         for (frontend, service) in &snapshot.services {
-            let own = parts.slots.remove(&service.id).unwrap_or_default();
-            let kept = r.adopt_service(frontend, service, &own);
-            if kept.is_none() {
+            if !r.adopt_service(frontend, service, &parts.slots) {
                 r.strays.services.push(*frontend);
+                continue;
             }
-            let stray = own.keys().skip(kept.unwrap_or(0));
-            r.strays
-                .slots
-                .extend(stray.map(|s| slot_key(service.id, *s as usize)));
-            if kept.is_some() {
-                let terminating = &snapshot.terminating_members;
-                r.adopt_extras(*frontend, service.id, &mut parts, terminating);
-            }
+            let terminating = &snapshot.terminating_members;
+            r.adopt_extras(*frontend, service.id, &mut parts, terminating);
         }
-        for (id, rest) in parts.slots {
-            r.strays
-                .slots
-                .extend(rest.keys().map(|s| slot_key(id, *s as usize)));
-        }
+        // Slots of no adopted table, or past its end, go with the next pass.
+        r.tables.adopt_found(&parts.slots);
         for (id, rest) in parts.members {
             let keys = rest.iter().map(|(b, key)| (member_key(id, *b), *key));
             r.strays.members.extend(keys);
@@ -135,7 +126,7 @@ impl Reconciler {
                 }
             }
             if applied.members.insert(backend) {
-                *self.refs.entry(backend).or_default() += 1;
+                self.holds.hold(backend);
             }
             if terminating.contains(&member_key(service_id, backend)) {
                 applied.terminating.insert(backend);
@@ -144,46 +135,57 @@ impl Reconciler {
         applied.ranges = parts.ranges.remove(&service_id).unwrap_or_default();
     }
 
-    /// Adopts one service entry whose slots 0..count all name known
-    /// backends; returns how many slots it kept, None if it is not usable.
+    /// Adopts one service entry whose slot table (slots 0..count, or
+    /// 0..table size, all naming known backends) is usable: adopted with
+    /// it, or already adopted for another entry with the same length.
+    /// False if the entry is not usable.
     fn adopt_service(
         &mut self,
         frontend: &Frontend,
         service: &Service,
-        slots: &BTreeMap<u32, u32>,
-    ) -> Option<usize> {
-        // A Maglev table fills table_size slots; a list, backend_count.
-        let used = match service.table_size {
-            0 => service.backend_count,
-            size => size,
-        };
-        let kept: Vec<u32> = (0..used)
-            .map(|slot| {
-                slots
-                    .get(&slot)
-                    .copied()
-                    .filter(|id| self.backend_keys.contains_key(id))
-            })
-            .collect::<Option<_>>()?;
+        slots: &BTreeMap<u32, BTreeMap<u32, u32>>,
+    ) -> bool {
         if self.frontends.contains_key(frontend) || !self.service_ids.claim(service.id) {
-            return None;
+            return false;
         }
-        for id in &kept {
-            *self.refs.entry(*id).or_default() += 1;
+        // A Maglev table fills table_size slots; a list, backend_count.
+        let used = match (service.backend_count, service.table_size) {
+            (0, _) => 0,
+            (count, 0) => count,
+            (_, size) => size,
+        } as usize;
+        let table = match used {
+            0 => 0,
+            _ => service.slots_id,
+        };
+        if table != 0 && !self.adopt_table(table, used, slots.get(&table)) {
+            self.service_ids.give_back(service.id);
+            return false;
         }
-        let len = kept.len();
         let applied = Applied {
             service_id: service.id,
             entry: Some(*service),
-            members: BTreeSet::new(),
-            stale_members: BTreeSet::new(),
-            terminating: BTreeSet::new(),
-            ranges: BTreeSet::new(),
-            slots: kept,
-            owner: None,
-            scope: None,
+            table,
+            ..Applied::default()
         };
         self.frontends.insert(*frontend, applied);
-        Some(len)
+        true
+    }
+
+    /// One more user for slot table `id`, which must hold `len` slots of
+    /// known backends.
+    fn adopt_table(&mut self, id: u32, len: usize, slots: Option<&BTreeMap<u32, u32>>) -> bool {
+        if self.tables.content(id).is_some() {
+            return self.tables.adopt_user(id, len);
+        }
+        let Some(slots) = slots else {
+            return false;
+        };
+        let known =
+            |slot: u32| (slots.get(&slot).copied()).filter(|b| self.backend_keys.contains_key(b));
+        let Some(content) = (0..len as u32).map(known).collect::<Option<Vec<u32>>>() else {
+            return false;
+        };
+        self.tables.adopt(id, content, &mut self.holds)
     }
 }

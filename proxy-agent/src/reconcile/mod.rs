@@ -3,11 +3,16 @@
 //!
 //! Order, so that a packet never meets a dangling reference:
 //! backends are written before any slot names them; a backend becomes a
-//! member of a service before a slot of it names the backend, and stops
-//! being one after no slot does; a service's slots are written before its
-//! count grows; its count shrinks before slots are removed; source ranges
-//! are written before the entry that enables them and removed after; a
-//! backend is removed only after no slot names it.
+//! member of a service before a slot table it reads names the backend, and
+//! stops being one after no table it reads does; a slot table is written in
+//! full before an entry points at it (with its count), and deleted only
+//! after no entry does (`tables`); source ranges are written before the
+//! entry that enables them and removed after; a backend is removed only
+//! after no slot names it.
+//!
+//! A Service whose slot tables would need more than the per-Service budget
+//! (`budget`) is not touched: what it had stays programmed, and the pass
+//! reports it as invalid.
 //!
 //! A pass takes the frontends of some Services (`apply_changes`: only those
 //! that changed, so one change costs the same at 10 or 10,000 Services) or
@@ -15,6 +20,7 @@
 
 mod adopt;
 mod ids;
+mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,6 +37,11 @@ use crate::cidr::Cidr;
 pub use adopt::Snapshot;
 use adopt::Strays;
 use ids::Ids;
+pub use tables::SlotsFull;
+use tables::Tables;
+
+use crate::budget;
+use proxy_common::MAX_SLOTS;
 
 use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
 
@@ -88,6 +99,8 @@ struct Applied {
     /// The service entry as written (None: no entry yet). Packets only see
     /// slots below its count.
     entry: Option<Service>,
+    /// The slot table the entry names (0: none), one of its users.
+    table: u32,
     /// Backend ids with a member entry for this service.
     members: BTreeSet<u32>,
     /// Adopted members whose entry names another address: rewritten if
@@ -97,8 +110,6 @@ struct Applied {
     terminating: BTreeSet<u32>,
     /// Source ranges written for this service.
     ranges: BTreeSet<Cidr>,
-    /// Backend ids in slots 0..slots.len(), possibly more than `count`.
-    slots: Vec<u32>,
     /// The Service it was programmed for (None: adopted, not yet claimed).
     owner: Option<ObjectKey>,
     /// How that Service reaches it (None: adopted).
@@ -111,6 +122,31 @@ struct Applied {
 pub struct Report {
     pub writes: usize,
     pub errors: Vec<String>,
+    /// Services left as they were because what they want now is not
+    /// acceptable (over the slot budget): not retried until they change.
+    pub invalid: Vec<String>,
+}
+
+/// How many slots and member entries name each backend id: it is freed
+/// only when none does.
+#[derive(Debug, Default)]
+struct Holds {
+    refs: BTreeMap<u32, usize>,
+    /// Backend ids that may have lost their last holder.
+    maybe_unused: BTreeSet<u32>,
+}
+
+impl Holds {
+    fn hold(&mut self, id: u32) {
+        *self.refs.entry(id).or_default() += 1;
+    }
+
+    fn release(&mut self, id: u32) {
+        if let Some(n) = self.refs.get_mut(&id) {
+            *n = n.saturating_sub(1);
+        }
+        self.maybe_unused.insert(id);
+    }
 }
 
 pub struct Reconciler {
@@ -119,11 +155,13 @@ pub struct Reconciler {
     backends: BTreeMap<BackendKey, u32>,
     /// The same, by id.
     backend_keys: BTreeMap<u32, BackendKey>,
-    /// How many slots and member entries name each backend id: it is freed
-    /// only when none does.
-    refs: BTreeMap<u32, usize>,
-    /// Backend ids that may have lost their last slot.
-    maybe_unused: BTreeSet<u32>,
+    holds: Holds,
+    /// Slot tables in `lb_slots`, shared by the frontends with equal slots.
+    tables: Tables,
+    /// Most `lb_slots` entries one Service's tables may take.
+    slot_budget: u32,
+    /// Services whose latest wish was over the budget: what they had stays.
+    rejected: BTreeSet<ObjectKey>,
     service_ids: Ids,
     backend_ids: Ids,
     /// Entries found in the maps that nothing explains, removed by the next pass.
@@ -146,8 +184,10 @@ impl Reconciler {
             owners: BTreeMap::new(),
             backends: BTreeMap::new(),
             backend_keys: BTreeMap::new(),
-            refs: BTreeMap::new(),
-            maybe_unused: BTreeSet::new(),
+            holds: Holds::default(),
+            tables: Tables::new(MAX_SLOTS),
+            slot_budget: budget::DEFAULT_SLOT_BUDGET,
+            rejected: BTreeSet::new(),
             service_ids: Ids::new(max_services),
             backend_ids: Ids::new(max_backends),
             strays: Strays::default(),
@@ -156,8 +196,38 @@ impl Reconciler {
         }
     }
 
+    /// `lb_slots` of `capacity` entries, and at most `budget` of them for
+    /// one Service's tables.
+    pub fn with_slots(mut self, capacity: u32, budget: u32) -> Self {
+        self.tables.set_capacity(capacity);
+        self.slot_budget = budget;
+        self
+    }
+
+    /// Most `lb_slots` entries one Service's tables may take (from the
+    /// next pass on).
+    pub fn set_slot_budget(&mut self, budget: u32) {
+        self.slot_budget = budget;
+    }
+
     pub fn frontend_count(&self) -> usize {
         self.frontends.len()
+    }
+
+    /// Slot tables in use, and the `lb_slots` entries the maps hold.
+    pub fn slot_usage(&self) -> (usize, u64) {
+        (self.tables.count(), self.tables.used())
+    }
+
+    /// Services kept as they were because they want more slots than the
+    /// budget.
+    pub fn over_budget(&self) -> usize {
+        self.rejected.len()
+    }
+
+    /// The slot table a frontend's entry names (0: none).
+    pub fn slot_table(&self, frontend: &Frontend) -> Option<u32> {
+        self.frontends.get(frontend).map(|a| a.table)
     }
 
     pub fn backend_count(&self) -> usize {
@@ -188,6 +258,7 @@ impl Reconciler {
         let pass = self.pass(&changes, Some(desired), maps);
         report.writes += pass.writes;
         report.errors.extend(pass.errors);
+        report.invalid.extend(pass.invalid);
         report
     }
 
@@ -221,23 +292,26 @@ impl Reconciler {
     fn pass(&mut self, changes: &Changes, full: Option<&Desired>, maps: &mut dyn Maps) -> Report {
         let mut report = Report::default();
         self.remove_strays(maps, &mut report);
-        self.add_backends(changes, maps, &mut report);
-        for (owner, wanted) in changes {
-            for (frontend, state) in wanted {
+        let accepted = self.screen(changes, &mut report);
+        self.add_backends(&accepted, maps, &mut report);
+        for (owner, wanted) in &accepted {
+            for (frontend, state) in *wanted {
                 self.want(owner, *frontend, state, changes, maps, &mut report);
             }
         }
-        for (owner, wanted) in changes {
+        for (owner, wanted) in &accepted {
             self.drop_unwanted(owner, wanted, maps, &mut report);
         }
         // Not kept between passes: a table per Maglev service would be.
         self.maglev.clear();
         if let Some(desired) = full {
-            let unexplained: Vec<Frontend> = self
-                .frontends
-                .keys()
-                .filter(|f| !desired.frontends.contains_key(f))
-                .copied()
+            let rejected = &self.rejected;
+            let unexplained: Vec<Frontend> = (self.frontends.iter())
+                .filter(|(f, a)| {
+                    !desired.frontends.contains_key(f)
+                        && a.owner.as_ref().is_none_or(|o| !rejected.contains(o))
+                })
+                .map(|(f, _)| *f)
                 .collect();
             for frontend in unexplained {
                 self.remove_or_report(frontend, maps, &mut report);
@@ -245,6 +319,29 @@ impl Reconciler {
         }
         self.remove_unused_backends(maps, &mut report);
         report
+    }
+
+    /// The changed Services whose slot tables fit the budget; the others
+    /// are reported and keep what they have.
+    fn screen<'a>(
+        &mut self,
+        changes: &'a Changes,
+        report: &mut Report,
+    ) -> Vec<(&'a ObjectKey, &'a [(Frontend, FrontendState)])> {
+        let mut accepted = Vec::with_capacity(changes.len());
+        for (owner, wanted) in changes {
+            match budget::check(owner, wanted, self.slot_budget) {
+                Ok(()) => {
+                    self.rejected.remove(owner);
+                    accepted.push((owner, wanted.as_slice()));
+                }
+                Err(over) => {
+                    self.rejected.insert(owner.clone());
+                    report.invalid.push(over.to_string());
+                }
+            }
+        }
+        accepted
     }
 
     /// Programs one frontend for `owner`, unless another Service that is not
@@ -362,8 +459,14 @@ impl Reconciler {
         }
     }
 
-    fn add_backends(&mut self, changes: &Changes, maps: &mut dyn Maps, report: &mut Report) {
-        for (frontend, state) in changes.values().flatten() {
+    fn add_backends(
+        &mut self,
+        changes: &[(&ObjectKey, &[(Frontend, FrontendState)])],
+        maps: &mut dyn Maps,
+        report: &mut Report,
+    ) {
+        let wanted = changes.iter().flat_map(|(_, wanted)| wanted.iter());
+        for (frontend, state) in wanted {
             for addr in state.backends.iter().chain(&state.terminating) {
                 let key = backend_key(*addr, frontend.protocol);
                 if self.backends.contains_key(&key) {
@@ -379,7 +482,7 @@ impl Reconciler {
                         self.backends.insert(key, id);
                         self.backend_keys.insert(id, key);
                         // Unused until a slot names it.
-                        self.maybe_unused.insert(id);
+                        self.holds.maybe_unused.insert(id);
                     }
                     Err(e) => {
                         self.backend_ids.give_back(id);
@@ -443,8 +546,8 @@ impl Reconciler {
         }
         let Reconciler {
             frontends,
-            refs,
-            maybe_unused,
+            holds,
+            tables,
             backend_keys,
             ..
         } = self;
@@ -464,7 +567,7 @@ impl Reconciler {
                 applied,
                 (*backend, *terminating),
                 backend_keys,
-                refs,
+                holds,
                 maps,
                 report,
             )?;
@@ -475,42 +578,37 @@ impl Reconciler {
             report.writes += 1;
             applied.ranges.insert(*range);
         }
-        for (slot, backend) in wanted.slots.iter().enumerate() {
-            let old = applied.slots.get(slot).copied();
-            if old == Some(*backend) {
-                continue;
-            }
-            maps.set_slot(slot_key(id, slot), *backend)?;
-            report.writes += 1;
-            *refs.entry(*backend).or_default() += 1;
-            match old {
-                Some(old) => {
-                    applied.slots[slot] = *backend;
-                    release(refs, maybe_unused, old);
-                }
-                None => applied.slots.push(*backend),
-            }
-        }
-        let entry = service(id, wanted.count, state);
+        // Make before break: the table is complete before the entry names
+        // it, and the old one goes only once no entry does.
+        let unchanged = match applied.table {
+            0 => wanted.slots.is_empty(),
+            table => tables.content(table) == Some(wanted.slots.as_slice()),
+        };
+        let table = match unchanged {
+            true => applied.table,
+            false => tables.acquire(&wanted.slots, maps, holds, report)?,
+        };
+        let entry = service(id, table, wanted.count, state);
         if applied.entry != Some(entry) {
-            maps.set_service(&frontend, entry)?;
+            if let Err(e) = maps.set_service(&frontend, entry) {
+                if table != applied.table {
+                    tables.release(table, maps, holds, report);
+                }
+                return Err(e);
+            }
             report.writes += 1;
             applied.entry = Some(entry);
         }
-        pop_slots(
-            applied,
-            wanted.slots.len(),
-            refs,
-            maybe_unused,
-            maps,
-            report,
-        )?;
+        if table != applied.table {
+            let old = std::mem::replace(&mut applied.table, table);
+            tables.release(old, maps, holds, report);
+        }
         for (backend, terminating) in later {
             write_member(
                 applied,
                 (*backend, *terminating),
                 backend_keys,
-                refs,
+                holds,
                 maps,
                 report,
             )?;
@@ -523,7 +621,7 @@ impl Reconciler {
             report.writes += 1;
             applied.members.remove(backend);
             applied.terminating.remove(backend);
-            release(refs, maybe_unused, *backend);
+            holds.release(*backend);
         }
         for range in applied.ranges.clone().difference(&ranges) {
             maps.remove_source_range(id, *range)?;
@@ -541,8 +639,8 @@ impl Reconciler {
     ) -> anyhow::Result<()> {
         let Reconciler {
             frontends,
-            refs,
-            maybe_unused,
+            holds,
+            tables,
             backend_keys,
             ..
         } = self;
@@ -554,7 +652,8 @@ impl Reconciler {
             report.writes += 1;
             applied.entry = None;
         }
-        pop_slots(applied, 0, refs, maybe_unused, maps, report)?;
+        let table = std::mem::take(&mut applied.table);
+        tables.release(table, maps, holds, report);
         for backend in applied.members.clone() {
             let key = backend_keys
                 .get(&backend)
@@ -562,7 +661,7 @@ impl Reconciler {
             maps.remove_member(member_key(applied.service_id, backend), key)?;
             report.writes += 1;
             applied.members.remove(&backend);
-            release(refs, maybe_unused, backend);
+            holds.release(backend);
         }
         for range in applied.ranges.clone() {
             maps.remove_source_range(applied.service_id, range)?;
@@ -579,9 +678,9 @@ impl Reconciler {
     }
 
     fn remove_unused_backends(&mut self, maps: &mut dyn Maps, report: &mut Report) {
-        let candidates = std::mem::take(&mut self.maybe_unused);
+        let candidates = std::mem::take(&mut self.holds.maybe_unused);
         for id in candidates {
-            if self.refs.get(&id).is_some_and(|n| *n > 0) {
+            if self.holds.refs.get(&id).is_some_and(|n| *n > 0) {
                 continue;
             }
             let Some(key) = self.backend_keys.get(&id).copied() else {
@@ -592,11 +691,11 @@ impl Reconciler {
                     report.writes += 1;
                     self.backends.remove(&key);
                     self.backend_keys.remove(&id);
-                    self.refs.remove(&id);
+                    self.holds.refs.remove(&id);
                     self.backend_ids.give_back(id);
                 }
                 Err(e) => {
-                    self.maybe_unused.insert(id);
+                    self.holds.maybe_unused.insert(id);
                     report
                         .errors
                         .push(format!("removing backend {}: {e:#}", key.addr));
@@ -605,16 +704,16 @@ impl Reconciler {
         }
     }
 
-    /// Service entries first, then the slots, then backends: the usual order.
+    /// Service entries first, then slots (with the slot tables: those of
+    /// no entry, and what earlier passes could not delete), then members,
+    /// then backends: the usual order.
     fn remove_strays(&mut self, maps: &mut dyn Maps, report: &mut Report) {
         let strays = std::mem::take(&mut self.strays);
         let mut results = Vec::new();
         for frontend in strays.services {
             results.push(maps.remove_service(&frontend));
         }
-        for key in strays.slots {
-            results.push(maps.remove_slot(key));
-        }
+        self.tables.begin_pass(maps, &mut self.holds, report);
         for (key, backend) in strays.members {
             results.push(maps.remove_member(key, &backend));
         }
@@ -638,7 +737,7 @@ fn write_member(
     applied: &mut Applied,
     (backend, terminating): (u32, bool),
     backend_keys: &BTreeMap<u32, BackendKey>,
-    refs: &mut BTreeMap<u32, usize>,
+    holds: &mut Holds,
     maps: &mut dyn Maps,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -655,7 +754,7 @@ fn write_member(
     report.writes += 1;
     // A member entry holds its backend like a slot does.
     if applied.members.insert(backend) {
-        *refs.entry(backend).or_default() += 1;
+        holds.hold(backend);
     }
     applied.stale_members.remove(&backend);
     match terminating {
@@ -663,33 +762,6 @@ fn write_member(
         false => applied.terminating.remove(&backend),
     };
     Ok(())
-}
-
-/// Removes slots from the end down to `len`, releasing their backends.
-fn pop_slots(
-    applied: &mut Applied,
-    len: usize,
-    refs: &mut BTreeMap<u32, usize>,
-    maybe_unused: &mut BTreeSet<u32>,
-    maps: &mut dyn Maps,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    while applied.slots.len() > len {
-        let last = applied.slots.len() - 1;
-        maps.remove_slot(slot_key(applied.service_id, last))?;
-        report.writes += 1;
-        if let Some(old) = applied.slots.pop() {
-            release(refs, maybe_unused, old);
-        }
-    }
-    Ok(())
-}
-
-fn release(refs: &mut BTreeMap<u32, usize>, maybe_unused: &mut BTreeSet<u32>, id: u32) {
-    if let Some(n) = refs.get_mut(&id) {
-        *n = n.saturating_sub(1);
-    }
-    maybe_unused.insert(id);
 }
 
 fn remove_owned(
@@ -729,9 +801,9 @@ fn range_set(ranges: &[Cidr]) -> BTreeSet<Cidr> {
     ranges.iter().copied().collect()
 }
 
-/// The service entry: its backends and how the datapath treats its traffic
-/// beyond picking one.
-fn service(id: u32, count: u32, state: &FrontendState) -> Service {
+/// The service entry: its backends (in slot table `slots_id`) and how the
+/// datapath treats its traffic beyond picking one.
+fn service(id: u32, slots_id: u32, count: u32, state: &FrontendState) -> Service {
     let mut flags = 0;
     // Frontends outside the cluster range may be the node's own addresses.
     if state.scope != Scope::ClusterIp {
@@ -760,6 +832,7 @@ fn service(id: u32, count: u32, state: &FrontendState) -> Service {
         algorithm: state.algorithm.number(),
         // A table only exists with backends to fill it.
         table_size: if count == 0 { 0 } else { state.table_size },
+        slots_id,
     }
 }
 
