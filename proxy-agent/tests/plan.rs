@@ -265,3 +265,52 @@ fn plan_shows_algorithms_from_annotations_and_flags_and_terminating_endpoints() 
     assert_ne!(flag_code, 0);
     assert!(flag_err.contains("round-robin"), "{flag_err}");
 }
+
+#[test]
+fn plan_reports_a_service_over_the_slot_budget_and_leaves_it_out() {
+    let dir = std::env::temp_dir().join(format!("xdproxy-plan-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // Three ports with their own target ports: three 131071-entry tables
+    // (393213 slots), over the default budget of 262144. Its 40 external
+    // IPs share them and cost nothing more.
+    let ips: Vec<String> = (1..=40).map(|i| format!("203.0.113.{i}")).collect();
+    let big = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: big
+  namespace: demo
+  annotations: {{"xdproxy.io/lb-algorithm": "maglev", "xdproxy.io/maglev-table-size": "131071"}}
+spec:
+  clusterIP: 10.96.0.20
+  externalIPs: [{}]
+  ports: [{{name: a, port: 80}}, {{name: b, port: 81}}, {{name: c, port: 82}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: big-1, namespace: demo, labels: {{kubernetes.io/service-name: big}}}}
+addressType: IPv4
+ports: [{{name: a, port: 8080}}, {{name: b, port: 8081}}, {{name: c, port: 8082}}]
+endpoints: [{{addresses: [10.1.1.2]}}]
+"#,
+        ips.join(", ")
+    );
+    std::fs::write(dir.join("big.yaml"), big).expect("write");
+    let path = dir.to_str().expect("path").to_string();
+    let (code, out, err) = run_plan(&["--manifests", &path, "-o", "json"]);
+    // With a budget of three tables it fits.
+    let (roomy, roomy_out, _) = run_plan(&["--manifests", &path, "--slot-budget", "393213"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        err.contains("Service demo/big") && err.contains("393213") && err.contains("262144"),
+        "{err}"
+    );
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(plan["frontends"], serde_json::json!([]), "not programmed");
+    assert_eq!(roomy, 0);
+    assert_eq!(
+        roomy_out.lines().filter(|l| l.contains("demo/big")).count(),
+        123
+    );
+}
