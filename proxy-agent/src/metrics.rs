@@ -295,6 +295,24 @@ mod tests {
     }
 
     #[test]
+    fn slot_table_metrics_are_rendered() {
+        let s = Status {
+            slot_tables: 2,
+            slots: 131_073,
+            services_over_slot_budget: 1,
+            ..Status::default()
+        };
+        let out = s.render();
+        for line in [
+            "# TYPE xdproxy_slot_tables gauge\nxdproxy_slot_tables 2\n",
+            "# TYPE xdproxy_slots gauge\nxdproxy_slots 131073\n",
+            "xdproxy_services_over_slot_budget 1\n",
+        ] {
+            assert!(out.contains(line), "{line} missing from\n{out}");
+        }
+    }
+
+    #[test]
     fn health_follows_kube_proxy() {
         let mut s = Status::default();
         assert!(

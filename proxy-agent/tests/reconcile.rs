@@ -1155,3 +1155,27 @@ fn a_restarted_agent_adopts_shared_tables_without_rewriting_them() {
     assert!(!log.iter().any(|l| l.starts_with("remove_slot")), "{log:?}");
     assert_eq!(adopted.slot_usage(), (2, 502));
 }
+
+#[test]
+fn a_table_whose_deletion_fails_goes_in_the_next_pass_and_its_id_waits() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    maps.fail = Some("remove_slot 1/".into());
+    let report = r.apply(&desired(&[(80, &[1, 3])]), &mut maps);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1, 3]), "the switch happened");
+    assert!(maps.slots.contains_key(&(1, 1)), "table 1 still there");
+    assert_eq!(
+        r.backend_count(),
+        3,
+        "backend 2 stays while a slot names it"
+    );
+    // The next pass deletes it first; its id is not handed out meanwhile.
+    let report = r.apply(&desired(&[(80, &[1, 3]), (81, &[5])]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(!maps.slots.keys().any(|(t, _)| *t == 1), "{:?}", maps.slots);
+    assert_eq!(tables_named(&maps), [2, 3].into());
+    assert_eq!(r.backend_count(), 3, "backend 2 went with its last slot");
+    assert_eq!(r.slot_usage(), (2, 3));
+}
