@@ -35,8 +35,14 @@ pub mod names {
     /// frontend and the frontend behind a backend (LRU maps).
     pub const SOCK_NAT4: &str = "sock4_nat";
     pub const SOCK_NAT6: &str = "sock6_nat";
+    /// Fragmented datagrams: the verdict of each one's first fragment, for
+    /// its later fragments (LRU maps).
+    pub const FRAGMENTS4: &str = "frag4";
+    pub const FRAGMENTS6: &str = "frag6";
     /// Every map the programs define, for pinning and cleanup.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 27] = [
+        FRAGMENTS4,
+        FRAGMENTS6,
         SOCK_NAT4,
         SOCK_NAT6,
         OVERFLOW4,
@@ -117,6 +123,11 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// service (an LRU: a socket idle long enough to be evicted shows its
 /// backend's address to getpeername).
 pub const MAX_SOCK_NAT: u32 = 262_144;
+/// Entries per family of `frag4`/`frag6`: datagrams whose fragments may
+/// still be on their way. A datagram needs its entry for as long as its
+/// fragments take to pass (well under a second), so an LRU of this size
+/// serves thousands of fragmented datagrams a second.
+pub const MAX_FRAGMENTS: u32 = 8_192;
 
 /// What a client addresses: an IPv4 frontend (service VIP, port, protocol).
 #[repr(C)]
@@ -503,6 +514,66 @@ pub struct SockNat6 {
     pub _pad2: u32,
 }
 
+/// `FragKey*::hook`: the hook that saw the datagram. Its translation at
+/// ingress and at egress are different verdicts on different headers.
+pub const FRAG_INGRESS: u8 = 0;
+pub const FRAG_EGRESS: u8 = 1;
+
+/// `Frag*Entry::action`: which address of the datagram's first fragment
+/// was rewritten, and so of every later one: the source (or destination)
+/// becomes the entry's address. The port is the first fragment's new port,
+/// kept for inspection only (later fragments carry no ports).
+pub const FRAG_SOURCE: u8 = 1;
+pub const FRAG_DESTINATION: u8 = 2;
+
+/// Key of `frag4`: one IPv4 datagram as a hook sees it (before its rewrite).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frag4Key {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// The IP identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    /// `FRAG_INGRESS` or `FRAG_EGRESS`.
+    pub hook: u8,
+}
+
+/// Value of `frag4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Frag4Entry {
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    /// `FRAG_*`.
+    pub action: u8,
+    pub _pad: u8,
+}
+
+/// Key of `frag6`: one IPv6 datagram, by its Fragment header's 32-bit
+/// identification (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frag6Key {
+    pub src_addr: Addr6,
+    pub dst_addr: Addr6,
+    pub id: u32,
+    pub proto: u8,
+    pub hook: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `frag6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Frag6Entry {
+    pub addr: Addr6,
+    pub port: u16,
+    pub action: u8,
+    pub _pad: u8,
+}
+
 /// Per-service traffic, per CPU (client-to-service direction).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -541,7 +612,12 @@ pub enum Counter {
     NoBackend = 0,
     /// A new flow whose conntrack entries could not be written: forwarded anyway.
     CtInsertFailed = 1,
-    /// An IPv4 fragment for a service: passed on untouched (ports are not in it).
+    /// A fragment of a TCP, UDP or SCTP datagram (IPv4, or IPv6 with the
+    /// Fragment header right after the fixed header), whoever's it is. A
+    /// first fragment carries the ports and is translated as a whole packet
+    /// is; later ones are counted again as `FragmentTracked` or
+    /// `FragmentUntracked`. SCTP fragments pass untouched (their CRC covers
+    /// the whole datagram).
     Fragment = 2,
     /// A slot pointed at a backend id that is not in the backends map.
     BackendMissing = 3,
@@ -598,11 +674,16 @@ pub enum Counter {
     /// An ICMP error about a translated flow that could not be translated
     /// (truncated quote, helper error): dropped.
     IcmpErrorFailed = 22,
-    /// A non-first fragment of a tracked datagram: translated as its first
-    /// fragment was.
+    /// A non-first fragment of a tracked datagram: translated (or dropped)
+    /// as its first fragment was.
     FragmentTracked = 23,
-    /// A fragment to or from a service whose datagram could not be tracked
-    /// (its first fragment not seen, or the fragment table full).
+    /// A TCP or UDP fragment that could not be tracked, passed untouched: a
+    /// later fragment arriving at an ingress hook that translated no first
+    /// fragment of its datagram (reordered before it, or the first was lost,
+    /// dropped or refused; a datagram that is no service's, or whose reply
+    /// is translated at egress, counts here too, as a later fragment cannot
+    /// tell), or a translated first fragment whose entry could not be
+    /// written.
     FragmentUntracked = 24,
 }
 
@@ -697,6 +778,10 @@ mod pod {
     unsafe impl aya::Pod for SockNat4 {}
     unsafe impl aya::Pod for SockNat6Key {}
     unsafe impl aya::Pod for SockNat6 {}
+    unsafe impl aya::Pod for Frag4Key {}
+    unsafe impl aya::Pod for Frag4Entry {}
+    unsafe impl aya::Pod for Frag6Key {}
+    unsafe impl aya::Pod for Frag6Entry {}
 }
 
 #[cfg(test)]
@@ -729,6 +814,10 @@ mod tests {
         assert_eq!(size_of::<SockNat4>(), 24);
         assert_eq!(size_of::<SockNat6Key>(), 32);
         assert_eq!(size_of::<SockNat6>(), 40);
+        assert_eq!(size_of::<Frag4Key>(), 12);
+        assert_eq!(size_of::<Frag4Entry>(), 8);
+        assert_eq!(size_of::<Frag6Key>(), 40);
+        assert_eq!(size_of::<Frag6Entry>(), 20);
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod bench;
 mod ct;
 mod ctmap;
 mod family;
+mod frag;
 mod hash;
 mod lb;
 mod maps;
@@ -34,6 +35,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use family::{V4, V6};
+use frag::Fragments;
 use lb::{Stage, Verdict};
 use nat::Nat;
 use parse::{Flow, Parsed};
@@ -46,8 +48,8 @@ const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 
 /// Everything a hook needs of an address family.
-trait Datapath: Nat + Refuse + Reset {}
-impl<F: Nat + Refuse + Reset> Datapath for F {}
+trait Datapath: Nat + Refuse + Reset + Fragments {}
+impl<F: Nat + Refuse + Reset + Fragments> Datapath for F {}
 
 #[xdp]
 pub fn xdproxy_xdp(ctx: XdpContext) -> u32 {
@@ -60,7 +62,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     match parse::flow(start, end) {
         Parsed::V4(flow) => xdp_flow::<V4>(ctx, &flow, start, end),
         Parsed::V6(flow) => xdp_flow::<V6>(ctx, &flow, start, end),
-        Parsed::Other => Ok(xdp_action::XDP_PASS),
+        Parsed::Other => Ok(frag::xdp(ctx)),
     }
 }
 
@@ -73,7 +75,10 @@ fn xdp_flow<F: Datapath>(
 ) -> Result<u32, ()> {
     match lb::decide::<F>(flow, (end - start) as u64, Stage::Ingress) {
         Verdict::Pass => {}
-        Verdict::Rewrite(rewrite) => <F as Nat>::xdp(ctx, flow, &rewrite)?,
+        Verdict::Rewrite(rewrite) => {
+            <F as Nat>::xdp(ctx, flow, &rewrite)?;
+            frag::remember::<F>(start, end, flow, Stage::Ingress, &rewrite);
+        }
         Verdict::Drop => return Ok(xdp_action::XDP_DROP),
         Verdict::Reject => return Ok(<F as Refuse>::xdp(ctx, flow, start, end)),
         Verdict::Reset => return Ok(<F as Reset>::xdp(ctx)),
@@ -102,7 +107,7 @@ fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     match parse::flow(ctx.data(), ctx.data_end()) {
         Parsed::V4(flow) => tc_flow::<V4>(ctx, &flow, stage),
         Parsed::V6(flow) => tc_flow::<V6>(ctx, &flow, stage),
-        Parsed::Other => Ok(TC_ACT_OK),
+        Parsed::Other => Ok(frag::tc(ctx, stage)),
     }
 }
 
@@ -121,6 +126,7 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         maps::count(Counter::RewriteFailed);
         return Ok(TC_ACT_SHOT);
     }
+    frag::remember::<F>(ctx.data(), ctx.data_end(), flow, stage, &rewrite);
     Ok(TC_ACT_OK)
 }
 

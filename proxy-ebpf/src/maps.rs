@@ -7,10 +7,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, Connections,
-    Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT,
-    MAX_SOURCE_RANGES, MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SockNat4,
-    SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6,
+    Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key,
+    Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_OVERFLOW,
+    MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES,
+    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6,
+    SockNat6Key, SourceRange4, SourceRange6,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
@@ -162,4 +163,27 @@ pub static SOCK_NAT4: LruHashMap<SockNat4Key, SockNat4, { MAX_SOCK_NAT as usize 
 
 #[btf_map(name = "sock6_nat")]
 pub static SOCK_NAT6: LruHashMap<SockNat6Key, SockNat6, { MAX_SOCK_NAT as usize }> =
+    LruHashMap::new();
+
+/// Fragment keys and values on their way into the map helpers, off the
+/// stack (see `frag`). Not pinned.
+#[repr(C)]
+pub struct FragScratch {
+    pub key4: Frag4Key,
+    pub value4: Frag4Entry,
+    pub key6: Frag6Key,
+    pub value6: Frag6Entry,
+}
+
+#[btf_map(name = "frag_scratch")]
+pub static FRAG_SCRATCH: PerCpuArray<FragScratch, 1> = PerCpuArray::new();
+
+// Fragmented datagrams (see `frag`). LRUs: nothing tells the datapath when
+// a datagram's last fragment has passed.
+#[btf_map(name = "frag4")]
+pub static FRAGMENTS4: LruHashMap<Frag4Key, Frag4Entry, { MAX_FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "frag6")]
+pub static FRAGMENTS6: LruHashMap<Frag6Key, Frag6Entry, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();

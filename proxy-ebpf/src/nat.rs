@@ -163,21 +163,27 @@ impl Nat for V4 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let ip: *mut Ipv4Hdr = ptr_at(start, end, flow.l3).ok_or(())?;
         let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
-        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
         let (old_addr, old_port) = old(flow, rewrite);
-        let sctp = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
-        // SAFETY: every pointer was bounds-checked against data_end above.
-        unsafe {
+        // SAFETY: every pointer was bounds-checked against data_end.
+        let set_ip = || unsafe {
             (*ip).check = csum::replace4((*ip).check, old_addr, rewrite.addr);
             match rewrite.side {
                 Side::Destination => (*ip).daddr = rewrite.addr,
                 Side::Source => (*ip).saddr = rewrite.addr,
             }
             set_port(ports, rewrite.side, rewrite.port);
-            if let Some((check, new)) = sctp {
-                *check = new;
-                return Ok(());
-            }
+        };
+        if flow.proto == IPPROTO_SCTP {
+            let (check, new) = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
+            set_ip();
+            // SAFETY: bounds-checked by xdp_sctp.
+            unsafe { *check = new };
+            return Ok(());
+        }
+        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
+        set_ip();
+        // SAFETY: bounds-checked above.
+        unsafe {
             *check = l4_check(
                 flow.proto,
                 *check,
@@ -220,27 +226,33 @@ impl Nat for V6 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let ip: *mut Ipv6Hdr = ptr_at(start, end, flow.l3).ok_or(())?;
         let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
-        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
         let (from, old_port) = old(flow, rewrite);
         let to = rewrite.addr;
-        let sctp = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
+        // SAFETY: every pointer was bounds-checked against data_end.
+        let set_ip = || unsafe {
+            match rewrite.side {
+                Side::Destination => (*ip).daddr = to,
+                Side::Source => (*ip).saddr = to,
+            }
+            set_port(ports, rewrite.side, rewrite.port);
+        };
+        if flow.proto == IPPROTO_SCTP {
+            let (check, new) = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
+            set_ip();
+            // SAFETY: bounds-checked by xdp_sctp.
+            unsafe { *check = new };
+            return Ok(());
+        }
+        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
         let words = [
             (from[0], to[0]),
             (from[1], to[1]),
             (from[2], to[2]),
             (from[3], to[3]),
         ];
-        // SAFETY: every pointer was bounds-checked against data_end above.
+        set_ip();
+        // SAFETY: bounds-checked above.
         unsafe {
-            match rewrite.side {
-                Side::Destination => (*ip).daddr = to,
-                Side::Source => (*ip).saddr = to,
-            }
-            set_port(ports, rewrite.side, rewrite.port);
-            if let Some((check, new)) = sctp {
-                *check = new;
-                return Ok(());
-            }
             *check = l4_check(flow.proto, *check, &words, (old_port, rewrite.port));
         }
         Ok(())
@@ -273,9 +285,11 @@ impl Nat for V6 {
     }
 }
 
-/// An SCTP packet's new CRC for XDP, computed before anything is written
-/// (XDP passes a packet whose rewrite failed, so it must not be half done);
-/// Ok(None) for TCP and UDP.
+/// An SCTP packet's CRC and its new value for XDP, computed before anything
+/// is written (XDP passes a packet whose rewrite failed, so it must not be
+/// half done). Callers test the protocol once and keep the paths apart: a
+/// second test that LLVM merged them under is one the verifier cannot
+/// follow.
 #[inline(always)]
 fn xdp_sctp<A>(
     start: usize,
@@ -283,12 +297,9 @@ fn xdp_sctp<A>(
     flow: &Flow<A>,
     side: Side,
     port: u16,
-) -> Result<Option<(*mut [u8; 4], [u8; 4])>, ()> {
-    if flow.proto != IPPROTO_SCTP {
-        return Ok(None);
-    }
+) -> Result<(*mut [u8; 4], [u8; 4]), ()> {
     let check: *mut [u8; 4] = ptr_at(start, end, flow.l4_check).ok_or(())?;
     // SAFETY: bounds-checked by ptr_at.
     let new = sctp_check(flow, side, port, unsafe { *check }).ok_or(())?;
-    Ok(Some((check, new)))
+    Ok((check, new))
 }

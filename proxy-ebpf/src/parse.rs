@@ -6,11 +6,11 @@ use proxy_common::{Addr6, Counter, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::maps;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_HLEN: usize = 14;
 pub const IPV6_HLEN: usize = 40;
-const NEXTHDR_FRAGMENT: u8 = 44;
+pub const NEXTHDR_FRAGMENT: u8 = 44;
 /// Ethernet + the longest IP header we parse + the TCP bytes we touch.
 pub const MAX_HEADERS: usize = ETH_HLEN + 60 + 20;
 
@@ -94,8 +94,9 @@ pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// The flow of an unfragmented TCP or UDP packet over IPv4, or over IPv6
-/// without extension headers.
+/// The flow of a TCP or UDP packet (or a datagram's first fragment) over
+/// IPv4, or over IPv6 without extension headers other than a Fragment
+/// header.
 #[inline(always)]
 pub fn flow(start: usize, end: usize) -> Parsed {
     let Some(ether_type) = ptr_at::<u16>(start, end, 12) else {
@@ -125,10 +126,15 @@ fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
     if !ours(ip.proto) {
         return None;
     }
-    // More-fragments or a non-zero offset: later fragments carry no ports.
-    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
+    // More-fragments or a non-zero offset: a fragment. Only the first
+    // carries the ports (later ones are `frag`'s); `l4_len` is then this
+    // fragment's share of the datagram.
+    let frag_off = u16::from_be(ip.frag_off);
+    if frag_off & 0x3fff != 0 {
         maps::count(Counter::Fragment);
-        return None;
+        if frag_off & 0x1fff != 0 || ip.proto == IPPROTO_SCTP {
+            return None;
+        }
     }
     let (l4, l4_min) = l4_at(start, end, l3 + ihl, ip.proto)?;
     let total = u16::from_be(ip.tot_len) as usize;
@@ -141,9 +147,9 @@ fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
     Some(flow)
 }
 
-/// IPv6 with TCP or UDP right after the fixed header. Anything else
-/// (extension headers, fragments, ICMPv6 such as neighbour discovery) is
-/// not ours and passes untouched.
+/// IPv6 with TCP or UDP right after the fixed header, or after a first
+/// fragment's Fragment header. Anything else (other extension headers,
+/// ICMPv6 such as neighbour discovery) is not ours and passes untouched.
 #[inline(always)]
 fn flow6(start: usize, end: usize) -> Option<Flow<Addr6>> {
     let l3 = ETH_HLEN;
@@ -156,17 +162,19 @@ fn flow6(start: usize, end: usize) -> Option<Flow<Addr6>> {
     if u32::from_be(ip.ver_tc_flow) >> 28 != 6 {
         return None;
     }
-    let proto = ip.next_header;
+    let mut proto = ip.next_header;
+    let mut l4 = l3 + IPV6_HLEN;
+    let mut payload = u16::from_be(ip.payload_len) as usize;
     if proto == NEXTHDR_FRAGMENT {
-        // A later fragment carries no ports; counted as IPv4's are.
-        maps::count(Counter::Fragment);
-        return None;
+        // Only a first fragment carries the ports (later ones are `frag`'s).
+        proto = first_fragment6(start, end, l4)?;
+        l4 += size_of::<Frag6Hdr>();
+        payload = payload.checked_sub(size_of::<Frag6Hdr>())?;
     }
     if !ours(proto) {
         return None;
     }
-    let (l4, l4_min) = l4_at(start, end, l3 + IPV6_HLEN, proto)?;
-    let payload = u16::from_be(ip.payload_len) as usize;
+    let (l4, l4_min) = l4_at(start, end, l4, proto)?;
     if payload < l4_min {
         maps::count(Counter::Truncated);
         return None;
@@ -174,6 +182,35 @@ fn flow6(start: usize, end: usize) -> Option<Flow<Addr6>> {
     let mut flow = ports(start, end, l4, proto, ip.saddr, ip.daddr, l3)?;
     flow.l4_len = payload;
     Some(flow)
+}
+
+/// IPv6's Fragment extension header.
+#[repr(C)]
+pub struct Frag6Hdr {
+    pub next_header: u8,
+    pub reserved: u8,
+    /// Offset (in 8-byte units) << 3 | more-fragments.
+    pub frag_off: u16,
+    pub id: u32,
+}
+
+/// The upper-layer protocol of a first fragment (offset 0) of a TCP or UDP
+/// datagram whose Fragment header is at `at`; None for a later fragment or
+/// another protocol (SCTP's CRC covers the whole datagram).
+#[inline(always)]
+fn first_fragment6(start: usize, end: usize, at: usize) -> Option<u8> {
+    let Some(frag) = ptr_at::<Frag6Hdr>(start, end, at) else {
+        maps::count(Counter::Truncated);
+        return None;
+    };
+    // SAFETY: bounds checked above.
+    let frag = unsafe { &*frag };
+    if !ours(frag.next_header) {
+        return None;
+    }
+    maps::count(Counter::Fragment);
+    let first = u16::from_be(frag.frag_off) & !7 == 0;
+    (first && frag.next_header != IPPROTO_SCTP).then_some(frag.next_header)
 }
 
 #[inline(always)]

@@ -26,10 +26,11 @@ use aya::{
 };
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
-    Ct6Entry, Ct6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_CT_OVERFLOW, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES,
-    MemberKey, NodeConfig, PROJECT, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key,
-    SockNat6, SockNat6Key, SourceRange4, SourceRange6, names, programs,
+    Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT,
+    Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
+    SourceRange6, names, programs,
 };
 
 use super::iface::Hook;
@@ -291,6 +292,16 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
             size(size_of::<SockNat6Key>()),
             size(size_of::<SockNat6>()),
             MAX_SOCK_NAT,
+        ),
+        names::FRAGMENTS4 => (
+            size(size_of::<Frag4Key>()),
+            size(size_of::<Frag4Entry>()),
+            MAX_FRAGMENTS,
+        ),
+        names::FRAGMENTS6 => (
+            size(size_of::<Frag6Key>()),
+            size(size_of::<Frag6Entry>()),
+            MAX_FRAGMENTS,
         ),
         _ => return None,
     })

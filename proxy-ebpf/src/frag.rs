@@ -1,0 +1,407 @@
+//! IP fragments of translated flows.
+//!
+//! Only a datagram's first fragment carries the ports, so only it can be
+//! matched to a flow; it is translated as a whole packet is (its L4
+//! checksum covers the whole datagram, and an incremental update of it
+//! stays right). Its verdict is remembered in `frag4`/`frag6`, keyed by the
+//! addresses, IP identification and protocol as this hook saw them, and
+//! every later fragment of the datagram gets the same address rewritten
+//! (they hold no ports and no L4 checksum; IPv4's header checksum is
+//! updated). Storing the rewrite rather than the ports keeps all fragments
+//! of a datagram together even if conntrack changes between them, and never
+//! makes a later fragment create or touch flow state.
+//!
+//! A later fragment seen before its first (reordered, or the first was lost
+//! or not translated: dropped, refused, not ours) is passed untouched and
+//! counted: nothing is invented for it. IPv6 is
+//! served with the Fragment header right after the fixed header (how
+//! fragments are sent); other extension header chains are not parsed.
+//!
+//! Keys and values are built in the per-CPU `frag_scratch`, not on the
+//! stack: the hooks' stack is nearly full already.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, xdp_action},
+    btf_maps::LruHashMap,
+    programs::{TcContext, XdpContext},
+};
+use proxy_common::{
+    Addr6, Counter, FRAG_DESTINATION, FRAG_EGRESS, FRAG_INGRESS, FRAG_SOURCE, Frag4Entry, Frag4Key,
+    Frag6Entry, Frag6Key, IPPROTO_TCP, IPPROTO_UDP, MAX_FRAGMENTS, csum,
+};
+
+use crate::{
+    family::{Family, V4, V6},
+    lb::{Rewrite, Side, Stage},
+    maps::{self, FRAG_SCRATCH, FRAGMENTS4, FRAGMENTS6, FragScratch},
+    parse::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Flow, Frag6Hdr, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
+        NEXTHDR_FRAGMENT, ptr_at,
+    },
+};
+
+type Map<K, V> = LruHashMap<K, V, { MAX_FRAGMENTS as usize }>;
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const IP_CHECK: usize = 10;
+const IP_SADDR: usize = 12;
+const IP_DADDR: usize = 16;
+const IP6_SADDR: usize = 8;
+const IP6_DADDR: usize = 24;
+/// IPv4's more-fragments flag and offset bits of `frag_off`.
+const IP_MF_OFFSET: u16 = 0x3fff;
+const IP_OFFSET: u16 = 0x1fff;
+/// The offset bits of IPv6's `frag_off`.
+const IP6_OFFSET: u16 = !7;
+
+/// A family's fragment headers and map.
+pub trait Fragments: Family {
+    type Key: 'static;
+    type Value: 'static;
+
+    fn map() -> &'static Map<Self::Key, Self::Value>;
+    /// This family's places in the scratch buffer.
+    fn slots(s: &mut FragScratch) -> (&mut Self::Key, &mut Self::Value);
+    /// Writes the datagram's key into `key` if the packet whose flow this
+    /// is is a first fragment; false for a whole packet.
+    fn first(start: usize, end: usize, flow: &Flow<Self::Addr>, key: &mut Self::Key) -> bool;
+    /// Writes the datagram's key into `key` if the packet is a later
+    /// fragment of a TCP or UDP datagram.
+    fn later(start: usize, end: usize, key: &mut Self::Key) -> bool;
+    fn set_hook(key: &mut Self::Key, hook: u8);
+    /// Fills `value` with `FRAG_*` and the new address and port.
+    fn set(value: &mut Self::Value, action: u8, addr: &Self::Addr, port: u16);
+    /// Writes the entry's address into a later fragment, by hand.
+    fn xdp(start: usize, end: usize, key: &Self::Key, value: &Self::Value);
+    /// The same through TC's helpers.
+    fn tc(ctx: &TcContext, key: &Self::Key, value: &Self::Value) -> Result<(), ()>;
+}
+
+/// The per-CPU scratch buffer: used only between writing a key or value and
+/// the helper call or packet write that reads it.
+#[inline(always)]
+fn scratch() -> Option<&'static mut FragScratch> {
+    // SAFETY: per-CPU, and no other user while this program runs.
+    FRAG_SCRATCH.get_ptr_mut(0).map(|s| unsafe { &mut *s })
+}
+
+#[inline(always)]
+fn hook(stage: Stage) -> u8 {
+    match stage {
+        Stage::Ingress => FRAG_INGRESS,
+        Stage::Egress => FRAG_EGRESS,
+    }
+}
+
+/// Takes a translated first fragment's rewrite for the datagram's later
+/// fragments; a whole packet costs one header read. Called after the
+/// rewrite (which leaves the identification and offset alone) so that the
+/// hooks' crowded stack holds no verdict for it.
+#[inline(always)]
+pub fn remember<F: Fragments>(
+    start: usize,
+    end: usize,
+    flow: &Flow<F::Addr>,
+    stage: Stage,
+    rewrite: &Rewrite<F::Addr>,
+) {
+    let Some((key, value)) = scratch().map(F::slots) else {
+        return;
+    };
+    if !F::first(start, end, flow, key) {
+        return;
+    }
+    F::set_hook(key, hook(stage));
+    let action = match rewrite.side {
+        Side::Source => FRAG_SOURCE,
+        Side::Destination => FRAG_DESTINATION,
+    };
+    F::set(value, action, &rewrite.addr, rewrite.port);
+    if F::map().insert(&*key, &*value, BPF_ANY as u64).is_err() {
+        maps::count(Counter::FragmentUntracked);
+    }
+}
+
+/// A later fragment's key (in the scratch buffer) and its datagram's
+/// entry; the entry is None if no translated first fragment was seen. Such
+/// a miss is counted at ingress only: egress hooks see every forwarded
+/// datagram and translate few, so a miss there is the rule, and a datagram
+/// reordered on its way in was already counted as it came in.
+#[inline(always)]
+fn lookup<F: Fragments>(
+    start: usize,
+    end: usize,
+    stage: Stage,
+) -> Option<(&'static F::Key, Option<&'static F::Value>)> {
+    let (key, _) = scratch().map(F::slots)?;
+    if !F::later(start, end, key) {
+        return None;
+    }
+    F::set_hook(key, hook(stage));
+    // SAFETY: a live map value, read before this program ends.
+    let value = F::map().get_ptr(&*key).map(|v| unsafe { &*v });
+    match value {
+        Some(_) => maps::count(Counter::FragmentTracked),
+        None if stage == Stage::Ingress => maps::count(Counter::FragmentUntracked),
+        None => {}
+    }
+    Some((key, value))
+}
+
+/// A packet the flow parser left alone, at XDP: a later fragment of a
+/// tracked datagram is translated; anything else passes.
+#[inline(always)]
+pub fn xdp(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    match ether_type(start, end) {
+        Some(ETH_P_IP) => xdp_later::<V4>(start, end),
+        Some(ETH_P_IPV6) => xdp_later::<V6>(start, end),
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn xdp_later<F: Fragments>(start: usize, end: usize) -> u32 {
+    let Some((key, Some(value))) = lookup::<F>(start, end, Stage::Ingress) else {
+        return xdp_action::XDP_PASS;
+    };
+    F::xdp(start, end, key, value);
+    xdp_action::XDP_PASS
+}
+
+/// As `xdp`, at a TC hook of `stage`.
+#[inline(always)]
+pub fn tc(ctx: &TcContext, stage: Stage) -> i32 {
+    match ether_type(ctx.data(), ctx.data_end()) {
+        Some(ETH_P_IP) => tc_later::<V4>(ctx, stage),
+        Some(ETH_P_IPV6) => tc_later::<V6>(ctx, stage),
+        _ => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn tc_later<F: Fragments>(ctx: &TcContext, stage: Stage) -> i32 {
+    let Some((key, Some(value))) = lookup::<F>(ctx.data(), ctx.data_end(), stage) else {
+        return TC_ACT_OK;
+    };
+    if F::tc(ctx, key, value).is_err() {
+        // Half rewritten, it would fail its header checksum or reach the
+        // wrong place: dropped, as a whole packet would be.
+        maps::count(Counter::RewriteFailed);
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn ether_type(start: usize, end: usize) -> Option<u16> {
+    // SAFETY: ptr_at checked the bounds.
+    ptr_at::<u16>(start, end, 12).map(|t| u16::from_be(unsafe { *t }))
+}
+
+/// Fragments of the protocols whose flows are translated. SCTP's are not:
+/// its CRC covers the whole datagram and cannot be updated from the first
+/// fragment alone.
+#[inline(always)]
+fn tracked(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP
+}
+
+/// The side of the packet an entry's action changes.
+#[inline(always)]
+fn side(action: u8) -> Side {
+    match action {
+        FRAG_SOURCE => Side::Source,
+        _ => Side::Destination,
+    }
+}
+
+impl Fragments for V4 {
+    type Key = Frag4Key;
+    type Value = Frag4Entry;
+
+    #[inline(always)]
+    fn map() -> &'static Map<Frag4Key, Frag4Entry> {
+        &FRAGMENTS4
+    }
+
+    #[inline(always)]
+    fn slots(s: &mut FragScratch) -> (&mut Frag4Key, &mut Frag4Entry) {
+        (&mut s.key4, &mut s.value4)
+    }
+
+    #[inline(always)]
+    fn first(start: usize, end: usize, flow: &Flow<u32>, key: &mut Frag4Key) -> bool {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, flow.l3) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        // The flow parser took only first fragments: any bit here means one.
+        if u16::from_be(ip.frag_off) & IP_MF_OFFSET == 0 {
+            return false;
+        }
+        key.src_addr = flow.saddr;
+        key.dst_addr = flow.daddr;
+        key.id = ip.id;
+        key.proto = flow.proto;
+        true
+    }
+
+    #[inline(always)]
+    fn later(start: usize, end: usize, key: &mut Frag4Key) -> bool {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        let later = u16::from_be(ip.frag_off) & IP_OFFSET != 0;
+        if ip.ver_ihl >> 4 != 4 || !later || !tracked(ip.proto) {
+            return false;
+        }
+        key.src_addr = ip.saddr;
+        key.dst_addr = ip.daddr;
+        key.id = ip.id;
+        key.proto = ip.proto;
+        true
+    }
+
+    #[inline(always)]
+    fn set_hook(key: &mut Frag4Key, hook: u8) {
+        key.hook = hook;
+    }
+
+    #[inline(always)]
+    fn set(value: &mut Frag4Entry, action: u8, addr: &u32, port: u16) {
+        value.addr = *addr;
+        value.port = port;
+        value.action = action;
+        value._pad = 0;
+    }
+
+    #[inline(always)]
+    fn xdp(start: usize, end: usize, key: &Frag4Key, value: &Frag4Entry) {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
+            return;
+        };
+        let source = side(value.action) == Side::Source;
+        let old = if source { key.src_addr } else { key.dst_addr };
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            (*ip).check = csum::replace4((*ip).check, old, value.addr);
+            if source {
+                (*ip).saddr = value.addr;
+            } else {
+                (*ip).daddr = value.addr;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn tc(ctx: &TcContext, key: &Frag4Key, value: &Frag4Entry) -> Result<(), ()> {
+        let (old, at) = match side(value.action) {
+            Side::Source => (key.src_addr, IP_SADDR),
+            Side::Destination => (key.dst_addr, IP_DADDR),
+        };
+        ctx.store(ETH_HLEN + at, &value.addr, 0).map_err(|_| ())?;
+        ctx.l3_csum_replace(ETH_HLEN + IP_CHECK, old as u64, value.addr as u64, 4)
+            .map_err(|_| ())
+    }
+}
+
+impl Fragments for V6 {
+    type Key = Frag6Key;
+    type Value = Frag6Entry;
+
+    #[inline(always)]
+    fn map() -> &'static Map<Frag6Key, Frag6Entry> {
+        &FRAGMENTS6
+    }
+
+    #[inline(always)]
+    fn slots(s: &mut FragScratch) -> (&mut Frag6Key, &mut Frag6Entry) {
+        (&mut s.key6, &mut s.value6)
+    }
+
+    #[inline(always)]
+    fn first(start: usize, end: usize, flow: &Flow<Addr6>, key: &mut Frag6Key) -> bool {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, flow.l3) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        if unsafe { (*ip).next_header } != NEXTHDR_FRAGMENT {
+            return false;
+        }
+        let Some(frag) = ptr_at::<Frag6Hdr>(start, end, flow.l3 + IPV6_HLEN) else {
+            return false;
+        };
+        key.src_addr = flow.saddr;
+        key.dst_addr = flow.daddr;
+        // SAFETY: bounds checked by ptr_at.
+        key.id = unsafe { (*frag).id };
+        key.proto = flow.proto;
+        key._pad = [0; 2];
+        true
+    }
+
+    #[inline(always)]
+    fn later(start: usize, end: usize, key: &mut Frag6Key) -> bool {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) else {
+            return false;
+        };
+        let Some(frag) = ptr_at::<Frag6Hdr>(start, end, ETH_HLEN + IPV6_HLEN) else {
+            return false;
+        };
+        // SAFETY: both bounds checked by ptr_at.
+        let (ip, frag) = unsafe { (&*ip, &*frag) };
+        let later = u16::from_be(frag.frag_off) & IP6_OFFSET != 0;
+        let ours = ip.next_header == NEXTHDR_FRAGMENT && tracked(frag.next_header);
+        if u32::from_be(ip.ver_tc_flow) >> 28 != 6 || !ours || !later {
+            return false;
+        }
+        key.src_addr = ip.saddr;
+        key.dst_addr = ip.daddr;
+        key.id = frag.id;
+        key.proto = frag.next_header;
+        key._pad = [0; 2];
+        true
+    }
+
+    #[inline(always)]
+    fn set_hook(key: &mut Frag6Key, hook: u8) {
+        key.hook = hook;
+    }
+
+    #[inline(always)]
+    fn set(value: &mut Frag6Entry, action: u8, addr: &Addr6, port: u16) {
+        value.addr = *addr;
+        value.port = port;
+        value.action = action;
+        value._pad = 0;
+    }
+
+    /// IPv6 has no header checksum, and a later fragment no L4 one.
+    #[inline(always)]
+    fn xdp(start: usize, end: usize, _key: &Frag6Key, value: &Frag6Entry) {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) else {
+            return;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            match side(value.action) {
+                Side::Source => (*ip).saddr = value.addr,
+                Side::Destination => (*ip).daddr = value.addr,
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn tc(ctx: &TcContext, _key: &Frag6Key, value: &Frag6Entry) -> Result<(), ()> {
+        let at = match side(value.action) {
+            Side::Source => IP6_SADDR,
+            Side::Destination => IP6_DADDR,
+        };
+        ctx.store(ETH_HLEN + at, &value.addr, 0).map_err(|_| ())
+    }
+}

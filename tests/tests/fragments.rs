@@ -1,0 +1,540 @@
+//! IP fragments: datagrams larger than the path MTU (DNS over EDNS0, for
+//! one) arrive in pieces, and only the first carries the ports. Every
+//! fragment of a translated flow must be translated, both ways.
+//!
+//! Crafted fragments through BPF_PROG_TEST_RUN (order, checksums,
+//! counters), then real 4 kB UDP exchanges through a 1500-byte path.
+
+mod common;
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context, bail, ensure};
+use common::{Loaded, TC_ACT_OK, XDP_PASS};
+use proxy_common::Counter;
+use proxy_tests::{
+    agent::Agent,
+    manifests::{self, NODE_ADDR, UDP_NODE_PORT, UDP_PORT, VIP, VIP6},
+    netns::{Netns, unique_prefix},
+    servers::Servers,
+    topology::{CLIENT_GATEWAY6, Topology, backend_iface, client_iface},
+};
+
+const CLIENT4: [u8; 4] = [10, 0, 1, 2];
+const VIP4: [u8; 4] = [10, 96, 0, 10];
+const BACKEND4: [u8; 4] = [10, 1, 1, 2];
+const CLIENT6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const VIP6_BYTES: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+const BACKEND6: [u8; 16] = [0xfd, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const IPPROTO_UDP: u8 = 17;
+const ETH_HLEN: usize = 14;
+/// One backend per family: every new flow goes to it.
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ports: [{name: dns, protocol: UDP, port: 53}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-v4, namespace: demo, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, protocol: UDP, port: 5353}]
+endpoints: [{addresses: [10.1.1.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-v6, namespace: demo, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv6
+ports: [{name: dns, protocol: UDP, port: 5353}]
+endpoints: [{addresses: ["fd00:1:1::2"]}]
+"#;
+
+// ---------------------------------------------------------------------------
+// Crafted fragments through BPF_PROG_TEST_RUN.
+
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+struct Lab {
+    dp: Loaded,
+    hook: Hook,
+}
+
+impl Lab {
+    fn new(hook: Hook) -> Lab {
+        let mut dp = Loaded::new().expect("load the datapath");
+        dp.program_yaml(SERVICES).expect("program the services");
+        Lab { dp, hook }
+    }
+
+    /// The packet after the hook's program, which must pass it on.
+    fn run(&self, packet: &[u8]) -> Vec<u8> {
+        let (ret, out) = match self.hook {
+            Hook::Xdp => self.dp.xdp(packet),
+            Hook::Tc => self.dp.tc(packet),
+        }
+        .unwrap_or_else(|e| panic!("{:?} test run: {e:#}", self.hook));
+        let pass = match self.hook {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_OK,
+        };
+        assert_eq!(ret, pass, "{:?} must pass every fragment on", self.hook);
+        out
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        self.dp.maps.counter(counter).expect("counter")
+    }
+}
+
+/// The Internet checksum's one's complement sum of `data`, folded.
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let hi = u32::from(pair[0]) << 8;
+        sum += hi | pair.get(1).map_or(0, |lo| u32::from(*lo));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+/// A UDP datagram (header and payload) with its checksum over `pseudo`.
+fn udp_datagram(pseudo: &[u8], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut udp = Vec::with_capacity(len as usize);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let check = !(sum16(&udp, sum16(pseudo, 0)) as u16);
+    let check = if check == 0 { 0xffff } else { check };
+    udp[6..8].copy_from_slice(&check.to_be_bytes());
+    udp
+}
+
+fn pseudo4(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[0, IPPROTO_UDP]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p
+}
+
+fn pseudo6(src: [u8; 16], dst: [u8; 16], len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&(len as u32).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, IPPROTO_UDP]);
+    p
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+fn ethernet(ether_type: u16) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&MAC_B);
+    frame.extend_from_slice(&MAC_A);
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    frame
+}
+
+/// A UDP datagram of `len` payload bytes cut into IPv4 fragments for a
+/// 1500-byte MTU, as a sender's kernel cuts it.
+fn fragments4(src: ([u8; 4], u16), dst: ([u8; 4], u16), id: u16, len: usize) -> Vec<Vec<u8>> {
+    let datagram = udp_datagram(&pseudo4(src.0, dst.0, 8 + len), src.1, dst.1, &payload(len));
+    let chunks: Vec<&[u8]> = datagram.chunks(1480).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let more = if i < last { 0x2000u16 } else { 0 };
+            let frag_off = more | (i * 1480 / 8) as u16;
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&id.to_be_bytes());
+            ip.extend_from_slice(&frag_off.to_be_bytes());
+            ip.extend_from_slice(&[64, IPPROTO_UDP, 0, 0]);
+            ip.extend_from_slice(&src.0);
+            ip.extend_from_slice(&dst.0);
+            let check = !(sum16(&ip, 0) as u16);
+            ip[10..12].copy_from_slice(&check.to_be_bytes());
+            let mut frame = ethernet(0x0800);
+            frame.extend_from_slice(&ip);
+            frame.extend_from_slice(chunk);
+            frame
+        })
+        .collect()
+}
+
+/// As `fragments4`, over IPv6 with its Fragment header (1448 bytes each).
+fn fragments6(src: ([u8; 16], u16), dst: ([u8; 16], u16), id: u32, len: usize) -> Vec<Vec<u8>> {
+    let datagram = udp_datagram(&pseudo6(src.0, dst.0, 8 + len), src.1, dst.1, &payload(len));
+    let chunks: Vec<&[u8]> = datagram.chunks(1448).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let more = u16::from(i < last);
+            let frag_off = ((i * 1448 / 8) as u16) << 3 | more;
+            let mut frame = ethernet(0x86dd);
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+            frame.extend_from_slice(&[44, 64]);
+            frame.extend_from_slice(&src.0);
+            frame.extend_from_slice(&dst.0);
+            frame.extend_from_slice(&[IPPROTO_UDP, 0]);
+            frame.extend_from_slice(&frag_off.to_be_bytes());
+            frame.extend_from_slice(&id.to_be_bytes());
+            frame.extend_from_slice(chunk);
+            frame
+        })
+        .collect()
+}
+
+/// An IPv4 fragment's addresses, its header checksum checked.
+fn addrs4(frame: &[u8]) -> ([u8; 4], [u8; 4]) {
+    let ip = &frame[ETH_HLEN..ETH_HLEN + 20];
+    assert_eq!(sum16(ip, 0), 0xffff, "IPv4 header checksum of {ip:02x?}");
+    let src = ip[12..16].try_into().expect("4 bytes");
+    let dst = ip[16..20].try_into().expect("4 bytes");
+    (src, dst)
+}
+
+fn addrs6(frame: &[u8]) -> ([u8; 16], [u8; 16]) {
+    let ip = &frame[ETH_HLEN..ETH_HLEN + 40];
+    let src = ip[8..24].try_into().expect("16 bytes");
+    let dst = ip[24..40].try_into().expect("16 bytes");
+    (src, dst)
+}
+
+/// The datagram's ports (from its first fragment) and whether its UDP
+/// checksum is right for `pseudo`: the fragments' payloads put together.
+fn reassembled(fragments: &[Vec<u8>], l3: usize, pseudo: &[u8]) -> ((u16, u16), bool) {
+    let datagram: Vec<u8> = fragments
+        .iter()
+        .flat_map(|f| f[ETH_HLEN + l3..].iter().copied())
+        .collect();
+    let ports = (
+        u16::from_be_bytes([datagram[0], datagram[1]]),
+        u16::from_be_bytes([datagram[2], datagram[3]]),
+    );
+    (ports, sum16(&datagram, sum16(pseudo, 0)) == 0xffff)
+}
+
+/// IPv4 through one hook: a later fragment before its first is untouched
+/// and counted untracked; then the whole request and the whole reply are
+/// translated, every fragment, with valid checksums.
+fn ipv4_fragments(hook: Hook) {
+    let lab = Lab::new(hook);
+    let request = fragments4((CLIENT4, 40000), (VIP4, 53), 0x1234, 4000);
+    assert_eq!(request.len(), 3, "4 kB in 1500-byte packets");
+
+    let early = lab.run(&request[1]);
+    assert_eq!(
+        early, request[1],
+        "{hook:?}: a later fragment before its first"
+    );
+    assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
+    assert_eq!(lab.counter(Counter::FragmentTracked), 0, "{hook:?}");
+
+    let out: Vec<Vec<u8>> = request.iter().map(|f| lab.run(f)).collect();
+    for (i, fragment) in out.iter().enumerate() {
+        assert_eq!(
+            addrs4(fragment),
+            (CLIENT4, BACKEND4),
+            "{hook:?}: fragment {i}"
+        );
+    }
+    let pseudo = pseudo4(CLIENT4, BACKEND4, 8 + 4000);
+    let (ports, valid) = reassembled(&out, 20, &pseudo);
+    assert_eq!(ports, (40000, 5353), "{hook:?}");
+    assert!(valid, "{hook:?}: UDP checksum of the reassembled request");
+    assert_eq!(lab.counter(Counter::FragmentTracked), 2, "{hook:?}");
+    assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
+
+    let reply = fragments4((BACKEND4, 5353), (CLIENT4, 40000), 0x4321, 4000);
+    let out: Vec<Vec<u8>> = reply.iter().map(|f| lab.run(f)).collect();
+    for (i, fragment) in out.iter().enumerate() {
+        assert_eq!(
+            addrs4(fragment),
+            (VIP4, CLIENT4),
+            "{hook:?}: reply fragment {i}"
+        );
+    }
+    let pseudo = pseudo4(VIP4, CLIENT4, 8 + 4000);
+    let (ports, valid) = reassembled(&out, 20, &pseudo);
+    assert_eq!(ports, (53, 40000), "{hook:?}");
+    assert!(valid, "{hook:?}: UDP checksum of the reassembled reply");
+    assert_eq!(lab.counter(Counter::FragmentTracked), 4, "{hook:?}");
+    assert!(lab.counter(Counter::Fragment) >= 7, "{hook:?}");
+}
+
+/// The same over IPv6 (no header checksum; the Fragment header's 32-bit
+/// identification).
+fn ipv6_fragments(hook: Hook) {
+    let lab = Lab::new(hook);
+    let request = fragments6((CLIENT6, 40000), (VIP6_BYTES, 53), 0x0102_0304, 4000);
+    assert_eq!(request.len(), 3);
+
+    assert_eq!(
+        lab.run(&request[2]),
+        request[2],
+        "{hook:?}: before its first"
+    );
+    assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
+
+    let out: Vec<Vec<u8>> = request.iter().map(|f| lab.run(f)).collect();
+    for (i, fragment) in out.iter().enumerate() {
+        assert_eq!(
+            addrs6(fragment),
+            (CLIENT6, BACKEND6),
+            "{hook:?}: fragment {i}"
+        );
+    }
+    let pseudo = pseudo6(CLIENT6, BACKEND6, 8 + 4000);
+    let (ports, valid) = reassembled(&out, 48, &pseudo);
+    assert_eq!(ports, (40000, 5353), "{hook:?}");
+    assert!(valid, "{hook:?}: UDP checksum of the reassembled request");
+
+    let reply = fragments6((BACKEND6, 5353), (CLIENT6, 40000), 0x0506_0708, 4000);
+    let out: Vec<Vec<u8>> = reply.iter().map(|f| lab.run(f)).collect();
+    for (i, fragment) in out.iter().enumerate() {
+        assert_eq!(
+            addrs6(fragment),
+            (VIP6_BYTES, CLIENT6),
+            "{hook:?}: reply {i}"
+        );
+    }
+    let pseudo = pseudo6(VIP6_BYTES, CLIENT6, 8 + 4000);
+    let (ports, valid) = reassembled(&out, 48, &pseudo);
+    assert_eq!(ports, (53, 40000), "{hook:?}");
+    assert!(valid, "{hook:?}: UDP checksum of the reassembled reply");
+    assert_eq!(lab.counter(Counter::FragmentTracked), 4, "{hook:?}");
+    assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
+}
+
+#[test]
+fn ipv4_fragments_are_translated_once_their_first_is_seen() {
+    if !common::ready("ipv4_fragments_are_translated_once_their_first_is_seen") {
+        return;
+    }
+    for hook in HOOKS {
+        ipv4_fragments(hook);
+    }
+}
+
+#[test]
+fn ipv6_fragments_are_translated_once_their_first_is_seen() {
+    if !common::ready("ipv6_fragments_are_translated_once_their_first_is_seen") {
+        return;
+    }
+    for hook in HOOKS {
+        ipv6_fragments(hook);
+    }
+}
+
+/// Fragments of a datagram that is not a service's stay untouched: no
+/// entry is made for them, and their later fragments are untracked.
+#[test]
+fn fragments_of_other_traffic_pass_untouched() {
+    if !common::ready("fragments_of_other_traffic_pass_untouched") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = Lab::new(hook);
+        let other = fragments4((CLIENT4, 40000), ([10, 96, 0, 99], 53), 7, 4000);
+        for fragment in &other {
+            assert_eq!(&lab.run(fragment), fragment, "{hook:?}");
+        }
+        assert_eq!(lab.counter(Counter::FragmentTracked), 0, "{hook:?}");
+        assert_eq!(lab.counter(Counter::FragmentUntracked), 2, "{hook:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Real traffic: client -> node (agent) -> backend, every link 1500 bytes.
+
+/// Bytes each request carries; the backend echoes them after its name.
+const REQUEST: usize = 4000;
+const BACKEND: &str = "backend0";
+const ATTEMPTS: usize = 3;
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Path {
+    topology: Topology,
+    _servers: Servers,
+    manifest: std::path::PathBuf,
+    agent: Option<Agent>,
+}
+
+impl Path {
+    fn start(tag: &str, client_hook: &str) -> anyhow::Result<Path> {
+        let topology = Topology::build(&unique_prefix(tag), 1)?;
+        topology.finish_checksums_on_node_egress()?;
+        if client_hook == ":xdp" {
+            // A wire delivers full checksums; a veth from a local socket does not.
+            topology.disable_client_tx_checksum()?;
+            topology.enable_client_gro()?;
+        }
+        let servers = Servers::start(&topology.backends[0], BACKEND, 8080, 5353)?;
+        let dir = std::env::temp_dir().join(format!("xdproxy-manifests-{}", topology.prefix()));
+        std::fs::create_dir_all(&dir).context("manifest dir")?;
+        let manifest = dir.join("web.yaml");
+        manifests::write(&manifest, &manifests::web_dual_stack(&[0]))?;
+        let ifaces = vec![format!("{}{client_hook}", client_iface()), backend_iface(0)];
+        let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+        Ok(Path {
+            topology,
+            _servers: servers,
+            manifest,
+            agent: Some(agent),
+        })
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent running")
+    }
+
+    fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self.agent().counters()?.get(name).copied().unwrap_or(0))
+    }
+
+    /// Checks that every link the datagrams cross is 1500 bytes.
+    fn check_mtu(&self) -> anyhow::Result<()> {
+        let links = [
+            (&self.topology.node, client_iface().to_string()),
+            (&self.topology.node, backend_iface(0)),
+            (&self.topology.client, "eth0".to_string()),
+            (&self.topology.backends[0], "eth0".to_string()),
+        ];
+        for (ns, iface) in links {
+            let line = ns.ip(&["-o", "link", "show", "dev", &iface])?;
+            ensure!(line.contains(" mtu 1500 "), "{iface}: {line}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Path {
+    fn drop(&mut self) {
+        // Agent first (it cleans its pins), then the namespaces.
+        self.agent.take();
+        if let Some(dir) = self.manifest.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Sends a `REQUEST`-byte datagram from a connected UDP socket in `client`
+/// to `frontend` and checks the whole echo came back from `frontend`
+/// (which shows the backend got the whole request, too).
+fn big_exchange(client: &Netns, frontend: SocketAddr) -> anyhow::Result<()> {
+    let any: IpAddr = match frontend {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = client
+        .run(move || UdpSocket::bind((any, 0)))?
+        .context("binding the client socket")?;
+    socket.connect(frontend).context("connect")?;
+    socket.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    let request: Vec<u8> = (0..REQUEST).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut want = format!("{BACKEND}:").into_bytes();
+    want.extend_from_slice(&request);
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..ATTEMPTS {
+        socket.send(&request).context("send")?;
+        // A connected socket receives only from its peer: a reply that
+        // left with the backend's address would never arrive here.
+        let (len, from) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e).context("recv"),
+        };
+        ensure!(from == frontend, "reply from {from}, not {frontend}");
+        ensure!(
+            buf[..len] == want[..],
+            "{len}-byte reply, not the {}-byte echo",
+            want.len()
+        );
+        return Ok(());
+    }
+    bail!(
+        "no whole {}-byte reply from {frontend} in {ATTEMPTS} tries",
+        want.len()
+    )
+}
+
+/// The cluster IPs of both families and the NodePorts (source NATed:
+/// externalTrafficPolicy Cluster), with 4 kB requests and replies.
+fn serves_big_datagrams(client_hook: &str, tag: &str) -> anyhow::Result<()> {
+    let path = Path::start(tag, client_hook)?;
+    path.check_mtu()?;
+    let frontends = [
+        SocketAddr::from((VIP, UDP_PORT)),
+        SocketAddr::from((VIP6, UDP_PORT)),
+        SocketAddr::from((NODE_ADDR, UDP_NODE_PORT)),
+        SocketAddr::from((CLIENT_GATEWAY6, UDP_NODE_PORT)),
+    ];
+    for frontend in frontends {
+        let before = path.counter("fragment_tracked")?;
+        big_exchange(&path.topology.client, frontend).with_context(|| {
+            format!(
+                "{client_hook:?} {frontend}: counters {:?}",
+                path.agent().counters().ok()
+            )
+        })?;
+        let tracked = path.counter("fragment_tracked")? - before;
+        // Two later fragments each way at least, at each hook they cross.
+        ensure!(
+            tracked >= 4,
+            "{frontend}: fragment_tracked rose by {tracked}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn tc_translates_every_fragment_of_big_udp_datagrams() -> anyhow::Result<()> {
+    if !common::ready("tc_translates_every_fragment_of_big_udp_datagrams") {
+        return Ok(());
+    }
+    serves_big_datagrams("", "fragtc")
+}
+
+#[test]
+fn xdp_translates_every_fragment_of_big_udp_datagrams() -> anyhow::Result<()> {
+    if !common::ready("xdp_translates_every_fragment_of_big_udp_datagrams") {
+        return Ok(());
+    }
+    serves_big_datagrams(":xdp", "fragxdp")
+}
