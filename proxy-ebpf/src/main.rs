@@ -19,6 +19,8 @@ mod ctmap;
 mod family;
 mod frag;
 mod hash;
+mod icmp;
+mod icmp6;
 mod lb;
 mod maps;
 mod nat;
@@ -62,7 +64,11 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     match parse::flow(start, end) {
         Parsed::V4(flow) => xdp_flow::<V4>(ctx, &flow, start, end),
         Parsed::V6(flow) => xdp_flow::<V6>(ctx, &flow, start, end),
-        Parsed::Other => Ok(frag::xdp(ctx)),
+        // ICMP errors about our flows, later fragments of our datagrams.
+        Parsed::Other => Ok(match icmp::xdp(ctx) {
+            Some(verdict) => verdict,
+            None => frag::xdp(ctx),
+        }),
     }
 }
 
@@ -107,7 +113,11 @@ fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     match parse::flow(ctx.data(), ctx.data_end()) {
         Parsed::V4(flow) => tc_flow::<V4>(ctx, &flow, stage),
         Parsed::V6(flow) => tc_flow::<V6>(ctx, &flow, stage),
-        Parsed::Other => Ok(frag::tc(ctx, stage)),
+        // Not a closure: LLVM outlines those, adding a frame to the stack.
+        Parsed::Other => Ok(match icmp::tc(ctx, stage) {
+            Some(verdict) => verdict,
+            None => frag::tc(ctx, stage),
+        }),
     }
 }
 

@@ -1,0 +1,804 @@
+//! ICMP errors about translated flows, translated back.
+//!
+//! Through BPF_PROG_TEST_RUN: errors built by hand around the bytes the
+//! programs themselves produced for a flow; after translation the quote must
+//! be exactly what the client sent (or, half way, what the node forwarded)
+//! and every checksum must hold, recomputed here from scratch.
+//!
+//! With real sockets: client -- node (agent) -- router -- server, where the
+//! Service's backend is the server. A route with a smaller MTU (1300) on the
+//! node or on the router makes one of them answer the client's large
+//! segments with "fragmentation needed" / "packet too big" quoting the
+//! translated packet; a large upload through the ClusterIP completes only if
+//! the client gets that error about its own connection. A UDP datagram to a
+//! port the server does not listen on fails the client's connected socket
+//! with ECONNREFUSED only if the server's port unreachable comes back from
+//! the ClusterIP.
+
+mod common;
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use common::{Loaded, TC_ACT_OK, XDP_PASS};
+use etherparse::PacketBuilder;
+use proxy_common::Counter;
+use proxy_tests::{
+    agent::Agent,
+    manifests::{self, VIP, VIP6},
+    netns::{Netns, unique_prefix},
+    topology::{Topology, backend_iface, client_iface},
+};
+
+const XDP_DROP: u32 = 1;
+const TC_ACT_SHOT: u32 = 2;
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+const CLIENT: [u8; 4] = [10, 0, 1, 2];
+const NODE: [u8; 4] = [10, 0, 0, 1];
+const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
+const LB: [u8; 4] = [198, 51, 100, 1];
+const BACKEND: [u8; 4] = [10, 1, 1, 2];
+const OUTSIDER: [u8; 4] = [203, 0, 113, 50];
+const ROUTER: [u8; 4] = [192, 0, 2, 1];
+
+const CLIENT6: [u8; 16] = addr6(0x2001_0db8_0009, 2);
+const NODE6: [u8; 16] = addr6(0xfd00_0000_0001, 1);
+const CLUSTER_IP6: [u8; 16] = addr6(0xfd00_0096_0000, 0x10);
+const BACKEND6: [u8; 16] = addr6(0xfd00_0001_0001, 2);
+
+/// An address with a 48-bit prefix and a 16-bit host part.
+const fn addr6(prefix: u64, host: u16) -> [u8; 16] {
+    let p = prefix.to_be_bytes();
+    let h = host.to_be_bytes();
+    [
+        p[2], p[3], p[4], p[5], p[6], p[7], 0, 0, 0, 0, 0, 0, 0, 0, h[0], h[1],
+    ]
+}
+
+/// `web` (a cluster IP of each family) and `lb` (a LoadBalancer whose
+/// external clients are source-NATed to the node), one backend each.
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ports:
+    - {name: http, protocol: TCP, port: 80}
+    - {name: dns, protocol: UDP, port: 53}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+  - {name: http, protocol: TCP, port: 8080}
+  - {name: dns, protocol: UDP, port: 5353}
+endpoints:
+  - addresses: [10.1.1.2]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports:
+  - {name: http, protocol: TCP, port: 8080}
+  - {name: dns, protocol: UDP, port: 5353}
+endpoints:
+  - addresses: ["fd00:1:1::2"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  ports: [{name: http, protocol: TCP, port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - {addresses: [10.1.1.2], nodeName: here}
+"#;
+
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+/// The datapath programmed with `SERVICES` for node `here`, whose address
+/// (10.0.0.1, fd00:0:1::1) source NAT uses.
+fn lab() -> Loaded {
+    let mut dp = Loaded::new().expect("load the datapath");
+    let mut objects = common::objects(SERVICES).expect("objects");
+    objects.node_name = Some("here".into());
+    objects.node_addresses = vec![IpAddr::from(NODE), IpAddr::from(NODE6)];
+    dp.program(&proxy_agent::model::desired(&objects))
+        .expect("program");
+    dp
+}
+
+/// The hook's verdict and packet.
+fn run(dp: &Loaded, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+    match hook {
+        Hook::Xdp => dp.xdp(packet),
+        Hook::Tc => dp.tc(packet),
+    }
+    .expect("test run")
+}
+
+/// Runs an ingress hook, which must pass the packet on.
+fn ingress(dp: &Loaded, hook: Hook, packet: &[u8]) -> Vec<u8> {
+    let (verdict, out) = run(dp, hook, packet);
+    let pass = match hook {
+        Hook::Xdp => XDP_PASS,
+        Hook::Tc => TC_ACT_OK,
+    };
+    assert_eq!(verdict, pass, "{hook:?}");
+    out
+}
+
+/// Runs the egress program, which must pass the packet on.
+fn egress(dp: &Loaded, packet: &[u8]) -> Vec<u8> {
+    let (verdict, out) = dp.tc_egress(packet).expect("egress run");
+    assert_eq!(verdict, TC_ACT_OK, "egress");
+    out
+}
+
+fn counter(dp: &Loaded, counter: Counter) -> u64 {
+    dp.maps.counter(counter).expect("counter")
+}
+
+/// A client's packet; its payload makes a quote of the first 48 bytes of
+/// IP hold the TCP checksum.
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .ack(1);
+    build(builder, b"a segment that will not fit")
+}
+
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    build(builder, b"a datagram nobody takes")
+}
+
+fn tcp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .ack(1);
+    build(builder, b"a segment that will not fit")
+}
+
+fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src, dst, 64)
+        .udp(sport, dport);
+    build(builder, b"a datagram nobody takes")
+}
+
+fn build<B: Buildable>(builder: B, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder.write_to(&mut out, payload);
+    out
+}
+
+/// The last step of etherparse's builders, whatever the transport.
+trait Buildable {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]);
+}
+
+impl Buildable for etherparse::PacketBuilderStep<etherparse::TcpHeader> {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
+        self.write(out, payload).expect("build tcp");
+    }
+}
+
+impl Buildable for etherparse::PacketBuilderStep<etherparse::UdpHeader> {
+    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
+        self.write(out, payload).expect("build udp");
+    }
+}
+
+/// One's complement sum of big-endian 16-bit words (odd length padded).
+fn sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+const ETH: usize = 14;
+const IP4: usize = 20;
+const IP6: usize = 40;
+/// How much of the failed packet's IP datagram an error quotes here: IP,
+/// and TCP up to and past its checksum.
+const QUOTE4: usize = IP4 + 28;
+const QUOTE6: usize = IP6 + 28;
+
+/// An ICMP error from `src` to `dst` quoting `quote` (an IP packet's start).
+fn icmp4(src: [u8; 4], dst: [u8; 4], (kind, code): (u8, u8), rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut p = vec![];
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&MAC_B);
+    p.extend_from_slice(&[0x08, 0x00]);
+    let total = (IP4 + 8 + quote.len()) as u16;
+    let mut ip = [0u8; IP4];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // DF, as the kernel sends its errors
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let check = fold(sum(&ip));
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    p.extend_from_slice(&ip);
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let check = fold(sum(&icmp));
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+fn icmp6(src: [u8; 16], dst: [u8; 16], (kind, code): (u8, u8), rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut p = vec![];
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&MAC_B);
+    p.extend_from_slice(&[0x86, 0xdd]);
+    let length = (8 + quote.len()) as u16;
+    let mut ip = [0u8; IP6];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&length.to_be_bytes());
+    ip[6] = 58;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&dst);
+    p.extend_from_slice(&ip);
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let check = fold(pseudo6(&ip, icmp.len()) + sum(&icmp));
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+/// ICMPv6's pseudo-header sum for a message of `len` bytes.
+fn pseudo6(ip: &[u8], len: usize) -> u32 {
+    sum(&ip[8..40]) + len as u32 + 58
+}
+
+/// An IPv4 error's addresses and quote, after checking its IPv4 and ICMP
+/// checksums.
+fn error4(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
+    let ip = &packet[ETH..ETH + IP4];
+    assert_eq!(
+        fold(sum(ip)),
+        0,
+        "outer IPv4 header checksum of {packet:02x?}"
+    );
+    let icmp = &packet[ETH + IP4..];
+    assert_eq!(fold(sum(icmp)), 0, "ICMP checksum of {packet:02x?}");
+    let addr = |at: usize| -> [u8; 4] { ip[at..at + 4].try_into().expect("4 bytes") };
+    (addr(12), addr(16), icmp[8..].to_vec())
+}
+
+fn error6(packet: &[u8]) -> ([u8; 16], [u8; 16], Vec<u8>) {
+    let ip = &packet[ETH..ETH + IP6];
+    let icmp = &packet[ETH + IP6..];
+    assert_eq!(
+        fold(pseudo6(ip, icmp.len()) + sum(icmp)),
+        0,
+        "ICMPv6 checksum of {packet:02x?}"
+    );
+    let addr = |at: usize| -> [u8; 16] { ip[at..at + 16].try_into().expect("16 bytes") };
+    (addr(8), addr(24), icmp[8..].to_vec())
+}
+
+/// The first `len` bytes of a packet's IP datagram: what an error quotes.
+fn quote(packet: &[u8], len: usize) -> Vec<u8> {
+    packet[ETH..ETH + len].to_vec()
+}
+
+const FRAG_NEEDED: (u8, u8) = (3, 4);
+const PORT_UNREACH: (u8, u8) = (3, 3);
+const MTU: u32 = 1300;
+const PKT_TOOBIG: (u8, u8) = (2, 0);
+const PORT_UNREACH6: (u8, u8) = (1, 4);
+
+#[test]
+fn a_source_nated_flows_errors_go_back_to_the_client_about_its_packet() {
+    if !common::ready("a_source_nated_flows_errors_go_back_to_the_client_about_its_packet") {
+        return;
+    }
+    for hook in HOOKS {
+        let dp = lab();
+        // The client's packet in, to the backend, out from the node.
+        let sent = tcp(OUTSIDER, 50000, LB, 80);
+        let forwarded = ingress(&dp, hook, &sent);
+        let snat = egress(&dp, &forwarded);
+        assert_eq!(&snat[ETH + 12..ETH + 16], &NODE, "{hook:?}: source NAT");
+        // A router on the way to the backend cannot forward it whole.
+        let error = icmp4(ROUTER, NODE, FRAG_NEEDED, MTU, &quote(&snat, QUOTE4));
+        let back = ingress(&dp, hook, &error);
+        let (src, dst, quoted) = error4(&back);
+        assert_eq!((src, dst), (ROUTER, OUTSIDER), "{hook:?}: to the client");
+        assert_eq!(quoted, quote(&forwarded, QUOTE4), "{hook:?}: as forwarded");
+        let out = egress(&dp, &back);
+        let (src, dst, quoted) = error4(&out);
+        assert_eq!((src, dst), (ROUTER, OUTSIDER), "{hook:?}: from the router");
+        assert_eq!(
+            quoted,
+            quote(&sent, QUOTE4),
+            "{hook:?}: as the client sent it"
+        );
+        assert_eq!(&out[ETH + IP4 + 4..ETH + IP4 + 8], &MTU.to_be_bytes());
+        // The backend's own error comes from the frontend.
+        let error = icmp4(BACKEND, NODE, PORT_UNREACH, 0, &quote(&snat, QUOTE4));
+        let out = egress(&dp, &ingress(&dp, hook, &error));
+        let (src, dst, quoted) = error4(&out);
+        assert_eq!((src, dst), (LB, OUTSIDER), "{hook:?}: from the frontend");
+        assert_eq!(quoted, quote(&sent, QUOTE4), "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 4, "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorFailed), 0, "{hook:?}");
+    }
+}
+
+#[test]
+fn a_backends_port_unreachable_comes_from_the_cluster_ip() {
+    if !common::ready("a_backends_port_unreachable_comes_from_the_cluster_ip") {
+        return;
+    }
+    for hook in HOOKS {
+        let dp = lab();
+        let sent = udp(CLIENT, 40000, CLUSTER_IP, 53);
+        let forwarded = ingress(&dp, hook, &sent);
+        assert_eq!(&forwarded[ETH + 16..ETH + 20], &BACKEND, "{hook:?}");
+        let whole = forwarded.len() - ETH;
+        let error = icmp4(BACKEND, CLIENT, PORT_UNREACH, 0, &quote(&forwarded, whole));
+        let (src, dst, quoted) = error4(&ingress(&dp, hook, &error));
+        assert_eq!((src, dst), (CLUSTER_IP, CLIENT), "{hook:?}");
+        assert_eq!(quoted, quote(&sent, whole), "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 1, "{hook:?}");
+
+        let dp = lab();
+        let sent = udp6(CLIENT6, 40000, CLUSTER_IP6, 53);
+        let forwarded = ingress(&dp, hook, &sent);
+        let whole = forwarded.len() - ETH;
+        let error = icmp6(
+            BACKEND6,
+            CLIENT6,
+            PORT_UNREACH6,
+            0,
+            &quote(&forwarded, whole),
+        );
+        let (src, dst, quoted) = error6(&ingress(&dp, hook, &error));
+        assert_eq!((src, dst), (CLUSTER_IP6, CLIENT6), "{hook:?}");
+        assert_eq!(quoted, quote(&sent, whole), "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 1, "{hook:?}");
+    }
+}
+
+#[test]
+fn the_nodes_own_fragmentation_needed_is_translated_at_egress() {
+    if !common::ready("the_nodes_own_fragmentation_needed_is_translated_at_egress") {
+        return;
+    }
+    let gateway = [10, 0, 1, 1];
+    let gateway6 = addr6(0x2001_0db8_0009, 1);
+    for hook in HOOKS {
+        let dp = lab();
+        let sent = tcp(CLIENT, 40001, CLUSTER_IP, 80);
+        let forwarded = ingress(&dp, hook, &sent);
+        let error = icmp4(
+            gateway,
+            CLIENT,
+            FRAG_NEEDED,
+            MTU,
+            &quote(&forwarded, QUOTE4),
+        );
+        let (src, dst, quoted) = error4(&egress(&dp, &error));
+        assert_eq!((src, dst), (gateway, CLIENT), "{hook:?}");
+        assert_eq!(quoted, quote(&sent, QUOTE4), "{hook:?}");
+
+        let sent = tcp6(CLIENT6, 40001, CLUSTER_IP6, 80);
+        let forwarded = ingress(&dp, hook, &sent);
+        let error = icmp6(
+            gateway6,
+            CLIENT6,
+            PKT_TOOBIG,
+            MTU,
+            &quote(&forwarded, QUOTE6),
+        );
+        let (src, dst, quoted) = error6(&egress(&dp, &error));
+        assert_eq!((src, dst), (gateway6, CLIENT6), "{hook:?}");
+        assert_eq!(quoted, quote(&sent, QUOTE6), "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 2, "{hook:?}");
+    }
+}
+
+#[test]
+fn errors_about_other_flows_pass_untouched() {
+    if !common::ready("errors_about_other_flows_pass_untouched") {
+        return;
+    }
+    for hook in HOOKS {
+        let dp = lab();
+        let forwarded = ingress(&dp, hook, &tcp(CLIENT, 40002, CLUSTER_IP, 80));
+        // Another client port: no flow of ours.
+        let other = tcp(CLIENT, 40003, BACKEND, 8080);
+        let errors = [
+            icmp4(ROUTER, CLIENT, FRAG_NEEDED, MTU, &quote(&other, QUOTE4)),
+            // Ours, but not addressed to the quoted packet's source.
+            icmp4(ROUTER, ROUTER, FRAG_NEEDED, MTU, &quote(&forwarded, QUOTE4)),
+            // Ours, but an echo request is not an error.
+            icmp4(ROUTER, CLIENT, (8, 0), 0, &quote(&forwarded, QUOTE4)),
+            icmp6(
+                BACKEND6,
+                CLIENT6,
+                PORT_UNREACH6,
+                0,
+                &quote(&tcp6(CLIENT6, 1, BACKEND6, 2), QUOTE6),
+            ),
+        ];
+        for error in &errors {
+            assert_eq!(&ingress(&dp, hook, error), error, "{hook:?}");
+            assert_eq!(&egress(&dp, error), error, "{hook:?}");
+        }
+        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 0, "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorFailed), 0, "{hook:?}");
+    }
+}
+
+#[test]
+fn an_error_about_a_flow_of_ours_too_short_to_translate_is_dropped() {
+    if !common::ready("an_error_about_a_flow_of_ours_too_short_to_translate_is_dropped") {
+        return;
+    }
+    for hook in HOOKS {
+        let dp = lab();
+        let forwarded = ingress(&dp, hook, &tcp(CLIENT, 40004, CLUSTER_IP, 80));
+        // The ports, but not the 8 bytes every error must quote.
+        let error = icmp4(
+            BACKEND,
+            CLIENT,
+            PORT_UNREACH,
+            0,
+            &quote(&forwarded, IP4 + 4),
+        );
+        let (verdict, _) = run(&dp, hook, &error);
+        let dropped = match hook {
+            Hook::Xdp => XDP_DROP,
+            Hook::Tc => TC_ACT_SHOT,
+        };
+        assert_eq!(verdict, dropped, "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorFailed), 1, "{hook:?}");
+        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 0, "{hook:?}");
+    }
+}
+
+/// The server behind the router, the Service's backend.
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 2, 1, 2);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 1, 0, 0, 0, 0, 2);
+const SERVER_PORT: u16 = 8080;
+/// The smaller MTU on the way to the server; the client's path has 1500.
+const SMALL_MTU: &str = "1300";
+/// What the client uploads: thousands of full-sized segments.
+const UPLOAD: usize = 4 << 20;
+/// Generous for a few megabytes between namespaces, and far less than a
+/// stalled connection's retransmissions take to give up.
+const UPLOAD_TIME: Duration = Duration::from_secs(8);
+
+/// Where the route with the smaller MTU is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bottleneck {
+    /// The node's own route to the server: the node answers the client's
+    /// forwarded segments itself (and its error leaves through TC egress).
+    Node,
+    /// The router's route to the server: its errors come in through the
+    /// node's ingress hook.
+    Router,
+}
+
+/// client -- node (agent) -- router -- server, the server the Service's
+/// only backend. Fields drop in order: the agent before the namespaces.
+struct Path {
+    agent: Agent,
+    sink: Sink,
+    /// Held: dropping it deletes the server namespace.
+    _server: Netns,
+    topology: Topology,
+    manifests: PathBuf,
+}
+
+impl Path {
+    fn start(tag: &str, bottleneck: Bottleneck) -> anyhow::Result<Path> {
+        let topology = Topology::build(&unique_prefix(tag), 1)?;
+        let server = Netns::create(&format!("{}s", topology.prefix()))?;
+        wire_server(&topology, &server)?;
+        let (ns, via) = match bottleneck {
+            Bottleneck::Node => (&topology.node, ["via", "10.1.1.2", "via", "fd00:1:1::2"]),
+            Bottleneck::Router => (&topology.backends[0], ["dev", "srv0", "dev", "srv0"]),
+        };
+        let host4 = format!("{SERVER}/32");
+        let host6 = format!("{SERVER6}/128");
+        ns.ip(&[
+            "route", "add", &host4, via[0], via[1], "mtu", "lock", SMALL_MTU,
+        ])?;
+        ns.ip(&[
+            "-6", "route", "add", &host6, via[2], via[3], "mtu", "lock", SMALL_MTU,
+        ])?;
+        let sink = Sink::start(&server)?;
+        let manifests = std::env::temp_dir().join(format!("xdproxy-icmp-{}", topology.prefix()));
+        std::fs::create_dir_all(&manifests).context("manifest dir")?;
+        let manifest = manifests.join("web.yaml");
+        let web = manifests::web_dual_stack(&[0])
+            .replace("\"10.1.1.2\"", &format!("\"{SERVER}\""))
+            .replace("\"fd00:1:1::2\"", &format!("\"{SERVER6}\""));
+        ensure!(web.contains(&SERVER.to_string()) && web.contains(&SERVER6.to_string()));
+        manifests::write(&manifest, &web)?;
+        let ifaces = [client_iface().to_string(), backend_iface(0)];
+        let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+        Ok(Path {
+            agent,
+            sink,
+            _server: server,
+            topology,
+            manifests,
+        })
+    }
+
+    fn translated(&self) -> anyhow::Result<u64> {
+        let counters = self.agent.counters()?;
+        counters
+            .get("icmp_error_translated")
+            .copied()
+            .with_context(|| format!("no icmp_error_translated in {counters:?}"))
+    }
+}
+
+impl Drop for Path {
+    fn drop(&mut self) {
+        self.sink.stop();
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// The router (the topology's backend namespace) forwards to the server on
+/// a link of its own: 10.2.1.0/24 and fd00:2:1::/64, the server at ::2.
+fn wire_server(topology: &Topology, server: &Netns) -> anyhow::Result<()> {
+    let router = &topology.backends[0];
+    router.sysctl("net.ipv4.ip_forward", "1")?;
+    router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    router.ip(&[
+        "link",
+        "add",
+        "srv0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        server.name(),
+    ])?;
+    router.ip(&["addr", "add", "10.2.1.1/24", "dev", "srv0"])?;
+    router.ip(&["addr", "add", "fd00:2:1::1/64", "dev", "srv0", "nodad"])?;
+    router.ip(&["link", "set", "srv0", "up"])?;
+    server.ip(&["addr", "add", "10.2.1.2/24", "dev", "eth0"])?;
+    server.ip(&["addr", "add", "fd00:2:1::2/64", "dev", "eth0", "nodad"])?;
+    server.ip(&["link", "set", "eth0", "up"])?;
+    server.ip(&["route", "add", "default", "via", "10.2.1.1"])?;
+    server.ip(&["-6", "route", "add", "default", "via", "fd00:2:1::1"])?;
+    let node = &topology.node;
+    node.ip(&["route", "add", "10.2.1.0/24", "via", "10.1.1.2"])?;
+    node.ip(&["-6", "route", "add", "fd00:2:1::/64", "via", "fd00:1:1::2"])?;
+    Ok(())
+}
+
+/// A TCP server in the server namespace (both families) that reads each
+/// connection to its end and answers with the byte count. Nothing listens
+/// on UDP.
+struct Sink {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start(server: &Netns) -> anyhow::Result<Sink> {
+        let listener = server
+            .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, SERVER_PORT)))?
+            .context("listening in the server namespace")?;
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        std::thread::spawn(move || count_and_answer(conn));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(Sink {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn count_and_answer(mut conn: TcpStream) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(UPLOAD_TIME * 2));
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = conn.write_all(&total.to_be_bytes());
+}
+
+/// Uploads `UPLOAD` bytes through the Service from the client namespace;
+/// the time it took, or why it failed.
+fn upload(client: &Netns, to: SocketAddr) -> anyhow::Result<Duration> {
+    client.run(move || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {to}"))?;
+        conn.set_write_timeout(Some(UPLOAD_TIME))?;
+        conn.set_read_timeout(Some(UPLOAD_TIME))?;
+        let chunk = vec![0x5au8; 64 << 10];
+        for _ in 0..UPLOAD / chunk.len() {
+            conn.write_all(&chunk).with_context(|| {
+                format!(
+                    "uploading to {to} stalled after {:?}: no path MTU learned",
+                    started.elapsed()
+                )
+            })?;
+        }
+        conn.shutdown(Shutdown::Write)?;
+        let mut count = [0u8; 8];
+        conn.read_exact(&mut count)
+            .with_context(|| format!("waiting for {to}'s byte count"))?;
+        let count = u64::from_be_bytes(count);
+        ensure!(
+            count == UPLOAD as u64,
+            "{to} received {count} of {UPLOAD} bytes"
+        );
+        Ok(started.elapsed())
+    })?
+}
+
+/// The smaller MTU is learnt through the Service in both families: the
+/// upload completes in time and translated errors were counted.
+fn path_mtu_discovery_works(tag: &str, bottleneck: Bottleneck) {
+    let path = Path::start(tag, bottleneck).expect("topology and agent");
+    for to in [
+        SocketAddr::from((VIP, manifests::HTTP_PORT)),
+        SocketAddr::from((VIP6, manifests::HTTP_PORT)),
+    ] {
+        let before = path.translated().expect("counters");
+        let took = upload(&path.topology.client, to)
+            .unwrap_or_else(|e| panic!("{bottleneck:?}: {e:#}\nagent log:\n{}", path.agent.log()));
+        assert!(took < UPLOAD_TIME, "{bottleneck:?} {to}: took {took:?}");
+        let after = path.translated().expect("counters");
+        assert!(
+            after > before,
+            "{bottleneck:?} {to}: no error translated ({before} -> {after})"
+        );
+    }
+}
+
+#[test]
+fn path_mtu_discovery_through_a_cluster_ip_when_the_node_has_the_smaller_mtu() {
+    if !common::ready("path_mtu_discovery_through_a_cluster_ip_when_the_node_has_the_smaller_mtu") {
+        return;
+    }
+    path_mtu_discovery_works("pmtun", Bottleneck::Node);
+}
+
+#[test]
+fn path_mtu_discovery_through_a_cluster_ip_when_a_router_has_the_smaller_mtu() {
+    if !common::ready("path_mtu_discovery_through_a_cluster_ip_when_a_router_has_the_smaller_mtu") {
+        return;
+    }
+    path_mtu_discovery_works("pmtur", Bottleneck::Router);
+}
+
+/// A connected UDP socket's datagram to the Service, whose backend does not
+/// listen on the port: the next receive fails with ECONNREFUSED. Sent up to
+/// three times, a second apart (the server rate-limits its errors).
+fn refused(client: &Netns, to: SocketAddr) -> anyhow::Result<()> {
+    client.run(move || -> anyhow::Result<()> {
+        let local: SocketAddr = match to {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = UdpSocket::bind(local)?;
+        socket.connect(to)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            // A send may already report the error of the one before.
+            if let Err(e) = socket.send(b"anyone?") {
+                ensure!(
+                    e.kind() == ErrorKind::ConnectionRefused,
+                    "send to {to}: {e}"
+                );
+                return Ok(());
+            }
+            match socket.recv(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => bail!("receiving from {to}: {e}"),
+                Ok(n) => bail!("{to} answered {n} bytes"),
+            }
+        }
+        bail!("no ECONNREFUSED from {to}: the port unreachable did not come back translated")
+    })?
+}
+
+#[test]
+fn a_udp_datagram_to_a_port_the_backend_does_not_serve_is_refused() {
+    if !common::ready("a_udp_datagram_to_a_port_the_backend_does_not_serve_is_refused") {
+        return;
+    }
+    let path = Path::start("udpref", Bottleneck::Router).expect("topology and agent");
+    for to in [
+        SocketAddr::from((VIP, manifests::UDP_PORT)),
+        SocketAddr::from((VIP6, manifests::UDP_PORT)),
+    ] {
+        let before = path.translated().expect("counters");
+        refused(&path.topology.client, to)
+            .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", path.agent.log()));
+        let after = path.translated().expect("counters");
+        assert!(
+            after > before,
+            "{to}: no error translated ({before} -> {after})"
+        );
+    }
+}
