@@ -130,6 +130,8 @@ struct RunArgs {
     healthz_timeout_s: u64,
     #[command(flatten)]
     conntrack: proxy_agent::conntrack::Flags,
+    #[command(flatten)]
+    node: proxy_agent::nodeconfig::Flags,
 }
 
 impl RunArgs {
@@ -162,6 +164,7 @@ impl RunArgs {
             metrics_addr: self.metrics_bind_address,
             health_timeout: Duration::from_secs(self.healthz_timeout_s),
             conntrack: self.conntrack.config(),
+            node: self.node,
         })
     }
 }

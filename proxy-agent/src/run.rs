@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -25,6 +25,7 @@ use crate::{
     http::{self, Endpoints},
     metrics::{Shared, Status},
     model::{self, ObjectKey, Objects, SliceIndex},
+    nodeconfig,
     reconcile::{Reconciler, Report},
     source::{
         cluster::{ClusterStore, Dirty},
@@ -80,6 +81,8 @@ pub struct RunConfig {
     pub health_timeout: Duration,
     /// Conntrack size, garbage collection interval and timeouts.
     pub conntrack: conntrack::Config,
+    /// `--snat-port-range`, `--hash-key`.
+    pub node: nodeconfig::Flags,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -105,6 +108,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     spawn_http(config.metrics_addr, Endpoints::Metrics, &status);
     let health_checks = health_checks(config.health_addr.ip(), &status, timeout);
     let mut programmer = Programmer::adopt(maps, status, health_checks)?;
+    let mut node = node_settings(&config.node)?;
+    programmer.reconciler.set_node(node);
     programmer.sweeper = config
         .socket_lb
         .as_ref()
@@ -126,6 +131,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         } => {
             let bootstrap = kubernetes::config(kubeconfig.as_deref(), apiserver.as_deref()).await?;
             let route = Route::new(bootstrap, apiserver.is_some());
+            if config.node.hash_key.is_none() {
+                node.cluster_key = cluster_key(route.bootstrap_client()?).await;
+                programmer.reconciler.set_node(node);
+            }
             let store = ClusterStore::new(&config.node_name)
                 .nodeport_ranges(&config.nodeport_ranges)
                 .balancing(config.balancing);
@@ -145,6 +154,47 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         pins.display()
     );
     Ok(())
+}
+
+/// Reserves the source NAT ports on the node and picks the hash keys (the
+/// cluster's from `--hash-key`, else a fixed one until the cluster's own
+/// is known).
+fn node_settings(flags: &nodeconfig::Flags) -> anyhow::Result<nodeconfig::Settings> {
+    let ports = flags.snat_port_range;
+    if let Err(e) = nodeconfig::reserve(ports, Path::new(nodeconfig::RESERVED_PORTS)) {
+        log::warn!(
+            "could not reserve the source NAT ports {ports}: {e:#}; local sockets may be given \
+             one of them as their ephemeral port"
+        );
+    }
+    Ok(nodeconfig::Settings {
+        snat_ports: ports,
+        node_key: nodeconfig::random_key()?,
+        cluster_key: nodeconfig::key_of(flags.hash_key.as_deref().unwrap_or_default()),
+    })
+}
+
+/// The cluster's hash key: derived from the kube-system namespace's UID,
+/// which every node reads alike. Without it (no permission, no answer in
+/// 5 s) the fixed key stays, and the operator is told to set --hash-key.
+async fn cluster_key(client: kube::Client) -> nodeconfig::Key {
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+    let got = tokio::time::timeout(Duration::from_secs(5), namespaces.get("kube-system")).await;
+    let uid = match got {
+        Ok(Ok(ns)) => ns.metadata.uid.ok_or_else(|| "it has no UID".to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5 s".to_string()),
+    };
+    match uid {
+        Ok(uid) => nodeconfig::key_of(&uid),
+        Err(why) => {
+            log::warn!(
+                "reading the kube-system namespace for the cluster's hash key: {why}; Maglev \
+                 and source hashing use a fixed key (set --hash-key on every node)"
+            );
+            nodeconfig::key_of("")
+        }
+    }
 }
 
 /// Loads (or adopts) the datapath and attaches it to the interfaces

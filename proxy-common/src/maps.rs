@@ -320,6 +320,14 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
     /// The IPv6 address source NAT uses (all zero: none).
     pub snat_addr6: Addr6,
+    /// Keys the flow hash of choices only this node makes (flows met
+    /// mid-way or without conntrack under the random algorithms): random,
+    /// this node's secret.
+    pub node_key: [u32; 2],
+    /// Keys Maglev and source hashing: the same on every node, so that
+    /// every node picks the same backend for a flow, and secret, so that
+    /// clients cannot pick it.
+    pub cluster_key: [u32; 2],
 }
 
 /// Default source NAT ports: above Linux's default ephemeral range
@@ -641,7 +649,7 @@ pub enum Counter {
     /// a new one was chosen.
     AffinityStale = 11,
     /// A flow that needed source NAT got none (no node address known, or no
-    /// free port): dropped, never forwarded untranslated.
+    /// free port): forwarded untranslated.
     SnatFailed = 12,
     /// A new flow that found conntrack full: forwarded by a hash of its
     /// 5-tuple (the same backend for each of its packets) without an entry.

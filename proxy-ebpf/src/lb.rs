@@ -13,7 +13,7 @@ use crate::{
     affinity, atomic,
     ct::{self, Untracked},
     family::{Entry, Family, Table, Target},
-    hash::{Hashed, OfFlow},
+    hash::{Hashed, Key, OfFlow},
     maps::{self, CONFIG, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
     parse::{Flow, TCP_RST},
 };
@@ -247,14 +247,16 @@ pub fn select<F: Family, H: Hashed>(
     pick: Pick,
 ) -> Option<(u32, Target<F::Addr>)> {
     let slot = if service.table_size != 0 {
-        // Maglev and source hash: slots hold the lookup table.
+        // Maglev and source hash: slots hold the lookup table, and every
+        // node must pick alike.
+        let key = keys().1;
         let h = match service.algorithm {
-            ALG_SOURCE_HASH => hashed.source(),
-            _ => hashed.five_tuple(),
+            ALG_SOURCE_HASH => hashed.source(key),
+            _ => hashed.five_tuple(key),
         };
         h % service.table_size
     } else if pick == Pick::Hash {
-        hashed.five_tuple() % service.backend_count
+        hashed.five_tuple(keys().0) % service.backend_count
     } else {
         match service.algorithm {
             ALG_ROUND_ROBIN => next_turn(service.id) % service.backend_count,
@@ -263,6 +265,14 @@ pub fn select<F: Family, H: Hashed>(
         }
     };
     slot_backend::<F>(service.slots_id, slot)
+}
+
+/// The node's hash key and the cluster's (see `NodeConfig`).
+#[inline(always)]
+fn keys() -> (Key, Key) {
+    CONFIG
+        .get(0)
+        .map_or(([0; 2], [0; 2]), |c| (c.node_key, c.cluster_key))
 }
 
 #[inline(always)]

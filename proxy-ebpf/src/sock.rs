@@ -183,13 +183,13 @@ struct OfSocket<F: Family> {
 
 impl<F: Family> Hashed for OfSocket<F> {
     #[inline(always)]
-    fn five_tuple(&self) -> u32 {
-        hash::mix(F::addr_hash(self.client) ^ lb::random())
+    fn five_tuple(&self, key: hash::Key) -> u32 {
+        hash::keyed(F::addr_hash(self.client) ^ lb::random(), key)
     }
 
     #[inline(always)]
-    fn source(&self) -> u32 {
-        F::addr_hash(self.client)
+    fn source(&self, key: hash::Key) -> u32 {
+        hash::keyed(F::addr_hash(self.client), key)
     }
 }
 

@@ -1087,7 +1087,7 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
         snat_addr4: u32::from_ne_bytes(node),
         snat_port_min: 61000,
         snat_port_max: 61000,
-        snat_addr6: [0; 4],
+        ..proxy_common::NodeConfig::default()
     };
     lab.dp.maps.config.set(0, config, 0).expect("config");
     let (lb, outsider) = ([198, 51, 100, 1], [203, 0, 113, 50]);
@@ -1128,6 +1128,57 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
         "the idle port is taken over"
     );
     assert_eq!(lab.counter(Counter::SnatFailed), 1);
+}
+
+/// The flow hash is keyed: the cluster's key decides Maglev's choices
+/// (alike on every node with the same key), the node's key the choices
+/// made by hash for flows without state under the other algorithms.
+#[test]
+fn the_flow_hash_is_keyed() {
+    if !common::ready("the_flow_hash_is_keyed") {
+        return;
+    }
+    let maglev = SERVICES.replace(
+        "metadata: {name: web, namespace: demo}\n",
+        "metadata: {name: web, namespace: demo, annotations: {xdproxy.io/lb-algorithm: maglev}}\n",
+    );
+    let backends = |yaml: &str, keys: ([u32; 2], [u32; 2]), flags: fn(_) -> _| {
+        let mut dp = Loaded::new().expect("load the datapath");
+        dp.program_yaml(yaml).expect("program");
+        let config = proxy_common::NodeConfig {
+            node_key: keys.0,
+            cluster_key: keys.1,
+            ..proxy_common::NodeConfig::default()
+        };
+        dp.maps.config.set(0, config, 0).expect("config");
+        let lab = Lab { dp };
+        (40000..40048)
+            .map(|p| seen(&lab.run(Hook::Xdp, &tcp_flagged((CLIENT, p), (VIP, 80), flags))).dst)
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = ([1, 2], [3, 4]);
+    let syn: fn(_) -> _ = |b: etherparse::PacketBuilderStep<etherparse::TcpHeader>| b.syn();
+    let rst: fn(_) -> _ = |b: etherparse::PacketBuilderStep<etherparse::TcpHeader>| b.rst();
+    assert_eq!(
+        backends(&maglev, (a, b), syn),
+        backends(&maglev, (b, b), syn),
+        "Maglev: the cluster key only"
+    );
+    assert_ne!(
+        backends(&maglev, (a, a), syn),
+        backends(&maglev, (a, b), syn),
+        "Maglev: another cluster key"
+    );
+    assert_eq!(
+        backends(SERVICES, (a, a), rst),
+        backends(SERVICES, (a, b), rst),
+        "by hash: the node key only"
+    );
+    assert_ne!(
+        backends(SERVICES, (a, a), rst),
+        backends(SERVICES, (b, a), rst),
+        "by hash: another node key"
+    );
 }
 
 #[test]

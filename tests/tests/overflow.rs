@@ -419,3 +419,24 @@ fn a_full_table_gives_up_unanswered_flows_first() -> anyhow::Result<()> {
     lab.agent.stop()?;
     Ok(())
 }
+
+/// The source NAT ports are reserved on the node, so that no local socket
+/// is given one of them as its ephemeral port.
+#[test]
+fn the_source_nat_ports_are_reserved_on_the_node() -> anyhow::Result<()> {
+    if !common::ready("the_source_nat_ports_are_reserved_on_the_node") {
+        return Ok(());
+    }
+    let flags = ["--snat-port-range", "40000-45000"];
+    let lab = Lab::start_with(&flags, "")?;
+    let reserved = lab
+        .topology
+        .node
+        .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports"))??;
+    assert_eq!(reserved.trim(), "40000-45000");
+    let config: Array<MapData, proxy_common::NodeConfig> = pinned(&lab.pin(names::CONFIG))?;
+    let config = config.get(&0, 0)?;
+    assert_eq!((config.snat_port_min, config.snat_port_max), (40000, 45000));
+    assert_ne!(config.node_key, [0; 2], "a random node key");
+    Ok(())
+}

@@ -28,11 +28,12 @@ use std::{
 };
 
 use proxy_common::{
-    MemberKey, NodeConfig, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY,
-    SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service, SlotKey,
+    MemberKey, NodeConfig, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
+    SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::cidr::Cidr;
+use crate::nodeconfig::Settings;
 
 pub use adopt::Snapshot;
 use adopt::Strays;
@@ -168,6 +169,8 @@ pub struct Reconciler {
     strays: Strays,
     /// The node configuration as written (None: not yet).
     config: Option<NodeConfig>,
+    /// Source NAT ports and hash keys, for the node configuration.
+    node: Settings,
     /// Maglev tables built in this pass: a Service's frontends (cluster IP,
     /// node ports, external IPs) share one backend set, and so one table.
     maglev: BTreeMap<MaglevKey, Vec<u32>>,
@@ -192,8 +195,19 @@ impl Reconciler {
             backend_ids: Ids::new(max_backends),
             strays: Strays::default(),
             config: None,
+            node: Settings::default(),
             maglev: BTreeMap::new(),
         }
+    }
+
+    /// The source NAT ports and hash keys the next pass writes. A node key
+    /// already in the datapath (an earlier agent's) is kept: flows steered
+    /// by hash keep their backends across restarts.
+    pub fn set_node(&mut self, mut settings: Settings) {
+        if let Some(key) = self.config.map(|c| c.node_key).filter(|k| *k != [0; 2]) {
+            settings.node_key = key;
+        }
+        self.node = settings;
     }
 
     /// `lb_slots` of `capacity` entries, and at most `budget` of them for
@@ -267,9 +281,11 @@ impl Reconciler {
     fn write_config(&mut self, desired: &Desired, maps: &mut dyn Maps, report: &mut Report) {
         let config = NodeConfig {
             snat_addr4: desired.snat_addr4.map_or(0, |a| u32::from(a).to_be()),
-            snat_port_min: SNAT_PORT_MIN,
-            snat_port_max: SNAT_PORT_MAX,
+            snat_port_min: self.node.snat_ports.min,
+            snat_port_max: self.node.snat_ports.max,
             snat_addr6: desired.snat_addr6.map_or([0; 4], |a| words6(&a)),
+            node_key: self.node.node_key,
+            cluster_key: self.node.cluster_key,
         };
         if self.config == Some(config) {
             return;
