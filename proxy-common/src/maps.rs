@@ -810,7 +810,7 @@ mod tests {
         assert_eq!(size_of::<Affinity4Key>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<SourceRange4>(), 8);
-        assert_eq!(size_of::<NodeConfig>(), 24);
+        assert_eq!(size_of::<NodeConfig>(), 40);
         assert_eq!(size_of::<Frontend6>(), 20);
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<Ct6Key>(), 40);
