@@ -290,7 +290,10 @@ pub const CT_REPLY: u8 = 1;
 /// egress; its source becomes the entry's address and port. Source
 /// rewrites that would put one of the node's own addresses into a packet
 /// the node still has to forward happen here, after forwarding (the kernel
-/// drops forwarded packets with a local source as martians).
+/// drops forwarded packets with a local source as martians). A source NAT
+/// entry (client -> backend) is written with port 0 when its flow starts,
+/// and the egress hook picks the node port on the flow's first packet
+/// there (or puts 0 back when an idle flow's port goes to a new flow).
 pub const CT_EGRESS: u8 = 2;
 
 /// A `CT_REPLY` entry that rewrites the destination, not the source.

@@ -8,24 +8,24 @@
 //!   addresses and for source-NATed flows.
 //! With source NAT to node address N and port p, also:
 //! - EGRESS (C -> B): source becomes N:p, after the node forwarded it;
-//! - REPLY (B -> N:p) with CT_REWRITE_DST: destination becomes C again.
+//!   written here with port 0, the port picked at egress (see `snat`);
+//! - REPLY (B -> N:p) with CT_REWRITE_DST: destination becomes C again,
+//!   written at egress with the port.
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
-};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use proxy_common::{
     CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
-    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, CT_UNREPLIED, Counter, IPPROTO_TCP, IPPROTO_UDP,
-    SNAT_IDLE_DATAGRAM, SNAT_IDLE_STREAM, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
+    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, CT_UNREPLIED, Counter, IPPROTO_TCP,
+    SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
 };
 
 use crate::{
     atomic,
     family::{Entry, Family, Table, Target},
-    lb::{Rewrite, Side},
+    lb::{Rewrite, Side, Verdict},
     maps::{self, CONFIG, CONNECTIONS},
     parse::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
+    snat,
 };
 
 /// The kernel's answer to an insert into a full hash map.
@@ -37,10 +37,10 @@ pub enum Untracked {
     Full,
     /// Another error (counted).
     Failed,
+    /// The flow needs source NAT and the node has no address for it
+    /// (counted): it must not leave with the client's address.
+    NoSourceNat,
 }
-
-/// Ports tried for one new source-NATed flow before giving up.
-const SNAT_TRIES: u32 = 8;
 
 /// Coarse monotonic seconds: what conntrack entries remember of time.
 #[inline(always)]
@@ -149,9 +149,12 @@ pub fn forget<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
 fn forget_source_nat<F: Family>(flow: &Flow<F::Addr>, (addr, port): (F::Addr, u16)) {
     let out = F::ct_key(flow.saddr, flow.sport, addr, port, flow.proto, CT_EGRESS);
     if let Some(node) = F::ct_get(out, None) {
-        F::ct_remove(F::ct_key(
-            addr, port, node.addr, node.port, flow.proto, CT_REPLY,
-        ));
+        // Port 0: none picked yet (see `snat`).
+        if node.port != 0 {
+            F::ct_remove(F::ct_key(
+                addr, port, node.addr, node.port, flow.proto, CT_REPLY,
+            ));
+        }
         F::ct_remove(out);
     }
 }
@@ -172,14 +175,26 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
     })
 }
 
-/// A packet leaving: the source it gets, if it belongs to a flow.
+/// A packet leaving: the source it gets, if it belongs to a flow. The
+/// first packet of a source-NATed flow picks its node port; without one it
+/// is dropped (counted), never sent with the client's address.
 #[inline(always)]
-pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_EGRESS), Some(flow.tcp_flags))?;
-    Some(Rewrite {
+pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
+    let Some(entry) = F::ct_get(of::<F>(flow, CT_EGRESS), Some(flow.tcp_flags)) else {
+        return Verdict::Pass;
+    };
+    let port = match entry.port {
+        0 => snat::claim::<F>(flow, &entry),
+        port => Some(port),
+    };
+    let Some(port) = port else {
+        maps::count(Counter::SnatFailed);
+        return Verdict::Drop;
+    };
+    Verdict::Rewrite(Rewrite {
         side: Side::Source,
         addr: entry.addr,
-        port: entry.port,
+        port,
     })
 }
 
@@ -203,9 +218,9 @@ fn entry<A>(
     }
 }
 
-/// Writes the entries of a new flow into `table`. A flow in `Main` counts
-/// as an open connection of its backend; one in `Overflow` may be evicted
-/// without notice, so it does not.
+/// Writes the entries of a new flow into `table`, all of them or none. A
+/// flow in `Main` counts as an open connection of its backend; one in
+/// `Overflow` may be evicted without notice, so it does not.
 #[inline(always)]
 pub fn remember<F: Family>(
     table: Table,
@@ -217,9 +232,11 @@ pub fn remember<F: Family>(
     let id = service.id;
     // A backend reaching itself would see its own address as the source.
     let hairpin = backend.addr == flow.saddr;
-    let snat = (hairpin || service.flags & SVC_SNAT_EXTERNAL != 0)
-        && source_nat::<F>(table, flow, backend, backend_id, id)?;
-    let reply_at_egress = snat || service.flags & SVC_REPLY_AT_EGRESS != 0;
+    let node = match hairpin || service.flags & SVC_SNAT_EXTERNAL != 0 {
+        true => Some(snat_addr::<F>().ok_or(Untracked::NoSourceNat)?),
+        false => None,
+    };
+    let reply_at_egress = node.is_some() || service.flags & SVC_REPLY_AT_EGRESS != 0;
     let direction = if reply_at_egress { CT_EGRESS } else { CT_REPLY };
     let reply = F::ct_key(
         backend.addr,
@@ -229,6 +246,7 @@ pub fn remember<F: Family>(
         flow.proto,
         direction,
     );
+    let out = outward::<F>(flow, backend);
     // Unconfirmed until the backend answers (see `CT_UNREPLIED`).
     let to_client = entry(flow, (flow.daddr, flow.dport), CT_UNREPLIED, backend_id, id);
     let counted = table == Table::Main;
@@ -236,20 +254,27 @@ pub fn remember<F: Family>(
         active: counted as u32,
         ..entry(flow, (backend.addr, backend.port), 0, backend_id, id)
     };
-    forget_stale::<F>(flow, backend, reply_at_egress, snat);
+    forget_stale::<F>(flow, backend, reply_at_egress);
     let mut written = F::ct_insert(table, reply, to_client, 0);
-    if written.is_ok() {
-        written = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, 0);
+    if let (Ok(()), Some(node)) = (written, node) {
+        // Port 0: the egress hook picks it (see `snat`).
+        written = F::ct_insert(table, out, entry(flow, (node, 0), 0, backend_id, id), 0);
         if written.is_err() {
             F::ct_remove(reply);
         }
     }
-    if let Err(e) = written {
-        // All of the flow's entries or none: a flow retried in the overflow
-        // table must not leave a half in this one.
-        if snat {
-            forget_source_nat::<F>(flow, (backend.addr, backend.port));
+    if written.is_ok() {
+        written = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, 0);
+        if written.is_err() {
+            // A flow retried in the overflow table must not leave a half
+            // in this one.
+            F::ct_remove(reply);
+            if node.is_some() {
+                F::ct_remove(out);
+            }
         }
+    }
+    if let Err(e) = written {
         return Err(untracked(e));
     }
     if counted {
@@ -257,6 +282,29 @@ pub fn remember<F: Family>(
         connections(backend_id, |c| unsafe { &raw mut (*c).opened });
     }
     Ok(())
+}
+
+/// The key of the flow's egress entry: client -> backend, after forwarding.
+#[inline(always)]
+fn outward<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>) -> F::CtKey {
+    F::ct_key(
+        flow.saddr,
+        flow.sport,
+        backend.addr,
+        backend.port,
+        flow.proto,
+        CT_EGRESS,
+    )
+}
+
+/// The node's source NAT address of the family, counted if there is none.
+#[inline(always)]
+fn snat_addr<F: Family>() -> Option<F::Addr> {
+    let node = CONFIG.get(0).and_then(|c| F::snat_addr(c));
+    if node.is_none() {
+        maps::count(Counter::SnatFailed);
+    }
+    node
 }
 
 #[inline(always)]
@@ -270,16 +318,15 @@ fn untracked(error: i64) -> Untracked {
 }
 
 /// Removes what an earlier flow between the same client port and backend
-/// left under the keys this flow does not write (the client may reuse its
-/// port towards another frontend of the same backend): its reply entry of
-/// the other stage would rewrite this flow's replies, its source NAT entry
-/// this flow's packets.
+/// left (the client may reuse its port towards another frontend of the
+/// same backend): its reply entry of the other stage would rewrite this
+/// flow's replies, its egress entry this flow's packets, and its reply
+/// entry at a node port would keep that port taken.
 #[inline(always)]
 fn forget_stale<F: Family>(
     flow: &Flow<F::Addr>,
     backend: &Target<F::Addr>,
     reply_at_egress: bool,
-    snat: bool,
 ) {
     let other = if reply_at_egress { CT_REPLY } else { CT_EGRESS };
     remove_if_there::<F>(F::ct_key(
@@ -290,16 +337,7 @@ fn forget_stale<F: Family>(
         flow.proto,
         other,
     ));
-    if !snat {
-        remove_if_there::<F>(F::ct_key(
-            flow.saddr,
-            flow.sport,
-            backend.addr,
-            backend.port,
-            flow.proto,
-            CT_EGRESS,
-        ));
-    }
+    forget_source_nat::<F>(flow, (backend.addr, backend.port));
 }
 
 /// A lookup is lock-free and cheap; a delete of an absent key is not.
@@ -308,85 +346,4 @@ fn remove_if_there<F: Family>(key: F::CtKey) {
     if F::ct_get(key, None).is_some() {
         F::ct_remove(key);
     }
-}
-
-/// Picks a free node port for the flow towards `backend` and writes both
-/// source NAT entries into `table`; false (counted) if there is no address
-/// or port, `Full` if the table is.
-#[inline(always)]
-fn source_nat<F: Family>(
-    table: Table,
-    flow: &Flow<F::Addr>,
-    backend: &Target<F::Addr>,
-    backend_id: u32,
-    service_id: u32,
-) -> Result<bool, Untracked> {
-    let config = CONFIG.get(0);
-    let node = config.and_then(|c| F::snat_addr(c));
-    let (Some(config), Some(node)) = (config, node) else {
-        maps::count(Counter::SnatFailed);
-        return Ok(false);
-    };
-    let (min, max) = (config.snat_port_min, config.snat_port_max);
-    if max < min {
-        maps::count(Counter::SnatFailed);
-        return Ok(false);
-    }
-    let range = (max - min) as u32 + 1;
-    // SAFETY: the helper has no preconditions.
-    let start = unsafe { bpf_get_prandom_u32() };
-    for i in 0..SNAT_TRIES {
-        let port = ((min as u32 + start.wrapping_add(i) % range) as u16).to_be();
-        let back = F::ct_key(backend.addr, backend.port, node, port, flow.proto, CT_REPLY);
-        let to_client = entry(
-            flow,
-            (flow.saddr, flow.sport),
-            CT_REWRITE_DST | CT_UNREPLIED,
-            backend_id,
-            service_id,
-        );
-        // Taken ports belong to other flows towards this backend, unless
-        // that flow has been idle long enough to be given up.
-        match F::ct_insert(table, back, to_client, BPF_NOEXIST as u64) {
-            Ok(()) => {}
-            Err(e) if e == -E2BIG => return Err(Untracked::Full),
-            Err(_) if idle::<F>(back, flow.proto) => {
-                if F::ct_insert(table, back, to_client, BPF_ANY as u64).is_err() {
-                    continue;
-                }
-            }
-            Err(_) => continue,
-        }
-        let out = F::ct_key(
-            flow.saddr,
-            flow.sport,
-            backend.addr,
-            backend.port,
-            flow.proto,
-            CT_EGRESS,
-        );
-        let to_node = entry(flow, (node, port), 0, backend_id, service_id);
-        if let Err(e) = F::ct_insert(table, out, to_node, 0) {
-            F::ct_remove(back);
-            if e == -E2BIG {
-                return Err(Untracked::Full);
-            }
-            break;
-        }
-        return Ok(true);
-    }
-    maps::count(Counter::SnatFailed);
-    Ok(false)
-}
-
-/// True if the entry at `key` has seen no packet for the protocol's source
-/// NAT idle time.
-#[inline(always)]
-fn idle<F: Family>(key: F::CtKey, proto: u8) -> bool {
-    let limit = if proto == IPPROTO_UDP {
-        SNAT_IDLE_DATAGRAM
-    } else {
-        SNAT_IDLE_STREAM
-    };
-    F::ct_get(key, None).is_some_and(|e| now().wrapping_sub(e.last_seen) > limit)
 }

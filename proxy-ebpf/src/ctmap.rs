@@ -94,6 +94,7 @@ fn lookup<M: CtMaps>(key: &M::Key) -> Option<*mut M::Value> {
 
 /// Pointers to the fields of a live map value that packets change.
 pub struct Fields {
+    pub port: *mut u16,
     pub last_seen: *mut u32,
     pub state: *mut u8,
     pub active: *mut u32,
@@ -172,6 +173,33 @@ pub fn remove<M: CtMaps>(key: M::Key) {
         if overflowed() {
             let _ = M::overflow().remove(&*k);
         }
+    }
+}
+
+/// The table that holds `key`: `Main` unless only the overflow table does.
+#[inline(always)]
+pub fn table_of<M: CtMaps>(key: M::Key) -> Table {
+    let Some((k, _)) = scratch().map(M::slots) else {
+        return Table::Main;
+    };
+    *k = key;
+    match M::main().get_ptr(k) {
+        Some(_) => Table::Main,
+        None => Table::Overflow,
+    }
+}
+
+/// Sets the port of the entry at `key`, in place: a racing reader sees the
+/// old port or the new one, never a mix.
+#[inline(always)]
+pub fn set_port<M: CtMaps>(key: M::Key, port: u16) {
+    let Some((k, _)) = scratch().map(M::slots) else {
+        return;
+    };
+    *k = key;
+    if let Some(ptr) = lookup::<M>(k) {
+        // SAFETY: a field of a live map value; a 16-bit store is atomic.
+        unsafe { *M::fields(ptr).port = port };
     }
 }
 
@@ -271,6 +299,7 @@ macro_rules! ct_maps {
                 // SAFETY: the caller's.
                 unsafe {
                     Fields {
+                        port: &raw mut (*v).nat_port,
                         last_seen: &raw mut (*v).last_seen,
                         state: &raw mut (*v).state,
                         active: &raw mut (*v).active,

@@ -86,6 +86,16 @@ pub trait Family {
     fn ct_remove(key: Self::CtKey) {
         ctmap::remove::<Self::Ct>(key)
     }
+    /// See `ctmap::table_of`.
+    #[inline(always)]
+    fn ct_table(key: Self::CtKey) -> Table {
+        ctmap::table_of::<Self::Ct>(key)
+    }
+    /// See `ctmap::set_port`.
+    #[inline(always)]
+    fn ct_set_port(key: Self::CtKey, port: u16) {
+        ctmap::set_port::<Self::Ct>(key, port)
+    }
     /// See `ctmap::active`.
     #[inline(always)]
     fn ct_active(key: Self::CtKey) -> Option<*mut u32> {

@@ -338,6 +338,10 @@ fn lookup<F: Family>(e: &mut Error<F::Addr>, stage: Stage) -> Option<()> {
             (entry, to_destination)
         }
     };
+    // A source NAT entry still waiting for its port translates nothing.
+    if entry.port == 0 {
+        return None;
+    }
     e.to = entry.addr;
     e.to_port = entry.port;
     e.source_changes = to_destination;

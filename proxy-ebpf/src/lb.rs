@@ -58,17 +58,14 @@ pub enum Verdict<A> {
 /// What to do with a parsed packet.
 #[inline(always)]
 pub fn decide<F: Family>(flow: &Flow<F::Addr>, len: u64, stage: Stage) -> Verdict<F::Addr> {
-    let rewrite = match stage {
-        Stage::Egress => ct::egress::<F>(flow),
-        Stage::Ingress => {
-            if let Some(service) = F::service(flow.daddr, flow.dport, flow.proto, SCOPE_ALL) {
-                maps::count_service(service.id, len);
-                return to_service::<F>(flow, &service);
-            }
-            ct::reply::<F>(flow)
-        }
-    };
-    match rewrite {
+    if stage == Stage::Egress {
+        return ct::egress::<F>(flow);
+    }
+    if let Some(service) = F::service(flow.daddr, flow.dport, flow.proto, SCOPE_ALL) {
+        maps::count_service(service.id, len);
+        return to_service::<F>(flow, &service);
+    }
+    match ct::reply::<F>(flow) {
         Some(rewrite) => Verdict::Rewrite(rewrite),
         None => Verdict::Pass,
     }
@@ -137,6 +134,7 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
             overflow::<F>(flow, service)
         }
         Err(Untracked::Failed) => to(&backend),
+        Err(Untracked::NoSourceNat) => Verdict::Drop,
     }
 }
 
@@ -160,8 +158,10 @@ fn overflow<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Ad
     let Some((id, backend)) = select::<F, _>(service, &OfFlow::<F>::new(flow), Pick::Hash) else {
         return Verdict::Pass;
     };
-    if ct::remember::<F>(Table::Overflow, flow, service, id, &backend).is_ok() {
-        maps::count_backend_flow(id);
+    match ct::remember::<F>(Table::Overflow, flow, service, id, &backend) {
+        Ok(()) => maps::count_backend_flow(id),
+        Err(Untracked::NoSourceNat) => return Verdict::Drop,
+        Err(_) => {}
     }
     to(&backend)
 }

@@ -28,6 +28,7 @@ mod parse;
 mod reject;
 mod reject6;
 mod reset;
+mod snat;
 mod sock;
 mod socknat;
 

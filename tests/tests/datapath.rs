@@ -1071,63 +1071,174 @@ fn coarse_now() -> u32 {
     ts.tv_sec as u32
 }
 
+/// A lab serving `LOAD_BALANCER` from one backend (10.1.1.2:8080) with
+/// source NAT to 10.0.0.1, node ports `min..=max`, conntrack `ct_max`
+/// entries, on every hook.
+fn one_backend_lab(ct_max: u32, (min, max): (u16, u16)) -> Lab {
+    let one = load_balancer_cluster().replace("  - {addresses: [10.1.2.2], nodeName: there}\n", "");
+    let programs = [
+        proxy_common::programs::XDP,
+        proxy_common::programs::TC_INGRESS,
+        proxy_common::programs::TC_EGRESS,
+    ];
+    let dp = Loaded::with_conntrack(ct_max, 1024, &programs).expect("load the datapath");
+    let mut lab = programmed_with_node_address(dp, &one);
+    let config = proxy_common::NodeConfig {
+        snat_addr4: u32::from_ne_bytes([10, 0, 0, 1]),
+        snat_port_min: min,
+        snat_port_max: max,
+        ..proxy_common::NodeConfig::default()
+    };
+    lab.dp.maps.config.set(0, config, 0).expect("config");
+    lab
+}
+
+const LB: [u8; 4] = [198, 51, 100, 1];
+const OUTSIDER: [u8; 4] = [203, 0, 113, 50];
+const ONE_BACKEND: [u8; 4] = [10, 1, 1, 2];
+
+/// A new flow from OUTSIDER's `port` to the load balancer, in over TC and
+/// out after forwarding: the egress verdict and packet.
+fn snat_flow(lab: &Lab, port: u16) -> (u32, Vec<u8>) {
+    let dnat = seen(&lab.run(Hook::Tc, &tcp(OUTSIDER, port, LB, 80)));
+    assert_eq!(dnat.dst, ONE_BACKEND);
+    lab.dp
+        .tc_egress(&tcp(OUTSIDER, port, ONE_BACKEND, 8080))
+        .expect("egress run")
+}
+
+/// The reply entry that holds node port `port` towards the one backend.
+fn node_port_key(port: u16) -> Ct4Key {
+    Ct4Key {
+        src_addr: u32::from_ne_bytes(ONE_BACKEND),
+        dst_addr: u32::from_ne_bytes([10, 0, 0, 1]),
+        src_port: 8080u16.to_be(),
+        dst_port: port.to_be(),
+        proto: 6,
+        direction: proxy_common::CT_REPLY,
+        _pad: 0,
+    }
+}
+
 #[test]
 fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
     if !common::ready("an_idle_flows_source_nat_port_goes_to_a_new_flow") {
         return;
     }
-    // One backend and a single source NAT port, so the second flow competes.
-    let one = LOAD_BALANCER
-        .replace("  externalTrafficPolicy: Local\n", "")
-        .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "")
-        .replace("  - {addresses: [10.1.2.2], nodeName: there}\n", "");
-    let mut lab = lab_with_node_address(&one);
+    // A single source NAT port, so the second flow competes.
+    let mut lab = one_backend_lab(proxy_common::MAX_CONNTRACK, (61000, 61000));
     let node = [10, 0, 0, 1];
-    let config = proxy_common::NodeConfig {
-        snat_addr4: u32::from_ne_bytes(node),
-        snat_port_min: 61000,
-        snat_port_max: 61000,
-        ..proxy_common::NodeConfig::default()
-    };
-    lab.dp.maps.config.set(0, config, 0).expect("config");
-    let (lb, outsider) = ([198, 51, 100, 1], [203, 0, 113, 50]);
-    let backend = [10, 1, 1, 2];
-    let flow = |lab: &Lab, port: u16| {
-        seen(&lab.run(Hook::Tc, &tcp(outsider, port, lb, 80)));
-        seen(&egress(lab, &tcp(outsider, port, backend, 8080)))
-    };
+    let first = seen(&snat_flow(&lab, 50000).1);
+    assert_eq!((first.src, first.sport), (node, 61000));
+    let again = seen(&egress(&lab, &tcp(OUTSIDER, 50000, ONE_BACKEND, 8080)));
+    assert_eq!((again.src, again.sport), (node, 61000), "the flow keeps it");
+    let (verdict, _) = snat_flow(&lab, 50001);
     assert_eq!(
-        (flow(&lab, 50000).src, flow(&lab, 50000).sport),
-        (node, 61000)
-    );
-    let second = flow(&lab, 50001);
-    assert_eq!(
-        second.src, outsider,
-        "the only port is taken: no source NAT"
+        verdict, TC_ACT_SHOT,
+        "the only port is taken: dropped, not sent with the client's address"
     );
     assert_eq!(lab.counter(Counter::SnatFailed), 1);
     // The first flow goes quiet for longer than TCP's idle time.
-    let reply_key = proxy_common::Ct4Key {
-        src_addr: u32::from_ne_bytes(backend),
-        dst_addr: u32::from_ne_bytes(node),
-        src_port: 8080u16.to_be(),
-        dst_port: 61000u16.to_be(),
-        proto: 6,
-        direction: proxy_common::CT_REPLY,
-        _pad: 0,
-    };
-    let mut ct: aya::maps::HashMap<_, proxy_common::Ct4Key, proxy_common::Ct4Entry> =
-        aya::maps::HashMap::try_from(lab.dp.ebpf.map_mut("ct4").expect("ct4")).expect("hash");
-    let mut entry = ct.get(&reply_key, 0).expect("the first flow's reply entry");
+    let mut ct: BpfHashMap<_, Ct4Key, Ct4Entry> =
+        BpfHashMap::try_from(lab.dp.ebpf.map_mut("ct4").expect("ct4")).expect("hash");
+    let mut entry = ct
+        .get(&node_port_key(61000), 0)
+        .expect("the first flow's reply entry");
     entry.last_seen = coarse_now().wrapping_sub(proxy_common::SNAT_IDLE_STREAM + 10);
-    ct.insert(reply_key, entry, 0).expect("age it");
-    let third = flow(&lab, 50002);
+    ct.insert(node_port_key(61000), entry, 0).expect("age it");
+    let third = seen(&snat_flow(&lab, 50002).1);
     assert_eq!(
         (third.src, third.sport),
         (node, 61000),
         "the idle port is taken over"
     );
     assert_eq!(lab.counter(Counter::SnatFailed), 1);
+    // The old flow gave the port up: back from the backend it now reaches
+    // the new client, and its own next packet does not leave with it.
+    let back = seen(&lab.run(Hook::Tc, &tcp(ONE_BACKEND, 8080, node, 61000)));
+    assert_eq!((back.dst, back.dport), (OUTSIDER, 50002));
+    let (verdict, _) = lab
+        .dp
+        .tc_egress(&tcp(OUTSIDER, 50000, ONE_BACKEND, 8080))
+        .expect("egress run");
+    assert_eq!(verdict, TC_ACT_SHOT, "the old flow must not share the port");
+    assert_eq!(lab.counter(Counter::SnatFailed), 2);
+}
+
+#[test]
+fn a_small_source_nat_range_is_used_whole_and_then_flows_are_dropped() {
+    if !common::ready("a_small_source_nat_range_is_used_whole_and_then_flows_are_dropped") {
+        return;
+    }
+    let lab = one_backend_lab(proxy_common::MAX_CONNTRACK, (61000, 61015));
+    let mut ports = HashSet::new();
+    for port in 50000..50016 {
+        let (verdict, out) = snat_flow(&lab, port);
+        assert_eq!(verdict, TC_ACT_OK, "flow {port}");
+        let out = seen(&out);
+        assert_eq!(out.src, [10, 0, 0, 1], "flow {port}");
+        assert!(
+            (61000..=61015).contains(&out.sport),
+            "flow {port}: {}",
+            out.sport
+        );
+        assert!(
+            ports.insert(out.sport),
+            "flow {port}: {} given twice",
+            out.sport
+        );
+    }
+    let (verdict, _) = snat_flow(&lab, 50016);
+    assert_eq!(verdict, TC_ACT_SHOT, "no port left: dropped");
+    assert_eq!(lab.counter(Counter::SnatFailed), 1);
+}
+
+#[test]
+fn a_source_nat_port_is_unique_across_both_conntrack_tables() {
+    if !common::ready("a_source_nat_port_is_unique_across_both_conntrack_tables") {
+        return;
+    }
+    // Room for exactly one flow's four entries in ct4: the second flow
+    // overflows, and must not be given the port the first holds in ct4.
+    let mut lab = one_backend_lab(8, (61000, 61000));
+    fill_ct4(&mut lab, 4);
+    let first = seen(&snat_flow(&lab, 50000).1);
+    assert_eq!(first.sport, 61000);
+    assert!(ct4_keys(&lab).contains(&node_port_key(61000)), "in ct4");
+    let (verdict, _) = snat_flow(&lab, 50001);
+    assert_eq!(
+        lab.counter(Counter::CtFull),
+        1,
+        "the second flow overflowed"
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "the port is held in ct4");
+    assert_eq!(lab.counter(Counter::SnatFailed), 1);
+    let back = seen(&lab.run(Hook::Tc, &tcp(ONE_BACKEND, 8080, [10, 0, 0, 1], 61000)));
+    assert_eq!(
+        (back.dst, back.dport),
+        (OUTSIDER, 50000),
+        "replies reach the first"
+    );
+}
+
+#[test]
+fn a_flow_needing_source_nat_without_a_node_address_is_dropped() {
+    if !common::ready("a_flow_needing_source_nat_without_a_node_address_is_dropped") {
+        return;
+    }
+    for hook in HOOKS {
+        let mut lab = Lab::new();
+        lab.dp
+            .program_yaml(&load_balancer_cluster())
+            .expect("program");
+        let (verdict, _) = lab.run_raw(hook, &tcp(OUTSIDER, 50000, LB, 80));
+        let dropped = match hook {
+            Hook::Xdp => XDP_DROP,
+            Hook::Tc => TC_ACT_SHOT,
+        };
+        assert_eq!(verdict, dropped, "{hook:?}");
+        assert_eq!(lab.counter(Counter::SnatFailed), 1, "{hook:?}");
+    }
 }
 
 /// The flow hash is keyed: the cluster's key decides Maglev's choices

@@ -1,0 +1,126 @@
+//! Source NAT ports: which node port a source-NATed flow leaves with.
+//!
+//! A new flow's egress entry is written at ingress with port 0 (pending);
+//! the egress hook picks the port on the flow's first packet there. Egress
+//! runs after forwarding, with a small stack, so the search can afford
+//! many tries, and it can drop a packet that finds no port instead of
+//! letting it leave with the client's address.
+//!
+//! A port is free for a backend when neither conntrack table has a reply
+//! entry (backend -> node:port), or when that entry's flow has been idle
+//! for the protocol's source NAT idle time: then the old flow gives the
+//! port up, and its egress entry goes back to pending, so that if it ever
+//! sends again it gets a port of its own instead of sharing this one.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use proxy_common::{
+    CT_EGRESS, CT_REPLY, CT_REWRITE_DST, CT_UNREPLIED, IPPROTO_UDP, SNAT_IDLE_DATAGRAM,
+    SNAT_IDLE_STREAM,
+};
+
+use crate::{
+    ct,
+    family::{Entry, Family, Table},
+    lb::random,
+    maps::CONFIG,
+    parse::Flow,
+};
+
+/// Ports tried for one flow. Ranges this small or smaller are searched
+/// whole, from a random port on; larger ones at random.
+const TRIES: u32 = 32;
+
+/// The kernel's answer to an insert into a full hash map.
+const E2BIG: i64 = 7;
+
+/// Picks a node port for the flow whose pending egress entry is `out`
+/// (the packet is client -> backend), writes the reply entry that takes
+/// the backend's answers back to the client, and records the port in the
+/// egress entry. None if no port is free.
+#[inline(always)]
+pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u16> {
+    let config = CONFIG.get(0)?;
+    let (min, max) = (config.snat_port_min, config.snat_port_max);
+    if max < min {
+        return None;
+    }
+    let range = u32::from(max - min) + 1;
+    let out_key = F::ct_key(
+        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_EGRESS,
+    );
+    // The flow's entries stay together: overflow flows are evicted whole.
+    let table = F::ct_table(out_key);
+    let to_client = Entry {
+        addr: flow.saddr,
+        port: flow.sport,
+        flags: CT_REWRITE_DST | CT_UNREPLIED,
+        last_seen: ct::now(),
+        active: 0,
+        ..*out
+    };
+    let start = random();
+    for i in 0..TRIES {
+        let offset = match range <= TRIES {
+            true => start.wrapping_add(i),
+            false => random(),
+        };
+        let port = ((u32::from(min) + offset % range) as u16).to_be();
+        let back = F::ct_key(flow.daddr, flow.dport, out.addr, port, flow.proto, CT_REPLY);
+        if !free::<F>(flow, back, port) {
+            continue;
+        }
+        if insert::<F>(table, back, to_client).is_ok() {
+            F::ct_set_port(out_key, port);
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// True if no flow holds the reply entry `back` (from the flow's backend
+/// to node port `port`), in either table; an idle holder gives it up.
+#[inline(always)]
+fn free<F: Family>(flow: &Flow<F::Addr>, back: F::CtKey, port: u16) -> bool {
+    let Some(holder) = F::ct_get(back, None) else {
+        return true;
+    };
+    let limit = match flow.proto {
+        IPPROTO_UDP => SNAT_IDLE_DATAGRAM,
+        _ => SNAT_IDLE_STREAM,
+    };
+    if ct::now().wrapping_sub(holder.last_seen) <= limit {
+        return false;
+    }
+    F::ct_remove(back);
+    give_up::<F>(flow, &holder, port);
+    true
+}
+
+/// The idle flow that held node port `port` towards this flow's backend
+/// (its reply entry `holder` names its client) no longer has it.
+#[inline(always)]
+fn give_up<F: Family>(flow: &Flow<F::Addr>, holder: &Entry<F::Addr>, port: u16) {
+    let out = F::ct_key(
+        holder.addr,
+        holder.port,
+        flow.daddr,
+        flow.dport,
+        flow.proto,
+        CT_EGRESS,
+    );
+    if F::ct_get(out, None).is_some_and(|e| e.port == port) {
+        F::ct_set_port(out, 0);
+    }
+}
+
+/// Inserts a new reply entry; into the overflow table when the main one
+/// is full.
+#[inline(always)]
+fn insert<F: Family>(table: Table, key: F::CtKey, entry: Entry<F::Addr>) -> Result<(), i64> {
+    match F::ct_insert(table, key, entry, BPF_NOEXIST as u64) {
+        Err(e) if e == -E2BIG && table == Table::Main => {
+            F::ct_insert(Table::Overflow, key, entry, BPF_NOEXIST as u64)
+        }
+        other => other,
+    }
+}
