@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Counter, IPPROTO_TCP, LEAST_CONN_SCAN,
-    MemberKey, SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_SOURCE_RANGES, Service, SlotKey,
+    MemberKey, SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SOURCE_RANGES, Service,
+    SlotKey,
 };
 
 use crate::{
@@ -49,7 +50,12 @@ pub enum Verdict<A> {
     /// local endpoint under externalTrafficPolicy: Local).
     Drop,
     /// A service without endpoints: refuse, as kube-proxy's REJECT does.
+    /// From XDP the refusal goes up the node's stack, which routes it.
     Reject,
+    /// As `Reject`, for a frontend that may be one of the node's own
+    /// addresses: the stack would drop a packet from there as a martian, so
+    /// XDP sends the refusal straight back out.
+    RejectToSender,
     /// A TCP connection whose backend left the service: reset it, so the
     /// client learns now instead of after its timeouts.
     Reset,
@@ -227,7 +233,10 @@ fn empty<A>(service: &Service) -> Verdict<A> {
         return Verdict::Drop;
     }
     maps::count(Counter::NoBackend);
-    Verdict::Reject
+    match service.flags & SVC_REPLY_AT_EGRESS {
+        0 => Verdict::Reject,
+        _ => Verdict::RejectToSender,
+    }
 }
 
 /// The backend `backend_id` as a member of service `service_id`.

@@ -43,7 +43,7 @@ use lb::{Stage, Verdict};
 use nat::Nat;
 use parse::{Flow, Parsed};
 use proxy_common::Counter;
-use reject::Refuse;
+use reject::{Refuse, Towards};
 use reset::Reset;
 use sock::{Mapped4, User4, User6};
 
@@ -87,7 +87,14 @@ fn xdp_flow<F: Datapath>(
             frag::remember::<F>(start, end, flow, Stage::Ingress, &rewrite);
         }
         Verdict::Drop => return Ok(xdp_action::XDP_DROP),
-        Verdict::Reject => return Ok(<F as Refuse>::xdp(ctx, flow, start, end)),
+        // One call site: each would inline its own copy of the refusal.
+        verdict @ (Verdict::Reject | Verdict::RejectToSender) => {
+            let towards = match verdict {
+                Verdict::RejectToSender => Towards::Sender,
+                _ => Towards::Stack,
+            };
+            return Ok(<F as Refuse>::xdp(ctx, flow, start, end, towards));
+        }
         Verdict::Reset => return Ok(<F as Reset>::xdp(ctx)),
     }
     Ok(xdp_action::XDP_PASS)
@@ -128,7 +135,7 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         Verdict::Pass => return Ok(TC_ACT_OK),
         Verdict::Rewrite(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
-        Verdict::Reject => return Ok(<F as Refuse>::tc(ctx, flow)),
+        Verdict::Reject | Verdict::RejectToSender => return Ok(<F as Refuse>::tc(ctx, flow)),
         Verdict::Reset => return Ok(<F as Reset>::tc(ctx)),
     };
     if <F as Nat>::tc(ctx, flow, &rewrite).is_err() {

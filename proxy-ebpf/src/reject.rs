@@ -3,8 +3,10 @@
 //! fails a TCP connect or a connected UDP socket at once.
 //!
 //! The reply is built in place; TC sends it back out of the interface it
-//! came in on, XDP hands it to the node's stack to route (SCTP's ABORT
-//! still leaves with XDP_TX). A packet from a local socket may still carry CHECKSUM_PARTIAL,
+//! came in on. XDP hands a refusal from a cluster IP to the node's stack to
+//! route, and sends one from a frontend that may be the node's own address
+//! straight back (see `Towards`), since the stack drops packets from its
+//! own addresses as martians (IPv4's SCTP ABORT always leaves with XDP_TX). A packet from a local socket may still carry CHECKSUM_PARTIAL,
 //! which XDP cannot see and TC cannot clear: the kernel may then "finish" a
 //! checksum at the original L4 checksum offset after we are done. The
 //! layout puts a zeroed field the receiver ignores at exactly that offset
@@ -34,11 +36,31 @@ use crate::{
     parse::{Flow, ptr_at},
 };
 
+/// Where an XDP refusal goes first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Towards {
+    /// Straight back out of the interface it came in on, redirected
+    /// (XDP_REDIRECT): the MACs are swapped. Not XDP_TX: a veth flushes
+    /// XDP_TX frames to its peer only if the peer runs XDP itself, while a
+    /// redirect is flushed to any peer that runs NAPI (GRO on), and a NIC
+    /// takes either.
+    Sender,
+    /// Up the node's stack, which routes it (XDP_PASS): addressed to the
+    /// node as the original was.
+    Stack,
+}
+
 /// Refusing a flow of one address family.
 pub trait Refuse: Family {
-    /// The refusal (XDP_PASS up the stack; XDP_TX for SCTP), or XDP_DROP if
-    /// it cannot be built (counted).
-    fn xdp(ctx: &XdpContext, flow: &Flow<Self::Addr>, start: usize, end: usize) -> u32;
+    /// The refusal sent `towards` (SCTP's ABORT always to the sender), or
+    /// XDP_DROP if it cannot be built (counted).
+    fn xdp(
+        ctx: &XdpContext,
+        flow: &Flow<Self::Addr>,
+        start: usize,
+        end: usize,
+        towards: Towards,
+    ) -> u32;
     /// The refusal redirected out of the interface the packet came in on,
     /// or TC_ACT_SHOT if it cannot be built (counted).
     fn tc(ctx: &TcContext, flow: &Flow<Self::Addr>) -> i32;
@@ -70,21 +92,16 @@ struct Original {
 
 impl Refuse for V4 {
     #[inline(always)]
-    fn xdp(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize) -> u32 {
+    fn xdp(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize, towards: Towards) -> u32 {
         if flow.proto == IPPROTO_SCTP {
             return xdp_outcome(abort::xdp4(ctx, flow, start, end));
         }
         let built = if flow.proto == IPPROTO_TCP {
-            try_xdp::<4>(ctx, flow, start, end)
+            try_xdp::<4>(ctx, flow, start, end, towards)
         } else {
-            try_xdp::<0>(ctx, flow, start, end)
+            try_xdp::<0>(ctx, flow, start, end, towards)
         };
-        // Up the node's stack, which routes it to the client: XDP_TX back
-        // out of a veth lost about two refusals in three in our tests.
-        match xdp_outcome(built) {
-            xdp_action::XDP_TX => xdp_action::XDP_PASS,
-            dropped => dropped,
-        }
+        xdp_sent(ctx, xdp_outcome(built), towards)
     }
 
     #[inline(always)]
@@ -109,6 +126,20 @@ pub(crate) fn xdp_outcome(built: Option<()>) -> u32 {
         Counter::RejectFailed,
         xdp_action::XDP_DROP,
     )
+}
+
+/// The XDP action for a built refusal going `towards`.
+#[inline(always)]
+pub(crate) fn xdp_sent(ctx: &XdpContext, action: u32, towards: Towards) -> u32 {
+    match (action, towards) {
+        (xdp_action::XDP_TX, Towards::Stack) => xdp_action::XDP_PASS,
+        (xdp_action::XDP_TX, Towards::Sender) => {
+            // SAFETY: reading the context's own field; the helper has no
+            // preconditions beyond an ifindex.
+            unsafe { bpf_redirect((*ctx.ctx).ingress_ifindex, 0) as u32 }
+        }
+        (action, _) => action,
+    }
 }
 
 #[inline(always)]
@@ -184,6 +215,7 @@ fn try_xdp<const OPT: usize>(
     flow: &Flow<u32>,
     start: usize,
     end: usize,
+    towards: Towards,
 ) -> Option<()> {
     let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
     let quote: *const [u8; QUOTE] = ptr_at(start, end, flow.l3)?;
@@ -192,7 +224,7 @@ fn try_xdp<const OPT: usize>(
     let (start, end) = xdp_resize(ctx, size_of::<Reply<OPT>>())?;
     let reply: *mut Reply<OPT> = ptr_at(start, end, 0)?;
     // SAFETY: bounds-checked above; the original's bytes were copied out.
-    unsafe { fill(&mut *reply, &original, false) };
+    unsafe { fill(&mut *reply, &original, towards) };
     Some(())
 }
 
@@ -200,7 +232,7 @@ fn try_xdp<const OPT: usize>(
 fn try_tc<const OPT: usize>(ctx: &TcContext, flow: &Flow<u32>) -> Option<i32> {
     let original = original(flow, ctx.load(0).ok()?, ctx.load(flow.l3).ok()?)?;
     let reply = maps::scratch::<Reply<OPT>>()?;
-    fill(reply, &original, true);
+    fill(reply, &original, Towards::Sender);
     tc_send_back(ctx, reply)
 }
 
@@ -214,10 +246,8 @@ fn original(flow: &Flow<u32>, eth: [u8; 12], quote: [u8; QUOTE]) -> Option<Origi
 }
 
 #[inline(always)]
-fn fill<const OPT: usize>(r: &mut Reply<OPT>, original: &Original, to_sender: bool) {
-    // Ethernet: back to where it came from, or (for the stack to route)
-    // addressed to this node as the original was.
-    if to_sender {
+fn fill<const OPT: usize>(r: &mut Reply<OPT>, original: &Original, towards: Towards) {
+    if towards == Towards::Sender {
         r.eth[..6].copy_from_slice(&original.eth[6..12]);
         r.eth[6..12].copy_from_slice(&original.eth[..6]);
     } else {

@@ -7,15 +7,9 @@
 //! that nothing checks, and the ICMPv6 checksum (which covers a
 //! pseudo-header the kernel would not add) stays valid.
 //!
-//! From XDP the refusal is handed to the node's own stack, which routes it
-//! to the client (its source is not the node's, or IPv6 forwarding does not
-//! mind): sent back with XDP_TX, these frames were lost between veths in
-//! our tests while IPv4 ones arrived.
+//! From XDP the refusal goes where `Towards` says, as for IPv4.
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::size_of;
 
 use proxy_common::{Addr6, IPPROTO_SCTP};
@@ -25,7 +19,7 @@ use crate::{
     family::V6,
     maps,
     parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
-    reject::{Refuse, fold, sum, tc_outcome, tc_send_back, xdp_outcome, xdp_resize},
+    reject::{Refuse, Towards, fold, sum, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
 };
 
 /// What ICMPv6 quotes of the original: its IPv6 header and 8 bytes of L4.
@@ -50,16 +44,13 @@ struct Reply {
 
 impl Refuse for V6 {
     #[inline(always)]
-    fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> u32 {
+    fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize, towards: Towards) -> u32 {
         let built = if flow.proto == IPPROTO_SCTP {
             abort::xdp6(ctx, flow, start, end)
         } else {
-            try_xdp(ctx, flow, start, end)
+            try_xdp(ctx, flow, start, end, towards)
         };
-        match xdp_outcome(built) {
-            xdp_action::XDP_TX => xdp_action::XDP_PASS,
-            dropped => dropped,
-        }
+        xdp_sent(ctx, xdp_outcome(built), towards)
     }
 
     #[inline(always)]
@@ -72,7 +63,13 @@ impl Refuse for V6 {
 }
 
 #[inline(always)]
-fn try_xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> Option<()> {
+fn try_xdp(
+    ctx: &XdpContext,
+    flow: &Flow<Addr6>,
+    start: usize,
+    end: usize,
+    towards: Towards,
+) -> Option<()> {
     let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
     let quote: *const [u8; QUOTE] = ptr_at(start, end, flow.l3)?;
     // SAFETY: both were bounds-checked by ptr_at; copied before resizing.
@@ -80,7 +77,7 @@ fn try_xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> Op
     let (start, end) = xdp_resize(ctx, size_of::<Reply>())?;
     let reply: *mut Reply = ptr_at(start, end, 0)?;
     // SAFETY: bounds-checked above.
-    unsafe { fill(&mut *reply, &eth, &quote, Towards::Stack) };
+    unsafe { fill(&mut *reply, &eth, &quote, towards) };
     Some(())
 }
 
@@ -91,16 +88,6 @@ fn try_tc(ctx: &TcContext, flow: &Flow<Addr6>) -> Option<i32> {
     let reply = maps::scratch::<Reply>()?;
     fill(reply, &eth, &quote, Towards::Sender);
     tc_send_back(ctx, reply)
-}
-
-/// Where the refusal goes first.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Towards {
-    /// Straight back out of the interface: the MACs are swapped.
-    Sender,
-    /// Up the node's stack, which routes it: addressed to the node as the
-    /// original was.
-    Stack,
 }
 
 #[inline(always)]

@@ -47,7 +47,7 @@ endpoints:
   - addresses: [10.1.2.2]
 "#;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hook {
     Xdp,
     Tc,
@@ -439,6 +439,7 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
 
 const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -457,15 +458,27 @@ fn ones_sum(bytes: &[u8]) -> u16 {
 /// Checks an ICMP port unreachable for `original` (sent by the client to
 /// `frontend`) and returns the ICMP message's offset in the packet.
 fn check_port_unreachable(reply: &[u8], original: &[u8], frontend: [u8; 4], hook: Hook) -> usize {
+    // TC sends it back to the sender; XDP hands a cluster IP's to the
+    // node's stack, still addressed to the node.
+    let to_sender = hook == Hook::Tc;
+    check_refusal(reply, original, frontend, to_sender, hook)
+}
+
+/// As `check_port_unreachable`, with the MACs swapped if `to_sender`.
+fn check_refusal(
+    reply: &[u8],
+    original: &[u8],
+    frontend: [u8; 4],
+    to_sender: bool,
+    hook: Hook,
+) -> usize {
     let sliced = SlicedPacket::from_ethernet(reply).expect("etherparse parses the reply");
     let Some(etherparse::LinkSlice::Ethernet2(eth)) = &sliced.link else {
         panic!("no Ethernet: {:?}", sliced.link);
     };
-    // TC sends it back to the sender; XDP hands it to the node's stack,
-    // still addressed to the node.
-    let macs = match hook {
-        Hook::Tc => (MAC_B, MAC_A),
-        Hook::Xdp => (MAC_A, MAC_B),
+    let macs = match to_sender {
+        true => (MAC_B, MAC_A),
+        false => (MAC_A, MAC_B),
     };
     assert_eq!((eth.source(), eth.destination()), macs, "{hook:?}: MACs");
     let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
@@ -533,6 +546,33 @@ fn a_service_without_backends_refuses_with_port_unreachable() {
             check_port_unreachable(&finished, &packet, empty, hook);
         }
     }
+}
+
+#[test]
+fn a_frontend_on_a_node_address_refuses_straight_back_over_xdp() {
+    if !common::ready("a_frontend_on_a_node_address_refuses_straight_back_over_xdp") {
+        return;
+    }
+    // An external IP may be one of the node's own addresses: handed up the
+    // stack, a packet from it would be dropped as a martian.
+    let external = [192, 0, 2, 77];
+    let yaml = SERVICES.replace(
+        "  clusterIP: 10.96.0.20\n",
+        "  clusterIP: 10.96.0.20\n  externalIPs: [192.0.2.77]\n",
+    );
+    let mut lab = Lab::new();
+    lab.dp.program_yaml(&yaml).expect("program");
+    for hook in HOOKS {
+        let packet = tcp(CLIENT, 46000, external, 80);
+        let (verdict, reply) = lab.run_raw(hook, &packet);
+        let sent = match hook {
+            Hook::Xdp => XDP_REDIRECT,
+            Hook::Tc => TC_ACT_REDIRECT,
+        };
+        assert_eq!(verdict, sent, "{hook:?}");
+        check_refusal(&reply, &packet, external, true, hook);
+    }
+    assert_eq!(lab.counter(Counter::Rejected), 2);
 }
 
 /// `yaml` programmed for node `node` with these node addresses.

@@ -108,30 +108,23 @@ impl Lab {
         let Some(agent) = &self.agent else {
             return "no agent".into();
         };
-        let dump = std::process::Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(agent.pins().join("counters"))
+        let Ok(binary) = proxy_tests::agent::binary() else {
+            return "no agent binary".into();
+        };
+        let out = std::process::Command::new(binary)
+            .args(["inspect", "counters", "--bpffs"])
+            .arg(agent.bpffs())
             .output();
-        let Ok(dump) = dump else {
+        let Ok(out) = out else {
             return "counters unreadable".into();
         };
-        let text = String::from_utf8_lossy(&dump.stdout);
-        let Ok(entries) = serde_json::from_str::<serde_json::Value>(&text) else {
-            return format!("counters: {text}");
-        };
-        let mut out = Vec::new();
-        for entry in entries.as_array().into_iter().flatten() {
-            let total: u64 = entry["values"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v["value"].as_u64())
-                .sum();
-            if total > 0 {
-                out.push(format!("{}={total}", entry["key"]));
-            }
-        }
-        format!("datapath counters (by index) {}", out.join(" "))
+        let text = String::from_utf8_lossy(&out.stdout);
+        let nonzero: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .filter(|line| !line.trim_end().ends_with(" 0"))
+            .collect();
+        format!("datapath counters: {}", nonzero.join(", "))
     }
 
     fn agent(&mut self) -> &mut Agent {
@@ -481,6 +474,16 @@ fn node_port_serves(client_hook: &str, tag: &str) -> anyhow::Result<()> {
         format!("{error:#}").contains("refused"),
         "not refused: {error:#}"
     );
+    // Without endpoints the NodePort refuses, from the node's own address:
+    // handed up the node's stack, such a refusal would be dropped as a
+    // martian and the client would time out.
+    lab.update(&manifests::web_node_port(&[]))?;
+    use std::io::ErrorKind::ConnectionRefused;
+    let udp_kind = udp_error(&lab, udp)?;
+    let tcp_kind = connect_error(&lab, http)?;
+    let counters = lab.counters();
+    assert_eq!(udp_kind, ConnectionRefused, "UDP NodePort: {counters}");
+    assert_eq!(tcp_kind, ConnectionRefused, "TCP NodePort: {counters}");
     // Once the Service is a ClusterIP again, the NodePort is gone.
     lab.update(&manifests::web(&[0, 1]))?;
     assert!(HttpConn::connect(&lab.topology.client, http, TIMEOUT).is_err());
@@ -743,6 +746,17 @@ fn serves_ipv6(client_hook: &str, tag: &str) -> anyhow::Result<()> {
     assert_eq!(
         udp_error(&lab, vip6(manifests::UDP_PORT))?,
         ConnectionRefused
+    );
+    // The NodePort on the node's own IPv6 address refuses too.
+    assert_eq!(connect_error(&lab, node6)?, ConnectionRefused, "NodePort");
+    let udp_node6 = SocketAddr::from((
+        proxy_tests::topology::CLIENT_GATEWAY6,
+        manifests::UDP_NODE_PORT,
+    ));
+    assert_eq!(
+        udp_error(&lab, udp_node6)?,
+        ConnectionRefused,
+        "UDP NodePort"
     );
     println!("IPv6 {client_hook:?}: TCP {tcp:?}, UDP {udp:?}, NodePort {node_port:?}");
     Ok(())
