@@ -64,6 +64,9 @@ pub struct Objects {
     /// This node's addresses (its Node's InternalIP and ExternalIP ones):
     /// where NodePorts are served.
     pub node_addresses: Vec<IpAddr>,
+    /// The host's own addresses, to source-NAT from when `node_addresses`
+    /// has none of a family (manifests without this node's Node).
+    pub host_addresses: Vec<IpAddr>,
     /// `--nodeport-addresses`: NodePorts only on node addresses in these
     /// ranges (empty: on all of them).
     pub nodeport_ranges: Vec<Cidr>,
@@ -396,12 +399,13 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), FieldError> {
 /// The desired datapath state for a set of (validated) objects.
 pub fn desired(objects: &Objects) -> Desired {
     let index = SliceIndex::new(objects);
+    let node_first = || objects.node_addresses.iter().chain(&objects.host_addresses);
     let mut out = Desired {
-        snat_addr4: objects.node_addresses.iter().find_map(|a| match a {
+        snat_addr4: node_first().find_map(|a| match a {
             IpAddr::V4(a) => Some(*a),
             IpAddr::V6(_) => None,
         }),
-        snat_addr6: objects.node_addresses.iter().find_map(|a| match a {
+        snat_addr6: node_first().find_map(|a| match a {
             IpAddr::V6(a) => Some(*a),
             IpAddr::V4(_) => None,
         }),

@@ -974,3 +974,24 @@ status:
     objs.node_addresses = vec![IpAddr::from([10, 0, 9, 7])];
     assert_eq!(ranges(&objs), ["10.0.0.0/24"], "outside: only the ranges");
 }
+
+#[test]
+fn source_nat_uses_the_hosts_address_of_a_family_the_node_lacks() {
+    let mut objs = objects(&[], &[]);
+    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
+    objs.host_addresses = vec![
+        IpAddr::from([192, 168, 1, 5]),
+        "2001:db8::5".parse().expect("v6"),
+    ];
+    let desired = model::desired(&objs);
+    assert_eq!(
+        desired.snat_addr4,
+        Some(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+        "the Node's address first"
+    );
+    assert_eq!(desired.snat_addr6, Some("2001:db8::5".parse().expect("v6")));
+    assert!(
+        desired.frontends.is_empty(),
+        "host addresses open no NodePorts"
+    );
+}

@@ -59,6 +59,8 @@ pub enum Verdict<A> {
     /// A TCP connection whose backend left the service: reset it, so the
     /// client learns now instead of after its timeouts.
     Reset,
+    /// As `Reset`, sent as `RejectToSender` is.
+    ResetToSender,
 }
 
 /// What to do with a parsed packet.
@@ -190,6 +192,7 @@ fn established<F: Family>(
             // A RST is never answered with one (RFC 9293): the client is
             // closing the connection anyway.
             return Some(match flow.tcp_flags & TCP_RST {
+                0 if service.flags & SVC_REPLY_AT_EGRESS != 0 => Verdict::ResetToSender,
                 0 => Verdict::Reset,
                 _ => Verdict::Drop,
             });

@@ -95,7 +95,13 @@ fn xdp_flow<F: Datapath>(
             };
             return Ok(<F as Refuse>::xdp(ctx, flow, start, end, towards));
         }
-        Verdict::Reset => return Ok(<F as Reset>::xdp(ctx)),
+        verdict @ (Verdict::Reset | Verdict::ResetToSender) => {
+            let towards = match verdict {
+                Verdict::ResetToSender => Towards::Sender,
+                _ => Towards::Stack,
+            };
+            return Ok(<F as Reset>::xdp(ctx, towards));
+        }
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -136,7 +142,7 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         Verdict::Rewrite(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
         Verdict::Reject | Verdict::RejectToSender => return Ok(<F as Refuse>::tc(ctx, flow)),
-        Verdict::Reset => return Ok(<F as Reset>::tc(ctx)),
+        Verdict::Reset | Verdict::ResetToSender => return Ok(<F as Reset>::tc(ctx)),
     };
     if <F as Nat>::tc(ctx, flow, &rewrite).is_err() {
         // A half-rewritten packet would reach the wrong place or fail its

@@ -5,9 +5,10 @@
 //! that knows nothing of the connection, or into nothing, until it times
 //! out.
 //!
-//! It is sent back the way the family's refusals are (see `reject` and
-//! `reject6`): from TC out of the interface it came in on, from XDP up the
-//! node's stack, which routes it. Its checksum is complete; a packet still carrying a
+//! It is sent back the way refusals are (see `reject::Towards`): from TC
+//! out of the interface it came in on, from XDP up the node's stack, which
+//! routes it, or for a frontend that may be the node's own address
+//! straight back out. Its checksum is complete; a packet still carrying a
 //! partial checksum only ever reaches a local socket over a veth, which
 //! trusts it.
 
@@ -23,7 +24,7 @@ use crate::{
     family::{Family, V4, V6},
     maps,
     parse::{self, ETH_HLEN, Flow, IPV6_HLEN, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    reject::{fold, outcome, sum, tc_send_back, xdp_resize},
+    reject::{Towards, fold, outcome, sum, tc_send_back, xdp_resize, xdp_sent},
 };
 
 const TCP_HLEN: usize = 20;
@@ -35,9 +36,9 @@ const TC_ACT_SHOT: i32 = 2;
 /// taken is kept in memory in pieces, and its header offsets may come back
 /// as values the verifier cannot bound.
 pub trait Reset: Family {
-    /// The RST (XDP_TX, or XDP_PASS up the stack), or XDP_DROP if it cannot
-    /// be built (counted).
-    fn xdp(ctx: &XdpContext) -> u32;
+    /// The RST sent `towards`, or XDP_DROP if it cannot be built
+    /// (counted).
+    fn xdp(ctx: &XdpContext, towards: Towards) -> u32;
     /// The RST redirected out of the interface the packet came in on, or
     /// TC_ACT_SHOT if it cannot be built (counted).
     fn tc(ctx: &TcContext) -> i32;
@@ -57,12 +58,18 @@ type Rst6 = Rst<IPV6_HLEN>;
 /// inlined becomes a BPF function whose BTF the kernel rejects.)
 trait Fill<A> {
     fn fill(&mut self, o: &Original<A>);
+    fn eth(&mut self) -> &mut [u8; ETH_HLEN];
 }
 
 impl Fill<u32> for Rst4 {
     #[inline(always)]
     fn fill(&mut self, o: &Original<u32>) {
         fill4(self, o);
+    }
+
+    #[inline(always)]
+    fn eth(&mut self) -> &mut [u8; ETH_HLEN] {
+        &mut self.eth
     }
 }
 
@@ -71,30 +78,10 @@ impl Fill<Addr6> for Rst6 {
     fn fill(&mut self, o: &Original<Addr6>) {
         fill6(self, o);
     }
-}
 
-/// From XDP: addressed to the node as the original was, so that the stack
-/// routes it (XDP_TX back out of a veth lost frames in our tests).
-#[repr(transparent)]
-struct Rst4ViaStack(Rst4);
-
-impl Fill<u32> for Rst4ViaStack {
     #[inline(always)]
-    fn fill(&mut self, o: &Original<u32>) {
-        fill4(&mut self.0, o);
-        self.0.eth[..12].copy_from_slice(&o.eth);
-    }
-}
-
-/// IPv6 from XDP, as `Rst4ViaStack`.
-#[repr(transparent)]
-struct Rst6ViaStack(Rst6);
-
-impl Fill<Addr6> for Rst6ViaStack {
-    #[inline(always)]
-    fn fill(&mut self, o: &Original<Addr6>) {
-        fill6(&mut self.0, o);
-        self.0.eth[..12].copy_from_slice(&o.eth);
+    fn eth(&mut self) -> &mut [u8; ETH_HLEN] {
+        &mut self.eth
     }
 }
 
@@ -110,13 +97,13 @@ struct Original<A> {
 
 impl Reset for V4 {
     #[inline(always)]
-    fn xdp(ctx: &XdpContext) -> u32 {
+    fn xdp(ctx: &XdpContext, towards: Towards) -> u32 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let built = match parse::flow(start, end) {
-            Parsed::V4(flow) => try_xdp::<V4, Rst4ViaStack>(ctx, &flow, start, end),
+            Parsed::V4(flow) => try_xdp::<V4, Rst4>(ctx, &flow, start, end, towards),
             _ => None,
         };
-        xdp_outcome(built, xdp_action::XDP_PASS)
+        xdp_sent(ctx, xdp_outcome(built), towards)
     }
 
     #[inline(always)]
@@ -131,13 +118,13 @@ impl Reset for V4 {
 
 impl Reset for V6 {
     #[inline(always)]
-    fn xdp(ctx: &XdpContext) -> u32 {
+    fn xdp(ctx: &XdpContext, towards: Towards) -> u32 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let built = match parse::flow(start, end) {
-            Parsed::V6(flow) => try_xdp::<V6, Rst6ViaStack>(ctx, &flow, start, end),
+            Parsed::V6(flow) => try_xdp::<V6, Rst6>(ctx, &flow, start, end, towards),
             _ => None,
         };
-        xdp_outcome(built, xdp_action::XDP_PASS)
+        xdp_sent(ctx, xdp_outcome(built), towards)
     }
 
     #[inline(always)]
@@ -151,8 +138,8 @@ impl Reset for V6 {
 }
 
 #[inline(always)]
-fn xdp_outcome(built: Option<()>, action: u32) -> u32 {
-    let built = built.map(|()| action);
+fn xdp_outcome(built: Option<()>) -> u32 {
+    let built = built.map(|()| xdp_action::XDP_TX);
     outcome(
         built,
         Counter::Reset,
@@ -190,6 +177,7 @@ fn try_xdp<F: Family, R: Fill<F::Addr>>(
     flow: &Flow<F::Addr>,
     start: usize,
     end: usize,
+    towards: Towards,
 ) -> Option<()> {
     let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
     let tcp: *const [u8; TCP_HLEN] = ptr_at(start, end, flow.l4)?;
@@ -198,7 +186,12 @@ fn try_xdp<F: Family, R: Fill<F::Addr>>(
     let (start, end) = xdp_resize(ctx, size_of::<R>())?;
     let rst: *mut R = ptr_at(start, end, 0)?;
     // SAFETY: bounds-checked above.
-    unsafe { (*rst).fill(&original) };
+    let rst = unsafe { &mut *rst };
+    rst.fill(&original);
+    if towards == Towards::Stack {
+        // Addressed to the node as the original was, for the stack to route.
+        rst.eth()[..12].copy_from_slice(&original.eth);
+    }
     Some(())
 }
 

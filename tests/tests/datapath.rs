@@ -575,6 +575,44 @@ fn a_frontend_on_a_node_address_refuses_straight_back_over_xdp() {
     assert_eq!(lab.counter(Counter::Rejected), 2);
 }
 
+#[test]
+fn a_reset_from_a_node_address_frontend_goes_straight_back_over_xdp() {
+    if !common::ready("a_reset_from_a_node_address_frontend_goes_straight_back_over_xdp") {
+        return;
+    }
+    let external = [192, 0, 2, 77];
+    let yaml = SERVICES.replace(
+        "  clusterIP: 10.96.0.10\n",
+        "  clusterIP: 10.96.0.10\n  externalIPs: [192.0.2.77]\n",
+    );
+    let mut lab = lab_with_node_address(&yaml);
+    let backend = seen(&lab.run(Hook::Xdp, &tcp(CLIENT, 47000, external, 80))).dst;
+    let gone = format!("  - addresses: [{}]\n", std::net::Ipv4Addr::from(backend));
+    program_with_node_address(&mut lab.dp, &yaml.replace(&gone, ""));
+    let ack = {
+        let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(CLIENT, external, 64)
+            .tcp(47000, 80, 1001, 64240)
+            .ack(5000);
+        let mut out = Vec::new();
+        builder.write(&mut out, b"data").expect("build tcp");
+        out
+    };
+    let (verdict, rst) = lab.run_raw(Hook::Xdp, &ack);
+    assert_eq!(verdict, XDP_REDIRECT, "straight back, not up the stack");
+    assert_eq!(lab.counter(Counter::Reset), 1);
+    assert_eq!(
+        (&rst[..6], &rst[6..12]),
+        (&MAC_A[..], &MAC_B[..]),
+        "MACs swapped"
+    );
+    let rst = seen(&rst);
+    assert_eq!(
+        (rst.src, rst.sport, rst.dst, rst.dport),
+        (external, 80, CLIENT, 47000)
+    );
+}
+
 /// `yaml` programmed for node `node` with these node addresses.
 fn lab_for(yaml: &str, node: &str) -> Lab {
     let mut dp = Loaded::new().expect("load the datapath");
@@ -737,12 +775,16 @@ fn lab_with_node_address(yaml: &str) -> Lab {
 }
 
 fn programmed_with_node_address(mut dp: Loaded, yaml: &str) -> Lab {
+    program_with_node_address(&mut dp, yaml);
+    Lab { dp }
+}
+
+fn program_with_node_address(dp: &mut Loaded, yaml: &str) {
     let mut objects = common::objects(yaml).expect("objects");
     objects.node_name = Some("here".into());
     objects.node_addresses = vec![std::net::IpAddr::from([10, 0, 0, 1])];
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
-    Lab { dp }
 }
 
 /// Runs the egress program; it must pass the packet on.

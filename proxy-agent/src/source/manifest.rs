@@ -21,6 +21,7 @@ use k8s_openapi::api::{
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::host;
 use crate::{
     cidr::Cidr,
     model::{self, FieldError, ObjectKey, Objects},
@@ -76,6 +77,8 @@ pub struct ManifestSource {
     balancing: crate::balancing::Balancing,
     last_good: BTreeMap<Id, (PathBuf, Object)>,
     fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    /// The host addresses last logged.
+    told_host: Option<Vec<std::net::IpAddr>>,
 }
 
 /// The objects of one read, and the problems found.
@@ -94,6 +97,7 @@ impl ManifestSource {
             balancing: Default::default(),
             last_good: BTreeMap::new(),
             fingerprint: None,
+            told_host: None,
         }
     }
 
@@ -161,9 +165,33 @@ impl ManifestSource {
         objects.node_zone = self.node_zone.clone().or(labelled);
         objects.node_leaving = node.is_some_and(|n| model::node_leaving(n));
         objects.node_name = self.node_name.clone();
+        objects.host_addresses = self.host_addresses(&objects.node_addresses);
         objects.nodeport_ranges = self.nodeport_ranges.clone();
         objects.balancing = self.balancing;
         Load { objects, errors }
+    }
+
+    /// The host's addresses, read when the Node gives none of a family, so
+    /// that source NAT still has an address to use.
+    fn host_addresses(&mut self, node: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
+        if node.iter().any(|a| a.is_ipv4()) && node.iter().any(|a| a.is_ipv6()) {
+            return Vec::new();
+        }
+        let found = match host::addresses() {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("cannot read the host's addresses for source NAT: {e}");
+                Vec::new()
+            }
+        };
+        if self.told_host.as_ref() != Some(&found) {
+            log::info!(
+                "no Node object for this node gives every family an address; \
+                 source NAT uses the host's first ones: {found:?}"
+            );
+            self.told_host = Some(found.clone());
+        }
+        found
     }
 
     fn read_file(
