@@ -25,10 +25,11 @@ pub fn addresses() -> io::Result<Vec<IpAddr>> {
         let ifa = unsafe { &*next };
         let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
         // SAFETY: ifa_addr is null or points at a sockaddr of its family.
-        if let Some(addr) = up.then(|| unsafe { address(ifa.ifa_addr) }).flatten() {
-            if global(addr) && !out.contains(&addr) {
-                out.push(addr);
-            }
+        if let Some(addr) = up.then(|| unsafe { address(ifa.ifa_addr) }).flatten()
+            && global(addr)
+            && !out.contains(&addr)
+        {
+            out.push(addr);
         }
         next = ifa.ifa_next;
     }
