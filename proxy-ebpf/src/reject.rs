@@ -6,8 +6,11 @@
 //! came in on. XDP hands a refusal from a cluster IP to the node's stack to
 //! route, and sends one from a frontend that may be the node's own address
 //! straight back (see `Towards`), since the stack drops packets from its
-//! own addresses as martians (IPv4's SCTP ABORT always leaves with XDP_TX). A packet from a local socket may still carry CHECKSUM_PARTIAL,
-//! which XDP cannot see and TC cannot clear: the kernel may then "finish" a
+//! own addresses as martians (SCTP ABORTs from XDP are the exception: IPv4
+//! ones always leave with XDP_TX, IPv6 ones go up the stack; see `abort`).
+//!
+//! A packet from a local socket may still carry CHECKSUM_PARTIAL, which
+//! XDP cannot see and TC cannot clear: the kernel may then "finish" a
 //! checksum at the original L4 checksum offset after we are done. The
 //! layout puts a zeroed field the receiver ignores at exactly that offset
 //! (IPv4: the ICMP header's unused bytes for UDP; behind a 4-byte IP option,
