@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod nodeconfig;
 pub mod plan;
 pub mod reconcile;

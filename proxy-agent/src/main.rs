@@ -2,9 +2,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use proxy_agent::{
-    cidr::Cidr,
     datapath::{iface::IfaceSpec, loader},
-    plan::NodeOptions,
+    node::NodeFlags,
     run::{self, RunConfig, SocketLb, Source},
 };
 
@@ -32,18 +31,8 @@ enum Command {
         /// A YAML/JSON file or a directory of them, as `kubectl apply -f` takes.
         #[arg(long)]
         manifests: PathBuf,
-        /// The node to plan for (node-local policies keep its endpoints only).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// The node's zone, for topology-aware routing.
-        #[arg(long)]
-        zone: Option<String>,
-        /// NodePorts only on node addresses in these CIDRs (default: all of
-        /// the Node's InternalIP and ExternalIP addresses).
-        #[arg(long, value_delimiter = ',')]
-        nodeport_addresses: Vec<Cidr>,
         #[command(flatten)]
-        balancing: proxy_agent::balancing::Flags,
+        node: NodeFlags,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -94,19 +83,8 @@ struct RunArgs {
     /// there is none). Only sockets of processes in it are served.
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// This node's name (default: NODE_NAME, else the hostname).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: Option<String>,
-    /// This node's zone, with --manifests (the API server's Node label otherwise).
-    #[arg(long)]
-    zone: Option<String>,
-    /// NodePorts only on node addresses in these CIDRs (default: all of the
-    /// Node's InternalIP and ExternalIP addresses, from the API server or the
-    /// manifests).
-    #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<Cidr>,
     #[command(flatten)]
-    balancing: proxy_agent::balancing::Flags,
+    node: NodeFlags,
     /// Interfaces to attach to: a name, a glob (`veth*`, `eth?`) or `auto`
     /// (those of the default routes), each optionally with :xdp or :tc
     /// (default: tc on veth, bridge, tun, dummy, xdp otherwise). Followed as
@@ -131,7 +109,7 @@ struct RunArgs {
     #[command(flatten)]
     conntrack: proxy_agent::conntrack::Flags,
     #[command(flatten)]
-    node: proxy_agent::nodeconfig::Flags,
+    node_config: proxy_agent::nodeconfig::Flags,
 }
 
 impl RunArgs {
@@ -143,17 +121,15 @@ impl RunArgs {
                 apiserver: self.kube_apiserver,
             },
         };
-        let node_name = match self.node_name {
+        let node_name = match self.node.node_name.clone() {
             Some(name) => name,
             None => hostname()?,
         };
         Ok(RunConfig {
             source,
+            node: self.node.this_node(Some(node_name.clone())),
             node_name,
-            zone: self.zone,
-            nodeport_ranges: self.nodeport_addresses,
-            balancing: self.balancing.balancing(),
-            slot_budget: self.balancing.slot_budget,
+            slot_budget: self.node.balancing.slot_budget,
             ifaces: self.ifaces,
             socket_lb: self.socket_lb.then_some(SocketLb {
                 cgroup_root: self.cgroup_root,
@@ -164,7 +140,7 @@ impl RunArgs {
             metrics_addr: self.metrics_bind_address,
             health_timeout: Duration::from_secs(self.healthz_timeout_s),
             conntrack: self.conntrack.config(),
-            node: self.node,
+            node_config: self.node_config,
         })
     }
 }
@@ -191,19 +167,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Plan {
             manifests,
             output,
-            node_name,
-            zone,
-            nodeport_addresses,
-            balancing,
+            node,
         } => {
-            let node = NodeOptions {
-                name: node_name.as_deref(),
-                zone: zone.as_deref(),
-                nodeport_ranges: &nodeport_addresses,
-                balancing: balancing.balancing(),
-                slot_budget: balancing.slot_budget,
-            };
-            let plan = proxy_agent::plan::from_manifests(&manifests, &node);
+            let plan = proxy_agent::plan::from_manifests(
+                &manifests,
+                node.this_node(node.node_name.clone()),
+                node.balancing.slot_budget,
+            );
             for error in &plan.errors {
                 eprintln!("error: {error}");
             }

@@ -6,8 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use crate::{
-    cidr::Cidr,
-    model::{self, Clients, Desired, Protocol, Scope},
+    model::{self, Clients, Desired, Protocol, Scope, ThisNode},
     source::manifest::{ManifestError, ManifestSource},
 };
 
@@ -62,31 +61,14 @@ pub struct Plan {
     pub errors: Vec<String>,
 }
 
-/// Which node to plan for, as `run` would be told.
-#[derive(Default)]
-pub struct NodeOptions<'a> {
-    pub name: Option<&'a str>,
-    pub zone: Option<&'a str>,
-    pub nodeport_ranges: &'a [Cidr],
-    pub balancing: crate::balancing::Balancing,
-    /// `--slot-budget` (0: the default).
-    pub slot_budget: u32,
-}
-
-/// Reads the manifests as `run` would (for the node named and its zone, if
-/// given) and computes the frontends.
-pub fn from_manifests(path: &Path, node: &NodeOptions) -> Plan {
-    let (node_name, zone) = (node.name, node.zone);
-    let mut source = ManifestSource::new(path)
-        .in_zone(zone)
-        .nodeport_ranges(node.nodeport_ranges)
-        .balancing(node.balancing);
-    if let Some(name) = node_name {
-        source = source.for_node(name);
-    }
+/// Reads the manifests as `run` would for `node` (as its flags give it)
+/// and computes the frontends; `slot_budget` as `--slot-budget` (0: the
+/// default).
+pub fn from_manifests(path: &Path, node: ThisNode, slot_budget: u32) -> Plan {
+    let mut source = ManifestSource::new(path, node);
     let load = source.load();
     let mut desired = model::desired(&load.objects);
-    let budget = match node.slot_budget {
+    let budget = match slot_budget {
         0 => crate::budget::DEFAULT_SLOT_BUDGET,
         n => n,
     };

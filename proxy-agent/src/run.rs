@@ -18,13 +18,12 @@ use tokio::{
 
 use crate::{
     backoff::Backoff,
-    cidr::Cidr,
     conntrack,
     datapath::{self, cgroup, iface::IfaceSpec, links, loader, maps::MapSet, stale},
     healthcheck::{HealthChecks, ServiceHealth},
     http::{self, Endpoints},
     metrics::{Shared, Status},
-    model::{self, ObjectKey, Objects, SliceIndex},
+    model::{self, ObjectKey, Objects, SliceIndex, ThisNode},
     nodeconfig,
     reconcile::{Reconciler, Report},
     source::{
@@ -57,15 +56,10 @@ pub struct SocketLb {
 
 pub struct RunConfig {
     pub source: Source,
-    /// This node (its Node object is watched; node-local policies use it).
+    /// This node's name: its Node object is watched.
     pub node_name: String,
-    /// This node's zone with manifests (with the API server, the Node's
-    /// topology.kubernetes.io/zone label says).
-    pub zone: Option<String>,
-    /// `--nodeport-addresses`.
-    pub nodeport_ranges: Vec<Cidr>,
-    /// `--lb-algorithm`, `--maglev-table-size`.
-    pub balancing: crate::balancing::Balancing,
+    /// This node as the flags give it.
+    pub node: ThisNode,
     /// `--slot-budget`: most `lb_slots` entries one Service's tables take.
     pub slot_budget: u32,
     /// `--iface`: the first spec that selects an interface decides its hook.
@@ -82,7 +76,7 @@ pub struct RunConfig {
     /// Conntrack size, garbage collection interval and timeouts.
     pub conntrack: conntrack::Config,
     /// `--snat-port-range`, `--hash-key`.
-    pub node: nodeconfig::Flags,
+    pub node_config: nodeconfig::Flags,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -108,7 +102,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     spawn_http(config.metrics_addr, Endpoints::Metrics, &status);
     let health_checks = health_checks(config.health_addr.ip(), &status, timeout);
     let mut programmer = Programmer::adopt(maps, status, health_checks)?;
-    let mut node = node_settings(&config.node)?;
+    let mut node = node_settings(&config.node_config)?;
     programmer.reconciler.set_node(node);
     programmer.sweeper = config
         .socket_lb
@@ -118,11 +112,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     match &config.source {
         Source::Manifests(path) => {
-            let source = ManifestSource::new(path)
-                .for_node(&config.node_name)
-                .in_zone(config.zone.as_deref())
-                .nodeport_ranges(&config.nodeport_ranges)
-                .balancing(config.balancing);
+            let source = ManifestSource::new(path, config.node.clone());
             manifest_loop(source, config.poll, &mut programmer, &mut signals).await
         }
         Source::Kubernetes {
@@ -131,13 +121,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         } => {
             let bootstrap = kubernetes::config(kubeconfig.as_deref(), apiserver.as_deref()).await?;
             let route = Route::new(bootstrap, apiserver.is_some());
-            if config.node.hash_key.is_none() {
+            if config.node_config.hash_key.is_none() {
                 node.cluster_key = cluster_key(route.bootstrap_client()?).await;
                 programmer.reconciler.set_node(node);
             }
-            let store = ClusterStore::new(&config.node_name)
-                .nodeport_ranges(&config.nodeport_ranges)
-                .balancing(config.balancing);
+            let store = ClusterStore::new(config.node.clone());
             kube_loop(
                 route,
                 &config.node_name,
@@ -279,7 +267,7 @@ async fn manifest_loop(
             }
             programmer.status(|s| {
                 s.not_ready = None;
-                s.node_eligible = !load.objects.node_leaving;
+                s.node_eligible = !load.objects.node.leaving;
             });
             programmer.program(&load.objects, &[seen]);
         }
@@ -315,7 +303,7 @@ async fn kube_loop(
         }
         programmer.status(|s| {
             s.not_ready = health.not_ready(&store);
-            s.node_eligible = !store.objects().node_leaving;
+            s.node_eligible = !store.objects().node.leaving;
             if store.has_pending() {
                 s.oldest_pending.get_or_insert_with(Instant::now);
             }

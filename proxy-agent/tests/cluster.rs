@@ -217,6 +217,24 @@ fn the_nodes_zone_label_reaches_the_model_and_a_change_redoes_everything() {
         serde_yaml::from_str("metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}")
             .expect("node");
     store.node(Event::Apply(node));
-    assert_eq!(store.objects().node_zone.as_deref(), Some("a"));
+    assert_eq!(store.objects().node.zone.as_deref(), Some("a"));
     assert_eq!(store.take_dirty(), Dirty::All);
+}
+
+#[test]
+fn a_zone_flag_beats_the_nodes_label_and_the_node_gives_its_addresses() {
+    let mut store = ClusterStore::new(proxy_agent::model::ThisNode {
+        name: Some("n1".into()),
+        zone: Some("b".into()),
+        ..Default::default()
+    });
+    let node: Node = serde_yaml::from_str(
+        "metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}\nstatus: {addresses: [{type: InternalIP, address: 10.0.0.9}]}",
+    )
+    .expect("node");
+    store.node(Event::Apply(node));
+    let seen = &store.objects().node;
+    assert_eq!(seen.zone.as_deref(), Some("b"));
+    assert_eq!(seen.name.as_deref(), Some("n1"));
+    assert_eq!(seen.addresses, [std::net::IpAddr::from([10, 0, 0, 9])]);
 }

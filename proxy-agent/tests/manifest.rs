@@ -63,7 +63,7 @@ fn port_of(load: &Load, name: &str) -> i32 {
 }
 
 fn load(path: &Path) -> (ManifestSource, Load) {
-    let mut source = ManifestSource::new(path);
+    let mut source = ManifestSource::new(path, Default::default());
     let load = source.load();
     (source, load)
 }
@@ -208,7 +208,7 @@ fn a_deleted_file_removes_its_objects_and_a_missing_path_removes_nothing() {
         "deleting a file deletes its objects"
     );
     let gone = dir.0.join("nowhere");
-    let mut missing = ManifestSource::new(&gone);
+    let mut missing = ManifestSource::new(&gone, Default::default());
     let load = missing.load();
     assert_eq!(load.errors.len(), 1);
     assert!(load.errors[0].to_string().contains("nowhere"));

@@ -381,7 +381,7 @@ spec:
             {addresses: [10.1.3.2], nodeName: n1, conditions: {ready: false}}]"#,
     );
     let mut objs = objects(&[("default", svc)], &[("default", &s)]);
-    objs.node_name = Some("n1".into());
+    objs.node.name = Some("n1".into());
     let desired = model::desired(&objs);
     assert_eq!(
         backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
@@ -392,7 +392,7 @@ spec:
         2,
         "external traffic is not governed by the internal policy"
     );
-    objs.node_name = Some("n3".into());
+    objs.node.name = Some("n3".into());
     let desired = model::desired(&objs);
     assert_eq!(
         backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
@@ -410,7 +410,7 @@ spec:
         !desired.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)].drop_when_empty,
         "no endpoint anywhere: refused"
     );
-    objs.node_name = None;
+    objs.node.name = None;
     assert_eq!(
         backends_of(
             &model::desired(&objs),
@@ -435,7 +435,7 @@ fn topology_hints_keep_traffic_in_the_zone_as_kube_proxy_does() {
     );
     let with = |service: &str, slice: &str, zone: Option<&str>| {
         let mut objs = objects(&[("default", service)], &[("default", slice)]);
-        objs.node_zone = zone.map(str::to_string);
+        objs.node.zone = zone.map(str::to_string);
         backends_of(
             &model::desired(&objs),
             fe([10, 96, 0, 10], 80, Protocol::Tcp),
@@ -502,8 +502,8 @@ fn node_hints_come_before_zone_hints() {
     );
     let with = |node: &str, zone: &str, slice: &str| {
         let mut objs = objects(&[("default", svc)], &[("default", slice)]);
-        objs.node_name = Some(node.into());
-        objs.node_zone = Some(zone.into());
+        objs.node.name = Some(node.into());
+        objs.node.zone = Some(zone.into());
         backends_of(
             &model::desired(&objs),
             fe([10, 96, 0, 10], 80, Protocol::Tcp),
@@ -557,7 +557,7 @@ status:
     );
     let v6: IpAddr = "fd00::1".parse().expect("v6");
     assert_eq!(
-        model::node_addresses(&n),
+        model::ThisNode::default().seeing(Some(&n)).addresses,
         vec![
             IpAddr::from([10, 0, 0, 1]),
             v6,
@@ -567,8 +567,8 @@ status:
     );
     let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
     let mut objs = objects(&[("default", NODE_PORT_WEB)], &[("default", &s)]);
-    objs.node_addresses = model::node_addresses(&n);
-    objs.node_addresses.retain(|a| a.is_ipv4());
+    objs.node.addresses = model::ThisNode::default().seeing(Some(&n)).addresses;
+    objs.node.addresses.retain(|a| a.is_ipv4());
     let desired = model::desired(&objs);
     for addr in [[10, 0, 0, 1], [203, 0, 113, 7]] {
         let frontend = fe(addr, 30080, Protocol::Tcp);
@@ -584,7 +584,7 @@ status:
     }
     assert_eq!(desired.frontends.len(), 2 + 4, "cluster IP and node ports");
 
-    objs.nodeport_ranges = vec!["10.0.0.0/8".parse().expect("cidr")];
+    objs.node.nodeport_ranges = vec!["10.0.0.0/8".parse().expect("cidr")];
     let desired = model::desired(&objs);
     assert!(
         desired
@@ -597,7 +597,7 @@ status:
             .contains_key(&fe([203, 0, 113, 7], 30080, Protocol::Tcp))
     );
 
-    objs.node_addresses.clear();
+    objs.node.addresses.clear();
     assert_eq!(
         model::desired(&objs).frontends.len(),
         2,
@@ -615,7 +615,7 @@ fn only_node_port_and_load_balancer_services_open_node_ports() {
     ] {
         let svc = NODE_PORT_WEB.replace("type: NodePort", &format!("type: {kind}"));
         let mut objs = objects(&[("default", &svc)], &[("default", &s)]);
-        objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
+        objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1])];
         let desired = model::desired(&objs);
         assert_eq!(
             desired
@@ -650,8 +650,8 @@ status:
              conditions: {ready: false, serving: true, terminating: true}}]"#,
     );
     let mut objs = objects(&[("default", svc)], &[("default", &s)]);
-    objs.node_name = Some("n1".into());
-    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
+    objs.node.name = Some("n1".into());
+    objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1])];
     let desired = model::desired(&objs);
     for external in [
         fe([192, 0, 2, 10], 80, Protocol::Tcp),
@@ -670,13 +670,13 @@ status:
         "cluster IP traffic is not governed by the external policy"
     );
     // Seen from n2, only its own endpoint serves.
-    objs.node_name = Some("n2".into());
+    objs.node.name = Some("n2".into());
     let desired = model::desired(&objs);
     assert_eq!(
         backends_of(&desired, fe([10, 0, 0, 1], 30080, Protocol::Tcp)),
         vec![be([10, 1, 2, 2], 8080)]
     );
-    objs.node_name = Some("n3".into());
+    objs.node.name = Some("n3".into());
     assert_eq!(
         backends_of(
             &model::desired(&objs),
@@ -708,8 +708,8 @@ status:
             {addresses: [10.1.2.2], nodeName: n2}]"#,
     );
     let mut objs = objects(&[("default", svc)], &[("default", &s)]);
-    objs.node_name = Some("n3".into());
-    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
+    objs.node.name = Some("n3".into());
+    objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1])];
     let desired = model::desired(&objs);
     let both = vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)];
     for external in [
@@ -745,7 +745,7 @@ status:
         .count();
     assert_eq!(twins, 3);
     // Where outside and local clients get the same endpoints, no twin.
-    objs.node_name = Some("n1".into());
+    objs.node.name = Some("n1".into());
     let s = slice("web-1", "web", r#"[{addresses: [10.1.1.2], nodeName: n1}]"#);
     objs.slices = objects(&[], &[("default", &s)]).slices;
     let desired = model::desired(&objs);
@@ -775,11 +775,11 @@ spec:
             {addresses: [10.1.2.2], nodeName: n2}]"#,
     );
     let mut objs = objects(&[("default", svc)], &[("default", &s)]);
-    objs.node_name = Some("n1".into());
+    objs.node.name = Some("n1".into());
     let index = model::SliceIndex::new(&objs);
     let web = key("default", "web");
     assert_eq!(model::health_check(&objs, &index, &web), Some((32000, 1)));
-    objs.node_name = Some("n3".into());
+    objs.node.name = Some("n3".into());
     assert_eq!(model::health_check(&objs, &index, &web), Some((32000, 0)));
     let cluster = svc.replace(
         "externalTrafficPolicy: Local",
@@ -807,7 +807,7 @@ status:
     let v6 = slice("web-v6", "web", r#"[{addresses: ["fd00:1:1::2"]}]"#)
         .replace("addressType: IPv4", "addressType: IPv6");
     let mut objs = objects(&[("default", svc)], &[("default", &v4), ("default", &v6)]);
-    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1]), "fd00::1".parse().expect("v6")];
+    objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1]), "fd00::1".parse().expect("v6")];
     let desired = model::desired(&objs);
     let at = |addr: &str, port: u16| Frontend {
         addr: addr.parse().expect("address"),
@@ -852,7 +852,7 @@ status:
 fn a_single_stack_service_opens_no_node_port_on_the_other_family() {
     let s = slice("web-1", "web", "[{addresses: [10.1.1.2]}]");
     let mut objs = objects(&[("default", NODE_PORT_WEB)], &[("default", &s)]);
-    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1]), "fd00::1".parse().expect("v6")];
+    objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1]), "fd00::1".parse().expect("v6")];
     let desired = model::desired(&objs);
     assert!(
         desired
@@ -930,16 +930,20 @@ status:
 #[test]
 fn a_node_being_deleted_or_tainted_by_the_autoscaler_is_leaving() {
     let plain = node("metadata: {name: n1}");
-    assert!(!model::node_leaving(&plain));
+    assert!(!model::ThisNode::default().seeing(Some(&plain)).leaving);
     let tainted = node(
         "metadata: {name: n1}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}]}",
     );
-    assert!(model::node_leaving(&tainted));
+    assert!(model::ThisNode::default().seeing(Some(&tainted)).leaving);
     let other_taint =
         node("metadata: {name: n1}\nspec: {taints: [{key: dedicated, effect: NoSchedule}]}");
-    assert!(!model::node_leaving(&other_taint));
+    assert!(
+        !model::ThisNode::default()
+            .seeing(Some(&other_taint))
+            .leaving
+    );
     let deleted = node("metadata: {name: n1, deletionTimestamp: \"2026-12-04T10:00:00Z\"}");
-    assert!(model::node_leaving(&deleted));
+    assert!(model::ThisNode::default().seeing(Some(&deleted)).leaving);
 }
 
 #[test]
@@ -965,21 +969,21 @@ status:
             .map(ToString::to_string)
             .collect()
     };
-    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 7])];
+    objs.node.addresses = vec![IpAddr::from([10, 0, 0, 7])];
     assert_eq!(
         ranges(&objs),
         ["10.0.0.0/24", "198.51.100.1/32", "198.51.100.2/32"],
         "the node is inside the ranges: its traffic through the load balancer is too"
     );
-    objs.node_addresses = vec![IpAddr::from([10, 0, 9, 7])];
+    objs.node.addresses = vec![IpAddr::from([10, 0, 9, 7])];
     assert_eq!(ranges(&objs), ["10.0.0.0/24"], "outside: only the ranges");
 }
 
 #[test]
 fn source_nat_uses_the_hosts_address_of_a_family_the_node_lacks() {
     let mut objs = objects(&[], &[]);
-    objs.node_addresses = vec![IpAddr::from([10, 0, 0, 1])];
-    objs.host_addresses = vec![
+    objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1])];
+    objs.node.host_addresses = vec![
         IpAddr::from([192, 168, 1, 5]),
         "2001:db8::5".parse().expect("v6"),
     ];

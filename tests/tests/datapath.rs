@@ -617,7 +617,7 @@ fn a_reset_from_a_node_address_frontend_goes_straight_back_over_xdp() {
 fn lab_for(yaml: &str, node: &str) -> Lab {
     let mut dp = Loaded::new().expect("load the datapath");
     let mut objects = common::objects(yaml).expect("objects");
-    objects.node_name = Some(node.into());
+    objects.node.name = Some(node.into());
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
     Lab { dp }
@@ -781,8 +781,8 @@ fn programmed_with_node_address(mut dp: Loaded, yaml: &str) -> Lab {
 
 fn program_with_node_address(dp: &mut Loaded, yaml: &str) {
     let mut objects = common::objects(yaml).expect("objects");
-    objects.node_name = Some("here".into());
-    objects.node_addresses = vec![std::net::IpAddr::from([10, 0, 0, 1])];
+    objects.node.name = Some("here".into());
+    objects.node.addresses = vec![std::net::IpAddr::from([10, 0, 0, 1])];
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
 }

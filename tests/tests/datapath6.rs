@@ -72,8 +72,8 @@ fn lab() -> Loaded {
 
 fn programmed(mut dp: Loaded) -> Loaded {
     let mut objects = common::objects(SERVICES).expect("objects");
-    objects.node_name = Some("here".into());
-    objects.node_addresses = vec![std::net::IpAddr::from(NODE)];
+    objects.node.name = Some("here".into());
+    objects.node.addresses = vec![std::net::IpAddr::from(NODE)];
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
     dp
@@ -419,8 +419,8 @@ endpoints:
 fn lab_for(yaml: &str) -> Loaded {
     let mut dp = Loaded::new().expect("load the datapath");
     let mut objects = common::objects(yaml).expect("objects");
-    objects.node_name = Some("here".into());
-    objects.node_addresses = vec![std::net::IpAddr::from(NODE)];
+    objects.node.name = Some("here".into());
+    objects.node.addresses = vec![std::net::IpAddr::from(NODE)];
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
     dp
@@ -612,8 +612,8 @@ fn ipv6_connection_to_a_removed_backend_is_reset() {
         );
         assert_ne!(without, SERVICES, "{hook:?}: the backend is in the slice");
         let mut objects = common::objects(&without).expect("objects");
-        objects.node_name = Some("here".into());
-        objects.node_addresses = vec![std::net::IpAddr::from(NODE)];
+        objects.node.name = Some("here".into());
+        objects.node.addresses = vec![std::net::IpAddr::from(NODE)];
         dp.program(&proxy_agent::model::desired(&objects))
             .expect("program");
         let before = dp.maps.counter(Counter::Reset).expect("counter");

@@ -128,8 +128,8 @@ const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 fn lab() -> Loaded {
     let mut dp = Loaded::new().expect("load the datapath");
     let mut objects = common::objects(SERVICES).expect("objects");
-    objects.node_name = Some("here".into());
-    objects.node_addresses = vec![IpAddr::from(NODE), IpAddr::from(NODE6)];
+    objects.node.name = Some("here".into());
+    objects.node.addresses = vec![IpAddr::from(NODE), IpAddr::from(NODE6)];
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
     dp

@@ -148,7 +148,7 @@ fn node_wide_maglev_over_three_hundred_frontends_does_not_fill_slots() {
     let yaml =
         service("one", [10, 96, 0, 10], &a, "{}") + &service("two", [10, 96, 0, 11], &b, "{}");
     let mut objects = common::objects(&yaml).expect("parse");
-    objects.balancing = Balancing {
+    objects.node.balancing = Balancing {
         algorithm: Algorithm::Maglev,
         table_size: 16_381,
     };

@@ -11,10 +11,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{Resource, ResourceExt, runtime::watcher::Event};
 
-use crate::{
-    cidr::Cidr,
-    model::{self, FieldError, ObjectKey, Objects, SliceIndex},
-};
+use crate::model::{self, FieldError, ObjectKey, Objects, SliceIndex, ThisNode};
 
 /// The annotation the EndpointSlice controller sets to when the change that
 /// caused this version happened (what kube-proxy measures latency from).
@@ -48,6 +45,8 @@ pub enum Dirty {
 #[derive(Debug, Default)]
 pub struct ClusterStore {
     objects: Objects,
+    /// This node as the flags give it; its Node object adds the rest.
+    node: ThisNode,
     /// Which slices each Service has, kept up to date as they change.
     index: SliceIndex,
     nodes: BTreeMap<ObjectKey, Node>,
@@ -135,23 +134,16 @@ fn accept<K>(
 }
 
 impl ClusterStore {
-    /// A store for the node named `node_name`.
-    pub fn new(node_name: &str) -> Self {
-        let mut store = ClusterStore::default();
-        store.objects.node_name = Some(node_name.to_string());
-        store
-    }
-
-    /// Serves NodePorts only on node addresses in these ranges.
-    pub fn nodeport_ranges(mut self, ranges: &[Cidr]) -> Self {
-        self.objects.nodeport_ranges = ranges.to_vec();
-        self
-    }
-
-    /// Balancing for Services whose annotations do not choose.
-    pub fn balancing(mut self, balancing: crate::balancing::Balancing) -> Self {
-        self.objects.balancing = balancing;
-        self
+    /// A store for the node `node` (as its flags give it).
+    pub fn new(node: ThisNode) -> Self {
+        ClusterStore {
+            objects: Objects {
+                node: node.clone(),
+                ..Objects::default()
+            },
+            node,
+            ..ClusterStore::default()
+        }
     }
 
     pub fn service(&mut self, event: Event<Service>) {
@@ -229,13 +221,10 @@ impl ClusterStore {
                 .apply(&mut self.nodes, event, |_| Ok(()), &mut self.errors, "Node");
         // Its zone steers topology-aware routing and its addresses carry
         // NodePorts: when they change, every Service is looked at again.
-        let node = self.nodes.values().next();
-        let zone = node.and_then(model::node_zone);
-        let addresses = node.map(model::node_addresses).unwrap_or_default();
-        let moved = zone != self.objects.node_zone || addresses != self.objects.node_addresses;
-        self.objects.node_zone = zone;
-        self.objects.node_addresses = addresses;
-        self.objects.node_leaving = node.is_some_and(model::node_leaving);
+        let seen = self.node.seeing(self.nodes.values().next());
+        let moved =
+            seen.zone != self.objects.node.zone || seen.addresses != self.objects.node.addresses;
+        self.objects.node = seen;
         self.note(changed, Instant::now(), Vec::new(), relisted || moved);
     }
 

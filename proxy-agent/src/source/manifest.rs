@@ -22,10 +22,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::host;
-use crate::{
-    cidr::Cidr,
-    model::{self, FieldError, ObjectKey, Objects},
-};
+use crate::model::{self, FieldError, ObjectKey, Objects, ThisNode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -69,12 +66,9 @@ type Id = (Kind, ObjectKey);
 /// Reads the manifests and remembers the last valid version of each object.
 pub struct ManifestSource {
     path: PathBuf,
-    /// This node's name and zone, for the model's node-local and
-    /// topology-aware policies.
-    node_name: Option<String>,
-    node_zone: Option<String>,
-    nodeport_ranges: Vec<Cidr>,
-    balancing: crate::balancing::Balancing,
+    /// This node as the flags give it; its Node object, if the manifests
+    /// hold it, adds the rest.
+    node: ThisNode,
     last_good: BTreeMap<Id, (PathBuf, Object)>,
     fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
     /// The host addresses last logged.
@@ -88,42 +82,15 @@ pub struct Load {
 }
 
 impl ManifestSource {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    /// Reads `path` for the node `node` (as its flags give it).
+    pub fn new(path: impl Into<PathBuf>, node: ThisNode) -> Self {
         ManifestSource {
             path: path.into(),
-            node_name: None,
-            node_zone: None,
-            nodeport_ranges: Vec::new(),
-            balancing: Default::default(),
+            node,
             last_good: BTreeMap::new(),
             fingerprint: None,
             told_host: None,
         }
-    }
-
-    /// Tells the model which node this is.
-    pub fn for_node(mut self, name: &str) -> Self {
-        self.node_name = Some(name.to_string());
-        self
-    }
-
-    /// Tells the model which zone this node is in (otherwise its Node's
-    /// label says, if the manifests hold it).
-    pub fn in_zone(mut self, zone: Option<&str>) -> Self {
-        self.node_zone = zone.map(str::to_string);
-        self
-    }
-
-    /// Serves NodePorts only on node addresses in these ranges.
-    pub fn nodeport_ranges(mut self, ranges: &[Cidr]) -> Self {
-        self.nodeport_ranges = ranges.to_vec();
-        self
-    }
-
-    /// Balancing for Services whose annotations do not choose.
-    pub fn balancing(mut self, balancing: crate::balancing::Balancing) -> Self {
-        self.balancing = balancing;
-        self
     }
 
     /// True when the files changed since the last `load` (or none happened).
@@ -153,21 +120,15 @@ impl ManifestSource {
         }
         self.last_good = found;
         let mut objects = objects(&self.last_good);
-        let node = self.node_name.as_ref().and_then(|name| {
+        let node = self.node.name.as_ref().and_then(|name| {
             let key = (Kind::Node, node_key(name));
             match self.last_good.get(&key) {
-                Some((_, Object::Node(node))) => Some(node),
+                Some((_, Object::Node(node))) => Some(node.as_ref()),
                 _ => None,
             }
         });
-        objects.node_addresses = node.map(|n| model::node_addresses(n)).unwrap_or_default();
-        let labelled = node.and_then(|n| model::node_zone(n));
-        objects.node_zone = self.node_zone.clone().or(labelled);
-        objects.node_leaving = node.is_some_and(|n| model::node_leaving(n));
-        objects.node_name = self.node_name.clone();
-        objects.host_addresses = self.host_addresses(&objects.node_addresses);
-        objects.nodeport_ranges = self.nodeport_ranges.clone();
-        objects.balancing = self.balancing;
+        objects.node = self.node.seeing(node);
+        objects.node.host_addresses = self.host_addresses(&objects.node.addresses);
         Load { objects, errors }
     }
 
