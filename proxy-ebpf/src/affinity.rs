@@ -5,8 +5,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::{AffinityEntry, BACKEND_TERMINATING, Counter, Service};
 
 use crate::{
-    family::{Family, Target},
-    lb, maps,
+    family::{self, Family, Target},
+    maps,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -32,7 +32,7 @@ pub fn backend<F: Family>(service: &Service, client: F::Addr) -> Option<(u32, Ta
         return None;
     }
     // A terminating backend keeps its flows but takes no new ones.
-    let backend = lb::member::<F>(service.id, entry.backend_id)
+    let backend = family::member::<F>(service.id, entry.backend_id)
         .filter(|b| b.flags & BACKEND_TERMINATING == 0);
     let Some(backend) = backend else {
         maps::count(Counter::AffinityStale);

@@ -12,7 +12,6 @@
 //! - REPLY (B -> N:p) with CT_REWRITE_DST: destination becomes C again,
 //!   written at egress with the port.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use proxy_common::{
     CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
     CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, CT_UNREPLIED, Counter, IPPROTO_TCP,
@@ -21,11 +20,12 @@ use proxy_common::{
 
 use crate::{
     atomic,
-    family::{Entry, Family, Table, Target},
-    lb::{Rewrite, Side, Verdict},
+    ctmap::{Entry, Table, now},
+    family::{Family, Target},
     maps::{self, CONFIG, CONNECTIONS},
-    parse::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Flow, TCP_SYN},
     snat,
+    verdict::{Rewrite, Side, Verdict},
 };
 
 /// The kernel's answer to an insert into a full hash map.
@@ -40,31 +40,6 @@ pub enum Untracked {
     /// The flow needs source NAT and the node has no address for it
     /// (counted): it must not leave with the client's address.
     NoSourceNat,
-}
-
-/// Coarse monotonic seconds: what conntrack entries remember of time.
-#[inline(always)]
-pub fn now() -> u32 {
-    // SAFETY: the helper has no preconditions.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
-}
-
-/// A direction's TCP state after a packet with `tcp_flags`. FIN and RST
-/// stay: a new SYN on such an entry is a new connection, which the caller
-/// sees and handles.
-#[inline(always)]
-pub fn next_state(state: u8, proto: u8, tcp_flags: u8) -> u8 {
-    if proto != IPPROTO_TCP {
-        CT_STATE_OPEN
-    } else if tcp_flags & TCP_RST != 0 {
-        CT_STATE_RST
-    } else if tcp_flags & TCP_FIN != 0 || state == CT_STATE_FIN || state == CT_STATE_RST {
-        state.max(CT_STATE_FIN)
-    } else if tcp_flags & TCP_SYN != 0 {
-        state
-    } else {
-        CT_STATE_ESTABLISHED
-    }
 }
 
 /// The state a new entry starts in, from the flow's first packet.

@@ -1,19 +1,66 @@
-//! Conntrack map access, written once for both families: `ct4`/`ct6`, and
-//! their overflow maps while `ct_overflowed` says they may hold entries.
-//! Keys and values reach the map helpers through the per-CPU `ct_scratch`.
+//! Conntrack entries and their maps, written once for both families: the
+//! family-independent `Entry`, `ct4`/`ct6` and their overflow maps while
+//! `ct_overflowed` says they may hold entries, and what a packet changes
+//! in an entry (its time and TCP state). Keys and values reach the map
+//! helpers through the per-CPU `ct_scratch`.
 
-use aya_ebpf::btf_maps::{HashMap, LruHashMap};
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap},
+    helpers::bpf_ktime_get_coarse_ns,
+};
 use proxy_common::{
-    Addr6, CT_UNREPLIED, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, MAX_CT_OVERFLOW,
+    Addr6, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_UNREPLIED,
+    Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, MAX_CONNTRACK, MAX_CT_OVERFLOW,
 };
 
 use crate::{
-    family::Entry,
     maps::{CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch, OVERFLOW4, OVERFLOW6, OVERFLOWED},
+    parse::{TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 type Main<K, V> = HashMap<K, V, { MAX_CONNTRACK as usize }>;
 type Overflow<K, V> = LruHashMap<K, V, { MAX_CT_OVERFLOW as usize }>;
+
+/// A conntrack value, family-independent.
+#[derive(Clone, Copy)]
+pub struct Entry<A> {
+    pub addr: A,
+    pub port: u16,
+    pub flags: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Coarse seconds of the entry's last packet.
+    pub last_seen: u32,
+    /// `CT_STATE_*`, including the packet just seen.
+    pub state: u8,
+    /// Non-zero while the flow counts as an open connection.
+    pub active: u32,
+}
+
+/// Coarse monotonic seconds: what conntrack entries remember of time.
+#[inline(always)]
+pub fn now() -> u32 {
+    // SAFETY: the helper has no preconditions.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// A direction's TCP state after a packet with `tcp_flags`. FIN and RST
+/// stay: a new SYN on such an entry is a new connection, which the caller
+/// sees and handles.
+#[inline(always)]
+pub fn next_state(state: u8, proto: u8, tcp_flags: u8) -> u8 {
+    if proto != IPPROTO_TCP {
+        CT_STATE_OPEN
+    } else if tcp_flags & TCP_RST != 0 {
+        CT_STATE_RST
+    } else if tcp_flags & TCP_FIN != 0 || state == CT_STATE_FIN || state == CT_STATE_RST {
+        state.max(CT_STATE_FIN)
+    } else if tcp_flags & TCP_SYN != 0 {
+        state
+    } else {
+        CT_STATE_ESTABLISHED
+    }
+}
 
 /// The conntrack map a new flow's entries go to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -107,11 +154,11 @@ pub struct Fields {
 /// returns the state after the packet.
 #[inline(always)]
 fn take_in(f: &Fields, proto: u8, tcp_flags: u8) -> u8 {
-    let now = crate::ct::now();
+    let now = now();
     // SAFETY: all point into a live map value; a racing CPU stores the same
     // second, flags, or a state that the next packet corrects.
     unsafe {
-        let next = crate::ct::next_state(*f.state, proto, tcp_flags);
+        let next = next_state(*f.state, proto, tcp_flags);
         if *f.last_seen != now || *f.state != next {
             *f.last_seen = now;
             *f.state = next;

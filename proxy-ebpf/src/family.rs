@@ -8,9 +8,9 @@ use proxy_common::{
     Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4, SourceRange6,
 };
 
-pub use crate::ctmap::Table;
 use crate::{
-    ctmap::{self, Ct4, Ct6, CtMaps},
+    ctmap::{self, Ct4, Ct6, CtMaps, Entry, Table},
+    hash::AddrHash,
     maps::{
         AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, MEMBERS, MEMBERS6, SERVICES4, SERVICES6,
         SOURCE_RANGES4, SOURCE_RANGES6,
@@ -26,24 +26,8 @@ pub struct Target<A> {
     pub flags: u8,
 }
 
-/// A conntrack value, family-independent.
-#[derive(Clone, Copy)]
-pub struct Entry<A> {
-    pub addr: A,
-    pub port: u16,
-    pub flags: u16,
-    pub backend_id: u32,
-    pub service_id: u32,
-    /// Coarse seconds of the entry's last packet.
-    pub last_seen: u32,
-    /// `CT_STATE_*`, including the packet just seen.
-    pub state: u8,
-    /// Non-zero while the flow counts as an open connection.
-    pub active: u32,
-}
-
 pub trait Family {
-    type Addr: Copy + PartialEq;
+    type Addr: Copy + PartialEq + AddrHash;
     type CtKey: Copy;
     /// The family's conntrack maps.
     type Ct: CtMaps<Addr = Self::Addr, Key = Self::CtKey>;
@@ -109,8 +93,15 @@ pub trait Family {
     fn admits(service_id: u32, client: Self::Addr) -> bool;
     /// The node address source NAT uses, if one is known.
     fn snat_addr(config: &NodeConfig) -> Option<Self::Addr>;
-    /// The address folded into 32 well-mixed bits, for flow hashing.
-    fn addr_hash(addr: Self::Addr) -> u32;
+}
+
+/// The backend `backend_id` as a member of service `service_id`.
+#[inline(always)]
+pub fn member<F: Family>(service_id: u32, backend_id: u32) -> Option<Target<F::Addr>> {
+    F::member(MemberKey {
+        service_id,
+        backend_id,
+    })
 }
 
 pub struct V4;
@@ -175,11 +166,6 @@ impl Family for V4 {
     #[inline(always)]
     fn snat_addr(config: &NodeConfig) -> Option<u32> {
         (config.snat_addr4 != 0).then_some(config.snat_addr4)
-    }
-
-    #[inline(always)]
-    fn addr_hash(addr: u32) -> u32 {
-        crate::hash::mix(addr)
     }
 }
 
@@ -260,13 +246,5 @@ impl Family for V6 {
     #[inline(always)]
     fn snat_addr(config: &NodeConfig) -> Option<Addr6> {
         (config.snat_addr6 != [0; 4]).then_some(config.snat_addr6)
-    }
-
-    #[inline(always)]
-    fn addr_hash(addr: Addr6) -> u32 {
-        crate::hash::mix(
-            crate::hash::mix(crate::hash::mix(crate::hash::mix(addr[0]) ^ addr[1]) ^ addr[2])
-                ^ addr[3],
-        )
     }
 }

@@ -32,12 +32,12 @@ use proxy_common::{
 
 use crate::{
     family::{Family, V4, V6},
-    lb::{Rewrite, Side, Stage},
     maps::{self, FRAG_SCRATCH, FRAGMENTS4, FRAGMENTS6, FragScratch},
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Flow, Frag6Hdr, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
         NEXTHDR_FRAGMENT, ptr_at,
     },
+    verdict::{Rewrite, Side, Stage},
 };
 
 type Map<K, V> = LruHashMap<K, V, { MAX_FRAGMENTS as usize }>;

@@ -4,9 +4,9 @@
 //! client that does not know the key cannot choose its ports or addresses
 //! so as to pick its backend.
 
-use core::marker::PhantomData;
+use proxy_common::Addr6;
 
-use crate::{family::Family, parse::Flow};
+use crate::parse::Flow;
 
 /// A 64-bit hash key.
 pub type Key = [u32; 2];
@@ -19,31 +19,47 @@ pub trait Hashed {
     fn source(&self, key: Key) -> u32;
 }
 
-/// A packet's flow, hashed only if the service's algorithm asks.
-pub struct OfFlow<'a, F: Family> {
-    flow: &'a Flow<F::Addr>,
-    family: PhantomData<F>,
+/// An address (of either family) folded into 32 well-mixed bits, for flow
+/// hashing.
+pub trait AddrHash: Copy {
+    fn addr_hash(self) -> u32;
 }
 
-impl<'a, F: Family> OfFlow<'a, F> {
+impl AddrHash for u32 {
     #[inline(always)]
-    pub fn new(flow: &'a Flow<F::Addr>) -> Self {
-        OfFlow {
-            flow,
-            family: PhantomData,
-        }
+    fn addr_hash(self) -> u32 {
+        mix(self)
     }
 }
 
-impl<F: Family> Hashed for OfFlow<'_, F> {
+impl AddrHash for Addr6 {
+    #[inline(always)]
+    fn addr_hash(self) -> u32 {
+        mix(mix(mix(mix(self[0]) ^ self[1]) ^ self[2]) ^ self[3])
+    }
+}
+
+/// A packet's flow, hashed only if the service's algorithm asks.
+pub struct OfFlow<'a, A> {
+    flow: &'a Flow<A>,
+}
+
+impl<'a, A> OfFlow<'a, A> {
+    #[inline(always)]
+    pub fn new(flow: &'a Flow<A>) -> Self {
+        OfFlow { flow }
+    }
+}
+
+impl<A: AddrHash> Hashed for OfFlow<'_, A> {
     #[inline(always)]
     fn five_tuple(&self, key: Key) -> u32 {
-        five_tuple::<F>(self.flow, key)
+        five_tuple(self.flow, key)
     }
 
     #[inline(always)]
     fn source(&self, key: Key) -> u32 {
-        source::<F>(self.flow, key)
+        source(self.flow, key)
     }
 }
 
@@ -67,14 +83,14 @@ pub fn keyed(value: u32, key: Key) -> u32 {
 
 /// The flow's 5-tuple.
 #[inline(always)]
-pub fn five_tuple<F: Family>(flow: &Flow<F::Addr>, key: Key) -> u32 {
-    let addrs = F::addr_hash(flow.saddr) ^ F::addr_hash(flow.daddr).rotate_left(16);
+pub fn five_tuple<A: AddrHash>(flow: &Flow<A>, key: Key) -> u32 {
+    let addrs = flow.saddr.addr_hash() ^ flow.daddr.addr_hash().rotate_left(16);
     let ports = ((flow.sport as u32) << 16) | flow.dport as u32;
     keyed(mix(addrs ^ ports) ^ flow.proto as u32, key)
 }
 
 /// The client address only.
 #[inline(always)]
-pub fn source<F: Family>(flow: &Flow<F::Addr>, key: Key) -> u32 {
-    keyed(F::addr_hash(flow.saddr), key)
+pub fn source<A: AddrHash>(flow: &Flow<A>, key: Key) -> u32 {
+    keyed(flow.saddr.addr_hash(), key)
 }

@@ -46,9 +46,9 @@ use proxy_common::{
 
 use crate::{
     family::{Family, V4, V6},
-    lb::Stage,
     maps,
     parse::{ETH_HLEN, ptr_at},
+    verdict::Stage,
 };
 
 /// The outer IP header, after Ethernet.

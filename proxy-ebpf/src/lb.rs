@@ -1,67 +1,23 @@
 //! Service lookup, conntrack and backend selection: what to do with a packet.
 
-use aya_ebpf::{
-    cty::c_void,
-    helpers::{bpf_get_prandom_u32, bpf_loop},
-};
+use aya_ebpf::{cty::c_void, helpers::bpf_loop};
 use proxy_common::{
     ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Counter, IPPROTO_TCP, LEAST_CONN_SCAN,
-    MemberKey, SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SOURCE_RANGES, Service,
+    SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SOURCE_RANGES, Service,
     SlotKey,
 };
 
 use crate::{
     affinity, atomic,
     ct::{self, Untracked},
-    family::{Entry, Family, Table, Target},
+    ctmap::{Entry, Table},
+    family::{self, Family, Target},
     hash::{Hashed, Key, OfFlow},
     maps::{self, CONFIG, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
     parse::{Flow, TCP_RST},
+    random::random,
+    verdict::{Rewrite, Side, Stage, Verdict},
 };
-
-/// Which end of the packet changes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Client to service: the destination becomes the backend.
-    Destination,
-    /// Backend to client: the source becomes the service again.
-    Source,
-}
-
-/// Where a program runs: ingress hooks translate towards backends and most
-/// replies; the egress hook only the source rewrites left for it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Ingress,
-    Egress,
-}
-
-pub struct Rewrite<A> {
-    pub side: Side,
-    pub addr: A,
-    pub port: u16,
-}
-
-pub enum Verdict<A> {
-    /// Not ours, or nothing to change: untouched.
-    Pass,
-    Rewrite(Rewrite<A>),
-    /// A service's packet it must not serve (source outside its ranges, no
-    /// local endpoint under externalTrafficPolicy: Local).
-    Drop,
-    /// A service without endpoints: refuse, as kube-proxy's REJECT does.
-    /// From XDP the refusal goes up the node's stack, which routes it.
-    Reject,
-    /// As `Reject`, for a frontend that may be one of the node's own
-    /// addresses: the stack would drop a packet from there as a martian, so
-    /// XDP sends the refusal straight back out.
-    RejectToSender,
-    /// A TCP connection whose backend left the service: reset it, so the
-    /// client learns now instead of after its timeouts.
-    Reset,
-    /// As `Reset`, sent as `RejectToSender` is.
-    ResetToSender,
-}
 
 /// What to do with a parsed packet.
 #[inline(always)]
@@ -125,7 +81,7 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
         true => affinity::backend::<F>(service, flow.saddr),
         false => None,
     };
-    let hashed = OfFlow::<F>::new(flow);
+    let hashed = OfFlow::new(flow);
     let Some((id, backend)) = chosen.or_else(|| select::<F, _>(service, &hashed, pick)) else {
         return Verdict::Pass;
     };
@@ -152,7 +108,7 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
 #[inline(always)]
 fn untracked_rst<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
     maps::count(Counter::UntrackedRst);
-    match select::<F, _>(service, &OfFlow::<F>::new(flow), Pick::Hash) {
+    match select::<F, _>(service, &OfFlow::new(flow), Pick::Hash) {
         Some((_, backend)) => to(&backend),
         None => Verdict::Pass,
     }
@@ -163,7 +119,7 @@ fn untracked_rst<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<
 /// still reach the same backend.
 #[inline(always)]
 fn overflow<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
-    let Some((id, backend)) = select::<F, _>(service, &OfFlow::<F>::new(flow), Pick::Hash) else {
+    let Some((id, backend)) = select::<F, _>(service, &OfFlow::new(flow), Pick::Hash) else {
         return Verdict::Pass;
     };
     match ct::remember::<F>(Table::Overflow, flow, service, id, &backend) {
@@ -183,7 +139,7 @@ fn established<F: Family>(
     service: &Service,
     entry: &Entry<F::Addr>,
 ) -> Option<Verdict<F::Addr>> {
-    let still_member = member::<F>(service.id, entry.backend_id)
+    let still_member = family::member::<F>(service.id, entry.backend_id)
         .filter(|b| b.addr == entry.addr && b.port == entry.port);
     let Some(backend) = still_member else {
         maps::count(Counter::Reselected);
@@ -242,15 +198,6 @@ fn empty<A>(service: &Service) -> Verdict<A> {
     }
 }
 
-/// The backend `backend_id` as a member of service `service_id`.
-#[inline(always)]
-pub fn member<F: Family>(service_id: u32, backend_id: u32) -> Option<Target<F::Addr>> {
-    F::member(MemberKey {
-        service_id,
-        backend_id,
-    })
-}
-
 /// A backend for a new flow, from the service's slots.
 #[inline(always)]
 pub fn select<F: Family, H: Hashed>(
@@ -285,12 +232,6 @@ fn keys() -> (Key, Key) {
     CONFIG
         .get(0)
         .map_or(([0; 2], [0; 2]), |c| (c.node_key, c.cluster_key))
-}
-
-#[inline(always)]
-pub fn random() -> u32 {
-    // SAFETY: the helper has no preconditions.
-    unsafe { bpf_get_prandom_u32() }
 }
 
 /// The service's round-robin counter, advanced atomically: CPUs share it.

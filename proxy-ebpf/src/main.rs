@@ -25,12 +25,14 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod random;
 mod reject;
 mod reject6;
 mod reset;
 mod snat;
 mod sock;
 mod socknat;
+mod verdict;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -39,13 +41,13 @@ use aya_ebpf::{
 };
 use family::{V4, V6};
 use frag::Fragments;
-use lb::{Stage, Verdict};
 use nat::Nat;
 use parse::{Flow, Parsed};
 use proxy_common::Counter;
 use reject::{Refuse, Towards};
 use reset::Reset;
 use sock::{Mapped4, User4, User6};
+use verdict::{Stage, Verdict};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;

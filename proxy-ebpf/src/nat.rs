@@ -5,8 +5,8 @@ use proxy_common::{Addr6, IPPROTO_SCTP, IPPROTO_UDP, crc32c, csum};
 
 use crate::{
     family::{Family, V4, V6},
-    lb::{Rewrite, Side},
     parse::{Flow, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at},
+    verdict::{Rewrite, Side},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;

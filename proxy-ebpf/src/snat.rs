@@ -19,11 +19,11 @@ use proxy_common::{
 };
 
 use crate::{
-    ct,
-    family::{Entry, Family, Table},
-    lb::random,
+    ctmap::{self, Entry, Table},
+    family::Family,
     maps::CONFIG,
     parse::Flow,
+    random::random,
 };
 
 /// Ports tried for one flow. Ranges this small or smaller are searched
@@ -54,7 +54,7 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
         addr: flow.saddr,
         port: flow.sport,
         flags: CT_REWRITE_DST | CT_UNREPLIED,
-        last_seen: ct::now(),
+        last_seen: ctmap::now(),
         active: 0,
         ..*out
     };
@@ -88,7 +88,7 @@ fn free<F: Family>(flow: &Flow<F::Addr>, back: F::CtKey, port: u16) -> bool {
         IPPROTO_UDP => SNAT_IDLE_DATAGRAM,
         _ => SNAT_IDLE_STREAM,
     };
-    if ct::now().wrapping_sub(holder.last_seen) <= limit {
+    if ctmap::now().wrapping_sub(holder.last_seen) <= limit {
         return false;
     }
     F::ct_remove(back);

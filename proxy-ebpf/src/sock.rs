@@ -21,10 +21,10 @@ use proxy_common::{
 
 use crate::{
     affinity,
-    family::{Family, Target},
-    hash::{self, Hashed},
+    family::{self, Family, Target},
+    hash::{self, AddrHash, Hashed},
     lb::{self, Pick},
-    maps,
+    maps, random,
     socknat::{SockFamily, SockKey, Translation},
 };
 
@@ -184,12 +184,12 @@ struct OfSocket<F: Family> {
 impl<F: Family> Hashed for OfSocket<F> {
     #[inline(always)]
     fn five_tuple(&self, key: hash::Key) -> u32 {
-        hash::keyed(F::addr_hash(self.client) ^ lb::random(), key)
+        hash::keyed(self.client.addr_hash() ^ random::random(), key)
     }
 
     #[inline(always)]
     fn source(&self, key: hash::Key) -> u32 {
-        hash::keyed(F::addr_hash(self.client), key)
+        hash::keyed(self.client.addr_hash(), key)
     }
 }
 
@@ -350,7 +350,7 @@ fn still_served<F: SockFamily>(
     if earlier.service_id != service.id {
         return None;
     }
-    lb::member::<F>(service.id, earlier.backend_id)
+    family::member::<F>(service.id, earlier.backend_id)
         .filter(|b| b.addr == earlier.addr && b.port == earlier.port)
 }
 
