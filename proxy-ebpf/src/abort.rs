@@ -13,12 +13,15 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 
-use proxy_common::crc32c;
+use proxy_common::{
+    crc32c,
+    csum::{finish, sum},
+};
 
 use crate::{
     maps,
     parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
-    reject::{fold, sum, tc_send_back, xdp_resize},
+    reject::{tc_send_back, xdp_resize},
 };
 
 const IPV4_HLEN: usize = 20;
@@ -130,7 +133,7 @@ fn ip4(original: &[u8; IPV4_HLEN]) -> [u8; IPV4_HLEN] {
     ip[9] = IPPROTO_SCTP;
     ip[12..16].copy_from_slice(&original[16..20]);
     ip[16..20].copy_from_slice(&original[12..16]);
-    let check = fold(sum(&ip));
+    let check = finish(sum(&ip));
     ip[10..12].copy_from_slice(&check.to_be_bytes());
     ip
 }

@@ -30,7 +30,10 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 
-use proxy_common::{Counter, IPPROTO_SCTP, IPPROTO_TCP};
+use proxy_common::{
+    Counter, IPPROTO_SCTP, IPPROTO_TCP,
+    csum::{finish, sum},
+};
 
 use crate::{
     abort,
@@ -277,26 +280,8 @@ fn fill<const OPT: usize>(r: &mut Reply<OPT>, original: &Original, towards: Towa
         r.quote[4] = 0;
         r.quote[5] = 0;
     }
-    let ip_check = fold(sum(&r.ip) + sum(&r.options));
+    let ip_check = finish(sum(&r.ip) + sum(&r.options));
     r.ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    let icmp_check = fold(sum(&r.icmp) + sum(&r.quote));
+    let icmp_check = finish(sum(&r.icmp) + sum(&r.quote));
     r.icmp[2..4].copy_from_slice(&icmp_check.to_be_bytes());
-}
-
-/// One's complement sum of big-endian 16-bit words (even length).
-#[inline(always)]
-pub(crate) fn sum(bytes: &[u8]) -> u32 {
-    let mut total = 0u32;
-    for pair in bytes.chunks_exact(2) {
-        total += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
-    total
-}
-
-#[inline(always)]
-pub(crate) fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }

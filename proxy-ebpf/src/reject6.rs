@@ -12,14 +12,17 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::size_of;
 
-use proxy_common::{Addr6, IPPROTO_SCTP};
+use proxy_common::{
+    Addr6, IPPROTO_SCTP,
+    csum::{finish, sum},
+};
 
 use crate::{
     abort,
     family::V6,
     maps,
     parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
-    reject::{Refuse, Towards, fold, sum, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
+    reject::{Refuse, Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
 };
 
 /// What ICMPv6 quotes of the original: its IPv6 header and 8 bytes of L4.
@@ -118,6 +121,6 @@ fn fill(r: &mut Reply, eth: &[u8; 12], quote: &[u8; QUOTE], towards: Towards) {
     r.quote = *quote;
     let length = (8 + QUOTE) as u32;
     let pseudo = sum(&r.ip[8..40]) + (length >> 16) + (length & 0xffff) + IPPROTO_ICMPV6 as u32;
-    let check = fold(pseudo + sum(&r.icmp) + sum(&r.quote));
+    let check = finish(pseudo + sum(&r.icmp) + sum(&r.quote));
     r.icmp[2..4].copy_from_slice(&check.to_be_bytes());
 }

@@ -18,13 +18,16 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 
-use proxy_common::{Addr6, Counter, IPPROTO_TCP};
+use proxy_common::{
+    Addr6, Counter, IPPROTO_TCP,
+    csum::{finish, sum},
+};
 
 use crate::{
     family::{Family, V4, V6},
     maps,
     parse::{self, ETH_HLEN, Flow, IPV6_HLEN, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    reject::{Towards, fold, outcome, sum, tc_send_back, xdp_resize, xdp_sent},
+    reject::{Towards, outcome, tc_send_back, xdp_resize, xdp_sent},
 };
 
 const TCP_HLEN: usize = 20;
@@ -243,10 +246,10 @@ fn fill4(r: &mut Rst4, o: &Original<u32>) {
     r.ip[9] = IPPROTO_TCP;
     r.ip[12..16].copy_from_slice(&o.frontend.to_ne_bytes());
     r.ip[16..20].copy_from_slice(&o.client.to_ne_bytes());
-    let ip_check = fold(sum(&r.ip));
+    let ip_check = finish(sum(&r.ip));
     r.ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
     let pseudo = sum(&r.ip[12..20]) + IPPROTO_TCP as u32 + TCP_HLEN as u32;
-    let check = fold(pseudo + sum(&r.tcp));
+    let check = finish(pseudo + sum(&r.tcp));
     r.tcp[16..18].copy_from_slice(&check.to_be_bytes());
 }
 
@@ -263,6 +266,6 @@ fn fill6(r: &mut Rst6, o: &Original<Addr6>) {
         r.ip[24 + 4 * i..28 + 4 * i].copy_from_slice(&o.client[i].to_ne_bytes());
     }
     let pseudo = sum(&r.ip[8..40]) + IPPROTO_TCP as u32 + TCP_HLEN as u32;
-    let check = fold(pseudo + sum(&r.tcp));
+    let check = finish(pseudo + sum(&r.tcp));
     r.tcp[16..18].copy_from_slice(&check.to_be_bytes());
 }
