@@ -21,7 +21,7 @@ use proxy_common::{
 use crate::{
     maps,
     parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
-    reject::{tc_send_back, xdp_resize},
+    reply::{eth, swap_macs, tc_send_back, xdp_resize},
 };
 
 const IPV4_HLEN: usize = 20;
@@ -106,21 +106,6 @@ fn abort(o: &Original) -> Abort {
         crc,
         chunk: [CHUNK_ABORT, flags, 0, 4],
     }
-}
-
-/// The MACs of a refusal: swapped to go straight back, or as received to
-/// go up the node's stack.
-#[inline(always)]
-fn eth(original: &[u8; 12], back: bool, ether_type: u16) -> [u8; ETH_HLEN] {
-    let mut e = [0u8; ETH_HLEN];
-    e[12..14].copy_from_slice(&ether_type.to_be_bytes());
-    if back {
-        e[..6].copy_from_slice(&original[6..12]);
-        e[6..12].copy_from_slice(&original[..6]);
-    } else {
-        e[..12].copy_from_slice(original);
-    }
-    e
 }
 
 #[inline(always)]
@@ -266,11 +251,4 @@ fn load_into<const N: usize>(ctx: &TcContext, offset: usize, dst: &mut [u8; N]) 
         )
     };
     (rc == 0).then_some(())
-}
-
-#[inline(always)]
-fn swap_macs(eth: &mut [u8; ETH_HLEN]) {
-    for i in 0..6 {
-        eth.swap(i, i + 6);
-    }
 }

@@ -47,7 +47,7 @@ pub static OVERFLOW4: LruHashMap<Ct4Key, Ct4Entry, { MAX_CT_OVERFLOW as usize }>
 pub static OVERFLOW6: LruHashMap<Ct6Key, Ct6Entry, { MAX_CT_OVERFLOW as usize }> =
     LruHashMap::new();
 
-/// Non-zero while the overflow maps may hold entries (see `family`).
+/// Non-zero while the overflow maps may hold entries (see `ctmap`).
 #[btf_map(name = "ct_overflowed")]
 pub static OVERFLOWED: Array<u32, 1> = Array::new();
 

@@ -5,7 +5,7 @@
 //! The reply is built in place; TC sends it back out of the interface it
 //! came in on. XDP hands a refusal from a cluster IP to the node's stack to
 //! route, and sends one from a frontend that may be the node's own address
-//! straight back (see `Towards`), since the stack drops packets from its
+//! straight back (see `reply::Towards`), since the stack drops packets from its
 //! own addresses as martians (SCTP ABORTs from XDP are the exception: IPv4
 //! ones always leave with XDP_TX, IPv6 ones go up the stack; see `abort`).
 //!
@@ -20,14 +20,7 @@
 //! lands in the data of a skippable destination option that no checksum
 //! covers (see `reject6`).
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{
-        bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-        bpf_xdp_get_buff_len,
-    },
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::size_of;
 
 use proxy_common::{
@@ -40,21 +33,8 @@ use crate::{
     family::{Family, V4},
     maps,
     parse::{Flow, ptr_at},
+    reply::{Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
 };
-
-/// Where an XDP refusal goes first.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Towards {
-    /// Straight back out of the interface it came in on, redirected
-    /// (XDP_REDIRECT): the MACs are swapped. Not XDP_TX: a veth flushes
-    /// XDP_TX frames to its peer only if the peer runs XDP itself, while a
-    /// redirect is flushed to any peer that runs NAPI (GRO on), and a NIC
-    /// takes either.
-    Sender,
-    /// Up the node's stack, which routes it (XDP_PASS): addressed to the
-    /// node as the original was.
-    Stack,
-}
 
 /// Refusing a flow of one address family.
 pub trait Refuse: Family {
@@ -78,7 +58,9 @@ const QUOTE: usize = IPV4_HLEN + 8;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-const TC_ACT_SHOT: i32 = 2;
+/// What refusals count as, sent or not (SCTP ABORTs included).
+pub const REFUSED: Counter = Counter::Rejected;
+pub const REFUSE_FAILED: Counter = Counter::RejectFailed;
 
 /// The reply: Ethernet, IPv4 with `OPT` bytes of options, ICMP, the quote.
 #[repr(C)]
@@ -100,119 +82,28 @@ impl Refuse for V4 {
     #[inline(always)]
     fn xdp(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize, towards: Towards) -> u32 {
         if flow.proto == IPPROTO_SCTP {
-            return xdp_outcome(abort::xdp4(ctx, flow, start, end));
+            return xdp_outcome(abort::xdp4(ctx, flow, start, end), REFUSED, REFUSE_FAILED);
         }
         let built = if flow.proto == IPPROTO_TCP {
             try_xdp::<4>(ctx, flow, start, end, towards)
         } else {
             try_xdp::<0>(ctx, flow, start, end, towards)
         };
-        xdp_sent(ctx, xdp_outcome(built), towards)
+        xdp_sent(ctx, xdp_outcome(built, REFUSED, REFUSE_FAILED), towards)
     }
 
     #[inline(always)]
     fn tc(ctx: &TcContext, flow: &Flow<u32>) -> i32 {
         if flow.proto == IPPROTO_SCTP {
-            return tc_outcome(abort::tc4(ctx, flow));
+            return tc_outcome(abort::tc4(ctx, flow), REFUSED, REFUSE_FAILED);
         }
-        tc_outcome(if flow.proto == IPPROTO_TCP {
+        let built = if flow.proto == IPPROTO_TCP {
             try_tc::<4>(ctx, flow)
         } else {
             try_tc::<0>(ctx, flow)
-        })
+        };
+        tc_outcome(built, REFUSED, REFUSE_FAILED)
     }
-}
-
-#[inline(always)]
-pub(crate) fn xdp_outcome(built: Option<()>) -> u32 {
-    let built = built.map(|()| xdp_action::XDP_TX);
-    outcome(
-        built,
-        Counter::Rejected,
-        Counter::RejectFailed,
-        xdp_action::XDP_DROP,
-    )
-}
-
-/// The XDP action for a built refusal going `towards`.
-#[inline(always)]
-pub(crate) fn xdp_sent(ctx: &XdpContext, action: u32, towards: Towards) -> u32 {
-    match (action, towards) {
-        (xdp_action::XDP_TX, Towards::Stack) => xdp_action::XDP_PASS,
-        (xdp_action::XDP_TX, Towards::Sender) => {
-            // SAFETY: reading the context's own field; the helper has no
-            // preconditions beyond an ifindex.
-            unsafe { bpf_redirect((*ctx.ctx).ingress_ifindex, 0) as u32 }
-        }
-        (action, _) => action,
-    }
-}
-
-#[inline(always)]
-pub(crate) fn tc_outcome(built: Option<i32>) -> i32 {
-    outcome(built, Counter::Rejected, Counter::RejectFailed, TC_ACT_SHOT)
-}
-
-/// The verdict for a packet answered with one the program built: the
-/// answer's (counted as `done`), or `dropped` if it could not be built
-/// (counted as `failed`).
-#[inline(always)]
-pub(crate) fn outcome<T>(built: Option<T>, done: Counter, failed: Counter, dropped: T) -> T {
-    match built {
-        Some(verdict) => {
-            maps::count(done);
-            verdict
-        }
-        None => {
-            maps::count(failed);
-            dropped
-        }
-    }
-}
-
-/// Makes the XDP packet `len` bytes long; returns its new bounds. Grows at
-/// the front, where XDP always has headroom (drivers need not leave any
-/// tailroom); shrinks at the back. The caller has copied out what it needs.
-#[inline(always)]
-pub(crate) fn xdp_resize(ctx: &XdpContext, len: usize) -> Option<(usize, usize)> {
-    // The verifier allows no arithmetic on data_end: ask for the length.
-    // SAFETY: the context is the program's own.
-    let now = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;
-    let delta = len as i32 - now;
-    // SAFETY: as above.
-    let rc = unsafe {
-        if delta > 0 {
-            bpf_xdp_adjust_head(ctx.ctx, -delta)
-        } else {
-            bpf_xdp_adjust_tail(ctx.ctx, delta)
-        }
-    };
-    if rc != 0 {
-        return None;
-    }
-    // Fresh pointers: adjusting invalidated the old ones.
-    // SAFETY: reading the context's own fields.
-    Some(unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    })
-}
-
-/// Replaces the whole TC packet with `reply` and sends it back out of the
-/// interface it came in on.
-#[inline(always)]
-pub(crate) fn tc_send_back<T>(ctx: &TcContext, reply: &T) -> Option<i32> {
-    // SAFETY: the context is the program's own.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, size_of::<T>() as u32, 0) } != 0 {
-        return None;
-    }
-    ctx.store(0, reply, 0).ok()?;
-    // SAFETY: reading the context's own field.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the helper has no preconditions beyond a valid ifindex.
-    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 #[inline(always)]

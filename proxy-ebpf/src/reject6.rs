@@ -22,7 +22,8 @@ use crate::{
     family::V6,
     maps,
     parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
-    reject::{Refuse, Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
+    reject::{REFUSE_FAILED, REFUSED, Refuse},
+    reply::{Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
 };
 
 /// What ICMPv6 quotes of the original: its IPv6 header and 8 bytes of L4.
@@ -53,15 +54,15 @@ impl Refuse for V6 {
         } else {
             try_xdp(ctx, flow, start, end, towards)
         };
-        xdp_sent(ctx, xdp_outcome(built), towards)
+        xdp_sent(ctx, xdp_outcome(built, REFUSED, REFUSE_FAILED), towards)
     }
 
     #[inline(always)]
     fn tc(ctx: &TcContext, flow: &Flow<Addr6>) -> i32 {
         if flow.proto == IPPROTO_SCTP {
-            return tc_outcome(abort::tc6(ctx, flow));
+            return tc_outcome(abort::tc6(ctx, flow), REFUSED, REFUSE_FAILED);
         }
-        tc_outcome(try_tc(ctx, flow))
+        tc_outcome(try_tc(ctx, flow), REFUSED, REFUSE_FAILED)
     }
 }
 

@@ -5,17 +5,14 @@
 //! that knows nothing of the connection, or into nothing, until it times
 //! out.
 //!
-//! It is sent back the way refusals are (see `reject::Towards`): from TC
+//! It is sent back the way refusals are (see `reply::Towards`): from TC
 //! out of the interface it came in on, from XDP up the node's stack, which
 //! routes it, or for a frontend that may be the node's own address
 //! straight back out. Its checksum is complete; a packet still carrying a
 //! partial checksum only ever reaches a local socket over a veth, which
 //! trusts it.
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::size_of;
 
 use proxy_common::{
@@ -27,12 +24,11 @@ use crate::{
     family::{Family, V4, V6},
     maps,
     parse::{self, ETH_HLEN, Flow, IPV6_HLEN, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    reject::{Towards, outcome, tc_send_back, xdp_resize, xdp_sent},
+    reply::{Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
 };
 
 const TCP_HLEN: usize = 20;
 const IPV4_HLEN: usize = 20;
-const TC_ACT_SHOT: i32 = 2;
 
 /// Resetting a connection of one address family. The implementations
 /// start from the packet alone (parsing it again): a flow whose address is
@@ -106,7 +102,7 @@ impl Reset for V4 {
             Parsed::V4(flow) => try_xdp::<V4, Rst4>(ctx, &flow, start, end, towards),
             _ => None,
         };
-        xdp_sent(ctx, xdp_outcome(built), towards)
+        xdp_sent(ctx, xdp_outcome(built, Counter::Reset, Counter::ResetFailed), towards)
     }
 
     #[inline(always)]
@@ -115,7 +111,7 @@ impl Reset for V4 {
             Parsed::V4(flow) => try_tc::<V4, Rst4>(ctx, &flow),
             _ => None,
         };
-        tc_outcome(built)
+        tc_outcome(built, Counter::Reset, Counter::ResetFailed)
     }
 }
 
@@ -127,7 +123,7 @@ impl Reset for V6 {
             Parsed::V6(flow) => try_xdp::<V6, Rst6>(ctx, &flow, start, end, towards),
             _ => None,
         };
-        xdp_sent(ctx, xdp_outcome(built), towards)
+        xdp_sent(ctx, xdp_outcome(built, Counter::Reset, Counter::ResetFailed), towards)
     }
 
     #[inline(always)]
@@ -136,24 +132,8 @@ impl Reset for V6 {
             Parsed::V6(flow) => try_tc::<V6, Rst6>(ctx, &flow),
             _ => None,
         };
-        tc_outcome(built)
+        tc_outcome(built, Counter::Reset, Counter::ResetFailed)
     }
-}
-
-#[inline(always)]
-fn xdp_outcome(built: Option<()>) -> u32 {
-    let built = built.map(|()| xdp_action::XDP_TX);
-    outcome(
-        built,
-        Counter::Reset,
-        Counter::ResetFailed,
-        xdp_action::XDP_DROP,
-    )
-}
-
-#[inline(always)]
-fn tc_outcome(built: Option<i32>) -> i32 {
-    outcome(built, Counter::Reset, Counter::ResetFailed, TC_ACT_SHOT)
 }
 
 #[inline(always)]
