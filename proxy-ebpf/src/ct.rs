@@ -298,11 +298,7 @@ fn untracked(error: i64) -> Untracked {
 /// flow's replies, its egress entry this flow's packets, and its reply
 /// entry at a node port would keep that port taken.
 #[inline(always)]
-fn forget_stale<F: Family>(
-    flow: &Flow<F::Addr>,
-    backend: &Target<F::Addr>,
-    reply_at_egress: bool,
-) {
+fn forget_stale<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>, reply_at_egress: bool) {
     let other = if reply_at_egress { CT_REPLY } else { CT_EGRESS };
     remove_if_there::<F>(F::ct_key(
         backend.addr,

@@ -9,8 +9,8 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
 };
 use proxy_common::{
-    Addr6, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_UNREPLIED,
-    Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, MAX_CONNTRACK, MAX_CT_OVERFLOW,
+    Addr6, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_UNREPLIED, Ct4Entry,
+    Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, MAX_CONNTRACK, MAX_CT_OVERFLOW,
 };
 
 use crate::{

@@ -4,6 +4,25 @@
 //! wire). TC is for interfaces fed by local sockets (pod veths), whose packets
 //! may carry only a partial checksum that XDP cannot see; its helpers fix the
 //! pseudo-header sum correctly either way.
+//!
+//! Modules are layered: each imports only modules listed before it below
+//! (lines above, or earlier on its own line), so none imports one that
+//! imports it back.
+//!
+//! ```text
+//! maps verdict random atomic   the maps; Verdict/Rewrite/Stage; helpers (leaves)
+//! parse                        headers -> Flow
+//! ctmap hash reply             conntrack entries and maps; flow hashing;
+//!                              sending a built answer back
+//! family                       IPv4/IPv6 behind one trait (their maps)
+//! affinity snat socknat        client affinity; source NAT ports; socket state
+//! ct                           a flow's conntrack entries
+//! lb                           service lookup and backend choice -> Verdict
+//! sock                         socket hooks (lb's choice at connect time)
+//! nat frag icmp icmp6          applying a Rewrite to packets, fragments, errors
+//! abort reject reject6 reset   building refusals and resets
+//! bench main                   the benchmark wrapper; the programs' entry points
+//! ```
 #![no_std]
 #![no_main]
 // Atomic read-modify-write (see `atomic`).

@@ -48,7 +48,13 @@ struct Reply {
 
 impl Refuse for V6 {
     #[inline(always)]
-    fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize, towards: Towards) -> u32 {
+    fn xdp(
+        ctx: &XdpContext,
+        flow: &Flow<Addr6>,
+        start: usize,
+        end: usize,
+        towards: Towards,
+    ) -> u32 {
         let built = if flow.proto == IPPROTO_SCTP {
             abort::xdp6(ctx, flow, start, end)
         } else {

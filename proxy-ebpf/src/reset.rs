@@ -102,7 +102,11 @@ impl Reset for V4 {
             Parsed::V4(flow) => try_xdp::<V4, Rst4>(ctx, &flow, start, end, towards),
             _ => None,
         };
-        xdp_sent(ctx, xdp_outcome(built, Counter::Reset, Counter::ResetFailed), towards)
+        xdp_sent(
+            ctx,
+            xdp_outcome(built, Counter::Reset, Counter::ResetFailed),
+            towards,
+        )
     }
 
     #[inline(always)]
@@ -123,7 +127,11 @@ impl Reset for V6 {
             Parsed::V6(flow) => try_xdp::<V6, Rst6>(ctx, &flow, start, end, towards),
             _ => None,
         };
-        xdp_sent(ctx, xdp_outcome(built, Counter::Reset, Counter::ResetFailed), towards)
+        xdp_sent(
+            ctx,
+            xdp_outcome(built, Counter::Reset, Counter::ResetFailed),
+            towards,
+        )
     }
 
     #[inline(always)]
