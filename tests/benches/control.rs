@@ -15,7 +15,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
+use proxy_agent::datapath::pinned::Pins;
 use proxy_common::{Frontend4, Service, names};
 use proxy_tests::{
     agent::Agent,
@@ -113,7 +114,7 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         bail!("the first sync did not program every frontend: {line}");
     }
     let programming = line.split(" in ").nth(1).unwrap_or("?").to_string();
-    let services_map = open_services(&agent.pins())?;
+    let services_map = open_services(agent.bpffs())?;
     let mut latencies = Vec::with_capacity(CHANGES);
     for n in 0..CHANGES {
         let i = (n * 7919) % services;
@@ -149,10 +150,8 @@ fn measure(services: usize) -> anyhow::Result<Row> {
     })
 }
 
-fn open_services(pins: &Path) -> anyhow::Result<HashMap<MapData, Frontend4, Service>> {
-    let data = MapData::from_pin(pins.join(names::SERVICES4))
-        .context("opening the pinned services map")?;
-    HashMap::try_from(Map::HashMap(data)).context("services map type")
+fn open_services(bpffs: &Path) -> anyhow::Result<HashMap<MapData, Frontend4, Service>> {
+    Pins::at(bpffs).map(names::SERVICES4)
 }
 
 /// Polls the pinned map until the frontend's backend count is `count`.

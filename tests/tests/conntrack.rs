@@ -11,14 +11,15 @@ use std::{
     collections::HashSet,
     hash::Hash,
     net::{Ipv4Addr, Ipv6Addr},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use anyhow::{Context, ensure};
 use aya::maps::{Array, HashMap, MapData, MapInfo};
 use proxy_agent::{
-    conntrack::{Gc, Timeouts, gc},
+    conntrack::{Gc, Timeouts},
     datapath::{self, loader},
+    datapath::{conntrack::now, pinned::Pins},
 };
 use proxy_common::{
     Addr6, CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
@@ -63,6 +64,14 @@ impl Pinned {
         loader::pin_dir(&self.bpffs()).join(name)
     }
 
+    /// The map pinned as `name`, opened as the agent opens it.
+    fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<T> {
+        Pins::at(&self.bpffs()).map(name)
+    }
+
     /// Loads (or reloads, adopting the pins) with `--conntrack-max SIZE`.
     fn load(&mut self, conntrack_max: u32) -> anyhow::Result<&mut loader::Loaded> {
         self.loaded = None;
@@ -88,11 +97,6 @@ impl Drop for Pinned {
         }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
-}
-
-fn pinned_map<K: aya::Pod, V: aya::Pod>(path: &Path) -> anyhow::Result<HashMap<MapData, K, V>> {
-    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(HashMap::try_from(aya::maps::Map::from_map_data(data)?)?)
 }
 
 fn v4(a: [u8; 4]) -> u32 {
@@ -359,21 +363,18 @@ fn a_pass_deletes_expired_flows_whole_and_reaps_their_connections() -> anyhow::R
     }
     let mut pinned = Pinned::new("gc")?;
     pinned.load(SIZE)?;
-    let now = gc::now()?;
+    let now = now()?;
     ensure!(
         now > 1_000,
         "the machine booted {now} s ago; entry ages here need more uptime"
     );
     let cases4 = ipv4_cases(now);
     let cases6 = ipv6_cases(now);
-    let mut ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
-    let mut ct6 = pinned_map::<Ct6Key, Ct6Entry>(&pinned.pin(names::CONNTRACK6))?;
+    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
+    let mut ct6 = pinned.map::<HashMap<MapData, Ct6Key, Ct6Entry>>(names::CONNTRACK6)?;
     let keep4 = write(&mut ct4, &cases4)?;
     let keep6 = write(&mut ct6, &cases6)?;
-    let reaped_path = pinned.pin(names::REAPED);
-    let mut reaped: Array<MapData, u32> = Array::try_from(aya::maps::Map::from_map_data(
-        MapData::from_pin(&reaped_path)?,
-    )?)?;
+    let mut reaped: Array<MapData, u32> = pinned.map(names::REAPED)?;
     // Earlier passes' counts are added to, not replaced.
     reaped.set(3, 5, 0)?;
 
@@ -452,10 +453,10 @@ fn a_pass_reads_every_entry_of_a_large_map() -> anyhow::Result<()> {
     const BACKEND: u32 = 9;
     let mut pinned = Pinned::new("many")?;
     pinned.load(2 * SIZE)?;
-    let now = gc::now()?;
+    let now = now()?;
     ensure!(now > 1_000, "the machine booted {now} s ago; too recently");
     let flows = udp_flows(FLOWS, BACKEND, now);
-    let mut ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
+    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
     for (key, value, _) in &flows {
         ct4.insert(key, value, 0)?;
     }
@@ -471,9 +472,7 @@ fn a_pass_reads_every_entry_of_a_large_map() -> anyhow::Result<()> {
         remaining(&ct4)? == keep,
         "the live entries, and only they, are left"
     );
-    let reaped: Array<MapData, u32> = Array::try_from(aya::maps::Map::from_map_data(
-        MapData::from_pin(pinned.pin(names::REAPED))?,
-    )?)?;
+    let reaped: Array<MapData, u32> = pinned.map(names::REAPED)?;
     assert_eq!(reaped.get(&BACKEND, 0)?, expired as u32);
     Ok(())
 }
@@ -496,8 +495,8 @@ fn conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept() -> anyhow::Result<()
     assert_eq!(sizes(&pinned)?, [SIZE, SIZE, MAX_SERVICES]);
 
     // An open connection in the pinned map...
-    let mut ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
-    let now = gc::now()?;
+    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
+    let now = now()?;
     let (key, value) = ipv4_cases(now)
         .into_iter()
         .next()
@@ -508,7 +507,7 @@ fn conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept() -> anyhow::Result<()
     // ... survives an agent asking for another size, which gets the old one.
     pinned.load(2 * SIZE)?;
     assert_eq!(sizes(&pinned)?, [SIZE, SIZE, MAX_SERVICES]);
-    let ct4 = pinned_map::<Ct4Key, Ct4Entry>(&pinned.pin(names::CONNTRACK4))?;
+    let ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
     assert_eq!(ct4.get(&key, 0)?, value, "the pinned entry is kept");
     Ok(())
 }

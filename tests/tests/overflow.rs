@@ -14,13 +14,13 @@ mod common;
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail, ensure};
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use proxy_agent::conntrack::gc;
+use proxy_agent::datapath::{conntrack::now, pinned::Pins};
 use proxy_common::{
     CT_FORWARD, CT_STATE_ESTABLISHED, Counter, Ct4Entry, Ct4Key, IPPROTO_TCP, names,
 };
@@ -109,12 +109,8 @@ impl Lab {
         })
     }
 
-    fn pin(&self, name: &str) -> PathBuf {
-        self.agent.pins().join(name)
-    }
-
     fn ct4(&self) -> anyhow::Result<HashMap<MapData, Ct4Key, Ct4Entry>> {
-        pinned(&self.pin(names::CONNTRACK4))
+        pinned(self, names::CONNTRACK4)
     }
 
     fn ct4_len(&self) -> anyhow::Result<usize> {
@@ -122,12 +118,12 @@ impl Lab {
     }
 
     fn overflow_len(&self) -> anyhow::Result<usize> {
-        let map: HashMap<MapData, Ct4Key, Ct4Entry> = pinned(&self.pin(names::OVERFLOW4))?;
+        let map: HashMap<MapData, Ct4Key, Ct4Entry> = pinned(self, names::OVERFLOW4)?;
         Ok(map.keys().count())
     }
 
     fn overflowed(&self) -> anyhow::Result<u32> {
-        let flag: Array<MapData, u32> = pinned(&self.pin(names::OVERFLOWED))?;
+        let flag: Array<MapData, u32> = pinned(self, names::OVERFLOWED)?;
         Ok(flag.get(&0, 0)?)
     }
 
@@ -149,15 +145,14 @@ impl Lab {
     }
 }
 
-fn pinned<T: TryFrom<Map, Error = MapError>>(path: &Path) -> anyhow::Result<T> {
-    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(T::try_from(Map::from_map_data(data)?)?)
+fn pinned<T: TryFrom<Map, Error = MapError>>(lab: &Lab, name: &str) -> anyhow::Result<T> {
+    Pins::at(lab.agent.bpffs()).map(name)
 }
 
 /// Fills `ct4` with established entries of flows from 192.0.2.0/24 that
 /// never send; returns their keys.
 fn fill(ct4: &mut HashMap<MapData, Ct4Key, Ct4Entry>) -> anyhow::Result<Vec<Ct4Key>> {
-    let now = gc::now()?;
+    let now = now()?;
     let mut keys = Vec::new();
     for i in 0..CONNTRACK_MAX {
         let key = Ct4Key {
@@ -434,7 +429,7 @@ fn the_source_nat_ports_are_reserved_on_the_node() -> anyhow::Result<()> {
         .node
         .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports"))??;
     assert_eq!(reserved.trim(), "40000-45000");
-    let config: Array<MapData, proxy_common::NodeConfig> = pinned(&lab.pin(names::CONFIG))?;
+    let config: Array<MapData, proxy_common::NodeConfig> = pinned(&lab, names::CONFIG)?;
     let config = config.get(&0, 0)?;
     assert_eq!((config.snat_port_min, config.snat_port_max), (40000, 45000));
     assert_ne!(config.node_key, [0; 2], "a random node key");

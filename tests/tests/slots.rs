@@ -110,6 +110,14 @@ fn slot_entries(dp: &Loaded) -> usize {
     dp.maps.slots.keys().filter(Result::is_ok).count()
 }
 
+/// The objects of `yaml` on a node with an address: external clients of
+/// the external IPs are source-NATed to it.
+fn on_a_node(yaml: &str) -> model::Objects {
+    let mut objects = common::objects(yaml).expect("parse");
+    objects.node.addresses = vec![std::net::IpAddr::from([10, 0, 0, 1])];
+    objects
+}
+
 /// A Service with a 131071-entry Maglev table on its cluster IP and 39
 /// external IPs: one table (131071 slots), not 40 (5.2M, more than
 /// `lb_slots` holds).
@@ -123,7 +131,8 @@ fn large_maglev_table_on_forty_frontends_is_one_table() {
         r#"{"xdproxy.io/lb-algorithm": "maglev", "xdproxy.io/maglev-table-size": "131071"}"#;
     let yaml = service("big", [10, 96, 0, 10], &externals, annotations);
     let mut dp = Loaded::new().expect("load the datapath");
-    dp.program_yaml(&yaml).expect("program 40 frontends");
+    dp.program(&model::desired(&on_a_node(&yaml)))
+        .expect("program 40 frontends");
     assert_eq!(slot_entries(&dp), 131_071, "one table for all 40 frontends");
     let mut chosen = BTreeSet::new();
     for (i, frontend) in std::iter::once([10, 96, 0, 10])
@@ -147,7 +156,7 @@ fn node_wide_maglev_over_three_hundred_frontends_does_not_fill_slots() {
     let b: Vec<[u8; 4]> = (149..298).map(external_ip).collect();
     let yaml =
         service("one", [10, 96, 0, 10], &a, "{}") + &service("two", [10, 96, 0, 11], &b, "{}");
-    let mut objects = common::objects(&yaml).expect("parse");
+    let mut objects = on_a_node(&yaml);
     objects.node.balancing = Balancing {
         algorithm: Algorithm::Maglev,
         table_size: 16_381,

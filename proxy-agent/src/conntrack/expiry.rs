@@ -27,34 +27,7 @@ use std::collections::BTreeMap;
 use proxy_common::{CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_RST, CT_UNREPLIED, IPPROTO_TCP};
 
 use super::timeouts::Timeouts;
-
-/// An address and port, as in the packet (network byte order).
-pub type Endpoint<A> = (A, u16);
-
-/// A conntrack entry, key and value, as garbage collection sees it. `A` is
-/// the address type of the family (`u32` for IPv4, `[u32; 4]` for IPv6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Record<A> {
-    pub src: Endpoint<A>,
-    pub dst: Endpoint<A>,
-    pub proto: u8,
-    /// `CT_FORWARD`, `CT_REPLY` or `CT_EGRESS`.
-    pub direction: u8,
-    /// The address and port the entry rewrites to.
-    pub nat: Endpoint<A>,
-    /// `CT_*` bits.
-    pub flags: u16,
-    pub backend_id: u32,
-    /// The service it was chosen for (shown by `inspect`, not used here).
-    pub service_id: u32,
-    /// Coarse monotonic seconds of the entry's last packet.
-    pub last_seen: u32,
-    /// `CT_STATE_*` of the packets seen in the entry's direction.
-    pub state: u8,
-    /// The flow counts as an open connection of its backend (forward
-    /// entries only).
-    pub active: bool,
-}
+pub use crate::datapath::conntrack::{Endpoint, Record};
 
 /// The flow an entry belongs to: its protocol and its two endpoints, the
 /// lower one first so that both directions agree.

@@ -6,28 +6,28 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    hash::Hash,
     io,
     os::fd::{AsFd, AsRawFd},
     path::Path,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use aya::{
     Pod,
-    maps::{Array, HashMap as BpfHashMap, IterableMap, Map, MapData, MapError},
+    maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, MapError},
 };
-use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, MAX_CONNTRACK, names};
+use proxy_common::{Ct4Key, Ct6Key, MAX_CONNTRACK, names};
 
 use super::{
-    batch,
-    expiry::{self, Plan, Pressure, Record},
+    expiry::{self, Plan, Pressure},
     overflow,
     timeouts::Timeouts,
 };
-use crate::datapath::loader;
+use crate::datapath::{
+    conntrack::{CtKey, Record, Table, now},
+    pinned::{self, Pins},
+};
 
 /// What one pass saw and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -55,28 +55,18 @@ pub struct Stats {
     pub overflowing: bool,
 }
 
-/// Which of a family's two conntrack maps an entry is in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Table {
-    Main,
-    Overflow,
-}
-
 /// One family's conntrack maps. Both are swept together: a flow is judged
 /// by all its entries, wherever the datapath put each of them.
 struct Tables<K: CtKey> {
     main: BpfHashMap<MapData, K, K::Value>,
     overflow: BpfHashMap<MapData, K, K::Value>,
-    /// The main map's name, the overflow map's.
-    names: (&'static str, &'static str),
 }
 
 impl<K: CtKey> Tables<K> {
-    fn open(pins: &Path, main: &'static str, overflow: &'static str) -> anyhow::Result<Self> {
+    fn open(pins: &Pins) -> anyhow::Result<Self> {
         Ok(Tables {
-            main: open_pinned(pins, main)?,
-            overflow: open_pinned(pins, overflow)?,
-            names: (main, overflow),
+            main: pins.map(Table::Main.map_name::<K>())?,
+            overflow: pins.map(Table::Overflow.map_name::<K>())?,
         })
     }
 
@@ -88,10 +78,7 @@ impl<K: CtKey> Tables<K> {
     }
 
     fn name(&self, table: Table) -> &'static str {
-        match table {
-            Table::Main => self.names.0,
-            Table::Overflow => self.names.1,
-        }
+        table.map_name::<K>()
     }
 
     fn overflow_empty(&self) -> anyhow::Result<bool> {
@@ -122,12 +109,12 @@ impl Gc {
     /// Opens the conntrack maps, `lb_reaped` and `ct_overflowed` where the
     /// agent pinned them under `bpffs`.
     pub fn open(bpffs: &Path, timeouts: Timeouts) -> anyhow::Result<Gc> {
-        let pins = loader::pin_dir(bpffs);
+        let pins = Pins::at(bpffs);
         Ok(Gc {
-            v4: Tables::open(&pins, names::CONNTRACK4, names::OVERFLOW4)?,
-            v6: Tables::open(&pins, names::CONNTRACK6, names::OVERFLOW6)?,
-            reaped: open_pinned(&pins, names::REAPED)?,
-            overflowed: open_pinned(&pins, names::OVERFLOWED)?,
+            v4: Tables::<Ct4Key>::open(&pins)?,
+            v6: Tables::<Ct6Key>::open(&pins)?,
+            reaped: pins.map(names::REAPED)?,
+            overflowed: pins.map(names::OVERFLOWED)?,
             timeouts,
             pending: BTreeMap::new(),
         })
@@ -203,70 +190,6 @@ impl Gc {
     }
 }
 
-pub(crate) fn open_pinned<T: TryFrom<Map, Error = MapError>>(
-    pins: &Path,
-    name: &str,
-) -> anyhow::Result<T> {
-    let path = pins.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let map = Map::from_map_data(data).with_context(|| format!("{}", path.display()))?;
-    T::try_from(map).with_context(|| format!("{} has an unexpected type", path.display()))
-}
-
-/// Coarse monotonic seconds, the clock the datapath stamps entries with
-/// (`bpf_ktime_get_coarse_ns`). The agent must not run in a time namespace
-/// with a monotonic offset, or its seconds would not be the kernel's.
-pub fn now() -> anyhow::Result<u32> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("clock_gettime(CLOCK_MONOTONIC_COARSE)");
-    }
-    // As the datapath does: the low 32 bits of the seconds.
-    Ok(ts.tv_sec as u32)
-}
-
-/// A conntrack key type, with its value, seen as a family-independent
-/// record.
-pub trait CtKey: Pod + Eq + Hash {
-    type Value: Pod;
-    type Addr: Copy + Ord;
-    fn record(&self, value: &Self::Value) -> Record<Self::Addr>;
-}
-
-/// The families' keys and values have the same fields; only their address
-/// types differ.
-macro_rules! ct_key {
-    ($key:ty, $value:ty, $addr:ty) => {
-        impl CtKey for $key {
-            type Value = $value;
-            type Addr = $addr;
-            fn record(&self, v: &$value) -> Record<$addr> {
-                Record {
-                    src: (self.src_addr, self.src_port),
-                    dst: (self.dst_addr, self.dst_port),
-                    proto: self.proto,
-                    direction: self.direction,
-                    nat: (v.nat_addr, v.nat_port),
-                    flags: v.flags,
-                    backend_id: v.backend_id,
-                    service_id: v.service_id,
-                    last_seen: v.last_seen,
-                    state: v.state,
-                    active: v.active != 0,
-                }
-            }
-        }
-    };
-}
-
-ct_key!(Ct4Key, Ct4Entry, u32);
-ct_key!(Ct6Key, Ct6Entry, Addr6);
-
 /// One family's part of a pass.
 #[derive(Default)]
 struct Sweep {
@@ -328,62 +251,16 @@ fn plan<K: CtKey>(
 
 /// The map's size as created (the default size if the kernel will not say).
 fn capacity<K: CtKey>(map: &BpfHashMap<MapData, K, K::Value>) -> usize {
-    map.map()
-        .info()
-        .map_or(MAX_CONNTRACK, |info| info.max_entries()) as usize
+    pinned::capacity(map.map(), MAX_CONNTRACK)
 }
 
-/// Set once the kernel has refused `BPF_MAP_LOOKUP_BATCH`: it will not
-/// learn it while the agent runs, so later reads go straight to the walk.
-static NO_BATCH: AtomicBool = AtomicBool::new(false);
-
-/// Every entry, each once, in batches where the kernel offers them (see
-/// `batch`), else by a key-by-key walk. Either read stops after twice the
-/// map's capacity, and the next pass sees the rest.
+/// Every entry, each once; a read stops after twice the map's capacity,
+/// and the next pass sees the rest.
 fn read_all<K: CtKey>(
     map: &BpfHashMap<MapData, K, K::Value>,
 ) -> anyhow::Result<HashMap<K, K::Value>> {
     let limit = capacity(map).saturating_mul(2).max(1024);
-    if !NO_BATCH.load(Ordering::Relaxed) {
-        match batch::lookup_all(map, limit).context("reading in batches")? {
-            Some(entries) => return Ok(keep_once(entries, limit)),
-            None => {
-                if !NO_BATCH.swap(true, Ordering::Relaxed) {
-                    log::debug!(
-                        "the kernel lacks BPF_MAP_LOOKUP_BATCH: reading conntrack key by key"
-                    );
-                }
-            }
-        }
-    }
-    walk(map, limit)
-}
-
-/// The batch read's entries by key, as `plan` takes them.
-fn keep_once<K: CtKey>(entries: Vec<(K, K::Value)>, limit: usize) -> HashMap<K, K::Value> {
-    if entries.len() >= limit {
-        log::debug!("conntrack read stopped after {} entries", entries.len());
-    }
-    entries.into_iter().collect()
-}
-
-/// Every entry by a key-by-key walk. A key the kernel deletes between two
-/// steps makes the walk start over from the first key, so the walk may meet entries twice (kept once) and,
-/// under heavy churn, go on until `limit` steps.
-fn walk<K: CtKey>(
-    map: &BpfHashMap<MapData, K, K::Value>,
-    limit: usize,
-) -> anyhow::Result<HashMap<K, K::Value>> {
-    let mut entries = HashMap::new();
-    for (step, item) in map.iter().enumerate() {
-        if step >= limit {
-            log::debug!("conntrack walk stopped after {step} steps (entries churning)");
-            break;
-        }
-        let (key, value) = item.context("walking the map")?;
-        entries.insert(key, value);
-    }
-    Ok(entries)
+    pinned::entries(map, limit)
 }
 
 /// Deletes one expired flow, replies before forwards, unless one of its
@@ -502,7 +379,9 @@ fn take<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_common::{CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, IPPROTO_TCP};
+    use proxy_common::{
+        CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, Ct4Entry, IPPROTO_TCP,
+    };
 
     const NOW: u32 = 1_000_000;
 

@@ -6,10 +6,9 @@
 //! the LRU maps `ct4_overflow`/`ct6_overflow`, collected the same way.
 //! `timeouts` says how long an entry may stay idle, `expiry` (pure) which
 //! flows have expired, `overflow` (pure) when the datapath may stop looking
-//! in the overflow maps, `gc` reads (in batches: `batch`) and deletes, and
+//! in the overflow maps, `gc` reads (through `datapath::pinned`) and deletes, and
 //! `spawn` runs it periodically.
 
-pub mod batch;
 pub mod expiry;
 pub mod gc;
 pub mod overflow;

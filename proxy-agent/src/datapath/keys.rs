@@ -1,12 +1,18 @@
-//! The model's frontends and backends in the maps' byte layout, and back:
-//! addresses and ports in network byte order, as in the packet.
+//! The model's frontends, backends, service entries and node settings in
+//! the maps' byte layout, and back: addresses and ports in network byte
+//! order, as in the packet; service flags as the datapath reads them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use proxy_common::{Addr6, Backend4, Backend6, Frontend4, Frontend6, SCOPE_ALL, SCOPE_LOCAL};
+use proxy_common::{
+    Addr6, Backend4, Backend6, Frontend4, Frontend6, NodeConfig, SCOPE_ALL, SCOPE_LOCAL,
+    SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL,
+    SVC_SOURCE_RANGES, Service,
+};
 
 use crate::{
-    model::{Clients, Frontend, Protocol},
+    model::{Clients, Desired, Frontend, FrontendState, Protocol, Scope},
+    nodeconfig::Settings,
     reconcile::BackendKey,
 };
 
@@ -119,6 +125,54 @@ pub fn backend_of(value: &BackendValue) -> Option<BackendKey> {
         addr: SocketAddr::new(addr, u16::from_be(port)),
         protocol: protocol(proto)?,
     })
+}
+
+/// The service entry: its backends (in slot table `slots_id`) and how the
+/// datapath treats its traffic beyond picking one.
+pub fn service(id: u32, slots_id: u32, count: u32, state: &FrontendState) -> Service {
+    let mut flags = 0;
+    // Frontends outside the cluster range may be the node's own addresses.
+    if state.scope != Scope::ClusterIp {
+        flags |= SVC_REPLY_AT_EGRESS;
+    }
+    if state.affinity_timeout.is_some() {
+        flags |= SVC_AFFINITY;
+    }
+    if !state.source_ranges.is_empty() {
+        flags |= SVC_SOURCE_RANGES;
+    }
+    if state.drop_when_empty {
+        flags |= SVC_DROP_WHEN_EMPTY;
+    }
+    if state.snat {
+        flags |= SVC_SNAT_EXTERNAL;
+    }
+    if state.local_twin {
+        flags |= SVC_LOCAL_TWIN;
+    }
+    Service {
+        id,
+        backend_count: count,
+        flags,
+        affinity_timeout: state.affinity_timeout.unwrap_or(0),
+        algorithm: state.algorithm.number(),
+        // A table only exists with backends to fill it.
+        table_size: if count == 0 { 0 } else { state.table_size },
+        slots_id,
+    }
+}
+
+/// The node configuration: the desired state's source NAT addresses, and
+/// the node's ports and hash keys.
+pub fn node_config(desired: &Desired, node: &Settings) -> NodeConfig {
+    NodeConfig {
+        snat_addr4: desired.snat_addr4.as_ref().map_or(0, v4),
+        snat_port_min: node.snat_ports.min,
+        snat_port_max: node.snat_ports.max,
+        snat_addr6: desired.snat_addr6.as_ref().map_or([0; 4], v6),
+        node_key: node.node_key,
+        cluster_key: node.cluster_key,
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
 //! The kernel side as the agent sees it: the embedded object, its maps, and
-//! loading, pinning and attaching it.
+//! loading, pinning and attaching it. The only code that knows how map
+//! entries are laid out (`keys`, `conntrack`) and how pinned maps are
+//! opened and read (`pinned`, `batch`).
 
+mod batch;
 pub mod cgroup;
+pub mod conntrack;
 pub mod iface;
 pub mod keys;
 pub mod links;
 pub mod loader;
 pub mod maps;
+pub mod pinned;
 pub mod sockets;
 pub mod stale;
 

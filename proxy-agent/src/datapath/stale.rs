@@ -7,9 +7,10 @@
 //! reconnects and the hooks give it a live backend.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
+    hash::Hash,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::Context;
@@ -24,13 +25,10 @@ use proxy_common::{
 
 use super::{
     keys::{from_v4, from_v6, v4, v6},
-    loader,
+    pinned::{self, Pins},
     sockets::{self, Destroyed, Peer},
 };
-use crate::{
-    conntrack::{batch, gc::open_pinned},
-    reconcile::BackendKey,
-};
+use crate::reconcile::BackendKey;
 
 /// The pinned maps a sweep reads.
 struct Maps {
@@ -41,12 +39,12 @@ struct Maps {
 }
 
 impl Maps {
-    fn open(pins: &Path) -> anyhow::Result<Maps> {
+    fn open(pins: &Pins) -> anyhow::Result<Maps> {
         Ok(Maps {
-            nat4: open_pinned(pins, names::SOCK_NAT4)?,
-            nat6: open_pinned(pins, names::SOCK_NAT6)?,
-            members4: open_pinned(pins, names::MEMBERS)?,
-            members6: open_pinned(pins, names::MEMBERS6)?,
+            nat4: pins.map(names::SOCK_NAT4)?,
+            nat6: pins.map(names::SOCK_NAT6)?,
+            members4: pins.map(names::MEMBERS)?,
+            members6: pins.map(names::MEMBERS6)?,
         })
     }
 
@@ -113,18 +111,12 @@ impl Maps {
     }
 }
 
-/// Every entry of a socket map: in batches where the kernel can, else one
-/// by one.
-fn entries<K: Pod, V: Pod>(
+/// Every entry of a socket map.
+fn entries<K: Pod + Eq + Hash, V: Pod>(
     map: &HashMap<MapData, K, V>,
     name: &str,
-) -> anyhow::Result<Vec<(K, V)>> {
-    let limit = MAX_SOCK_NAT as usize;
-    if let Some(all) = batch::lookup_all(map, limit).with_context(|| format!("reading {name}"))? {
-        return Ok(all);
-    }
-    // An entry evicted between listing and reading is simply gone.
-    Ok(map.iter().filter_map(Result::ok).take(limit).collect())
+) -> anyhow::Result<StdHashMap<K, V>> {
+    pinned::entries(map, MAX_SOCK_NAT as usize).with_context(|| format!("reading {name}"))
 }
 
 fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
@@ -136,13 +128,13 @@ fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
 
 /// Finds and destroys stale sockets; the maps are under `<bpffs>/xdproxy`.
 pub struct Sweeper {
-    pins: PathBuf,
+    pins: Pins,
 }
 
 impl Sweeper {
     pub fn new(bpffs: &Path) -> Sweeper {
         Sweeper {
-            pins: loader::pin_dir(bpffs),
+            pins: Pins::at(bpffs),
         }
     }
 

@@ -39,7 +39,7 @@ pub enum Format {
 
 /// Reads the maps pinned under `<bpffs>/xdproxy` and renders `subject`.
 pub fn inspect(bpffs: &Path, subject: Subject, format: Format) -> anyhow::Result<String> {
-    let pins = read::Pins::open(bpffs)?;
+    let pins = read::Pinned::open(bpffs)?;
     match subject {
         Subject::Services => render(&report::services(&pins.lb()?), format, table::services),
         Subject::Backends => render(&report::backends(&pins.lb()?), format, table::backends),
@@ -47,7 +47,7 @@ pub fn inspect(bpffs: &Path, subject: Subject, format: Format) -> anyhow::Result
             let records = pins.conntrack()?;
             // After the walk: no entry was seen later than this, so no age
             // comes out negative.
-            let now = crate::conntrack::gc::now()?;
+            let now = crate::datapath::conntrack::now()?;
             render(&report::conntrack(&records, now), format, table::conntrack)
         }
         Subject::Counters => render(

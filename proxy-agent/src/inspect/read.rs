@@ -2,16 +2,15 @@
 //! the only I/O of `inspect`. Read-only: nothing here writes a map.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet},
     hash::Hash,
-    io::ErrorKind,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use aya::{
     Pod,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
     Backend4, Backend6, BackendStats, Connections, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4,
@@ -19,80 +18,25 @@ use proxy_common::{
 };
 
 use super::records::{
-    BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord, socket4,
-    socket6,
+    BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord, socket4, socket6,
 };
-use crate::{conntrack::gc::CtKey as _, datapath::loader};
+use crate::datapath::{
+    conntrack::{CtKey, Table},
+    pinned::{self, Pins},
+};
 
-/// The pin directory of a node's datapath.
-pub struct Pins {
-    dir: PathBuf,
+/// What `inspect` reads: the maps a node's datapath pinned.
+pub struct Pinned {
+    pins: Pins,
 }
 
-/// A pinned map and its capacity.
-struct Pinned<T> {
-    map: T,
-    max_entries: u32,
-}
-
-impl Pins {
-    /// `<bpffs>/xdproxy`, or an error that says why nothing can be read there.
-    pub fn open(bpffs: &Path) -> anyhow::Result<Pins> {
-        let dir = loader::pin_dir(bpffs);
-        match std::fs::metadata(&dir) {
-            Ok(meta) if meta.is_dir() => Ok(Pins { dir }),
-            Ok(_) => bail!("{} is not a directory of pinned maps", dir.display()),
-            Err(e) if e.kind() == ErrorKind::NotFound => bail!(
-                "no datapath pinned under {}: is the agent running on this node? \
-                 (--bpffs names where bpffs is mounted, default /sys/fs/bpf)",
-                dir.display()
-            ),
-            Err(e) => Err(e).with_context(|| {
-                format!("reading {} (inspect needs root, or CAP_BPF)", dir.display())
-            }),
-        }
-    }
-
-    /// A pinned map as `T`; an error when it is not pinned or has another layout.
-    fn map<T>(&self, name: &str) -> anyhow::Result<Pinned<T>>
-    where
-        T: TryFrom<Map, Error = MapError>,
-    {
-        match self.optional_map(name)? {
-            Some(pinned) => Ok(pinned),
-            None => bail!(
-                "map {name} is not pinned under {}: is the agent running on this node?",
-                self.dir.display()
-            ),
-        }
-    }
-
-    /// As `map`, but `None` when it is not pinned: maps a datapath of an
-    /// earlier version does not have.
-    fn optional_map<T>(&self, name: &str) -> anyhow::Result<Option<Pinned<T>>>
-    where
-        T: TryFrom<Map, Error = MapError>,
-    {
-        let path = self.dir.join(name);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening {} (needs root, or CAP_BPF)", path.display()))?;
-        let max_entries = data
-            .info()
-            .with_context(|| format!("reading {}", path.display()))?
-            .max_entries();
-        let map =
-            Map::from_map_data(data).with_context(|| format!("opening {}", path.display()))?;
-        let map = T::try_from(map).with_context(|| {
-            format!(
-                "{} does not have the layout this proxy-agent reads: the datapath was \
-                 pinned by another version",
-                path.display()
-            )
-        })?;
-        Ok(Some(Pinned { map, max_entries }))
+impl Pinned {
+    /// The maps pinned under `<bpffs>/xdproxy`, or an error that says why
+    /// nothing can be read there.
+    pub fn open(bpffs: &Path) -> anyhow::Result<Pinned> {
+        Ok(Pinned {
+            pins: Pins::existing(bpffs)?,
+        })
     }
 
     /// Every entry of a hash map (LRU or not).
@@ -101,7 +45,7 @@ impl Pins {
         K: Pod + Eq + Hash,
         V: Pod,
     {
-        self.entries(name, self.map(name)?)
+        self.entries(name, self.pins.map(name)?)
     }
 
     /// As `hash`, but no entries when the map is not pinned: maps a
@@ -111,33 +55,22 @@ impl Pins {
         K: Pod + Eq + Hash,
         V: Pod,
     {
-        match self.optional_map(name)? {
-            Some(pinned) => self.entries(name, pinned),
+        match self.pins.optional_map(name)? {
+            Some(map) => self.entries(name, map),
             None => Ok(Vec::new()),
         }
     }
 
-    /// Every entry of `pinned`, the map pinned as `name`.
-    fn entries<K, V>(
-        &self,
-        name: &str,
-        pinned: Pinned<HashMap<MapData, K, V>>,
-    ) -> anyhow::Result<Vec<(K, V)>>
+    /// Every entry of `map`, pinned as `name`, read at most twice over
+    /// (the kernel's walk restarts when entries churn).
+    fn entries<K, V>(&self, name: &str, map: HashMap<MapData, K, V>) -> anyhow::Result<Vec<(K, V)>>
     where
         K: Pod + Eq + Hash,
         V: Pod,
     {
-        // The kernel restarts a key walk from the first key when the
-        // current one is deleted meanwhile (conntrack churns): collecting by
-        // key drops the repeats, and the bound ends the walk even under
-        // heavy churn.
-        let bound = 2 * pinned.max_entries as usize + 1;
-        let entries: StdHashMap<K, V> = pinned
-            .map
-            .iter()
-            .take(bound)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("reading {}", self.dir.join(name).display()))?;
+        let bound = 2 * pinned::capacity(map.map(), 0) + 1;
+        let entries = pinned::entries(&map, bound)
+            .with_context(|| format!("reading {}", self.pins.path(name).display()))?;
         Ok(entries.into_iter().collect())
     }
 
@@ -199,44 +132,39 @@ impl Pins {
     }
 
     fn service_stats(&self, ids: &BTreeSet<u32>) -> anyhow::Result<BTreeMap<u32, ServiceStats>> {
-        let stats: Pinned<PerCpuArray<MapData, ServiceStats>> = self.map(names::SERVICE_STATS)?;
+        let stats: PerCpuArray<MapData, ServiceStats> = self.pins.map(names::SERVICE_STATS)?;
         let mut out = BTreeMap::new();
         for &id in ids {
-            let Some(per_cpu) = at(stats.map.get(&id, 0), names::SERVICE_STATS)? else {
-                continue;
-            };
-            let sum = per_cpu
-                .iter()
-                .fold(ServiceStats::default(), |sum, s| ServiceStats {
+            let sum =
+                pinned::per_cpu_sum(&stats, id, ServiceStats::default(), |sum, s| ServiceStats {
                     packets: sum.packets.wrapping_add(s.packets),
                     bytes: sum.bytes.wrapping_add(s.bytes),
                 });
-            out.insert(id, sum);
+            if let Some(sum) = read(sum, names::SERVICE_STATS)? {
+                out.insert(id, sum);
+            }
         }
         Ok(out)
     }
 
     fn activity(&self, ids: &BTreeSet<u32>) -> anyhow::Result<BTreeMap<u32, BackendActivity>> {
-        let flows: Option<Pinned<PerCpuArray<MapData, BackendStats>>> =
-            self.optional_map(names::BACKEND_STATS)?;
-        let conns: Option<Pinned<Array<MapData, Connections>>> =
-            self.optional_map(names::CONNECTIONS)?;
-        let reaped: Option<Pinned<Array<MapData, u32>>> = self.optional_map(names::REAPED)?;
+        let flows: Option<PerCpuArray<MapData, BackendStats>> =
+            self.pins.optional_map(names::BACKEND_STATS)?;
+        let conns: Option<Array<MapData, Connections>> =
+            self.pins.optional_map(names::CONNECTIONS)?;
+        let reaped: Option<Array<MapData, u32>> = self.pins.optional_map(names::REAPED)?;
         let mut out = BTreeMap::new();
         for &id in ids {
             let mut activity = BackendActivity::default();
-            if let Some(p) = &flows {
-                activity.flows = at(p.map.get(&id, 0), names::BACKEND_STATS)?.map(|per_cpu| {
-                    per_cpu
-                        .iter()
-                        .fold(0u64, |sum, s| sum.wrapping_add(s.flows))
-                });
+            if let Some(map) = &flows {
+                let sum = pinned::per_cpu_sum(map, id, 0u64, |sum, s| sum.wrapping_add(s.flows));
+                activity.flows = read(sum, names::BACKEND_STATS)?;
             }
-            if let Some(p) = &conns {
-                activity.connections = at(p.map.get(&id, 0), names::CONNECTIONS)?;
+            if let Some(map) = &conns {
+                activity.connections = at(map.get(&id, 0), names::CONNECTIONS)?;
             }
-            if let Some(p) = &reaped {
-                activity.reaped = at(p.map.get(&id, 0), names::REAPED)?;
+            if let Some(map) = &reaped {
+                activity.reaped = at(map.get(&id, 0), names::REAPED)?;
             }
             out.insert(id, activity);
         }
@@ -256,22 +184,21 @@ impl Pins {
                 CtRecord::new(table, &k.record(e), |a, port| socket6(&a, port))
             }
         };
-        Ok((v4.iter().map(of4(CtTable::Main)))
-            .chain(over4.iter().map(of4(CtTable::Overflow)))
-            .chain(v6.iter().map(of6(CtTable::Main)))
-            .chain(over6.iter().map(of6(CtTable::Overflow)))
+        Ok((v4.iter().map(of4(Table::Main)))
+            .chain(over4.iter().map(of4(Table::Overflow)))
+            .chain(v6.iter().map(of6(Table::Main)))
+            .chain(over6.iter().map(of6(Table::Overflow)))
             .collect())
     }
 
     /// The global `counters`, each summed over CPUs, by index.
     pub fn counters(&self) -> anyhow::Result<Vec<u64>> {
-        let counters: Pinned<PerCpuArray<MapData, u64>> = self.map(names::COUNTERS)?;
+        let counters: PerCpuArray<MapData, u64> = self.pins.map(names::COUNTERS)?;
         counters
-            .map
             .iter()
             .map(|per_cpu| Ok(per_cpu?.iter().fold(0u64, |sum, v| sum.wrapping_add(*v))))
             .collect::<Result<_, MapError>>()
-            .with_context(|| format!("reading {}", self.dir.join(names::COUNTERS).display()))
+            .with_context(|| format!("reading {}", self.pins.path(names::COUNTERS).display()))
     }
 }
 
@@ -286,6 +213,12 @@ fn at<V>(result: Result<V, MapError>, name: &str) -> anyhow::Result<Option<V>> {
     }
 }
 
+/// A per-CPU sum (see `pinned::per_cpu_sum`), with the map's name on an
+/// error.
+fn read<V>(result: Result<Option<V>, MapError>, name: &str) -> anyhow::Result<Option<V>> {
+    result.with_context(|| format!("reading {name}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +226,7 @@ mod tests {
     #[test]
     fn a_bpffs_without_pins_is_a_clear_error() {
         let empty = std::env::temp_dir().join(format!("xdproxy-inspect-{}", std::process::id()));
-        let error = match Pins::open(&empty) {
+        let error = match Pinned::open(&empty) {
             Ok(_) => panic!("nothing is pinned under {}", empty.display()),
             Err(e) => format!("{e:#}"),
         };

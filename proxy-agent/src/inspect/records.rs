@@ -12,11 +12,9 @@ use proxy_common::{
     Addr6, Backend4, Backend6, Connections, Frontend4, Frontend6, Service, ServiceStats, SlotKey,
 };
 
-use serde::Serialize;
-
-use crate::{
-    conntrack::expiry::Record,
-    datapath::keys::{from_v4, from_v6},
+use crate::datapath::{
+    conntrack::{Record, Table},
+    keys::{from_v4, from_v6},
 };
 
 /// An address, port and IP protocol number, as a map key or value holds them.
@@ -119,30 +117,10 @@ pub struct LbRecords {
     pub activity: BTreeMap<u32, BackendActivity>,
 }
 
-/// Which conntrack map of its family an entry is in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CtTable {
-    /// `ct4`/`ct6`.
-    Main,
-    /// `ct4_overflow`/`ct6_overflow`: a flow that found the main map full.
-    Overflow,
-}
-
-impl CtTable {
-    /// As in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            CtTable::Main => "main",
-            CtTable::Overflow => "overflow",
-        }
-    }
-}
-
 /// One entry of `ct4`, `ct6` or their overflow maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtRecord {
-    pub table: CtTable,
+    pub table: Table,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub proto: u8,
@@ -165,7 +143,7 @@ impl CtRecord {
     /// An entry as garbage collection decodes it, its addresses made
     /// socket addresses by `socket`.
     pub fn new<A: Copy>(
-        table: CtTable,
+        table: Table,
         r: &Record<A>,
         socket: impl Fn(A, u16) -> SocketAddr,
     ) -> Self {

@@ -14,9 +14,8 @@ use proxy_common::{
 };
 use serde::{Serialize, Serializer, ser::SerializeMap};
 
-use super::records::{
-    BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord,
-};
+use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
+use crate::datapath::conntrack::Table;
 
 /// An address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -456,7 +455,7 @@ pub struct CtView {
     pub family: Family,
     /// `main` (`ct4`/`ct6`) or `overflow` (`ct4_overflow`/`ct6_overflow`:
     /// a flow that found the main map full; the LRU may evict it).
-    pub table: CtTable,
+    pub table: Table,
     /// `forward`, `reply`, `dnat-back` (a reply entry that rewrites the
     /// destination) or `egress`.
     pub direction: String,
@@ -494,7 +493,7 @@ impl CtTotals {
             Family::Ipv6 => (&mut self.ipv6, &mut self.ipv6_overflow),
         };
         *all += 1;
-        if e.table == CtTable::Overflow {
+        if e.table == Table::Overflow {
             *overflow += 1;
         }
     }

@@ -11,12 +11,11 @@ use proxy_common::{
 use serde_json::json;
 
 use super::{
-    records::{
-        BackendActivity, CtRecord, CtTable, Endpoint, LbRecords, MemberRecord, ServiceRecord,
-    },
+    records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord},
     report::{self, MemberState},
     table,
 };
+use crate::datapath::conntrack::Table;
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("a socket address")
@@ -283,7 +282,7 @@ fn backends_show_flows_open_connections_and_memberships() {
 
 fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> CtRecord {
     CtRecord {
-        table: CtTable::Main,
+        table: Table::Main,
         src: addr(src),
         dst: addr(dst),
         proto: IPPROTO_TCP,
@@ -399,7 +398,7 @@ fn overflow_entries_are_marked_as_such() {
         )
     };
     let overflow = CtRecord {
-        table: CtTable::Overflow,
+        table: Table::Overflow,
         ..ct(
             "10.0.1.3:40000",
             "10.96.0.10:80",
@@ -408,7 +407,7 @@ fn overflow_entries_are_marked_as_such() {
         )
     };
     let overflow_reply = CtRecord {
-        table: CtTable::Overflow,
+        table: Table::Overflow,
         ..ct("10.1.1.2:8080", "10.0.1.3:40000", CT_REPLY, "10.96.0.10:80")
     };
     let report = report::conntrack(&[overflow_reply, overflow, main], 100);

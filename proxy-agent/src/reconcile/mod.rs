@@ -27,13 +27,9 @@ use std::{
     net::SocketAddr,
 };
 
-use proxy_common::{
-    MemberKey, NodeConfig, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
-    SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, Service, SlotKey,
-};
+use proxy_common::{MemberKey, NodeConfig, Service, SlotKey};
 
-use crate::cidr::Cidr;
-use crate::nodeconfig::Settings;
+use crate::{cidr::Cidr, datapath::keys, nodeconfig::Settings};
 
 pub use adopt::Snapshot;
 use adopt::Strays;
@@ -279,14 +275,7 @@ impl Reconciler {
     /// The node configuration, written when it changed (before services
     /// that may need it: source NAT without an address only counts).
     fn write_config(&mut self, desired: &Desired, maps: &mut dyn Maps, report: &mut Report) {
-        let config = NodeConfig {
-            snat_addr4: desired.snat_addr4.map_or(0, |a| u32::from(a).to_be()),
-            snat_port_min: self.node.snat_ports.min,
-            snat_port_max: self.node.snat_ports.max,
-            snat_addr6: desired.snat_addr6.map_or([0; 4], |a| words6(&a)),
-            node_key: self.node.node_key,
-            cluster_key: self.node.cluster_key,
-        };
+        let config = keys::node_config(desired, &self.node);
         if self.config == Some(config) {
             return;
         }
@@ -604,7 +593,7 @@ impl Reconciler {
             true => applied.table,
             false => tables.acquire(&wanted.slots, maps, holds, report)?,
         };
-        let entry = service(id, table, wanted.count, state);
+        let entry = keys::service(id, table, wanted.count, state);
         if applied.entry != Some(entry) {
             if let Err(e) = maps.set_service(&frontend, entry) {
                 if table != applied.table {
@@ -815,46 +804,4 @@ fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
 /// own family).
 fn range_set(ranges: &[Cidr]) -> BTreeSet<Cidr> {
     ranges.iter().copied().collect()
-}
-
-/// The service entry: its backends (in slot table `slots_id`) and how the
-/// datapath treats its traffic beyond picking one.
-fn service(id: u32, slots_id: u32, count: u32, state: &FrontendState) -> Service {
-    let mut flags = 0;
-    // Frontends outside the cluster range may be the node's own addresses.
-    if state.scope != Scope::ClusterIp {
-        flags |= SVC_REPLY_AT_EGRESS;
-    }
-    if state.affinity_timeout.is_some() {
-        flags |= SVC_AFFINITY;
-    }
-    if !range_set(&state.source_ranges).is_empty() {
-        flags |= SVC_SOURCE_RANGES;
-    }
-    if state.drop_when_empty {
-        flags |= SVC_DROP_WHEN_EMPTY;
-    }
-    if state.snat {
-        flags |= SVC_SNAT_EXTERNAL;
-    }
-    if state.local_twin {
-        flags |= SVC_LOCAL_TWIN;
-    }
-    Service {
-        id,
-        backend_count: count,
-        flags,
-        affinity_timeout: state.affinity_timeout.unwrap_or(0),
-        algorithm: state.algorithm.number(),
-        // A table only exists with backends to fill it.
-        table_size: if count == 0 { 0 } else { state.table_size },
-        slots_id,
-    }
-}
-
-/// An IPv6 address as the datapath's four network-order words.
-pub fn words6(addr: &std::net::Ipv6Addr) -> [u32; 4] {
-    let o = addr.octets();
-    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-    [word(0), word(4), word(8), word(12)]
 }
