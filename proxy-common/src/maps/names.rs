@@ -1,0 +1,86 @@
+//! Map names as the kernel and bpffs see them (at most 15 characters),
+//! grouped as the `maps` files are. The kernel side's per-CPU scratch maps
+//! (`ct_scratch`, `frag_scratch`, `scratch`, `icmp_scratch`) are not
+//! listed: nothing outside the programs uses them.
+
+// Node configuration (`config`).
+pub const CONFIG: &str = "lb_config";
+
+// Load balancing (`lb`).
+pub const SERVICES4: &str = "lb4_services";
+pub const SERVICES6: &str = "lb6_services";
+pub const SLOTS: &str = "lb_slots";
+pub const BACKENDS4: &str = "lb4_backends";
+pub const BACKENDS6: &str = "lb6_backends";
+pub const MEMBERS: &str = "lb_members";
+pub const MEMBERS6: &str = "lb6_members";
+pub const AFFINITY4: &str = "lb4_affinity";
+pub const AFFINITY6: &str = "lb6_affinity";
+pub const SOURCE_RANGES4: &str = "lb4_src_ranges";
+pub const SOURCE_RANGES6: &str = "lb6_src_ranges";
+pub const ROUND_ROBIN: &str = "lb_rr";
+
+// Conntrack (`conntrack`).
+pub const CONNTRACK4: &str = "ct4";
+pub const CONNTRACK6: &str = "ct6";
+/// Conntrack for new flows that found `ct4`/`ct6` full: LRU maps.
+pub const OVERFLOW4: &str = "ct4_overflow";
+pub const OVERFLOW6: &str = "ct6_overflow";
+/// Non-zero while the overflow maps may hold entries: the datapath
+/// looks there only then.
+pub const OVERFLOWED: &str = "ct_overflowed";
+
+// Socket-level load balancing (`socket`).
+/// Per socket, its backend for a frontend and the frontend behind a
+/// backend (LRU maps).
+pub const SOCK_NAT4: &str = "sock4_nat";
+pub const SOCK_NAT6: &str = "sock6_nat";
+
+// Fragments (`frag`).
+/// Fragmented datagrams: the verdict of each one's first fragment, for
+/// its later fragments (LRU maps).
+pub const FRAGMENTS4: &str = "frag4";
+pub const FRAGMENTS6: &str = "frag6";
+
+// Statistics (`stats`).
+pub const SERVICE_STATS: &str = "lb_stats";
+pub const BACKEND_STATS: &str = "lb_be_stats";
+pub const CONNECTIONS: &str = "lb_conns";
+pub const REAPED: &str = "lb_reaped";
+pub const COUNTERS: &str = "counters";
+
+// Benchmark (`bench`).
+/// Benchmark-only maps: never pinned.
+pub const BENCH_PACKET: &str = "bench_packet";
+pub const BENCH_TARGET: &str = "bench_target";
+
+/// Every map the programs define, for pinning and cleanup.
+pub const ALL: [&str; 27] = [
+    FRAGMENTS4,
+    FRAGMENTS6,
+    SOCK_NAT4,
+    SOCK_NAT6,
+    OVERFLOW4,
+    OVERFLOW6,
+    OVERFLOWED,
+    REAPED,
+    BACKEND_STATS,
+    CONNECTIONS,
+    ROUND_ROBIN,
+    CONFIG,
+    SERVICES6,
+    BACKENDS6,
+    MEMBERS6,
+    CONNTRACK6,
+    AFFINITY6,
+    SOURCE_RANGES6,
+    SERVICES4,
+    BACKENDS4,
+    SLOTS,
+    CONNTRACK4,
+    SERVICE_STATS,
+    COUNTERS,
+    MEMBERS,
+    AFFINITY4,
+    SOURCE_RANGES4,
+];

@@ -1,0 +1,19 @@
+//! Program names in the object file.
+
+pub const XDP: &str = "xdproxy_xdp";
+pub const TC_INGRESS: &str = "xdproxy_tc";
+/// TC egress: translates replies left for the egress hook.
+pub const TC_EGRESS: &str = "xdproxy_tc_out";
+/// An XDP program that only returns XDP_PASS: the benchmark's baseline.
+pub const XDP_EMPTY: &str = "xdproxy_empty";
+/// Restores a saved packet head, then tail-calls `bench_target[0]`.
+pub const XDP_BENCH: &str = "xdproxy_bench";
+/// cgroup sock_addr hooks: socket-level load balancing.
+pub const SOCK_CONNECT4: &str = "xdproxy_connect4";
+pub const SOCK_CONNECT6: &str = "xdproxy_connect6";
+pub const SOCK_SENDMSG4: &str = "xdproxy_sendmsg4";
+pub const SOCK_SENDMSG6: &str = "xdproxy_sendmsg6";
+pub const SOCK_RECVMSG4: &str = "xdproxy_recvmsg4";
+pub const SOCK_RECVMSG6: &str = "xdproxy_recvmsg6";
+pub const SOCK_GETPEERNAME4: &str = "xdproxy_getpeername4";
+pub const SOCK_GETPEERNAME6: &str = "xdproxy_getpeername6";
