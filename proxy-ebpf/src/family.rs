@@ -12,7 +12,7 @@ use crate::{
     ctmap::{self, Ct4, Ct6, CtMaps, Entry, Table},
     hash::AddrHash,
     maps::{
-        AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, MEMBERS, MEMBERS6, SERVICES4, SERVICES6,
+        AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, MEMBERS4, MEMBERS6, SERVICES4, SERVICES6,
         SOURCE_RANGES4, SOURCE_RANGES6,
     },
 };
@@ -133,7 +133,7 @@ impl Family for V4 {
     #[inline(always)]
     fn member(key: MemberKey) -> Option<Target<u32>> {
         // SAFETY: a copy out of a live map value.
-        MEMBERS.get_ptr(key).map(|b| target4(unsafe { &*b }))
+        MEMBERS4.get_ptr(key).map(|b| target4(unsafe { &*b }))
     }
 
     #[inline(always)]

@@ -51,8 +51,8 @@ pub static OVERFLOW6: LruHashMap<Ct6Key, Ct6Entry, { MAX_CT_OVERFLOW as usize }>
 #[btf_map(name = "ct_overflowed")]
 pub static OVERFLOWED: Array<u32, 1> = Array::new();
 
-#[btf_map(name = "lb_members")]
-pub static MEMBERS: HashMap<MemberKey, Backend4, { MAX_MEMBERS as usize }> = HashMap::new();
+#[btf_map(name = "lb4_members")]
+pub static MEMBERS4: HashMap<MemberKey, Backend4, { MAX_MEMBERS as usize }> = HashMap::new();
 
 #[btf_map(name = "lb4_affinity")]
 pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityEntry, { MAX_AFFINITY as usize }> =

@@ -39,7 +39,7 @@ const IPPROTO_UDP: u8 = 17;
 
 /// How an endpoint appears in the slice.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+enum Listed {
     Ready,
     /// ready: false, serving: true, terminating: true.
     Terminating,
@@ -51,7 +51,7 @@ fn ip_text(a: [u8; 4]) -> String {
 
 /// A Service on VIP (TCP 80 -> 8080, UDP 53 -> 5353) with the given
 /// algorithm and endpoints.
-fn yaml(algorithm: &str, endpoints: &[([u8; 4], Endpoint)]) -> String {
+fn yaml(algorithm: &str, endpoints: &[([u8; 4], Listed)]) -> String {
     let mut out = format!(
         r#"
 apiVersion: v1
@@ -79,7 +79,7 @@ endpoints:
     );
     for (addr, kind) in endpoints {
         out.push_str(&format!("  - addresses: [{}]\n", ip_text(*addr)));
-        if *kind == Endpoint::Terminating {
+        if *kind == Listed::Terminating {
             out.push_str("    conditions: {ready: false, serving: true, terminating: true}\n");
         }
     }
@@ -87,7 +87,7 @@ endpoints:
 }
 
 fn all_ready(algorithm: &str, backends: &[[u8; 4]]) -> String {
-    let endpoints: Vec<_> = backends.iter().map(|b| (*b, Endpoint::Ready)).collect();
+    let endpoints: Vec<_> = backends.iter().map(|b| (*b, Listed::Ready)).collect();
     yaml(algorithm, &endpoints)
 }
 
@@ -1112,9 +1112,9 @@ fn a_terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
         .iter()
         .map(|b| {
             let kind = if *b == leaving {
-                Endpoint::Terminating
+                Listed::Terminating
             } else {
-                Endpoint::Ready
+                Listed::Ready
             };
             (*b, kind)
         })

@@ -27,15 +27,15 @@ use std::collections::BTreeMap;
 use proxy_common::{CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_RST, CT_UNREPLIED, IPPROTO_TCP};
 
 use super::timeouts::Timeouts;
-pub use crate::datapath::conntrack::{Endpoint, Record};
+pub use crate::datapath::conntrack::{AddrPort, Record};
 
 /// The flow an entry belongs to: its protocol and its two endpoints, the
 /// lower one first so that both directions agree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowId<A> {
     pub proto: u8,
-    pub low: Endpoint<A>,
-    pub high: Endpoint<A>,
+    pub low: AddrPort<A>,
+    pub high: AddrPort<A>,
 }
 
 impl<A: Copy + Ord> Record<A> {
@@ -99,7 +99,7 @@ impl Pressure {
 
 /// What a pass deletes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Plan<K> {
+pub struct Deletions<K> {
     /// Each expired flow's entries (whatever the caller attached to each
     /// record: its map key), forward entries last: deleting the forward
     /// entry first could let a new packet of the flow start a new flow
@@ -115,7 +115,7 @@ pub struct Plan<K> {
     pub unconfirmed: usize,
 }
 
-impl<K> Plan<K> {
+impl<K> Deletions<K> {
     /// The number of entries the plan deletes.
     pub fn entries(&self) -> usize {
         self.expired.iter().map(Vec::len).sum()
@@ -130,7 +130,7 @@ pub fn plan<K, A: Copy + Ord>(
     entries: impl IntoIterator<Item = (K, Record<A>)>,
     now: u32,
     timeouts: &Timeouts,
-) -> Plan<K> {
+) -> Deletions<K> {
     plan_under(entries, now, timeouts, Pressure::Normal)
 }
 
@@ -141,12 +141,12 @@ pub fn plan_under<K, A: Copy + Ord>(
     now: u32,
     timeouts: &Timeouts,
     pressure: Pressure,
-) -> Plan<K> {
+) -> Deletions<K> {
     let mut flows: BTreeMap<FlowId<A>, Vec<(K, Record<A>)>> = BTreeMap::new();
     for (key, record) in entries {
         flows.entry(record.flow()).or_default().push((key, record));
     }
-    let mut plan = Plan {
+    let mut plan = Deletions {
         expired: Vec::new(),
         reaped: BTreeMap::new(),
         kept: 0,
@@ -255,11 +255,11 @@ mod tests {
 
     #[allow(clippy::too_many_arguments)]
     fn record<A>(
-        src: Endpoint<A>,
-        dst: Endpoint<A>,
+        src: AddrPort<A>,
+        dst: AddrPort<A>,
         proto: u8,
         direction: u8,
-        nat: Endpoint<A>,
+        nat: AddrPort<A>,
         flags: u16,
         idle: u32,
         state: u8,
@@ -311,7 +311,7 @@ mod tests {
         )
     }
 
-    fn names(plan: &Plan<&'static str>) -> Vec<Vec<&'static str>> {
+    fn names(plan: &Deletions<&'static str>) -> Vec<Vec<&'static str>> {
         plan.expired.clone()
     }
 

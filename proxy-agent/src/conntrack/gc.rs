@@ -20,7 +20,7 @@ use aya::{
 use proxy_common::{Ct4Key, Ct6Key, MAX_CONNTRACK, names};
 
 use super::{
-    expiry::{self, Plan, Pressure},
+    expiry::{self, Deletions, Pressure},
     overflow,
     timeouts::Timeouts,
 };
@@ -57,14 +57,14 @@ pub struct Stats {
 
 /// One family's conntrack maps. Both are swept together: a flow is judged
 /// by all its entries, wherever the datapath put each of them.
-struct Tables<K: CtKey> {
+struct CtMaps<K: CtKey> {
     main: BpfHashMap<MapData, K, K::Value>,
     overflow: BpfHashMap<MapData, K, K::Value>,
 }
 
-impl<K: CtKey> Tables<K> {
+impl<K: CtKey> CtMaps<K> {
     fn open(pins: &Pins) -> anyhow::Result<Self> {
-        Ok(Tables {
+        Ok(CtMaps {
             main: pins.map(Table::Main.map_name::<K>())?,
             overflow: pins.map(Table::Overflow.map_name::<K>())?,
         })
@@ -95,8 +95,8 @@ impl<K: CtKey> Tables<K> {
 
 /// The pinned maps garbage collection works on.
 pub struct Gc {
-    v4: Tables<Ct4Key>,
-    v6: Tables<Ct6Key>,
+    v4: CtMaps<Ct4Key>,
+    v6: CtMaps<Ct6Key>,
     reaped: Array<MapData, u32>,
     overflowed: Array<MapData, u32>,
     timeouts: Timeouts,
@@ -111,8 +111,8 @@ impl Gc {
     pub fn open(bpffs: &Path, timeouts: Timeouts) -> anyhow::Result<Gc> {
         let pins = Pins::at(bpffs);
         Ok(Gc {
-            v4: Tables::<Ct4Key>::open(&pins)?,
-            v6: Tables::<Ct6Key>::open(&pins)?,
+            v4: CtMaps::<Ct4Key>::open(&pins)?,
+            v6: CtMaps::<Ct6Key>::open(&pins)?,
             reaped: pins.map(names::REAPED)?,
             overflowed: pins.map(names::OVERFLOWED)?,
             timeouts,
@@ -209,7 +209,7 @@ type Seen<K> = (Table, K, <K as CtKey>::Value);
 /// connections deleted are added to `reaped` as they go, so an error part
 /// way loses none.
 fn sweep<K: CtKey>(
-    tables: &mut Tables<K>,
+    tables: &mut CtMaps<K>,
     now: u32,
     timeouts: &Timeouts,
     reaped: &mut BTreeMap<u32, u32>,
@@ -242,7 +242,7 @@ fn plan<K: CtKey>(
     now: u32,
     timeouts: &Timeouts,
     pressure: Pressure,
-) -> Plan<Seen<K>> {
+) -> Deletions<Seen<K>> {
     let tagged = |table| move |(k, v): (K, K::Value)| ((table, k, v), k.record(&v));
     let records = (main.into_iter().map(tagged(Table::Main)))
         .chain(overflow.into_iter().map(tagged(Table::Overflow)));
@@ -268,7 +268,7 @@ fn read_all<K: CtKey>(
 /// took the key over): then the flow stays (None). Otherwise the number of
 /// entries this call deleted.
 fn delete_flow<K: CtKey>(
-    tables: &mut Tables<K>,
+    tables: &mut CtMaps<K>,
     flow: &[Seen<K>],
     reaped: &mut BTreeMap<u32, u32>,
 ) -> anyhow::Result<Option<usize>> {

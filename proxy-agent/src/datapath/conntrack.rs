@@ -11,20 +11,20 @@ use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, names};
 use serde::Serialize;
 
 /// An address and port, as in the packet (network byte order).
-pub type Endpoint<A> = (A, u16);
+pub type AddrPort<A> = (A, u16);
 
 /// A conntrack entry, key and value. `A` is the family's address type
 /// (`u32` for IPv4, `Addr6` for IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record<A> {
-    pub src: Endpoint<A>,
-    pub dst: Endpoint<A>,
+    pub src: AddrPort<A>,
+    pub dst: AddrPort<A>,
     pub proto: u8,
     /// `CT_FORWARD`, `CT_REPLY` or `CT_EGRESS`.
     pub direction: u8,
     /// The address and port the entry rewrites to (an egress entry of a
     /// source-NATed flow: port 0 until egress picks one).
-    pub nat: Endpoint<A>,
+    pub nat: AddrPort<A>,
     /// `CT_*` bits.
     pub flags: u16,
     pub backend_id: u32,

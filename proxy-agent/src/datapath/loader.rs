@@ -153,11 +153,26 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
         loader.map_max_entries(name, max);
     }
     let ebpf = loader.load(object).context("loading the eBPF object")?;
+    remove_retired(&pins);
     Ok(Loaded {
         ebpf,
         pins,
         links: Vec::new(),
     })
+}
+
+/// Unpins maps an earlier version pinned under names this one no longer
+/// uses, so an upgraded node does not keep them; `cleanup` removes
+/// whatever is left anyway.
+fn remove_retired(pins: &Path) {
+    for name in names::RETIRED {
+        let path = pins.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => log::info!("removed {}, pinned by an earlier version", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
 }
 
 /// How a pinned map compares with the layout this agent expects.
@@ -260,7 +275,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
             MAX_AFFINITY,
         ),
         names::SOURCE_RANGES6 => (4 + size(size_of::<SourceRange6>()), 4, MAX_SOURCE_RANGES),
-        names::MEMBERS => (
+        names::MEMBERS4 => (
             size(size_of::<MemberKey>()),
             size(size_of::<Backend4>()),
             MAX_MEMBERS,

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// One family's maps.
-pub struct Family<F, B, R> {
+pub struct FamilyMaps<F, B, R> {
     pub services: HashMap<MapData, F, Service>,
     pub backends: HashMap<MapData, u32, B>,
     pub members: HashMap<MapData, MemberKey, B>,
@@ -31,8 +31,8 @@ pub struct Family<F, B, R> {
 }
 
 pub struct MapSet {
-    pub v4: Family<Frontend4, Backend4, SourceRange4>,
-    pub v6: Family<Frontend6, Backend6, SourceRange6>,
+    pub v4: FamilyMaps<Frontend4, Backend4, SourceRange4>,
+    pub v6: FamilyMaps<Frontend6, Backend6, SourceRange6>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub config: Array<MapData, NodeConfig>,
     pub stats: PerCpuArray<MapData, ServiceStats>,
@@ -58,13 +58,13 @@ impl MapSet {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<MapSet> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         Ok(MapSet {
-            v4: Family {
+            v4: FamilyMaps {
                 services: take(ebpf, names::SERVICES4)?,
                 backends: take(ebpf, names::BACKENDS4)?,
-                members: take(ebpf, names::MEMBERS)?,
+                members: take(ebpf, names::MEMBERS4)?,
                 source_ranges: take(ebpf, names::SOURCE_RANGES4)?,
             },
-            v6: Family {
+            v6: FamilyMaps {
                 services: take(ebpf, names::SERVICES6)?,
                 backends: take(ebpf, names::BACKENDS6)?,
                 members: take(ebpf, names::MEMBERS6)?,
@@ -114,7 +114,7 @@ impl MapSet {
             )
             .filter_map(|(id, b)| Some((id, keys::backend_of(&b)?)))
             .collect();
-        let members4 = collect(self.v4.members.iter(), names::MEMBERS)?;
+        let members4 = collect(self.v4.members.iter(), names::MEMBERS4)?;
         let members6 = collect(self.v6.members.iter(), names::MEMBERS6)?;
         let flagged4 = members4
             .iter()
@@ -274,7 +274,7 @@ impl Maps for MapSet {
         match keys::backend(backend) {
             BackendValue::V4(b) => {
                 let b = Backend4 { flags, ..b };
-                written(self.v4.members.insert(key, b, 0), names::MEMBERS)
+                written(self.v4.members.insert(key, b, 0), names::MEMBERS4)
             }
             BackendValue::V6(b) => {
                 let b = Backend6 { flags, ..b };
@@ -287,7 +287,7 @@ impl Maps for MapSet {
         if backend.addr.is_ipv6() {
             removed(self.v6.members.remove(&key), names::MEMBERS6)?;
         } else {
-            removed(self.v4.members.remove(&key), names::MEMBERS)?;
+            removed(self.v4.members.remove(&key), names::MEMBERS4)?;
         }
         self.left.push(*backend);
         Ok(())

@@ -67,7 +67,7 @@ pub struct Destroyed {
 /// 1 ms at 256 Ki buckets); [`destroy_in`] skips the namespaces that cannot
 /// hold such a socket.
 pub fn destroy(peers: &[Peer], select: &dyn Fn(u64, SocketAddr, Peer) -> bool) -> Destroyed {
-    pass(Wanted::new(peers), select)
+    pass(Search::new(peers), select)
 }
 
 /// Like [`destroy`], but only in the namespaces whose cookie is in `netns`:
@@ -79,12 +79,12 @@ pub fn destroy_in(
     netns: &HashSet<u64>,
     select: &dyn Fn(u64, SocketAddr, Peer) -> bool,
 ) -> Destroyed {
-    let mut wanted = Wanted::new(peers);
+    let mut wanted = Search::new(peers);
     wanted.netns = Some(netns.clone());
     pass(wanted, select)
 }
 
-fn pass(wanted: Wanted, select: &dyn Fn(u64, SocketAddr, Peer) -> bool) -> Destroyed {
+fn pass(wanted: Search, select: &dyn Fn(u64, SocketAddr, Peer) -> bool) -> Destroyed {
     let mut out = Destroyed::default();
     if wanted.dumps.is_empty() {
         return out;
@@ -145,7 +145,7 @@ struct Visit {
 fn visit_all(
     namespaces: &[Namespace],
     next: &AtomicUsize,
-    wanted: &Wanted,
+    wanted: &Search,
     tx: &mpsc::Sender<Visit>,
 ) {
     while let Some(ns) = namespaces.get(next.fetch_add(1, Ordering::Relaxed)) {
@@ -156,7 +156,7 @@ fn visit_all(
 }
 
 /// Enters `ns` and dumps the sockets connected to a peer there.
-fn visit(ns: &Namespace, wanted: &Wanted) -> Visit {
+fn visit(ns: &Namespace, wanted: &Search) -> Visit {
     let mut visit = Visit {
         path: ns.path.clone(),
         diag: None,
@@ -276,14 +276,14 @@ impl Dump {
 /// The peers, keyed by their canonical form, the dumps that can find them,
 /// and the namespaces to look in (all when `None`).
 #[derive(Debug)]
-struct Wanted {
+struct Search {
     peers: HashMap<Peer, Peer>,
     dumps: Vec<Dump>,
     netns: Option<HashSet<u64>>,
 }
 
-impl Wanted {
-    fn new(peers: &[Peer]) -> Wanted {
+impl Search {
+    fn new(peers: &[Peer]) -> Search {
         let by_key: HashMap<Peer, Peer> = peers.iter().map(|p| (canonical(*p), *p)).collect();
         let mut dumps = Vec::new();
         for (proto, states) in [(IPPROTO_TCP, TCP_STATES), (IPPROTO_UDP, UDP_STATES)] {
@@ -314,7 +314,7 @@ impl Wanted {
                 dumps.extend(split);
             }
         }
-        Wanted {
+        Search {
             peers: by_key,
             dumps,
             netns: None,
@@ -671,7 +671,7 @@ impl Diag {
     }
 
     /// Runs `dump`, or its per-family parts on a kernel that refuses it.
-    fn dump_or_split(&mut self, dump: &Dump, wanted: &Wanted) -> Result<Vec<Socket>> {
+    fn dump_or_split(&mut self, dump: &Dump, wanted: &Search) -> Result<Vec<Socket>> {
         match self.dump(dump, wanted) {
             Err(err) if !dump.split.is_empty() && refused(&err) => {
                 let mut found = Vec::new();
@@ -685,7 +685,7 @@ impl Diag {
     }
 
     /// Dumps the sockets of one family and protocol connected to a peer.
-    fn dump(&mut self, dump: &Dump, wanted: &Wanted) -> Result<Vec<Socket>> {
+    fn dump(&mut self, dump: &Dump, wanted: &Search) -> Result<Vec<Socket>> {
         let what = || {
             format!(
                 "dumping {} sockets of family {}",
@@ -930,7 +930,7 @@ mod unit {
             u16::from_ne_bytes([body[REQ_LEN + 2], body[REQ_LEN + 3]]),
             INET_DIAG_REQ_BYTECODE
         );
-        let tcp = &Wanted::new(&[peer("192.0.2.2:80", IPPROTO_TCP)]).dumps[0];
+        let tcp = &Search::new(&[peer("192.0.2.2:80", IPPROTO_TCP)]).dumps[0];
         let body = dump_request(tcp);
         assert_eq!(COMPAT_REQ_LEN, 60);
         assert_eq!(body.len(), COMPAT_REQ_LEN + 4 + 8);
@@ -960,7 +960,7 @@ mod unit {
 
     #[test]
     fn candidates_match_address_port_and_protocol() {
-        let wanted = Wanted::new(&[
+        let wanted = Search::new(&[
             peer("192.0.2.2:53", IPPROTO_UDP),
             peer("[2001:db8::5]:80", IPPROTO_TCP),
         ]);
@@ -1013,7 +1013,7 @@ mod unit {
 
     #[test]
     fn a_v4_mapped_peer_counts_as_ipv4() {
-        let wanted = Wanted::new(&[peer("[::ffff:192.0.2.2]:53", IPPROTO_UDP)]);
+        let wanted = Search::new(&[peer("[::ffff:192.0.2.2]:53", IPPROTO_UDP)]);
         let id = SockId {
             dport: 53,
             dst: v4([192, 0, 2, 2]),
@@ -1034,13 +1034,13 @@ mod unit {
         let families = |dumps: &[Dump]| -> Vec<(u16, u8, u8)> {
             dumps.iter().map(|d| (d.ty, d.family, d.proto)).collect()
         };
-        assert_eq!(Wanted::new(&[]).dumps, vec![]);
-        let v6_tcp = Wanted::new(&[peer("[2001:db8::5]:80", IPPROTO_TCP)]);
+        assert_eq!(Search::new(&[]).dumps, vec![]);
+        let v6_tcp = Search::new(&[peer("[2001:db8::5]:80", IPPROTO_TCP)]);
         let both = (TCPDIAG_GETSOCK, libc::AF_UNSPEC as u8, IPPROTO_TCP);
         assert_eq!(families(&v6_tcp.dumps), vec![both]);
         let by_family = (SOCK_DIAG_BY_FAMILY, AF_INET6, IPPROTO_TCP);
         assert_eq!(families(&v6_tcp.dumps[0].split), vec![by_family]);
-        let v4_udp = Wanted::new(&[peer("192.0.2.2:53", IPPROTO_UDP)]);
+        let v4_udp = Search::new(&[peer("192.0.2.2:53", IPPROTO_UDP)]);
         assert_eq!(
             families(&v4_udp.dumps),
             vec![

@@ -43,7 +43,7 @@ impl Maps {
         Ok(Maps {
             nat4: pins.map(names::SOCK_NAT4)?,
             nat6: pins.map(names::SOCK_NAT6)?,
-            members4: pins.map(names::MEMBERS)?,
+            members4: pins.map(names::MEMBERS4)?,
             members6: pins.map(names::MEMBERS6)?,
         })
     }

@@ -118,7 +118,7 @@ impl Pinned {
     }
 
     fn members(&self) -> anyhow::Result<Vec<MemberRecord>> {
-        let v4 = self.hash::<MemberKey, Backend4>(names::MEMBERS)?;
+        let v4 = self.hash::<MemberKey, Backend4>(names::MEMBERS4)?;
         let v6 = self.hash::<MemberKey, Backend6>(names::MEMBERS6)?;
         let record = |k: &MemberKey, backend: Endpoint, flags: u8| MemberRecord {
             service_id: k.service_id,

@@ -79,7 +79,7 @@ pub struct ServiceRecord {
     pub entry: Service,
 }
 
-/// One entry of `lb_members` or `lb6_members`: a backend as a service uses it.
+/// One entry of `lb4_members` or `lb6_members`: a backend as a service uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemberRecord {
     pub service_id: u32,

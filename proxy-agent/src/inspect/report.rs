@@ -20,24 +20,24 @@ use crate::datapath::conntrack::Table;
 /// An address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Family {
+pub enum IpFamily {
     Ipv4,
     Ipv6,
 }
 
-impl Family {
-    pub fn of(addr: &SocketAddr) -> Family {
+impl IpFamily {
+    pub fn of(addr: &SocketAddr) -> IpFamily {
         match addr {
-            SocketAddr::V4(_) => Family::Ipv4,
-            SocketAddr::V6(_) => Family::Ipv6,
+            SocketAddr::V4(_) => IpFamily::Ipv4,
+            SocketAddr::V6(_) => IpFamily::Ipv6,
         }
     }
 
     /// As in JSON.
     pub fn name(self) -> &'static str {
         match self {
-            Family::Ipv4 => "ipv4",
-            Family::Ipv6 => "ipv6",
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
         }
     }
 }
@@ -160,7 +160,7 @@ pub struct ServiceView {
     pub frontend: SocketAddr,
     /// `TCP`, `UDP`, `SCTP` or the protocol number.
     pub protocol: String,
-    pub family: Family,
+    pub family: IpFamily,
     /// `all`, or `local`: the entry the socket hooks give this node's own
     /// clients where they get other backends (its `all` twin has the
     /// `local-twin` flag).
@@ -243,7 +243,7 @@ fn service(
     ServiceView {
         frontend: s.frontend.addr,
         protocol: protocol_name(s.frontend.proto),
-        family: Family::of(&s.frontend.addr),
+        family: IpFamily::of(&s.frontend.addr),
         clients: match s.scope {
             SCOPE_LOCAL => "local",
             _ => "all",
@@ -348,7 +348,7 @@ pub struct BackendView {
     pub backend_id: u32,
     pub address: SocketAddr,
     pub protocol: String,
-    pub family: Family,
+    pub family: IpFamily,
     /// New flows sent to it (`lb_be_stats`, all CPUs); null when the
     /// datapath does not count them.
     pub new_flows: Option<u64>,
@@ -425,7 +425,7 @@ fn backend(
         backend_id: id,
         address: endpoint.addr,
         protocol: protocol_name(endpoint.proto),
-        family: Family::of(&endpoint.addr),
+        family: IpFamily::of(&endpoint.addr),
         new_flows: activity.flows,
         opened: conns.map(|c| c.opened),
         closed: conns.map(|c| c.closed),
@@ -452,7 +452,7 @@ pub struct ConntrackReport {
 /// One conntrack entry.
 #[derive(Debug, Serialize)]
 pub struct CtView {
-    pub family: Family,
+    pub family: IpFamily,
     /// `main` (`ct4`/`ct6`) or `overflow` (`ct4_overflow`/`ct6_overflow`:
     /// a flow that found the main map full; the LRU may evict it).
     pub table: Table,
@@ -489,8 +489,8 @@ pub struct CtTotals {
 impl CtTotals {
     fn count(&mut self, e: &CtView) {
         let (all, overflow) = match e.family {
-            Family::Ipv4 => (&mut self.ipv4, &mut self.ipv4_overflow),
-            Family::Ipv6 => (&mut self.ipv6, &mut self.ipv6_overflow),
+            IpFamily::Ipv4 => (&mut self.ipv4, &mut self.ipv4_overflow),
+            IpFamily::Ipv6 => (&mut self.ipv6, &mut self.ipv6_overflow),
         };
         *all += 1;
         if e.table == Table::Overflow {
@@ -505,7 +505,7 @@ pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
     let mut sorted: Vec<&CtRecord> = records.iter().collect();
     sorted.sort_by_key(|r| {
         (
-            Family::of(&r.src),
+            IpFamily::of(&r.src),
             r.table,
             r.direction,
             r.src,
@@ -525,7 +525,7 @@ pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
 
 fn ct_view(r: &CtRecord, now: u32) -> CtView {
     CtView {
-        family: Family::of(&r.src),
+        family: IpFamily::of(&r.src),
         table: r.table,
         direction: direction_name(r.direction, r.flags),
         protocol: protocol_name(r.proto),

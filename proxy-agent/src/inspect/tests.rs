@@ -484,7 +484,7 @@ fn enum_names_match_their_json() {
             json!(state.name())
         );
     }
-    for family in [report::Family::Ipv4, report::Family::Ipv6] {
+    for family in [report::IpFamily::Ipv4, report::IpFamily::Ipv6] {
         assert_eq!(
             serde_json::to_value(family).expect("json"),
             json!(family.name())

@@ -8,7 +8,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use super::{frontends::Protocol, node::ThisNode, objects::port_number};
 
 /// One Service port's endpoints, looked up in the Service's slices.
-pub(super) struct Wanted<'a> {
+pub(super) struct PortEndpoints<'a> {
     pub slices: &'a [&'a EndpointSlice],
     pub port_name: &'a str,
     pub protocol: Protocol,
@@ -16,7 +16,7 @@ pub(super) struct Wanted<'a> {
     pub v6: bool,
 }
 
-impl Wanted<'_> {
+impl PortEndpoints<'_> {
     /// The backends of the port for internal (cluster IP) or external
     /// traffic: each traffic policy `Local` keeps its kind of traffic on this
     /// node; otherwise topology-aware routing may narrow them to the zone.

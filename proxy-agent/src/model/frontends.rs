@@ -8,7 +8,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 use super::{
-    endpoints::Wanted,
+    endpoints::PortEndpoints,
     node::ThisNode,
     objects::{ObjectKey, affinity_timeout, port_number, protocol},
 };
@@ -156,7 +156,7 @@ pub(super) fn service_frontends(
         let node_port = node_port(service, port.node_port);
         let port_name = port.name.clone().unwrap_or_default();
         for v6 in [false, true] {
-            let wanted = Wanted {
+            let wanted = PortEndpoints {
                 slices,
                 port_name: &port_name,
                 protocol,
@@ -198,7 +198,7 @@ impl FrontendOf<'_> {
     /// The states of the port's frontends of one family (`targets`).
     fn states(
         &self,
-        wanted: &Wanted,
+        wanted: &PortEndpoints,
         node: &ThisNode,
         targets: &[(IpAddr, u16, Scope)],
     ) -> Vec<(Frontend, FrontendState)> {

@@ -24,7 +24,7 @@ pub struct Snapshot {
 }
 
 /// Entries nothing explains, removed by the next pass (slots: by the slot
-/// tables, `Tables::adopt_found`).
+/// tables, `SlotTables::adopt_found`).
 #[derive(Debug, Default)]
 pub(super) struct Strays {
     pub services: Vec<Frontend>,

@@ -34,8 +34,8 @@ use crate::{cidr::Cidr, datapath::keys, nodeconfig::Settings};
 pub use adopt::Snapshot;
 use adopt::Strays;
 use ids::Ids;
+use tables::SlotTables;
 pub use tables::SlotsFull;
-use tables::Tables;
 
 use crate::budget;
 use proxy_common::MAX_SLOTS;
@@ -154,7 +154,7 @@ pub struct Reconciler {
     backend_keys: BTreeMap<u32, BackendKey>,
     holds: Holds,
     /// Slot tables in `lb_slots`, shared by the frontends with equal slots.
-    tables: Tables,
+    tables: SlotTables,
     /// Most `lb_slots` entries one Service's tables may take.
     slot_budget: u32,
     /// Services whose latest wish was over the budget: what they had stays.
@@ -184,7 +184,7 @@ impl Reconciler {
             backends: BTreeMap::new(),
             backend_keys: BTreeMap::new(),
             holds: Holds::default(),
-            tables: Tables::new(MAX_SLOTS),
+            tables: SlotTables::new(MAX_SLOTS),
             slot_budget: budget::DEFAULT_SLOT_BUDGET,
             rejected: BTreeSet::new(),
             service_ids: Ids::new(max_services),

@@ -17,13 +17,13 @@ use std::{
 
 use super::{Holds, Maps, Report, ids::Ids, slot_key};
 
-/// Table ids: at most one table per frontend entry (both families), plus
+/// SlotTable ids: at most one table per frontend entry (both families), plus
 /// those waiting to be deleted or reused.
 pub const TABLE_IDS: u32 = 4 * proxy_common::MAX_SERVICES;
 
 /// One table in use.
 #[derive(Debug)]
-struct Table {
+struct SlotTable {
     /// Backend id of each slot, as written.
     slots: Vec<u32>,
     /// Frontends whose entry names it.
@@ -43,9 +43,9 @@ struct Doomed {
 }
 
 #[derive(Debug)]
-pub struct Tables {
+pub struct SlotTables {
     ids: Ids,
-    live: BTreeMap<u32, Table>,
+    live: BTreeMap<u32, SlotTable>,
     /// Content hash -> live tables with it.
     by_hash: HashMap<u64, Vec<u32>>,
     doomed: BTreeMap<u32, Doomed>,
@@ -83,9 +83,9 @@ fn content_hash(slots: &[u32]) -> u64 {
     h.finish()
 }
 
-impl Tables {
+impl SlotTables {
     pub fn new(capacity: u32) -> Self {
-        Tables {
+        SlotTables {
             ids: Ids::new(TABLE_IDS),
             live: BTreeMap::new(),
             by_hash: HashMap::new(),
@@ -100,7 +100,7 @@ impl Tables {
         self.capacity = u64::from(capacity);
     }
 
-    /// Tables in use.
+    /// SlotTables in use.
     pub fn count(&self) -> usize {
         self.live.len()
     }
@@ -171,7 +171,7 @@ impl Tables {
             holds.hold(*backend);
             report.writes += 1;
         }
-        let table = Table {
+        let table = SlotTable {
             slots: slots.to_vec(),
             users: 1,
             hash,
@@ -266,7 +266,7 @@ impl Tables {
         self.by_hash.entry(hash).or_default().push(id);
         self.live.insert(
             id,
-            Table {
+            SlotTable {
                 slots,
                 users: 1,
                 hash,

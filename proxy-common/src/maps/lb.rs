@@ -1,6 +1,6 @@
 //! Load balancing: frontends and their service entries (`lb4_services`,
 //! `lb6_services`), slot tables (`lb_slots`), backends and members
-//! (`lb4_backends`, `lb6_backends`, `lb_members`, `lb6_members`), session
+//! (`lb4_backends`, `lb6_backends`, `lb4_members`, `lb6_members`), session
 //! affinity and source ranges, and the service flags and algorithms.
 
 use super::Addr6;
@@ -32,7 +32,7 @@ pub const SCOPE_LOCAL: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
-    /// This frontend's own id: `lb_stats`, `lb_members`, affinity, source
+    /// This frontend's own id: `lb_stats`, `lb4_members`, affinity, source
     /// ranges, round robin and conntrack go by it.
     pub id: u32,
     /// Slots 0..backend_count of its slot table hold this service's backends.
@@ -114,7 +114,7 @@ pub struct Backend4 {
 /// (it has no slot, but conntrack still honours it).
 pub const BACKEND_TERMINATING: u8 = 1;
 
-/// Key of `lb_members`: a backend of a service. The value is the backend's
+/// Key of `lb4_members`: a backend of a service. The value is the backend's
 /// `Backend4` as the service uses it, so that a conntrack or affinity entry
 /// naming a backend id that was since reused for another address is not
 /// mistaken for a live one.

@@ -12,7 +12,7 @@ pub const SERVICES6: &str = "lb6_services";
 pub const SLOTS: &str = "lb_slots";
 pub const BACKENDS4: &str = "lb4_backends";
 pub const BACKENDS6: &str = "lb6_backends";
-pub const MEMBERS: &str = "lb_members";
+pub const MEMBERS4: &str = "lb4_members";
 pub const MEMBERS6: &str = "lb6_members";
 pub const AFFINITY4: &str = "lb4_affinity";
 pub const AFFINITY6: &str = "lb6_affinity";
@@ -80,7 +80,12 @@ pub const ALL: [&str; 27] = [
     CONNTRACK4,
     SERVICE_STATS,
     COUNTERS,
-    MEMBERS,
+    MEMBERS4,
     AFFINITY4,
     SOURCE_RANGES4,
 ];
+
+/// Names earlier versions pinned maps under, removed when a datapath is
+/// loaded: the programs that used them are replaced by then, and the kernel
+/// keeps a map alive while anything still holds it.
+pub const RETIRED: &[&str] = &["lb_members"];
