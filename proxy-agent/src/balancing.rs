@@ -62,6 +62,19 @@ impl Algorithm {
             Algorithm::SourceHash => proxy_common::ALG_SOURCE_HASH,
         }
     }
+
+    /// The algorithm with the datapath's `ALG_*` number `n`, if any.
+    pub fn from_number(n: u32) -> Option<Algorithm> {
+        [
+            Algorithm::Random,
+            Algorithm::RoundRobin,
+            Algorithm::LeastConnections,
+            Algorithm::Maglev,
+            Algorithm::SourceHash,
+        ]
+        .into_iter()
+        .find(|a| a.number() == n)
+    }
 }
 
 impl fmt::Display for Algorithm {

@@ -10,13 +10,12 @@ use proxy_agent::{
     balancing::Algorithm,
     cidr::Cidr,
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
-    reconcile::{BackendKey, Maps, Reconciler, Snapshot},
+    reconcile::{BackendKey, Maps, Member, NodeEntry, Reconciler, ServiceEntry, Slot, Snapshot},
 };
-use proxy_common::{MemberKey, NodeConfig, SVC_SOURCE_RANGES, Service, SlotKey};
 
 #[derive(Default)]
 struct FakeMaps {
-    services: BTreeMap<Frontend, Service>,
+    services: BTreeMap<Frontend, ServiceEntry>,
     slots: BTreeMap<(u32, u32), u32>,
     backends: BTreeMap<u32, BackendKey>,
     members: BTreeMap<(u32, u32), BackendKey>,
@@ -28,7 +27,7 @@ struct FakeMaps {
     fail: Option<String>,
     /// Skip the per-write check (for maps corrupted on purpose).
     unchecked: bool,
-    config: Option<NodeConfig>,
+    config: Option<NodeEntry>,
 }
 
 impl FakeMaps {
@@ -54,8 +53,7 @@ impl FakeMaps {
         }
         for (fe, svc) in &self.services {
             assert!(
-                svc.flags & SVC_SOURCE_RANGES == 0
-                    || self.ranges.iter().any(|(id, _)| *id == svc.id),
+                !svc.source_ranges || self.ranges.iter().any(|(id, _)| *id == svc.id),
                 "{fe:?} admits ranges it does not have; log {:?}",
                 self.log
             );
@@ -126,27 +124,27 @@ impl Maps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
+    fn set_slot(&mut self, slot: Slot, backend_id: u32) -> anyhow::Result<()> {
         self.write(format!(
             "set_slot {}/{} {backend_id}",
-            key.service_id, key.slot
+            slot.table, slot.index
         ))?;
-        self.slots.insert((key.service_id, key.slot), backend_id);
+        self.slots.insert((slot.table, slot.index), backend_id);
         self.check();
         Ok(())
     }
-    fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
-        self.write(format!("remove_slot {}/{}", key.service_id, key.slot))?;
-        self.slots.remove(&(key.service_id, key.slot));
+    fn remove_slot(&mut self, slot: Slot) -> anyhow::Result<()> {
+        self.write(format!("remove_slot {}/{}", slot.table, slot.index))?;
+        self.slots.remove(&(slot.table, slot.index));
         self.check();
         Ok(())
     }
-    fn set_service(&mut self, fe: &Frontend, svc: Service) -> anyhow::Result<()> {
+    fn set_service(&mut self, fe: &Frontend, svc: &ServiceEntry) -> anyhow::Result<()> {
         self.write(format!(
             "set_service {} count {} table {}",
             fe.port, svc.backend_count, svc.slots_id
         ))?;
-        self.services.insert(*fe, svc);
+        self.services.insert(*fe, *svc);
         self.check();
         Ok(())
     }
@@ -161,7 +159,7 @@ impl Maps for FakeMaps {
     }
     fn set_member(
         &mut self,
-        key: MemberKey,
+        key: Member,
         backend: &BackendKey,
         terminating: bool,
     ) -> anyhow::Result<()> {
@@ -179,7 +177,7 @@ impl Maps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn remove_member(&mut self, key: MemberKey, _: &BackendKey) -> anyhow::Result<()> {
+    fn remove_member(&mut self, key: Member, _: &BackendKey) -> anyhow::Result<()> {
         self.write(format!(
             "remove_member {}/{}",
             key.service_id, key.backend_id
@@ -189,9 +187,9 @@ impl Maps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn set_config(&mut self, config: NodeConfig) -> anyhow::Result<()> {
+    fn set_config(&mut self, config: &NodeEntry) -> anyhow::Result<()> {
         self.write("set_config".into())?;
-        self.config = Some(config);
+        self.config = Some(*config);
         Ok(())
     }
     fn set_source_range(&mut self, id: u32, range: Cidr) -> anyhow::Result<()> {
@@ -418,11 +416,11 @@ impl FakeMaps {
             slots: self
                 .slots
                 .iter()
-                .map(|((service_id, slot), b)| {
+                .map(|((table, index), b)| {
                     (
-                        SlotKey {
-                            service_id: *service_id,
-                            slot: *slot,
+                        Slot {
+                            table: *table,
+                            index: *index,
                         },
                         *b,
                     )
@@ -432,7 +430,7 @@ impl FakeMaps {
             terminating_members: self
                 .terminating
                 .iter()
-                .map(|(service_id, backend_id)| MemberKey {
+                .map(|(service_id, backend_id)| Member {
                     service_id: *service_id,
                     backend_id: *backend_id,
                 })
@@ -442,7 +440,7 @@ impl FakeMaps {
                 .iter()
                 .map(|((service_id, backend_id), b)| {
                     (
-                        MemberKey {
+                        Member {
                             service_id: *service_id,
                             backend_id: *backend_id,
                         },
@@ -726,8 +724,8 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
         ]
     );
     let entry = maps.services.values().next().copied().expect("entry");
-    assert_eq!(entry.affinity_timeout, 30);
-    assert_ne!(entry.flags & SVC_SOURCE_RANGES, 0);
+    assert_eq!(entry.affinity_timeout, Some(30));
+    assert!(entry.source_ranges);
     r.apply(&with_ranges(&["192.0.2.0/24", "203.0.113.0/24"]), &mut maps);
     assert_eq!(
         maps.writes(),
@@ -834,7 +832,7 @@ fn a_maglev_service_gets_its_table_in_slots_and_keeps_most_of_it_when_a_backend_
     let svc = *maps.services.values().next().expect("service");
     assert_eq!(
         (svc.algorithm, svc.table_size, svc.backend_count),
-        (proxy_common::ALG_MAGLEV, 251, 5)
+        (Algorithm::Maglev, 251, 5)
     );
     let before = slot_contents(&maps);
     assert_eq!(before.len(), 251);

@@ -5,15 +5,16 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proxy_common::{
-    Addr6, Backend4, Backend6, Frontend4, Frontend6, NodeConfig, SCOPE_ALL, SCOPE_LOCAL,
+    Addr6, Backend4, Backend6, Frontend4, Frontend6, MemberKey, NodeConfig, SCOPE_ALL, SCOPE_LOCAL,
     SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL,
-    SVC_SOURCE_RANGES, Service,
+    SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::{
-    model::{Clients, Desired, Frontend, FrontendState, Protocol, Scope},
-    nodeconfig::Settings,
-    reconcile::BackendKey,
+    balancing::Algorithm,
+    model::{Clients, Frontend, Protocol},
+    nodeconfig::{PortRange, Settings},
+    reconcile::{BackendKey, Member, NodeEntry, ServiceEntry, Slot},
 };
 
 /// A frontend in the map of its family.
@@ -127,51 +128,102 @@ pub fn backend_of(value: &BackendValue) -> Option<BackendKey> {
     })
 }
 
-/// The service entry: its backends (in slot table `slots_id`) and how the
-/// datapath treats its traffic beyond picking one.
-pub fn service(id: u32, slots_id: u32, count: u32, state: &FrontendState) -> Service {
-    let mut flags = 0;
-    // Frontends outside the cluster range may be the node's own addresses.
-    if state.scope != Scope::ClusterIp {
-        flags |= SVC_REPLY_AT_EGRESS;
-    }
-    if state.affinity_timeout.is_some() {
-        flags |= SVC_AFFINITY;
-    }
-    if !state.source_ranges.is_empty() {
-        flags |= SVC_SOURCE_RANGES;
-    }
-    if state.drop_when_empty {
-        flags |= SVC_DROP_WHEN_EMPTY;
-    }
-    if state.snat {
-        flags |= SVC_SNAT_EXTERNAL;
-    }
-    if state.local_twin {
-        flags |= SVC_LOCAL_TWIN;
-    }
+/// A service entry as the datapath reads it.
+pub fn service(entry: &ServiceEntry) -> Service {
+    let bits = [
+        (entry.reply_at_egress, SVC_REPLY_AT_EGRESS),
+        (entry.affinity_timeout.is_some(), SVC_AFFINITY),
+        (entry.source_ranges, SVC_SOURCE_RANGES),
+        (entry.drop_when_empty, SVC_DROP_WHEN_EMPTY),
+        (entry.snat, SVC_SNAT_EXTERNAL),
+        (entry.local_twin, SVC_LOCAL_TWIN),
+    ];
     Service {
-        id,
-        backend_count: count,
-        flags,
-        affinity_timeout: state.affinity_timeout.unwrap_or(0),
-        algorithm: state.algorithm.number(),
-        // A table only exists with backends to fill it.
-        table_size: if count == 0 { 0 } else { state.table_size },
-        slots_id,
+        id: entry.id,
+        backend_count: entry.backend_count,
+        flags: bits
+            .iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |f, (_, bit)| f | bit),
+        affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+        algorithm: entry.algorithm.number(),
+        table_size: entry.table_size,
+        slots_id: entry.slots_id,
     }
 }
 
-/// The node configuration: the desired state's source NAT addresses, and
-/// the node's ports and hash keys.
-pub fn node_config(desired: &Desired, node: &Settings) -> NodeConfig {
+/// The entry a service value in the map stands for (an unknown algorithm
+/// reads as the default one, so the entry is rewritten).
+pub fn service_entry(service: &Service) -> ServiceEntry {
+    let on = |bit: u32| service.flags & bit != 0;
+    ServiceEntry {
+        id: service.id,
+        slots_id: service.slots_id,
+        backend_count: service.backend_count,
+        algorithm: Algorithm::from_number(service.algorithm).unwrap_or_default(),
+        table_size: service.table_size,
+        affinity_timeout: on(SVC_AFFINITY).then_some(service.affinity_timeout),
+        reply_at_egress: on(SVC_REPLY_AT_EGRESS),
+        source_ranges: on(SVC_SOURCE_RANGES),
+        drop_when_empty: on(SVC_DROP_WHEN_EMPTY),
+        snat: on(SVC_SNAT_EXTERNAL),
+        local_twin: on(SVC_LOCAL_TWIN),
+    }
+}
+
+pub fn slot(slot: Slot) -> SlotKey {
+    SlotKey {
+        service_id: slot.table,
+        slot: slot.index,
+    }
+}
+
+pub fn slot_of(key: &SlotKey) -> Slot {
+    Slot {
+        table: key.service_id,
+        index: key.slot,
+    }
+}
+
+pub fn member(member: Member) -> MemberKey {
+    MemberKey {
+        service_id: member.service_id,
+        backend_id: member.backend_id,
+    }
+}
+
+pub fn member_of(key: &MemberKey) -> Member {
+    Member {
+        service_id: key.service_id,
+        backend_id: key.backend_id,
+    }
+}
+
+/// The node configuration as the datapath reads it.
+pub fn node_config(node: &NodeEntry) -> NodeConfig {
     NodeConfig {
-        snat_addr4: desired.snat_addr4.as_ref().map_or(0, v4),
-        snat_port_min: node.snat_ports.min,
-        snat_port_max: node.snat_ports.max,
-        snat_addr6: desired.snat_addr6.as_ref().map_or([0; 4], v6),
-        node_key: node.node_key,
-        cluster_key: node.cluster_key,
+        snat_addr4: node.snat_addr4.as_ref().map_or(0, v4),
+        snat_port_min: node.settings.snat_ports.min,
+        snat_port_max: node.settings.snat_ports.max,
+        snat_addr6: node.snat_addr6.as_ref().map_or([0; 4], v6),
+        node_key: node.settings.node_key,
+        cluster_key: node.settings.cluster_key,
+    }
+}
+
+/// The node entry a configuration in the map stands for.
+pub fn node_entry(config: &NodeConfig) -> NodeEntry {
+    NodeEntry {
+        snat_addr4: (config.snat_addr4 != 0).then(|| from_v4(config.snat_addr4)),
+        snat_addr6: (config.snat_addr6 != [0; 4]).then(|| from_v6(&config.snat_addr6)),
+        settings: Settings {
+            snat_ports: PortRange {
+                min: config.snat_port_min,
+                max: config.snat_port_max,
+            },
+            node_key: config.node_key,
+            cluster_key: config.cluster_key,
+        },
     }
 }
 
@@ -211,5 +263,50 @@ mod tests {
             assert_eq!(k.scope, scope);
             assert_eq!(frontend_of(&key), Some(f));
         }
+    }
+
+    #[test]
+    fn service_entries_and_node_entries_come_back_as_written() {
+        let entry = ServiceEntry {
+            id: 7,
+            slots_id: 3,
+            backend_count: 2,
+            algorithm: Algorithm::Maglev,
+            table_size: 251,
+            affinity_timeout: Some(30),
+            reply_at_egress: true,
+            source_ranges: true,
+            drop_when_empty: false,
+            snat: true,
+            local_twin: false,
+        };
+        let written = service(&entry);
+        assert_eq!(
+            written.flags,
+            SVC_REPLY_AT_EGRESS | SVC_AFFINITY | SVC_SOURCE_RANGES | SVC_SNAT_EXTERNAL
+        );
+        assert_eq!(service_entry(&written), entry);
+        let plain = ServiceEntry {
+            affinity_timeout: None,
+            reply_at_egress: false,
+            source_ranges: false,
+            snat: false,
+            ..entry
+        };
+        assert_eq!(service(&plain).flags, 0);
+        assert_eq!(service_entry(&service(&plain)), plain);
+        let node = NodeEntry {
+            snat_addr4: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            snat_addr6: None,
+            settings: Settings {
+                snat_ports: PortRange {
+                    min: 61000,
+                    max: 65535,
+                },
+                node_key: [1, 2],
+                cluster_key: [3, 4],
+            },
+        };
+        assert_eq!(node_entry(&node_config(&node)), node);
     }
 }

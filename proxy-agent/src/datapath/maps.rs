@@ -19,7 +19,7 @@ use super::keys::{self, BackendValue, FrontendKey};
 use crate::{
     cidr::Cidr,
     model::Frontend,
-    reconcile::{BackendKey, Maps, Snapshot},
+    reconcile::{BackendKey, Maps, Member, NodeEntry, ServiceEntry, Slot, Snapshot},
 };
 
 /// One family's maps.
@@ -91,8 +91,12 @@ impl MapSet {
     /// agent to adopt.
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let mut snapshot = Snapshot {
-            slots: collect(self.slots.iter(), names::SLOTS)?,
-            config: Some(self.config.get(&0, 0).context("reading lb_config")?),
+            slots: (collect(self.slots.iter(), names::SLOTS)?.iter())
+                .map(|(key, backend)| (keys::slot_of(key), *backend))
+                .collect(),
+            config: Some(keys::node_entry(
+                &self.config.get(&0, 0).context("reading lb_config")?,
+            )),
             ..Snapshot::default()
         };
         let services4 = collect(self.v4.services.iter(), names::SERVICES4)?;
@@ -101,7 +105,7 @@ impl MapSet {
             .map(|(f, s)| (FrontendKey::V4(f), s))
             .chain(services6.into_iter().map(|(f, s)| (FrontendKey::V6(f), s)));
         snapshot.services = services
-            .filter_map(|(key, s)| Some((keys::frontend_of(&key)?, s)))
+            .filter_map(|(key, s)| Some((keys::frontend_of(&key)?, keys::service_entry(&s))))
             .collect();
         let backends4 = collect(self.v4.backends.iter(), names::BACKENDS4)?;
         let backends6 = collect(self.v6.backends.iter(), names::BACKENDS6)?;
@@ -122,13 +126,13 @@ impl MapSet {
         let flagged6 = members6
             .iter()
             .filter(|(_, b)| b.flags & BACKEND_TERMINATING != 0);
-        snapshot.terminating_members = (flagged4.map(|(k, _)| *k))
-            .chain(flagged6.map(|(k, _)| *k))
+        snapshot.terminating_members = (flagged4.map(|(k, _)| keys::member_of(k)))
+            .chain(flagged6.map(|(k, _)| keys::member_of(k)))
             .collect();
         snapshot.members = (members4.into_iter())
             .map(|(k, b)| (k, BackendValue::V4(b)))
             .chain(members6.into_iter().map(|(k, b)| (k, BackendValue::V6(b))))
-            .filter_map(|(k, b)| Some((k, keys::backend_of(&b)?)))
+            .filter_map(|(k, b)| Some((keys::member_of(&k), keys::backend_of(&b)?)))
             .collect();
         let ranges4 = collect(self.v4.source_ranges.iter(), names::SOURCE_RANGES4)?;
         let ranges6 = collect(self.v6.source_ranges.iter(), names::SOURCE_RANGES6)?;
@@ -242,15 +246,19 @@ impl Maps for MapSet {
         }
     }
 
-    fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()> {
-        written(self.slots.insert(key, backend_id, 0), names::SLOTS)
+    fn set_slot(&mut self, slot: Slot, backend_id: u32) -> anyhow::Result<()> {
+        written(
+            self.slots.insert(keys::slot(slot), backend_id, 0),
+            names::SLOTS,
+        )
     }
 
-    fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()> {
-        removed(self.slots.remove(&key), names::SLOTS)
+    fn remove_slot(&mut self, slot: Slot) -> anyhow::Result<()> {
+        removed(self.slots.remove(&keys::slot(slot)), names::SLOTS)
     }
 
-    fn set_service(&mut self, frontend: &Frontend, service: Service) -> anyhow::Result<()> {
+    fn set_service(&mut self, frontend: &Frontend, entry: &ServiceEntry) -> anyhow::Result<()> {
+        let service = keys::service(entry);
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => written(self.v4.services.insert(f, service, 0), names::SERVICES4),
             FrontendKey::V6(f) => written(self.v6.services.insert(f, service, 0), names::SERVICES6),
@@ -266,10 +274,11 @@ impl Maps for MapSet {
 
     fn set_member(
         &mut self,
-        key: MemberKey,
+        member: Member,
         backend: &BackendKey,
         terminating: bool,
     ) -> anyhow::Result<()> {
+        let key = keys::member(member);
         let flags = if terminating { BACKEND_TERMINATING } else { 0 };
         match keys::backend(backend) {
             BackendValue::V4(b) => {
@@ -283,7 +292,8 @@ impl Maps for MapSet {
         }
     }
 
-    fn remove_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()> {
+    fn remove_member(&mut self, member: Member, backend: &BackendKey) -> anyhow::Result<()> {
+        let key = keys::member(member);
         if backend.addr.is_ipv6() {
             removed(self.v6.members.remove(&key), names::MEMBERS6)?;
         } else {
@@ -313,8 +323,11 @@ impl Maps for MapSet {
         }
     }
 
-    fn set_config(&mut self, config: NodeConfig) -> anyhow::Result<()> {
-        written(self.config.set(0, config, 0), names::CONFIG)
+    fn set_config(&mut self, node: &NodeEntry) -> anyhow::Result<()> {
+        written(
+            self.config.set(0, keys::node_config(node), 0),
+            names::CONFIG,
+        )
     }
 
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()> {

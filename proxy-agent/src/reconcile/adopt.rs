@@ -2,9 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{MemberKey, NodeConfig, Service, SlotKey};
-
-use super::{Applied, BackendKey, Reconciler, member_key};
+use super::{Applied, BackendKey, Member, NodeEntry, Reconciler, ServiceEntry, Slot, member_key};
 use crate::{cidr::Cidr, model::Frontend};
 
 /// What the maps of both families hold, as read back after a restart
@@ -12,15 +10,15 @@ use crate::{cidr::Cidr, model::Frontend};
 /// left out by the reader).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<(Frontend, Service)>,
-    pub slots: Vec<(SlotKey, u32)>,
+    pub services: Vec<(Frontend, ServiceEntry)>,
+    pub slots: Vec<(Slot, u32)>,
     pub backends: Vec<(u32, BackendKey)>,
-    pub members: Vec<(MemberKey, BackendKey)>,
+    pub members: Vec<(Member, BackendKey)>,
     /// Members written as terminating.
-    pub terminating_members: BTreeSet<MemberKey>,
+    pub terminating_members: BTreeSet<Member>,
     /// (service id, range) pairs.
     pub source_ranges: Vec<(u32, Cidr)>,
-    pub config: Option<NodeConfig>,
+    pub config: Option<NodeEntry>,
 }
 
 /// Entries nothing explains, removed by the next pass (slots: by the slot
@@ -28,7 +26,7 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 pub(super) struct Strays {
     pub services: Vec<Frontend>,
-    pub members: Vec<(MemberKey, BackendKey)>,
+    pub members: Vec<(Member, BackendKey)>,
     pub source_ranges: Vec<(u32, Cidr)>,
     pub backends: Vec<(u32, BackendKey)>,
 }
@@ -46,8 +44,8 @@ impl Parts {
     fn new(snapshot: &Snapshot) -> Self {
         let mut parts = Parts::default();
         for (key, backend) in &snapshot.slots {
-            let own = parts.slots.entry(key.service_id).or_default();
-            own.insert(key.slot, *backend);
+            let own = parts.slots.entry(key.table).or_default();
+            own.insert(key.index, *backend);
         }
         for (key, backend) in &snapshot.members {
             let own = parts.members.entry(key.service_id).or_default();
@@ -106,7 +104,7 @@ impl Reconciler {
         frontend: Frontend,
         service_id: u32,
         parts: &mut Parts,
-        terminating: &BTreeSet<MemberKey>,
+        terminating: &BTreeSet<Member>,
     ) {
         let Some(applied) = self.frontends.get_mut(&frontend) else {
             return;
@@ -142,7 +140,7 @@ impl Reconciler {
     fn adopt_service(
         &mut self,
         frontend: &Frontend,
-        service: &Service,
+        service: &ServiceEntry,
         slots: &BTreeMap<u32, BTreeMap<u32, u32>>,
     ) -> bool {
         if self.frontends.contains_key(frontend) || !self.service_ids.claim(service.id) {

@@ -19,6 +19,7 @@
 //! of all of them (`apply`: also removes whatever nothing explains).
 
 mod adopt;
+mod entries;
 mod ids;
 mod tables;
 
@@ -27,12 +28,11 @@ use std::{
     net::SocketAddr,
 };
 
-use proxy_common::{MemberKey, NodeConfig, Service, SlotKey};
-
-use crate::{cidr::Cidr, datapath::keys, nodeconfig::Settings};
+use crate::{cidr::Cidr, nodeconfig::Settings};
 
 pub use adopt::Snapshot;
 use adopt::Strays;
+pub use entries::{Member, NodeEntry, ServiceEntry, Slot};
 use ids::Ids;
 use tables::SlotTables;
 pub use tables::SlotsFull;
@@ -48,24 +48,24 @@ use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope}
 pub trait Maps {
     fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()>;
     fn remove_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()>;
-    fn set_slot(&mut self, key: SlotKey, backend_id: u32) -> anyhow::Result<()>;
-    fn remove_slot(&mut self, key: SlotKey) -> anyhow::Result<()>;
-    fn set_service(&mut self, frontend: &Frontend, service: Service) -> anyhow::Result<()>;
+    fn set_slot(&mut self, slot: Slot, backend_id: u32) -> anyhow::Result<()>;
+    fn remove_slot(&mut self, slot: Slot) -> anyhow::Result<()>;
+    fn set_service(&mut self, frontend: &Frontend, entry: &ServiceEntry) -> anyhow::Result<()>;
     fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()>;
     /// Makes `backend` a member of a service.
     /// (`terminating`: it keeps its flows but has no slot.)
     fn set_member(
         &mut self,
-        key: MemberKey,
+        member: Member,
         backend: &BackendKey,
         terminating: bool,
     ) -> anyhow::Result<()>;
-    fn remove_member(&mut self, key: MemberKey, backend: &BackendKey) -> anyhow::Result<()>;
+    fn remove_member(&mut self, member: Member, backend: &BackendKey) -> anyhow::Result<()>;
     /// Admits the sources in `range` to a service with `SVC_SOURCE_RANGES`.
     fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
     /// What the datapath needs of the node (source NAT address and ports).
-    fn set_config(&mut self, config: NodeConfig) -> anyhow::Result<()>;
+    fn set_config(&mut self, node: &NodeEntry) -> anyhow::Result<()>;
     /// Zeroes a service id's statistics before the id is used again.
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()>;
 }
@@ -95,7 +95,7 @@ struct Applied {
     service_id: u32,
     /// The service entry as written (None: no entry yet). Packets only see
     /// slots below its count.
-    entry: Option<Service>,
+    entry: Option<ServiceEntry>,
     /// The slot table the entry names (0: none), one of its users.
     table: u32,
     /// Backend ids with a member entry for this service.
@@ -164,7 +164,7 @@ pub struct Reconciler {
     /// Entries found in the maps that nothing explains, removed by the next pass.
     strays: Strays,
     /// The node configuration as written (None: not yet).
-    config: Option<NodeConfig>,
+    config: Option<NodeEntry>,
     /// Source NAT ports and hash keys, for the node configuration.
     node: Settings,
     /// Maglev tables built in this pass: a Service's frontends (cluster IP,
@@ -200,7 +200,7 @@ impl Reconciler {
     /// already in the datapath (an earlier agent's) is kept: flows steered
     /// by hash keep their backends across restarts.
     pub fn set_node(&mut self, mut settings: Settings) {
-        if let Some(key) = self.config.map(|c| c.node_key).filter(|k| *k != [0; 2]) {
+        if let Some(key) = (self.config.map(|c| c.settings.node_key)).filter(|k| *k != [0; 2]) {
             settings.node_key = key;
         }
         self.node = settings;
@@ -275,11 +275,15 @@ impl Reconciler {
     /// The node configuration, written when it changed (before services
     /// that may need it: source NAT without an address only counts).
     fn write_config(&mut self, desired: &Desired, maps: &mut dyn Maps, report: &mut Report) {
-        let config = keys::node_config(desired, &self.node);
+        let config = NodeEntry {
+            snat_addr4: desired.snat_addr4,
+            snat_addr6: desired.snat_addr6,
+            settings: self.node,
+        };
         if self.config == Some(config) {
             return;
         }
-        match maps.set_config(config) {
+        match maps.set_config(&config) {
             Ok(()) => {
                 report.writes += 1;
                 self.config = Some(config);
@@ -593,9 +597,9 @@ impl Reconciler {
             true => applied.table,
             false => tables.acquire(&wanted.slots, maps, holds, report)?,
         };
-        let entry = keys::service(id, table, wanted.count, state);
+        let entry = ServiceEntry::new(id, table, wanted.count, state);
         if applied.entry != Some(entry) {
-            if let Err(e) = maps.set_service(&frontend, entry) {
+            if let Err(e) = maps.set_service(&frontend, &entry) {
                 if table != applied.table {
                     tables.release(table, maps, holds, report);
                 }
@@ -786,15 +790,15 @@ fn backend_key(addr: SocketAddr, protocol: Protocol) -> BackendKey {
     BackendKey { addr, protocol }
 }
 
-fn slot_key(service_id: u32, slot: usize) -> SlotKey {
-    SlotKey {
-        service_id,
-        slot: slot as u32,
+fn slot_key(table: u32, slot: usize) -> Slot {
+    Slot {
+        table,
+        index: slot as u32,
     }
 }
 
-fn member_key(service_id: u32, backend_id: u32) -> MemberKey {
-    MemberKey {
+fn member_key(service_id: u32, backend_id: u32) -> Member {
+    Member {
         service_id,
         backend_id,
     }
