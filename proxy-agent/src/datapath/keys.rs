@@ -118,14 +118,24 @@ pub fn frontend_of(key: &FrontendKey) -> Option<Frontend> {
 }
 
 pub fn backend_of(value: &BackendValue) -> Option<BackendKey> {
-    let (addr, port, proto) = match value {
-        BackendValue::V4(b) => (IpAddr::V4(from_v4(b.addr)), b.port, b.proto),
-        BackendValue::V6(b) => (IpAddr::V6(from_v6(&b.addr)), b.port, b.proto),
+    let (addr, proto) = match value {
+        BackendValue::V4(b) => (socket4(b.addr, b.port), b.proto),
+        BackendValue::V6(b) => (socket6(&b.addr, b.port), b.proto),
     };
     Some(BackendKey {
-        addr: SocketAddr::new(addr, u16::from_be(port)),
+        addr,
         protocol: protocol(proto)?,
     })
+}
+
+/// An IPv4 address and port in network byte order, as in the packet.
+pub fn socket4(addr: u32, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(from_v4(addr)), u16::from_be(port))
+}
+
+/// An IPv6 address and port in network byte order, as in the packet.
+pub fn socket6(addr: &Addr6, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(from_v6(addr)), u16::from_be(port))
 }
 
 /// A service entry as the datapath reads it.

@@ -17,11 +17,10 @@ use proxy_common::{
     Frontend6, MemberKey, Service, ServiceStats, SlotKey, names,
 };
 
-use super::records::{
-    BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord, socket4, socket6,
-};
+use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
 use crate::datapath::{
     conntrack::{CtKey, Table},
+    keys::{socket4, socket6},
     pinned::{self, Pins},
 };
 

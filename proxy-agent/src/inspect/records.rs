@@ -3,18 +3,15 @@
 //! yet. The reports are built from these by pure functions, and unit tests
 //! build them by hand.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use proxy_common::{
-    Addr6, Backend4, Backend6, Connections, Frontend4, Frontend6, Service, ServiceStats, SlotKey,
+    Backend4, Backend6, Connections, Frontend4, Frontend6, Service, ServiceStats, SlotKey,
 };
 
 use crate::datapath::{
     conntrack::{Record, Table},
-    keys::{from_v4, from_v6},
+    keys::{socket4, socket6},
 };
 
 /// An address, port and IP protocol number, as a map key or value holds them.
@@ -22,16 +19,6 @@ use crate::datapath::{
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub proto: u8,
-}
-
-/// An IPv4 address and port in network byte order, as in the packet.
-pub fn socket4(addr: u32, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(from_v4(addr)), u16::from_be(port))
-}
-
-/// An IPv6 address and port in network byte order, as in the packet.
-pub fn socket6(addr: &Addr6, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V6(from_v6(addr)), u16::from_be(port))
 }
 
 impl From<&Frontend4> for Endpoint {
