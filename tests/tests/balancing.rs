@@ -9,24 +9,19 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::maps::{Array, HashMap as BpfHashMap};
-use common::{Loaded, XDP_PASS};
+use common::{
+    Loaded, XDP_PASS,
+    packets::{MAC_A as MAC_CLIENT, MAC_B as MAC_NODE, ones, verifies},
+};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{
     CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
     Connections, Counter, Ct4Entry, Ct4Key, names, programs,
 };
+use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
-const BACKENDS: [[u8; 4]; 5] = [
-    [10, 1, 0, 1],
-    [10, 1, 0, 2],
-    [10, 1, 0, 3],
-    [10, 1, 0, 4],
-    [10, 1, 0, 5],
-];
-const MAC_CLIENT: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_NODE: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
@@ -37,53 +32,10 @@ const ACK: u8 = 0x10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
-/// How an endpoint appears in the slice.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Listed {
-    Ready,
-    /// ready: false, serving: true, terminating: true.
-    Terminating,
-}
-
-fn ip_text(a: [u8; 4]) -> String {
-    format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
-}
-
 /// A Service on VIP (TCP 80 -> 8080, UDP 53 -> 5353) with the given
 /// algorithm and endpoints.
 fn yaml(algorithm: &str, endpoints: &[([u8; 4], Listed)]) -> String {
-    let mut out = format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: demo
-  annotations: {{"xdproxy.io/lb-algorithm": "{algorithm}"}}
-spec:
-  clusterIP: {vip}
-  ports:
-    - {{name: http, protocol: TCP, port: 80}}
-    - {{name: dns, protocol: UDP, port: 53}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports:
-  - {{name: http, protocol: TCP, port: 8080}}
-  - {{name: dns, protocol: UDP, port: 5353}}
-endpoints:
-"#,
-        vip = ip_text(VIP)
-    );
-    for (addr, kind) in endpoints {
-        out.push_str(&format!("  - addresses: [{}]\n", ip_text(*addr)));
-        if *kind == Listed::Terminating {
-            out.push_str("    conditions: {ready: false, serving: true, terminating: true}\n");
-        }
-    }
-    out
+    manifests::balanced_web(VIP, algorithm, endpoints)
 }
 
 fn all_ready(algorithm: &str, backends: &[[u8; 4]]) -> String {
@@ -410,21 +362,6 @@ fn parse(packet: &[u8]) -> Seen {
         other => panic!("unexpected transport {other:?}"),
     }
     seen
-}
-
-/// One's complement sum of 16-bit words.
-fn ones_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 fn forward_key(client: [u8; 4], sport: u16, proto: u8) -> Ct4Key {
@@ -866,10 +803,10 @@ fn check_rst(out: &[u8], sent: &[u8]) -> Seen {
     assert_eq!(out.len(), 14 + 20 + 20, "a bare RST");
     // Independently of etherparse: both checksums sum to all ones.
     let ip = &out[14..34];
-    assert_eq!(fold(ones_sum(ip)), 0xffff, "IPv4 header checksum");
+    assert!(verifies(ones(ip)), "IPv4 header checksum");
     let tcp = &out[34..54];
-    let pseudo = ones_sum(&ip[12..20]) + u32::from(IPPROTO_TCP) + 20;
-    assert_eq!(fold(pseudo + ones_sum(tcp)), 0xffff, "TCP checksum");
+    let pseudo = ones(&ip[12..20]) + u32::from(IPPROTO_TCP) + 20;
+    assert!(verifies(pseudo + ones(tcp)), "TCP checksum");
     assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 40);
     rst
 }

@@ -7,53 +7,22 @@ mod common;
 use std::collections::HashSet;
 
 use aya::maps::HashMap as BpfHashMap;
-use common::{Loaded, TC_ACT_OK, XDP_PASS, crc32c};
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use common::{
+    HOOKS, Hook, Loaded, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_REDIRECT, XDP_TX, both,
+    crc32c,
+    packets::{
+        Family, MAC_A, MAC_B, V4,
+        v4::{seen, tcp, udp},
+    },
+};
+use etherparse::PacketBuilder;
 use proxy_common::{Counter, Ct4Entry, Ct4Key, names};
+use proxy_tests::manifests::{LOAD_BALANCER, WEB_AND_EMPTY as SERVICES};
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const OTHER: [u8; 4] = [10, 96, 0, 99];
 const BACKENDS: [[u8; 4]; 2] = [[10, 1, 1, 2], [10, 1, 2, 2]];
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-
-const SERVICES: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  clusterIP: 10.96.0.10
-  ports:
-    - {name: http, protocol: TCP, port: 80}
-    - {name: dns, protocol: UDP, port: 53}
----
-apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: demo}
-spec:
-  clusterIP: 10.96.0.20
-  ports: [{name: http, protocol: TCP, port: 80}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-  - {name: http, protocol: TCP, port: 8080}
-  - {name: dns, protocol: UDP, port: 5353}
-endpoints:
-  - addresses: [10.1.1.2]
-  - addresses: [10.1.2.2]
-"#;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 
 struct Lab {
     dp: Loaded,
@@ -68,106 +37,16 @@ impl Lab {
 
     /// Runs the hook's program; checks it let the packet through.
     fn run(&self, hook: Hook, packet: &[u8]) -> Vec<u8> {
-        let (ret, out) = match hook {
-            Hook::Xdp => self.dp.xdp(packet),
-            Hook::Tc => self.dp.tc(packet),
-        }
-        .unwrap_or_else(|e| panic!("{hook:?} test run of a {}-byte packet: {e:#}", packet.len()));
-        let pass = match hook {
-            Hook::Xdp => XDP_PASS,
-            Hook::Tc => TC_ACT_OK,
-        };
-        assert_eq!(ret, pass, "{hook:?} must pass every packet on");
-        out
+        self.dp.pass(hook, packet)
     }
 
     /// The hook's program's verdict and output, whatever they are.
     fn run_raw(&self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
-        match hook {
-            Hook::Xdp => self.dp.xdp(packet),
-            Hook::Tc => self.dp.tc(packet),
-        }
-        .unwrap_or_else(|e| panic!("{hook:?} test run: {e:#}"))
+        self.dp.run(hook, packet)
     }
 
     fn counter(&self, counter: Counter) -> u64 {
-        self.dp.maps.counter(counter).expect("counter")
-    }
-}
-
-fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .syn();
-    let payload = b"hello over tcp";
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("build tcp");
-    out
-}
-
-fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport);
-    let payload = b"hello over udp";
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("build udp");
-    out
-}
-
-/// Addressing of a packet, after checking all its checksums.
-#[derive(Debug, PartialEq, Eq)]
-struct Seen {
-    src: [u8; 4],
-    sport: u16,
-    dst: [u8; 4],
-    dport: u16,
-    udp_check: Option<u16>,
-}
-
-fn seen(packet: &[u8]) -> Seen {
-    let sliced = SlicedPacket::from_ethernet(packet).expect("etherparse parses the output");
-    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
-        panic!("not IPv4: {:?}", sliced.net);
-    };
-    let header = ip.header().to_header();
-    assert_eq!(
-        header.header_checksum,
-        header.calc_header_checksum(),
-        "IPv4 header checksum"
-    );
-    let (src, dst) = (header.source, header.destination);
-    match &sliced.transport {
-        Some(TransportSlice::Tcp(tcp)) => {
-            let want = tcp.calc_checksum_ipv4(src, dst).expect("tcp checksum");
-            assert_eq!(tcp.checksum(), want, "TCP checksum");
-            Seen {
-                src,
-                sport: tcp.source_port(),
-                dst,
-                dport: tcp.destination_port(),
-                udp_check: None,
-            }
-        }
-        Some(TransportSlice::Udp(udp)) => {
-            let check = udp.checksum();
-            if check != 0 {
-                let want = udp
-                    .to_header()
-                    .calc_checksum_ipv4_raw(src, dst, udp.payload())
-                    .expect("udp checksum");
-                assert_eq!(check, want, "UDP checksum");
-            }
-            Seen {
-                src,
-                sport: udp.source_port(),
-                dst,
-                dport: udp.destination_port(),
-                udp_check: Some(check),
-            }
-        }
-        other => panic!("unexpected transport {other:?}"),
+        self.dp.counter(counter)
     }
 }
 
@@ -437,79 +316,6 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
     }
 }
 
-const XDP_DROP: u32 = 1;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-/// One's complement sum of 16-bit words, as a receiver checks a checksum.
-fn ones_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Checks an ICMP port unreachable for `original` (sent by the client to
-/// `frontend`) and returns the ICMP message's offset in the packet.
-fn check_port_unreachable(reply: &[u8], original: &[u8], frontend: [u8; 4], hook: Hook) -> usize {
-    // TC sends it back to the sender; XDP hands a cluster IP's to the
-    // node's stack, still addressed to the node.
-    let to_sender = hook == Hook::Tc;
-    check_refusal(reply, original, frontend, to_sender, hook)
-}
-
-/// As `check_port_unreachable`, with the MACs swapped if `to_sender`.
-fn check_refusal(
-    reply: &[u8],
-    original: &[u8],
-    frontend: [u8; 4],
-    to_sender: bool,
-    hook: Hook,
-) -> usize {
-    let sliced = SlicedPacket::from_ethernet(reply).expect("etherparse parses the reply");
-    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &sliced.link else {
-        panic!("no Ethernet: {:?}", sliced.link);
-    };
-    let macs = match to_sender {
-        true => (MAC_B, MAC_A),
-        false => (MAC_A, MAC_B),
-    };
-    assert_eq!((eth.source(), eth.destination()), macs, "{hook:?}: MACs");
-    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
-        panic!("not IPv4: {:?}", sliced.net);
-    };
-    let header = ip.header().to_header();
-    assert_eq!(header.header_checksum, header.calc_header_checksum());
-    assert_eq!((header.source, header.destination), (frontend, CLIENT));
-    let Some(TransportSlice::Icmpv4(icmp)) = &sliced.transport else {
-        panic!("not ICMP: {:?}", sliced.transport);
-    };
-    assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 3), "port unreachable");
-    assert_eq!(ones_sum(icmp.slice()), 0xffff, "ICMP checksum");
-    // The quote: the original IP header (ID aside) and 8 bytes of L4.
-    let quote = icmp.payload();
-    assert_eq!(quote.len(), 28);
-    assert_eq!(quote[..4], original[14..18]);
-    assert_eq!(quote[6..20], original[20..34]);
-    assert_eq!(quote[20..28], original[34..42]);
-    reply.len() - icmp.slice().len()
-}
-
-/// What the kernel does to a CHECKSUM_PARTIAL packet on transmit without
-/// offload: sum from the original L4 header to the end, fold, write at the
-/// original checksum offset (0 becomes 0xffff).
-fn finish_partial(packet: &mut [u8], check_at: usize) {
-    let sum = !ones_sum(&packet[34..]);
-    let sum = if sum == 0 { 0xffff } else { sum };
-    packet[check_at..check_at + 2].copy_from_slice(&sum.to_be_bytes());
-}
-
 #[test]
 fn a_service_without_backends_refuses_with_port_unreachable() {
     if !common::ready("a_service_without_backends_refuses_with_port_unreachable") {
@@ -525,27 +331,7 @@ fn a_service_without_backends_refuses_with_port_unreachable() {
         dp.program_yaml(&yaml).expect("program");
         Lab { dp }
     };
-    for hook in HOOKS {
-        let cases = [
-            (tcp(CLIENT, 46000, empty, 80), 34 + 16),
-            (udp(CLIENT, 46001, empty, 53), 34 + 6),
-        ];
-        for (packet, check_at) in cases {
-            let before = lab.counter(Counter::Rejected);
-            let (verdict, reply) = lab.run_raw(hook, &packet);
-            let sent = match hook {
-                Hook::Xdp => XDP_PASS,
-                Hook::Tc => TC_ACT_REDIRECT,
-            };
-            assert_eq!(verdict, sent, "{hook:?}");
-            assert_eq!(lab.counter(Counter::Rejected), before + 1);
-            check_port_unreachable(&reply, &packet, empty, hook);
-            // A partial checksum the kernel finishes later must not break it.
-            let mut finished = reply.clone();
-            finish_partial(&mut finished, check_at);
-            check_port_unreachable(&finished, &packet, empty, hook);
-        }
-    }
+    both::refuses_without_backends::<V4>(&lab.dp, (CLIENT, empty), (46000, 46001));
 }
 
 #[test]
@@ -570,7 +356,7 @@ fn a_frontend_on_a_node_address_refuses_straight_back_over_xdp() {
             Hook::Tc => TC_ACT_REDIRECT,
         };
         assert_eq!(verdict, sent, "{hook:?}");
-        check_refusal(&reply, &packet, external, true, hook);
+        V4::check_refusal(&reply, &packet, (external, CLIENT), true, hook);
     }
     assert_eq!(lab.counter(Counter::Rejected), 2);
 }
@@ -590,8 +376,7 @@ fn a_reset_from_a_node_address_frontend_goes_straight_back_over_xdp() {
     let gone = format!("  - addresses: [{}]\n", std::net::Ipv4Addr::from(backend));
     program_with_node_address(&mut lab.dp, &yaml.replace(&gone, ""));
     let ack = {
-        let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-            .ipv4(CLIENT, external, 64)
+        let builder = V4::ip(CLIENT, external)
             .tcp(47000, 80, 1001, 64240)
             .ack(5000);
         let mut out = Vec::new();
@@ -623,30 +408,6 @@ fn lab_for(yaml: &str, node: &str) -> Lab {
     Lab { dp }
 }
 
-const LOAD_BALANCER: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: lb, namespace: demo}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.30
-  externalTrafficPolicy: Local
-  loadBalancerSourceRanges: [10.0.1.0/24]
-  ports: [{name: http, protocol: TCP, port: 80}]
-status:
-  loadBalancer:
-    ingress: [{ip: 198.51.100.1}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
-addressType: IPv4
-ports: [{name: http, protocol: TCP, port: 8080}]
-endpoints:
-  - {addresses: [10.1.1.2], nodeName: here}
-  - {addresses: [10.1.2.2], nodeName: there}
-"#;
-
 #[test]
 fn load_balancer_source_ranges_admit_only_their_clients() {
     if !common::ready("load_balancer_source_ranges_admit_only_their_clients") {
@@ -661,14 +422,12 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
             ([10, 1, 1, 2], 8080),
             "{hook:?}"
         );
-        let outsider = tcp([192, 0, 2, 9], 40000, lb, 80);
-        let (verdict, _) = lab.run_raw(hook, &outsider);
-        let dropped = match hook {
-            Hook::Xdp => XDP_DROP,
-            Hook::Tc => TC_ACT_SHOT,
-        };
-        assert_eq!(verdict, dropped, "{hook:?}");
-        assert_eq!(lab.counter(Counter::SourceRangeDenied), 1, "{hook:?}");
+        both::outside_the_source_ranges_is_dropped::<V4>(
+            &lab.dp,
+            hook,
+            ([192, 0, 2, 9], 40000),
+            lb,
+        );
         // The cluster IP is not behind the ranges.
         let cluster = seen(&lab.run(hook, &tcp([192, 0, 2, 9], 40001, [10, 96, 0, 30], 80)));
         assert!(BACKENDS.contains(&cluster.dst), "{hook:?}");
@@ -682,13 +441,12 @@ fn external_traffic_policy_local_without_local_endpoints_drops() {
     }
     for hook in HOOKS {
         let lab = lab_for(LOAD_BALANCER, "elsewhere");
-        let (verdict, _) = lab.run_raw(hook, &tcp(CLIENT, 40000, [198, 51, 100, 1], 80));
-        let dropped = match hook {
-            Hook::Xdp => XDP_DROP,
-            Hook::Tc => TC_ACT_SHOT,
-        };
-        assert_eq!(verdict, dropped, "{hook:?}: dropped, not refused");
-        assert_eq!(lab.counter(Counter::NoLocalBackend), 1, "{hook:?}");
+        both::local_policy_drops_without_local_endpoints::<V4>(
+            &lab.dp,
+            hook,
+            (CLIENT, 40000),
+            [198, 51, 100, 1],
+        );
     }
 }
 
@@ -787,13 +545,6 @@ fn program_with_node_address(dp: &mut Loaded, yaml: &str) {
         .expect("program");
 }
 
-/// Runs the egress program; it must pass the packet on.
-fn egress(lab: &Lab, packet: &[u8]) -> Vec<u8> {
-    let (verdict, out) = lab.dp.tc_egress(packet).expect("egress run");
-    assert_eq!(verdict, TC_ACT_OK);
-    out
-}
-
 /// The LoadBalancer Service with externalTrafficPolicy Cluster: external
 /// clients are source-NATed.
 fn load_balancer_cluster() -> String {
@@ -825,7 +576,7 @@ fn source_nat_and_back(lab: &Lab, hook: Hook) {
         let backend = dnat.dst;
         // Out, after forwarding: the source becomes the node.
         let forwarded = tcp(outsider, 50000, backend, 8080);
-        let snat = seen(&egress(lab, &forwarded));
+        let snat = seen(&lab.dp.egress(&forwarded));
         assert_eq!(
             (snat.src, snat.dst, snat.dport),
             (node, backend, 8080),
@@ -845,7 +596,7 @@ fn source_nat_and_back(lab: &Lab, hook: Hook) {
             "{hook:?}"
         );
         // Out to the client: the source becomes the frontend.
-        let out = seen(&egress(lab, &tcp(backend, 8080, outsider, 50000)));
+        let out = seen(&lab.dp.egress(&tcp(backend, 8080, outsider, 50000)));
         assert_eq!(
             (out.src, out.sport, out.dst),
             (lb, 80, outsider),
@@ -854,7 +605,7 @@ fn source_nat_and_back(lab: &Lab, hook: Hook) {
         // A second flow from another port gets another node port.
         seen(&lab.run(hook, &tcp(outsider, 50001, lb, 80)));
         let dnat2 = seen(&lab.run(hook, &tcp(outsider, 50001, lb, 80)));
-        let second = seen(&egress(lab, &tcp(outsider, 50001, dnat2.dst, 8080)));
+        let second = seen(&lab.dp.egress(&tcp(outsider, 50001, dnat2.dst, 8080)));
         if dnat2.dst == backend {
             assert_ne!(second.sport, snat.sport, "{hook:?}: one node port per flow");
         }
@@ -870,19 +621,15 @@ fn a_packet_from_outside_with_the_nodes_address_cannot_touch_its_flows() {
     for hook in HOOKS {
         let lab = lab_with_node_address(&load_balancer_cluster());
         let backend = seen(&lab.run(hook, &tcp(outsider, 50000, lb, 80))).dst;
-        let snat = seen(&egress(&lab, &tcp(outsider, 50000, backend, 8080)));
+        let snat = seen(&lab.dp.egress(&tcp(outsider, 50000, backend, 8080)));
         // A spoofed new flow from the node's address and source NAT port.
         let (verdict, _) = lab.run_raw(hook, &tcp(node, snat.sport, lb, 80));
-        let dropped = match hook {
-            Hook::Xdp => XDP_DROP,
-            Hook::Tc => TC_ACT_SHOT,
-        };
-        assert_eq!(verdict, dropped, "{hook:?}");
+        assert_eq!(verdict, hook.dropped(), "{hook:?}");
         assert_eq!(lab.counter(Counter::SpoofedNodeSource), 1, "{hook:?}");
         // The real flow's replies still find their client.
         let back = seen(&lab.run(hook, &tcp(backend, 8080, node, snat.sport)));
         assert_eq!((back.dst, back.dport), (outsider, 50000), "{hook:?}");
-        let again = seen(&egress(&lab, &tcp(outsider, 50000, backend, 8080)));
+        let again = seen(&lab.dp.egress(&tcp(outsider, 50000, backend, 8080)));
         assert_eq!((again.src, again.sport), (node, snat.sport), "{hook:?}");
     }
 }
@@ -962,10 +709,11 @@ fn external_traffic_policy_local_keeps_the_client_address() {
     }
     let local = LOAD_BALANCER.replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "");
     let lab = lab_with_node_address(&local);
-    let outsider = [203, 0, 113, 50];
-    let dnat = seen(&lab.run(Hook::Tc, &tcp(outsider, 50000, [198, 51, 100, 1], 80)));
-    let forwarded = tcp(outsider, 50000, dnat.dst, 8080);
-    assert_eq!(egress(&lab, &forwarded), forwarded, "no source NAT");
+    both::local_policy_keeps_the_client_address::<V4>(
+        &lab.dp,
+        ([203, 0, 113, 50], 50000),
+        [198, 51, 100, 1],
+    );
 }
 
 #[test]
@@ -985,7 +733,7 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated() {
         }
     }
     let port = hairpin.expect("the service picked the client itself within 100 flows");
-    let snat = seen(&egress(&lab, &tcp(me, port, me, 8080)));
+    let snat = seen(&lab.dp.egress(&tcp(me, port, me, 8080)));
     assert_eq!(
         snat.src,
         [10, 0, 0, 1],
@@ -993,7 +741,7 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated() {
     );
     let back = seen(&lab.run(Hook::Tc, &tcp(me, 8080, [10, 0, 0, 1], snat.sport)));
     assert_eq!((back.src, back.dst, back.dport), (me, me, port));
-    let out = seen(&egress(&lab, &tcp(me, 8080, me, port)));
+    let out = seen(&lab.dp.egress(&tcp(me, 8080, me, port)));
     assert_eq!(
         (out.src, out.sport),
         (VIP, 80),
@@ -1002,7 +750,7 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated() {
     // Other clients of the same service keep their address.
     let other = seen(&lab.run(Hook::Tc, &tcp(CLIENT, 52000, VIP, 80)));
     let forwarded = tcp(CLIENT, 52000, other.dst, 8080);
-    assert_eq!(egress(&lab, &forwarded), forwarded);
+    assert_eq!(lab.dp.egress(&forwarded), forwarded);
 }
 
 /// An SCTP packet (common header and one DATA chunk) with a correct CRC32c.
@@ -1212,7 +960,7 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
     let node = [10, 0, 0, 1];
     let first = seen(&snat_flow(&lab, 50000).1);
     assert_eq!((first.src, first.sport), (node, 61000));
-    let again = seen(&egress(&lab, &tcp(OUTSIDER, 50000, ONE_BACKEND, 8080)));
+    let again = seen(&lab.dp.egress(&tcp(OUTSIDER, 50000, ONE_BACKEND, 8080)));
     assert_eq!((again.src, again.sport), (node, 61000), "the flow keeps it");
     let (verdict, _) = snat_flow(&lab, 50001);
     assert_eq!(
@@ -1314,11 +1062,7 @@ fn a_flow_needing_source_nat_without_a_node_address_is_dropped() {
             .program_yaml(&load_balancer_cluster())
             .expect("program");
         let (verdict, _) = lab.run_raw(hook, &tcp(OUTSIDER, 50000, LB, 80));
-        let dropped = match hook {
-            Hook::Xdp => XDP_DROP,
-            Hook::Tc => TC_ACT_SHOT,
-        };
-        assert_eq!(verdict, dropped, "{hook:?}");
+        assert_eq!(verdict, hook.dropped(), "{hook:?}");
         assert_eq!(lab.counter(Counter::SnatFailed), 1, "{hook:?}");
     }
 }
@@ -1395,7 +1139,7 @@ fn a_client_port_reused_towards_another_frontend_of_the_same_backend_is_not_mist
             // towards a different destination.
             seen(&lab.run(Hook::Tc, &tcp(CLIENT, 47000, frontend, 80)));
             let forwarded = tcp(CLIENT, 47000, backend, 8080);
-            let out = seen(&egress(&lab, &forwarded));
+            let out = seen(&lab.dp.egress(&forwarded));
             let reply = seen(&lab.run(
                 Hook::Tc,
                 &tcp(
@@ -1405,10 +1149,11 @@ fn a_client_port_reused_towards_another_frontend_of_the_same_backend_is_not_mist
                     out.sport,
                 ),
             ));
-            let to_client = seen(&egress(
-                &lab,
-                &tcp(reply.src, reply.sport, reply.dst, reply.dport),
-            ));
+            let to_client =
+                seen(
+                    &lab.dp
+                        .egress(&tcp(reply.src, reply.sport, reply.dst, reply.dport)),
+                );
             assert_eq!(
                 (
                     to_client.src,
@@ -1436,11 +1181,7 @@ fn tcp_flagged(
         etherparse::PacketBuilderStep<etherparse::TcpHeader>,
     ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
 ) -> Vec<u8> {
-    let builder = flags(
-        PacketBuilder::ethernet2(MAC_A, MAC_B)
-            .ipv4(src, dst, 64)
-            .tcp(sport, dport, 1000, 64240),
-    );
+    let builder = flags(V4::ip(src, dst).tcp(sport, dport, 1000, 64240));
     let mut out = Vec::with_capacity(builder.size(0));
     builder.write(&mut out, &[]).expect("build tcp");
     out

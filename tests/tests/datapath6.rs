@@ -4,152 +4,43 @@
 mod common;
 
 use aya::maps::HashMap as BpfHashMap;
-use common::{Loaded, TC_ACT_OK, XDP_PASS, crc32c};
+use common::{
+    HOOKS, Hook, Loaded, TC_ACT_REDIRECT, XDP_PASS, both, crc32c,
+    packets::{
+        Family, MAC_A, MAC_B, V6, addr6 as addr,
+        v6::{seen, tcp, udp},
+    },
+};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{Counter, Ct6Entry, Ct6Key, names, programs};
+use proxy_tests::manifests::{LOAD_BALANCER6, WEB_AND_EMPTY6 as SERVICES};
 
 const CLIENT: [u8; 16] = addr(0x2001_0db8_0009, 2);
 const VIP: [u8; 16] = addr(0xfd00_0096_0000, 0x10);
 const EMPTY_VIP: [u8; 16] = addr(0xfd00_0096_0000, 0x20);
 const NODE: [u8; 16] = addr(0xfd00_0000_0001, 1);
 const BACKENDS: [[u8; 16]; 2] = [addr(0xfd00_0001_0001, 2), addr(0xfd00_0001_0002, 2)];
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const TC_ACT_REDIRECT: u32 = 7;
-
-/// An address with a 48-bit prefix and a 16-bit host part.
-const fn addr(prefix: u64, host: u16) -> [u8; 16] {
-    let p = prefix.to_be_bytes();
-    let h = host.to_be_bytes();
-    [
-        p[2], p[3], p[4], p[5], p[6], p[7], 0, 0, 0, 0, 0, 0, 0, 0, h[0], h[1],
-    ]
-}
-
-const SERVICES: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  ports:
-    - {name: http, protocol: TCP, port: 80, nodePort: 30080}
-    - {name: dns, protocol: UDP, port: 53, nodePort: 30053}
----
-apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: demo}
-spec:
-  clusterIP: 10.96.0.20
-  clusterIPs: [10.96.0.20, "fd00:96::20"]
-  ports: [{name: http, protocol: TCP, port: 80}, {name: dns, protocol: UDP, port: 53}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-v6, namespace: demo, labels: {kubernetes.io/service-name: web}}
-addressType: IPv6
-ports:
-  - {name: http, protocol: TCP, port: 8080}
-  - {name: dns, protocol: UDP, port: 5353}
-endpoints:
-  - addresses: ["fd00:1:1::2"]
-  - addresses: ["fd00:1:2::2"]
-"#;
-
-#[derive(Clone, Copy, Debug)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 
 fn lab() -> Loaded {
-    programmed(Loaded::new().expect("load the datapath"))
+    lab_for(SERVICES)
 }
 
-fn programmed(mut dp: Loaded) -> Loaded {
-    let mut objects = common::objects(SERVICES).expect("objects");
+fn lab_for(yaml: &str) -> Loaded {
+    programmed(Loaded::new().expect("load the datapath"), yaml)
+}
+
+/// `yaml` programmed for node `here` at NODE.
+fn programmed(mut dp: Loaded, yaml: &str) -> Loaded {
+    program(&mut dp, yaml);
+    dp
+}
+
+fn program(dp: &mut Loaded, yaml: &str) {
+    let mut objects = common::objects(yaml).expect("objects");
     objects.node.name = Some("here".into());
     objects.node.addresses = vec![std::net::IpAddr::from(NODE)];
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
-    dp
-}
-
-fn run(dp: &Loaded, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
-    match hook {
-        Hook::Xdp => dp.xdp(packet),
-        Hook::Tc => dp.tc(packet),
-    }
-    .expect("test run")
-}
-
-/// Runs the hook; it must pass the packet on.
-fn pass(dp: &Loaded, hook: Hook, packet: &[u8]) -> Vec<u8> {
-    let (verdict, out) = run(dp, hook, packet);
-    let want = match hook {
-        Hook::Xdp => XDP_PASS,
-        Hook::Tc => TC_ACT_OK,
-    };
-    assert_eq!(verdict, want, "{hook:?}");
-    out
-}
-
-fn egress(dp: &Loaded, packet: &[u8]) -> Vec<u8> {
-    let (verdict, out) = dp.tc_egress(packet).expect("egress run");
-    assert_eq!(verdict, TC_ACT_OK);
-    out
-}
-
-fn tcp(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .syn();
-    let payload = b"hello over tcp";
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("build tcp");
-    out
-}
-
-fn udp(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(src, dst, 64)
-        .udp(sport, dport);
-    let payload = b"hello over udp";
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut out, payload).expect("build udp");
-    out
-}
-
-/// (source, source port, destination, destination port) after checking the
-/// L4 checksum.
-fn seen(packet: &[u8]) -> ([u8; 16], u16, [u8; 16], u16) {
-    let sliced = SlicedPacket::from_ethernet(packet).expect("etherparse parses the output");
-    let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
-        panic!("not IPv6: {:?}", sliced.net);
-    };
-    let header = ip.header().to_header();
-    let (src, dst) = (header.source, header.destination);
-    match &sliced.transport {
-        Some(TransportSlice::Tcp(tcp)) => {
-            let want = tcp.calc_checksum_ipv6(src, dst).expect("checksum");
-            assert_eq!(tcp.checksum(), want, "TCP checksum");
-            (src, tcp.source_port(), dst, tcp.destination_port())
-        }
-        Some(TransportSlice::Udp(udp)) => {
-            let want = udp
-                .to_header()
-                .calc_checksum_ipv6_raw(src, dst, udp.payload())
-                .expect("checksum");
-            assert_eq!(udp.checksum(), want, "UDP checksum");
-            (src, udp.source_port(), dst, udp.destination_port())
-        }
-        other => panic!("unexpected transport {other:?}"),
-    }
 }
 
 #[test]
@@ -172,24 +63,25 @@ fn flows_and_replies(dp: &Loaded, hook: Hook) {
                 (tcp(CLIENT, port, VIP, 80), 8080),
                 (udp(CLIENT, port, VIP, 53), 5353),
             ] {
-                let (src, sport, dst, dport) = seen(&pass(dp, hook, &packet));
+                let out = seen(&dp.pass(hook, &packet));
+                let dst = out.dst;
                 assert_eq!(
-                    (src, sport, dport),
+                    (out.src, out.sport, out.dport),
                     (CLIENT, port, backend_port),
                     "{hook:?}"
                 );
                 assert!(BACKENDS.contains(&dst), "{hook:?}");
                 chosen.insert(dst);
                 // Established: same backend.
-                assert_eq!(seen(&pass(dp, hook, &packet)).2, dst, "{hook:?}");
+                assert_eq!(seen(&dp.pass(hook, &packet)).dst, dst, "{hook:?}");
                 let reply = if backend_port == 8080 {
                     tcp(dst, 8080, CLIENT, port)
                 } else {
                     udp(dst, 5353, CLIENT, port)
                 };
-                let back = seen(&pass(dp, hook, &reply));
+                let back = seen(&dp.pass(hook, &reply));
                 let frontend_port = if backend_port == 8080 { 80 } else { 53 };
-                assert_eq!((back.0, back.1), (VIP, frontend_port), "{hook:?}");
+                assert_eq!((back.src, back.sport), (VIP, frontend_port), "{hook:?}");
             }
         }
         assert_eq!(chosen.len(), 2, "{hook:?}: flows spread");
@@ -210,24 +102,25 @@ fn ipv6_node_port_traffic_is_source_nated_and_translated_back_at_egress() {
 /// back to the client from the node port.
 fn node_port_source_nat(dp: &Loaded, hook: Hook) {
     {
-        let (_, _, backend, _) = seen(&pass(dp, hook, &tcp(CLIENT, 41000, NODE, 30080)));
+        let backend = seen(&dp.pass(hook, &tcp(CLIENT, 41000, NODE, 30080))).dst;
         assert!(BACKENDS.contains(&backend));
-        let (src, sport, dst, _) = seen(&egress(dp, &tcp(CLIENT, 41000, backend, 8080)));
+        let snat = seen(&dp.egress(&tcp(CLIENT, 41000, backend, 8080)));
+        let sport = snat.sport;
         assert_eq!(
-            (src, dst),
+            (snat.src, snat.dst),
             (NODE, backend),
             "{hook:?}: the backend sees the node"
         );
         assert!(sport >= proxy_common::SNAT_PORT_MIN);
-        let back = seen(&pass(dp, hook, &tcp(backend, 8080, NODE, sport)));
+        let back = seen(&dp.pass(hook, &tcp(backend, 8080, NODE, sport)));
         assert_eq!(
-            (back.0, back.2, back.3),
+            (back.src, back.dst, back.dport),
             (backend, CLIENT, 41000),
             "{hook:?}"
         );
-        let out = seen(&egress(dp, &tcp(backend, 8080, CLIENT, 41000)));
+        let out = seen(&dp.egress(&tcp(backend, 8080, CLIENT, 41000)));
         assert_eq!(
-            (out.0, out.1),
+            (out.src, out.sport),
             (NODE, 30080),
             "{hook:?}: from the node port"
         );
@@ -243,20 +136,13 @@ fn ipv6_flows_that_found_conntrack_full_work_both_ways() {
     for hook in HOOKS {
         let programs = [programs::XDP, programs::TC_INGRESS, programs::TC_EGRESS];
         let loaded = Loaded::with_conntrack(MAX, 1024, &programs).expect("load the datapath");
-        let mut dp = programmed(loaded);
+        let mut dp = programmed(loaded, SERVICES);
         fill_ct6(&mut dp);
         flows_and_replies(&dp, hook);
         node_port_source_nat(&dp, hook);
         // 32 TCP and 32 UDP flows, and the node port flow.
-        assert_eq!(
-            dp.maps.counter(Counter::CtFull).expect("counter"),
-            65,
-            "{hook:?}"
-        );
-        assert_eq!(
-            dp.maps.counter(Counter::CtInsertFailed).expect("counter"),
-            0
-        );
+        assert_eq!(dp.counter(Counter::CtFull), 65, "{hook:?}");
+        assert_eq!(dp.counter(Counter::CtInsertFailed), 0);
         let overflow = dp.ebpf.map(names::OVERFLOW6).expect("ct6_overflow");
         let overflow: BpfHashMap<_, Ct6Key, Ct6Entry> =
             BpfHashMap::try_from(overflow).expect("a hash");
@@ -282,83 +168,12 @@ fn fill_ct6(dp: &mut Loaded) {
     assert!(ct6.keys().count() > 0, "ct6 filled");
 }
 
-/// One's complement sum of 16-bit words.
-fn ones_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Checks an ICMPv6 port unreachable for `original`, sent to `frontend`.
-fn check_unreachable(reply: &[u8], original: &[u8], frontend: [u8; 16]) {
-    let sliced = SlicedPacket::from_ethernet(reply).expect("etherparse parses the reply");
-    let Some(NetSlice::Ipv6(ip)) = &sliced.net else {
-        panic!("not IPv6: {:?}", sliced.net);
-    };
-    let header = ip.header().to_header();
-    assert_eq!((header.source, header.destination), (frontend, CLIENT));
-    let Some(TransportSlice::Icmpv6(icmp)) = &sliced.transport else {
-        panic!("not ICMPv6: {:?}", sliced.transport);
-    };
-    let message = icmp.slice();
-    assert_eq!((message[0], message[1]), (1, 4), "port unreachable");
-    let length = message.len() as u32;
-    let pseudo = ones_sum(&header.source) + ones_sum(&header.destination) + length + 58;
-    assert_eq!(fold(pseudo + ones_sum(message)), 0xffff, "ICMPv6 checksum");
-    assert_eq!(&message[8..56], &original[14..62], "quotes the original");
-}
-
-/// What the kernel does to a CHECKSUM_PARTIAL packet on transmit: sum from
-/// the original L4 header to the end, fold, write at the original offset.
-fn finish_partial(packet: &mut [u8], check_at: usize) {
-    let sum = !fold(ones_sum(&packet[54..]));
-    let sum = if sum == 0 { 0xffff } else { sum };
-    packet[check_at..check_at + 2].copy_from_slice(&sum.to_be_bytes());
-}
-
 #[test]
 fn ipv6_service_without_backends_refuses_with_icmpv6() {
     if !common::ready("ipv6_service_without_backends_refuses_with_icmpv6") {
         return;
     }
-    let dp = lab();
-    for hook in HOOKS {
-        for (packet, check_at) in [
-            (tcp(CLIENT, 42000, EMPTY_VIP, 80), 54 + 16),
-            (udp(CLIENT, 42001, EMPTY_VIP, 53), 54 + 6),
-        ] {
-            let before = dp.maps.counter(Counter::Rejected).expect("counter");
-            let (verdict, reply) = run(&dp, hook, &packet);
-            // XDP hands the refusal to the node's stack, addressed to the
-            // node as the original was; TC sends it straight back.
-            let (sent, macs) = match hook {
-                Hook::Xdp => (XDP_PASS, (MAC_A, MAC_B)),
-                Hook::Tc => (TC_ACT_REDIRECT, (MAC_B, MAC_A)),
-            };
-            assert_eq!(verdict, sent, "{hook:?}");
-            assert_eq!(
-                (&reply[6..12], &reply[..6]),
-                (&macs.0[..], &macs.1[..]),
-                "{hook:?}: MACs"
-            );
-            assert_eq!(
-                dp.maps.counter(Counter::Rejected).expect("counter"),
-                before + 1
-            );
-            check_unreachable(&reply, &packet, EMPTY_VIP);
-            let mut finished = reply.clone();
-            finish_partial(&mut finished, check_at);
-            check_unreachable(&finished, &packet, EMPTY_VIP);
-        }
-    }
+    both::refuses_without_backends::<V6>(&lab(), (CLIENT, EMPTY_VIP), (42000, 42001));
 }
 
 #[test]
@@ -386,44 +201,9 @@ fn neighbour_discovery_and_other_ipv6_traffic_pass_untouched() {
             tcp(CLIENT, 43000, BACKENDS[0], 8080),
             udp(CLIENT, 43001, VIP, 9999),
         ] {
-            assert_eq!(pass(&dp, hook, &packet), packet, "{hook:?}");
+            assert_eq!(dp.pass(hook, &packet), packet, "{hook:?}");
         }
     }
-}
-
-const LOAD_BALANCER6: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: lb, namespace: demo}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.30
-  clusterIPs: [10.96.0.30, "fd00:96::30"]
-  sessionAffinity: ClientIP
-  loadBalancerSourceRanges: ["2001:db8:9::/48"]
-  ports: [{name: http, protocol: TCP, port: 80}]
-status:
-  loadBalancer:
-    ingress: [{ip: "2001:db8:100::1"}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: lb-v6, namespace: demo, labels: {kubernetes.io/service-name: lb}}
-addressType: IPv6
-ports: [{name: http, protocol: TCP, port: 8080}]
-endpoints:
-  - {addresses: ["fd00:1:1::2"], nodeName: here}
-  - {addresses: ["fd00:1:2::2"], nodeName: there}
-"#;
-
-fn lab_for(yaml: &str) -> Loaded {
-    let mut dp = Loaded::new().expect("load the datapath");
-    let mut objects = common::objects(yaml).expect("objects");
-    objects.node.name = Some("here".into());
-    objects.node.addresses = vec![std::net::IpAddr::from(NODE)];
-    dp.program(&proxy_agent::model::desired(&objects))
-        .expect("program");
-    dp
 }
 
 #[test]
@@ -435,23 +215,12 @@ fn ipv6_source_ranges_and_affinity() {
     let outsider = addr(0x2001_0db8_0777, 5);
     for hook in HOOKS {
         let dp = lab_for(LOAD_BALANCER6);
-        let first = seen(&pass(&dp, hook, &tcp(CLIENT, 44000, lb, 80))).2;
+        let first = seen(&dp.pass(hook, &tcp(CLIENT, 44000, lb, 80))).dst;
         for port in 44001..44030 {
-            let out = seen(&pass(&dp, hook, &tcp(CLIENT, port, lb, 80)));
-            assert_eq!(out.2, first, "{hook:?}: the client keeps its backend");
+            let out = seen(&dp.pass(hook, &tcp(CLIENT, port, lb, 80)));
+            assert_eq!(out.dst, first, "{hook:?}: the client keeps its backend");
         }
-        let (verdict, _) = run(&dp, hook, &tcp(outsider, 44000, lb, 80));
-        let dropped = match hook {
-            Hook::Xdp => 1,
-            Hook::Tc => 2,
-        };
-        assert_eq!(verdict, dropped, "{hook:?}: outside the ranges");
-        assert_eq!(
-            dp.maps
-                .counter(Counter::SourceRangeDenied)
-                .expect("counter"),
-            1
-        );
+        both::outside_the_source_ranges_is_dropped::<V6>(&dp, hook, (outsider, 44000), lb);
     }
 }
 
@@ -468,25 +237,14 @@ fn ipv6_external_traffic_policy_local_drops_without_local_endpoints() {
         .replace("nodeName: here", "nodeName: elsewhere");
     let dp = lab_for(&yaml);
     let lb = addr(0x2001_0db8_0100, 1);
-    let (verdict, _) = run(&dp, Hook::Tc, &tcp(CLIENT, 45000, lb, 80));
-    assert_eq!(verdict, 2, "dropped, not refused");
-    assert_eq!(
-        dp.maps.counter(Counter::NoLocalBackend).expect("counter"),
-        1
-    );
+    both::local_policy_drops_without_local_endpoints::<V6>(&dp, Hook::Tc, (CLIENT, 45000), lb);
     // The client address reaches the backend unchanged under Local.
     let yaml = LOAD_BALANCER6.replace(
         "  sessionAffinity: ClientIP\n",
         "  externalTrafficPolicy: Local\n",
     );
     let dp = lab_for(&yaml);
-    let (_, _, backend, _) = seen(&pass(&dp, Hook::Tc, &tcp(CLIENT, 45001, lb, 80)));
-    let forwarded = tcp(CLIENT, 45001, backend, 8080);
-    assert_eq!(
-        egress(&dp, &forwarded),
-        forwarded,
-        "no source NAT under Local"
-    );
+    both::local_policy_keeps_the_client_address::<V6>(&dp, (CLIENT, 45001), lb);
 }
 
 /// An SCTP INIT over IPv6 with a correct CRC32c.
@@ -553,13 +311,12 @@ fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
         );
     for hook in HOOKS {
         let dp = lab_for(&yaml);
-        let (src, sport, dst, dport) =
-            seen_sctp6(&pass(&dp, hook, &sctp6(CLIENT, 46000, VIP, 3868)));
+        let (src, sport, dst, dport) = seen_sctp6(&dp.pass(hook, &sctp6(CLIENT, 46000, VIP, 3868)));
         assert_eq!((src, sport, dport), (CLIENT, 46000, 13868), "{hook:?}");
         assert!(BACKENDS.contains(&dst), "{hook:?}");
-        let back = seen_sctp6(&pass(&dp, hook, &sctp6(dst, 13868, CLIENT, 46000)));
+        let back = seen_sctp6(&dp.pass(hook, &sctp6(dst, 13868, CLIENT, 46000)));
         assert_eq!((back.0, back.1), (VIP, 3868), "{hook:?}");
-        let (verdict, reply) = run(&dp, hook, &sctp6(CLIENT, 46001, EMPTY_VIP, 3868));
+        let (verdict, reply) = dp.run(hook, &sctp6(CLIENT, 46001, EMPTY_VIP, 3868));
         let sent = match hook {
             Hook::Xdp => XDP_PASS,
             Hook::Tc => TC_ACT_REDIRECT,
@@ -582,10 +339,7 @@ fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
 
 /// An ACK with data from the client, acknowledging up to `ack`.
 fn tcp_ack(sport: u16, ack: u32) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(CLIENT, VIP, 64)
-        .tcp(sport, 80, 2000, 64240)
-        .ack(ack);
+    let builder = V6::ip(CLIENT, VIP).tcp(sport, 80, 2000, 64240).ack(ack);
     let payload = b"more";
     let mut out = Vec::with_capacity(builder.size(payload.len()));
     builder.write(&mut out, payload).expect("build tcp");
@@ -600,8 +354,8 @@ fn ipv6_connection_to_a_removed_backend_is_reset() {
     for (i, hook) in HOOKS.into_iter().enumerate() {
         let mut dp = lab();
         let sport = 42000 + i as u16;
-        let out = pass(&dp, hook, &tcp(CLIENT, sport, VIP, 80));
-        let (_, _, backend, _) = seen(&out);
+        let out = dp.pass(hook, &tcp(CLIENT, sport, VIP, 80));
+        let backend = seen(&out).dst;
         let staying = BACKENDS.into_iter().find(|b| *b != backend).expect("other");
         let without = SERVICES.replace(
             &format!(
@@ -611,13 +365,9 @@ fn ipv6_connection_to_a_removed_backend_is_reset() {
             "",
         );
         assert_ne!(without, SERVICES, "{hook:?}: the backend is in the slice");
-        let mut objects = common::objects(&without).expect("objects");
-        objects.node.name = Some("here".into());
-        objects.node.addresses = vec![std::net::IpAddr::from(NODE)];
-        dp.program(&proxy_agent::model::desired(&objects))
-            .expect("program");
-        let before = dp.maps.counter(Counter::Reset).expect("counter");
-        let (verdict, rst) = run(&dp, hook, &tcp_ack(sport, 5555));
+        program(&mut dp, &without);
+        let before = dp.counter(Counter::Reset);
+        let (verdict, rst) = dp.run(hook, &tcp_ack(sport, 5555));
         // XDP hands IPv6 replies to the node's stack; TC redirects them.
         let want = match hook {
             Hook::Xdp => XDP_PASS,
@@ -643,14 +393,10 @@ fn ipv6_connection_to_a_removed_backend_is_reset() {
         let want = t.calc_checksum_ipv6(VIP, CLIENT).expect("checksum");
         assert_eq!(t.checksum(), want, "{hook:?}: TCP checksum");
         assert!(t.payload().is_empty());
-        assert_eq!(
-            dp.maps.counter(Counter::Reset).expect("counter"),
-            before + 1,
-            "{hook:?}"
-        );
+        assert_eq!(dp.counter(Counter::Reset), before + 1, "{hook:?}");
         // The flow is forgotten: a new SYN from that port goes to the
         // backend that stayed.
-        let out = pass(&dp, hook, &tcp(CLIENT, sport, VIP, 80));
-        assert_eq!(seen(&out).2, staying, "{hook:?}");
+        let out = dp.pass(hook, &tcp(CLIENT, sport, VIP, 80));
+        assert_eq!(seen(&out).dst, staying, "{hook:?}");
     }
 }

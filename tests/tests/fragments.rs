@@ -13,11 +13,14 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use common::{Loaded, TC_ACT_OK, XDP_PASS};
-use proxy_common::Counter;
+use common::{
+    HOOKS, Hook, Loaded,
+    packets::{ETH, MAC_A, MAC_B, ones, verifies},
+};
+use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
-    manifests::{self, NODE_ADDR, UDP_NODE_PORT, UDP_PORT, VIP, VIP6},
+    manifests::{self, DNS_DUAL as SERVICES, NODE_ADDR, UDP_NODE_PORT, UDP_PORT, VIP, VIP6},
     netns::{Netns, unique_prefix},
     servers::Servers,
     topology::{CLIENT_GATEWAY6, Topology, backend_iface, client_iface},
@@ -29,45 +32,9 @@ const BACKEND4: [u8; 4] = [10, 1, 1, 2];
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const VIP6_BYTES: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
 const BACKEND6: [u8; 16] = [0xfd, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const IPPROTO_UDP: u8 = 17;
-const ETH_HLEN: usize = 14;
-/// One backend per family: every new flow goes to it.
-const SERVICES: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: dns, namespace: demo}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  ports: [{name: dns, protocol: UDP, port: 53}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: dns-v4, namespace: demo, labels: {kubernetes.io/service-name: dns}}
-addressType: IPv4
-ports: [{name: dns, protocol: UDP, port: 5353}]
-endpoints: [{addresses: [10.1.1.2]}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: dns-v6, namespace: demo, labels: {kubernetes.io/service-name: dns}}
-addressType: IPv6
-ports: [{name: dns, protocol: UDP, port: 5353}]
-endpoints: [{addresses: ["fd00:1:1::2"]}]
-"#;
-
 // ---------------------------------------------------------------------------
 // Crafted fragments through BPF_PROG_TEST_RUN.
-
-#[derive(Clone, Copy, Debug)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 
 struct Lab {
     dp: Loaded,
@@ -83,34 +50,12 @@ impl Lab {
 
     /// The packet after the hook's program, which must pass it on.
     fn run(&self, packet: &[u8]) -> Vec<u8> {
-        let (ret, out) = match self.hook {
-            Hook::Xdp => self.dp.xdp(packet),
-            Hook::Tc => self.dp.tc(packet),
-        }
-        .unwrap_or_else(|e| panic!("{:?} test run: {e:#}", self.hook));
-        let pass = match self.hook {
-            Hook::Xdp => XDP_PASS,
-            Hook::Tc => TC_ACT_OK,
-        };
-        assert_eq!(ret, pass, "{:?} must pass every fragment on", self.hook);
-        out
+        self.dp.pass(self.hook, packet)
     }
 
     fn counter(&self, counter: Counter) -> u64 {
-        self.dp.maps.counter(counter).expect("counter")
+        self.dp.counter(counter)
     }
-}
-
-/// The Internet checksum's one's complement sum of `data`, folded.
-fn sum16(data: &[u8], mut sum: u32) -> u32 {
-    for pair in data.chunks(2) {
-        let hi = u32::from(pair[0]) << 8;
-        sum += hi | pair.get(1).map_or(0, |lo| u32::from(*lo));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum
 }
 
 /// A UDP datagram (header and payload) with its checksum over `pseudo`.
@@ -122,7 +67,7 @@ fn udp_datagram(pseudo: &[u8], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8
     udp.extend_from_slice(&len.to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
-    let check = !(sum16(&udp, sum16(pseudo, 0)) as u16);
+    let check = csum::finish(ones(pseudo) + ones(&udp));
     let check = if check == 0 { 0xffff } else { check };
     udp[6..8].copy_from_slice(&check.to_be_bytes());
     udp
@@ -177,7 +122,7 @@ fn fragments4(src: ([u8; 4], u16), dst: ([u8; 4], u16), id: u16, len: usize) -> 
             ip.extend_from_slice(&[64, IPPROTO_UDP, 0, 0]);
             ip.extend_from_slice(&src.0);
             ip.extend_from_slice(&dst.0);
-            let check = !(sum16(&ip, 0) as u16);
+            let check = csum::finish(ones(&ip));
             ip[10..12].copy_from_slice(&check.to_be_bytes());
             let mut frame = ethernet(0x0800);
             frame.extend_from_slice(&ip);
@@ -215,15 +160,15 @@ fn fragments6(src: ([u8; 16], u16), dst: ([u8; 16], u16), id: u32, len: usize) -
 
 /// An IPv4 fragment's addresses, its header checksum checked.
 fn addrs4(frame: &[u8]) -> ([u8; 4], [u8; 4]) {
-    let ip = &frame[ETH_HLEN..ETH_HLEN + 20];
-    assert_eq!(sum16(ip, 0), 0xffff, "IPv4 header checksum of {ip:02x?}");
+    let ip = &frame[ETH..ETH + 20];
+    assert!(verifies(ones(ip)), "IPv4 header checksum of {ip:02x?}");
     let src = ip[12..16].try_into().expect("4 bytes");
     let dst = ip[16..20].try_into().expect("4 bytes");
     (src, dst)
 }
 
 fn addrs6(frame: &[u8]) -> ([u8; 16], [u8; 16]) {
-    let ip = &frame[ETH_HLEN..ETH_HLEN + 40];
+    let ip = &frame[ETH..ETH + 40];
     let src = ip[8..24].try_into().expect("16 bytes");
     let dst = ip[24..40].try_into().expect("16 bytes");
     (src, dst)
@@ -234,13 +179,13 @@ fn addrs6(frame: &[u8]) -> ([u8; 16], [u8; 16]) {
 fn reassembled(fragments: &[Vec<u8>], l3: usize, pseudo: &[u8]) -> ((u16, u16), bool) {
     let datagram: Vec<u8> = fragments
         .iter()
-        .flat_map(|f| f[ETH_HLEN + l3..].iter().copied())
+        .flat_map(|f| f[ETH + l3..].iter().copied())
         .collect();
     let ports = (
         u16::from_be_bytes([datagram[0], datagram[1]]),
         u16::from_be_bytes([datagram[2], datagram[3]]),
     );
-    (ports, sum16(&datagram, sum16(pseudo, 0)) == 0xffff)
+    (ports, verifies(ones(pseudo) + ones(&datagram)))
 }
 
 /// IPv4 through one hook: a later fragment before its first is untouched

@@ -25,20 +25,18 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use common::{Loaded, TC_ACT_OK, XDP_PASS};
+use common::{
+    HOOKS, Loaded,
+    packets::{ETH, MAC_A, MAC_B, addr6, ones, verifies},
+};
 use etherparse::PacketBuilder;
-use proxy_common::Counter;
+use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
-    manifests::{self, VIP, VIP6},
+    manifests::{self, VIP, VIP6, WEB_DUAL_AND_LB as SERVICES},
     netns::{Netns, unique_prefix},
     topology::{Topology, backend_iface, client_iface},
 };
-
-const XDP_DROP: u32 = 1;
-const TC_ACT_SHOT: u32 = 2;
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
 const NODE: [u8; 4] = [10, 0, 0, 1];
@@ -53,76 +51,6 @@ const NODE6: [u8; 16] = addr6(0xfd00_0000_0001, 1);
 const CLUSTER_IP6: [u8; 16] = addr6(0xfd00_0096_0000, 0x10);
 const BACKEND6: [u8; 16] = addr6(0xfd00_0001_0001, 2);
 
-/// An address with a 48-bit prefix and a 16-bit host part.
-const fn addr6(prefix: u64, host: u16) -> [u8; 16] {
-    let p = prefix.to_be_bytes();
-    let h = host.to_be_bytes();
-    [
-        p[2], p[3], p[4], p[5], p[6], p[7], 0, 0, 0, 0, 0, 0, 0, 0, h[0], h[1],
-    ]
-}
-
-/// `web` (a cluster IP of each family) and `lb` (a LoadBalancer whose
-/// external clients are source-NATed to the node), one backend each.
-const SERVICES: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  ports:
-    - {name: http, protocol: TCP, port: 80}
-    - {name: dns, protocol: UDP, port: 53}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-  - {name: http, protocol: TCP, port: 8080}
-  - {name: dns, protocol: UDP, port: 5353}
-endpoints:
-  - addresses: [10.1.1.2]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-v6, namespace: demo, labels: {kubernetes.io/service-name: web}}
-addressType: IPv6
-ports:
-  - {name: http, protocol: TCP, port: 8080}
-  - {name: dns, protocol: UDP, port: 5353}
-endpoints:
-  - addresses: ["fd00:1:1::2"]
----
-apiVersion: v1
-kind: Service
-metadata: {name: lb, namespace: demo}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.30
-  ports: [{name: http, protocol: TCP, port: 80}]
-status:
-  loadBalancer:
-    ingress: [{ip: 198.51.100.1}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
-addressType: IPv4
-ports: [{name: http, protocol: TCP, port: 8080}]
-endpoints:
-  - {addresses: [10.1.1.2], nodeName: here}
-"#;
-
-#[derive(Clone, Copy, Debug)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
-
 /// The datapath programmed with `SERVICES` for node `here`, whose address
 /// (10.0.0.1, fd00:0:1::1) source NAT uses.
 fn lab() -> Loaded {
@@ -133,37 +61,6 @@ fn lab() -> Loaded {
     dp.program(&proxy_agent::model::desired(&objects))
         .expect("program");
     dp
-}
-
-/// The hook's verdict and packet.
-fn run(dp: &Loaded, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
-    match hook {
-        Hook::Xdp => dp.xdp(packet),
-        Hook::Tc => dp.tc(packet),
-    }
-    .expect("test run")
-}
-
-/// Runs an ingress hook, which must pass the packet on.
-fn ingress(dp: &Loaded, hook: Hook, packet: &[u8]) -> Vec<u8> {
-    let (verdict, out) = run(dp, hook, packet);
-    let pass = match hook {
-        Hook::Xdp => XDP_PASS,
-        Hook::Tc => TC_ACT_OK,
-    };
-    assert_eq!(verdict, pass, "{hook:?}");
-    out
-}
-
-/// Runs the egress program, which must pass the packet on.
-fn egress(dp: &Loaded, packet: &[u8]) -> Vec<u8> {
-    let (verdict, out) = dp.tc_egress(packet).expect("egress run");
-    assert_eq!(verdict, TC_ACT_OK, "egress");
-    out
-}
-
-fn counter(dp: &Loaded, counter: Counter) -> u64 {
-    dp.maps.counter(counter).expect("counter")
 }
 
 /// A client's packet; its payload makes a quote of the first 48 bytes of
@@ -221,22 +118,6 @@ impl Buildable for etherparse::PacketBuilderStep<etherparse::UdpHeader> {
     }
 }
 
-/// One's complement sum of big-endian 16-bit words (odd length padded).
-fn sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-const ETH: usize = 14;
 const IP4: usize = 20;
 const IP6: usize = 40;
 /// How much of the failed packet's IP datagram an error quotes here: IP,
@@ -259,13 +140,13 @@ fn icmp4(src: [u8; 4], dst: [u8; 4], (kind, code): (u8, u8), rest: u32, quote: &
     ip[9] = 1;
     ip[12..16].copy_from_slice(&src);
     ip[16..20].copy_from_slice(&dst);
-    let check = fold(sum(&ip));
+    let check = csum::finish(ones(&ip));
     ip[10..12].copy_from_slice(&check.to_be_bytes());
     p.extend_from_slice(&ip);
     let mut icmp = vec![kind, code, 0, 0];
     icmp.extend_from_slice(&rest.to_be_bytes());
     icmp.extend_from_slice(quote);
-    let check = fold(sum(&icmp));
+    let check = csum::finish(ones(&icmp));
     icmp[2..4].copy_from_slice(&check.to_be_bytes());
     p.extend_from_slice(&icmp);
     p
@@ -288,7 +169,7 @@ fn icmp6(src: [u8; 16], dst: [u8; 16], (kind, code): (u8, u8), rest: u32, quote:
     let mut icmp = vec![kind, code, 0, 0];
     icmp.extend_from_slice(&rest.to_be_bytes());
     icmp.extend_from_slice(quote);
-    let check = fold(pseudo6(&ip, icmp.len()) + sum(&icmp));
+    let check = csum::finish(pseudo6(&ip, icmp.len()) + ones(&icmp));
     icmp[2..4].copy_from_slice(&check.to_be_bytes());
     p.extend_from_slice(&icmp);
     p
@@ -296,20 +177,19 @@ fn icmp6(src: [u8; 16], dst: [u8; 16], (kind, code): (u8, u8), rest: u32, quote:
 
 /// ICMPv6's pseudo-header sum for a message of `len` bytes.
 fn pseudo6(ip: &[u8], len: usize) -> u32 {
-    sum(&ip[8..40]) + len as u32 + 58
+    ones(&ip[8..40]) + len as u32 + 58
 }
 
 /// An IPv4 error's addresses and quote, after checking its IPv4 and ICMP
 /// checksums.
 fn error4(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
     let ip = &packet[ETH..ETH + IP4];
-    assert_eq!(
-        fold(sum(ip)),
-        0,
+    assert!(
+        verifies(ones(ip)),
         "outer IPv4 header checksum of {packet:02x?}"
     );
     let icmp = &packet[ETH + IP4..];
-    assert_eq!(fold(sum(icmp)), 0, "ICMP checksum of {packet:02x?}");
+    assert!(verifies(ones(icmp)), "ICMP checksum of {packet:02x?}");
     let addr = |at: usize| -> [u8; 4] { ip[at..at + 4].try_into().expect("4 bytes") };
     (addr(12), addr(16), icmp[8..].to_vec())
 }
@@ -317,9 +197,8 @@ fn error4(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
 fn error6(packet: &[u8]) -> ([u8; 16], [u8; 16], Vec<u8>) {
     let ip = &packet[ETH..ETH + IP6];
     let icmp = &packet[ETH + IP6..];
-    assert_eq!(
-        fold(pseudo6(ip, icmp.len()) + sum(icmp)),
-        0,
+    assert!(
+        verifies(pseudo6(ip, icmp.len()) + ones(icmp)),
         "ICMPv6 checksum of {packet:02x?}"
     );
     let addr = |at: usize| -> [u8; 16] { ip[at..at + 16].try_into().expect("16 bytes") };
@@ -346,16 +225,16 @@ fn a_source_nated_flows_errors_go_back_to_the_client_about_its_packet() {
         let dp = lab();
         // The client's packet in, to the backend, out from the node.
         let sent = tcp(OUTSIDER, 50000, LB, 80);
-        let forwarded = ingress(&dp, hook, &sent);
-        let snat = egress(&dp, &forwarded);
+        let forwarded = dp.pass(hook, &sent);
+        let snat = dp.egress(&forwarded);
         assert_eq!(&snat[ETH + 12..ETH + 16], &NODE, "{hook:?}: source NAT");
         // A router on the way to the backend cannot forward it whole.
         let error = icmp4(ROUTER, NODE, FRAG_NEEDED, MTU, &quote(&snat, QUOTE4));
-        let back = ingress(&dp, hook, &error);
+        let back = dp.pass(hook, &error);
         let (src, dst, quoted) = error4(&back);
         assert_eq!((src, dst), (ROUTER, OUTSIDER), "{hook:?}: to the client");
         assert_eq!(quoted, quote(&forwarded, QUOTE4), "{hook:?}: as forwarded");
-        let out = egress(&dp, &back);
+        let out = dp.egress(&back);
         let (src, dst, quoted) = error4(&out);
         assert_eq!((src, dst), (ROUTER, OUTSIDER), "{hook:?}: from the router");
         assert_eq!(
@@ -366,12 +245,12 @@ fn a_source_nated_flows_errors_go_back_to_the_client_about_its_packet() {
         assert_eq!(&out[ETH + IP4 + 4..ETH + IP4 + 8], &MTU.to_be_bytes());
         // The backend's own error comes from the frontend.
         let error = icmp4(BACKEND, NODE, PORT_UNREACH, 0, &quote(&snat, QUOTE4));
-        let out = egress(&dp, &ingress(&dp, hook, &error));
+        let out = dp.egress(&dp.pass(hook, &error));
         let (src, dst, quoted) = error4(&out);
         assert_eq!((src, dst), (LB, OUTSIDER), "{hook:?}: from the frontend");
         assert_eq!(quoted, quote(&sent, QUOTE4), "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 4, "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorFailed), 0, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 4, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorFailed), 0, "{hook:?}");
     }
 }
 
@@ -383,18 +262,18 @@ fn a_backends_port_unreachable_comes_from_the_cluster_ip() {
     for hook in HOOKS {
         let dp = lab();
         let sent = udp(CLIENT, 40000, CLUSTER_IP, 53);
-        let forwarded = ingress(&dp, hook, &sent);
+        let forwarded = dp.pass(hook, &sent);
         assert_eq!(&forwarded[ETH + 16..ETH + 20], &BACKEND, "{hook:?}");
         let whole = forwarded.len() - ETH;
         let error = icmp4(BACKEND, CLIENT, PORT_UNREACH, 0, &quote(&forwarded, whole));
-        let (src, dst, quoted) = error4(&ingress(&dp, hook, &error));
+        let (src, dst, quoted) = error4(&dp.pass(hook, &error));
         assert_eq!((src, dst), (CLUSTER_IP, CLIENT), "{hook:?}");
         assert_eq!(quoted, quote(&sent, whole), "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 1, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1, "{hook:?}");
 
         let dp = lab();
         let sent = udp6(CLIENT6, 40000, CLUSTER_IP6, 53);
-        let forwarded = ingress(&dp, hook, &sent);
+        let forwarded = dp.pass(hook, &sent);
         let whole = forwarded.len() - ETH;
         let error = icmp6(
             BACKEND6,
@@ -403,10 +282,10 @@ fn a_backends_port_unreachable_comes_from_the_cluster_ip() {
             0,
             &quote(&forwarded, whole),
         );
-        let (src, dst, quoted) = error6(&ingress(&dp, hook, &error));
+        let (src, dst, quoted) = error6(&dp.pass(hook, &error));
         assert_eq!((src, dst), (CLUSTER_IP6, CLIENT6), "{hook:?}");
         assert_eq!(quoted, quote(&sent, whole), "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 1, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1, "{hook:?}");
     }
 }
 
@@ -420,7 +299,7 @@ fn the_nodes_own_fragmentation_needed_is_translated_at_egress() {
     for hook in HOOKS {
         let dp = lab();
         let sent = tcp(CLIENT, 40001, CLUSTER_IP, 80);
-        let forwarded = ingress(&dp, hook, &sent);
+        let forwarded = dp.pass(hook, &sent);
         let error = icmp4(
             gateway,
             CLIENT,
@@ -428,12 +307,12 @@ fn the_nodes_own_fragmentation_needed_is_translated_at_egress() {
             MTU,
             &quote(&forwarded, QUOTE4),
         );
-        let (src, dst, quoted) = error4(&egress(&dp, &error));
+        let (src, dst, quoted) = error4(&dp.egress(&error));
         assert_eq!((src, dst), (gateway, CLIENT), "{hook:?}");
         assert_eq!(quoted, quote(&sent, QUOTE4), "{hook:?}");
 
         let sent = tcp6(CLIENT6, 40001, CLUSTER_IP6, 80);
-        let forwarded = ingress(&dp, hook, &sent);
+        let forwarded = dp.pass(hook, &sent);
         let error = icmp6(
             gateway6,
             CLIENT6,
@@ -441,10 +320,10 @@ fn the_nodes_own_fragmentation_needed_is_translated_at_egress() {
             MTU,
             &quote(&forwarded, QUOTE6),
         );
-        let (src, dst, quoted) = error6(&egress(&dp, &error));
+        let (src, dst, quoted) = error6(&dp.egress(&error));
         assert_eq!((src, dst), (gateway6, CLIENT6), "{hook:?}");
         assert_eq!(quoted, quote(&sent, QUOTE6), "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 2, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 2, "{hook:?}");
     }
 }
 
@@ -455,7 +334,7 @@ fn errors_about_other_flows_pass_untouched() {
     }
     for hook in HOOKS {
         let dp = lab();
-        let forwarded = ingress(&dp, hook, &tcp(CLIENT, 40002, CLUSTER_IP, 80));
+        let forwarded = dp.pass(hook, &tcp(CLIENT, 40002, CLUSTER_IP, 80));
         // Another client port: no flow of ours.
         let other = tcp(CLIENT, 40003, BACKEND, 8080);
         let errors = [
@@ -473,11 +352,11 @@ fn errors_about_other_flows_pass_untouched() {
             ),
         ];
         for error in &errors {
-            assert_eq!(&ingress(&dp, hook, error), error, "{hook:?}");
-            assert_eq!(&egress(&dp, error), error, "{hook:?}");
+            assert_eq!(&dp.pass(hook, error), error, "{hook:?}");
+            assert_eq!(&dp.egress(error), error, "{hook:?}");
         }
-        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 0, "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorFailed), 0, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorFailed), 0, "{hook:?}");
     }
 }
 
@@ -488,7 +367,7 @@ fn an_error_about_a_flow_of_ours_too_short_to_translate_is_dropped() {
     }
     for hook in HOOKS {
         let dp = lab();
-        let forwarded = ingress(&dp, hook, &tcp(CLIENT, 40004, CLUSTER_IP, 80));
+        let forwarded = dp.pass(hook, &tcp(CLIENT, 40004, CLUSTER_IP, 80));
         // The ports, but not the 8 bytes every error must quote.
         let error = icmp4(
             BACKEND,
@@ -497,14 +376,10 @@ fn an_error_about_a_flow_of_ours_too_short_to_translate_is_dropped() {
             0,
             &quote(&forwarded, IP4 + 4),
         );
-        let (verdict, _) = run(&dp, hook, &error);
-        let dropped = match hook {
-            Hook::Xdp => XDP_DROP,
-            Hook::Tc => TC_ACT_SHOT,
-        };
-        assert_eq!(verdict, dropped, "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorFailed), 1, "{hook:?}");
-        assert_eq!(counter(&dp, Counter::IcmpErrorTranslated), 0, "{hook:?}");
+        let (verdict, _) = dp.run(hook, &error);
+        assert_eq!(verdict, hook.dropped(), "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorFailed), 1, "{hook:?}");
+        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 0, "{hook:?}");
     }
 }
 

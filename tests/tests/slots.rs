@@ -8,28 +8,21 @@
 
 mod common;
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::collections::BTreeSet;
 
-use common::{Loaded, XDP_PASS};
+use common::{
+    Loaded, XDP_PASS,
+    packets::{MAC_A, MAC_B},
+};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_agent::{
     balancing::{Algorithm, Balancing},
     model,
 };
 use proxy_common::MAX_SLOTS;
+use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS};
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
-const BACKENDS: [[u8; 4]; 5] = [
-    [10, 1, 0, 1],
-    [10, 1, 0, 2],
-    [10, 1, 0, 3],
-    [10, 1, 0, 4],
-    [10, 1, 0, 5],
-];
-
-fn ip_text(a: [u8; 4]) -> String {
-    Ipv4Addr::from(a).to_string()
-}
 
 /// The i-th external IP (documentation range 203.0.113.0/24, then 198.51.100.0/24).
 fn external_ip(i: usize) -> [u8; 4] {
@@ -42,41 +35,11 @@ fn external_ip(i: usize) -> [u8; 4] {
 /// Service `name` on cluster IP `vip` and `externals` external IPs (TCP
 /// 80 -> 8080), with `annotations` (YAML flow mapping) and the BACKENDS.
 fn service(name: &str, vip: [u8; 4], externals: &[[u8; 4]], annotations: &str) -> String {
-    let ips: Vec<String> = externals.iter().map(|a| ip_text(*a)).collect();
-    let mut out = format!(
-        r#"
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: {name}
-  namespace: demo
-  annotations: {annotations}
-spec:
-  clusterIP: {vip}
-  externalIPs: [{ips}]
-  ports:
-    - {{name: http, protocol: TCP, port: 80}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports:
-  - {{name: http, protocol: TCP, port: 8080}}
-endpoints:
-"#,
-        vip = ip_text(vip),
-        ips = ips.join(", ")
-    );
-    for addr in BACKENDS {
-        out.push_str(&format!("  - addresses: [{}]\n", ip_text(addr)));
-    }
-    out
+    manifests::web_on_externals(name, vip, externals, annotations, &BACKENDS)
 }
 
 fn syn(dst: [u8; 4], sport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(CLIENT, dst, 64)
         .tcp(sport, 80, 1, 65535)
         .syn();

@@ -15,9 +15,45 @@ use proxy_agent::{
     model::{self, Desired, ObjectKey, Objects},
     reconcile::Reconciler,
 };
-use proxy_common::{MAX_BACKENDS, MAX_SERVICES, programs};
+use proxy_common::{Counter, MAX_BACKENDS, MAX_SERVICES, programs};
 
+pub mod both;
+pub mod packets;
+
+pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// The ingress hooks a packet can be run through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+pub const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+impl Hook {
+    /// The verdict that lets a packet through.
+    pub fn passed(self) -> u32 {
+        match self {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_OK,
+        }
+    }
+
+    /// The verdict that drops a packet.
+    pub fn dropped(self) -> u32 {
+        match self {
+            Hook::Xdp => XDP_DROP,
+            Hook::Tc => TC_ACT_SHOT,
+        }
+    }
+}
 
 /// True when a datapath test can run: root, and an agent built with its eBPF
 /// object. Under CI=true a missing one is a failure; elsewhere the test says
@@ -36,7 +72,6 @@ pub fn ready(test: &str) -> bool {
     }
     true
 }
-pub const TC_ACT_OK: u32 = 0;
 
 pub struct Loaded {
     pub ebpf: Ebpf,
@@ -143,6 +178,33 @@ impl Loaded {
 
     pub fn tc_egress(&self, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
         self.tc_named(programs::TC_EGRESS, packet)
+    }
+
+    /// The hook's verdict and packet out, whatever they are.
+    pub fn run(&self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+        match hook {
+            Hook::Xdp => self.xdp(packet),
+            Hook::Tc => self.tc(packet),
+        }
+        .unwrap_or_else(|e| panic!("{hook:?} test run of a {}-byte packet: {e:#}", packet.len()))
+    }
+
+    /// Runs the hook, which must pass the packet on.
+    pub fn pass(&self, hook: Hook, packet: &[u8]) -> Vec<u8> {
+        let (verdict, out) = self.run(hook, packet);
+        assert_eq!(verdict, hook.passed(), "{hook:?} must pass the packet on");
+        out
+    }
+
+    /// Runs the egress program, which must pass the packet on.
+    pub fn egress(&self, packet: &[u8]) -> Vec<u8> {
+        let (verdict, out) = self.tc_egress(packet).expect("egress run");
+        assert_eq!(verdict, TC_ACT_OK, "egress");
+        out
+    }
+
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.maps.counter(counter).expect("counter")
     }
 
     fn tc_named(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
