@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use aya::maps::{Array, HashMap as BpfHashMap};
 use common::{
     Loaded, XDP_PASS,
-    packets::{MAC_A as MAC_CLIENT, MAC_B as MAC_NODE, ones, verifies},
+    packets::{MAC_A as MAC_CLIENT, MAC_B as MAC_NODE, ipv4_header, ones, verifies},
 };
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{
     CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
     Connections, Counter, Ct4Entry, Ct4Key, names, programs,
@@ -316,15 +316,7 @@ fn parse(packet: &[u8]) -> Seen {
     let Some(etherparse::LinkSlice::Ethernet2(eth)) = &sliced.link else {
         panic!("not Ethernet II");
     };
-    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
-        panic!("not IPv4: {:?}", sliced.net);
-    };
-    let header = ip.header().to_header();
-    assert_eq!(
-        header.header_checksum,
-        header.calc_header_checksum(),
-        "IPv4 header checksum"
-    );
+    let header = ipv4_header(&sliced);
     let (src, dst) = (header.source, header.destination);
     let mut seen = Seen {
         eth_src: eth.source(),

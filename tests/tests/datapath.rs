@@ -780,23 +780,6 @@ fn sctp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     out
 }
 
-/// (source, source port, destination, destination port) of an SCTP packet,
-/// after checking its IPv4 header checksum and its CRC32c.
-fn seen_sctp(packet: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
-    let (ip, rest) = etherparse::Ipv4Header::from_slice(&packet[14..]).expect("ipv4");
-    assert_eq!(
-        ip.header_checksum,
-        ip.calc_header_checksum(),
-        "IPv4 checksum"
-    );
-    let mut l4 = rest.to_vec();
-    let stored = u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]);
-    l4[8..12].copy_from_slice(&[0; 4]);
-    assert_eq!(stored, crc32c(&l4), "SCTP CRC32c");
-    let port = |at: usize| u16::from_be_bytes([rest[at], rest[at + 1]]);
-    (ip.source, port(0), ip.destination, port(2))
-}
-
 #[test]
 fn sctp_is_served_with_its_crc_updated_for_the_ports() {
     if !common::ready("sctp_is_served_with_its_crc_updated_for_the_ports") {
@@ -814,10 +797,11 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
     for hook in HOOKS {
         let mut lab = Lab::new();
         lab.dp.program_yaml(&yaml).expect("program");
-        let (src, sport, dst, dport) = seen_sctp(&lab.run(hook, &sctp(CLIENT, 40000, VIP, 3868)));
+        let (src, sport, dst, dport) =
+            V4::seen_sctp(&lab.run(hook, &sctp(CLIENT, 40000, VIP, 3868)));
         assert_eq!((src, sport, dport), (CLIENT, 40000, 13868), "{hook:?}");
         assert!(BACKENDS.contains(&dst), "{hook:?}");
-        let reply = seen_sctp(&lab.run(hook, &sctp(dst, 13868, CLIENT, 40000)));
+        let reply = V4::seen_sctp(&lab.run(hook, &sctp(dst, 13868, CLIENT, 40000)));
         assert_eq!((reply.0, reply.1), (VIP, 3868), "{hook:?}: from the VIP");
     }
     // Without endpoints: refused with an ABORT, on both hooks, valid also
@@ -843,7 +827,7 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
             (&MAC_A[..], &MAC_B[..]),
             "{hook:?}"
         );
-        let (src, sport, dst, dport) = seen_sctp(&reply);
+        let (src, sport, dst, dport) = V4::seen_sctp(&reply);
         assert_eq!(
             (src, sport, dst, dport),
             (empty, 80, CLIENT, 40001),

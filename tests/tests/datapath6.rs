@@ -280,17 +280,6 @@ fn sctp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
     out
 }
 
-/// Addresses and ports of an SCTP-over-IPv6 packet, after checking its CRC.
-fn seen_sctp6(packet: &[u8]) -> ([u8; 16], u16, [u8; 16], u16) {
-    let (ip, rest) = etherparse::Ipv6Header::from_slice(&packet[14..]).expect("ipv6");
-    let mut l4 = rest.to_vec();
-    let stored = u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]);
-    l4[8..12].copy_from_slice(&[0; 4]);
-    assert_eq!(stored, crc32c(&l4), "SCTP CRC32c");
-    let port = |at: usize| u16::from_be_bytes([rest[at], rest[at + 1]]);
-    (ip.source, port(0), ip.destination, port(2))
-}
-
 #[test]
 fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
     if !common::ready("ipv6_sctp_is_translated_and_refused_with_an_abort") {
@@ -311,10 +300,11 @@ fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
         );
     for hook in HOOKS {
         let dp = lab_for(&yaml);
-        let (src, sport, dst, dport) = seen_sctp6(&dp.pass(hook, &sctp6(CLIENT, 46000, VIP, 3868)));
+        let (src, sport, dst, dport) =
+            V6::seen_sctp(&dp.pass(hook, &sctp6(CLIENT, 46000, VIP, 3868)));
         assert_eq!((src, sport, dport), (CLIENT, 46000, 13868), "{hook:?}");
         assert!(BACKENDS.contains(&dst), "{hook:?}");
-        let back = seen_sctp6(&dp.pass(hook, &sctp6(dst, 13868, CLIENT, 46000)));
+        let back = V6::seen_sctp(&dp.pass(hook, &sctp6(dst, 13868, CLIENT, 46000)));
         assert_eq!((back.0, back.1), (VIP, 3868), "{hook:?}");
         let (verdict, reply) = dp.run(hook, &sctp6(CLIENT, 46001, EMPTY_VIP, 3868));
         let sent = match hook {
@@ -322,7 +312,7 @@ fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
             Hook::Tc => TC_ACT_REDIRECT,
         };
         assert_eq!(verdict, sent, "{hook:?}");
-        let (src, sport, dst, dport) = seen_sctp6(&reply);
+        let (src, sport, dst, dport) = V6::seen_sctp(&reply);
         assert_eq!(
             (src, sport, dst, dport),
             (EMPTY_VIP, 3868, CLIENT, 46001),

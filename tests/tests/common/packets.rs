@@ -7,11 +7,12 @@
 use std::{fmt::Debug, hash::Hash, net::IpAddr};
 
 use etherparse::{
-    IpHeaders, NetSlice, PacketBuilder, PacketBuilderStep, SlicedPacket, TransportSlice,
+    IpHeaders, Ipv4Header, NetSlice, PacketBuilder, PacketBuilderStep, SlicedPacket, TcpSlice,
+    TransportSlice, UdpSlice,
 };
 use proxy_common::csum;
 
-use super::Hook;
+use super::{Hook, crc32c};
 
 /// The sender's and the receiver's MAC of every crafted frame.
 pub const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
@@ -71,6 +72,10 @@ pub trait Family {
     /// Addressing of a TCP or UDP packet, after checking its checksums.
     fn seen(packet: &[u8]) -> Seen<Self::Addr>;
 
+    /// (source, source port, destination, destination port) of an SCTP
+    /// packet, after checking its IPv4 header checksum and its CRC32c.
+    fn seen_sctp(packet: &[u8]) -> (Self::Addr, u16, Self::Addr, u16);
+
     /// Checks a port unreachable for `original` (sent by `client` to
     /// `frontend`): MACs swapped if `to_sender`, addresses, type and code,
     /// checksums, and the quote of the original.
@@ -111,6 +116,68 @@ pub trait Family {
     }
 }
 
+/// The IPv4 header of a parsed packet, its checksum checked.
+pub fn ipv4_header(sliced: &SlicedPacket) -> Ipv4Header {
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4: {:?}", sliced.net);
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    header
+}
+
+/// The ports of a TCP or UDP packet from `src` to `dst`, its checksum
+/// checked against what `tcp_want` or `udp_want` computes (`None`: the
+/// UDP checksum is not checked).
+fn transport<A>(
+    sliced: &SlicedPacket,
+    (src, dst): (A, A),
+    tcp_want: impl FnOnce(&TcpSlice) -> u16,
+    udp_want: impl FnOnce(&UdpSlice) -> Option<u16>,
+) -> Seen<A> {
+    match &sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            assert_eq!(tcp.checksum(), tcp_want(tcp), "TCP checksum");
+            Seen {
+                src,
+                sport: tcp.source_port(),
+                dst,
+                dport: tcp.destination_port(),
+                udp_check: None,
+            }
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            let check = udp.checksum();
+            if let Some(want) = udp_want(udp) {
+                assert_eq!(check, want, "UDP checksum");
+            }
+            Seen {
+                src,
+                sport: udp.source_port(),
+                dst,
+                dport: udp.destination_port(),
+                udp_check: Some(check),
+            }
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+/// The ports of the SCTP common header that starts `l4`, after checking
+/// its CRC32c.
+pub fn sctp_ports(l4: &[u8]) -> (u16, u16) {
+    let mut body = l4.to_vec();
+    let stored = u32::from_le_bytes([body[8], body[9], body[10], body[11]]);
+    body[8..12].copy_from_slice(&[0; 4]);
+    assert_eq!(stored, crc32c(&body), "SCTP CRC32c");
+    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    (port(0), port(2))
+}
+
 fn check_macs(sliced: &SlicedPacket, to_sender: bool, hook: Hook) {
     let Some(etherparse::LinkSlice::Ethernet2(eth)) = &sliced.link else {
         panic!("no Ethernet: {:?}", sliced.link);
@@ -135,47 +202,32 @@ impl Family for V4 {
 
     fn seen(packet: &[u8]) -> Seen<[u8; 4]> {
         let sliced = SlicedPacket::from_ethernet(packet).expect("etherparse parses the output");
-        let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
-            panic!("not IPv4: {:?}", sliced.net);
-        };
-        let header = ip.header().to_header();
-        assert_eq!(
-            header.header_checksum,
-            header.calc_header_checksum(),
-            "IPv4 header checksum"
-        );
+        let header = ipv4_header(&sliced);
         let (src, dst) = (header.source, header.destination);
-        match &sliced.transport {
-            Some(TransportSlice::Tcp(tcp)) => {
-                let want = tcp.calc_checksum_ipv4(src, dst).expect("tcp checksum");
-                assert_eq!(tcp.checksum(), want, "TCP checksum");
-                Seen {
-                    src,
-                    sport: tcp.source_port(),
-                    dst,
-                    dport: tcp.destination_port(),
-                    udp_check: None,
-                }
-            }
-            Some(TransportSlice::Udp(udp)) => {
-                let check = udp.checksum();
-                if check != 0 {
-                    let want = udp
-                        .to_header()
+        transport(
+            &sliced,
+            (src, dst),
+            |tcp| tcp.calc_checksum_ipv4(src, dst).expect("tcp checksum"),
+            // A zero UDP checksum over IPv4 is none, and stays so.
+            |udp| {
+                (udp.checksum() != 0).then(|| {
+                    udp.to_header()
                         .calc_checksum_ipv4_raw(src, dst, udp.payload())
-                        .expect("udp checksum");
-                    assert_eq!(check, want, "UDP checksum");
-                }
-                Seen {
-                    src,
-                    sport: udp.source_port(),
-                    dst,
-                    dport: udp.destination_port(),
-                    udp_check: Some(check),
-                }
-            }
-            other => panic!("unexpected transport {other:?}"),
-        }
+                        .expect("udp checksum")
+                })
+            },
+        )
+    }
+
+    fn seen_sctp(packet: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(&packet[ETH..]).expect("ipv4");
+        assert_eq!(
+            ip.header_checksum,
+            ip.calc_header_checksum(),
+            "IPv4 checksum"
+        );
+        let (sport, dport) = sctp_ports(rest);
+        (ip.source, sport, ip.destination, dport)
     }
 
     fn check_refusal(
@@ -187,11 +239,7 @@ impl Family for V4 {
     ) {
         let sliced = SlicedPacket::from_ethernet(reply).expect("etherparse parses the reply");
         check_macs(&sliced, to_sender, hook);
-        let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
-            panic!("not IPv4: {:?}", sliced.net);
-        };
-        let header = ip.header().to_header();
-        assert_eq!(header.header_checksum, header.calc_header_checksum());
+        let header = ipv4_header(&sliced);
         assert_eq!((header.source, header.destination), (frontend, client));
         let Some(TransportSlice::Icmpv4(icmp)) = &sliced.transport else {
             panic!("not ICMP: {:?}", sliced.transport);
@@ -222,35 +270,25 @@ impl Family for V6 {
         };
         let header = ip.header().to_header();
         let (src, dst) = (header.source, header.destination);
-        match &sliced.transport {
-            Some(TransportSlice::Tcp(tcp)) => {
-                let want = tcp.calc_checksum_ipv6(src, dst).expect("checksum");
-                assert_eq!(tcp.checksum(), want, "TCP checksum");
-                Seen {
-                    src,
-                    sport: tcp.source_port(),
-                    dst,
-                    dport: tcp.destination_port(),
-                    udp_check: None,
-                }
-            }
-            Some(TransportSlice::Udp(udp)) => {
-                // No checksum is no option over IPv6: it must be right.
-                let want = udp
-                    .to_header()
-                    .calc_checksum_ipv6_raw(src, dst, udp.payload())
-                    .expect("checksum");
-                assert_eq!(udp.checksum(), want, "UDP checksum");
-                Seen {
-                    src,
-                    sport: udp.source_port(),
-                    dst,
-                    dport: udp.destination_port(),
-                    udp_check: Some(udp.checksum()),
-                }
-            }
-            other => panic!("unexpected transport {other:?}"),
-        }
+        transport(
+            &sliced,
+            (src, dst),
+            |tcp| tcp.calc_checksum_ipv6(src, dst).expect("checksum"),
+            // No checksum is no option over IPv6: it must be right.
+            |udp| {
+                Some(
+                    udp.to_header()
+                        .calc_checksum_ipv6_raw(src, dst, udp.payload())
+                        .expect("checksum"),
+                )
+            },
+        )
+    }
+
+    fn seen_sctp(packet: &[u8]) -> ([u8; 16], u16, [u8; 16], u16) {
+        let (ip, rest) = etherparse::Ipv6Header::from_slice(&packet[ETH..]).expect("ipv6");
+        let (sport, dport) = sctp_ports(rest);
+        (ip.source, sport, ip.destination, dport)
     }
 
     fn check_refusal(
