@@ -24,7 +24,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, bail, ensure};
 use aya::maps::{Array, MapData, ProgramArray};
-use common::{Loaded, XDP_PASS};
+use common::{
+    Loaded, XDP_PASS,
+    packets::{MAC_A, MAC_B},
+};
 use etherparse::PacketBuilder;
 use proxy_agent::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
 use proxy_common::{BENCH_HEAD, BenchPacket, Counter, names, programs};
@@ -350,7 +353,7 @@ fn desired(services: usize) -> Desired {
 }
 
 fn tcp(src: [u8; 4], sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(src, dst.octets(), 64)
         .tcp(sport, dport, 1, 64240);
     let mut out = Vec::new();

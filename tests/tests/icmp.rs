@@ -27,9 +27,9 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use common::{
     HOOKS, Loaded,
-    packets::{ETH, MAC_A, MAC_B, addr6, ones, verifies},
+    packets::{ETH, Family, MAC_A, MAC_B, V4, V6, addr6, ones, verifies},
 };
-use etherparse::PacketBuilder;
+use etherparse::{IpHeaders, PacketBuilderStep};
 use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
@@ -66,56 +66,38 @@ fn lab() -> Loaded {
 /// A client's packet; its payload makes a quote of the first 48 bytes of
 /// IP hold the TCP checksum.
 fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .ack(1);
-    build(builder, b"a segment that will not fit")
+    segment(V4::ip(src, dst), sport, dport)
 }
 
 fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport);
-    build(builder, b"a datagram nobody takes")
+    datagram(V4::ip(src, dst), sport, dport)
 }
 
 fn tcp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .ack(1);
-    build(builder, b"a segment that will not fit")
+    segment(V6::ip(src, dst), sport, dport)
 }
 
 fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(src, dst, 64)
-        .udp(sport, dport);
-    build(builder, b"a datagram nobody takes")
+    datagram(V6::ip(src, dst), sport, dport)
 }
 
-fn build<B: Buildable>(builder: B, payload: &[u8]) -> Vec<u8> {
+/// An ACK with data over `ip`.
+fn segment(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16) -> Vec<u8> {
+    let builder = ip.tcp(sport, dport, 1000, 64240).ack(1);
     let mut out = Vec::new();
-    builder.write_to(&mut out, payload);
+    builder
+        .write(&mut out, b"a segment that will not fit")
+        .expect("build tcp");
     out
 }
 
-/// The last step of etherparse's builders, whatever the transport.
-trait Buildable {
-    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]);
-}
-
-impl Buildable for etherparse::PacketBuilderStep<etherparse::TcpHeader> {
-    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
-        self.write(out, payload).expect("build tcp");
-    }
-}
-
-impl Buildable for etherparse::PacketBuilderStep<etherparse::UdpHeader> {
-    fn write_to(self, out: &mut Vec<u8>, payload: &[u8]) {
-        self.write(out, payload).expect("build udp");
-    }
+fn datagram(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16) -> Vec<u8> {
+    let builder = ip.udp(sport, dport);
+    let mut out = Vec::new();
+    builder
+        .write(&mut out, b"a datagram nobody takes")
+        .expect("build udp");
+    out
 }
 
 const IP4: usize = 20;

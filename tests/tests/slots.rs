@@ -12,9 +12,9 @@ use std::collections::BTreeSet;
 
 use common::{
     Loaded, XDP_PASS,
-    packets::{MAC_A, MAC_B},
+    packets::{Family, V4},
 };
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use proxy_agent::{
     balancing::{Algorithm, Balancing},
     model,
@@ -39,10 +39,7 @@ fn service(name: &str, vip: [u8; 4], externals: &[[u8; 4]], annotations: &str) -
 }
 
 fn syn(dst: [u8; 4], sport: u16) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(CLIENT, dst, 64)
-        .tcp(sport, 80, 1, 65535)
-        .syn();
+    let builder = V4::ip(CLIENT, dst).tcp(sport, 80, 1, 65535).syn();
     let mut out = Vec::with_capacity(builder.size(0));
     builder.write(&mut out, &[]).expect("build a SYN");
     out
