@@ -401,10 +401,7 @@ fn a_reset_from_a_node_address_frontend_goes_straight_back_over_xdp() {
 /// `yaml` programmed for node `node` with these node addresses.
 fn lab_for(yaml: &str, node: &str) -> Lab {
     let mut dp = Loaded::new().expect("load the datapath");
-    let mut objects = common::objects(yaml).expect("objects");
-    objects.node.name = Some(node.into());
-    dp.program(&proxy_agent::model::desired(&objects))
-        .expect("program");
+    dp.program_node(yaml, node, &[]).expect("program");
     Lab { dp }
 }
 
@@ -538,10 +535,7 @@ fn programmed_with_node_address(mut dp: Loaded, yaml: &str) -> Lab {
 }
 
 fn program_with_node_address(dp: &mut Loaded, yaml: &str) {
-    let mut objects = common::objects(yaml).expect("objects");
-    objects.node.name = Some("here".into());
-    objects.node.addresses = vec![std::net::IpAddr::from([10, 0, 0, 1])];
-    dp.program(&proxy_agent::model::desired(&objects))
+    dp.program_node(yaml, "here", &[[10, 0, 0, 1].into()])
         .expect("program");
 }
 

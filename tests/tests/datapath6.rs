@@ -36,10 +36,7 @@ fn programmed(mut dp: Loaded, yaml: &str) -> Loaded {
 }
 
 fn program(dp: &mut Loaded, yaml: &str) {
-    let mut objects = common::objects(yaml).expect("objects");
-    objects.node.name = Some("here".into());
-    objects.node.addresses = vec![std::net::IpAddr::from(NODE)];
-    dp.program(&proxy_agent::model::desired(&objects))
+    dp.program_node(yaml, "here", &[NODE.into()])
         .expect("program");
 }
 

@@ -19,7 +19,7 @@ mod common;
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -55,10 +55,7 @@ const BACKEND6: [u8; 16] = addr6(0xfd00_0001_0001, 2);
 /// (10.0.0.1, fd00:0:1::1) source NAT uses.
 fn lab() -> Loaded {
     let mut dp = Loaded::new().expect("load the datapath");
-    let mut objects = common::objects(SERVICES).expect("objects");
-    objects.node.name = Some("here".into());
-    objects.node.addresses = vec![IpAddr::from(NODE), IpAddr::from(NODE6)];
-    dp.program(&proxy_agent::model::desired(&objects))
+    dp.program_node(SERVICES, "here", &[NODE.into(), NODE6.into()])
         .expect("program");
     dp
 }

@@ -143,6 +143,19 @@ impl Loaded {
         self.program(&model::desired(&objects(yaml)?))
     }
 
+    /// As `program_yaml`, for node `name` with these addresses.
+    pub fn program_node(
+        &mut self,
+        yaml: &str,
+        name: &str,
+        addresses: &[std::net::IpAddr],
+    ) -> anyhow::Result<()> {
+        let mut objects = objects(yaml)?;
+        objects.node.name = Some(name.into());
+        objects.node.addresses = addresses.to_vec();
+        self.program(&model::desired(&objects))
+    }
+
     /// (return value, packet out, kernel-measured ns) of one XDP run.
     pub fn xdp_named(&self, name: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>, u64)> {
         self.xdp_repeat(name, packet, 1)
