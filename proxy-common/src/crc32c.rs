@@ -11,6 +11,12 @@
 /// The reflected polynomial.
 const POLY: u32 = 0x82f6_3b78;
 
+/// `a` times x, mod P (reflected: a shift towards bit 0).
+#[inline(always)]
+const fn times_x(a: u32) -> u32 {
+    if a & 1 != 0 { (a >> 1) ^ POLY } else { a >> 1 }
+}
+
 /// a * b mod P, both in reflected form (bit 31 is x^0).
 #[inline(always)]
 const fn mul(a: u32, b: u32) -> u32 {
@@ -21,7 +27,7 @@ const fn mul(a: u32, b: u32) -> u32 {
         if a & (1 << (31 - i)) != 0 {
             product ^= b;
         }
-        b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+        b = times_x(b);
         i += 1;
     }
     product
@@ -64,20 +70,16 @@ const fn shifts() -> [u32; MAX_LEN] {
     table
 }
 
-/// The plain remainder of four bytes.
+/// `crc` carried on over `data` bit by bit: the register alone, without
+/// the initial value or final xor that the CRC proper adds.
 #[inline(always)]
-fn raw4(bytes: [u8; 4]) -> u32 {
-    let mut crc = 0u32;
+fn feed<const N: usize>(mut crc: u32, data: &[u8; N]) -> u32 {
     let mut i = 0;
-    while i < 4 {
-        crc ^= bytes[i] as u32;
+    while i < N {
+        crc ^= data[i] as u32;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
+            crc = times_x(crc);
             bit += 1;
         }
         i += 1;
@@ -85,26 +87,17 @@ fn raw4(bytes: [u8; 4]) -> u32 {
     crc
 }
 
+/// The plain remainder of four bytes.
+#[inline(always)]
+fn raw4(bytes: [u8; 4]) -> u32 {
+    feed(0, &bytes)
+}
+
 /// The CRC32c of a short message (as computed; SCTP stores it
 /// little-endian).
 #[inline(always)]
 pub fn checksum<const N: usize>(data: &[u8; N]) -> u32 {
-    let mut crc = !0u32;
-    let mut i = 0;
-    while i < N {
-        crc ^= data[i] as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        i += 1;
-    }
-    !crc
+    !feed(!0, data)
 }
 
 /// The CRC32c of a `len`-byte message whose first four bytes changed from
