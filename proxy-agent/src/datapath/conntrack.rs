@@ -3,28 +3,31 @@
 //! collection, `inspect`, the tests), which of a family's two maps it is
 //! in, and the clock its timestamps count.
 
-use std::{hash::Hash, io};
+use std::{hash::Hash, io, net::SocketAddr};
 
 use anyhow::Context;
 use aya::Pod;
 use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, names};
 use serde::Serialize;
 
+use super::keys::{socket4, socket6};
+
 /// An address and port, as in the packet (network byte order).
 pub type AddrPort<A> = (A, u16);
 
-/// A conntrack entry, key and value. `A` is the family's address type
-/// (`u32` for IPv4, `Addr6` for IPv6).
+/// A conntrack entry, key and value. `E` holds an address and port: as the
+/// map has them (`AddrPort<u32>` for IPv4, `AddrPort<Addr6>` for IPv6), or
+/// as a `SocketAddr` once decoded for reading (`CtKey::decode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Record<A> {
-    pub src: AddrPort<A>,
-    pub dst: AddrPort<A>,
+pub struct Record<E> {
+    pub src: E,
+    pub dst: E,
     pub proto: u8,
     /// `CT_FORWARD`, `CT_REPLY` or `CT_EGRESS`.
     pub direction: u8,
     /// The address and port the entry rewrites to (an egress entry of a
     /// source-NATed flow: port 0 until egress picks one).
-    pub nat: AddrPort<A>,
+    pub nat: E,
     /// `CT_*` bits.
     pub flags: u16,
     pub backend_id: u32,
@@ -39,24 +42,53 @@ pub struct Record<A> {
     pub active: bool,
 }
 
+impl<E: Copy> Record<E> {
+    /// The same entry with each address and port made an `F` by `f`.
+    pub fn map_endpoints<F>(&self, f: impl Fn(E) -> F) -> Record<F> {
+        Record {
+            src: f(self.src),
+            dst: f(self.dst),
+            proto: self.proto,
+            direction: self.direction,
+            nat: f(self.nat),
+            flags: self.flags,
+            backend_id: self.backend_id,
+            service_id: self.service_id,
+            last_seen: self.last_seen,
+            state: self.state,
+            active: self.active,
+        }
+    }
+}
+
 /// A conntrack key type, with its value type and its family's maps.
 pub trait CtKey: Pod + Eq + Hash {
     type Value: Pod;
     type Addr: Copy + Ord;
     /// The main map's pinned name, the overflow map's.
     const MAPS: (&'static str, &'static str);
-    fn record(&self, value: &Self::Value) -> Record<Self::Addr>;
+    fn record(&self, value: &Self::Value) -> Record<AddrPort<Self::Addr>>;
+    /// An address and port of this family as a socket address (host order).
+    fn socket(at: AddrPort<Self::Addr>) -> SocketAddr;
+
+    /// The entry with socket addresses, as people read it.
+    fn decode(&self, value: &Self::Value) -> Record<SocketAddr> {
+        self.record(value).map_endpoints(Self::socket)
+    }
 }
 
 /// The families' keys and values have the same fields; only their address
 /// types differ.
 macro_rules! ct_key {
-    ($key:ty, $value:ty, $addr:ty, $maps:expr) => {
+    ($key:ty, $value:ty, $addr:ty, $maps:expr, $socket:expr) => {
         impl CtKey for $key {
             type Value = $value;
             type Addr = $addr;
             const MAPS: (&'static str, &'static str) = $maps;
-            fn record(&self, v: &$value) -> Record<$addr> {
+            fn socket(at: AddrPort<$addr>) -> SocketAddr {
+                $socket(at)
+            }
+            fn record(&self, v: &$value) -> Record<AddrPort<$addr>> {
                 Record {
                     src: (self.src_addr, self.src_port),
                     dst: (self.dst_addr, self.dst_port),
@@ -75,12 +107,19 @@ macro_rules! ct_key {
     };
 }
 
-ct_key!(Ct4Key, Ct4Entry, u32, (names::CONNTRACK4, names::OVERFLOW4));
+ct_key!(
+    Ct4Key,
+    Ct4Entry,
+    u32,
+    (names::CONNTRACK4, names::OVERFLOW4),
+    |(addr, port)| socket4(addr, port)
+);
 ct_key!(
     Ct6Key,
     Ct6Entry,
     Addr6,
-    (names::CONNTRACK6, names::OVERFLOW6)
+    (names::CONNTRACK6, names::OVERFLOW6),
+    |(addr, port)| socket6(&addr, port)
 );
 
 /// Which of its family's two conntrack maps an entry is in.

@@ -13,14 +13,13 @@ use aya::{
     maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, BackendStats, Connections, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frontend4,
-    Frontend6, MemberKey, Service, ServiceStats, SlotKey, names,
+    Backend4, Backend6, BackendStats, Connections, Ct4Key, Ct6Key, Frontend4, Frontend6, MemberKey,
+    Service, ServiceStats, SlotKey, names,
 };
 
 use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
 use crate::datapath::{
     conntrack::{CtKey, Table},
-    keys::{socket4, socket6},
     pinned::{self, Pins},
 };
 
@@ -172,21 +171,24 @@ impl Pinned {
 
     /// Every conntrack entry of both families, main and overflow maps.
     pub fn conntrack(&self) -> anyhow::Result<Vec<CtRecord>> {
-        let v4 = self.hash::<Ct4Key, Ct4Entry>(names::CONNTRACK4)?;
-        let v6 = self.hash::<Ct6Key, Ct6Entry>(names::CONNTRACK6)?;
-        let over4 = self.optional_hash::<Ct4Key, Ct4Entry>(names::OVERFLOW4)?;
-        let over6 = self.optional_hash::<Ct6Key, Ct6Entry>(names::OVERFLOW6)?;
-        let of4 =
-            |table| move |(k, e): &(Ct4Key, Ct4Entry)| CtRecord::new(table, &k.record(e), socket4);
-        let of6 = |table| {
-            move |(k, e): &(Ct6Key, Ct6Entry)| {
-                CtRecord::new(table, &k.record(e), |a, port| socket6(&a, port))
+        let mut records = self.conntrack_of::<Ct4Key>()?;
+        records.extend(self.conntrack_of::<Ct6Key>()?);
+        Ok(records)
+    }
+
+    /// The entries of one family's main and overflow maps.
+    fn conntrack_of<K: CtKey>(&self) -> anyhow::Result<Vec<CtRecord>> {
+        let (main, overflow) = K::MAPS;
+        let main = self.hash::<K, K::Value>(main)?;
+        let overflow = self.optional_hash::<K, K::Value>(overflow)?;
+        let decode = |table| {
+            move |(k, v): &(K, K::Value)| CtRecord {
+                table,
+                entry: k.decode(v),
             }
         };
-        Ok((v4.iter().map(of4(Table::Main)))
-            .chain(over4.iter().map(of4(Table::Overflow)))
-            .chain(v6.iter().map(of6(Table::Main)))
-            .chain(over6.iter().map(of6(Table::Overflow)))
+        Ok((main.iter().map(decode(Table::Main)))
+            .chain(overflow.iter().map(decode(Table::Overflow)))
             .collect())
     }
 

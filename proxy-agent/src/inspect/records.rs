@@ -21,41 +21,23 @@ pub struct Endpoint {
     pub proto: u8,
 }
 
-impl From<&Frontend4> for Endpoint {
-    fn from(f: &Frontend4) -> Self {
-        Endpoint {
-            addr: socket4(f.addr, f.port),
-            proto: f.proto,
+/// The frontends and backends of both families hold an address, a port
+/// and a protocol alike; only how the address reads differs.
+macro_rules! endpoint_from {
+    (|$v:ident| $addr:expr, $($ty:ty),+) => {$(
+        impl From<&$ty> for Endpoint {
+            fn from($v: &$ty) -> Self {
+                Endpoint {
+                    addr: $addr,
+                    proto: $v.proto,
+                }
+            }
         }
-    }
+    )+};
 }
 
-impl From<&Frontend6> for Endpoint {
-    fn from(f: &Frontend6) -> Self {
-        Endpoint {
-            addr: socket6(&f.addr, f.port),
-            proto: f.proto,
-        }
-    }
-}
-
-impl From<&Backend4> for Endpoint {
-    fn from(b: &Backend4) -> Self {
-        Endpoint {
-            addr: socket4(b.addr, b.port),
-            proto: b.proto,
-        }
-    }
-}
-
-impl From<&Backend6> for Endpoint {
-    fn from(b: &Backend6) -> Self {
-        Endpoint {
-            addr: socket6(&b.addr, b.port),
-            proto: b.proto,
-        }
-    }
-}
+endpoint_from!(|v| socket4(v.addr, v.port), Frontend4, Backend4);
+endpoint_from!(|v| socket6(&v.addr, v.port), Frontend6, Backend6);
 
 /// One entry of `lb4_services` or `lb6_services`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,49 +86,9 @@ pub struct LbRecords {
     pub activity: BTreeMap<u32, BackendActivity>,
 }
 
-/// One entry of `ct4`, `ct6` or their overflow maps.
+/// One entry of `ct4`, `ct6` or their overflow maps, and which it is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtRecord {
     pub table: Table,
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub proto: u8,
-    /// `CT_FORWARD`, `CT_REPLY` or `CT_EGRESS`.
-    pub direction: u8,
-    pub nat: SocketAddr,
-    /// `CT_*` bits.
-    pub flags: u16,
-    pub backend_id: u32,
-    pub service_id: u32,
-    /// Coarse monotonic seconds of the last packet.
-    pub last_seen: u32,
-    /// `CT_STATE_*`.
-    pub state: u8,
-    /// Counts as an open connection of its backend.
-    pub active: bool,
-}
-
-impl CtRecord {
-    /// An entry as garbage collection decodes it, its addresses made
-    /// socket addresses by `socket`.
-    pub fn new<A: Copy>(
-        table: Table,
-        r: &Record<A>,
-        socket: impl Fn(A, u16) -> SocketAddr,
-    ) -> Self {
-        CtRecord {
-            table,
-            src: socket(r.src.0, r.src.1),
-            dst: socket(r.dst.0, r.dst.1),
-            proto: r.proto,
-            direction: r.direction,
-            nat: socket(r.nat.0, r.nat.1),
-            flags: r.flags,
-            backend_id: r.backend_id,
-            service_id: r.service_id,
-            last_seen: r.last_seen,
-            state: r.state,
-            active: r.active,
-        }
-    }
+    pub entry: Record<SocketAddr>,
 }

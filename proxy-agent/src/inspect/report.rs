@@ -504,14 +504,9 @@ impl CtTotals {
 pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
     let mut sorted: Vec<&CtRecord> = records.iter().collect();
     sorted.sort_by_key(|r| {
-        (
-            IpFamily::of(&r.src),
-            r.table,
-            r.direction,
-            r.src,
-            r.dst,
-            r.proto,
-        )
+        let e = &r.entry;
+        let family = IpFamily::of(&e.src);
+        (family, r.table, e.direction, e.src, e.dst, e.proto)
     });
     let entries: Vec<CtView> = sorted.into_iter().map(|r| ct_view(r, now)).collect();
     let mut totals = CtTotals::default();
@@ -523,10 +518,10 @@ pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
     }
 }
 
-fn ct_view(r: &CtRecord, now: u32) -> CtView {
+fn ct_view(&CtRecord { table, entry: r }: &CtRecord, now: u32) -> CtView {
     CtView {
         family: IpFamily::of(&r.src),
-        table: r.table,
+        table,
         direction: direction_name(r.direction, r.flags),
         protocol: protocol_name(r.proto),
         src: r.src,

@@ -15,7 +15,7 @@ use super::{
     report::{self, MemberState},
     table,
 };
-use crate::datapath::conntrack::Table;
+use crate::datapath::conntrack::{Record, Table};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("a socket address")
@@ -280,9 +280,22 @@ fn backends_show_flows_open_connections_and_memberships() {
     );
 }
 
-fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> CtRecord {
+fn in_main(entry: Record<SocketAddr>) -> CtRecord {
     CtRecord {
         table: Table::Main,
+        entry,
+    }
+}
+
+fn in_overflow(entry: Record<SocketAddr>) -> CtRecord {
+    CtRecord {
+        table: Table::Overflow,
+        entry,
+    }
+}
+
+fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> Record<SocketAddr> {
+    Record {
         src: addr(src),
         dst: addr(dst),
         proto: IPPROTO_TCP,
@@ -299,7 +312,7 @@ fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> CtRecord {
 
 #[test]
 fn conntrack_names_directions_and_states_and_counts_families() {
-    let forward = CtRecord {
+    let forward = Record {
         active: true,
         last_seen: 95,
         ..ct(
@@ -310,7 +323,7 @@ fn conntrack_names_directions_and_states_and_counts_families() {
         )
     };
     let reply = ct("10.1.1.2:8080", "10.0.1.2:40000", CT_REPLY, "10.96.0.10:80");
-    let dnat_back = CtRecord {
+    let dnat_back = Record {
         flags: CT_REWRITE_DST,
         proto: IPPROTO_UDP,
         state: 0,
@@ -322,7 +335,7 @@ fn conntrack_names_directions_and_states_and_counts_families() {
         )
     };
     // Refreshed after the clock was read: age 0, not 4 billion seconds.
-    let egress6 = CtRecord {
+    let egress6 = Record {
         state: CT_STATE_SYN,
         last_seen: 101,
         ..ct(
@@ -332,7 +345,7 @@ fn conntrack_names_directions_and_states_and_counts_families() {
             "[fd00:1::1]:30080",
         )
     };
-    let records = [egress6, dnat_back, reply, forward];
+    let records = [egress6, dnat_back, reply, forward].map(in_main);
     let report = report::conntrack(&records, 100);
     let json = serde_json::to_value(&report).expect("json");
     assert_eq!(
@@ -388,7 +401,7 @@ fn conntrack_names_directions_and_states_and_counts_families() {
 /// table's, marked in JSON, in the table and in the totals.
 #[test]
 fn overflow_entries_are_marked_as_such() {
-    let main = CtRecord {
+    let main = in_main(Record {
         active: true,
         ..ct(
             "10.0.1.2:40000",
@@ -396,20 +409,19 @@ fn overflow_entries_are_marked_as_such() {
             CT_FORWARD,
             "10.1.1.2:8080",
         )
-    };
-    let overflow = CtRecord {
-        table: Table::Overflow,
-        ..ct(
-            "10.0.1.3:40000",
-            "10.96.0.10:80",
-            CT_FORWARD,
-            "10.1.1.2:8080",
-        )
-    };
-    let overflow_reply = CtRecord {
-        table: Table::Overflow,
-        ..ct("10.1.1.2:8080", "10.0.1.3:40000", CT_REPLY, "10.96.0.10:80")
-    };
+    });
+    let overflow = in_overflow(ct(
+        "10.0.1.3:40000",
+        "10.96.0.10:80",
+        CT_FORWARD,
+        "10.1.1.2:8080",
+    ));
+    let overflow_reply = in_overflow(ct(
+        "10.1.1.2:8080",
+        "10.0.1.3:40000",
+        CT_REPLY,
+        "10.96.0.10:80",
+    ));
     let report = report::conntrack(&[overflow_reply, overflow, main], 100);
     let json = serde_json::to_value(&report).expect("json");
     let tables: Vec<&str> = (report.entries.iter()).map(|e| e.table.name()).collect();
