@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use proxy_common::{CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_RST, CT_UNREPLIED, IPPROTO_TCP};
 
 use super::timeouts::Timeouts;
-pub use crate::datapath::conntrack::{AddrPort, Record};
+pub use crate::datapath::conntrack::{AddrPort, MapRecord, Record};
 
 /// The flow an entry belongs to: its protocol and its two endpoints, the
 /// lower one first so that both directions agree.
@@ -38,7 +38,7 @@ pub struct FlowId<A> {
     pub high: AddrPort<A>,
 }
 
-impl<A: Copy + Ord> Record<AddrPort<A>> {
+impl<A: Copy + Ord> MapRecord<A> {
     /// The flow's endpoints: a forward entry, and a reply that restores the
     /// client's address, name the client in the key and the backend (or
     /// client) in the value; other replies and egress entries name both in
@@ -127,7 +127,7 @@ impl<K> Deletions<K> {
 /// through untouched: the caller's key, or anything it needs to delete the
 /// entry.
 pub fn plan<K, A: Copy + Ord>(
-    entries: impl IntoIterator<Item = (K, Record<AddrPort<A>>)>,
+    entries: impl IntoIterator<Item = (K, MapRecord<A>)>,
     now: u32,
     timeouts: &Timeouts,
 ) -> Deletions<K> {
@@ -137,12 +137,12 @@ pub fn plan<K, A: Copy + Ord>(
 /// As `plan`, and under `Pressure::High` also the unconfirmed flows idle
 /// for longer than `UNCONFIRMED_GRACE`.
 pub fn plan_under<K, A: Copy + Ord>(
-    entries: impl IntoIterator<Item = (K, Record<AddrPort<A>>)>,
+    entries: impl IntoIterator<Item = (K, MapRecord<A>)>,
     now: u32,
     timeouts: &Timeouts,
     pressure: Pressure,
 ) -> Deletions<K> {
-    let mut flows: BTreeMap<FlowId<A>, Vec<(K, Record<AddrPort<A>>)>> = BTreeMap::new();
+    let mut flows: BTreeMap<FlowId<A>, Vec<(K, MapRecord<A>)>> = BTreeMap::new();
     for (key, record) in entries {
         flows.entry(record.flow()).or_default().push((key, record));
     }
@@ -181,7 +181,7 @@ pub fn plan_under<K, A: Copy + Ord>(
 /// entries is judged by the RST timeout (from its own last packet, so a
 /// side still sending keeps it for that long).
 pub fn expired<'a, A: Copy + Ord + 'a>(
-    group: impl IntoIterator<Item = &'a Record<AddrPort<A>>> + Clone,
+    group: impl IntoIterator<Item = &'a MapRecord<A>> + Clone,
     now: u32,
     timeouts: &Timeouts,
 ) -> bool {
@@ -205,7 +205,7 @@ pub fn expired<'a, A: Copy + Ord + 'a>(
 /// True for an unconfirmed flow whose every entry has been idle for longer
 /// than `UNCONFIRMED_GRACE`: what a table under pressure gives up first.
 fn evictable<'a, A: Copy + Ord + 'a>(
-    group: impl IntoIterator<Item = &'a Record<AddrPort<A>>> + Clone,
+    group: impl IntoIterator<Item = &'a MapRecord<A>> + Clone,
     now: u32,
 ) -> bool {
     group.clone().into_iter().any(Record::unreplied)
@@ -218,7 +218,7 @@ fn evictable<'a, A: Copy + Ord + 'a>(
 /// connections to `reaped`, per backend id.
 pub fn add_reaped<'a, A: 'a>(
     reaped: &mut BTreeMap<u32, u32>,
-    records: impl IntoIterator<Item = &'a Record<AddrPort<A>>>,
+    records: impl IntoIterator<Item = &'a MapRecord<A>>,
 ) {
     for r in records {
         if r.direction == CT_FORWARD && r.active {
@@ -263,7 +263,7 @@ mod tests {
         flags: u16,
         idle: u32,
         state: u8,
-    ) -> Record<AddrPort<A>> {
+    ) -> MapRecord<A> {
         Record {
             src,
             dst,
@@ -280,7 +280,7 @@ mod tests {
     }
 
     /// C -> F, sent to B.
-    fn forward(proto: u8, idle: u32, state: u8) -> Record<AddrPort<u32>> {
+    fn forward(proto: u8, idle: u32, state: u8) -> MapRecord<u32> {
         Record {
             active: true,
             ..record((C, CP), (F, FP), proto, CT_FORWARD, (B, BP), 0, idle, state)
@@ -288,17 +288,17 @@ mod tests {
     }
 
     /// B -> C, source back to F.
-    fn reply(proto: u8, direction: u8, idle: u32, state: u8) -> Record<AddrPort<u32>> {
+    fn reply(proto: u8, direction: u8, idle: u32, state: u8) -> MapRecord<u32> {
         record((B, BP), (C, CP), proto, direction, (F, FP), 0, idle, state)
     }
 
     /// With source NAT: C -> B leaves as N:NP.
-    fn snat_out(proto: u8, idle: u32, state: u8) -> Record<AddrPort<u32>> {
+    fn snat_out(proto: u8, idle: u32, state: u8) -> MapRecord<u32> {
         record((C, CP), (B, BP), proto, CT_EGRESS, (N, NP), 0, idle, state)
     }
 
     /// With source NAT: B -> N:NP goes back to C.
-    fn snat_back(proto: u8, idle: u32, state: u8) -> Record<AddrPort<u32>> {
+    fn snat_back(proto: u8, idle: u32, state: u8) -> MapRecord<u32> {
         record(
             (B, BP),
             (N, NP),
@@ -463,7 +463,7 @@ mod tests {
     }
 
     /// A reply entry nothing has come back through yet.
-    fn unreplied(r: Record<AddrPort<u32>>) -> Record<AddrPort<u32>> {
+    fn unreplied(r: MapRecord<u32>) -> MapRecord<u32> {
         Record {
             flags: r.flags | CT_UNREPLIED,
             ..r
@@ -513,8 +513,8 @@ mod tests {
     #[test]
     fn a_full_table_gives_up_unconfirmed_flows_first() {
         let idle = UNCONFIRMED_GRACE + 1;
-        let from = |c: u32, r: Record<AddrPort<u32>>| Record { src: (c, CP), ..r };
-        let to = |c: u32, r: Record<AddrPort<u32>>| Record { dst: (c, CP), ..r };
+        let from = |c: u32, r: MapRecord<u32>| Record { src: (c, CP), ..r };
+        let to = |c: u32, r: MapRecord<u32>| Record { dst: (c, CP), ..r };
         let entries = [
             ("ack", forward(IPPROTO_TCP, idle, CT_STATE_ESTABLISHED)),
             (
@@ -695,7 +695,7 @@ mod tests {
 
     #[test]
     fn nothing_in_nothing_out() {
-        let plan = plan(Vec::<((), Record<AddrPort<u32>>)>::new(), NOW, &t());
+        let plan = plan(Vec::<((), MapRecord<u32>)>::new(), NOW, &t());
         assert!(plan.expired.is_empty() && plan.reaped.is_empty() && plan.kept == 0);
     }
 }

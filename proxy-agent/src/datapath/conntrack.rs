@@ -42,6 +42,9 @@ pub struct Record<E> {
     pub active: bool,
 }
 
+/// A conntrack entry with addresses and ports as its family's map holds them.
+pub type MapRecord<A> = Record<AddrPort<A>>;
+
 impl<E: Copy> Record<E> {
     /// The same entry with each address and port made an `F` by `f`.
     pub fn map_endpoints<F>(&self, f: impl Fn(E) -> F) -> Record<F> {
@@ -67,7 +70,7 @@ pub trait CtKey: Pod + Eq + Hash {
     type Addr: Copy + Ord;
     /// The main map's pinned name, the overflow map's.
     const MAPS: (&'static str, &'static str);
-    fn record(&self, value: &Self::Value) -> Record<AddrPort<Self::Addr>>;
+    fn record(&self, value: &Self::Value) -> MapRecord<Self::Addr>;
     /// An address and port of this family as a socket address (host order).
     fn socket(at: AddrPort<Self::Addr>) -> SocketAddr;
 
@@ -88,7 +91,7 @@ macro_rules! ct_key {
             fn socket(at: AddrPort<$addr>) -> SocketAddr {
                 $socket(at)
             }
-            fn record(&self, v: &$value) -> Record<AddrPort<$addr>> {
+            fn record(&self, v: &$value) -> MapRecord<$addr> {
                 Record {
                     src: (self.src_addr, self.src_port),
                     dst: (self.dst_addr, self.dst_port),
