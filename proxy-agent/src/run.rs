@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::Context;
-use proxy_common::{MAX_BACKENDS, MAX_SERVICES};
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
@@ -25,7 +24,7 @@ use crate::{
     metrics::{Shared, Status},
     model::{self, ObjectKey, Objects, SliceIndex, ThisNode},
     nodeconfig,
-    reconcile::{Reconciler, Report},
+    reconcile::{Capacity, Reconciler, Report},
     source::{
         cluster::{ClusterStore, Dirty},
         kubernetes::{self, Change, Resource},
@@ -416,7 +415,7 @@ impl Programmer {
             );
         }
         Ok(Programmer {
-            reconciler: Reconciler::adopt(&snapshot, MAX_SERVICES, MAX_BACKENDS),
+            reconciler: Reconciler::adopt(&snapshot, Capacity::DATAPATH),
             maps,
             status,
             retry: Backoff::default(),

@@ -10,7 +10,16 @@ use proxy_agent::{
     balancing::Algorithm,
     cidr::Cidr,
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
-    reconcile::{BackendKey, Maps, Member, NodeEntry, Reconciler, ServiceEntry, Slot, Snapshot},
+    reconcile::{
+        BackendKey, Capacity, Maps, Member, NodeEntry, Reconciler, ServiceEntry, Slot, Snapshot,
+    },
+};
+
+/// Room for 100 services and 100 backends, as `Reconciler::new(100, 100)`.
+const ROOM: Capacity = Capacity {
+    services: 100,
+    backends: 100,
+    ..Capacity::DATAPATH
 };
 
 #[derive(Default)]
@@ -460,7 +469,7 @@ fn a_restarted_agent_adopts_the_maps_and_writes_nothing_when_nothing_changed() {
     let d = desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]);
     Reconciler::new(100, 100).apply(&d, &mut maps);
     maps.writes();
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     let report = adopted.apply(&d, &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
@@ -477,7 +486,7 @@ fn an_adopted_state_changes_with_the_fewest_writes_and_new_ids_do_not_collide() 
     let mut maps = FakeMaps::default();
     Reconciler::new(100, 100).apply(&desired(&[(80, &[1, 2]), (81, &[3])]), &mut maps);
     maps.writes();
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     adopted.apply(
         &desired(&[(80, &[1, 2, 5]), (81, &[3]), (82, &[5])]),
         &mut maps,
@@ -517,7 +526,7 @@ fn entries_nothing_explains_are_removed_in_a_safe_order() {
         },
     );
     maps.writes();
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     let report = adopted.apply(&desired(&[(80, &[1, 2])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
@@ -541,7 +550,7 @@ fn an_inconsistent_service_entry_is_rebuilt_not_trusted() {
     // Slot 1 lost: the entry's count promises more than the slots hold.
     maps.slots.remove(&(1, 1));
     maps.writes();
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     let report = adopted.apply(&desired(&[(80, &[1, 2])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.served()[&80], addrs(&[1, 2]));
@@ -747,7 +756,7 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
     // A restarted agent adopts members and ranges as they are.
     r.apply(&with_ranges(&["10.0.0.0/8"]), &mut maps);
     maps.writes();
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     let report = adopted.apply(&with_ranges(&["10.0.0.0/8"]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.writes(), Vec::<String>::new());
@@ -765,7 +774,7 @@ fn a_member_naming_another_address_is_replaced() {
     maps.unchecked = true;
     maps.writes();
     let snapshot = maps.snapshot();
-    let mut adopted = Reconciler::adopt(&snapshot, 100, 100);
+    let mut adopted = Reconciler::adopt(&snapshot, ROOM);
     let report = adopted.apply(&d, &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let writes = maps.writes();
@@ -852,7 +861,7 @@ fn a_maglev_service_gets_its_table_in_slots_and_keeps_most_of_it_when_a_backend_
     // Maglev moves the removed backend's slots and only a few others.
     assert!(moved < 251 / 10, "{moved} slots of staying backends moved");
     maps.writes();
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     adopted.apply(&maglev(desired(&[(80, &[1, 2, 3, 5])])), &mut maps);
     assert_eq!(maps.writes(), Vec::<String>::new(), "a table is adopted");
 }
@@ -894,7 +903,7 @@ fn terminating_backends_stay_members_without_slots_and_flip_in_place() {
     assert_eq!(maps.members.len(), 3);
     assert_eq!(maps.terminating.len(), 2);
     let d = with_state(desired(&[(80, &[1])]), terminating(&[2, 3]));
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     adopted.apply(&d, &mut maps);
     assert_eq!(maps.writes(), Vec::<String>::new(), "flags are adopted");
     // Gone from the slice: no longer a member.
@@ -1044,7 +1053,14 @@ fn a_freed_table_id_is_reused_only_in_a_later_pass() {
 fn a_service_over_the_slot_budget_keeps_what_it_had_and_others_go_on() {
     let mut maps = FakeMaps::default();
     // Room for two 251-slot tables per Service.
-    let mut r = Reconciler::new(100, 100).with_slots(100_000, 600);
+    let mut r = Reconciler::adopt(
+        &Snapshot::default(),
+        Capacity {
+            slots: 100_000,
+            ..ROOM
+        },
+    );
+    r.set_slot_budget(600);
     let big = |ports: &[u16], backends: &[u8]| one_service("big", ports, backends);
     let mut wanted = vec![big(&[80], &[1, 2]), one_service("small", &[90], &[1])];
     let report = r.apply(&maglev(merged(&wanted)), &mut maps);
@@ -1104,7 +1120,8 @@ fn a_service_over_the_slot_budget_keeps_what_it_had_and_others_go_on() {
 fn a_table_that_does_not_fit_the_map_fails_that_frontend_only() {
     let mut maps = FakeMaps::default();
     // lb_slots of 600: two 251-slot tables fit, a third does not.
-    let mut r = Reconciler::new(100, 100).with_slots(600, 600);
+    let mut r = Reconciler::adopt(&Snapshot::default(), Capacity { slots: 600, ..ROOM });
+    r.set_slot_budget(600);
     let d = maglev(desired(&[(80, &[1]), (81, &[2])]));
     assert!(r.apply(&d, &mut maps).errors.is_empty());
     let before = maps.served();
@@ -1136,7 +1153,7 @@ fn a_restarted_agent_adopts_shared_tables_without_rewriting_them() {
     ]));
     Reconciler::new(100, 100).apply(&d, &mut maps);
     maps.writes();
-    let mut adopted = Reconciler::adopt(&maps.snapshot(), 100, 100);
+    let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     assert_eq!(adopted.slot_usage(), (2, 502));
     let report = adopted.apply(&d, &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);

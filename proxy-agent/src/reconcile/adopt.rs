@@ -2,7 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Applied, BackendKey, Member, NodeEntry, Reconciler, ServiceEntry, Slot, member_key};
+use super::{
+    Applied, BackendKey, Capacity, Member, NodeEntry, Reconciler, ServiceEntry, Slot, member_key,
+};
 use crate::{cidr::Cidr, model::Frontend};
 
 /// What the maps of both families hold, as read back after a restart
@@ -62,8 +64,8 @@ impl Reconciler {
     /// Takes over what an earlier agent programmed. Entries that are
     /// consistent become the applied state (the next pass leaves them alone
     /// when they are still wanted); anything else is removed by the next pass.
-    pub fn adopt(snapshot: &Snapshot, max_services: u32, max_backends: u32) -> Self {
-        let mut r = Reconciler::new(max_services, max_backends);
+    pub fn adopt(snapshot: &Snapshot, capacity: Capacity) -> Self {
+        let mut r = Reconciler::empty(capacity);
         r.config = snapshot.config;
         for (id, key) in &snapshot.backends {
             // A duplicate address or id, or an id out of range, is a stray.

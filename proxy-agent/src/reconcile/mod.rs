@@ -38,7 +38,7 @@ use tables::SlotTables;
 pub use tables::SlotsFull;
 
 use crate::budget;
-use proxy_common::MAX_SLOTS;
+use proxy_common::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS};
 
 use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
 
@@ -176,19 +176,48 @@ pub struct Reconciler {
 /// and the table size.
 type MaglevKey = (Vec<SocketAddr>, Protocol, u32);
 
+/// How many entries the datapath's maps have room for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service ids (`lb_stats`, `lb_source_ranges` per id).
+    pub services: u32,
+    /// Backend ids (`lb4_backends`, `lb6_backends`).
+    pub backends: u32,
+    /// `lb_slots` entries.
+    pub slots: u32,
+}
+
+impl Capacity {
+    /// The maps as this agent's datapath creates them.
+    pub const DATAPATH: Capacity = Capacity {
+        services: MAX_SERVICES,
+        backends: MAX_BACKENDS,
+        slots: MAX_SLOTS,
+    };
+}
+
 impl Reconciler {
+    /// Nothing applied yet, with the datapath's room for slots.
     pub fn new(max_services: u32, max_backends: u32) -> Self {
+        Reconciler::empty(Capacity {
+            services: max_services,
+            backends: max_backends,
+            ..Capacity::DATAPATH
+        })
+    }
+
+    fn empty(capacity: Capacity) -> Self {
         Reconciler {
             frontends: BTreeMap::new(),
             owners: BTreeMap::new(),
             backends: BTreeMap::new(),
             backend_keys: BTreeMap::new(),
             holds: Holds::default(),
-            tables: SlotTables::new(MAX_SLOTS),
+            tables: SlotTables::new(capacity.slots),
             slot_budget: budget::DEFAULT_SLOT_BUDGET,
             rejected: BTreeSet::new(),
-            service_ids: Ids::new(max_services),
-            backend_ids: Ids::new(max_backends),
+            service_ids: Ids::new(capacity.services),
+            backend_ids: Ids::new(capacity.backends),
             strays: Strays::default(),
             config: None,
             node: Settings::default(),
@@ -204,14 +233,6 @@ impl Reconciler {
             settings.node_key = key;
         }
         self.node = settings;
-    }
-
-    /// `lb_slots` of `capacity` entries, and at most `budget` of them for
-    /// one Service's tables.
-    pub fn with_slots(mut self, capacity: u32, budget: u32) -> Self {
-        self.tables.set_capacity(capacity);
-        self.slot_budget = budget;
-        self
     }
 
     /// Most `lb_slots` entries one Service's tables may take (from the
@@ -571,16 +592,7 @@ impl Reconciler {
         let early = |b: &u32, t: &bool| !*t || !applied.members.contains(b);
         let (first, later): (Vec<_>, Vec<_>) =
             wanted.members.iter().partition(|(b, t)| early(b, t));
-        for (backend, terminating) in first {
-            write_member(
-                applied,
-                (*backend, *terminating),
-                backend_keys,
-                holds,
-                maps,
-                report,
-            )?;
-        }
+        write_members(applied, first, backend_keys, holds, maps, report)?;
         let ranges = range_set(&state.source_ranges);
         for range in ranges.difference(&applied.ranges.clone()) {
             maps.set_source_range(id, *range)?;
@@ -612,16 +624,7 @@ impl Reconciler {
             let old = std::mem::replace(&mut applied.table, table);
             tables.release(old, maps, holds, report);
         }
-        for (backend, terminating) in later {
-            write_member(
-                applied,
-                (*backend, *terminating),
-                backend_keys,
-                holds,
-                maps,
-                report,
-            )?;
-        }
+        write_members(applied, later, backend_keys, holds, maps, report)?;
         for backend in applied.members.clone().difference(&members) {
             let key = backend_keys
                 .get(backend)
@@ -741,35 +744,38 @@ impl Reconciler {
     }
 }
 
-/// Writes a member entry unless it is already as wanted.
-fn write_member(
+/// Writes the member entries (backend id, terminating) that are not
+/// already as wanted.
+fn write_members<'a>(
     applied: &mut Applied,
-    (backend, terminating): (u32, bool),
+    members: impl IntoIterator<Item = (&'a u32, &'a bool)>,
     backend_keys: &BTreeMap<u32, BackendKey>,
     holds: &mut Holds,
     maps: &mut dyn Maps,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    if applied.members.contains(&backend)
-        && !applied.stale_members.contains(&backend)
-        && applied.terminating.contains(&backend) == terminating
-    {
-        return Ok(());
+    for (&backend, &terminating) in members {
+        if applied.members.contains(&backend)
+            && !applied.stale_members.contains(&backend)
+            && applied.terminating.contains(&backend) == terminating
+        {
+            continue;
+        }
+        let key = backend_keys
+            .get(&backend)
+            .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
+        maps.set_member(member_key(applied.service_id, backend), key, terminating)?;
+        report.writes += 1;
+        // A member entry holds its backend like a slot does.
+        if applied.members.insert(backend) {
+            holds.hold(backend);
+        }
+        applied.stale_members.remove(&backend);
+        match terminating {
+            true => applied.terminating.insert(backend),
+            false => applied.terminating.remove(&backend),
+        };
     }
-    let key = backend_keys
-        .get(&backend)
-        .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
-    maps.set_member(member_key(applied.service_id, backend), key, terminating)?;
-    report.writes += 1;
-    // A member entry holds its backend like a slot does.
-    if applied.members.insert(backend) {
-        holds.hold(backend);
-    }
-    applied.stale_members.remove(&backend);
-    match terminating {
-        true => applied.terminating.insert(backend),
-        false => applied.terminating.remove(&backend),
-    };
     Ok(())
 }
 

@@ -96,10 +96,6 @@ impl SlotTables {
         }
     }
 
-    pub fn set_capacity(&mut self, capacity: u32) {
-        self.capacity = u64::from(capacity);
-    }
-
     /// SlotTables in use.
     pub fn count(&self) -> usize {
         self.live.len()
