@@ -37,6 +37,25 @@ const TIMEOUTS: Timeouts = Timeouts {
     other: 50,
 };
 const SIZE: u32 = 4096;
+/// The most seconds before now an entry here was last seen.
+const OLDEST: u32 = 200;
+
+/// The datapath's clock, once the machine has been up longer than `age`:
+/// entries that old cannot be stamped earlier (seconds since boot), so on a
+/// machine that has just booted the test waits instead of failing.
+fn uptime_past(age: u32) -> anyhow::Result<u32> {
+    let up = now()?;
+    if up <= age {
+        eprintln!("the machine booted {up} s ago; waiting until {age} s");
+        std::thread::sleep(std::time::Duration::from_secs(u64::from(age + 1 - up)));
+    }
+    let now = now()?;
+    ensure!(
+        now > age,
+        "the clock reads {now} s after waiting past {age} s"
+    );
+    Ok(now)
+}
 
 /// The object loaded with its maps pinned under a bpffs of its own, in a
 /// scratch directory; dropping it removes the pins, unmounts and deletes
@@ -226,14 +245,14 @@ fn ipv4_cases(now: u32) -> Vec<Case<Ct4Key, Ct4Entry>> {
         flow(8, 1, IPPROTO_TCP),
         flow(9, 4, IPPROTO_TCP),
     );
-    let [e_out, e_back] = e.snat(node, [200, 200], EST);
+    let [e_out, e_back] = e.snat(node, [OLDEST, OLDEST], EST);
     let [f_out, f_back] = f.snat((node.0, 61_001), [40, 2], CT_STATE_OPEN);
     vec![
         case("fresh forward", a.forward(1, EST, true), true),
         case("fresh reply", a.reply(CT_REPLY, 0, EST), true),
         case(
             "idle forward of a live pair",
-            b.forward(200, EST, true),
+            b.forward(OLDEST, EST, true),
             true,
         ),
         case("live reply", b.reply(CT_EGRESS, 3, EST), true),
@@ -249,8 +268,8 @@ fn ipv4_cases(now: u32) -> Vec<Case<Ct4Key, Ct4Entry>> {
             d.reply(CT_REPLY, 40, CT_STATE_OPEN),
             false,
         ),
-        case("snat forward", e.forward(200, EST, true), false),
-        case("snat reply", e.reply(CT_EGRESS, 200, EST), false),
+        case("snat forward", e.forward(OLDEST, EST, true), false),
+        case("snat reply", e.reply(CT_EGRESS, OLDEST, EST), false),
         case("snat out", e_out, false),
         case("snat back", e_back, false),
         case(
@@ -363,11 +382,7 @@ fn a_pass_deletes_expired_flows_whole_and_reaps_their_connections() -> anyhow::R
     }
     let mut pinned = Pinned::new("gc")?;
     pinned.load(SIZE)?;
-    let now = now()?;
-    ensure!(
-        now > 1_000,
-        "the machine booted {now} s ago; entry ages here need more uptime"
-    );
+    let now = uptime_past(OLDEST)?;
     let cases4 = ipv4_cases(now);
     let cases6 = ipv6_cases(now);
     let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
@@ -453,8 +468,7 @@ fn a_pass_reads_every_entry_of_a_large_map() -> anyhow::Result<()> {
     const BACKEND: u32 = 9;
     let mut pinned = Pinned::new("many")?;
     pinned.load(2 * SIZE)?;
-    let now = now()?;
-    ensure!(now > 1_000, "the machine booted {now} s ago; too recently");
+    let now = uptime_past(OLDEST)?;
     let flows = udp_flows(FLOWS, BACKEND, now);
     let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
     for (key, value, _) in &flows {
