@@ -3,9 +3,13 @@
 //! change. Prints timings only; the machine is too noisy to assert on them.
 
 use std::hint::black_box;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use proxy_agent::maglev::{DEFAULT_TABLE_SIZE, table};
+use proxy_agent::{
+    maglev::{DEFAULT_TABLE_SIZE, backend_names, table},
+    model::Protocol,
+};
 
 const WARM_UP: usize = 20;
 const RUNS: usize = 200;
@@ -29,14 +33,10 @@ fn main() {
     }
 }
 
-/// Backend names as the agent gives them: address, port, protocol.
+/// Names of `n` TCP backends as the agent gives them.
 fn names(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let [_, a, b, c] = (i as u32).to_be_bytes();
-            format!("10.{a}.{b}.{c}:8080/TCP")
-        })
-        .collect()
+    let addrs = (0..n as u32).map(|i| (Ipv4Addr::from(0x0a00_0000 + i), 8080).into());
+    backend_names(&addrs.collect::<Vec<_>>(), Protocol::Tcp)
 }
 
 fn measure(backends: &[String], size: u32) -> Vec<Duration> {

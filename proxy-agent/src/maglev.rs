@@ -29,6 +29,10 @@
 //! different agent versions during a rolling upgrade must agree on the table,
 //! so this must never change: a test pins its values.
 
+use std::net::SocketAddr;
+
+use crate::model::Protocol;
+
 /// Table size used when neither the service nor the command line sets one.
 pub const DEFAULT_TABLE_SIZE: u32 = 16381;
 
@@ -71,6 +75,15 @@ fn is_prime(n: u32) -> bool {
         && (2..)
             .take_while(|d| *d <= n / d)
             .all(|d| !n.is_multiple_of(d))
+}
+
+/// The names a Service's backends go into [`table`] by: address, port and
+/// protocol ("10.0.0.1:8080/TCP"). Every node must name them alike, or
+/// their tables would differ.
+pub fn backend_names(backends: &[SocketAddr], protocol: Protocol) -> Vec<String> {
+    (backends.iter())
+        .map(|a| format!("{a}/{protocol:?}"))
+        .collect()
 }
 
 /// The lookup table: `size` entries, each an index into `backends`. Empty
@@ -178,15 +191,14 @@ fn fmix64(mut h: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
+    /// `n` TCP backends 10.0.0.0:8080, 10.0.0.1:8080, ...
     fn names(n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| {
-                let [_, a, b, c] = (i as u32).to_be_bytes();
-                format!("10.{a}.{b}.{c}:8080/TCP")
-            })
-            .collect()
+        let addrs = (0..n as u32).map(|i| (Ipv4Addr::from(0x0a00_0000 + i), 8080).into());
+        backend_names(&addrs.collect::<Vec<_>>(), Protocol::Tcp)
     }
 
     /// The table with each index replaced by the name it points at, so

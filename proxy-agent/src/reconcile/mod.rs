@@ -37,7 +37,7 @@ use ids::Ids;
 use tables::SlotTables;
 pub use tables::SlotsFull;
 
-use crate::budget;
+use crate::{budget, maglev};
 use proxy_common::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS};
 
 use crate::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
@@ -462,10 +462,8 @@ impl Reconciler {
     fn maglev_table(&mut self, protocol: Protocol, state: &FrontendState) -> &[u32] {
         let key = (state.backends.clone(), protocol, state.table_size);
         self.maglev.entry(key).or_insert_with(|| {
-            let names: Vec<String> = (state.backends.iter())
-                .map(|a| format!("{a}/{protocol:?}"))
-                .collect();
-            crate::maglev::table(&names, state.table_size)
+            let names = maglev::backend_names(&state.backends, protocol);
+            maglev::table(&names, state.table_size)
         })
     }
 
