@@ -17,7 +17,7 @@ use common::{
 };
 use etherparse::PacketBuilder;
 use proxy_common::{Counter, Ct4Entry, Ct4Key, names};
-use proxy_tests::manifests::{LOAD_BALANCER, WEB_AND_EMPTY as SERVICES};
+use proxy_tests::manifests::{load_balancer, web_and_empty as services};
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -31,7 +31,7 @@ struct Lab {
 impl Lab {
     fn new() -> Lab {
         let mut dp = Loaded::new().expect("load the datapath");
-        dp.program_yaml(SERVICES).expect("program the services");
+        dp.program_yaml(&services()).expect("program the services");
         Lab { dp }
     }
 
@@ -304,11 +304,11 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
         } else {
             "10.1.1.2"
         };
-        let yaml = SERVICES.replace(
+        let yaml = services().replace(
             "  - addresses: [10.1.1.2]\n  - addresses: [10.1.2.2]\n",
             &format!("  - addresses: [{keep}]\n"),
         );
-        assert_ne!(yaml, SERVICES);
+        assert_ne!(yaml, services());
         lab.dp.program_yaml(&yaml).expect("reprogram");
         let now = seen(&lab.run(hook, &packet)).dst;
         assert_ne!(now, first, "{hook:?}");
@@ -322,7 +322,7 @@ fn a_service_without_backends_refuses_with_port_unreachable() {
         return;
     }
     let empty = [10, 96, 0, 20];
-    let yaml = SERVICES.replace(
+    let yaml = services().replace(
         "ports: [{name: http, protocol: TCP, port: 80}]",
         "ports: [{name: http, protocol: TCP, port: 80}, {name: dns, protocol: UDP, port: 53}]",
     );
@@ -342,7 +342,7 @@ fn a_frontend_on_a_node_address_refuses_straight_back_over_xdp() {
     // An external IP may be one of the node's own addresses: handed up the
     // stack, a packet from it would be dropped as a martian.
     let external = [192, 0, 2, 77];
-    let yaml = SERVICES.replace(
+    let yaml = services().replace(
         "  clusterIP: 10.96.0.20\n",
         "  clusterIP: 10.96.0.20\n  externalIPs: [192.0.2.77]\n",
     );
@@ -367,7 +367,7 @@ fn a_reset_from_a_node_address_frontend_goes_straight_back_over_xdp() {
         return;
     }
     let external = [192, 0, 2, 77];
-    let yaml = SERVICES.replace(
+    let yaml = services().replace(
         "  clusterIP: 10.96.0.10\n",
         "  clusterIP: 10.96.0.10\n  externalIPs: [192.0.2.77]\n",
     );
@@ -412,7 +412,7 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     }
     let lb = [198, 51, 100, 1];
     for hook in HOOKS {
-        let lab = lab_for(LOAD_BALANCER, "here");
+        let lab = lab_for(&load_balancer(), "here");
         let inside = seen(&lab.run(hook, &tcp(CLIENT, 40000, lb, 80)));
         assert_eq!(
             (inside.dst, inside.dport),
@@ -437,7 +437,7 @@ fn external_traffic_policy_local_without_local_endpoints_drops() {
         return;
     }
     for hook in HOOKS {
-        let lab = lab_for(LOAD_BALANCER, "elsewhere");
+        let lab = lab_for(&load_balancer(), "elsewhere");
         both::local_policy_drops_without_local_endpoints::<V4>(
             &lab.dp,
             hook,
@@ -454,7 +454,7 @@ fn replies_of_external_frontends_are_translated_at_egress_only() {
     }
     let lb = [198, 51, 100, 1];
     for hook in HOOKS {
-        let lab = lab_for(LOAD_BALANCER, "here");
+        let lab = lab_for(&load_balancer(), "here");
         seen(&lab.run(hook, &tcp(CLIENT, 40000, lb, 80)));
         let reply = tcp([10, 1, 1, 2], 8080, CLIENT, 40000);
         assert_eq!(
@@ -486,11 +486,11 @@ fn client_ip_affinity_keeps_a_client_on_its_backend() {
     if !common::ready("client_ip_affinity_keeps_a_client_on_its_backend") {
         return;
     }
-    let yaml = SERVICES.replace(
+    let yaml = services().replace(
         "  clusterIP: 10.96.0.10\n",
         "  clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n",
     );
-    assert_ne!(yaml, SERVICES);
+    assert_ne!(yaml, services());
     for hook in HOOKS {
         let mut lab = Lab::new();
         lab.dp.program_yaml(&yaml).expect("program");
@@ -542,7 +542,7 @@ fn program_with_node_address(dp: &mut Loaded, yaml: &str) {
 /// The LoadBalancer Service with externalTrafficPolicy Cluster: external
 /// clients are source-NATed.
 fn load_balancer_cluster() -> String {
-    LOAD_BALANCER
+    load_balancer()
         .replace("  externalTrafficPolicy: Local\n", "")
         .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "")
 }
@@ -701,7 +701,7 @@ fn external_traffic_policy_local_keeps_the_client_address() {
     if !common::ready("external_traffic_policy_local_keeps_the_client_address") {
         return;
     }
-    let local = LOAD_BALANCER.replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "");
+    let local = load_balancer().replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "");
     let lab = lab_with_node_address(&local);
     both::local_policy_keeps_the_client_address::<V4>(
         &lab.dp,
@@ -715,7 +715,7 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated() {
     if !common::ready("a_backend_reaching_itself_through_its_service_is_source_nated") {
         return;
     }
-    let lab = lab_with_node_address(SERVICES);
+    let lab = lab_with_node_address(&services());
     let me = BACKENDS[0];
     // Connect until the service picks this backend itself.
     let mut hairpin = None;
@@ -779,7 +779,7 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
     if !common::ready("sctp_is_served_with_its_crc_updated_for_the_ports") {
         return;
     }
-    let yaml = SERVICES
+    let yaml = services()
         .replace(
             "    - {name: dns, protocol: UDP, port: 53}\n",
             "    - {name: dns, protocol: UDP, port: 53}\n    - {name: sig, protocol: SCTP, port: 3868}\n",
@@ -800,7 +800,7 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
     }
     // Without endpoints: refused with an ABORT, on both hooks, valid also
     // after the kernel finishes an offloaded CRC at the original offset.
-    let yaml = SERVICES.replace(
+    let yaml = services().replace(
         "ports: [{name: http, protocol: TCP, port: 80}]",
         "ports: [{name: http, protocol: SCTP, port: 80}]",
     );
@@ -879,7 +879,7 @@ fn coarse_now() -> u32 {
     ts.tv_sec as u32
 }
 
-/// A lab serving `LOAD_BALANCER` from one backend (10.1.1.2:8080) with
+/// A lab serving `load_balancer()` from one backend (10.1.1.2:8080) with
 /// source NAT to 10.0.0.1, node ports `min..=max`, conntrack `ct_max`
 /// entries, on every hook.
 fn one_backend_lab(ct_max: u32, (min, max): (u16, u16)) -> Lab {
@@ -1053,7 +1053,7 @@ fn the_flow_hash_is_keyed() {
     if !common::ready("the_flow_hash_is_keyed") {
         return;
     }
-    let maglev = SERVICES.replace(
+    let maglev = services().replace(
         "metadata: {name: web, namespace: demo}\n",
         "metadata: {name: web, namespace: demo, annotations: {xdproxy.io/lb-algorithm: maglev}}\n",
     );
@@ -1085,13 +1085,13 @@ fn the_flow_hash_is_keyed() {
         "Maglev: another cluster key"
     );
     assert_eq!(
-        backends(SERVICES, (a, a), rst),
-        backends(SERVICES, (a, b), rst),
+        backends(&services(), (a, a), rst),
+        backends(&services(), (a, b), rst),
         "by hash: the node key only"
     );
     assert_ne!(
-        backends(SERVICES, (a, a), rst),
-        backends(SERVICES, (b, a), rst),
+        backends(&services(), (a, a), rst),
+        backends(&services(), (b, a), rst),
         "by hash: another node key"
     );
 }
@@ -1104,7 +1104,7 @@ fn a_client_port_reused_towards_another_frontend_of_the_same_backend_is_not_mist
         return;
     }
     // One backend behind a cluster IP and a source-NATed LoadBalancer IP.
-    let one = LOAD_BALANCER
+    let one = load_balancer()
         .replace("  externalTrafficPolicy: Local\n", "")
         .replace("  loadBalancerSourceRanges: [10.0.1.0/24]\n", "")
         .replace("  - {addresses: [10.1.2.2], nodeName: there}\n", "");

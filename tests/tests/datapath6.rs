@@ -13,7 +13,7 @@ use common::{
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{Counter, Ct6Entry, Ct6Key, names, programs};
-use proxy_tests::manifests::{LOAD_BALANCER6, WEB_AND_EMPTY6 as SERVICES};
+use proxy_tests::manifests::{load_balancer6, web_and_empty6 as services};
 
 const CLIENT: [u8; 16] = addr(0x2001_0db8_0009, 2);
 const VIP: [u8; 16] = addr(0xfd00_0096_0000, 0x10);
@@ -22,7 +22,7 @@ const NODE: [u8; 16] = addr(0xfd00_0000_0001, 1);
 const BACKENDS: [[u8; 16]; 2] = [addr(0xfd00_0001_0001, 2), addr(0xfd00_0001_0002, 2)];
 
 fn lab() -> Loaded {
-    lab_for(SERVICES)
+    lab_for(&services())
 }
 
 fn lab_for(yaml: &str) -> Loaded {
@@ -133,7 +133,7 @@ fn ipv6_flows_that_found_conntrack_full_work_both_ways() {
     for hook in HOOKS {
         let programs = [programs::XDP, programs::TC_INGRESS, programs::TC_EGRESS];
         let loaded = Loaded::with_conntrack(MAX, 1024, &programs).expect("load the datapath");
-        let mut dp = programmed(loaded, SERVICES);
+        let mut dp = programmed(loaded, &services());
         fill_ct6(&mut dp);
         flows_and_replies(&dp, hook);
         node_port_source_nat(&dp, hook);
@@ -211,7 +211,7 @@ fn ipv6_source_ranges_and_affinity() {
     let lb = addr(0x2001_0db8_0100, 1);
     let outsider = addr(0x2001_0db8_0777, 5);
     for hook in HOOKS {
-        let dp = lab_for(LOAD_BALANCER6);
+        let dp = lab_for(&load_balancer6());
         let first = seen(&dp.pass(hook, &tcp(CLIENT, 44000, lb, 80))).dst;
         for port in 44001..44030 {
             let out = seen(&dp.pass(hook, &tcp(CLIENT, port, lb, 80)));
@@ -226,7 +226,7 @@ fn ipv6_external_traffic_policy_local_drops_without_local_endpoints() {
     if !common::ready("ipv6_external_traffic_policy_local_drops_without_local_endpoints") {
         return;
     }
-    let yaml = LOAD_BALANCER6
+    let yaml = load_balancer6()
         .replace(
             "  sessionAffinity: ClientIP\n",
             "  externalTrafficPolicy: Local\n",
@@ -236,7 +236,7 @@ fn ipv6_external_traffic_policy_local_drops_without_local_endpoints() {
     let lb = addr(0x2001_0db8_0100, 1);
     both::local_policy_drops_without_local_endpoints::<V6>(&dp, Hook::Tc, (CLIENT, 45000), lb);
     // The client address reaches the backend unchanged under Local.
-    let yaml = LOAD_BALANCER6.replace(
+    let yaml = load_balancer6().replace(
         "  sessionAffinity: ClientIP\n",
         "  externalTrafficPolicy: Local\n",
     );
@@ -282,7 +282,7 @@ fn ipv6_sctp_is_translated_and_refused_with_an_abort() {
     if !common::ready("ipv6_sctp_is_translated_and_refused_with_an_abort") {
         return;
     }
-    let yaml = SERVICES
+    let yaml = services()
         .replace(
             "    - {name: dns, protocol: UDP, port: 53, nodePort: 30053}\n",
             "    - {name: dns, protocol: UDP, port: 53, nodePort: 30053}\n    - {name: sig, protocol: SCTP, port: 3868}\n",
@@ -344,14 +344,14 @@ fn ipv6_connection_to_a_removed_backend_is_reset() {
         let out = dp.pass(hook, &tcp(CLIENT, sport, VIP, 80));
         let backend = seen(&out).dst;
         let staying = BACKENDS.into_iter().find(|b| *b != backend).expect("other");
-        let without = SERVICES.replace(
+        let without = services().replace(
             &format!(
                 "  - addresses: [\"{}\"]\n",
                 std::net::Ipv6Addr::from(backend)
             ),
             "",
         );
-        assert_ne!(without, SERVICES, "{hook:?}: the backend is in the slice");
+        assert_ne!(without, services(), "{hook:?}: the backend is in the slice");
         program(&mut dp, &without);
         let before = dp.counter(Counter::Reset);
         let (verdict, rst) = dp.run(hook, &tcp_ack(sport, 5555));

@@ -20,7 +20,7 @@ use common::{
 use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
-    manifests::{self, DNS_DUAL as SERVICES, NODE_ADDR, UDP_NODE_PORT, UDP_PORT, VIP, VIP6},
+    manifests::{self, NODE_ADDR, UDP_NODE_PORT, UDP_PORT, VIP, VIP6, dns_dual as services},
     netns::{Netns, unique_prefix},
     servers::Servers,
     topology::{CLIENT_GATEWAY6, Topology, backend_iface, client_iface},
@@ -44,7 +44,7 @@ struct Lab {
 impl Lab {
     fn new(hook: Hook) -> Lab {
         let mut dp = Loaded::new().expect("load the datapath");
-        dp.program_yaml(SERVICES).expect("program the services");
+        dp.program_yaml(&services()).expect("program the services");
         Lab { dp, hook }
     }
 

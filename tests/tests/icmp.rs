@@ -33,7 +33,7 @@ use etherparse::{IpHeaders, PacketBuilderStep};
 use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
-    manifests::{self, VIP, VIP6, WEB_DUAL_AND_LB as SERVICES},
+    manifests::{self, VIP, VIP6, web_dual_and_lb as services},
     netns::{Netns, unique_prefix},
     topology::{Topology, backend_iface, client_iface},
 };
@@ -51,11 +51,11 @@ const NODE6: [u8; 16] = addr6(0xfd00_0000_0001, 1);
 const CLUSTER_IP6: [u8; 16] = addr6(0xfd00_0096_0000, 0x10);
 const BACKEND6: [u8; 16] = addr6(0xfd00_0001_0001, 2);
 
-/// The datapath programmed with `SERVICES` for node `here`, whose address
+/// The datapath programmed with `services()` for node `here`, whose address
 /// (10.0.0.1, fd00:0:1::1) source NAT uses.
 fn lab() -> Loaded {
     let mut dp = Loaded::new().expect("load the datapath");
-    dp.program_node(SERVICES, "here", &[NODE.into(), NODE6.into()])
+    dp.program_node(&services(), "here", &[NODE.into(), NODE6.into()])
         .expect("program");
     dp
 }

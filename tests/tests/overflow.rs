@@ -278,24 +278,7 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
 /// backend would drop them. Nothing ever comes back.
 fn dead_service() -> String {
     let [a, b, c, _] = proxy_tests::topology::backend_addr(0).octets();
-    format!(
-        r#"
----
-apiVersion: v1
-kind: Service
-metadata: {{name: dead, namespace: demo}}
-spec:
-  clusterIP: {DEAD_VIP}
-  ports: [{{name: http, protocol: TCP, port: 80}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: dead-1, namespace: demo, labels: {{kubernetes.io/service-name: dead}}}}
-addressType: IPv4
-ports: [{{name: http, protocol: TCP, port: 8080}}]
-endpoints: [{{addresses: [{a}.{b}.{c}.99]}}]
-"#
-    )
+    proxy_tests::manifests::dead_service(DEAD_VIP, std::net::Ipv4Addr::new(a, b, c, 99))
 }
 
 const DEAD_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 77);

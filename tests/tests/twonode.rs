@@ -19,8 +19,8 @@ use proxy_tests::{
     netns::{Netns, unique_prefix},
     servers::Servers,
     twonode::{
-        self, CLIENT, CLIENT6, LB_ADDR, LB_ADDR6, NODE_NAMES, POD_LINK, TwoNodes, UPLINK,
-        node_addr, node_addr6, pod_addr, pod_addr6,
+        CLIENT, CLIENT6, LB_ADDR, LB_ADDR6, NODE_NAMES, POD_LINK, TwoNodes, UPLINK, node_addr,
+        node_addr6, pod_addr, pod_addr6,
     },
 };
 
@@ -55,7 +55,7 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("xdproxy-2n-{}", topology.client.name()));
         std::fs::create_dir_all(&dir).context("manifest dir")?;
         let manifest = dir.join("web.yaml");
-        manifests::write(&manifest, &twonode::manifests(extra_spec))?;
+        manifests::write(&manifest, &manifests::two_nodes(extra_spec))?;
         let ifaces = [format!("{UPLINK}{uplink_hook}"), POD_LINK.to_string()];
         let agents = (0..2)
             .map(|n| Agent::start_named(&topology.nodes[n], &manifest, NODE_NAMES[n], &ifaces))
@@ -217,14 +217,14 @@ fn external_traffic_policy_local_across_two_nodes() -> anyhow::Result<()> {
     }
     // Node2's pod goes away: its health check fails, its NodePort drops
     // (not refuses) new connections, node1 keeps serving.
-    let mut text = twonode::manifests(local);
+    let mut text = manifests::two_nodes(local);
     for pod in [pod_addr(1).to_string(), pod_addr6(1).to_string()] {
         text = text.replace(
             &format!("  - {{addresses: [\"{pod}\"], nodeName: node2}}\n"),
             "",
         );
     }
-    assert_ne!(text, twonode::manifests(local));
+    assert_ne!(text, manifests::two_nodes(local));
     cluster.update(&text)?;
     let client = &cluster.topology.client;
     let (code, body) = http_get(client, at(node_addr(1), HEALTH_PORT), "/", TIMEOUT)?;
