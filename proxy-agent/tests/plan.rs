@@ -1,6 +1,9 @@
 //! `proxy-agent plan`: the binary, as a user runs it, without privileges.
+//! Its manifests are proxy-tests' fixtures.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
+
+use proxy_tests::manifests;
 
 fn run_plan(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_proxy-agent"))
@@ -17,6 +20,34 @@ fn run_plan(args: &[&str]) -> (i32, String, String) {
 
 fn examples() -> String {
     format!("{}/../examples", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A directory holding one manifest file, removed on drop.
+struct Manifests(PathBuf);
+
+impl Manifests {
+    fn new(tag: &str, text: &str) -> Manifests {
+        let dir = std::env::temp_dir().join(format!("xdproxy-plan-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let manifests = Manifests(dir);
+        manifests.write(text);
+        manifests
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(self.0.join("objects.yaml"), text).expect("write");
+    }
+
+    /// The directory, as `--manifests` takes it.
+    fn path(&self) -> String {
+        self.0.to_str().expect("path").to_string()
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]
@@ -47,12 +78,8 @@ fn plan_prints_the_examples_frontends_as_json_and_table() {
 
 #[test]
 fn plan_reports_bad_objects_and_exits_non_zero() {
-    let dir = std::env::temp_dir().join(format!("xdproxy-plan-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 0}]}\n";
-    std::fs::write(dir.join("bad.yaml"), bad).expect("write");
-    let (code, out, err) = run_plan(&["--manifests", dir.to_str().expect("path"), "-o", "json"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Manifests::new("bad", &manifests::plan_bad_port());
+    let (code, out, err) = run_plan(&["--manifests", &dir.path(), "-o", "json"]);
     assert_eq!(code, 2);
     assert!(
         err.contains("Service default/bad") && err.contains("spec.ports[0].port"),
@@ -64,11 +91,8 @@ fn plan_reports_bad_objects_and_exits_non_zero() {
 
 #[test]
 fn plan_for_a_node_applies_node_local_policies() {
-    let dir = std::env::temp_dir().join(format!("xdproxy-plan-local-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let manifests = "apiVersion: v1\nkind: Service\nmetadata: {name: loc}\nspec: {clusterIP: 10.96.0.40, internalTrafficPolicy: Local, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: loc-1, labels: {kubernetes.io/service-name: loc}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.1.1.2], nodeName: n1}, {addresses: [10.1.2.2], nodeName: n2}]\n";
-    std::fs::write(dir.join("loc.yaml"), manifests).expect("write");
-    let path = dir.to_str().expect("path").to_string();
+    let dir = Manifests::new("local", &manifests::plan_node_local());
+    let path = dir.path();
     let backends = |args: &[&str]| -> serde_json::Value {
         let (code, out, err) = run_plan(args);
         assert_eq!(code, 0, "{err}");
@@ -83,18 +107,12 @@ fn plan_for_a_node_applies_node_local_policies() {
         backends(&["--manifests", &path, "-o", "json"]),
         serde_json::json!([])
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn plan_for_a_zone_applies_topology_hints() {
-    let dir = std::env::temp_dir().join(format!("xdproxy-plan-zone-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let manifests = "apiVersion: v1\nkind: Service\nmetadata: {name: z}\nspec: {clusterIP: 10.96.0.50, trafficDistribution: PreferClose, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: z-1, labels: {kubernetes.io/service-name: z}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.1.1.2], hints: {forZones: [{name: a}]}}, {addresses: [10.1.2.2], hints: {forZones: [{name: b}]}}]\n";
-    std::fs::write(dir.join("z.yaml"), manifests).expect("write");
-    let path = dir.to_str().expect("path").to_string();
-    let (code, out, err) = run_plan(&["--manifests", &path, "--zone", "b", "-o", "json"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Manifests::new("zone", &manifests::plan_zones());
+    let (code, out, err) = run_plan(&["--manifests", &dir.path(), "--zone", "b", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     let plan: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(
@@ -105,41 +123,8 @@ fn plan_for_a_zone_applies_topology_hints() {
 
 #[test]
 fn plan_shows_node_ports_policies_affinity_ranges_and_health_checks() {
-    let dir = std::env::temp_dir().join(format!("xdproxy-plan-lb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let yaml = r#"
-apiVersion: v1
-kind: Node
-metadata: {name: n1}
-status:
-  addresses: [{type: InternalIP, address: 10.0.0.1}, {type: ExternalIP, address: 203.0.113.7}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: lb, namespace: demo}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.30
-  externalTrafficPolicy: Local
-  healthCheckNodePort: 32000
-  sessionAffinity: ClientIP
-  loadBalancerSourceRanges: [192.0.2.0/24]
-  ports: [{name: http, protocol: TCP, port: 80, nodePort: 30080}]
-status:
-  loadBalancer:
-    ingress: [{ip: 198.51.100.1}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
-addressType: IPv4
-ports: [{name: http, protocol: TCP, port: 8080}]
-endpoints:
-  - {addresses: [10.1.1.2], nodeName: n1}
-  - {addresses: [10.1.2.2], nodeName: n2}
-"#;
-    std::fs::write(dir.join("lb.yaml"), yaml).expect("write");
-    let path = dir.to_str().expect("path").to_string();
+    let dir = Manifests::new("lb", &manifests::plan_load_balancer());
+    let path = dir.path();
     let plan_for = |args: &[&str]| {
         let mut all = vec!["--manifests", path.as_str(), "-o", "json"];
         all.extend_from_slice(args);
@@ -186,7 +171,6 @@ endpoints:
     assert_eq!(lb["withoutBackends"], "drop");
     assert_eq!(plan["healthCheckNodePorts"][0]["localEndpoints"], 0);
     let (_, table, _) = run_plan(&["--manifests", &path, "--node-name", "n1"]);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         table.contains("affinity=10800s,ranges=192.0.2.0/24"),
         "{table}"
@@ -197,38 +181,11 @@ endpoints:
     );
 }
 
-const ANNOTATED: &str = r#"
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: demo
-  annotations: {xdproxy.io/lb-algorithm: maglev, xdproxy.io/maglev-table-size: "251"}
-spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: demo}
-spec: {clusterIP: 10.96.0.21, ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- addresses: [10.1.1.2]
-  conditions: {ready: true}
-- addresses: [10.1.2.2]
-  conditions: {ready: false, serving: true, terminating: true}
-"#;
-
 #[test]
 fn plan_shows_algorithms_from_annotations_and_flags_and_terminating_endpoints() {
-    let dir = std::env::temp_dir().join(format!("xdproxy-plan-alg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("svc.yaml"), ANNOTATED).expect("write");
-    let path = dir.to_str().expect("path").to_string();
+    let annotated = manifests::plan_annotated();
+    let dir = Manifests::new("alg", &annotated);
+    let path = dir.path();
     let (code, json, err) = run_plan(&[
         "--manifests",
         &path,
@@ -237,11 +194,11 @@ fn plan_shows_algorithms_from_annotations_and_flags_and_terminating_endpoints() 
         "-o",
         "json",
     ]);
-    let bad = ANNOTATED.replace("\"251\"", "\"250\"");
-    std::fs::write(dir.join("svc.yaml"), bad).expect("write");
+    let bad = annotated.replace("\"251\"", "\"250\"");
+    assert_ne!(bad, annotated);
+    dir.write(&bad);
     let (bad_code, _, bad_err) = run_plan(&["--manifests", &path]);
     let (flag_code, _, flag_err) = run_plan(&["--manifests", &path, "--lb-algorithm", "fastest"]);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, 0, "{err}");
     let plan: serde_json::Value = serde_json::from_str(&json).expect("json");
     let find = |addr: &str| {
@@ -268,39 +225,14 @@ fn plan_shows_algorithms_from_annotations_and_flags_and_terminating_endpoints() 
 
 #[test]
 fn plan_reports_a_service_over_the_slot_budget_and_leaves_it_out() {
-    let dir = std::env::temp_dir().join(format!("xdproxy-plan-budget-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
     // Three ports with their own target ports: three 131071-entry tables
     // (393213 slots), over the default budget of 262144. Its 40 external
     // IPs share them and cost nothing more.
-    let ips: Vec<String> = (1..=40).map(|i| format!("203.0.113.{i}")).collect();
-    let big = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata:
-  name: big
-  namespace: demo
-  annotations: {{"xdproxy.io/lb-algorithm": "maglev", "xdproxy.io/maglev-table-size": "131071"}}
-spec:
-  clusterIP: 10.96.0.20
-  externalIPs: [{}]
-  ports: [{{name: a, port: 80}}, {{name: b, port: 81}}, {{name: c, port: 82}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: big-1, namespace: demo, labels: {{kubernetes.io/service-name: big}}}}
-addressType: IPv4
-ports: [{{name: a, port: 8080}}, {{name: b, port: 8081}}, {{name: c, port: 8082}}]
-endpoints: [{{addresses: [10.1.1.2]}}]
-"#,
-        ips.join(", ")
-    );
-    std::fs::write(dir.join("big.yaml"), big).expect("write");
-    let path = dir.to_str().expect("path").to_string();
+    let dir = Manifests::new("budget", &manifests::plan_over_budget());
+    let path = dir.path();
     let (code, out, err) = run_plan(&["--manifests", &path, "-o", "json"]);
     // With a budget of three tables it fits.
     let (roomy, roomy_out, _) = run_plan(&["--manifests", &path, "--slot-budget", "393213"]);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, 2, "{out}");
     assert!(
         err.contains("Service demo/big") && err.contains("393213") && err.contains("262144"),
