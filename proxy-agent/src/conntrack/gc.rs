@@ -385,20 +385,28 @@ mod tests {
 
     const NOW: u32 = 1_000_000;
 
-    /// Client 1:40000 -> frontend 2:80, sent to backend 3:8080.
-    fn forward(idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
+    /// An entry of `direction` from `src` to `dst`, rewritten to `nat`,
+    /// of backend 7.
+    fn entry(
+        direction: u8,
+        (src_addr, src_port): (u32, u16),
+        (dst_addr, dst_port): (u32, u16),
+        (nat_addr, nat_port): (u32, u16),
+        idle: u32,
+        state: u8,
+    ) -> (Ct4Key, Ct4Entry) {
         let key = Ct4Key {
-            src_addr: 1,
-            dst_addr: 2,
-            src_port: 40_000,
-            dst_port: 80,
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
             proto: IPPROTO_TCP,
-            direction: CT_FORWARD,
+            direction,
             _pad: 0,
         };
         let value = Ct4Entry {
-            nat_addr: 3,
-            nat_port: 8080,
+            nat_addr,
+            nat_port,
             backend_id: 7,
             last_seen: NOW - idle,
             state,
@@ -407,26 +415,18 @@ mod tests {
         (key, value)
     }
 
-    /// Its reply: backend 3:8080 -> client, source back to the frontend.
+    const CLIENT: (u32, u16) = (1, 40_000);
+    const FRONTEND: (u32, u16) = (2, 80);
+    const BACKEND: (u32, u16) = (3, 8080);
+
+    /// Client to frontend, sent to the backend.
+    fn forward(idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
+        entry(CT_FORWARD, CLIENT, FRONTEND, BACKEND, idle, state)
+    }
+
+    /// Its reply: backend to client, source back to the frontend.
     fn reply(idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
-        let key = Ct4Key {
-            src_addr: 3,
-            dst_addr: 1,
-            src_port: 8080,
-            dst_port: 40_000,
-            proto: IPPROTO_TCP,
-            direction: CT_REPLY,
-            _pad: 0,
-        };
-        let value = Ct4Entry {
-            nat_addr: 2,
-            nat_port: 80,
-            backend_id: 7,
-            last_seen: NOW - idle,
-            state,
-            ..Ct4Entry::default()
-        };
-        (key, value)
+        entry(CT_REPLY, BACKEND, CLIENT, FRONTEND, idle, state)
     }
 
     /// The expired flows' entries, as (map, direction), in deletion order.
