@@ -39,9 +39,19 @@ fn health(name: &str, local_endpoints: usize) -> ServiceHealth {
     }
 }
 
-fn checks(healthy: &Arc<AtomicBool>) -> HealthChecks {
-    let healthy = healthy.clone();
-    HealthChecks::new(LOOPBACK, Arc::new(move || healthy.load(Ordering::SeqCst)))
+/// Health checks on loopback, and the switch that says whether the proxy
+/// is healthy (it is, to begin with).
+fn checks() -> (HealthChecks, Arc<AtomicBool>) {
+    let healthy = Arc::new(AtomicBool::new(true));
+    let read = healthy.clone();
+    let checks = HealthChecks::new(LOOPBACK, Arc::new(move || read.load(Ordering::SeqCst)));
+    (checks, healthy)
+}
+
+/// Syncs to one check on `port`: Service `name` with `local` endpoints.
+fn sync_one(checks: &mut HealthChecks, port: u16, name: &str, local: usize) {
+    let errors = checks.sync(&BTreeMap::from([(port, health(name, local))]));
+    assert!(errors.is_empty(), "{errors:?}");
 }
 
 struct Response {
@@ -96,11 +106,9 @@ fn json(response: &Response) -> serde_json::Value {
 
 #[tokio::test]
 async fn local_endpoints_answer_200_with_kube_proxy_body_and_headers() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let mut checks = checks(&healthy);
+    let (mut checks, _) = checks();
     let port = free_port();
-    let errors = checks.sync(&BTreeMap::from([(port, health("web", 2))]));
-    assert!(errors.is_empty(), "{errors:?}");
+    sync_one(&mut checks, port, "web", 2);
     assert_eq!(checks.ports(), vec![port]);
 
     let response = get(port).await.expect("probe");
@@ -125,14 +133,9 @@ async fn local_endpoints_answer_200_with_kube_proxy_body_and_headers() {
 
 #[tokio::test]
 async fn no_local_endpoints_answer_503() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let mut checks = checks(&healthy);
+    let (mut checks, _) = checks();
     let port = free_port();
-    assert!(
-        checks
-            .sync(&BTreeMap::from([(port, health("web", 0))]))
-            .is_empty()
-    );
+    sync_one(&mut checks, port, "web", 0);
 
     let response = get(port).await.expect("probe");
     assert_eq!(response.status, 503);
@@ -148,14 +151,9 @@ async fn no_local_endpoints_answer_503() {
 
 #[tokio::test]
 async fn second_sync_updates_the_count_in_place() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let mut checks = checks(&healthy);
+    let (mut checks, _) = checks();
     let port = free_port();
-    assert!(
-        checks
-            .sync(&BTreeMap::from([(port, health("web", 0))]))
-            .is_empty()
-    );
+    sync_one(&mut checks, port, "web", 0);
     assert_eq!(get(port).await.expect("probe").status, 503);
 
     // Keep a connection open across the sync: a restarted listener would
@@ -163,11 +161,7 @@ async fn second_sync_updates_the_count_in_place() {
     let mut queued = TcpStream::connect(SocketAddr::new(LOOPBACK, port))
         .await
         .expect("connect before the update");
-    assert!(
-        checks
-            .sync(&BTreeMap::from([(port, health("web", 3))]))
-            .is_empty()
-    );
+    sync_one(&mut checks, port, "web", 3);
     assert_eq!(checks.ports(), vec![port]);
 
     queued
@@ -189,18 +183,13 @@ async fn second_sync_updates_the_count_in_place() {
 
 #[tokio::test]
 async fn removed_port_refuses_connections_and_is_free() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let mut checks = checks(&healthy);
+    let (mut checks, _) = checks();
     let (kept, removed) = (free_port(), free_port());
     let both = BTreeMap::from([(kept, health("kept", 1)), (removed, health("removed", 1))]);
     assert!(checks.sync(&both).is_empty());
     assert_eq!(get(removed).await.expect("probe").status, 200);
 
-    assert!(
-        checks
-            .sync(&BTreeMap::from([(kept, health("kept", 1))]))
-            .is_empty()
-    );
+    sync_one(&mut checks, kept, "kept", 1);
     assert_eq!(checks.ports(), vec![kept]);
     let refused = get(removed).await.err().map(|e| e.kind());
     assert_eq!(refused, Some(ErrorKind::ConnectionRefused));
@@ -211,14 +200,9 @@ async fn removed_port_refuses_connections_and_is_free() {
 
 #[tokio::test]
 async fn unhealthy_proxy_answers_503_despite_endpoints() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let mut checks = checks(&healthy);
+    let (mut checks, healthy) = checks();
     let port = free_port();
-    assert!(
-        checks
-            .sync(&BTreeMap::from([(port, health("web", 4))]))
-            .is_empty()
-    );
+    sync_one(&mut checks, port, "web", 4);
     assert_eq!(get(port).await.expect("probe").status, 200);
 
     // Asked on every request: no sync needed.
@@ -239,8 +223,7 @@ async fn unhealthy_proxy_answers_503_despite_endpoints() {
 
 #[tokio::test]
 async fn port_in_use_is_reported_and_retried_on_the_next_sync() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let mut checks = checks(&healthy);
+    let (mut checks, _) = checks();
     let blocker = std::net::TcpListener::bind((LOOPBACK, 0)).expect("bind");
     let busy = blocker.local_addr().expect("local address").port();
     let free = free_port();
@@ -266,14 +249,9 @@ async fn port_in_use_is_reported_and_retried_on_the_next_sync() {
 
 #[tokio::test]
 async fn dropping_frees_every_port() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let mut checks = checks(&healthy);
+    let (mut checks, _) = checks();
     let port = free_port();
-    assert!(
-        checks
-            .sync(&BTreeMap::from([(port, health("web", 1))]))
-            .is_empty()
-    );
+    sync_one(&mut checks, port, "web", 1);
     drop(checks);
     drop(std::net::TcpListener::bind((LOOPBACK, port)).expect("rebind after drop"));
 }
