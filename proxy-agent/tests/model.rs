@@ -49,6 +49,11 @@ fn backends_of(desired: &Desired, frontend: Frontend) -> Vec<SocketAddr> {
         .clone()
 }
 
+/// `WEB`'s cluster IP frontend for HTTP.
+fn web_cluster_ip() -> Frontend {
+    fe([10, 96, 0, 10], 80, Protocol::Tcp)
+}
+
 const WEB: &str = r#"
 metadata: {name: web}
 spec:
@@ -85,7 +90,7 @@ fn cluster_ip_ports_map_to_ready_endpoints_by_port_name() {
     let desired = model::desired(&objects(&[("default", WEB)], &[("default", &s)]));
     assert_eq!(desired.frontends.len(), 2);
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        backends_of(&desired, web_cluster_ip()),
         vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)],
         "ready and unknown-readiness endpoints serve, not-ready ones do not"
     );
@@ -116,7 +121,7 @@ fn slices_of_other_services_and_namespaces_are_ignored_and_several_slices_merge(
         ],
     ));
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        backends_of(&desired, web_cluster_ip()),
         vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)]
     );
 }
@@ -335,7 +340,7 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
     );
     let desired = model::desired(&objects(&[("default", WEB)], &[("default", &both)]));
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        backends_of(&desired, web_cluster_ip()),
         vec![be([10, 1, 1, 2], 8080)]
     );
     let draining = slice(
@@ -346,7 +351,7 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
     );
     let desired = model::desired(&objects(&[("default", WEB)], &[("default", &draining)]));
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        backends_of(&desired, web_cluster_ip()),
         vec![be([10, 1, 2, 2], 8080)],
         "the serving terminating endpoint takes new connections while nothing is ready"
     );
@@ -384,7 +389,7 @@ spec:
     objs.node.name = Some("n1".into());
     let desired = model::desired(&objs);
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        backends_of(&desired, web_cluster_ip()),
         vec![be([10, 1, 1, 2], 8080)]
     );
     assert_eq!(
@@ -395,27 +400,24 @@ spec:
     objs.node.name = Some("n3".into());
     let desired = model::desired(&objs);
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        backends_of(&desired, web_cluster_ip()),
         vec![],
         "no local endpoint, no backend"
     );
     // Endpoints elsewhere: kube-proxy drops, it does not refuse.
-    assert!(desired.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)].drop_when_empty);
+    assert!(desired.frontends[&web_cluster_ip()].drop_when_empty);
     let nowhere = objects(
         &[("default", svc)],
         &[("default", &slice("web-1", "web", "[]"))],
     );
     let desired = model::desired(&nowhere);
     assert!(
-        !desired.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)].drop_when_empty,
+        !desired.frontends[&web_cluster_ip()].drop_when_empty,
         "no endpoint anywhere: refused"
     );
     objs.node.name = None;
     assert_eq!(
-        backends_of(
-            &model::desired(&objs),
-            fe([10, 96, 0, 10], 80, Protocol::Tcp)
-        ),
+        backends_of(&model::desired(&objs), web_cluster_ip()),
         vec![]
     );
 }
@@ -436,10 +438,7 @@ fn topology_hints_keep_traffic_in_the_zone_as_kube_proxy_does() {
     let with = |service: &str, slice: &str, zone: Option<&str>| {
         let mut objs = objects(&[("default", service)], &[("default", slice)]);
         objs.node.zone = zone.map(str::to_string);
-        backends_of(
-            &model::desired(&objs),
-            fe([10, 96, 0, 10], 80, Protocol::Tcp),
-        )
+        backends_of(&model::desired(&objs), web_cluster_ip())
     };
     let plain = svc("").replace(", trafficDistribution: PreferClose", "");
     assert_eq!(
@@ -504,10 +503,7 @@ fn node_hints_come_before_zone_hints() {
         let mut objs = objects(&[("default", svc)], &[("default", slice)]);
         objs.node.name = Some(node.into());
         objs.node.zone = Some(zone.into());
-        backends_of(
-            &model::desired(&objs),
-            fe([10, 96, 0, 10], 80, Protocol::Tcp),
-        )
+        backends_of(&model::desired(&objs), web_cluster_ip())
     };
     assert_eq!(
         with("n2", "a", &hinted),
@@ -627,20 +623,37 @@ fn only_node_port_and_load_balancer_services_open_node_ports() {
     }
 }
 
-#[test]
-fn external_traffic_policy_local_keeps_external_traffic_on_this_node() {
-    let svc = r#"
-metadata: {name: web}
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` and `extra`
+/// in its spec, reached from outside at `LOCAL_LB_WEB_EXTERNAL`.
+fn local_lb_web(extra: &str) -> String {
+    format!(
+        r#"
+metadata: {{name: web}}
 spec:
   type: LoadBalancer
   clusterIP: 10.96.0.10
   externalIPs: [192.0.2.10]
   externalTrafficPolicy: Local
-  ports: [{name: http, port: 80, nodePort: 30080}]
+  {extra}
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
 status:
   loadBalancer:
-    ingress: [{ip: 198.51.100.1}]
-"#;
+    ingress: [{{ip: 198.51.100.1}}]
+"#
+    )
+}
+
+/// `local_lb_web`'s external IP, load balancer IP and node port (on node
+/// address 10.0.0.1).
+const LOCAL_LB_WEB_EXTERNAL: [([u8; 4], u16); 3] = [
+    ([192, 0, 2, 10], 80),
+    ([198, 51, 100, 1], 80),
+    ([10, 0, 0, 1], 30080),
+];
+
+#[test]
+fn external_traffic_policy_local_keeps_external_traffic_on_this_node() {
+    let svc = &local_lb_web("");
     let s = slice(
         "web-1",
         "web",
@@ -653,11 +666,7 @@ status:
     objs.node.name = Some("n1".into());
     objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1])];
     let desired = model::desired(&objs);
-    for external in [
-        fe([192, 0, 2, 10], 80, Protocol::Tcp),
-        fe([198, 51, 100, 1], 80, Protocol::Tcp),
-        fe([10, 0, 0, 1], 30080, Protocol::Tcp),
-    ] {
+    for external in LOCAL_LB_WEB_EXTERNAL.map(|(a, port)| fe(a, port, Protocol::Tcp)) {
         assert_eq!(
             backends_of(&desired, external),
             vec![be([10, 1, 1, 2], 8080)],
@@ -665,7 +674,7 @@ status:
         );
     }
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)).len(),
+        backends_of(&desired, web_cluster_ip()).len(),
         2,
         "cluster IP traffic is not governed by the external policy"
     );
@@ -688,19 +697,7 @@ status:
 
 #[test]
 fn local_clients_of_external_local_frontends_get_every_endpoint() {
-    let svc = r#"
-metadata: {name: web}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.10
-  externalIPs: [192.0.2.10]
-  externalTrafficPolicy: Local
-  internalTrafficPolicy: Local
-  ports: [{name: http, port: 80, nodePort: 30080}]
-status:
-  loadBalancer:
-    ingress: [{ip: 198.51.100.1}]
-"#;
+    let svc = &local_lb_web("internalTrafficPolicy: Local");
     let s = slice(
         "web-1",
         "web",
@@ -712,11 +709,7 @@ status:
     objs.node.addresses = vec![IpAddr::from([10, 0, 0, 1])];
     let desired = model::desired(&objs);
     let both = vec![be([10, 1, 1, 2], 8080), be([10, 1, 2, 2], 8080)];
-    for external in [
-        fe([192, 0, 2, 10], 80, Protocol::Tcp),
-        fe([198, 51, 100, 1], 80, Protocol::Tcp),
-        fe([10, 0, 0, 1], 30080, Protocol::Tcp),
-    ] {
+    for external in LOCAL_LB_WEB_EXTERNAL.map(|(a, port)| fe(a, port, Protocol::Tcp)) {
         // Outside clients: this node has no endpoint, so they are dropped.
         let state = &desired.frontends[&external];
         assert!(
@@ -735,7 +728,7 @@ status:
     }
     // The cluster IP follows internalTrafficPolicy, for local clients too:
     // no twin, and no endpoint on n3.
-    let cluster = fe([10, 96, 0, 10], 80, Protocol::Tcp);
+    let cluster = web_cluster_ip();
     assert!(desired.frontends[&cluster].backends.is_empty());
     assert!(!desired.frontends[&cluster].local_twin);
     let twins = desired
@@ -880,7 +873,7 @@ fn omitted_conditions_read_as_kube_proxy_reads_them() {
     let objs = objects(&[("default", WEB)], &[("default", &s)]);
     let desired = model::desired(&objs);
     assert_eq!(
-        backends_of(&desired, fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+        backends_of(&desired, web_cluster_ip()),
         vec![be([10, 1, 1, 2], 8080)]
     );
     let s = slice(
@@ -890,10 +883,7 @@ fn omitted_conditions_read_as_kube_proxy_reads_them() {
     );
     let objs = objects(&[("default", WEB)], &[("default", &s)]);
     assert_eq!(
-        backends_of(
-            &model::desired(&objs),
-            fe([10, 96, 0, 10], 80, Protocol::Tcp)
-        ),
+        backends_of(&model::desired(&objs), web_cluster_ip()),
         vec![be([10, 1, 3, 2], 8080)]
     );
 }
