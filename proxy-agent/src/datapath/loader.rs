@@ -16,7 +16,7 @@ use std::{
 use anyhow::Context;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
+    maps::{MapInfo, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -235,91 +235,37 @@ fn check_pinned_layout(name: &str, path: &Path, sizes: ConntrackSizes) -> anyhow
 
 /// (key size, value size, max entries) of each map the object defines.
 fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
-    use std::mem::size_of;
-    let size = |n: usize| n as u32;
     Some(match name {
-        names::SERVICES4 => (
-            size(size_of::<Frontend4>()),
-            size(size_of::<Service>()),
-            MAX_SERVICES,
-        ),
-        names::SLOTS => (size(size_of::<SlotKey>()), 4, MAX_SLOTS),
-        names::BACKENDS4 => (4, size(size_of::<Backend4>()), MAX_BACKENDS),
-        names::CONNTRACK4 => (
-            size(size_of::<Ct4Key>()),
-            size(size_of::<Ct4Entry>()),
-            sizes.entries,
-        ),
-        names::SERVICE_STATS => (4, size(size_of::<ServiceStats>()), MAX_SERVICES),
-        names::COUNTERS => (4, 8, Counter::COUNT),
-        names::CONFIG => (4, size(size_of::<NodeConfig>()), 1),
-        names::SERVICES6 => (
-            size(size_of::<Frontend6>()),
-            size(size_of::<Service>()),
-            MAX_SERVICES,
-        ),
-        names::BACKENDS6 => (4, size(size_of::<Backend6>()), MAX_BACKENDS),
-        names::MEMBERS6 => (
-            size(size_of::<MemberKey>()),
-            size(size_of::<Backend6>()),
-            MAX_MEMBERS,
-        ),
-        names::CONNTRACK6 => (
-            size(size_of::<Ct6Key>()),
-            size(size_of::<Ct6Entry>()),
-            sizes.entries,
-        ),
-        names::AFFINITY6 => (
-            size(size_of::<Affinity6Key>()),
-            size(size_of::<AffinityEntry>()),
-            MAX_AFFINITY,
-        ),
-        names::SOURCE_RANGES6 => (4 + size(size_of::<SourceRange6>()), 4, MAX_SOURCE_RANGES),
-        names::MEMBERS4 => (
-            size(size_of::<MemberKey>()),
-            size(size_of::<Backend4>()),
-            MAX_MEMBERS,
-        ),
-        names::AFFINITY4 => (
-            size(size_of::<Affinity4Key>()),
-            size(size_of::<AffinityEntry>()),
-            MAX_AFFINITY,
-        ),
-        // LPM keys start with their 4-byte prefix length.
-        names::SOURCE_RANGES4 => (4 + size(size_of::<SourceRange4>()), 4, MAX_SOURCE_RANGES),
-        names::OVERFLOW4 => (
-            size(size_of::<Ct4Key>()),
-            size(size_of::<Ct4Entry>()),
-            sizes.overflow,
-        ),
-        names::OVERFLOW6 => (
-            size(size_of::<Ct6Key>()),
-            size(size_of::<Ct6Entry>()),
-            sizes.overflow,
-        ),
-        names::OVERFLOWED => (4, 4, 1),
-        names::SOCK_NAT4 => (
-            size(size_of::<SockNat4Key>()),
-            size(size_of::<SockNat4>()),
-            MAX_SOCK_NAT,
-        ),
-        names::SOCK_NAT6 => (
-            size(size_of::<SockNat6Key>()),
-            size(size_of::<SockNat6>()),
-            MAX_SOCK_NAT,
-        ),
-        names::FRAGMENTS4 => (
-            size(size_of::<Frag4Key>()),
-            size(size_of::<Frag4Entry>()),
-            MAX_FRAGMENTS,
-        ),
-        names::FRAGMENTS6 => (
-            size(size_of::<Frag6Key>()),
-            size(size_of::<Frag6Entry>()),
-            MAX_FRAGMENTS,
-        ),
+        names::SERVICES4 => kv::<Frontend4, Service>(MAX_SERVICES),
+        names::SLOTS => kv::<SlotKey, u32>(MAX_SLOTS),
+        names::BACKENDS4 => kv::<u32, Backend4>(MAX_BACKENDS),
+        names::CONNTRACK4 => kv::<Ct4Key, Ct4Entry>(sizes.entries),
+        names::SERVICE_STATS => kv::<u32, ServiceStats>(MAX_SERVICES),
+        names::COUNTERS => kv::<u32, u64>(Counter::COUNT),
+        names::CONFIG => kv::<u32, NodeConfig>(1),
+        names::SERVICES6 => kv::<Frontend6, Service>(MAX_SERVICES),
+        names::BACKENDS6 => kv::<u32, Backend6>(MAX_BACKENDS),
+        names::MEMBERS6 => kv::<MemberKey, Backend6>(MAX_MEMBERS),
+        names::CONNTRACK6 => kv::<Ct6Key, Ct6Entry>(sizes.entries),
+        names::AFFINITY6 => kv::<Affinity6Key, AffinityEntry>(MAX_AFFINITY),
+        names::SOURCE_RANGES6 => kv::<Key<SourceRange6>, u32>(MAX_SOURCE_RANGES),
+        names::MEMBERS4 => kv::<MemberKey, Backend4>(MAX_MEMBERS),
+        names::AFFINITY4 => kv::<Affinity4Key, AffinityEntry>(MAX_AFFINITY),
+        names::SOURCE_RANGES4 => kv::<Key<SourceRange4>, u32>(MAX_SOURCE_RANGES),
+        names::OVERFLOW4 => kv::<Ct4Key, Ct4Entry>(sizes.overflow),
+        names::OVERFLOW6 => kv::<Ct6Key, Ct6Entry>(sizes.overflow),
+        names::OVERFLOWED => kv::<u32, u32>(1),
+        names::SOCK_NAT4 => kv::<SockNat4Key, SockNat4>(MAX_SOCK_NAT),
+        names::SOCK_NAT6 => kv::<SockNat6Key, SockNat6>(MAX_SOCK_NAT),
+        names::FRAGMENTS4 => kv::<Frag4Key, Frag4Entry>(MAX_FRAGMENTS),
+        names::FRAGMENTS6 => kv::<Frag6Key, Frag6Entry>(MAX_FRAGMENTS),
         _ => return None,
     })
+}
+
+/// The layout of a map from `K` to `V` with room for `max` entries.
+fn kv<K, V>(max: u32) -> (u32, u32, u32) {
+    (size_of::<K>() as u32, size_of::<V>() as u32, max)
 }
 
 /// One program on one interface hook.
