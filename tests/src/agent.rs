@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -359,23 +359,11 @@ impl Agent {
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit status.
-    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let Some(mut child) = self.child.take() else {
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(child) = self.child.take() else {
             bail!("agent already stopped");
         };
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().context("agent status")? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("agent ignored SIGTERM for 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(child)
     }
 
     /// `proxy-agent cleanup` for this agent's bpffs, in the node namespace.
@@ -410,5 +398,25 @@ impl Drop for Agent {
         if let Some(scratch) = self.bpffs.parent() {
             let _ = std::fs::remove_dir_all(scratch);
         }
+    }
+}
+
+/// SIGTERM to an agent process, as the kubelet stops a pod, then its exit
+/// status; killed (and reaped) if it is still running after 10 s.
+pub fn terminate(mut child: Child) -> anyhow::Result<ExitStatus> {
+    let pid = i32::try_from(child.id()).context("agent pid")?;
+    // SAFETY: kill(2) on our own child, which has not been reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().context("agent status")? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the agent ignored SIGTERM for 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

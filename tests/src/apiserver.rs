@@ -1426,6 +1426,13 @@ impl ApiServer {
         ApiServer::start_with(listener, netns)
     }
 
+    /// Starts on 127.0.0.1:0 inside `ns`, as an API server reachable from a
+    /// node whose namespace that is.
+    pub fn start_in(ns: &crate::netns::Netns) -> Result<ApiServer> {
+        let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
+        ApiServer::start_on(listener)
+    }
+
     fn start_with(listener: TcpListener, netns: Option<File>) -> Result<ApiServer> {
         let addr = listener
             .local_addr()

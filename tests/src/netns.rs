@@ -112,6 +112,24 @@ impl Netns {
             .with_context(|| format!("in network namespace {}", self.name))
     }
 
+    /// A veth pair: `iface` here, its peer `peer_iface` in `peer`, both
+    /// down and without addresses.
+    pub fn add_veth(&self, iface: &str, peer: &Netns, peer_iface: &str) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_iface,
+            "netns",
+            peer.name(),
+        ])?;
+        Ok(())
+    }
+
     /// Sets a sysctl (key like `net.ipv4.ip_forward` or `net/ipv4/ip_forward`) inside the
     /// namespace and reads it back to make sure it took.
     ///

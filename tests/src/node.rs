@@ -162,62 +162,41 @@ impl EmulatedNode {
         }
 
         // Router and its leaves.
-        veth(&self.router, "rx", &self.external, UPLINK)?;
-        addr(&self.router, "rx", "10.0.9.1/24")?;
-        addr(&self.router, "rx", "2001:db8:9::1/64")?;
-        addr(&self.external, UPLINK, &format!("{EXTERNAL_ADDR}/24"))?;
-        addr(&self.external, UPLINK, &format!("{EXTERNAL_ADDR6}/64"))?;
-        self.external
-            .ip(&["route", "add", "default", "via", "10.0.9.1"])?;
-        self.external
-            .ip(&["-6", "route", "add", "default", "via", "2001:db8:9::1"])?;
-
-        veth(&self.router, "rc", &self.control_plane, UPLINK)?;
-        addr(&self.router, "rc", "10.0.8.1/24")?;
-        addr(
-            &self.control_plane,
-            UPLINK,
-            &format!("{APISERVER_DIRECT}/24"),
+        self.leaf(
+            "rx",
+            &self.external,
+            &["10.0.9.1/24", "2001:db8:9::1/64"],
+            &[
+                format!("{EXTERNAL_ADDR}/24"),
+                format!("{EXTERNAL_ADDR6}/64"),
+            ],
         )?;
-        addr(
+        self.leaf(
+            "rc",
             &self.control_plane,
-            UPLINK,
-            &format!("{APISERVER_ENDPOINT}/24"),
+            &["10.0.8.1/24"],
+            &[
+                format!("{APISERVER_DIRECT}/24"),
+                format!("{APISERVER_ENDPOINT}/24"),
+            ],
         )?;
-        self.control_plane
-            .ip(&["route", "add", "default", "via", "10.0.8.1"])?;
-
-        veth(&self.router, "rr", &self.remote, UPLINK)?;
-        addr(&self.router, "rr", "10.0.7.1/24")?;
-        addr(&self.router, "rr", "fd00:7::1/64")?;
-        addr(&self.remote, UPLINK, &format!("{REMOTE_ADDR}/24"))?;
-        addr(&self.remote, UPLINK, &format!("{REMOTE_ADDR6}/64"))?;
-        self.remote
-            .ip(&["route", "add", "default", "via", "10.0.7.1"])?;
-        self.remote
-            .ip(&["-6", "route", "add", "default", "via", "fd00:7::1"])?;
+        self.leaf(
+            "rr",
+            &self.remote,
+            &["10.0.7.1/24", "fd00:7::1/64"],
+            &[format!("{REMOTE_ADDR}/24"), format!("{REMOTE_ADDR6}/64")],
+        )?;
 
         // The node's uplink; its default routes make it `auto`.
-        veth(&self.router, "rn", &self.node, UPLINK)?;
-        addr(&self.router, "rn", &format!("{ROUTER_NODE_SIDE}/24"))?;
-        addr(&self.router, "rn", &format!("{ROUTER_NODE_SIDE6}/64"))?;
-        addr(&self.node, UPLINK, &format!("{NODE_ADDR}/24"))?;
-        addr(&self.node, UPLINK, &format!("{NODE_ADDR6}/64"))?;
-        self.node.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_NODE_SIDE.to_string(),
-        ])?;
-        self.node.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_NODE_SIDE6.to_string(),
-        ])?;
+        self.leaf(
+            "rn",
+            &self.node,
+            &[
+                &format!("{ROUTER_NODE_SIDE}/24"),
+                &format!("{ROUTER_NODE_SIDE6}/64"),
+            ],
+            &[format!("{NODE_ADDR}/24"), format!("{NODE_ADDR6}/64")],
+        )?;
         self.router.ip(&[
             "route",
             "add",
@@ -241,32 +220,14 @@ impl EmulatedNode {
         self.node.ip(&["link", "set", BRIDGE, "up"])?;
         for (i, pod) in self.bridge_pods.iter().enumerate() {
             let port = bridge_port(i);
-            self.node.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                UPLINK,
-                "netns",
-                pod.name(),
-            ])?;
+            self.node.add_veth(&port, pod, UPLINK)?;
             self.node
                 .ip(&["link", "set", &port, "master", BRIDGE, "up"])?;
             addr(pod, UPLINK, &format!("{}/24", bridge_pod_addr(i)))?;
             addr(pod, UPLINK, &format!("{}/64", bridge_pod_addr6(i)))?;
             pod.ip(&["link", "set", UPLINK, "up"])?;
-            pod.ip(&["route", "add", "default", "via", &BRIDGE_ADDR.to_string()])?;
-            pod.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &BRIDGE_ADDR6.to_string(),
-            ])?;
+            default_route(pod, &BRIDGE_ADDR.to_string())?;
+            default_route(pod, &BRIDGE_ADDR6.to_string())?;
         }
 
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -287,6 +248,29 @@ impl EmulatedNode {
         }
         for i in 0..BRIDGE_PODS {
             wait_up(&self.node, &bridge_port(i), deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Joins `leaf` to the router: a veth from the router's `router_if` to
+    /// the leaf's uplink, the router's `gateways` and the leaf's `addresses`
+    /// (CIDRs) on it, and the leaf's default route via each gateway.
+    fn leaf(
+        &self,
+        router_if: &str,
+        leaf: &Netns,
+        gateways: &[&str],
+        addresses: &[String],
+    ) -> Result<()> {
+        veth(&self.router, router_if, leaf, UPLINK)?;
+        for cidr in gateways {
+            addr(&self.router, router_if, cidr)?;
+        }
+        for cidr in addresses {
+            addr(leaf, UPLINK, cidr)?;
+        }
+        for cidr in gateways {
+            default_route(leaf, cidr.split('/').next().unwrap_or(cidr))?;
         }
         Ok(())
     }
@@ -372,20 +356,16 @@ impl EmulatedNode {
 
 /// A veth pair from `a_if` in `a` to `b_if` in `b`, both ends up.
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    a.ip(&[
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ])?;
+    a.add_veth(a_if, b, b_if)?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// The default route of `gateway`'s family in `ns`.
+fn default_route(ns: &Netns, gateway: &str) -> Result<()> {
+    let family = if gateway.contains(':') { "-6" } else { "-4" };
+    ns.ip(&[family, "route", "add", "default", "via", gateway])?;
     Ok(())
 }
 

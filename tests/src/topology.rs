@@ -21,7 +21,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::Netns;
+use crate::{
+    manifests::{BACKEND_HTTP_PORT, BACKEND_UDP_PORT},
+    netns::Netns,
+    servers::Servers,
+};
 
 /// The client's address (its `eth0`).
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -106,6 +110,29 @@ impl Topology {
             topo.backend_link(i).wait_up(&topo.node)?;
         }
         Ok(topo)
+    }
+
+    /// Name-reporting servers in every backend: `backend{i}` on TCP 8080 and
+    /// UDP 5353, the ports the manifests' slices list.
+    pub fn start_servers(&self) -> Result<Vec<Servers>> {
+        (0..self.backends.len())
+            .map(|i| {
+                Servers::start(
+                    &self.backends[i],
+                    &format!("backend{i}"),
+                    BACKEND_HTTP_PORT,
+                    BACKEND_UDP_PORT,
+                )
+            })
+            .collect()
+    }
+
+    /// The interfaces an agent serves: the client's, with `client_hook`
+    /// (`""` or `":xdp"`, say) appended, and every backend's.
+    pub fn agent_ifaces(&self, client_hook: &str) -> Vec<String> {
+        let mut ifaces = vec![format!("{}{client_hook}", client_iface())];
+        ifaces.extend((0..self.backends.len()).map(backend_iface));
+        ifaces
     }
 
     /// Same as the module-level [`CLIENT_ADDR`], for `Topology::CLIENT_ADDR` callers.
@@ -255,18 +282,7 @@ impl Link<'_> {
     }
 
     fn try_create(&self, node: &Netns) -> Result<()> {
-        node.ip(&[
-            "link",
-            "add",
-            &self.node_iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            LEAF_IFACE,
-            "netns",
-            self.leaf.name(),
-        ])?;
+        node.add_veth(&self.node_iface, &self.leaf, LEAF_IFACE)?;
         node.ip(&[
             "addr",
             "add",

@@ -183,18 +183,7 @@ impl TwoNodes {
 fn veth(a: (&Netns, &str, &str), b: (&Netns, &str, &str), prefix: u8) -> Result<()> {
     let (a_ns, a_if, a_addr) = a;
     let (b_ns, b_if, b_addr) = b;
-    a_ns.ip(&[
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b_ns.name(),
-    ])?;
+    a_ns.add_veth(a_if, b_ns, b_if)?;
     a_ns.ip(&["addr", "add", &format!("{a_addr}/{prefix}"), "dev", a_if])?;
     b_ns.ip(&["addr", "add", &format!("{b_addr}/{prefix}"), "dev", b_if])?;
     a_ns.ip(&["link", "set", "dev", a_if, "up"])?;

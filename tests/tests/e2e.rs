@@ -20,7 +20,7 @@ use proxy_tests::{
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
-    topology::{Topology, backend_iface, client_iface},
+    topology::Topology,
 };
 
 const CONNECTIONS: usize = 1000;
@@ -82,9 +82,7 @@ impl Lab {
             topology.disable_client_tx_checksum()?;
             topology.enable_client_gro()?;
         }
-        let servers = (0..backends)
-            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let servers = topology.start_servers()?;
         let dir = std::env::temp_dir().join(format!("xdproxy-manifests-{}", topology.prefix()));
         std::fs::create_dir_all(&dir).context("manifest dir")?;
         let manifest = dir.join("web.yaml");
@@ -92,8 +90,7 @@ impl Lab {
             &manifest,
             &manifests::web(&(0..serving).collect::<Vec<_>>()),
         )?;
-        let mut ifaces = vec![format!("{}{client_hook}", client_iface())];
-        ifaces.extend((0..backends).map(backend_iface));
+        let ifaces = topology.agent_ifaces(client_hook);
         let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
         Ok(Lab {
             topology,

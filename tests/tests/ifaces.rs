@@ -47,9 +47,7 @@ struct Lab {
 impl Lab {
     fn new(tag: &str, backends: usize) -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix(tag), backends)?;
-        let servers = (0..backends)
-            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let servers = topology.start_servers()?;
         let scratch = std::env::temp_dir().join(format!("xdproxy-ifaces-{}", topology.prefix()));
         std::fs::create_dir_all(&scratch).context("scratch dir")?;
         let manifest = scratch.join("web.yaml");
@@ -80,18 +78,7 @@ impl Lab {
         let node = &self.topology.node;
         let iface = pod_iface(i);
         let (node_addr, pod_addr) = pod_addrs(i);
-        node.ip(&[
-            "link",
-            "add",
-            &iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            LEAF_IFACE,
-            "netns",
-            pod.name(),
-        ])?;
+        node.add_veth(&iface, pod, LEAF_IFACE)?;
         node.ip(&["addr", "add", &format!("{node_addr}/24"), "dev", &iface])?;
         node.ip(&["link", "set", &iface, "up"])?;
         pod.ip(&["addr", "add", &format!("{pod_addr}/24"), "dev", LEAF_IFACE])?;

@@ -12,7 +12,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{SocketAddr, SocketAddrV4, TcpListener},
+    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use proxy_tests::{
+    agent::terminate,
     apiserver::ApiServer,
     cgroup::Cgroup,
     clients::{new_connections, new_udp_flows},
@@ -291,16 +292,11 @@ impl Lab {
     fn start() -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix("img"), BACKENDS)?;
         topology.finish_checksums_on_node_egress()?;
-        let servers = (0..BACKENDS)
-            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let listener = topology.node.run(|| TcpListener::bind("127.0.0.1:0"))??;
-        let api = ApiServer::start_on(listener)?;
+        let servers = topology.start_servers()?;
+        let api = ApiServer::start_in(&topology.node)?;
         api.apply(json(&manifests::service()))?;
         api.apply(json(&manifests::slice(&[0, 1])))?;
-        api.apply(json(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"
-        )))?;
+        api.apply(json(&manifests::node(NODE, &[])))?;
         let scratch = std::env::temp_dir().join(format!("xdproxy-image-{}", topology.prefix()));
         let lab = Lab {
             cgroup: Cgroup::create(topology.node.name())?,
@@ -431,22 +427,7 @@ impl Running {
 
     /// SIGTERM, as the kubelet stops a pod; returns the exit status.
     fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let mut child = self.child.take().context("the agent was already stopped")?;
-        let pid = i32::try_from(child.id()).context("agent pid")?;
-        // SAFETY: kill(2) on our own child, which has not been reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().context("agent status")? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the agent ignored SIGTERM for 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(self.child.take().context("the agent was already stopped")?)
     }
 }
 

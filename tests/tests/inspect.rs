@@ -20,8 +20,7 @@ use proxy_tests::{
     manifests::{self, BACKEND_HTTP_PORT, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
     privilege,
-    servers::Servers,
-    topology::{Topology, backend_addr, backend_iface, client_iface},
+    topology::{Topology, backend_addr},
 };
 use serde_json::Value;
 
@@ -93,14 +92,11 @@ fn inspect_reads_back_what_connections_left_in_the_maps() -> anyhow::Result<()> 
         return Ok(());
     }
     let topology = Topology::build(&unique_prefix("insp"), BACKENDS)?;
-    let _servers = (0..BACKENDS)
-        .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let _servers = topology.start_servers()?;
     let scratch = Scratch::new(topology.prefix())?;
     let manifest = scratch.0.join("web.yaml");
     manifests::write(&manifest, &manifests::web(&[0, 1]))?;
-    let mut ifaces = vec![client_iface().to_string()];
-    ifaces.extend((0..BACKENDS).map(backend_iface));
+    let ifaces = topology.agent_ifaces("");
     let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
 
     let mut conns = Vec::new();

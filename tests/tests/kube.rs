@@ -8,7 +8,7 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddrV4, TcpStream},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -22,7 +22,7 @@ use proxy_tests::{
     manifests::{self, HTTP_PORT, VIP},
     netns::{Netns, unique_prefix},
     servers::Servers,
-    topology::{Topology, backend_iface, client_iface},
+    topology::Topology,
     traffic::Traffic,
 };
 use serde_json::Value;
@@ -35,9 +35,7 @@ fn json(yaml: &str) -> Value {
 }
 
 fn node_object() -> Value {
-    json(&format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"
-    ))
+    json(&manifests::node(NODE, &[]))
 }
 
 struct KubeLab {
@@ -52,11 +50,8 @@ impl KubeLab {
     fn start(tag: &str, objects: &[Value]) -> anyhow::Result<KubeLab> {
         let topology = Topology::build(&unique_prefix(tag), BACKENDS)?;
         topology.finish_checksums_on_node_egress()?;
-        let servers = (0..BACKENDS)
-            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let listener = topology.node.run(|| TcpListener::bind("127.0.0.1:0"))??;
-        let api = ApiServer::start_on(listener)?;
+        let servers = topology.start_servers()?;
+        let api = ApiServer::start_in(&topology.node)?;
         for object in objects {
             api.apply(object.clone())?;
         }
@@ -64,8 +59,7 @@ impl KubeLab {
         std::fs::create_dir_all(&scratch)?;
         let kubeconfig = scratch.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig)?;
-        let mut ifaces = vec![client_iface().to_string()];
-        ifaces.extend((0..BACKENDS).map(backend_iface));
+        let ifaces = topology.agent_ifaces("");
         let agent = Agent::start_kube(&topology.node, &kubeconfig, NODE, &ifaces)?;
         Ok(KubeLab {
             topology,

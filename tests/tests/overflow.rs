@@ -30,7 +30,7 @@ use proxy_tests::{
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
-    topology::{Topology, backend_iface, client_iface},
+    topology::Topology,
 };
 
 const BACKENDS: usize = 3;
@@ -89,17 +89,14 @@ impl Lab {
     fn start_with(flags: &[&str], extra: &str) -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix("ovf"), BACKENDS)?;
         topology.finish_checksums_on_node_egress()?;
-        let servers = (0..BACKENDS)
-            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let servers = topology.start_servers()?;
         let dir = std::env::temp_dir().join(format!("xdproxy-overflow-{}", topology.prefix()));
         std::fs::create_dir_all(&dir).context("manifest dir")?;
         let scratch = Scratch(dir);
         let manifest = scratch.0.join("web.yaml");
         let all: Vec<usize> = (0..BACKENDS).collect();
         manifests::write(&manifest, &(manifests::web(&all) + extra))?;
-        let mut ifaces = vec![client_iface().to_string()];
-        ifaces.extend((0..BACKENDS).map(backend_iface));
+        let ifaces = topology.agent_ifaces("");
         let agent = Agent::start_flags(&topology.node, &manifest, &ifaces, flags)?;
         Ok(Lab {
             agent,

@@ -10,8 +10,7 @@ use proxy_tests::{
     agent::Agent,
     manifests,
     netns::unique_prefix,
-    servers::Servers,
-    topology::{Topology, backend_iface, client_iface},
+    topology::Topology,
     traffic::Traffic,
 };
 
@@ -50,15 +49,12 @@ fn restarts_under_traffic(tag: &str, client_hook: &str) -> anyhow::Result<()> {
     if client_hook == "xdp" {
         topology.disable_client_tx_checksum()?;
     }
-    let _servers = (0..BACKENDS)
-        .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let _servers = topology.start_servers()?;
     let scratch = std::env::temp_dir().join(format!("xdproxy-restart-{}", topology.prefix()));
     std::fs::create_dir_all(&scratch)?;
     let manifest = scratch.join("web.yaml");
     manifests::write(&manifest, &manifests::web(&[0, 1, 2]))?;
-    let mut ifaces = vec![format!("{}:{client_hook}", client_iface())];
-    ifaces.extend((0..BACKENDS).map(backend_iface));
+    let ifaces = topology.agent_ifaces(&format!(":{client_hook}"));
     let mut agent = Agent::start(&topology.node, &manifest, &ifaces)?;
 
     let traffic = Traffic::start(&topology.client)?;

@@ -33,7 +33,7 @@ use proxy_tests::{
     manifests::{self, HTTP_PORT, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
-    topology::{Topology, backend_addr, backend_iface, client_iface},
+    topology::{Topology, backend_addr},
 };
 
 const BACKENDS: usize = 10;
@@ -110,16 +110,13 @@ impl Lab {
         // As e2e does by default: the node finishes checksums on egress, so
         // the receivers verify what the datapath wrote.
         topology.finish_checksums_on_node_egress()?;
-        let servers = (0..BACKENDS)
-            .map(|i| Servers::start(&topology.backends[i], &name(i), 8080, 5353))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let servers = topology.start_servers()?;
         let dir = std::env::temp_dir().join(format!("xdproxy-scaling-{}", topology.prefix()));
         std::fs::create_dir_all(&dir).context("manifest dir")?;
         let scratch = Scratch(dir);
         let manifest = scratch.0.join("web.yaml");
         manifests::write(&manifest, &manifests::web(&all()))?;
-        let mut ifaces = vec![client_iface().to_string()];
-        ifaces.extend((0..BACKENDS).map(backend_iface));
+        let ifaces = topology.agent_ifaces("");
         let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
         Ok(Lab {
             agent,

@@ -37,9 +37,7 @@ struct Lab {
 impl Lab {
     fn start(tag: &str, backends: usize, manifest: &str) -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix(tag), backends)?;
-        let servers = (0..backends)
-            .map(|i| Servers::start(&topology.backends[i], &format!("backend{i}"), 8080, 5353))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let servers = topology.start_servers()?;
         let dir = std::env::temp_dir().join(format!("xdproxy-{}", topology.prefix()));
         std::fs::create_dir_all(&dir).context("manifest dir")?;
         let path = dir.join("web.yaml");
