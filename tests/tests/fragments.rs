@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use common::{
     HOOKS, Hook, Loaded,
-    packets::{ETH, MAC_A, MAC_B, ones, verifies},
+    packets::{ETH, Family, MAC_A, MAC_B, V4, V6, ones, verifies},
 };
 use proxy_common::{Counter, csum};
 use proxy_tests::{
@@ -73,24 +73,6 @@ fn udp_datagram(pseudo: &[u8], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8
     udp
 }
 
-fn pseudo4(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(&[0, IPPROTO_UDP]);
-    p.extend_from_slice(&(len as u16).to_be_bytes());
-    p
-}
-
-fn pseudo6(src: [u8; 16], dst: [u8; 16], len: usize) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(&(len as u32).to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, IPPROTO_UDP]);
-    p
-}
-
 fn payload(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
@@ -103,75 +85,117 @@ fn ethernet(ether_type: u16) -> Vec<u8> {
     frame
 }
 
-/// A UDP datagram of `len` payload bytes cut into IPv4 fragments for a
-/// 1500-byte MTU, as a sender's kernel cuts it.
-fn fragments4(src: ([u8; 4], u16), dst: ([u8; 4], u16), id: u16, len: usize) -> Vec<Vec<u8>> {
-    let datagram = udp_datagram(&pseudo4(src.0, dst.0, 8 + len), src.1, dst.1, &payload(len));
-    let chunks: Vec<&[u8]> = datagram.chunks(1480).collect();
-    let last = chunks.len() - 1;
-    chunks
-        .iter()
-        .enumerate()
-        .map(|(i, chunk)| {
-            let more = if i < last { 0x2000u16 } else { 0 };
-            let frag_off = more | (i * 1480 / 8) as u16;
-            let mut ip = vec![0x45, 0];
-            ip.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
-            ip.extend_from_slice(&id.to_be_bytes());
-            ip.extend_from_slice(&frag_off.to_be_bytes());
-            ip.extend_from_slice(&[64, IPPROTO_UDP, 0, 0]);
-            ip.extend_from_slice(&src.0);
-            ip.extend_from_slice(&dst.0);
-            let check = csum::finish(ones(&ip));
-            ip[10..12].copy_from_slice(&check.to_be_bytes());
-            let mut frame = ethernet(0x0800);
-            frame.extend_from_slice(&ip);
-            frame.extend_from_slice(chunk);
-            frame
-        })
-        .collect()
+/// What crafting fragments takes per family.
+trait Fragments: Family {
+    /// Bytes of IP headers (the Fragment header included) before the data.
+    const L3: usize;
+    /// Bytes of the datagram each fragment carries for a 1500-byte MTU.
+    const CHUNK: usize;
+
+    /// The UDP pseudo header for `len` bytes of UDP.
+    fn pseudo(src: Self::Addr, dst: Self::Addr, len: usize) -> Vec<u8>;
+
+    /// The frame of one fragment: `chunk`, at `offset` in the datagram,
+    /// `more` when others follow it.
+    fn fragment(
+        addrs: (Self::Addr, Self::Addr),
+        id: u32,
+        at: (usize, bool),
+        chunk: &[u8],
+    ) -> Vec<u8>;
+
+    /// A UDP datagram of `len` payload bytes cut into fragments for a
+    /// 1500-byte MTU, as a sender's kernel cuts it.
+    fn fragments(
+        src: (Self::Addr, u16),
+        dst: (Self::Addr, u16),
+        id: u32,
+        len: usize,
+    ) -> Vec<Vec<u8>> {
+        let pseudo = Self::pseudo(src.0, dst.0, 8 + len);
+        let datagram = udp_datagram(&pseudo, src.1, dst.1, &payload(len));
+        let chunks: Vec<&[u8]> = datagram.chunks(Self::CHUNK).collect();
+        let last = chunks.len() - 1;
+        chunks
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                Self::fragment((src.0, dst.0), id, (i * Self::CHUNK, i < last), chunk)
+            })
+            .collect()
+    }
 }
 
-/// As `fragments4`, over IPv6 with its Fragment header (1448 bytes each).
-fn fragments6(src: ([u8; 16], u16), dst: ([u8; 16], u16), id: u32, len: usize) -> Vec<Vec<u8>> {
-    let datagram = udp_datagram(&pseudo6(src.0, dst.0, 8 + len), src.1, dst.1, &payload(len));
-    let chunks: Vec<&[u8]> = datagram.chunks(1448).collect();
-    let last = chunks.len() - 1;
-    chunks
-        .iter()
-        .enumerate()
-        .map(|(i, chunk)| {
-            let more = u16::from(i < last);
-            let frag_off = ((i * 1448 / 8) as u16) << 3 | more;
-            let mut frame = ethernet(0x86dd);
-            frame.extend_from_slice(&[0x60, 0, 0, 0]);
-            frame.extend_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
-            frame.extend_from_slice(&[44, 64]);
-            frame.extend_from_slice(&src.0);
-            frame.extend_from_slice(&dst.0);
-            frame.extend_from_slice(&[IPPROTO_UDP, 0]);
-            frame.extend_from_slice(&frag_off.to_be_bytes());
-            frame.extend_from_slice(&id.to_be_bytes());
-            frame.extend_from_slice(chunk);
-            frame
-        })
-        .collect()
+impl Fragments for V4 {
+    const L3: usize = 20;
+    const CHUNK: usize = 1480;
+
+    fn pseudo(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[0, IPPROTO_UDP]);
+        p.extend_from_slice(&(len as u16).to_be_bytes());
+        p
+    }
+
+    fn fragment(
+        (src, dst): ([u8; 4], [u8; 4]),
+        id: u32,
+        (offset, more): (usize, bool),
+        chunk: &[u8],
+    ) -> Vec<u8> {
+        let more = if more { 0x2000u16 } else { 0 };
+        let frag_off = more | (offset / 8) as u16;
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&(id as u16).to_be_bytes());
+        ip.extend_from_slice(&frag_off.to_be_bytes());
+        ip.extend_from_slice(&[64, IPPROTO_UDP, 0, 0]);
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let check = csum::finish(ones(&ip));
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+        let mut frame = ethernet(0x0800);
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(chunk);
+        frame
+    }
 }
 
-/// An IPv4 fragment's addresses, its header checksum checked.
-fn addrs4(frame: &[u8]) -> ([u8; 4], [u8; 4]) {
-    let ip = &frame[ETH..ETH + 20];
-    assert!(verifies(ones(ip)), "IPv4 header checksum of {ip:02x?}");
-    let src = ip[12..16].try_into().expect("4 bytes");
-    let dst = ip[16..20].try_into().expect("4 bytes");
-    (src, dst)
-}
+/// Over IPv6 with its Fragment header (and a 32-bit identification).
+impl Fragments for V6 {
+    const L3: usize = 48;
+    const CHUNK: usize = 1448;
 
-fn addrs6(frame: &[u8]) -> ([u8; 16], [u8; 16]) {
-    let ip = &frame[ETH..ETH + 40];
-    let src = ip[8..24].try_into().expect("16 bytes");
-    let dst = ip[24..40].try_into().expect("16 bytes");
-    (src, dst)
+    fn pseudo(src: [u8; 16], dst: [u8; 16], len: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, IPPROTO_UDP]);
+        p
+    }
+
+    fn fragment(
+        (src, dst): ([u8; 16], [u8; 16]),
+        id: u32,
+        (offset, more): (usize, bool),
+        chunk: &[u8],
+    ) -> Vec<u8> {
+        let frag_off = ((offset / 8) as u16) << 3 | u16::from(more);
+        let mut frame = ethernet(0x86dd);
+        frame.extend_from_slice(&[0x60, 0, 0, 0]);
+        frame.extend_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+        frame.extend_from_slice(&[44, 64]);
+        frame.extend_from_slice(&src);
+        frame.extend_from_slice(&dst);
+        frame.extend_from_slice(&[IPPROTO_UDP, 0]);
+        frame.extend_from_slice(&frag_off.to_be_bytes());
+        frame.extend_from_slice(&id.to_be_bytes());
+        frame.extend_from_slice(chunk);
+        frame
+    }
 }
 
 /// The datagram's ports (from its first fragment) and whether its UDP
@@ -188,96 +212,57 @@ fn reassembled(fragments: &[Vec<u8>], l3: usize, pseudo: &[u8]) -> ((u16, u16), 
     (ports, verifies(ones(pseudo) + ones(&datagram)))
 }
 
-/// IPv4 through one hook: a later fragment before its first is untouched
-/// and counted untracked; then the whole request and the whole reply are
-/// translated, every fragment, with valid checksums.
-fn ipv4_fragments(hook: Hook) {
+/// Every fragment of `datagram` through the lab's hook: each leaves
+/// addressed `addrs`, and together they carry a datagram with `ports` and
+/// a valid UDP checksum.
+fn translated<F: Fragments>(
+    lab: &Lab,
+    datagram: &[Vec<u8>],
+    addrs: (F::Addr, F::Addr),
+    ports: (u16, u16),
+    what: &str,
+) {
+    let hook = lab.hook;
+    let out: Vec<Vec<u8>> = datagram.iter().map(|f| lab.run(f)).collect();
+    for (i, fragment) in out.iter().enumerate() {
+        assert_eq!(F::addrs(fragment), addrs, "{hook:?}: {what} fragment {i}");
+    }
+    let pseudo = F::pseudo(addrs.0, addrs.1, 8 + 4000);
+    let (seen, valid) = reassembled(&out, F::L3, &pseudo);
+    assert_eq!(seen, ports, "{hook:?}: {what}");
+    assert!(valid, "{hook:?}: UDP checksum of the reassembled {what}");
+}
+
+/// Through one hook: a later fragment (`early`) before its first is
+/// untouched and counted untracked; then the whole request and the whole
+/// reply (`ids`) are translated, every fragment, with valid checksums.
+fn fragments_through<F: Fragments>(
+    hook: Hook,
+    (client, vip, backend): (F::Addr, F::Addr, F::Addr),
+    early: usize,
+    ids: (u32, u32),
+) {
     let lab = Lab::new(hook);
-    let request = fragments4((CLIENT4, 40000), (VIP4, 53), 0x1234, 4000);
+    let request = F::fragments((client, 40000), (vip, 53), ids.0, 4000);
     assert_eq!(request.len(), 3, "4 kB in 1500-byte packets");
 
-    let early = lab.run(&request[1]);
     assert_eq!(
-        early, request[1],
+        lab.run(&request[early]),
+        request[early],
         "{hook:?}: a later fragment before its first"
     );
     assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
     assert_eq!(lab.counter(Counter::FragmentTracked), 0, "{hook:?}");
 
-    let out: Vec<Vec<u8>> = request.iter().map(|f| lab.run(f)).collect();
-    for (i, fragment) in out.iter().enumerate() {
-        assert_eq!(
-            addrs4(fragment),
-            (CLIENT4, BACKEND4),
-            "{hook:?}: fragment {i}"
-        );
-    }
-    let pseudo = pseudo4(CLIENT4, BACKEND4, 8 + 4000);
-    let (ports, valid) = reassembled(&out, 20, &pseudo);
-    assert_eq!(ports, (40000, 5353), "{hook:?}");
-    assert!(valid, "{hook:?}: UDP checksum of the reassembled request");
+    translated::<F>(&lab, &request, (client, backend), (40000, 5353), "request");
     assert_eq!(lab.counter(Counter::FragmentTracked), 2, "{hook:?}");
     assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
 
-    let reply = fragments4((BACKEND4, 5353), (CLIENT4, 40000), 0x4321, 4000);
-    let out: Vec<Vec<u8>> = reply.iter().map(|f| lab.run(f)).collect();
-    for (i, fragment) in out.iter().enumerate() {
-        assert_eq!(
-            addrs4(fragment),
-            (VIP4, CLIENT4),
-            "{hook:?}: reply fragment {i}"
-        );
-    }
-    let pseudo = pseudo4(VIP4, CLIENT4, 8 + 4000);
-    let (ports, valid) = reassembled(&out, 20, &pseudo);
-    assert_eq!(ports, (53, 40000), "{hook:?}");
-    assert!(valid, "{hook:?}: UDP checksum of the reassembled reply");
+    let reply = F::fragments((backend, 5353), (client, 40000), ids.1, 4000);
+    translated::<F>(&lab, &reply, (vip, client), (53, 40000), "reply");
     assert_eq!(lab.counter(Counter::FragmentTracked), 4, "{hook:?}");
+    assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
     assert!(lab.counter(Counter::Fragment) >= 7, "{hook:?}");
-}
-
-/// The same over IPv6 (no header checksum; the Fragment header's 32-bit
-/// identification).
-fn ipv6_fragments(hook: Hook) {
-    let lab = Lab::new(hook);
-    let request = fragments6((CLIENT6, 40000), (VIP6_BYTES, 53), 0x0102_0304, 4000);
-    assert_eq!(request.len(), 3);
-
-    assert_eq!(
-        lab.run(&request[2]),
-        request[2],
-        "{hook:?}: before its first"
-    );
-    assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
-
-    let out: Vec<Vec<u8>> = request.iter().map(|f| lab.run(f)).collect();
-    for (i, fragment) in out.iter().enumerate() {
-        assert_eq!(
-            addrs6(fragment),
-            (CLIENT6, BACKEND6),
-            "{hook:?}: fragment {i}"
-        );
-    }
-    let pseudo = pseudo6(CLIENT6, BACKEND6, 8 + 4000);
-    let (ports, valid) = reassembled(&out, 48, &pseudo);
-    assert_eq!(ports, (40000, 5353), "{hook:?}");
-    assert!(valid, "{hook:?}: UDP checksum of the reassembled request");
-
-    let reply = fragments6((BACKEND6, 5353), (CLIENT6, 40000), 0x0506_0708, 4000);
-    let out: Vec<Vec<u8>> = reply.iter().map(|f| lab.run(f)).collect();
-    for (i, fragment) in out.iter().enumerate() {
-        assert_eq!(
-            addrs6(fragment),
-            (VIP6_BYTES, CLIENT6),
-            "{hook:?}: reply {i}"
-        );
-    }
-    let pseudo = pseudo6(VIP6_BYTES, CLIENT6, 8 + 4000);
-    let (ports, valid) = reassembled(&out, 48, &pseudo);
-    assert_eq!(ports, (53, 40000), "{hook:?}");
-    assert!(valid, "{hook:?}: UDP checksum of the reassembled reply");
-    assert_eq!(lab.counter(Counter::FragmentTracked), 4, "{hook:?}");
-    assert_eq!(lab.counter(Counter::FragmentUntracked), 1, "{hook:?}");
 }
 
 #[test]
@@ -286,7 +271,7 @@ fn ipv4_fragments_are_translated_once_their_first_is_seen() {
         return;
     }
     for hook in HOOKS {
-        ipv4_fragments(hook);
+        fragments_through::<V4>(hook, (CLIENT4, VIP4, BACKEND4), 1, (0x1234, 0x4321));
     }
 }
 
@@ -295,8 +280,14 @@ fn ipv6_fragments_are_translated_once_their_first_is_seen() {
     if !common::ready("ipv6_fragments_are_translated_once_their_first_is_seen") {
         return;
     }
+    // IPv6: no header checksum; the Fragment header's 32-bit identification.
     for hook in HOOKS {
-        ipv6_fragments(hook);
+        fragments_through::<V6>(
+            hook,
+            (CLIENT6, VIP6_BYTES, BACKEND6),
+            2,
+            (0x0102_0304, 0x0506_0708),
+        );
     }
 }
 
@@ -309,7 +300,7 @@ fn fragments_of_other_traffic_pass_untouched() {
     }
     for hook in HOOKS {
         let lab = Lab::new(hook);
-        let other = fragments4((CLIENT4, 40000), ([10, 96, 0, 99], 53), 7, 4000);
+        let other = V4::fragments((CLIENT4, 40000), ([10, 96, 0, 99], 53), 7, 4000);
         for fragment in &other {
             assert_eq!(&lab.run(fragment), fragment, "{hook:?}");
         }

@@ -26,10 +26,9 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use common::{
-    HOOKS, Loaded,
+    HOOKS, Hook, Loaded,
     packets::{ETH, Family, MAC_A, MAC_B, V4, V6, addr6, ones, verifies},
 };
-use etherparse::{IpHeaders, PacketBuilderStep};
 use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
@@ -60,98 +59,141 @@ fn lab() -> Loaded {
     dp
 }
 
-/// A client's packet; its payload makes a quote of the first 48 bytes of
-/// IP hold the TCP checksum.
-fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    segment(V4::ip(src, dst), sport, dport)
+/// What ICMP errors take per family.
+trait Errors: Family {
+    /// The IP header's length.
+    const IP: usize;
+    /// "Fragmentation needed" / "packet too big".
+    const TOO_BIG: (u8, u8);
+    const PORT_UNREACH: (u8, u8);
+
+    /// An ICMP error from `src` to `dst` quoting `quote` (an IP packet's
+    /// start).
+    fn icmp(src: Self::Addr, dst: Self::Addr, kind: (u8, u8), rest: u32, quote: &[u8]) -> Vec<u8>;
+
+    /// An error's ICMP message, after checking its checksum.
+    fn message(packet: &[u8]) -> &[u8];
+
+    /// How much of the failed packet's IP datagram an error quotes here:
+    /// IP, and TCP up to and past its checksum.
+    fn quote_len() -> usize {
+        Self::IP + 28
+    }
+
+    /// An error's addresses and quote, after checking its checksums.
+    fn error(packet: &[u8]) -> (Self::Addr, Self::Addr, Vec<u8>) {
+        let (src, dst) = Self::addrs(packet);
+        (src, dst, Self::message(packet)[8..].to_vec())
+    }
+
+    /// A client's packet; its payload makes a quote of the first 48 bytes
+    /// of IP hold the TCP checksum. An ACK with data.
+    fn segment(src: Self::Addr, sport: u16, dst: Self::Addr, dport: u16) -> Vec<u8> {
+        let builder = Self::ip(src, dst).tcp(sport, dport, 1000, 64240).ack(1);
+        let mut out = Vec::new();
+        builder
+            .write(&mut out, b"a segment that will not fit")
+            .expect("build tcp");
+        out
+    }
+
+    fn datagram(src: Self::Addr, sport: u16, dst: Self::Addr, dport: u16) -> Vec<u8> {
+        let builder = Self::ip(src, dst).udp(sport, dport);
+        let mut out = Vec::new();
+        builder
+            .write(&mut out, b"a datagram nobody takes")
+            .expect("build udp");
+        out
+    }
 }
 
-fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    datagram(V4::ip(src, dst), sport, dport)
+impl Errors for V4 {
+    const IP: usize = 20;
+    const TOO_BIG: (u8, u8) = (3, 4);
+    const PORT_UNREACH: (u8, u8) = (3, 3);
+
+    fn icmp(
+        src: [u8; 4],
+        dst: [u8; 4],
+        (kind, code): (u8, u8),
+        rest: u32,
+        quote: &[u8],
+    ) -> Vec<u8> {
+        let mut p = vec![];
+        p.extend_from_slice(&MAC_A);
+        p.extend_from_slice(&MAC_B);
+        p.extend_from_slice(&[0x08, 0x00]);
+        let total = (Self::IP + 8 + quote.len()) as u16;
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[6] = 0x40; // DF, as the kernel sends its errors
+        ip[8] = 64;
+        ip[9] = 1;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        let check = csum::finish(ones(&ip));
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+        p.extend_from_slice(&ip);
+        let mut icmp = vec![kind, code, 0, 0];
+        icmp.extend_from_slice(&rest.to_be_bytes());
+        icmp.extend_from_slice(quote);
+        let check = csum::finish(ones(&icmp));
+        icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        p.extend_from_slice(&icmp);
+        p
+    }
+
+    fn message(packet: &[u8]) -> &[u8] {
+        let icmp = &packet[ETH + Self::IP..];
+        assert!(verifies(ones(icmp)), "ICMP checksum of {packet:02x?}");
+        icmp
+    }
 }
 
-fn tcp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    segment(V6::ip(src, dst), sport, dport)
-}
+impl Errors for V6 {
+    const IP: usize = 40;
+    const TOO_BIG: (u8, u8) = (2, 0);
+    const PORT_UNREACH: (u8, u8) = (1, 4);
 
-fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    datagram(V6::ip(src, dst), sport, dport)
-}
+    fn icmp(
+        src: [u8; 16],
+        dst: [u8; 16],
+        (kind, code): (u8, u8),
+        rest: u32,
+        quote: &[u8],
+    ) -> Vec<u8> {
+        let mut p = vec![];
+        p.extend_from_slice(&MAC_A);
+        p.extend_from_slice(&MAC_B);
+        p.extend_from_slice(&[0x86, 0xdd]);
+        let length = (8 + quote.len()) as u16;
+        let mut ip = [0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&length.to_be_bytes());
+        ip[6] = 58;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&src);
+        ip[24..40].copy_from_slice(&dst);
+        p.extend_from_slice(&ip);
+        let mut icmp = vec![kind, code, 0, 0];
+        icmp.extend_from_slice(&rest.to_be_bytes());
+        icmp.extend_from_slice(quote);
+        let check = csum::finish(pseudo6(&ip, icmp.len()) + ones(&icmp));
+        icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        p.extend_from_slice(&icmp);
+        p
+    }
 
-/// An ACK with data over `ip`.
-fn segment(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16) -> Vec<u8> {
-    let builder = ip.tcp(sport, dport, 1000, 64240).ack(1);
-    let mut out = Vec::new();
-    builder
-        .write(&mut out, b"a segment that will not fit")
-        .expect("build tcp");
-    out
-}
-
-fn datagram(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16) -> Vec<u8> {
-    let builder = ip.udp(sport, dport);
-    let mut out = Vec::new();
-    builder
-        .write(&mut out, b"a datagram nobody takes")
-        .expect("build udp");
-    out
-}
-
-const IP4: usize = 20;
-const IP6: usize = 40;
-/// How much of the failed packet's IP datagram an error quotes here: IP,
-/// and TCP up to and past its checksum.
-const QUOTE4: usize = IP4 + 28;
-const QUOTE6: usize = IP6 + 28;
-
-/// An ICMP error from `src` to `dst` quoting `quote` (an IP packet's start).
-fn icmp4(src: [u8; 4], dst: [u8; 4], (kind, code): (u8, u8), rest: u32, quote: &[u8]) -> Vec<u8> {
-    let mut p = vec![];
-    p.extend_from_slice(&MAC_A);
-    p.extend_from_slice(&MAC_B);
-    p.extend_from_slice(&[0x08, 0x00]);
-    let total = (IP4 + 8 + quote.len()) as u16;
-    let mut ip = [0u8; IP4];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[6] = 0x40; // DF, as the kernel sends its errors
-    ip[8] = 64;
-    ip[9] = 1;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let check = csum::finish(ones(&ip));
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
-    p.extend_from_slice(&ip);
-    let mut icmp = vec![kind, code, 0, 0];
-    icmp.extend_from_slice(&rest.to_be_bytes());
-    icmp.extend_from_slice(quote);
-    let check = csum::finish(ones(&icmp));
-    icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    p.extend_from_slice(&icmp);
-    p
-}
-
-fn icmp6(src: [u8; 16], dst: [u8; 16], (kind, code): (u8, u8), rest: u32, quote: &[u8]) -> Vec<u8> {
-    let mut p = vec![];
-    p.extend_from_slice(&MAC_A);
-    p.extend_from_slice(&MAC_B);
-    p.extend_from_slice(&[0x86, 0xdd]);
-    let length = (8 + quote.len()) as u16;
-    let mut ip = [0u8; IP6];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&length.to_be_bytes());
-    ip[6] = 58;
-    ip[7] = 64;
-    ip[8..24].copy_from_slice(&src);
-    ip[24..40].copy_from_slice(&dst);
-    p.extend_from_slice(&ip);
-    let mut icmp = vec![kind, code, 0, 0];
-    icmp.extend_from_slice(&rest.to_be_bytes());
-    icmp.extend_from_slice(quote);
-    let check = csum::finish(pseudo6(&ip, icmp.len()) + ones(&icmp));
-    icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    p.extend_from_slice(&icmp);
-    p
+    fn message(packet: &[u8]) -> &[u8] {
+        let ip = &packet[ETH..ETH + Self::IP];
+        let icmp = &packet[ETH + Self::IP..];
+        assert!(
+            verifies(pseudo6(ip, icmp.len()) + ones(icmp)),
+            "ICMPv6 checksum of {packet:02x?}"
+        );
+        icmp
+    }
 }
 
 /// ICMPv6's pseudo-header sum for a message of `len` bytes.
@@ -159,41 +201,12 @@ fn pseudo6(ip: &[u8], len: usize) -> u32 {
     ones(&ip[8..40]) + len as u32 + 58
 }
 
-/// An IPv4 error's addresses and quote, after checking its IPv4 and ICMP
-/// checksums.
-fn error4(packet: &[u8]) -> ([u8; 4], [u8; 4], Vec<u8>) {
-    let ip = &packet[ETH..ETH + IP4];
-    assert!(
-        verifies(ones(ip)),
-        "outer IPv4 header checksum of {packet:02x?}"
-    );
-    let icmp = &packet[ETH + IP4..];
-    assert!(verifies(ones(icmp)), "ICMP checksum of {packet:02x?}");
-    let addr = |at: usize| -> [u8; 4] { ip[at..at + 4].try_into().expect("4 bytes") };
-    (addr(12), addr(16), icmp[8..].to_vec())
-}
-
-fn error6(packet: &[u8]) -> ([u8; 16], [u8; 16], Vec<u8>) {
-    let ip = &packet[ETH..ETH + IP6];
-    let icmp = &packet[ETH + IP6..];
-    assert!(
-        verifies(pseudo6(ip, icmp.len()) + ones(icmp)),
-        "ICMPv6 checksum of {packet:02x?}"
-    );
-    let addr = |at: usize| -> [u8; 16] { ip[at..at + 16].try_into().expect("16 bytes") };
-    (addr(8), addr(24), icmp[8..].to_vec())
-}
-
 /// The first `len` bytes of a packet's IP datagram: what an error quotes.
 fn quote(packet: &[u8], len: usize) -> Vec<u8> {
     packet[ETH..ETH + len].to_vec()
 }
 
-const FRAG_NEEDED: (u8, u8) = (3, 4);
-const PORT_UNREACH: (u8, u8) = (3, 3);
 const MTU: u32 = 1300;
-const PKT_TOOBIG: (u8, u8) = (2, 0);
-const PORT_UNREACH6: (u8, u8) = (1, 4);
 
 #[test]
 fn a_source_nated_flows_errors_go_back_to_the_client_about_its_packet() {
@@ -203,34 +216,74 @@ fn a_source_nated_flows_errors_go_back_to_the_client_about_its_packet() {
     for hook in HOOKS {
         let dp = lab();
         // The client's packet in, to the backend, out from the node.
-        let sent = tcp(OUTSIDER, 50000, LB, 80);
+        let sent = V4::segment(OUTSIDER, 50000, LB, 80);
         let forwarded = dp.pass(hook, &sent);
         let snat = dp.egress(&forwarded);
         assert_eq!(&snat[ETH + 12..ETH + 16], &NODE, "{hook:?}: source NAT");
         // A router on the way to the backend cannot forward it whole.
-        let error = icmp4(ROUTER, NODE, FRAG_NEEDED, MTU, &quote(&snat, QUOTE4));
+        let error = V4::icmp(
+            ROUTER,
+            NODE,
+            V4::TOO_BIG,
+            MTU,
+            &quote(&snat, V4::quote_len()),
+        );
         let back = dp.pass(hook, &error);
-        let (src, dst, quoted) = error4(&back);
+        let (src, dst, quoted) = V4::error(&back);
         assert_eq!((src, dst), (ROUTER, OUTSIDER), "{hook:?}: to the client");
-        assert_eq!(quoted, quote(&forwarded, QUOTE4), "{hook:?}: as forwarded");
+        assert_eq!(
+            quoted,
+            quote(&forwarded, V4::quote_len()),
+            "{hook:?}: as forwarded"
+        );
         let out = dp.egress(&back);
-        let (src, dst, quoted) = error4(&out);
+        let (src, dst, quoted) = V4::error(&out);
         assert_eq!((src, dst), (ROUTER, OUTSIDER), "{hook:?}: from the router");
         assert_eq!(
             quoted,
-            quote(&sent, QUOTE4),
+            quote(&sent, V4::quote_len()),
             "{hook:?}: as the client sent it"
         );
-        assert_eq!(&out[ETH + IP4 + 4..ETH + IP4 + 8], &MTU.to_be_bytes());
+        assert_eq!(&out[ETH + V4::IP + 4..ETH + V4::IP + 8], &MTU.to_be_bytes());
         // The backend's own error comes from the frontend.
-        let error = icmp4(BACKEND, NODE, PORT_UNREACH, 0, &quote(&snat, QUOTE4));
+        let error = V4::icmp(
+            BACKEND,
+            NODE,
+            V4::PORT_UNREACH,
+            0,
+            &quote(&snat, V4::quote_len()),
+        );
         let out = dp.egress(&dp.pass(hook, &error));
-        let (src, dst, quoted) = error4(&out);
+        let (src, dst, quoted) = V4::error(&out);
         assert_eq!((src, dst), (LB, OUTSIDER), "{hook:?}: from the frontend");
-        assert_eq!(quoted, quote(&sent, QUOTE4), "{hook:?}");
+        assert_eq!(quoted, quote(&sent, V4::quote_len()), "{hook:?}");
         assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 4, "{hook:?}");
         assert_eq!(dp.counter(Counter::IcmpErrorFailed), 0, "{hook:?}");
     }
+}
+
+/// A backend's port unreachable about a client's datagram to the cluster
+/// IP goes back from the cluster IP, quoting what the client sent.
+fn port_unreachable_from_the_cluster_ip<F: Errors>(
+    hook: Hook,
+    (client, cluster_ip, backend): (F::Addr, F::Addr, F::Addr),
+) {
+    let dp = lab();
+    let sent = F::datagram(client, 40000, cluster_ip, 53);
+    let forwarded = dp.pass(hook, &sent);
+    assert_eq!(F::addrs(&forwarded).1, backend, "{hook:?}");
+    let whole = forwarded.len() - ETH;
+    let error = F::icmp(
+        backend,
+        client,
+        F::PORT_UNREACH,
+        0,
+        &quote(&forwarded, whole),
+    );
+    let (src, dst, quoted) = F::error(&dp.pass(hook, &error));
+    assert_eq!((src, dst), (cluster_ip, client), "{hook:?}");
+    assert_eq!(quoted, quote(&sent, whole), "{hook:?}");
+    assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1, "{hook:?}");
 }
 
 #[test]
@@ -239,33 +292,31 @@ fn a_backends_port_unreachable_comes_from_the_cluster_ip() {
         return;
     }
     for hook in HOOKS {
-        let dp = lab();
-        let sent = udp(CLIENT, 40000, CLUSTER_IP, 53);
-        let forwarded = dp.pass(hook, &sent);
-        assert_eq!(&forwarded[ETH + 16..ETH + 20], &BACKEND, "{hook:?}");
-        let whole = forwarded.len() - ETH;
-        let error = icmp4(BACKEND, CLIENT, PORT_UNREACH, 0, &quote(&forwarded, whole));
-        let (src, dst, quoted) = error4(&dp.pass(hook, &error));
-        assert_eq!((src, dst), (CLUSTER_IP, CLIENT), "{hook:?}");
-        assert_eq!(quoted, quote(&sent, whole), "{hook:?}");
-        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1, "{hook:?}");
-
-        let dp = lab();
-        let sent = udp6(CLIENT6, 40000, CLUSTER_IP6, 53);
-        let forwarded = dp.pass(hook, &sent);
-        let whole = forwarded.len() - ETH;
-        let error = icmp6(
-            BACKEND6,
-            CLIENT6,
-            PORT_UNREACH6,
-            0,
-            &quote(&forwarded, whole),
-        );
-        let (src, dst, quoted) = error6(&dp.pass(hook, &error));
-        assert_eq!((src, dst), (CLUSTER_IP6, CLIENT6), "{hook:?}");
-        assert_eq!(quoted, quote(&sent, whole), "{hook:?}");
-        assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1, "{hook:?}");
+        port_unreachable_from_the_cluster_ip::<V4>(hook, (CLIENT, CLUSTER_IP, BACKEND));
+        port_unreachable_from_the_cluster_ip::<V6>(hook, (CLIENT6, CLUSTER_IP6, BACKEND6));
     }
+}
+
+/// The node's own "too big" (from `gateway`, its address towards the
+/// client) about a packet it forwarded for the client's flow to the
+/// cluster IP is translated at egress: the client sees its own packet.
+fn too_big_from_the_node<F: Errors>(
+    dp: &Loaded,
+    hook: Hook,
+    (client, cluster_ip, gateway): (F::Addr, F::Addr, F::Addr),
+) {
+    let sent = F::segment(client, 40001, cluster_ip, 80);
+    let forwarded = dp.pass(hook, &sent);
+    let error = F::icmp(
+        gateway,
+        client,
+        F::TOO_BIG,
+        MTU,
+        &quote(&forwarded, F::quote_len()),
+    );
+    let (src, dst, quoted) = F::error(&dp.egress(&error));
+    assert_eq!((src, dst), (gateway, client), "{hook:?}");
+    assert_eq!(quoted, quote(&sent, F::quote_len()), "{hook:?}");
 }
 
 #[test]
@@ -277,31 +328,8 @@ fn the_nodes_own_fragmentation_needed_is_translated_at_egress() {
     let gateway6 = addr6(0x2001_0db8_0009, 1);
     for hook in HOOKS {
         let dp = lab();
-        let sent = tcp(CLIENT, 40001, CLUSTER_IP, 80);
-        let forwarded = dp.pass(hook, &sent);
-        let error = icmp4(
-            gateway,
-            CLIENT,
-            FRAG_NEEDED,
-            MTU,
-            &quote(&forwarded, QUOTE4),
-        );
-        let (src, dst, quoted) = error4(&dp.egress(&error));
-        assert_eq!((src, dst), (gateway, CLIENT), "{hook:?}");
-        assert_eq!(quoted, quote(&sent, QUOTE4), "{hook:?}");
-
-        let sent = tcp6(CLIENT6, 40001, CLUSTER_IP6, 80);
-        let forwarded = dp.pass(hook, &sent);
-        let error = icmp6(
-            gateway6,
-            CLIENT6,
-            PKT_TOOBIG,
-            MTU,
-            &quote(&forwarded, QUOTE6),
-        );
-        let (src, dst, quoted) = error6(&dp.egress(&error));
-        assert_eq!((src, dst), (gateway6, CLIENT6), "{hook:?}");
-        assert_eq!(quoted, quote(&sent, QUOTE6), "{hook:?}");
+        too_big_from_the_node::<V4>(&dp, hook, (CLIENT, CLUSTER_IP, gateway));
+        too_big_from_the_node::<V6>(&dp, hook, (CLIENT6, CLUSTER_IP6, gateway6));
         assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 2, "{hook:?}");
     }
 }
@@ -313,21 +341,39 @@ fn errors_about_other_flows_pass_untouched() {
     }
     for hook in HOOKS {
         let dp = lab();
-        let forwarded = dp.pass(hook, &tcp(CLIENT, 40002, CLUSTER_IP, 80));
+        let forwarded = dp.pass(hook, &V4::segment(CLIENT, 40002, CLUSTER_IP, 80));
         // Another client port: no flow of ours.
-        let other = tcp(CLIENT, 40003, BACKEND, 8080);
+        let other = V4::segment(CLIENT, 40003, BACKEND, 8080);
         let errors = [
-            icmp4(ROUTER, CLIENT, FRAG_NEEDED, MTU, &quote(&other, QUOTE4)),
+            V4::icmp(
+                ROUTER,
+                CLIENT,
+                V4::TOO_BIG,
+                MTU,
+                &quote(&other, V4::quote_len()),
+            ),
             // Ours, but not addressed to the quoted packet's source.
-            icmp4(ROUTER, ROUTER, FRAG_NEEDED, MTU, &quote(&forwarded, QUOTE4)),
+            V4::icmp(
+                ROUTER,
+                ROUTER,
+                V4::TOO_BIG,
+                MTU,
+                &quote(&forwarded, V4::quote_len()),
+            ),
             // Ours, but an echo request is not an error.
-            icmp4(ROUTER, CLIENT, (8, 0), 0, &quote(&forwarded, QUOTE4)),
-            icmp6(
+            V4::icmp(
+                ROUTER,
+                CLIENT,
+                (8, 0),
+                0,
+                &quote(&forwarded, V4::quote_len()),
+            ),
+            V6::icmp(
                 BACKEND6,
                 CLIENT6,
-                PORT_UNREACH6,
+                V6::PORT_UNREACH,
                 0,
-                &quote(&tcp6(CLIENT6, 1, BACKEND6, 2), QUOTE6),
+                &quote(&V6::segment(CLIENT6, 1, BACKEND6, 2), V6::quote_len()),
             ),
         ];
         for error in &errors {
@@ -346,14 +392,14 @@ fn an_error_about_a_flow_of_ours_too_short_to_translate_is_dropped() {
     }
     for hook in HOOKS {
         let dp = lab();
-        let forwarded = dp.pass(hook, &tcp(CLIENT, 40004, CLUSTER_IP, 80));
+        let forwarded = dp.pass(hook, &V4::segment(CLIENT, 40004, CLUSTER_IP, 80));
         // The ports, but not the 8 bytes every error must quote.
-        let error = icmp4(
+        let error = V4::icmp(
             BACKEND,
             CLIENT,
-            PORT_UNREACH,
+            V4::PORT_UNREACH,
             0,
-            &quote(&forwarded, IP4 + 4),
+            &quote(&forwarded, V4::IP + 4),
         );
         let (verdict, _) = dp.run(hook, &error);
         assert_eq!(verdict, hook.dropped(), "{hook:?}");

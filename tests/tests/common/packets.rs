@@ -72,6 +72,10 @@ pub trait Family {
     /// Addressing of a TCP or UDP packet, after checking its checksums.
     fn seen(packet: &[u8]) -> Seen<Self::Addr>;
 
+    /// (source, destination) of a frame whatever its IP header carries
+    /// (a fragment, an ICMP error), after checking an IPv4 header checksum.
+    fn addrs(frame: &[u8]) -> (Self::Addr, Self::Addr);
+
     /// (source, source port, destination, destination port) of an SCTP
     /// packet, after checking its IPv4 header checksum and its CRC32c.
     fn seen_sctp(packet: &[u8]) -> (Self::Addr, u16, Self::Addr, u16);
@@ -219,6 +223,13 @@ impl Family for V4 {
         )
     }
 
+    fn addrs(frame: &[u8]) -> ([u8; 4], [u8; 4]) {
+        let ip = &frame[ETH..ETH + 20];
+        assert!(verifies(ones(ip)), "IPv4 header checksum of {frame:02x?}");
+        let addr = |at: usize| -> [u8; 4] { ip[at..at + 4].try_into().expect("4 bytes") };
+        (addr(12), addr(16))
+    }
+
     fn seen_sctp(packet: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
         let (ip, rest) = etherparse::Ipv4Header::from_slice(&packet[ETH..]).expect("ipv4");
         assert_eq!(
@@ -283,6 +294,12 @@ impl Family for V6 {
                 )
             },
         )
+    }
+
+    fn addrs(frame: &[u8]) -> ([u8; 16], [u8; 16]) {
+        let ip = &frame[ETH..ETH + 40];
+        let addr = |at: usize| -> [u8; 16] { ip[at..at + 16].try_into().expect("16 bytes") };
+        (addr(8), addr(24))
     }
 
     fn seen_sctp(packet: &[u8]) -> ([u8; 16], u16, [u8; 16], u16) {
