@@ -63,16 +63,35 @@ fn lab() -> Loaded {
 trait Errors: Family {
     /// The IP header's length.
     const IP: usize;
+    const ETHER_TYPE: [u8; 2];
     /// "Fragmentation needed" / "packet too big".
     const TOO_BIG: (u8, u8);
     const PORT_UNREACH: (u8, u8);
 
+    /// The IP header of an ICMP message of `len` bytes from `src` to `dst`.
+    fn header(src: Self::Addr, dst: Self::Addr, len: usize) -> Vec<u8>;
+
+    /// The pseudo-header sum an ICMP message of `len` bytes under `ip`
+    /// adds to its checksum.
+    fn pseudo(ip: &[u8], len: usize) -> u32;
+
     /// An ICMP error from `src` to `dst` quoting `quote` (an IP packet's
     /// start).
-    fn icmp(src: Self::Addr, dst: Self::Addr, kind: (u8, u8), rest: u32, quote: &[u8]) -> Vec<u8>;
-
-    /// An error's ICMP message, after checking its checksum.
-    fn message(packet: &[u8]) -> &[u8];
+    fn icmp(
+        src: Self::Addr,
+        dst: Self::Addr,
+        (kind, code): (u8, u8),
+        rest: u32,
+        quote: &[u8],
+    ) -> Vec<u8> {
+        let mut icmp = vec![kind, code, 0, 0];
+        icmp.extend_from_slice(&rest.to_be_bytes());
+        icmp.extend_from_slice(quote);
+        let ip = Self::header(src, dst, icmp.len());
+        let check = csum::finish(Self::pseudo(&ip, icmp.len()) + ones(&icmp));
+        icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        [&MAC_A[..], &MAC_B, &Self::ETHER_TYPE, &ip, &icmp].concat()
+    }
 
     /// How much of the failed packet's IP datagram an error quotes here:
     /// IP, and TCP up to and past its checksum.
@@ -83,7 +102,13 @@ trait Errors: Family {
     /// An error's addresses and quote, after checking its checksums.
     fn error(packet: &[u8]) -> (Self::Addr, Self::Addr, Vec<u8>) {
         let (src, dst) = Self::addrs(packet);
-        (src, dst, Self::message(packet)[8..].to_vec())
+        let ip = &packet[ETH..ETH + Self::IP];
+        let icmp = &packet[ETH + Self::IP..];
+        assert!(
+            verifies(Self::pseudo(ip, icmp.len()) + ones(icmp)),
+            "ICMP checksum of {packet:02x?}"
+        );
+        (src, dst, icmp[8..].to_vec())
     }
 
     /// A client's packet; its payload makes a quote of the first 48 bytes
@@ -109,24 +134,14 @@ trait Errors: Family {
 
 impl Errors for V4 {
     const IP: usize = 20;
+    const ETHER_TYPE: [u8; 2] = [0x08, 0x00];
     const TOO_BIG: (u8, u8) = (3, 4);
     const PORT_UNREACH: (u8, u8) = (3, 3);
 
-    fn icmp(
-        src: [u8; 4],
-        dst: [u8; 4],
-        (kind, code): (u8, u8),
-        rest: u32,
-        quote: &[u8],
-    ) -> Vec<u8> {
-        let mut p = vec![];
-        p.extend_from_slice(&MAC_A);
-        p.extend_from_slice(&MAC_B);
-        p.extend_from_slice(&[0x08, 0x00]);
-        let total = (Self::IP + 8 + quote.len()) as u16;
-        let mut ip = [0u8; 20];
+    fn header(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
+        let mut ip = vec![0u8; Self::IP];
         ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[2..4].copy_from_slice(&((Self::IP + len) as u16).to_be_bytes());
         ip[6] = 0x40; // DF, as the kernel sends its errors
         ip[8] = 64;
         ip[9] = 1;
@@ -134,71 +149,35 @@ impl Errors for V4 {
         ip[16..20].copy_from_slice(&dst);
         let check = csum::finish(ones(&ip));
         ip[10..12].copy_from_slice(&check.to_be_bytes());
-        p.extend_from_slice(&ip);
-        let mut icmp = vec![kind, code, 0, 0];
-        icmp.extend_from_slice(&rest.to_be_bytes());
-        icmp.extend_from_slice(quote);
-        let check = csum::finish(ones(&icmp));
-        icmp[2..4].copy_from_slice(&check.to_be_bytes());
-        p.extend_from_slice(&icmp);
-        p
+        ip
     }
 
-    fn message(packet: &[u8]) -> &[u8] {
-        let icmp = &packet[ETH + Self::IP..];
-        assert!(verifies(ones(icmp)), "ICMP checksum of {packet:02x?}");
-        icmp
+    /// None: ICMP's checksum covers the message alone.
+    fn pseudo(_: &[u8], _: usize) -> u32 {
+        0
     }
 }
 
 impl Errors for V6 {
     const IP: usize = 40;
+    const ETHER_TYPE: [u8; 2] = [0x86, 0xdd];
     const TOO_BIG: (u8, u8) = (2, 0);
     const PORT_UNREACH: (u8, u8) = (1, 4);
 
-    fn icmp(
-        src: [u8; 16],
-        dst: [u8; 16],
-        (kind, code): (u8, u8),
-        rest: u32,
-        quote: &[u8],
-    ) -> Vec<u8> {
-        let mut p = vec![];
-        p.extend_from_slice(&MAC_A);
-        p.extend_from_slice(&MAC_B);
-        p.extend_from_slice(&[0x86, 0xdd]);
-        let length = (8 + quote.len()) as u16;
-        let mut ip = [0u8; 40];
+    fn header(src: [u8; 16], dst: [u8; 16], len: usize) -> Vec<u8> {
+        let mut ip = vec![0u8; Self::IP];
         ip[0] = 0x60;
-        ip[4..6].copy_from_slice(&length.to_be_bytes());
+        ip[4..6].copy_from_slice(&(len as u16).to_be_bytes());
         ip[6] = 58;
         ip[7] = 64;
         ip[8..24].copy_from_slice(&src);
         ip[24..40].copy_from_slice(&dst);
-        p.extend_from_slice(&ip);
-        let mut icmp = vec![kind, code, 0, 0];
-        icmp.extend_from_slice(&rest.to_be_bytes());
-        icmp.extend_from_slice(quote);
-        let check = csum::finish(pseudo6(&ip, icmp.len()) + ones(&icmp));
-        icmp[2..4].copy_from_slice(&check.to_be_bytes());
-        p.extend_from_slice(&icmp);
-        p
+        ip
     }
 
-    fn message(packet: &[u8]) -> &[u8] {
-        let ip = &packet[ETH..ETH + Self::IP];
-        let icmp = &packet[ETH + Self::IP..];
-        assert!(
-            verifies(pseudo6(ip, icmp.len()) + ones(icmp)),
-            "ICMPv6 checksum of {packet:02x?}"
-        );
-        icmp
+    fn pseudo(ip: &[u8], len: usize) -> u32 {
+        ones(&ip[8..40]) + len as u32 + 58
     }
-}
-
-/// ICMPv6's pseudo-header sum for a message of `len` bytes.
-fn pseudo6(ip: &[u8], len: usize) -> u32 {
-    ones(&ip[8..40]) + len as u32 + 58
 }
 
 /// The first `len` bytes of a packet's IP datagram: what an error quotes.
