@@ -99,6 +99,17 @@ trait Errors: Family {
         Self::IP + 28
     }
 
+    /// An ICMP error quoting the first `quote_len()` bytes of `packet`.
+    fn about(
+        src: Self::Addr,
+        dst: Self::Addr,
+        kind: (u8, u8),
+        rest: u32,
+        packet: &[u8],
+    ) -> Vec<u8> {
+        Self::icmp(src, dst, kind, rest, &quote(packet, Self::quote_len()))
+    }
+
     /// An error's addresses and quote, after checking its checksums.
     fn error(packet: &[u8]) -> (Self::Addr, Self::Addr, Vec<u8>) {
         let (src, dst) = Self::addrs(packet);
@@ -200,13 +211,7 @@ fn a_source_nated_flows_errors_go_back_to_the_client_about_its_packet() {
         let snat = dp.egress(&forwarded);
         assert_eq!(&snat[ETH + 12..ETH + 16], &NODE, "{hook:?}: source NAT");
         // A router on the way to the backend cannot forward it whole.
-        let error = V4::icmp(
-            ROUTER,
-            NODE,
-            V4::TOO_BIG,
-            MTU,
-            &quote(&snat, V4::quote_len()),
-        );
+        let error = V4::about(ROUTER, NODE, V4::TOO_BIG, MTU, &snat);
         let back = dp.pass(hook, &error);
         let (src, dst, quoted) = V4::error(&back);
         assert_eq!((src, dst), (ROUTER, OUTSIDER), "{hook:?}: to the client");
@@ -225,13 +230,7 @@ fn a_source_nated_flows_errors_go_back_to_the_client_about_its_packet() {
         );
         assert_eq!(&out[ETH + V4::IP + 4..ETH + V4::IP + 8], &MTU.to_be_bytes());
         // The backend's own error comes from the frontend.
-        let error = V4::icmp(
-            BACKEND,
-            NODE,
-            V4::PORT_UNREACH,
-            0,
-            &quote(&snat, V4::quote_len()),
-        );
+        let error = V4::about(BACKEND, NODE, V4::PORT_UNREACH, 0, &snat);
         let out = dp.egress(&dp.pass(hook, &error));
         let (src, dst, quoted) = V4::error(&out);
         assert_eq!((src, dst), (LB, OUTSIDER), "{hook:?}: from the frontend");
@@ -286,13 +285,7 @@ fn too_big_from_the_node<F: Errors>(
 ) {
     let sent = F::segment(client, 40001, cluster_ip, 80);
     let forwarded = dp.pass(hook, &sent);
-    let error = F::icmp(
-        gateway,
-        client,
-        F::TOO_BIG,
-        MTU,
-        &quote(&forwarded, F::quote_len()),
-    );
+    let error = F::about(gateway, client, F::TOO_BIG, MTU, &forwarded);
     let (src, dst, quoted) = F::error(&dp.egress(&error));
     assert_eq!((src, dst), (gateway, client), "{hook:?}");
     assert_eq!(quoted, quote(&sent, F::quote_len()), "{hook:?}");
@@ -324,35 +317,17 @@ fn errors_about_other_flows_pass_untouched() {
         // Another client port: no flow of ours.
         let other = V4::segment(CLIENT, 40003, BACKEND, 8080);
         let errors = [
-            V4::icmp(
-                ROUTER,
-                CLIENT,
-                V4::TOO_BIG,
-                MTU,
-                &quote(&other, V4::quote_len()),
-            ),
+            V4::about(ROUTER, CLIENT, V4::TOO_BIG, MTU, &other),
             // Ours, but not addressed to the quoted packet's source.
-            V4::icmp(
-                ROUTER,
-                ROUTER,
-                V4::TOO_BIG,
-                MTU,
-                &quote(&forwarded, V4::quote_len()),
-            ),
+            V4::about(ROUTER, ROUTER, V4::TOO_BIG, MTU, &forwarded),
             // Ours, but an echo request is not an error.
-            V4::icmp(
-                ROUTER,
-                CLIENT,
-                (8, 0),
-                0,
-                &quote(&forwarded, V4::quote_len()),
-            ),
-            V6::icmp(
+            V4::about(ROUTER, CLIENT, (8, 0), 0, &forwarded),
+            V6::about(
                 BACKEND6,
                 CLIENT6,
                 V6::PORT_UNREACH,
                 0,
-                &quote(&V6::segment(CLIENT6, 1, BACKEND6, 2), V6::quote_len()),
+                &V6::segment(CLIENT6, 1, BACKEND6, 2),
             ),
         ];
         for error in &errors {
