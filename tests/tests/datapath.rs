@@ -11,7 +11,7 @@ use common::{
     HOOKS, Hook, Loaded, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_REDIRECT, XDP_TX, both,
     crc32c,
     packets::{
-        Family, MAC_A, MAC_B, V4,
+        Family, MAC_A, MAC_B, V4, sctp_data, sctp_init,
         v4::{seen, tcp, udp},
     },
 };
@@ -749,29 +749,7 @@ fn a_backend_reaching_itself_through_its_service_is_source_nated() {
 
 /// An SCTP packet (common header and one DATA chunk) with a correct CRC32c.
 fn sctp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&sport.to_be_bytes());
-    l4.extend_from_slice(&dport.to_be_bytes());
-    l4.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
-    l4.extend_from_slice(&[0; 4]); // CRC, filled below
-    // DATA chunk: type 0, flags, length 16 + 4 bytes of data.
-    l4.extend_from_slice(&[0, 3, 0, 20, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
-    l4.extend_from_slice(b"ping");
-    let crc = crc32c(&l4);
-    l4[8..12].copy_from_slice(&crc.to_le_bytes());
-    let ip = etherparse::Ipv4Header::new(l4.len() as u16, 64, etherparse::IpNumber(132), src, dst)
-        .expect("ipv4 header");
-    let mut out = Vec::new();
-    etherparse::Ethernet2Header {
-        source: MAC_A,
-        destination: MAC_B,
-        ether_type: etherparse::EtherType::IPV4,
-    }
-    .write(&mut out)
-    .expect("ethernet");
-    ip.write(&mut out).expect("ip");
-    out.extend_from_slice(&l4);
-    out
+    V4::sctp((src, sport), (dst, dport), 0x1234_5678, &sctp_data())
 }
 
 #[test]
@@ -808,7 +786,7 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
     for hook in HOOKS {
         let mut lab = Lab::new();
         lab.dp.program_yaml(&yaml).expect("program");
-        let init = sctp_init(CLIENT, 40001, empty, 80, 0xcafe_f00d);
+        let init = V4::sctp((CLIENT, 40001), (empty, 80), 0, &sctp_init(0xcafe_f00d));
         let (verdict, reply) = lab.run_raw(hook, &init);
         let sent = match hook {
             Hook::Xdp => XDP_TX,
@@ -844,28 +822,6 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
             "{hook:?}: a late completion changes nothing"
         );
     }
-}
-
-/// An SCTP INIT (Initiate Tag `tag`), verification tag 0.
-fn sctp_init(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, tag: u32) -> Vec<u8> {
-    let mut packet = sctp(src, sport, dst, dport);
-    let l4 = 34;
-    packet[l4 + 4..l4 + 8].copy_from_slice(&[0; 4]);
-    // INIT: type 1, length 20, Initiate Tag, a_rwnd, streams, initial TSN.
-    let chunk = [
-        [1u8, 0, 0, 20],
-        tag.to_be_bytes(),
-        [0, 1, 0, 0],
-        [0, 1, 0, 1],
-        [0, 0, 0, 1],
-    ]
-    .concat();
-    packet[l4 + 12..l4 + 32].copy_from_slice(&chunk);
-    let mut body = packet[l4..].to_vec();
-    body[8..12].copy_from_slice(&[0; 4]);
-    let crc = crc32c(&body);
-    packet[l4 + 8..l4 + 12].copy_from_slice(&crc.to_le_bytes());
-    packet
 }
 
 /// CLOCK_MONOTONIC_COARSE seconds: the clock conntrack entries remember.

@@ -5,9 +5,9 @@ mod common;
 
 use aya::maps::HashMap as BpfHashMap;
 use common::{
-    HOOKS, Hook, Loaded, TC_ACT_REDIRECT, XDP_PASS, both, crc32c,
+    HOOKS, Hook, Loaded, TC_ACT_REDIRECT, XDP_PASS, both,
     packets::{
-        Family, MAC_A, MAC_B, V6, addr6 as addr,
+        Family, MAC_A, MAC_B, V6, addr6 as addr, sctp_init,
         v6::{seen, tcp, udp},
     },
 };
@@ -246,35 +246,7 @@ fn ipv6_external_traffic_policy_local_drops_without_local_endpoints() {
 
 /// An SCTP INIT over IPv6 with a correct CRC32c.
 fn sctp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&sport.to_be_bytes());
-    l4.extend_from_slice(&dport.to_be_bytes());
-    l4.extend_from_slice(&[0; 8]); // verification tag 0 (INIT), CRC
-    l4.extend_from_slice(&[
-        1, 0, 0, 20, 0xca, 0xfe, 0xf0, 0x0d, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1,
-    ]);
-    let crc = crc32c(&l4);
-    l4[8..12].copy_from_slice(&crc.to_le_bytes());
-    let ip = etherparse::Ipv6Header {
-        traffic_class: 0,
-        flow_label: Default::default(),
-        payload_length: l4.len() as u16,
-        next_header: etherparse::IpNumber(132),
-        hop_limit: 64,
-        source: src,
-        destination: dst,
-    };
-    let mut out = Vec::new();
-    etherparse::Ethernet2Header {
-        source: MAC_A,
-        destination: MAC_B,
-        ether_type: etherparse::EtherType::IPV6,
-    }
-    .write(&mut out)
-    .expect("ethernet");
-    ip.write(&mut out).expect("ipv6");
-    out.extend_from_slice(&l4);
-    out
+    V6::sctp((src, sport), (dst, dport), 0, &sctp_init(0xcafe_f00d))
 }
 
 #[test]

@@ -108,6 +108,32 @@ pub trait Family {
         out
     }
 
+    /// SCTP: the common header (ports, verification `tag`) and `chunks`,
+    /// its CRC32c filled in.
+    fn sctp(
+        (src, sport): (Self::Addr, u16),
+        (dst, dport): (Self::Addr, u16),
+        tag: u32,
+        chunks: &[u8],
+    ) -> Vec<u8> {
+        let mut l4 = [
+            &sport.to_be_bytes()[..],
+            &dport.to_be_bytes(),
+            &tag.to_be_bytes(),
+            &[0; 4],
+            chunks,
+        ]
+        .concat();
+        let crc = crc32c(&l4);
+        l4[8..12].copy_from_slice(&crc.to_le_bytes());
+        let builder = Self::ip(src, dst);
+        let mut out = Vec::with_capacity(builder.size(l4.len()));
+        builder
+            .write(&mut out, etherparse::IpNumber(132), &l4)
+            .expect("build sctp");
+        out
+    }
+
     /// A port unreachable as the hook sends it: TC back to the sender, XDP
     /// handing it to the node's stack, still addressed to the node.
     fn check_port_unreachable(
@@ -118,6 +144,28 @@ pub trait Family {
     ) {
         Self::check_refusal(reply, original, addrs, hook == Hook::Tc, hook)
     }
+}
+
+/// An SCTP DATA chunk carrying "ping" (TSN 1).
+pub fn sctp_data() -> Vec<u8> {
+    [
+        &[0, 3, 0, 20, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0][..],
+        b"ping",
+    ]
+    .concat()
+}
+
+/// An SCTP INIT chunk with Initiate Tag `tag`: a_rwnd 65536, one stream
+/// each way, initial TSN 1.
+pub fn sctp_init(tag: u32) -> Vec<u8> {
+    [
+        [1u8, 0, 0, 20],
+        tag.to_be_bytes(),
+        [0, 1, 0, 0],
+        [0, 1, 0, 1],
+        [0, 0, 0, 1],
+    ]
+    .concat()
 }
 
 /// The IPv4 header of a parsed packet, its checksum checked.
