@@ -3,7 +3,7 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::Context;
@@ -139,6 +139,45 @@ pub fn web_dual_stack(backends: &[usize]) -> String {
 /// Service and slice as one multi-document file.
 pub fn web(backends: &[usize]) -> String {
     format!("{}---\n{}", service(), slice(backends))
+}
+
+/// A manifest file the agent watches: `web.yaml` in a scratch directory of
+/// its own, `{temp}/xdproxy-{name}`, removed with the directory on drop.
+pub struct ManifestFile {
+    path: PathBuf,
+}
+
+impl ManifestFile {
+    /// Creates the directory and writes `text` into the file.
+    pub fn new(name: &str, text: &str) -> anyhow::Result<ManifestFile> {
+        let dir = std::env::temp_dir().join(format!("xdproxy-{name}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = ManifestFile {
+            path: dir.join("web.yaml"),
+        };
+        file.write(text)?;
+        Ok(file)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The scratch directory, for other files a test needs.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(&self.path)
+    }
+
+    /// Replaces the text, atomically.
+    pub fn write(&self, text: &str) -> anyhow::Result<()> {
+        write(&self.path, text)
+    }
+}
+
+impl Drop for ManifestFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
 }
 
 /// Replaces `path` atomically so the agent never reads half a file.

@@ -9,7 +9,6 @@ mod common;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -17,7 +16,7 @@ use anyhow::{Context, bail};
 use proxy_tests::{
     agent::Agent,
     clients::{HttpConn, UdpFlow, http_get, udp_exchange},
-    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
+    manifests::{self, HTTP_PORT, ManifestFile, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
     topology::Topology,
@@ -50,7 +49,7 @@ enum Offloads {
 struct Lab {
     topology: Topology,
     _servers: Vec<Servers>,
-    manifest: PathBuf,
+    manifest: ManifestFile,
     agent: Option<Agent>,
 }
 
@@ -83,15 +82,12 @@ impl Lab {
             topology.enable_client_gro()?;
         }
         let servers = topology.start_servers()?;
-        let dir = std::env::temp_dir().join(format!("xdproxy-manifests-{}", topology.prefix()));
-        std::fs::create_dir_all(&dir).context("manifest dir")?;
-        let manifest = dir.join("web.yaml");
-        manifests::write(
-            &manifest,
+        let manifest = ManifestFile::new(
+            &format!("manifests-{}", topology.prefix()),
             &manifests::web(&(0..serving).collect::<Vec<_>>()),
         )?;
         let ifaces = topology.agent_ifaces(client_hook);
-        let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+        let agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
         Ok(Lab {
             topology,
             _servers: servers,
@@ -131,7 +127,7 @@ impl Lab {
     /// Rewrites the manifest and waits until the agent has applied it.
     fn update(&mut self, text: &str) -> anyhow::Result<()> {
         let syncs = self.agent().log().matches("synced:").count();
-        manifests::write(&self.manifest, text)?;
+        self.manifest.write(text)?;
         self.agent()
             .wait_for_syncs(syncs + 1, Duration::from_secs(10))
     }
@@ -153,11 +149,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Agent first (it cleans its pins), then the namespaces.
+        // Agent first (it cleans its pins), then the namespaces and the
+        // manifest's directory.
         self.agent.take();
-        if let Some(dir) = self.manifest.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 

@@ -20,7 +20,9 @@ use common::{
 use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
-    manifests::{self, NODE_ADDR, UDP_NODE_PORT, UDP_PORT, VIP, VIP6, dns_dual as services},
+    manifests::{
+        self, ManifestFile, NODE_ADDR, UDP_NODE_PORT, UDP_PORT, VIP, VIP6, dns_dual as services,
+    },
     netns::{Netns, unique_prefix},
     servers::Servers,
     topology::{CLIENT_GATEWAY6, Topology, backend_iface, client_iface},
@@ -320,8 +322,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Path {
     topology: Topology,
-    _servers: Servers,
-    manifest: std::path::PathBuf,
+    _servers: Vec<Servers>,
+    _manifest: ManifestFile,
     agent: Option<Agent>,
 }
 
@@ -334,17 +336,17 @@ impl Path {
             topology.disable_client_tx_checksum()?;
             topology.enable_client_gro()?;
         }
-        let servers = Servers::start(&topology.backends[0], BACKEND, 8080, 5353)?;
-        let dir = std::env::temp_dir().join(format!("xdproxy-manifests-{}", topology.prefix()));
-        std::fs::create_dir_all(&dir).context("manifest dir")?;
-        let manifest = dir.join("web.yaml");
-        manifests::write(&manifest, &manifests::web_dual_stack(&[0]))?;
-        let ifaces = vec![format!("{}{client_hook}", client_iface()), backend_iface(0)];
-        let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+        let servers = topology.start_servers()?; // BACKEND
+        let manifest = ManifestFile::new(
+            &format!("manifests-{}", topology.prefix()),
+            &manifests::web_dual_stack(&[0]),
+        )?;
+        let ifaces = topology.agent_ifaces(client_hook);
+        let agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
         Ok(Path {
             topology,
             _servers: servers,
-            manifest,
+            _manifest: manifest,
             agent: Some(agent),
         })
     }
@@ -375,11 +377,9 @@ impl Path {
 
 impl Drop for Path {
     fn drop(&mut self) {
-        // Agent first (it cleans its pins), then the namespaces.
+        // Agent first (it cleans its pins), then the namespaces and the
+        // manifest's directory.
         self.agent.take();
-        if let Some(dir) = self.manifest.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 

@@ -20,7 +20,6 @@ mod common;
 use std::{
     io::{ErrorKind, Read, Write},
     net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -32,9 +31,9 @@ use common::{
 use proxy_common::{Counter, csum};
 use proxy_tests::{
     agent::Agent,
-    manifests::{self, VIP, VIP6, web_dual_and_lb as services},
+    manifests::{self, ManifestFile, VIP, VIP6, web_dual_and_lb as services},
     netns::{Netns, unique_prefix},
-    topology::{Topology, backend_iface, client_iface},
+    topology::Topology,
 };
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
@@ -393,7 +392,7 @@ struct Path {
     /// Held: dropping it deletes the server namespace.
     _server: Netns,
     topology: Topology,
-    manifests: PathBuf,
+    _manifest: ManifestFile,
 }
 
 impl Path {
@@ -414,22 +413,19 @@ impl Path {
             "-6", "route", "add", &host6, via[2], via[3], "mtu", "lock", SMALL_MTU,
         ])?;
         let sink = Sink::start(&server)?;
-        let manifests = std::env::temp_dir().join(format!("xdproxy-icmp-{}", topology.prefix()));
-        std::fs::create_dir_all(&manifests).context("manifest dir")?;
-        let manifest = manifests.join("web.yaml");
         let web = manifests::web_dual_stack(&[0])
             .replace("\"10.1.1.2\"", &format!("\"{SERVER}\""))
             .replace("\"fd00:1:1::2\"", &format!("\"{SERVER6}\""));
         ensure!(web.contains(&SERVER.to_string()) && web.contains(&SERVER6.to_string()));
-        manifests::write(&manifest, &web)?;
-        let ifaces = [client_iface().to_string(), backend_iface(0)];
-        let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+        let manifest = ManifestFile::new(&format!("icmp-{}", topology.prefix()), &web)?;
+        let ifaces = topology.agent_ifaces("");
+        let agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
         Ok(Path {
             agent,
             sink,
             _server: server,
             topology,
-            manifests,
+            _manifest: manifest,
         })
     }
 
@@ -445,7 +441,6 @@ impl Path {
 impl Drop for Path {
     fn drop(&mut self) {
         self.sink.stop();
-        let _ = std::fs::remove_dir_all(&self.manifests);
     }
 }
 

@@ -9,7 +9,6 @@ mod common;
 
 use std::{
     net::SocketAddrV4,
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -18,7 +17,7 @@ use anyhow::{Context, bail};
 use proxy_tests::{
     agent::Agent,
     clients::{HttpConn, udp_exchange},
-    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
+    manifests::{self, HTTP_PORT, ManifestFile, UDP_PORT, VIP},
     netns::{Netns, unique_prefix},
     servers::Servers,
     topology::{CLIENT_ADDR, LEAF_IFACE, Topology, backend_addr, backend_addr6},
@@ -38,8 +37,7 @@ const FOLLOWS: Duration = Duration::from_secs(5);
 struct Lab {
     topology: Topology,
     _servers: Vec<Servers>,
-    scratch: PathBuf,
-    manifest: PathBuf,
+    manifest: ManifestFile,
     /// Pod namespaces added by the test.
     pods: Vec<Netns>,
 }
@@ -48,15 +46,14 @@ impl Lab {
     fn new(tag: &str, backends: usize) -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix(tag), backends)?;
         let servers = topology.start_servers()?;
-        let scratch = std::env::temp_dir().join(format!("xdproxy-ifaces-{}", topology.prefix()));
-        std::fs::create_dir_all(&scratch).context("scratch dir")?;
-        let manifest = scratch.join("web.yaml");
         let all: Vec<usize> = (0..backends).collect();
-        manifests::write(&manifest, &manifests::web(&all))?;
+        let manifest = ManifestFile::new(
+            &format!("ifaces-{}", topology.prefix()),
+            &manifests::web(&all),
+        )?;
         Ok(Lab {
             topology,
             _servers: servers,
-            scratch,
             manifest,
             pods: Vec::new(),
         })
@@ -64,7 +61,7 @@ impl Lab {
 
     fn agent(&self, ifaces: &[&str]) -> anyhow::Result<Agent> {
         let ifaces: Vec<String> = ifaces.iter().map(|s| s.to_string()).collect();
-        Agent::start(&self.topology.node, &self.manifest, &ifaces)
+        Agent::start(&self.topology.node, self.manifest.path(), &ifaces)
     }
 
     /// A pod as a CNI makes one: a namespace, a veth `pod{i}` in the node
@@ -91,9 +88,8 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         // Pod namespaces go with their veths; the agent (dropped by the test
-        // first) has removed its pins.
+        // first) has removed its pins. The manifest's directory goes last.
         self.pods.clear();
-        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
 

@@ -4,20 +4,14 @@
 //!
 //! client (10.0.1.2) --cl0--> node --be{i}--> backend i (10.1.{i+1}.2)
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddrV4,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddrV4, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, bail, ensure};
 use proxy_common::Counter;
 use proxy_tests::{
     agent::{self, Agent},
     clients::HttpConn,
-    manifests::{self, BACKEND_HTTP_PORT, HTTP_PORT, UDP_PORT, VIP},
+    manifests::{self, BACKEND_HTTP_PORT, HTTP_PORT, ManifestFile, UDP_PORT, VIP},
     netns::unique_prefix,
     privilege,
     topology::{Topology, backend_addr},
@@ -28,23 +22,6 @@ use serde_json::Value;
 const CONNECTIONS: usize = 6;
 const BACKENDS: usize = 2;
 const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> anyhow::Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("xdproxy-inspect-{tag}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `proxy-agent inspect ARGS --bpffs BPFFS`: stdout, or an error with stderr.
 fn inspect(bpffs: &Path, args: &[&str]) -> anyhow::Result<String> {
@@ -93,11 +70,12 @@ fn inspect_reads_back_what_connections_left_in_the_maps() -> anyhow::Result<()> 
     }
     let topology = Topology::build(&unique_prefix("insp"), BACKENDS)?;
     let _servers = topology.start_servers()?;
-    let scratch = Scratch::new(topology.prefix())?;
-    let manifest = scratch.0.join("web.yaml");
-    manifests::write(&manifest, &manifests::web(&[0, 1]))?;
+    let manifest = ManifestFile::new(
+        &format!("inspect-{}", topology.prefix()),
+        &manifests::web(&[0, 1]),
+    )?;
     let ifaces = topology.agent_ifaces("");
-    let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+    let agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
 
     let mut conns = Vec::new();
     for _ in 0..CONNECTIONS {
@@ -111,7 +89,7 @@ fn inspect_reads_back_what_connections_left_in_the_maps() -> anyhow::Result<()> 
     check_backends(bpffs)?;
     check_conntrack(bpffs, &conns)?;
     check_counters(bpffs)?;
-    check_without_pins(&scratch.0)?;
+    check_without_pins(manifest.dir())?;
     Ok(())
 }
 

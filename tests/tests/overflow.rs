@@ -14,7 +14,6 @@ mod common;
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -27,7 +26,7 @@ use proxy_common::{
 use proxy_tests::{
     agent::Agent,
     clients::{HttpConn, new_connections, new_udp_flows},
-    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
+    manifests::{self, HTTP_PORT, ManifestFile, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
     topology::Topology,
@@ -62,22 +61,13 @@ fn udp_vip() -> SocketAddr {
     SocketAddrV4::new(VIP, UDP_PORT).into()
 }
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Fields drop in order: the agent (it cleans its pins), the servers, the
 /// namespaces, the manifest directory.
 struct Lab {
     agent: Agent,
     _servers: Vec<Servers>,
     topology: Topology,
-    _scratch: Scratch,
+    _manifest: ManifestFile,
 }
 
 impl Lab {
@@ -90,19 +80,18 @@ impl Lab {
         let topology = Topology::build(&unique_prefix("ovf"), BACKENDS)?;
         topology.finish_checksums_on_node_egress()?;
         let servers = topology.start_servers()?;
-        let dir = std::env::temp_dir().join(format!("xdproxy-overflow-{}", topology.prefix()));
-        std::fs::create_dir_all(&dir).context("manifest dir")?;
-        let scratch = Scratch(dir);
-        let manifest = scratch.0.join("web.yaml");
         let all: Vec<usize> = (0..BACKENDS).collect();
-        manifests::write(&manifest, &(manifests::web(&all) + extra))?;
+        let manifest = ManifestFile::new(
+            &format!("overflow-{}", topology.prefix()),
+            &(manifests::web(&all) + extra),
+        )?;
         let ifaces = topology.agent_ifaces("");
-        let agent = Agent::start_flags(&topology.node, &manifest, &ifaces, flags)?;
+        let agent = Agent::start_flags(&topology.node, manifest.path(), &ifaces, flags)?;
         Ok(Lab {
             agent,
             _servers: servers,
             topology,
-            _scratch: scratch,
+            _manifest: manifest,
         })
     }
 

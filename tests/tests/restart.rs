@@ -8,7 +8,7 @@ use std::{path::PathBuf, thread, time::Duration};
 use anyhow::Context;
 use proxy_tests::{
     agent::Agent,
-    manifests,
+    manifests::{self, ManifestFile},
     netns::unique_prefix,
     topology::Topology,
     traffic::Traffic,
@@ -50,12 +50,12 @@ fn restarts_under_traffic(tag: &str, client_hook: &str) -> anyhow::Result<()> {
         topology.disable_client_tx_checksum()?;
     }
     let _servers = topology.start_servers()?;
-    let scratch = std::env::temp_dir().join(format!("xdproxy-restart-{}", topology.prefix()));
-    std::fs::create_dir_all(&scratch)?;
-    let manifest = scratch.join("web.yaml");
-    manifests::write(&manifest, &manifests::web(&[0, 1, 2]))?;
+    let manifest = ManifestFile::new(
+        &format!("restart-{}", topology.prefix()),
+        &manifests::web(&[0, 1, 2]),
+    )?;
     let ifaces = topology.agent_ifaces(&format!(":{client_hook}"));
-    let mut agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+    let mut agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
 
     let traffic = Traffic::start(&topology.client)?;
     thread::sleep(STEP);
@@ -63,7 +63,7 @@ fn restarts_under_traffic(tag: &str, client_hook: &str) -> anyhow::Result<()> {
     thread::sleep(STEP);
     agent.restart(None)?;
     thread::sleep(STEP);
-    let upgrade = rebuilt_binary(&scratch)?;
+    let upgrade = rebuilt_binary(manifest.dir())?;
     let status = agent.stop()?;
     assert!(status.success(), "SIGTERM exit: {status}");
     agent.restart(Some(upgrade))?;
@@ -71,9 +71,10 @@ fn restarts_under_traffic(tag: &str, client_hook: &str) -> anyhow::Result<()> {
     let seen = traffic.stop()?;
 
     let log = agent.log();
-    // The agent's own clean-up runs its binary, which lives in scratch.
+    // The agent's own clean-up runs its binary, which lives in the
+    // manifest's directory.
     drop(agent);
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(manifest);
     seen.assert_clean(100);
     assert!(seen.new_connections > 10, "{seen:?}");
     assert_eq!(

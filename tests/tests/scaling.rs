@@ -16,7 +16,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
-    path::PathBuf,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -30,7 +29,7 @@ use proxy_common::Counter;
 use proxy_tests::{
     agent::Agent,
     clients::{HttpConn, new_connections, new_udp_flows},
-    manifests::{self, HTTP_PORT, UDP_PORT, VIP},
+    manifests::{self, HTTP_PORT, ManifestFile, UDP_PORT, VIP},
     netns::unique_prefix,
     servers::Servers,
     topology::{Topology, backend_addr},
@@ -76,15 +75,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// When a manifest change was written and when the agent's log showed it
 /// applied (polled every 20 ms, so at most that much after the fact).
 #[derive(Clone, Copy, Debug)]
@@ -100,8 +90,7 @@ struct Lab {
     agent: Agent,
     _servers: Vec<Servers>,
     topology: Topology,
-    manifest: PathBuf,
-    _scratch: Scratch,
+    manifest: ManifestFile,
 }
 
 impl Lab {
@@ -111,26 +100,24 @@ impl Lab {
         // the receivers verify what the datapath wrote.
         topology.finish_checksums_on_node_egress()?;
         let servers = topology.start_servers()?;
-        let dir = std::env::temp_dir().join(format!("xdproxy-scaling-{}", topology.prefix()));
-        std::fs::create_dir_all(&dir).context("manifest dir")?;
-        let scratch = Scratch(dir);
-        let manifest = scratch.0.join("web.yaml");
-        manifests::write(&manifest, &manifests::web(&all()))?;
+        let manifest = ManifestFile::new(
+            &format!("scaling-{}", topology.prefix()),
+            &manifests::web(&all()),
+        )?;
         let ifaces = topology.agent_ifaces("");
-        let agent = Agent::start(&topology.node, &manifest, &ifaces)?;
+        let agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
         Ok(Lab {
             agent,
             _servers: servers,
             topology,
             manifest,
-            _scratch: scratch,
         })
     }
 
     /// Rewrites the manifest and waits until the agent has applied it.
     fn update(&mut self, text: &str) -> anyhow::Result<Change> {
         let syncs = self.agent.log().matches("synced:").count();
-        manifests::write(&self.manifest, text)?;
+        self.manifest.write(text)?;
         let written = Instant::now();
         self.agent
             .wait_for_syncs(syncs + 1, Duration::from_secs(10))?;

@@ -16,7 +16,7 @@ use anyhow::{Context, ensure};
 use proxy_tests::{
     agent::{Agent, NODE_NAME},
     cgroup::lines,
-    manifests::{self, HTTP_NODE_PORT, HTTP_PORT, NODE_ADDR, UDP_PORT, VIP, VIP6},
+    manifests::{self, HTTP_NODE_PORT, HTTP_PORT, ManifestFile, NODE_ADDR, UDP_PORT, VIP, VIP6},
     netns::{Netns, unique_prefix},
     privilege::require_root,
     servers::Servers,
@@ -30,7 +30,7 @@ const ECONNREFUSED: i64 = 111;
 struct Lab {
     agent: Agent,
     servers: Vec<Servers>,
-    manifest: PathBuf,
+    manifest: ManifestFile,
     topology: Topology,
 }
 
@@ -38,15 +38,12 @@ impl Lab {
     fn start(tag: &str, backends: usize, manifest: &str) -> anyhow::Result<Lab> {
         let topology = Topology::build(&unique_prefix(tag), backends)?;
         let servers = topology.start_servers()?;
-        let dir = std::env::temp_dir().join(format!("xdproxy-{}", topology.prefix()));
-        std::fs::create_dir_all(&dir).context("manifest dir")?;
-        let path = dir.join("web.yaml");
-        manifests::write(&path, manifest)?;
-        let agent = Agent::start(&topology.node, &path, &[])?;
+        let manifest = ManifestFile::new(topology.prefix(), manifest)?;
+        let agent = Agent::start(&topology.node, manifest.path(), &[])?;
         Ok(Lab {
             topology,
             servers,
-            manifest: path,
+            manifest,
             agent,
         })
     }
@@ -200,7 +197,7 @@ fn local_clients_of_external_local_node_ports_reach_every_endpoint() -> anyhow::
             NODE_NAME,
             "--manifests",
         ])
-        .arg(&lab.manifest)
+        .arg(lab.manifest.path())
         .output()
         .context("proxy-agent plan")?;
     let plan: Value = serde_json::from_slice(&plan.stdout).context("plan json")?;
@@ -271,7 +268,7 @@ fn socket_lb_off_attaches_no_socket_hooks_and_retires_old_ones() -> anyhow::Resu
     lab.agent.stop()?;
     let restarted = Agent::start_flags(
         &lab.topology.node,
-        &lab.manifest,
+        lab.manifest.path(),
         &[],
         &["--socket-lb=false"],
     )?;
@@ -356,7 +353,7 @@ fn a_backend_that_leaves_takes_its_sockets_with_it() -> anyhow::Result<()> {
         .find(|i| lab.servers[*i].datagrams() > datagrams[*i] && lab.servers[*i].connections() > 0)
         .context("no backend has both a stream and a connection")?;
     let others: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
-    manifests::write(&lab.manifest, &manifests::web(&others))?;
+    lab.manifest.write(&manifests::web(&others))?;
     let removed_at = Instant::now();
     let victim_name = format!("backend{victim}");
 
@@ -451,15 +448,12 @@ fn by_default_the_hooks_serve_every_cgroup_of_the_machine() -> anyhow::Result<()
         return Ok(());
     }
     let topology = Topology::build(&unique_prefix("skm"), 1)?;
-    let _servers = Servers::start(&topology.backends[0], "backend0", 8080, 5353)?;
-    let dir = std::env::temp_dir().join(format!("xdproxy-{}", topology.prefix()));
-    std::fs::create_dir_all(&dir).context("manifest dir")?;
-    let path = dir.join("web.yaml");
-    manifests::write(
-        &path,
+    let _servers = topology.start_servers()?;
+    let manifest = ManifestFile::new(
+        topology.prefix(),
         &manifests::web(&[0]).replace(&VIP.to_string(), MACHINE_WIDE_VIP),
     )?;
-    let agent = Agent::start_machine_wide(&topology.node, &path)?;
+    let agent = Agent::start_machine_wide(&topology.node, manifest.path())?;
     let root = agent_cgroup_root(&agent)?;
     // Attached where /proc/self/mountinfo shows the hierarchy's root...
     let tree = std::process::Command::new("bpftool")

@@ -7,15 +7,14 @@ mod common;
 use std::{
     collections::BTreeSet,
     net::{SocketAddr, SocketAddrV4, TcpStream},
-    path::PathBuf,
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use proxy_tests::{
     agent::Agent,
     clients::{HttpConn, http_get, udp_exchange},
-    manifests,
+    manifests::{self, ManifestFile},
     netns::{Netns, unique_prefix},
     servers::Servers,
     twonode::{
@@ -34,7 +33,7 @@ const HEALTH_PORT: u16 = 32000;
 struct Cluster {
     topology: TwoNodes,
     _servers: Vec<Servers>,
-    manifest: PathBuf,
+    manifest: ManifestFile,
     agents: Vec<Agent>,
 }
 
@@ -52,13 +51,15 @@ impl Cluster {
         let servers = (0..2)
             .map(|n| Servers::start(&topology.pods[n], &format!("pod{}", n + 1), 8080, 5353))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let dir = std::env::temp_dir().join(format!("xdproxy-2n-{}", topology.client.name()));
-        std::fs::create_dir_all(&dir).context("manifest dir")?;
-        let manifest = dir.join("web.yaml");
-        manifests::write(&manifest, &manifests::two_nodes(extra_spec))?;
+        let manifest = ManifestFile::new(
+            &format!("2n-{}", topology.client.name()),
+            &manifests::two_nodes(extra_spec),
+        )?;
         let ifaces = [format!("{UPLINK}{uplink_hook}"), POD_LINK.to_string()];
         let agents = (0..2)
-            .map(|n| Agent::start_named(&topology.nodes[n], &manifest, NODE_NAMES[n], &ifaces))
+            .map(|n| {
+                Agent::start_named(&topology.nodes[n], manifest.path(), NODE_NAMES[n], &ifaces)
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Cluster {
             topology,
@@ -75,7 +76,7 @@ impl Cluster {
             .iter()
             .map(|a| a.log().matches("synced:").count())
             .collect();
-        manifests::write(&self.manifest, text)?;
+        self.manifest.write(text)?;
         for (agent, syncs) in self.agents.iter_mut().zip(before) {
             agent.wait_for_syncs(syncs + 1, Duration::from_secs(10))?;
         }
@@ -105,10 +106,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // The agents first, then the namespaces and the manifest's directory.
         self.agents.clear();
-        if let Some(dir) = self.manifest.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
