@@ -59,6 +59,36 @@ pub fn replace2(check: u16, from: u16, to: u16) -> u16 {
     !fold(sum)
 }
 
+/// An address as the 32-bit words a checksum covers: IPv4's one, IPv6's
+/// four. Updates over it are written once for both families.
+pub trait Words: Copy {
+    fn words(&self) -> &[u32];
+}
+
+impl Words for u32 {
+    #[inline(always)]
+    fn words(&self) -> &[u32] {
+        core::slice::from_ref(self)
+    }
+}
+
+impl Words for [u32; 4] {
+    #[inline(always)]
+    fn words(&self) -> &[u32] {
+        self
+    }
+}
+
+/// The checksum after an address in the covered data changed from `from` to `to`.
+#[inline(always)]
+pub fn replace_addr<A: Words>(check: u16, from: &A, to: &A) -> u16 {
+    let mut check = check;
+    for (from, to) in from.words().iter().zip(to.words()) {
+        check = replace4(check, *from, *to);
+    }
+    check
+}
+
 /// A UDP checksum of 0 means "none" and must stay 0; a computed 0 is sent as 0xffff.
 #[inline(always)]
 pub fn udp_fixup(old: u16, new: u16) -> u16 {
@@ -148,6 +178,26 @@ mod tests {
         let updated = replace2(check, 0xabcd, 0x0102);
         let updated_sw = replace2(check_sw, 0xcdab, 0x0201);
         assert_eq!(updated.swap_bytes(), updated_sw);
+    }
+
+    #[test]
+    fn replace_addr_matches_recomputation() {
+        let mut words = [
+            0x6000u16, 0, 0x0011, 0x4000, 0xfd00, 0, 0, 0, 0, 0, 0, 0x0001, 0x1234,
+        ];
+        let check = full(&words);
+        let word = |w: &[u16]| (w[0] as u32) << 16 | w[1] as u32;
+        let from: [u32; 4] = core::array::from_fn(|i| word(&words[4 + 2 * i..]));
+        let to = [0xfd00_0000, 0x0000_0001, 0x0000_0000, 0x0000_00c7];
+        for (i, w) in to.iter().enumerate() {
+            words[4 + 2 * i] = (w >> 16) as u16;
+            words[5 + 2 * i] = *w as u16;
+        }
+        assert_eq!(replace_addr(check, &from, &to), full(&words));
+        assert_eq!(
+            replace_addr(check, &from[1], &to[1]),
+            replace4(check, from[1], to[1])
+        );
     }
 
     #[test]

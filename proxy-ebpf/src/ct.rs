@@ -20,7 +20,7 @@ use proxy_common::{
 
 use crate::{
     atomic,
-    ctmap::{Entry, Table, now},
+    ctmap::{CtMaps, Entry, Table, now},
     family::{Family, Target},
     maps::{self, CONFIG, CONNECTIONS},
     parse::{Flow, TCP_SYN},
@@ -88,7 +88,7 @@ fn connections(backend_id: u32, field: impl Fn(*mut proxy_common::Connections) -
 
 #[inline(always)]
 fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
-    F::ct_key(
+    F::Ct::key(
         flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, direction,
     )
 }
@@ -110,7 +110,7 @@ pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
 pub fn forget<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
     release::<F>(flow, entry);
     for direction in [CT_REPLY, CT_EGRESS] {
-        F::ct_remove(F::ct_key(
+        F::ct_remove(F::Ct::key(
             entry.addr, entry.port, flow.saddr, flow.sport, flow.proto, direction,
         ));
     }
@@ -122,11 +122,11 @@ pub fn forget<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
 /// them: the egress entry names the node port the reply entry is keyed by.
 #[inline(always)]
 fn forget_source_nat<F: Family>(flow: &Flow<F::Addr>, (addr, port): (F::Addr, u16)) {
-    let out = F::ct_key(flow.saddr, flow.sport, addr, port, flow.proto, CT_EGRESS);
+    let out = F::Ct::key(flow.saddr, flow.sport, addr, port, flow.proto, CT_EGRESS);
     if let Some(node) = F::ct_get(out, None) {
         // Port 0: none picked yet (see `snat`).
         if node.port != 0 {
-            F::ct_remove(F::ct_key(
+            F::ct_remove(F::Ct::key(
                 addr, port, node.addr, node.port, flow.proto, CT_REPLY,
             ));
         }
@@ -213,7 +213,7 @@ pub fn remember<F: Family>(
     };
     let reply_at_egress = node.is_some() || service.flags & SVC_REPLY_AT_EGRESS != 0;
     let direction = if reply_at_egress { CT_EGRESS } else { CT_REPLY };
-    let reply = F::ct_key(
+    let reply = F::Ct::key(
         backend.addr,
         backend.port,
         flow.saddr,
@@ -262,7 +262,7 @@ pub fn remember<F: Family>(
 /// The key of the flow's egress entry: client -> backend, after forwarding.
 #[inline(always)]
 fn outward<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>) -> F::CtKey {
-    F::ct_key(
+    F::Ct::key(
         flow.saddr,
         flow.sport,
         backend.addr,
@@ -300,7 +300,7 @@ fn untracked(error: i64) -> Untracked {
 #[inline(always)]
 fn forget_stale<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>, reply_at_egress: bool) {
     let other = if reply_at_egress { CT_REPLY } else { CT_EGRESS };
-    remove_if_there::<F>(F::ct_key(
+    remove_if_there::<F>(F::Ct::key(
         backend.addr,
         backend.port,
         flow.saddr,

@@ -5,7 +5,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
     Addr6, Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Ct4Key, Ct6Key,
-    Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4, SourceRange6,
+    Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4, SourceRange6, csum::Words,
 };
 
 use crate::{
@@ -15,6 +15,7 @@ use crate::{
         AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, MEMBERS4, MEMBERS6, SERVICES4, SERVICES6,
         SOURCE_RANGES4, SOURCE_RANGES6,
     },
+    parse::{Ipv4Hdr, Ipv6Hdr},
 };
 
 /// A backend as the datapath uses it: where to send the flow.
@@ -27,10 +28,17 @@ pub struct Target<A> {
 }
 
 pub trait Family {
-    type Addr: Copy + PartialEq + AddrHash;
+    type Addr: Copy + PartialEq + AddrHash + Words;
     type CtKey: Copy;
     /// The family's conntrack maps.
     type Ct: CtMaps<Addr = Self::Addr, Key = Self::CtKey>;
+    /// The family's IP header (without options).
+    type Header;
+    /// Offsets in the IP header: the addresses, and the header checksum
+    /// (IPv4's; IPv6 has none).
+    const SADDR: usize;
+    const DADDR: usize;
+    const HEADER_CHECK: Option<usize>;
 
     /// The entry of a frontend for clients of `scope` (`SCOPE_*`).
     fn service(addr: Self::Addr, port: u16, proto: u8, scope: u8) -> Option<Service>;
@@ -39,17 +47,6 @@ pub trait Family {
     /// The backend as a member of the service.
     fn member(key: MemberKey) -> Option<Target<Self::Addr>>;
 
-    #[inline(always)]
-    fn ct_key(
-        src: Self::Addr,
-        sport: u16,
-        dst: Self::Addr,
-        dport: u16,
-        proto: u8,
-        direction: u8,
-    ) -> Self::CtKey {
-        Self::Ct::key(src, sport, dst, dport, proto, direction)
-    }
     /// See `ctmap::get`.
     #[inline(always)]
     fn ct_get(key: Self::CtKey, seen: Option<u8>) -> Option<Entry<Self::Addr>> {
@@ -104,147 +101,136 @@ pub fn member<F: Family>(service_id: u32, backend_id: u32) -> Option<Target<F::A
     })
 }
 
-pub struct V4;
-pub struct V6;
+/// The families' impls differ only in names, types and header offsets: the
+/// maps and their fields are the same, so one body serves both.
+macro_rules! family {
+    (
+        $name:ident {
+            addr: $addr:ty,
+            header: $header:ty,
+            saddr: $saddr:expr,
+            daddr: $daddr:expr,
+            header_check: $check:expr,
+            ct: $ct:ident($ct_key:ty),
+            services: $services:ident($frontend:ident),
+            backends: $backends:ident($backend:ty),
+            members: $members:ident,
+            affinity: $affinity:ident($affinity_key:ident),
+            source_ranges: $ranges:ident($range:ident),
+            snat_addr: $snat:ident $(,)?
+        }
+    ) => {
+        pub struct $name;
 
-impl Family for V4 {
-    type Addr = u32;
-    type CtKey = Ct4Key;
-    type Ct = Ct4;
+        impl Family for $name {
+            type Addr = $addr;
+            type CtKey = $ct_key;
+            type Ct = $ct;
+            type Header = $header;
+            const SADDR: usize = $saddr;
+            const DADDR: usize = $daddr;
+            const HEADER_CHECK: Option<usize> = $check;
 
-    #[inline(always)]
-    fn service(addr: u32, port: u16, proto: u8, scope: u8) -> Option<Service> {
-        let key = Frontend4 {
-            addr,
-            port,
-            proto,
-            scope,
-        };
-        // SAFETY: a copy out of a live map value.
-        SERVICES4.get_ptr(key).map(|s| unsafe { *s })
-    }
+            #[inline(always)]
+            fn service(addr: $addr, port: u16, proto: u8, scope: u8) -> Option<Service> {
+                let key = $frontend {
+                    addr,
+                    port,
+                    proto,
+                    scope,
+                };
+                // SAFETY: a copy out of a live map value.
+                $services.get_ptr(key).map(|s| unsafe { *s })
+            }
 
-    #[inline(always)]
-    fn backend(id: u32) -> Option<Target<u32>> {
-        // SAFETY: a copy out of a live map value.
-        BACKENDS4.get_ptr(id).map(|b| target4(unsafe { &*b }))
-    }
+            #[inline(always)]
+            fn backend(id: u32) -> Option<Target<$addr>> {
+                // SAFETY: a copy out of a live map value.
+                $backends.get_ptr(id).map(|b| Target::from(unsafe { &*b }))
+            }
 
-    #[inline(always)]
-    fn member(key: MemberKey) -> Option<Target<u32>> {
-        // SAFETY: a copy out of a live map value.
-        MEMBERS4.get_ptr(key).map(|b| target4(unsafe { &*b }))
-    }
+            #[inline(always)]
+            fn member(key: MemberKey) -> Option<Target<$addr>> {
+                // SAFETY: a copy out of a live map value.
+                $members.get_ptr(key).map(|b| Target::from(unsafe { &*b }))
+            }
 
-    #[inline(always)]
-    fn affinity_get(service_id: u32, client: u32) -> Option<*mut AffinityEntry> {
-        AFFINITY4.get_ptr_mut(Affinity4Key {
-            service_id,
-            client_addr: client,
-        })
-    }
+            #[inline(always)]
+            fn affinity_get(service_id: u32, client: $addr) -> Option<*mut AffinityEntry> {
+                $affinity.get_ptr_mut($affinity_key {
+                    service_id,
+                    client_addr: client,
+                })
+            }
 
-    #[inline(always)]
-    fn affinity_insert(service_id: u32, client: u32, entry: AffinityEntry) {
-        let key = Affinity4Key {
-            service_id,
-            client_addr: client,
-        };
-        // A failed write only costs this client its affinity.
-        let _ = AFFINITY4.insert(key, entry, 0);
-    }
+            #[inline(always)]
+            fn affinity_insert(service_id: u32, client: $addr, entry: AffinityEntry) {
+                let key = $affinity_key {
+                    service_id,
+                    client_addr: client,
+                };
+                // A failed write only costs this client its affinity.
+                let _ = $affinity.insert(key, entry, 0);
+            }
 
-    #[inline(always)]
-    fn admits(service_id: u32, client: u32) -> bool {
-        let data = SourceRange4 {
-            service_id_be: service_id.to_be(),
-            addr: client,
-        };
-        SOURCE_RANGES4.get(&Key::new(64, data)).is_some()
-    }
+            #[inline(always)]
+            fn admits(service_id: u32, client: $addr) -> bool {
+                let data = $range {
+                    service_id_be: service_id.to_be(),
+                    addr: client,
+                };
+                // A lookup key is matched at its full length: the service id
+                // and every bit of the address.
+                let bits = (8 * size_of::<$range>()) as u32;
+                $ranges.get(&Key::new(bits, data)).is_some()
+            }
 
-    #[inline(always)]
-    fn snat_addr(config: &NodeConfig) -> Option<u32> {
-        (config.snat_addr4 != 0).then_some(config.snat_addr4)
-    }
+            #[inline(always)]
+            fn snat_addr(config: &NodeConfig) -> Option<$addr> {
+                let addr = config.$snat;
+                (addr != <$addr>::default()).then_some(addr)
+            }
+        }
+
+        impl From<&$backend> for Target<$addr> {
+            #[inline(always)]
+            fn from(b: &$backend) -> Self {
+                Target {
+                    addr: b.addr,
+                    port: b.port,
+                    flags: b.flags,
+                }
+            }
+        }
+    };
 }
 
-#[inline(always)]
-fn target4(b: &Backend4) -> Target<u32> {
-    Target {
-        addr: b.addr,
-        port: b.port,
-        flags: b.flags,
-    }
-}
+family!(V4 {
+    addr: u32,
+    header: Ipv4Hdr,
+    saddr: 12,
+    daddr: 16,
+    header_check: Some(10),
+    ct: Ct4(Ct4Key),
+    services: SERVICES4(Frontend4),
+    backends: BACKENDS4(Backend4),
+    members: MEMBERS4,
+    affinity: AFFINITY4(Affinity4Key),
+    source_ranges: SOURCE_RANGES4(SourceRange4),
+    snat_addr: snat_addr4,
+});
 
-#[inline(always)]
-fn target6(b: &Backend6) -> Target<Addr6> {
-    Target {
-        addr: b.addr,
-        port: b.port,
-        flags: b.flags,
-    }
-}
-
-impl Family for V6 {
-    type Addr = Addr6;
-    type CtKey = Ct6Key;
-    type Ct = Ct6;
-
-    #[inline(always)]
-    fn service(addr: Addr6, port: u16, proto: u8, scope: u8) -> Option<Service> {
-        let key = Frontend6 {
-            addr,
-            port,
-            proto,
-            scope,
-        };
-        // SAFETY: a copy out of a live map value.
-        SERVICES6.get_ptr(key).map(|s| unsafe { *s })
-    }
-
-    #[inline(always)]
-    fn backend(id: u32) -> Option<Target<Addr6>> {
-        // SAFETY: a copy out of a live map value.
-        BACKENDS6.get_ptr(id).map(|b| target6(unsafe { &*b }))
-    }
-
-    #[inline(always)]
-    fn member(key: MemberKey) -> Option<Target<Addr6>> {
-        // SAFETY: a copy out of a live map value.
-        MEMBERS6.get_ptr(key).map(|b| target6(unsafe { &*b }))
-    }
-
-    #[inline(always)]
-    fn affinity_get(service_id: u32, client: Addr6) -> Option<*mut AffinityEntry> {
-        AFFINITY6.get_ptr_mut(Affinity6Key {
-            service_id,
-            client_addr: client,
-        })
-    }
-
-    #[inline(always)]
-    fn affinity_insert(service_id: u32, client: Addr6, entry: AffinityEntry) {
-        let key = Affinity6Key {
-            service_id,
-            client_addr: client,
-        };
-        // A failed write only costs this client its affinity.
-        let _ = AFFINITY6.insert(key, entry, 0);
-    }
-
-    #[inline(always)]
-    fn admits(service_id: u32, client: Addr6) -> bool {
-        let data = SourceRange6 {
-            service_id_be: service_id.to_be(),
-            addr: client,
-        };
-        SOURCE_RANGES6.get(&Key::new(160, data)).is_some()
-    }
-
-    #[inline(always)]
-    fn snat_addr(config: &NodeConfig) -> Option<Addr6> {
-        (config.snat_addr6 != [0; 4]).then_some(config.snat_addr6)
-    }
-}
+family!(V6 {
+    addr: Addr6,
+    header: Ipv6Hdr,
+    saddr: 8,
+    daddr: 24,
+    header_check: None,
+    ct: Ct6(Ct6Key),
+    services: SERVICES6(Frontend6),
+    backends: BACKENDS6(Backend6),
+    members: MEMBERS6,
+    affinity: AFFINITY6(Affinity6Key),
+    source_ranges: SOURCE_RANGES6(SourceRange6),
+    snat_addr: snat_addr6,
+});

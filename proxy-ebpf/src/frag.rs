@@ -27,12 +27,13 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Addr6, Counter, FRAG_DESTINATION, FRAG_EGRESS, FRAG_INGRESS, FRAG_SOURCE, Frag4Entry, Frag4Key,
-    Frag6Entry, Frag6Key, IPPROTO_TCP, IPPROTO_UDP, MAX_FRAGMENTS, csum,
+    Frag6Entry, Frag6Key, IPPROTO_TCP, IPPROTO_UDP, MAX_FRAGMENTS,
 };
 
 use crate::{
     family::{Family, V4, V6},
     maps::{self, FRAG_SCRATCH, FRAGMENTS4, FRAGMENTS6, FragScratch},
+    nat,
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Flow, Frag6Hdr, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
         NEXTHDR_FRAGMENT, ptr_at,
@@ -44,11 +45,6 @@ type Map<K, V> = LruHashMap<K, V, { MAX_FRAGMENTS as usize }>;
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
-const IP_CHECK: usize = 10;
-const IP_SADDR: usize = 12;
-const IP_DADDR: usize = 16;
-const IP6_SADDR: usize = 8;
-const IP6_DADDR: usize = 24;
 /// IPv4's more-fragments flag and offset bits of `frag_off`.
 const IP_MF_OFFSET: u16 = 0x3fff;
 const IP_OFFSET: u16 = 0x1fff;
@@ -72,10 +68,10 @@ pub trait Fragments: Family {
     fn set_hook(key: &mut Self::Key, hook: u8);
     /// Fills `value` with `FRAG_*` and the new address and port.
     fn set(value: &mut Self::Value, action: u8, addr: &Self::Addr, port: u16);
-    /// Writes the entry's address into a later fragment, by hand.
-    fn xdp(start: usize, end: usize, key: &Self::Key, value: &Self::Value);
-    /// The same through TC's helpers.
-    fn tc(ctx: &TcContext, key: &Self::Key, value: &Self::Value) -> Result<(), ()>;
+    /// The datagram's source and destination address.
+    fn addrs(key: &Self::Key) -> (&Self::Addr, &Self::Addr);
+    /// The entry's `FRAG_*` and new address.
+    fn action(value: &Self::Value) -> (u8, &Self::Addr);
 }
 
 /// The per-CPU scratch buffer: used only between writing a key or value and
@@ -161,12 +157,18 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
     }
 }
 
+/// A later fragment holds no ports and no L4 checksum: only the address
+/// changes, with IPv4's header checksum.
 #[inline(always)]
 fn xdp_later<F: Fragments>(start: usize, end: usize) -> u32 {
     let Some((key, Some(value))) = lookup::<F>(start, end, Stage::Ingress) else {
         return xdp_action::XDP_PASS;
     };
-    F::xdp(start, end, key, value);
+    if let Some(ip) = ptr_at::<F::Header>(start, end, ETH_HLEN) {
+        let (side, from, to) = change::<F>(key, value);
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { nat::xdp_set_addr::<F>(ip, side, from, to) };
+    }
     xdp_action::XDP_PASS
 }
 
@@ -185,7 +187,8 @@ fn tc_later<F: Fragments>(ctx: &TcContext, stage: Stage) -> i32 {
     let Some((key, Some(value))) = lookup::<F>(ctx.data(), ctx.data_end(), stage) else {
         return TC_ACT_OK;
     };
-    if F::tc(ctx, key, value).is_err() {
+    let (side, from, to) = change::<F>(key, value);
+    if nat::tc_set_addr::<F>(ctx, ETH_HLEN, side, from, to).is_err() {
         // Half rewritten, it would fail its header checksum or reach the
         // wrong place: dropped, as a whole packet would be.
         maps::count(Counter::RewriteFailed);
@@ -208,29 +211,68 @@ fn tracked(proto: u8) -> bool {
     proto == IPPROTO_TCP || proto == IPPROTO_UDP
 }
 
-/// The side of the packet an entry's action changes.
+/// The side of the packet an entry changes, its old address and its new.
 #[inline(always)]
-fn side(action: u8) -> Side {
+fn change<'a, F: Fragments>(
+    key: &'a F::Key,
+    value: &'a F::Value,
+) -> (Side, &'a F::Addr, &'a F::Addr) {
+    let (action, to) = F::action(value);
+    let (src, dst) = F::addrs(key);
     match action {
-        FRAG_SOURCE => Side::Source,
-        _ => Side::Destination,
+        FRAG_SOURCE => (Side::Source, src, to),
+        _ => (Side::Destination, dst, to),
     }
 }
 
-impl Fragments for V4 {
-    type Key = Frag4Key;
-    type Value = Frag4Entry;
+/// The families' impls differ in how a fragment is recognized (`first`,
+/// `later`, given with the invocation); keys and values have the same
+/// fields under other types, so the rest is one body.
+macro_rules! fragments {
+    ($name:ident, $key:ident, $value:ident, $map:ident, $k:ident, $v:ident { $($per_family:tt)* }) => {
+        impl Fragments for $name {
+            type Key = $key;
+            type Value = $value;
 
-    #[inline(always)]
-    fn map() -> &'static Map<Frag4Key, Frag4Entry> {
-        &FRAGMENTS4
-    }
+            #[inline(always)]
+            fn map() -> &'static Map<$key, $value> {
+                &$map
+            }
 
-    #[inline(always)]
-    fn slots(s: &mut FragScratch) -> (&mut Frag4Key, &mut Frag4Entry) {
-        (&mut s.key4, &mut s.value4)
-    }
+            #[inline(always)]
+            fn slots(s: &mut FragScratch) -> (&mut $key, &mut $value) {
+                (&mut s.$k, &mut s.$v)
+            }
 
+            #[inline(always)]
+            fn set_hook(key: &mut $key, hook: u8) {
+                key.hook = hook;
+            }
+
+            #[inline(always)]
+            fn set(value: &mut $value, action: u8, addr: &Self::Addr, port: u16) {
+                value.addr = *addr;
+                value.port = port;
+                value.action = action;
+                value._pad = 0;
+            }
+
+            #[inline(always)]
+            fn addrs(key: &$key) -> (&Self::Addr, &Self::Addr) {
+                (&key.src_addr, &key.dst_addr)
+            }
+
+            #[inline(always)]
+            fn action(value: &$value) -> (u8, &Self::Addr) {
+                (value.action, &value.addr)
+            }
+
+            $($per_family)*
+        }
+    };
+}
+
+fragments!(V4, Frag4Key, Frag4Entry, FRAGMENTS4, key4, value4 {
     #[inline(always)]
     fn first(start: usize, end: usize, flow: &Flow<u32>, key: &mut Frag4Key) -> bool {
         let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, flow.l3) else {
@@ -266,64 +308,9 @@ impl Fragments for V4 {
         key.proto = ip.proto;
         true
     }
+});
 
-    #[inline(always)]
-    fn set_hook(key: &mut Frag4Key, hook: u8) {
-        key.hook = hook;
-    }
-
-    #[inline(always)]
-    fn set(value: &mut Frag4Entry, action: u8, addr: &u32, port: u16) {
-        value.addr = *addr;
-        value.port = port;
-        value.action = action;
-        value._pad = 0;
-    }
-
-    #[inline(always)]
-    fn xdp(start: usize, end: usize, key: &Frag4Key, value: &Frag4Entry) {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-            return;
-        };
-        let source = side(value.action) == Side::Source;
-        let old = if source { key.src_addr } else { key.dst_addr };
-        // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            (*ip).check = csum::replace4((*ip).check, old, value.addr);
-            if source {
-                (*ip).saddr = value.addr;
-            } else {
-                (*ip).daddr = value.addr;
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn tc(ctx: &TcContext, key: &Frag4Key, value: &Frag4Entry) -> Result<(), ()> {
-        let (old, at) = match side(value.action) {
-            Side::Source => (key.src_addr, IP_SADDR),
-            Side::Destination => (key.dst_addr, IP_DADDR),
-        };
-        ctx.store(ETH_HLEN + at, &value.addr, 0).map_err(|_| ())?;
-        ctx.l3_csum_replace(ETH_HLEN + IP_CHECK, old as u64, value.addr as u64, 4)
-            .map_err(|_| ())
-    }
-}
-
-impl Fragments for V6 {
-    type Key = Frag6Key;
-    type Value = Frag6Entry;
-
-    #[inline(always)]
-    fn map() -> &'static Map<Frag6Key, Frag6Entry> {
-        &FRAGMENTS6
-    }
-
-    #[inline(always)]
-    fn slots(s: &mut FragScratch) -> (&mut Frag6Key, &mut Frag6Entry) {
-        (&mut s.key6, &mut s.value6)
-    }
-
+fragments!(V6, Frag6Key, Frag6Entry, FRAGMENTS6, key6, value6 {
     #[inline(always)]
     fn first(start: usize, end: usize, flow: &Flow<Addr6>, key: &mut Frag6Key) -> bool {
         let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, flow.l3) else {
@@ -367,41 +354,4 @@ impl Fragments for V6 {
         key._pad = [0; 2];
         true
     }
-
-    #[inline(always)]
-    fn set_hook(key: &mut Frag6Key, hook: u8) {
-        key.hook = hook;
-    }
-
-    #[inline(always)]
-    fn set(value: &mut Frag6Entry, action: u8, addr: &Addr6, port: u16) {
-        value.addr = *addr;
-        value.port = port;
-        value.action = action;
-        value._pad = 0;
-    }
-
-    /// IPv6 has no header checksum, and a later fragment no L4 one.
-    #[inline(always)]
-    fn xdp(start: usize, end: usize, _key: &Frag6Key, value: &Frag6Entry) {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, ETH_HLEN) else {
-            return;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            match side(value.action) {
-                Side::Source => (*ip).saddr = value.addr,
-                Side::Destination => (*ip).daddr = value.addr,
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn tc(ctx: &TcContext, _key: &Frag6Key, value: &Frag6Entry) -> Result<(), ()> {
-        let at = match side(value.action) {
-            Side::Source => IP6_SADDR,
-            Side::Destination => IP6_DADDR,
-        };
-        ctx.store(ETH_HLEN + at, &value.addr, 0).map_err(|_| ())
-    }
-}
+});

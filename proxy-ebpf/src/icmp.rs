@@ -45,8 +45,10 @@ use proxy_common::{
 };
 
 use crate::{
+    ctmap::CtMaps,
     family::{Family, V4, V6},
     maps,
+    nat::l4_check,
     parse::{ETH_HLEN, ptr_at},
     verdict::Stage,
 };
@@ -203,22 +205,15 @@ static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 /// with them passes untouched, as before): at fixed offsets, every bounds
 /// check is one the verifier follows, whatever LLVM merges.
 pub trait Quoting: Family {
-    /// Offsets of the addresses in the family's IP header.
-    const SRC: usize;
-    const DST: usize;
     /// Offsets of the ICMP header, the quoted IP header and the quoted L4
     /// header in the packet.
     const ICMP: usize;
     const INNER: usize;
     const INNER_L4: usize;
-    /// Offset of the IP header checksum (IPv4's).
-    const HEADER_CHECK: Option<usize>;
     /// The ICMP checksum covers the outer addresses (ICMPv6's pseudo-header).
     const PSEUDO_HEADER: bool;
 
     fn slot(s: &mut Scratch) -> (&mut Error<Self::Addr>, &mut Checks);
-    /// A checksum after `from` changed to `to` in the data it covers.
-    fn replace(check: u16, from: &Self::Addr, to: &Self::Addr) -> u16;
     /// Fills `e` if the packet is an ICMP error of a kind that is
     /// translated, about a TCP, UDP or SCTP packet (see `quoted`).
     fn parse<P: Packet>(p: &P, e: &mut Error<Self::Addr>) -> Option<()>;
@@ -322,7 +317,7 @@ fn error<F: Quoting, P: Packet>(p: &P, stage: Stage) -> Outcome {
 #[inline(always)]
 fn lookup<F: Family>(e: &mut Error<F::Addr>, stage: Stage) -> Option<()> {
     let reply = |e: &Error<F::Addr>, direction| {
-        F::ct_key(e.dst, e.dport, e.src, e.sport, e.proto, direction)
+        F::Ct::key(e.dst, e.dport, e.src, e.sport, e.proto, direction)
     };
     // FORWARD makes a reply's destination the backend; EGRESS its source
     // the frontend or the node.
@@ -373,37 +368,37 @@ fn rewrite<F: Quoting, P: Packet>(p: &P, e: &Error<F::Addr>, c: &mut Checks) -> 
     // only if that endpoint sent it (a backend's own refusal). Either way
     // the error's old address is `from`.
     let (from, from_port, addr_at, port_at, outer_at) = if e.source_changes {
-        let outer = Some(L3 + F::DST);
-        (&e.src, e.sport, F::INNER + F::SRC, F::INNER_L4, outer)
+        let outer = Some(L3 + F::DADDR);
+        (&e.src, e.sport, F::INNER + F::SADDR, F::INNER_L4, outer)
     } else {
-        let outer = (e.outer_src == e.dst).then_some(L3 + F::SRC);
-        (&e.dst, e.dport, F::INNER + F::DST, F::INNER_L4 + 2, outer)
+        let outer = (e.outer_src == e.dst).then_some(L3 + F::SADDR);
+        (&e.dst, e.dport, F::INNER + F::DADDR, F::INNER_L4 + 2, outer)
     };
     let to = &e.to;
     // Reads and sums first: XDP cannot undo half a rewrite.
     let icmp_at = F::ICMP + 2;
     p.read_into(icmp_at, &mut c.icmp)?;
-    c.icmp = csum::replace2(F::replace(c.icmp, from, to), from_port, e.to_port);
+    c.icmp = csum::replace2(csum::replace_addr(c.icmp, from, to), from_port, e.to_port);
     if let Some(off) = F::HEADER_CHECK {
         p.read_into(F::INNER + off, &mut c.inner)?;
         let old = c.inner;
-        c.inner = F::replace(old, from, to);
+        c.inner = csum::replace_addr(old, from, to);
         c.icmp = csum::replace2(c.icmp, old, c.inner);
     }
     let l4_at = l4_check_at::<F>(e);
     if let Some(at) = l4_at {
         p.read_into(at, &mut c.l4)?;
         let old = c.l4;
-        c.l4 = quoted_l4_check::<F>(e.proto, old, (from, to), (from_port, e.to_port));
+        c.l4 = l4_check(e.proto, old, (from, to), (from_port, e.to_port));
         c.icmp = csum::replace2(c.icmp, old, c.l4);
     }
     if outer_at.is_some() {
         if F::PSEUDO_HEADER {
-            c.icmp = F::replace(c.icmp, from, to);
+            c.icmp = csum::replace_addr(c.icmp, from, to);
         }
         if let Some(off) = F::HEADER_CHECK {
             p.read_into(L3 + off, &mut c.outer)?;
-            c.outer = F::replace(c.outer, from, to);
+            c.outer = csum::replace_addr(c.outer, from, to);
         }
     }
     p.write(addr_at, to)?;
@@ -421,26 +416,6 @@ fn rewrite<F: Quoting, P: Packet>(p: &P, e: &Error<F::Addr>, c: &mut Checks) -> 
         }
     }
     p.write(icmp_at, &c.icmp)
-}
-
-/// The quoted TCP or UDP checksum after its address (in the pseudo-header)
-/// and port changed; a UDP checksum of 0 ("none") stays 0.
-#[inline(always)]
-fn quoted_l4_check<F: Quoting>(
-    proto: u8,
-    check: u16,
-    (from, to): (&F::Addr, &F::Addr),
-    (from_port, to_port): (u16, u16),
-) -> u16 {
-    if proto == IPPROTO_UDP && check == 0 {
-        return 0;
-    }
-    let new = csum::replace2(F::replace(check, from, to), from_port, to_port);
-    if proto == IPPROTO_UDP {
-        csum::udp_fixup(check, new)
-    } else {
-        new
-    }
 }
 
 const IPPROTO_ICMP: u8 = 1;
@@ -462,22 +437,14 @@ fn plain_ipv4<P: Packet>(p: &P, at: usize) -> Option<bool> {
 }
 
 impl Quoting for V4 {
-    const SRC: usize = 12;
-    const DST: usize = 16;
     const ICMP: usize = L3 + IPV4_HLEN;
     const INNER: usize = Self::ICMP + ICMP_HLEN;
     const INNER_L4: usize = Self::INNER + IPV4_HLEN;
-    const HEADER_CHECK: Option<usize> = Some(10);
     const PSEUDO_HEADER: bool = false;
 
     #[inline(always)]
     fn slot(s: &mut Scratch) -> (&mut Error<u32>, &mut Checks) {
         (&mut s.e4, &mut s.checks)
-    }
-
-    #[inline(always)]
-    fn replace(check: u16, from: &u32, to: &u32) -> u16 {
-        csum::replace4(check, *from, *to)
     }
 
     #[inline(always)]
@@ -507,10 +474,10 @@ impl Quoting for V4 {
         let total: u16 = p.read(L3 + IP_TOT_LEN)?;
         e.end = L3 + u16::from_be(total) as usize;
         e.proto = byte(p, Self::INNER + IP_PROTO)?;
-        e.outer_src = p.read(L3 + Self::SRC)?;
-        e.outer_dst = p.read(L3 + Self::DST)?;
-        e.src = p.read(Self::INNER + Self::SRC)?;
-        e.dst = p.read(Self::INNER + Self::DST)?;
+        e.outer_src = p.read(L3 + Self::SADDR)?;
+        e.outer_dst = p.read(L3 + Self::DADDR)?;
+        e.src = p.read(Self::INNER + Self::SADDR)?;
+        e.dst = p.read(Self::INNER + Self::DADDR)?;
         quoted(p, e, Self::INNER_L4)
     }
 }

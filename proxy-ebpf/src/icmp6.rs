@@ -3,10 +3,10 @@
 //! IPv6 header must each be followed by their protocol's header at once:
 //! an error or a quote behind extension headers passes untouched.
 
-use proxy_common::{Addr6, csum};
+use proxy_common::Addr6;
 
 use crate::{
-    family::V6,
+    family::{Family, V6},
     icmp::{Checks, Error, ICMP_HLEN, L3, Packet, Quoting, Scratch, byte, quoted},
     parse::IPV6_HLEN,
 };
@@ -26,26 +26,14 @@ fn is_v6<P: Packet>(p: &P, at: usize) -> Option<bool> {
 }
 
 impl Quoting for V6 {
-    const SRC: usize = 8;
-    const DST: usize = 24;
     const ICMP: usize = L3 + IPV6_HLEN;
     const INNER: usize = Self::ICMP + ICMP_HLEN;
     const INNER_L4: usize = Self::INNER + IPV6_HLEN;
-    const HEADER_CHECK: Option<usize> = None;
     const PSEUDO_HEADER: bool = true;
 
     #[inline(always)]
     fn slot(s: &mut Scratch) -> (&mut Error<Addr6>, &mut Checks) {
         s.v6()
-    }
-
-    #[inline(always)]
-    fn replace(check: u16, from: &Addr6, to: &Addr6) -> u16 {
-        let mut check = check;
-        for i in 0..4 {
-            check = csum::replace4(check, from[i], to[i]);
-        }
-        check
     }
 
     #[inline(always)]
@@ -67,10 +55,10 @@ impl Quoting for V6 {
         let payload: u16 = p.read(L3 + IP6_PAYLOAD_LEN)?;
         e.end = Self::ICMP + u16::from_be(payload) as usize;
         e.proto = byte(p, Self::INNER + IP6_NEXT_HEADER)?;
-        p.read_into(L3 + Self::SRC, &mut e.outer_src)?;
-        p.read_into(L3 + Self::DST, &mut e.outer_dst)?;
-        p.read_into(Self::INNER + Self::SRC, &mut e.src)?;
-        p.read_into(Self::INNER + Self::DST, &mut e.dst)?;
+        p.read_into(L3 + Self::SADDR, &mut e.outer_src)?;
+        p.read_into(L3 + Self::DADDR, &mut e.outer_dst)?;
+        p.read_into(Self::INNER + Self::SADDR, &mut e.src)?;
+        p.read_into(Self::INNER + Self::DADDR, &mut e.dst)?;
         quoted(p, e, Self::INNER_L4)
     }
 }

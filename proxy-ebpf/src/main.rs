@@ -106,7 +106,7 @@ fn xdp_flow<F: Datapath>(
     match lb::decide::<F>(flow, (end - start) as u64, Stage::Ingress) {
         Verdict::Pass => {}
         Verdict::Rewrite(rewrite) => {
-            <F as Nat>::xdp(ctx, flow, &rewrite)?;
+            nat::xdp::<F>(ctx, flow, &rewrite)?;
             frag::remember::<F>(start, end, flow, Stage::Ingress, &rewrite);
         }
         Verdict::Drop => return Ok(xdp_action::XDP_DROP),
@@ -167,7 +167,7 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         Verdict::Reject | Verdict::RejectToSender => return Ok(<F as Refuse>::tc(ctx, flow)),
         Verdict::Reset | Verdict::ResetToSender => return Ok(<F as Reset>::tc(ctx)),
     };
-    if <F as Nat>::tc(ctx, flow, &rewrite).is_err() {
+    if nat::tc::<F>(ctx, flow, &rewrite).is_err() {
         // A half-rewritten packet would reach the wrong place or fail its
         // checksum: drop it and say so.
         maps::count(Counter::RewriteFailed);

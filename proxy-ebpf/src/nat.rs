@@ -1,38 +1,32 @@
 //! Applying a rewrite: by hand in XDP, through the checksum helpers in TC.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use proxy_common::{Addr6, IPPROTO_SCTP, IPPROTO_UDP, crc32c, csum};
+use proxy_common::{IPPROTO_SCTP, IPPROTO_UDP, crc32c, csum, csum::Words};
 
 use crate::{
     family::{Family, V4, V6},
-    parse::{Flow, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at},
+    parse::{Flow, Ports, ptr_at},
     verdict::{Rewrite, Side},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
-const IP_CHECK: usize = 10;
-const IP_SADDR: usize = 12;
-const IP_DADDR: usize = 16;
-const IP6_SADDR: usize = 8;
-const IP6_DADDR: usize = 24;
 
-/// Rewriting a packet of one address family.
+/// Rewriting a packet of one address family: the rewrite itself is written
+/// once (`xdp`, `tc`) over the family's header offsets.
 pub trait Nat: Family {
-    /// Full checksums only (see `proxy_common::csum`): XDP sees no partial
-    /// ones on interfaces it is meant for.
-    fn xdp(
-        ctx: &XdpContext,
-        flow: &Flow<Self::Addr>,
-        rewrite: &Rewrite<Self::Addr>,
-    ) -> Result<(), ()>;
-    /// The helpers update a partial (pseudo-header only) L4 checksum
-    /// correctly, which locally built packets on a veth carry.
-    fn tc(
-        ctx: &TcContext,
-        flow: &Flow<Self::Addr>,
-        rewrite: &Rewrite<Self::Addr>,
-    ) -> Result<(), ()>;
+    /// A zero UDP checksum means "none" and stays zero, a computed zero is
+    /// sent as 0xffff (IPv4). Over IPv6 a UDP checksum is mandatory, so a
+    /// zero field is a partial seed that must be updated.
+    const UDP_CHECK_OPTIONAL: bool;
+}
+
+impl Nat for V4 {
+    const UDP_CHECK_OPTIONAL: bool = true;
+}
+
+impl Nat for V6 {
+    const UDP_CHECK_OPTIONAL: bool = false;
 }
 
 /// The old address and port of the side that changes.
@@ -44,18 +38,19 @@ fn old<A: Copy>(flow: &Flow<A>, rewrite: &Rewrite<A>) -> (A, u16) {
     }
 }
 
-/// The L4 checksum after the address words and the port changed; a UDP
-/// checksum of 0 ("none") stays 0.
+/// A TCP or UDP checksum after its address (in the pseudo-header) and port
+/// changed; a UDP checksum of 0 ("none") stays 0. Full checksums only.
 #[inline(always)]
-fn l4_check(proto: u8, check: u16, words: &[(u32, u32)], port: (u16, u16)) -> u16 {
+pub fn l4_check<A: Words>(
+    proto: u8,
+    check: u16,
+    (from, to): (&A, &A),
+    (from_port, to_port): (u16, u16),
+) -> u16 {
     if proto == IPPROTO_UDP && check == 0 {
         return 0;
     }
-    let mut new = check;
-    for (from, to) in words {
-        new = csum::replace4(new, *from, *to);
-    }
-    let new = csum::replace2(new, port.0, port.1);
+    let new = csum::replace2(csum::replace_addr(check, from, to), from_port, to_port);
     if proto == IPPROTO_UDP {
         csum::udp_fixup(check, new)
     } else {
@@ -128,12 +123,10 @@ unsafe fn set_port(ports: *mut Ports, side: Side, port: u16) {
     }
 }
 
+/// The helpers' UDP flag (see `Nat::UDP_CHECK_OPTIONAL`).
 #[inline(always)]
-/// The helpers' UDP flag: a zero checksum means "none" and stays zero, a
-/// computed zero is sent as 0xffff. IPv4 only: over IPv6 a UDP checksum is
-/// mandatory, so a zero field is a partial seed that must be updated.
-fn mangled(flow_proto: u8, v4: bool) -> u64 {
-    if v4 && flow_proto == IPPROTO_UDP {
+fn mangled<F: Nat>(flow_proto: u8) -> u64 {
+    if F::UDP_CHECK_OPTIONAL && flow_proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0
     } else {
         0
@@ -157,132 +150,122 @@ fn tc_port<A>(
         .map_err(|_| ())
 }
 
-impl Nat for V4 {
-    #[inline(always)]
-    fn xdp(ctx: &XdpContext, flow: &Flow<u32>, rewrite: &Rewrite<u32>) -> Result<(), ()> {
-        let (start, end) = (ctx.data(), ctx.data_end());
-        let ip: *mut Ipv4Hdr = ptr_at(start, end, flow.l3).ok_or(())?;
-        let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
-        let (old_addr, old_port) = old(flow, rewrite);
-        // SAFETY: every pointer was bounds-checked against data_end.
-        let set_ip = || unsafe {
-            (*ip).check = csum::replace4((*ip).check, old_addr, rewrite.addr);
-            match rewrite.side {
-                Side::Destination => (*ip).daddr = rewrite.addr,
-                Side::Source => (*ip).saddr = rewrite.addr,
-            }
-            set_port(ports, rewrite.side, rewrite.port);
-        };
-        if flow.proto == IPPROTO_SCTP {
-            let (check, new) = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
-            set_ip();
-            // SAFETY: bounds-checked by xdp_sctp.
-            unsafe { *check = new };
-            return Ok(());
+/// Writes `to` over the side's address in the IP header at `ip`, and
+/// updates the header checksum (IPv4's) for it.
+///
+/// # Safety
+/// `ip` must point to a whole `F::Header` in the packet, bounds-checked.
+#[inline(always)]
+pub unsafe fn xdp_set_addr<F: Family>(
+    ip: *mut F::Header,
+    side: Side,
+    from: &F::Addr,
+    to: &F::Addr,
+) {
+    let ip = ip.cast::<u8>();
+    let at = match side {
+        Side::Destination => F::DADDR,
+        Side::Source => F::SADDR,
+    };
+    // SAFETY: per the caller; the offsets lie within the header.
+    unsafe {
+        if let Some(check_at) = F::HEADER_CHECK {
+            let check = ip.add(check_at).cast::<u16>();
+            *check = csum::replace_addr(*check, from, to);
         }
-        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
-        set_ip();
-        // SAFETY: bounds-checked above.
-        unsafe {
-            *check = l4_check(
-                flow.proto,
-                *check,
-                &[(old_addr, rewrite.addr)],
-                (old_port, rewrite.port),
-            );
-        }
-        Ok(())
-    }
-
-    #[inline(always)]
-    fn tc(ctx: &TcContext, flow: &Flow<u32>, rewrite: &Rewrite<u32>) -> Result<(), ()> {
-        let (old_addr, old_port) = old(flow, rewrite);
-        let addr_at = match rewrite.side {
-            Side::Destination => IP_DADDR,
-            Side::Source => IP_SADDR,
-        };
-        ctx.store(flow.l3 + addr_at, &rewrite.addr, 0)
-            .map_err(|_| ())?;
-        ctx.l3_csum_replace(flow.l3 + IP_CHECK, old_addr as u64, rewrite.addr as u64, 4)
-            .map_err(|_| ())?;
-        if flow.proto == IPPROTO_SCTP {
-            return tc_sctp(ctx, flow, rewrite.side, old_port, rewrite.port);
-        }
-        ctx.l4_csum_replace(
-            flow.l4_check,
-            old_addr as u64,
-            rewrite.addr as u64,
-            BPF_F_PSEUDO_HDR | mangled(flow.proto, true) | 4,
-        )
-        .map_err(|_| ())?;
-        let change = (rewrite.side, old_port, rewrite.port);
-        tc_port(ctx, flow, change, mangled(flow.proto, true))
+        *ip.add(at).cast::<F::Addr>() = *to;
     }
 }
 
-impl Nat for V6 {
-    #[inline(always)]
-    fn xdp(ctx: &XdpContext, flow: &Flow<Addr6>, rewrite: &Rewrite<Addr6>) -> Result<(), ()> {
-        let (start, end) = (ctx.data(), ctx.data_end());
-        let ip: *mut Ipv6Hdr = ptr_at(start, end, flow.l3).ok_or(())?;
-        let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
-        let (from, old_port) = old(flow, rewrite);
-        let to = rewrite.addr;
-        // SAFETY: every pointer was bounds-checked against data_end.
-        let set_ip = || unsafe {
-            match rewrite.side {
-                Side::Destination => (*ip).daddr = to,
-                Side::Source => (*ip).saddr = to,
-            }
-            set_port(ports, rewrite.side, rewrite.port);
-        };
-        if flow.proto == IPPROTO_SCTP {
-            let (check, new) = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
-            set_ip();
-            // SAFETY: bounds-checked by xdp_sctp.
-            unsafe { *check = new };
-            return Ok(());
+/// As `xdp_set_addr`, through TC's helpers, for the IP header at `l3`.
+#[inline(always)]
+pub fn tc_set_addr<F: Family>(
+    ctx: &TcContext,
+    l3: usize,
+    side: Side,
+    from: &F::Addr,
+    to: &F::Addr,
+) -> Result<(), ()> {
+    let at = match side {
+        Side::Destination => F::DADDR,
+        Side::Source => F::SADDR,
+    };
+    ctx.store(l3 + at, to, 0).map_err(|_| ())?;
+    if let Some(check_at) = F::HEADER_CHECK {
+        for (from, to) in from.words().iter().zip(to.words()) {
+            ctx.l3_csum_replace(l3 + check_at, *from as u64, *to as u64, 4)
+                .map_err(|_| ())?;
         }
-        let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
-        let words = [
-            (from[0], to[0]),
-            (from[1], to[1]),
-            (from[2], to[2]),
-            (from[3], to[3]),
-        ];
-        set_ip();
-        // SAFETY: bounds-checked above.
-        unsafe {
-            *check = l4_check(flow.proto, *check, &words, (old_port, rewrite.port));
-        }
-        Ok(())
     }
+    Ok(())
+}
 
-    #[inline(always)]
-    fn tc(ctx: &TcContext, flow: &Flow<Addr6>, rewrite: &Rewrite<Addr6>) -> Result<(), ()> {
-        let (from, old_port) = old(flow, rewrite);
-        let addr_at = match rewrite.side {
-            Side::Destination => IP6_DADDR,
-            Side::Source => IP6_SADDR,
-        };
-        ctx.store(flow.l3 + addr_at, &rewrite.addr, 0)
-            .map_err(|_| ())?;
-        if flow.proto == IPPROTO_SCTP {
-            return tc_sctp(ctx, flow, rewrite.side, old_port, rewrite.port);
-        }
-        // IPv6 has no header checksum; the pseudo-header covers the address.
-        for i in 0..4 {
-            ctx.l4_csum_replace(
-                flow.l4_check,
-                from[i] as u64,
-                rewrite.addr[i] as u64,
-                BPF_F_PSEUDO_HDR | mangled(flow.proto, false) | 4,
-            )
-            .map_err(|_| ())?;
-        }
-        let change = (rewrite.side, old_port, rewrite.port);
-        tc_port(ctx, flow, change, mangled(flow.proto, false))
+/// Applies the rewrite in XDP. Full checksums only (see
+/// `proxy_common::csum`): XDP sees no partial ones on interfaces it is
+/// meant for.
+#[inline(always)]
+pub fn xdp<F: Nat>(
+    ctx: &XdpContext,
+    flow: &Flow<F::Addr>,
+    rewrite: &Rewrite<F::Addr>,
+) -> Result<(), ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let ip: *mut F::Header = ptr_at(start, end, flow.l3).ok_or(())?;
+    let ports: *mut Ports = ptr_at(start, end, flow.l4).ok_or(())?;
+    let (old_addr, old_port) = old(flow, rewrite);
+    // SAFETY: every pointer was bounds-checked against data_end.
+    let set_ip = || unsafe {
+        xdp_set_addr::<F>(ip, rewrite.side, &old_addr, &rewrite.addr);
+        set_port(ports, rewrite.side, rewrite.port);
+    };
+    if flow.proto == IPPROTO_SCTP {
+        let (check, new) = xdp_sctp(start, end, flow, rewrite.side, rewrite.port)?;
+        set_ip();
+        // SAFETY: bounds-checked by xdp_sctp.
+        unsafe { *check = new };
+        return Ok(());
     }
+    let check: *mut u16 = ptr_at(start, end, flow.l4_check).ok_or(())?;
+    set_ip();
+    // SAFETY: bounds-checked above.
+    unsafe {
+        *check = l4_check(
+            flow.proto,
+            *check,
+            (&old_addr, &rewrite.addr),
+            (old_port, rewrite.port),
+        );
+    }
+    Ok(())
+}
+
+/// Applies the rewrite in TC. The helpers update a partial (pseudo-header
+/// only) L4 checksum correctly, which locally built packets on a veth
+/// carry.
+#[inline(always)]
+pub fn tc<F: Nat>(
+    ctx: &TcContext,
+    flow: &Flow<F::Addr>,
+    rewrite: &Rewrite<F::Addr>,
+) -> Result<(), ()> {
+    let (old_addr, old_port) = old(flow, rewrite);
+    tc_set_addr::<F>(ctx, flow.l3, rewrite.side, &old_addr, &rewrite.addr)?;
+    if flow.proto == IPPROTO_SCTP {
+        return tc_sctp(ctx, flow, rewrite.side, old_port, rewrite.port);
+    }
+    let mangle = mangled::<F>(flow.proto);
+    // The pseudo-header covers the address.
+    for (from, to) in old_addr.words().iter().zip(rewrite.addr.words()) {
+        ctx.l4_csum_replace(
+            flow.l4_check,
+            *from as u64,
+            *to as u64,
+            BPF_F_PSEUDO_HDR | mangle | 4,
+        )
+        .map_err(|_| ())?;
+    }
+    let change = (rewrite.side, old_port, rewrite.port);
+    tc_port(ctx, flow, change, mangle)
 }
 
 /// An SCTP packet's CRC and its new value for XDP, computed before anything

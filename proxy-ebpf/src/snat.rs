@@ -19,7 +19,7 @@ use proxy_common::{
 };
 
 use crate::{
-    ctmap::{self, Entry, Table},
+    ctmap::{self, CtMaps, Entry, Table},
     family::Family,
     maps::CONFIG,
     parse::Flow,
@@ -45,7 +45,7 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
         return None;
     }
     let range = u32::from(max - min) + 1;
-    let out_key = F::ct_key(
+    let out_key = F::Ct::key(
         flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_EGRESS,
     );
     // The flow's entries stay together: overflow flows are evicted whole.
@@ -65,7 +65,7 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
             false => random(),
         };
         let port = ((u32::from(min) + offset % range) as u16).to_be();
-        let back = F::ct_key(flow.daddr, flow.dport, out.addr, port, flow.proto, CT_REPLY);
+        let back = F::Ct::key(flow.daddr, flow.dport, out.addr, port, flow.proto, CT_REPLY);
         if !free::<F>(flow, back, port) {
             continue;
         }
@@ -100,7 +100,7 @@ fn free<F: Family>(flow: &Flow<F::Addr>, back: F::CtKey, port: u16) -> bool {
 /// (its reply entry `holder` names its client) no longer has it.
 #[inline(always)]
 fn give_up<F: Family>(flow: &Flow<F::Addr>, holder: &Entry<F::Addr>, port: u16) {
-    let out = F::ct_key(
+    let out = F::Ct::key(
         holder.addr,
         holder.port,
         flow.daddr,
