@@ -14,14 +14,14 @@ use aya_ebpf::{
 use core::mem::size_of;
 
 use proxy_common::{
-    crc32c,
+    Addr6, crc32c,
     csum::{finish, sum},
 };
 
 use crate::{
     maps,
-    parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
-    reply::{eth, swap_macs, tc_send_back, xdp_resize},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Flow, IPV6_HLEN, ptr_at},
+    reply::{Answer, Towards, fill_eth, swap_macs, tc_send_back, xdp_answer},
 };
 
 const IPV4_HLEN: usize = 20;
@@ -42,18 +42,14 @@ struct Abort {
 }
 
 #[repr(C)]
-struct Reply4 {
+struct Reply<const IP: usize> {
     eth: [u8; ETH_HLEN],
-    ip: [u8; IPV4_HLEN],
+    ip: [u8; IP],
     sctp: Abort,
 }
 
-#[repr(C)]
-struct Reply6 {
-    eth: [u8; ETH_HLEN],
-    ip: [u8; IPV6_HLEN],
-    sctp: Abort,
-}
+type Reply4 = Reply<IPV4_HLEN>;
+type Reply6 = Reply<IPV6_HLEN>;
 
 /// What the refusal needs of the original SCTP header and first chunk.
 #[derive(Clone, Copy)]
@@ -135,56 +131,70 @@ fn ip6(original: &[u8; IPV6_HLEN]) -> [u8; IPV6_HLEN] {
     ip
 }
 
+/// What XDP copies out of the original: its MACs, IP header and SCTP head.
+struct Copied<const IP: usize> {
+    eth: [u8; 12],
+    ip: [u8; IP],
+    sctp: Original,
+}
+
+impl Answer for Reply4 {
+    type Original = Copied<IPV4_HLEN>;
+
+    #[inline(always)]
+    fn fill(&mut self, o: &Copied<IPV4_HLEN>, towards: Towards) {
+        fill_eth(&mut self.eth, &o.eth, towards, ETH_P_IP);
+        self.ip = ip4(&o.ip);
+        self.sctp = abort(&o.sctp);
+    }
+}
+
+impl Answer for Reply6 {
+    type Original = Copied<IPV6_HLEN>;
+
+    #[inline(always)]
+    fn fill(&mut self, o: &Copied<IPV6_HLEN>, towards: Towards) {
+        fill_eth(&mut self.eth, &o.eth, towards, ETH_P_IPV6);
+        self.ip = ip6(&o.ip);
+        self.sctp = abort(&o.sctp);
+    }
+}
+
 /// IPv4 from XDP: straight back (XDP_TX).
 #[inline(always)]
 pub fn xdp4(ctx: &XdpContext, flow: &Flow<u32>, start: usize, end: usize) -> Option<()> {
     if flow.l4 != flow.l3 + IPV4_HLEN {
         return None;
     }
-    let e: *const [u8; 12] = ptr_at(start, end, 0)?;
-    let ip: *const [u8; IPV4_HLEN] = ptr_at(start, end, flow.l3)?;
-    let head: *const [u8; 20] = ptr_at(start, end, flow.l4)?;
-    // SAFETY: bounds-checked by ptr_at; copied before resizing.
-    let (e, ip, o) = unsafe { (*e, *ip, original(&*head)) };
-    if !answerable(&o) {
-        return None;
-    }
-    let (start, end) = xdp_resize(ctx, size_of::<Reply4>())?;
-    let reply: *mut Reply4 = ptr_at(start, end, 0)?;
-    // SAFETY: bounds-checked above.
-    unsafe {
-        (*reply).eth = eth(&e, true, 0x0800);
-        (*reply).ip = ip4(&ip);
-        (*reply).sctp = abort(&o);
-    }
-    Some(())
+    xdp::<IPV4_HLEN>(ctx, flow, start, end, Towards::Sender)
 }
 
 /// IPv6 from XDP: up the node's stack, like the ICMPv6 refusals.
 #[inline(always)]
-pub fn xdp6(
+pub fn xdp6(ctx: &XdpContext, flow: &Flow<Addr6>, start: usize, end: usize) -> Option<()> {
+    xdp::<IPV6_HLEN>(ctx, flow, start, end, Towards::Stack)
+}
+
+#[inline(always)]
+fn xdp<const IP: usize>(
     ctx: &XdpContext,
-    flow: &Flow<proxy_common::Addr6>,
+    flow: &Flow<impl Copy>,
     start: usize,
     end: usize,
-) -> Option<()> {
-    let e: *const [u8; 12] = ptr_at(start, end, 0)?;
-    let ip: *const [u8; IPV6_HLEN] = ptr_at(start, end, flow.l3)?;
+    towards: Towards,
+) -> Option<()>
+where
+    Reply<IP>: Answer<Original = Copied<IP>>,
+{
+    let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
+    let ip: *const [u8; IP] = ptr_at(start, end, flow.l3)?;
     let head: *const [u8; 20] = ptr_at(start, end, flow.l4)?;
     // SAFETY: bounds-checked by ptr_at; copied before resizing.
-    let (e, ip, o) = unsafe { (*e, *ip, original(&*head)) };
-    if !answerable(&o) {
+    let (eth, ip, sctp) = unsafe { (*eth, *ip, original(&*head)) };
+    if !answerable(&sctp) {
         return None;
     }
-    let (start, end) = xdp_resize(ctx, size_of::<Reply6>())?;
-    let reply: *mut Reply6 = ptr_at(start, end, 0)?;
-    // SAFETY: bounds-checked above.
-    unsafe {
-        (*reply).eth = eth(&e, false, 0x86dd);
-        (*reply).ip = ip6(&ip);
-        (*reply).sctp = abort(&o);
-    }
-    Some(())
+    xdp_answer::<Reply<IP>>(ctx, &Copied { eth, ip, sctp }, towards)
 }
 
 // TC builds the refusal in the per-CPU scratch map, reading the original
@@ -216,7 +226,7 @@ pub fn tc4(ctx: &TcContext, flow: &Flow<u32>) -> Option<i32> {
 }
 
 #[inline(always)]
-pub fn tc6(ctx: &TcContext, flow: &Flow<proxy_common::Addr6>) -> Option<i32> {
+pub fn tc6(ctx: &TcContext, flow: &Flow<Addr6>) -> Option<i32> {
     let head: [u8; 20] = ctx.load(flow.l4).ok()?;
     if !answerable(&original(&head)) {
         return None;

@@ -123,7 +123,7 @@ fn xdp_flow<F: Datapath>(
                 Verdict::ResetToSender => Towards::Sender,
                 _ => Towards::Stack,
             };
-            return Ok(<F as Reset>::xdp(ctx, towards));
+            return Ok(reset::xdp::<F>(ctx, towards));
         }
     }
     Ok(xdp_action::XDP_PASS)
@@ -165,7 +165,7 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
         Verdict::Rewrite(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
         Verdict::Reject | Verdict::RejectToSender => return Ok(<F as Refuse>::tc(ctx, flow)),
-        Verdict::Reset | Verdict::ResetToSender => return Ok(<F as Reset>::tc(ctx)),
+        Verdict::Reset | Verdict::ResetToSender => return Ok(reset::tc::<F>(ctx)),
     };
     if nat::tc::<F>(ctx, flow, &rewrite).is_err() {
         // A half-rewritten packet would reach the wrong place or fail its

@@ -21,7 +21,6 @@
 //! covers (see `reject6`).
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use core::mem::size_of;
 
 use proxy_common::{
     Counter, IPPROTO_SCTP, IPPROTO_TCP,
@@ -31,9 +30,8 @@ use proxy_common::{
 use crate::{
     abort,
     family::{Family, V4},
-    maps,
-    parse::{Flow, ptr_at},
-    reply::{Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
+    parse::{ETH_P_IP, Flow, ptr_at},
+    reply::{Answer, Towards, fill_eth, tc_answer, tc_outcome, xdp_answer, xdp_outcome, xdp_sent},
 };
 
 /// Refusing a flow of one address family.
@@ -116,21 +114,15 @@ fn try_xdp<const OPT: usize>(
 ) -> Option<()> {
     let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
     let quote: *const [u8; QUOTE] = ptr_at(start, end, flow.l3)?;
-    // SAFETY: both were bounds-checked by ptr_at.
+    // SAFETY: both were bounds-checked by ptr_at; copied before resizing.
     let original = unsafe { original(flow, *eth, *quote)? };
-    let (start, end) = xdp_resize(ctx, size_of::<Reply<OPT>>())?;
-    let reply: *mut Reply<OPT> = ptr_at(start, end, 0)?;
-    // SAFETY: bounds-checked above; the original's bytes were copied out.
-    unsafe { fill(&mut *reply, &original, towards) };
-    Some(())
+    xdp_answer::<Reply<OPT>>(ctx, &original, towards)
 }
 
 #[inline(always)]
 fn try_tc<const OPT: usize>(ctx: &TcContext, flow: &Flow<u32>) -> Option<i32> {
     let original = original(flow, ctx.load(0).ok()?, ctx.load(flow.l3).ok()?)?;
-    let reply = maps::scratch::<Reply<OPT>>()?;
-    fill(reply, &original, Towards::Sender);
-    tc_send_back(ctx, reply)
+    tc_answer::<Reply<OPT>>(ctx, &original)
 }
 
 /// None for a packet with IP options: its quote would need them too.
@@ -142,37 +134,34 @@ fn original(flow: &Flow<u32>, eth: [u8; 12], quote: [u8; QUOTE]) -> Option<Origi
     Some(Original { eth, quote })
 }
 
-#[inline(always)]
-fn fill<const OPT: usize>(r: &mut Reply<OPT>, original: &Original, towards: Towards) {
-    if towards == Towards::Sender {
-        r.eth[..6].copy_from_slice(&original.eth[6..12]);
-        r.eth[6..12].copy_from_slice(&original.eth[..6]);
-    } else {
-        r.eth[..12].copy_from_slice(&original.eth);
+impl<const OPT: usize> Answer for Reply<OPT> {
+    type Original = Original;
+
+    #[inline(always)]
+    fn fill(&mut self, original: &Original, towards: Towards) {
+        fill_eth(&mut self.eth, &original.eth, towards, ETH_P_IP);
+        let total = (IPV4_HLEN + OPT + 8 + QUOTE) as u16;
+        self.ip = [0; IPV4_HLEN];
+        self.ip[0] = 0x40 | ((IPV4_HLEN + OPT) / 4) as u8;
+        self.ip[1] = 0xc0; // precedence: internetwork control, as the kernel's ICMP errors
+        self.ip[2..4].copy_from_slice(&total.to_be_bytes());
+        self.ip[8] = 64;
+        self.ip[9] = IPPROTO_ICMP;
+        // From the address the client tried, to the client.
+        self.ip[12..16].copy_from_slice(&original.quote[16..20]);
+        self.ip[16..20].copy_from_slice(&original.quote[12..16]);
+        // All zeros: End of Options List.
+        self.options = [0; OPT];
+        self.icmp = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+        self.quote = original.quote;
+        if OPT != 0 {
+            // The quoted IP ID: where a late TCP checksum lands (module comment).
+            self.quote[4] = 0;
+            self.quote[5] = 0;
+        }
+        let ip_check = finish(sum(&self.ip) + sum(&self.options));
+        self.ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+        let icmp_check = finish(sum(&self.icmp) + sum(&self.quote));
+        self.icmp[2..4].copy_from_slice(&icmp_check.to_be_bytes());
     }
-    r.eth[12] = 0x08;
-    r.eth[13] = 0;
-    let total = (IPV4_HLEN + OPT + 8 + QUOTE) as u16;
-    r.ip = [0; IPV4_HLEN];
-    r.ip[0] = 0x40 | ((IPV4_HLEN + OPT) / 4) as u8;
-    r.ip[1] = 0xc0; // precedence: internetwork control, as the kernel's ICMP errors
-    r.ip[2..4].copy_from_slice(&total.to_be_bytes());
-    r.ip[8] = 64;
-    r.ip[9] = IPPROTO_ICMP;
-    // From the address the client tried, to the client.
-    r.ip[12..16].copy_from_slice(&original.quote[16..20]);
-    r.ip[16..20].copy_from_slice(&original.quote[12..16]);
-    // All zeros: End of Options List.
-    r.options = [0; OPT];
-    r.icmp = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
-    r.quote = original.quote;
-    if OPT != 0 {
-        // The quoted IP ID: where a late TCP checksum lands (module comment).
-        r.quote[4] = 0;
-        r.quote[5] = 0;
-    }
-    let ip_check = finish(sum(&r.ip) + sum(&r.options));
-    r.ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    let icmp_check = finish(sum(&r.icmp) + sum(&r.quote));
-    r.icmp[2..4].copy_from_slice(&icmp_check.to_be_bytes());
 }

@@ -10,7 +10,6 @@
 //! From XDP the refusal goes where `Towards` says, as for IPv4.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use core::mem::size_of;
 
 use proxy_common::{
     Addr6, IPPROTO_SCTP,
@@ -20,10 +19,9 @@ use proxy_common::{
 use crate::{
     abort,
     family::V6,
-    maps,
-    parse::{ETH_HLEN, Flow, IPV6_HLEN, ptr_at},
+    parse::{ETH_HLEN, ETH_P_IPV6, Flow, IPV6_HLEN, ptr_at},
     reject::{REFUSE_FAILED, REFUSED, Refuse},
-    reply::{Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
+    reply::{Answer, Towards, fill_eth, tc_answer, tc_outcome, xdp_answer, xdp_outcome, xdp_sent},
 };
 
 /// What ICMPv6 quotes of the original: its IPv6 header and 8 bytes of L4.
@@ -83,51 +81,43 @@ fn try_xdp(
     let eth: *const [u8; 12] = ptr_at(start, end, 0)?;
     let quote: *const [u8; QUOTE] = ptr_at(start, end, flow.l3)?;
     // SAFETY: both were bounds-checked by ptr_at; copied before resizing.
-    let (eth, quote) = unsafe { (*eth, *quote) };
-    let (start, end) = xdp_resize(ctx, size_of::<Reply>())?;
-    let reply: *mut Reply = ptr_at(start, end, 0)?;
-    // SAFETY: bounds-checked above.
-    unsafe { fill(&mut *reply, &eth, &quote, towards) };
-    Some(())
+    let original = unsafe { (*eth, *quote) };
+    xdp_answer::<Reply>(ctx, &original, towards)
 }
 
 #[inline(always)]
 fn try_tc(ctx: &TcContext, flow: &Flow<Addr6>) -> Option<i32> {
-    let eth: [u8; 12] = ctx.load(0).ok()?;
-    let quote: [u8; QUOTE] = ctx.load(flow.l3).ok()?;
-    let reply = maps::scratch::<Reply>()?;
-    fill(reply, &eth, &quote, Towards::Sender);
-    tc_send_back(ctx, reply)
+    let original = (ctx.load(0).ok()?, ctx.load(flow.l3).ok()?);
+    tc_answer::<Reply>(ctx, &original)
 }
 
-#[inline(always)]
-fn fill(r: &mut Reply, eth: &[u8; 12], quote: &[u8; QUOTE], towards: Towards) {
-    if towards == Towards::Sender {
-        r.eth[..6].copy_from_slice(&eth[6..12]);
-        r.eth[6..12].copy_from_slice(&eth[..6]);
-    } else {
-        r.eth[..12].copy_from_slice(eth);
+impl Answer for Reply {
+    /// The original's MACs and what the reply quotes of it.
+    type Original = ([u8; 12], [u8; QUOTE]);
+
+    #[inline(always)]
+    fn fill(&mut self, (eth, quote): &Self::Original, towards: Towards) {
+        fill_eth(&mut self.eth, eth, towards, ETH_P_IPV6);
+        let payload = (OPTIONS_LEN + 8 + QUOTE) as u16;
+        self.ip = [0; IPV6_HLEN];
+        self.ip[0] = 0x60;
+        self.ip[4..6].copy_from_slice(&payload.to_be_bytes());
+        self.ip[6] = NEXTHDR_DEST;
+        self.ip[7] = 64;
+        // From the address the client tried, to the client.
+        self.ip[8..24].copy_from_slice(&quote[24..40]);
+        self.ip[24..40].copy_from_slice(&quote[8..24]);
+        self.options = [0; OPTIONS_LEN];
+        self.options[0] = IPPROTO_ICMPV6;
+        self.options[1] = (OPTIONS_LEN / 8 - 1) as u8;
+        self.options[2] = OPTION_EXPERIMENTAL;
+        self.options[3] = (OPTIONS_LEN - 4) as u8;
+        self.icmp = [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+        self.quote = *quote;
+        let length = (8 + QUOTE) as u32;
+        let pseudo =
+            sum(&self.ip[8..40]) + (length >> 16) + (length & 0xffff) + IPPROTO_ICMPV6 as u32;
+        let check = finish(pseudo + sum(&self.icmp) + sum(&self.quote));
+        self.icmp[2..4].copy_from_slice(&check.to_be_bytes());
     }
-    r.eth[12] = 0x86;
-    r.eth[13] = 0xdd;
-    let payload = (OPTIONS_LEN + 8 + QUOTE) as u16;
-    r.ip = [0; IPV6_HLEN];
-    r.ip[0] = 0x60;
-    r.ip[4..6].copy_from_slice(&payload.to_be_bytes());
-    r.ip[6] = NEXTHDR_DEST;
-    r.ip[7] = 64;
-    // From the address the client tried, to the client.
-    r.ip[8..24].copy_from_slice(&quote[24..40]);
-    r.ip[24..40].copy_from_slice(&quote[8..24]);
-    r.options = [0; OPTIONS_LEN];
-    r.options[0] = IPPROTO_ICMPV6;
-    r.options[1] = (OPTIONS_LEN / 8 - 1) as u8;
-    r.options[2] = OPTION_EXPERIMENTAL;
-    r.options[3] = (OPTIONS_LEN - 4) as u8;
-    r.icmp = [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
-    r.quote = *quote;
-    let length = (8 + QUOTE) as u32;
-    let pseudo = sum(&r.ip[8..40]) + (length >> 16) + (length & 0xffff) + IPPROTO_ICMPV6 as u32;
-    let check = finish(pseudo + sum(&r.icmp) + sum(&r.quote));
-    r.icmp[2..4].copy_from_slice(&check.to_be_bytes());
 }

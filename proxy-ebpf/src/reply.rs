@@ -15,7 +15,10 @@ use core::mem::size_of;
 
 use proxy_common::Counter;
 
-use crate::{maps, parse::ETH_HLEN};
+use crate::{
+    maps,
+    parse::{ETH_HLEN, ptr_at},
+};
 
 const TC_ACT_SHOT: i32 = 2;
 
@@ -109,6 +112,39 @@ pub fn xdp_resize(ctx: &XdpContext, len: usize) -> Option<(usize, usize)> {
     })
 }
 
+/// An answer built whole from what was copied out of the packet it
+/// replaces. (A trait, not closures: a closure that is not inlined becomes
+/// a BPF function whose BTF the kernel rejects.)
+pub trait Answer: Sized + 'static {
+    type Original;
+    /// Writes every byte of the answer; its MACs go `towards`.
+    fn fill(&mut self, original: &Self::Original, towards: Towards);
+}
+
+/// Builds the answer `R` in place of the XDP packet.
+#[inline(always)]
+pub fn xdp_answer<R: Answer>(
+    ctx: &XdpContext,
+    original: &R::Original,
+    towards: Towards,
+) -> Option<()> {
+    let (start, end) = xdp_resize(ctx, size_of::<R>())?;
+    let reply: *mut R = ptr_at(start, end, 0)?;
+    // SAFETY: bounds-checked above; the original was copied out before
+    // the resize.
+    unsafe { (*reply).fill(original, towards) };
+    Some(())
+}
+
+/// Builds the answer `R` in the per-CPU scratch buffer (TC's stack has
+/// little room left) and sends it back in place of the TC packet.
+#[inline(always)]
+pub fn tc_answer<R: Answer>(ctx: &TcContext, original: &R::Original) -> Option<i32> {
+    let reply = maps::scratch::<R>()?;
+    reply.fill(original, Towards::Sender);
+    tc_send_back(ctx, reply)
+}
+
 /// Replaces the whole TC packet with `reply` and sends it back out of the
 /// interface it came in on.
 #[inline(always)]
@@ -124,19 +160,17 @@ pub fn tc_send_back<T>(ctx: &TcContext, reply: &T) -> Option<i32> {
     Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
-/// The MACs of a refusal: swapped to go straight back, or as received to
-/// go up the node's stack.
+/// The Ethernet header of an answer: the MACs swapped to go straight
+/// back, or as received to go up the node's stack.
 #[inline(always)]
-pub fn eth(original: &[u8; 12], back: bool, ether_type: u16) -> [u8; ETH_HLEN] {
-    let mut e = [0u8; ETH_HLEN];
-    e[12..14].copy_from_slice(&ether_type.to_be_bytes());
-    if back {
+pub fn fill_eth(e: &mut [u8; ETH_HLEN], original: &[u8; 12], towards: Towards, ether_type: u16) {
+    if towards == Towards::Sender {
         e[..6].copy_from_slice(&original[6..12]);
         e[6..12].copy_from_slice(&original[..6]);
     } else {
         e[..12].copy_from_slice(original);
     }
-    e
+    e[12..14].copy_from_slice(&ether_type.to_be_bytes());
 }
 
 #[inline(always)]

@@ -13,7 +13,6 @@
 //! trusts it.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use core::mem::size_of;
 
 use proxy_common::{
     Addr6, Counter, IPPROTO_TCP,
@@ -22,70 +21,60 @@ use proxy_common::{
 
 use crate::{
     family::{Family, V4, V6},
-    maps,
-    parse::{self, ETH_HLEN, Flow, IPV6_HLEN, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
-    reply::{Towards, tc_outcome, tc_send_back, xdp_outcome, xdp_resize, xdp_sent},
+    parse::{
+        self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Flow, IPV6_HLEN, Parsed, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN, ptr_at,
+    },
+    reply::{Answer, Towards, fill_eth, tc_answer, tc_outcome, xdp_answer, xdp_outcome, xdp_sent},
 };
 
 const TCP_HLEN: usize = 20;
 const IPV4_HLEN: usize = 20;
 
-/// Resetting a connection of one address family. The implementations
-/// start from the packet alone (parsing it again): a flow whose address is
-/// taken is kept in memory in pieces, and its header offsets may come back
-/// as values the verifier cannot bound.
+/// Resetting a connection of one address family. `xdp` and `tc` start
+/// from the packet alone (parsing it again): a flow whose address is taken
+/// is kept in memory in pieces, and its header offsets may come back as
+/// values the verifier cannot bound.
 pub trait Reset: Family {
-    /// The RST sent `towards`, or XDP_DROP if it cannot be built
-    /// (counted).
-    fn xdp(ctx: &XdpContext, towards: Towards) -> u32;
-    /// The RST redirected out of the interface the packet came in on, or
-    /// TC_ACT_SHOT if it cannot be built (counted).
-    fn tc(ctx: &TcContext) -> i32;
+    /// The family's RST.
+    type Rst: Answer<Original = Original<Self::Addr>>;
+    /// The flow of a packet of this family.
+    fn flow(parsed: Parsed) -> Option<Flow<Self::Addr>>;
+}
+
+impl Reset for V4 {
+    type Rst = Rst<IPV4_HLEN>;
+
+    #[inline(always)]
+    fn flow(parsed: Parsed) -> Option<Flow<u32>> {
+        match parsed {
+            Parsed::V4(flow) => Some(flow),
+            _ => None,
+        }
+    }
+}
+
+impl Reset for V6 {
+    type Rst = Rst<IPV6_HLEN>;
+
+    #[inline(always)]
+    fn flow(parsed: Parsed) -> Option<Flow<Addr6>> {
+        match parsed {
+            Parsed::V6(flow) => Some(flow),
+            _ => None,
+        }
+    }
 }
 
 #[repr(C)]
-struct Rst<const IP: usize> {
+pub struct Rst<const IP: usize> {
     eth: [u8; ETH_HLEN],
     ip: [u8; IP],
     tcp: [u8; TCP_HLEN],
 }
 
-type Rst4 = Rst<IPV4_HLEN>;
-type Rst6 = Rst<IPV6_HLEN>;
-
-/// Builds a family's RST. (A trait, not closures: a closure that is not
-/// inlined becomes a BPF function whose BTF the kernel rejects.)
-trait Fill<A> {
-    fn fill(&mut self, o: &Original<A>);
-    fn eth(&mut self) -> &mut [u8; ETH_HLEN];
-}
-
-impl Fill<u32> for Rst4 {
-    #[inline(always)]
-    fn fill(&mut self, o: &Original<u32>) {
-        fill4(self, o);
-    }
-
-    #[inline(always)]
-    fn eth(&mut self) -> &mut [u8; ETH_HLEN] {
-        &mut self.eth
-    }
-}
-
-impl Fill<Addr6> for Rst6 {
-    #[inline(always)]
-    fn fill(&mut self, o: &Original<Addr6>) {
-        fill6(self, o);
-    }
-
-    #[inline(always)]
-    fn eth(&mut self) -> &mut [u8; ETH_HLEN] {
-        &mut self.eth
-    }
-}
-
 /// What the RST needs of the client's packet.
-struct Original<A> {
+pub struct Original<A> {
     eth: [u8; 12],
     tcp: [u8; TCP_HLEN],
     client: A,
@@ -94,54 +83,30 @@ struct Original<A> {
     len: u32,
 }
 
-impl Reset for V4 {
-    #[inline(always)]
-    fn xdp(ctx: &XdpContext, towards: Towards) -> u32 {
-        let (start, end) = (ctx.data(), ctx.data_end());
-        let built = match parse::flow(start, end) {
-            Parsed::V4(flow) => try_xdp::<V4, Rst4>(ctx, &flow, start, end, towards),
-            _ => None,
-        };
-        xdp_sent(
-            ctx,
-            xdp_outcome(built, Counter::Reset, Counter::ResetFailed),
-            towards,
-        )
-    }
-
-    #[inline(always)]
-    fn tc(ctx: &TcContext) -> i32 {
-        let built = match parse::flow(ctx.data(), ctx.data_end()) {
-            Parsed::V4(flow) => try_tc::<V4, Rst4>(ctx, &flow),
-            _ => None,
-        };
-        tc_outcome(built, Counter::Reset, Counter::ResetFailed)
-    }
+/// The RST sent `towards`, or XDP_DROP if it cannot be built (counted).
+#[inline(always)]
+pub fn xdp<F: Reset>(ctx: &XdpContext, towards: Towards) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let built = match F::flow(parse::flow(start, end)) {
+        Some(flow) => try_xdp::<F>(ctx, &flow, start, end, towards),
+        None => None,
+    };
+    xdp_sent(
+        ctx,
+        xdp_outcome(built, Counter::Reset, Counter::ResetFailed),
+        towards,
+    )
 }
 
-impl Reset for V6 {
-    #[inline(always)]
-    fn xdp(ctx: &XdpContext, towards: Towards) -> u32 {
-        let (start, end) = (ctx.data(), ctx.data_end());
-        let built = match parse::flow(start, end) {
-            Parsed::V6(flow) => try_xdp::<V6, Rst6>(ctx, &flow, start, end, towards),
-            _ => None,
-        };
-        xdp_sent(
-            ctx,
-            xdp_outcome(built, Counter::Reset, Counter::ResetFailed),
-            towards,
-        )
-    }
-
-    #[inline(always)]
-    fn tc(ctx: &TcContext) -> i32 {
-        let built = match parse::flow(ctx.data(), ctx.data_end()) {
-            Parsed::V6(flow) => try_tc::<V6, Rst6>(ctx, &flow),
-            _ => None,
-        };
-        tc_outcome(built, Counter::Reset, Counter::ResetFailed)
-    }
+/// The RST redirected out of the interface the packet came in on, or
+/// TC_ACT_SHOT if it cannot be built (counted).
+#[inline(always)]
+pub fn tc<F: Reset>(ctx: &TcContext) -> i32 {
+    let built = match F::flow(parse::flow(ctx.data(), ctx.data_end())) {
+        Some(flow) => try_tc::<F>(ctx, &flow),
+        None => None,
+    };
+    tc_outcome(built, Counter::Reset, Counter::ResetFailed)
 }
 
 #[inline(always)]
@@ -163,7 +128,7 @@ fn original<A: Copy>(flow: &Flow<A>, eth: [u8; 12], tcp: [u8; TCP_HLEN]) -> Opti
 }
 
 #[inline(always)]
-fn try_xdp<F: Family, R: Fill<F::Addr>>(
+fn try_xdp<F: Reset>(
     ctx: &XdpContext,
     flow: &Flow<F::Addr>,
     start: usize,
@@ -174,38 +139,27 @@ fn try_xdp<F: Family, R: Fill<F::Addr>>(
     let tcp: *const [u8; TCP_HLEN] = ptr_at(start, end, flow.l4)?;
     // SAFETY: both were bounds-checked by ptr_at; copied before resizing.
     let original = unsafe { original(flow, *eth, *tcp)? };
-    let (start, end) = xdp_resize(ctx, size_of::<R>())?;
-    let rst: *mut R = ptr_at(start, end, 0)?;
-    // SAFETY: bounds-checked above.
-    let rst = unsafe { &mut *rst };
-    rst.fill(&original);
-    if towards == Towards::Stack {
-        // Addressed to the node as the original was, for the stack to route.
-        rst.eth()[..12].copy_from_slice(&original.eth);
-    }
-    Some(())
+    xdp_answer::<F::Rst>(ctx, &original, towards)
 }
 
 #[inline(always)]
-fn try_tc<F: Family, R: Fill<F::Addr> + 'static>(
-    ctx: &TcContext,
-    flow: &Flow<F::Addr>,
-) -> Option<i32> {
+fn try_tc<F: Reset>(ctx: &TcContext, flow: &Flow<F::Addr>) -> Option<i32> {
     let original = original(flow, ctx.load(0).ok()?, ctx.load(flow.l4).ok()?)?;
-    let rst = maps::scratch::<R>()?;
-    rst.fill(&original);
-    tc_send_back(ctx, rst)
+    tc_answer::<F::Rst>(ctx, &original)
 }
 
-/// Ethernet back to the sender, and the TCP header of the RST (RFC 9293
+/// Ethernet going `towards`, and the TCP header of the RST (RFC 9293
 /// 3.10.7.1: a packet with ACK is answered from its acknowledgment number;
 /// one without, with an ACK of everything it carried). The caller adds the
 /// checksum.
 #[inline(always)]
-fn fill_common<const IP: usize>(r: &mut Rst<IP>, o: &Original<impl Copy>, ether_type: [u8; 2]) {
-    r.eth[..6].copy_from_slice(&o.eth[6..12]);
-    r.eth[6..12].copy_from_slice(&o.eth[..6]);
-    r.eth[12..14].copy_from_slice(&ether_type);
+fn fill_common<const IP: usize>(
+    r: &mut Rst<IP>,
+    o: &Original<impl Copy>,
+    towards: Towards,
+    ether_type: u16,
+) {
+    fill_eth(&mut r.eth, &o.eth, towards, ether_type);
     let t = &mut r.tcp;
     *t = [0; TCP_HLEN];
     // Ports swapped: from the frontend's port to the client's.
@@ -222,38 +176,46 @@ fn fill_common<const IP: usize>(r: &mut Rst<IP>, o: &Original<impl Copy>, ether_
     t[12] = ((TCP_HLEN / 4) as u8) << 4;
 }
 
-#[inline(always)]
-fn fill4(r: &mut Rst4, o: &Original<u32>) {
-    fill_common(r, o, [0x08, 0x00]);
-    let total = (IPV4_HLEN + TCP_HLEN) as u16;
-    r.ip = [0; IPV4_HLEN];
-    r.ip[0] = 0x45;
-    r.ip[2..4].copy_from_slice(&total.to_be_bytes());
-    r.ip[6] = 0x40; // don't fragment, as the kernel's own RSTs
-    r.ip[8] = 64;
-    r.ip[9] = IPPROTO_TCP;
-    r.ip[12..16].copy_from_slice(&o.frontend.to_ne_bytes());
-    r.ip[16..20].copy_from_slice(&o.client.to_ne_bytes());
-    let ip_check = finish(sum(&r.ip));
-    r.ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    let pseudo = sum(&r.ip[12..20]) + IPPROTO_TCP as u32 + TCP_HLEN as u32;
-    let check = finish(pseudo + sum(&r.tcp));
-    r.tcp[16..18].copy_from_slice(&check.to_be_bytes());
+impl Answer for Rst<IPV4_HLEN> {
+    type Original = Original<u32>;
+
+    #[inline(always)]
+    fn fill(&mut self, o: &Original<u32>, towards: Towards) {
+        fill_common(self, o, towards, ETH_P_IP);
+        let total = (IPV4_HLEN + TCP_HLEN) as u16;
+        self.ip = [0; IPV4_HLEN];
+        self.ip[0] = 0x45;
+        self.ip[2..4].copy_from_slice(&total.to_be_bytes());
+        self.ip[6] = 0x40; // don't fragment, as the kernel's own RSTs
+        self.ip[8] = 64;
+        self.ip[9] = IPPROTO_TCP;
+        self.ip[12..16].copy_from_slice(&o.frontend.to_ne_bytes());
+        self.ip[16..20].copy_from_slice(&o.client.to_ne_bytes());
+        let ip_check = finish(sum(&self.ip));
+        self.ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+        let pseudo = sum(&self.ip[12..20]) + IPPROTO_TCP as u32 + TCP_HLEN as u32;
+        let check = finish(pseudo + sum(&self.tcp));
+        self.tcp[16..18].copy_from_slice(&check.to_be_bytes());
+    }
 }
 
-#[inline(always)]
-fn fill6(r: &mut Rst6, o: &Original<Addr6>) {
-    fill_common(r, o, [0x86, 0xdd]);
-    r.ip = [0; IPV6_HLEN];
-    r.ip[0] = 0x60;
-    r.ip[4..6].copy_from_slice(&(TCP_HLEN as u16).to_be_bytes());
-    r.ip[6] = IPPROTO_TCP;
-    r.ip[7] = 64;
-    for i in 0..4 {
-        r.ip[8 + 4 * i..12 + 4 * i].copy_from_slice(&o.frontend[i].to_ne_bytes());
-        r.ip[24 + 4 * i..28 + 4 * i].copy_from_slice(&o.client[i].to_ne_bytes());
+impl Answer for Rst<IPV6_HLEN> {
+    type Original = Original<Addr6>;
+
+    #[inline(always)]
+    fn fill(&mut self, o: &Original<Addr6>, towards: Towards) {
+        fill_common(self, o, towards, ETH_P_IPV6);
+        self.ip = [0; IPV6_HLEN];
+        self.ip[0] = 0x60;
+        self.ip[4..6].copy_from_slice(&(TCP_HLEN as u16).to_be_bytes());
+        self.ip[6] = IPPROTO_TCP;
+        self.ip[7] = 64;
+        for i in 0..4 {
+            self.ip[8 + 4 * i..12 + 4 * i].copy_from_slice(&o.frontend[i].to_ne_bytes());
+            self.ip[24 + 4 * i..28 + 4 * i].copy_from_slice(&o.client[i].to_ne_bytes());
+        }
+        let pseudo = sum(&self.ip[8..40]) + IPPROTO_TCP as u32 + TCP_HLEN as u32;
+        let check = finish(pseudo + sum(&self.tcp));
+        self.tcp[16..18].copy_from_slice(&check.to_be_bytes());
     }
-    let pseudo = sum(&r.ip[8..40]) + IPPROTO_TCP as u32 + TCP_HLEN as u32;
-    let check = finish(pseudo + sum(&r.tcp));
-    r.tcp[16..18].copy_from_slice(&check.to_be_bytes());
 }
