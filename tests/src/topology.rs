@@ -282,7 +282,7 @@ impl Link<'_> {
     }
 
     fn try_create(&self, node: &Netns) -> Result<()> {
-        node.add_veth(&self.node_iface, &self.leaf, LEAF_IFACE)?;
+        node.add_veth(&self.node_iface, self.leaf, LEAF_IFACE)?;
         node.ip(&[
             "addr",
             "add",
