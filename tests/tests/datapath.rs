@@ -16,6 +16,7 @@ use common::{
     },
 };
 use etherparse::PacketBuilder;
+use proxy_agent::datapath::conntrack::now;
 use proxy_common::{Counter, Ct4Entry, Ct4Key, names};
 use proxy_tests::manifests::{load_balancer, web_and_empty as services};
 
@@ -824,17 +825,6 @@ fn sctp_is_served_with_its_crc_updated_for_the_ports() {
     }
 }
 
-/// CLOCK_MONOTONIC_COARSE seconds: the clock conntrack entries remember.
-fn coarse_now() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u32
-}
-
 /// A lab serving `load_balancer()` from one backend (10.1.1.2:8080) with
 /// source NAT to 10.0.0.1, node ports `min..=max`, conntrack `ct_max`
 /// entries, on every hook.
@@ -908,7 +898,9 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
     let mut entry = ct
         .get(&node_port_key(61000), 0)
         .expect("the first flow's reply entry");
-    entry.last_seen = coarse_now().wrapping_sub(proxy_common::SNAT_IDLE_STREAM + 10);
+    entry.last_seen = now()
+        .expect("the conntrack clock")
+        .wrapping_sub(proxy_common::SNAT_IDLE_STREAM + 10);
     ct.insert(node_port_key(61000), entry, 0).expect("age it");
     let third = seen(&snat_flow(&lab, 50002).1);
     assert_eq!(
