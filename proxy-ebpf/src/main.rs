@@ -214,10 +214,7 @@ pub fn xdproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn xdproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
-    match sock::is_mapped4(&ctx) {
-        true => sock::peer::<V4, Mapped4>(&ctx),
-        false => sock::peer::<V6, User6>(&ctx),
-    }
+    peer6(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -227,9 +224,15 @@ pub fn xdproxy_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn xdproxy_getpeername6(ctx: SockAddrContext) -> i32 {
-    match sock::is_mapped4(&ctx) {
-        true => sock::peer::<V4, Mapped4>(&ctx),
-        false => sock::peer::<V6, User6>(&ctx),
+    peer6(&ctx)
+}
+
+/// The peer an IPv6 socket sees, for both hooks that show it.
+#[inline(always)]
+fn peer6(ctx: &SockAddrContext) -> i32 {
+    match sock::is_mapped4(ctx) {
+        true => sock::peer::<V4, Mapped4>(ctx),
+        false => sock::peer::<V6, User6>(ctx),
     }
 }
 

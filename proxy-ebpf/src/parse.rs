@@ -110,15 +110,22 @@ pub fn flow(start: usize, end: usize) -> Parsed {
     }
 }
 
+/// The header at `offset`; a packet that ends before it is counted as
+/// truncated.
 #[inline(always)]
-fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
-    let l3 = ETH_HLEN;
-    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, l3) else {
+fn header<'a, T>(start: usize, end: usize, offset: usize) -> Option<&'a T> {
+    let Some(at) = ptr_at::<T>(start, end, offset) else {
         maps::count(Counter::Truncated);
         return None;
     };
-    // SAFETY: bounds checked above.
-    let ip = unsafe { &*ip };
+    // SAFETY: ptr_at checked the bounds.
+    Some(unsafe { &*at })
+}
+
+#[inline(always)]
+fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
+    let l3 = ETH_HLEN;
+    let ip = header::<Ipv4Hdr>(start, end, l3)?;
     let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
     if ip.ver_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
         return None;
@@ -153,12 +160,7 @@ fn flow4(start: usize, end: usize) -> Option<Flow<u32>> {
 #[inline(always)]
 fn flow6(start: usize, end: usize) -> Option<Flow<Addr6>> {
     let l3 = ETH_HLEN;
-    let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, l3) else {
-        maps::count(Counter::Truncated);
-        return None;
-    };
-    // SAFETY: bounds checked above.
-    let ip = unsafe { &*ip };
+    let ip = header::<Ipv6Hdr>(start, end, l3)?;
     if u32::from_be(ip.ver_tc_flow) >> 28 != 6 {
         return None;
     }
@@ -199,12 +201,7 @@ pub struct Frag6Hdr {
 /// another protocol (SCTP's CRC covers the whole datagram).
 #[inline(always)]
 fn first_fragment6(start: usize, end: usize, at: usize) -> Option<u8> {
-    let Some(frag) = ptr_at::<Frag6Hdr>(start, end, at) else {
-        maps::count(Counter::Truncated);
-        return None;
-    };
-    // SAFETY: bounds checked above.
-    let frag = unsafe { &*frag };
+    let frag = header::<Frag6Hdr>(start, end, at)?;
     if !ours(frag.next_header) {
         return None;
     }

@@ -623,22 +623,10 @@ impl Reconciler {
             tables.release(old, maps, holds, report);
         }
         write_members(applied, later, backend_keys, holds, maps, report)?;
-        for backend in applied.members.clone().difference(&members) {
-            let key = backend_keys
-                .get(backend)
-                .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
-            maps.remove_member(member_key(id, *backend), key)?;
-            report.writes += 1;
-            applied.members.remove(backend);
-            applied.terminating.remove(backend);
-            holds.release(*backend);
-        }
-        for range in applied.ranges.clone().difference(&ranges) {
-            maps.remove_source_range(id, *range)?;
-            report.writes += 1;
-            applied.ranges.remove(range);
-        }
-        Ok(())
+        let gone: Vec<u32> = applied.members.difference(&members).copied().collect();
+        remove_members(applied, gone, backend_keys, holds, maps, report)?;
+        let gone: Vec<_> = applied.ranges.difference(&ranges).copied().collect();
+        remove_ranges(applied, gone, maps, report)
     }
 
     fn remove_frontend(
@@ -647,44 +635,41 @@ impl Reconciler {
         maps: &mut dyn Maps,
         report: &mut Report,
     ) -> anyhow::Result<()> {
-        let Reconciler {
-            frontends,
-            holds,
-            tables,
-            backend_keys,
-            ..
-        } = self;
-        let Some(applied) = frontends.get_mut(&frontend) else {
+        // Out of the map while its entries go, back in if one cannot.
+        let Some(mut applied) = self.frontends.remove(&frontend) else {
             return Ok(());
         };
+        if let Err(e) = self.clear_frontend(&frontend, &mut applied, maps, report) {
+            self.frontends.insert(frontend, applied);
+            return Err(e);
+        }
+        if let Some(owner) = &applied.owner {
+            remove_owned(&mut self.owners, owner, &frontend);
+        }
+        self.service_ids.give_back(applied.service_id);
+        Ok(())
+    }
+
+    /// Removes a frontend's service entry, table, members and ranges.
+    fn clear_frontend(
+        &mut self,
+        frontend: &Frontend,
+        applied: &mut Applied,
+        maps: &mut dyn Maps,
+        report: &mut Report,
+    ) -> anyhow::Result<()> {
         if applied.entry.is_some() {
-            maps.remove_service(&frontend)?;
+            maps.remove_service(frontend)?;
             report.writes += 1;
             applied.entry = None;
         }
         let table = std::mem::take(&mut applied.table);
-        tables.release(table, maps, holds, report);
-        for backend in applied.members.clone() {
-            let key = backend_keys
-                .get(&backend)
-                .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
-            maps.remove_member(member_key(applied.service_id, backend), key)?;
-            report.writes += 1;
-            applied.members.remove(&backend);
-            holds.release(backend);
-        }
-        for range in applied.ranges.clone() {
-            maps.remove_source_range(applied.service_id, range)?;
-            report.writes += 1;
-            applied.ranges.remove(&range);
-        }
-        let (id, owner) = (applied.service_id, applied.owner.clone());
-        self.frontends.remove(&frontend);
-        if let Some(owner) = owner {
-            remove_owned(&mut self.owners, &owner, &frontend);
-        }
-        self.service_ids.give_back(id);
-        Ok(())
+        self.tables.release(table, maps, &mut self.holds, report);
+        let gone: Vec<u32> = applied.members.iter().copied().collect();
+        let keys = &self.backend_keys;
+        remove_members(applied, gone, keys, &mut self.holds, maps, report)?;
+        let gone: Vec<_> = applied.ranges.iter().copied().collect();
+        remove_ranges(applied, gone, maps, report)
     }
 
     fn remove_unused_backends(&mut self, maps: &mut dyn Maps, report: &mut Report) {
@@ -773,6 +758,42 @@ fn write_members<'a>(
             true => applied.terminating.insert(backend),
             false => applied.terminating.remove(&backend),
         };
+    }
+    Ok(())
+}
+
+/// Removes the member entries of `gone`, releasing their backends.
+fn remove_members(
+    applied: &mut Applied,
+    gone: Vec<u32>,
+    backend_keys: &BTreeMap<u32, BackendKey>,
+    holds: &mut Holds,
+    maps: &mut dyn Maps,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    for backend in gone {
+        let key = backend_keys
+            .get(&backend)
+            .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
+        maps.remove_member(member_key(applied.service_id, backend), key)?;
+        report.writes += 1;
+        applied.members.remove(&backend);
+        applied.terminating.remove(&backend);
+        holds.release(backend);
+    }
+    Ok(())
+}
+
+fn remove_ranges<R: IntoIterator<Item = Cidr>>(
+    applied: &mut Applied,
+    gone: R,
+    maps: &mut dyn Maps,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    for range in gone {
+        maps.remove_source_range(applied.service_id, range)?;
+        report.writes += 1;
+        applied.ranges.remove(&range);
     }
     Ok(())
 }
