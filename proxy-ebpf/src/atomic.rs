@@ -3,7 +3,7 @@
 //! intrinsics lower to BPF_ATOMIC instructions (fetching forms need
 //! `-C target-cpu=v3`, kernel 5.12 or later).
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg};
 
 /// `*ptr += value`; the value before.
 ///
@@ -26,4 +26,16 @@ pub unsafe fn fetch_add(ptr: *mut u32, value: u32) -> u32 {
 pub unsafe fn swap(ptr: *mut u32, value: u32) -> u32 {
     // SAFETY: as the caller promised.
     unsafe { atomic_xchg::<u32, { AtomicOrdering::Relaxed }>(ptr, value) }
+}
+
+/// `*ptr = new` if it still holds `old`; true if it did.
+///
+/// # Safety
+/// As `fetch_add`.
+#[inline(always)]
+pub unsafe fn compare_exchange(ptr: *mut u32, old: u32, new: u32) -> bool {
+    // SAFETY: as the caller promised.
+    unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(ptr, old, new).1
+    }
 }

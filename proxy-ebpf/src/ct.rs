@@ -13,23 +13,26 @@
 //!   written at egress with the port.
 
 use proxy_common::{
-    CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
-    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, CT_UNREPLIED, Counter, IPPROTO_TCP,
-    SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
+    CT_EGRESS, CT_FORWARD, CT_REAP_WAIT, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED,
+    CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, CT_UNREPLIED, ClosedFlow, Counter,
+    IPPROTO_TCP, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
 };
 
 use crate::{
-    atomic,
-    ctmap::{CtMaps, Entry, Table, now},
+    atomic, closed,
+    ctmap::{self, CtMaps, Entry, Table, now},
     family::{Family, Target},
     maps::{self, CONFIG, CONNECTIONS},
-    parse::{Flow, TCP_SYN},
+    parse::{Flow, TCP_SYN, Tuple},
     snat,
     verdict::{Rewrite, Side, Verdict},
 };
 
 /// The kernel's answer to an insert into a full hash map.
 const E2BIG: i64 = 7;
+/// Most closed flows one new connection reclaims: each frees two entries
+/// or more, and twice what a connection takes keeps ahead of a churn.
+const RECLAIM_BATCH: u32 = 2;
 
 /// Why a new flow has no conntrack entries.
 pub enum Untracked {
@@ -61,20 +64,23 @@ pub fn closing(state: u8) -> bool {
 }
 
 /// The flow stops counting as an open connection of its backend (least
-/// connections), once, whichever CPU gets here first.
+/// connections), once, whichever CPU gets here first: true for the call
+/// that released it.
 #[inline(always)]
-pub fn release<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
+pub fn release<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) -> bool {
     if entry.active == 0 {
-        return;
+        return false;
     }
     let Some(active) = F::ct_active(of::<F>(flow, CT_FORWARD)) else {
-        return;
+        return false;
     };
     // SAFETY: a field of a live map value, 32-bit aligned.
-    if unsafe { atomic::swap(active, 0) } != 0 {
+    let released = unsafe { atomic::swap(active, 0) } != 0;
+    if released {
         // SAFETY: a field of the array value the closure is given.
         connections(entry.backend_id, |c| unsafe { &raw mut (*c).closed });
     }
+    released
 }
 
 /// Adds one to a backend's `lb_conns` field, atomically (all CPUs share it).
@@ -87,32 +93,122 @@ fn connections(backend_id: u32, field: impl Fn(*mut proxy_common::Connections) -
 }
 
 #[inline(always)]
-fn of<F: Family>(flow: &Flow<F::Addr>, direction: u8) -> F::CtKey {
+fn of<F: Family>(flow: &impl Tuple<F::Addr>, direction: u8) -> F::CtKey {
     F::Ct::key(
-        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, direction,
+        flow.saddr(),
+        flow.sport(),
+        flow.daddr(),
+        flow.dport(),
+        flow.proto(),
+        direction,
     )
 }
 
 /// The flow's forward entry, if it has one, with this packet taken in. A
-/// connection the client began closing stops counting as open.
+/// connection the client began closing stops counting as open, and joins
+/// the closed flows the datapath may reclaim.
 #[inline(always)]
 pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
     let entry = F::ct_get(of::<F>(flow, CT_FORWARD), Some(flow.tcp_flags))?;
-    if closing(entry.state) {
-        release::<F>(flow, &entry);
+    if closing(entry.state) && release::<F>(flow, &entry) {
+        closed::push::<F>(closed_flow(flow), now());
     }
     Some(entry)
 }
 
-/// Removes a flow whose backend is gone: its forward entry and the reply
-/// entry of whichever stage it has.
 #[inline(always)]
-pub fn forget<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
+fn closed_flow<A: Copy>(flow: &Flow<A>) -> ClosedFlow<A> {
+    ClosedFlow {
+        client_addr: flow.saddr,
+        frontend_addr: flow.daddr,
+        client_port: flow.sport,
+        frontend_port: flow.dport,
+        proto: flow.proto,
+        _pad: [0; 3],
+        closed_at: 0,
+        seq: 0,
+    }
+}
+
+/// Called as a connection opens: while new flows have found the table
+/// full (the overflow maps are in use, until the agent's garbage
+/// collection has emptied them), closed flows that are due give their
+/// entries up first, so that they never crowd out new ones, agent or not.
+/// Here, before the flow's own state is built, the stack has room for it.
+#[inline(always)]
+pub fn make_room<F: Family>() {
+    if ctmap::overflowed() {
+        reclaim::<F>();
+    }
+}
+
+/// Frees the entries of up to `RECLAIM_BATCH` closed flows that are due;
+/// true if any were freed. A
+/// flow whose port a new connection took, or that already went, is passed
+/// over; one that is not quiet in both directions yet (a half-closed
+/// connection still sending, a retransmission) goes back in the ring.
+#[inline(always)]
+fn reclaim<F: Family>() -> bool {
+    let now = now();
+    let mut freed = false;
+    for _ in 0..RECLAIM_BATCH {
+        let Some(closed) = closed::take_due::<F>(now) else {
+            break;
+        };
+        let Some(entry) = F::ct_get(of::<F>(closed, CT_FORWARD), None) else {
+            continue;
+        };
+        if !closing(entry.state) {
+            continue;
+        }
+        if !quiet::<F>(closed, &entry, now) {
+            closed::push::<F>(*closed, now);
+            continue;
+        }
+        forget::<F>(closed, &entry);
+        maps::count(Counter::CtReclaimed);
+        freed = true;
+    }
+    freed
+}
+
+/// True if neither direction of a closed flow has seen a packet for
+/// `CT_REAP_WAIT`, and the backend's side has closed too (or either side
+/// reset the connection).
+#[inline(always)]
+fn quiet<F: Family>(closed: &ClosedFlow<F::Addr>, forward: &Entry<F::Addr>, now: u32) -> bool {
+    let idle = |e: &Entry<F::Addr>| now.wrapping_sub(e.last_seen) >= CT_REAP_WAIT;
+    if !idle(forward) {
+        return false;
+    }
+    let back = |direction| F::ct_get(back::<F>(closed, forward, direction), None);
+    match back(CT_REPLY).or_else(|| back(CT_EGRESS)) {
+        Some(reply) => idle(&reply) && (closing(reply.state) || forward.state == CT_STATE_RST),
+        None => true,
+    }
+}
+
+/// The key of the flow's entry for packets coming back from its backend,
+/// at ingress (`CT_REPLY`) or egress (`CT_EGRESS`).
+#[inline(always)]
+fn back<F: Family>(flow: &impl Tuple<F::Addr>, to: &Entry<F::Addr>, direction: u8) -> F::CtKey {
+    F::Ct::key(
+        to.addr,
+        to.port,
+        flow.saddr(),
+        flow.sport(),
+        flow.proto(),
+        direction,
+    )
+}
+
+/// Removes a flow: its forward entry, the reply entry of whichever stage
+/// it has, and its source NAT entries.
+#[inline(always)]
+pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
     release::<F>(flow, entry);
     for direction in [CT_REPLY, CT_EGRESS] {
-        F::ct_remove(F::Ct::key(
-            entry.addr, entry.port, flow.saddr, flow.sport, flow.proto, direction,
-        ));
+        F::ct_remove(back::<F>(flow, entry, direction));
     }
     forget_source_nat::<F>(flow, (entry.addr, entry.port));
     F::ct_remove(of::<F>(flow, CT_FORWARD));
@@ -121,13 +217,14 @@ pub fn forget<F: Family>(flow: &Flow<F::Addr>, entry: &Entry<F::Addr>) {
 /// Removes the flow's source NAT entries towards `backend`, if it has
 /// them: the egress entry names the node port the reply entry is keyed by.
 #[inline(always)]
-fn forget_source_nat<F: Family>(flow: &Flow<F::Addr>, (addr, port): (F::Addr, u16)) {
-    let out = F::Ct::key(flow.saddr, flow.sport, addr, port, flow.proto, CT_EGRESS);
+fn forget_source_nat<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Addr, u16)) {
+    let (proto, sport) = (flow.proto(), flow.sport());
+    let out = F::Ct::key(flow.saddr(), sport, addr, port, proto, CT_EGRESS);
     if let Some(node) = F::ct_get(out, None) {
         // Port 0: none picked yet (see `snat`).
         if node.port != 0 {
             F::ct_remove(F::Ct::key(
-                addr, port, node.addr, node.port, flow.proto, CT_REPLY,
+                addr, port, node.addr, node.port, proto, CT_REPLY,
             ));
         }
         F::ct_remove(out);

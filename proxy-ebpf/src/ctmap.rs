@@ -103,7 +103,7 @@ pub trait CtMaps {
 /// True while the overflow maps may hold entries. Until a flow overflows,
 /// a conntrack miss costs no second hash lookup.
 #[inline(always)]
-fn overflowed() -> bool {
+pub fn overflowed() -> bool {
     OVERFLOWED.get(0).is_some_and(|v| *v != 0)
 }
 

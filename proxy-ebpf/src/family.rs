@@ -4,16 +4,17 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    Addr6, Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Ct4Key, Ct6Key,
-    Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4, SourceRange6, csum::Words,
+    Addr6, Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, ClosedFlow, Ct4Key,
+    Ct6Key, Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4, SourceRange6,
+    csum::Words,
 };
 
 use crate::{
     ctmap::{self, Ct4, Ct6, CtMaps, Entry, Table},
     hash::AddrHash,
     maps::{
-        AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, MEMBERS4, MEMBERS6, SERVICES4, SERVICES6,
-        SOURCE_RANGES4, SOURCE_RANGES6,
+        AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH, MEMBERS4,
+        MEMBERS6, SERVICES4, SERVICES6, SOURCE_RANGES4, SOURCE_RANGES6,
     },
     parse::{Ipv4Hdr, Ipv6Hdr},
 };
@@ -28,7 +29,7 @@ pub struct Target<A> {
 }
 
 pub trait Family {
-    type Addr: Copy + PartialEq + AddrHash + Words;
+    type Addr: Copy + PartialEq + AddrHash + Words + 'static;
     type CtKey: Copy;
     /// The family's conntrack maps.
     type Ct: CtMaps<Addr = Self::Addr, Key = Self::CtKey>;
@@ -39,6 +40,8 @@ pub trait Family {
     const SADDR: usize;
     const DADDR: usize;
     const HEADER_CHECK: Option<usize>;
+    /// The family's entry in `ct_closed_ends`.
+    const RING: u32;
 
     /// The entry of a frontend for clients of `scope` (`SCOPE_*`).
     fn service(addr: Self::Addr, port: u16, proto: u8, scope: u8) -> Option<Service>;
@@ -83,6 +86,12 @@ pub trait Family {
         ctmap::active::<Self::Ct>(key)
     }
 
+    /// A slot of the family's closed-flow ring (`ct4_closed`/`ct6_closed`).
+    fn closed_slot(index: u32) -> Option<*mut ClosedFlow<Self::Addr>>;
+    /// This CPU's room for a closed flow taken off the ring: off the stack,
+    /// which the paths that reclaim flows have no room left on.
+    fn closed_scratch() -> Option<&'static mut ClosedFlow<Self::Addr>>;
+
     fn affinity_get(service_id: u32, client: Self::Addr) -> Option<*mut AffinityEntry>;
     fn affinity_insert(service_id: u32, client: Self::Addr, entry: AffinityEntry);
 
@@ -112,6 +121,7 @@ macro_rules! family {
             daddr: $daddr:expr,
             header_check: $check:expr,
             ct: $ct:ident($ct_key:ty),
+            closed: $closed:ident[$ring:expr]($scratch:ident),
             services: $services:ident($frontend:ident),
             backends: $backends:ident($backend:ty),
             members: $members:ident,
@@ -130,6 +140,7 @@ macro_rules! family {
             const SADDR: usize = $saddr;
             const DADDR: usize = $daddr;
             const HEADER_CHECK: Option<usize> = $check;
+            const RING: u32 = $ring;
 
             #[inline(always)]
             fn service(addr: $addr, port: u16, proto: u8, scope: u8) -> Option<Service> {
@@ -153,6 +164,20 @@ macro_rules! family {
             fn member(key: MemberKey) -> Option<Target<$addr>> {
                 // SAFETY: a copy out of a live map value.
                 $members.get_ptr(key).map(|b| Target::from(unsafe { &*b }))
+            }
+
+            #[inline(always)]
+            fn closed_slot(index: u32) -> Option<*mut ClosedFlow<$addr>> {
+                $closed.get_ptr_mut(index)
+            }
+
+            #[inline(always)]
+            fn closed_scratch() -> Option<&'static mut ClosedFlow<$addr>> {
+                // SAFETY: per-CPU, and used by one reclaim at a time (see
+                // `ct::reclaim`).
+                CT_SCRATCH
+                    .get_ptr_mut(0)
+                    .map(|s| unsafe { &mut (*s).$scratch })
             }
 
             #[inline(always)]
@@ -212,6 +237,7 @@ family!(V4 {
     daddr: 16,
     header_check: Some(10),
     ct: Ct4(Ct4Key),
+    closed: CLOSED4[0](closed4),
     services: SERVICES4(Frontend4),
     backends: BACKENDS4(Backend4),
     members: MEMBERS4,
@@ -227,6 +253,7 @@ family!(V6 {
     daddr: 24,
     header_check: None,
     ct: Ct6(Ct6Key),
+    closed: CLOSED6[1](closed6),
     services: SERVICES6(Frontend6),
     backends: BACKENDS6(Backend6),
     members: MEMBERS6,

@@ -49,6 +49,9 @@ pub enum Pick {
 /// it is still a member of the service, otherwise to a newly chosen one.
 #[inline(always)]
 fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
+    if flow.opens() {
+        ct::make_room::<F>();
+    }
     let pick = match ct::forward::<F>(flow) {
         Some(entry) => match established::<F>(flow, service, &entry) {
             Some(verdict) => return verdict,
@@ -132,7 +135,8 @@ fn overflow<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Ad
 
 /// A packet of a flow conntrack knows: its verdict, or None if the flow
 /// must be given a backend anew (its connection closed and a new one
-/// reuses the port, or its backend left and it is not TCP).
+/// reuses the port, or its backend left and it is not TCP); the old flow's
+/// entries are gone then.
 #[inline(always)]
 fn established<F: Family>(
     flow: &Flow<F::Addr>,
@@ -153,11 +157,14 @@ fn established<F: Family>(
                 _ => Verdict::Drop,
             });
         }
-        ct::release::<F>(flow, entry);
+        ct::forget::<F>(flow, entry);
         return None;
     };
+    // A new connection on a closed one's port takes over: the old flow's
+    // entries go now, or its reply entry (keyed by its own backend) would
+    // stay behind until garbage collection, which needs the agent.
     if flow.opens() && ct::closing(entry.state) {
-        ct::release::<F>(flow, entry);
+        ct::forget::<F>(flow, entry);
         return None;
     }
     if service.flags & SVC_AFFINITY != 0 {

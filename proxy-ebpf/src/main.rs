@@ -33,6 +33,7 @@ mod abort;
 mod affinity;
 mod atomic;
 mod bench;
+mod closed;
 mod ct;
 mod ctmap;
 mod family;

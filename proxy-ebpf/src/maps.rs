@@ -6,12 +6,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, Connections,
-    Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key,
-    Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_OVERFLOW,
-    MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES,
-    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6,
-    SockNat6Key, SourceRange4, SourceRange6,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, ClosedFlow4,
+    ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key,
+    Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS,
+    MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, RingEnds, Service, ServiceStats,
+    SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
@@ -46,6 +46,17 @@ pub static OVERFLOW4: LruHashMap<Ct4Key, Ct4Entry, { MAX_CT_OVERFLOW as usize }>
 #[btf_map(name = "ct6_overflow")]
 pub static OVERFLOW6: LruHashMap<Ct6Key, Ct6Entry, { MAX_CT_OVERFLOW as usize }> =
     LruHashMap::new();
+
+// Closed flows, oldest first, for the datapath to reclaim when conntrack
+// is full (see `closed`). Arrays used as rings.
+#[btf_map(name = "ct4_closed")]
+pub static CLOSED4: Array<ClosedFlow4, { MAX_CT_CLOSED as usize }> = Array::new();
+
+#[btf_map(name = "ct6_closed")]
+pub static CLOSED6: Array<ClosedFlow6, { MAX_CT_CLOSED as usize }> = Array::new();
+
+#[btf_map(name = "ct_closed_ends")]
+pub static CLOSED_ENDS: Array<RingEnds, 2> = Array::new();
 
 /// Non-zero while the overflow maps may hold entries (see `ctmap`).
 #[btf_map(name = "ct_overflowed")]
@@ -90,6 +101,9 @@ pub struct CtScratch {
     pub value4: Ct4Entry,
     pub key6: Ct6Key,
     pub value6: Ct6Entry,
+    /// A closed flow taken off its ring (see `closed`).
+    pub closed4: ClosedFlow4,
+    pub closed6: ClosedFlow6,
 }
 
 #[btf_map(name = "ct_scratch")]

@@ -65,6 +65,39 @@ pub struct Flow<A> {
     pub tcp_flags: u8,
 }
 
+/// What names a flow: addresses, ports and protocol as its client sent
+/// them. A parsed packet has them, and so does a flow remembered elsewhere.
+pub trait Tuple<A> {
+    fn saddr(&self) -> A;
+    fn daddr(&self) -> A;
+    fn sport(&self) -> u16;
+    fn dport(&self) -> u16;
+    fn proto(&self) -> u8;
+}
+
+impl<A: Copy> Tuple<A> for Flow<A> {
+    #[inline(always)]
+    fn saddr(&self) -> A {
+        self.saddr
+    }
+    #[inline(always)]
+    fn daddr(&self) -> A {
+        self.daddr
+    }
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        self.sport
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
+pub mod churn;
 pub mod clients;
 pub mod manifests;
 pub mod netns;

@@ -25,12 +25,12 @@ use aya::{
     },
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Counter, Ct4Entry, Ct4Key,
-    Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT,
-    Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
-    SourceRange6, names, programs,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, ClosedFlow4, ClosedFlow6,
+    Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key,
+    Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED,
+    MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT,
+    MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT, RingEnds, Service, ServiceStats, SlotKey,
+    SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, names, programs,
 };
 
 use super::iface::Hook;
@@ -255,6 +255,9 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::OVERFLOW4 => kv::<Ct4Key, Ct4Entry>(sizes.overflow),
         names::OVERFLOW6 => kv::<Ct6Key, Ct6Entry>(sizes.overflow),
         names::OVERFLOWED => kv::<u32, u32>(1),
+        names::CLOSED4 => kv::<u32, ClosedFlow4>(MAX_CT_CLOSED),
+        names::CLOSED6 => kv::<u32, ClosedFlow6>(MAX_CT_CLOSED),
+        names::CLOSED_ENDS => kv::<u32, RingEnds>(2),
         names::SOCK_NAT4 => kv::<SockNat4Key, SockNat4>(MAX_SOCK_NAT),
         names::SOCK_NAT6 => kv::<SockNat6Key, SockNat6>(MAX_SOCK_NAT),
         names::FRAGMENTS4 => kv::<Frag4Key, Frag4Entry>(MAX_FRAGMENTS),

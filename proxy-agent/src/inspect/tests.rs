@@ -458,7 +458,7 @@ fn counters_are_named_in_index_order() {
         "{json}"
     );
     assert!(
-        json.ends_with(r#""fragment_untracked":24,"counter_25":7}}"#),
+        json.ends_with(r#""ct_reclaimed":25,"counter_26":7}}"#),
         "{json}"
     );
     let text = table::counters(&report);

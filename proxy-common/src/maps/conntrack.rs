@@ -109,6 +109,53 @@ pub struct Ct6Entry {
     pub active: u32,
 }
 
+/// A closed flow waiting in `ct4_closed`/`ct6_closed` (rings the datapath
+/// fills as flows close): its tuple as the client sent it to the
+/// frontend. When a new flow finds the conntrack table full, the datapath
+/// removes the oldest of these whose both directions have been closed and
+/// idle for `CT_REAP_WAIT`, so that closed flows never crowd out new ones,
+/// even with no agent collecting garbage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClosedFlow<A> {
+    pub client_addr: A,
+    pub frontend_addr: A,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    /// Coarse seconds when the flow was put in the ring.
+    pub closed_at: u32,
+    /// The ring position this slot was last written for: a slot whose
+    /// position is not the one read is being written, or was written over.
+    pub seq: u32,
+}
+
+pub type ClosedFlow4 = ClosedFlow<u32>;
+pub type ClosedFlow6 = ClosedFlow<Addr6>;
+
+/// The ends of a closed-flow ring, one entry per family in `ct_closed_ends`
+/// (0: IPv4, 1: IPv6): positions only grow (wrapping), a slot is
+/// `position % MAX_CT_CLOSED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RingEnds {
+    /// The next position to reap.
+    pub head: u32,
+    /// The next position to fill.
+    pub tail: u32,
+}
+
+/// Slots of each closed-flow ring: a power of two. Flows closing faster
+/// than this many per `CT_REAP_WAIT` overwrite older slots, whose flows
+/// are then left to garbage collection.
+pub const MAX_CT_CLOSED: u32 = 65_536;
+
+/// Seconds a closed flow keeps its entries, in both directions, before the
+/// datapath may take them for a new flow: time enough for the last ACK and
+/// a retransmitted FIN.
+pub const CT_REAP_WAIT: u32 = 2;
+
 /// Seconds without a packet after which a flow's source NAT port may go to
 /// a new flow: long for TCP and SCTP (idle connections are common), short
 /// for UDP. Without this, ports would stay taken until LRU eviction.
@@ -124,4 +171,7 @@ mod pod {
     unsafe impl aya::Pod for Ct4Entry {}
     unsafe impl aya::Pod for Ct6Key {}
     unsafe impl aya::Pod for Ct6Entry {}
+    unsafe impl aya::Pod for ClosedFlow4 {}
+    unsafe impl aya::Pod for ClosedFlow6 {}
+    unsafe impl aya::Pod for RingEnds {}
 }

@@ -29,6 +29,10 @@ pub const OVERFLOW6: &str = "ct6_overflow";
 /// Non-zero while the overflow maps may hold entries: the datapath
 /// looks there only then.
 pub const OVERFLOWED: &str = "ct_overflowed";
+/// Rings of closed flows, and their ends (see `ClosedFlow`).
+pub const CLOSED4: &str = "ct4_closed";
+pub const CLOSED6: &str = "ct6_closed";
+pub const CLOSED_ENDS: &str = "ct_closed_ends";
 
 // Socket-level load balancing (`socket`).
 /// Per socket, its backend for a frontend and the frontend behind a
@@ -55,7 +59,10 @@ pub const BENCH_PACKET: &str = "bench_packet";
 pub const BENCH_TARGET: &str = "bench_target";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 30] = [
+    CLOSED4,
+    CLOSED6,
+    CLOSED_ENDS,
     FRAGMENTS4,
     FRAGMENTS6,
     SOCK_NAT4,

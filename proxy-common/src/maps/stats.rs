@@ -113,10 +113,13 @@ pub enum Counter {
     /// tell), or a translated first fragment whose entry could not be
     /// written.
     FragmentUntracked = 24,
+    /// A closed flow whose entries the datapath took back for a new flow
+    /// that found conntrack full (see `ClosedFlow`).
+    CtReclaimed = 25,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NoBackend,
         Counter::CtInsertFailed,
@@ -143,6 +146,7 @@ impl Counter {
         Counter::IcmpErrorFailed,
         Counter::FragmentTracked,
         Counter::FragmentUntracked,
+        Counter::CtReclaimed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -172,6 +176,7 @@ impl Counter {
             Counter::IcmpErrorFailed => "icmp_error_failed",
             Counter::FragmentTracked => "fragment_tracked",
             Counter::FragmentUntracked => "fragment_untracked",
+            Counter::CtReclaimed => "ct_reclaimed",
         }
     }
 }
