@@ -161,7 +161,10 @@ fn hostname() -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Milliseconds: start-up and sync times are read off the log.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     match Cli::parse().command {
         Command::Run(args) => run::run(args.config()?).await,
         Command::Plan {

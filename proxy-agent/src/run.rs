@@ -79,8 +79,17 @@ pub struct RunConfig {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // The API server's lists travel while the datapath loads: the kernel's
+    // verifier takes most of a second over the programs.
+    let kube = match &config.source {
+        Source::Manifests(_) => None,
+        Source::Kubernetes {
+            kubeconfig,
+            apiserver,
+        } => Some(KubeStart::begin(kubeconfig.as_deref(), apiserver.as_deref(), &config).await?),
+    };
     let earlier = loader::pin_dir(&config.bpffs).exists();
-    let (loaded, maps, watcher) = match start(&config) {
+    let (loaded, maps, watcher) = match tokio::task::block_in_place(|| start(&config)) {
         Ok(started) => started,
         // An earlier agent's datapath keeps serving; a new one is not left
         // half-attached.
@@ -109,24 +118,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .map(|_| Arc::new(stale::Sweeper::new(&config.bpffs)));
     programmer.reconciler.set_slot_budget(config.slot_budget);
     let mut signals = Signals::new()?;
-    match &config.source {
-        Source::Manifests(path) => {
+    match (&config.source, kube) {
+        (Source::Manifests(path), _) => {
             let source = ManifestSource::new(path, config.node.clone());
             manifest_loop(source, config.poll, &mut programmer, &mut signals).await
         }
-        Source::Kubernetes {
-            kubeconfig,
-            apiserver,
-        } => {
-            let bootstrap = kubernetes::config(kubeconfig.as_deref(), apiserver.as_deref()).await?;
-            let route = Route::new(bootstrap, apiserver.is_some());
-            if config.node_config.hash_key.is_none() {
-                node.cluster_key = cluster_key(route.bootstrap_client()?).await;
+        (Source::Kubernetes { .. }, Some(mut kube)) => {
+            if let Some(key) = kube.cluster_key.take() {
+                node.cluster_key = key.await.unwrap_or_else(|_| nodeconfig::key_of(""));
                 programmer.reconciler.set_node(node);
             }
             let store = ClusterStore::new(config.node.clone());
             kube_loop(
-                route,
+                kube,
                 &config.node_name,
                 store,
                 &mut programmer,
@@ -134,6 +138,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             )
             .await?
         }
+        (Source::Kubernetes { .. }, None) => anyhow::bail!("the API server's watches never began"),
     }
     log::info!(
         "exiting; the datapath stays in place under {} with the last programmed state \
@@ -141,6 +146,43 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         pins.display()
     );
     Ok(())
+}
+
+/// The Kubernetes source from before the datapath loads: its watches
+/// already listing, their events queued, and the cluster's hash key on
+/// its way.
+struct KubeStart {
+    route: Route,
+    changes: (
+        mpsc::UnboundedSender<Change>,
+        mpsc::UnboundedReceiver<Change>,
+    ),
+    watches: kubernetes::Watches,
+    /// None: `--hash-key` gave it.
+    cluster_key: Option<tokio::task::JoinHandle<nodeconfig::Key>>,
+}
+
+impl KubeStart {
+    async fn begin(
+        kubeconfig: Option<&Path>,
+        apiserver: Option<&str>,
+        config: &RunConfig,
+    ) -> anyhow::Result<KubeStart> {
+        let bootstrap = kubernetes::config(kubeconfig, apiserver).await?;
+        let route = Route::new(bootstrap, apiserver.is_some());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watches = kubernetes::watch(route.bootstrap_client()?, &config.node_name, tx.clone());
+        let cluster_key = match config.node_config.hash_key {
+            Some(_) => None,
+            None => Some(tokio::spawn(cluster_key(route.bootstrap_client()?))),
+        };
+        Ok(KubeStart {
+            route,
+            changes: (tx, rx),
+            watches,
+            cluster_key,
+        })
+    }
 }
 
 /// Reserves the source NAT ports on the node and picks the hash keys (the
@@ -274,15 +316,19 @@ async fn manifest_loop(
 }
 
 async fn kube_loop(
-    mut route: Route,
+    kube: KubeStart,
     node_name: &str,
     mut store: ClusterStore,
     programmer: &mut Programmer,
     signals: &mut Signals,
 ) -> anyhow::Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    // Kept alive by the binding: dropping the watches stops them.
-    let mut _watches = kubernetes::watch(route.bootstrap_client()?, node_name, tx.clone());
+    let KubeStart {
+        mut route,
+        changes: (tx, mut rx),
+        // Kept alive by the binding: dropping the watches stops them.
+        watches: mut _watches,
+        ..
+    } = kube;
     let mut health = ApiHealth::default();
     loop {
         tokio::select! {
