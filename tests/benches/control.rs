@@ -199,7 +199,7 @@ fn print(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:>9} | {:>15.0?} | {:>12} | {:>10.2?} | {:>10.2?} | {:>10} MiB",
+            "{:>9} | {:>15.2?} | {:>12} | {:>10.2?} | {:>10.2?} | {:>10} MiB",
             r.services,
             r.full_sync,
             r.programming,
