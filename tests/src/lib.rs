@@ -11,6 +11,7 @@ pub mod apiserver;
 pub mod cgroup;
 pub mod churn;
 pub mod clients;
+pub mod kubeproxy;
 pub mod manifests;
 pub mod netns;
 pub mod node;

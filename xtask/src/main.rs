@@ -82,6 +82,8 @@ fn main() -> anyhow::Result<()> {
             };
             bench("datapath")?;
             bench("sockets")?;
+            toolchain::bench_tools()?;
+            bench("sidebyside")?;
             // The control-plane bench runs the agent built for release.
             cmd::run(build::host_cargo(&object).args([
                 "build",

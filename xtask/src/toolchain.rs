@@ -134,13 +134,31 @@ fn find_bpf_linker() -> Option<PathBuf> {
 
 /// The command-line tools the tests and the demo run.
 pub fn system_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = SYSTEM_TOOLS
+    tools(&SYSTEM_TOOLS)
+}
+
+/// What the side-by-side benchmark loads kube-proxy's rules with.
+const BENCH_TOOLS: [(&str, &str); 3] = [
+    ("iptables-legacy-restore", "iptables"),
+    ("iptables-nft-restore", "iptables"),
+    ("nft", "nftables"),
+];
+
+/// The command-line tools the benchmarks run, besides the tests' own.
+pub fn bench_tools() -> anyhow::Result<()> {
+    tools(&BENCH_TOOLS)
+}
+
+fn tools(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(tool, _)| !on_path(tool))
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
-        println!("xtask: found ip, nsenter and bpftool");
+        let names: Vec<&str> = wanted.iter().map(|(tool, _)| *tool).collect();
+        println!("xtask: found {}", names.join(", "));
         return Ok(());
     }
     apt_install(&missing)
