@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod churn;
 pub mod clients;
 pub mod kubeproxy;
+pub mod lab;
 pub mod manifests;
 pub mod netns;
 pub mod node;

@@ -24,12 +24,9 @@ use proxy_common::{
     CT_FORWARD, CT_STATE_ESTABLISHED, Counter, Ct4Entry, Ct4Key, IPPROTO_TCP, names,
 };
 use proxy_tests::{
-    agent::Agent,
     clients::{HttpConn, new_connections, new_udp_flows},
-    manifests::{self, HTTP_PORT, ManifestFile, UDP_PORT, VIP},
-    netns::unique_prefix,
-    servers::Servers,
-    topology::Topology,
+    lab::WebLab,
+    manifests::{HTTP_PORT, UDP_PORT, VIP},
 };
 
 const BACKENDS: usize = 3;
@@ -61,13 +58,21 @@ fn udp_vip() -> SocketAddr {
     SocketAddrV4::new(VIP, UDP_PORT).into()
 }
 
-/// Fields drop in order: the agent (it cleans its pins), the servers, the
-/// namespaces, the manifest directory.
-struct Lab {
-    agent: Agent,
-    _servers: Vec<Servers>,
-    topology: Topology,
-    _manifest: ManifestFile,
+/// The web Service behind an agent with `FLAGS` (or others), and what
+/// these tests read of its conntrack.
+struct Lab(WebLab);
+
+impl std::ops::Deref for Lab {
+    type Target = WebLab;
+    fn deref(&self) -> &WebLab {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut WebLab {
+        &mut self.0
+    }
 }
 
 impl Lab {
@@ -77,22 +82,7 @@ impl Lab {
 
     /// With these agent flags, and `extra` appended to the manifest.
     fn start_with(flags: &[&str], extra: &str) -> anyhow::Result<Lab> {
-        let topology = Topology::build(&unique_prefix("ovf"), BACKENDS)?;
-        topology.finish_checksums_on_node_egress()?;
-        let servers = topology.start_servers()?;
-        let all: Vec<usize> = (0..BACKENDS).collect();
-        let manifest = ManifestFile::new(
-            &format!("overflow-{}", topology.prefix()),
-            &(manifests::web(&all) + extra),
-        )?;
-        let ifaces = topology.agent_ifaces("");
-        let agent = Agent::start_flags(&topology.node, manifest.path(), &ifaces, flags)?;
-        Ok(Lab {
-            agent,
-            _servers: servers,
-            topology,
-            _manifest: manifest,
-        })
+        WebLab::start("ovf", BACKENDS, extra, flags).map(Lab)
     }
 
     fn ct4(&self) -> anyhow::Result<HashMap<MapData, Ct4Key, Ct4Entry>> {
@@ -111,15 +101,6 @@ impl Lab {
     fn overflowed(&self) -> anyhow::Result<u32> {
         let flag: Array<MapData, u32> = pinned(self, names::OVERFLOWED)?;
         Ok(flag.get(&0, 0)?)
-    }
-
-    fn counter(&self, counter: Counter) -> anyhow::Result<u64> {
-        Ok(self
-            .agent
-            .counters()?
-            .get(counter.name())
-            .copied()
-            .unwrap_or(0))
     }
 
     fn new_connections(&self, n: usize) -> anyhow::Result<BTreeMap<String, usize>> {
@@ -199,7 +180,7 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
 
     let mut ct4 = lab.ct4()?;
     let filler = fill(&mut ct4)?;
-    let full_before = lab.counter(Counter::CtFull)?;
+    let full_before = lab.counter(Counter::CtFull.name())?;
     ensure!(lab.overflowed()? == 0, "nothing overflowed before the fill");
 
     let tcp = lab.new_connections(30)?;
@@ -209,13 +190,13 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
         "new connections hashed over all backends: {tcp:?}"
     );
     ensure!(udp.len() > 1, "new UDP flows hashed over backends: {udp:?}");
-    let full = lab.counter(Counter::CtFull)? - full_before;
+    let full = lab.counter(Counter::CtFull.name())? - full_before;
     ensure!(
         full >= 50,
         "ct_full counted {full} new flows, not at least 50"
     );
     ensure!(
-        lab.counter(Counter::CtInsertFailed)? == 0,
+        lab.counter(Counter::CtInsertFailed.name())? == 0,
         "no insert failed"
     );
     ensure!(lab.overflowed()? == 1, "the overflow table is in use");
@@ -245,10 +226,10 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
     for key in &filler[..64] {
         ct4.remove(key).context("freeing a ct4 entry")?;
     }
-    let full_before = lab.counter(Counter::CtFull)?;
+    let full_before = lab.counter(Counter::CtFull.name())?;
     lab.new_connections(10)?;
     ensure!(
-        lab.counter(Counter::CtFull)? == full_before,
+        lab.counter(Counter::CtFull.name())? == full_before,
         "flows fit in ct4 again"
     );
     ensure!(lab.overflowed()? == 0 && lab.overflow_len()? == 0);

@@ -26,53 +26,35 @@ use proxy_agent::datapath::{
     conntrack::{CtKey, Record},
     pinned::Pins,
 };
-use proxy_common::{CT_FORWARD, CT_REPLY, Ct4Entry, Ct4Key, names};
+use proxy_common::{CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, names};
 use proxy_tests::{
-    agent::Agent,
     churn::{Churned, Load, churn},
-    manifests::{self, HTTP_PORT, ManifestFile, VIP},
-    netns::unique_prefix,
-    servers::Servers,
-    topology::Topology,
+    lab::WebLab,
+    manifests::{HTTP_PORT, VIP},
 };
 
 const BACKENDS: usize = 3;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Fields drop in order: the agent's pins, the servers, the namespaces, the
-/// manifest directory.
-struct Lab {
-    agent: Agent,
-    _servers: Vec<Servers>,
-    topology: Topology,
-    _manifest: ManifestFile,
-}
+/// The web Service behind an agent that was killed.
+struct Lab(WebLab);
 
 impl Lab {
     /// The agent started with `--conntrack-max max`, one flow through it,
     /// then killed; the client's ports are `ports`.
     fn alone(tag: &str, max: u32, ports: (u16, u16)) -> anyhow::Result<Lab> {
-        let topology = Topology::build(&unique_prefix(tag), BACKENDS)?;
-        topology.finish_checksums_on_node_egress()?;
-        let servers = topology.start_servers()?;
-        let all: Vec<usize> = (0..BACKENDS).collect();
-        let manifest = ManifestFile::new(
-            &format!("standalone-{}", topology.prefix()),
-            &manifests::web(&all),
-        )?;
+        let max = max.to_string();
+        let mut lab = Lab(WebLab::start(
+            tag,
+            BACKENDS,
+            "",
+            &["--conntrack-max", &max],
+        )?);
         let range = format!("{}\t{}", ports.0, ports.1);
-        topology
+        lab.0
+            .topology
             .client
             .sysctl("net.ipv4.ip_local_port_range", &range)?;
-        let ifaces = topology.agent_ifaces("");
-        let flags = ["--conntrack-max", &max.to_string()];
-        let agent = Agent::start_flags(&topology.node, manifest.path(), &ifaces, &flags)?;
-        let mut lab = Lab {
-            agent,
-            _servers: servers,
-            topology,
-            _manifest: manifest,
-        };
         let warm = lab.churn(Load {
             threads: 1,
             run: Duration::from_millis(200),
@@ -83,13 +65,13 @@ impl Lab {
             warm.connections > 0 && warm.failures == 0,
             "before the agent stopped: {warm:?}"
         );
-        lab.agent.kill()?;
+        lab.0.agent.kill()?;
         Ok(lab)
     }
 
     fn churn(&self, load: Load) -> anyhow::Result<Churned> {
         let vip = SocketAddrV4::new(VIP, HTTP_PORT).into();
-        let run = churn(&self.topology.client, vip, load)?;
+        let run = churn(&self.0.topology.client, vip, load)?;
         eprintln!(
             "churn without the agent: {} connections in {:.1?} ({:.0}/s)",
             run.connections,
@@ -106,12 +88,8 @@ impl Lab {
         Ok(run)
     }
 
-    fn counter(&self, name: &str) -> anyhow::Result<u64> {
-        Ok(self.agent.counters()?.get(name).copied().unwrap_or(0))
-    }
-
     fn ct4_records(&self) -> anyhow::Result<Vec<Record<SocketAddr>>> {
-        let pins = Pins::at(self.agent.bpffs());
+        let pins = Pins::at(self.0.bpffs());
         let map: HashMap<MapData, Ct4Key, Ct4Entry> = pins.map(names::CONNTRACK4)?;
         map.iter()
             .map(|entry| {
@@ -132,7 +110,7 @@ fn without_its_agent_a_reused_port_takes_over_its_old_flow() -> anyhow::Result<(
     let lab = Lab::alone("alone", 65_536, PORTS)?;
     // The client closes first: its ports in TIME_WAIT come round again
     // after a second.
-    lab.topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    lab.0.topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let run = lab.churn(Load {
         threads: 8,
         run: Duration::from_secs(20),
@@ -144,7 +122,7 @@ fn without_its_agent_a_reused_port_takes_over_its_old_flow() -> anyhow::Result<(
         "only {} connections: the client's {ports} ports were not reused",
         run.connections
     );
-    let full = lab.counter("ct_full")?;
+    let full = lab.0.counter(Counter::CtFull.name())?;
     ensure!(full == 0, "{full} new flows found conntrack full");
     let entries = lab.ct4_records()?;
     // A flow here has a forward and a reply entry; a port, one flow.
@@ -184,7 +162,10 @@ fn without_its_agent_closed_flows_make_room_for_new_ones() -> anyhow::Result<()>
         "only {} connections: too few to fill the table",
         run.connections
     );
-    let (full, reclaimed) = (lab.counter("ct_full")?, lab.counter("ct_reclaimed")?);
+    let (full, reclaimed) = (
+        lab.0.counter(Counter::CtFull.name())?,
+        lab.0.counter(Counter::CtReclaimed.name())?,
+    );
     eprintln!("ct_full {full}, ct_reclaimed {reclaimed}");
     ensure!(reclaimed > 0, "no closed flow was reclaimed");
     // Only flows that met the table full before the first reclaim.
