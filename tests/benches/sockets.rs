@@ -9,21 +9,13 @@
 //! node pays), and to the ClusterIP through the hooks. Each connection is
 //! opened, then closed with a RST (SO_LINGER 0) so no TIME_WAIT builds up.
 
-use std::{
-    fs,
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{fs, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
 use proxy_tests::{
     agent::Agent,
+    cgroup,
+    connrate::{ShortServer, connect_round},
     manifests::{self, BACKEND_HTTP_PORT, HTTP_PORT, VIP},
     netns::{Netns, unique_prefix},
     topology::{Topology, backend_addr},
@@ -56,37 +48,20 @@ fn main() -> anyhow::Result<()> {
         bail!("the benchmark needs root");
     }
     let topology = Topology::build(&unique_prefix("bsk"), 1)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let _server = serve(&topology.backends[0], Arc::clone(&stop))?;
+    let _server = ShortServer::start(&topology.backends[0], BACKEND_HTTP_PORT, 2)?;
     let dir = std::env::temp_dir().join(format!("xdproxy-{}", topology.prefix()));
     fs::create_dir_all(&dir).context("manifest dir")?;
     let manifest = dir.join("web.yaml");
     manifests::write(&manifest, &manifests::web(&[0]))?;
     let agent = Agent::start(&topology.node, &manifest, &[])?;
-    let home = own_cgroup()?;
+    let home = cgroup::current()?;
     let result = measure(&topology.node, &agent, &home);
     // Out of the agent's cgroup before it is removed.
-    let back = move_to(&home);
-    stop.store(true, Ordering::Relaxed);
+    let back = cgroup::enter(&home);
     drop(agent);
     back?;
     print(&result?);
     Ok(())
-}
-
-/// Accepts and drops connections until `stop`.
-fn serve(ns: &Netns, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let addr = SocketAddr::from(([0, 0, 0, 0], BACKEND_HTTP_PORT));
-    let listener = ns.run(move || TcpListener::bind(addr))??;
-    listener.set_nonblocking(true)?;
-    Ok(std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((stream, _)) => drop(stream),
-                Err(_) => std::thread::sleep(Duration::from_micros(50)),
-            }
-        }
-    }))
 }
 
 /// Connect latencies (sorted) and connections per second of each round.
@@ -107,75 +82,22 @@ fn measure(node: &Netns, agent: &Agent, home: &Path) -> anyhow::Result<Vec<Sampl
     for _ in 0..ROUNDS {
         for (i, way) in Way::ALL.iter().enumerate() {
             // A socket is served by the cgroup of the process that made it.
-            move_to(if *way == Way::Direct { home } else { &hooked })?;
+            cgroup::enter(if *way == Way::Direct { home } else { &hooked })?;
             let target = match way {
                 Way::ClusterIp => SocketAddr::from((VIP, HTTP_PORT)),
                 _ => SocketAddr::from((backend_addr(0), BACKEND_HTTP_PORT)),
             };
-            let (latencies, elapsed) = node.run(move || round(target))??;
-            samples[i]
-                .rates
-                .push(PER_ROUND as f64 / elapsed.as_secs_f64());
-            samples[i].latencies.extend(latencies);
+            let round = node.run(move || connect_round(&[target], PER_ROUND))??;
+            samples[i].rates.push(round.per_second());
+            samples[i].latencies.extend(round.latencies);
         }
     }
-    move_to(home)?;
+    cgroup::enter(home)?;
     for s in &mut samples {
         s.latencies.sort();
         s.rates.sort_by(f64::total_cmp);
     }
     Ok(samples)
-}
-
-fn round(target: SocketAddr) -> anyhow::Result<(Vec<Duration>, Duration)> {
-    let mut latencies = Vec::with_capacity(PER_ROUND);
-    let started = Instant::now();
-    for _ in 0..PER_ROUND {
-        let t = Instant::now();
-        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))
-            .with_context(|| format!("connect to {target}"))?;
-        latencies.push(t.elapsed());
-        reset_on_close(&stream)?;
-    }
-    Ok((latencies, started.elapsed()))
-}
-
-fn reset_on_close(stream: &TcpStream) -> anyhow::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_LINGER");
-    }
-    Ok(())
-}
-
-/// The cgroup v2 directory this process is in now.
-fn own_cgroup() -> anyhow::Result<PathBuf> {
-    let text = fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
-    let relative = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .context("no cgroup v2 line in /proc/self/cgroup")?;
-    let mount = proxy_tests::cgroup::mount()?;
-    Ok(mount.join(relative.trim_start_matches('/')))
-}
-
-fn move_to(dir: &Path) -> anyhow::Result<()> {
-    let procs = dir.join("cgroup.procs");
-    fs::write(&procs, std::process::id().to_string())
-        .with_context(|| format!("moving into {}", dir.display()))
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> Duration {

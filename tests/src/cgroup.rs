@@ -160,3 +160,21 @@ impl Drop for Cgroup {
         }
     }
 }
+
+/// The cgroup v2 directory this process is in now.
+pub fn current() -> Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 line in /proc/self/cgroup")?;
+    Ok(mount()?.join(relative.trim_start_matches('/')))
+}
+
+/// Moves this whole process (every thread) into the cgroup at `dir`: the
+/// sockets it makes from then on are served by that cgroup's hooks.
+pub fn enter(dir: &Path) -> Result<()> {
+    let procs = dir.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("moving into {}", dir.display()))
+}

@@ -27,8 +27,12 @@ use anyhow::{Context, bail, ensure};
 use crate::netns::Netns;
 
 /// The pod network kube-proxy is told (`--cluster-cidr`): traffic from
-/// elsewhere to a Service is masqueraded.
-pub const CLUSTER_CIDR: &str = "10.64.0.0/10";
+/// elsewhere to a Service is masqueraded. It holds the bench's client
+/// (10.0.1.2), which stands for a pod, as xdproxy treats it: a pod's
+/// connection to a cluster IP keeps its source address. (Masqueraded, each
+/// endpoint would have only the node's ports for every client, and
+/// conntrack keeps a port for 120 s after a close.)
+pub const CLUSTER_CIDR: &str = "10.0.0.0/8";
 
 /// One Service port and its ready endpoints.
 #[derive(Clone, Debug)]
@@ -65,12 +69,16 @@ impl Mode {
         }
     }
 
-    /// The program that loads this mode's rules from standard input.
-    fn loader(self) -> (&'static str, &'static [&'static str]) {
-        match self {
-            Mode::IptablesLegacy => ("iptables-legacy-restore", &["--noflush"]),
-            Mode::IptablesNft => ("iptables-nft-restore", &["--noflush"]),
-            Mode::Nftables => ("nft", &["-f", "-"]),
+    /// The program that loads this mode's rules from standard input, as
+    /// kube-proxy runs it (`--noflush` for the restores), or replacing the
+    /// tables the rules name.
+    fn loader(self, noflush: bool) -> (&'static str, &'static [&'static str]) {
+        match (self, noflush) {
+            (Mode::IptablesLegacy, true) => ("iptables-legacy-restore", &["--noflush"]),
+            (Mode::IptablesLegacy, false) => ("iptables-legacy-restore", &[]),
+            (Mode::IptablesNft, true) => ("iptables-nft-restore", &["--noflush"]),
+            (Mode::IptablesNft, false) => ("iptables-nft-restore", &[]),
+            (Mode::Nftables, _) => ("nft", &["-f", "-"]),
         }
     }
 
@@ -92,7 +100,29 @@ impl Mode {
         rules: &str,
         limit: Duration,
     ) -> anyhow::Result<Option<Duration>> {
-        let (program, args) = self.loader();
+        self.run_loader(true, ns, rules, limit)
+    }
+
+    /// Puts `rules` into `ns` for traffic to go through, the quickest way
+    /// the tool has: the iptables restores replace the nat table instead of
+    /// merging into it, which is the same result in a namespace that holds
+    /// nothing else (and `iptables-nft-restore --noflush` is quadratic in
+    /// the number of chains). nftables' rules go on top of what is there:
+    /// `flush` first when reloading.
+    pub fn install(self, ns: &Netns, rules: &str) -> anyhow::Result<Duration> {
+        const INSTALL_LIMIT: Duration = Duration::from_secs(600);
+        self.run_loader(false, ns, rules, INSTALL_LIMIT)?
+            .with_context(|| format!("{} took over {INSTALL_LIMIT:?}", self.name()))
+    }
+
+    fn run_loader(
+        self,
+        noflush: bool,
+        ns: &Netns,
+        rules: &str,
+        limit: Duration,
+    ) -> anyhow::Result<Option<Duration>> {
+        let (program, args) = self.loader(noflush);
         let started = Instant::now();
         let mut child = ns
             .command(program)

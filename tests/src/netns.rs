@@ -156,7 +156,8 @@ impl Netns {
                 self.name
             )
         })?;
-        if actual.trim() != value.trim() {
+        // Multi-value keys read back tab-separated.
+        if actual.split_whitespace().ne(value.split_whitespace()) {
             bail!(
                 "sysctl {key} in network namespace {} reads {:?} after writing {value:?}",
                 self.name,

@@ -71,20 +71,8 @@ fn main() -> anyhow::Result<()> {
                 "--bench",
                 "maglev",
             ]))?;
-            let bench = |name: &str| {
-                cmd::run(build::host_cargo(&object).args([
-                    "bench",
-                    "--package",
-                    "proxy-tests",
-                    "--bench",
-                    name,
-                ]))
-            };
-            bench("datapath")?;
-            bench("sockets")?;
-            toolchain::bench_tools()?;
-            bench("sidebyside")?;
-            // The control-plane bench runs the agent built for release.
+            // Built before the benches that start the agent: a bench binary
+            // looks for it beside itself, in target/release.
             cmd::run(build::host_cargo(&object).args([
                 "build",
                 "--release",
@@ -92,11 +80,17 @@ fn main() -> anyhow::Result<()> {
                 "proxy-agent",
             ]))?;
             let agent = build::root().join("target/release/proxy-agent");
-            cmd::run(
-                build::host_cargo(&object)
-                    .env("PROXY_AGENT_BIN", agent)
-                    .args(["bench", "--package", "proxy-tests", "--bench", "control"]),
-            )
+            let bench = |name: &str| {
+                cmd::run(
+                    build::host_cargo(&object)
+                        .env("PROXY_AGENT_BIN", &agent)
+                        .args(["bench", "--package", "proxy-tests", "--bench", name]),
+                )
+            };
+            bench("datapath")?;
+            bench("sockets")?;
+            bench("sidebyside")?;
+            bench("control")
         }
     }
 }

@@ -25,11 +25,16 @@ const LLVM_DEV: [&str; 5] = [
     "zlib1g-dev",
     "libxml2-dev",
 ];
-/// Tools the tests and the demo use besides the compilers.
-const SYSTEM_TOOLS: [(&str, &str); 3] = [
+/// Tools the tests, the benches and the demo use besides the compilers
+/// (the side-by-side bench and its test load kube-proxy's rules with the
+/// iptables and nftables tools).
+const SYSTEM_TOOLS: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("bpftool", "bpftool"),
+    ("iptables-legacy-restore", "iptables"),
+    ("iptables-nft-restore", "iptables"),
+    ("nft", "nftables"),
 ];
 
 /// How to invoke cargo for the eBPF crate.
@@ -135,18 +140,6 @@ fn find_bpf_linker() -> Option<PathBuf> {
 /// The command-line tools the tests and the demo run.
 pub fn system_tools() -> anyhow::Result<()> {
     tools(&SYSTEM_TOOLS)
-}
-
-/// What the side-by-side benchmark loads kube-proxy's rules with.
-const BENCH_TOOLS: [(&str, &str); 3] = [
-    ("iptables-legacy-restore", "iptables"),
-    ("iptables-nft-restore", "iptables"),
-    ("nft", "nftables"),
-];
-
-/// The command-line tools the benchmarks run, besides the tests' own.
-pub fn bench_tools() -> anyhow::Result<()> {
-    tools(&BENCH_TOOLS)
 }
 
 fn tools(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
