@@ -1,6 +1,7 @@
-//! `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), which aya 0.14 lacks: reads a hash
-//! map thousands of entries per syscall, where aya's iterator takes two
-//! syscalls (next key, lookup) per entry.
+//! `BPF_MAP_LOOKUP_BATCH` and `BPF_MAP_UPDATE_BATCH` (Linux 5.6), which
+//! aya 0.14 lacks: reads a hash map thousands of entries per syscall, where
+//! aya's iterator takes two syscalls (next key, lookup) per entry, and
+//! writes thousands per syscall, where aya's insert writes one.
 //!
 //! The kernel walks the map bucket by bucket, copying each bucket whole
 //! under its lock, and hands back the index of the next bucket as the
@@ -30,6 +31,9 @@ pub const MAX_BATCH: u32 = 1 << 16;
 
 /// `enum bpf_cmd`'s `BPF_MAP_LOOKUP_BATCH`.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `enum bpf_cmd`'s `BPF_MAP_UPDATE_BATCH`.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// The kernel's internal "not supported", which bpf(2) passes through for
 /// map types without batch operations; libc does not name it.
@@ -95,6 +99,94 @@ where
         cursor = Some(next);
     }
     Ok(Some(entries))
+}
+
+/// How far a batched write got: the entries before `written` are in the
+/// map, the one at `written` failed with `error`, and those after it were
+/// not tried.
+#[derive(Debug)]
+pub struct Stopped {
+    pub written: usize,
+    pub error: io::Error,
+}
+
+/// Writes `entries` into `map` in order, `BATCH` per call, stopping at the
+/// first the kernel refuses (a full map, say). `Ok(false)`: the kernel
+/// lacks the command and nothing was written; write them one by one.
+pub fn update_all<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    entries: &[(K, V)],
+) -> Result<bool, Stopped> {
+    let fd = map.map().fd().as_fd();
+    let mut done = 0;
+    for chunk in entries.chunks(BATCH as usize) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        // SAFETY: aya checked, when it typed the map, that it is a hash map
+        // (not per-CPU) whose keys and values are the sizes of K and V.
+        let (n, error) = unsafe { update_call(fd, &keys, &values) };
+        done += n;
+        match error {
+            None if n == chunk.len() => {}
+            Some(e) if done == 0 && is_unsupported(&e) => return Ok(false),
+            error => {
+                let error =
+                    error.unwrap_or_else(|| io::Error::other("the batch write stopped early"));
+                return Err(Stopped {
+                    written: done,
+                    error,
+                });
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn is_unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (as many of each):
+/// how many the kernel wrote, and its error if it stopped.
+///
+/// # Safety
+///
+/// The map behind `fd` must be a hash map (not per-CPU) whose keys and
+/// values are the sizes of K and V.
+unsafe fn update_call<K, V>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
+    let count = keys.len().min(values.len());
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the kernel reads `count` keys and values of the map's sizes,
+    // which the slices hold (the caller's promise on the sizes), and
+    // writes how many it wrote into the attribute; all live until it
+    // returns.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    let error = (rc != 0).then(io::Error::last_os_error);
+    // The kernel reports at most what was asked; never trust more.
+    ((attr.count as usize).min(count), error)
 }
 
 fn too_big() -> io::Error {
@@ -293,6 +385,57 @@ mod tests {
         assert_eq!(pairs, [(1, 10), (2, 20)]);
         // A trailing partial key is not a key.
         assert_eq!(decode::<u32, u16>(&keys[..7], &values, 9).count(), 1);
+    }
+
+    /// Whether a test that needs a kernel map can make one: root, or a
+    /// failure under CI=true.
+    fn may_create_maps(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test} needs root to create a BPF map; CI=true, so this is a failure"
+        );
+        eprintln!("NOT RUN: {test} needs root to create a BPF map");
+        false
+    }
+
+    #[test]
+    fn a_batched_write_stops_at_the_first_entry_a_full_map_refuses() {
+        if !may_create_maps("a_batched_write_stops_at_the_first_entry_a_full_map_refuses") {
+            return;
+        }
+        let mut map = HashMap::<MapData, u32, u64>::create(8, 0).expect("a hash map of 8");
+        let entries: Vec<(u32, u64)> = (0..10).map(|k| (k, u64::from(k) * 3)).collect();
+        let stopped = update_all(&mut map, &entries).expect_err("two too many");
+        assert_eq!(stopped.written, 8);
+        assert_eq!(stopped.error.raw_os_error(), Some(libc::E2BIG));
+        for k in 0..8 {
+            assert_eq!(map.get(&k, 0).expect("written"), u64::from(k) * 3);
+        }
+        assert!(map.get(&8, 0).is_err());
+        // Keys already there are replaced, even in a full map.
+        let again: Vec<(u32, u64)> = (0..8).map(|k| (k, 7)).collect();
+        assert!(update_all(&mut map, &again).expect("all replaced"));
+        assert_eq!(map.get(&5, 0).expect("replaced"), 7);
+    }
+
+    #[test]
+    fn a_batched_write_spans_several_calls() {
+        if !may_create_maps("a_batched_write_spans_several_calls") {
+            return;
+        }
+        let n = BATCH * 2 + 5;
+        let mut map = HashMap::<MapData, u32, u32>::create(n, 0).expect("a hash map");
+        let entries: Vec<(u32, u32)> = (0..n).map(|k| (k, !k)).collect();
+        assert!(update_all(&mut map, &entries).expect("all written"));
+        let read = lookup_all(&map, usize::MAX)
+            .expect("read")
+            .expect("batch reads");
+        assert_eq!(read.len(), n as usize);
+        assert!(read.iter().all(|(k, v)| *v == !*k));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use anyhow::Context;
 use std::net::IpAddr;
 
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{
         Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
@@ -15,11 +15,14 @@ use proxy_common::{
     Service, ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
 };
 
-use super::keys::{self, BackendValue, FrontendKey};
+use super::{
+    batch,
+    keys::{self, BackendValue, FrontendKey},
+};
 use crate::{
     cidr::Cidr,
     model::Frontend,
-    reconcile::{BackendKey, Maps, Member, NodeEntry, ServiceEntry, Slot, Snapshot},
+    reconcile::{BackendKey, Maps, Member, NodeEntry, Partial, ServiceEntry, Slot, Snapshot, each},
 };
 
 /// One family's maps.
@@ -230,7 +233,109 @@ fn written(result: Result<(), MapError>, what: &str) -> anyhow::Result<()> {
     result.with_context(|| format!("writing {what}"))
 }
 
+/// Writes `entries` into `map` in order, in few syscalls (one each where
+/// the kernel has no batches), stopping at the first failure.
+fn write_all<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    entries: &[(K, V)],
+    name: &str,
+) -> Result<(), Partial> {
+    match batch::update_all(map, entries) {
+        Ok(true) => Ok(()),
+        Ok(false) => each(entries, |(k, v)| written(map.insert(k, v, 0), name)),
+        Err(stopped) => Err(Partial {
+            written: stopped.written,
+            error: anyhow::Error::new(stopped.error).context(format!("writing {name}")),
+        }),
+    }
+}
+
+/// Writes (key, backend) pairs into the map of each backend's family,
+/// runs of one family at a time in order, stopping at the first failure.
+fn write_backends<K: Pod>(
+    items: &[(K, BackendValue)],
+    v4: (&mut HashMap<MapData, K, Backend4>, &str),
+    v6: (&mut HashMap<MapData, K, Backend6>, &str),
+) -> Result<(), Partial> {
+    let family = |v: &BackendValue| matches!(v, BackendValue::V6(_));
+    let mut offset = 0;
+    for run in items.chunk_by(|a, b| family(&a.1) == family(&b.1)) {
+        let result = if family(&run[0].1) {
+            let entries: Vec<(K, Backend6)> = (run.iter())
+                .filter_map(|(k, v)| match v {
+                    BackendValue::V6(b) => Some((*k, *b)),
+                    BackendValue::V4(_) => None,
+                })
+                .collect();
+            write_all(v6.0, &entries, v6.1)
+        } else {
+            let entries: Vec<(K, Backend4)> = (run.iter())
+                .filter_map(|(k, v)| match v {
+                    BackendValue::V4(b) => Some((*k, *b)),
+                    BackendValue::V6(_) => None,
+                })
+                .collect();
+            write_all(v4.0, &entries, v4.1)
+        };
+        result.map_err(|p| Partial {
+            written: offset + p.written,
+            error: p.error,
+        })?;
+        offset += run.len();
+    }
+    Ok(())
+}
+
+/// A member's value: its backend, flagged if it is terminating.
+fn member_value(backend: &BackendKey, terminating: bool) -> BackendValue {
+    let flags = if terminating { BACKEND_TERMINATING } else { 0 };
+    match keys::backend(backend) {
+        BackendValue::V4(b) => BackendValue::V4(Backend4 { flags, ..b }),
+        BackendValue::V6(b) => BackendValue::V6(Backend6 { flags, ..b }),
+    }
+}
+
 impl Maps for MapSet {
+    fn set_backends(&mut self, backends: &[(u32, BackendKey)]) -> Result<(), Partial> {
+        let items: Vec<(u32, BackendValue)> = (backends.iter())
+            .map(|(id, b)| (*id, keys::backend(b)))
+            .collect();
+        write_backends(
+            &items,
+            (&mut self.v4.backends, names::BACKENDS4),
+            (&mut self.v6.backends, names::BACKENDS6),
+        )
+    }
+
+    fn set_slots(&mut self, table: u32, backends: &[u32]) -> Result<(), Partial> {
+        let entries: Vec<(SlotKey, u32)> = (0u32..)
+            .zip(backends)
+            .map(|(index, b)| (keys::slot(Slot { table, index }), *b))
+            .collect();
+        write_all(&mut self.slots, &entries, names::SLOTS)
+    }
+
+    fn set_members(
+        &mut self,
+        service_id: u32,
+        members: &[(u32, BackendKey, bool)],
+    ) -> Result<(), Partial> {
+        let items: Vec<(MemberKey, BackendValue)> = (members.iter())
+            .map(|(backend_id, b, terminating)| {
+                let member = Member {
+                    service_id,
+                    backend_id: *backend_id,
+                };
+                (keys::member(member), member_value(b, *terminating))
+            })
+            .collect();
+        write_backends(
+            &items,
+            (&mut self.v4.members, names::MEMBERS4),
+            (&mut self.v6.members, names::MEMBERS6),
+        )
+    }
+
     fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
         match keys::backend(backend) {
             BackendValue::V4(b) => written(self.v4.backends.insert(id, b, 0), names::BACKENDS4),
@@ -279,16 +384,9 @@ impl Maps for MapSet {
         terminating: bool,
     ) -> anyhow::Result<()> {
         let key = keys::member(member);
-        let flags = if terminating { BACKEND_TERMINATING } else { 0 };
-        match keys::backend(backend) {
-            BackendValue::V4(b) => {
-                let b = Backend4 { flags, ..b };
-                written(self.v4.members.insert(key, b, 0), names::MEMBERS4)
-            }
-            BackendValue::V6(b) => {
-                let b = Backend6 { flags, ..b };
-                written(self.v6.members.insert(key, b, 0), names::MEMBERS6)
-            }
+        match member_value(backend, terminating) {
+            BackendValue::V4(b) => written(self.v4.members.insert(key, b, 0), names::MEMBERS4),
+            BackendValue::V6(b) => written(self.v6.members.insert(key, b, 0), names::MEMBERS6),
         }
     }
 

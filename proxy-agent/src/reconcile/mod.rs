@@ -68,6 +68,58 @@ pub trait Maps {
     fn set_config(&mut self, node: &NodeEntry) -> anyhow::Result<()>;
     /// Zeroes a service id's statistics before the id is used again.
     fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()>;
+
+    // Several entries of one map at once, in order, stopping at the first
+    // that fails; the kernel maps write them in few syscalls (a first pass
+    // writes hundreds of thousands).
+
+    fn set_backends(&mut self, backends: &[(u32, BackendKey)]) -> Result<(), Partial> {
+        each(backends, |(id, b)| self.set_backend(*id, b))
+    }
+
+    /// Slots 0.. of table `table`, naming `backends`.
+    fn set_slots(&mut self, table: u32, backends: &[u32]) -> Result<(), Partial> {
+        let slots: Vec<(Slot, u32)> = (0u32..)
+            .zip(backends)
+            .map(|(index, b)| (Slot { table, index }, *b))
+            .collect();
+        each(&slots, |(slot, b)| self.set_slot(*slot, *b))
+    }
+
+    /// Member entries of `service_id`: (backend id, backend, terminating).
+    fn set_members(
+        &mut self,
+        service_id: u32,
+        members: &[(u32, BackendKey, bool)],
+    ) -> Result<(), Partial> {
+        each(members, |(backend_id, b, terminating)| {
+            let member = Member {
+                service_id,
+                backend_id: *backend_id,
+            };
+            self.set_member(member, b, *terminating)
+        })
+    }
+}
+
+/// How far a write of several entries got: those before `written` are in
+/// the map, the one at `written` failed with `error`, the rest were not
+/// tried.
+#[derive(Debug)]
+pub struct Partial {
+    pub written: usize,
+    pub error: anyhow::Error,
+}
+
+/// `write` for each item in order, stopping at the first failure.
+pub fn each<T>(
+    items: &[T],
+    mut write: impl FnMut(&T) -> anyhow::Result<()>,
+) -> Result<(), Partial> {
+    for (written, item) in items.iter().enumerate() {
+        write(item).map_err(|error| Partial { written, error })?;
+    }
+    Ok(())
 }
 
 /// The frontends each changed Service wants now (empty: it is gone).
@@ -494,30 +546,39 @@ impl Reconciler {
         report: &mut Report,
     ) {
         let wanted = changes.iter().flat_map(|(_, wanted)| wanted.iter());
+        let mut new: Vec<(u32, BackendKey)> = Vec::new();
+        let mut seen = BTreeSet::new();
         for (frontend, state) in wanted {
             for addr in state.backends.iter().chain(&state.terminating) {
                 let key = backend_key(*addr, frontend.protocol);
-                if self.backends.contains_key(&key) {
+                if self.backends.contains_key(&key) || !seen.insert(key) {
                     continue;
                 }
                 let Some(id) = self.backend_ids.take() else {
                     report.errors.push(format!("no backend id left for {addr}"));
                     continue;
                 };
-                match maps.set_backend(id, &key) {
-                    Ok(()) => {
-                        report.writes += 1;
-                        self.backends.insert(key, id);
-                        self.backend_keys.insert(id, key);
-                        // Unused until a slot names it.
-                        self.holds.maybe_unused.insert(id);
-                    }
-                    Err(e) => {
-                        self.backend_ids.give_back(id);
-                        report.errors.push(format!("backend {addr}: {e:#}"));
-                    }
-                }
+                new.push((id, key));
             }
+        }
+        let mut rest = new.as_slice();
+        while !rest.is_empty() {
+            let (written, failed) = match maps.set_backends(rest) {
+                Ok(()) => (rest.len(), None),
+                Err(p) => (p.written.min(rest.len() - 1), Some(p.error)),
+            };
+            for (id, key) in &rest[..written] {
+                report.writes += 1;
+                self.backends.insert(*key, *id);
+                self.backend_keys.insert(*id, *key);
+                // Unused until a slot names it.
+                self.holds.maybe_unused.insert(*id);
+            }
+            let Some(e) = failed else { break };
+            let (id, key) = rest[written];
+            self.backend_ids.give_back(id);
+            report.errors.push(format!("backend {}: {e:#}", key.addr));
+            rest = &rest[written + 1..];
         }
     }
 
@@ -737,6 +798,8 @@ fn write_members<'a>(
     maps: &mut dyn Maps,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let mut unknown = None;
+    let mut writes = Vec::new();
     for (&backend, &terminating) in members {
         if applied.members.contains(&backend)
             && !applied.stale_members.contains(&backend)
@@ -744,10 +807,19 @@ fn write_members<'a>(
         {
             continue;
         }
-        let key = backend_keys
-            .get(&backend)
-            .ok_or_else(|| anyhow::anyhow!("backend {backend} unknown"))?;
-        maps.set_member(member_key(applied.service_id, backend), key, terminating)?;
+        match backend_keys.get(&backend) {
+            Some(key) => writes.push((backend, *key, terminating)),
+            None => {
+                unknown = Some(anyhow::anyhow!("backend {backend} unknown"));
+                break;
+            }
+        }
+    }
+    let (written, failed) = match maps.set_members(applied.service_id, &writes) {
+        Ok(()) => (writes.len(), unknown),
+        Err(p) => (p.written.min(writes.len()), Some(p.error)),
+    };
+    for &(backend, _, terminating) in &writes[..written] {
         report.writes += 1;
         // A member entry holds its backend like a slot does.
         if applied.members.insert(backend) {
@@ -759,7 +831,7 @@ fn write_members<'a>(
             false => applied.terminating.remove(&backend),
         };
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Removes the member entries of `gone`, releasing their backends.

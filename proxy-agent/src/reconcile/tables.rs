@@ -155,17 +155,21 @@ impl SlotTables {
             .ids
             .take()
             .ok_or_else(|| anyhow::anyhow!("no slot table id left"))?;
-        for (slot, backend) in slots.iter().enumerate() {
-            if let Err(e) = maps.set_slot(slot_key(id, slot), *backend) {
-                // What was written goes again, and the id with it.
-                let written = (0..slot).map(|s| (s as u32, Some(slots[s]))).collect();
-                self.doom(id, written, true);
-                self.delete(id, maps, holds, report);
-                return Err(e);
-            }
+        let (written, failed) = match maps.set_slots(id, slots) {
+            Ok(()) => (slots.len(), None),
+            Err(p) => (p.written.min(slots.len()), Some(p.error)),
+        };
+        for backend in &slots[..written] {
             self.used += 1;
             holds.hold(*backend);
             report.writes += 1;
+        }
+        if let Some(e) = failed {
+            // What was written goes again, and the id with it.
+            let written = (0..written).map(|s| (s as u32, Some(slots[s]))).collect();
+            self.doom(id, written, true);
+            self.delete(id, maps, holds, report);
+            return Err(e);
         }
         let table = SlotTable {
             slots: slots.to_vec(),
