@@ -176,17 +176,28 @@ unsafe fn update_call<K, V>(
     // which the slices hold (the caller's promise on the sizes), and
     // writes how many it wrote into the attribute; all live until it
     // returns.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
+    let rc = unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) };
     let error = (rc != 0).then(io::Error::last_os_error);
     // The kernel reports at most what was asked; never trust more.
     ((attr.count as usize).min(count), error)
+}
+
+/// bpf(2) with a batch command.
+///
+/// # Safety
+///
+/// Every pointer in `attr` must be valid for what `cmd` reads and writes
+/// through it until the call returns.
+unsafe fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> libc::c_long {
+    // SAFETY: the caller's promise; the attribute is as large as said.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    }
 }
 
 fn too_big() -> io::Error {
@@ -280,14 +291,7 @@ impl Buffers {
         // promise on the sizes), a u32 token to `next`, and `count` into
         // the attribute; it reads a u32 token from `cursor`. All of these
         // live until the call returns.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
+        let rc = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let error = io::Error::last_os_error();
         // The kernel reports at most what was asked; never trust more.
         let count = attr.count.min(self.count);
