@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use proxy_tests::{
     agent::Agent,
     cgroup,
-    connrate::{ShortServer, connect_round},
+    connrate::{ShortServer, connect_round, quantile},
     manifests::{self, BACKEND_HTTP_PORT, HTTP_PORT, VIP},
     netns::{Netns, unique_prefix},
     topology::{Topology, backend_addr},
@@ -98,11 +98,6 @@ fn measure(node: &Netns, agent: &Agent, home: &Path) -> anyhow::Result<Vec<Sampl
         s.rates.sort_by(f64::total_cmp);
     }
     Ok(samples)
-}
-
-fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted.get(i).copied().unwrap_or_default()
 }
 
 fn print(samples: &[Samples]) {

@@ -73,7 +73,9 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool) {
             // A client that resets before its request is normal here.
             Ok((stream, _)) => drop(answer(stream)),
             Err(e) if e.kind() == ErrorKind::WouldBlock => wait_readable(listener),
-            Err(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // Out of descriptors, say: do not spin while it lasts.
+            Err(_) => thread::sleep(Duration::from_millis(1)),
         }
     }
 }
@@ -127,6 +129,13 @@ pub fn connect_round(targets: &[SocketAddr], count: usize) -> Result<Round> {
         latencies,
         elapsed: started.elapsed(),
     })
+}
+
+/// The `q` quantile (0..=1) of latencies sorted in ascending order; zero
+/// for none.
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
 }
 
 /// Makes the close of `stream` send a RST and keep no TIME_WAIT.

@@ -78,7 +78,8 @@ impl Way {
 pub struct Traffic {
     /// Connections per second of each round.
     pub conn_rates: Vec<f64>,
-    /// Every connect latency of every round.
+    /// Every connect latency of every round, in ascending order once
+    /// measured.
     pub latencies: Vec<Duration>,
     /// Requests per second of each round.
     pub request_rates: Vec<f64>,
@@ -219,6 +220,9 @@ impl Lanes {
                 );
                 traffic.add(connects, reqs);
             }
+        }
+        for (_, traffic) in &mut out {
+            traffic.latencies.sort();
         }
         Ok(out)
     }

@@ -4,7 +4,10 @@
 
 use std::{fmt::Write as _, time::Duration};
 
-use proxy_tests::plot::{self, Panel, Series};
+use proxy_tests::{
+    connrate::quantile,
+    plot::{self, Panel, Series},
+};
 
 use crate::{
     Samples,
@@ -131,11 +134,4 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn quantile(values: &[Duration], q: f64) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted.get(i).copied().unwrap_or_default()
 }
