@@ -3,19 +3,25 @@
 //!
 //! A flow to a frontend F from client C, sent to backend B, has:
 //! - FORWARD (C -> F) at ingress: destination becomes B;
-//! - the reply (B -> C): source becomes F, at ingress (REPLY) for cluster
-//!   IPs, at egress (EGRESS) for frontends that may be the node's own
-//!   addresses and for source-NATed flows.
-//! With source NAT to node address N and port p, also:
-//! - EGRESS (C -> B): source becomes N:p, after the node forwarded it;
-//!   written here with port 0, the port picked at egress (see `snat`);
-//! - REPLY (B -> N:p) with CT_REWRITE_DST: destination becomes C again,
+//! - REPLY (B -> C): source becomes F, at ingress, or at egress
+//!   (`CT_AT_EGRESS`) for frontends that may be the node's own addresses
+//!   and for source-NATed flows.
+//! With source NAT to node address N and port p, also, both REPLY:
+//! - `CT_OUTWARD` (C -> B) at egress: source becomes N:p, after the node
+//!   forwarded it; written here with port 0, the port picked at egress
+//!   (see `snat`);
+//! - `CT_REWRITE_DST` (B -> N:p) at ingress: destination becomes C again,
 //!   written at egress with the port.
+//! A new flow looks for no stale entries: an earlier flow between the same
+//! client port and backend has its reply entry under the same key, which
+//! the new one's insert finds (see `take_over`).
 
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
-    CT_EGRESS, CT_FORWARD, CT_REAP_WAIT, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED,
-    CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, CT_UNREPLIED, ClosedFlow, Counter,
-    IPPROTO_TCP, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, Service,
+    CT_AT_EGRESS, CT_EGRESS_ONLY, CT_FORWARD, CT_OUTWARD, CT_REAP_WAIT, CT_REPLY, CT_REWRITE_DST,
+    CT_SOURCE_NAT, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN,
+    CT_UNREPLIED, ClosedFlow, Counter, IPPROTO_TCP, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL,
+    Service,
 };
 
 use crate::{
@@ -30,6 +36,8 @@ use crate::{
 
 /// The kernel's answer to an insert into a full hash map.
 const E2BIG: i64 = 7;
+/// The kernel's answer to a `BPF_NOEXIST` insert of a key that is there.
+const EEXIST: i64 = 17;
 /// Most closed flows one new connection reclaims: each frees two entries
 /// or more, and twice what a connection takes keeps ahead of a churn.
 const RECLAIM_BATCH: u32 = 2;
@@ -181,46 +189,43 @@ fn quiet<F: Family>(closed: &ClosedFlow<F::Addr>, forward: &Entry<F::Addr>, now:
     if !idle(forward) {
         return false;
     }
-    let back = |direction| F::ct_get(back::<F>(closed, forward, direction), None);
-    match back(CT_REPLY).or_else(|| back(CT_EGRESS)) {
+    match F::ct_get(back::<F>(closed, forward), None) {
         Some(reply) => idle(&reply) && (closing(reply.state) || forward.state == CT_STATE_RST),
         None => true,
     }
 }
 
-/// The key of the flow's entry for packets coming back from its backend,
-/// at ingress (`CT_REPLY`) or egress (`CT_EGRESS`).
+/// The key of the flow's entry for packets coming back from its backend.
 #[inline(always)]
-fn back<F: Family>(flow: &impl Tuple<F::Addr>, to: &Entry<F::Addr>, direction: u8) -> F::CtKey {
+fn back<F: Family>(flow: &impl Tuple<F::Addr>, to: &Entry<F::Addr>) -> F::CtKey {
     F::Ct::key(
         to.addr,
         to.port,
         flow.saddr(),
         flow.sport(),
         flow.proto(),
-        direction,
+        CT_REPLY,
     )
 }
 
-/// Removes a flow: its forward entry, the reply entry of whichever stage
-/// it has, and its source NAT entries.
+/// Removes a flow: its forward entry, its reply entry and its source NAT
+/// entries.
 #[inline(always)]
 pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
     release::<F>(flow, entry);
-    for direction in [CT_REPLY, CT_EGRESS] {
-        F::ct_remove(back::<F>(flow, entry, direction));
-    }
+    F::ct_remove(back::<F>(flow, entry));
     forget_source_nat::<F>(flow, (entry.addr, entry.port));
     F::ct_remove(of::<F>(flow, CT_FORWARD));
 }
 
 /// Removes the flow's source NAT entries towards `backend`, if it has
-/// them: the egress entry names the node port the reply entry is keyed by.
+/// them: the outward entry names the node port the other is keyed by.
 #[inline(always)]
 fn forget_source_nat<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Addr, u16)) {
     let (proto, sport) = (flow.proto(), flow.sport());
-    let out = F::Ct::key(flow.saddr(), sport, addr, port, proto, CT_EGRESS);
-    if let Some(node) = F::ct_get(out, None) {
+    let out = F::Ct::key(flow.saddr(), sport, addr, port, proto, CT_REPLY);
+    let outward = |e: &Entry<F::Addr>| e.flags & CT_OUTWARD != 0;
+    if let Some(node) = F::ct_get_where(out, None, outward) {
         // Port 0: none picked yet (see `snat`).
         if node.port != 0 {
             F::ct_remove(F::Ct::key(
@@ -234,7 +239,8 @@ fn forget_source_nat<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Ad
 /// A packet coming back in: what changes, if it belongs to a flow.
 #[inline(always)]
 pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_REPLY), Some(flow.tcp_flags))?;
+    let at_ingress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY == 0;
+    let entry = F::ct_get_where(of::<F>(flow, CT_REPLY), Some(flow.tcp_flags), at_ingress)?;
     let side = if entry.flags & CT_REWRITE_DST != 0 {
         Side::Destination
     } else {
@@ -252,7 +258,9 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
 /// is dropped (counted), never sent with the client's address.
 #[inline(always)]
 pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
-    let Some(entry) = F::ct_get(of::<F>(flow, CT_EGRESS), Some(flow.tcp_flags)) else {
+    let at_egress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY != 0;
+    let key = of::<F>(flow, CT_REPLY);
+    let Some(entry) = F::ct_get_where(key, Some(flow.tcp_flags), at_egress) else {
         return Verdict::Pass;
     };
     let port = match entry.port {
@@ -275,8 +283,8 @@ fn entry<A>(
     flow: &Flow<A>,
     (addr, port): (A, u16),
     flags: u16,
-    backend_id: u32,
-    service_id: u32,
+    (backend_id, service_id): (u32, u32),
+    now: u32,
 ) -> Entry<A> {
     Entry {
         addr,
@@ -284,7 +292,7 @@ fn entry<A>(
         flags,
         backend_id,
         service_id,
-        last_seen: now(),
+        last_seen: now,
         state: first_state(flow),
         active: 0,
     }
@@ -301,7 +309,6 @@ pub fn remember<F: Family>(
     backend_id: u32,
     backend: &Target<F::Addr>,
 ) -> Result<(), Untracked> {
-    let id = service.id;
     // A backend reaching itself would see its own address as the source.
     let hairpin = backend.addr == flow.saddr;
     let node = match hairpin || service.flags & SVC_SNAT_EXTERNAL != 0 {
@@ -309,34 +316,42 @@ pub fn remember<F: Family>(
         false => None,
     };
     let reply_at_egress = node.is_some() || service.flags & SVC_REPLY_AT_EGRESS != 0;
-    let direction = if reply_at_egress { CT_EGRESS } else { CT_REPLY };
+    let mut flags = CT_UNREPLIED;
+    if reply_at_egress {
+        flags |= CT_AT_EGRESS;
+    }
+    if node.is_some() {
+        flags |= CT_SOURCE_NAT;
+    }
     let reply = F::Ct::key(
         backend.addr,
         backend.port,
         flow.saddr,
         flow.sport,
         flow.proto,
-        direction,
+        CT_REPLY,
     );
     let out = outward::<F>(flow, backend);
+    let ids = (backend_id, service.id);
+    let now = now();
     // Unconfirmed until the backend answers (see `CT_UNREPLIED`).
-    let to_client = entry(flow, (flow.daddr, flow.dport), CT_UNREPLIED, backend_id, id);
+    let to_client = entry(flow, (flow.daddr, flow.dport), flags, ids, now);
     let counted = table == Table::Main;
     let to_backend = Entry {
         active: counted as u32,
-        ..entry(flow, (backend.addr, backend.port), 0, backend_id, id)
+        ..entry(flow, (backend.addr, backend.port), 0, ids, now)
     };
-    forget_stale::<F>(flow, backend, reply_at_egress);
-    let mut written = F::ct_insert(table, reply, to_client, 0);
+    let mut written = take_over::<F>(table, flow, backend, reply, to_client);
     if let (Ok(()), Some(node)) = (written, node) {
         // Port 0: the egress hook picks it (see `snat`).
-        written = F::ct_insert(table, out, entry(flow, (node, 0), 0, backend_id, id), 0);
+        let pending = entry(flow, (node, 0), CT_OUTWARD, ids, now);
+        written = F::ct_insert(table, out, pending, BPF_ANY as u64);
         if written.is_err() {
             F::ct_remove(reply);
         }
     }
     if written.is_ok() {
-        written = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, 0);
+        written = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, BPF_ANY as u64);
         if written.is_err() {
             // A flow retried in the overflow table must not leave a half
             // in this one.
@@ -356,6 +371,32 @@ pub fn remember<F: Family>(
     Ok(())
 }
 
+/// Writes the flow's reply entry. Where an earlier flow between the same
+/// client port and backend left one (the client reused its port towards
+/// another frontend of the same backend), the insert says so at no extra
+/// cost, and that flow's source NAT entries go before its reply entry is
+/// overwritten: they would rewrite this flow's packets, or keep a node
+/// port taken.
+#[inline(always)]
+fn take_over<F: Family>(
+    table: Table,
+    flow: &Flow<F::Addr>,
+    backend: &Target<F::Addr>,
+    reply: F::CtKey,
+    to_client: Entry<F::Addr>,
+) -> Result<(), i64> {
+    match F::ct_insert(table, reply, to_client, BPF_NOEXIST as u64) {
+        Err(e) if e == -EEXIST => {
+            if F::ct_flags(reply).is_some_and(|f| f & CT_SOURCE_NAT != 0) {
+                forget_source_nat::<F>(flow, (backend.addr, backend.port));
+            }
+            // Still `to_client`: lookups and removals leave the value alone.
+            F::ct_insert_again(table, reply)
+        }
+        other => other,
+    }
+}
+
 /// The key of the flow's egress entry: client -> backend, after forwarding.
 #[inline(always)]
 fn outward<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>) -> F::CtKey {
@@ -365,7 +406,7 @@ fn outward<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>) -> F::CtK
         backend.addr,
         backend.port,
         flow.proto,
-        CT_EGRESS,
+        CT_REPLY,
     )
 }
 
@@ -386,32 +427,5 @@ fn untracked(error: i64) -> Untracked {
     } else {
         maps::count(Counter::CtInsertFailed);
         Untracked::Failed
-    }
-}
-
-/// Removes what an earlier flow between the same client port and backend
-/// left (the client may reuse its port towards another frontend of the
-/// same backend): its reply entry of the other stage would rewrite this
-/// flow's replies, its egress entry this flow's packets, and its reply
-/// entry at a node port would keep that port taken.
-#[inline(always)]
-fn forget_stale<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>, reply_at_egress: bool) {
-    let other = if reply_at_egress { CT_REPLY } else { CT_EGRESS };
-    remove_if_there::<F>(F::Ct::key(
-        backend.addr,
-        backend.port,
-        flow.saddr,
-        flow.sport,
-        flow.proto,
-        other,
-    ));
-    forget_source_nat::<F>(flow, (backend.addr, backend.port));
-}
-
-/// A lookup is lock-free and cheap; a delete of an absent key is not.
-#[inline(always)]
-fn remove_if_there<F: Family>(key: F::CtKey) {
-    if F::ct_get(key, None).is_some() {
-        F::ct_remove(key);
     }
 }

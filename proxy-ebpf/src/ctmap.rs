@@ -175,17 +175,42 @@ fn take_in(f: &Fields, proto: u8, tcp_flags: u8) -> u8 {
 /// for an entry that exists) and state.
 #[inline(always)]
 pub fn get<M: CtMaps>(key: M::Key, seen: Option<u8>) -> Option<Entry<M::Addr>> {
+    get_where::<M>(key, seen, |_| true)
+}
+
+/// `get` for an entry that `ours` accepts: one another hook acts on is
+/// neither returned nor touched.
+#[inline(always)]
+pub fn get_where<M: CtMaps>(
+    key: M::Key,
+    seen: Option<u8>,
+    ours: impl Fn(&Entry<M::Addr>) -> bool,
+) -> Option<Entry<M::Addr>> {
     let (k, _) = M::slots(scratch()?);
     *k = key;
     let ptr = lookup::<M>(k)?;
     // SAFETY: a copy out of a live map value.
     let mut entry = M::entry(unsafe { &*ptr });
+    if !ours(&entry) {
+        return None;
+    }
     if let Some(tcp_flags) = seen {
         // SAFETY: a live map value.
         let fields = unsafe { M::fields(ptr) };
         entry.state = take_in(&fields, M::proto(&key), tcp_flags);
     }
     Some(entry)
+}
+
+/// The flags of the entry at `key`, if there is one; nothing else is
+/// copied to the stack, which the paths that need this have little of.
+#[inline(always)]
+pub fn flags<M: CtMaps>(key: M::Key) -> Option<u16> {
+    let (k, _) = M::slots(scratch()?);
+    *k = key;
+    let ptr = lookup::<M>(k)?;
+    // SAFETY: a field of a live map value.
+    Some(unsafe { *M::fields(ptr).flags })
 }
 
 /// Writes the entry into `table`; the kernel's error code on failure.
@@ -207,6 +232,20 @@ pub fn insert<M: CtMaps>(
             mark_overflowed();
             inserted
         }
+    };
+    inserted.map_err(i64::from)
+}
+
+/// Writes the value the last `insert` put together (still in the scratch
+/// buffer: lookups and removals only use its key slot) at `key`, over
+/// whatever is there. Spares a caller with little stack a copy of it.
+#[inline(always)]
+pub fn insert_again<M: CtMaps>(table: Table, key: M::Key) -> Result<(), i64> {
+    let (k, v) = M::slots(scratch().ok_or(-1i64)?);
+    *k = key;
+    let inserted = match table {
+        Table::Main => M::main().insert(k, v, 0),
+        Table::Overflow => M::overflow().insert(k, v, 0),
     };
     inserted.map_err(i64::from)
 }

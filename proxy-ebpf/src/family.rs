@@ -55,6 +55,20 @@ pub trait Family {
     fn ct_get(key: Self::CtKey, seen: Option<u8>) -> Option<Entry<Self::Addr>> {
         ctmap::get::<Self::Ct>(key, seen)
     }
+    /// See `ctmap::get_where`.
+    #[inline(always)]
+    fn ct_get_where(
+        key: Self::CtKey,
+        seen: Option<u8>,
+        ours: impl Fn(&Entry<Self::Addr>) -> bool,
+    ) -> Option<Entry<Self::Addr>> {
+        ctmap::get_where::<Self::Ct>(key, seen, ours)
+    }
+    /// See `ctmap::flags`.
+    #[inline(always)]
+    fn ct_flags(key: Self::CtKey) -> Option<u16> {
+        ctmap::flags::<Self::Ct>(key)
+    }
     /// See `ctmap::insert`.
     #[inline(always)]
     fn ct_insert(
@@ -64,6 +78,11 @@ pub trait Family {
         flags: u64,
     ) -> Result<(), i64> {
         ctmap::insert::<Self::Ct>(table, key, entry, flags)
+    }
+    /// See `ctmap::insert_again`.
+    #[inline(always)]
+    fn ct_insert_again(table: Table, key: Self::CtKey) -> Result<(), i64> {
+        ctmap::insert_again::<Self::Ct>(table, key)
     }
     /// See `ctmap::remove`.
     #[inline(always)]

@@ -40,12 +40,12 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 use proxy_common::{
-    Addr6, CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, csum,
+    Addr6, CT_EGRESS_ONLY, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, csum,
 };
 
 use crate::{
-    ctmap::CtMaps,
+    ctmap::{CtMaps, Entry},
     family::{Family, V4, V6},
     maps,
     nat::l4_check,
@@ -319,18 +319,19 @@ fn lookup<F: Family>(e: &mut Error<F::Addr>, stage: Stage) -> Option<()> {
     let reply = |e: &Error<F::Addr>, direction| {
         F::Ct::key(e.dst, e.dport, e.src, e.sport, e.proto, direction)
     };
-    // FORWARD makes a reply's destination the backend; EGRESS its source
-    // the frontend or the node.
-    let (first, first_to_destination) = match stage {
-        Stage::Ingress => (CT_FORWARD, true),
-        Stage::Egress => (CT_EGRESS, false),
+    // FORWARD makes a reply's destination the backend; at egress, an entry
+    // of that hook makes its source the frontend or the node.
+    let forward = match stage {
+        Stage::Ingress => F::ct_get(reply(e, CT_FORWARD), None),
+        Stage::Egress => None,
     };
-    let (entry, to_destination) = match F::ct_get(reply(e, first), None) {
-        Some(entry) => (entry, first_to_destination),
+    let (entry, to_destination) = match forward {
+        Some(entry) => (entry, true),
         None => {
-            let entry = F::ct_get(reply(e, CT_REPLY), None)?;
-            let to_destination = entry.flags & CT_REWRITE_DST != 0;
-            (entry, to_destination)
+            let here = |r: &Entry<F::Addr>| stage == Stage::Egress || r.flags & CT_EGRESS_ONLY == 0;
+            let entry = F::ct_get_where(reply(e, CT_REPLY), None, here)?;
+            let ingress_kind = entry.flags & CT_EGRESS_ONLY == 0;
+            (entry, ingress_kind && entry.flags & CT_REWRITE_DST != 0)
         }
     };
     // A source NAT entry still waiting for its port translates nothing.

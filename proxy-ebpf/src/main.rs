@@ -136,7 +136,7 @@ pub fn xdproxy_tc(ctx: TcContext) -> i32 {
 }
 
 /// Source rewrites that must wait until the node has forwarded the packet
-/// (see `proxy_common::CT_EGRESS`).
+/// (see `proxy_common::CT_AT_EGRESS`).
 #[classifier]
 pub fn xdproxy_tc_out(ctx: TcContext) -> i32 {
     try_tc(&ctx, Stage::Egress).unwrap_or(TC_ACT_OK)

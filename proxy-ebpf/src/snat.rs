@@ -1,6 +1,6 @@
 //! Source NAT ports: which node port a source-NATed flow leaves with.
 //!
-//! A new flow's egress entry is written at ingress with port 0 (pending);
+//! A new flow's outward entry is written at ingress with port 0 (pending);
 //! the egress hook picks the port on the flow's first packet there. Egress
 //! runs after forwarding, with a small stack, so the search can afford
 //! many tries, and it can drop a packet that finds no port instead of
@@ -9,13 +9,12 @@
 //! A port is free for a backend when neither conntrack table has a reply
 //! entry (backend -> node:port), or when that entry's flow has been idle
 //! for the protocol's source NAT idle time: then the old flow gives the
-//! port up, and its egress entry goes back to pending, so that if it ever
+//! port up, and its outward entry goes back to pending, so that if it ever
 //! sends again it gets a port of its own instead of sharing this one.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::bpf_loop};
 use proxy_common::{
-    CT_EGRESS, CT_REPLY, CT_REWRITE_DST, CT_UNREPLIED, IPPROTO_UDP, SNAT_IDLE_DATAGRAM,
-    SNAT_IDLE_STREAM,
+    CT_REPLY, CT_REWRITE_DST, CT_UNREPLIED, IPPROTO_UDP, SNAT_IDLE_DATAGRAM, SNAT_IDLE_STREAM,
 };
 
 use crate::{
@@ -33,10 +32,10 @@ const TRIES: u32 = 32;
 /// The kernel's answer to an insert into a full hash map.
 const E2BIG: i64 = 7;
 
-/// Picks a node port for the flow whose pending egress entry is `out`
+/// Picks a node port for the flow whose pending outward entry is `out`
 /// (the packet is client -> backend), writes the reply entry that takes
 /// the backend's answers back to the client, and records the port in the
-/// egress entry. None if no port is free.
+/// outward entry. None if no port is free.
 #[inline(always)]
 pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u16> {
     let config = CONFIG.get(0)?;
@@ -44,47 +43,90 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
     if max < min {
         return None;
     }
-    let range = u32::from(max - min) + 1;
     let out_key = F::Ct::key(
-        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_EGRESS,
+        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
     );
-    // The flow's entries stay together: overflow flows are evicted whole.
-    let table = F::ct_table(out_key);
-    let to_client = Entry {
-        addr: flow.saddr,
-        port: flow.sport,
-        flags: CT_REWRITE_DST | CT_UNREPLIED,
-        last_seen: ctmap::now(),
-        active: 0,
-        ..*out
+    let mut claim = Claim::<F> {
+        to_client: Entry {
+            addr: flow.saddr,
+            port: flow.sport,
+            flags: CT_REWRITE_DST | CT_UNREPLIED,
+            last_seen: ctmap::now(),
+            active: 0,
+            ..*out
+        },
+        // The flow's entries stay together: overflow flows are evicted whole.
+        table: F::ct_table(out_key),
+        out_key,
+        backend: flow.daddr,
+        node: out.addr,
+        backend_port: flow.dport,
+        proto: flow.proto,
+        min,
+        range: u32::from(max - min) + 1,
+        start: random(),
+        port: 0,
     };
-    let start = random();
-    for i in 0..TRIES {
-        let offset = match range <= TRIES {
-            true => start.wrapping_add(i),
-            false => random(),
-        };
-        let port = ((u32::from(min) + offset % range) as u16).to_be();
-        let back = F::Ct::key(flow.daddr, flow.dport, out.addr, port, flow.proto, CT_REPLY);
-        if !free::<F>(flow, back, port) {
-            continue;
-        }
-        if insert::<F>(table, back, to_client).is_ok() {
-            F::ct_set_port(out_key, port);
-            return Some(port);
-        }
+    // bpf_loop: the verifier checks a try once, not once per turn.
+    // SAFETY: the callback and its context match what it expects.
+    unsafe {
+        bpf_loop(
+            TRIES,
+            try_port::<F> as *mut c_void,
+            (&raw mut claim).cast(),
+            0,
+        )
+    };
+    // Port 0 is what pending means: never a port picked.
+    (claim.port != 0).then_some(claim.port)
+}
+
+/// A port search: what each try needs, and its outcome (`port`, 0 while
+/// none is found).
+struct Claim<F: Family> {
+    to_client: Entry<F::Addr>,
+    out_key: F::CtKey,
+    backend: F::Addr,
+    node: F::Addr,
+    backend_port: u16,
+    proto: u8,
+    table: Table,
+    min: u16,
+    range: u32,
+    start: u32,
+    port: u16,
+}
+
+/// One try: the `i`th port; 1 (stop) once one is taken.
+extern "C" fn try_port<F: Family>(i: u64, claim: *mut Claim<F>) -> i64 {
+    // SAFETY: bpf_loop passes the context it was given.
+    let c = unsafe { &mut *claim };
+    let offset = match c.range <= TRIES {
+        true => c.start.wrapping_add(i as u32),
+        false => random(),
+    };
+    // `range` is never 0; checked, so that no panic path reaches the verifier.
+    let port = ((u32::from(c.min) + offset.checked_rem(c.range).unwrap_or(0)) as u16).to_be();
+    let back = F::Ct::key(c.backend, c.backend_port, c.node, port, c.proto, CT_REPLY);
+    if !free::<F>(c, back, port) {
+        return 0;
     }
-    None
+    if insert::<F>(c.table, back, c.to_client).is_err() {
+        return 0;
+    }
+    F::ct_set_port(c.out_key, port);
+    c.port = port;
+    1
 }
 
 /// True if no flow holds the reply entry `back` (from the flow's backend
 /// to node port `port`), in either table; an idle holder gives it up.
 #[inline(always)]
-fn free<F: Family>(flow: &Flow<F::Addr>, back: F::CtKey, port: u16) -> bool {
+fn free<F: Family>(c: &Claim<F>, back: F::CtKey, port: u16) -> bool {
     let Some(holder) = F::ct_get(back, None) else {
         return true;
     };
-    let limit = match flow.proto {
+    let limit = match c.proto {
         IPPROTO_UDP => SNAT_IDLE_DATAGRAM,
         _ => SNAT_IDLE_STREAM,
     };
@@ -92,22 +134,23 @@ fn free<F: Family>(flow: &Flow<F::Addr>, back: F::CtKey, port: u16) -> bool {
         return false;
     }
     F::ct_remove(back);
-    give_up::<F>(flow, &holder, port);
+    give_up::<F>(c, &holder, port);
     true
 }
 
 /// The idle flow that held node port `port` towards this flow's backend
 /// (its reply entry `holder` names its client) no longer has it.
 #[inline(always)]
-fn give_up<F: Family>(flow: &Flow<F::Addr>, holder: &Entry<F::Addr>, port: u16) {
+fn give_up<F: Family>(c: &Claim<F>, holder: &Entry<F::Addr>, port: u16) {
     let out = F::Ct::key(
         holder.addr,
         holder.port,
-        flow.daddr,
-        flow.dport,
-        flow.proto,
-        CT_EGRESS,
+        c.backend,
+        c.backend_port,
+        c.proto,
+        CT_REPLY,
     );
+    // Keyed client -> backend: only an outward entry can be there.
     if F::ct_get(out, None).is_some_and(|e| e.port == port) {
         F::ct_set_port(out, 0);
     }

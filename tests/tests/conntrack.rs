@@ -22,9 +22,9 @@ use proxy_agent::{
     datapath::{conntrack::now, pinned::Pins},
 };
 use proxy_common::{
-    Addr6, CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
-    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_SERVICES, names,
+    Addr6, CT_AT_EGRESS, CT_FORWARD, CT_OUTWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED,
+    CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_SERVICES, names,
 };
 
 /// Short timeouts, so that "expired" needs only minutes of uptime.
@@ -187,10 +187,10 @@ impl Flow4 {
         )
     }
 
-    fn reply(&self, direction: u8, idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
+    fn reply(&self, flags: u16, idle: u32, state: u8) -> (Ct4Key, Ct4Entry) {
         (
-            self.key(self.backend, self.client, direction),
-            self.value(self.frontend, 0, idle, state, false),
+            self.key(self.backend, self.client, CT_REPLY),
+            self.value(self.frontend, flags, idle, state, false),
         )
     }
 
@@ -198,8 +198,8 @@ impl Flow4 {
     fn snat(&self, node: (u32, u16), idle: [u32; 2], state: u8) -> [(Ct4Key, Ct4Entry); 2] {
         [
             (
-                self.key(self.client, self.backend, CT_EGRESS),
-                self.value(node, 0, idle[0], state, false),
+                self.key(self.client, self.backend, CT_REPLY),
+                self.value(node, CT_OUTWARD, idle[0], state, false),
             ),
             (
                 self.key(self.backend, node, CT_REPLY),
@@ -249,27 +249,23 @@ fn ipv4_cases(now: u32) -> Vec<Case<Ct4Key, Ct4Entry>> {
     let [f_out, f_back] = f.snat((node.0, 61_001), [40, 2], CT_STATE_OPEN);
     vec![
         case("fresh forward", a.forward(1, EST, true), true),
-        case("fresh reply", a.reply(CT_REPLY, 0, EST), true),
+        case("fresh reply", a.reply(0, 0, EST), true),
         case(
             "idle forward of a live pair",
             b.forward(OLDEST, EST, true),
             true,
         ),
-        case("live reply", b.reply(CT_EGRESS, 3, EST), true),
+        case("live reply", b.reply(CT_AT_EGRESS, 3, EST), true),
         case("closed forward", c.forward(10, CT_STATE_FIN, false), false),
-        case("closed reply", c.reply(CT_REPLY, 10, CT_STATE_FIN), false),
+        case("closed reply", c.reply(0, 10, CT_STATE_FIN), false),
         case(
             "idle udp forward",
             d.forward(40, CT_STATE_OPEN, true),
             false,
         ),
-        case(
-            "idle udp reply",
-            d.reply(CT_REPLY, 40, CT_STATE_OPEN),
-            false,
-        ),
+        case("idle udp reply", d.reply(0, 40, CT_STATE_OPEN), false),
         case("snat forward", e.forward(OLDEST, EST, true), false),
-        case("snat reply", e.reply(CT_EGRESS, OLDEST, EST), false),
+        case("snat reply", e.reply(CT_AT_EGRESS, OLDEST, EST), false),
         case("snat out", e_out, false),
         case("snat back", e_back, false),
         case(
@@ -279,15 +275,15 @@ fn ipv4_cases(now: u32) -> Vec<Case<Ct4Key, Ct4Entry>> {
         ),
         case(
             "live snat reply",
-            f.reply(CT_EGRESS, 40, CT_STATE_OPEN),
+            f.reply(CT_AT_EGRESS, 40, CT_STATE_OPEN),
             true,
         ),
         case("live snat out", f_out, true),
         case("live snat back", f_back, true),
-        case("orphan reply", g.reply(CT_REPLY, 10, CT_STATE_FIN), false),
+        case("orphan reply", g.reply(0, 10, CT_STATE_FIN), false),
         case("young syn", h.forward(10, CT_STATE_SYN, true), true),
         case("reset forward", i.forward(10, CT_STATE_RST, true), false),
-        case("reset peer", i.reply(CT_REPLY, 10, EST), false),
+        case("reset peer", i.reply(0, 10, EST), false),
     ]
 }
 

@@ -232,8 +232,8 @@ pub fn add_reaped<'a, A: 'a>(
 mod tests {
     use super::*;
     use proxy_common::{
-        CT_EGRESS, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_SYN, IPPROTO_SCTP,
-        IPPROTO_UDP,
+        CT_AT_EGRESS, CT_OUTWARD, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_SYN,
+        IPPROTO_SCTP, IPPROTO_UDP,
     };
 
     /// Addresses by role (IPv4 in network order does not matter here).
@@ -288,13 +288,31 @@ mod tests {
     }
 
     /// B -> C, source back to F.
-    fn reply(proto: u8, direction: u8, idle: u32, state: u8) -> MapRecord<u32> {
-        record((B, BP), (C, CP), proto, direction, (F, FP), 0, idle, state)
+    fn reply(proto: u8, flags: u16, idle: u32, state: u8) -> MapRecord<u32> {
+        record(
+            (B, BP),
+            (C, CP),
+            proto,
+            CT_REPLY,
+            (F, FP),
+            flags,
+            idle,
+            state,
+        )
     }
 
     /// With source NAT: C -> B leaves as N:NP.
     fn snat_out(proto: u8, idle: u32, state: u8) -> MapRecord<u32> {
-        record((C, CP), (B, BP), proto, CT_EGRESS, (N, NP), 0, idle, state)
+        record(
+            (C, CP),
+            (B, BP),
+            proto,
+            CT_REPLY,
+            (N, NP),
+            CT_OUTWARD,
+            idle,
+            state,
+        )
     }
 
     /// With source NAT: B -> N:NP goes back to C.
@@ -319,10 +337,10 @@ mod tests {
     fn every_entry_of_a_flow_names_the_same_pair() {
         let id = forward(IPPROTO_TCP, 0, CT_STATE_SYN).flow();
         for (name, r) in [
-            ("reply", reply(IPPROTO_TCP, CT_REPLY, 0, CT_STATE_SYN)),
+            ("reply", reply(IPPROTO_TCP, 0, 0, CT_STATE_SYN)),
             (
                 "reply at egress",
-                reply(IPPROTO_TCP, CT_EGRESS, 0, CT_STATE_SYN),
+                reply(IPPROTO_TCP, CT_AT_EGRESS, 0, CT_STATE_SYN),
             ),
             ("snat out", snat_out(IPPROTO_TCP, 0, CT_STATE_SYN)),
             ("snat back", snat_back(IPPROTO_TCP, 0, CT_STATE_SYN)),
@@ -352,8 +370,8 @@ mod tests {
         for (proto, state, timeout) in table {
             for (direction, entry) in [
                 ("forward", forward(proto, 0, state)),
-                ("reply", reply(proto, CT_REPLY, 0, state)),
-                ("egress", reply(proto, CT_EGRESS, 0, state)),
+                ("reply", reply(proto, 0, 0, state)),
+                ("egress", reply(proto, CT_AT_EGRESS, 0, state)),
             ] {
                 for (idle, gone) in [(0, false), (timeout, false), (timeout + 1, true)] {
                     let entry = Record {
@@ -408,10 +426,10 @@ mod tests {
             (IPPROTO_UDP, (61, 0), (61, 0), true),
         ];
         for (proto, (f_idle, f_state), (r_idle, r_state), gone) in table {
-            for direction in [CT_REPLY, CT_EGRESS] {
+            for flags in [0, CT_AT_EGRESS] {
                 let entries = [
                     ("forward", forward(proto, f_idle, f_state)),
-                    ("reply", reply(proto, direction, r_idle, r_state)),
+                    ("reply", reply(proto, flags, r_idle, r_state)),
                 ];
                 // Either order in: forward out last.
                 for entries in [entries, [entries[1], entries[0]]] {
@@ -425,7 +443,7 @@ mod tests {
                         names(&plan),
                         want,
                         "proto {proto} forward ({f_idle}, {f_state}) reply ({r_idle}, {r_state}) \
-                         direction {direction}"
+                         flags {flags}"
                     );
                 }
             }
@@ -443,7 +461,7 @@ mod tests {
                 ("forward", forward(IPPROTO_UDP, idle(1), CT_STATE_OPEN)),
                 (
                     "reply",
-                    reply(IPPROTO_UDP, CT_EGRESS, idle(2), CT_STATE_OPEN),
+                    reply(IPPROTO_UDP, CT_AT_EGRESS, idle(2), CT_STATE_OPEN),
                 ),
                 ("snat out", snat_out(IPPROTO_UDP, idle(3), CT_STATE_OPEN)),
             ];
@@ -479,7 +497,7 @@ mod tests {
                 ("forward", forward(IPPROTO_TCP, idle, CT_STATE_ESTABLISHED)),
                 (
                     "reply",
-                    unreplied(reply(IPPROTO_TCP, CT_REPLY, idle, CT_STATE_ESTABLISHED)),
+                    unreplied(reply(IPPROTO_TCP, 0, idle, CT_STATE_ESTABLISHED)),
                 ),
             ];
             let plan = plan(entries, NOW, &t());
@@ -488,10 +506,7 @@ mod tests {
         // Once answered, the same flow is an established connection.
         let entries = [
             ("forward", forward(IPPROTO_TCP, 61, CT_STATE_ESTABLISHED)),
-            (
-                "reply",
-                reply(IPPROTO_TCP, CT_REPLY, 61, CT_STATE_ESTABLISHED),
-            ),
+            ("reply", reply(IPPROTO_TCP, 0, 61, CT_STATE_ESTABLISHED)),
         ];
         assert!(plan(entries, NOW, &t()).expired.is_empty());
         // A source-NATed flow is confirmed only once its replies came back.
@@ -519,12 +534,12 @@ mod tests {
             ("ack", forward(IPPROTO_TCP, idle, CT_STATE_ESTABLISHED)),
             (
                 "ack reply",
-                unreplied(reply(IPPROTO_TCP, CT_REPLY, idle, CT_STATE_ESTABLISHED)),
+                unreplied(reply(IPPROTO_TCP, 0, idle, CT_STATE_ESTABLISHED)),
             ),
             ("syn", from(C2, forward(IPPROTO_TCP, 0, CT_STATE_SYN))),
             (
                 "syn reply",
-                to(C2, unreplied(reply(IPPROTO_TCP, CT_REPLY, 0, CT_STATE_SYN))),
+                to(C2, unreplied(reply(IPPROTO_TCP, 0, 0, CT_STATE_SYN))),
             ),
             (
                 "open",
@@ -532,7 +547,7 @@ mod tests {
             ),
             (
                 "open reply",
-                to(N, reply(IPPROTO_TCP, CT_REPLY, 500, CT_STATE_ESTABLISHED)),
+                to(N, reply(IPPROTO_TCP, 0, 500, CT_STATE_ESTABLISHED)),
             ),
         ];
         let normal = plan_under(entries, NOW, &t(), Pressure::Normal);
@@ -559,10 +574,7 @@ mod tests {
             ..forward(IPPROTO_TCP, 0, CT_STATE_ESTABLISHED)
         };
         let entries = [
-            (
-                "orphan reply",
-                reply(IPPROTO_TCP, CT_REPLY, 11, CT_STATE_FIN),
-            ),
+            ("orphan reply", reply(IPPROTO_TCP, 0, 11, CT_STATE_FIN)),
             ("other flow", other_flow),
             (
                 "orphan snat back",
@@ -591,7 +603,7 @@ mod tests {
         };
         let back = |b: u32, idle: u32| Record {
             src: (b, BP),
-            ..reply(IPPROTO_TCP, CT_REPLY, idle, CT_STATE_ESTABLISHED)
+            ..reply(IPPROTO_TCP, 0, idle, CT_STATE_ESTABLISHED)
         };
         let entries = [
             ("to B", to(B, 90_000)),
@@ -614,7 +626,7 @@ mod tests {
         let mut alive = forward(IPPROTO_UDP, 0, CT_STATE_OPEN);
         alive.src = (C2, 1);
         // A reply marked active (it never is) does not count.
-        let mut odd_reply = reply(IPPROTO_SCTP, CT_REPLY, 301, CT_STATE_OPEN);
+        let mut odd_reply = reply(IPPROTO_SCTP, 0, 301, CT_STATE_OPEN);
         odd_reply.active = true;
         let entries = [
             ("active", forward(IPPROTO_TCP, 90_000, CT_STATE_ESTABLISHED)),
@@ -682,9 +694,9 @@ mod tests {
             (b, BP),
             (c, CP),
             IPPROTO_TCP,
-            CT_EGRESS,
+            CT_REPLY,
             (f, FP),
-            0,
+            CT_AT_EGRESS,
             11,
             CT_STATE_FIN,
         );

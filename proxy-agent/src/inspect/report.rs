@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use proxy_common::{
     ALG_LEAST_CONN, ALG_MAGLEV, ALG_RANDOM, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, BACKEND_TERMINATING,
-    CT_EGRESS, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
+    CT_EGRESS_ONLY, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
     CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Counter, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     SCOPE_LOCAL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
     SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, SlotKey,
@@ -109,13 +109,15 @@ pub fn state_name(state: u8) -> String {
 }
 
 /// The direction of a conntrack entry; `dnat-back` is a reply entry that
-/// rewrites the destination (back to a client whose source was translated).
+/// rewrites the destination (back to a client whose source was translated),
+/// `egress` one the egress hook applies (a reply's or a source-NATed
+/// packet's source).
 pub fn direction_name(direction: u8, flags: u16) -> String {
     match direction {
         CT_FORWARD => "forward".into(),
+        CT_REPLY if flags & CT_EGRESS_ONLY != 0 => "egress".into(),
         CT_REPLY if flags & CT_REWRITE_DST != 0 => "dnat-back".into(),
         CT_REPLY => "reply".into(),
-        CT_EGRESS => "egress".into(),
         other => format!("unknown({other})"),
     }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use proxy_common::{
-    ALG_MAGLEV, ALG_ROUND_ROBIN, BACKEND_TERMINATING, CT_EGRESS, CT_FORWARD, CT_REPLY,
+    ALG_MAGLEV, ALG_ROUND_ROBIN, BACKEND_TERMINATING, CT_AT_EGRESS, CT_FORWARD, CT_REPLY,
     CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_SYN, Connections, Counter, IPPROTO_TCP,
     IPPROTO_UDP, SCOPE_ALL, SCOPE_LOCAL, SVC_AFFINITY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
     Service, ServiceStats, SlotKey,
@@ -338,10 +338,11 @@ fn conntrack_names_directions_and_states_and_counts_families() {
     let egress6 = Record {
         state: CT_STATE_SYN,
         last_seen: 101,
+        flags: CT_AT_EGRESS,
         ..ct(
             "[fd00:1::2]:8080",
             "[fd00:1::99]:40000",
-            CT_EGRESS,
+            CT_REPLY,
             "[fd00:1::1]:30080",
         )
     };

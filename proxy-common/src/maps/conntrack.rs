@@ -7,19 +7,15 @@ use super::Addr6;
 /// Conntrack direction: a client's packet towards the frontend, at
 /// ingress; its destination becomes the backend.
 pub const CT_FORWARD: u8 = 0;
-/// Conntrack direction: a packet coming back, at ingress; its source
-/// becomes the frontend, or (`CT_REWRITE_DST`) its destination the client
-/// whose source was translated.
+/// Conntrack direction: every entry but the forward one, looked up with
+/// the packet's tuple as it is. Which hook acts on it, and how, the flags
+/// say: without `CT_AT_EGRESS`/`CT_OUTWARD`, a packet coming back at
+/// ingress, whose source becomes the frontend (or, `CT_REWRITE_DST`, whose
+/// destination becomes the client whose source was translated). One
+/// direction for all of them means a client reusing its port towards the
+/// same backend overwrites the earlier flow's entry, whatever the earlier
+/// flow's kind: no stale entry of another kind needs looking for.
 pub const CT_REPLY: u8 = 1;
-/// Conntrack direction: a packet leaving through an attached interface, at
-/// egress; its source becomes the entry's address and port. Source
-/// rewrites that would put one of the node's own addresses into a packet
-/// the node still has to forward happen here, after forwarding (the kernel
-/// drops forwarded packets with a local source as martians). A source NAT
-/// entry (client -> backend) is written with port 0 when its flow starts,
-/// and the egress hook picks the node port on the flow's first packet
-/// there (or puts 0 back when an idle flow's port goes to a new flow).
-pub const CT_EGRESS: u8 = 2;
 
 /// A `CT_REPLY` entry that rewrites the destination, not the source.
 pub const CT_REWRITE_DST: u16 = 1;
@@ -30,6 +26,24 @@ pub const CT_REWRITE_DST: u16 = 1;
 /// backend that drops them) cannot hold entries for a day.
 pub const CT_UNREPLIED: u16 = 2;
 
+/// A `CT_REPLY` entry the egress hook applies: the reply's source becomes
+/// the frontend after the node forwarded it. Source rewrites that would
+/// put one of the node's own addresses into a packet the node still has
+/// to forward happen there (the kernel drops forwarded packets with a
+/// local source as martians).
+pub const CT_AT_EGRESS: u16 = 4;
+/// A `CT_REPLY` entry for a source-NATed flow's own packets (client ->
+/// backend, after forwarding), applied at egress: the source becomes the
+/// node's address and port. Written with port 0 when the flow starts; the
+/// egress hook picks the node port on the flow's first packet there (or
+/// puts 0 back when an idle flow's port goes to a new flow).
+pub const CT_OUTWARD: u16 = 8;
+/// A source-NATed flow's reply entry: the flow also has a `CT_OUTWARD`
+/// entry (and, once its port is picked, a `CT_REWRITE_DST` one).
+pub const CT_SOURCE_NAT: u16 = 16;
+/// The flags of entries only the egress hook acts on.
+pub const CT_EGRESS_ONLY: u16 = CT_AT_EGRESS | CT_OUTWARD;
+
 /// Key of `ct4`: a flow as it appears on the wire in one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -39,7 +53,7 @@ pub struct Ct4Key {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    /// CT_FORWARD, CT_REPLY or CT_EGRESS.
+    /// CT_FORWARD or CT_REPLY.
     pub direction: u8,
     pub _pad: u16,
 }
