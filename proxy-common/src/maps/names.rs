@@ -57,6 +57,8 @@ pub const COUNTERS: &str = "counters";
 /// Benchmark-only maps: never pinned.
 pub const BENCH_PACKET: &str = "bench_packet";
 pub const BENCH_TARGET: &str = "bench_target";
+/// The benchmark's conntrack-shaped map (see `programs::XDP_BENCH_CT_INSERT`).
+pub const BENCH_CT: &str = "bench_ct";
 
 /// Every map the programs define, for pinning and cleanup.
 pub const ALL: [&str; 30] = [

@@ -8,6 +8,10 @@ pub const TC_EGRESS: &str = "xdproxy_tc_out";
 pub const XDP_EMPTY: &str = "xdproxy_empty";
 /// Restores a saved packet head, then tail-calls `bench_target[0]`.
 pub const XDP_BENCH: &str = "xdproxy_bench";
+/// A conntrack-like lookup that misses then insert, and an insert alone:
+/// the parts a new flow's cost is made of, for the benchmark.
+pub const XDP_BENCH_CT_LOOKUP_INSERT: &str = "xdproxy_bench_ct_lookup_insert";
+pub const XDP_BENCH_CT_INSERT: &str = "xdproxy_bench_ct_insert";
 /// cgroup sock_addr hooks: socket-level load balancing.
 pub const SOCK_CONNECT4: &str = "xdproxy_connect4";
 pub const SOCK_CONNECT6: &str = "xdproxy_connect6";

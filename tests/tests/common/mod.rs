@@ -93,6 +93,19 @@ impl Loaded {
         Self::load(&mut EbpfLoader::new(), &ALL_PROGRAMS)
     }
 
+    /// For the datapath benchmark: also its conntrack micro-benchmarks, with
+    /// their map sized as `ct4`.
+    pub fn for_bench() -> anyhow::Result<Loaded> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(proxy_common::names::BENCH_CT, proxy_common::MAX_CONNTRACK);
+        let mut names = ALL_PROGRAMS.to_vec();
+        names.extend([
+            programs::XDP_BENCH_CT_LOOKUP_INSERT,
+            programs::XDP_BENCH_CT_INSERT,
+        ]);
+        Self::load(&mut loader, &names)
+    }
+
     /// With the conntrack maps of both families sized as given (as the
     /// agent's loader sizes them), and only the programs named verified.
     pub fn with_conntrack(max: u32, overflow_max: u32, names: &[&str]) -> anyhow::Result<Loaded> {
