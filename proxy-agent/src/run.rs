@@ -89,21 +89,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         } => Some(KubeStart::begin(kubeconfig.as_deref(), apiserver.as_deref(), &config).await?),
     };
     let earlier = loader::pin_dir(&config.bpffs).exists();
-    let (loaded, maps, watcher) = match tokio::task::block_in_place(|| start(&config)) {
-        Ok(started) => started,
-        // An earlier agent's datapath keeps serving; a new one is not left
-        // half-attached.
-        Err(e) if earlier => return Err(e),
-        Err(e) => {
-            if let Err(cleanup) = loader::cleanup(&config.bpffs) {
-                log::error!("removing the partly set-up datapath: {cleanup:#}");
-            }
-            return Err(e);
-        }
+    let (loaded, maps) = match tokio::task::block_in_place(|| create(&config)) {
+        Ok(created) => created,
+        Err(e) => return Err(given_up(&config.bpffs, earlier, e)),
     };
     let status = Shared::default();
     let pins = loaded.pins.clone();
-    watcher.spawn(loaded, status.clone())?;
+    let mut attaching = Attaching::begin(loaded, &config, earlier);
     conntrack::spawn(config.bpffs.clone(), &config.conntrack, &status);
     let timeout = config.health_timeout;
     spawn_http(config.health_addr, Endpoints::Health { timeout }, &status);
@@ -121,7 +113,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     match (&config.source, kube) {
         (Source::Manifests(path), _) => {
             let source = ManifestSource::new(path, config.node.clone());
-            manifest_loop(source, config.poll, &mut programmer, &mut signals).await
+            manifest_loop(
+                source,
+                config.poll,
+                &mut programmer,
+                &mut attaching,
+                &mut signals,
+            )
+            .await?
         }
         (Source::Kubernetes { .. }, Some(mut kube)) => {
             if let Some(key) = kube.cluster_key.take() {
@@ -133,7 +132,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 kube,
                 &config.node_name,
                 store,
-                &mut programmer,
+                (&mut programmer, &mut attaching),
                 &mut signals,
             )
             .await?
@@ -226,20 +225,93 @@ async fn cluster_key(client: kube::Client) -> nodeconfig::Key {
     }
 }
 
-/// Loads (or adopts) the datapath and attaches it to the interfaces
-/// `--iface` selects now; the watcher returned follows their changes.
-fn start(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet, links::Watcher)> {
+/// Creates (or adopts) the datapath's maps, before any program loads.
+fn create(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     let sizes = config.conntrack.sizes();
     let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
-    loaded.load_programs()?;
-    if let Some(socket_lb) = &config.socket_lb {
-        let root = cgroup::root(socket_lb.cgroup_root.as_deref())?;
-        loaded.attach_socket_hooks(&root)?;
-    }
-    let watcher = links::Watcher::start(&config.ifaces, &mut loaded)?;
-    loaded.retire_other_links();
     let maps = MapSet::take(&mut loaded.ebpf)?;
-    Ok((loaded, maps, watcher))
+    Ok((loaded, maps))
+}
+
+/// Verifies the programs and attaches them to the interfaces `ifaces`
+/// selects now (and the socket hooks); the watcher returned follows the
+/// interfaces' changes.
+fn attach(
+    mut loaded: loader::Loaded,
+    ifaces: &[IfaceSpec],
+    socket_lb: Option<&Path>,
+) -> anyhow::Result<(loader::Loaded, links::Watcher)> {
+    loaded.load_programs()?;
+    if let Some(root) = socket_lb {
+        loaded.attach_socket_hooks(root)?;
+    }
+    let watcher = links::Watcher::start(ifaces, &mut loaded)?;
+    loaded.retire_other_links();
+    Ok((loaded, watcher))
+}
+
+/// An earlier agent's datapath keeps serving; a new one is not left
+/// half-attached.
+fn given_up(bpffs: &Path, earlier: bool, e: anyhow::Error) -> anyhow::Error {
+    if !earlier && let Err(cleanup) = loader::cleanup(bpffs) {
+        log::error!("removing the partly set-up datapath: {cleanup:#}");
+    }
+    e
+}
+
+/// The programs verifying and attaching on a thread of their own while the
+/// maps, which exist before them, take their first pass: the kernel's
+/// verifier (most of a second) and the first pass overlap, on two cores.
+struct Attaching {
+    task: Option<tokio::task::JoinHandle<anyhow::Result<(loader::Loaded, links::Watcher)>>>,
+    bpffs: PathBuf,
+    earlier: bool,
+}
+
+impl Attaching {
+    fn begin(loaded: loader::Loaded, config: &RunConfig, earlier: bool) -> Attaching {
+        let ifaces = config.ifaces.clone();
+        let cgroup_root = config.socket_lb.as_ref().map(|s| s.cgroup_root.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let root = cgroup_root.map(|r| cgroup::root(r.as_deref())).transpose()?;
+            attach(loaded, &ifaces, root.as_deref())
+        });
+        Attaching {
+            task: Some(task),
+            bpffs: config.bpffs.clone(),
+            earlier,
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.task.is_some()
+    }
+
+    /// Why the agent is not ready yet on this account.
+    fn not_ready(&self) -> Option<String> {
+        self.pending()
+            .then(|| "loading and attaching the datapath's programs".to_string())
+    }
+
+    /// Waits for the attach to end (at once if it has); from then on the
+    /// watcher follows the interfaces and the programmer's passes count.
+    async fn finish(&mut self, programmer: &mut Programmer) -> anyhow::Result<()> {
+        let Some(task) = self.task.as_mut() else {
+            return Ok(());
+        };
+        let joined = task.await;
+        self.task = None;
+        let attached = joined
+            .map_err(|e| anyhow::anyhow!("attaching the datapath: {e}"))
+            .and_then(|r| r);
+        let (loaded, watcher) = match attached {
+            Ok(attached) => attached,
+            Err(e) => return Err(given_up(&self.bpffs, self.earlier, e)),
+        };
+        watcher.spawn(loaded, programmer.status.clone())?;
+        programmer.attached();
+        Ok(())
+    }
 }
 
 /// Health check node ports answer on the health server's address (both
@@ -292,12 +364,13 @@ async fn manifest_loop(
     mut source: ManifestSource,
     poll: Duration,
     programmer: &mut Programmer,
+    attaching: &mut Attaching,
     signals: &mut Signals,
-) {
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(poll);
     loop {
         tokio::select! {
-            _ = signals.any() => return,
+            _ = signals.any() => return Ok(()),
             _ = tick.tick() => {}
         }
         if source.changed() || programmer.retry.is_due(Instant::now()) {
@@ -307,10 +380,14 @@ async fn manifest_loop(
                 log::error!("{error}");
             }
             programmer.status(|s| {
-                s.not_ready = None;
+                s.not_ready = attaching.not_ready();
                 s.node_eligible = !load.objects.node.leaving;
             });
             programmer.program(&load.objects, &[seen]);
+        }
+        if attaching.pending() {
+            attaching.finish(programmer).await?;
+            programmer.status(|s| s.not_ready = None);
         }
     }
 }
@@ -319,7 +396,7 @@ async fn kube_loop(
     kube: KubeStart,
     node_name: &str,
     mut store: ClusterStore,
-    programmer: &mut Programmer,
+    (programmer, attaching): (&mut Programmer, &mut Attaching),
     signals: &mut Signals,
 ) -> anyhow::Result<()> {
     let KubeStart {
@@ -342,12 +419,15 @@ async fn kube_loop(
                 drain(&mut rx, &mut store, &mut health);
             }
             _ = tokio::time::sleep_until(programmer.retry_at()), if programmer.retry.pending() => {}
+            // Whichever comes first, the lists or the programs: a slow API
+            // server does not hold the attach back.
+            attached = attaching.finish(programmer), if attaching.pending() => attached?,
         }
         for error in store.take_errors() {
             log::error!("{error}");
         }
         programmer.status(|s| {
-            s.not_ready = health.not_ready(&store);
+            s.not_ready = attaching.not_ready().or_else(|| health.not_ready(&store));
             s.node_eligible = !store.objects().node.leaving;
             if store.has_pending() {
                 s.oldest_pending.get_or_insert_with(Instant::now);
@@ -443,6 +523,11 @@ struct Programmer {
     /// With socket-level load balancing: destroys the sockets the hooks
     /// connected to backends that left.
     sweeper: Option<Arc<stale::Sweeper>>,
+    /// False until the programs are attached: a pass before that programs
+    /// the maps but serves nobody yet, and says so only once they are.
+    serving: bool,
+    /// The report of such a pass, logged when the programs are attached.
+    held: Option<String>,
 }
 
 impl Programmer {
@@ -468,7 +553,17 @@ impl Programmer {
             health_checks,
             health_wanted: BTreeMap::new(),
             sweeper: None,
+            serving: false,
+            held: None,
         })
+    }
+
+    /// The programs are attached: the maps serve traffic from now on.
+    fn attached(&mut self) {
+        self.serving = true;
+        if let Some(line) = self.held.take() {
+            log::info!("{line}");
+        }
     }
 
     /// When the pending retry is due (far away when none is).
@@ -638,12 +733,16 @@ impl Programmer {
             s.slots = slots;
             s.services_over_slot_budget = over_budget;
         });
-        log::info!(
+        let line = format!(
             "synced: {} services, {} endpoint slices -> {frontends} frontends, {backends} backends ({} map writes) in {:?} ({scope})",
             objects.services.len(),
             objects.slices.len(),
             report.writes,
             done - started
         );
+        match self.serving {
+            true => log::info!("{line}"),
+            false => self.held = Some(line),
+        }
     }
 }
