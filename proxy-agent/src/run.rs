@@ -273,7 +273,9 @@ impl Attaching {
         let ifaces = config.ifaces.clone();
         let cgroup_root = config.socket_lb.as_ref().map(|s| s.cgroup_root.clone());
         let task = tokio::task::spawn_blocking(move || {
-            let root = cgroup_root.map(|r| cgroup::root(r.as_deref())).transpose()?;
+            let root = cgroup_root
+                .map(|r| cgroup::root(r.as_deref()))
+                .transpose()?;
             attach(loaded, &ifaces, root.as_deref())
         });
         Attaching {
