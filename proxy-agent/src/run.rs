@@ -312,6 +312,18 @@ impl Attaching {
         };
         watcher.spawn(loaded, programmer.status.clone())?;
         programmer.attached();
+        if self.earlier {
+            // Now that the programs that wrote them are gone.
+            let bpffs = self.bpffs.clone();
+            tokio::task::spawn_blocking(move || match conntrack::upgrade::rewrite(&bpffs) {
+                Ok((0, 0)) => {}
+                Ok((rewritten, deleted)) => log::info!(
+                    "conntrack of an earlier version: {rewritten} egress entries rewritten, \
+                     {deleted} without a flow removed"
+                ),
+                Err(e) => log::error!("rewriting an earlier version's conntrack: {e:#}"),
+            });
+        }
         Ok(())
     }
 }

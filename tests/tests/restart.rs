@@ -3,9 +3,17 @@
 
 mod common;
 
-use std::{path::PathBuf, thread, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
 
 use anyhow::Context;
+use aya::maps::{HashMap, MapData};
+use proxy_agent::{
+    conntrack::upgrade::LEGACY_EGRESS,
+    datapath::{conntrack, pinned::Pins},
+};
+use proxy_common::{
+    CT_AT_EGRESS, CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, Ct4Entry, Ct4Key, IPPROTO_TCP, names,
+};
 use proxy_tests::{
     agent::Agent,
     manifests::{self, ManifestFile},
@@ -99,5 +107,80 @@ fn restarts_under_traffic(tag: &str, client_hook: &str) -> anyhow::Result<()> {
         );
     }
     println!("restart: {seen:?}");
+    Ok(())
+}
+
+/// An agent of this version taking over the datapath of an earlier one
+/// rewrites the egress entries (direction 2) that version wrote, which its
+/// programs no longer read: connections open across the upgrade keep their
+/// translation at egress. An entry no flow accounts for goes.
+#[test]
+fn an_upgrade_rewrites_the_earlier_versions_egress_entries() -> anyhow::Result<()> {
+    if !common::ready("an_upgrade_rewrites_the_earlier_versions_egress_entries") {
+        return Ok(());
+    }
+    let topology = Topology::build(&unique_prefix("rup"), 1)?;
+    let manifest = ManifestFile::new(
+        &format!("upgrade-{}", topology.prefix()),
+        &manifests::web(&[0]),
+    )?;
+    let ifaces = topology.agent_ifaces(":tc");
+    let mut agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
+    let mut ct4: HashMap<MapData, Ct4Key, Ct4Entry> =
+        Pins::at(agent.bpffs()).map(names::CONNTRACK4)?;
+    let endpoint = |last: u8, port: u16| {
+        (
+            u32::from(Ipv4Addr::new(10, 9, 0, last)).to_be(),
+            port.to_be(),
+        )
+    };
+    let (client, frontend, backend) = (endpoint(1, 40_000), endpoint(2, 80), endpoint(3, 8080));
+    let key = |src: (u32, u16), dst: (u32, u16), direction| Ct4Key {
+        src_addr: src.0,
+        dst_addr: dst.0,
+        src_port: src.1,
+        dst_port: dst.1,
+        proto: IPPROTO_TCP,
+        direction,
+        _pad: 0,
+    };
+    let now = conntrack::now()?;
+    let value = |nat: (u32, u16)| Ct4Entry {
+        nat_addr: nat.0,
+        nat_port: nat.1,
+        last_seen: now,
+        state: CT_STATE_ESTABLISHED,
+        ..Ct4Entry::default()
+    };
+    let legacy = key(backend, client, LEGACY_EGRESS);
+    let orphan = key(backend, endpoint(9, 1234), LEGACY_EGRESS);
+    ct4.insert(key(client, frontend, CT_FORWARD), value(backend), 0)?;
+    ct4.insert(legacy, value(frontend), 0)?;
+    ct4.insert(orphan, value(frontend), 0)?;
+
+    agent.kill()?;
+    agent.restart(None)?;
+    let rewritten = key(backend, client, CT_REPLY);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        if let Ok(entry) = ct4.get(&rewritten, 0) {
+            break entry;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the legacy egress entry was not rewritten; agent log:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    anyhow::ensure!(
+        entry.flags & CT_AT_EGRESS != 0 && (entry.nat_addr, entry.nat_port) == frontend,
+        "rewritten as {entry:?}"
+    );
+    anyhow::ensure!(ct4.get(&legacy, 0).is_err(), "the legacy entry stayed");
+    anyhow::ensure!(
+        ct4.get(&orphan, 0).is_err(),
+        "the orphan legacy entry stayed"
+    );
     Ok(())
 }

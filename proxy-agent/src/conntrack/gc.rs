@@ -321,7 +321,7 @@ fn same_state<K: CtKey>(key: &K, a: &K::Value, b: &K::Value) -> bool {
 }
 
 /// The key was not there (any more): someone else deleted it, which is fine.
-fn absent(error: &MapError) -> bool {
+pub(super) fn absent(error: &MapError) -> bool {
     match error {
         MapError::KeyNotFound => true,
         MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),

@@ -13,6 +13,7 @@ pub mod expiry;
 pub mod gc;
 pub mod overflow;
 pub mod timeouts;
+pub mod upgrade;
 
 use std::{path::PathBuf, time::Duration};
 

@@ -23,9 +23,9 @@ pub struct Record<E> {
     pub src: E,
     pub dst: E,
     pub proto: u8,
-    /// `CT_FORWARD`, `CT_REPLY` or `CT_EGRESS`.
+    /// `CT_FORWARD` or `CT_REPLY`.
     pub direction: u8,
-    /// The address and port the entry rewrites to (an egress entry of a
+    /// The address and port the entry rewrites to (the outward entry of a
     /// source-NATed flow: port 0 until egress picks one).
     pub nat: E,
     /// `CT_*` bits.
@@ -71,6 +71,10 @@ pub trait CtKey: Pod + Eq + Hash {
     /// The main map's pinned name, the overflow map's.
     const MAPS: (&'static str, &'static str);
     fn record(&self, value: &Self::Value) -> MapRecord<Self::Addr>;
+    /// The same key with another direction.
+    fn with_direction(&self, direction: u8) -> Self;
+    /// The same value with other flags.
+    fn with_flags(value: &Self::Value, flags: u16) -> Self::Value;
     /// An address and port of this family as a socket address (host order).
     fn socket(at: AddrPort<Self::Addr>) -> SocketAddr;
 
@@ -90,6 +94,14 @@ macro_rules! ct_key {
             const MAPS: (&'static str, &'static str) = $maps;
             fn socket(at: AddrPort<$addr>) -> SocketAddr {
                 $socket(at)
+            }
+            fn with_direction(&self, direction: u8) -> Self {
+                Self { direction, ..*self }
+            }
+            fn with_flags(v: &$value, flags: u16) -> $value {
+                let mut v = *v;
+                v.flags = flags;
+                v
             }
             fn record(&self, v: &$value) -> MapRecord<$addr> {
                 Record {
