@@ -459,7 +459,9 @@ async fn kube_loop(
                 _ => programmer.program(store.objects(), &pending),
             }
         }
-        if store.synced() {
+        // The route through the kubernetes Service is tried once the
+        // programs that serve it are attached: before, it cannot answer.
+        if store.synced() && !attaching.pending() {
             let failing = health.failing();
             if let Some(client) = route.next(store.objects(), failing, node_name).await {
                 // Dropping the old watches stops them; the new ones list
