@@ -5,7 +5,9 @@
 //! the agent to every frontend programmed, and the latency of one endpoint
 //! change, from the write to the API server to the BPF map holding it,
 //! measured outside the agent by watching the pinned map. Also the agent's
-//! peak RSS.
+//! peak RSS. The objects carry what a real API server serves with them
+//! (managed fields, `kubectl apply`'s annotation, owner references, each
+//! endpoint's node and Pod).
 
 use proxy_tests::manifests::nth_vip;
 use std::{
@@ -52,26 +54,60 @@ struct Row {
     peak_rss_kib: u64,
 }
 
+/// Service i, as a real API server serves what `kubectl apply` wrote: with
+/// the last applied configuration and managed fields.
 fn service(i: usize) -> Value {
-    json!({
+    let service = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": format!("svc{i}"), "namespace": "bench"},
         "spec": {"clusterIP": nth_vip(i).to_string(), "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-    })
+    });
+    let mut served = service.clone();
+    served["metadata"]["annotations"] = json!({
+        "kubectl.kubernetes.io/last-applied-configuration": service.to_string()
+    });
+    served["metadata"]["managedFields"] = json!([{
+        "manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "v1",
+        "time": k8s_now(), "fieldsType": "FieldsV1",
+        "fieldsV1": {
+            "f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}}},
+            "f:spec": {"f:clusterIP": {}, "f:internalTrafficPolicy": {}, "f:ports": {".": {}, "k:{\"port\":80,\"protocol\":\"TCP\"}": {
+                ".": {}, "f:name": {}, "f:port": {}, "f:protocol": {}, "f:targetPort": {}}},
+                "f:sessionAffinity": {}, "f:type": {}}
+        }
+    }]);
+    served
 }
 
-/// Service i's slice with `count` endpoints (10.(100 + e).(i / 256).(i % 256)).
+/// Service i's slice with `count` endpoints (10.(100 + e).(i / 256).(i % 256)),
+/// as the EndpointSlice controller writes it: owner reference, managed
+/// fields, each endpoint's node and Pod.
 fn slice(i: usize, count: usize) -> Value {
     let endpoints: Vec<Value> = (0..count)
         .map(|e| json!({"addresses": [Ipv4Addr::new(10, 100 + e as u8, (i / 256 % 256) as u8, (i % 256) as u8).to_string()],
-                        "conditions": {"ready": true}}))
+                        "conditions": {"ready": true, "serving": true, "terminating": false},
+                        "nodeName": format!("node-{e}"),
+                        "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("svc{i}-pod-{e}"),
+                                      "uid": format!("4f1c2a7e-0000-4000-8000-{i:06}{e:06}")}}))
         .collect();
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {
             "name": format!("svc{i}-abc"), "namespace": "bench",
-            "labels": {"kubernetes.io/service-name": format!("svc{i}")},
-            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": k8s_now()}
+            "labels": {"kubernetes.io/service-name": format!("svc{i}"),
+                       "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": k8s_now()},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": format!("svc{i}"),
+                                 "uid": format!("9a0b6c1d-0000-4000-8000-{i:012}"),
+                                 "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [{
+                "manager": "kube-controller-manager", "operation": "Update",
+                "apiVersion": "discovery.k8s.io/v1", "time": k8s_now(), "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:addressType": {}, "f:endpoints": {}, "f:metadata": {
+                    "f:annotations": {".": {}, "f:endpoints.kubernetes.io/last-change-trigger-time": {}},
+                    "f:generateName": {}, "f:labels": {".": {}, "f:endpointslice.kubernetes.io/managed-by": {},
+                    "f:kubernetes.io/service-name": {}}, "f:ownerReferences": {".": {}}}, "f:ports": {}}
+            }]
         },
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],

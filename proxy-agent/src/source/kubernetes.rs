@@ -6,7 +6,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
@@ -153,14 +156,14 @@ pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) 
             Api::<Service>::all(client.clone()),
             all.clone(),
             changes.clone(),
-            |event| Change::Service(Box::new(event)),
+            |event| Change::Service(Box::new(event.modify(trim_service))),
             Resource::Services,
         ),
         spawn(
             Api::<EndpointSlice>::all(client.clone()),
             all,
             changes.clone(),
-            |event| Change::Slice(Box::new(event)),
+            |event| Change::Slice(Box::new(event.modify(trim_slice))),
             Resource::EndpointSlices,
         ),
         probe(client.clone(), node_name.to_string(), changes.clone()),
@@ -168,7 +171,7 @@ pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) 
             Api::<Node>::all(client),
             node,
             changes,
-            |event| Change::Node(Box::new(event)),
+            |event| Change::Node(Box::new(event.modify(trim_node))),
             Resource::Node,
         ),
     ])
@@ -225,4 +228,114 @@ where
             }
         }
     })
+}
+
+/// The annotations the model reads; the others are dropped on arrival.
+const KEPT_ANNOTATIONS: [&str; 3] = [
+    crate::source::cluster::TRIGGER_TIME,
+    crate::balancing::ALGORITHM_ANNOTATION,
+    crate::balancing::TABLE_SIZE_ANNOTATION,
+];
+
+/// Drops what the model never reads and a real API server always sends:
+/// managed fields, owner references and the annotations it does not read
+/// (`kubectl apply` keeps a whole copy of the object in one). On a cluster
+/// these are often larger than the rest of the object, and the store holds
+/// every Service and EndpointSlice for as long as the agent runs.
+fn trim_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| KEPT_ANNOTATIONS.contains(&key.as_str()));
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+pub fn trim_service(service: &mut Service) {
+    trim_meta(&mut service.metadata);
+}
+
+/// Also each endpoint's Pod reference, hostname and deprecated topology.
+pub fn trim_slice(slice: &mut EndpointSlice) {
+    trim_meta(&mut slice.metadata);
+    for endpoint in &mut slice.endpoints {
+        endpoint.target_ref = None;
+        endpoint.hostname = None;
+        endpoint.deprecated_topology = None;
+    }
+}
+
+/// Also the images and volumes the Node's status lists.
+pub fn trim_node(node: &mut Node) {
+    trim_meta(&mut node.metadata);
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::{
+        api::{core::v1::ObjectReference, discovery::v1::Endpoint},
+        apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference},
+    };
+
+    #[test]
+    fn trimming_keeps_what_the_model_reads_and_nothing_else() {
+        let annotations = [
+            ("kubectl.kubernetes.io/last-applied-configuration", "{...}"),
+            (crate::balancing::ALGORITHM_ANNOTATION, "maglev"),
+            (crate::source::cluster::TRIGGER_TIME, "2026-12-06T00:00:00Z"),
+        ];
+        let mut slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("web-abc".into()),
+                labels: Some([("kubernetes.io/service-name".into(), "web".into())].into()),
+                annotations: Some(annotations.map(|(k, v)| (k.into(), v.into())).into()),
+                managed_fields: Some(vec![ManagedFieldsEntry::default()]),
+                owner_references: Some(vec![OwnerReference::default()]),
+                ..ObjectMeta::default()
+            },
+            endpoints: vec![Endpoint {
+                addresses: vec!["10.0.0.1".into()],
+                node_name: Some("node-a".into()),
+                target_ref: Some(ObjectReference::default()),
+                hostname: Some("web-0".into()),
+                ..Endpoint::default()
+            }],
+            ..EndpointSlice::default()
+        };
+        trim_slice(&mut slice);
+        let endpoint = &slice.endpoints[0];
+        assert_eq!((&endpoint.target_ref, &endpoint.hostname), (&None, &None));
+        assert_eq!(endpoint.node_name.as_deref(), Some("node-a"), "read: kept");
+        let meta = &slice.metadata;
+        assert_eq!(meta.managed_fields, None);
+        assert_eq!(meta.owner_references, None);
+        let kept: Vec<&str> = meta
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                crate::source::cluster::TRIGGER_TIME,
+                crate::balancing::ALGORITHM_ANNOTATION
+            ]
+        );
+        assert_eq!(meta.name.as_deref(), Some("web-abc"));
+        assert!(meta.labels.is_some(), "labels are read: kept");
+
+        let mut bare = Service::default();
+        bare.metadata.annotations = Some([("other".to_string(), "x".to_string())].into());
+        trim_service(&mut bare);
+        assert_eq!(bare.metadata.annotations, None);
+    }
 }
