@@ -397,7 +397,8 @@ async fn manifest_loop(
                 s.not_ready = attaching.not_ready();
                 s.node_eligible = !load.objects.node.leaving;
             });
-            programmer.program(&load.objects, &[seen]);
+            let index = SliceIndex::new(&load.objects);
+            programmer.program(&load.objects, &index, &[seen]);
         }
         if attaching.pending() {
             attaching.finish(programmer).await?;
@@ -456,7 +457,7 @@ async fn kube_loop(
                 Dirty::Services(services) if !retry => {
                     programmer.program_changes(store.objects(), store.index(), &services, &pending)
                 }
-                _ => programmer.program(store.objects(), &pending),
+                _ => programmer.program(store.objects(), store.index(), &pending),
             }
         }
         // The route through the kubernetes Service is tried once the
@@ -638,9 +639,9 @@ impl Programmer {
     }
 
     /// A full pass; `changes` are when the changes it carries happened.
-    fn program(&mut self, objects: &Objects, changes: &[Instant]) {
+    fn program(&mut self, objects: &Objects, index: &SliceIndex, changes: &[Instant]) {
         let started = Instant::now();
-        let desired = model::desired(objects);
+        let desired = model::desired_indexed(objects, index);
         for warning in &desired.warnings {
             log::warn!("{warning}");
         }
@@ -652,7 +653,7 @@ impl Programmer {
             false => self.retry.start(),
         }
         self.sweep_stale_sockets();
-        self.sync_health_checks(objects, &SliceIndex::new(objects), None);
+        self.sync_health_checks(objects, index, None);
         self.record(objects, &report, started, changes, "all services");
     }
 

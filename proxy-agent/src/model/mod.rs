@@ -60,7 +60,12 @@ pub struct Desired {
 
 /// The desired datapath state for a set of (validated) objects.
 pub fn desired(objects: &Objects) -> Desired {
-    let index = SliceIndex::new(objects);
+    desired_indexed(objects, &SliceIndex::new(objects))
+}
+
+/// As `desired`, with the objects' slice index at hand (the cluster store
+/// keeps one up to date: no need to build another per pass).
+pub fn desired_indexed(objects: &Objects, index: &SliceIndex) -> Desired {
     let mut out = Desired {
         snat_addr4: objects.node.snat_addr4(),
         snat_addr6: objects.node.snat_addr6(),
