@@ -16,7 +16,7 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use proxy_common::{BENCH_HEAD, BenchPacket, CT_FORWARD, Ct4Entry, Ct4Key, MAX_CONNTRACK};
+use proxy_common::{BENCH_HEAD, BenchPacket, CT_FORWARD, Ct4Entry, Ct4Key};
 
 use crate::parse::ptr_at;
 
@@ -30,8 +30,6 @@ static BENCH_TARGET: ProgramArray<1> = ProgramArray::new();
 /// one entry; the benchmark sizes it as `ct4` when it loads the object.
 #[btf_map(name = "bench_ct")]
 static BENCH_CT: HashMap<Ct4Key, Ct4Entry, 1> = HashMap::new();
-
-const _: () = assert!(MAX_CONNTRACK > 1);
 
 #[xdp]
 pub fn xdproxy_bench(ctx: XdpContext) -> u32 {

@@ -397,7 +397,7 @@ fn take_over<F: Family>(
     }
 }
 
-/// The key of the flow's egress entry: client -> backend, after forwarding.
+/// The key of the flow's outward entry: client -> backend, after forwarding.
 #[inline(always)]
 fn outward<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>) -> F::CtKey {
     F::Ct::key(
