@@ -3,7 +3,7 @@
 
 use std::{fmt, str::FromStr};
 
-use k8s_openapi::api::core::v1::Service;
+use crate::kinds::Service;
 use serde::Serialize;
 
 use crate::maglev;

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod healthcheck;
 pub mod http;
 pub mod inspect;
+pub mod kinds;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

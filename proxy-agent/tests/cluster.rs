@@ -2,8 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher::Event;
+use proxy_agent::kinds::{EndpointSlice, Service};
 use proxy_agent::{model::ObjectKey, source::cluster::ClusterStore};
 
 fn service(name: &str, port: &str) -> Service {

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_agent::kinds::{EndpointSlice, Service};
 use proxy_agent::model::{self, Clients, Desired, Frontend, ObjectKey, Objects, Protocol};
 
 fn key(namespace: &str, name: &str) -> ObjectKey {

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::kinds::{EndpointSlice, Service};
 
 use super::{frontends::Protocol, node::ThisNode, objects::port_number};
 
@@ -187,7 +187,7 @@ fn hint<'a>(slices: &[&EndpointSlice], here: Here<'a>) -> Option<Hint<'a>> {
     None
 }
 
-fn hinted_for(endpoint: &k8s_openapi::api::discovery::v1::Endpoint, hint: Option<Hint>) -> bool {
+fn hinted_for(endpoint: &crate::kinds::Endpoint, hint: Option<Hint>) -> bool {
     let hints = endpoint.hints.as_ref();
     match hint {
         None => true,

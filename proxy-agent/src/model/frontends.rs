@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::kinds::{EndpointSlice, Service};
 use serde::Serialize;
 
 use super::{

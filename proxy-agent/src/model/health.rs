@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::kinds::EndpointSlice;
 
 use super::{
     Objects,

@@ -23,7 +23,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::kinds::{EndpointSlice, Service};
 
 pub use frontends::{Clients, DEFAULT_AFFINITY_TIMEOUT, Frontend, FrontendState, Protocol, Scope};
 pub use health::health_check;

@@ -8,7 +8,9 @@ use std::{
     time::Instant,
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Node;
+
+use crate::kinds::{EndpointSlice, Service};
 use kube::{Resource, ResourceExt, runtime::watcher::Event};
 
 use crate::model::{self, FieldError, ObjectKey, Objects, SliceIndex, ThisNode};

@@ -6,10 +6,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use futures::StreamExt;
-use k8s_openapi::{
-    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
@@ -17,6 +14,8 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
+
+use crate::kinds::{EndpointSlice, KEPT_ANNOTATIONS, Service};
 
 /// One thing a watch reported.
 pub enum Change {
@@ -156,14 +155,14 @@ pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) 
             Api::<Service>::all(client.clone()),
             all.clone(),
             changes.clone(),
-            |event| Change::Service(Box::new(event.modify(trim_service))),
+            |event| Change::Service(Box::new(event)),
             Resource::Services,
         ),
         spawn(
             Api::<EndpointSlice>::all(client.clone()),
             all,
             changes.clone(),
-            |event| Change::Slice(Box::new(event.modify(trim_slice))),
+            |event| Change::Slice(Box::new(event)),
             Resource::EndpointSlices,
         ),
         probe(client.clone(), node_name.to_string(), changes.clone()),
@@ -230,18 +229,10 @@ where
     })
 }
 
-/// The annotations the model reads; the others are dropped on arrival.
-const KEPT_ANNOTATIONS: [&str; 3] = [
-    crate::source::cluster::TRIGGER_TIME,
-    crate::balancing::ALGORITHM_ANNOTATION,
-    crate::balancing::TABLE_SIZE_ANNOTATION,
-];
-
-/// Drops what the model never reads and a real API server always sends:
-/// managed fields, owner references and the annotations it does not read
-/// (`kubectl apply` keeps a whole copy of the object in one). On a cluster
-/// these are often larger than the rest of the object, and the store holds
-/// every Service and EndpointSlice for as long as the agent runs.
+/// Drops what the model never reads from the Node (the one object still
+/// decoded as k8s-openapi's type; Services and EndpointSlices never decode
+/// these, see `kinds`): managed fields, owner references, the annotations it
+/// does not read.
 fn trim_meta(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
     meta.owner_references = None;
@@ -250,20 +241,6 @@ fn trim_meta(meta: &mut ObjectMeta) {
         if annotations.is_empty() {
             meta.annotations = None;
         }
-    }
-}
-
-pub fn trim_service(service: &mut Service) {
-    trim_meta(&mut service.metadata);
-}
-
-/// Also each endpoint's Pod reference, hostname and deprecated topology.
-pub fn trim_slice(slice: &mut EndpointSlice) {
-    trim_meta(&mut slice.metadata);
-    for endpoint in &mut slice.endpoints {
-        endpoint.target_ref = None;
-        endpoint.hostname = None;
-        endpoint.deprecated_topology = None;
     }
 }
 
@@ -281,61 +258,30 @@ pub fn trim_node(node: &mut Node) {
 mod tests {
     use super::*;
     use k8s_openapi::{
-        api::{core::v1::ObjectReference, discovery::v1::Endpoint},
-        apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference},
+        api::core::v1::{ContainerImage, NodeStatus},
+        apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry,
     };
 
     #[test]
-    fn trimming_keeps_what_the_model_reads_and_nothing_else() {
-        let annotations = [
-            ("kubectl.kubernetes.io/last-applied-configuration", "{...}"),
-            (crate::balancing::ALGORITHM_ANNOTATION, "maglev"),
-            (crate::source::cluster::TRIGGER_TIME, "2026-12-06T00:00:00Z"),
-        ];
-        let mut slice = EndpointSlice {
+    fn a_node_keeps_what_the_model_reads_and_nothing_else() {
+        let mut node = Node {
             metadata: ObjectMeta {
-                name: Some("web-abc".into()),
-                labels: Some([("kubernetes.io/service-name".into(), "web".into())].into()),
-                annotations: Some(annotations.map(|(k, v)| (k.into(), v.into())).into()),
+                name: Some("node-a".into()),
+                labels: Some([(crate::model::ZONE_LABEL.into(), "z1".into())].into()),
+                annotations: Some([("other".to_string(), "x".to_string())].into()),
                 managed_fields: Some(vec![ManagedFieldsEntry::default()]),
-                owner_references: Some(vec![OwnerReference::default()]),
                 ..ObjectMeta::default()
             },
-            endpoints: vec![Endpoint {
-                addresses: vec!["10.0.0.1".into()],
-                node_name: Some("node-a".into()),
-                target_ref: Some(ObjectReference::default()),
-                hostname: Some("web-0".into()),
-                ..Endpoint::default()
-            }],
-            ..EndpointSlice::default()
+            status: Some(NodeStatus {
+                images: Some(vec![ContainerImage::default()]),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
         };
-        trim_slice(&mut slice);
-        let endpoint = &slice.endpoints[0];
-        assert_eq!((&endpoint.target_ref, &endpoint.hostname), (&None, &None));
-        assert_eq!(endpoint.node_name.as_deref(), Some("node-a"), "read: kept");
-        let meta = &slice.metadata;
-        assert_eq!(meta.managed_fields, None);
-        assert_eq!(meta.owner_references, None);
-        let kept: Vec<&str> = meta
-            .annotations
-            .iter()
-            .flatten()
-            .map(|(k, _)| k.as_str())
-            .collect();
-        assert_eq!(
-            kept,
-            [
-                crate::source::cluster::TRIGGER_TIME,
-                crate::balancing::ALGORITHM_ANNOTATION
-            ]
-        );
-        assert_eq!(meta.name.as_deref(), Some("web-abc"));
+        trim_node(&mut node);
+        let meta = &node.metadata;
+        assert_eq!((&meta.managed_fields, &meta.annotations), (&None, &None));
         assert!(meta.labels.is_some(), "labels are read: kept");
-
-        let mut bare = Service::default();
-        bare.metadata.annotations = Some([("other".to_string(), "x".to_string())].into());
-        trim_service(&mut bare);
-        assert_eq!(bare.metadata.annotations, None);
+        assert_eq!(node.status.and_then(|s| s.images), None);
     }
 }

@@ -14,14 +14,12 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::host;
+use crate::kinds::{EndpointSlice, Service};
 use crate::model::{self, FieldError, ObjectKey, Objects, ThisNode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_agent::kinds::{EndpointSlice, Service};
 use proxy_agent::{
     datapath::{self, maps::MapSet},
     model::{self, Desired, ObjectKey, Objects},

@@ -1,0 +1,68 @@
+//! An EndpointSlice: its address type, ports, and each endpoint's
+//! addresses, conditions, node, zone and topology hints.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+
+use super::{meta, or_default, resource};
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    #[serde(default, deserialize_with = "meta::lean")]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "or_default")]
+    pub address_type: String,
+    #[serde(default, deserialize_with = "or_default")]
+    pub endpoints: Vec<Endpoint>,
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+resource!(
+    EndpointSlice,
+    k8s_openapi::api::discovery::v1::EndpointSlice
+);
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default, deserialize_with = "or_default")]
+    pub addresses: Vec<String>,
+    pub conditions: Option<EndpointConditions>,
+    pub hints: Option<EndpointHints>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct EndpointConditions {
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointHints {
+    pub for_nodes: Option<Vec<ForNode>>,
+    pub for_zones: Option<Vec<ForZone>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct ForNode {
+    #[serde(default, deserialize_with = "or_default")]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct ForZone {
+    #[serde(default, deserialize_with = "or_default")]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+    pub protocol: Option<String>,
+}
