@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{meta, or_default, resource};
+use super::{meta, or_default, resource, some_list};
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct Service {
@@ -21,14 +21,16 @@ resource!(Service, k8s_openapi::api::core::v1::Service);
 pub struct ServiceSpec {
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
-    #[serde(rename = "clusterIPs")]
+    #[serde(rename = "clusterIPs", default, deserialize_with = "some_list")]
     pub cluster_ips: Option<Vec<String>>,
-    #[serde(rename = "externalIPs")]
+    #[serde(rename = "externalIPs", default, deserialize_with = "some_list")]
     pub external_ips: Option<Vec<String>>,
     pub external_traffic_policy: Option<String>,
     pub health_check_node_port: Option<i32>,
     pub internal_traffic_policy: Option<String>,
+    #[serde(default, deserialize_with = "some_list")]
     pub load_balancer_source_ranges: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "some_list")]
     pub ports: Option<Vec<ServicePort>>,
     pub session_affinity: Option<String>,
     pub session_affinity_config: Option<SessionAffinityConfig>,
@@ -67,6 +69,7 @@ pub struct ServiceStatus {
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct LoadBalancerStatus {
+    #[serde(default, deserialize_with = "some_list")]
     pub ingress: Option<Vec<LoadBalancerIngress>>,
 }
 

@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{meta, or_default, resource};
+use super::{list, meta, or_default, resource, some_list};
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -13,8 +13,9 @@ pub struct EndpointSlice {
     pub metadata: ObjectMeta,
     #[serde(default, deserialize_with = "or_default")]
     pub address_type: String,
-    #[serde(default, deserialize_with = "or_default")]
+    #[serde(default, deserialize_with = "list")]
     pub endpoints: Vec<Endpoint>,
+    #[serde(default, deserialize_with = "some_list")]
     pub ports: Option<Vec<EndpointPort>>,
 }
 
@@ -26,12 +27,12 @@ resource!(
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    #[serde(default, deserialize_with = "or_default")]
+    #[serde(default, deserialize_with = "list")]
     pub addresses: Vec<String>,
     pub conditions: Option<EndpointConditions>,
-    pub hints: Option<EndpointHints>,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Boxed: most endpoints have none, and every endpoint is held.
+    pub hints: Option<Box<EndpointHints>>,
+    pub node_name: Option<Box<str>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -44,7 +45,9 @@ pub struct EndpointConditions {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointHints {
+    #[serde(default, deserialize_with = "some_list")]
     pub for_nodes: Option<Vec<ForNode>>,
+    #[serde(default, deserialize_with = "some_list")]
     pub for_zones: Option<Vec<ForZone>>,
 }
 

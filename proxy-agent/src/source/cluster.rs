@@ -191,6 +191,9 @@ impl ClusterStore {
             }
             _ => (None, None, Vec::new()),
         };
+        // Read above, and never again: each slice's copy would be held as
+        // long as the slice is.
+        let event = event.modify(|slice| slice.metadata.annotations = None);
         let relisted = matches!(event, Event::InitDone);
         let live = &mut self.objects.slices;
         let changed = self.slice_kind.apply(
