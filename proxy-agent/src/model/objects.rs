@@ -2,7 +2,7 @@
 //! are named, what is valid, and which slices belong to which Service.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr},
 };
@@ -208,7 +208,9 @@ pub fn owning_service(namespace: &str, slice: &EndpointSlice) -> Option<ObjectKe
 /// by a source as slices come and go.
 #[derive(Debug, Default)]
 pub struct SliceIndex {
-    by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Sorted lists: a Service has one slice or a few, and a one-entry
+    /// BTreeSet costs a whole tree node.
+    by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
 }
 
 impl SliceIndex {
@@ -224,18 +226,18 @@ impl SliceIndex {
     pub fn insert(&mut self, key: &ObjectKey, slice: &EndpointSlice) {
         let ip = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
         if let Some(owner) = owning_service(&key.namespace, slice).filter(|_| ip) {
-            self.by_service
-                .entry(owner)
-                .or_default()
-                .insert(key.clone());
+            let slices = (self.by_service.entry(owner)).or_insert_with(|| Vec::with_capacity(1));
+            if let Err(at) = slices.binary_search(key) {
+                slices.insert(at, key.clone());
+            }
         }
     }
 
     /// Forgets a slice that belonged to `owner`.
     pub fn remove(&mut self, key: &ObjectKey, owner: &ObjectKey) {
-        if let Some(set) = self.by_service.get_mut(owner) {
-            set.remove(key);
-            if set.is_empty() {
+        if let Some(slices) = self.by_service.get_mut(owner) {
+            slices.retain(|k| k != key);
+            if slices.is_empty() {
                 self.by_service.remove(owner);
             }
         }

@@ -19,12 +19,13 @@
 //! of all of them (`apply`: also removes whatever nothing explains).
 
 mod adopt;
+mod byid;
 mod entries;
 mod ids;
 mod tables;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
 };
 
@@ -32,6 +33,7 @@ use crate::{cidr::Cidr, nodeconfig::Settings};
 
 pub use adopt::Snapshot;
 use adopt::Strays;
+use byid::ById;
 pub use entries::{Member, NodeEntry, ServiceEntry, Slot};
 use ids::Ids;
 use tables::SlotTables;
@@ -180,14 +182,14 @@ pub struct Report {
 /// only when none does.
 #[derive(Debug, Default)]
 struct Holds {
-    refs: BTreeMap<u32, usize>,
+    refs: ById<u32>,
     /// Backend ids that may have lost their last holder.
     maybe_unused: BTreeSet<u32>,
 }
 
 impl Holds {
     fn hold(&mut self, id: u32) {
-        *self.refs.entry(id).or_default() += 1;
+        *self.refs.or_default(id) += 1;
     }
 
     fn release(&mut self, id: u32) {
@@ -201,9 +203,9 @@ impl Holds {
 pub struct Reconciler {
     frontends: BTreeMap<Frontend, Applied>,
     owners: BTreeMap<ObjectKey, BTreeSet<Frontend>>,
-    backends: BTreeMap<BackendKey, u32>,
+    backends: HashMap<BackendKey, u32>,
     /// The same, by id.
-    backend_keys: BTreeMap<u32, BackendKey>,
+    backend_keys: ById<BackendKey>,
     holds: Holds,
     /// Slot tables in `lb_slots`, shared by the frontends with equal slots.
     tables: SlotTables,
@@ -262,8 +264,8 @@ impl Reconciler {
         Reconciler {
             frontends: BTreeMap::new(),
             owners: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            backend_keys: BTreeMap::new(),
+            backends: HashMap::new(),
+            backend_keys: ById::default(),
             holds: Holds::default(),
             tables: SlotTables::new(capacity.slots),
             slot_budget: budget::DEFAULT_SLOT_BUDGET,
@@ -793,7 +795,7 @@ impl Reconciler {
 fn write_members<'a>(
     applied: &mut Applied,
     members: impl IntoIterator<Item = (&'a u32, &'a bool)>,
-    backend_keys: &BTreeMap<u32, BackendKey>,
+    backend_keys: &ById<BackendKey>,
     holds: &mut Holds,
     maps: &mut dyn Maps,
     report: &mut Report,
@@ -838,7 +840,7 @@ fn write_members<'a>(
 fn remove_members(
     applied: &mut Applied,
     gone: Vec<u32>,
-    backend_keys: &BTreeMap<u32, BackendKey>,
+    backend_keys: &ById<BackendKey>,
     holds: &mut Holds,
     maps: &mut dyn Maps,
     report: &mut Report,
