@@ -149,18 +149,18 @@ pub fn of_service(service: &Service, default: Balancing) -> Result<Balancing, (S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use crate::kinds::Meta;
 
     fn annotated(pairs: &[(&str, &str)]) -> Service {
         Service {
-            metadata: ObjectMeta {
+            metadata: Meta {
                 annotations: Some(
                     pairs
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
                 ),
-                ..ObjectMeta::default()
+                ..Meta::default()
             },
             ..Service::default()
         }

@@ -1,11 +1,9 @@
-//! Object metadata: the name, namespace, labels, resource version (the
-//! watcher resumes from it) and the annotations the model reads. The rest
-//! (managed fields, owner references, other annotations) is skipped while
-//! decoding.
+//! Object metadata: the name, namespace, labels and the annotations the
+//! model reads. The rest (managed fields, owner references, other
+//! annotations) is skipped while decoding.
 
 use std::{collections::BTreeMap, fmt};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{
     Deserialize, Deserializer,
     de::{IgnoredAny, MapAccess, Visitor},
@@ -18,30 +16,27 @@ pub const KEPT_ANNOTATIONS: [&str; 3] = [
     crate::balancing::TABLE_SIZE_ANNOTATION,
 ];
 
-#[derive(Deserialize)]
+/// What the model reads of an object's metadata (the key is name and
+/// namespace; labels say which Service a slice belongs to and whether an
+/// object is another proxy's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Meta {
-    name: Option<String>,
-    namespace: Option<String>,
-    labels: Option<BTreeMap<String, String>>,
+pub struct Meta {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
     #[serde(default, deserialize_with = "kept_annotations")]
-    annotations: Option<BTreeMap<String, String>>,
-    resource_version: Option<String>,
+    pub annotations: Option<BTreeMap<String, String>>,
+    /// Read once, by the watcher (`Watched`), and not held.
+    #[serde(default)]
+    pub resource_version: Option<String>,
 }
 
-/// `metadata` with only what `Meta` keeps.
-pub fn lean<'de, D: Deserializer<'de>>(decoder: D) -> Result<ObjectMeta, D::Error> {
-    let Some(meta) = Option::<Meta>::deserialize(decoder)? else {
-        return Ok(ObjectMeta::default());
-    };
-    Ok(ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        labels: meta.labels,
-        annotations: meta.annotations,
-        resource_version: meta.resource_version,
-        ..ObjectMeta::default()
-    })
+impl Meta {
+    /// Absent or null: empty.
+    pub(super) fn or_empty<'de, D: Deserializer<'de>>(decoder: D) -> Result<Meta, D::Error> {
+        super::or_default(decoder)
+    }
 }
 
 fn kept_annotations<'de, D: Deserializer<'de>>(

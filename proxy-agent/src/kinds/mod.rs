@@ -6,6 +6,9 @@
 //! every one of these objects for as long as the agent runs: k8s-openapi's
 //! full types cost about five times the memory at 10,000 Services.
 //!
+//! Their metadata is `Meta`: name, namespace, labels and the annotations
+//! read; `Watched` gives kube the `ObjectMeta` it needs.
+//!
 //! Like k8s-openapi's, the decoders take a missing or null required field as
 //! its empty value (Go writes an empty list as `null`) and ignore unknown
 //! fields.
@@ -14,7 +17,7 @@ mod meta;
 mod service;
 mod slice;
 
-pub use meta::KEPT_ANNOTATIONS;
+pub use meta::{KEPT_ANNOTATIONS, Meta};
 pub use service::{
     ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort, ServiceSpec,
     ServiceStatus, SessionAffinityConfig,
@@ -23,6 +26,7 @@ pub use slice::{
     Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
 };
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 
 /// A required field: absent or null is its default, as k8s-openapi reads it.
@@ -58,33 +62,64 @@ where
     Ok(list)
 }
 
-/// k8s-openapi's resource constants and metadata access for one of these
-/// types, so kube's `Api` and watcher take it as they take k8s-openapi's.
-macro_rules! resource {
-    ($kind:ident, $of:ty) => {
-        impl k8s_openapi::Resource for $kind {
-            const API_VERSION: &'static str = <$of as k8s_openapi::Resource>::API_VERSION;
-            const GROUP: &'static str = <$of as k8s_openapi::Resource>::GROUP;
-            const KIND: &'static str = <$of as k8s_openapi::Resource>::KIND;
-            const VERSION: &'static str = <$of as k8s_openapi::Resource>::VERSION;
-            const URL_PATH_SEGMENT: &'static str = <$of as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-            type Scope = <$of as k8s_openapi::Resource>::Scope;
-        }
-
-        impl k8s_openapi::Metadata for $kind {
-            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-            fn metadata(&self) -> &Self::Ty {
-                &self.metadata
-            }
-
-            fn metadata_mut(&mut self) -> &mut Self::Ty {
-                &mut self.metadata
-            }
-        }
-    };
+/// One of these kinds: which k8s-openapi type it stands for, and its
+/// metadata.
+pub trait Kind {
+    type Of: k8s_openapi::Resource;
+    fn meta(&self) -> &Meta;
+    fn meta_mut(&mut self) -> &mut Meta;
 }
-use resource;
+
+/// An object as kube's `Api` and watcher take it: they need k8s-openapi's
+/// `ObjectMeta` (the watcher resumes from the resource version), which is
+/// made from the object's own name, namespace and resource version while
+/// decoding and dropped once the watcher has read it (see `object`).
+#[derive(Clone, Debug)]
+pub struct Watched<T> {
+    metadata: ObjectMeta,
+    object: T,
+}
+
+impl<T> Watched<T> {
+    pub fn object(self) -> T {
+        self.object
+    }
+}
+
+impl<'de, T: Kind + Deserialize<'de>> Deserialize<'de> for Watched<T> {
+    fn deserialize<D: Deserializer<'de>>(decoder: D) -> Result<Self, D::Error> {
+        let mut object = T::deserialize(decoder)?;
+        let meta = object.meta_mut();
+        let metadata = ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            resource_version: meta.resource_version.take(),
+            ..ObjectMeta::default()
+        };
+        Ok(Watched { metadata, object })
+    }
+}
+
+impl<T: Kind> k8s_openapi::Resource for Watched<T> {
+    const API_VERSION: &'static str = T::Of::API_VERSION;
+    const GROUP: &'static str = T::Of::GROUP;
+    const KIND: &'static str = T::Of::KIND;
+    const VERSION: &'static str = T::Of::VERSION;
+    const URL_PATH_SEGMENT: &'static str = T::Of::URL_PATH_SEGMENT;
+    type Scope = <T::Of as k8s_openapi::Resource>::Scope;
+}
+
+impl<T: Kind> k8s_openapi::Metadata for Watched<T> {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -117,21 +152,22 @@ mod tests {
                 "deprecatedTopology": {"a": "b"}
             }]
         });
-        let slice: EndpointSlice = serde_json::from_value(served).expect("a served slice");
-        let meta = &slice.metadata;
-        assert_eq!(meta.name.as_deref(), Some("web-abc"));
-        assert_eq!(meta.namespace.as_deref(), Some("default"));
+        let watched: Watched<EndpointSlice> =
+            serde_json::from_value(served).expect("a served slice");
+        let seen = k8s_openapi::Metadata::metadata(&watched);
         assert_eq!(
-            meta.resource_version.as_deref(),
+            seen.resource_version.as_deref(),
             Some("42"),
             "the watcher resumes from it"
         );
+        assert_eq!(seen.name.as_deref(), Some("web-abc"));
+        assert_eq!(seen.namespace.as_deref(), Some("default"));
+        let slice = watched.object();
+        let meta = &slice.metadata;
+        assert_eq!(meta.name.as_deref(), Some("web-abc"));
+        assert_eq!(meta.namespace.as_deref(), Some("default"));
+        assert_eq!(meta.resource_version, None, "not held");
         assert!(meta.labels.is_some());
-        assert_eq!((&meta.uid, &meta.generate_name), (&None, &None));
-        assert_eq!(
-            (&meta.managed_fields, &meta.owner_references),
-            (&None, &None)
-        );
         let kept: Vec<&str> = meta
             .annotations
             .iter()

@@ -1,20 +1,29 @@
 //! A Service: its spec's addressing, ports, policies and affinity, and the
 //! load balancer's ingress addresses from its status.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{meta, or_default, resource, some_list};
+use super::{Kind, Meta, or_default, some_list};
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct Service {
-    #[serde(default, deserialize_with = "meta::lean")]
-    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "Meta::or_empty")]
+    pub metadata: Meta,
     pub spec: Option<ServiceSpec>,
     pub status: Option<ServiceStatus>,
 }
 
-resource!(Service, k8s_openapi::api::core::v1::Service);
+impl Kind for Service {
+    type Of = k8s_openapi::api::core::v1::Service;
+
+    fn meta(&self) -> &Meta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.metadata
+    }
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1,16 +1,15 @@
 //! An EndpointSlice: its address type, ports, and each endpoint's
 //! addresses, conditions, node, zone and topology hints.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{list, meta, or_default, resource, some_list};
+use super::{Kind, Meta, list, or_default, some_list};
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSlice {
-    #[serde(default, deserialize_with = "meta::lean")]
-    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "Meta::or_empty")]
+    pub metadata: Meta,
     #[serde(default, deserialize_with = "or_default")]
     pub address_type: String,
     #[serde(default, deserialize_with = "list")]
@@ -19,10 +18,17 @@ pub struct EndpointSlice {
     pub ports: Option<Vec<EndpointPort>>,
 }
 
-resource!(
-    EndpointSlice,
-    k8s_openapi::api::discovery::v1::EndpointSlice
-);
+impl Kind for EndpointSlice {
+    type Of = k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    fn meta(&self) -> &Meta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.metadata
+    }
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -33,7 +33,7 @@ pub const OURS_SELECTOR: &str =
 
 /// False for objects kube-proxy leaves alone: those of another service
 /// proxy, and headless ones.
-pub fn ours(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+pub fn ours(meta: &crate::kinds::Meta) -> bool {
     let labels = meta.labels.as_ref();
     ![SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]
         .iter()

@@ -10,8 +10,8 @@ use std::{
 
 use k8s_openapi::api::core::v1::Node;
 
-use crate::kinds::{EndpointSlice, Service};
-use kube::{Resource, ResourceExt, runtime::watcher::Event};
+use crate::kinds::{self, EndpointSlice, Service};
+use kube::{ResourceExt, runtime::watcher::Event};
 
 use crate::model::{self, FieldError, ObjectKey, Objects, SliceIndex, ThisNode};
 
@@ -63,14 +63,35 @@ pub struct ClusterStore {
     errors: Vec<String>,
 }
 
-fn key<K: Resource>(object: &K) -> ObjectKey {
-    ObjectKey {
-        namespace: object.namespace().unwrap_or_default(),
-        name: object.name_any(),
+/// Where the store keeps an object.
+trait Keyed {
+    fn key(&self) -> ObjectKey;
+}
+
+impl<T: kinds::Kind> Keyed for T {
+    fn key(&self) -> ObjectKey {
+        let meta = self.meta();
+        ObjectKey {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
     }
 }
 
-impl<K: Resource + Clone> Kind<K> {
+impl Keyed for Node {
+    fn key(&self) -> ObjectKey {
+        ObjectKey {
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+        }
+    }
+}
+
+fn key<K: Keyed>(object: &K) -> ObjectKey {
+    object.key()
+}
+
+impl<K: Keyed + Clone> Kind<K> {
     /// Applies one watch event; `check` validates an object. Returns whether
     /// the programmed objects may have changed.
     fn apply(
@@ -284,7 +305,7 @@ impl ClusterStore {
 /// The slice's trigger time as an Instant in this process's clock, if the
 /// annotation is there, parses, and is not in the future.
 fn trigger_time(slice: &EndpointSlice) -> Option<Instant> {
-    let value = slice.annotations().get(TRIGGER_TIME)?;
+    let value = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME)?;
     let at: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
     let age = k8s_openapi::jiff::Timestamp::now().duration_since(at);
     let age = std::time::Duration::try_from(age).ok()?;

@@ -15,7 +15,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::kinds::{EndpointSlice, KEPT_ANNOTATIONS, Service};
+use crate::kinds::{EndpointSlice, KEPT_ANNOTATIONS, Service, Watched};
 
 /// One thing a watch reported.
 pub enum Change {
@@ -129,7 +129,11 @@ pub fn watched() -> [(&'static str, &'static str); 3] {
     fn of<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
         (K::GROUP, K::URL_PATH_SEGMENT)
     }
-    [of::<Service>(), of::<EndpointSlice>(), of::<Node>()]
+    [
+        of::<Watched<Service>>(),
+        of::<Watched<EndpointSlice>>(),
+        of::<Node>(),
+    ]
 }
 
 /// A watcher lists, then watches.
@@ -152,17 +156,17 @@ pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) 
     let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     Watches(vec![
         spawn(
-            Api::<Service>::all(client.clone()),
+            Api::<Watched<Service>>::all(client.clone()),
             all.clone(),
             changes.clone(),
-            |event| Change::Service(Box::new(event)),
+            |event| Change::Service(Box::new(held(event))),
             Resource::Services,
         ),
         spawn(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<Watched<EndpointSlice>>::all(client.clone()),
             all,
             changes.clone(),
-            |event| Change::Slice(Box::new(event)),
+            |event| Change::Slice(Box::new(held(event))),
             Resource::EndpointSlices,
         ),
         probe(client.clone(), node_name.to_string(), changes.clone()),
@@ -174,6 +178,18 @@ pub fn watch(client: Client, node_name: &str, changes: UnboundedSender<Change>) 
             Resource::Node,
         ),
     ])
+}
+
+/// The event with the objects as the store holds them.
+fn held<T>(event: watcher::Event<Watched<T>>) -> watcher::Event<T> {
+    use watcher::Event::*;
+    match event {
+        Apply(object) => Apply(object.object()),
+        Delete(object) => Delete(object.object()),
+        Init => Init,
+        InitApply(object) => InitApply(object.object()),
+        InitDone => InitDone,
+    }
 }
 
 /// How often the API server is probed while the agent runs.
