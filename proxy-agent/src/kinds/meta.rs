@@ -1,6 +1,6 @@
-//! Object metadata: the name, namespace, labels and the annotations the
-//! model reads. The rest (managed fields, owner references, other
-//! annotations) is skipped while decoding.
+//! Object metadata: the name, namespace and the labels and annotations the
+//! model reads. The rest (managed fields, owner references, other labels
+//! and annotations) is skipped while decoding.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -16,6 +16,13 @@ pub const KEPT_ANNOTATIONS: [&str; 3] = [
     crate::balancing::TABLE_SIZE_ANNOTATION,
 ];
 
+/// The labels the model reads; the others are never decoded.
+pub const KEPT_LABELS: [&str; 3] = [
+    crate::model::SERVICE_NAME_LABEL,
+    crate::model::SERVICE_PROXY_NAME_LABEL,
+    crate::model::HEADLESS_LABEL,
+];
+
 /// What the model reads of an object's metadata (the key is name and
 /// namespace; labels say which Service a slice belongs to and whether an
 /// object is another proxy's).
@@ -24,6 +31,7 @@ pub const KEPT_ANNOTATIONS: [&str; 3] = [
 pub struct Meta {
     pub name: Option<String>,
     pub namespace: Option<String>,
+    #[serde(default, deserialize_with = "kept_labels")]
     pub labels: Option<BTreeMap<String, String>>,
     #[serde(default, deserialize_with = "kept_annotations")]
     pub annotations: Option<BTreeMap<String, String>>,
@@ -39,21 +47,27 @@ impl Meta {
     }
 }
 
+fn kept_labels<'de, D: Deserializer<'de>>(
+    decoder: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    decoder.deserialize_option(Kept(&KEPT_LABELS))
+}
+
 fn kept_annotations<'de, D: Deserializer<'de>>(
     decoder: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-    decoder.deserialize_option(Kept)
+    decoder.deserialize_option(Kept(&KEPT_ANNOTATIONS))
 }
 
-/// Visits an annotation map, keeping `KEPT_ANNOTATIONS` only; None when
-/// none of them is there.
-struct Kept;
+/// Visits a string map, keeping the listed keys only; None when none of
+/// them is there.
+struct Kept(&'static [&'static str]);
 
 impl<'de> Visitor<'de> for Kept {
     type Value = Option<BTreeMap<String, String>>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a map of annotations")
+        f.write_str("a map of strings")
     }
 
     fn visit_none<E>(self) -> Result<Self::Value, E> {
@@ -71,7 +85,7 @@ impl<'de> Visitor<'de> for Kept {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut kept = BTreeMap::new();
         while let Some(key) = map.next_key::<String>()? {
-            if KEPT_ANNOTATIONS.contains(&key.as_str()) {
+            if self.0.contains(&key.as_str()) {
                 kept.insert(key, map.next_value::<String>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;

@@ -133,7 +133,10 @@ mod tests {
             "metadata": {
                 "name": "web-abc", "namespace": "default", "resourceVersion": "42",
                 "uid": "9a0b6c1d", "generateName": "web-",
-                "labels": {"kubernetes.io/service-name": "web"},
+                "labels": {
+                    "kubernetes.io/service-name": "web",
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+                },
                 "annotations": {
                     "kubectl.kubernetes.io/last-applied-configuration": "{\"a\": 1}",
                     (ALGORITHM_ANNOTATION): "maglev",
@@ -167,7 +170,13 @@ mod tests {
         assert_eq!(meta.name.as_deref(), Some("web-abc"));
         assert_eq!(meta.namespace.as_deref(), Some("default"));
         assert_eq!(meta.resource_version, None, "not held");
-        assert!(meta.labels.is_some());
+        let labels: Vec<&str> = meta
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(labels, [crate::model::SERVICE_NAME_LABEL]);
         let kept: Vec<&str> = meta
             .annotations
             .iter()
