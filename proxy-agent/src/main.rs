@@ -159,8 +159,28 @@ fn hostname() -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    one_heap();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(agent())
+}
+
+/// glibc gives each thread that meets contention its own arena, and a
+/// freed block returns only to its arena: at 10k Services the runtime's
+/// threads left 12 MiB of peak RSS in half-empty arenas (control bench,
+/// 118 MiB with glibc's default, 106 MiB with one). The agent allocates
+/// in bursts from one task at a time, so one arena costs it no waiting.
+/// Set before the runtime starts any thread.
+fn one_heap() {
+    // SAFETY: mallopt only sets a malloc tunable; no thread exists yet.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        eprintln!("warning: glibc refused M_ARENA_MAX=1; memory use may be higher");
+    }
+}
+
+async fn agent() -> anyhow::Result<()> {
     // Milliseconds: start-up and sync times are read off the log.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
