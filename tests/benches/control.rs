@@ -276,7 +276,7 @@ fn verdicts(small: &Row, large: &Row) {
     match rss <= RSS_TARGET_MIB {
         true => println!("peak RSS at {}: met", large.services),
         false => println!(
-            "peak RSS at {}: missed by {} MiB ({} MiB at {}): the Services and EndpointSlices held as k8s-openapi objects, the reconciler's record of the maps and a pass's desired state grow with the Services (README: Targets)",
+            "peak RSS at {}: missed by {} MiB ({} MiB at {}): the store's Services and EndpointSlices (compact, only the fields read), the reconciler's record of the maps and a pass's desired state grow with the Services; the rest is there with few Services (README: Targets)",
             large.services,
             rss - RSS_TARGET_MIB,
             small.peak_rss_kib / 1024,
