@@ -646,7 +646,7 @@ impl Programmer {
             log::warn!("{warning}");
         }
         self.status(|s| s.frontend_conflicts = desired.conflicts);
-        let report = self.reconciler.apply(&desired, &mut self.maps);
+        let report = self.reconciler.apply(desired, &mut self.maps);
         // A full pass is the retry of whatever earlier ones left undone.
         match report.errors.is_empty() {
             true => self.retry.succeeded(),

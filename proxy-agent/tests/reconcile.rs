@@ -250,7 +250,7 @@ fn addrs(list: &[u8]) -> Vec<IpAddr> {
 fn first_sync_writes_backends_then_members_then_slots_then_the_service() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    let report = r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1, 2])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
         maps.writes(),
@@ -274,9 +274,9 @@ fn an_unchanged_state_writes_nothing() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
     let d = desired(&[(80, &[1, 2]), (81, &[2, 3])]);
-    r.apply(&d, &mut maps);
+    r.apply(d.clone(), &mut maps);
     maps.writes();
-    let report = r.apply(&d, &mut maps);
+    let report = r.apply(d.clone(), &mut maps);
     assert_eq!(report.writes, 0);
     assert!(maps.writes().is_empty());
 }
@@ -287,9 +287,9 @@ fn an_unchanged_state_writes_nothing() {
 fn adding_a_backend_writes_a_new_table_switches_then_deletes_the_old() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2])]), &mut maps);
     maps.writes();
-    r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2, 3])]), &mut maps);
     assert_eq!(
         maps.writes(),
         [
@@ -310,9 +310,9 @@ fn adding_a_backend_writes_a_new_table_switches_then_deletes_the_old() {
 fn removing_a_backend_switches_tables_before_deleting() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2, 3])]), &mut maps);
     maps.writes();
-    r.apply(&desired(&[(80, &[1, 3])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 3])]), &mut maps);
     assert_eq!(
         maps.writes(),
         [
@@ -333,9 +333,9 @@ fn removing_a_backend_switches_tables_before_deleting() {
 fn deleting_a_service_removes_its_entry_first_and_shared_backends_stay() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2]), (81, &[2])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2]), (81, &[2])]), &mut maps);
     maps.writes();
-    r.apply(&desired(&[(81, &[2])]), &mut maps);
+    r.apply(desired(&[(81, &[2])]), &mut maps);
     assert_eq!(
         maps.writes(),
         [
@@ -355,10 +355,10 @@ fn deleting_a_service_removes_its_entry_first_and_shared_backends_stay() {
 fn ids_are_reused_after_removal() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1])]), &mut maps);
-    r.apply(&desired(&[]), &mut maps);
+    r.apply(desired(&[(80, &[1])]), &mut maps);
+    r.apply(desired(&[]), &mut maps);
     maps.writes();
-    r.apply(&desired(&[(90, &[4])]), &mut maps);
+    r.apply(desired(&[(90, &[4])]), &mut maps);
     assert_eq!(
         maps.writes(),
         [
@@ -375,9 +375,9 @@ fn ids_are_reused_after_removal() {
 fn a_failed_write_keeps_the_old_state_and_the_next_pass_finishes() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1]), (81, &[2])]), &mut maps);
+    r.apply(desired(&[(80, &[1]), (81, &[2])]), &mut maps);
     maps.fail = Some("set_backend".into());
-    let report = r.apply(&desired(&[(80, &[1, 3]), (81, &[2, 4])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1, 3]), (81, &[2, 4])]), &mut maps);
     assert_eq!(
         report.errors.len(),
         2,
@@ -387,7 +387,7 @@ fn a_failed_write_keeps_the_old_state_and_the_next_pass_finishes() {
     let served = maps.served();
     assert_eq!(served[&80], addrs(&[1]), "80 keeps what it had");
     assert_eq!(served[&81], addrs(&[2, 4]), "81 moved on");
-    let report = r.apply(&desired(&[(80, &[1, 3]), (81, &[2, 4])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1, 3]), (81, &[2, 4])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.served()[&80], addrs(&[1, 3]));
 }
@@ -396,14 +396,14 @@ fn a_failed_write_keeps_the_old_state_and_the_next_pass_finishes() {
 fn a_failed_slot_write_leaves_a_consistent_service() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2])]), &mut maps);
     // The third slot of the new table (2) fails: what was written of it goes.
     maps.fail = Some("set_slot 2/2".into());
-    let report = r.apply(&desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     assert_eq!(maps.served()[&80], addrs(&[1, 2]));
     assert_eq!(maps.slots.len(), 2, "only the old table: {:?}", maps.slots);
-    r.apply(&desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2, 3, 4])]), &mut maps);
     assert_eq!(maps.served()[&80], addrs(&[1, 2, 3, 4]));
 }
 
@@ -412,7 +412,7 @@ fn running_out_of_ids_is_an_error_not_a_crash() {
     let mut maps = FakeMaps::default();
     // Ids start at 1, so a limit of 3 leaves two of each.
     let mut r = Reconciler::new(3, 3);
-    let report = r.apply(&desired(&[(80, &[1]), (81, &[2]), (82, &[3])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1]), (81, &[2]), (82, &[3])]), &mut maps);
     assert!(!report.errors.is_empty());
     assert_eq!(maps.served().len(), 2);
 }
@@ -467,10 +467,10 @@ impl FakeMaps {
 fn a_restarted_agent_adopts_the_maps_and_writes_nothing_when_nothing_changed() {
     let mut maps = FakeMaps::default();
     let d = desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]);
-    Reconciler::new(100, 100).apply(&d, &mut maps);
+    Reconciler::new(100, 100).apply(d.clone(), &mut maps);
     maps.writes();
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
-    let report = adopted.apply(&d, &mut maps);
+    let report = adopted.apply(d.clone(), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
         maps.writes(),
@@ -484,11 +484,11 @@ fn a_restarted_agent_adopts_the_maps_and_writes_nothing_when_nothing_changed() {
 #[test]
 fn an_adopted_state_changes_with_the_fewest_writes_and_new_ids_do_not_collide() {
     let mut maps = FakeMaps::default();
-    Reconciler::new(100, 100).apply(&desired(&[(80, &[1, 2]), (81, &[3])]), &mut maps);
+    Reconciler::new(100, 100).apply(desired(&[(80, &[1, 2]), (81, &[3])]), &mut maps);
     maps.writes();
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     adopted.apply(
-        &desired(&[(80, &[1, 2, 5]), (81, &[3]), (82, &[5])]),
+        desired(&[(80, &[1, 2, 5]), (81, &[3]), (82, &[5])]),
         &mut maps,
     );
     // Table ids 1 and 2 are adopted: the new ones do not collide.
@@ -514,7 +514,7 @@ fn an_adopted_state_changes_with_the_fewest_writes_and_new_ids_do_not_collide() 
 #[test]
 fn entries_nothing_explains_are_removed_in_a_safe_order() {
     let mut maps = FakeMaps::default();
-    Reconciler::new(100, 100).apply(&desired(&[(80, &[1, 2]), (81, &[3])]), &mut maps);
+    Reconciler::new(100, 100).apply(desired(&[(80, &[1, 2]), (81, &[3])]), &mut maps);
     // A slot past the count and a backend no slot names, as a crash between
     // writes could leave them.
     maps.slots.insert((1, 7), 2);
@@ -527,7 +527,7 @@ fn entries_nothing_explains_are_removed_in_a_safe_order() {
     );
     maps.writes();
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
-    let report = adopted.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    let report = adopted.apply(desired(&[(80, &[1, 2])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
         maps.writes(),
@@ -546,12 +546,12 @@ fn entries_nothing_explains_are_removed_in_a_safe_order() {
 #[test]
 fn an_inconsistent_service_entry_is_rebuilt_not_trusted() {
     let mut maps = FakeMaps::default();
-    Reconciler::new(100, 100).apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    Reconciler::new(100, 100).apply(desired(&[(80, &[1, 2])]), &mut maps);
     // Slot 1 lost: the entry's count promises more than the slots hold.
     maps.slots.remove(&(1, 1));
     maps.writes();
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
-    let report = adopted.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    let report = adopted.apply(desired(&[(80, &[1, 2])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.served()[&80], addrs(&[1, 2]));
     assert!(
@@ -598,7 +598,7 @@ fn change(entries: &[(&str, u16, &[u8])]) -> proxy_agent::reconcile::Changes {
 fn a_partial_pass_touches_only_the_changed_service() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2]), (81, &[2, 3])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2]), (81, &[2, 3])]), &mut maps);
     maps.writes();
     let report = r.apply_changes(&change(&[("svc80", 80, &[1, 2, 4])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -626,7 +626,7 @@ fn a_partial_pass_touches_only_the_changed_service() {
 fn a_service_gone_in_a_partial_pass_is_removed_and_its_last_backends_too() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2]), (81, &[2, 3])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2]), (81, &[2, 3])]), &mut maps);
     maps.writes();
     r.apply_changes(&change(&[("svc80", 0, &[])]), &mut maps);
     assert_eq!(
@@ -647,7 +647,7 @@ fn a_service_gone_in_a_partial_pass_is_removed_and_its_last_backends_too() {
 fn a_frontend_held_by_an_unchanged_service_is_not_taken() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1])]), &mut maps);
+    r.apply(desired(&[(80, &[1])]), &mut maps);
     let report = r.apply_changes(&change(&[("intruder", 80, &[5])]), &mut maps);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     assert_eq!(maps.served()[&80], addrs(&[1]));
@@ -688,19 +688,19 @@ fn in_partial_passes_an_allocated_address_wins_over_an_external_ip() {
 fn partial_and_full_passes_agree() {
     let mut partial_maps = FakeMaps::default();
     let mut partial = Reconciler::new(100, 100);
-    partial.apply(&desired(&[(80, &[1, 2]), (81, &[3])]), &mut partial_maps);
+    partial.apply(desired(&[(80, &[1, 2]), (81, &[3])]), &mut partial_maps);
     partial.apply_changes(&change(&[("svc80", 80, &[2, 5])]), &mut partial_maps);
     partial.apply_changes(
         &change(&[("svc81", 0, &[]), ("svc82", 82, &[5, 6])]),
         &mut partial_maps,
     );
     let mut full_maps = FakeMaps::default();
-    Reconciler::new(100, 100).apply(&desired(&[(80, &[2, 5]), (82, &[5, 6])]), &mut full_maps);
+    Reconciler::new(100, 100).apply(desired(&[(80, &[2, 5]), (82, &[5, 6])]), &mut full_maps);
     assert_eq!(partial_maps.served(), full_maps.served());
     assert_eq!(partial_maps.backends.len(), full_maps.backends.len());
     // And a full pass after partial ones has nothing to do.
     partial_maps.writes();
-    let report = partial.apply(&desired(&[(80, &[2, 5]), (82, &[5, 6])]), &mut partial_maps);
+    let report = partial.apply(desired(&[(80, &[2, 5]), (82, &[5, 6])]), &mut partial_maps);
     assert_eq!(report.writes, 0, "{:?}", partial_maps.writes());
 }
 
@@ -718,12 +718,9 @@ fn with_ranges(ranges: &[&str]) -> Desired {
 fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_after() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&with_ranges(&[]), &mut maps);
+    r.apply(with_ranges(&[]), &mut maps);
     maps.writes();
-    r.apply(
-        &with_ranges(&["192.0.2.0/24", "198.51.100.7/32"]),
-        &mut maps,
-    );
+    r.apply(with_ranges(&["192.0.2.0/24", "198.51.100.7/32"]), &mut maps);
     assert_eq!(
         maps.writes(),
         [
@@ -735,7 +732,7 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
     let entry = maps.services.values().next().copied().expect("entry");
     assert_eq!(entry.affinity_timeout, Some(30));
     assert!(entry.source_ranges);
-    r.apply(&with_ranges(&["192.0.2.0/24", "203.0.113.0/24"]), &mut maps);
+    r.apply(with_ranges(&["192.0.2.0/24", "203.0.113.0/24"]), &mut maps);
     assert_eq!(
         maps.writes(),
         [
@@ -744,7 +741,7 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
         ],
         "a changed set adds before it removes, and the entry stays"
     );
-    r.apply(&with_ranges(&[]), &mut maps);
+    r.apply(with_ranges(&[]), &mut maps);
     assert_eq!(
         maps.writes(),
         [
@@ -754,10 +751,10 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
         ]
     );
     // A restarted agent adopts members and ranges as they are.
-    r.apply(&with_ranges(&["10.0.0.0/8"]), &mut maps);
+    r.apply(with_ranges(&["10.0.0.0/8"]), &mut maps);
     maps.writes();
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
-    let report = adopted.apply(&with_ranges(&["10.0.0.0/8"]), &mut maps);
+    let report = adopted.apply(with_ranges(&["10.0.0.0/8"]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.writes(), Vec::<String>::new());
 }
@@ -766,7 +763,7 @@ fn source_ranges_are_written_before_the_entry_that_enables_them_and_removed_afte
 fn a_member_naming_another_address_is_replaced() {
     let mut maps = FakeMaps::default();
     let d = desired(&[(80, &[1, 2])]);
-    Reconciler::new(100, 100).apply(&d, &mut maps);
+    Reconciler::new(100, 100).apply(d.clone(), &mut maps);
     // A stray member left by a crash, and one whose address is wrong.
     let wrong = maps.backends[&1];
     maps.members.insert((1, 2), wrong);
@@ -775,7 +772,7 @@ fn a_member_naming_another_address_is_replaced() {
     maps.writes();
     let snapshot = maps.snapshot();
     let mut adopted = Reconciler::adopt(&snapshot, ROOM);
-    let report = adopted.apply(&d, &mut maps);
+    let report = adopted.apply(d.clone(), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let writes = maps.writes();
     assert!(
@@ -791,10 +788,10 @@ fn a_member_naming_another_address_is_replaced() {
 fn a_backend_stays_while_a_member_entry_names_it_even_after_a_failed_pass() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1])]), &mut maps);
+    r.apply(desired(&[(80, &[1])]), &mut maps);
     // Members for 2 and 3 get written, then a slot write fails.
     maps.fail = Some("set_slot 2/1".into());
-    let report = r.apply(&desired(&[(80, &[1, 2, 3])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1, 2, 3])]), &mut maps);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     for (key, backend) in &maps.members {
         assert!(
@@ -803,11 +800,11 @@ fn a_backend_stays_while_a_member_entry_names_it_even_after_a_failed_pass() {
         );
     }
     // Dropping them later works, and everything is cleaned up.
-    let report = r.apply(&desired(&[(80, &[1])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.members.len(), 1);
     assert_eq!(maps.backends.len(), 1);
-    let report = r.apply(&desired(&[]), &mut maps);
+    let report = r.apply(desired(&[]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(maps.members.is_empty() && maps.backends.is_empty());
 }
@@ -836,7 +833,7 @@ fn slot_contents(maps: &FakeMaps) -> Vec<u32> {
 fn a_maglev_service_gets_its_table_in_slots_and_keeps_most_of_it_when_a_backend_leaves() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    let report = r.apply(&maglev(desired(&[(80, &[1, 2, 3, 4, 5])])), &mut maps);
+    let report = r.apply(maglev(desired(&[(80, &[1, 2, 3, 4, 5])])), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let svc = *maps.services.values().next().expect("service");
     assert_eq!(
@@ -847,7 +844,7 @@ fn a_maglev_service_gets_its_table_in_slots_and_keeps_most_of_it_when_a_backend_
     assert_eq!(before.len(), 251);
     let used: BTreeSet<u32> = before.iter().copied().collect();
     assert_eq!(used.len(), 5, "every backend has slots");
-    r.apply(&maglev(desired(&[(80, &[1, 2, 3, 5])])), &mut maps);
+    r.apply(maglev(desired(&[(80, &[1, 2, 3, 5])])), &mut maps);
     let after = slot_contents(&maps);
     let removed = *used
         .difference(&after.iter().copied().collect())
@@ -862,7 +859,7 @@ fn a_maglev_service_gets_its_table_in_slots_and_keeps_most_of_it_when_a_backend_
     assert!(moved < 251 / 10, "{moved} slots of staying backends moved");
     maps.writes();
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
-    adopted.apply(&maglev(desired(&[(80, &[1, 2, 3, 5])])), &mut maps);
+    adopted.apply(maglev(desired(&[(80, &[1, 2, 3, 5])])), &mut maps);
     assert_eq!(maps.writes(), Vec::<String>::new(), "a table is adopted");
 }
 
@@ -879,7 +876,7 @@ fn terminating_backends_stay_members_without_slots_and_flip_in_place() {
         }
     };
     let d = with_state(desired(&[(80, &[1, 2])]), terminating(&[3]));
-    let report = r.apply(&d, &mut maps);
+    let report = r.apply(d.clone(), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.members.len(), 3);
     assert_eq!(maps.terminating.len(), 1);
@@ -891,7 +888,7 @@ fn terminating_backends_stay_members_without_slots_and_flip_in_place() {
     // Backend 2 begins terminating: its member entry is rewritten, not
     // removed, so its flows keep it.
     r.apply(
-        &with_state(desired(&[(80, &[1])]), terminating(&[2, 3])),
+        with_state(desired(&[(80, &[1])]), terminating(&[2, 3])),
         &mut maps,
     );
     let log = maps.writes();
@@ -904,10 +901,10 @@ fn terminating_backends_stay_members_without_slots_and_flip_in_place() {
     assert_eq!(maps.terminating.len(), 2);
     let d = with_state(desired(&[(80, &[1])]), terminating(&[2, 3]));
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
-    adopted.apply(&d, &mut maps);
+    adopted.apply(d.clone(), &mut maps);
     assert_eq!(maps.writes(), Vec::<String>::new(), "flags are adopted");
     // Gone from the slice: no longer a member.
-    adopted.apply(&desired(&[(80, &[1])]), &mut maps);
+    adopted.apply(desired(&[(80, &[1])]), &mut maps);
     assert_eq!(maps.members.len(), 1);
     assert!(maps.terminating.is_empty());
 }
@@ -947,7 +944,7 @@ fn thirty_two_frontends_of_a_large_maglev_table_share_one_copy() {
         s.algorithm = Algorithm::Maglev;
         s.table_size = 131_071;
     });
-    let report = r.apply(&d, &mut maps);
+    let report = r.apply(d.clone(), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(report.invalid.is_empty(), "{:?}", report.invalid);
     assert_eq!(maps.services.len(), 32);
@@ -966,22 +963,22 @@ fn frontends_with_equal_slots_share_a_table_until_the_last_one_leaves() {
     let b = one_service("b", &[90], &[1, 2]);
     let c = one_service("c", &[91], &[2, 1]);
     r.apply(
-        &maglev(merged(&[a.clone(), b.clone(), c.clone()])),
+        maglev(merged(&[a.clone(), b.clone(), c.clone()])),
         &mut maps,
     );
     assert_eq!(tables_named(&maps), [1].into(), "same backends, one table");
     assert_eq!(maps.slots.len(), 251);
     maps.writes();
     // Another algorithm over the same list: another table (slots differ).
-    r.apply(&merged(&[a.clone(), b.clone()]), &mut maps);
+    r.apply(merged(&[a.clone(), b.clone()]), &mut maps);
     let log = maps.writes();
     assert_eq!(r.slot_usage(), (1, 2), "{log:?}");
     assert_eq!(tables_named(&maps), [2].into());
     // Frontends leave one by one; the table goes with the last.
-    r.apply(&merged(std::slice::from_ref(&a)), &mut maps);
+    r.apply(merged(std::slice::from_ref(&a)), &mut maps);
     let log = maps.writes();
     assert!(!log.iter().any(|l| l.starts_with("remove_slot")), "{log:?}");
-    r.apply(&merged(&[]), &mut maps);
+    r.apply(merged(&[]), &mut maps);
     let log = maps.writes();
     let last_entry = log.iter().rposition(|l| l.starts_with("remove_service"));
     let first_slot = log.iter().position(|l| l.starts_with("remove_slot"));
@@ -998,12 +995,12 @@ fn a_shared_table_that_changes_is_replaced_make_before_break() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
     r.apply(
-        &merged(&[one_service("a", &[80, 81, 82], &[1, 2])]),
+        merged(&[one_service("a", &[80, 81, 82], &[1, 2])]),
         &mut maps,
     );
     maps.writes();
     r.apply(
-        &merged(&[one_service("a", &[80, 81, 82], &[1, 3])]),
+        merged(&[one_service("a", &[80, 81, 82], &[1, 3])]),
         &mut maps,
     );
     let log = maps.writes();
@@ -1031,10 +1028,10 @@ fn a_shared_table_that_changes_is_replaced_make_before_break() {
 fn a_freed_table_id_is_reused_only_in_a_later_pass() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2])]), &mut maps);
     // Table 1 is replaced and deleted; the new frontend in the same pass
     // does not get its id, though it is the lowest free one.
-    r.apply(&desired(&[(80, &[1, 3]), (81, &[5])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 3]), (81, &[5])]), &mut maps);
     let table = |maps: &FakeMaps, port: u16| {
         maps.services
             .iter()
@@ -1042,10 +1039,7 @@ fn a_freed_table_id_is_reused_only_in_a_later_pass() {
             .map(|(_, s)| s.slots_id)
     };
     assert_eq!((table(&maps, 80), table(&maps, 81)), (Some(2), Some(3)));
-    r.apply(
-        &desired(&[(80, &[1, 3]), (81, &[5]), (82, &[6])]),
-        &mut maps,
-    );
+    r.apply(desired(&[(80, &[1, 3]), (81, &[5]), (82, &[6])]), &mut maps);
     assert_eq!(table(&maps, 82), Some(1), "reused a pass later");
 }
 
@@ -1063,7 +1057,7 @@ fn a_service_over_the_slot_budget_keeps_what_it_had_and_others_go_on() {
     r.set_slot_budget(600);
     let big = |ports: &[u16], backends: &[u8]| one_service("big", ports, backends);
     let mut wanted = vec![big(&[80], &[1, 2]), one_service("small", &[90], &[1])];
-    let report = r.apply(&maglev(merged(&wanted)), &mut maps);
+    let report = r.apply(maglev(merged(&wanted)), &mut maps);
     assert!(report.invalid.is_empty() && report.errors.is_empty());
     let before = maps.served();
     // Three distinct tables (753 slots): over the budget. The small one
@@ -1078,7 +1072,7 @@ fn a_service_over_the_slot_budget_keeps_what_it_had_and_others_go_on() {
     three.extend(more);
     wanted = vec![three, one_service("small", &[90], &[1, 5])];
     maps.writes();
-    let report = r.apply(&maglev(merged(&wanted)), &mut maps);
+    let report = r.apply(maglev(merged(&wanted)), &mut maps);
     assert_eq!(report.invalid.len(), 1, "{:?}", report.invalid);
     assert!(
         report.invalid[0].contains("default/big"),
@@ -1105,7 +1099,7 @@ fn a_service_over_the_slot_budget_keeps_what_it_had_and_others_go_on() {
     );
     // Within the budget again: programmed, no longer counted.
     let report = r.apply(
-        &maglev(merged(&[
+        maglev(merged(&[
             big(&[80, 81], &[1, 2]),
             one_service("small", &[90], &[1, 5]),
         ])),
@@ -1123,11 +1117,11 @@ fn a_table_that_does_not_fit_the_map_fails_that_frontend_only() {
     let mut r = Reconciler::adopt(&Snapshot::default(), Capacity { slots: 600, ..ROOM });
     r.set_slot_budget(600);
     let d = maglev(desired(&[(80, &[1]), (81, &[2])]));
-    assert!(r.apply(&d, &mut maps).errors.is_empty());
+    assert!(r.apply(d.clone(), &mut maps).errors.is_empty());
     let before = maps.served();
     maps.writes();
     let report = r.apply(
-        &maglev(desired(&[(80, &[1, 3]), (81, &[2]), (82, &[4])])),
+        maglev(desired(&[(80, &[1, 3]), (81, &[2]), (82, &[4])])),
         &mut maps,
     );
     assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
@@ -1151,16 +1145,16 @@ fn a_restarted_agent_adopts_shared_tables_without_rewriting_them() {
         one_service("a", &[80, 81, 82], &[1, 2]),
         one_service("b", &[90], &[3]),
     ]));
-    Reconciler::new(100, 100).apply(&d, &mut maps);
+    Reconciler::new(100, 100).apply(d.clone(), &mut maps);
     maps.writes();
     let mut adopted = Reconciler::adopt(&maps.snapshot(), ROOM);
     assert_eq!(adopted.slot_usage(), (2, 502));
-    let report = adopted.apply(&d, &mut maps);
+    let report = adopted.apply(d.clone(), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(maps.writes(), Vec::<String>::new());
     // The adopted table is still shared: it goes only with its last user.
     adopted.apply(
-        &maglev(merged(&[
+        maglev(merged(&[
             one_service("a", &[80], &[1, 2]),
             one_service("b", &[90], &[3]),
         ])),
@@ -1175,9 +1169,9 @@ fn a_restarted_agent_adopts_shared_tables_without_rewriting_them() {
 fn a_table_whose_deletion_fails_goes_in_the_next_pass_and_its_id_waits() {
     let mut maps = FakeMaps::default();
     let mut r = Reconciler::new(100, 100);
-    r.apply(&desired(&[(80, &[1, 2])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2])]), &mut maps);
     maps.fail = Some("remove_slot 1/".into());
-    let report = r.apply(&desired(&[(80, &[1, 3])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1, 3])]), &mut maps);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     assert_eq!(maps.served()[&80], addrs(&[1, 3]), "the switch happened");
     assert!(maps.slots.contains_key(&(1, 1)), "table 1 still there");
@@ -1187,7 +1181,7 @@ fn a_table_whose_deletion_fails_goes_in_the_next_pass_and_its_id_waits() {
         "backend 2 stays while a slot names it"
     );
     // The next pass deletes it first; its id is not handed out meanwhile.
-    let report = r.apply(&desired(&[(80, &[1, 3]), (81, &[5])]), &mut maps);
+    let report = r.apply(desired(&[(80, &[1, 3]), (81, &[5])]), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(!maps.slots.keys().any(|(t, _)| *t == 1), "{:?}", maps.slots);
     assert_eq!(tables_named(&maps), [2, 3].into());

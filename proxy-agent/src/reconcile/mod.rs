@@ -326,21 +326,26 @@ impl Reconciler {
 
     /// Brings the maps to `desired` as far as they can go, removing every
     /// frontend it does not list.
-    pub fn apply(&mut self, desired: &Desired, maps: &mut dyn Maps) -> Report {
+    /// Takes `desired` by value: its states move into the pass instead of
+    /// being copied (at 10k Services a copy of every backend list).
+    pub fn apply(&mut self, desired: Desired, maps: &mut dyn Maps) -> Report {
+        let mut report = Report::default();
+        self.write_config(&desired, maps, &mut report);
+        let listed: BTreeSet<Frontend> = desired.frontends.keys().copied().collect();
         let mut changes: Changes = self
             .owners
             .keys()
             .map(|o| (o.clone(), Vec::new()))
             .collect();
-        for (frontend, state) in &desired.frontends {
-            changes
-                .entry(state.service.clone())
-                .or_default()
-                .push((*frontend, state.clone()));
+        for (frontend, state) in desired.frontends {
+            match changes.get_mut(&state.service) {
+                Some(wanted) => wanted.push((frontend, state)),
+                None => {
+                    changes.insert(state.service.clone(), vec![(frontend, state)]);
+                }
+            }
         }
-        let mut report = Report::default();
-        self.write_config(desired, maps, &mut report);
-        let pass = self.pass(&changes, Some(desired), maps);
+        let pass = self.pass(&changes, Some(&listed), maps);
         report.writes += pass.writes;
         report.errors.extend(pass.errors);
         report.invalid.extend(pass.invalid);
@@ -373,7 +378,14 @@ impl Reconciler {
         self.pass(changes, None, maps)
     }
 
-    fn pass(&mut self, changes: &Changes, full: Option<&Desired>, maps: &mut dyn Maps) -> Report {
+    /// `listed`: on a full pass, every frontend the desired state lists;
+    /// the others go.
+    fn pass(
+        &mut self,
+        changes: &Changes,
+        listed: Option<&BTreeSet<Frontend>>,
+        maps: &mut dyn Maps,
+    ) -> Report {
         let mut report = Report::default();
         self.remove_strays(maps, &mut report);
         let accepted = self.screen(changes, &mut report);
@@ -388,12 +400,11 @@ impl Reconciler {
         }
         // Not kept between passes: a table per Maglev service would be.
         self.maglev.clear();
-        if let Some(desired) = full {
+        if let Some(listed) = listed {
             let rejected = &self.rejected;
             let unexplained: Vec<Frontend> = (self.frontends.iter())
                 .filter(|(f, a)| {
-                    !desired.frontends.contains_key(f)
-                        && a.owner.as_ref().is_none_or(|o| !rejected.contains(o))
+                    !listed.contains(f) && a.owner.as_ref().is_none_or(|o| !rejected.contains(o))
                 })
                 .map(|(f, _)| *f)
                 .collect();

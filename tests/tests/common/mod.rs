@@ -144,7 +144,7 @@ impl Loaded {
     }
 
     pub fn program(&mut self, desired: &Desired) -> anyhow::Result<()> {
-        let report = self.reconciler.apply(desired, &mut self.maps);
+        let report = self.reconciler.apply(desired.clone(), &mut self.maps);
         if !report.errors.is_empty() {
             bail!("programming failed: {:?}", report.errors);
         }
