@@ -150,15 +150,14 @@ pub fn make_room<F: Family>() {
     }
 }
 
-/// Frees the entries of up to `RECLAIM_BATCH` closed flows that are due;
-/// true if any were freed. A
-/// flow whose port a new connection took, or that already went, is passed
-/// over; one that is not quiet in both directions yet (a half-closed
-/// connection still sending, a retransmission) goes back in the ring.
+/// Frees the entries of up to `RECLAIM_BATCH` closed flows that are due
+/// (`CtReclaimed` counts them). A flow whose port a new connection took,
+/// or that already went, is passed over; one that is not quiet in both
+/// directions yet (a half-closed connection still sending, a
+/// retransmission) goes back in the ring.
 #[inline(always)]
-fn reclaim<F: Family>() -> bool {
+fn reclaim<F: Family>() {
     let now = now();
-    let mut freed = false;
     for _ in 0..RECLAIM_BATCH {
         let Some(closed) = closed::take_due::<F>(now) else {
             break;
@@ -175,9 +174,7 @@ fn reclaim<F: Family>() -> bool {
         }
         forget::<F>(closed, &entry);
         maps::count(Counter::CtReclaimed);
-        freed = true;
     }
-    freed
 }
 
 /// True if neither direction of a closed flow has seen a packet for
