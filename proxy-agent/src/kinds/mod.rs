@@ -125,6 +125,7 @@ impl<T: Kind> k8s_openapi::Metadata for Watched<T> {
 mod tests {
     use super::*;
     use crate::{balancing::ALGORITHM_ANNOTATION, source::cluster::TRIGGER_TIME};
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_served_slice_keeps_what_the_model_reads_and_nothing_else() {
@@ -170,20 +171,14 @@ mod tests {
         assert_eq!(meta.name.as_deref(), Some("web-abc"));
         assert_eq!(meta.namespace.as_deref(), Some("default"));
         assert_eq!(meta.resource_version, None, "not held");
-        let labels: Vec<&str> = meta
-            .labels
-            .iter()
-            .flatten()
-            .map(|(k, _)| k.as_str())
-            .collect();
-        assert_eq!(labels, [crate::model::SERVICE_NAME_LABEL]);
-        let kept: Vec<&str> = meta
-            .annotations
-            .iter()
-            .flatten()
-            .map(|(k, _)| k.as_str())
-            .collect();
-        assert_eq!(kept, [TRIGGER_TIME, ALGORITHM_ANNOTATION]);
+        let keys = |map: &Option<BTreeMap<String, String>>| -> Vec<String> {
+            map.iter().flat_map(|m| m.keys().cloned()).collect()
+        };
+        assert_eq!(keys(&meta.labels), [crate::model::SERVICE_NAME_LABEL]);
+        assert_eq!(
+            keys(&meta.annotations),
+            [TRIGGER_TIME, ALGORITHM_ANNOTATION]
+        );
         let endpoint = &slice.endpoints[0];
         assert_eq!(endpoint.addresses, ["10.0.0.1"]);
         let spare = (slice.endpoints.capacity(), endpoint.addresses.capacity());

@@ -87,10 +87,6 @@ impl Keyed for Node {
     }
 }
 
-fn key<K: Keyed>(object: &K) -> ObjectKey {
-    object.key()
-}
-
 impl<K: Keyed + Clone> Kind<K> {
     /// Applies one watch event; `check` validates an object. Returns whether
     /// the programmed objects may have changed.
@@ -108,7 +104,7 @@ impl<K: Keyed + Clone> Kind<K> {
                 false
             }
             Event::InitApply(object) => {
-                let key = key(&object);
+                let key = object.key();
                 let accepted =
                     accept(object, &key, &check, errors, label).or_else(|| live.get(&key).cloned());
                 if let (Some(relist), Some(object)) = (self.relist.as_mut(), accepted) {
@@ -124,7 +120,7 @@ impl<K: Keyed + Clone> Kind<K> {
                 true
             }
             Event::Apply(object) => {
-                let key = key(&object);
+                let key = object.key();
                 match accept(object, &key, &check, errors, label) {
                     Some(object) => {
                         live.insert(key, object);
@@ -133,7 +129,7 @@ impl<K: Keyed + Clone> Kind<K> {
                     None => false,
                 }
             }
-            Event::Delete(object) => live.remove(&key(&object)).is_some(),
+            Event::Delete(object) => live.remove(&object.key()).is_some(),
         }
     }
 }
@@ -171,7 +167,7 @@ impl ClusterStore {
 
     pub fn service(&mut self, event: Event<Service>) {
         let touched = match &event {
-            Event::Apply(s) | Event::Delete(s) => Some(key(s)),
+            Event::Apply(s) | Event::Delete(s) => Some(s.key()),
             _ => None,
         };
         let relisted = matches!(event, Event::InitDone);
@@ -194,7 +190,7 @@ impl ClusterStore {
     pub fn slice(&mut self, event: Event<EndpointSlice>) {
         let (touched, trigger, owners) = match &event {
             Event::Apply(slice) | Event::Delete(slice) => {
-                let key = key(slice);
+                let key = slice.key();
                 // Its Service now, and the one it belonged to before (labels can change).
                 let before = self
                     .objects
