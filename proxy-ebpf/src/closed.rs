@@ -13,7 +13,7 @@
 
 use proxy_common::{CT_REAP_WAIT, ClosedFlow, MAX_CT_CLOSED, RingEnds};
 
-use crate::{atomic, family::Family, maps::CLOSED_ENDS, parse::Tuple};
+use crate::{atomic, copy, family::Family, maps::CLOSED_ENDS, parse::Tuple};
 
 const MASK: u32 = MAX_CT_CLOSED - 1;
 const _: () = assert!(MAX_CT_CLOSED.is_power_of_two());
@@ -23,9 +23,9 @@ fn ends<F: Family>() -> Option<*mut RingEnds> {
     CLOSED_ENDS.get_ptr_mut(F::RING)
 }
 
-/// Puts `flow` (its `seq` is set here) at the tail, stamped `now`.
+/// Puts `flow` at the tail, stamped `now`.
 #[inline(always)]
-pub fn push<F: Family>(mut flow: ClosedFlow<F::Addr>, now: u32) {
+pub fn push<F: Family>(flow: &impl Tuple<F::Addr>, now: u32) {
     let Some(ends) = ends::<F>() else {
         return;
     };
@@ -34,10 +34,17 @@ pub fn push<F: Family>(mut flow: ClosedFlow<F::Addr>, now: u32) {
     let Some(slot) = F::closed_slot(at & MASK) else {
         return;
     };
-    flow.closed_at = now;
-    flow.seq = at;
     // SAFETY: a live array value; a racing reader is handled (see above).
-    unsafe { *slot = flow };
+    // Field by field, the padding left alone: see `copy`.
+    unsafe {
+        copy::store_addr((&raw mut (*slot).client_addr).cast(), &flow.saddr());
+        copy::store_addr((&raw mut (*slot).frontend_addr).cast(), &flow.daddr());
+        (*slot).client_port = flow.sport();
+        (*slot).frontend_port = flow.dport();
+        (*slot).proto = flow.proto();
+        (*slot).closed_at = now;
+        (*slot).seq = at;
+    }
 }
 
 /// Takes the oldest flow off the ring, into this CPU's scratch, if it has
@@ -57,8 +64,17 @@ pub fn take_due<F: Family>(now: u32) -> Option<&'static ClosedFlow<F::Addr>> {
         false => head,
     };
     let flow = F::closed_scratch()?;
-    // SAFETY: a copy out of a live array value.
-    *flow = unsafe { *F::closed_slot(next & MASK)? };
+    let slot = F::closed_slot(next & MASK)?;
+    // SAFETY: a copy out of a live array value, field by field (see `copy`).
+    unsafe {
+        copy::store_addr((&raw mut flow.client_addr).cast(), &(*slot).client_addr);
+        copy::store_addr((&raw mut flow.frontend_addr).cast(), &(*slot).frontend_addr);
+        flow.client_port = (*slot).client_port;
+        flow.frontend_port = (*slot).frontend_port;
+        flow.proto = (*slot).proto;
+        flow.closed_at = (*slot).closed_at;
+        flow.seq = (*slot).seq;
+    }
     let whole = flow.seq == next;
     if whole && now.wrapping_sub(flow.closed_at) < CT_REAP_WAIT {
         return None;

@@ -119,23 +119,9 @@ fn of<F: Family>(flow: &impl Tuple<F::Addr>, direction: u8) -> F::CtKey {
 pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
     let entry = F::ct_get(of::<F>(flow, CT_FORWARD), Some(flow.tcp_flags))?;
     if closing(entry.state) && release::<F>(flow, &entry) {
-        closed::push::<F>(closed_flow(flow), now());
+        closed::push::<F>(flow, now());
     }
     Some(entry)
-}
-
-#[inline(always)]
-fn closed_flow<A: Copy>(flow: &Flow<A>) -> ClosedFlow<A> {
-    ClosedFlow {
-        client_addr: flow.saddr,
-        frontend_addr: flow.daddr,
-        client_port: flow.sport,
-        frontend_port: flow.dport,
-        proto: flow.proto,
-        _pad: [0; 3],
-        closed_at: 0,
-        seq: 0,
-    }
 }
 
 /// Called as a connection opens: while new flows have found the table
@@ -169,7 +155,7 @@ fn reclaim<F: Family>() {
             continue;
         }
         if !quiet::<F>(closed, &entry, now) {
-            closed::push::<F>(*closed, now);
+            closed::push::<F>(closed, now);
             continue;
         }
         forget::<F>(closed, &entry);

@@ -90,7 +90,11 @@ pub trait CtMaps {
     /// This family's places in the scratch buffer.
     fn slots(s: &mut CtScratch) -> (&mut Self::Key, &mut Self::Value);
     fn proto(key: &Self::Key) -> u8;
-    fn value(e: &Entry<Self::Addr>) -> Self::Value;
+    /// Writes `e` into `v` field by field. The padding is left alone (the
+    /// scratch buffer's stays zero): written with the fields around it,
+    /// it made LLVM call a byte-by-byte `memset`, which the verifier
+    /// walked byte by byte on every path through every insert.
+    fn write_value(v: &mut Self::Value, e: &Entry<Self::Addr>);
     fn entry(v: &Self::Value) -> Entry<Self::Addr>;
     /// The `last_seen`, `state`, `active` and `flags` fields of a live map
     /// value.
@@ -223,7 +227,7 @@ pub fn insert<M: CtMaps>(
 ) -> Result<(), i64> {
     let (k, v) = M::slots(scratch().ok_or(-1i64)?);
     *k = key;
-    *v = M::value(&entry);
+    M::write_value(v, &entry);
     let inserted = match table {
         Table::Main => M::main().insert(k, v, flags),
         Table::Overflow => {
@@ -352,18 +356,15 @@ macro_rules! ct_maps {
             }
 
             #[inline(always)]
-            fn value(e: &Entry<$addr>) -> $value {
-                $value {
-                    nat_addr: e.addr,
-                    nat_port: e.port,
-                    flags: e.flags,
-                    backend_id: e.backend_id,
-                    service_id: e.service_id,
-                    last_seen: e.last_seen,
-                    state: e.state,
-                    _pad: [0; 3],
-                    active: e.active,
-                }
+            fn write_value(v: &mut $value, e: &Entry<$addr>) {
+                v.nat_addr = e.addr;
+                v.nat_port = e.port;
+                v.flags = e.flags;
+                v.backend_id = e.backend_id;
+                v.service_id = e.service_id;
+                v.last_seen = e.last_seen;
+                v.state = e.state;
+                v.active = e.active;
             }
 
             #[inline(always)]

@@ -31,6 +31,7 @@ use proxy_common::{
 };
 
 use crate::{
+    copy,
     family::{Family, V4, V6},
     maps::{self, FRAG_SCRATCH, FRAGMENTS4, FRAGMENTS6, FragScratch},
     nat,
@@ -302,8 +303,11 @@ fragments!(V4, Frag4Key, Frag4Entry, FRAGMENTS4, key4, value4 {
         if ip.ver_ihl >> 4 != 4 || !later || !tracked(ip.proto) {
             return false;
         }
-        key.src_addr = ip.saddr;
-        key.dst_addr = ip.daddr;
+        // SAFETY: fields of the key.
+        unsafe {
+            copy::store_addr((&raw mut key.src_addr).cast(), &ip.saddr);
+            copy::store_addr((&raw mut key.dst_addr).cast(), &ip.daddr);
+        }
         key.id = ip.id;
         key.proto = ip.proto;
         true
@@ -347,8 +351,11 @@ fragments!(V6, Frag6Key, Frag6Entry, FRAGMENTS6, key6, value6 {
         if u32::from_be(ip.ver_tc_flow) >> 28 != 6 || !ours || !later {
             return false;
         }
-        key.src_addr = ip.saddr;
-        key.dst_addr = ip.daddr;
+        // SAFETY: fields of the key.
+        unsafe {
+            copy::store_addr((&raw mut key.src_addr).cast(), &ip.saddr);
+            copy::store_addr((&raw mut key.dst_addr).cast(), &ip.daddr);
+        }
         key.id = frag.id;
         key.proto = frag.next_header;
         key._pad = [0; 2];

@@ -45,6 +45,7 @@ use proxy_common::{
 };
 
 use crate::{
+    copy,
     ctmap::{CtMaps, Entry},
     family::{Family, V4, V6},
     maps,
@@ -338,7 +339,8 @@ fn lookup<F: Family>(e: &mut Error<F::Addr>, stage: Stage) -> Option<()> {
     if entry.port == 0 {
         return None;
     }
-    e.to = entry.addr;
+    // SAFETY: a field of the error.
+    unsafe { copy::store_addr((&raw mut e.to).cast(), &entry.addr) };
     e.to_port = entry.port;
     e.source_changes = to_destination;
     Some(())

@@ -34,6 +34,7 @@ mod affinity;
 mod atomic;
 mod bench;
 mod closed;
+mod copy;
 mod ct;
 mod ctmap;
 mod family;

@@ -4,6 +4,7 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use proxy_common::{IPPROTO_SCTP, IPPROTO_UDP, crc32c, csum, csum::Words};
 
 use crate::{
+    copy,
     family::{Family, V4, V6},
     parse::{Flow, Ports, ptr_at},
     verdict::{Rewrite, Side},
@@ -173,7 +174,7 @@ pub unsafe fn xdp_set_addr<F: Family>(
             let check = ip.add(check_at).cast::<u16>();
             *check = csum::replace_addr(*check, from, to);
         }
-        *ip.add(at).cast::<F::Addr>() = *to;
+        copy::store_addr(ip.add(at), to);
     }
 }
 
