@@ -228,7 +228,9 @@ async fn cluster_key(client: kube::Client) -> nodeconfig::Key {
 /// Creates (or adopts) the datapath's maps, before any program loads.
 fn create(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     let sizes = config.conntrack.sizes();
+    let started = Instant::now();
     let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
+    log::info!("maps ready in {:?}", started.elapsed());
     let maps = MapSet::take(&mut loaded.ebpf)?;
     Ok((loaded, maps))
 }
@@ -241,7 +243,9 @@ fn attach(
     ifaces: &[IfaceSpec],
     socket_lb: Option<&Path>,
 ) -> anyhow::Result<(loader::Loaded, links::Watcher)> {
+    let started = Instant::now();
     loaded.load_programs()?;
+    log::info!("programs verified in {:?}", started.elapsed());
     if let Some(root) = socket_lb {
         loaded.attach_socket_hooks(root)?;
     }

@@ -1,7 +1,8 @@
 //! Copies written as plain word stores. An address or struct assigned
 //! whole can become a call to `memmove` (or, with zeroed padding, `memset`),
 //! a byte-by-byte loop the verifier walks one byte at a time on every path
-//! that reaches it: that was a sixth of the XDP program's verification.
+//! that reaches it. Without them the verifier walks a third fewer
+//! instructions (XDP 539k -> 365k, TC 384k -> 254k).
 
 use proxy_common::csum::Words;
 

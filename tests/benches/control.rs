@@ -52,6 +52,9 @@ struct Row {
     p50: Duration,
     p99: Duration,
     peak_rss_kib: u64,
+    /// As the agent logs them: creating the maps, verifying the programs.
+    maps: String,
+    verifying: String,
 }
 
 /// Service i, as a real API server serves what `kubectl apply` wrote: with
@@ -150,6 +153,8 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         bail!("the first sync did not program every frontend: {line}");
     }
     let programming = line.split(" in ").nth(1).unwrap_or("?").to_string();
+    let maps = logged_time(&log, "maps ready in ");
+    let verifying = logged_time(&log, "programs verified in ");
     let services_map = open_services(agent.bpffs())?;
     let mut latencies = Vec::with_capacity(CHANGES);
     for n in 0..CHANGES {
@@ -183,7 +188,17 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         p50: latencies[latencies.len() / 2],
         p99: latencies[latencies.len() * 99 / 100],
         peak_rss_kib,
+        maps,
+        verifying,
     })
+}
+
+/// The duration the agent's log gives after `label`, as written.
+fn logged_time(log: &str, label: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split(label).nth(1))
+        .unwrap_or("?")
+        .to_string()
 }
 
 fn open_services(bpffs: &Path) -> anyhow::Result<HashMap<MapData, Frontend4, Service>> {
@@ -265,11 +280,16 @@ fn verdicts(small: &Row, large: &Row) {
     match sync < 1.0 {
         true => println!("start to synced at {}: met", large.services),
         false => println!(
-            "start to synced at {}: missed by {:.2} s; with {} Services it takes {:.2} s already: creating the maps and verifying the programs, before any Service (the rest grows with the Services)",
+            "start to synced at {}: missed by {:.2} s; with {} Services it takes {:.2} s already: creating the maps ({}) and verifying the programs ({}; XDP and TC side by side on two cores), before any Service (the rest grows with the Services; at {}: maps {}, verifying {}, while the lists arrive)",
             large.services,
             sync - 1.0,
             small.services,
-            small.full_sync.as_secs_f64()
+            small.full_sync.as_secs_f64(),
+            small.maps,
+            small.verifying,
+            large.services,
+            large.maps,
+            large.verifying
         ),
     }
     let rss = large.peak_rss_kib / 1024;
