@@ -11,7 +11,7 @@
 //! conntrack entries before touching them, so a slot read mid-write costs
 //! at most that flow's early reclaim being skipped.
 
-use proxy_common::{CT_REAP_WAIT, ClosedFlow, MAX_CT_CLOSED, RingEnds};
+use proxy_common::{CT_REAP_WAIT, ClosedFlow, MAX_CT_CLOSED, RingEnds, csum::Words};
 
 use crate::{atomic, copy, family::Family, maps::CLOSED_ENDS, parse::Tuple};
 
@@ -35,15 +35,30 @@ pub fn push<F: Family>(flow: &impl Tuple<F::Addr>, now: u32) {
         return;
     };
     // SAFETY: a live array value; a racing reader is handled (see above).
-    // Field by field, the padding left alone: see `copy`.
+    unsafe { write(slot, flow, now, at) };
+}
+
+/// Writes a ring entry field by field, its padding left alone: assigned
+/// whole it became a `memset`/`memmove` call (see `copy`).
+///
+/// # Safety
+/// `to` must point to a live `ClosedFlow`.
+#[inline(always)]
+unsafe fn write<A: Copy + Words>(
+    to: *mut ClosedFlow<A>,
+    flow: &impl Tuple<A>,
+    closed_at: u32,
+    seq: u32,
+) {
+    // SAFETY: fields of `to`, per the caller.
     unsafe {
-        copy::store_addr((&raw mut (*slot).client_addr).cast(), &flow.saddr());
-        copy::store_addr((&raw mut (*slot).frontend_addr).cast(), &flow.daddr());
-        (*slot).client_port = flow.sport();
-        (*slot).frontend_port = flow.dport();
-        (*slot).proto = flow.proto();
-        (*slot).closed_at = now;
-        (*slot).seq = at;
+        copy::store_addr((&raw mut (*to).client_addr).cast(), &flow.saddr());
+        copy::store_addr((&raw mut (*to).frontend_addr).cast(), &flow.daddr());
+        (*to).client_port = flow.sport();
+        (*to).frontend_port = flow.dport();
+        (*to).proto = flow.proto();
+        (*to).closed_at = closed_at;
+        (*to).seq = seq;
     }
 }
 
@@ -65,16 +80,8 @@ pub fn take_due<F: Family>(now: u32) -> Option<&'static ClosedFlow<F::Addr>> {
     };
     let flow = F::closed_scratch()?;
     let slot = F::closed_slot(next & MASK)?;
-    // SAFETY: a copy out of a live array value, field by field (see `copy`).
-    unsafe {
-        copy::store_addr((&raw mut flow.client_addr).cast(), &(*slot).client_addr);
-        copy::store_addr((&raw mut flow.frontend_addr).cast(), &(*slot).frontend_addr);
-        flow.client_port = (*slot).client_port;
-        flow.frontend_port = (*slot).frontend_port;
-        flow.proto = (*slot).proto;
-        flow.closed_at = (*slot).closed_at;
-        flow.seq = (*slot).seq;
-    }
+    // SAFETY: a copy out of a live array value into the scratch.
+    unsafe { write(flow, &*slot, (*slot).closed_at, (*slot).seq) };
     let whole = flow.seq == next;
     if whole && now.wrapping_sub(flow.closed_at) < CT_REAP_WAIT {
         return None;

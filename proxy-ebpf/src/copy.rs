@@ -9,7 +9,9 @@ use proxy_common::csum::Words;
 /// Stores `addr` at `dst`, one 32-bit word at a time.
 ///
 /// # Safety
-/// `dst` must be valid for writes of `A`'s size.
+/// `dst` must be valid for writes of `A`'s size. It may sit at any byte
+/// (an address in a packet does): BPF stores need no alignment, as the
+/// whole-value stores these replace assumed too.
 #[inline(always)]
 pub unsafe fn store_addr<A: Words>(dst: *mut u8, addr: &A) {
     for (i, word) in addr.words().iter().enumerate() {
