@@ -11,7 +11,13 @@
 //! backend share a group; they are expired together, which costs nothing
 //! but a little longer life.
 //!
-//! A flow nothing has answered yet (its reply entries carry
+//! Most flows have a single `CT_SOCKET` entry instead: the forward entry
+//! and the reply entry in one, with a TCP state for each side and one
+//! `last_seen` for both. It joins the same pair (client in the key, backend
+//! in the value, as a forward entry), holds the backend count, and lives
+//! for the longer of its two sides' timeouts.
+//!
+//! A flow nothing has answered yet (its reply or socket entry carries
 //! `CT_UNREPLIED`) is unconfirmed: it gets at most the SYN timeout, whatever
 //! the TCP state its first packet claimed, and when the table runs full
 //! (`Pressure::High`) it goes as soon as it has been idle for
@@ -24,7 +30,9 @@
 
 use std::collections::BTreeMap;
 
-use proxy_common::{CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_RST, CT_UNREPLIED, IPPROTO_TCP};
+use proxy_common::{
+    CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_SOCKET, CT_STATE_RST, CT_UNREPLIED, IPPROTO_TCP,
+};
 
 use super::timeouts::Timeouts;
 pub use crate::datapath::conntrack::{AddrPort, MapRecord, Record};
@@ -39,13 +47,13 @@ pub struct FlowId<A> {
 }
 
 impl<A: Copy + Ord> MapRecord<A> {
-    /// The flow's endpoints: a forward entry, and a reply that restores the
-    /// client's address, name the client in the key and the backend (or
-    /// client) in the value; other replies and egress entries name both in
-    /// the key.
+    /// The flow's endpoints: a forward or socket entry, and a reply that
+    /// restores the client's address, name the client in the key and the
+    /// backend (or client) in the value; other replies and egress entries
+    /// name both in the key.
     pub fn flow(&self) -> FlowId<A> {
-        let rewrites_to_peer = self.direction == CT_FORWARD
-            || (self.direction == CT_REPLY && self.flags & CT_REWRITE_DST != 0);
+        let rewrites_to_peer =
+            self.is_forward() || (self.direction == CT_REPLY && self.flags & CT_REWRITE_DST != 0);
         let peer = if rewrites_to_peer { self.nat } else { self.dst };
         FlowId {
             proto: self.proto,
@@ -54,20 +62,36 @@ impl<A: Copy + Ord> MapRecord<A> {
         }
     }
 
-    /// True for the entry that holds the flow's backend count.
-    pub fn is_forward(&self) -> bool {
-        self.direction == CT_FORWARD
-    }
-
-    /// True for a reply entry that has not seen a packet yet.
-    pub fn unreplied(&self) -> bool {
-        self.flags & CT_UNREPLIED != 0
-    }
-
     /// The last second the entry is still alive, with its idle timeout
     /// (u64: never wraps).
     fn deadline(&self, timeout: u32) -> u64 {
         u64::from(self.last_seen) + u64::from(timeout)
+    }
+}
+
+impl<E> Record<E> {
+    /// True for the entry that holds the flow's backend count: a forward
+    /// entry, or a socket entry (forward and reply in one).
+    pub fn is_forward(&self) -> bool {
+        self.direction == CT_FORWARD || self.direction == CT_SOCKET
+    }
+
+    /// True for a reply (or socket) entry that has not seen a packet from
+    /// the backend yet.
+    pub fn unreplied(&self) -> bool {
+        self.flags & CT_UNREPLIED != 0
+    }
+
+    /// The TCP states the entry keeps: its direction's, and a socket
+    /// entry's also the backend side's.
+    fn states(&self) -> impl Iterator<Item = u8> {
+        let reply = (self.direction == CT_SOCKET).then_some(self.reply_state);
+        std::iter::once(self.state).chain(reply)
+    }
+
+    /// True once either side of the entry's connection sent a RST.
+    fn reset(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.states().any(|s| s == CT_STATE_RST)
     }
 }
 
@@ -101,12 +125,12 @@ impl Pressure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Deletions<K> {
     /// Each expired flow's entries (whatever the caller attached to each
-    /// record: its map key), forward entries last: deleting the forward
+    /// record: its map key), forward and socket entries last: deleting the forward
     /// entry first could let a new packet of the flow start a new flow
     /// whose fresh reply entry the rest of this deletion would then remove.
     pub expired: Vec<Vec<K>>,
-    /// Per backend id: the deleted forward entries that still counted as
-    /// an open connection (what to add to `lb_reaped`).
+    /// Per backend id: the deleted forward and socket entries that still
+    /// counted as an open connection (what to add to `lb_reaped`).
     pub reaped: BTreeMap<u32, u32>,
     /// Flows kept.
     pub kept: usize,
@@ -180,23 +204,29 @@ pub fn plan_under<K, A: Copy + Ord>(
 /// the established timeout. Once a group has seen a RST, each of its
 /// entries is judged by the RST timeout (from its own last packet, so a
 /// side still sending keeps it for that long).
+///
+/// A socket entry has one `last_seen` for both sides: it is judged by the
+/// longer of its two states' timeouts, so a side still open keeps it as
+/// that side's own entry would.
 pub fn expired<'a, A: Copy + Ord + 'a>(
     group: impl IntoIterator<Item = &'a MapRecord<A>> + Clone,
     now: u32,
     timeouts: &Timeouts,
 ) -> bool {
-    let reset = group
-        .clone()
-        .into_iter()
-        .any(|r| r.proto == IPPROTO_TCP && r.state == CT_STATE_RST);
+    let reset = group.clone().into_iter().any(Record::reset);
     let unconfirmed = group.clone().into_iter().any(Record::unreplied);
     group.into_iter().all(|r| {
         let timeout = if reset {
             timeouts.tcp_rst
-        } else if unconfirmed {
-            timeouts.unconfirmed(r.proto, r.state)
         } else {
-            timeouts.of(r.proto, r.state)
+            let of = |state| {
+                if unconfirmed {
+                    timeouts.unconfirmed(r.proto, state)
+                } else {
+                    timeouts.of(r.proto, state)
+                }
+            };
+            r.states().map(of).max().unwrap_or(0)
         };
         u64::from(now) > r.deadline(timeout)
     })
@@ -214,14 +244,14 @@ fn evictable<'a, A: Copy + Ord + 'a>(
             .all(|r| u64::from(now) > r.deadline(UNCONFIRMED_GRACE))
 }
 
-/// Adds the forward entries among `records` that still count as open
-/// connections to `reaped`, per backend id.
+/// Adds the forward and socket entries among `records` that still count as
+/// open connections to `reaped`, per backend id.
 pub fn add_reaped<'a, A: 'a>(
     reaped: &mut BTreeMap<u32, u32>,
     records: impl IntoIterator<Item = &'a MapRecord<A>>,
 ) {
     for r in records {
-        if r.direction == CT_FORWARD && r.active {
+        if r.is_forward() && r.active {
             let count = reaped.entry(r.backend_id).or_default();
             *count = count.saturating_add(1);
         }
@@ -275,6 +305,7 @@ mod tests {
             service_id: 3,
             last_seen: NOW - idle,
             state,
+            reply_state: 0,
             active: false,
         }
     }
@@ -284,6 +315,16 @@ mod tests {
         Record {
             active: true,
             ..record((C, CP), (F, FP), proto, CT_FORWARD, (B, BP), 0, idle, state)
+        }
+    }
+
+    /// C's only entry for a flow to F sent to B: the client in the key, the
+    /// backend in the value, both sides' states.
+    fn socket(proto: u8, idle: u32, state: u8, reply_state: u8) -> MapRecord<u32> {
+        Record {
+            active: true,
+            reply_state,
+            ..record((C, CP), (0, 0), proto, CT_SOCKET, (B, BP), 0, idle, state)
         }
     }
 
@@ -703,6 +744,126 @@ mod tests {
         let plan = plan([(1, back), (0, fwd)], NOW, &t());
         assert_eq!(plan.expired, vec![vec![1, 0]]);
         assert_eq!(plan.reaped, BTreeMap::from([(7, 1)]));
+    }
+
+    /// A socket entry alone is a whole flow: (flags, idle, client state,
+    /// backend state), deleted?
+    #[test]
+    fn a_socket_entry_lives_for_the_longer_of_its_two_sides() {
+        use CT_STATE_ESTABLISHED as EST;
+        use CT_STATE_FIN as FIN;
+        use CT_STATE_RST as RST;
+        use CT_STATE_SYN as SYN;
+        let d = t();
+        let table: [(&str, u8, u16, u32, u8, u8, bool); 20] = [
+            ("established", IPPROTO_TCP, 0, 100, EST, EST, false),
+            (
+                "established",
+                IPPROTO_TCP,
+                0,
+                d.tcp_established,
+                EST,
+                EST,
+                false,
+            ),
+            ("established", IPPROTO_TCP, 0, 90_000, EST, EST, true),
+            // The client closed; the backend may still send.
+            ("client fin", IPPROTO_TCP, 0, 3_600, FIN, EST, false),
+            ("client fin", IPPROTO_TCP, 0, 90_000, FIN, EST, true),
+            ("backend fin", IPPROTO_TCP, 0, 3_600, EST, FIN, false),
+            ("both fin", IPPROTO_TCP, 0, 5, FIN, FIN, false),
+            ("both fin", IPPROTO_TCP, 0, 11, FIN, FIN, true),
+            // A RST from either side ends both.
+            ("backend rst", IPPROTO_TCP, 0, 5, EST, RST, false),
+            ("backend rst", IPPROTO_TCP, 0, 11, EST, RST, true),
+            ("client rst", IPPROTO_TCP, 0, 11, RST, EST, true),
+            // Answered handshake still in progress.
+            ("syn both", IPPROTO_TCP, 0, 59, SYN, SYN, false),
+            ("syn both", IPPROTO_TCP, 0, 61, SYN, SYN, true),
+            // Nothing came back: the SYN timeout, whatever the client claims.
+            ("unconfirmed", IPPROTO_TCP, CT_UNREPLIED, 59, EST, 0, false),
+            ("unconfirmed", IPPROTO_TCP, CT_UNREPLIED, 61, EST, 0, true),
+            (
+                "unconfirmed syn",
+                IPPROTO_TCP,
+                CT_UNREPLIED,
+                61,
+                SYN,
+                0,
+                true,
+            ),
+            ("udp", IPPROTO_UDP, 0, 59, 0, 0, false),
+            ("udp", IPPROTO_UDP, 0, 61, 0, 0, true),
+            // States mean nothing outside TCP: no RST rule.
+            ("udp odd state", IPPROTO_UDP, 0, 30, 0, RST, false),
+            ("sctp", IPPROTO_SCTP, 0, 299, 0, 0, false),
+        ];
+        for (name, proto, flags, idle, state, reply_state, gone) in table {
+            let entry = Record {
+                flags,
+                ..socket(proto, idle, state, reply_state)
+            };
+            let plan = plan([("socket", entry)], NOW, &d);
+            let want: Vec<Vec<&str>> = if gone { vec![vec!["socket"]] } else { vec![] };
+            assert_eq!(names(&plan), want, "{name}: idle {idle}");
+            let reaped = if gone {
+                BTreeMap::from([(7, 1)])
+            } else {
+                BTreeMap::new()
+            };
+            assert_eq!(
+                plan.reaped, reaped,
+                "{name}: an active socket entry is reaped"
+            );
+        }
+    }
+
+    /// A socket entry is the forward entry and the reply in one: it names
+    /// the flow's pair as they do, and holds the backend count.
+    #[test]
+    fn a_socket_entry_joins_the_pair_of_its_client_and_backend() {
+        let s = socket(IPPROTO_TCP, 0, CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED);
+        assert_eq!(s.flow(), forward(IPPROTO_TCP, 0, CT_STATE_SYN).flow());
+        assert!(s.is_forward());
+        assert!(!reply(IPPROTO_TCP, 0, 0, CT_STATE_SYN).is_forward());
+        // A pair from the same client port to the same backend through
+        // another frontend shares its group: the socket entry goes last.
+        let entries = [
+            (
+                "socket",
+                socket(IPPROTO_TCP, 11, CT_STATE_FIN, CT_STATE_FIN),
+            ),
+            ("reply", reply(IPPROTO_TCP, 0, 20, CT_STATE_FIN)),
+        ];
+        let plan = plan(entries, NOW, &t());
+        assert_eq!(names(&plan), vec![vec!["reply", "socket"]]);
+        let inactive = Record {
+            active: false,
+            ..socket(IPPROTO_UDP, 61, 0, 0)
+        };
+        assert!(super::plan([((), inactive)], NOW, &t()).reaped.is_empty());
+    }
+
+    /// Under pressure an unanswered socket entry goes once past the grace.
+    #[test]
+    fn a_full_table_gives_up_unconfirmed_socket_entries() {
+        let unconfirmed = |idle| Record {
+            flags: CT_UNREPLIED,
+            ..socket(IPPROTO_TCP, idle, CT_STATE_SYN, 0)
+        };
+        let entries = [
+            ("old", unconfirmed(UNCONFIRMED_GRACE + 1)),
+            (
+                "new",
+                Record {
+                    src: (C2, CP),
+                    ..unconfirmed(0)
+                },
+            ),
+        ];
+        let high = plan_under(entries, NOW, &t(), Pressure::High);
+        assert_eq!(names(&high), vec![vec!["old"]]);
+        assert_eq!((high.unconfirmed, high.kept), (1, 1));
     }
 
     #[test]

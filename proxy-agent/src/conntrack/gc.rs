@@ -2,7 +2,8 @@
 //! main map and its overflow map, in batches through `batch`), deletes what
 //! `expiry` says has expired, hands the open connections it removed back to
 //! least-connections balancing through `lb_reaped`, and clears
-//! `ct_overflowed` when `overflow` says it may.
+//! `ct_overflowed` when `overflow` says it may and `ct_paired` when
+//! `paired` does.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,7 +22,7 @@ use proxy_common::{Ct4Key, Ct6Key, MAX_CONNTRACK, names};
 
 use super::{
     expiry::{self, Deletions, Pressure},
-    overflow,
+    overflow, paired,
     timeouts::Timeouts,
 };
 use crate::datapath::{
@@ -53,6 +54,9 @@ pub struct Stats {
     /// The overflow maps still held entries after the pass, so
     /// `ct_overflowed` stays set.
     pub overflowing: bool,
+    /// Forward and reply entries were left after the pass, so `ct_paired`
+    /// stays set.
+    pub paired: bool,
 }
 
 /// One family's conntrack maps. Both are swept together: a flow is judged
@@ -81,6 +85,26 @@ impl<K: CtKey> CtMaps<K> {
         table.map_name::<K>()
     }
 
+    /// True when neither map holds a pair's entry: a second read of both,
+    /// in batches, for the rare pass that clears `ct_paired`.
+    fn none_paired(&self) -> anyhow::Result<bool> {
+        for table in [Table::Main, Table::Overflow] {
+            let entries = read_all(self.map_ref(table))
+                .with_context(|| format!("reading {}", self.name(table)))?;
+            if paired::count(entries.keys().map(K::direction)) > 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn map_ref(&self, table: Table) -> &BpfHashMap<MapData, K, K::Value> {
+        match table {
+            Table::Main => &self.main,
+            Table::Overflow => &self.overflow,
+        }
+    }
+
     fn overflow_empty(&self) -> anyhow::Result<bool> {
         // The first key, if any: no walk of the map.
         match self.overflow.keys().next() {
@@ -99,6 +123,8 @@ pub struct Gc {
     v6: CtMaps<Ct6Key>,
     reaped: Array<MapData, u32>,
     overflowed: Array<MapData, u32>,
+    /// None: a datapath without `ct_paired` (every flow a pair).
+    paired: Option<Array<MapData, u32>>,
     timeouts: Timeouts,
     /// Reaped counts not yet written to `lb_reaped` (a write failed): the
     /// next pass tries again, as the entries they came from are gone.
@@ -106,8 +132,8 @@ pub struct Gc {
 }
 
 impl Gc {
-    /// Opens the conntrack maps, `lb_reaped` and `ct_overflowed` where the
-    /// agent pinned them under `bpffs`.
+    /// Opens the conntrack maps, `lb_reaped`, `ct_overflowed` and
+    /// `ct_paired` where the agent pinned them under `bpffs`.
     pub fn open(bpffs: &Path, timeouts: Timeouts) -> anyhow::Result<Gc> {
         let pins = Pins::at(bpffs);
         Ok(Gc {
@@ -115,6 +141,7 @@ impl Gc {
             v6: CtMaps::<Ct6Key>::open(&pins)?,
             reaped: pins.map(names::REAPED)?,
             overflowed: pins.map(names::OVERFLOWED)?,
+            paired: pins.optional_map(names::PAIRED)?,
             timeouts,
             pending: BTreeMap::new(),
         })
@@ -134,6 +161,7 @@ impl Gc {
         let (v4, v6) = (v4?, v6?);
         let reaped = reaped?;
         let overflowing = self.settle_overflowed()?;
+        let paired = self.settle_paired(v4.paired_left + v6.paired_left)?;
         Ok(Stats {
             entries4: v4.seen_main,
             entries6: v6.seen_main,
@@ -145,6 +173,7 @@ impl Gc {
             unconfirmed: v4.unconfirmed + v6.unconfirmed,
             duration: started.elapsed(),
             overflowing,
+            paired,
         })
     }
 
@@ -158,6 +187,22 @@ impl Gc {
             |value| {
                 (flag.set(0, value, 0)).with_context(|| format!("writing {}", names::OVERFLOWED))
             },
+        )
+    }
+
+    /// Clears `ct_paired` once no map holds a pair's entry (see `paired`),
+    /// given the `left` the pass counted; whether it stays set.
+    fn settle_paired(&mut self, left: usize) -> anyhow::Result<bool> {
+        let Some(flag) = &mut self.paired else {
+            return Ok(false);
+        };
+        let now = (flag.get(&0, 0)).with_context(|| format!("reading {}", names::PAIRED))?;
+        let (v4, v6) = (&self.v4, &self.v6);
+        paired::settle(
+            now,
+            left,
+            || Ok(v4.none_paired()? && v6.none_paired()?),
+            |value| (flag.set(0, value, 0)).with_context(|| format!("writing {}", names::PAIRED)),
         )
     }
 
@@ -199,6 +244,8 @@ struct Sweep {
     deleted: usize,
     revived: usize,
     unconfirmed: usize,
+    /// Entries of pairs (see `paired`) the pass read and did not delete.
+    paired_left: usize,
 }
 
 /// An entry as a pass saw it: where, its key, its value.
@@ -221,6 +268,7 @@ fn sweep<K: CtKey>(
     let mut sweep = Sweep {
         seen_main: main.len(),
         seen_overflow: overflow.len(),
+        paired_left: paired_in(main.keys().chain(overflow.keys())),
         ..Sweep::default()
     };
     let pressure = Pressure::of(main.len(), capacity(&tables.main), !overflow.is_empty());
@@ -228,11 +276,21 @@ fn sweep<K: CtKey>(
     sweep.unconfirmed = plan.unconfirmed;
     for flow in &plan.expired {
         match delete_flow(tables, flow, reaped)? {
-            Some(deleted) => sweep.deleted += deleted,
+            Some(deleted) => {
+                sweep.deleted += deleted;
+                let gone = paired_in(flow.iter().map(|(_, key, _)| key));
+                sweep.paired_left = sweep.paired_left.saturating_sub(gone);
+            }
             None => sweep.revived += 1,
         }
     }
     Ok(sweep)
+}
+
+/// How many of `keys` are a pair's entries: counted as the pass goes, so
+/// that settling `ct_paired` needs no walk of its own while pairs remain.
+fn paired_in<'a, K: CtKey + 'a>(keys: impl IntoIterator<Item = &'a K>) -> usize {
+    paired::count(keys.into_iter().map(K::direction))
 }
 
 /// The expired flows among the entries of both maps, grouped across them.
@@ -380,7 +438,7 @@ fn take<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
 mod tests {
     use super::*;
     use proxy_common::{
-        CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, Ct4Entry, IPPROTO_TCP,
+        CT_FORWARD, CT_REPLY, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, Ct4Entry, IPPROTO_TCP,
     };
 
     const NOW: u32 = 1_000_000;
@@ -465,5 +523,42 @@ mod tests {
             expired(&[forward_idle], &[reply_idle]),
             [[(Table::Overflow, CT_REPLY), (Table::Main, CT_FORWARD)]]
         );
+    }
+
+    /// The client's only entry: client in the key, backend in the value.
+    fn socket(idle: u32, state: u8, reply_state: u8) -> (Ct4Key, Ct4Entry) {
+        let (key, value) = entry(CT_SOCKET, CLIENT, (0, 0), BACKEND, idle, state);
+        (
+            key,
+            Ct4Entry {
+                reply_state,
+                ..value
+            },
+        )
+    }
+
+    #[test]
+    fn a_socket_entry_is_a_flow_of_its_own() {
+        let closed = socket(11, CT_STATE_FIN, CT_STATE_FIN);
+        let half_closed = socket(11, CT_STATE_FIN, CT_STATE_ESTABLISHED);
+        assert_eq!(expired(&[closed], &[]), [[(Table::Main, CT_SOCKET)]]);
+        assert!(expired(&[half_closed], &[]).is_empty());
+        // Beside an overflowed pair of the same client port and backend:
+        // one group, the socket entry deleted last.
+        assert_eq!(
+            expired(&[closed], &[reply(20, CT_STATE_FIN)]),
+            [[(Table::Overflow, CT_REPLY), (Table::Main, CT_SOCKET)]]
+        );
+    }
+
+    #[test]
+    fn pairs_are_counted_by_direction_in_both_maps() {
+        let keys = [
+            socket(0, CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED).0,
+            forward(0, CT_STATE_ESTABLISHED).0,
+            reply(0, CT_STATE_ESTABLISHED).0,
+        ];
+        assert_eq!(paired_in(&keys), 2);
+        assert_eq!(paired_in(&keys[..1]), 0);
     }
 }

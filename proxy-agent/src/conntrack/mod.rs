@@ -6,12 +6,14 @@
 //! the LRU maps `ct4_overflow`/`ct6_overflow`, collected the same way.
 //! `timeouts` says how long an entry may stay idle, `expiry` (pure) which
 //! flows have expired, `overflow` (pure) when the datapath may stop looking
-//! in the overflow maps, `gc` reads (through `datapath::pinned`) and deletes, and
-//! `spawn` runs it periodically.
+//! in the overflow maps, `paired` (pure) when it may stop looking for
+//! forward and reply entries, `gc` reads (through `datapath::pinned`) and
+//! deletes, and `spawn` runs it periodically.
 
 pub mod expiry;
 pub mod gc;
 pub mod overflow;
+pub mod paired;
 pub mod timeouts;
 pub mod upgrade;
 

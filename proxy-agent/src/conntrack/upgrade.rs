@@ -124,6 +124,7 @@ mod tests {
             service_id: 1,
             last_seen: 0,
             state: 0,
+            reply_state: 0,
             active: false,
         }
     }

@@ -23,7 +23,7 @@ pub struct Record<E> {
     pub src: E,
     pub dst: E,
     pub proto: u8,
-    /// `CT_FORWARD` or `CT_REPLY`.
+    /// `CT_FORWARD`, `CT_REPLY` or `CT_SOCKET`.
     pub direction: u8,
     /// The address and port the entry rewrites to (the outward entry of a
     /// source-NATed flow: port 0 until egress picks one).
@@ -35,10 +35,14 @@ pub struct Record<E> {
     pub service_id: u32,
     /// Coarse monotonic seconds of the entry's last packet (see `now`).
     pub last_seen: u32,
-    /// `CT_STATE_*` of the packets seen in the entry's direction.
+    /// `CT_STATE_*` of the packets seen in the entry's direction (of a
+    /// `CT_SOCKET` entry: the client's).
     pub state: u8,
-    /// The flow counts as an open connection of its backend (forward
-    /// entries only).
+    /// `CT_SOCKET` entries: `CT_STATE_*` of the backend's packets (0
+    /// otherwise).
+    pub reply_state: u8,
+    /// The flow counts as an open connection of its backend (forward and
+    /// socket entries only).
     pub active: bool,
 }
 
@@ -59,6 +63,7 @@ impl<E: Copy> Record<E> {
             service_id: self.service_id,
             last_seen: self.last_seen,
             state: self.state,
+            reply_state: self.reply_state,
             active: self.active,
         }
     }
@@ -71,6 +76,8 @@ pub trait CtKey: Pod + Eq + Hash {
     /// The main map's pinned name, the overflow map's.
     const MAPS: (&'static str, &'static str);
     fn record(&self, value: &Self::Value) -> MapRecord<Self::Addr>;
+    /// `CT_FORWARD`, `CT_REPLY` or `CT_SOCKET`.
+    fn direction(&self) -> u8;
     /// The same key with another direction.
     fn with_direction(&self, direction: u8) -> Self;
     /// The same value with other flags.
@@ -95,6 +102,9 @@ macro_rules! ct_key {
             fn socket(at: AddrPort<$addr>) -> SocketAddr {
                 $socket(at)
             }
+            fn direction(&self) -> u8 {
+                self.direction
+            }
             fn with_direction(&self, direction: u8) -> Self {
                 Self { direction, ..*self }
             }
@@ -115,6 +125,7 @@ macro_rules! ct_key {
                     service_id: v.service_id,
                     last_seen: v.last_seen,
                     state: v.state,
+                    reply_state: v.reply_state,
                     active: v.active != 0,
                 }
             }
@@ -180,4 +191,42 @@ pub fn now() -> anyhow::Result<u32> {
     }
     // As the datapath does: the low 32 bits of the seconds.
     Ok(ts.tv_sec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_common::{CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, IPPROTO_TCP};
+
+    /// A socket entry: the client in the key, the backend in the value,
+    /// a state for each side.
+    #[test]
+    fn a_record_carries_both_sides_states_through_decoding() {
+        let key = Ct4Key {
+            src_addr: u32::from_be_bytes([10, 0, 1, 2]).to_be(),
+            src_port: 40_000u16.to_be(),
+            proto: IPPROTO_TCP,
+            direction: CT_SOCKET,
+            ..Ct4Key::default()
+        };
+        let value = Ct4Entry {
+            nat_addr: u32::from_be_bytes([10, 1, 1, 2]).to_be(),
+            nat_port: 8080u16.to_be(),
+            state: CT_STATE_FIN,
+            reply_state: CT_STATE_ESTABLISHED,
+            active: 1,
+            ..Ct4Entry::default()
+        };
+        assert_eq!(key.direction(), CT_SOCKET);
+        let record = key.record(&value);
+        assert_eq!(
+            (record.state, record.reply_state, record.active),
+            (CT_STATE_FIN, CT_STATE_ESTABLISHED, true)
+        );
+        let decoded = key.decode(&value);
+        assert_eq!(decoded.reply_state, CT_STATE_ESTABLISHED);
+        assert_eq!(decoded.src.to_string(), "10.0.1.2:40000");
+        assert_eq!(decoded.nat.to_string(), "10.1.1.2:8080");
+        assert_eq!(decoded.dst.to_string(), "0.0.0.0:0");
+    }
 }

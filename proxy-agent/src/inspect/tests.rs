@@ -306,6 +306,7 @@ fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> Record<SocketAddr> {
         service_id: 1,
         last_seen: 100,
         state: CT_STATE_ESTABLISHED,
+        reply_state: 0,
         active: false,
     }
 }

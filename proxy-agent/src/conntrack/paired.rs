@@ -1,0 +1,142 @@
+//! When the datapath may stop looking for `CT_FORWARD`/`CT_REPLY` entries.
+//!
+//! Most flows have one `CT_SOCKET` entry; only source-NATed flows, and
+//! flows whose client port another live flow already holds, still get a
+//! forward and a reply entry. `ct_paired` keeps every other packet down to
+//! the socket lookup: while it is 0 the datapath looks for no pair. The
+//! datapath sets it before and after it inserts a pair's entry; only
+//! garbage collection clears it, once no such entry is left in any
+//! conntrack map, with `overflow::settle`'s read, clear, read again. Pure:
+//! the maps are reached through the functions it is given.
+
+use proxy_common::CT_SOCKET;
+
+use super::overflow;
+
+/// True for an entry of a pair (any direction but `CT_SOCKET`, the
+/// legacy egress direction included): what keeps the flag set.
+pub fn is_paired(direction: u8) -> bool {
+    direction != CT_SOCKET
+}
+
+/// How many of the entries with these directions are a pair's.
+pub fn count(directions: impl IntoIterator<Item = u8>) -> usize {
+    directions.into_iter().filter(|d| is_paired(*d)).count()
+}
+
+/// Settles the flag, which reads `flag` now, after a pass that left `left`
+/// pair entries in the maps; whether the flag is left set.
+///
+/// The pass's own count is the first read, so a pass that still sees
+/// pairs costs no more than its single write. `none_left` (the read after
+/// the clear) walks the maps again, but only when the flag goes from set
+/// to clear: a flag already clear with nothing left is not written at all,
+/// so nothing the datapath set can be undone, and it needs no second read.
+///
+/// On an error the flag is set again if it can be: a flag left clear would
+/// hide the pairs written since the pass counted until the next pass, a
+/// flag left set costs lookups only.
+pub fn settle(
+    flag: u32,
+    left: usize,
+    mut none_left: impl FnMut() -> anyhow::Result<bool>,
+    mut set: impl FnMut(u32) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    if flag == 0 && left == 0 {
+        return Ok(false);
+    }
+    let mut counted = Some(left == 0);
+    let empty = || match counted.take() {
+        Some(none) => Ok(none),
+        None => none_left(),
+    };
+    let settled = overflow::settle(empty, &mut set);
+    if settled.is_err() {
+        // The error is what the caller reports; this write is a best effort.
+        let _ = set(1);
+    }
+    settled
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use proxy_common::{CT_FORWARD, CT_REPLY};
+
+    use crate::conntrack::upgrade::LEGACY_EGRESS;
+
+    #[test]
+    fn every_direction_but_the_socket_one_is_a_pair() {
+        let directions = [CT_SOCKET, CT_FORWARD, CT_SOCKET, CT_REPLY, LEGACY_EGRESS];
+        assert_eq!(count(directions), 3);
+        assert_eq!(count([CT_SOCKET, CT_SOCKET]), 0);
+        assert_eq!(count([]), 0);
+    }
+
+    /// Runs `settle` with the flag reading `flag`, `left` pairs counted,
+    /// and the maps re-read as `rereads` says in turn; the steps taken and
+    /// the result.
+    fn run(flag: u32, left: usize, rereads: &[bool]) -> (Vec<String>, Option<bool>) {
+        let steps = RefCell::new(Vec::new());
+        let mut rereads = rereads.iter().copied();
+        let result = settle(
+            flag,
+            left,
+            || {
+                steps.borrow_mut().push("reread".to_string());
+                rereads
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("unexpected reread"))
+            },
+            |value| {
+                steps.borrow_mut().push(format!("set {value}"));
+                Ok(())
+            },
+        );
+        (steps.into_inner(), result.ok())
+    }
+
+    /// (flag, pairs left, rereads) -> (steps, flag left set).
+    #[test]
+    fn the_flag_is_cleared_only_when_no_pair_is_left_after_the_clear() {
+        let table: [(u32, usize, &[bool], &[&str], bool); 6] = [
+            // Pairs left: set, whatever the flag read; no walk.
+            (1, 3, &[], &["set 1"], true),
+            (0, 1, &[], &["set 1"], true),
+            // Clear already, nothing left: no write, no walk.
+            (0, 0, &[], &[], false),
+            // The last pair went: clear, and the walk finds none.
+            (1, 0, &[true], &["set 0", "reread"], false),
+            // A pair written while clearing: set back.
+            (1, 0, &[false], &["set 0", "reread", "set 1"], true),
+            // A flag some other value than 1 counts as set.
+            (7, 0, &[true], &["set 0", "reread"], false),
+        ];
+        for (flag, left, rereads, steps, set) in table {
+            let steps: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
+            assert_eq!(
+                run(flag, left, rereads),
+                (steps, Some(set)),
+                "flag {flag}, {left} left"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_reread_sets_the_flag_again() {
+        let mut writes = Vec::new();
+        let result = settle(
+            1,
+            0,
+            || Err(anyhow::anyhow!("EPERM")),
+            |value| {
+                writes.push(value);
+                Ok(())
+            },
+        );
+        assert!(result.is_err(), "the pass reports it; the next one retries");
+        assert_eq!(writes, [0, 1]);
+    }
+}
