@@ -231,7 +231,12 @@ fn create(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     let started = Instant::now();
     let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
     log::info!("maps ready in {:?}", started.elapsed());
-    let maps = MapSet::take(&mut loaded.ebpf)?;
+    let mut maps = MapSet::take(&mut loaded.ebpf)?;
+    // Before the programs that read them are attached.
+    let restored = maps.restore_rev_nat()?;
+    if restored > 0 {
+        log::info!("reverse NAT entries written for {restored} adopted service entries");
+    }
     Ok((loaded, maps))
 }
 

@@ -99,9 +99,11 @@ mod tests {
     }
 
     /// (flag, pairs left, rereads) -> (steps, flag left set).
+    type Row = (u32, usize, &'static [bool], &'static [&'static str], bool);
+
     #[test]
     fn the_flag_is_cleared_only_when_no_pair_is_left_after_the_clear() {
-        let table: [(u32, usize, &[bool], &[&str], bool); 6] = [
+        let table: [Row; 6] = [
             // Pairs left: set, whatever the flag read; no walk.
             (1, 3, &[], &["set 1"], true),
             (0, 1, &[], &["set 1"], true),

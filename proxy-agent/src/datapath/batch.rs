@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, IterableMap, MapData},
+    maps::{Array, HashMap, IterableMap, MapData},
 };
 
 /// Entries asked for per call: few syscalls, buffers of a few hundred KiB.
@@ -117,13 +117,37 @@ pub fn update_all<K: Pod, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     entries: &[(K, V)],
 ) -> Result<bool, Stopped> {
-    let fd = map.map().fd().as_fd();
+    // SAFETY: aya checked, when it typed the map, that it is a hash map
+    // (not per-CPU) whose keys and values are the sizes of K and V.
+    unsafe { update_fd(map.map().fd().as_fd(), entries) }
+}
+
+/// As `update_all`, for an array (Linux 5.7 batches them): keys are
+/// indices, and one past the end stops the write there.
+pub fn update_array<V: Pod>(
+    map: &mut Array<MapData, V>,
+    entries: &[(u32, V)],
+) -> Result<bool, Stopped> {
+    // SAFETY: aya checked, when it typed the map, that it is an array (not
+    // per-CPU), whose keys are u32, of values the size of V.
+    unsafe { update_fd(map.map().fd().as_fd(), entries) }
+}
+
+/// The batched write of `update_all` and `update_array`.
+///
+/// # Safety
+///
+/// The map behind `fd` must be a hash map or an array (not per-CPU) whose
+/// keys and values are the sizes of K and V.
+unsafe fn update_fd<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    entries: &[(K, V)],
+) -> Result<bool, Stopped> {
     let mut done = 0;
     for chunk in entries.chunks(BATCH as usize) {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
         let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
-        // SAFETY: aya checked, when it typed the map, that it is a hash map
-        // (not per-CPU) whose keys and values are the sizes of K and V.
+        // SAFETY: the caller's promise on the map's kind and sizes.
         let (n, error) = unsafe { update_call(fd, &keys, &values) };
         done += n;
         match error {
@@ -154,8 +178,8 @@ fn is_unsupported(error: &io::Error) -> bool {
 ///
 /// # Safety
 ///
-/// The map behind `fd` must be a hash map (not per-CPU) whose keys and
-/// values are the sizes of K and V.
+/// The map behind `fd` must be a hash map or an array (not per-CPU) whose
+/// keys and values are the sizes of K and V.
 unsafe fn update_call<K, V>(
     fd: BorrowedFd<'_>,
     keys: &[K],

@@ -16,7 +16,7 @@ use std::{
 use anyhow::Context;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapInfo, lpm_trie::Key},
+    maps::{Array, MapData, MapInfo, lpm_trie::Key},
     programs::{
         Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -129,7 +129,8 @@ impl ConntrackSizes {
 /// Loads the object with every map pinned under `<bpffs>/xdproxy`, the
 /// conntrack maps sized as `sizes` says. Maps an earlier agent pinned there
 /// are reused as they are (with their entries and conntrack state) when
-/// their layout is the one this agent expects.
+/// their layout is the one this agent expects; maps it did not have are
+/// created and pinned.
 pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Result<Loaded> {
     ensure_bpffs(bpffs)?;
     let pins = pin_dir(bpffs);
@@ -152,13 +153,32 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
     for (name, max) in sizes.by_map() {
         loader.map_max_entries(name, max);
     }
-    let ebpf = loader.load(object).context("loading the eBPF object")?;
+    let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    if adopted > 0 {
+        assume_pairs(&mut ebpf)?;
+    }
     remove_retired(&pins);
     Ok(Loaded {
         ebpf,
         pins,
         links: Vec::new(),
     })
+}
+
+/// Sets `ct_paired` on a datapath an earlier agent pinned, before any
+/// program of this one runs: a version without the flag wrote forward and
+/// reply entries without setting it, and the new programs must find them
+/// from their first packet. Garbage collection clears it once none is
+/// left; until then it costs a lookup.
+fn assume_pairs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    // An object without the flag looks for pairs anyway.
+    let Some(map) = ebpf.map_mut(names::PAIRED) else {
+        return Ok(());
+    };
+    let mut flag: Array<&mut MapData, u32> = Array::try_from(map)
+        .with_context(|| format!("map {} has an unexpected type", names::PAIRED))?;
+    flag.set(0, 1, 0)
+        .with_context(|| format!("setting {}", names::PAIRED))
 }
 
 /// Unpins maps an earlier version pinned under names this one no longer
@@ -255,6 +275,9 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::OVERFLOW4 => kv::<Ct4Key, Ct4Entry>(sizes.overflow),
         names::OVERFLOW6 => kv::<Ct6Key, Ct6Entry>(sizes.overflow),
         names::OVERFLOWED => kv::<u32, u32>(1),
+        names::PAIRED => kv::<u32, u32>(1),
+        names::REV_NAT4 => kv::<u32, Frontend4>(MAX_SERVICES),
+        names::REV_NAT6 => kv::<u32, Frontend6>(MAX_SERVICES),
         names::CLOSED4 => kv::<u32, ClosedFlow4>(MAX_CT_CLOSED),
         names::CLOSED6 => kv::<u32, ClosedFlow6>(MAX_CT_CLOSED),
         names::CLOSED_ENDS => kv::<u32, RingEnds>(2),
@@ -595,6 +618,33 @@ mod tests {
         assert_eq!(layout(names::CONNTRACK6, SIZES), Some((ct6.0, ct6.1, 4096)));
         assert_eq!(layout(names::OVERFLOW6, SIZES), Some((ct6.0, ct6.1, 2048)));
         assert_eq!(layout(names::OVERFLOWED, SIZES), Some((4, 4, 1)));
+    }
+
+    /// The maps of the one-entry conntrack: arrays indexed by service id,
+    /// and a flag. A datapath pinned before them has none of them: the
+    /// loader creates them then (no pin to check).
+    #[test]
+    fn the_reverse_nat_maps_and_the_pairs_flag_have_their_layouts() {
+        assert_eq!(layout(names::PAIRED, SIZES), Some((4, 4, 1)));
+        let frontends = [
+            (names::REV_NAT4, size_of::<Frontend4>()),
+            (names::REV_NAT6, size_of::<Frontend6>()),
+        ];
+        for (name, value) in frontends {
+            let want = (4, value as u32, MAX_SERVICES);
+            assert_eq!(layout(name, SIZES), Some(want), "{name}");
+            assert_eq!(fit(name, want, want, SIZES), Fit::Expected, "{name}");
+            let smaller = (4, value as u32, MAX_SERVICES / 2);
+            assert_eq!(fit(name, smaller, want, SIZES), Fit::Mismatch, "{name}");
+        }
+        for name in [names::PAIRED, names::REV_NAT4, names::REV_NAT6] {
+            assert!(names::ALL.contains(&name), "{name} is pinned");
+        }
+        let missing = std::env::temp_dir().join(format!("xdproxy-loader-{}", std::process::id()));
+        assert!(matches!(
+            check_pinned_layout(names::PAIRED, &missing.join(names::PAIRED), SIZES),
+            Ok(false)
+        ));
     }
 
     #[test]

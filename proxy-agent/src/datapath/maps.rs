@@ -1,4 +1,10 @@
 //! The service maps, owned and typed, behind the reconciler's `Maps` trait.
+//!
+//! Each service entry has its frontend in the family's reverse-NAT array
+//! at the entry's id (`lb4_rev_nat`/`lb6_rev_nat`), where the datapath
+//! finds the source of a `CT_SOCKET` flow's replies. It is written before
+//! the service entry, so a packet never finds a service whose flows could
+//! not be answered, and left in place when the entry goes (an array).
 
 use anyhow::Context;
 use std::net::IpAddr;
@@ -6,18 +12,19 @@ use std::net::IpAddr;
 use aya::{
     Ebpf, Pod,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use proxy_common::{
-    BACKEND_TERMINATING, Backend4, Backend6, Counter, Frontend4, Frontend6, MemberKey, NodeConfig,
-    Service, ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
+    BACKEND_TERMINATING, Backend4, Backend6, Counter, Frontend4, Frontend6, MAX_SERVICES,
+    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
 };
 
 use super::{
     batch,
     keys::{self, BackendValue, FrontendKey},
+    pinned,
 };
 use crate::{
     cidr::Cidr,
@@ -26,8 +33,10 @@ use crate::{
 };
 
 /// One family's maps.
-pub struct FamilyMaps<F, B, R> {
+pub struct FamilyMaps<F: Pod, B, R> {
     pub services: HashMap<MapData, F, Service>,
+    /// Service id -> the frontend of its entry.
+    pub rev_nat: Array<MapData, F>,
     pub backends: HashMap<MapData, u32, B>,
     pub members: HashMap<MapData, MemberKey, B>,
     pub source_ranges: LpmTrie<MapData, R, u32>,
@@ -63,12 +72,14 @@ impl MapSet {
         Ok(MapSet {
             v4: FamilyMaps {
                 services: take(ebpf, names::SERVICES4)?,
+                rev_nat: take(ebpf, names::REV_NAT4)?,
                 backends: take(ebpf, names::BACKENDS4)?,
                 members: take(ebpf, names::MEMBERS4)?,
                 source_ranges: take(ebpf, names::SOURCE_RANGES4)?,
             },
             v6: FamilyMaps {
                 services: take(ebpf, names::SERVICES6)?,
+                rev_nat: take(ebpf, names::REV_NAT6)?,
                 backends: take(ebpf, names::BACKENDS6)?,
                 members: take(ebpf, names::MEMBERS6)?,
                 source_ranges: take(ebpf, names::SOURCE_RANGES6)?,
@@ -80,6 +91,21 @@ impl MapSet {
             cpus,
             left: Vec::new(),
         })
+    }
+
+    /// Writes the reverse-NAT entry of every service entry the maps hold;
+    /// how many. For a datapath adopted before its programs are replaced:
+    /// one pinned by a version without the reverse-NAT arrays has service
+    /// entries whose frontends nobody wrote there, and a pass rewrites only
+    /// the entries that change.
+    pub fn restore_rev_nat(&mut self) -> anyhow::Result<usize> {
+        let v4 = self
+            .v4
+            .restore_rev_nat((names::SERVICES4, names::REV_NAT4))?;
+        let v6 = self
+            .v6
+            .restore_rev_nat((names::SERVICES6, names::REV_NAT6))?;
+        Ok(v4 + v6)
     }
 
     /// The backends that left a service since the last call, once each.
@@ -164,6 +190,53 @@ impl MapSet {
             .context("reading counters")?;
         Ok(per_cpu.iter().sum())
     }
+}
+
+impl<F: Pod + Eq + std::hash::Hash, B, R> FamilyMaps<F, B, R> {
+    /// A frontend's reverse-NAT entry, then its service entry (see the
+    /// module's comment for why in this order).
+    fn set_service(
+        &mut self,
+        frontend: F,
+        service: Service,
+        names: (&str, &str),
+    ) -> anyhow::Result<()> {
+        let (services, rev_nat) = names;
+        written(self.rev_nat.set(service.id, frontend, 0), rev_nat)?;
+        written(self.services.insert(frontend, service, 0), services)
+    }
+
+    /// `MapSet::restore_rev_nat` for one family, in batches where the
+    /// kernel has them.
+    fn restore_rev_nat(&mut self, names: (&str, &str)) -> anyhow::Result<usize> {
+        let (services, rev_nat) = names;
+        let limit = 2 * pinned::capacity(self.services.map(), MAX_SERVICES);
+        let entries = pinned::entries(&self.services, limit)
+            .with_context(|| format!("reading {services}"))?;
+        let entries = rev_nat_entries(entries);
+        match batch::update_array(&mut self.rev_nat, &entries) {
+            Ok(true) => Ok(entries.len()),
+            Ok(false) => {
+                for (id, frontend) in &entries {
+                    written(self.rev_nat.set(*id, *frontend, 0), rev_nat)?;
+                }
+                Ok(entries.len())
+            }
+            Err(stopped) => Err(stopped.error).with_context(|| format!("writing {rev_nat}")),
+        }
+    }
+}
+
+/// The reverse-NAT entries of service entries: each frontend at its
+/// entry's id, by id (ids past the array are left out: the reconciler does
+/// not adopt them either).
+fn rev_nat_entries<F>(services: impl IntoIterator<Item = (F, Service)>) -> Vec<(u32, F)> {
+    let mut entries: Vec<(u32, F)> = (services.into_iter())
+        .filter(|(_, s)| s.id < MAX_SERVICES)
+        .map(|(f, s)| (s.id, f))
+        .collect();
+    entries.sort_by_key(|(id, _)| *id);
+    entries
 }
 
 fn collect<K, V>(
@@ -365,8 +438,12 @@ impl Maps for MapSet {
     fn set_service(&mut self, frontend: &Frontend, entry: &ServiceEntry) -> anyhow::Result<()> {
         let service = keys::service(entry);
         match keys::frontend(frontend) {
-            FrontendKey::V4(f) => written(self.v4.services.insert(f, service, 0), names::SERVICES4),
-            FrontendKey::V6(f) => written(self.v6.services.insert(f, service, 0), names::SERVICES6),
+            FrontendKey::V4(f) => {
+                (self.v4).set_service(f, service, (names::SERVICES4, names::REV_NAT4))
+            }
+            FrontendKey::V6(f) => {
+                (self.v6).set_service(f, service, (names::SERVICES6, names::REV_NAT6))
+            }
         }
     }
 
@@ -434,5 +511,38 @@ impl Maps for MapSet {
         self.stats
             .set(service_id, zeros, 0)
             .context("resetting lb_stats")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u32) -> Service {
+        Service {
+            id,
+            ..Service::default()
+        }
+    }
+
+    #[test]
+    fn each_service_entry_names_its_frontend_at_its_id() {
+        let frontend = |port: u16| Frontend4 {
+            addr: 0x0a60_000a,
+            port: port.to_be(),
+            proto: 6,
+            scope: 0,
+        };
+        let services = [
+            (frontend(443), entry(9)),
+            (frontend(80), entry(2)),
+            // Beyond the array: not adoptable, not written.
+            (frontend(8080), entry(MAX_SERVICES)),
+        ];
+        assert_eq!(
+            rev_nat_entries(services),
+            [(2, frontend(80)), (9, frontend(443))]
+        );
+        assert!(rev_nat_entries(Vec::<(Frontend6, Service)>::new()).is_empty());
     }
 }
