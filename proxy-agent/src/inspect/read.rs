@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     hash::Hash,
+    net::SocketAddr,
     path::Path,
 };
 
@@ -13,8 +14,8 @@ use aya::{
     maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, BackendStats, Connections, Ct4Key, Ct6Key, Frontend4, Frontend6, MemberKey,
-    Service, ServiceStats, SlotKey, names,
+    Backend4, Backend6, BackendStats, CT_SOCKET, Connections, Ct4Key, Ct6Key, Frontend4, Frontend6,
+    MemberKey, Service, ServiceStats, SlotKey, names,
 };
 
 use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
@@ -169,11 +170,41 @@ impl Pinned {
         Ok(out)
     }
 
-    /// Every conntrack entry of both families, main and overflow maps.
+    /// Every conntrack entry of both families, main and overflow maps,
+    /// socket entries with their frontends.
     pub fn conntrack(&self) -> anyhow::Result<Vec<CtRecord>> {
-        let mut records = self.conntrack_of::<Ct4Key>()?;
-        records.extend(self.conntrack_of::<Ct6Key>()?);
-        Ok(records)
+        let mut v4 = self.conntrack_of::<Ct4Key>()?;
+        let frontends = self.frontends::<Frontend4>(names::REV_NAT4, &socket_ids(&v4))?;
+        name_frontends(&mut v4, &frontends);
+        let mut v6 = self.conntrack_of::<Ct6Key>()?;
+        let frontends = self.frontends::<Frontend6>(names::REV_NAT6, &socket_ids(&v6))?;
+        name_frontends(&mut v6, &frontends);
+        v4.extend(v6);
+        Ok(v4)
+    }
+
+    /// The frontends of service ids `ids` in the reverse-NAT array `name`:
+    /// none for an index never written (protocol 0) or past the end, or
+    /// when the array is not pinned (a datapath older than it).
+    fn frontends<F: Pod>(
+        &self,
+        name: &str,
+        ids: &BTreeSet<u32>,
+    ) -> anyhow::Result<BTreeMap<u32, SocketAddr>>
+    where
+        for<'a> &'a F: Into<Endpoint>,
+    {
+        let Some(map) = self.pins.optional_map::<Array<MapData, F>>(name)? else {
+            return Ok(BTreeMap::new());
+        };
+        let mut out = BTreeMap::new();
+        for &id in ids {
+            let endpoint: Option<Endpoint> = at(map.get(&id, 0), name)?.map(|f| (&f).into());
+            if let Some(e) = endpoint.filter(|e| e.proto != 0) {
+                out.insert(id, e.addr);
+            }
+        }
+        Ok(out)
     }
 
     /// The entries of one family's main and overflow maps.
@@ -185,6 +216,7 @@ impl Pinned {
             move |(k, v): &(K, K::Value)| CtRecord {
                 table,
                 entry: k.decode(v),
+                frontend: None,
             }
         };
         Ok((main.iter().map(decode(Table::Main)))
@@ -200,6 +232,24 @@ impl Pinned {
             .map(|per_cpu| Ok(per_cpu?.iter().fold(0u64, |sum, v| sum.wrapping_add(*v))))
             .collect::<Result<_, MapError>>()
             .with_context(|| format!("reading {}", self.pins.path(names::COUNTERS).display()))
+    }
+}
+
+/// The service ids of the socket entries among `records`, each once.
+fn socket_ids(records: &[CtRecord]) -> BTreeSet<u32> {
+    (records.iter())
+        .filter(|r| r.entry.direction == CT_SOCKET)
+        .map(|r| r.entry.service_id)
+        .collect()
+}
+
+/// Gives each socket entry among `records` its service id's frontend.
+fn name_frontends(records: &mut [CtRecord], frontends: &BTreeMap<u32, SocketAddr>) {
+    for r in records
+        .iter_mut()
+        .filter(|r| r.entry.direction == CT_SOCKET)
+    {
+        r.frontend = frontends.get(&r.entry.service_id).copied();
     }
 }
 
@@ -223,6 +273,46 @@ fn read<V>(result: Result<Option<V>, MapError>, name: &str) -> anyhow::Result<Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::conntrack::Record;
+    use proxy_common::{CT_FORWARD, IPPROTO_TCP};
+
+    fn record(direction: u8, service_id: u32) -> CtRecord {
+        let any = SocketAddr::from(([10, 0, 0, 1], 1));
+        CtRecord {
+            table: Table::Main,
+            entry: Record {
+                src: any,
+                dst: any,
+                proto: IPPROTO_TCP,
+                direction,
+                nat: any,
+                flags: 0,
+                backend_id: 1,
+                service_id,
+                last_seen: 0,
+                state: 0,
+                reply_state: 0,
+                active: false,
+            },
+            frontend: None,
+        }
+    }
+
+    /// Only socket entries look their frontend up, once per service id.
+    #[test]
+    fn socket_entries_get_the_frontend_of_their_service_id() {
+        let mut records = [
+            record(CT_SOCKET, 3),
+            record(CT_FORWARD, 3),
+            record(CT_SOCKET, 3),
+            record(CT_SOCKET, 4),
+        ];
+        assert_eq!(socket_ids(&records), BTreeSet::from([3, 4]));
+        let vip = SocketAddr::from(([10, 96, 0, 10], 80));
+        name_frontends(&mut records, &BTreeMap::from([(3, vip)]));
+        let frontends: Vec<_> = records.iter().map(|r| r.frontend).collect();
+        assert_eq!(frontends, [Some(vip), None, Some(vip), None]);
+    }
 
     #[test]
     fn a_bpffs_without_pins_is_a_clear_error() {

@@ -91,4 +91,8 @@ pub struct LbRecords {
 pub struct CtRecord {
     pub table: Table,
     pub entry: Record<SocketAddr>,
+    /// A `CT_SOCKET` entry's frontend, as `lb4_rev_nat`/`lb6_rev_nat` name
+    /// it at the entry's service id; None for other entries, and when the
+    /// array has no frontend there (or is not pinned).
+    pub frontend: Option<SocketAddr>,
 }

@@ -7,10 +7,10 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use proxy_common::{
     ALG_LEAST_CONN, ALG_MAGLEV, ALG_RANDOM, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, BACKEND_TERMINATING,
-    CT_EGRESS_ONLY, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_FIN,
-    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Counter, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_LOCAL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
-    SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, SlotKey,
+    CT_EGRESS_ONLY, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, CT_SOCKET, CT_STATE_ESTABLISHED,
+    CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Counter, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_LOCAL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_LOCAL_TWIN,
+    SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL, SVC_SOURCE_RANGES, SlotKey,
 };
 use serde::{Serialize, Serializer, ser::SerializeMap};
 
@@ -111,10 +111,12 @@ pub fn state_name(state: u8) -> String {
 /// The direction of a conntrack entry; `dnat-back` is a reply entry that
 /// rewrites the destination (back to a client whose source was translated),
 /// `egress` one the egress hook applies (a reply's or a source-NATed
-/// packet's source).
+/// packet's source), `socket` a flow's only entry (forward and reply in
+/// one).
 pub fn direction_name(direction: u8, flags: u16) -> String {
     match direction {
         CT_FORWARD => "forward".into(),
+        CT_SOCKET => "socket".into(),
         CT_REPLY if flags & CT_EGRESS_ONLY != 0 => "egress".into(),
         CT_REPLY if flags & CT_REWRITE_DST != 0 => "dnat-back".into(),
         CT_REPLY => "reply".into(),
@@ -459,24 +461,44 @@ pub struct CtView {
     /// a flow that found the main map full; the LRU may evict it).
     pub table: Table,
     /// `forward`, `reply`, `dnat-back` (a reply entry that rewrites the
-    /// destination) or `egress`.
+    /// destination), `egress`, or `socket` (a flow's only entry: its
+    /// client's packets and the backend's replies both find it).
     pub direction: String,
     pub protocol: String,
-    /// The packets this entry matches: from `src` to `dst`.
+    /// The packets this entry matches: from `src` to `dst`. A `socket`
+    /// entry's are the client's and the frontend's (its key has no
+    /// destination: `0.0.0.0:0` or `[::]:0` while the frontend is not
+    /// known), and the replies that come back the other way.
     pub src: SocketAddr,
     pub dst: SocketAddr,
-    /// What the entry rewrites to: the backend for `forward`, the frontend
-    /// for `reply`/`egress` (the new source), the client for `dnat-back`.
+    /// What the entry rewrites to: the backend for `forward` and `socket`,
+    /// the frontend for `reply`/`egress` (the new source), the client for
+    /// `dnat-back`.
     pub nat: SocketAddr,
-    /// `open` (not TCP), `syn`, `established`, `fin`, `rst`.
+    /// `open` (not TCP), `syn`, `established`, `fin`, `rst`: of the
+    /// packets this entry matches (a `socket` entry's: the client's).
     pub state: String,
     /// Seconds since the entry's last packet (at most a second stale).
     pub age_seconds: u32,
     pub last_seen: u32,
     pub backend_id: u32,
     pub service_id: u32,
-    /// The flow counts as an open connection of its backend (forward only).
+    /// The flow counts as an open connection of its backend (forward and
+    /// socket entries only).
     pub active: bool,
+    /// `socket` entries only (the other entries have no such fields).
+    #[serde(flatten)]
+    pub socket: Option<SocketView>,
+}
+
+/// What only a `socket` entry has.
+#[derive(Debug, Serialize)]
+pub struct SocketView {
+    /// The frontend its service id names in `lb4_rev_nat`/`lb6_rev_nat`
+    /// (the replies' new source); null when that names none.
+    pub frontend: Option<SocketAddr>,
+    /// The state of the backend's packets, as `state` is the client's.
+    pub reply_state: String,
 }
 
 /// Entries per family (both tables), and of those in the overflow table.
@@ -520,14 +542,30 @@ pub fn conntrack(records: &[CtRecord], now: u32) -> ConntrackReport {
     }
 }
 
-fn ct_view(&CtRecord { table, entry: r }: &CtRecord, now: u32) -> CtView {
+fn ct_view(
+    &CtRecord {
+        table,
+        entry: r,
+        frontend,
+    }: &CtRecord,
+    now: u32,
+) -> CtView {
+    let socket = (r.direction == CT_SOCKET).then(|| SocketView {
+        frontend,
+        reply_state: state_name(r.reply_state),
+    });
     CtView {
         family: IpFamily::of(&r.src),
         table,
         direction: direction_name(r.direction, r.flags),
         protocol: protocol_name(r.proto),
         src: r.src,
-        dst: r.dst,
+        dst: match &socket {
+            Some(SocketView {
+                frontend: Some(f), ..
+            }) => *f,
+            _ => r.dst,
+        },
         nat: r.nat,
         state: state_name(r.state),
         age_seconds: age(now, r.last_seen),
@@ -535,6 +573,7 @@ fn ct_view(&CtRecord { table, entry: r }: &CtRecord, now: u32) -> CtView {
         backend_id: r.backend_id,
         service_id: r.service_id,
         active: r.active,
+        socket,
     }
 }
 

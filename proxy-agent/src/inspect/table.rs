@@ -148,15 +148,34 @@ fn in_overflow(entries: usize) -> String {
 fn ct_row(e: &CtView) -> Vec<String> {
     vec![
         e.direction.clone(),
-        format!("{} -> {} {}", e.src, e.dst, e.protocol),
+        flow(e),
         e.nat.to_string(),
-        e.state.clone(),
+        ct_state(e),
         format!("{}s", e.age_seconds),
         e.backend_id.to_string(),
         e.service_id.to_string(),
         if e.active { "yes" } else { "no" }.into(),
         e.table.name().into(),
     ]
+}
+
+/// `src -> dst PROTO`; a socket entry whose frontend is not known names
+/// its service id instead of an address it does not have.
+fn flow(e: &CtView) -> String {
+    match &e.socket {
+        Some(s) if s.frontend.is_none() => {
+            format!("{} -> service {} {}", e.src, e.service_id, e.protocol)
+        }
+        _ => format!("{} -> {} {}", e.src, e.dst, e.protocol),
+    }
+}
+
+/// The entry's state; a socket entry's as `client/backend`.
+fn ct_state(e: &CtView) -> String {
+    match &e.socket {
+        Some(s) => format!("{}/{}", e.state, s.reply_state),
+        None => e.state.clone(),
+    }
 }
 
 /// One line per counter.

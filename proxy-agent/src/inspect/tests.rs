@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 
 use proxy_common::{
     ALG_MAGLEV, ALG_ROUND_ROBIN, BACKEND_TERMINATING, CT_AT_EGRESS, CT_FORWARD, CT_REPLY,
-    CT_REWRITE_DST, CT_STATE_ESTABLISHED, CT_STATE_SYN, Connections, Counter, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_ALL, SCOPE_LOCAL, SVC_AFFINITY, SVC_LOCAL_TWIN, SVC_REPLY_AT_EGRESS,
-    Service, ServiceStats, SlotKey,
+    CT_REWRITE_DST, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_SYN, Connections,
+    Counter, IPPROTO_TCP, IPPROTO_UDP, SCOPE_ALL, SCOPE_LOCAL, SVC_AFFINITY, SVC_LOCAL_TWIN,
+    SVC_REPLY_AT_EGRESS, Service, ServiceStats, SlotKey,
 };
 use serde_json::json;
 
@@ -284,6 +284,7 @@ fn in_main(entry: Record<SocketAddr>) -> CtRecord {
     CtRecord {
         table: Table::Main,
         entry,
+        frontend: None,
     }
 }
 
@@ -291,6 +292,7 @@ fn in_overflow(entry: Record<SocketAddr>) -> CtRecord {
     CtRecord {
         table: Table::Overflow,
         entry,
+        frontend: None,
     }
 }
 
@@ -449,6 +451,78 @@ fn overflow_entries_are_marked_as_such() {
     );
 }
 
+/// A flow's only entry: the client, the frontend its service id names,
+/// the backend, and both sides' states; forward entries keep their fields.
+#[test]
+fn a_socket_entry_shows_client_frontend_backend_and_both_states() {
+    let socket = |client: &str, service_id| Record {
+        active: true,
+        service_id,
+        reply_state: CT_STATE_FIN,
+        ..ct(client, "0.0.0.0:0", CT_SOCKET, "10.1.1.2:8080")
+    };
+    let known = CtRecord {
+        frontend: Some(addr("10.96.0.10:80")),
+        ..in_main(socket("10.0.1.2:40000", 1))
+    };
+    // Service 5's frontend is not in lb4_rev_nat.
+    let unknown = in_main(socket("10.0.1.3:40000", 5));
+    let forward = in_main(ct(
+        "10.0.1.4:40000",
+        "10.96.0.10:80",
+        CT_FORWARD,
+        "10.1.1.2:8080",
+    ));
+    let report = report::conntrack(&[unknown, forward, known], 100);
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(
+        json["entries"][1],
+        json!({
+            "family": "ipv4",
+            "table": "main",
+            "direction": "socket",
+            "protocol": "TCP",
+            "src": "10.0.1.2:40000",
+            "dst": "10.96.0.10:80",
+            "nat": "10.1.1.2:8080",
+            "state": "established",
+            "age_seconds": 0,
+            "last_seen": 100,
+            "backend_id": 1,
+            "service_id": 1,
+            "active": true,
+            "frontend": "10.96.0.10:80",
+            "reply_state": "fin",
+        })
+    );
+    assert_eq!(json["entries"][2]["dst"], "0.0.0.0:0");
+    assert_eq!(json["entries"][2]["frontend"], serde_json::Value::Null);
+    let forward = json["entries"][0].as_object().expect("an object");
+    assert_eq!(forward["direction"], "forward");
+    assert!(
+        !forward.contains_key("frontend") && !forward.contains_key("reply_state"),
+        "{forward:?}"
+    );
+    assert_eq!(json["totals"]["ipv4"], 3);
+    let text = table::conntrack(&report);
+    assert!(
+        text.contains(
+            "socket     10.0.1.2:40000 -> 10.96.0.10:80 TCP  10.1.1.2:8080  established/fin"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("socket     10.0.1.3:40000 -> service 5 TCP"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "forward    10.0.1.4:40000 -> 10.96.0.10:80 TCP  10.1.1.2:8080  established "
+        ),
+        "{text}"
+    );
+}
+
 #[test]
 fn counters_are_named_in_index_order() {
     let mut values: Vec<u64> = (0..u64::from(Counter::COUNT)).collect();
@@ -482,6 +556,7 @@ fn numbers_without_a_name_still_show() {
     assert_eq!(report::algorithm_name(9), "unknown(9)");
     assert_eq!(report::state_name(9), "unknown(9)");
     assert_eq!(report::direction_name(7, 0), "unknown(7)");
+    assert_eq!(report::direction_name(CT_SOCKET, 0), "socket");
     assert_eq!(report::protocol_name(47), "47");
 }
 
