@@ -1,33 +1,43 @@
 //! Conntrack: the entries that keep a flow's translation in both
 //! directions, including source NAT.
 //!
-//! A flow to a frontend F from client C, sent to backend B, has:
-//! - FORWARD (C -> F) at ingress: destination becomes B;
-//! - REPLY (B -> C): source becomes F, at ingress, or at egress
-//!   (`CT_AT_EGRESS`) for frontends that may be the node's own addresses
-//!   and for source-NATed flows.
-//! With source NAT to node address N and port p, also, both REPLY:
-//! - `CT_OUTWARD` (C -> B) at egress: source becomes N:p, after the node
-//!   forwarded it; written here with port 0, the port picked at egress
-//!   (see `snat`);
-//! - `CT_REWRITE_DST` (B -> N:p) at ingress: destination becomes C again,
-//!   written at egress with the port.
-//! A new flow looks for no stale entries: an earlier flow between the same
+//! A flow to a frontend F from client C, sent to backend B, has one entry,
+//! `CT_SOCKET`, keyed by C alone: C's packets find it by their source (the
+//! destination becomes B), B's by their destination (the source becomes
+//! F, which the entry names by service id, see `lb4_rev_nat`), at ingress,
+//! or at egress (`CT_AT_EGRESS`) for frontends that may be the node's own
+//! addresses. A new flow writes that one entry.
+//!
+//! Two kinds of flow have a pair of entries instead, which only exist while
+//! `ct_paired` says so (see `ctmap::paired`):
+//! - one whose client port holds another live flow, to another frontend
+//!   and backend (a client may reuse a port towards other destinations):
+//!   FORWARD (C -> F, destination becomes B) and REPLY (B -> C, source
+//!   becomes F, at ingress or egress as above);
+//! - one with source NAT to node address N and port p: those two, and,
+//!   both REPLY:
+//!   - `CT_OUTWARD` (C -> B) at egress: source becomes N:p, after the node
+//!     forwarded it; written here with port 0, the port picked at egress
+//!     (see `snat`);
+//!   - `CT_REWRITE_DST` (B -> N:p) at ingress: destination becomes C
+//!     again, written at egress with the port.
+//!
+//! A new pair looks for no stale entries: an earlier flow between the same
 //! client port and backend has its reply entry under the same key, which
 //! the new one's insert finds (see `take_over`).
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
     CT_AT_EGRESS, CT_EGRESS_ONLY, CT_FORWARD, CT_OUTWARD, CT_REAP_WAIT, CT_REPLY, CT_REWRITE_DST,
-    CT_SOURCE_NAT, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN,
-    CT_UNREPLIED, ClosedFlow, Counter, IPPROTO_TCP, SVC_REPLY_AT_EGRESS, SVC_SNAT_EXTERNAL,
-    Service,
+    CT_SOCKET, CT_SOURCE_NAT, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST,
+    CT_STATE_SYN, CT_UNREPLIED, ClosedFlow, Counter, IPPROTO_TCP, SVC_REPLY_AT_EGRESS,
+    SVC_SNAT_EXTERNAL, Service,
 };
 
 use crate::{
     atomic, closed,
-    ctmap::{self, CtMaps, Entry, Table, now},
-    family::{Family, Target},
+    ctmap::{self, CtMaps, Entry, Seen, Table, now},
+    family::{Family, Target, V4, V6},
     maps::{self, CONFIG, CONNECTIONS},
     parse::{Flow, TCP_SYN, Tuple},
     snat,
@@ -79,7 +89,11 @@ pub fn release<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) ->
     if entry.active == 0 {
         return false;
     }
-    let Some(active) = F::ct_active(of::<F>(flow, CT_FORWARD)) else {
+    let key = match entry.is_socket() {
+        true => socket_key::<F>(flow.saddr(), flow.sport(), flow.proto()),
+        false => of::<F>(flow, CT_FORWARD),
+    };
+    let Some(active) = F::ct_active(key) else {
         return false;
     };
     // SAFETY: a field of a live map value, 32-bit aligned.
@@ -100,6 +114,12 @@ fn connections(backend_id: u32, field: impl Fn(*mut proxy_common::Connections) -
     }
 }
 
+/// The key of the `CT_SOCKET` entry of a client's address and port.
+#[inline(always)]
+pub fn socket_key<F: Family>(client: F::Addr, port: u16, proto: u8) -> F::CtKey {
+    F::Ct::key(client, port, F::Addr::default(), 0, proto, CT_SOCKET)
+}
+
 #[inline(always)]
 fn of<F: Family>(flow: &impl Tuple<F::Addr>, direction: u8) -> F::CtKey {
     F::Ct::key(
@@ -112,27 +132,37 @@ fn of<F: Family>(flow: &impl Tuple<F::Addr>, direction: u8) -> F::CtKey {
     )
 }
 
-/// The flow's forward entry, if it has one, with this packet taken in. A
+/// The flow's entry towards `service`, if it has one (its client port's
+/// `CT_SOCKET` entry, or its forward entry), with this packet taken in. A
 /// connection the client began closing stops counting as open, and joins
 /// the closed flows the datapath may reclaim.
 #[inline(always)]
-pub fn forward<F: Family>(flow: &Flow<F::Addr>) -> Option<Entry<F::Addr>> {
-    let entry = F::ct_get(of::<F>(flow, CT_FORWARD), Some(flow.tcp_flags))?;
+pub fn forward<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Option<Entry<F::Addr>> {
+    let seen = Seen::Client(flow.tcp_flags);
+    let this_frontend = |e: &Entry<F::Addr>| e.service_id == service.id;
+    let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+    let entry = match F::ct_get_where(key, seen, this_frontend) {
+        Some(entry) => entry,
+        None if ctmap::paired() => F::ct_get(of::<F>(flow, CT_FORWARD), seen)?,
+        None => return None,
+    };
     if closing(entry.state) && release::<F>(flow, &entry) {
         closed::push::<F>(flow, now());
     }
     Some(entry)
 }
 
-/// Called as a connection opens: while new flows have found the table
-/// full (the overflow maps are in use, until the agent's garbage
-/// collection has emptied them), closed flows that are due give their
-/// entries up first, so that they never crowd out new ones, agent or not.
-/// Here, before the flow's own state is built, the stack has room for it.
+/// Called first by each ingress hook, before the packet is parsed: while
+/// new flows have found the table full (the overflow maps are in use,
+/// until the agent's garbage collection has emptied them), closed flows
+/// that are due give their entries up, so that they never crowd out new
+/// ones, agent or not. Here, with nothing else on the stack yet, the
+/// lookups it makes have room (later, the new flow's own state takes it).
 #[inline(always)]
-pub fn make_room<F: Family>() {
+pub fn make_room() {
     if ctmap::overflowed() {
-        reclaim::<F>();
+        reclaim::<V4>();
+        reclaim::<V6>();
     }
 }
 
@@ -148,12 +178,9 @@ fn reclaim<F: Family>() {
         let Some(closed) = closed::take_due::<F>(now) else {
             break;
         };
-        let Some(entry) = F::ct_get(of::<F>(closed, CT_FORWARD), None) else {
+        let Some(entry) = closed_entry::<F>(closed) else {
             continue;
         };
-        if !closing(entry.state) {
-            continue;
-        }
         if !quiet::<F>(closed, &entry, now) {
             closed::push::<F>(closed, now);
             continue;
@@ -161,6 +188,22 @@ fn reclaim<F: Family>() {
         forget::<F>(closed, &entry);
         maps::count(Counter::CtReclaimed);
     }
+}
+
+/// The entry of a flow from the closed ring, if its client closed it: its
+/// client port's `CT_SOCKET` entry (whichever closed flow it is, it may
+/// go) or its forward entry.
+#[inline(always)]
+fn closed_entry<F: Family>(closed: &ClosedFlow<F::Addr>) -> Option<Entry<F::Addr>> {
+    let is_closing = |e: &Entry<F::Addr>| closing(e.state);
+    let key = socket_key::<F>(closed.saddr(), closed.sport(), closed.proto());
+    if let Some(entry) = F::ct_get_where(key, Seen::Nothing, is_closing) {
+        return Some(entry);
+    }
+    if !ctmap::paired() {
+        return None;
+    }
+    F::ct_get_where(of::<F>(closed, CT_FORWARD), Seen::Nothing, is_closing)
 }
 
 /// True if neither direction of a closed flow has seen a packet for
@@ -172,10 +215,12 @@ fn quiet<F: Family>(closed: &ClosedFlow<F::Addr>, forward: &Entry<F::Addr>, now:
     if !idle(forward) {
         return false;
     }
-    match F::ct_get(back::<F>(closed, forward), None) {
-        Some(reply) => idle(&reply) && (closing(reply.state) || forward.state == CT_STATE_RST),
-        None => true,
+    if forward.is_socket() {
+        return closing(forward.reply_state) || forward.state == CT_STATE_RST;
     }
+    let reset = forward.state == CT_STATE_RST;
+    let open = |reply: &Entry<F::Addr>| !idle(reply) || !(closing(reply.state) || reset);
+    F::ct_get_where(back::<F>(closed, forward), Seen::Nothing, open).is_none()
 }
 
 /// The key of the flow's entry for packets coming back from its backend.
@@ -191,11 +236,15 @@ fn back<F: Family>(flow: &impl Tuple<F::Addr>, to: &Entry<F::Addr>) -> F::CtKey 
     )
 }
 
-/// Removes a flow: its forward entry, its reply entry and its source NAT
-/// entries.
+/// Removes a flow: its `CT_SOCKET` entry, or its forward entry, its reply
+/// entry and its source NAT entries.
 #[inline(always)]
 pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
     release::<F>(flow, entry);
+    if entry.is_socket() {
+        F::ct_remove(socket_key::<F>(flow.saddr(), flow.sport(), flow.proto()));
+        return;
+    }
     F::ct_remove(back::<F>(flow, entry));
     forget_source_nat::<F>(flow, (entry.addr, entry.port));
     F::ct_remove(of::<F>(flow, CT_FORWARD));
@@ -208,7 +257,7 @@ fn forget_source_nat<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Ad
     let (proto, sport) = (flow.proto(), flow.sport());
     let out = F::Ct::key(flow.saddr(), sport, addr, port, proto, CT_REPLY);
     let outward = |e: &Entry<F::Addr>| e.flags & CT_OUTWARD != 0;
-    if let Some(node) = F::ct_get_where(out, None, outward) {
+    if let Some(node) = F::ct_get_where(out, Seen::Nothing, outward) {
         // Port 0: none picked yet (see `snat`).
         if node.port != 0 {
             F::ct_remove(F::Ct::key(
@@ -222,8 +271,18 @@ fn forget_source_nat<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Ad
 /// A packet coming back in: what changes, if it belongs to a flow.
 #[inline(always)]
 pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
+    let from_backend = |e: &Entry<F::Addr>| {
+        e.flags & CT_AT_EGRESS == 0 && e.addr == flow.saddr && e.port == flow.sport
+    };
+    if let Some(rewrite) = back_to_client::<F>(flow, from_backend) {
+        return Some(rewrite);
+    }
+    if !ctmap::paired() {
+        return None;
+    }
     let at_ingress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY == 0;
-    let entry = F::ct_get_where(of::<F>(flow, CT_REPLY), Some(flow.tcp_flags), at_ingress)?;
+    let seen = Seen::Reply(flow.tcp_flags);
+    let entry = F::ct_get_where(of::<F>(flow, CT_REPLY), seen, at_ingress)?;
     let side = if entry.flags & CT_REWRITE_DST != 0 {
         Side::Destination
     } else {
@@ -236,14 +295,42 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
     })
 }
 
+/// A backend's packet to a client whose `CT_SOCKET` entry `ours` accepts:
+/// its source becomes the entry's frontend. None if the frontend is
+/// unknown (the agent writes it before its service entry; never seen).
+#[inline(always)]
+fn back_to_client<F: Family>(
+    flow: &Flow<F::Addr>,
+    ours: impl Fn(&Entry<F::Addr>) -> bool,
+) -> Option<Rewrite<F::Addr>> {
+    let key = socket_key::<F>(flow.daddr, flow.dport, flow.proto);
+    let entry = F::ct_get_where(key, Seen::Reply(flow.tcp_flags), ours)?;
+    let (addr, port) = F::rev_nat(entry.service_id)?;
+    Some(Rewrite {
+        side: Side::Source,
+        addr,
+        port,
+    })
+}
+
 /// A packet leaving: the source it gets, if it belongs to a flow. The
 /// first packet of a source-NATed flow picks its node port; without one it
 /// is dropped (counted), never sent with the client's address.
 #[inline(always)]
 pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
+    let from_backend = |e: &Entry<F::Addr>| {
+        e.flags & CT_AT_EGRESS != 0 && e.addr == flow.saddr && e.port == flow.sport
+    };
+    if let Some(rewrite) = back_to_client::<F>(flow, from_backend) {
+        return Verdict::Rewrite(rewrite);
+    }
+    if !ctmap::paired() {
+        return Verdict::Pass;
+    }
     let at_egress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY != 0;
     let key = of::<F>(flow, CT_REPLY);
-    let Some(entry) = F::ct_get_where(key, Some(flow.tcp_flags), at_egress) else {
+    let seen = Seen::Reply(flow.tcp_flags);
+    let Some(entry) = F::ct_get_where(key, seen, at_egress) else {
         return Verdict::Pass;
     };
     let port = match entry.port {
@@ -277,13 +364,34 @@ fn entry<A>(
         service_id,
         last_seen: now,
         state: first_state(flow),
+        reply_state: CT_STATE_OPEN,
         active: 0,
+        direction: 0,
     }
 }
 
-/// Writes the entries of a new flow into `table`, all of them or none. A
-/// flow in `Main` counts as an open connection of its backend; one in
-/// `Overflow` may be evicted without notice, so it does not.
+/// What every entry of a new flow starts with.
+#[derive(Clone, Copy)]
+struct NewFlow {
+    table: Table,
+    /// `CT_*` of its reply-direction entry (or its only one).
+    flags: u16,
+    /// Backend id, service id.
+    ids: (u32, u32),
+    now: u32,
+}
+
+impl NewFlow {
+    /// A flow in `Main` counts as an open connection of its backend; one
+    /// in `Overflow` may be evicted without notice, so it does not.
+    #[inline(always)]
+    fn counted(&self) -> bool {
+        self.table == Table::Main
+    }
+}
+
+/// Writes the entries of a new flow into `table`, all of them or none:
+/// its `CT_SOCKET` entry, or where it cannot have one, a pair.
 #[inline(always)]
 pub fn remember<F: Family>(
     table: Table,
@@ -299,6 +407,7 @@ pub fn remember<F: Family>(
         false => None,
     };
     let reply_at_egress = node.is_some() || service.flags & SVC_REPLY_AT_EGRESS != 0;
+    // Unconfirmed until the backend answers (see `CT_UNREPLIED`).
     let mut flags = CT_UNREPLIED;
     if reply_at_egress {
         flags |= CT_AT_EGRESS;
@@ -306,6 +415,71 @@ pub fn remember<F: Family>(
     if node.is_some() {
         flags |= CT_SOURCE_NAT;
     }
+    let new = NewFlow {
+        table,
+        flags,
+        ids: (backend_id, service.id),
+        now: now(),
+    };
+    let written = match node {
+        None => match one_entry::<F>(&new, flow, backend) {
+            Err(e) if e == -EEXIST => pair::<F>(&new, flow, backend, None),
+            other => other,
+        },
+        node => pair::<F>(&new, flow, backend, node),
+    };
+    if let Err(e) = written {
+        return Err(untracked(e));
+    }
+    if new.counted() {
+        // SAFETY: a field of the array value the closure is given.
+        connections(backend_id, |c| unsafe { &raw mut (*c).opened });
+    }
+    Ok(())
+}
+
+/// Writes the flow's `CT_SOCKET` entry. One its client port already has
+/// gives way if its flow is over: closing, or towards the same backend
+/// (which has one connection per client port: the client reused the port
+/// towards another frontend of it). Otherwise `-EEXIST`: the flow needs a
+/// pair.
+#[inline(always)]
+fn one_entry<F: Family>(
+    new: &NewFlow,
+    flow: &Flow<F::Addr>,
+    backend: &Target<F::Addr>,
+) -> Result<(), i64> {
+    let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+    let value = Entry {
+        active: new.counted() as u32,
+        ..entry(flow, (backend.addr, backend.port), new.flags, new.ids, new.now)
+    };
+    match F::ct_insert(new.table, key, value, BPF_NOEXIST as u64) {
+        Err(e) if e == -EEXIST => {
+            if let Some(held) = F::ct_get(key, Seen::Nothing) {
+                let same_backend = held.addr == backend.addr && held.port == backend.port;
+                if !closing(held.state) && !same_backend {
+                    return Err(-EEXIST);
+                }
+                forget::<F>(flow, &held);
+            }
+            // Still `value`: lookups and removals leave the value alone.
+            F::ct_insert_again(new.table, key)
+        }
+        other => other,
+    }
+}
+
+/// Writes a flow's forward and reply entries, and with source NAT to
+/// `node` its outward entry, all of them or none.
+#[inline(always)]
+fn pair<F: Family>(
+    new: &NewFlow,
+    flow: &Flow<F::Addr>,
+    backend: &Target<F::Addr>,
+    node: Option<F::Addr>,
+) -> Result<(), i64> {
+    let table = new.table;
     let reply = F::Ct::key(
         backend.addr,
         backend.port,
@@ -315,25 +489,21 @@ pub fn remember<F: Family>(
         CT_REPLY,
     );
     let out = outward::<F>(flow, backend);
-    let ids = (backend_id, service.id);
-    let now = now();
-    // Unconfirmed until the backend answers (see `CT_UNREPLIED`).
-    let to_client = entry(flow, (flow.daddr, flow.dport), flags, ids, now);
-    let counted = table == Table::Main;
-    let to_backend = Entry {
-        active: counted as u32,
-        ..entry(flow, (backend.addr, backend.port), 0, ids, now)
-    };
+    let to_client = entry(flow, (flow.daddr, flow.dport), new.flags, new.ids, new.now);
     let mut written = take_over::<F>(table, flow, backend, reply, to_client);
     if let (Ok(()), Some(node)) = (written, node) {
         // Port 0: the egress hook picks it (see `snat`).
-        let pending = entry(flow, (node, 0), CT_OUTWARD, ids, now);
+        let pending = entry(flow, (node, 0), CT_OUTWARD, new.ids, new.now);
         written = F::ct_insert(table, out, pending, BPF_ANY as u64);
         if written.is_err() {
             F::ct_remove(reply);
         }
     }
     if written.is_ok() {
+        let to_backend = Entry {
+            active: new.counted() as u32,
+            ..entry(flow, (backend.addr, backend.port), 0, new.ids, new.now)
+        };
         written = F::ct_insert(table, of::<F>(flow, CT_FORWARD), to_backend, BPF_ANY as u64);
         if written.is_err() {
             // A flow retried in the overflow table must not leave a half
@@ -344,14 +514,7 @@ pub fn remember<F: Family>(
             }
         }
     }
-    if let Err(e) = written {
-        return Err(untracked(e));
-    }
-    if counted {
-        // SAFETY: a field of the array value the closure is given.
-        connections(backend_id, |c| unsafe { &raw mut (*c).opened });
-    }
-    Ok(())
+    written
 }
 
 /// Writes the flow's reply entry. Where an earlier flow between the same

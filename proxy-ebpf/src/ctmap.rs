@@ -1,20 +1,23 @@
 //! Conntrack entries and their maps, written once for both families: the
 //! family-independent `Entry`, `ct4`/`ct6` and their overflow maps while
 //! `ct_overflowed` says they may hold entries, and what a packet changes
-//! in an entry (its time and TCP state). Keys and values reach the map
-//! helpers through the per-CPU `ct_scratch`.
+//! in an entry (its time and TCP state), and `ct_paired`, which says
+//! whether any `CT_FORWARD`/`CT_REPLY` entries may exist. Keys and values
+//! reach the map helpers through the per-CPU `ct_scratch`.
 
 use aya_ebpf::{
     btf_maps::{HashMap, LruHashMap},
     helpers::bpf_ktime_get_coarse_ns,
 };
 use proxy_common::{
-    Addr6, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_UNREPLIED, Ct4Entry,
-    Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, MAX_CONNTRACK, MAX_CT_OVERFLOW,
+    Addr6, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST,
+    CT_UNREPLIED, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, MAX_CONNTRACK, MAX_CT_OVERFLOW,
 };
 
 use crate::{
-    maps::{CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch, OVERFLOW4, OVERFLOW6, OVERFLOWED},
+    maps::{
+        CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch, OVERFLOW4, OVERFLOW6, OVERFLOWED, PAIRED,
+    },
     parse::{TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -31,10 +34,35 @@ pub struct Entry<A> {
     pub service_id: u32,
     /// Coarse seconds of the entry's last packet.
     pub last_seen: u32,
-    /// `CT_STATE_*`, including the packet just seen.
+    /// `CT_STATE_*`, including the packet just seen (of a `CT_SOCKET`
+    /// entry: the client's side).
     pub state: u8,
+    /// `CT_SOCKET` entries: `CT_STATE_*` of the backend's side.
+    pub reply_state: u8,
     /// Non-zero while the flow counts as an open connection.
     pub active: u32,
+    /// The direction of the key it was found at (not written).
+    pub direction: u8,
+}
+
+impl<A> Entry<A> {
+    /// True for a flow's only entry (`CT_SOCKET`).
+    #[inline(always)]
+    pub fn is_socket(&self) -> bool {
+        self.direction == CT_SOCKET
+    }
+}
+
+/// What a packet that finds an entry changes in it.
+#[derive(Clone, Copy)]
+pub enum Seen {
+    /// Nothing: the entry is only read.
+    Nothing,
+    /// A client's packet (its TCP flags; 0 for other protocols).
+    Client(u8),
+    /// A packet coming back: a reply entry's own, or the backend's side
+    /// of a `CT_SOCKET` entry. It confirms the flow (`CT_UNREPLIED`).
+    Reply(u8),
 }
 
 /// Coarse monotonic seconds: what conntrack entries remember of time.
@@ -90,6 +118,7 @@ pub trait CtMaps {
     /// This family's places in the scratch buffer.
     fn slots(s: &mut CtScratch) -> (&mut Self::Key, &mut Self::Value);
     fn proto(key: &Self::Key) -> u8;
+    fn direction(key: &Self::Key) -> u8;
     /// Writes `e` into `v` field by field. The padding is left alone (the
     /// scratch buffer's stays zero): written with the fields around it,
     /// it made LLVM call a byte-by-byte `memset`, which the verifier
@@ -111,12 +140,31 @@ pub fn overflowed() -> bool {
     OVERFLOWED.get(0).is_some_and(|v| *v != 0)
 }
 
+/// True while `CT_FORWARD`/`CT_REPLY` entries may exist: until a flow
+/// needs them (source NAT, or a client port two live flows share), a
+/// packet no `CT_SOCKET` entry claims costs no second lookup.
+#[inline(always)]
+pub fn paired() -> bool {
+    PAIRED.get(0).is_some_and(|v| *v != 0)
+}
+
 /// Set before and after an overflow insert. The agent clears it once the
 /// overflow maps are empty, then sets it back if it finds an entry after
 /// all: whatever the interleaving, it ends set while an entry exists.
 #[inline(always)]
 fn mark_overflowed() {
-    if let Some(v) = OVERFLOWED.get_ptr_mut(0) {
+    mark(&OVERFLOWED);
+}
+
+/// As `mark_overflowed`, around inserts of `CT_FORWARD`/`CT_REPLY` entries.
+#[inline(always)]
+fn mark_paired() {
+    mark(&PAIRED);
+}
+
+#[inline(always)]
+fn mark(flag: &aya_ebpf::btf_maps::Array<u32, 1>) {
+    if let Some(v) = flag.get_ptr_mut(0) {
         // SAFETY: a live array value; read first so that the cache line is
         // written only on the first overflow.
         unsafe {
@@ -148,37 +196,43 @@ pub struct Fields {
     pub port: *mut u16,
     pub last_seen: *mut u32,
     pub state: *mut u8,
+    pub reply_state: *mut u8,
     pub active: *mut u32,
     pub flags: *mut u16,
 }
 
 /// Takes a packet into an entry: refreshes its second (at most one write a
-/// second) and its TCP state, and confirms an unreplied reply entry (only
-/// reply-direction entries carry the flag, so any packet here is a reply);
-/// returns the state after the packet.
+/// second) and the TCP state of the packet's side, and confirms an
+/// unreplied flow if the packet came back; returns the state after the
+/// packet, or None if nothing was seen.
 #[inline(always)]
-fn take_in(f: &Fields, proto: u8, tcp_flags: u8) -> u8 {
+fn take_in(f: &Fields, proto: u8, seen: Seen, socket: bool) -> Option<u8> {
+    let (tcp_flags, state, reply) = match seen {
+        Seen::Nothing => return None,
+        Seen::Client(flags) => (flags, f.state, false),
+        Seen::Reply(flags) if socket => (flags, f.reply_state, true),
+        Seen::Reply(flags) => (flags, f.state, true),
+    };
     let now = now();
     // SAFETY: all point into a live map value; a racing CPU stores the same
     // second, flags, or a state that the next packet corrects.
     unsafe {
-        let next = next_state(*f.state, proto, tcp_flags);
-        if *f.last_seen != now || *f.state != next {
+        let next = next_state(*state, proto, tcp_flags);
+        if *f.last_seen != now || *state != next {
             *f.last_seen = now;
-            *f.state = next;
+            *state = next;
         }
-        if *f.flags & CT_UNREPLIED != 0 {
+        if reply && *f.flags & CT_UNREPLIED != 0 {
             *f.flags &= !CT_UNREPLIED;
         }
-        next
+        Some(next)
     }
 }
 
-/// The entry; with `seen` (a packet's TCP flags, 0 for other protocols),
-/// the entry also takes in that packet: its time (the clock is read only
-/// for an entry that exists) and state.
+/// The entry, which also takes in the packet `seen`: its time (the clock
+/// is read only for an entry that exists) and state.
 #[inline(always)]
-pub fn get<M: CtMaps>(key: M::Key, seen: Option<u8>) -> Option<Entry<M::Addr>> {
+pub fn get<M: CtMaps>(key: M::Key, seen: Seen) -> Option<Entry<M::Addr>> {
     get_where::<M>(key, seen, |_| true)
 }
 
@@ -187,7 +241,7 @@ pub fn get<M: CtMaps>(key: M::Key, seen: Option<u8>) -> Option<Entry<M::Addr>> {
 #[inline(always)]
 pub fn get_where<M: CtMaps>(
     key: M::Key,
-    seen: Option<u8>,
+    seen: Seen,
     ours: impl Fn(&Entry<M::Addr>) -> bool,
 ) -> Option<Entry<M::Addr>> {
     let (k, _) = M::slots(scratch()?);
@@ -195,13 +249,17 @@ pub fn get_where<M: CtMaps>(
     let ptr = lookup::<M>(k)?;
     // SAFETY: a copy out of a live map value.
     let mut entry = M::entry(unsafe { &*ptr });
+    entry.direction = M::direction(&key);
     if !ours(&entry) {
         return None;
     }
-    if let Some(tcp_flags) = seen {
-        // SAFETY: a live map value.
-        let fields = unsafe { M::fields(ptr) };
-        entry.state = take_in(&fields, M::proto(&key), tcp_flags);
+    // SAFETY: a live map value.
+    let fields = unsafe { M::fields(ptr) };
+    let socket = entry.is_socket();
+    match take_in(&fields, M::proto(&key), seen, socket) {
+        Some(next) if socket && matches!(seen, Seen::Reply(_)) => entry.reply_state = next,
+        Some(next) => entry.state = next,
+        None => {}
     }
     Some(entry)
 }
@@ -228,6 +286,18 @@ pub fn insert<M: CtMaps>(
     let (k, v) = M::slots(scratch().ok_or(-1i64)?);
     *k = key;
     M::write_value(v, &entry);
+    write::<M>(table, flags)
+}
+
+/// Inserts the scratch buffer's key and value into `table`, raising
+/// `ct_overflowed` and `ct_paired` around the insert where it needs them.
+#[inline(always)]
+fn write<M: CtMaps>(table: Table, flags: u64) -> Result<(), i64> {
+    let (k, v) = M::slots(scratch().ok_or(-1i64)?);
+    let paired = M::direction(k) != CT_SOCKET;
+    if paired {
+        mark_paired();
+    }
     let inserted = match table {
         Table::Main => M::main().insert(k, v, flags),
         Table::Overflow => {
@@ -237,6 +307,9 @@ pub fn insert<M: CtMaps>(
             inserted
         }
     };
+    if paired {
+        mark_paired();
+    }
     inserted.map_err(i64::from)
 }
 
@@ -245,13 +318,9 @@ pub fn insert<M: CtMaps>(
 /// whatever is there. Spares a caller with little stack a copy of it.
 #[inline(always)]
 pub fn insert_again<M: CtMaps>(table: Table, key: M::Key) -> Result<(), i64> {
-    let (k, v) = M::slots(scratch().ok_or(-1i64)?);
+    let (k, _) = M::slots(scratch().ok_or(-1i64)?);
     *k = key;
-    let inserted = match table {
-        Table::Main => M::main().insert(k, v, 0),
-        Table::Overflow => M::overflow().insert(k, v, 0),
-    };
-    inserted.map_err(i64::from)
+    write::<M>(table, 0)
 }
 
 /// Removes the key from whichever table has it.
@@ -356,6 +425,11 @@ macro_rules! ct_maps {
             }
 
             #[inline(always)]
+            fn direction(key: &$key) -> u8 {
+                key.direction
+            }
+
+            #[inline(always)]
             fn write_value(v: &mut $value, e: &Entry<$addr>) {
                 v.nat_addr = e.addr;
                 v.nat_port = e.port;
@@ -364,6 +438,7 @@ macro_rules! ct_maps {
                 v.service_id = e.service_id;
                 v.last_seen = e.last_seen;
                 v.state = e.state;
+                v.reply_state = e.reply_state;
                 v.active = e.active;
             }
 
@@ -377,7 +452,9 @@ macro_rules! ct_maps {
                     service_id: v.service_id,
                     last_seen: v.last_seen,
                     state: v.state,
+                    reply_state: v.reply_state,
                     active: v.active,
+                    direction: 0,
                 }
             }
 
@@ -389,6 +466,7 @@ macro_rules! ct_maps {
                         port: &raw mut (*v).nat_port,
                         last_seen: &raw mut (*v).last_seen,
                         state: &raw mut (*v).state,
+                        reply_state: &raw mut (*v).reply_state,
                         active: &raw mut (*v).active,
                         flags: &raw mut (*v).flags,
                     }

@@ -10,11 +10,11 @@ use proxy_common::{
 };
 
 use crate::{
-    ctmap::{self, Ct4, Ct6, CtMaps, Entry, Table},
+    ctmap::{self, Ct4, Ct6, CtMaps, Entry, Seen, Table},
     hash::AddrHash,
     maps::{
         AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH, MEMBERS4,
-        MEMBERS6, SERVICES4, SERVICES6, SOURCE_RANGES4, SOURCE_RANGES6,
+        MEMBERS6, REV_NAT4, REV_NAT6, SERVICES4, SERVICES6, SOURCE_RANGES4, SOURCE_RANGES6,
     },
     parse::{Ipv4Hdr, Ipv6Hdr},
 };
@@ -29,7 +29,7 @@ pub struct Target<A> {
 }
 
 pub trait Family {
-    type Addr: Copy + PartialEq + AddrHash + Words + 'static;
+    type Addr: Copy + Default + PartialEq + AddrHash + Words + 'static;
     type CtKey: Copy;
     /// The family's conntrack maps.
     type Ct: CtMaps<Addr = Self::Addr, Key = Self::CtKey>;
@@ -49,17 +49,20 @@ pub trait Family {
     fn backend(id: u32) -> Option<Target<Self::Addr>>;
     /// The backend as a member of the service.
     fn member(key: MemberKey) -> Option<Target<Self::Addr>>;
+    /// The address and port of the frontend with service id `id`, if the
+    /// agent wrote it (`lb4_rev_nat`/`lb6_rev_nat`).
+    fn rev_nat(id: u32) -> Option<(Self::Addr, u16)>;
 
     /// See `ctmap::get`.
     #[inline(always)]
-    fn ct_get(key: Self::CtKey, seen: Option<u8>) -> Option<Entry<Self::Addr>> {
+    fn ct_get(key: Self::CtKey, seen: Seen) -> Option<Entry<Self::Addr>> {
         ctmap::get::<Self::Ct>(key, seen)
     }
     /// See `ctmap::get_where`.
     #[inline(always)]
     fn ct_get_where(
         key: Self::CtKey,
-        seen: Option<u8>,
+        seen: Seen,
         ours: impl Fn(&Entry<Self::Addr>) -> bool,
     ) -> Option<Entry<Self::Addr>> {
         ctmap::get_where::<Self::Ct>(key, seen, ours)
@@ -142,6 +145,7 @@ macro_rules! family {
             ct: $ct:ident($ct_key:ty),
             closed: $closed:ident[$ring:expr]($scratch:ident),
             services: $services:ident($frontend:ident),
+            rev_nat: $rev_nat:ident,
             backends: $backends:ident($backend:ty),
             members: $members:ident,
             affinity: $affinity:ident($affinity_key:ident),
@@ -183,6 +187,14 @@ macro_rules! family {
             fn member(key: MemberKey) -> Option<Target<$addr>> {
                 // SAFETY: a copy out of a live map value.
                 $members.get_ptr(key).map(|b| Target::from(unsafe { &*b }))
+            }
+
+            #[inline(always)]
+            fn rev_nat(id: u32) -> Option<(Self::Addr, u16)> {
+                // SAFETY: a copy out of a live array value.
+                let f = unsafe { *$rev_nat.get_ptr(id)? };
+                // An array reads zero where nothing was written.
+                (f.port != 0).then_some((f.addr, f.port))
             }
 
             #[inline(always)]
@@ -258,6 +270,7 @@ family!(V4 {
     ct: Ct4(Ct4Key),
     closed: CLOSED4[0](closed4),
     services: SERVICES4(Frontend4),
+    rev_nat: REV_NAT4,
     backends: BACKENDS4(Backend4),
     members: MEMBERS4,
     affinity: AFFINITY4(Affinity4Key),
@@ -274,6 +287,7 @@ family!(V6 {
     ct: Ct6(Ct6Key),
     closed: CLOSED6[1](closed6),
     services: SERVICES6(Frontend6),
+    rev_nat: REV_NAT6,
     backends: BACKENDS6(Backend6),
     members: MEMBERS6,
     affinity: AFFINITY6(Affinity6Key),

@@ -40,13 +40,13 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 use proxy_common::{
-    Addr6, CT_EGRESS_ONLY, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, csum,
+    Addr6, CT_AT_EGRESS, CT_EGRESS_ONLY, CT_FORWARD, CT_REPLY, CT_REWRITE_DST, Counter,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, csum,
 };
 
 use crate::{
-    copy,
-    ctmap::{CtMaps, Entry},
+    copy, ct,
+    ctmap::{self, CtMaps, Entry, Seen},
     family::{Family, V4, V6},
     maps,
     nat::l4_check,
@@ -317,33 +317,67 @@ fn error<F: Quoting, P: Packet>(p: &P, stage: Stage) -> Outcome {
 /// are only read: an error is no sign of life of its flow.
 #[inline(always)]
 fn lookup<F: Family>(e: &mut Error<F::Addr>, stage: Stage) -> Option<()> {
-    let reply = |e: &Error<F::Addr>, direction| {
-        F::Ct::key(e.dst, e.dport, e.src, e.sport, e.proto, direction)
-    };
-    // FORWARD makes a reply's destination the backend; at egress, an entry
-    // of that hook makes its source the frontend or the node.
-    let forward = match stage {
-        Stage::Ingress => F::ct_get(reply(e, CT_FORWARD), None),
-        Stage::Egress => None,
-    };
-    let (entry, to_destination) = match forward {
-        Some(entry) => (entry, true),
-        None => {
-            let here = |r: &Entry<F::Addr>| stage == Stage::Egress || r.flags & CT_EGRESS_ONLY == 0;
-            let entry = F::ct_get_where(reply(e, CT_REPLY), None, here)?;
-            let ingress_kind = entry.flags & CT_EGRESS_ONLY == 0;
-            (entry, ingress_kind && entry.flags & CT_REWRITE_DST != 0)
-        }
+    let (to, to_port, to_destination) = match one_entry::<F>(e, stage) {
+        Some(found) => found,
+        None if ctmap::paired() => paired::<F>(e, stage)?,
+        None => return None,
     };
     // A source NAT entry still waiting for its port translates nothing.
-    if entry.port == 0 {
+    if to_port == 0 {
         return None;
     }
     // SAFETY: a field of the error.
-    unsafe { copy::store_addr((&raw mut e.to).cast(), &entry.addr) };
-    e.to_port = entry.port;
+    unsafe { copy::store_addr((&raw mut e.to).cast(), &to) };
+    e.to_port = to_port;
     e.source_changes = to_destination;
     Some(())
+}
+
+/// The quoted packet's translation by a `CT_SOCKET` entry: a reply this
+/// node sent from the frontend (at ingress, the error goes to the backend
+/// instead), or a client's packet it sent to the backend (the quoted
+/// destination becomes the frontend again).
+#[inline(always)]
+fn one_entry<F: Family>(e: &Error<F::Addr>, stage: Stage) -> Option<(F::Addr, u16, bool)> {
+    if stage == Stage::Ingress {
+        let from_frontend =
+            |r: &Entry<F::Addr>| F::rev_nat(r.service_id) == Some((e.src, e.sport));
+        let key = ct::socket_key::<F>(e.dst, e.dport, e.proto);
+        if let Some(entry) = F::ct_get_where(key, Seen::Nothing, from_frontend) {
+            return Some((entry.addr, entry.port, true));
+        }
+    }
+    let to_backend = |r: &Entry<F::Addr>| {
+        (stage == Stage::Egress || r.flags & CT_AT_EGRESS == 0)
+            && r.addr == e.dst
+            && r.port == e.dport
+    };
+    let key = ct::socket_key::<F>(e.src, e.sport, e.proto);
+    let entry = F::ct_get_where(key, Seen::Nothing, to_backend)?;
+    let (frontend, port) = F::rev_nat(entry.service_id)?;
+    Some((frontend, port, false))
+}
+
+/// The quoted packet's translation by a pair of entries. FORWARD makes a
+/// reply's destination the backend; at egress, an entry of that hook makes
+/// its source the frontend or the node.
+#[inline(always)]
+fn paired<F: Family>(e: &Error<F::Addr>, stage: Stage) -> Option<(F::Addr, u16, bool)> {
+    let reply = |e: &Error<F::Addr>, direction| {
+        F::Ct::key(e.dst, e.dport, e.src, e.sport, e.proto, direction)
+    };
+    let forward = match stage {
+        Stage::Ingress => F::ct_get(reply(e, CT_FORWARD), Seen::Nothing),
+        Stage::Egress => None,
+    };
+    if let Some(entry) = forward {
+        return Some((entry.addr, entry.port, true));
+    }
+    let here = |r: &Entry<F::Addr>| stage == Stage::Egress || r.flags & CT_EGRESS_ONLY == 0;
+    let entry = F::ct_get_where(reply(e, CT_REPLY), Seen::Nothing, here)?;
+    let ingress_kind = entry.flags & CT_EGRESS_ONLY == 0;
+    let to_destination = ingress_kind && entry.flags & CT_REWRITE_DST != 0;
+    Some((entry.addr, entry.port, to_destination))
 }
 
 /// The quoted packet's L4 checksum offset, if the quote holds it.

@@ -49,10 +49,7 @@ pub enum Pick {
 /// it is still a member of the service, otherwise to a newly chosen one.
 #[inline(always)]
 fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
-    if flow.opens() {
-        ct::make_room::<F>();
-    }
-    let pick = match ct::forward::<F>(flow) {
+    let pick = match ct::forward::<F>(flow, service) {
         Some(entry) => match established::<F>(flow, service, &entry) {
             Some(verdict) => return verdict,
             None => Pick::Algorithm,

@@ -86,6 +86,7 @@ pub fn xdproxy_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
+    ct::make_room();
     let (start, end) = (ctx.data(), ctx.data_end());
     match parse::flow(start, end) {
         Parsed::V4(flow) => xdp_flow::<V4>(ctx, &flow, start, end),
@@ -148,6 +149,9 @@ fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     // Headers of locally built packets are linear already; pull in case not.
     if ctx.data_end() - ctx.data() < parse::MAX_HEADERS {
         let _ = ctx.pull_data(ctx.len().min(parse::MAX_HEADERS as u32));
+    }
+    if stage == Stage::Ingress {
+        ct::make_room();
     }
     match parse::flow(ctx.data(), ctx.data_end()) {
         Parsed::V4(flow) => tc_flow::<V4>(ctx, &flow, stage),

@@ -62,6 +62,17 @@ pub static CLOSED_ENDS: Array<RingEnds, 2> = Array::new();
 #[btf_map(name = "ct_overflowed")]
 pub static OVERFLOWED: Array<u32, 1> = Array::new();
 
+// `CT_SOCKET` entries name their frontend by service id: a reply's new
+// source is found here.
+#[btf_map(name = "lb4_rev_nat")]
+pub static REV_NAT4: Array<Frontend4, { MAX_SERVICES as usize }> = Array::new();
+
+#[btf_map(name = "lb6_rev_nat")]
+pub static REV_NAT6: Array<Frontend6, { MAX_SERVICES as usize }> = Array::new();
+
+#[btf_map(name = "ct_paired")]
+pub static PAIRED: Array<u32, 1> = Array::new();
+
 #[btf_map(name = "lb4_members")]
 pub static MEMBERS4: HashMap<MemberKey, Backend4, { MAX_MEMBERS as usize }> = HashMap::new();
 

@@ -18,7 +18,7 @@ use proxy_common::{
 };
 
 use crate::{
-    ctmap::{self, CtMaps, Entry, Table},
+    ctmap::{self, CtMaps, Entry, Seen, Table},
     family::Family,
     maps::CONFIG,
     parse::Flow,
@@ -123,7 +123,7 @@ extern "C" fn try_port<F: Family>(i: u64, claim: *mut Claim<F>) -> i64 {
 /// to node port `port`), in either table; an idle holder gives it up.
 #[inline(always)]
 fn free<F: Family>(c: &Claim<F>, back: F::CtKey, port: u16) -> bool {
-    let Some(holder) = F::ct_get(back, None) else {
+    let Some(holder) = F::ct_get(back, Seen::Nothing) else {
         return true;
     };
     let limit = match c.proto {
@@ -151,7 +151,7 @@ fn give_up<F: Family>(c: &Claim<F>, holder: &Entry<F::Addr>, port: u16) {
         CT_REPLY,
     );
     // Keyed client -> backend: only an outward entry can be there.
-    if F::ct_get(out, None).is_some_and(|e| e.port == port) {
+    if F::ct_get(out, Seen::Nothing).is_some_and(|e| e.port == port) {
         F::ct_set_port(out, 0);
     }
 }

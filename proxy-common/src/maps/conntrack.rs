@@ -16,6 +16,19 @@ pub const CT_FORWARD: u8 = 0;
 /// same backend overwrites the earlier flow's entry, whatever the earlier
 /// flow's kind: no stale entry of another kind needs looking for.
 pub const CT_REPLY: u8 = 1;
+/// Conntrack direction: a flow's only entry, found from both directions.
+/// Keyed by the client's address and port alone (`dst_addr` and
+/// `dst_port` 0): a client's packet finds it by its source, a packet
+/// coming back by its destination. `nat_addr`/`nat_port` name the backend
+/// and `service_id` the frontend, whose address and port
+/// `lb4_rev_nat`/`lb6_rev_nat` hold (a reverse-NAT index, as Cilium's);
+/// `state` is the client side's, `reply_state` the backend side's, and
+/// `last_seen` either side's last packet. One insert per new flow instead
+/// of two. A flow that needs source NAT, or whose client port another
+/// frontend's or backend's live flow already holds, gets `CT_FORWARD` and
+/// `CT_REPLY` entries instead, and sets `ct_paired`. (Direction 2 is an
+/// earlier version's, see the agent's `conntrack::upgrade`.)
+pub const CT_SOCKET: u8 = 3;
 
 /// A `CT_REPLY` entry that rewrites the destination, not the source.
 pub const CT_REWRITE_DST: u16 = 1;
@@ -53,7 +66,7 @@ pub struct Ct4Key {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    /// CT_FORWARD or CT_REPLY.
+    /// CT_FORWARD, CT_REPLY or CT_SOCKET.
     pub direction: u8,
     pub _pad: u16,
 }
@@ -75,12 +88,16 @@ pub struct Ct4Entry {
     /// second, and on every state change): garbage collection and source NAT
     /// port takeover go by it.
     pub last_seen: u32,
-    /// `CT_STATE_*` of the packets seen in this entry's direction.
+    /// `CT_STATE_*` of the packets seen in this entry's direction (of a
+    /// `CT_SOCKET` entry: the client's packets).
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// `CT_SOCKET` entries: `CT_STATE_*` of the backend's packets. 0
+    /// otherwise.
+    pub reply_state: u8,
+    pub _pad: [u8; 2],
     /// 1 while the flow counts as an open connection of its backend in
-    /// `lb_conns` (forward entries only); whoever swaps it to 0 takes the
-    /// count back.
+    /// `lb_conns` (forward and socket entries only); whoever swaps it to 0
+    /// takes the count back.
     pub active: u32,
 }
 
@@ -119,7 +136,8 @@ pub struct Ct6Entry {
     pub service_id: u32,
     pub last_seen: u32,
     pub state: u8,
-    pub _pad: [u8; 3],
+    pub reply_state: u8,
+    pub _pad: [u8; 2],
     pub active: u32,
 }
 

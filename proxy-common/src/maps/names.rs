@@ -19,6 +19,10 @@ pub const AFFINITY6: &str = "lb6_affinity";
 pub const SOURCE_RANGES4: &str = "lb4_src_ranges";
 pub const SOURCE_RANGES6: &str = "lb6_src_ranges";
 pub const ROUND_ROBIN: &str = "lb_rr";
+/// Service id -> its frontend (`Frontend4`/`Frontend6`): where a reply of a
+/// `CT_SOCKET` flow comes from.
+pub const REV_NAT4: &str = "lb4_rev_nat";
+pub const REV_NAT6: &str = "lb6_rev_nat";
 
 // Conntrack (`conntrack`).
 pub const CONNTRACK4: &str = "ct4";
@@ -29,6 +33,10 @@ pub const OVERFLOW6: &str = "ct6_overflow";
 /// Non-zero while the overflow maps may hold entries: the datapath
 /// looks there only then.
 pub const OVERFLOWED: &str = "ct_overflowed";
+/// Non-zero while `ct4`/`ct6` or their overflow maps may hold
+/// `CT_FORWARD`/`CT_REPLY` entries: only then does a packet that no
+/// `CT_SOCKET` entry claims look for them.
+pub const PAIRED: &str = "ct_paired";
 /// Rings of closed flows, and their ends (see `ClosedFlow`).
 pub const CLOSED4: &str = "ct4_closed";
 pub const CLOSED6: &str = "ct6_closed";
@@ -61,7 +69,10 @@ pub const BENCH_TARGET: &str = "bench_target";
 pub const BENCH_CT: &str = "bench_ct";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 30] = [
+pub const ALL: [&str; 33] = [
+    REV_NAT4,
+    REV_NAT6,
+    PAIRED,
     CLOSED4,
     CLOSED6,
     CLOSED_ENDS,
