@@ -464,7 +464,7 @@ fn one_entry<F: Family>(
                 forget::<F>(flow, &held);
             }
             // Still `value`: lookups and removals leave the value alone.
-            F::ct_insert_again(new.table, key)
+            F::ct_insert_staged(new.table, key, BPF_ANY as u64)
         }
         other => other,
     }
@@ -514,6 +514,7 @@ fn pair<F: Family>(
             }
         }
     }
+    ctmap::mark_paired();
     written
 }
 
@@ -537,7 +538,7 @@ fn take_over<F: Family>(
                 forget_source_nat::<F>(flow, (backend.addr, backend.port));
             }
             // Still `to_client`: lookups and removals leave the value alone.
-            F::ct_insert_again(table, reply)
+            F::ct_insert_staged(table, reply, BPF_ANY as u64)
         }
         other => other,
     }

@@ -156,9 +156,12 @@ fn mark_overflowed() {
     mark(&OVERFLOWED);
 }
 
-/// As `mark_overflowed`, around inserts of `CT_FORWARD`/`CT_REPLY` entries.
+/// As `mark_overflowed`, once a flow's `CT_FORWARD`/`CT_REPLY` entries are
+/// written (by `ct`, which knows when; the source NAT port search adds
+/// entries only to a flow that has them): no packet looks for them before
+/// the flow's first packet has left, which is after this.
 #[inline(always)]
-fn mark_paired() {
+pub fn mark_paired() {
     mark(&PAIRED);
 }
 
@@ -166,7 +169,7 @@ fn mark_paired() {
 fn mark(flag: &aya_ebpf::btf_maps::Array<u32, 1>) {
     if let Some(v) = flag.get_ptr_mut(0) {
         // SAFETY: a live array value; read first so that the cache line is
-        // written only on the first overflow.
+        // written only on the first raise.
         unsafe {
             if *v == 0 {
                 *v = 1;
@@ -290,14 +293,10 @@ pub fn insert<M: CtMaps>(
 }
 
 /// Inserts the scratch buffer's key and value into `table`, raising
-/// `ct_overflowed` and `ct_paired` around the insert where it needs them.
+/// `ct_overflowed` around an overflow insert.
 #[inline(always)]
 fn write<M: CtMaps>(table: Table, flags: u64) -> Result<(), i64> {
     let (k, v) = M::slots(scratch().ok_or(-1i64)?);
-    let paired = M::direction(k) != CT_SOCKET;
-    if paired {
-        mark_paired();
-    }
     let inserted = match table {
         Table::Main => M::main().insert(k, v, flags),
         Table::Overflow => {
@@ -307,20 +306,26 @@ fn write<M: CtMaps>(table: Table, flags: u64) -> Result<(), i64> {
             inserted
         }
     };
-    if paired {
-        mark_paired();
-    }
     inserted.map_err(i64::from)
 }
 
-/// Writes the value the last `insert` put together (still in the scratch
-/// buffer: lookups and removals only use its key slot) at `key`, over
-/// whatever is there. Spares a caller with little stack a copy of it.
+/// Puts `entry` in the scratch buffer for `insert_staged`, which may then
+/// write it under several keys in turn: lookups and removals only use the
+/// buffer's key slot. Spares callers with little stack a copy of it.
 #[inline(always)]
-pub fn insert_again<M: CtMaps>(table: Table, key: M::Key) -> Result<(), i64> {
+pub fn stage<M: CtMaps>(entry: &Entry<M::Addr>) {
+    if let Some((_, v)) = scratch().map(M::slots) {
+        M::write_value(v, entry);
+    }
+}
+
+/// Writes the value the last `insert` or `stage` put in the scratch buffer
+/// at `key`, as `insert` would.
+#[inline(always)]
+pub fn insert_staged<M: CtMaps>(table: Table, key: M::Key, flags: u64) -> Result<(), i64> {
     let (k, _) = M::slots(scratch().ok_or(-1i64)?);
     *k = key;
-    write::<M>(table, 0)
+    write::<M>(table, flags)
 }
 
 /// Removes the key from whichever table has it.

@@ -82,10 +82,15 @@ pub trait Family {
     ) -> Result<(), i64> {
         ctmap::insert::<Self::Ct>(table, key, entry, flags)
     }
-    /// See `ctmap::insert_again`.
+    /// See `ctmap::stage`.
     #[inline(always)]
-    fn ct_insert_again(table: Table, key: Self::CtKey) -> Result<(), i64> {
-        ctmap::insert_again::<Self::Ct>(table, key)
+    fn ct_stage(entry: &Entry<Self::Addr>) {
+        ctmap::stage::<Self::Ct>(entry)
+    }
+    /// See `ctmap::insert_staged`.
+    #[inline(always)]
+    fn ct_insert_staged(table: Table, key: Self::CtKey, flags: u64) -> Result<(), i64> {
+        ctmap::insert_staged::<Self::Ct>(table, key, flags)
     }
     /// See `ctmap::remove`.
     #[inline(always)]
@@ -191,10 +196,12 @@ macro_rules! family {
 
             #[inline(always)]
             fn rev_nat(id: u32) -> Option<(Self::Addr, u16)> {
-                // SAFETY: a copy out of a live array value.
-                let f = unsafe { *$rev_nat.get_ptr(id)? };
+                let f = $rev_nat.get_ptr(id)?;
+                // SAFETY: fields of a live array value.
+                let port = unsafe { (*f).port };
                 // An array reads zero where nothing was written.
-                (f.port != 0).then_some((f.addr, f.port))
+                // SAFETY: as above.
+                (port != 0).then(|| (unsafe { (*f).addr }, port))
             }
 
             #[inline(always)]

@@ -46,15 +46,17 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
     let out_key = F::Ct::key(
         flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
     );
+    // The reply entry each try writes waits in the scratch buffer, not on
+    // the stack, which the search (in its own frame) needs.
+    F::ct_stage(&Entry {
+        addr: flow.saddr,
+        port: flow.sport,
+        flags: CT_REWRITE_DST | CT_UNREPLIED,
+        last_seen: ctmap::now(),
+        active: 0,
+        ..*out
+    });
     let mut claim = Claim::<F> {
-        to_client: Entry {
-            addr: flow.saddr,
-            port: flow.sport,
-            flags: CT_REWRITE_DST | CT_UNREPLIED,
-            last_seen: ctmap::now(),
-            active: 0,
-            ..*out
-        },
         // The flow's entries stay together: overflow flows are evicted whole.
         table: F::ct_table(out_key),
         out_key,
@@ -84,7 +86,6 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
 /// A port search: what each try needs, and its outcome (`port`, 0 while
 /// none is found).
 struct Claim<F: Family> {
-    to_client: Entry<F::Addr>,
     out_key: F::CtKey,
     backend: F::Addr,
     node: F::Addr,
@@ -111,7 +112,7 @@ extern "C" fn try_port<F: Family>(i: u64, claim: *mut Claim<F>) -> i64 {
     if !free::<F>(c, back, port) {
         return 0;
     }
-    if insert::<F>(c.table, back, c.to_client).is_err() {
+    if insert::<F>(c.table, back).is_err() {
         return 0;
     }
     F::ct_set_port(c.out_key, port);
@@ -151,18 +152,18 @@ fn give_up<F: Family>(c: &Claim<F>, holder: &Entry<F::Addr>, port: u16) {
         CT_REPLY,
     );
     // Keyed client -> backend: only an outward entry can be there.
-    if F::ct_get(out, Seen::Nothing).is_some_and(|e| e.port == port) {
+    if F::ct_get_where(out, Seen::Nothing, |e| e.port == port).is_some() {
         F::ct_set_port(out, 0);
     }
 }
 
-/// Inserts a new reply entry; into the overflow table when the main one
-/// is full.
+/// Inserts the staged reply entry at `key`; into the overflow table when
+/// the main one is full.
 #[inline(always)]
-fn insert<F: Family>(table: Table, key: F::CtKey, entry: Entry<F::Addr>) -> Result<(), i64> {
-    match F::ct_insert(table, key, entry, BPF_NOEXIST as u64) {
+fn insert<F: Family>(table: Table, key: F::CtKey) -> Result<(), i64> {
+    match F::ct_insert_staged(table, key, BPF_NOEXIST as u64) {
         Err(e) if e == -E2BIG && table == Table::Main => {
-            F::ct_insert(Table::Overflow, key, entry, BPF_NOEXIST as u64)
+            F::ct_insert_staged(Table::Overflow, key, BPF_NOEXIST as u64)
         }
         other => other,
     }

@@ -175,7 +175,8 @@ impl Flow4 {
             service_id: 1,
             last_seen: self.now - idle,
             state,
-            _pad: [0; 3],
+            reply_state: 0,
+            _pad: [0; 2],
             active: u32::from(active),
         }
     }
@@ -305,7 +306,8 @@ fn ipv6_cases(now: u32) -> Vec<Case<Ct6Key, Ct6Entry>> {
         service_id: 2,
         last_seen: now - idle,
         state,
-        _pad: [0; 3],
+        reply_state: 0,
+        _pad: [0; 2],
         active: u32::from(active),
     };
     let (c1, c2, f, b) = (
