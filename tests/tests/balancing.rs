@@ -15,8 +15,8 @@ use common::{
 };
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{
-    CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
-    Connections, Counter, Ct4Entry, Ct4Key, names, programs,
+    CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN, Connections,
+    Counter, Ct4Entry, Ct4Key, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -107,6 +107,12 @@ impl Lab {
 
     fn ct_get(&self, key: &Ct4Key) -> Option<Ct4Entry> {
         self.ct().get(key, 0).ok()
+    }
+
+    /// The frontend (address, port) `lb4_rev_nat` holds for a service id.
+    fn frontend_of(&self, service_id: u32) -> (u32, u16) {
+        let f = (self.dp.maps.v4.rev_nat.get(&service_id, 0)).expect("lb4_rev_nat entry");
+        (f.addr, f.port)
     }
 
     fn ct_len(&self) -> usize {
@@ -356,28 +362,16 @@ fn parse(packet: &[u8]) -> Seen {
     seen
 }
 
-fn forward_key(client: [u8; 4], sport: u16, proto: u8) -> Ct4Key {
-    let dport: u16 = if proto == IPPROTO_UDP { 53 } else { 80 };
+/// The key of a flow's only entry (`CT_SOCKET`): its client's address and
+/// port.
+fn flow_key(client: [u8; 4], sport: u16, proto: u8) -> Ct4Key {
     Ct4Key {
         src_addr: be32(client),
-        dst_addr: be32(VIP),
+        dst_addr: 0,
         src_port: sport.to_be(),
-        dst_port: dport.to_be(),
+        dst_port: 0,
         proto,
-        direction: CT_FORWARD,
-        _pad: 0,
-    }
-}
-
-fn reply_key(backend: [u8; 4], client: [u8; 4], sport: u16, proto: u8) -> Ct4Key {
-    let bport: u16 = if proto == IPPROTO_UDP { 5353 } else { 8080 };
-    Ct4Key {
-        src_addr: be32(backend),
-        dst_addr: be32(client),
-        src_port: bport.to_be(),
-        dst_port: sport.to_be(),
-        proto,
-        direction: CT_REPLY,
+        direction: CT_SOCKET,
         _pad: 0,
     }
 }
@@ -682,7 +676,7 @@ fn least_connections_counts_every_flow_from_concurrent_cpus() {
         .ct()
         .keys()
         .map(|k| k.expect("ct4 key"))
-        .filter(|k| k.direction == CT_FORWARD)
+        .filter(|k| k.direction == CT_SOCKET)
         .count();
     assert_eq!(forward, 2 * usize::from(PER_THREAD));
     // Both CPUs ran the program (lb_stats is per CPU).
@@ -717,7 +711,7 @@ fn tcp_state_follows_the_client_and_a_connection_closes_once() {
     }
     let lab = Lab::new(&all_ready("random", &BACKENDS));
     let sport = 40000;
-    let key = forward_key(CLIENT, sport, IPPROTO_TCP);
+    let key = flow_key(CLIENT, sport, IPPROTO_TCP);
     let backend = lab.to_backend(&syn(CLIENT, sport));
     let e = lab.ct_get(&key).expect("a forward entry after the SYN");
     assert_eq!((e.state, e.active), (CT_STATE_SYN, 1), "{e:?}");
@@ -732,10 +726,9 @@ fn tcp_state_follows_the_client_and_a_connection_closes_once() {
         (lab.conns(backend).opened, lab.conns(backend).closed),
         (1, 0)
     );
-    let reply = lab
-        .ct_get(&reply_key(backend, CLIENT, sport, IPPROTO_TCP))
-        .expect("a reply entry");
-    assert_eq!((reply.nat_addr, reply.nat_port), (be32(VIP), 80u16.to_be()));
+    // Replies find the same entry: its service id names the VIP.
+    assert_eq!(lab.frontend_of(e.service_id), (be32(VIP), 80u16.to_be()));
+    assert_eq!(lab.ct_len(), 1, "one entry per flow");
 
     assert_eq!(lab.to_backend(&with(CLIENT, sport, ACK)), backend);
     let e = lab.ct_get(&key).expect("entry");
@@ -762,7 +755,7 @@ fn tcp_state_follows_the_client_and_a_connection_closes_once() {
 
     // A RST closes a connection too, once.
     let sport = 40001;
-    let key = forward_key(CLIENT, sport, IPPROTO_TCP);
+    let key = flow_key(CLIENT, sport, IPPROTO_TCP);
     let backend = lab.to_backend(&syn(CLIENT, sport));
     let before = lab.conns(backend);
     lab.to_backend(&with(CLIENT, sport, ACK));
@@ -843,14 +836,8 @@ fn a_tcp_packet_whose_backend_left_is_answered_with_a_reset() {
     assert_eq!(lab.counter(Counter::Reset), resets + 1);
     assert_eq!(lab.counter(Counter::Reselected), reselected + 1);
     assert!(
-        lab.ct_get(&forward_key(CLIENT, p_ack, IPPROTO_TCP))
-            .is_none(),
-        "the forward entry is gone"
-    );
-    assert!(
-        lab.ct_get(&reply_key(gone, CLIENT, p_ack, IPPROTO_TCP))
-            .is_none(),
-        "the reply entry is gone"
+        lab.ct_get(&flow_key(CLIENT, p_ack, IPPROTO_TCP)).is_none(),
+        "the flow's entry is gone"
     );
 
     // A FIN without ACK: RST|ACK acknowledging the FIN.
@@ -862,7 +849,7 @@ fn a_tcp_packet_whose_backend_left_is_answered_with_a_reset() {
     assert_eq!((rst.seq, rst.ack), (0, 5_000_000 + 3 + 1));
     assert_eq!(lab.counter(Counter::Reset), resets + 2);
     assert!(
-        lab.ct_get(&forward_key(CLIENT, p_noack, IPPROTO_TCP))
+        lab.ct_get(&flow_key(CLIENT, p_noack, IPPROTO_TCP))
             .is_none()
     );
     // Both connections stopped counting for the backend that left.
@@ -902,8 +889,8 @@ fn a_udp_flow_whose_backend_left_moves_to_a_live_one() {
     assert_eq!(lab.counter(Counter::Reselected), before + 1);
     assert_eq!(lab.counter(Counter::Reset), 0);
     let e = lab
-        .ct_get(&forward_key(CLIENT, sport, IPPROTO_UDP))
-        .expect("a forward entry for the new backend");
+        .ct_get(&flow_key(CLIENT, sport, IPPROTO_UDP))
+        .expect("an entry for the new backend");
     assert_eq!(e.nat_addr, be32(now));
     assert_eq!(e.active, 1);
     for _ in 0..5 {
@@ -925,7 +912,7 @@ fn a_syn_after_close_is_a_new_connection_but_a_retransmitted_syn_is_not() {
     }
     let lab = Lab::new(&all_ready("round-robin", &BACKENDS));
     let p = 43000;
-    let key = forward_key(CLIENT, p, IPPROTO_TCP);
+    let key = flow_key(CLIENT, p, IPPROTO_TCP);
     let b0 = lab.to_backend(&syn(CLIENT, p));
     // A retransmitted SYN keeps the backend and takes no turn.
     for _ in 0..3 {
@@ -948,10 +935,6 @@ fn a_syn_after_close_is_a_new_connection_but_a_retransmitted_syn_is_not() {
         (e.state, e.active, e.nat_addr),
         (CT_STATE_SYN, 1, be32(b2)),
         "{e:?}"
-    );
-    assert!(
-        lab.ct_get(&reply_key(b2, CLIENT, p, IPPROTO_TCP)).is_some(),
-        "a reply entry for the new backend"
     );
     assert_eq!(
         (lab.conns(b0).opened, lab.conns(b0).closed),
@@ -979,7 +962,7 @@ fn a_syn_after_close_opens_a_new_connection_under_random_choice() {
     }
     let lab = Lab::new(&all_ready("random", &BACKENDS));
     let p = 43500;
-    let key = forward_key(CLIENT, p, IPPROTO_TCP);
+    let key = flow_key(CLIENT, p, IPPROTO_TCP);
     let first = lab.to_backend(&syn(CLIENT, p));
     // 50 retransmitted SYNs: one connection, one backend.
     for _ in 0..50 {
@@ -1086,10 +1069,10 @@ fn a_terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
     }
 }
 
-/// Fills a `ct4` of `MAX` entries with two-entry flows from `CLIENT`;
+/// Fills a `ct4` of `MAX` entries with one-entry flows from `CLIENT`;
 /// returns each flow's port and backend.
 fn fill(lab: &Lab, max: u32) -> Vec<(u16, [u8; 4])> {
-    let tracked: Vec<(u16, [u8; 4])> = (50000..50000 + max as u16 / 2)
+    let tracked: Vec<(u16, [u8; 4])> = (50000..50000 + max as u16)
         .map(|p| (p, lab.to_backend(&syn(CLIENT, p))))
         .collect();
     assert_eq!(lab.ct_len(), max as usize, "the table is full");
@@ -1127,7 +1110,7 @@ fn a_full_conntrack_table_tracks_new_flows_in_the_overflow_table() {
     assert_eq!(lab.ct_len(), MAX as usize, "ct4 kept its flows");
     assert_eq!(lab.overflowed(), 1);
     let entries = lab.overflow_entries();
-    assert_eq!(entries.len(), 82, "forward and reply entries of 41 flows");
+    assert_eq!(entries.len(), 41, "one entry for each of 41 flows");
     assert!(
         entries.iter().all(|(_, e)| e.active == 0),
         "overflow flows are not open connections for least connections"

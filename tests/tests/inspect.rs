@@ -206,7 +206,10 @@ fn check_conntrack(bpffs: &Path, conns: &[HttpConn]) -> anyhow::Result<()> {
             .iter()
             .filter(|e| e["src"] == client.as_str() || e["dst"] == client.as_str())
             .count();
-        ensure!(paired == 1, "client {client} has {paired} entries: {json:#}");
+        ensure!(
+            paired == 1,
+            "client {client} has {paired} entries: {json:#}"
+        );
     }
     let ipv4 = json["totals"]["ipv4"].as_u64().unwrap_or(0);
     ensure!(ipv4 >= CONNECTIONS as u64, "totals: {json:#}");
