@@ -449,6 +449,9 @@ fn one_entry<F: Family>(
     flow: &Flow<F::Addr>,
     backend: &Target<F::Addr>,
 ) -> Result<(), i64> {
+    if ctmap::paired() {
+        forget_reply::<F>(flow, backend);
+    }
     let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
     let value = Entry {
         active: new.counted() as u32,
@@ -480,6 +483,11 @@ fn pair<F: Family>(
     node: Option<F::Addr>,
 ) -> Result<(), i64> {
     let table = new.table;
+    let socket = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+    let same_backend = |e: &Entry<F::Addr>| e.addr == backend.addr && e.port == backend.port;
+    if let Some(earlier) = F::ct_get_where(socket, Seen::Nothing, same_backend) {
+        forget::<F>(flow, &earlier);
+    }
     let reply = F::Ct::key(
         backend.addr,
         backend.port,
@@ -542,6 +550,30 @@ fn take_over<F: Family>(
         }
         other => other,
     }
+}
+
+/// Removes the reply entry (and source NAT entries) an earlier pair of
+/// the same client port and backend left: that flow is over (the backend
+/// has one connection per client port), and its entries would translate
+/// this flow's packets. Its forward entry, keyed by its own frontend, is
+/// left to expire.
+#[inline(always)]
+fn forget_reply<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>) {
+    let reply = F::Ct::key(
+        backend.addr,
+        backend.port,
+        flow.saddr,
+        flow.sport,
+        flow.proto,
+        CT_REPLY,
+    );
+    let Some(flags) = F::ct_flags(reply) else {
+        return;
+    };
+    if flags & CT_SOURCE_NAT != 0 {
+        forget_source_nat::<F>(flow, (backend.addr, backend.port));
+    }
+    F::ct_remove(reply);
 }
 
 /// The key of the flow's outward entry: client -> backend, after forwarding.

@@ -34,14 +34,15 @@ use proxy_common::{BENCH_HEAD, BenchPacket, Counter, names, programs};
 
 const SAMPLES: usize = 20_000;
 const REPEAT: u32 = 1_000_000;
-/// New-flow runs per syscall. With the single-pass flows, ROUNDS x this many
-/// flows (two conntrack entries each) fit in conntrack: no LRU eviction.
+/// New-flow runs per syscall. With the single-pass flows, 2 x ROUNDS x this
+/// many flows (one conntrack entry each; a round times new flows twice,
+/// `ct_paired` down and up) fit in conntrack: no overflow.
 const NEW_FLOW_REPEAT: u32 = 20_000;
 const ROUNDS: usize = 5;
 /// Runs per syscall of each conntrack micro-benchmark: as many as new
-/// flows, so that their table fills as conntrack does (two entries a run
-/// here, two entries a flow there) and the inserts are timed at the same
-/// fill.
+/// flows, so that their table fills as conntrack does (two micro-benchmarks
+/// of one insert a run here, two new-flow cases of one entry a flow there)
+/// and the inserts are timed at the same fill.
 const CT_OP_REPEAT: u32 = NEW_FLOW_REPEAT;
 const SCALES: [usize; 3] = [1, 10_000, 100_000];
 const CLIENT: [u8; 4] = [172, 16, 0, 2];
@@ -107,6 +108,10 @@ struct Samples {
     /// the same key, and an insert alone.
     ct_lookup_insert: Vec<u64>,
     ct_insert: Vec<u64>,
+    /// Steady state only: a new flow and a non-service packet while
+    /// `ct_paired` is raised (see `Scale::paired_round`).
+    paired_new_flow: Vec<u64>,
+    paired_non_service: Vec<u64>,
 }
 
 impl Samples {
@@ -117,6 +122,8 @@ impl Samples {
             new_flow: median(&self.new_flow) - empty,
             lookup_insert: median(&self.ct_lookup_insert) - empty,
             insert: median(&self.ct_insert) - empty,
+            paired_new_flow: median(&self.paired_new_flow) - empty,
+            paired_non_service: median(&self.paired_non_service) - empty,
         }
     }
 
@@ -262,7 +269,33 @@ impl Scale {
             samples.push(ns);
         }
         self.expected += REPEAT as u64 + NEW_FLOW_REPEAT as u64;
-        Ok(())
+        self.paired_round()
+    }
+
+    /// A new flow and a non-service packet with `ct_paired` raised, as on a
+    /// node where some flows have a pair of entries (source-NATed ones, or
+    /// two flows sharing a client port): a new flow then also looks for a
+    /// forward entry, a non-service packet for a reply entry.
+    fn paired_round(&mut self) -> anyhow::Result<()> {
+        self.set_paired(1)?;
+        let (ns, out) =
+            self.wrapper
+                .time(&self.dp, programs::XDP, &self.flow, true, NEW_FLOW_REPEAT)?;
+        ensure!(out[30..32] == [10, 200], "new flows were not DNATed");
+        self.steady.paired_new_flow.push(ns);
+        let (ns, out) = self
+            .wrapper
+            .time(&self.dp, programs::XDP, &self.other, false, REPEAT)?;
+        ensure!(out == self.other, "a non-service packet was changed");
+        self.steady.paired_non_service.push(ns);
+        self.expected += NEW_FLOW_REPEAT as u64;
+        self.set_paired(0)
+    }
+
+    fn set_paired(&mut self, value: u32) -> anyhow::Result<()> {
+        let map = self.dp.ebpf.map_mut(names::PAIRED).context("ct_paired")?;
+        let mut flag: Array<&mut MapData, u32> = Array::try_from(map)?;
+        flag.set(0, value, 0).context("writing ct_paired")
     }
 
     /// The counters say every timed run took the path it was meant to.
@@ -411,6 +444,8 @@ struct Parts {
     new_flow: f64,
     lookup_insert: f64,
     insert: f64,
+    paired_new_flow: f64,
+    paired_non_service: f64,
 }
 
 impl Parts {
@@ -441,6 +476,10 @@ impl Parts {
         } else {
             println!("  target met");
         }
+        println!(
+            "  with ct_paired raised (some flows have a pair of entries: source NAT, a shared client port): new flow +{:.0} ns (its forward-entry lookup too), non-service +{:.0} ns (its reply-entry lookup too)",
+            self.paired_new_flow, self.paired_non_service
+        );
     }
 }
 

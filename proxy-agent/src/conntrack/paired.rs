@@ -4,7 +4,7 @@
 //! flows whose client port another live flow already holds, still get a
 //! forward and a reply entry. `ct_paired` keeps every other packet down to
 //! the socket lookup: while it is 0 the datapath looks for no pair. The
-//! datapath sets it before and after it inserts a pair's entry; only
+//! datapath sets it once a flow's pair is written; only
 //! garbage collection clears it, once no such entry is left in any
 //! conntrack map, with `overflow::settle`'s read, clear, read again. Pure:
 //! the maps are reached through the functions it is given.
