@@ -455,7 +455,13 @@ fn one_entry<F: Family>(
     let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
     let value = Entry {
         active: new.counted() as u32,
-        ..entry(flow, (backend.addr, backend.port), new.flags, new.ids, new.now)
+        ..entry(
+            flow,
+            (backend.addr, backend.port),
+            new.flags,
+            new.ids,
+            new.now,
+        )
     };
     match F::ct_insert(new.table, key, value, BPF_NOEXIST as u64) {
         Err(e) if e == -EEXIST => {

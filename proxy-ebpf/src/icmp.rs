@@ -340,8 +340,7 @@ fn lookup<F: Family>(e: &mut Error<F::Addr>, stage: Stage) -> Option<()> {
 #[inline(always)]
 fn one_entry<F: Family>(e: &Error<F::Addr>, stage: Stage) -> Option<(F::Addr, u16, bool)> {
     if stage == Stage::Ingress {
-        let from_frontend =
-            |r: &Entry<F::Addr>| F::rev_nat(r.service_id) == Some((e.src, e.sport));
+        let from_frontend = |r: &Entry<F::Addr>| F::rev_nat(r.service_id) == Some((e.src, e.sport));
         let key = ct::socket_key::<F>(e.dst, e.dport, e.proto);
         if let Some(entry) = F::ct_get_where(key, Seen::Nothing, from_frontend) {
             return Some((entry.addr, entry.port, true));
