@@ -152,12 +152,13 @@ pub fn forward<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Option<Ent
     Some(entry)
 }
 
-/// Called first by each ingress hook, before the packet is parsed: while
-/// new flows have found the table full (the overflow maps are in use,
-/// until the agent's garbage collection has emptied them), closed flows
-/// that are due give their entries up, so that they never crowd out new
-/// ones, agent or not. Here, with nothing else on the stack yet, the
-/// lookups it makes have room (later, the new flow's own state takes it).
+/// Called by each ingress hook after the packet's own work: while new
+/// flows have found the table full (the overflow maps are in use, until
+/// the agent's garbage collection has emptied them), closed flows that are
+/// due give their entries up, so that they never crowd out new ones, agent
+/// or not. At the end, nothing else is on the stack any more, and the
+/// verifier walks it once per way out of the program: before the packet's
+/// work, every way through the reclaim would have walked that work anew.
 #[inline(always)]
 pub fn make_room() {
     if ctmap::overflowed() {

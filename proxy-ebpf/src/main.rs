@@ -81,12 +81,13 @@ impl<F: Nat + Refuse + Reset + Fragments> Datapath for F {}
 
 #[xdp]
 pub fn xdproxy_xdp(ctx: XdpContext) -> u32 {
-    try_xdp(&ctx).unwrap_or(xdp_action::XDP_PASS)
+    let action = try_xdp(&ctx).unwrap_or(xdp_action::XDP_PASS);
+    ct::make_room();
+    action
 }
 
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    ct::make_room();
     let (start, end) = (ctx.data(), ctx.data_end());
     match parse::flow(start, end) {
         Parsed::V4(flow) => xdp_flow::<V4>(ctx, &flow, start, end),
@@ -134,7 +135,9 @@ fn xdp_flow<F: Datapath>(
 
 #[classifier]
 pub fn xdproxy_tc(ctx: TcContext) -> i32 {
-    try_tc(&ctx, Stage::Ingress).unwrap_or(TC_ACT_OK)
+    let action = try_tc(&ctx, Stage::Ingress).unwrap_or(TC_ACT_OK);
+    ct::make_room();
+    action
 }
 
 /// Source rewrites that must wait until the node has forwarded the packet
@@ -149,9 +152,6 @@ fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
     // Headers of locally built packets are linear already; pull in case not.
     if ctx.data_end() - ctx.data() < parse::MAX_HEADERS {
         let _ = ctx.pull_data(ctx.len().min(parse::MAX_HEADERS as u32));
-    }
-    if stage == Stage::Ingress {
-        ct::make_room();
     }
     match parse::flow(ctx.data(), ctx.data_end()) {
         Parsed::V4(flow) => tc_flow::<V4>(ctx, &flow, stage),
