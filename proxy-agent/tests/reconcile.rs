@@ -163,8 +163,8 @@ impl Maps for FakeMaps {
         self.check();
         Ok(())
     }
-    fn reset_stats(&mut self, id: u32) -> anyhow::Result<()> {
-        self.write(format!("reset_stats {id}"))
+    fn fresh_service_id(&mut self, id: u32, fe: &Frontend) -> anyhow::Result<()> {
+        self.write(format!("fresh_service_id {id} port {}", fe.port))
     }
     fn set_member(
         &mut self,
@@ -258,7 +258,7 @@ fn first_sync_writes_backends_then_members_then_slots_then_the_service() {
             "set_config",
             "set_backend 1",
             "set_backend 2",
-            "reset_stats 1",
+            "fresh_service_id 1 port 80",
             "set_member 1/1",
             "set_member 1/2",
             "set_slot 1/0 1",
@@ -363,7 +363,7 @@ fn ids_are_reused_after_removal() {
         maps.writes(),
         [
             "set_backend 1",
-            "reset_stats 1",
+            "fresh_service_id 1 port 90",
             "set_member 1/1",
             "set_slot 1/0 1",
             "set_service 90 count 1 table 1"
@@ -503,7 +503,7 @@ fn an_adopted_state_changes_with_the_fewest_writes_and_new_ids_do_not_collide() 
             "set_service 80 count 3 table 3",
             "remove_slot 1/1",
             "remove_slot 1/0",
-            "reset_stats 3",
+            "fresh_service_id 3 port 82",
             "set_member 3/4",
             "set_slot 4/0 4",
             "set_service 82 count 1 table 4"

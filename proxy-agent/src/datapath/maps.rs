@@ -2,9 +2,11 @@
 //!
 //! Each service entry has its frontend in the family's reverse-NAT array
 //! at the entry's id (`lb4_rev_nat`/`lb6_rev_nat`), where the datapath
-//! finds the source of a `CT_SOCKET` flow's replies. It is written before
-//! the service entry, so a packet never finds a service whose flows could
-//! not be answered, and left in place when the entry goes (an array).
+//! finds the source of a `CT_SOCKET` flow's replies. It is written once,
+//! when the id is taken (`fresh_service_id`, before the service entry, so
+//! a packet never finds a service whose flows could not be answered), not
+//! with every write of the service entry, and left in place when the entry
+//! goes (an array).
 
 use anyhow::Context;
 use std::net::IpAddr;
@@ -193,19 +195,6 @@ impl MapSet {
 }
 
 impl<F: Pod + Eq + std::hash::Hash, B, R> FamilyMaps<F, B, R> {
-    /// A frontend's reverse-NAT entry, then its service entry (see the
-    /// module's comment for why in this order).
-    fn set_service(
-        &mut self,
-        frontend: F,
-        service: Service,
-        names: (&str, &str),
-    ) -> anyhow::Result<()> {
-        let (services, rev_nat) = names;
-        written(self.rev_nat.set(service.id, frontend, 0), rev_nat)?;
-        written(self.services.insert(frontend, service, 0), services)
-    }
-
     /// `MapSet::restore_rev_nat` for one family, in batches where the
     /// kernel has them.
     fn restore_rev_nat(&mut self, names: (&str, &str)) -> anyhow::Result<usize> {
@@ -438,12 +427,8 @@ impl Maps for MapSet {
     fn set_service(&mut self, frontend: &Frontend, entry: &ServiceEntry) -> anyhow::Result<()> {
         let service = keys::service(entry);
         match keys::frontend(frontend) {
-            FrontendKey::V4(f) => {
-                (self.v4).set_service(f, service, (names::SERVICES4, names::REV_NAT4))
-            }
-            FrontendKey::V6(f) => {
-                (self.v6).set_service(f, service, (names::SERVICES6, names::REV_NAT6))
-            }
+            FrontendKey::V4(f) => written(self.v4.services.insert(f, service, 0), names::SERVICES4),
+            FrontendKey::V6(f) => written(self.v6.services.insert(f, service, 0), names::SERVICES6),
         }
     }
 
@@ -505,12 +490,16 @@ impl Maps for MapSet {
         )
     }
 
-    fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()> {
+    fn fresh_service_id(&mut self, service_id: u32, frontend: &Frontend) -> anyhow::Result<()> {
         let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus])
             .context("building per-CPU zeros")?;
         self.stats
             .set(service_id, zeros, 0)
-            .context("resetting lb_stats")
+            .context("resetting lb_stats")?;
+        match keys::frontend(frontend) {
+            FrontendKey::V4(f) => written(self.v4.rev_nat.set(service_id, f, 0), names::REV_NAT4),
+            FrontendKey::V6(f) => written(self.v6.rev_nat.set(service_id, f, 0), names::REV_NAT6),
+        }
     }
 }
 

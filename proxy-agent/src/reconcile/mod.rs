@@ -68,8 +68,12 @@ pub trait Maps {
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()>;
     /// What the datapath needs of the node (source NAT address and ports).
     fn set_config(&mut self, node: &NodeEntry) -> anyhow::Result<()>;
-    /// Zeroes a service id's statistics before the id is used again.
-    fn reset_stats(&mut self, service_id: u32) -> anyhow::Result<()>;
+    /// Readies a fresh service id for `frontend`, before its service entry
+    /// is written: zeroes the id's statistics (it may have served another
+    /// frontend) and names the frontend at the id in the reverse-NAT map,
+    /// where the datapath finds the source of a flow's replies. Once per
+    /// id, not per service write.
+    fn fresh_service_id(&mut self, service_id: u32, frontend: &Frontend) -> anyhow::Result<()>;
 
     // Several entries of one map at once, in order, stopping at the first
     // that fails; the kernel maps write them in few syscalls (a first pass
@@ -608,7 +612,7 @@ impl Reconciler {
                 .service_ids
                 .take()
                 .ok_or_else(|| anyhow::anyhow!("no service id left"))?;
-            if let Err(e) = maps.reset_stats(id) {
+            if let Err(e) = maps.fresh_service_id(id, &frontend) {
                 self.service_ids.give_back(id);
                 return Err(e);
             }
