@@ -8,19 +8,24 @@
 //! or at egress (`CT_AT_EGRESS`) for frontends that may be the node's own
 //! addresses. A new flow writes that one entry.
 //!
-//! Two kinds of flow have a pair of entries instead, which only exist while
-//! `ct_paired` says so (see `ctmap::paired`):
-//! - one whose client port holds another live flow, to another frontend
-//!   and backend (a client may reuse a port towards other destinations):
-//!   FORWARD (C -> F, destination becomes B) and REPLY (B -> C, source
-//!   becomes F, at ingress or egress as above);
-//! - one with source NAT to node address N and port p: those two, and,
-//!   both REPLY:
-//!   - `CT_OUTWARD` (C -> B) at egress: source becomes N:p, after the node
-//!     forwarded it; written here with port 0, the port picked at egress
-//!     (see `snat`);
-//!   - `CT_REWRITE_DST` (B -> N:p) at ingress: destination becomes C
-//!     again, written at egress with the port.
+//! A flow with source NAT to node address N and port p also has, both
+//! `CT_REPLY` entries, found only while `ct_paired[CT_MARK_SOURCE_NAT]` is
+//! up (see `ctmap::source_nat`):
+//! - `CT_OUTWARD` (C -> B) at egress: source becomes N:p, after the node
+//!   forwarded it; written here with port 0, the port picked at egress (see
+//!   `snat`);
+//! - `CT_REWRITE_DST` (B -> N:p) at ingress, looked for only by packets to
+//!   N: destination becomes C again, written at egress with the port.
+//!
+//! Its `CT_SOCKET` entry carries `CT_AT_EGRESS`: the reply, back on its way
+//! to C, gets its source F at egress.
+//!
+//! A flow whose client port holds another live flow, to another frontend
+//! and backend (a client may reuse a port towards other destinations), has
+//! a pair of entries instead, found only while `ct_paired[CT_MARK_PAIRS]`
+//! is up (see `ctmap::paired`): FORWARD (C -> F, destination becomes B)
+//! and REPLY (B -> C, source becomes F, at ingress or egress as above),
+//! and with source NAT the two above.
 //!
 //! A new pair looks for no stale entries: an earlier flow between the same
 //! client port and backend has its reply entry under the same key, which
@@ -93,16 +98,18 @@ pub fn release<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) ->
         true => socket_key::<F>(flow.saddr(), flow.sport(), flow.proto()),
         false => of::<F>(flow, CT_FORWARD),
     };
-    let Some(active) = F::ct_active(key) else {
+    release_at::<F>(key)
+}
+
+/// `release` of the entry at `key`, whatever it says.
+#[inline(always)]
+fn release_at<F: Family>(key: F::CtKey) -> bool {
+    let Some(backend_id) = F::ct_deactivate(key) else {
         return false;
     };
-    // SAFETY: a field of a live map value, 32-bit aligned.
-    let released = unsafe { atomic::swap(active, 0) } != 0;
-    if released {
-        // SAFETY: a field of the array value the closure is given.
-        connections(entry.backend_id, |c| unsafe { &raw mut (*c).closed });
-    }
-    released
+    // SAFETY: a field of the array value the closure is given.
+    connections(backend_id, |c| unsafe { &raw mut (*c).closed });
+    true
 }
 
 /// Adds one to a backend's `lb_conns` field, atomically (all CPUs share it).
@@ -237,15 +244,21 @@ fn back<F: Family>(flow: &impl Tuple<F::Addr>, to: &Entry<F::Addr>) -> F::CtKey 
     )
 }
 
-/// Removes a flow: its `CT_SOCKET` entry, or its forward entry, its reply
-/// entry and its source NAT entries.
+/// Removes a flow: its `CT_SOCKET` entry, or its forward and reply
+/// entries, and its source NAT entries.
 #[inline(always)]
 pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
-    release::<F>(flow, entry);
     if entry.is_socket() {
+        // Source NAT first: the backend's address is not kept (stack)
+        // across the release.
+        if entry.flags & CT_SOURCE_NAT != 0 {
+            forget_source_nat::<F>(flow, (entry.addr, entry.port));
+        }
+        release::<F>(flow, entry);
         F::ct_remove(socket_key::<F>(flow.saddr(), flow.sport(), flow.proto()));
         return;
     }
+    release::<F>(flow, entry);
     F::ct_remove(back::<F>(flow, entry));
     forget_source_nat::<F>(flow, (entry.addr, entry.port));
     F::ct_remove(of::<F>(flow, CT_FORWARD));
@@ -257,16 +270,19 @@ pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
 fn forget_source_nat<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Addr, u16)) {
     let (proto, sport) = (flow.proto(), flow.sport());
     let out = F::Ct::key(flow.saddr(), sport, addr, port, proto, CT_REPLY);
-    let outward = |e: &Entry<F::Addr>| e.flags & CT_OUTWARD != 0;
-    if let Some(node) = F::ct_get_where(out, Seen::Nothing, outward) {
-        // Port 0: none picked yet (see `snat`).
-        if node.port != 0 {
-            F::ct_remove(F::Ct::key(
-                addr, port, node.addr, node.port, proto, CT_REPLY,
-            ));
-        }
-        F::ct_remove(out);
+    let Some(node) = F::ct_peek(out) else {
+        return;
+    };
+    if node.flags & CT_OUTWARD == 0 {
+        return;
     }
+    // Port 0: none picked yet (see `snat`).
+    if node.port != 0 {
+        F::ct_remove(F::Ct::key(
+            addr, port, node.addr, node.port, proto, CT_REPLY,
+        ));
+    }
+    F::ct_remove(out);
 }
 
 /// A packet coming back in: what changes, if it belongs to a flow.
@@ -278,7 +294,7 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
     if let Some(rewrite) = back_to_client::<F>(flow, from_backend) {
         return Some(rewrite);
     }
-    if !ctmap::paired() {
+    if !ctmap::paired() && !to_node::<F>(flow.daddr) {
         return None;
     }
     let at_ingress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY == 0;
@@ -294,6 +310,14 @@ pub fn reply<F: Family>(flow: &Flow<F::Addr>) -> Option<Rewrite<F::Addr>> {
         addr: entry.addr,
         port: entry.port,
     })
+}
+
+/// True if source NAT entries may exist and `addr` is the node's source NAT
+/// address, where source-NATed flows' replies come back to: other packets
+/// never look for their `CT_REWRITE_DST` entries.
+#[inline(always)]
+fn to_node<F: Family>(addr: F::Addr) -> bool {
+    ctmap::source_nat() && CONFIG.get(0).and_then(|c| F::snat_addr(c)) == Some(addr)
 }
 
 /// A backend's packet to a client whose `CT_SOCKET` entry `ours` accepts:
@@ -325,7 +349,7 @@ pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
     if let Some(rewrite) = back_to_client::<F>(flow, from_backend) {
         return Verdict::Rewrite(rewrite);
     }
-    if !ctmap::paired() {
+    if !ctmap::paired() && !ctmap::source_nat() {
         return Verdict::Pass;
     }
     let at_egress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY != 0;
@@ -389,6 +413,11 @@ impl NewFlow {
     fn counted(&self) -> bool {
         self.table == Table::Main
     }
+
+    #[inline(always)]
+    fn source_nat(&self) -> bool {
+        self.flags & CT_SOURCE_NAT != 0
+    }
 }
 
 /// Writes the entries of a new flow into `table`, all of them or none:
@@ -403,17 +432,16 @@ pub fn remember<F: Family>(
 ) -> Result<(), Untracked> {
     // A backend reaching itself would see its own address as the source.
     let hairpin = backend.addr == flow.saddr;
-    let node = match hairpin || service.flags & SVC_SNAT_EXTERNAL != 0 {
-        true => Some(snat_addr::<F>().ok_or(Untracked::NoSourceNat)?),
-        false => None,
-    };
-    let reply_at_egress = node.is_some() || service.flags & SVC_REPLY_AT_EGRESS != 0;
+    let source_nat = hairpin || service.flags & SVC_SNAT_EXTERNAL != 0;
+    if source_nat && snat_addr::<F>().is_none() {
+        return Err(Untracked::NoSourceNat);
+    }
     // Unconfirmed until the backend answers (see `CT_UNREPLIED`).
     let mut flags = CT_UNREPLIED;
-    if reply_at_egress {
+    if source_nat || service.flags & SVC_REPLY_AT_EGRESS != 0 {
         flags |= CT_AT_EGRESS;
     }
-    if node.is_some() {
+    if source_nat {
         flags |= CT_SOURCE_NAT;
     }
     let new = NewFlow {
@@ -422,14 +450,20 @@ pub fn remember<F: Family>(
         ids: (backend_id, service.id),
         now: now(),
     };
-    let written = match node {
-        None => match one_entry::<F>(&new, flow, backend) {
-            Err(e) if e == -EEXIST => pair::<F>(&new, flow, backend, None),
-            other => other,
-        },
-        node => pair::<F>(&new, flow, backend, node),
+    let paired = match one_entry::<F>(&new, flow, backend) {
+        Ok(()) => false,
+        Err(e) if e == -EEXIST => {
+            pair::<F>(&new, flow, backend).map_err(untracked)?;
+            true
+        }
+        Err(e) => return Err(untracked(e)),
     };
-    if let Err(e) = written {
+    // Last: taking over an earlier flow of the client port removes that
+    // flow's outward entry, which has the same key.
+    if new.source_nat()
+        && let Err(e) = outward_entry::<F>(&new, flow, backend)
+    {
+        unwrite::<F>(flow, backend, paired);
         return Err(untracked(e));
     }
     if new.counted() {
@@ -440,10 +474,9 @@ pub fn remember<F: Family>(
 }
 
 /// Writes the flow's `CT_SOCKET` entry. One its client port already has
-/// gives way if its flow is over: closing, or towards the same backend
-/// (which has one connection per client port: the client reused the port
-/// towards another frontend of it). Otherwise `-EEXIST`: the flow needs a
-/// pair.
+/// gives way if its flow is over: closing, or towards the same backend (which has
+/// one connection per client port: the client reused the port towards
+/// another frontend of it). Otherwise `-EEXIST`: the flow needs a pair.
 #[inline(always)]
 fn one_entry<F: Family>(
     new: &NewFlow,
@@ -453,7 +486,8 @@ fn one_entry<F: Family>(
     if ctmap::paired() {
         forget_reply::<F>(flow, backend);
     }
-    let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+    // Made anew for each use below: kept, it would hold stack.
+    let key = || socket_key::<F>(flow.saddr, flow.sport, flow.proto);
     let value = Entry {
         active: new.counted() as u32,
         ..entry(
@@ -464,37 +498,79 @@ fn one_entry<F: Family>(
             new.now,
         )
     };
-    match F::ct_insert(new.table, key, value, BPF_NOEXIST as u64) {
+    match F::ct_insert(new.table, key(), value, BPF_NOEXIST as u64) {
         Err(e) if e == -EEXIST => {
-            if let Some(held) = F::ct_get(key, Seen::Nothing) {
+            // Only part of the entry is copied, and what its removal needs
+            // is read from the map: this path has little stack left.
+            if let Some(held) = F::ct_peek(key()) {
                 let same_backend = held.addr == backend.addr && held.port == backend.port;
                 if !closing(held.state) && !same_backend {
                     return Err(-EEXIST);
                 }
-                forget::<F>(flow, &held);
+                if held.flags & CT_SOURCE_NAT != 0 {
+                    forget_source_nat::<F>(flow, (held.addr, held.port));
+                }
+                release_at::<F>(key());
             }
-            // Still `value`: lookups and removals leave the value alone.
-            F::ct_insert_staged(new.table, key, BPF_ANY as u64)
+            // Overwrites the held entry. Still `value`: lookups and
+            // removals leave the value alone.
+            F::ct_insert_staged(new.table, key(), BPF_ANY as u64)
         }
         other => other,
     }
 }
 
-/// Writes a flow's forward and reply entries, and with source NAT to
-/// `node` its outward entry, all of them or none.
+/// Removes the entries a new flow has written: a flow retried in the
+/// overflow table must not leave a half in this one.
+#[inline(always)]
+fn unwrite<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>, paired: bool) {
+    if !paired {
+        F::ct_remove(socket_key::<F>(flow.saddr, flow.sport, flow.proto));
+        return;
+    }
+    F::ct_remove(F::Ct::key(
+        backend.addr,
+        backend.port,
+        flow.saddr,
+        flow.sport,
+        flow.proto,
+        CT_REPLY,
+    ));
+    F::ct_remove(of::<F>(flow, CT_FORWARD));
+}
+
+/// Writes a source-NATed flow's outward entry, with the node's address and
+/// port 0: the egress hook picks the port (see `snat`). The address is
+/// read again (`remember` checked it is there): kept from there, it would
+/// hold stack across every insert.
+#[inline(always)]
+fn outward_entry<F: Family>(
+    new: &NewFlow,
+    flow: &Flow<F::Addr>,
+    backend: &Target<F::Addr>,
+) -> Result<(), i64> {
+    let node = snat_addr::<F>().ok_or(-1i64)?;
+    let pending = entry(flow, (node, 0), CT_OUTWARD, new.ids, new.now);
+    let written = F::ct_insert(
+        new.table,
+        outward::<F>(flow, backend),
+        pending,
+        BPF_ANY as u64,
+    );
+    ctmap::mark_source_nat();
+    written
+}
+
+/// Writes a flow's forward and reply entries, both or none: for a flow
+/// whose client port another live flow, to another backend, holds
+/// (`one_entry` saw it).
 #[inline(always)]
 fn pair<F: Family>(
     new: &NewFlow,
     flow: &Flow<F::Addr>,
     backend: &Target<F::Addr>,
-    node: Option<F::Addr>,
 ) -> Result<(), i64> {
     let table = new.table;
-    let socket = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
-    let same_backend = |e: &Entry<F::Addr>| e.addr == backend.addr && e.port == backend.port;
-    if let Some(earlier) = F::ct_get_where(socket, Seen::Nothing, same_backend) {
-        forget::<F>(flow, &earlier);
-    }
     let reply = F::Ct::key(
         backend.addr,
         backend.port,
@@ -503,17 +579,8 @@ fn pair<F: Family>(
         flow.proto,
         CT_REPLY,
     );
-    let out = outward::<F>(flow, backend);
     let to_client = entry(flow, (flow.daddr, flow.dport), new.flags, new.ids, new.now);
     let mut written = take_over::<F>(table, flow, backend, reply, to_client);
-    if let (Ok(()), Some(node)) = (written, node) {
-        // Port 0: the egress hook picks it (see `snat`).
-        let pending = entry(flow, (node, 0), CT_OUTWARD, new.ids, new.now);
-        written = F::ct_insert(table, out, pending, BPF_ANY as u64);
-        if written.is_err() {
-            F::ct_remove(reply);
-        }
-    }
     if written.is_ok() {
         let to_backend = Entry {
             active: new.counted() as u32,
@@ -524,9 +591,6 @@ fn pair<F: Family>(
             // A flow retried in the overflow table must not leave a half
             // in this one.
             F::ct_remove(reply);
-            if node.is_some() {
-                F::ct_remove(out);
-            }
         }
     }
     ctmap::mark_paired();

@@ -2,19 +2,22 @@
 //! family-independent `Entry`, `ct4`/`ct6` and their overflow maps while
 //! `ct_overflowed` says they may hold entries, and what a packet changes
 //! in an entry (its time and TCP state), and `ct_paired`, which says
-//! whether any `CT_FORWARD`/`CT_REPLY` entries may exist. Keys and values
-//! reach the map helpers through the per-CPU `ct_scratch`.
+//! whether any pairs (`CT_FORWARD`/`CT_REPLY`) or source NAT entries may
+//! exist. Keys and values reach the map helpers through the per-CPU
+//! `ct_scratch`.
 
 use aya_ebpf::{
     btf_maps::{HashMap, LruHashMap},
     helpers::bpf_ktime_get_coarse_ns,
 };
 use proxy_common::{
-    Addr6, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST,
-    CT_UNREPLIED, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, MAX_CONNTRACK, MAX_CT_OVERFLOW,
+    Addr6, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN,
+    CT_STATE_OPEN, CT_STATE_RST, CT_UNREPLIED, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP,
+    MAX_CONNTRACK, MAX_CT_OVERFLOW,
 };
 
 use crate::{
+    atomic,
     maps::{
         CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch, OVERFLOW4, OVERFLOW6, OVERFLOWED, PAIRED,
     },
@@ -125,6 +128,8 @@ pub trait CtMaps {
     /// walked byte by byte on every path through every insert.
     fn write_value(v: &mut Self::Value, e: &Entry<Self::Addr>);
     fn entry(v: &Self::Value) -> Entry<Self::Addr>;
+    /// What `peek` copies of the value.
+    fn peek(v: &Self::Value) -> Peek<Self::Addr>;
     /// The `last_seen`, `state`, `active` and `flags` fields of a live map
     /// value.
     ///
@@ -140,12 +145,24 @@ pub fn overflowed() -> bool {
     OVERFLOWED.get(0).is_some_and(|v| *v != 0)
 }
 
-/// True while `CT_FORWARD`/`CT_REPLY` entries may exist: until a flow
-/// needs them (source NAT, or a client port two live flows share), a
-/// packet no `CT_SOCKET` entry claims costs no second lookup.
+/// True while `CT_FORWARD` entries, and the `CT_REPLY` entries of their
+/// flows, may exist: until a flow needs them (a client port two live flows
+/// share), a packet no `CT_SOCKET` entry claims costs no second lookup.
 #[inline(always)]
 pub fn paired() -> bool {
-    PAIRED.get(0).is_some_and(|v| *v != 0)
+    raised(CT_MARK_PAIRS)
+}
+
+/// True while source NAT entries (`CT_OUTWARD`, `CT_REWRITE_DST`) may
+/// exist: until a flow is source-NATed, no packet looks for them.
+#[inline(always)]
+pub fn source_nat() -> bool {
+    raised(CT_MARK_SOURCE_NAT)
+}
+
+#[inline(always)]
+fn raised(mark: u32) -> bool {
+    PAIRED.get(mark).is_some_and(|v| *v != 0)
 }
 
 /// Set before and after an overflow insert. The agent clears it once the
@@ -153,21 +170,28 @@ pub fn paired() -> bool {
 /// all: whatever the interleaving, it ends set while an entry exists.
 #[inline(always)]
 fn mark_overflowed() {
-    mark(&OVERFLOWED);
+    mark(&OVERFLOWED, 0);
 }
 
 /// As `mark_overflowed`, once a flow's `CT_FORWARD`/`CT_REPLY` entries are
-/// written (by `ct`, which knows when; the source NAT port search adds
-/// entries only to a flow that has them): no packet looks for them before
+/// written (by `ct`, which knows when): no packet looks for them before
 /// the flow's first packet has left, which is after this.
 #[inline(always)]
 pub fn mark_paired() {
-    mark(&PAIRED);
+    mark(&PAIRED, CT_MARK_PAIRS);
+}
+
+/// As `mark_paired`, once a flow's outward entry is written (its
+/// `CT_REWRITE_DST` entry comes later, at egress, and the flag is up by
+/// then).
+#[inline(always)]
+pub fn mark_source_nat() {
+    mark(&PAIRED, CT_MARK_SOURCE_NAT);
 }
 
 #[inline(always)]
-fn mark(flag: &aya_ebpf::btf_maps::Array<u32, 1>) {
-    if let Some(v) = flag.get_ptr_mut(0) {
+fn mark<const N: usize>(flag: &aya_ebpf::btf_maps::Array<u32, N>, index: u32) {
+    if let Some(v) = flag.get_ptr_mut(index) {
         // SAFETY: a live array value; read first so that the cache line is
         // written only on the first raise.
         unsafe {
@@ -202,6 +226,7 @@ pub struct Fields {
     pub reply_state: *mut u8,
     pub active: *mut u32,
     pub flags: *mut u16,
+    pub backend_id: *mut u32,
 }
 
 /// Takes a packet into an entry: refreshes its second (at most one write a
@@ -276,6 +301,26 @@ pub fn flags<M: CtMaps>(key: M::Key) -> Option<u16> {
     let ptr = lookup::<M>(k)?;
     // SAFETY: a field of a live map value.
     Some(unsafe { *M::fields(ptr).flags })
+}
+
+/// Part of an entry: a smaller copy than `get`'s, for paths with little
+/// stack left.
+#[derive(Clone, Copy)]
+pub struct Peek<A> {
+    pub addr: A,
+    pub port: u16,
+    pub flags: u16,
+    pub state: u8,
+}
+
+/// Part of the entry at `key`, if there is one; the entry is only read.
+#[inline(always)]
+pub fn peek<M: CtMaps>(key: M::Key) -> Option<Peek<M::Addr>> {
+    let (k, _) = M::slots(scratch()?);
+    *k = key;
+    let ptr = lookup::<M>(k)?;
+    // SAFETY: a copy out of a live map value.
+    Some(M::peek(unsafe { &*ptr }))
 }
 
 /// Writes the entry into `table`; the kernel's error code on failure.
@@ -367,15 +412,19 @@ pub fn set_port<M: CtMaps>(key: M::Key, port: u16) {
     }
 }
 
-/// The entry's `active` field, for an atomic exchange. Only `Main` entries
-/// are ever active.
+/// Clears the entry's `active` field, atomically: its backend id if this
+/// call is the one that cleared it (whichever CPU gets there first). Only
+/// `Main` entries are ever active.
 #[inline(always)]
-pub fn active<M: CtMaps>(key: M::Key) -> Option<*mut u32> {
+pub fn deactivate<M: CtMaps>(key: M::Key) -> Option<u32> {
     let (k, _) = M::slots(scratch()?);
     *k = key;
     let ptr = M::main().get_ptr_mut(k)?;
-    // SAFETY: a live map value.
-    Some(unsafe { M::fields(ptr) }.active)
+    // SAFETY: a live map value; its `active` field is 32-bit aligned.
+    unsafe {
+        let fields = M::fields(ptr);
+        (atomic::swap(fields.active, 0) != 0).then(|| *fields.backend_id)
+    }
 }
 
 /// The families' impls differ only in names and types: the fields are the
@@ -464,6 +513,16 @@ macro_rules! ct_maps {
             }
 
             #[inline(always)]
+            fn peek(v: &$value) -> Peek<$addr> {
+                Peek {
+                    addr: v.nat_addr,
+                    port: v.nat_port,
+                    flags: v.flags,
+                    state: v.state,
+                }
+            }
+
+            #[inline(always)]
             unsafe fn fields(v: *mut $value) -> Fields {
                 // SAFETY: the caller's.
                 unsafe {
@@ -474,6 +533,7 @@ macro_rules! ct_maps {
                         reply_state: &raw mut (*v).reply_state,
                         active: &raw mut (*v).active,
                         flags: &raw mut (*v).flags,
+                        backend_id: &raw mut (*v).backend_id,
                     }
                 }
             }

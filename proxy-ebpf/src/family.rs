@@ -10,7 +10,7 @@ use proxy_common::{
 };
 
 use crate::{
-    ctmap::{self, Ct4, Ct6, CtMaps, Entry, Seen, Table},
+    ctmap::{self, Ct4, Ct6, CtMaps, Entry, Peek, Seen, Table},
     hash::AddrHash,
     maps::{
         AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH, MEMBERS4,
@@ -72,6 +72,11 @@ pub trait Family {
     fn ct_flags(key: Self::CtKey) -> Option<u16> {
         ctmap::flags::<Self::Ct>(key)
     }
+    /// See `ctmap::peek`.
+    #[inline(always)]
+    fn ct_peek(key: Self::CtKey) -> Option<Peek<Self::Addr>> {
+        ctmap::peek::<Self::Ct>(key)
+    }
     /// See `ctmap::insert`.
     #[inline(always)]
     fn ct_insert(
@@ -107,10 +112,10 @@ pub trait Family {
     fn ct_set_port(key: Self::CtKey, port: u16) {
         ctmap::set_port::<Self::Ct>(key, port)
     }
-    /// See `ctmap::active`.
+    /// See `ctmap::deactivate`.
     #[inline(always)]
-    fn ct_active(key: Self::CtKey) -> Option<*mut u32> {
-        ctmap::active::<Self::Ct>(key)
+    fn ct_deactivate(key: Self::CtKey) -> Option<u32> {
+        ctmap::deactivate::<Self::Ct>(key)
     }
 
     /// A slot of the family's closed-flow ring (`ct4_closed`/`ct6_closed`).

@@ -319,7 +319,7 @@ fn error<F: Quoting, P: Packet>(p: &P, stage: Stage) -> Outcome {
 fn lookup<F: Family>(e: &mut Error<F::Addr>, stage: Stage) -> Option<()> {
     let (to, to_port, to_destination) = match one_entry::<F>(e, stage) {
         Some(found) => found,
-        None if ctmap::paired() => paired::<F>(e, stage)?,
+        None if ctmap::paired() || ctmap::source_nat() => paired::<F>(e, stage)?,
         None => return None,
     };
     // A source NAT entry still waiting for its port translates nothing.

@@ -1,6 +1,9 @@
 //! Service lookup, conntrack and backend selection: what to do with a packet.
 
-use aya_ebpf::{cty::c_void, helpers::bpf_loop};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_loop, bpf_map_lookup_elem},
+};
 use proxy_common::{
     ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Counter, IPPROTO_TCP, LEAST_CONN_SCAN,
     SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SOURCE_RANGES, Service,
@@ -254,7 +257,11 @@ fn next_turn(service_id: u32) -> u32 {
 fn least_connections<F: Family>(service: &Service) -> Option<(u32, Target<F::Addr>)> {
     let count = service.backend_count;
     let mut scan = Scan {
-        slots_id: service.slots_id,
+        slot: SlotKey {
+            service_id: service.slots_id,
+            slot: 0,
+        },
+        backend_id: 0,
         count,
         start: random() % count,
         best: 0,
@@ -277,11 +284,15 @@ fn least_connections<F: Family>(service: &Service) -> Option<(u32, Target<F::Add
     F::backend(scan.best).map(|b| (scan.best, b))
 }
 
-/// State of a least-connections scan.
+/// State of a least-connections scan. The keys of the callback's lookups
+/// live here, in the caller's frame: the callback then needs no stack of
+/// its own, and BPF's 512 bytes are for the whole chain of frames.
 #[repr(C)]
 struct Scan {
-    /// The service's slot table.
-    slots_id: u32,
+    /// The service's slot table, and the slot looked at.
+    slot: SlotKey,
+    /// The backend looked at.
+    backend_id: u32,
     count: u32,
     start: u32,
     best: u32,
@@ -296,34 +307,51 @@ extern "C" fn scan_slot(i: u64, scan: *mut Scan) -> i64 {
     if slot >= scan.count {
         slot -= scan.count;
     }
-    let key = SlotKey {
-        service_id: scan.slots_id,
-        slot,
+    scan.slot.slot = slot;
+    // SAFETY: the key is the map's key type.
+    let Some(id) = (unsafe { lookup::<u32>((&raw const SLOTS).cast(), &raw const scan.slot) })
+    else {
+        return 0;
     };
-    if let Some(id) = SLOTS.get_ptr(key) {
-        // SAFETY: a copy out of a live map value.
-        let id = unsafe { *id };
-        let open = open_connections(id);
-        if open < scan.fewest {
-            scan.fewest = open;
-            scan.best = id;
-        }
+    // SAFETY: a copy out of a live map value.
+    scan.backend_id = unsafe { *id };
+    let open = open_connections(scan);
+    if open < scan.fewest {
+        scan.fewest = open;
+        scan.best = scan.backend_id;
     }
     0
 }
 
-/// A backend's open connections: opened - closed - reaped (see
+/// A map lookup with a key the caller keeps (aya's take it by value, onto
+/// the stack).
+///
+/// # Safety
+/// `map` is a map whose key type `key` points to, and whose values are `V`.
+#[inline(always)]
+unsafe fn lookup<V>(map: *const c_void, key: *const impl Sized) -> Option<*mut V> {
+    // SAFETY: the caller's.
+    let value = unsafe { bpf_map_lookup_elem(map.cast_mut(), key.cast()) };
+    (!value.is_null()).then_some(value.cast())
+}
+
+/// The scanned backend's open connections: opened - closed - reaped (see
 /// `proxy_common::Connections`), in wrapping arithmetic.
 #[inline(always)]
-fn open_connections(backend_id: u32) -> u32 {
-    let Some(c) = CONNECTIONS.get_ptr_mut(backend_id) else {
+fn open_connections(scan: &Scan) -> u32 {
+    let id = &raw const scan.backend_id;
+    // SAFETY: both arrays are keyed by backend id.
+    let Some(c) =
+        (unsafe { lookup::<proxy_common::Connections>((&raw const CONNECTIONS).cast(), id) })
+    else {
         return u32::MAX;
     };
     // SAFETY: a copy out of a live array value; a torn read only skews one
     // choice.
     let c = unsafe { *c };
     // SAFETY: as above.
-    let reaped = REAPED.get_ptr_mut(backend_id).map_or(0, |r| unsafe { *r });
+    let reaped =
+        unsafe { lookup::<u32>((&raw const REAPED).cast(), id) }.map_or(0, |r| unsafe { *r });
     // Read apart from each other, the counts can disagree for a moment; a
     // negative difference means none open, not four billion.
     (c.opened.wrapping_sub(c.closed).wrapping_sub(reaped) as i32).max(0) as u32

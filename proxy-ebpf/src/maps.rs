@@ -6,12 +6,13 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, ClosedFlow4,
-    ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key,
-    Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS,
-    MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, RingEnds, Service, ServiceStats,
-    SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, CT_MARKS,
+    ClosedFlow4, ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry,
+    Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES,
+    MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, RingEnds, Service,
+    ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
+    SourceRange6,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
@@ -70,8 +71,9 @@ pub static REV_NAT4: Array<Frontend4, { MAX_SERVICES as usize }> = Array::new();
 #[btf_map(name = "lb6_rev_nat")]
 pub static REV_NAT6: Array<Frontend6, { MAX_SERVICES as usize }> = Array::new();
 
+/// Which kinds of entries beside `CT_SOCKET` may exist (see `ctmap`).
 #[btf_map(name = "ct_paired")]
-pub static PAIRED: Array<u32, 1> = Array::new();
+pub static PAIRED: Array<u32, { CT_MARKS as usize }> = Array::new();
 
 #[btf_map(name = "lb4_members")]
 pub static MEMBERS4: HashMap<MemberKey, Backend4, { MAX_MEMBERS as usize }> = HashMap::new();

@@ -18,7 +18,9 @@ use aya::{
     Pod,
     maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, MapError},
 };
-use proxy_common::{Ct4Key, Ct6Key, MAX_CONNTRACK, names};
+use proxy_common::{
+    CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, Ct4Key, Ct6Key, MAX_CONNTRACK, names,
+};
 
 use super::{
     expiry::{self, Deletions, Pressure},
@@ -54,9 +56,12 @@ pub struct Stats {
     /// The overflow maps still held entries after the pass, so
     /// `ct_overflowed` stays set.
     pub overflowing: bool,
-    /// Forward and reply entries were left after the pass, so `ct_paired`
-    /// stays set.
+    /// Forward and reply entries were left after the pass, so
+    /// `ct_paired[CT_MARK_PAIRS]` stays set.
     pub paired: bool,
+    /// Source NAT entries were left after the pass, so
+    /// `ct_paired[CT_MARK_SOURCE_NAT]` stays set.
+    pub source_nat: bool,
 }
 
 /// One family's conntrack maps. Both are swept together: a flow is judged
@@ -85,13 +90,13 @@ impl<K: CtKey> CtMaps<K> {
         table.map_name::<K>()
     }
 
-    /// True when neither map holds a pair's entry: a second read of both,
-    /// in batches, for the rare pass that clears `ct_paired`.
-    fn none_paired(&self) -> anyhow::Result<bool> {
+    /// True when neither map holds an entry that keeps `mark` up: a
+    /// second read of both, in batches, for the rare pass that clears it.
+    fn none_marked(&self, mark: u32) -> anyhow::Result<bool> {
         for table in [Table::Main, Table::Overflow] {
             let entries = read_all(self.map_ref(table))
                 .with_context(|| format!("reading {}", self.name(table)))?;
-            if paired::count(entries.keys().map(K::direction)) > 0 {
+            if marked_in(entries.iter())[mark as usize] > 0 {
                 return Ok(false);
             }
         }
@@ -161,7 +166,9 @@ impl Gc {
         let (v4, v6) = (v4?, v6?);
         let reaped = reaped?;
         let overflowing = self.settle_overflowed()?;
-        let paired = self.settle_paired(v4.paired_left + v6.paired_left)?;
+        let left = |mark: u32| v4.marked_left[mark as usize] + v6.marked_left[mark as usize];
+        let paired = self.settle_mark(CT_MARK_PAIRS, left(CT_MARK_PAIRS))?;
+        let source_nat = self.settle_mark(CT_MARK_SOURCE_NAT, left(CT_MARK_SOURCE_NAT))?;
         Ok(Stats {
             entries4: v4.seen_main,
             entries6: v6.seen_main,
@@ -174,6 +181,7 @@ impl Gc {
             duration: started.elapsed(),
             overflowing,
             paired,
+            source_nat,
         })
     }
 
@@ -190,19 +198,21 @@ impl Gc {
         )
     }
 
-    /// Clears `ct_paired` once no map holds a pair's entry (see `paired`),
-    /// given the `left` the pass counted; whether it stays set.
-    fn settle_paired(&mut self, left: usize) -> anyhow::Result<bool> {
+    /// Clears `mark` of `ct_paired` once no map holds an entry that keeps
+    /// it up (see `paired`), given the `left` the pass counted; whether it
+    /// stays set.
+    fn settle_mark(&mut self, mark: u32, left: usize) -> anyhow::Result<bool> {
         let Some(flag) = &mut self.paired else {
             return Ok(false);
         };
-        let now = (flag.get(&0, 0)).with_context(|| format!("reading {}", names::PAIRED))?;
+        let name = || format!("{}[{mark}]", names::PAIRED);
+        let now = (flag.get(&mark, 0)).with_context(|| format!("reading {}", name()))?;
         let (v4, v6) = (&self.v4, &self.v6);
         paired::settle(
             now,
             left,
-            || Ok(v4.none_paired()? && v6.none_paired()?),
-            |value| (flag.set(0, value, 0)).with_context(|| format!("writing {}", names::PAIRED)),
+            || Ok(v4.none_marked(mark)? && v6.none_marked(mark)?),
+            |value| (flag.set(mark, value, 0)).with_context(|| format!("writing {}", name())),
         )
     }
 
@@ -244,8 +254,9 @@ struct Sweep {
     deleted: usize,
     revived: usize,
     unconfirmed: usize,
-    /// Entries of pairs (see `paired`) the pass read and did not delete.
-    paired_left: usize,
+    /// Entries that keep each mark of `ct_paired` up (see `paired`), that
+    /// the pass read and did not delete.
+    marked_left: [usize; CT_MARKS as usize],
 }
 
 /// An entry as a pass saw it: where, its key, its value.
@@ -268,7 +279,7 @@ fn sweep<K: CtKey>(
     let mut sweep = Sweep {
         seen_main: main.len(),
         seen_overflow: overflow.len(),
-        paired_left: paired_in(main.keys().chain(overflow.keys())),
+        marked_left: marked_in(main.iter().chain(overflow.iter())),
         ..Sweep::default()
     };
     let pressure = Pressure::of(main.len(), capacity(&tables.main), !overflow.is_empty());
@@ -278,8 +289,10 @@ fn sweep<K: CtKey>(
         match delete_flow(tables, flow, reaped)? {
             Some(deleted) => {
                 sweep.deleted += deleted;
-                let gone = paired_in(flow.iter().map(|(_, key, _)| key));
-                sweep.paired_left = sweep.paired_left.saturating_sub(gone);
+                let gone = marked_in(flow.iter().map(|(_, key, value)| (key, value)));
+                for (left, gone) in sweep.marked_left.iter_mut().zip(gone) {
+                    *left = left.saturating_sub(gone);
+                }
             }
             None => sweep.revived += 1,
         }
@@ -287,10 +300,17 @@ fn sweep<K: CtKey>(
     Ok(sweep)
 }
 
-/// How many of `keys` are a pair's entries: counted as the pass goes, so
-/// that settling `ct_paired` needs no walk of its own while pairs remain.
-fn paired_in<'a, K: CtKey + 'a>(keys: impl IntoIterator<Item = &'a K>) -> usize {
-    paired::count(keys.into_iter().map(K::direction))
+/// How many of the entries keep up each mark of `ct_paired`: counted as
+/// the pass goes, so that settling it needs no walk of its own while such
+/// entries remain.
+fn marked_in<'a, K: CtKey + 'a>(
+    entries: impl IntoIterator<Item = (&'a K, &'a K::Value)>,
+) -> [usize; CT_MARKS as usize] {
+    paired::count(
+        entries
+            .into_iter()
+            .map(|(key, value)| (key.direction(), K::flags(value))),
+    )
 }
 
 /// The expired flows among the entries of both maps, grouped across them.
@@ -438,7 +458,8 @@ fn take<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
 mod tests {
     use super::*;
     use proxy_common::{
-        CT_FORWARD, CT_REPLY, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, Ct4Entry, IPPROTO_TCP,
+        CT_FORWARD, CT_OUTWARD, CT_REPLY, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, Ct4Entry,
+        IPPROTO_TCP,
     };
 
     const NOW: u32 = 1_000_000;
@@ -552,13 +573,22 @@ mod tests {
     }
 
     #[test]
-    fn pairs_are_counted_by_direction_in_both_maps() {
-        let keys = [
-            socket(0, CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED).0,
-            forward(0, CT_STATE_ESTABLISHED).0,
+    fn entries_are_counted_by_the_mark_they_keep_up() {
+        let outward = (
             reply(0, CT_STATE_ESTABLISHED).0,
+            Ct4Entry {
+                flags: CT_OUTWARD,
+                ..reply(0, CT_STATE_ESTABLISHED).1
+            },
+        );
+        let entries = [
+            socket(0, CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED),
+            forward(0, CT_STATE_ESTABLISHED),
+            reply(0, CT_STATE_ESTABLISHED),
+            outward,
         ];
-        assert_eq!(paired_in(&keys), 2);
-        assert_eq!(paired_in(&keys[..1]), 0);
+        let all = entries.iter().map(|(k, v)| (k, v));
+        assert_eq!(marked_in(all), [2, 1]);
+        assert_eq!(marked_in(entries[..1].iter().map(|(k, v)| (k, v))), [0, 0]);
     }
 }

@@ -1,27 +1,46 @@
-//! When the datapath may stop looking for `CT_FORWARD`/`CT_REPLY` entries.
+//! When the datapath may stop looking for entries other than `CT_SOCKET`.
 //!
-//! Most flows have one `CT_SOCKET` entry; only source-NATed flows, and
-//! flows whose client port another live flow already holds, still get a
-//! forward and a reply entry. `ct_paired` keeps every other packet down to
-//! the socket lookup: while it is 0 the datapath looks for no pair. The
-//! datapath sets it once a flow's pair is written; only
-//! garbage collection clears it, once no such entry is left in any
-//! conntrack map, with `overflow::settle`'s read, clear, read again. Pure:
-//! the maps are reached through the functions it is given.
+//! Most flows have one `CT_SOCKET` entry. `ct_paired` has two marks, each
+//! keeping a kind of lookup alive while it is up:
+//! - `CT_MARK_PAIRS`: flows whose client port another live flow already
+//!   holds get a forward and a reply entry;
+//! - `CT_MARK_SOURCE_NAT`: source-NATed flows' outward and node-port
+//!   (`CT_REWRITE_DST`) entries.
+//!
+//! The datapath raises a mark once it writes such an entry; only garbage
+//! collection clears it, once no such entry is left in any conntrack map,
+//! with `overflow::settle`'s read, clear, read again. Pure: the maps are
+//! reached through the functions it is given.
 
-use proxy_common::CT_SOCKET;
+use proxy_common::{
+    CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, CT_OUTWARD, CT_REPLY, CT_REWRITE_DST, CT_SOCKET,
+};
 
 use super::overflow;
 
-/// True for an entry of a pair (any direction but `CT_SOCKET`, the
-/// legacy egress direction included): what keeps the flag set.
-pub fn is_paired(direction: u8) -> bool {
-    direction != CT_SOCKET
+/// The marks of `ct_paired`, by index.
+pub const MARKS: [u32; CT_MARKS as usize] = [CT_MARK_PAIRS, CT_MARK_SOURCE_NAT];
+
+/// The mark an entry with this direction and these flags keeps up, if
+/// any: source NAT entries their own, every other entry but a
+/// `CT_SOCKET` one (a legacy egress direction included) the pairs'.
+pub fn mark_of(direction: u8, flags: u16) -> Option<u32> {
+    match direction {
+        CT_SOCKET => None,
+        CT_REPLY if flags & (CT_OUTWARD | CT_REWRITE_DST) != 0 => Some(CT_MARK_SOURCE_NAT),
+        _ => Some(CT_MARK_PAIRS),
+    }
 }
 
-/// How many of the entries with these directions are a pair's.
-pub fn count(directions: impl IntoIterator<Item = u8>) -> usize {
-    directions.into_iter().filter(|d| is_paired(*d)).count()
+/// How many of the entries (direction, flags) keep up each mark, by index.
+pub fn count(entries: impl IntoIterator<Item = (u8, u16)>) -> [usize; CT_MARKS as usize] {
+    let mut counts = [0; CT_MARKS as usize];
+    for (direction, flags) in entries {
+        if let Some(mark) = mark_of(direction, flags) {
+            counts[mark as usize] += 1;
+        }
+    }
+    counts
 }
 
 /// Settles the flag, which reads `flag` now, after a pass that left `left`
@@ -63,16 +82,25 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
-    use proxy_common::{CT_FORWARD, CT_REPLY};
+    use proxy_common::{CT_AT_EGRESS, CT_FORWARD, CT_SOURCE_NAT, CT_UNREPLIED};
 
     use crate::conntrack::upgrade::LEGACY_EGRESS;
 
     #[test]
-    fn every_direction_but_the_socket_one_is_a_pair() {
-        let directions = [CT_SOCKET, CT_FORWARD, CT_SOCKET, CT_REPLY, LEGACY_EGRESS];
-        assert_eq!(count(directions), 3);
-        assert_eq!(count([CT_SOCKET, CT_SOCKET]), 0);
-        assert_eq!(count([]), 0);
+    fn each_entry_keeps_up_its_own_mark() {
+        let entries = [
+            (CT_SOCKET, CT_SOURCE_NAT | CT_AT_EGRESS),
+            (CT_FORWARD, 0),
+            (CT_SOCKET, 0),
+            (CT_REPLY, 0),
+            (CT_REPLY, CT_SOURCE_NAT | CT_AT_EGRESS),
+            (CT_REPLY, CT_OUTWARD),
+            (CT_REPLY, CT_REWRITE_DST | CT_UNREPLIED),
+            (LEGACY_EGRESS, CT_OUTWARD),
+        ];
+        assert_eq!(count(entries), [4, 2]);
+        assert_eq!(count([(CT_SOCKET, 0), (CT_SOCKET, CT_SOURCE_NAT)]), [0, 0]);
+        assert_eq!(count([]), [0, 0]);
     }
 
     /// Runs `settle` with the flag reading `flag`, `left` pairs counted,

@@ -82,6 +82,8 @@ pub trait CtKey: Pod + Eq + Hash {
     fn with_direction(&self, direction: u8) -> Self;
     /// The same value with other flags.
     fn with_flags(value: &Self::Value, flags: u16) -> Self::Value;
+    /// The value's flags.
+    fn flags(value: &Self::Value) -> u16;
     /// An address and port of this family as a socket address (host order).
     fn socket(at: AddrPort<Self::Addr>) -> SocketAddr;
 
@@ -107,6 +109,9 @@ macro_rules! ct_key {
             }
             fn with_direction(&self, direction: u8) -> Self {
                 Self { direction, ..*self }
+            }
+            fn flags(v: &$value) -> u16 {
+                v.flags
             }
             fn with_flags(v: &$value, flags: u16) -> $value {
                 let mut v = *v;

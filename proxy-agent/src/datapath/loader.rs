@@ -25,12 +25,13 @@ use aya::{
     },
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, ClosedFlow4, ClosedFlow6,
-    Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key,
-    Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED,
-    MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT,
-    MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT, RingEnds, Service, ServiceStats, SlotKey,
-    SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, names, programs,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, CT_MARK_PAIRS,
+    CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry, Ct4Key, Ct6Entry,
+    Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT,
+    RingEnds, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key,
+    SourceRange4, SourceRange6, names, programs,
 };
 
 use super::iface::Hook;
@@ -165,11 +166,12 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
     })
 }
 
-/// Sets `ct_paired` on a datapath an earlier agent pinned, before any
-/// program of this one runs: a version without the flag wrote forward and
-/// reply entries without setting it, and the new programs must find them
-/// from their first packet. Garbage collection clears it once none is
-/// left; until then it costs a lookup.
+/// Sets both marks of `ct_paired` on a datapath an earlier agent pinned,
+/// before any program of this one runs: a version without the flag wrote
+/// forward, reply and source NAT entries without setting it, and the new
+/// programs must find them from their first packet. Garbage collection
+/// clears each once none of its entries is left; until then it costs a
+/// lookup.
 fn assume_pairs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     // An object without the flag looks for pairs anyway.
     let Some(map) = ebpf.map_mut(names::PAIRED) else {
@@ -177,8 +179,11 @@ fn assume_pairs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     };
     let mut flag: Array<&mut MapData, u32> = Array::try_from(map)
         .with_context(|| format!("map {} has an unexpected type", names::PAIRED))?;
-    flag.set(0, 1, 0)
-        .with_context(|| format!("setting {}", names::PAIRED))
+    for mark in [CT_MARK_PAIRS, CT_MARK_SOURCE_NAT] {
+        flag.set(mark, 1, 0)
+            .with_context(|| format!("setting {}", names::PAIRED))?;
+    }
+    Ok(())
 }
 
 /// Unpins maps an earlier version pinned under names this one no longer
@@ -275,7 +280,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::OVERFLOW4 => kv::<Ct4Key, Ct4Entry>(sizes.overflow),
         names::OVERFLOW6 => kv::<Ct6Key, Ct6Entry>(sizes.overflow),
         names::OVERFLOWED => kv::<u32, u32>(1),
-        names::PAIRED => kv::<u32, u32>(1),
+        names::PAIRED => kv::<u32, u32>(CT_MARKS),
         names::REV_NAT4 => kv::<u32, Frontend4>(MAX_SERVICES),
         names::REV_NAT6 => kv::<u32, Frontend6>(MAX_SERVICES),
         names::CLOSED4 => kv::<u32, ClosedFlow4>(MAX_CT_CLOSED),
@@ -625,7 +630,7 @@ mod tests {
     /// loader creates them then (no pin to check).
     #[test]
     fn the_reverse_nat_maps_and_the_pairs_flag_have_their_layouts() {
-        assert_eq!(layout(names::PAIRED, SIZES), Some((4, 4, 1)));
+        assert_eq!(layout(names::PAIRED, SIZES), Some((4, 4, 2)));
         let frontends = [
             (names::REV_NAT4, size_of::<Frontend4>()),
             (names::REV_NAT6, size_of::<Frontend6>()),

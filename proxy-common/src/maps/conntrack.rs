@@ -24,11 +24,23 @@ pub const CT_REPLY: u8 = 1;
 /// `lb4_rev_nat`/`lb6_rev_nat` hold (a reverse-NAT index, as Cilium's);
 /// `state` is the client side's, `reply_state` the backend side's, and
 /// `last_seen` either side's last packet. One insert per new flow instead
-/// of two. A flow that needs source NAT, or whose client port another
-/// frontend's or backend's live flow already holds, gets `CT_FORWARD` and
-/// `CT_REPLY` entries instead, and sets `ct_paired`. (Direction 2 is an
-/// earlier version's, see the agent's `conntrack::upgrade`.)
+/// of two. A source-NATed flow's entry carries `CT_SOURCE_NAT` and
+/// `CT_AT_EGRESS`; its `CT_OUTWARD` and `CT_REWRITE_DST` entries (direction
+/// `CT_REPLY`) hold the node port, and raise `ct_paired[CT_MARK_SOURCE_NAT]`.
+/// A flow whose client port another frontend's or backend's live flow
+/// already holds gets `CT_FORWARD` and `CT_REPLY` entries instead, and
+/// raises `ct_paired[CT_MARK_PAIRS]`. (Direction 2 is an earlier
+/// version's, see the agent's `conntrack::upgrade`.)
 pub const CT_SOCKET: u8 = 3;
+
+/// `ct_paired` index: non-zero while `CT_FORWARD` entries, or `CT_REPLY`
+/// entries that are neither `CT_OUTWARD` nor `CT_REWRITE_DST`, may exist.
+pub const CT_MARK_PAIRS: u32 = 0;
+/// `ct_paired` index: non-zero while `CT_OUTWARD` or `CT_REWRITE_DST`
+/// entries may exist.
+pub const CT_MARK_SOURCE_NAT: u32 = 1;
+/// Entries of `ct_paired`.
+pub const CT_MARKS: u32 = 2;
 
 /// A `CT_REPLY` entry that rewrites the destination, not the source.
 pub const CT_REWRITE_DST: u16 = 1;
@@ -51,8 +63,9 @@ pub const CT_AT_EGRESS: u16 = 4;
 /// egress hook picks the node port on the flow's first packet there (or
 /// puts 0 back when an idle flow's port goes to a new flow).
 pub const CT_OUTWARD: u16 = 8;
-/// A source-NATed flow's reply entry: the flow also has a `CT_OUTWARD`
-/// entry (and, once its port is picked, a `CT_REWRITE_DST` one).
+/// A source-NATed flow's reply or socket entry: the flow also has a
+/// `CT_OUTWARD` entry (and, once its port is picked, a `CT_REWRITE_DST`
+/// one).
 pub const CT_SOURCE_NAT: u16 = 16;
 /// The flags of entries only the egress hook acts on.
 pub const CT_EGRESS_ONLY: u16 = CT_AT_EGRESS | CT_OUTWARD;
