@@ -30,19 +30,22 @@ use common::{
 };
 use etherparse::PacketBuilder;
 use proxy_agent::model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope};
-use proxy_common::{BENCH_HEAD, BenchPacket, Counter, names, programs};
+use proxy_common::{
+    BENCH_HEAD, BenchPacket, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, Counter, names, programs,
+};
 
 const SAMPLES: usize = 20_000;
 const REPEAT: u32 = 1_000_000;
-/// New-flow runs per syscall. With the single-pass flows, 2 x ROUNDS x this
-/// many flows (one conntrack entry each; a round times new flows twice,
-/// `ct_paired` down and up) fit in conntrack: no overflow.
-const NEW_FLOW_REPEAT: u32 = 20_000;
+/// New-flow runs per syscall. With the single-pass flows, 3 x ROUNDS x this
+/// many flows (one conntrack entry each; a round times new flows three
+/// times: `ct_paired` down, then each of its marks up) fit in conntrack: no
+/// overflow.
+const NEW_FLOW_REPEAT: u32 = 16_000;
 const ROUNDS: usize = 5;
 /// Runs per syscall of each conntrack micro-benchmark: as many as new
-/// flows, so that their table fills as conntrack does (two micro-benchmarks
-/// of one insert a run here, two new-flow cases of one entry a flow there)
-/// and the inserts are timed at the same fill.
+/// flows, so that their table fills about as conntrack does (two
+/// micro-benchmarks of one insert a run here, three new-flow cases of one
+/// entry a flow there) and the inserts are timed at a similar fill.
 const CT_OP_REPEAT: u32 = NEW_FLOW_REPEAT;
 const SCALES: [usize; 3] = [1, 10_000, 100_000];
 const CLIENT: [u8; 4] = [172, 16, 0, 2];
@@ -108,10 +111,13 @@ struct Samples {
     /// the same key, and an insert alone.
     ct_lookup_insert: Vec<u64>,
     ct_insert: Vec<u64>,
-    /// Steady state only: a new flow and a non-service packet while
-    /// `ct_paired` is raised (see `Scale::paired_round`).
+    /// Steady state only: a new flow and a non-service packet while a
+    /// mark of `ct_paired` is raised (see `Scale::marked_round`): the
+    /// pairs', the source NAT entries'.
     paired_new_flow: Vec<u64>,
     paired_non_service: Vec<u64>,
+    snat_new_flow: Vec<u64>,
+    snat_non_service: Vec<u64>,
 }
 
 impl Samples {
@@ -124,6 +130,8 @@ impl Samples {
             insert: median(&self.ct_insert) - empty,
             paired_new_flow: median(&self.paired_new_flow) - empty,
             paired_non_service: median(&self.paired_non_service) - empty,
+            snat_new_flow: median(&self.snat_new_flow) - empty,
+            snat_non_service: median(&self.snat_non_service) - empty,
         }
     }
 
@@ -269,33 +277,46 @@ impl Scale {
             samples.push(ns);
         }
         self.expected += REPEAT as u64 + NEW_FLOW_REPEAT as u64;
-        self.paired_round()
+        self.marked_round(CT_MARK_PAIRS)?;
+        self.marked_round(CT_MARK_SOURCE_NAT)
     }
 
-    /// A new flow and a non-service packet with `ct_paired` raised, as on a
-    /// node where some flows have a pair of entries (source-NATed ones, or
-    /// two flows sharing a client port): a new flow then also looks for a
-    /// forward entry, a non-service packet for a reply entry.
-    fn paired_round(&mut self) -> anyhow::Result<()> {
-        self.set_paired(1)?;
+    /// A new flow and a non-service packet with a mark of `ct_paired`
+    /// raised: `CT_MARK_PAIRS`, as on a node where two live flows share a
+    /// client port (a new flow then also looks for a forward entry and an
+    /// earlier pair's reply entry, a non-service packet for a reply entry);
+    /// `CT_MARK_SOURCE_NAT`, as on a node with source-NATed flows (only
+    /// packets to the node's source NAT address look for more).
+    fn marked_round(&mut self, mark: u32) -> anyhow::Result<()> {
+        self.set_mark(mark, 1)?;
         let (ns, out) =
             self.wrapper
                 .time(&self.dp, programs::XDP, &self.flow, true, NEW_FLOW_REPEAT)?;
         ensure!(out[30..32] == [10, 200], "new flows were not DNATed");
-        self.steady.paired_new_flow.push(ns);
+        let (new_flow, non_service) = match mark {
+            CT_MARK_PAIRS => (
+                &mut self.steady.paired_new_flow,
+                &mut self.steady.paired_non_service,
+            ),
+            _ => (
+                &mut self.steady.snat_new_flow,
+                &mut self.steady.snat_non_service,
+            ),
+        };
+        new_flow.push(ns);
         let (ns, out) = self
             .wrapper
             .time(&self.dp, programs::XDP, &self.other, false, REPEAT)?;
         ensure!(out == self.other, "a non-service packet was changed");
-        self.steady.paired_non_service.push(ns);
+        non_service.push(ns);
         self.expected += NEW_FLOW_REPEAT as u64;
-        self.set_paired(0)
+        self.set_mark(mark, 0)
     }
 
-    fn set_paired(&mut self, value: u32) -> anyhow::Result<()> {
+    fn set_mark(&mut self, mark: u32, value: u32) -> anyhow::Result<()> {
         let map = self.dp.ebpf.map_mut(names::PAIRED).context("ct_paired")?;
         let mut flag: Array<&mut MapData, u32> = Array::try_from(map)?;
-        flag.set(0, value, 0).context("writing ct_paired")
+        flag.set(mark, value, 0).context("writing ct_paired")
     }
 
     /// The counters say every timed run took the path it was meant to.
@@ -446,6 +467,8 @@ struct Parts {
     insert: f64,
     paired_new_flow: f64,
     paired_non_service: f64,
+    snat_new_flow: f64,
+    snat_non_service: f64,
 }
 
 impl Parts {
@@ -477,7 +500,11 @@ impl Parts {
             println!("  target met");
         }
         println!(
-            "  with ct_paired raised (some flows have a pair of entries: source NAT, a shared client port): new flow +{:.0} ns (its forward-entry lookup too), non-service +{:.0} ns (its reply-entry lookup too)",
+            "  with ct_paired's source NAT mark raised (source-NATed flows on the node): new flow +{:.0} ns, non-service +{:.0} ns (neither looks for more, only packets to the node's address do)",
+            self.snat_new_flow, self.snat_non_service
+        );
+        println!(
+            "  with ct_paired's pairs mark raised (two live flows share a client port): new flow +{:.0} ns (a forward-entry and a reply-entry lookup too), non-service +{:.0} ns (a reply-entry lookup too)",
             self.paired_new_flow, self.paired_non_service
         );
     }

@@ -22,9 +22,10 @@ use proxy_agent::{
     datapath::{conntrack::now, pinned::Pins},
 };
 use proxy_common::{
-    Addr6, CT_AT_EGRESS, CT_FORWARD, CT_OUTWARD, CT_REPLY, CT_REWRITE_DST, CT_STATE_ESTABLISHED,
-    CT_STATE_FIN, CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_SERVICES, names,
+    Addr6, CT_AT_EGRESS, CT_FORWARD, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_OUTWARD, CT_REPLY,
+    CT_REWRITE_DST, CT_SOCKET, CT_SOURCE_NAT, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN,
+    CT_STATE_RST, CT_STATE_SYN, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_SERVICES, names,
 };
 
 /// Short timeouts, so that "expired" needs only minutes of uptime.
@@ -429,6 +430,80 @@ fn a_pass_deletes_expired_flows_whole_and_reaps_their_connections() -> anyhow::R
         (keep4.len(), keep6.len(), 0, 0),
         "a second pass finds nothing more"
     );
+    Ok(())
+}
+
+/// The two marks of `ct_paired`, as the datapath reads them.
+fn marks(pinned: &Pinned) -> anyhow::Result<[u32; 2]> {
+    let flag: Array<MapData, u32> = pinned.map(names::PAIRED)?;
+    Ok([
+        flag.get(&CT_MARK_PAIRS, 0)?,
+        flag.get(&CT_MARK_SOURCE_NAT, 0)?,
+    ])
+}
+
+#[test]
+fn each_mark_of_ct_paired_falls_once_its_own_entries_are_gone() -> anyhow::Result<()> {
+    if !common::ready("each_mark_of_ct_paired_falls_once_its_own_entries_are_gone") {
+        return Ok(());
+    }
+    use CT_STATE_ESTABLISHED as EST;
+    let mut pinned = Pinned::new("marks")?;
+    pinned.load(SIZE)?;
+    let now = uptime_past(OLDEST)?;
+    let flow = |client: u8| Flow4 {
+        client: (v4([10, 0, 1, client]), 40_000),
+        frontend: (v4([10, 96, 0, 10]), 80),
+        backend: (v4([10, 1, 1, 2]), 8080),
+        proto: IPPROTO_TCP,
+        backend_id: 1,
+        now,
+    };
+    let (paired, natted) = (flow(1), flow(2));
+    let node = (v4([10, 0, 0, 1]), 61_000);
+    // A source-NATed flow: its socket entry and its two source NAT entries.
+    let socket = |idle| {
+        let key = natted.key(natted.client, (0, 0), CT_SOCKET);
+        let flags = CT_SOURCE_NAT | CT_AT_EGRESS;
+        (key, natted.value(natted.backend, flags, idle, EST, true))
+    };
+    let live_nat = [
+        socket(1),
+        natted.snat(node, [1, 1], EST)[0],
+        natted.snat(node, [1, 1], EST)[1],
+    ];
+    let expired_pair = [
+        paired.forward(OLDEST, EST, true),
+        paired.reply(0, OLDEST, EST),
+    ];
+    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
+    for (key, value) in live_nat.iter().chain(&expired_pair) {
+        ct4.insert(key, value, 0)?;
+    }
+    // As the datapath leaves them once it wrote such entries.
+    let mut flag: Array<MapData, u32> = pinned.map(names::PAIRED)?;
+    flag.set(CT_MARK_PAIRS, 1, 0)?;
+    flag.set(CT_MARK_SOURCE_NAT, 1, 0)?;
+
+    let mut gc = Gc::open(&pinned.bpffs(), TIMEOUTS)?;
+    let stats = gc.pass()?;
+    assert_eq!((stats.paired, stats.source_nat), (false, true));
+    assert_eq!(
+        marks(&pinned)?,
+        [0, 1],
+        "the pair went, the source NAT flow lives"
+    );
+    assert_eq!(remaining(&ct4)?.len(), 3);
+
+    // The source-NATed flow expires too.
+    let old = natted.snat(node, [OLDEST, OLDEST], EST);
+    for (key, value) in [socket(OLDEST), old[0], old[1]] {
+        ct4.insert(key, value, 0)?;
+    }
+    let stats = gc.pass()?;
+    assert_eq!((stats.paired, stats.source_nat), (false, false));
+    assert_eq!(marks(&pinned)?, [0, 0]);
+    assert!(remaining(&ct4)?.is_empty());
     Ok(())
 }
 

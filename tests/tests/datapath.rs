@@ -17,7 +17,10 @@ use common::{
 };
 use etherparse::PacketBuilder;
 use proxy_agent::datapath::conntrack::now;
-use proxy_common::{Counter, Ct4Entry, Ct4Key, names};
+use proxy_common::{
+    CT_AT_EGRESS, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_OUTWARD, CT_REPLY, CT_REWRITE_DST,
+    CT_SOCKET, CT_SOURCE_NAT, CT_UNREPLIED, Counter, Ct4Entry, Ct4Key, names,
+};
 use proxy_tests::manifests::{load_balancer, web_and_empty as services};
 
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
@@ -558,6 +561,39 @@ fn external_traffic_is_source_nated_to_the_node_and_back() {
     }
 }
 
+/// A source-NATed flow keeps one `CT_SOCKET` entry (and its two source NAT
+/// entries): no forward or reply entry, and only the source NAT mark of
+/// `ct_paired` goes up, so that other flows' packets still cost one lookup.
+#[test]
+fn a_source_nated_flow_has_one_socket_entry_and_raises_only_its_mark() {
+    if !common::ready("a_source_nated_flow_has_one_socket_entry_and_raises_only_its_mark") {
+        return;
+    }
+    for hook in HOOKS {
+        let lab = lab_with_node_address(&load_balancer_cluster());
+        assert_eq!(marks(&lab), [0, 0], "{hook:?}: a fresh datapath");
+        source_nat_and_back(&lab, hook);
+        let mut kinds: Vec<(u8, u16)> = ct4_entries(&lab)
+            .into_iter()
+            .map(|(k, v)| (k.direction, v.flags & !CT_UNREPLIED))
+            .collect();
+        kinds.sort();
+        let socket = (CT_SOCKET, CT_AT_EGRESS | CT_SOURCE_NAT);
+        let per_flow = [(CT_REPLY, CT_REWRITE_DST), (CT_REPLY, CT_OUTWARD), socket];
+        let mut want: Vec<(u8, u16)> = per_flow.iter().chain(&per_flow).copied().collect();
+        want.sort();
+        assert_eq!(kinds, want, "{hook:?}: two flows' entries");
+        assert_eq!(marks(&lab), [0, 1], "{hook:?}: only the source NAT mark");
+    }
+}
+
+/// The two marks of `ct_paired`: pairs, source NAT entries.
+fn marks(lab: &Lab) -> [u32; 2] {
+    let map = lab.dp.ebpf.map(names::PAIRED).expect("ct_paired");
+    let flag: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).expect("an array");
+    [CT_MARK_PAIRS, CT_MARK_SOURCE_NAT].map(|m| flag.get(&m, 0).expect("a mark"))
+}
+
 /// Where a flow from outside goes: to a backend, source-NATed to the node
 /// after forwarding, and back to the client from the load balancer's IP;
 /// a second flow gets another node port.
@@ -635,9 +671,9 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
         return;
     }
     const MAX: u32 = 8;
-    // With room for two entries, a flow's source NAT entries fit in ct4
-    // but its own do not: it must not leave the former behind.
-    for (hook, room) in [(Hook::Xdp, 0), (Hook::Tc, 0), (Hook::Xdp, 2), (Hook::Tc, 2)] {
+    // With room for one entry, a flow's socket entry fits in ct4 but its
+    // outward entry does not: it must not leave the former behind.
+    for (hook, room) in [(Hook::Xdp, 0), (Hook::Tc, 0), (Hook::Xdp, 1), (Hook::Tc, 1)] {
         let programs = [
             proxy_common::programs::XDP,
             proxy_common::programs::TC_INGRESS,
@@ -660,8 +696,8 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
             BpfHashMap::try_from(overflow).expect("a hash");
         assert_eq!(
             overflow.keys().count(),
-            8,
-            "{hook:?}: forward, reply and two source NAT entries of each flow"
+            6,
+            "{hook:?}: the socket entry and two source NAT entries of each flow"
         );
     }
 }
