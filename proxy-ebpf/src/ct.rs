@@ -8,28 +8,29 @@
 //! or at egress (`CT_AT_EGRESS`) for frontends that may be the node's own
 //! addresses. A new flow writes that one entry.
 //!
-//! A flow with source NAT to node address N and port p also has, both
-//! `CT_REPLY` entries, found only while `ct_paired[CT_MARK_SOURCE_NAT]` is
-//! up (see `ctmap::source_nat`):
-//! - `CT_OUTWARD` (C -> B) at egress: source becomes N:p, after the node
-//!   forwarded it; written here with port 0, the port picked at egress (see
-//!   `snat`);
-//! - `CT_REWRITE_DST` (B -> N:p) at ingress, looked for only by packets to
-//!   N: destination becomes C again, written at egress with the port.
-//!
-//! Its `CT_SOCKET` entry carries `CT_AT_EGRESS`: the reply, back on its way
-//! to C, gets its source F at egress.
+//! A flow with source NAT to node address N and port p is one of these too,
+//! with `CT_SOURCE_NAT` and `CT_AT_EGRESS`, and p in its `node_port`: C's
+//! packets, once forwarded to B, find it by their source at egress and
+//! leave from N:p (p picked on the first of them, see `snat`). One more
+//! entry, `CT_REWRITE_DST` (B -> N:p, direction `CT_REPLY`), written with
+//! the port, takes B's answers back to C at ingress; the reply, on its way
+//! to C, gets its source F at egress from the socket entry. Packets look
+//! for either only while `ct_paired[CT_MARK_SOURCE_NAT]` is up (see
+//! `ctmap::source_nat`), and for the second only when addressed to N.
 //!
 //! A flow whose client port holds another live flow, to another frontend
 //! and backend (a client may reuse a port towards other destinations), has
 //! a pair of entries instead, found only while `ct_paired[CT_MARK_PAIRS]`
 //! is up (see `ctmap::paired`): FORWARD (C -> F, destination becomes B)
-//! and REPLY (B -> C, source becomes F, at ingress or egress as above),
-//! and with source NAT the two above.
+//! and REPLY (B -> C, source becomes F, at ingress or egress as above).
+//! With source NAT, it also has `CT_OUTWARD` (C -> B, at egress: source
+//! becomes N:p), written here with port 0 and given its port at egress,
+//! and the node-port entry above.
 //!
-//! A new pair looks for no stale entries: an earlier flow between the same
-//! client port and backend has its reply entry under the same key, which
-//! the new one's insert finds (see `take_over`).
+//! A new flow looks for stale entries only while pairs may exist: an
+//! earlier pair between the same client port and backend is over (the
+//! backend has one connection per client port), and its reply entry,
+//! under the key the new flow's would have, goes first (`forget_reply`).
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use proxy_common::{
@@ -45,7 +46,7 @@ use crate::{
     family::{Family, Target, V4, V6},
     maps::{self, CONFIG, CONNECTIONS},
     parse::{Flow, TCP_SYN, Tuple},
-    snat,
+    snat::{self, Holder},
     verdict::{Rewrite, Side, Verdict},
 };
 
@@ -252,7 +253,7 @@ pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
         // Source NAT first: the backend's address is not kept (stack)
         // across the release.
         if entry.flags & CT_SOURCE_NAT != 0 {
-            forget_source_nat::<F>(flow, (entry.addr, entry.port));
+            forget_node_port::<F>(flow.proto(), (entry.addr, entry.port), entry.node_port);
         }
         release::<F>(flow, entry);
         F::ct_remove(socket_key::<F>(flow.saddr(), flow.sport(), flow.proto()));
@@ -264,7 +265,20 @@ pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
     F::ct_remove(of::<F>(flow, CT_FORWARD));
 }
 
-/// Removes the flow's source NAT entries towards `backend`, if it has
+/// Removes the entry that takes `backend`'s packets to node port
+/// `node_port` back to a source-NATed `CT_SOCKET` flow's client, if the
+/// flow has a port (not 0).
+#[inline(always)]
+fn forget_node_port<F: Family>(proto: u8, (addr, port): (F::Addr, u16), node_port: u16) {
+    if node_port == 0 {
+        return;
+    }
+    if let Some(node) = CONFIG.get(0).and_then(|c| F::snat_addr(c)) {
+        F::ct_remove(F::Ct::key(addr, port, node, node_port, proto, CT_REPLY));
+    }
+}
+
+/// Removes a pair's source NAT entries towards `backend`, if it has
 /// them: the outward entry names the node port the other is keyed by.
 #[inline(always)]
 fn forget_source_nat<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Addr, u16)) {
@@ -349,7 +363,12 @@ pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
     if let Some(rewrite) = back_to_client::<F>(flow, from_backend) {
         return Verdict::Rewrite(rewrite);
     }
-    if !ctmap::paired() && !ctmap::source_nat() {
+    if ctmap::source_nat()
+        && let Some(verdict) = to_backend_natted::<F>(flow)
+    {
+        return verdict;
+    }
+    if !ctmap::paired() {
         return Verdict::Pass;
     }
     let at_egress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY != 0;
@@ -359,16 +378,44 @@ pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
         return Verdict::Pass;
     };
     let port = match entry.port {
-        0 => snat::claim::<F>(flow, &entry),
+        0 => snat::claim::<F>(flow, &entry, entry.addr, Holder::Outward),
         port => Some(port),
     };
+    leave_as::<F>(entry.addr, port)
+}
+
+/// A client's packet, forwarded to its backend, of a source-NATed flow
+/// with a `CT_SOCKET` entry: its source becomes the node's address and the
+/// flow's node port, picked now if it has none. None if the packet is not
+/// such a flow's.
+#[inline(always)]
+fn to_backend_natted<F: Family>(flow: &Flow<F::Addr>) -> Option<Verdict<F::Addr>> {
+    let natted = |e: &Entry<F::Addr>| {
+        e.flags & CT_SOURCE_NAT != 0 && e.addr == flow.daddr && e.port == flow.dport
+    };
+    let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+    let entry = F::ct_get_where(key, Seen::Nothing, natted)?;
+    let Some(node) = snat_addr::<F>() else {
+        return Some(Verdict::Drop);
+    };
+    let port = match entry.node_port {
+        0 => snat::claim::<F>(flow, &entry, node, Holder::Socket),
+        port => Some(port),
+    };
+    Some(leave_as::<F>(node, port))
+}
+
+/// A source-NATed packet leaves from `node` and `port`; without a port it
+/// is dropped (counted), never sent with the client's address.
+#[inline(always)]
+fn leave_as<F: Family>(node: F::Addr, port: Option<u16>) -> Verdict<F::Addr> {
     let Some(port) = port else {
         maps::count(Counter::SnatFailed);
         return Verdict::Drop;
     };
     Verdict::Rewrite(Rewrite {
         side: Side::Source,
-        addr: entry.addr,
+        addr: node,
         port,
     })
 }
@@ -390,6 +437,7 @@ fn entry<A>(
         last_seen: now,
         state: first_state(flow),
         reply_state: CT_STATE_OPEN,
+        node_port: 0,
         active: 0,
         direction: 0,
     }
@@ -450,21 +498,17 @@ pub fn remember<F: Family>(
         ids: (backend_id, service.id),
         now: now(),
     };
-    let paired = match one_entry::<F>(&new, flow, backend) {
-        Ok(()) => false,
-        Err(e) if e == -EEXIST => {
-            pair::<F>(&new, flow, backend).map_err(untracked)?;
-            true
-        }
-        Err(e) => return Err(untracked(e)),
+    let written = match one_entry::<F>(&new, flow, backend) {
+        Err(e) if e == -EEXIST => pair::<F>(&new, flow, backend),
+        other => other,
     };
-    // Last: taking over an earlier flow of the client port removes that
-    // flow's outward entry, which has the same key.
-    if new.source_nat()
-        && let Err(e) = outward_entry::<F>(&new, flow, backend)
-    {
-        unwrite::<F>(flow, backend, paired);
+    if let Err(e) = written {
         return Err(untracked(e));
+    }
+    if new.source_nat() {
+        // Before the flow's first packet reaches egress, which looks for
+        // its node port only while this is up.
+        ctmap::mark_source_nat();
     }
     if new.counted() {
         // SAFETY: a field of the array value the closure is given.
@@ -508,7 +552,7 @@ fn one_entry<F: Family>(
                     return Err(-EEXIST);
                 }
                 if held.flags & CT_SOURCE_NAT != 0 {
-                    forget_source_nat::<F>(flow, (held.addr, held.port));
+                    forget_node_port::<F>(flow.proto, (held.addr, held.port), held.node_port);
                 }
                 release_at::<F>(key());
             }
@@ -520,26 +564,7 @@ fn one_entry<F: Family>(
     }
 }
 
-/// Removes the entries a new flow has written: a flow retried in the
-/// overflow table must not leave a half in this one.
-#[inline(always)]
-fn unwrite<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>, paired: bool) {
-    if !paired {
-        F::ct_remove(socket_key::<F>(flow.saddr, flow.sport, flow.proto));
-        return;
-    }
-    F::ct_remove(F::Ct::key(
-        backend.addr,
-        backend.port,
-        flow.saddr,
-        flow.sport,
-        flow.proto,
-        CT_REPLY,
-    ));
-    F::ct_remove(of::<F>(flow, CT_FORWARD));
-}
-
-/// Writes a source-NATed flow's outward entry, with the node's address and
+/// Writes a source-NATed pair's outward entry, with the node's address and
 /// port 0: the egress hook picks the port (see `snat`). The address is
 /// read again (`remember` checked it is there): kept from there, it would
 /// hold stack across every insert.
@@ -551,19 +576,17 @@ fn outward_entry<F: Family>(
 ) -> Result<(), i64> {
     let node = snat_addr::<F>().ok_or(-1i64)?;
     let pending = entry(flow, (node, 0), CT_OUTWARD, new.ids, new.now);
-    let written = F::ct_insert(
+    F::ct_insert(
         new.table,
         outward::<F>(flow, backend),
         pending,
         BPF_ANY as u64,
-    );
-    ctmap::mark_source_nat();
-    written
+    )
 }
 
-/// Writes a flow's forward and reply entries, both or none: for a flow
-/// whose client port another live flow, to another backend, holds
-/// (`one_entry` saw it).
+/// Writes a flow's forward and reply entries, and with source NAT its
+/// outward entry, all or none: for a flow whose client port another live
+/// flow, to another backend, holds (`one_entry` saw it).
 #[inline(always)]
 fn pair<F: Family>(
     new: &NewFlow,
@@ -580,7 +603,15 @@ fn pair<F: Family>(
         CT_REPLY,
     );
     let to_client = entry(flow, (flow.daddr, flow.dport), new.flags, new.ids, new.now);
-    let mut written = take_over::<F>(table, flow, backend, reply, to_client);
+    // An earlier pair's reply entry under this key is gone already (see
+    // `forget_reply`), but for one a racing CPU wrote: this one wins.
+    let mut written = F::ct_insert(table, reply, to_client, BPF_ANY as u64);
+    if written.is_ok() && new.source_nat() {
+        written = outward_entry::<F>(new, flow, backend);
+        if written.is_err() {
+            F::ct_remove(reply);
+        }
+    }
     if written.is_ok() {
         let to_backend = Entry {
             active: new.counted() as u32,
@@ -591,36 +622,13 @@ fn pair<F: Family>(
             // A flow retried in the overflow table must not leave a half
             // in this one.
             F::ct_remove(reply);
+            if new.source_nat() {
+                F::ct_remove(outward::<F>(flow, backend));
+            }
         }
     }
     ctmap::mark_paired();
     written
-}
-
-/// Writes the flow's reply entry. Where an earlier flow between the same
-/// client port and backend left one (the client reused its port towards
-/// another frontend of the same backend), the insert says so at no extra
-/// cost, and that flow's source NAT entries go before its reply entry is
-/// overwritten: they would rewrite this flow's packets, or keep a node
-/// port taken.
-#[inline(always)]
-fn take_over<F: Family>(
-    table: Table,
-    flow: &Flow<F::Addr>,
-    backend: &Target<F::Addr>,
-    reply: F::CtKey,
-    to_client: Entry<F::Addr>,
-) -> Result<(), i64> {
-    match F::ct_insert(table, reply, to_client, BPF_NOEXIST as u64) {
-        Err(e) if e == -EEXIST => {
-            if F::ct_flags(reply).is_some_and(|f| f & CT_SOURCE_NAT != 0) {
-                forget_source_nat::<F>(flow, (backend.addr, backend.port));
-            }
-            // Still `to_client`: lookups and removals leave the value alone.
-            F::ct_insert_staged(table, reply, BPF_ANY as u64)
-        }
-        other => other,
-    }
 }
 
 /// Removes the reply entry (and source NAT entries) an earlier pair of

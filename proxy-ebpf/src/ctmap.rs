@@ -42,6 +42,8 @@ pub struct Entry<A> {
     pub state: u8,
     /// `CT_SOCKET` entries: `CT_STATE_*` of the backend's side.
     pub reply_state: u8,
+    /// Source-NATed `CT_SOCKET` entries: the node port, 0 until picked.
+    pub node_port: u16,
     /// Non-zero while the flow counts as an open connection.
     pub active: u32,
     /// The direction of the key it was found at (not written).
@@ -227,6 +229,7 @@ pub struct Fields {
     pub active: *mut u32,
     pub flags: *mut u16,
     pub backend_id: *mut u32,
+    pub node_port: *mut u16,
 }
 
 /// Takes a packet into an entry: refreshes its second (at most one write a
@@ -311,6 +314,7 @@ pub struct Peek<A> {
     pub port: u16,
     pub flags: u16,
     pub state: u8,
+    pub node_port: u16,
 }
 
 /// Part of the entry at `key`, if there is one; the entry is only read.
@@ -398,17 +402,21 @@ pub fn table_of<M: CtMaps>(key: M::Key) -> Table {
     }
 }
 
-/// Sets the port of the entry at `key`, in place: a racing reader sees the
-/// old port or the new one, never a mix.
+/// Sets the port of the entry at `key` (`nat_port`, or with `node` its
+/// `node_port`), in place: a racing reader sees the old port or the new
+/// one, never a mix.
 #[inline(always)]
-pub fn set_port<M: CtMaps>(key: M::Key, port: u16) {
+pub fn set_port<M: CtMaps>(key: M::Key, port: u16, node: bool) {
     let Some((k, _)) = scratch().map(M::slots) else {
         return;
     };
     *k = key;
     if let Some(ptr) = lookup::<M>(k) {
         // SAFETY: a field of a live map value; a 16-bit store is atomic.
-        unsafe { *M::fields(ptr).port = port };
+        unsafe {
+            let fields = M::fields(ptr);
+            *(if node { fields.node_port } else { fields.port }) = port;
+        }
     }
 }
 
@@ -493,6 +501,7 @@ macro_rules! ct_maps {
                 v.last_seen = e.last_seen;
                 v.state = e.state;
                 v.reply_state = e.reply_state;
+                v.node_port = e.node_port;
                 v.active = e.active;
             }
 
@@ -507,6 +516,7 @@ macro_rules! ct_maps {
                     last_seen: v.last_seen,
                     state: v.state,
                     reply_state: v.reply_state,
+                    node_port: v.node_port,
                     active: v.active,
                     direction: 0,
                 }
@@ -519,6 +529,7 @@ macro_rules! ct_maps {
                     port: v.nat_port,
                     flags: v.flags,
                     state: v.state,
+                    node_port: v.node_port,
                 }
             }
 
@@ -534,6 +545,7 @@ macro_rules! ct_maps {
                         active: &raw mut (*v).active,
                         flags: &raw mut (*v).flags,
                         backend_id: &raw mut (*v).backend_id,
+                        node_port: &raw mut (*v).node_port,
                     }
                 }
             }

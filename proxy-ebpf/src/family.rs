@@ -109,8 +109,8 @@ pub trait Family {
     }
     /// See `ctmap::set_port`.
     #[inline(always)]
-    fn ct_set_port(key: Self::CtKey, port: u16) {
-        ctmap::set_port::<Self::Ct>(key, port)
+    fn ct_set_port(key: Self::CtKey, port: u16, node: bool) {
+        ctmap::set_port::<Self::Ct>(key, port, node)
     }
     /// See `ctmap::deactivate`.
     #[inline(always)]

@@ -1,20 +1,22 @@
 //! Source NAT ports: which node port a source-NATed flow leaves with.
 //!
-//! A new flow's outward entry is written at ingress with port 0 (pending);
-//! the egress hook picks the port on the flow's first packet there. Egress
-//! runs after forwarding, with a small stack, so the search can afford
-//! many tries, and it can drop a packet that finds no port instead of
-//! letting it leave with the client's address.
+//! A new flow has no port yet: its `CT_SOCKET` entry's `node_port` is 0 (or,
+//! for a flow with a pair of entries, its outward entry, written at
+//! ingress, has port 0); the egress hook picks the port on the flow's first
+//! packet there. Egress runs after forwarding, with a small stack, so the
+//! search can afford many tries, and it can drop a packet that finds no
+//! port instead of letting it leave with the client's address.
 //!
 //! A port is free for a backend when neither conntrack table has a reply
 //! entry (backend -> node:port), or when that entry's flow has been idle
 //! for the protocol's source NAT idle time: then the old flow gives the
-//! port up, and its outward entry goes back to pending, so that if it ever
-//! sends again it gets a port of its own instead of sharing this one.
+//! port up, and its entry goes back to no port, so that if it ever sends
+//! again it gets a port of its own instead of sharing this one.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::bpf_loop};
 use proxy_common::{
-    CT_REPLY, CT_REWRITE_DST, CT_UNREPLIED, IPPROTO_UDP, SNAT_IDLE_DATAGRAM, SNAT_IDLE_STREAM,
+    CT_REPLY, CT_REWRITE_DST, CT_SOCKET, CT_UNREPLIED, IPPROTO_UDP, SNAT_IDLE_DATAGRAM,
+    SNAT_IDLE_STREAM,
 };
 
 use crate::{
@@ -32,20 +34,45 @@ const TRIES: u32 = 32;
 /// The kernel's answer to an insert into a full hash map.
 const E2BIG: i64 = 7;
 
-/// Picks a node port for the flow whose pending outward entry is `out`
-/// (the packet is client -> backend), writes the reply entry that takes
-/// the backend's answers back to the client, and records the port in the
-/// outward entry. None if no port is free.
+/// Where a flow's node port is kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// Its `CT_SOCKET` entry's `node_port`.
+    Socket,
+    /// Its pair's outward entry (`CT_OUTWARD`, the port in `nat_port`).
+    Outward,
+}
+
+/// Picks a node port `node` for the flow whose entry `of` (its socket or
+/// outward entry, as `holder` says) has none yet (the packet is client ->
+/// backend), writes the reply entry that takes the backend's answers back
+/// to the client, and records the port in that entry. None if no port is
+/// free.
 #[inline(always)]
-pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u16> {
+pub fn claim<F: Family>(
+    flow: &Flow<F::Addr>,
+    of: &Entry<F::Addr>,
+    node: F::Addr,
+    holder: Holder,
+) -> Option<u16> {
     let config = CONFIG.get(0)?;
     let (min, max) = (config.snat_port_min, config.snat_port_max);
     if max < min {
         return None;
     }
-    let out_key = F::Ct::key(
-        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
-    );
+    let key = match holder {
+        Holder::Socket => F::Ct::key(
+            flow.saddr,
+            flow.sport,
+            F::Addr::default(),
+            0,
+            flow.proto,
+            CT_SOCKET,
+        ),
+        Holder::Outward => F::Ct::key(
+            flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
+        ),
+    };
     // The reply entry each try writes waits in the scratch buffer, not on
     // the stack, which the search (in its own frame) needs.
     F::ct_stage(&Entry {
@@ -53,15 +80,18 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
         port: flow.sport,
         flags: CT_REWRITE_DST | CT_UNREPLIED,
         last_seen: ctmap::now(),
+        reply_state: 0,
+        node_port: 0,
         active: 0,
-        ..*out
+        ..*of
     });
     let mut claim = Claim::<F> {
         // The flow's entries stay together: overflow flows are evicted whole.
-        table: F::ct_table(out_key),
-        out_key,
+        table: F::ct_table(key),
+        key,
+        socket: holder == Holder::Socket,
         backend: flow.daddr,
-        node: out.addr,
+        node,
         backend_port: flow.dport,
         proto: flow.proto,
         min,
@@ -86,7 +116,10 @@ pub fn claim<F: Family>(flow: &Flow<F::Addr>, out: &Entry<F::Addr>) -> Option<u1
 /// A port search: what each try needs, and its outcome (`port`, 0 while
 /// none is found).
 struct Claim<F: Family> {
-    out_key: F::CtKey,
+    /// The key of the entry that keeps the port.
+    key: F::CtKey,
+    /// That entry is a `CT_SOCKET` one (`node_port`), not an outward one.
+    socket: bool,
     backend: F::Addr,
     node: F::Addr,
     backend_port: u16,
@@ -115,7 +148,7 @@ extern "C" fn try_port<F: Family>(i: u64, claim: *mut Claim<F>) -> i64 {
     if insert::<F>(c.table, back).is_err() {
         return 0;
     }
-    F::ct_set_port(c.out_key, port);
+    F::ct_set_port(c.key, port, c.socket);
     c.port = port;
     1
 }
@@ -153,7 +186,21 @@ fn give_up<F: Family>(c: &Claim<F>, holder: &Entry<F::Addr>, port: u16) {
     );
     // Keyed client -> backend: only an outward entry can be there.
     if F::ct_get_where(out, Seen::Nothing, |e| e.port == port).is_some() {
-        F::ct_set_port(out, 0);
+        F::ct_set_port(out, 0, false);
+        return;
+    }
+    let socket = F::Ct::key(
+        holder.addr,
+        holder.port,
+        F::Addr::default(),
+        0,
+        c.proto,
+        CT_SOCKET,
+    );
+    let held =
+        |e: &Entry<F::Addr>| e.node_port == port && e.addr == c.backend && e.port == c.backend_port;
+    if F::ct_get_where(socket, Seen::Nothing, held).is_some() {
+        F::ct_set_port(socket, 0, true);
     }
 }
 

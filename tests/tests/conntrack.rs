@@ -177,7 +177,7 @@ impl Flow4 {
             last_seen: self.now - idle,
             state,
             reply_state: 0,
-            _pad: [0; 2],
+            node_port: 0,
             active: u32::from(active),
         }
     }
@@ -308,7 +308,7 @@ fn ipv6_cases(now: u32) -> Vec<Case<Ct6Key, Ct6Entry>> {
         last_seen: now - idle,
         state,
         reply_state: 0,
-        _pad: [0; 2],
+        node_port: 0,
         active: u32::from(active),
     };
     let (c1, c2, f, b) = (

@@ -18,8 +18,8 @@ use common::{
 use etherparse::PacketBuilder;
 use proxy_agent::datapath::conntrack::now;
 use proxy_common::{
-    CT_AT_EGRESS, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_OUTWARD, CT_REPLY, CT_REWRITE_DST,
-    CT_SOCKET, CT_SOURCE_NAT, CT_UNREPLIED, Counter, Ct4Entry, Ct4Key, names,
+    CT_AT_EGRESS, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_REPLY, CT_REWRITE_DST, CT_SOCKET,
+    CT_SOURCE_NAT, CT_UNREPLIED, Counter, Ct4Entry, Ct4Key, names,
 };
 use proxy_tests::manifests::{load_balancer, web_and_empty as services};
 
@@ -561,9 +561,11 @@ fn external_traffic_is_source_nated_to_the_node_and_back() {
     }
 }
 
-/// A source-NATed flow keeps one `CT_SOCKET` entry (and its two source NAT
-/// entries): no forward or reply entry, and only the source NAT mark of
-/// `ct_paired` goes up, so that other flows' packets still cost one lookup.
+/// A source-NATed flow keeps one `CT_SOCKET` entry, which names its node
+/// port, and the entry that takes the backend's answers to that port back
+/// to the client: no forward, reply or outward entry, and only the source
+/// NAT mark of `ct_paired` goes up, so that other flows' packets still cost
+/// one lookup.
 #[test]
 fn a_source_nated_flow_has_one_socket_entry_and_raises_only_its_mark() {
     if !common::ready("a_source_nated_flow_has_one_socket_entry_and_raises_only_its_mark") {
@@ -579,10 +581,19 @@ fn a_source_nated_flow_has_one_socket_entry_and_raises_only_its_mark() {
             .collect();
         kinds.sort();
         let socket = (CT_SOCKET, CT_AT_EGRESS | CT_SOURCE_NAT);
-        let per_flow = [(CT_REPLY, CT_REWRITE_DST), (CT_REPLY, CT_OUTWARD), socket];
+        let per_flow = [(CT_REPLY, CT_REWRITE_DST), socket];
         let mut want: Vec<(u8, u16)> = per_flow.iter().chain(&per_flow).copied().collect();
         want.sort();
         assert_eq!(kinds, want, "{hook:?}: two flows' entries");
+        let node_ports: Vec<u16> = ct4_entries(&lab)
+            .iter()
+            .filter(|(k, _)| k.direction == CT_SOCKET)
+            .map(|(_, v)| v.node_port)
+            .collect();
+        assert!(
+            node_ports.len() == 2 && node_ports.iter().all(|p| *p != 0),
+            "{hook:?}: each socket entry names its node port: {node_ports:?}"
+        );
         assert_eq!(marks(&lab), [0, 1], "{hook:?}: only the source NAT mark");
     }
 }
@@ -671,9 +682,7 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
         return;
     }
     const MAX: u32 = 8;
-    // With room for one entry, a flow's socket entry fits in ct4 but its
-    // outward entry does not: it must not leave the former behind.
-    for (hook, room) in [(Hook::Xdp, 0), (Hook::Tc, 0), (Hook::Xdp, 1), (Hook::Tc, 1)] {
+    for hook in HOOKS {
         let programs = [
             proxy_common::programs::XDP,
             proxy_common::programs::TC_INGRESS,
@@ -681,13 +690,9 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
         ];
         let dp = Loaded::with_conntrack(MAX, 1024, &programs).expect("load the datapath");
         let mut lab = programmed_with_node_address(dp, &load_balancer_cluster());
-        let filler = fill_ct4(&mut lab, room);
+        let filler = fill_ct4(&mut lab, 0);
         source_nat_and_back(&lab, hook);
-        assert_eq!(
-            ct4_keys(&lab),
-            filler,
-            "{hook:?}, room {room}: ct4 as filled"
-        );
+        assert_eq!(ct4_keys(&lab), filler, "{hook:?}: ct4 as filled");
         assert_eq!(lab.counter(Counter::CtFull), 2, "{hook:?}: two new flows");
         assert_eq!(lab.counter(Counter::SnatFailed), 0, "{hook:?}");
         assert_eq!(lab.counter(Counter::CtInsertFailed), 0, "{hook:?}");
@@ -696,8 +701,8 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
             BpfHashMap::try_from(overflow).expect("a hash");
         assert_eq!(
             overflow.keys().count(),
-            6,
-            "{hook:?}: the socket entry and two source NAT entries of each flow"
+            4,
+            "{hook:?}: the socket entry and the node-port entry of each flow"
         );
     }
 }
@@ -990,10 +995,11 @@ fn a_source_nat_port_is_unique_across_both_conntrack_tables() {
     if !common::ready("a_source_nat_port_is_unique_across_both_conntrack_tables") {
         return;
     }
-    // Room for exactly one flow's four entries in ct4: the second flow
-    // overflows, and must not be given the port the first holds in ct4.
+    // Room for exactly one flow's two entries in ct4 (its socket entry and
+    // its node-port entry): the second flow overflows, and must not be
+    // given the port the first holds in ct4.
     let mut lab = one_backend_lab(8, (61000, 61000));
-    fill_ct4(&mut lab, 4);
+    fill_ct4(&mut lab, 2);
     let first = seen(&snat_flow(&lab, 50000).1);
     assert_eq!(first.sport, 61000);
     assert!(ct4_keys(&lab).contains(&node_port_key(61000)), "in ct4");

@@ -4,8 +4,9 @@
 //! keeping a kind of lookup alive while it is up:
 //! - `CT_MARK_PAIRS`: flows whose client port another live flow already
 //!   holds get a forward and a reply entry;
-//! - `CT_MARK_SOURCE_NAT`: source-NATed flows' outward and node-port
-//!   (`CT_REWRITE_DST`) entries.
+//! - `CT_MARK_SOURCE_NAT`: source-NATed flows' entries (their socket entry,
+//!   which names their node port, and their node-port `CT_REWRITE_DST`
+//!   entry; a pair's outward entry).
 //!
 //! The datapath raises a mark once it writes such an entry; only garbage
 //! collection clears it, once no such entry is left in any conntrack map,
@@ -14,6 +15,7 @@
 
 use proxy_common::{
     CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, CT_OUTWARD, CT_REPLY, CT_REWRITE_DST, CT_SOCKET,
+    CT_SOURCE_NAT,
 };
 
 use super::overflow;
@@ -22,10 +24,11 @@ use super::overflow;
 pub const MARKS: [u32; CT_MARKS as usize] = [CT_MARK_PAIRS, CT_MARK_SOURCE_NAT];
 
 /// The mark an entry with this direction and these flags keeps up, if
-/// any: source NAT entries their own, every other entry but a
+/// any: source-NATed flows' entries their own, every other entry but a
 /// `CT_SOCKET` one (a legacy egress direction included) the pairs'.
 pub fn mark_of(direction: u8, flags: u16) -> Option<u32> {
     match direction {
+        CT_SOCKET if flags & CT_SOURCE_NAT != 0 => Some(CT_MARK_SOURCE_NAT),
         CT_SOCKET => None,
         CT_REPLY if flags & (CT_OUTWARD | CT_REWRITE_DST) != 0 => Some(CT_MARK_SOURCE_NAT),
         _ => Some(CT_MARK_PAIRS),
@@ -82,7 +85,7 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
-    use proxy_common::{CT_AT_EGRESS, CT_FORWARD, CT_SOURCE_NAT, CT_UNREPLIED};
+    use proxy_common::{CT_AT_EGRESS, CT_FORWARD, CT_UNREPLIED};
 
     use crate::conntrack::upgrade::LEGACY_EGRESS;
 
@@ -98,8 +101,8 @@ mod tests {
             (CT_REPLY, CT_REWRITE_DST | CT_UNREPLIED),
             (LEGACY_EGRESS, CT_OUTWARD),
         ];
-        assert_eq!(count(entries), [4, 2]);
-        assert_eq!(count([(CT_SOCKET, 0), (CT_SOCKET, CT_SOURCE_NAT)]), [0, 0]);
+        assert_eq!(count(entries), [4, 3]);
+        assert_eq!(count([(CT_SOCKET, 0), (CT_SOCKET, CT_AT_EGRESS)]), [0, 0]);
         assert_eq!(count([]), [0, 0]);
     }
 

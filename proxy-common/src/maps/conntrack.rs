@@ -25,8 +25,10 @@ pub const CT_REPLY: u8 = 1;
 /// `state` is the client side's, `reply_state` the backend side's, and
 /// `last_seen` either side's last packet. One insert per new flow instead
 /// of two. A source-NATed flow's entry carries `CT_SOURCE_NAT` and
-/// `CT_AT_EGRESS`; its `CT_OUTWARD` and `CT_REWRITE_DST` entries (direction
-/// `CT_REPLY`) hold the node port, and raise `ct_paired[CT_MARK_SOURCE_NAT]`.
+/// `CT_AT_EGRESS` and the node port its packets leave with (`node_port`,
+/// picked by the egress hook); its `CT_REWRITE_DST` entry (direction
+/// `CT_REPLY`) takes the backend's answers to that port back to the
+/// client. Such flows raise `ct_paired[CT_MARK_SOURCE_NAT]`.
 /// A flow whose client port another frontend's or backend's live flow
 /// already holds gets `CT_FORWARD` and `CT_REPLY` entries instead, and
 /// raises `ct_paired[CT_MARK_PAIRS]`. (Direction 2 is an earlier
@@ -36,8 +38,9 @@ pub const CT_SOCKET: u8 = 3;
 /// `ct_paired` index: non-zero while `CT_FORWARD` entries, or `CT_REPLY`
 /// entries that are neither `CT_OUTWARD` nor `CT_REWRITE_DST`, may exist.
 pub const CT_MARK_PAIRS: u32 = 0;
-/// `ct_paired` index: non-zero while `CT_OUTWARD` or `CT_REWRITE_DST`
-/// entries may exist.
+/// `ct_paired` index: non-zero while source-NATed flows' entries may
+/// exist: `CT_SOCKET` ones with `CT_SOURCE_NAT`, `CT_OUTWARD`,
+/// `CT_REWRITE_DST`.
 pub const CT_MARK_SOURCE_NAT: u32 = 1;
 /// Entries of `ct_paired`.
 pub const CT_MARKS: u32 = 2;
@@ -57,11 +60,12 @@ pub const CT_UNREPLIED: u16 = 2;
 /// to forward happen there (the kernel drops forwarded packets with a
 /// local source as martians).
 pub const CT_AT_EGRESS: u16 = 4;
-/// A `CT_REPLY` entry for a source-NATed flow's own packets (client ->
+/// A `CT_REPLY` entry for a source-NATed pair's own packets (client ->
 /// backend, after forwarding), applied at egress: the source becomes the
-/// node's address and port. Written with port 0 when the flow starts; the
-/// egress hook picks the node port on the flow's first packet there (or
-/// puts 0 back when an idle flow's port goes to a new flow).
+/// node's address and port. (A source-NATed `CT_SOCKET` flow keeps its
+/// node port in its own entry instead.) Written with port 0 when the flow
+/// starts; the egress hook picks the node port on the flow's first packet
+/// there (or puts 0 back when an idle flow's port goes to a new flow).
 pub const CT_OUTWARD: u16 = 8;
 /// A source-NATed flow's reply or socket entry: the flow also has a
 /// `CT_OUTWARD` entry (and, once its port is picked, a `CT_REWRITE_DST`
@@ -107,7 +111,10 @@ pub struct Ct4Entry {
     /// `CT_SOCKET` entries: `CT_STATE_*` of the backend's packets. 0
     /// otherwise.
     pub reply_state: u8,
-    pub _pad: [u8; 2],
+    /// Source-NATed `CT_SOCKET` entries: the node port (network order) the
+    /// client's packets leave with, 0 until the egress hook picks one. 0
+    /// otherwise.
+    pub node_port: u16,
     /// 1 while the flow counts as an open connection of its backend in
     /// `lb_conns` (forward and socket entries only); whoever swaps it to 0
     /// takes the count back.
@@ -150,7 +157,7 @@ pub struct Ct6Entry {
     pub last_seen: u32,
     pub state: u8,
     pub reply_state: u8,
-    pub _pad: [u8; 2],
+    pub node_port: u16,
     pub active: u32,
 }
 
