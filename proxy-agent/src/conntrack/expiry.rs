@@ -306,6 +306,7 @@ mod tests {
             last_seen: NOW - idle,
             state,
             reply_state: 0,
+            node_port: 0,
             active: false,
         }
     }

@@ -125,6 +125,7 @@ mod tests {
             last_seen: 0,
             state: 0,
             reply_state: 0,
+            node_port: 0,
             active: false,
         }
     }

@@ -41,6 +41,9 @@ pub struct Record<E> {
     /// `CT_SOCKET` entries: `CT_STATE_*` of the backend's packets (0
     /// otherwise).
     pub reply_state: u8,
+    /// Source-NATed `CT_SOCKET` entries: the node port (host order) the
+    /// client's packets leave with, 0 until picked (0 otherwise).
+    pub node_port: u16,
     /// The flow counts as an open connection of its backend (forward and
     /// socket entries only).
     pub active: bool,
@@ -64,6 +67,7 @@ impl<E: Copy> Record<E> {
             last_seen: self.last_seen,
             state: self.state,
             reply_state: self.reply_state,
+            node_port: self.node_port,
             active: self.active,
         }
     }
@@ -131,6 +135,7 @@ macro_rules! ct_key {
                     last_seen: v.last_seen,
                     state: v.state,
                     reply_state: v.reply_state,
+                    node_port: u16::from_be(v.node_port),
                     active: v.active != 0,
                 }
             }
@@ -219,6 +224,7 @@ mod tests {
             nat_port: 8080u16.to_be(),
             state: CT_STATE_FIN,
             reply_state: CT_STATE_ESTABLISHED,
+            node_port: 61_000u16.to_be(),
             active: 1,
             ..Ct4Entry::default()
         };
@@ -230,6 +236,7 @@ mod tests {
         );
         let decoded = key.decode(&value);
         assert_eq!(decoded.reply_state, CT_STATE_ESTABLISHED);
+        assert_eq!(decoded.node_port, 61_000, "host order");
         assert_eq!(decoded.src.to_string(), "10.0.1.2:40000");
         assert_eq!(decoded.nat.to_string(), "10.1.1.2:8080");
         assert_eq!(decoded.dst.to_string(), "0.0.0.0:0");

@@ -499,6 +499,10 @@ pub struct SocketView {
     pub frontend: Option<SocketAddr>,
     /// The state of the backend's packets, as `state` is the client's.
     pub reply_state: String,
+    /// A source-NATed flow's node port: its packets leave from the node's
+    /// address and this port (null until the first of them picks it, and
+    /// for flows without source NAT).
+    pub node_port: Option<u16>,
 }
 
 /// Entries per family (both tables), and of those in the overflow table.
@@ -553,6 +557,7 @@ fn ct_view(
     let socket = (r.direction == CT_SOCKET).then(|| SocketView {
         frontend,
         reply_state: state_name(r.reply_state),
+        node_port: (r.node_port != 0).then_some(r.node_port),
     });
     CtView {
         family: IpFamily::of(&r.src),

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use super::report::{
     BackendsReport, ConntrackReport, CountersReport, CtView, ServiceBackend, ServiceView,
-    ServicesReport,
+    ServicesReport, SocketView,
 };
 
 /// One block per frontend: its entry, then its backends.
@@ -149,7 +149,7 @@ fn ct_row(e: &CtView) -> Vec<String> {
     vec![
         e.direction.clone(),
         flow(e),
-        e.nat.to_string(),
+        nat(e),
         ct_state(e),
         format!("{}s", e.age_seconds),
         e.backend_id.to_string(),
@@ -167,6 +167,18 @@ fn flow(e: &CtView) -> String {
             format!("{} -> service {} {}", e.src, e.service_id, e.protocol)
         }
         _ => format!("{} -> {} {}", e.src, e.dst, e.protocol),
+    }
+}
+
+/// What the entry rewrites to; a source-NATed socket entry's backend with
+/// the node port its client's packets leave from.
+fn nat(e: &CtView) -> String {
+    match &e.socket {
+        Some(SocketView {
+            node_port: Some(port),
+            ..
+        }) => format!("{} via :{port}", e.nat),
+        _ => e.nat.to_string(),
     }
 }
 

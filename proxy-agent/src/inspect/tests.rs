@@ -309,6 +309,7 @@ fn ct(src: &str, dst: &str, direction: u8, nat: &str) -> Record<SocketAddr> {
         last_seen: 100,
         state: CT_STATE_ESTABLISHED,
         reply_state: 0,
+        node_port: 0,
         active: false,
     }
 }
@@ -465,8 +466,9 @@ fn a_socket_entry_shows_client_frontend_backend_and_both_states() {
         frontend: Some(addr("10.96.0.10:80")),
         ..in_main(socket("10.0.1.2:40000", 1))
     };
-    // Service 5's frontend is not in lb4_rev_nat.
-    let unknown = in_main(socket("10.0.1.3:40000", 5));
+    // Service 5's frontend is not in lb4_rev_nat; its flow is source-NATed.
+    let mut unknown = in_main(socket("10.0.1.3:40000", 5));
+    unknown.entry.node_port = 61_000;
     let forward = in_main(ct(
         "10.0.1.4:40000",
         "10.96.0.10:80",
@@ -493,10 +495,12 @@ fn a_socket_entry_shows_client_frontend_backend_and_both_states() {
             "active": true,
             "frontend": "10.96.0.10:80",
             "reply_state": "fin",
+            "node_port": null,
         })
     );
     assert_eq!(json["entries"][2]["dst"], "0.0.0.0:0");
     assert_eq!(json["entries"][2]["frontend"], serde_json::Value::Null);
+    assert_eq!(json["entries"][2]["node_port"], 61_000);
     let forward = json["entries"][0].as_object().expect("an object");
     assert_eq!(forward["direction"], "forward");
     assert!(
@@ -507,17 +511,17 @@ fn a_socket_entry_shows_client_frontend_backend_and_both_states() {
     let text = table::conntrack(&report);
     assert!(
         text.contains(
-            "socket     10.0.1.2:40000 -> 10.96.0.10:80 TCP  10.1.1.2:8080  established/fin"
+            "socket     10.0.1.2:40000 -> 10.96.0.10:80 TCP  10.1.1.2:8080             established/fin"
         ),
         "{text}"
     );
     assert!(
-        text.contains("socket     10.0.1.3:40000 -> service 5 TCP"),
+        text.contains("socket     10.0.1.3:40000 -> service 5 TCP      10.1.1.2:8080 via :61000"),
         "{text}"
     );
     assert!(
         text.contains(
-            "forward    10.0.1.4:40000 -> 10.96.0.10:80 TCP  10.1.1.2:8080  established "
+            "forward    10.0.1.4:40000 -> 10.96.0.10:80 TCP  10.1.1.2:8080             established "
         ),
         "{text}"
     );
