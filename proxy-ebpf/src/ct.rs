@@ -363,46 +363,50 @@ pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
     if let Some(rewrite) = back_to_client::<F>(flow, from_backend) {
         return Verdict::Rewrite(rewrite);
     }
-    if ctmap::source_nat()
-        && let Some(verdict) = to_backend_natted::<F>(flow)
-    {
-        return verdict;
+    let Some((entry, to, holder)) = leaving::<F>(flow) else {
+        return Verdict::Pass;
+    };
+    // No node address (counted): never sent with the client's address.
+    let Some(to) = to else {
+        return Verdict::Drop;
+    };
+    let port = match holder {
+        Holder::Socket => entry.node_port,
+        Holder::Outward => entry.port,
+    };
+    // One call site: the verifier walks the port search once.
+    let port = match port {
+        0 => snat::claim::<F>(flow, &entry, to, holder),
+        port => Some(port),
+    };
+    leave_as::<F>(to, port)
+}
+
+/// The entry that gives a packet leaving the node its new source, with
+/// that source's address (None: the node has none) and where its port is
+/// kept: a client's packet,
+/// forwarded to its backend, of a source-NATed `CT_SOCKET` flow (found by
+/// its source: the node's address, the entry's node port, 0 until picked);
+/// or a pair's egress entry (its outward entry, the port 0 until picked,
+/// or a reply entry whose source becomes the frontend).
+#[inline(always)]
+fn leaving<F: Family>(flow: &Flow<F::Addr>) -> Option<(Entry<F::Addr>, Option<F::Addr>, Holder)> {
+    if ctmap::source_nat() {
+        let natted = |e: &Entry<F::Addr>| {
+            e.flags & CT_SOURCE_NAT != 0 && e.addr == flow.daddr && e.port == flow.dport
+        };
+        let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+        if let Some(entry) = F::ct_get_where(key, Seen::Nothing, natted) {
+            return Some((entry, snat_addr::<F>(), Holder::Socket));
+        }
     }
     if !ctmap::paired() {
-        return Verdict::Pass;
+        return None;
     }
     let at_egress = |e: &Entry<F::Addr>| e.flags & CT_EGRESS_ONLY != 0;
     let key = of::<F>(flow, CT_REPLY);
-    let seen = Seen::Reply(flow.tcp_flags);
-    let Some(entry) = F::ct_get_where(key, seen, at_egress) else {
-        return Verdict::Pass;
-    };
-    let port = match entry.port {
-        0 => snat::claim::<F>(flow, &entry, entry.addr, Holder::Outward),
-        port => Some(port),
-    };
-    leave_as::<F>(entry.addr, port)
-}
-
-/// A client's packet, forwarded to its backend, of a source-NATed flow
-/// with a `CT_SOCKET` entry: its source becomes the node's address and the
-/// flow's node port, picked now if it has none. None if the packet is not
-/// such a flow's.
-#[inline(always)]
-fn to_backend_natted<F: Family>(flow: &Flow<F::Addr>) -> Option<Verdict<F::Addr>> {
-    let natted = |e: &Entry<F::Addr>| {
-        e.flags & CT_SOURCE_NAT != 0 && e.addr == flow.daddr && e.port == flow.dport
-    };
-    let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
-    let entry = F::ct_get_where(key, Seen::Nothing, natted)?;
-    let Some(node) = snat_addr::<F>() else {
-        return Some(Verdict::Drop);
-    };
-    let port = match entry.node_port {
-        0 => snat::claim::<F>(flow, &entry, node, Holder::Socket),
-        port => Some(port),
-    };
-    Some(leave_as::<F>(node, port))
+    let entry = F::ct_get_where(key, Seen::Reply(flow.tcp_flags), at_egress)?;
+    Some((entry, Some(entry.addr), Holder::Outward))
 }
 
 /// A source-NATed packet leaves from `node` and `port`; without a port it
