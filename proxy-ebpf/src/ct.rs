@@ -384,11 +384,11 @@ pub fn egress<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
 
 /// The entry that gives a packet leaving the node its new source, with
 /// that source's address (None: the node has none) and where its port is
-/// kept: a client's packet,
-/// forwarded to its backend, of a source-NATed `CT_SOCKET` flow (found by
-/// its source: the node's address, the entry's node port, 0 until picked);
-/// or a pair's egress entry (its outward entry, the port 0 until picked,
-/// or a reply entry whose source becomes the frontend).
+/// kept: for a client's packet, forwarded to its backend, of a
+/// source-NATed `CT_SOCKET` flow, that entry (found by the packet's source:
+/// the node's address, the entry's node port, 0 until picked); or a pair's
+/// egress entry (its outward entry, the port 0 until picked, or a reply
+/// entry whose source becomes the frontend).
 #[inline(always)]
 fn leaving<F: Family>(flow: &Flow<F::Addr>) -> Option<(Entry<F::Addr>, Option<F::Addr>, Holder)> {
     if ctmap::source_nat() {
@@ -522,9 +522,10 @@ pub fn remember<F: Family>(
 }
 
 /// Writes the flow's `CT_SOCKET` entry. One its client port already has
-/// gives way if its flow is over: closing, or towards the same backend (which has
-/// one connection per client port: the client reused the port towards
-/// another frontend of it). Otherwise `-EEXIST`: the flow needs a pair.
+/// gives way if its flow is over: closing, or towards the same backend
+/// (which has one connection per client port: the client reused the port
+/// towards another frontend of it). Otherwise `-EEXIST`: the flow needs a
+/// pair.
 #[inline(always)]
 fn one_entry<F: Family>(
     new: &NewFlow,
