@@ -229,15 +229,20 @@ fn quiet<F: Family>(closed: &ClosedFlow<F::Addr>, forward: &Entry<F::Addr>, now:
     }
     let reset = forward.state == CT_STATE_RST;
     let open = |reply: &Entry<F::Addr>| !idle(reply) || !(closing(reply.state) || reset);
-    F::ct_get_where(back::<F>(closed, forward), Seen::Nothing, open).is_none()
+    F::ct_get_where(
+        back::<F>(closed, (forward.addr, forward.port)),
+        Seen::Nothing,
+        open,
+    )
+    .is_none()
 }
 
 /// The key of the flow's entry for packets coming back from its backend.
 #[inline(always)]
-fn back<F: Family>(flow: &impl Tuple<F::Addr>, to: &Entry<F::Addr>) -> F::CtKey {
+fn back<F: Family>(flow: &impl Tuple<F::Addr>, (addr, port): (F::Addr, u16)) -> F::CtKey {
     F::Ct::key(
-        to.addr,
-        to.port,
+        addr,
+        port,
         flow.saddr(),
         flow.sport(),
         flow.proto(),
@@ -260,7 +265,7 @@ pub fn forget<F: Family>(flow: &impl Tuple<F::Addr>, entry: &Entry<F::Addr>) {
         return;
     }
     release::<F>(flow, entry);
-    F::ct_remove(back::<F>(flow, entry));
+    F::ct_remove(back::<F>(flow, (entry.addr, entry.port)));
     forget_source_nat::<F>(flow, (entry.addr, entry.port));
     F::ct_remove(of::<F>(flow, CT_FORWARD));
 }
@@ -599,14 +604,7 @@ fn pair<F: Family>(
     backend: &Target<F::Addr>,
 ) -> Result<(), i64> {
     let table = new.table;
-    let reply = F::Ct::key(
-        backend.addr,
-        backend.port,
-        flow.saddr,
-        flow.sport,
-        flow.proto,
-        CT_REPLY,
-    );
+    let reply = back::<F>(flow, (backend.addr, backend.port));
     let to_client = entry(flow, (flow.daddr, flow.dport), new.flags, new.ids, new.now);
     // An earlier pair's reply entry under this key is gone already (see
     // `forget_reply`), but for one a racing CPU wrote: this one wins.
@@ -643,14 +641,7 @@ fn pair<F: Family>(
 /// left to expire.
 #[inline(always)]
 fn forget_reply<F: Family>(flow: &Flow<F::Addr>, backend: &Target<F::Addr>) {
-    let reply = F::Ct::key(
-        backend.addr,
-        backend.port,
-        flow.saddr,
-        flow.sport,
-        flow.proto,
-        CT_REPLY,
-    );
+    let reply = back::<F>(flow, (backend.addr, backend.port));
     let Some(flags) = F::ct_flags(reply) else {
         return;
     };

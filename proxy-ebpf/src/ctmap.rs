@@ -155,8 +155,9 @@ pub fn paired() -> bool {
     raised(CT_MARK_PAIRS)
 }
 
-/// True while source NAT entries (`CT_OUTWARD`, `CT_REWRITE_DST`) may
-/// exist: until a flow is source-NATed, no packet looks for them.
+/// True while source-NATed flows' entries (`CT_SOCKET` ones with
+/// `CT_SOURCE_NAT`, `CT_OUTWARD`, `CT_REWRITE_DST`) may exist: until a
+/// flow is source-NATed, no packet looks for them.
 #[inline(always)]
 pub fn source_nat() -> bool {
     raised(CT_MARK_SOURCE_NAT)
@@ -183,9 +184,9 @@ pub fn mark_paired() {
     mark(&PAIRED, CT_MARK_PAIRS);
 }
 
-/// As `mark_paired`, once a flow's outward entry is written (its
-/// `CT_REWRITE_DST` entry comes later, at egress, and the flag is up by
-/// then).
+/// As `mark_paired`, once a source-NATed flow's entries are written at
+/// ingress: before its first packet reaches egress, where its node port
+/// is picked and its `CT_REWRITE_DST` entry written.
 #[inline(always)]
 pub fn mark_source_nat() {
     mark(&PAIRED, CT_MARK_SOURCE_NAT);

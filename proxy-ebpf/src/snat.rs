@@ -15,11 +15,11 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::bpf_loop};
 use proxy_common::{
-    CT_REPLY, CT_REWRITE_DST, CT_SOCKET, CT_UNREPLIED, IPPROTO_UDP, SNAT_IDLE_DATAGRAM,
-    SNAT_IDLE_STREAM,
+    CT_REPLY, CT_REWRITE_DST, CT_UNREPLIED, IPPROTO_UDP, SNAT_IDLE_DATAGRAM, SNAT_IDLE_STREAM,
 };
 
 use crate::{
+    ct,
     ctmap::{self, CtMaps, Entry, Seen, Table},
     family::Family,
     maps::CONFIG,
@@ -61,14 +61,7 @@ pub fn claim<F: Family>(
         return None;
     }
     let key = match holder {
-        Holder::Socket => F::Ct::key(
-            flow.saddr,
-            flow.sport,
-            F::Addr::default(),
-            0,
-            flow.proto,
-            CT_SOCKET,
-        ),
+        Holder::Socket => ct::socket_key::<F>(flow.saddr, flow.sport, flow.proto),
         Holder::Outward => F::Ct::key(
             flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, CT_REPLY,
         ),
@@ -189,14 +182,7 @@ fn give_up<F: Family>(c: &Claim<F>, holder: &Entry<F::Addr>, port: u16) {
         F::ct_set_port(out, 0, false);
         return;
     }
-    let socket = F::Ct::key(
-        holder.addr,
-        holder.port,
-        F::Addr::default(),
-        0,
-        c.proto,
-        CT_SOCKET,
-    );
+    let socket = ct::socket_key::<F>(holder.addr, holder.port, c.proto);
     let held =
         |e: &Entry<F::Addr>| e.node_port == port && e.addr == c.backend && e.port == c.backend_port;
     if F::ct_get_where(socket, Seen::Nothing, held).is_some() {
