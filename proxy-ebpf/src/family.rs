@@ -4,9 +4,9 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    Addr6, Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, ClosedFlow, Ct4Key,
-    Ct6Key, Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4, SourceRange6,
-    csum::Words,
+    Addr6, Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Chosen, ClosedFlow,
+    Ct4Key, Ct6Key, Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4,
+    SourceRange6, csum::Words,
 };
 
 use crate::{
@@ -14,7 +14,8 @@ use crate::{
     hash::AddrHash,
     maps::{
         AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH, MEMBERS4,
-        MEMBERS6, REV_NAT4, REV_NAT6, SERVICES4, SERVICES6, SOURCE_RANGES4, SOURCE_RANGES6,
+        MEMBERS6, NEW_FLOW, REV_NAT4, REV_NAT6, SERVICES4, SERVICES6, SOURCE_RANGES4,
+        SOURCE_RANGES6,
     },
     parse::{Ipv4Hdr, Ipv6Hdr},
 };
@@ -131,6 +132,8 @@ pub trait Family {
     fn admits(service_id: u32, client: Self::Addr) -> bool;
     /// The node address source NAT uses, if one is known.
     fn snat_addr(config: &NodeConfig) -> Option<Self::Addr>;
+    /// This CPU's `Chosen` of the family in `new_flow`.
+    fn chosen() -> Option<*mut Chosen<Self::Addr>>;
 }
 
 /// The backend `backend_id` as a member of service `service_id`.
@@ -160,7 +163,8 @@ macro_rules! family {
             members: $members:ident,
             affinity: $affinity:ident($affinity_key:ident),
             source_ranges: $ranges:ident($range:ident),
-            snat_addr: $snat:ident $(,)?
+            snat_addr: $snat:ident,
+            chosen: $chosen:ident $(,)?
         }
     ) => {
         pub struct $name;
@@ -258,6 +262,14 @@ macro_rules! family {
                 let addr = config.$snat;
                 (addr != <$addr>::default()).then_some(addr)
             }
+
+            #[inline(always)]
+            fn chosen() -> Option<*mut Chosen<$addr>> {
+                // SAFETY: a field of a live per-CPU value; no reference made.
+                NEW_FLOW
+                    .get_ptr_mut(0)
+                    .map(|n| unsafe { &raw mut (*n).$chosen })
+            }
         }
 
         impl From<&$backend> for Target<$addr> {
@@ -288,6 +300,7 @@ family!(V4 {
     affinity: AFFINITY4(Affinity4Key),
     source_ranges: SOURCE_RANGES4(SourceRange4),
     snat_addr: snat_addr4,
+    chosen: v4,
 });
 
 family!(V6 {
@@ -305,4 +318,5 @@ family!(V6 {
     affinity: AFFINITY6(Affinity6Key),
     source_ranges: SOURCE_RANGES6(SourceRange6),
     snat_addr: snat_addr6,
+    chosen: v6,
 });

@@ -5,9 +5,9 @@ use aya_ebpf::{
     helpers::{bpf_loop, bpf_map_lookup_elem},
 };
 use proxy_common::{
-    ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Counter, IPPROTO_TCP, LEAST_CONN_SCAN,
-    SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS, SVC_SOURCE_RANGES, Service,
-    SlotKey,
+    ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Chosen, Counter, IPPROTO_TCP,
+    LEAST_CONN_SCAN, SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS,
+    SVC_SOURCE_RANGES, Service, SlotKey,
 };
 
 use crate::{
@@ -88,10 +88,61 @@ fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::
     let Some((id, backend)) = chosen.or_else(|| select::<F, _>(service, &hashed, pick)) else {
         return Verdict::Pass;
     };
+    hand_over::<F>(service, id, &backend)
+}
+
+/// Leaves the new flow's backend for the new-flow program (`new_flow`),
+/// which the caller tail-calls: conntrack's writes are there, so the
+/// verifier walks them once, not once for each path through this
+/// program (most of its work, and of the agent's start). The verdict
+/// says where the packet goes if that program cannot run: to the backend,
+/// without state.
+#[inline(always)]
+fn hand_over<F: Family>(service: &Service, id: u32, backend: &Target<F::Addr>) -> Verdict<F::Addr> {
+    let Some(chosen) = F::chosen() else {
+        maps::count(Counter::CtInsertFailed);
+        return to(backend);
+    };
+    // SAFETY: this CPU's value, live; written whole.
+    unsafe {
+        *chosen = Chosen {
+            service: *service,
+            backend_id: id,
+            port: backend.port,
+            flags: backend.flags,
+            _pad: 0,
+            addr: backend.addr,
+        }
+    };
+    Verdict::NewFlow(Rewrite {
+        side: Side::Destination,
+        addr: backend.addr,
+        port: backend.port,
+    })
+}
+
+/// The new-flow program's half of a new flow (see `hand_over`): writes its
+/// conntrack entries, then sends it to its backend.
+#[inline(always)]
+pub fn start<F: Family>(flow: &Flow<F::Addr>) -> Verdict<F::Addr> {
+    let Some(chosen) = F::chosen() else {
+        return Verdict::Pass;
+    };
+    // SAFETY: this CPU's value, live, written by the program that called
+    // this one for this packet.
+    let (service, id) = unsafe { (&(*chosen).service, (*chosen).backend_id) };
+    // SAFETY: as above.
+    let backend = unsafe {
+        Target {
+            addr: (*chosen).addr,
+            port: (*chosen).port,
+            flags: (*chosen).flags,
+        }
+    };
     match ct::remember::<F>(Table::Main, flow, service, id, &backend) {
         Ok(()) => {
             maps::count_backend_flow(id);
-            if affinity {
+            if service.flags & SVC_AFFINITY != 0 {
                 affinity::remember::<F>(service, flow.saddr, id);
             }
             to(&backend)
@@ -212,6 +263,11 @@ pub fn select<F: Family, H: Hashed>(
     hashed: &H,
     pick: Pick,
 ) -> Option<(u32, Target<F::Addr>)> {
+    // Callers check it first; the new-flow program's own copy of the
+    // service does not show that to the compiler.
+    if service.backend_count == 0 {
+        return None;
+    }
     let slot = if service.table_size != 0 {
         // Maglev and source hash: slots hold the lookup table, and every
         // node must pick alike.

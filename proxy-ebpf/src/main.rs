@@ -107,9 +107,31 @@ fn xdp_flow<F: Datapath>(
     start: usize,
     end: usize,
 ) -> Result<u32, ()> {
-    match lb::decide::<F>(flow, (end - start) as u64, Stage::Ingress) {
+    let verdict = match lb::decide::<F>(flow, (end - start) as u64, Stage::Ingress) {
+        Verdict::NewFlow(rewrite) => {
+            // SAFETY: jumps to the new-flow program, or returns here if
+            // its slot is empty.
+            let _ = unsafe { maps::XDP_NEW_FLOW.tail_call(ctx, 0) };
+            maps::count(Counter::CtInsertFailed);
+            Verdict::Rewrite(rewrite)
+        }
+        verdict => verdict,
+    };
+    xdp_verdict::<F>(ctx, flow, start, end, verdict)
+}
+
+/// Applies `verdict` to the packet.
+#[inline(always)]
+fn xdp_verdict<F: Datapath>(
+    ctx: &XdpContext,
+    flow: &Flow<F::Addr>,
+    start: usize,
+    end: usize,
+    verdict: Verdict<F::Addr>,
+) -> Result<u32, ()> {
+    match verdict {
         Verdict::Pass => {}
-        Verdict::Rewrite(rewrite) => {
+        Verdict::Rewrite(rewrite) | Verdict::NewFlow(rewrite) => {
             nat::xdp::<F>(ctx, flow, &rewrite)?;
             frag::remember::<F>(start, end, flow, Stage::Ingress, &rewrite);
         }
@@ -133,6 +155,25 @@ fn xdp_flow<F: Datapath>(
     Ok(xdp_action::XDP_PASS)
 }
 
+/// A new flow's first packet, tail-called by `xdproxy_xdp` (see
+/// `lb::hand_over`): its conntrack entries are written here.
+#[xdp]
+pub fn xdproxy_xdp_new(ctx: XdpContext) -> u32 {
+    let action = try_xdp_new(&ctx).unwrap_or(xdp_action::XDP_PASS);
+    ct::make_room();
+    action
+}
+
+#[inline(always)]
+fn try_xdp_new(ctx: &XdpContext) -> Result<u32, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    match parse::flow(start, end) {
+        Parsed::V4(flow) => xdp_verdict::<V4>(ctx, &flow, start, end, lb::start::<V4>(&flow)),
+        Parsed::V6(flow) => xdp_verdict::<V6>(ctx, &flow, start, end, lb::start::<V6>(&flow)),
+        Parsed::Other => Ok(xdp_action::XDP_PASS),
+    }
+}
+
 #[classifier]
 pub fn xdproxy_tc(ctx: TcContext) -> i32 {
     let action = try_tc(&ctx, Stage::Ingress).unwrap_or(TC_ACT_OK);
@@ -149,11 +190,7 @@ pub fn xdproxy_tc_out(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
-    // Headers of locally built packets are linear already; pull in case not.
-    if ctx.data_end() - ctx.data() < parse::MAX_HEADERS {
-        let _ = ctx.pull_data(ctx.len().min(parse::MAX_HEADERS as u32));
-    }
-    match parse::flow(ctx.data(), ctx.data_end()) {
+    match tc_parse(ctx) {
         Parsed::V4(flow) => tc_flow::<V4>(ctx, &flow, stage),
         Parsed::V6(flow) => tc_flow::<V6>(ctx, &flow, stage),
         // Not a closure: LLVM outlines those, adding a frame to the stack.
@@ -165,10 +202,40 @@ fn try_tc(ctx: &TcContext, stage: Stage) -> Result<i32, ()> {
 }
 
 #[inline(always)]
+fn tc_parse(ctx: &TcContext) -> Parsed {
+    // Headers of locally built packets are linear already; pull in case not.
+    if ctx.data_end() - ctx.data() < parse::MAX_HEADERS {
+        let _ = ctx.pull_data(ctx.len().min(parse::MAX_HEADERS as u32));
+    }
+    parse::flow(ctx.data(), ctx.data_end())
+}
+
+#[inline(always)]
 fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> Result<i32, ()> {
-    let rewrite = match lb::decide::<F>(flow, ctx.len() as u64, stage) {
+    let verdict = match lb::decide::<F>(flow, ctx.len() as u64, stage) {
+        Verdict::NewFlow(rewrite) => {
+            // SAFETY: jumps to the new-flow program, or returns here if
+            // its slot is empty.
+            let _ = unsafe { maps::TC_NEW_FLOW.tail_call(ctx, 0) };
+            maps::count(Counter::CtInsertFailed);
+            Verdict::Rewrite(rewrite)
+        }
+        verdict => verdict,
+    };
+    tc_verdict::<F>(ctx, flow, stage, verdict)
+}
+
+/// Applies `verdict` to the packet.
+#[inline(always)]
+fn tc_verdict<F: Datapath>(
+    ctx: &TcContext,
+    flow: &Flow<F::Addr>,
+    stage: Stage,
+    verdict: Verdict<F::Addr>,
+) -> Result<i32, ()> {
+    let rewrite = match verdict {
         Verdict::Pass => return Ok(TC_ACT_OK),
-        Verdict::Rewrite(rewrite) => rewrite,
+        Verdict::Rewrite(rewrite) | Verdict::NewFlow(rewrite) => rewrite,
         Verdict::Drop => return Ok(TC_ACT_SHOT),
         Verdict::Reject | Verdict::RejectToSender => return Ok(<F as Refuse>::tc(ctx, flow)),
         Verdict::Reset | Verdict::ResetToSender => return Ok(reset::tc::<F>(ctx)),
@@ -181,6 +248,25 @@ fn tc_flow<F: Datapath>(ctx: &TcContext, flow: &Flow<F::Addr>, stage: Stage) -> 
     }
     frag::remember::<F>(ctx.data(), ctx.data_end(), flow, stage, &rewrite);
     Ok(TC_ACT_OK)
+}
+
+/// A new flow's first packet, tail-called by `xdproxy_tc` (see
+/// `lb::hand_over`).
+#[classifier]
+pub fn xdproxy_tc_new(ctx: TcContext) -> i32 {
+    let action = try_tc_new(&ctx).unwrap_or(TC_ACT_OK);
+    ct::make_room();
+    action
+}
+
+#[inline(always)]
+fn try_tc_new(ctx: &TcContext) -> Result<i32, ()> {
+    let stage = Stage::Ingress;
+    match tc_parse(ctx) {
+        Parsed::V4(flow) => tc_verdict::<V4>(ctx, &flow, stage, lb::start::<V4>(&flow)),
+        Parsed::V6(flow) => tc_verdict::<V6>(ctx, &flow, stage, lb::start::<V6>(&flow)),
+        Parsed::Other => Ok(TC_ACT_OK),
+    }
 }
 
 // Socket hooks, at the cgroup v2 root: every local socket, host network and

@@ -2,7 +2,7 @@
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use proxy_common::{
@@ -10,7 +10,7 @@ use proxy_common::{
     ClosedFlow4, ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry,
     Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
     MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES,
-    MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, RingEnds, Service,
+    MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, RingEnds, Service,
     ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
     SourceRange6,
 };
@@ -121,6 +121,20 @@ pub struct CtScratch {
 
 #[btf_map(name = "ct_scratch")]
 pub static CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
+
+/// A new flow's chosen backend, from the program its first packet met to
+/// the new-flow program that one tail-calls (see `lb::hand_over`). Per
+/// CPU, written right before the tail call: nothing else runs between on
+/// that CPU. Pinned, as the tail-call maps are.
+#[btf_map(name = "new_flow")]
+pub static NEW_FLOW: PerCpuArray<NewFlows, 1> = PerCpuArray::new();
+
+/// The new-flow program of each program type (slot 0), set by the agent.
+#[btf_map(name = "xdp_new_flow")]
+pub static XDP_NEW_FLOW: ProgramArray<1> = ProgramArray::new();
+
+#[btf_map(name = "tc_new_flow")]
+pub static TC_NEW_FLOW: ProgramArray<1> = ProgramArray::new();
 
 /// Room to build a refusal in, off the 512-byte BPF stack. Not pinned.
 #[btf_map(name = "scratch")]

@@ -30,6 +30,10 @@ pub enum Verdict<A> {
     /// Not ours, or nothing to change: untouched.
     Pass,
     Rewrite(Rewrite<A>),
+    /// A new flow given a backend: the program continues in its new-flow
+    /// program (`lb::start`), or, if that cannot run, rewrites as this says
+    /// without conntrack state.
+    NewFlow(Rewrite<A>),
     /// A service's packet it must not serve (source outside its ranges, no
     /// local endpoint under externalTrafficPolicy: Local).
     Drop,

@@ -16,7 +16,7 @@ use std::{
 use anyhow::Context;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapInfo, lpm_trie::Key},
+    maps::{Array, MapData, MapInfo, ProgramArray, lpm_trie::Key},
     programs::{
         Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -29,9 +29,9 @@ use proxy_common::{
     CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry, Ct4Key, Ct6Entry,
     Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY,
     MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NodeConfig, PROJECT,
-    RingEnds, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key,
-    SourceRange4, SourceRange6, names, programs,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig,
+    PROJECT, RingEnds, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6,
+    SockNat6Key, SourceRange4, SourceRange6, names, programs,
 };
 
 use super::iface::Hook;
@@ -262,6 +262,8 @@ fn check_pinned_layout(name: &str, path: &Path, sizes: ConntrackSizes) -> anyhow
 fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
     Some(match name {
         names::SERVICES4 => kv::<Frontend4, Service>(MAX_SERVICES),
+        names::NEW_FLOW => kv::<u32, NewFlows>(1),
+        names::XDP_NEW_FLOW | names::TC_NEW_FLOW => kv::<u32, u32>(1),
         names::SLOTS => kv::<SlotKey, u32>(MAX_SLOTS),
         names::BACKENDS4 => kv::<u32, Backend4>(MAX_BACKENDS),
         names::CONNTRACK4 => kv::<Ct4Key, Ct4Entry>(sizes.entries),
@@ -342,7 +344,13 @@ impl Loaded {
     pub fn load_programs(&mut self) -> anyhow::Result<()> {
         // The verifier takes a third to half a second over each of these,
         // and verifies programs side by side: each loads on its own thread.
-        let wanted = [programs::XDP, programs::TC_INGRESS, programs::TC_EGRESS];
+        let wanted = [
+            programs::XDP,
+            programs::TC_INGRESS,
+            programs::TC_EGRESS,
+            programs::XDP_NEW,
+            programs::TC_NEW,
+        ];
         let found: Vec<(&str, &mut Program)> = self
             .ebpf
             .programs_mut()
@@ -363,7 +371,8 @@ impl Loaded {
                 load.join()
                     .map_err(|_| anyhow::anyhow!("a program load panicked"))?
             })
-        })
+        })?;
+        set_new_flow_programs(&mut self.ebpf)
     }
 
     /// Attaches the right ingress program to `iface`, and the egress program
@@ -569,6 +578,32 @@ fn unpin_link(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("unpinning {}", path.display()))?;
     // The kernel detaches the program when the last reference goes.
     drop(fd);
+    Ok(())
+}
+
+/// Puts the new-flow programs (loaded) where the XDP and TC ingress
+/// programs tail-call them. Without them, new flows would be forwarded
+/// without conntrack entries (and counted as `ct_insert_failed`).
+pub fn set_new_flow_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let slots = [
+        (names::XDP_NEW_FLOW, programs::XDP_NEW),
+        (names::TC_NEW_FLOW, programs::TC_NEW),
+    ];
+    for (array, name) in slots {
+        let program = ebpf
+            .program(name)
+            .with_context(|| format!("the eBPF object has no program {name}"))?;
+        let fd = program
+            .fd()
+            .and_then(|fd| Ok(fd.try_clone()?))
+            .with_context(|| format!("the fd of {name} (not loaded?)"))?;
+        let map = ebpf
+            .map_mut(array)
+            .with_context(|| format!("the eBPF object has no map {array}"))?;
+        ProgramArray::try_from(map)?
+            .set(0, &fd, 0)
+            .with_context(|| format!("putting {name} into {array}"))?;
+    }
     Ok(())
 }
 

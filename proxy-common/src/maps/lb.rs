@@ -97,6 +97,33 @@ pub struct SlotKey {
     pub slot: u32,
 }
 
+/// A new flow's backend, chosen by the program its first packet met and
+/// taken up by the new-flow program that one tail-calls, which writes the
+/// flow's conntrack entries (`new_flow`, one per family, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Chosen<A> {
+    pub service: Service,
+    pub backend_id: u32,
+    /// The backend's port, network byte order.
+    pub port: u16,
+    /// `BACKEND_*` bits (as a member of the service).
+    pub flags: u8,
+    pub _pad: u8,
+    /// The backend's address, network byte order.
+    pub addr: A,
+}
+
+/// The value of `new_flow`: kept as it is by later versions (or renamed),
+/// as a program and the new-flow program of another version may share it
+/// while an agent replaces them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NewFlows {
+    pub v4: Chosen<u32>,
+    pub v6: Chosen<Addr6>,
+}
+
 /// An IPv4 backend (keyed by backend id in `lb4_backends`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

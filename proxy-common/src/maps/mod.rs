@@ -36,6 +36,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Frontend4>(), 8);
         assert_eq!(size_of::<Service>(), 28);
+        assert_eq!(size_of::<NewFlows>(), 40 + 52);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend4>(), 8);
         assert_eq!(size_of::<Ct4Key>(), 16);

@@ -23,6 +23,12 @@ pub const ROUND_ROBIN: &str = "lb_rr";
 /// `CT_SOCKET` flow comes from.
 pub const REV_NAT4: &str = "lb4_rev_nat";
 pub const REV_NAT6: &str = "lb6_rev_nat";
+/// A new flow's chosen backend on its way to the new-flow program (per
+/// CPU, `NewFlows`), and the new-flow programs the XDP and TC ingress
+/// programs tail-call (slot 0 of each).
+pub const NEW_FLOW: &str = "new_flow";
+pub const XDP_NEW_FLOW: &str = "xdp_new_flow";
+pub const TC_NEW_FLOW: &str = "tc_new_flow";
 
 // Conntrack (`conntrack`).
 pub const CONNTRACK4: &str = "ct4";
@@ -69,7 +75,10 @@ pub const BENCH_TARGET: &str = "bench_target";
 pub const BENCH_CT: &str = "bench_ct";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 33] = [
+pub const ALL: [&str; 36] = [
+    NEW_FLOW,
+    XDP_NEW_FLOW,
+    TC_NEW_FLOW,
     REV_NAT4,
     REV_NAT6,
     PAIRED,

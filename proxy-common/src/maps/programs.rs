@@ -4,6 +4,11 @@ pub const XDP: &str = "xdproxy_xdp";
 pub const TC_INGRESS: &str = "xdproxy_tc";
 /// TC egress: translates replies left for the egress hook.
 pub const TC_EGRESS: &str = "xdproxy_tc_out";
+/// Where a new flow's first packet continues (tail-called from `XDP` and
+/// `TC_INGRESS` through `xdp_new_flow`/`tc_new_flow`): writes the flow's
+/// conntrack entries, then translates the packet.
+pub const XDP_NEW: &str = "xdproxy_xdp_new";
+pub const TC_NEW: &str = "xdproxy_tc_new";
 /// An XDP program that only returns XDP_PASS: the benchmark's baseline.
 pub const XDP_EMPTY: &str = "xdproxy_empty";
 /// Restores a saved packet head, then tail-calls `bench_target[0]`.

@@ -11,7 +11,7 @@ use aya::{
 };
 use proxy_agent::kinds::{EndpointSlice, Service};
 use proxy_agent::{
-    datapath::{self, maps::MapSet},
+    datapath::{self, loader, maps::MapSet},
     model::{self, Desired, ObjectKey, Objects},
     reconcile::Reconciler,
 };
@@ -80,8 +80,10 @@ pub struct Loaded {
 }
 
 /// Every XDP and TC program of the object.
-pub const ALL_PROGRAMS: [&str; 5] = [
+pub const ALL_PROGRAMS: [&str; 7] = [
     programs::XDP,
+    programs::XDP_NEW,
+    programs::TC_NEW,
     programs::XDP_EMPTY,
     programs::XDP_BENCH,
     programs::TC_INGRESS,
@@ -126,7 +128,12 @@ impl Loaded {
         let mut ebpf = loader
             .load(datapath::object()?)
             .context("loading the eBPF object")?;
-        for name in names {
+        // New flows continue in these, whichever hook is tested.
+        let new_flow = [programs::XDP_NEW, programs::TC_NEW];
+        let wanted = names
+            .iter()
+            .chain(new_flow.iter().filter(|n| !names.contains(n)));
+        for name in wanted {
             let program = ebpf.program_mut(name).with_context(|| name.to_string())?;
             match program {
                 aya::programs::Program::Xdp(xdp) => xdp.load(),
@@ -135,6 +142,7 @@ impl Loaded {
             }
             .with_context(|| format!("verifying {name}"))?;
         }
+        loader::set_new_flow_programs(&mut ebpf)?;
         let maps = MapSet::take(&mut ebpf)?;
         Ok(Loaded {
             ebpf,
