@@ -6,13 +6,13 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStats, CT_MARKS,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry, CT_MARKS,
     ClosedFlow4, ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry,
     Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
     MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES,
-    MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, RingEnds, Service,
-    ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
-    SourceRange6,
+    MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, RingEnds,
+    STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key,
+    SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
@@ -150,11 +150,22 @@ pub fn scratch<T>() -> Option<&'static mut T> {
     Some(unsafe { &mut *(buf as *mut T) })
 }
 
-#[btf_map(name = "lb_stats")]
-pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
+/// 64 ids an entry (see `STATS_PER_ENTRY`).
+#[btf_map(name = "lb_svc_stats")]
+pub static SERVICE_STATS: PerCpuArray<
+    ServiceStatsEntry,
+    { (MAX_SERVICES / STATS_PER_ENTRY) as usize },
+> = PerCpuArray::new();
 
-#[btf_map(name = "lb_be_stats")]
-pub static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+/// Written by the agent only: where each service id's counts start.
+#[btf_map(name = "lb_stats_base")]
+pub static SERVICE_STATS_BASE: Array<ServiceStats, { MAX_SERVICES as usize }> = Array::new();
+
+#[btf_map(name = "lb_be_flows")]
+pub static BACKEND_STATS: PerCpuArray<
+    BackendStatsEntry,
+    { (MAX_BACKENDS / STATS_PER_ENTRY) as usize },
+> = PerCpuArray::new();
 
 #[btf_map(name = "lb_conns")]
 pub static CONNECTIONS: Array<Connections, { MAX_BACKENDS as usize }> = Array::new();
@@ -179,20 +190,23 @@ pub fn count(counter: Counter) {
 
 #[inline(always)]
 pub fn count_service(id: u32, bytes: u64) {
-    if let Some(s) = SERVICE_STATS.get_ptr_mut(id) {
-        // SAFETY: per-CPU slot, as above.
+    let (entry, at) = stats_slot(id);
+    if let Some(e) = SERVICE_STATS.get_ptr_mut(entry) {
+        // SAFETY: per-CPU slot, as above; `at` < 64.
         unsafe {
-            (*s).packets += 1;
-            (*s).bytes += bytes;
+            let s = &mut (*e).by_id[at];
+            s.packets += 1;
+            s.bytes += bytes;
         }
     }
 }
 
 #[inline(always)]
 pub fn count_backend_flow(id: u32) {
-    if let Some(s) = BACKEND_STATS.get_ptr_mut(id) {
-        // SAFETY: per-CPU slot, as above.
-        unsafe { (*s).flows += 1 };
+    let (entry, at) = stats_slot(id);
+    if let Some(e) = BACKEND_STATS.get_ptr_mut(entry) {
+        // SAFETY: per-CPU slot, as above; `at` < 64.
+        unsafe { (*e).by_id[at].flows += 1 };
     }
 }
 

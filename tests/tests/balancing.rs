@@ -679,7 +679,7 @@ fn least_connections_counts_every_flow_from_concurrent_cpus() {
         .filter(|k| k.direction == CT_SOCKET)
         .count();
     assert_eq!(forward, 2 * usize::from(PER_THREAD));
-    // Both CPUs ran the program (lb_stats is per CPU).
+    // Both CPUs ran the program (lb_svc_stats is per CPU).
     let frontend = proxy_agent::model::Frontend {
         addr: VIP.into(),
         port: 80,
@@ -687,8 +687,9 @@ fn least_connections_counts_every_flow_from_concurrent_cpus() {
         clients: Default::default(),
     };
     let id = lab.dp.reconciler.service_id(&frontend).expect("service id");
-    let per_cpu = lab.dp.maps.stats.get(&id, 0).expect("lb_stats");
-    let packets: Vec<u64> = per_cpu.iter().map(|s| s.packets).collect();
+    let (entry, at) = proxy_common::stats_slot(id);
+    let per_cpu = lab.dp.maps.stats.get(&entry, 0).expect("lb_svc_stats");
+    let packets: Vec<u64> = per_cpu.iter().map(|e| e.by_id[at].packets).collect();
     if cpus >= 2 {
         assert_eq!(
             &packets[..2],

@@ -120,6 +120,43 @@ fn an_established_flow_keeps_its_backend_and_flows_spread() {
 }
 
 #[test]
+fn a_service_id_given_anew_counts_from_zero() {
+    if !common::ready("a_service_id_given_anew_counts_from_zero") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let web_tcp = |lab: &Lab| {
+        let frontend = proxy_agent::model::Frontend {
+            addr: VIP.into(),
+            port: 80,
+            protocol: proxy_agent::model::Protocol::Tcp,
+            clients: Default::default(),
+        };
+        lab.dp
+            .reconciler
+            .service_id(&frontend)
+            .expect("web's TCP frontend")
+    };
+    let packets = |lab: &Lab, id| lab.dp.maps.service_stats(id).expect("stats").packets;
+    let id = web_tcp(&lab);
+    for sport in 42000..42003 {
+        seen(&lab.run(Hook::Xdp, &tcp(CLIENT, sport, VIP, 80)));
+    }
+    assert_eq!(packets(&lab, id), 3);
+    // Every service goes, then comes back: ids are given out lowest first.
+    lab.dp
+        .program(&Default::default())
+        .expect("remove every service");
+    lab.dp
+        .program_yaml(&services())
+        .expect("program the services again");
+    assert_eq!(web_tcp(&lab), id, "the same id, given out anew");
+    assert_eq!(packets(&lab, id), 0, "the counts of before are not its");
+    seen(&lab.run(Hook::Xdp, &tcp(CLIENT, 42003, VIP, 80)));
+    assert_eq!(packets(&lab, id), 1);
+}
+
+#[test]
 fn replies_come_back_from_the_vip() {
     if !common::ready("replies_come_back_from_the_vip") {
         return;

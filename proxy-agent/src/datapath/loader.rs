@@ -25,13 +25,14 @@ use aya::{
     },
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, CT_MARK_PAIRS,
-    CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry, Ct4Key, Ct6Entry,
-    Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig,
-    PROJECT, RingEnds, Service, ServiceStats, SlotKey, SockNat4, SockNat4Key, SockNat6,
-    SockNat6Key, SourceRange4, SourceRange6, names, programs,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry,
+    CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry,
+    Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS,
+    MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows,
+    NodeConfig, PROJECT, RingEnds, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry,
+    SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, names,
+    programs,
 };
 
 use super::iface::Hook;
@@ -267,7 +268,9 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::SLOTS => kv::<SlotKey, u32>(MAX_SLOTS),
         names::BACKENDS4 => kv::<u32, Backend4>(MAX_BACKENDS),
         names::CONNTRACK4 => kv::<Ct4Key, Ct4Entry>(sizes.entries),
-        names::SERVICE_STATS => kv::<u32, ServiceStats>(MAX_SERVICES),
+        names::SERVICE_STATS => kv::<u32, ServiceStatsEntry>(MAX_SERVICES / STATS_PER_ENTRY),
+        names::SERVICE_STATS_BASE => kv::<u32, ServiceStats>(MAX_SERVICES),
+        names::BACKEND_STATS => kv::<u32, BackendStatsEntry>(MAX_BACKENDS / STATS_PER_ENTRY),
         names::COUNTERS => kv::<u32, u64>(Counter::COUNT),
         names::CONFIG => kv::<u32, NodeConfig>(1),
         names::SERVICES6 => kv::<Frontend6, Service>(MAX_SERVICES),

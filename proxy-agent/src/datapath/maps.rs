@@ -14,13 +14,14 @@ use std::net::IpAddr;
 use aya::{
     Ebpf, Pod,
     maps::{
-        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use proxy_common::{
     BACKEND_TERMINATING, Backend4, Backend6, Counter, Frontend4, Frontend6, MAX_SERVICES,
-    MemberKey, NodeConfig, Service, ServiceStats, SlotKey, SourceRange4, SourceRange6, names,
+    MemberKey, NodeConfig, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry, SlotKey,
+    SourceRange4, SourceRange6, names, stats_slot,
 };
 
 use super::{
@@ -49,9 +50,13 @@ pub struct MapSet {
     pub v6: FamilyMaps<Frontend6, Backend6, SourceRange6>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub config: Array<MapData, NodeConfig>,
-    pub stats: PerCpuArray<MapData, ServiceStats>,
+    pub stats: PerCpuArray<MapData, ServiceStatsEntry>,
+    pub stats_base: Array<MapData, ServiceStats>,
     pub counters: PerCpuArray<MapData, u64>,
-    cpus: usize,
+    /// `lb_svc_stats` entries summed over CPUs, as read since a service
+    /// entry last went: an unused id's counts do not move until its service
+    /// entry is written, so one read serves the 64 ids of an entry.
+    stats_read: std::collections::HashMap<u32, [ServiceStats; STATS_PER_ENTRY as usize]>,
     /// Backends that stopped being a member of some service since the last
     /// `take_left`: sockets connected to them may have to go.
     left: Vec<BackendKey>,
@@ -70,7 +75,6 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 impl MapSet {
     /// Takes the service maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<MapSet> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         Ok(MapSet {
             v4: FamilyMaps {
                 services: take(ebpf, names::SERVICES4)?,
@@ -89,8 +93,9 @@ impl MapSet {
             slots: take(ebpf, names::SLOTS)?,
             config: take(ebpf, names::CONFIG)?,
             stats: take(ebpf, names::SERVICE_STATS)?,
+            stats_base: take(ebpf, names::SERVICE_STATS_BASE)?,
             counters: take(ebpf, names::COUNTERS)?,
-            cpus,
+            stats_read: Default::default(),
             left: Vec::new(),
         })
     }
@@ -173,15 +178,40 @@ impl MapSet {
         Ok(snapshot)
     }
 
-    /// A service id's traffic summed over CPUs.
+    /// A service id's traffic summed over CPUs, since the id was given to
+    /// its service.
     pub fn service_stats(&self, id: u32) -> anyhow::Result<ServiceStats> {
-        let per_cpu = self.stats.get(&id, 0).context("reading lb_stats")?;
+        let base = self
+            .stats_base
+            .get(&id, 0)
+            .context("reading lb_stats_base")?;
+        Ok(self.stats_total(id)?.since(base))
+    }
+
+    /// As `stats_total`, for an id no service entry has (see `stats_read`).
+    fn unused_total(&mut self, id: u32) -> anyhow::Result<ServiceStats> {
+        let (entry, place) = stats_slot(id);
+        if let Some(sums) = self.stats_read.get(&entry) {
+            return Ok(sums[place]);
+        }
+        let per_cpu = self.stats.get(&entry, 0).context("reading lb_svc_stats")?;
+        let mut sums = [ServiceStats::default(); STATS_PER_ENTRY as usize];
+        for cpu in per_cpu.iter() {
+            for (sum, counted) in sums.iter_mut().zip(&cpu.by_id) {
+                *sum = sum.plus(counted);
+            }
+        }
+        self.stats_read.insert(entry, sums);
+        Ok(sums[place])
+    }
+
+    /// Everything counted under service id `id`, summed over CPUs.
+    fn stats_total(&self, id: u32) -> anyhow::Result<ServiceStats> {
+        let (entry, at) = stats_slot(id);
+        let per_cpu = self.stats.get(&entry, 0).context("reading lb_svc_stats")?;
         Ok(per_cpu
             .iter()
-            .fold(ServiceStats::default(), |sum, s| ServiceStats {
-                packets: sum.packets + s.packets,
-                bytes: sum.bytes + s.bytes,
-            }))
+            .fold(ServiceStats::default(), |sum, e| sum.plus(&e.by_id[at])))
     }
 
     /// A counter summed over CPUs.
@@ -433,6 +463,8 @@ impl Maps for MapSet {
     }
 
     fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()> {
+        // Its id's counts may have moved since they were read.
+        self.stats_read.clear();
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => removed(self.v4.services.remove(&f), names::SERVICES4),
             FrontendKey::V6(f) => removed(self.v6.services.remove(&f), names::SERVICES6),
@@ -491,11 +523,16 @@ impl Maps for MapSet {
     }
 
     fn fresh_service_id(&mut self, service_id: u32, frontend: &Frontend) -> anyhow::Result<()> {
-        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus])
-            .context("building per-CPU zeros")?;
-        self.stats
-            .set(service_id, zeros, 0)
-            .context("resetting lb_stats")?;
+        // Its service's counts start here. Not reset: the datapath alone
+        // writes lb_svc_stats, whose entries 64 ids share. Nothing counted,
+        // nothing to write (a base never exceeds its total).
+        let total = self.unused_total(service_id)?;
+        if total != ServiceStats::default() {
+            written(
+                self.stats_base.set(service_id, total, 0),
+                names::SERVICE_STATS_BASE,
+            )?;
+        }
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => written(self.v4.rev_nat.set(service_id, f, 0), names::REV_NAT4),
             FrontendKey::V6(f) => written(self.v6.rev_nat.set(service_id, f, 0), names::REV_NAT6),

@@ -14,8 +14,8 @@ use aya::{
     maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, BackendStats, CT_SOCKET, Connections, Ct4Key, Ct6Key, Frontend4, Frontend6,
-    MemberKey, Service, ServiceStats, SlotKey, names,
+    Backend4, Backend6, BackendStatsEntry, CT_SOCKET, Connections, Ct4Key, Ct6Key, Frontend4,
+    Frontend6, MemberKey, Service, ServiceStats, ServiceStatsEntry, SlotKey, names, stats_slot,
 };
 
 use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
@@ -131,23 +131,24 @@ impl Pinned {
     }
 
     fn service_stats(&self, ids: &BTreeSet<u32>) -> anyhow::Result<BTreeMap<u32, ServiceStats>> {
-        let stats: PerCpuArray<MapData, ServiceStats> = self.pins.map(names::SERVICE_STATS)?;
+        let stats: PerCpuArray<MapData, ServiceStatsEntry> = self.pins.map(names::SERVICE_STATS)?;
+        let base: Array<MapData, ServiceStats> = self.pins.map(names::SERVICE_STATS_BASE)?;
         let mut out = BTreeMap::new();
         for &id in ids {
-            let sum =
-                pinned::per_cpu_sum(&stats, id, ServiceStats::default(), |sum, s| ServiceStats {
-                    packets: sum.packets.wrapping_add(s.packets),
-                    bytes: sum.bytes.wrapping_add(s.bytes),
-                });
+            let (entry, place) = stats_slot(id);
+            let sum = pinned::per_cpu_sum(&stats, entry, ServiceStats::default(), |sum, e| {
+                sum.plus(&e.by_id[place])
+            });
             if let Some(sum) = read(sum, names::SERVICE_STATS)? {
-                out.insert(id, sum);
+                let since = at(base.get(&id, 0), names::SERVICE_STATS_BASE)?;
+                out.insert(id, sum.since(since.unwrap_or_default()));
             }
         }
         Ok(out)
     }
 
     fn activity(&self, ids: &BTreeSet<u32>) -> anyhow::Result<BTreeMap<u32, BackendActivity>> {
-        let flows: Option<PerCpuArray<MapData, BackendStats>> =
+        let flows: Option<PerCpuArray<MapData, BackendStatsEntry>> =
             self.pins.optional_map(names::BACKEND_STATS)?;
         let conns: Option<Array<MapData, Connections>> =
             self.pins.optional_map(names::CONNECTIONS)?;
@@ -156,7 +157,10 @@ impl Pinned {
         for &id in ids {
             let mut activity = BackendActivity::default();
             if let Some(map) = &flows {
-                let sum = pinned::per_cpu_sum(map, id, 0u64, |sum, s| sum.wrapping_add(s.flows));
+                let (entry, place) = stats_slot(id);
+                let sum = pinned::per_cpu_sum(map, entry, 0u64, |sum, e| {
+                    sum.wrapping_add(e.by_id[place].flows)
+                });
                 activity.flows = read(sum, names::BACKEND_STATS)?;
             }
             if let Some(map) = &conns {

@@ -62,7 +62,7 @@ pub struct MemberRecord {
 /// than the counter) or has no index for this backend id.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendActivity {
-    /// `lb_be_stats`, summed over CPUs.
+    /// `lb_be_flows`, summed over CPUs.
     pub flows: Option<u64>,
     /// `lb_conns`.
     pub connections: Option<Connections>,
@@ -80,7 +80,7 @@ pub struct LbRecords {
     /// `lb4_backends` and `lb6_backends`: backend id -> address.
     pub backends: BTreeMap<u32, Endpoint>,
     pub members: Vec<MemberRecord>,
-    /// `lb_stats` of each service id, summed over CPUs.
+    /// `lb_svc_stats` of each service id, summed over CPUs, since `lb_stats_base`.
     pub service_stats: BTreeMap<u32, ServiceStats>,
     /// Of each backend id that appears in a backends, members or slots map.
     pub activity: BTreeMap<u32, BackendActivity>,

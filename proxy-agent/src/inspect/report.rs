@@ -185,7 +185,7 @@ pub struct ServiceView {
     pub table_size: Option<u32>,
     /// Slots below the backend count (or table size) that are not written.
     pub missing_slots: u32,
-    /// Client-to-service packets and bytes (`lb_stats`, all CPUs).
+    /// Client-to-service packets and bytes (`lb_svc_stats`, all CPUs, since the service got its id).
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<ServiceBackend>,
@@ -353,7 +353,7 @@ pub struct BackendView {
     pub address: SocketAddr,
     pub protocol: String,
     pub family: IpFamily,
-    /// New flows sent to it (`lb_be_stats`, all CPUs); null when the
+    /// New flows sent to it (`lb_be_flows`, all CPUs); null when the
     /// datapath does not count them.
     pub new_flows: Option<u64>,
     /// `lb_conns` and `lb_reaped`: flows opened, seen closing, and reaped

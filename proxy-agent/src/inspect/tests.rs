@@ -263,7 +263,7 @@ fn backends_show_flows_open_connections_and_memberships() {
         })
     );
     assert_eq!(json["backends"][1]["open_connections"], 4);
-    // Backend 3 has no counters (a datapath without lb_be_stats): null.
+    // Backend 3 has no counters (a datapath without lb_be_flows): null.
     assert_eq!(json["backends"][2]["new_flows"], serde_json::Value::Null);
     let text = table::backends(&report);
     let lines: Vec<&str> = text.lines().collect();

@@ -69,8 +69,8 @@ pub trait Maps {
     /// What the datapath needs of the node (source NAT address and ports).
     fn set_config(&mut self, node: &NodeEntry) -> anyhow::Result<()>;
     /// Readies a fresh service id for `frontend`, before its service entry
-    /// is written: zeroes the id's statistics (it may have served another
-    /// frontend) and names the frontend at the id in the reverse-NAT map,
+    /// is written: marks where the id's statistics start (it may have
+    /// served another frontend) and names the frontend at the id in the reverse-NAT map,
     /// where the datapath finds the source of a flow's replies. Once per
     /// id, not per service write.
     fn fresh_service_id(&mut self, service_id: u32, frontend: &Frontend) -> anyhow::Result<()>;
@@ -237,7 +237,7 @@ type MaglevKey = (Vec<SocketAddr>, Protocol, u32);
 /// How many entries the datapath's maps have room for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
-    /// Service ids (`lb_stats`, `lb_source_ranges` per id).
+    /// Service ids (`lb_svc_stats`, `lb_source_ranges` per id).
     pub services: u32,
     /// Backend ids (`lb4_backends`, `lb6_backends`).
     pub backends: u32,
@@ -323,7 +323,7 @@ impl Reconciler {
         self.backends.len()
     }
 
-    /// The service id a frontend has in the maps (its `lb_stats` index).
+    /// The service id a frontend has in the maps (its `lb_svc_stats` index).
     pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
         self.frontends.get(frontend).map(|a| a.service_id)
     }

@@ -32,7 +32,7 @@ pub const SCOPE_LOCAL: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
-    /// This frontend's own id: `lb_stats`, `lb4_members`, affinity, source
+    /// This frontend's own id: `lb_svc_stats`, `lb4_members`, affinity, source
     /// ranges, round robin and conntrack go by it.
     pub id: u32,
     /// Slots 0..backend_count of its slot table hold this service's backends.

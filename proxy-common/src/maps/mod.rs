@@ -42,6 +42,8 @@ mod tests {
         assert_eq!(size_of::<Ct4Key>(), 16);
         assert_eq!(size_of::<Ct4Entry>(), 28);
         assert_eq!(size_of::<ServiceStats>(), 16);
+        assert_eq!(size_of::<ServiceStatsEntry>(), 16 * 64);
+        assert_eq!(size_of::<BackendStatsEntry>(), 8 * 64);
         assert_eq!(size_of::<MemberKey>(), 8);
         assert_eq!(size_of::<Affinity4Key>(), 8);
         assert_eq!(size_of::<AffinityEntry>(), 16);

@@ -61,8 +61,13 @@ pub const FRAGMENTS4: &str = "frag4";
 pub const FRAGMENTS6: &str = "frag6";
 
 // Statistics (`stats`).
-pub const SERVICE_STATS: &str = "lb_stats";
-pub const BACKEND_STATS: &str = "lb_be_stats";
+/// Per service id, per CPU, 64 ids an entry (`ServiceStatsEntry`).
+pub const SERVICE_STATS: &str = "lb_svc_stats";
+/// Where the current service's counts of each id start (the agent writes
+/// it when it gives an id out).
+pub const SERVICE_STATS_BASE: &str = "lb_stats_base";
+/// Per backend id, per CPU, 64 ids an entry (`BackendStatsEntry`).
+pub const BACKEND_STATS: &str = "lb_be_flows";
 pub const CONNECTIONS: &str = "lb_conns";
 pub const REAPED: &str = "lb_reaped";
 pub const COUNTERS: &str = "counters";
@@ -75,7 +80,8 @@ pub const BENCH_TARGET: &str = "bench_target";
 pub const BENCH_CT: &str = "bench_ct";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 36] = [
+pub const ALL: [&str; 37] = [
+    SERVICE_STATS_BASE,
     NEW_FLOW,
     XDP_NEW_FLOW,
     TC_NEW_FLOW,
@@ -117,4 +123,4 @@ pub const ALL: [&str; 36] = [
 /// Names earlier versions pinned maps under, removed when a datapath is
 /// loaded: the programs that used them are replaced by then, and the kernel
 /// keeps a map alive while anything still holds it.
-pub const RETIRED: &[&str] = &["lb_members"];
+pub const RETIRED: &[&str] = &["lb_members", "lb_stats", "lb_be_stats"];

@@ -1,5 +1,5 @@
-//! Statistics: per-service and per-backend traffic (`lb_stats`,
-//! `lb_be_stats`), open connections (`lb_conns`), and the global event
+//! Statistics: per-service and per-backend traffic (`lb_svc_stats`,
+//! `lb_be_flows`, 64 ids an entry), open connections (`lb_conns`), and the global event
 //! counters (`counters`).
 
 /// Per-service traffic, per CPU (client-to-service direction).
@@ -10,12 +10,59 @@ pub struct ServiceStats {
     pub bytes: u64,
 }
 
-/// Per-backend activity, per CPU (indexed by backend id in `lb_be_stats`).
+/// Per-backend activity, per CPU (indexed by backend id in `lb_be_flows`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendStats {
     /// New flows sent to the backend.
     pub flows: u64,
+}
+
+/// Ids per entry of the per-CPU stats arrays (`lb_svc_stats`,
+/// `lb_be_flows`): the kernel allocates a per-CPU array's entries one by
+/// one, and 131,072 of them took a fifth of a second each map at start;
+/// 2,048 entries of 64 take milliseconds. Id `i` is `by_id[i % 64]` of
+/// entry `i / 64`.
+pub const STATS_PER_ENTRY: u32 = 64;
+
+/// An entry of `lb_svc_stats`: 64 service ids' traffic, per CPU. The
+/// counts of an id run on from the service that had it before (the
+/// datapath alone writes these); `lb_stats_base` holds where the current
+/// service's start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceStatsEntry {
+    pub by_id: [ServiceStats; STATS_PER_ENTRY as usize],
+}
+
+/// An entry of `lb_be_flows`: 64 backend ids' new flows, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendStatsEntry {
+    pub by_id: [BackendStats; STATS_PER_ENTRY as usize],
+}
+
+/// The stats entry that holds id `id`, and its place in it.
+pub const fn stats_slot(id: u32) -> (u32, usize) {
+    (id / STATS_PER_ENTRY, (id % STATS_PER_ENTRY) as usize)
+}
+
+impl ServiceStats {
+    /// The traffic since `base` (counts wrap as the datapath's do).
+    pub fn since(self, base: ServiceStats) -> ServiceStats {
+        ServiceStats {
+            packets: self.packets.wrapping_sub(base.packets),
+            bytes: self.bytes.wrapping_sub(base.bytes),
+        }
+    }
+
+    /// The sum of two CPUs' counts.
+    pub fn plus(self, other: &ServiceStats) -> ServiceStats {
+        ServiceStats {
+            packets: self.packets.wrapping_add(other.packets),
+            bytes: self.bytes.wrapping_add(other.bytes),
+        }
+    }
 }
 
 /// A backend's connections in `lb_conns` (indexed by backend id), counted
@@ -188,5 +235,7 @@ mod pod {
     // no invalid bit patterns.
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for ServiceStatsEntry {}
+    unsafe impl aya::Pod for BackendStatsEntry {}
     unsafe impl aya::Pod for Connections {}
 }
