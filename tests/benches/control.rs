@@ -280,7 +280,7 @@ fn verdicts(small: &Row, large: &Row) {
     match sync < 1.0 {
         true => println!("start to synced at {}: met", large.services),
         false => println!(
-            "start to synced at {}: missed by {:.2} s; with {} Services it takes {:.2} s already: creating the maps ({}) and verifying the programs ({}; XDP and TC side by side on two cores), before any Service (the rest grows with the Services; at {}: maps {}, verifying {}, while the lists arrive)",
+            "start to synced at {}: missed by {:.2} s; with {} Services it takes {:.2} s: creating the maps ({}) and verifying the programs ({}; five, side by side on two cores); at {}: maps {}, verifying {}, while the lists arrive (served by this bench's own API server, on the same two cores), then the first pass ({})",
             large.services,
             sync - 1.0,
             small.services,
@@ -289,7 +289,8 @@ fn verdicts(small: &Row, large: &Row) {
             small.verifying,
             large.services,
             large.maps,
-            large.verifying
+            large.verifying,
+            large.programming
         ),
     }
     let rss = large.peak_rss_kib / 1024;
