@@ -310,6 +310,12 @@ impl State {
         if at < self.expired_below {
             return None;
         }
+        // Nothing to undo (every page of a list no write interrupted): the
+        // values alone, without copying the keys.
+        let current = self.objects[kind as usize].values();
+        if self.history.back().is_none_or(|e| e.rv <= at) {
+            return Some(current.cloned().collect());
+        }
         let mut objects = self.objects[kind as usize].clone();
         // Undo, newest first, every write made after the snapshot.
         for event in self.history.iter().rev().take_while(|e| e.rv > at) {
@@ -907,7 +913,55 @@ fn collection_reply(
             Err(message) => Reply::Full(Response::status(400, "BadRequest", &message)),
         };
     }
-    Reply::Full(list(&shared.lock(), kind, &filter, &request.query))
+    // Cut under the lock, written out after it: the lists of other kinds
+    // and the watches go on meanwhile, as a real API server's would.
+    let page = list(&shared.lock(), kind, &filter, &request.query);
+    Reply::Full(page.map_or_else(|refused| refused, |page| page.response()))
+}
+
+/// A page of a list, cut from a snapshot.
+struct Page {
+    kind: Kind,
+    at: u64,
+    items: Vec<Arc<Value>>,
+    /// Where the next page starts, and how many items are left for it.
+    next: Option<(usize, usize)>,
+}
+
+impl Page {
+    fn response(&self) -> Response {
+        let mut metadata = json!({ "resourceVersion": self.at.to_string() });
+        if let Some((end, remaining)) = self.next {
+            metadata["continue"] = format!("{}.{end}", self.at).into();
+            metadata["remainingItemCount"] = remaining.into();
+        }
+        let info = self.kind.info();
+        let head = json!({
+            "kind": info.list_kind,
+            "apiVersion": info.api_version,
+            "metadata": metadata,
+        })
+        .to_string();
+        // The head's closing brace gives way to the items, written as they
+        // are rather than copied into one more value first.
+        let mut body = head.into_bytes();
+        body.pop();
+        body.extend_from_slice(br#","items":["#);
+        for (i, item) in self.items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            if serde_json::to_writer(&mut body, &**item).is_err() {
+                return Response::status(500, "InternalError", "encoding an object");
+            }
+        }
+        body.extend_from_slice(b"]}");
+        Response {
+            code: 200,
+            content_type: "application/json",
+            body,
+        }
+    }
 }
 
 fn get_object(state: &State, kind: Kind, namespace: String, name: &str) -> Response {
@@ -937,7 +991,7 @@ fn version_info() -> Value {
 
 /// A page of the list. Continue tokens are `SNAPSHOT_RV.OFFSET`: later pages
 /// are cut from the same snapshot, rebuilt from history.
-fn list(state: &State, kind: Kind, filter: &Filter, query: &Query) -> Response {
+fn list(state: &State, kind: Kind, filter: &Filter, query: &Query) -> Result<Page, Response> {
     let limit = match query
         .get("limit")
         .filter(|l| !l.is_empty())
@@ -945,40 +999,35 @@ fn list(state: &State, kind: Kind, filter: &Filter, query: &Query) -> Response {
     {
         None => None,
         Some(Ok(limit)) => Some(limit).filter(|l| *l > 0),
-        Some(Err(_)) => return Response::status(400, "BadRequest", "invalid limit"),
+        Some(Err(_)) => return Err(Response::status(400, "BadRequest", "invalid limit")),
     };
     let (at, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
         None => (state.rv, 0),
         Some(token) => match parse_continue(token).filter(|(at, _)| *at <= state.rv) {
             Some(parsed) => parsed,
-            None => return Response::status(400, "BadRequest", "invalid continue token"),
+            None => {
+                return Err(Response::status(
+                    400,
+                    "BadRequest",
+                    "invalid continue token",
+                ));
+            }
         },
     };
     let Some(objects) = state.snapshot(kind, at) else {
         let message = "The provided continue parameter is too old to display a consistent list result. \
                        You can start a new list without the continue parameter.";
-        return Response::status(410, "Expired", message);
+        return Err(Response::status(410, "Expired", message));
     };
-    let matching: Vec<&Value> = objects
-        .iter()
-        .map(|o| &**o)
-        .filter(|o| filter.matches(o))
-        .collect();
+    let matching: Vec<Arc<Value>> = objects.into_iter().filter(|o| filter.matches(o)).collect();
     let start = offset.min(matching.len());
     let end = limit.map_or(matching.len(), |l| matching.len().min(start + l));
-    let mut metadata = json!({ "resourceVersion": at.to_string() });
-    if end < matching.len() {
-        metadata["continue"] = format!("{at}.{end}").into();
-        metadata["remainingItemCount"] = (matching.len() - end).into();
-    }
-    let info = kind.info();
-    let body = json!({
-        "kind": info.list_kind,
-        "apiVersion": info.api_version,
-        "metadata": metadata,
-        "items": matching[start..end],
-    });
-    Response::json(200, &body)
+    Ok(Page {
+        kind,
+        at,
+        next: (end < matching.len()).then(|| (end, matching.len() - end)),
+        items: matching[start..end].to_vec(),
+    })
 }
 
 fn parse_continue(token: &str) -> Option<(u64, usize)> {
