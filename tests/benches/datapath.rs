@@ -488,7 +488,7 @@ impl Parts {
             self.insert
         );
         println!(
-            "  {rest:>5.0} ns  the rest: service lookup, backend choice, counters, rewrite and checksums"
+            "  {rest:>5.0} ns  the rest: service lookup, backend choice, the hand-over to the new-flow program (a tail call, the packet parsed again), counters, rewrite and checksums"
         );
         let over = self.new_flow - NEW_FLOW_TARGET;
         if over > 0.0 {
