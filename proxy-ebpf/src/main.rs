@@ -1,5 +1,10 @@
 //! xdproxy kernel programs: thin entry points over shared parse, lb and nat code.
 //!
+//! A new flow's first packet takes two programs: the XDP or TC ingress
+//! program chooses its backend, then tail-calls `xdproxy_xdp_new` or
+//! `xdproxy_tc_new`, which writes its conntrack entries and translates it
+//! (see `lb::hand_over`): the verifier walks those writes once, apart.
+//!
 //! XDP is for interfaces whose packets carry full checksums (traffic from the
 //! wire). TC is for interfaces fed by local sockets (pod veths), whose packets
 //! may carry only a partial checksum that XDP cannot see; its helpers fix the
