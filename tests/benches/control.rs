@@ -55,6 +55,10 @@ struct Row {
     /// As the agent logs them: creating the maps, verifying the programs.
     maps: String,
     verifying: String,
+    /// CPU seconds from start to synced: the agent's (user, kernel), and
+    /// this process's, which serves the lists (the test API server).
+    agent_cpu: (f64, f64),
+    server_cpu: f64,
 }
 
 /// Service i, as a real API server serves what `kubectl apply` wrote: with
@@ -135,6 +139,7 @@ fn measure(services: usize) -> anyhow::Result<Row> {
     std::fs::create_dir_all(&scratch)?;
     let kubeconfig = scratch.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
+    let server_before = cpu_seconds("self")?;
     let started = Instant::now();
     let agent = Agent::start_kube(
         &topology.node,
@@ -143,6 +148,12 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         &[client_iface().to_string()],
     )?;
     let full_sync = started.elapsed();
+    let server_cpu = cpu_seconds("self")?;
+    let server_cpu = server_cpu.0 + server_cpu.1 - server_before.0 - server_before.1;
+    let agent_cpu = match agent.pid() {
+        Some(pid) => cpu_seconds(&pid.to_string())?,
+        None => (f64::NAN, f64::NAN),
+    };
     let log = agent.log();
     let line = log
         .lines()
@@ -190,7 +201,27 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         peak_rss_kib,
         maps,
         verifying,
+        agent_cpu,
+        server_cpu,
     })
+}
+
+/// (user, kernel) CPU seconds of process `pid` ("self": this one) so far.
+fn cpu_seconds(pid: &str) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("process stat")?;
+    // Fields after the command name, which ends at the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        let v: u64 = fields.get(i).context("stat field")?.parse()?;
+        Ok(v as f64)
+    };
+    // SAFETY: sysconf reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // utime and stime: fields 14 and 15 of proc(5), the 12th and 13th after the name.
+    Ok((ticks(11)? / per_second, ticks(12)? / per_second))
 }
 
 /// The duration the agent's log gives after `label`, as written.
@@ -293,6 +324,15 @@ fn verdicts(small: &Row, large: &Row) {
             large.programming
         ),
     }
+    println!(
+        "CPU from start to synced at {}: the agent {:.2} s ({:.2} user: decoding, the model, the reconciler; {:.2} kernel: verifying, creating and writing maps), this bench's API server {:.2} s, on {} cores",
+        large.services,
+        large.agent_cpu.0 + large.agent_cpu.1,
+        large.agent_cpu.0,
+        large.agent_cpu.1,
+        large.server_cpu,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let rss = large.peak_rss_kib / 1024;
     match rss <= RSS_TARGET_MIB {
         true => println!("peak RSS at {}: met", large.services),
