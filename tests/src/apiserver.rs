@@ -525,6 +525,10 @@ impl Filter {
         })
     }
 
+    fn selects_all(&self) -> bool {
+        self.namespace.is_none() && self.fields.is_empty() && self.labels.is_empty()
+    }
+
     fn matches(&self, object: &Value) -> bool {
         let meta = &object["metadata"];
         let namespace = meta["namespace"].as_str().unwrap_or("");
@@ -924,8 +928,9 @@ struct Page {
     kind: Kind,
     at: u64,
     items: Vec<Arc<Value>>,
-    /// Where the next page starts, and how many items are left for it.
-    next: Option<(usize, usize)>,
+    /// Where the next page starts in the snapshot, and how many items are
+    /// left for it (unknown with a selector).
+    next: Option<(usize, Option<usize>)>,
 }
 
 impl Page {
@@ -933,7 +938,9 @@ impl Page {
         let mut metadata = json!({ "resourceVersion": self.at.to_string() });
         if let Some((end, remaining)) = self.next {
             metadata["continue"] = format!("{}.{end}", self.at).into();
-            metadata["remainingItemCount"] = remaining.into();
+            if let Some(remaining) = remaining {
+                metadata["remainingItemCount"] = remaining.into();
+            }
         }
         let info = self.kind.info();
         let head = json!({
@@ -1019,14 +1026,33 @@ fn list(state: &State, kind: Kind, filter: &Filter, query: &Query) -> Result<Pag
                        You can start a new list without the continue parameter.";
         return Err(Response::status(410, "Expired", message));
     };
-    let matching: Vec<Arc<Value>> = objects.into_iter().filter(|o| filter.matches(o)).collect();
-    let start = offset.min(matching.len());
-    let end = limit.map_or(matching.len(), |l| matching.len().min(start + l));
+    // A page scans from where the last one stopped (the token's offset is
+    // a position in the snapshot, as a real API server's token is a key):
+    // every page filtering the whole collection made a list quadratic.
+    let mut rest = objects.into_iter().enumerate().skip(offset);
+    let mut items = Vec::new();
+    let mut next = None;
+    for (position, object) in rest.by_ref() {
+        if !filter.matches(&object) {
+            continue;
+        }
+        if limit.is_some_and(|l| items.len() == l) {
+            next = Some(position);
+            break;
+        }
+        items.push(object);
+    }
+    // As a real API server: the count left only for lists without a
+    // selector, where it is exact without reading the rest.
+    let remaining = next.map(|end| match filter.selects_all() {
+        true => Some(rest.len() + 1),
+        false => None,
+    });
     Ok(Page {
         kind,
         at,
-        next: (end < matching.len()).then(|| (end, matching.len() - end)),
-        items: matching[start..end].to_vec(),
+        next: next.zip(remaining),
+        items,
     })
 }
 
@@ -1884,6 +1910,32 @@ mod unit {
         let (code, status) = client.get("/api/v1/pods")?;
         assert_eq!((code, status["kind"].as_str()), (404, Some("Status")));
         assert_eq!(server.requests("services"), (5, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn filtered_lists_paginate_over_what_matches() -> Result<()> {
+        let server = ApiServer::start()?;
+        for (name, app) in [
+            ("a", "web"),
+            ("b", "db"),
+            ("c", "web"),
+            ("d", "db"),
+            ("e", "web"),
+        ] {
+            server.apply(service("ns", name, json!({ "app": app })))?;
+        }
+        let mut client = Client::connect(&server)?;
+        let (_, page) = client.get("/api/v1/services?limit=1")?;
+        assert_eq!(page["metadata"]["remainingItemCount"], 4);
+        let query = "/api/v1/services?limit=2&labelSelector=app%3Dweb";
+        let (_, page) = client.get(query)?;
+        assert_eq!(names(&page), ["a", "c"]);
+        assert!(page["metadata"].get("remainingItemCount").is_none());
+        let token = page["metadata"]["continue"].as_str().context("token")?;
+        let (_, page) = client.get(&format!("{query}&continue={token}"))?;
+        assert_eq!(names(&page), ["e"]);
+        assert!(page["metadata"].get("continue").is_none());
         Ok(())
     }
 
