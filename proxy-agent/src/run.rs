@@ -22,9 +22,9 @@ use crate::{
     healthcheck::{HealthChecks, ServiceHealth},
     http::{self, Endpoints},
     metrics::{Shared, Status},
-    model::{self, ObjectKey, Objects, SliceIndex, ThisNode},
+    model::{self, Desired, ObjectKey, Objects, SliceIndex, ThisNode},
     nodeconfig,
-    reconcile::{Capacity, Reconciler, Report},
+    reconcile::{Capacity, Reconciler, Report, behind},
     source::{
         cluster::{ClusterStore, Dirty},
         kubernetes::{self, Change, Resource},
@@ -37,6 +37,9 @@ use crate::{
 const COALESCE: Duration = Duration::from_millis(2);
 /// A retry pass not pending: a branch that waits for it never fires.
 const NO_RETRY: Duration = Duration::from_secs(3600);
+/// Full passes over this many frontends write behind the reconciler, on a
+/// thread of their own (smaller ones cost less than the thread).
+const WRITE_BEHIND_FROM: usize = 1000;
 
 pub enum Source {
     Manifests(PathBuf),
@@ -554,6 +557,9 @@ struct Programmer {
     serving: bool,
     /// The report of such a pass, logged when the programs are attached.
     held: Option<String>,
+    /// A write behind a full pass failed: the reconciler's record may not
+    /// match the maps until it is read back from them.
+    record_stale: bool,
 }
 
 impl Programmer {
@@ -581,6 +587,7 @@ impl Programmer {
             sweeper: None,
             serving: false,
             held: None,
+            record_stale: false,
         })
     }
 
@@ -655,7 +662,7 @@ impl Programmer {
             log::warn!("{warning}");
         }
         self.status(|s| s.frontend_conflicts = desired.conflicts);
-        let report = self.reconciler.apply(desired, &mut self.maps);
+        let report = self.apply_all(desired, objects, index);
         // A full pass is the retry of whatever earlier ones left undone.
         match report.errors.is_empty() {
             true => self.retry.succeeded(),
@@ -664,6 +671,53 @@ impl Programmer {
         self.sweep_stale_sockets();
         self.sync_health_checks(objects, index, None);
         self.record(objects, &report, started, changes, "all services");
+    }
+
+    /// The reconciler's full pass; a large one with its map writes behind
+    /// it, on another thread (`behind`).
+    fn apply_all(&mut self, desired: Desired, objects: &Objects, index: &SliceIndex) -> Report {
+        if let Err(e) = self.readopt_if_stale() {
+            return Report {
+                errors: vec![e],
+                ..Report::default()
+            };
+        }
+        if desired.frontends.len() < WRITE_BEHIND_FROM {
+            return self.reconciler.apply(desired, &mut self.maps);
+        }
+        let Programmer {
+            reconciler, maps, ..
+        } = self;
+        let (report, written) =
+            behind::write_behind(maps, |queue| reconciler.apply(desired, queue));
+        let Err(e) = written else {
+            return report;
+        };
+        // The maps hold the pass up to the write that failed: read them back
+        // and pass again, one write at a time, for each Service's errors.
+        log::warn!("a full pass's write failed: {e:#}; reading the maps back to pass again");
+        self.record_stale = true;
+        if let Err(e) = self.readopt_if_stale() {
+            return Report {
+                errors: vec![e],
+                ..Report::default()
+            };
+        }
+        self.reconciler
+            .apply(model::desired_indexed(objects, index), &mut self.maps)
+    }
+
+    /// Rebuilds the reconciler's record from the maps if a write behind
+    /// it failed; until that works, no pass writes anything.
+    fn readopt_if_stale(&mut self) -> Result<(), String> {
+        if !self.record_stale {
+            return Ok(());
+        }
+        let snapshot = (self.maps.snapshot())
+            .map_err(|e| format!("reading the maps back after a failed write: {e:#}"))?;
+        self.reconciler.readopt(&snapshot, Capacity::DATAPATH);
+        self.record_stale = false;
+        Ok(())
     }
 
     /// A pass over the Services that changed only.
@@ -676,7 +730,13 @@ impl Programmer {
     ) {
         let started = Instant::now();
         let wanted = model::changes(objects, index, services);
-        let report = self.reconciler.apply_changes(&wanted, &mut self.maps);
+        let report = match self.readopt_if_stale() {
+            Ok(()) => self.reconciler.apply_changes(&wanted, &mut self.maps),
+            Err(e) => Report {
+                errors: vec![e],
+                ..Report::default()
+            },
+        };
         self.sweep_stale_sockets();
         self.sync_health_checks(objects, index, Some(services));
         self.record(

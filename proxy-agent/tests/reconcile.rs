@@ -12,6 +12,7 @@ use proxy_agent::{
     model::{Desired, Frontend, FrontendState, ObjectKey, Protocol, Scope},
     reconcile::{
         BackendKey, Capacity, Maps, Member, NodeEntry, Reconciler, ServiceEntry, Slot, Snapshot,
+        behind::write_behind,
     },
 };
 
@@ -1187,4 +1188,120 @@ fn a_table_whose_deletion_fails_goes_in_the_next_pass_and_its_id_waits() {
     assert_eq!(tables_named(&maps), [2, 3].into());
     assert_eq!(r.backend_count(), 3, "backend 2 went with its last slot");
     assert_eq!(r.slot_usage(), (2, 3));
+}
+
+/// What the maps hold, to compare two ways of writing the same passes.
+type Contents = (
+    BTreeMap<Frontend, ServiceEntry>,
+    BTreeMap<(u32, u32), u32>,
+    BTreeMap<u32, BackendKey>,
+    BTreeMap<(u32, u32), BackendKey>,
+    BTreeSet<(u32, u32)>,
+    BTreeSet<(u32, Cidr)>,
+);
+
+fn contents(maps: &FakeMaps) -> Contents {
+    (
+        maps.services.clone(),
+        maps.slots.clone(),
+        maps.backends.clone(),
+        maps.members.clone(),
+        maps.terminating.clone(),
+        maps.ranges.clone(),
+    )
+}
+
+/// Passes with every kind of write: a first sync, backends added and
+/// removed, one beginning to terminate (also while another frontend's
+/// entry keeps the old table), a Maglev table, source ranges, a Service
+/// gone.
+fn passes() -> Vec<Desired> {
+    let terminating = |s: &mut FrontendState| {
+        s.terminating = vec![SocketAddr::from(([10, 1, 4, 2], 8080))];
+    };
+    let with_lb = |d: Desired| {
+        merged(&[
+            with_ranges(&["192.0.2.0/24"])
+                .frontends
+                .into_iter()
+                .collect(),
+            d.frontends.into_iter().collect(),
+        ])
+    };
+    vec![
+        desired(&[(80, &[1, 2]), (81, &[2, 3]), (82, &[4, 5, 6])]),
+        with_lb(desired(&[(81, &[2, 3, 7]), (82, &[4, 5, 6]), (83, &[1])])),
+        with_lb(maglev(desired(&[
+            (81, &[2, 7]),
+            (82, &[5, 6]),
+            (83, &[1, 8]),
+        ]))),
+        with_state(desired(&[(82, &[5, 6]), (83, &[1, 8])]), terminating),
+        desired(&[(83, &[8])]),
+        // Two frontends share a table; one backend begins terminating.
+        merged(&[one_service("pair", &[90, 91], &[1, 4])]),
+        with_state(merged(&[one_service("pair", &[90, 91], &[1])]), terminating),
+    ]
+}
+
+#[test]
+fn passes_written_behind_end_as_direct_passes_and_each_write_is_safe() {
+    let (mut direct, mut behind) = (FakeMaps::default(), FakeMaps::default());
+    let (mut a, mut b) = (Reconciler::new(100, 100), Reconciler::new(100, 100));
+    for (n, d) in passes().into_iter().enumerate() {
+        let report = a.apply(d.clone(), &mut direct);
+        assert!(report.errors.is_empty(), "pass {n}: {:?}", report.errors);
+        // FakeMaps checks what a packet would see after every single write,
+        // in the order the writer applies them.
+        let (report, written) = write_behind(&mut behind, |maps| b.apply(d, maps));
+        assert!(report.errors.is_empty(), "pass {n}: {:?}", report.errors);
+        assert!(written.is_ok(), "pass {n}: {written:?}");
+        assert_eq!(contents(&behind), contents(&direct), "pass {n}");
+    }
+}
+
+#[test]
+fn a_pass_written_behind_gathers_each_kind_of_entry_across_services() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let d = desired(&[(80, &[1, 2]), (81, &[2, 3])]);
+    let (_, written) = write_behind(&mut maps, |m| r.apply(d, m));
+    assert!(written.is_ok(), "{written:?}");
+    let log = maps.writes();
+    let at = |kind: &str| -> Vec<usize> {
+        let found = log.iter().enumerate().filter(|(_, l)| l.starts_with(kind));
+        found.map(|(i, _)| i).collect()
+    };
+    let (members, slots, services) = (at("set_member"), at("set_slot"), at("set_service"));
+    assert_eq!(
+        (members.len(), slots.len(), services.len()),
+        (4, 4, 2),
+        "{log:?}"
+    );
+    assert!(members.iter().max() < slots.iter().min(), "{log:?}");
+    assert!(slots.iter().max() < services.iter().min(), "{log:?}");
+}
+
+#[test]
+fn a_write_behind_stops_at_a_failure_and_a_pass_after_readopting_finishes() {
+    let mut maps = FakeMaps {
+        fail: Some("set_slot".into()),
+        ..FakeMaps::default()
+    };
+    let mut r = Reconciler::new(100, 100);
+    let d = desired(&[(80, &[1, 2]), (81, &[2, 3])]);
+    let (report, written) = write_behind(&mut maps, |m| r.apply(d.clone(), m));
+    assert!(report.errors.is_empty(), "the queue took every write");
+    assert!(written.is_err(), "the writer says one failed");
+    assert!(
+        maps.slots.is_empty(),
+        "nothing after the failure: {:?}",
+        maps.log
+    );
+    assert!(maps.services.is_empty(), "no entry names a missing slot");
+    r.readopt(&maps.snapshot(), ROOM);
+    let report = r.apply(d, &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(maps.served()[&80], addrs(&[1, 2]));
+    assert_eq!(maps.served()[&81], addrs(&[2, 3]));
 }

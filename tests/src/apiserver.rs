@@ -1044,7 +1044,7 @@ fn list(state: &State, kind: Kind, filter: &Filter, query: &Query) -> Result<Pag
     }
     // As a real API server: the count left only for lists without a
     // selector, where it is exact without reading the rest.
-    let remaining = next.map(|end| match filter.selects_all() {
+    let remaining = next.map(|_| match filter.selects_all() {
         true => Some(rest.len() + 1),
         false => None,
     });

@@ -141,6 +141,44 @@ pub fn web(backends: &[usize]) -> String {
     format!("{}---\n{}", service(), slice(backends))
 }
 
+/// `web` and `count` more Services (`many/svc{i}`, TCP 80 on `many_vip(i)`),
+/// each with one of `backends` (in turn) ready behind it.
+pub fn many(count: usize, backends: &[usize]) -> String {
+    let mut out = web(backends);
+    for i in 0..count {
+        let vip = many_vip(i);
+        let backend = backend_addr(backends[i % backends.len()]);
+        out.push_str(&format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: svc{i}, namespace: many}}
+spec:
+  clusterIP: {vip}
+  clusterIPs: ["{vip}"]
+  ports: [{{name: http, protocol: TCP, port: {HTTP_PORT}, targetPort: http}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: svc{i}-1
+  namespace: many
+  labels: {{kubernetes.io/service-name: svc{i}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}]
+endpoints:
+{}"#,
+            ready([backend])
+        ));
+    }
+    out
+}
+
+/// The cluster IP of `many`'s i-th Service (clear of `VIP`).
+pub fn many_vip(i: usize) -> Ipv4Addr {
+    nth_vip(i + 256)
+}
+
 /// A manifest file the agent watches: `web.yaml` in a scratch directory of
 /// its own, `{temp}/xdproxy-{name}`, removed with the directory on drop.
 pub struct ManifestFile {

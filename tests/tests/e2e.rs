@@ -245,6 +245,45 @@ fn traffic_reaches_every_backend(
     Ok(())
 }
 
+/// A full pass over 1,000 frontends or more writes behind the reconciler,
+/// on a thread of its own, gathering each kind of entry across Services
+/// (`reconcile::behind`): what it programs serves, and a pass that removes
+/// and changes Services after it leaves exactly what it should.
+#[test]
+fn a_pass_over_many_services_is_written_behind_and_serves() -> anyhow::Result<()> {
+    if !common::ready("a_pass_over_many_services_is_written_behind_and_serves") {
+        return Ok(());
+    }
+    let mut lab = Lab::start("many", 2, 2, "")?;
+    lab.update(&manifests::many(1200, &[0, 1]))?;
+    assert_eq!(service_entries(&lab)?, 1200 + 2, "web's two, and 1,200");
+    for i in [0, 1, 777, 1199] {
+        let served = tcp_round_to(&lab, SocketAddrV4::new(manifests::many_vip(i), 80), 2)?;
+        let want = format!("backend{}", i % 2);
+        assert_eq!(served.keys().collect::<Vec<_>>(), [&want], "svc{i}");
+    }
+    // A hundred Services go, the rest move to backend 1.
+    lab.update(&manifests::many(1100, &[1]))?;
+    assert_eq!(service_entries(&lab)?, 1100 + 2);
+    for i in [0, 1, 1099] {
+        let served = tcp_round_to(&lab, SocketAddrV4::new(manifests::many_vip(i), 80), 2)?;
+        assert_eq!(served.keys().collect::<Vec<_>>(), ["backend1"], "svc{i}");
+    }
+    Ok(())
+}
+
+/// IPv4 service entries in the pinned map.
+fn service_entries(lab: &Lab) -> anyhow::Result<usize> {
+    let agent = lab.agent.as_ref().context("agent running")?;
+    let map: aya::maps::HashMap<
+        aya::maps::MapData,
+        proxy_common::Frontend4,
+        proxy_common::Service,
+    > = proxy_agent::datapath::pinned::Pins::at(agent.bpffs())
+        .map(proxy_common::names::SERVICES4)?;
+    Ok(map.keys().filter(|k| k.is_ok()).count())
+}
+
 /// TC on the client-facing veth: the client's packets carry partial
 /// checksums (default offloads), which only TC's helpers handle.
 #[test]

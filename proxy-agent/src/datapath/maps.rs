@@ -205,6 +205,20 @@ impl MapSet {
         Ok(sums[place])
     }
 
+    /// Where a fresh id's counts start. Not reset: the datapath alone
+    /// writes lb_svc_stats, whose entries 64 ids share. Nothing counted,
+    /// nothing to write (a base never exceeds its total).
+    fn write_base(&mut self, service_id: u32) -> anyhow::Result<()> {
+        let total = self.unused_total(service_id)?;
+        if total == ServiceStats::default() {
+            return Ok(());
+        }
+        written(
+            self.stats_base.set(service_id, total, 0),
+            names::SERVICE_STATS_BASE,
+        )
+    }
+
     /// Everything counted under service id `id`, summed over CPUs.
     fn stats_total(&self, id: u32) -> anyhow::Result<ServiceStats> {
         let (entry, at) = stats_slot(id);
@@ -233,16 +247,27 @@ impl<F: Pod + Eq + std::hash::Hash, B, R> FamilyMaps<F, B, R> {
         let entries = pinned::entries(&self.services, limit)
             .with_context(|| format!("reading {services}"))?;
         let entries = rev_nat_entries(entries);
-        match batch::update_array(&mut self.rev_nat, &entries) {
-            Ok(true) => Ok(entries.len()),
-            Ok(false) => {
-                for (id, frontend) in &entries {
-                    written(self.rev_nat.set(*id, *frontend, 0), rev_nat)?;
-                }
-                Ok(entries.len())
+        write_array(&mut self.rev_nat, &entries, rev_nat)?;
+        Ok(entries.len())
+    }
+}
+
+/// Writes `entries` (index, value) into an array in few syscalls (one
+/// each where the kernel has no batches), stopping at the first failure.
+fn write_array<V: Pod>(
+    map: &mut Array<MapData, V>,
+    entries: &[(u32, V)],
+    name: &str,
+) -> anyhow::Result<()> {
+    match batch::update_array(map, entries) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            for (id, value) in entries {
+                written(map.set(*id, *value, 0), name)?;
             }
-            Err(stopped) => Err(stopped.error).with_context(|| format!("writing {rev_nat}")),
+            Ok(())
         }
+        Err(stopped) => Err(stopped.error).with_context(|| format!("writing {name}")),
     }
 }
 
@@ -342,32 +367,51 @@ fn write_all<K: Pod, V: Pod>(
     }
 }
 
-/// Writes (key, backend) pairs into the map of each backend's family,
-/// runs of one family at a time in order, stopping at the first failure.
+/// Writes (key, backend) pairs into the map of each backend's family.
 fn write_backends<K: Pod>(
     items: &[(K, BackendValue)],
     v4: (&mut HashMap<MapData, K, Backend4>, &str),
     v6: (&mut HashMap<MapData, K, Backend6>, &str),
 ) -> Result<(), Partial> {
-    let family = |v: &BackendValue| matches!(v, BackendValue::V6(_));
+    write_by_family(
+        items,
+        |(k, v)| match v {
+            BackendValue::V4(b) => Family::V4((*k, *b)),
+            BackendValue::V6(b) => Family::V6((*k, *b)),
+        },
+        |entries| write_all(v4.0, entries, v4.1),
+        |entries| write_all(v6.0, entries, v6.1),
+    )
+}
+
+/// An entry for one family's map or the other's.
+#[derive(Clone, Copy)]
+enum Family<A, B> {
+    V4(A),
+    V6(B),
+}
+
+/// Writes `items` into the map of each one's family (`split`), runs of
+/// one family at a time in order, stopping at the first failure.
+fn write_by_family<T, A: Copy, B: Copy>(
+    items: &[T],
+    split: impl Fn(&T) -> Family<A, B>,
+    mut write4: impl FnMut(&[A]) -> Result<(), Partial>,
+    mut write6: impl FnMut(&[B]) -> Result<(), Partial>,
+) -> Result<(), Partial> {
+    let split: Vec<Family<A, B>> = items.iter().map(split).collect();
+    let v6 = |e: &Family<A, B>| matches!(e, Family::V6(_));
     let mut offset = 0;
-    for run in items.chunk_by(|a, b| family(&a.1) == family(&b.1)) {
-        let result = if family(&run[0].1) {
-            let entries: Vec<(K, Backend6)> = (run.iter())
-                .filter_map(|(k, v)| match v {
-                    BackendValue::V6(b) => Some((*k, *b)),
-                    BackendValue::V4(_) => None,
-                })
-                .collect();
-            write_all(v6.0, &entries, v6.1)
-        } else {
-            let entries: Vec<(K, Backend4)> = (run.iter())
-                .filter_map(|(k, v)| match v {
-                    BackendValue::V4(b) => Some((*k, *b)),
-                    BackendValue::V6(_) => None,
-                })
-                .collect();
-            write_all(v4.0, &entries, v4.1)
+    for run in split.chunk_by(|a, b| v6(a) == v6(b)) {
+        let result = match run[0] {
+            Family::V4(_) => write4(&only(run, |e| match e {
+                Family::V4(a) => Some(a),
+                Family::V6(_) => None,
+            })),
+            Family::V6(_) => write6(&only(run, |e| match e {
+                Family::V6(b) => Some(b),
+                Family::V4(_) => None,
+            })),
         };
         result.map_err(|p| Partial {
             written: offset + p.written,
@@ -376,6 +420,13 @@ fn write_backends<K: Pod>(
         offset += run.len();
     }
     Ok(())
+}
+
+fn only<A: Copy, B: Copy, C>(
+    run: &[Family<A, B>],
+    pick: impl Fn(Family<A, B>) -> Option<C>,
+) -> Vec<C> {
+    run.iter().filter_map(|e| pick(*e)).collect()
 }
 
 /// A member's value: its backend, flagged if it is terminating.
@@ -400,11 +451,11 @@ impl Maps for MapSet {
     }
 
     fn set_slots(&mut self, table: u32, backends: &[u32]) -> Result<(), Partial> {
-        let entries: Vec<(SlotKey, u32)> = (0u32..)
+        let slots: Vec<(Slot, u32)> = (0u32..)
             .zip(backends)
-            .map(|(index, b)| (keys::slot(Slot { table, index }), *b))
+            .map(|(index, b)| (Slot { table, index }, *b))
             .collect();
-        write_all(&mut self.slots, &entries, names::SLOTS)
+        self.set_slots_of(&slots)
     }
 
     fn set_members(
@@ -412,20 +463,16 @@ impl Maps for MapSet {
         service_id: u32,
         members: &[(u32, BackendKey, bool)],
     ) -> Result<(), Partial> {
-        let items: Vec<(MemberKey, BackendValue)> = (members.iter())
+        let members: Vec<(Member, BackendKey, bool)> = (members.iter())
             .map(|(backend_id, b, terminating)| {
                 let member = Member {
                     service_id,
                     backend_id: *backend_id,
                 };
-                (keys::member(member), member_value(b, *terminating))
+                (member, *b, *terminating)
             })
             .collect();
-        write_backends(
-            &items,
-            (&mut self.v4.members, names::MEMBERS4),
-            (&mut self.v6.members, names::MEMBERS6),
-        )
+        self.set_members_of(&members)
     }
 
     fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
@@ -523,20 +570,59 @@ impl Maps for MapSet {
     }
 
     fn fresh_service_id(&mut self, service_id: u32, frontend: &Frontend) -> anyhow::Result<()> {
-        // Its service's counts start here. Not reset: the datapath alone
-        // writes lb_svc_stats, whose entries 64 ids share. Nothing counted,
-        // nothing to write (a base never exceeds its total).
-        let total = self.unused_total(service_id)?;
-        if total != ServiceStats::default() {
-            written(
-                self.stats_base.set(service_id, total, 0),
-                names::SERVICE_STATS_BASE,
-            )?;
-        }
+        self.write_base(service_id)?;
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => written(self.v4.rev_nat.set(service_id, f, 0), names::REV_NAT4),
             FrontendKey::V6(f) => written(self.v6.rev_nat.set(service_id, f, 0), names::REV_NAT6),
         }
+    }
+
+    /// `fresh_service_id` for each (id, frontend): the bases, then the
+    /// reverse-NAT entries in a batch per family.
+    fn fresh_service_ids(&mut self, ids: &[(u32, Frontend)]) -> anyhow::Result<()> {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (id, frontend) in ids {
+            self.write_base(*id)?;
+            match keys::frontend(frontend) {
+                FrontendKey::V4(f) => v4.push((*id, f)),
+                FrontendKey::V6(f) => v6.push((*id, f)),
+            }
+        }
+        write_array(&mut self.v4.rev_nat, &v4, names::REV_NAT4)?;
+        write_array(&mut self.v6.rev_nat, &v6, names::REV_NAT6)
+    }
+
+    fn set_slots_of(&mut self, slots: &[(Slot, u32)]) -> Result<(), Partial> {
+        let entries: Vec<(SlotKey, u32)> = (slots.iter())
+            .map(|(slot, backend)| (keys::slot(*slot), *backend))
+            .collect();
+        write_all(&mut self.slots, &entries, names::SLOTS)
+    }
+
+    /// Member entries: (member, its backend, terminating).
+    fn set_members_of(&mut self, members: &[(Member, BackendKey, bool)]) -> Result<(), Partial> {
+        let items: Vec<(MemberKey, BackendValue)> = (members.iter())
+            .map(|(member, b, terminating)| (keys::member(*member), member_value(b, *terminating)))
+            .collect();
+        write_backends(
+            &items,
+            (&mut self.v4.members, names::MEMBERS4),
+            (&mut self.v6.members, names::MEMBERS6),
+        )
+    }
+
+    /// Service entries, runs of one family at a time.
+    fn set_services(&mut self, entries: &[(Frontend, ServiceEntry)]) -> Result<(), Partial> {
+        let (v4, v6) = (&mut self.v4.services, &mut self.v6.services);
+        write_by_family(
+            entries,
+            |(f, e)| match keys::frontend(f) {
+                FrontendKey::V4(f) => Family::V4((f, keys::service(e))),
+                FrontendKey::V6(f) => Family::V6((f, keys::service(e))),
+            },
+            |entries| write_all(v4, entries, names::SERVICES4),
+            |entries| write_all(v6, entries, names::SERVICES6),
+        )
     }
 }
 

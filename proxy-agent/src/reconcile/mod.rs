@@ -19,6 +19,7 @@
 //! of all of them (`apply`: also removes whatever nothing explains).
 
 mod adopt;
+pub mod behind;
 mod byid;
 mod entries;
 mod ids;
@@ -104,6 +105,30 @@ pub trait Maps {
                 backend_id: *backend_id,
             };
             self.set_member(member, b, *terminating)
+        })
+    }
+
+    // Entries of several Services at once (`behind` gathers them).
+
+    fn fresh_service_ids(&mut self, ids: &[(u32, Frontend)]) -> anyhow::Result<()> {
+        ids.iter()
+            .try_for_each(|(id, frontend)| self.fresh_service_id(*id, frontend))
+    }
+
+    /// Members: (member, its backend, terminating).
+    fn set_members_of(&mut self, members: &[(Member, BackendKey, bool)]) -> Result<(), Partial> {
+        each(members, |(member, b, terminating)| {
+            self.set_member(*member, b, *terminating)
+        })
+    }
+
+    fn set_slots_of(&mut self, slots: &[(Slot, u32)]) -> Result<(), Partial> {
+        each(slots, |(slot, backend)| self.set_slot(*slot, *backend))
+    }
+
+    fn set_services(&mut self, entries: &[(Frontend, ServiceEntry)]) -> Result<(), Partial> {
+        each(entries, |(frontend, entry)| {
+            self.set_service(frontend, entry)
         })
     }
 }
@@ -296,6 +321,16 @@ impl Reconciler {
     /// Most `lb_slots` entries one Service's tables may take (from the
     /// next pass on).
     pub fn set_slot_budget(&mut self, budget: u32) {
+        self.slot_budget = budget;
+    }
+
+    /// Starts the record over from what the maps hold now (after writes
+    /// whose outcome it does not know), keeping the node settings and the
+    /// budget.
+    pub fn readopt(&mut self, snapshot: &Snapshot, capacity: Capacity) {
+        let (node, budget) = (self.node, self.slot_budget);
+        *self = Reconciler::adopt(snapshot, capacity);
+        self.set_node(node);
         self.slot_budget = budget;
     }
 
