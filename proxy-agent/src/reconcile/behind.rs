@@ -23,13 +23,19 @@ type Write<M> = Box<dyn FnOnce(&mut M) -> anyhow::Result<()> + Send>;
 /// early and the reconciler and the kernel overlap.
 const WINDOW: usize = 8192;
 
+/// Writes the reconciler may be ahead of the writer by (a window each, at
+/// most): enough to keep both busy.
+const QUEUED: usize = 2;
+
 /// Runs `pass` against a queue whose writes a second thread applies to
 /// `maps`; returns what `pass` returned and whether every write went in.
 pub fn write_behind<M: Maps + Send + 'static, R>(
     maps: &mut M,
     pass: impl FnOnce(&mut dyn Maps) -> R,
 ) -> (R, anyhow::Result<()>) {
-    let (tx, rx) = mpsc::channel::<Write<M>>();
+    // Bounded: a reconciler far ahead of the kernel would hold the whole
+    // pass's entries at once (+14 MiB of peak RSS at 10,000 Services).
+    let (tx, rx) = mpsc::sync_channel::<Write<M>>(QUEUED);
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || rx.into_iter().try_for_each(|write| write(maps)));
         let mut queue = Queue {
@@ -85,7 +91,7 @@ impl Window {
 }
 
 struct Queue<M> {
-    tx: mpsc::Sender<Write<M>>,
+    tx: mpsc::SyncSender<Write<M>>,
     window: Window,
 }
 
@@ -191,7 +197,12 @@ impl<M: Maps + 'static> Maps for Queue<M> {
     }
 
     fn set_backends(&mut self, backends: &[(u32, BackendKey)]) -> Result<(), Partial> {
-        self.gather(|w| w.backends.extend_from_slice(backends))
+        // A first pass adds every backend at once: in windows, so that the
+        // writer's copies of them do not pile up (peak RSS).
+        for chunk in backends.chunks(WINDOW) {
+            self.gather(|w| w.backends.extend_from_slice(chunk))?;
+        }
+        Ok(())
     }
 
     fn set_slots(&mut self, table: u32, backends: &[u32]) -> Result<(), Partial> {
