@@ -33,8 +33,8 @@ pub fn write_behind<M: Maps + Send + 'static, R>(
     maps: &mut M,
     pass: impl FnOnce(&mut dyn Maps) -> R,
 ) -> (R, anyhow::Result<()>) {
-    // Bounded: a reconciler far ahead of the kernel would hold the whole
-    // pass's entries at once (+14 MiB of peak RSS at 10,000 Services).
+    // Bounded: a reconciler far ahead of the kernel holds no more than a
+    // few windows of entries.
     let (tx, rx) = mpsc::sync_channel::<Write<M>>(QUEUED);
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || rx.into_iter().try_for_each(|write| write(maps)));
@@ -121,13 +121,12 @@ impl<M: Maps + 'static> Queue<M> {
         Ok(())
     }
 
-    /// Adds to the window (`gather`), sent once it is full.
-    fn gather(&mut self, add: impl FnOnce(&mut Window)) -> Result<(), Partial> {
+    /// Adds to the window, sent once it is full.
+    fn gather(&mut self, add: impl FnOnce(&mut Window)) {
         add(&mut self.window);
         if self.window.len() >= WINDOW {
             self.flush();
         }
-        Ok(())
     }
 }
 
@@ -152,8 +151,8 @@ impl<M: Maps + 'static> Maps for Queue<M> {
 
     fn set_service(&mut self, frontend: &Frontend, entry: &ServiceEntry) -> anyhow::Result<()> {
         let (frontend, entry) = (*frontend, *entry);
-        self.gather(|w| w.services.push((frontend, entry)))
-            .map_err(|p| p.error)
+        self.gather(|w| w.services.push((frontend, entry)));
+        Ok(())
     }
 
     fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()> {
@@ -177,8 +176,8 @@ impl<M: Maps + 'static> Maps for Queue<M> {
     }
 
     fn set_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {
-        self.gather(|w| w.ranges.push((service_id, range)))
-            .map_err(|p| p.error)
+        self.gather(|w| w.ranges.push((service_id, range)));
+        Ok(())
     }
 
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> anyhow::Result<()> {
@@ -192,15 +191,15 @@ impl<M: Maps + 'static> Maps for Queue<M> {
 
     fn fresh_service_id(&mut self, service_id: u32, frontend: &Frontend) -> anyhow::Result<()> {
         let frontend = *frontend;
-        self.gather(|w| w.fresh_ids.push((service_id, frontend)))
-            .map_err(|p| p.error)
+        self.gather(|w| w.fresh_ids.push((service_id, frontend)));
+        Ok(())
     }
 
     fn set_backends(&mut self, backends: &[(u32, BackendKey)]) -> Result<(), Partial> {
         // A first pass adds every backend at once: in windows, so that the
         // writer's copies of them do not pile up (peak RSS).
         for chunk in backends.chunks(WINDOW) {
-            self.gather(|w| w.backends.extend_from_slice(chunk))?;
+            self.gather(|w| w.backends.extend_from_slice(chunk));
         }
         Ok(())
     }
@@ -210,7 +209,8 @@ impl<M: Maps + 'static> Maps for Queue<M> {
             let slots = (0u32..).zip(backends);
             w.slots
                 .extend(slots.map(|(index, b)| (Slot { table, index }, *b)))
-        })
+        });
+        Ok(())
     }
 
     fn set_members(
@@ -234,6 +234,7 @@ impl<M: Maps + 'static> Maps for Queue<M> {
                 };
                 (member, *b, *t)
             }))
-        })
+        });
+        Ok(())
     }
 }
