@@ -18,7 +18,13 @@ use tokio::{
 use crate::{
     backoff::Backoff,
     conntrack,
-    datapath::{self, cgroup, iface::IfaceSpec, links, loader, maps::MapSet, stale},
+    datapath::{
+        self, cgroup,
+        iface::{self, IfaceSpec},
+        links, loader,
+        maps::MapSet,
+        stale,
+    },
     healthcheck::{HealthChecks, ServiceHealth},
     http::{self, Endpoints},
     metrics::{Shared, Status},
@@ -243,23 +249,72 @@ fn create(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     Ok((loaded, maps))
 }
 
-/// Verifies the programs and attaches them to the interfaces `ifaces`
-/// selects now (and the socket hooks); the watcher returned follows the
-/// interfaces' changes.
+/// Verifies the programs the interfaces `ifaces` selects now need,
+/// attaches them (and the socket hooks) and says so on `attached`; then
+/// verifies the other programs, which only interfaces that appear later
+/// may need, at the lowest priority: the first programming pass may still
+/// be running. A program the kernel refuses still stops the agent at
+/// start. The watcher returned follows the interfaces' changes.
 fn attach(
     mut loaded: loader::Loaded,
     ifaces: &[IfaceSpec],
     socket_lb: Option<&Path>,
+    attached: tokio::sync::oneshot::Sender<()>,
 ) -> anyhow::Result<(loader::Loaded, links::Watcher)> {
     let started = Instant::now();
-    loaded.load_programs()?;
-    log::info!("programs verified in {:?}", started.elapsed());
+    let mut watcher = links::Watcher::open(ifaces)?;
+    let hooks = watcher.hooks_wanted();
+    loaded.load_programs(&hooks)?;
+    log::info!(
+        "programs verified in {:?} (those of {}; the others next)",
+        started.elapsed(),
+        hook_list(&hooks)
+    );
     if let Some(root) = socket_lb {
         loaded.attach_socket_hooks(root)?;
     }
-    let watcher = links::Watcher::start(ifaces, &mut loaded)?;
+    watcher.attach_all(&mut loaded);
     loaded.retire_other_links();
+    // The receiver is gone only if the agent is stopping.
+    let _ = attached.send(());
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                lowest_priority();
+                loaded.load_programs(&loader::ALL_HOOKS)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("a program load panicked"))?
+    })?;
+    log::info!("the other programs verified in {:?}", started.elapsed());
     Ok((loaded, watcher))
+}
+
+/// The hooks, as a list to read.
+fn hook_list(hooks: &[iface::Hook]) -> String {
+    match hooks {
+        [] => "no interface".to_string(),
+        _ => hooks
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Nice 19 for the calling thread and the threads it starts (Linux keeps
+/// a nice value per thread): they get the CPU the agent's other threads
+/// leave. Nice ranks threads within their cgroup, so a DaemonSet pod's
+/// share of the node is the same either way.
+fn lowest_priority() {
+    // SAFETY: no pointers; `who` 0 is the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+        log::debug!(
+            "lowering the priority of verifying: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// An earlier agent's datapath keeps serving; a new one is not left
@@ -274,8 +329,12 @@ fn given_up(bpffs: &Path, earlier: bool, e: anyhow::Error) -> anyhow::Error {
 /// The programs verifying and attaching on a thread of their own while the
 /// maps, which exist before them, take their first pass: the kernel's
 /// verifier (most of a second) and the first pass overlap, on two cores.
+/// Two steps: attached (the datapath serves), then done (every program
+/// verified, the watcher following the interfaces).
 struct Attaching {
     task: Option<tokio::task::JoinHandle<anyhow::Result<(loader::Loaded, links::Watcher)>>>,
+    /// Until the interfaces at start are attached.
+    attached: Option<tokio::sync::oneshot::Receiver<()>>,
     bpffs: PathBuf,
     earlier: bool,
 }
@@ -284,14 +343,16 @@ impl Attaching {
     fn begin(loaded: loader::Loaded, config: &RunConfig, earlier: bool) -> Attaching {
         let ifaces = config.ifaces.clone();
         let cgroup_root = config.socket_lb.as_ref().map(|s| s.cgroup_root.clone());
+        let (tell, attached) = tokio::sync::oneshot::channel();
         let task = tokio::task::spawn_blocking(move || {
             let root = cgroup_root
                 .map(|r| cgroup::root(r.as_deref()))
                 .transpose()?;
-            attach(loaded, &ifaces, root.as_deref())
+            attach(loaded, &ifaces, root.as_deref(), tell)
         });
         Attaching {
             task: Some(task),
+            attached: Some(attached),
             bpffs: config.bpffs.clone(),
             earlier,
         }
@@ -301,15 +362,28 @@ impl Attaching {
         self.task.is_some()
     }
 
-    /// Why the agent is not ready yet on this account.
-    fn not_ready(&self) -> Option<String> {
-        self.pending()
-            .then(|| "loading and attaching the datapath's programs".to_string())
+    /// False until the datapath serves the interfaces there were at start.
+    fn serving(&self) -> bool {
+        self.attached.is_none()
     }
 
-    /// Waits for the attach to end (at once if it has); from then on the
-    /// watcher follows the interfaces and the programmer's passes count.
+    /// Why the agent is not ready yet on this account.
+    fn not_ready(&self) -> Option<String> {
+        (!self.serving()).then(|| "loading and attaching the datapath's programs".to_string())
+    }
+
+    /// Waits for the next step (at once if it came): the attach, then the
+    /// end, after which the watcher follows the interfaces.
     async fn finish(&mut self, programmer: &mut Programmer) -> anyhow::Result<()> {
+        if let Some(attached) = self.attached.as_mut() {
+            let told = attached.await.is_ok();
+            self.attached = None;
+            if told {
+                self.now_serving(programmer);
+                return Ok(());
+            }
+            // The task ended without attaching: its error is below.
+        }
         let Some(task) = self.task.as_mut() else {
             return Ok(());
         };
@@ -323,6 +397,10 @@ impl Attaching {
             Err(e) => return Err(given_up(&self.bpffs, self.earlier, e)),
         };
         watcher.spawn(loaded, programmer.status.clone())?;
+        Ok(())
+    }
+
+    fn now_serving(&self, programmer: &mut Programmer) {
         programmer.attached();
         if self.earlier {
             // Now that the programs that wrote them are gone.
@@ -336,7 +414,6 @@ impl Attaching {
                 Err(e) => log::error!("rewriting an earlier version's conntrack: {e:#}"),
             });
         }
-        Ok(())
     }
 }
 
@@ -398,6 +475,11 @@ async fn manifest_loop(
         tokio::select! {
             _ = signals.any() => return Ok(()),
             _ = tick.tick() => {}
+            attached = attaching.finish(programmer), if attaching.pending() => {
+                attached?;
+                programmer.status(|s| s.not_ready = attaching.not_ready());
+                continue;
+            }
         }
         if source.changed() || programmer.retry.is_due(Instant::now()) {
             let seen = Instant::now();
@@ -411,10 +493,6 @@ async fn manifest_loop(
             });
             let index = SliceIndex::new(&load.objects);
             programmer.program(&load.objects, &index, &[seen]);
-        }
-        if attaching.pending() {
-            attaching.finish(programmer).await?;
-            programmer.status(|s| s.not_ready = None);
         }
     }
 }
@@ -474,7 +552,7 @@ async fn kube_loop(
         }
         // The route through the kubernetes Service is tried once the
         // programs that serve it are attached: before, it cannot answer.
-        if store.synced() && !attaching.pending() {
+        if store.synced() && attaching.serving() {
             let failing = health.failing();
             if let Some(client) = route.next(store.objects(), failing, node_name).await {
                 // Dropping the old watches stops them; the new ones list

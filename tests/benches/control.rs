@@ -228,6 +228,7 @@ fn cpu_seconds(pid: &str) -> anyhow::Result<(f64, f64)> {
 fn logged_time(log: &str, label: &str) -> String {
     log.lines()
         .find_map(|l| l.split(label).nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or("?")
         .to_string()
 }
@@ -308,22 +309,22 @@ const RSS_TARGET_MIB: u64 = 100;
 /// the smallest scale says about why.
 fn verdicts(small: &Row, large: &Row) {
     let sync = large.full_sync.as_secs_f64();
-    match sync < 1.0 {
-        true => println!("start to synced at {}: met", large.services),
-        false => println!(
-            "start to synced at {}: missed by {:.2} s; with {} Services it takes {:.2} s: creating the maps ({}) and verifying the programs ({}; five, side by side on two cores); at {}: maps {}, verifying {}, while the lists arrive (served by this bench's own API server, on the same two cores), then the first pass ({})",
-            large.services,
-            sync - 1.0,
-            small.services,
-            small.full_sync.as_secs_f64(),
-            small.maps,
-            small.verifying,
-            large.services,
-            large.maps,
-            large.verifying,
-            large.programming
-        ),
-    }
+    let verdict = match sync < 1.0 {
+        true => format!("met ({sync:.2} s)"),
+        false => format!("missed by {:.2} s", sync - 1.0),
+    };
+    println!(
+        "start to synced at {}: {verdict}; with {} Services it takes {:.2} s: creating the maps ({}) and verifying the programs its interfaces need ({}; side by side on two cores; the others after); at {}: maps {}, verifying {}, while the lists arrive (served by this bench's own API server, on the same two cores), then the first pass ({})",
+        large.services,
+        small.services,
+        small.full_sync.as_secs_f64(),
+        small.maps,
+        small.verifying,
+        large.services,
+        large.maps,
+        large.verifying,
+        large.programming
+    );
     println!(
         "CPU from start to synced at {}: the agent {:.2} s ({:.2} user: decoding, the model, the reconciler; {:.2} kernel: verifying, creating and writing maps), this bench's API server {:.2} s, on {} cores",
         large.services,

@@ -314,6 +314,63 @@ fn xdp_serves_tcp_and_udp_through_the_vip() -> anyhow::Result<()> {
     traffic_reaches_every_backend(":xdp", "xdp", Offloads::NodeFinishesChecksums)
 }
 
+/// The agent verifies only the programs its interfaces at start need before
+/// it serves them (TC here), and the others (XDP's) right after: an
+/// interface that comes later under an XDP spec is attached with them, and
+/// its new flows get conntrack entries (the XDP new-flow program is where
+/// the XDP program tail-calls it, or replies would not be translated back).
+#[test]
+fn programs_no_interface_needs_at_start_are_verified_after_it() -> anyhow::Result<()> {
+    if !common::ready("programs_no_interface_needs_at_start_are_verified_after_it") {
+        return Ok(());
+    }
+    let topology = Topology::build(&unique_prefix("late"), 2)?;
+    topology.finish_checksums_on_node_egress()?;
+    topology.disable_client_tx_checksum()?;
+    topology.enable_client_gro()?;
+    let servers = topology.start_servers()?;
+    let manifest = ManifestFile::new(
+        &format!("manifests-{}", topology.prefix()),
+        &manifests::web(&[0, 1]),
+    )?;
+    // The client's interface is selected only once it is renamed.
+    let mut ifaces = topology.agent_ifaces("");
+    ifaces[0] = "late0:xdp".to_string();
+    let agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
+    let mut lab = Lab {
+        topology,
+        _servers: servers,
+        manifest,
+        agent: Some(agent),
+    };
+    let log = lab.agent().log();
+    assert!(
+        log.contains("programs verified in") && log.contains("(those of tc;"),
+        "{log}"
+    );
+    assert!(!log.contains("attached xdp"), "{log}");
+    lab.agent()
+        .wait_for_log("the other programs verified in", Duration::from_secs(20))?;
+    let node = &lab.topology.node;
+    let client = Topology::client_iface();
+    node.ip(&["link", "set", client, "down"])?;
+    node.ip(&["link", "set", client, "name", "late0"])?;
+    node.ip(&["link", "set", "late0", "up"])?;
+    lab.agent()
+        .wait_for_log("attached xdp to late0", Duration::from_secs(10))?;
+    let tcp = tcp_round(&lab, 50)?;
+    assert_eq!(tcp.values().sum::<usize>(), 50);
+    assert_eq!(
+        tcp.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&[0, 1]),
+        "TCP spread: {tcp:?}; {}",
+        lab.counters()
+    );
+    let counters = lab.counters();
+    assert!(!counters.contains("ct_insert_failed"), "{counters}");
+    Ok(())
+}
+
 /// Opens long-lived connections and returns them with their backends.
 fn open_connections(lab: &Lab, n: usize) -> anyhow::Result<Vec<(HttpConn, String)>> {
     (0..n)

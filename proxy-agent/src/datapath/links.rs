@@ -428,10 +428,9 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Reads the links (and routes) there are, attaches to the selected ones
-    /// and returns the watcher that follows their changes. Failing to
-    /// attach to an interface is logged, not returned.
-    pub fn start(specs: &[IfaceSpec], hooks: &mut impl Hooks) -> anyhow::Result<Watcher> {
+    /// Reads the links (and routes) there are; `attach_all` then attaches
+    /// the selected ones, `hooks_wanted` tells which hooks they take.
+    pub fn open(specs: &[IfaceSpec]) -> anyhow::Result<Watcher> {
         let routes = specs.iter().any(|s| s.pattern == Pattern::Auto);
         let mut watcher = Watcher {
             specs: specs.to_vec(),
@@ -445,9 +444,25 @@ impl Watcher {
         for spec in unmatched(specs, &watcher.view.table) {
             log::info!("--iface {spec} matches no interface yet");
         }
-        let all = watcher.view.table.links.keys().copied().collect();
-        watcher.apply(&all, hooks);
         Ok(watcher)
+    }
+
+    /// The hooks the interfaces selected now take, each once.
+    pub fn hooks_wanted(&self) -> Vec<Hook> {
+        let mut hooks: Vec<Hook> = desired(&self.specs, &self.view.table)
+            .into_values()
+            .map(|want| want.hook)
+            .collect();
+        hooks.sort_unstable();
+        hooks.dedup();
+        hooks
+    }
+
+    /// Attaches to every interface selected now. Failing to attach to one
+    /// is logged, not returned.
+    pub fn attach_all(&mut self, hooks: &mut impl Hooks) {
+        let all = self.view.table.links.keys().copied().collect();
+        self.apply(&all, hooks);
     }
 
     /// Interfaces attached now.

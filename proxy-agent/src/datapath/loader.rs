@@ -341,32 +341,30 @@ impl Attachment {
 }
 
 impl Loaded {
-    /// Loads (verifies) every program now, so a program the kernel refuses
-    /// stops the agent at start rather than at the first interface, and the
-    /// programs hold their maps before the maps are taken out.
-    pub fn load_programs(&mut self) -> anyhow::Result<()> {
-        // The verifier takes a third to half a second over each of these,
-        // and verifies programs side by side: each loads on its own thread.
-        let wanted = [
-            programs::XDP,
-            programs::TC_INGRESS,
-            programs::TC_EGRESS,
-            programs::XDP_NEW,
-            programs::TC_NEW,
-        ];
+    /// Loads (verifies) the programs `hooks` need, each on its own thread
+    /// (the verifier takes a tenth to a third of a second over each), and
+    /// puts the new-flow programs among them where their ingress programs
+    /// tail-call them. Programs only other hooks need wait for a call that
+    /// names those (`ALL_HOOKS`: all of them).
+    pub fn load_programs(&mut self, hooks: &[Hook]) -> anyhow::Result<()> {
+        let wanted = programs_for(hooks);
         let found: Vec<(&str, &mut Program)> = self
             .ebpf
             .programs_mut()
             .filter(|(name, _)| wanted.contains(name))
             .collect();
-        for name in wanted {
+        for name in &wanted {
             anyhow::ensure!(
-                found.iter().any(|(n, _)| *n == name),
+                found.iter().any(|(n, _)| n == name),
                 "the eBPF object has no program {name}"
             );
         }
+        let unloaded: Vec<_> = found.into_iter().filter(|(_, p)| p.fd().is_err()).collect();
+        if unloaded.is_empty() {
+            return Ok(());
+        }
         std::thread::scope(|scope| {
-            let loads: Vec<_> = found
+            let loads: Vec<_> = unloaded
                 .into_iter()
                 .map(|(name, program)| scope.spawn(move || ensure_loaded(name, program)))
                 .collect();
@@ -383,6 +381,7 @@ impl Loaded {
     /// pins the links. Links an earlier agent pinned there get the new
     /// programs atomically, so no packet goes unprocessed.
     pub fn attach(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
+        self.load_programs(&[hook])?;
         self.attach_one(Attachment::ingress(hook), iface)?;
         self.attach_one(Attachment::TcEgress, iface)
     }
@@ -584,9 +583,29 @@ fn unpin_link(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts the new-flow programs (loaded) where the XDP and TC ingress
-/// programs tail-call them. Without them, new flows would be forwarded
-/// without conntrack entries (and counted as `ct_insert_failed`).
+/// The programs `hooks` need: each one's ingress program and the new-flow
+/// program it tail-calls, and the egress program every interface has.
+pub fn programs_for(hooks: &[Hook]) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for hook in hooks {
+        let (ingress, new_flow) = match hook {
+            Hook::Xdp => (programs::XDP, programs::XDP_NEW),
+            Hook::Tc => (programs::TC_INGRESS, programs::TC_NEW),
+        };
+        names.extend([ingress, new_flow, programs::TC_EGRESS]);
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Every hook, so every program an interface may need.
+pub const ALL_HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+/// Puts the new-flow programs that are loaded where the XDP and TC ingress
+/// programs tail-call them; an ingress program is loaded only with its
+/// new-flow program (`programs_for`). Without them, new flows would be
+/// forwarded without conntrack entries (and counted as `ct_insert_failed`).
 pub fn set_new_flow_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let slots = [
         (names::XDP_NEW_FLOW, programs::XDP_NEW),
@@ -596,10 +615,12 @@ pub fn set_new_flow_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         let program = ebpf
             .program(name)
             .with_context(|| format!("the eBPF object has no program {name}"))?;
-        let fd = program
-            .fd()
-            .and_then(|fd| Ok(fd.try_clone()?))
-            .with_context(|| format!("the fd of {name} (not loaded?)"))?;
+        let Ok(fd) = program.fd() else {
+            continue;
+        };
+        let fd = fd
+            .try_clone()
+            .with_context(|| format!("the fd of {name}"))?;
         let map = ebpf
             .map_mut(array)
             .with_context(|| format!("the eBPF object has no map {array}"))?;
@@ -651,6 +672,20 @@ mod tests {
         entries: 4096,
         overflow: 2048,
     };
+
+    #[test]
+    fn a_hook_needs_its_ingress_and_new_flow_programs_and_egress() {
+        assert!(programs_for(&[]).is_empty());
+        let mut tc = vec![programs::TC_INGRESS, programs::TC_NEW, programs::TC_EGRESS];
+        tc.sort_unstable();
+        assert_eq!(programs_for(&[Hook::Tc]), tc);
+        let mut xdp = vec![programs::XDP, programs::XDP_NEW, programs::TC_EGRESS];
+        xdp.sort_unstable();
+        assert_eq!(programs_for(&[Hook::Xdp]), xdp);
+        let all = programs_for(&ALL_HOOKS);
+        assert_eq!(all.len(), 5, "{all:?}");
+        assert_eq!(programs_for(&[Hook::Tc, Hook::Xdp, Hook::Tc]), all);
+    }
 
     #[test]
     fn the_overflow_maps_are_conntrack_maps_sized_by_their_flag() {
