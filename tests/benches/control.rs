@@ -13,7 +13,7 @@ use proxy_tests::manifests::nth_vip;
 use std::{
     net::{Ipv4Addr, TcpListener},
     path::Path,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail};
@@ -55,6 +55,10 @@ struct Row {
     /// As the agent logs them: creating the maps, verifying the programs.
     maps: String,
     verifying: String,
+    /// The agent's programs loaded when its first sync is seen, each with the
+    /// instructions the verifier walked: a figure that, unlike the
+    /// times, does not depend on how busy the machine is.
+    verified: String,
     /// CPU seconds from start to synced: the agent's (user, kernel), and
     /// this process's, which serves the lists (the test API server).
     agent_cpu: (f64, f64),
@@ -140,6 +144,7 @@ fn measure(services: usize) -> anyhow::Result<Row> {
     let kubeconfig = scratch.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
     let server_before = cpu_seconds("self")?;
+    let started_at = SystemTime::now();
     let started = Instant::now();
     let agent = Agent::start_kube(
         &topology.node,
@@ -154,6 +159,7 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         Some(pid) => cpu_seconds(&pid.to_string())?,
         None => (f64::NAN, f64::NAN),
     };
+    let verified = verified_since(started_at);
     let log = agent.log();
     let line = log
         .lines()
@@ -201,9 +207,28 @@ fn measure(services: usize) -> anyhow::Result<Row> {
         peak_rss_kib,
         maps,
         verifying,
+        verified,
         agent_cpu,
         server_cpu,
     })
+}
+
+/// The datapath's programs loaded since `since`, with the instructions the
+/// verifier walked for each.
+fn verified_since(since: SystemTime) -> String {
+    let mut found: Vec<(String, u32)> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.loaded_at().is_some_and(|at| at >= since))
+        .filter_map(|p| {
+            let name = p.name_as_str()?.to_string();
+            let walked = p.verified_instruction_count()?;
+            name.starts_with("xdproxy_").then_some((name, walked))
+        })
+        .collect();
+    found.sort();
+    let total: u32 = found.iter().map(|(_, n)| n).sum();
+    let each: Vec<String> = found.iter().map(|(n, w)| format!("{n} {w}")).collect();
+    format!("{} ({total} in all)", each.join(", "))
 }
 
 /// (user, kernel) CPU seconds of process `pid` ("self": this one) so far.
@@ -324,6 +349,10 @@ fn verdicts(small: &Row, large: &Row) {
         large.maps,
         large.verifying,
         large.programming
+    );
+    println!(
+        "instructions the verifier walked, programs loaded when the first sync was seen (the others verify after): with {} Services {}; at {}: {}",
+        small.services, small.verified, large.services, large.verified
     );
     println!(
         "CPU from start to synced at {}: the agent {:.2} s ({:.2} user: decoding, the model, the reconciler; {:.2} kernel: verifying, creating and writing maps), this bench's API server {:.2} s, on {} cores",
