@@ -277,6 +277,9 @@ fn attach(
     loaded.retire_other_links();
     // The receiver is gone only if the agent is stopping.
     let _ = attached.send(());
+    // These programs name their maps by the fds the object was loaded
+    // with: the maps taken out of it (`MapSet`) stay open for the agent's
+    // life, so none of those fds can name anything else by now.
     let started = Instant::now();
     std::thread::scope(|scope| {
         scope
