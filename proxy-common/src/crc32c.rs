@@ -105,16 +105,24 @@ pub fn checksum<const N: usize>(data: &[u8; N]) -> u32 {
 /// None for a message longer than MAX_LEN.
 #[inline(always)]
 pub fn update_head4(crc: u32, old: [u8; 4], new: [u8; 4], len: usize) -> Option<u32> {
+    update_head4_with(crc, old, new, len, change)
+}
+
+/// `update_head4`, with `change` computed by the function given: the
+/// datapath passes a copy of it that the verifier checks once.
+#[inline(always)]
+pub fn update_head4_with(
+    crc: u32,
+    old: [u8; 4],
+    new: [u8; 4],
+    len: usize,
+    change: impl FnOnce(u32, u32) -> u32,
+) -> Option<u32> {
     let zeros = len.checked_sub(4)?;
     if zeros >= MAX_LEN {
         return None;
     }
-    let diff = u32::from_ne_bytes([
-        old[0] ^ new[0],
-        old[1] ^ new[1],
-        old[2] ^ new[2],
-        old[3] ^ new[3],
-    ]);
+    let diff = u32::from_ne_bytes(old) ^ u32::from_ne_bytes(new);
     Some(crc ^ change(diff, zeros as u32))
 }
 

@@ -82,12 +82,10 @@ fn sctp_ports<A>(flow: &Flow<A>, side: Side, port: u16) -> ([u8; 4], [u8; 4]) {
 fn sctp_check<A>(flow: &Flow<A>, side: Side, port: u16, stored: [u8; 4]) -> Option<[u8; 4]> {
     let (old, new) = sctp_ports(flow, side, port);
     let crc = u32::from_le_bytes(stored);
-    let zeros = flow.l4_len.checked_sub(4)?;
-    if zeros >= crc32c::MAX_LEN {
-        return None;
-    }
-    let diff = u32::from_ne_bytes(old) ^ u32::from_ne_bytes(new);
-    Some((crc ^ xdproxy_crc32c_change(diff, zeros as u32)).to_le_bytes())
+    let updated = crc32c::update_head4_with(crc, old, new, flow.l4_len, |diff, zeros| {
+        xdproxy_crc32c_change(diff, zeros)
+    })?;
+    Some(updated.to_le_bytes())
 }
 
 /// `crc32c::change` as a global function, which the verifier checks once
