@@ -248,6 +248,9 @@ pub fn new_connections(
 
 /// `n` new UDP flows (a fresh socket each) from `ns` to `target`, one
 /// exchange each, every reply from `target`: how many each backend answered.
+/// The sockets stay open until the last exchange, so no two flows share a
+/// source port (a port freed and handed out again would make a later
+/// "new" flow an old one to the proxy).
 pub fn new_udp_flows(
     ns: &Netns,
     target: SocketAddr,
@@ -255,10 +258,14 @@ pub fn new_udp_flows(
     timeout: Duration,
 ) -> Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
+    let mut open = Vec::with_capacity(n);
     for i in 0..n {
-        let (backend, from) = udp_exchange(ns, target, &format!("new{i}"), timeout)?;
+        let mut flow = UdpFlow::open(ns, target)?;
+        flow.set_timeout(timeout);
+        let (backend, from) = flow.exchange(&format!("new{i}"))?;
         ensure!(from == target, "new UDP flow {i} answered from {from}");
         *counts.entry(backend).or_insert(0) += 1;
+        open.push(flow);
     }
     Ok(counts)
 }
