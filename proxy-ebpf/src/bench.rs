@@ -7,7 +7,7 @@
 //! the program under test. The baseline is the same wrapper calling the empty
 //! program, so the copy cancels out.
 //!
-//! Two more targets time conntrack writes alone on the flow the wrapper
+//! Three more targets time conntrack lookups and writes alone on the flow the wrapper
 //! made (IPv4, TCP): what a new flow's nanoseconds are made of.
 
 use aya_ebpf::{
@@ -60,6 +60,16 @@ fn restore(ctx: &XdpContext) {
             (*head)[34] = bytes[2];
             (*head)[35] = bytes[3];
         }
+    }
+}
+
+/// A lookup of the packet's forward key in `bench_ct` that misses (the flow
+/// is new): the cold bucket a new flow's first lookup pays for.
+#[xdp]
+pub fn xdproxy_bench_ct_lookup(ctx: XdpContext) -> u32 {
+    match forward_key(&ctx) {
+        Some(key) if BENCH_CT.get_ptr(&key).is_none() => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_ABORTED,
     }
 }
 

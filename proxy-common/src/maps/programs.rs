@@ -13,8 +13,9 @@ pub const TC_NEW: &str = "xdproxy_tc_new";
 pub const XDP_EMPTY: &str = "xdproxy_empty";
 /// Restores a saved packet head, then tail-calls `bench_target[0]`.
 pub const XDP_BENCH: &str = "xdproxy_bench";
-/// A conntrack-like lookup that misses then insert, and an insert alone:
-/// the parts a new flow's cost is made of, for the benchmark.
+/// A conntrack-like lookup that misses, the same then an insert, and an
+/// insert alone: the parts a new flow's cost is made of, for the benchmark.
+pub const XDP_BENCH_CT_LOOKUP: &str = "xdproxy_bench_ct_lookup";
 pub const XDP_BENCH_CT_LOOKUP_INSERT: &str = "xdproxy_bench_ct_lookup_insert";
 pub const XDP_BENCH_CT_INSERT: &str = "xdproxy_bench_ct_insert";
 /// cgroup sock_addr hooks: socket-level load balancing.

@@ -102,6 +102,7 @@ impl Loaded {
         loader.map_max_entries(proxy_common::names::BENCH_CT, proxy_common::MAX_CONNTRACK);
         let mut names = ALL_PROGRAMS.to_vec();
         names.extend([
+            programs::XDP_BENCH_CT_LOOKUP,
             programs::XDP_BENCH_CT_LOOKUP_INSERT,
             programs::XDP_BENCH_CT_INSERT,
         ]);
