@@ -38,6 +38,7 @@ mod abort;
 mod affinity;
 mod atomic;
 mod bench;
+mod bench_table;
 mod closed;
 mod copy;
 mod ct;

@@ -112,6 +112,10 @@ struct Samples {
     ct_lookup: Vec<u64>,
     ct_lookup_insert: Vec<u64>,
     ct_insert: Vec<u64>,
+    /// Steady state only: the same lookup, and lookup then insert, on the
+    /// sketch of a table of our own (`bench_ct_slots`).
+    slots_lookup: Vec<u64>,
+    slots_lookup_insert: Vec<u64>,
     /// Steady state only: a new flow and a non-service packet while a
     /// mark of `ct_paired` is raised (see `Scale::marked_round`): the
     /// pairs', the source NAT entries'.
@@ -130,6 +134,8 @@ impl Samples {
             lookup: median(&self.ct_lookup) - empty,
             lookup_insert: median(&self.ct_lookup_insert) - empty,
             insert: median(&self.ct_insert) - empty,
+            slots_lookup: median(&self.slots_lookup) - empty,
+            slots_lookup_insert: median(&self.slots_lookup_insert) - empty,
             paired_new_flow: median(&self.paired_new_flow) - empty,
             paired_non_service: median(&self.paired_non_service) - empty,
             snat_new_flow: median(&self.snat_new_flow) - empty,
@@ -271,6 +277,14 @@ impl Scale {
                 &mut self.steady.ct_lookup_insert,
             ),
             (programs::XDP_BENCH_CT_INSERT, &mut self.steady.ct_insert),
+            (
+                programs::XDP_BENCH_CT_SLOTS_LOOKUP,
+                &mut self.steady.slots_lookup,
+            ),
+            (
+                programs::XDP_BENCH_CT_SLOTS_LOOKUP_INSERT,
+                &mut self.steady.slots_lookup_insert,
+            ),
         ] {
             // Each returns XDP_PASS only if its lookup missed and its insert
             // succeeded (checked by `time`).
@@ -470,6 +484,10 @@ struct Parts {
     lookup: f64,
     lookup_insert: f64,
     insert: f64,
+    /// The same on the sketch of a table of our own (one cache line per
+    /// flow in an array, claimed by compare-and-exchange).
+    slots_lookup: f64,
+    slots_lookup_insert: f64,
     paired_new_flow: f64,
     paired_non_service: f64,
     snat_new_flow: f64,
@@ -511,6 +529,13 @@ impl Parts {
         } else {
             println!("  target met");
         }
+        println!(
+            "  a conntrack table of our own instead (sketch: one cache line per flow in an array map, lookup and insert one walk, the line claimed by compare-and-exchange): lookup {:.0} ns, lookup and insert {:.0} ns, against {:.0} through the kernel's hash map: a new flow at about +{:.0}",
+            self.slots_lookup,
+            self.slots_lookup_insert,
+            self.lookup_insert,
+            self.new_flow - self.lookup_insert + self.slots_lookup_insert
+        );
         println!(
             "  with ct_paired's source NAT mark raised (source-NATed flows on the node): new flow +{:.0} ns, non-service +{:.0} ns (neither looks for more, only packets to the node's address do)",
             self.snat_new_flow, self.snat_non_service

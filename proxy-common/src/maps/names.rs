@@ -78,6 +78,9 @@ pub const BENCH_PACKET: &str = "bench_packet";
 pub const BENCH_TARGET: &str = "bench_target";
 /// The benchmark's conntrack-shaped map (see `programs::XDP_BENCH_CT_INSERT`).
 pub const BENCH_CT: &str = "bench_ct";
+/// The benchmark's sketch of a conntrack table of our own (see
+/// `programs::XDP_BENCH_CT_SLOTS_LOOKUP_INSERT`).
+pub const BENCH_CT_SLOTS: &str = "bench_ct_slots";
 
 /// Every map the programs define, for pinning and cleanup.
 pub const ALL: [&str; 37] = [

@@ -18,6 +18,10 @@ pub const XDP_BENCH: &str = "xdproxy_bench";
 pub const XDP_BENCH_CT_LOOKUP: &str = "xdproxy_bench_ct_lookup";
 pub const XDP_BENCH_CT_LOOKUP_INSERT: &str = "xdproxy_bench_ct_lookup_insert";
 pub const XDP_BENCH_CT_INSERT: &str = "xdproxy_bench_ct_insert";
+/// The same two on a sketch of a conntrack table of our own: one cache
+/// line per flow in an array, claimed by compare-and-exchange.
+pub const XDP_BENCH_CT_SLOTS_LOOKUP: &str = "xdproxy_bench_ct_slots_lookup";
+pub const XDP_BENCH_CT_SLOTS_LOOKUP_INSERT: &str = "xdproxy_bench_ct_slots_lookup_insert";
 /// cgroup sock_addr hooks: socket-level load balancing.
 pub const SOCK_CONNECT4: &str = "xdproxy_connect4";
 pub const SOCK_CONNECT6: &str = "xdproxy_connect6";

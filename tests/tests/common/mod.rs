@@ -100,11 +100,17 @@ impl Loaded {
     pub fn for_bench() -> anyhow::Result<Loaded> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(proxy_common::names::BENCH_CT, proxy_common::MAX_CONNTRACK);
+        loader.map_max_entries(
+            proxy_common::names::BENCH_CT_SLOTS,
+            proxy_common::BENCH_SLOTS_MASK + 1,
+        );
         let mut names = ALL_PROGRAMS.to_vec();
         names.extend([
             programs::XDP_BENCH_CT_LOOKUP,
             programs::XDP_BENCH_CT_LOOKUP_INSERT,
             programs::XDP_BENCH_CT_INSERT,
+            programs::XDP_BENCH_CT_SLOTS_LOOKUP,
+            programs::XDP_BENCH_CT_SLOTS_LOOKUP_INSERT,
         ]);
         Self::load(&mut loader, &names)
     }

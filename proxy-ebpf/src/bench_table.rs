@@ -1,0 +1,111 @@
+//! A conntrack table of our own, sketched for the benchmark only: what a
+//! new flow's conntrack write would cost without the kernel's hash map.
+//!
+//! One cache line per flow in an array map (the verifier inlines an array
+//! lookup: no helper call, no bucket array, no free list), found at a hash
+//! of the key and up to `PROBES` lines after it. A lookup stops at the
+//! first empty line, so a new flow's lookup and its insert are one walk:
+//! the empty line that ends the lookup is the one the insert claims, by
+//! compare-and-exchange on its state word, as a CPU racing for the same
+//! line would. Nothing here removes entries: the benchmark only adds.
+
+use aya_ebpf::{
+    bindings::xdp_action, btf_maps::Array, macros::btf_map, macros::xdp, programs::XdpContext,
+};
+use proxy_common::{BENCH_SLOTS_MASK, Ct4Entry, Ct4Key};
+
+use crate::{atomic, bench::forward_key, hash::mix};
+
+/// Lines a key may be found at, from its hash on.
+const PROBES: u32 = 8;
+const EMPTY: u32 = 0;
+const CLAIMED: u32 = 1;
+const LIVE: u32 = 2;
+
+/// One flow: 64 bytes, a cache line.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Slot {
+    state: u32,
+    _pad: u32,
+    key: [u64; 2],
+    value: Ct4Entry,
+    _rest: [u32; 5],
+}
+
+/// Created with one line; the benchmark sizes it as `BENCH_SLOTS_MASK + 1`.
+#[btf_map(name = "bench_ct_slots")]
+static BENCH_CT_SLOTS: Array<Slot, 1> = Array::new();
+
+/// The key's 16 bytes as two words, compared and copied as such.
+#[inline(always)]
+fn words(key: &Ct4Key) -> [u64; 2] {
+    // SAFETY: `Ct4Key` is 16 bytes of plain data with explicit padding.
+    unsafe { core::mem::transmute::<Ct4Key, [u64; 2]>(*key) }
+}
+
+#[inline(always)]
+fn home(key: &[u64; 2]) -> u32 {
+    let folded = key[0] ^ key[1].rotate_left(29);
+    mix(mix(folded as u32) ^ (folded >> 32) as u32)
+}
+
+/// What a walk from the key's home line found.
+enum Found {
+    Live,
+    /// The first empty line, the one an insert takes.
+    Empty(*mut Slot),
+    Full,
+}
+
+#[inline(always)]
+fn walk(key: &[u64; 2]) -> Found {
+    let start = home(key);
+    for i in 0..PROBES {
+        let Some(slot) = BENCH_CT_SLOTS.get_ptr_mut(start.wrapping_add(i) & BENCH_SLOTS_MASK)
+        else {
+            return Found::Full;
+        };
+        // SAFETY: a live array value.
+        let (state, at) = unsafe { ((*slot).state, (*slot).key) };
+        if state == EMPTY {
+            return Found::Empty(slot);
+        }
+        if state == LIVE && at == *key {
+            return Found::Live;
+        }
+    }
+    Found::Full
+}
+
+/// The packet's forward key looked up, a miss: the line that ends the walk.
+#[xdp]
+pub fn xdproxy_bench_ct_slots_lookup(ctx: XdpContext) -> u32 {
+    match forward_key(&ctx).map(|k| walk(&words(&k))) {
+        Some(Found::Empty(_)) => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_ABORTED,
+    }
+}
+
+/// The packet's forward key looked up, a miss, then written into the empty
+/// line the lookup ended at.
+#[xdp]
+pub fn xdproxy_bench_ct_slots_lookup_insert(ctx: XdpContext) -> u32 {
+    let Some(key) = forward_key(&ctx).map(|k| words(&k)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let Found::Empty(slot) = walk(&key) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a live array value, its state word 4-byte aligned; the line
+    // is written only by the CPU whose exchange claimed it.
+    unsafe {
+        if !atomic::compare_exchange(&raw mut (*slot).state, EMPTY, CLAIMED) {
+            return xdp_action::XDP_ABORTED;
+        }
+        (*slot).key = key;
+        (*slot).value = Ct4Entry::default();
+        (*slot).state = LIVE;
+    }
+    xdp_action::XDP_PASS
+}
