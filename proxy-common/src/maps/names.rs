@@ -81,6 +81,9 @@ pub const BENCH_CT: &str = "bench_ct";
 /// The benchmark's sketch of a conntrack table of our own (see
 /// `programs::XDP_BENCH_CT_SLOTS_LOOKUP_INSERT`).
 pub const BENCH_CT_SLOTS: &str = "bench_ct_slots";
+/// The same with a compact index of tags in front of its lines.
+pub const BENCH_CT_TAGS: &str = "bench_ct_tags";
+pub const BENCH_CT_TAG_LINES: &str = "bench_ct_tag_lines";
 
 /// Every map the programs define, for pinning and cleanup.
 pub const ALL: [&str; 37] = [

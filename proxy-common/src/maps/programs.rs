@@ -22,6 +22,9 @@ pub const XDP_BENCH_CT_INSERT: &str = "xdproxy_bench_ct_insert";
 /// line per flow in an array, claimed by compare-and-exchange.
 pub const XDP_BENCH_CT_SLOTS_LOOKUP: &str = "xdproxy_bench_ct_slots_lookup";
 pub const XDP_BENCH_CT_SLOTS_LOOKUP_INSERT: &str = "xdproxy_bench_ct_slots_lookup_insert";
+/// The same with a compact index of tags in front of the lines.
+pub const XDP_BENCH_CT_TAGS_LOOKUP: &str = "xdproxy_bench_ct_tags_lookup";
+pub const XDP_BENCH_CT_TAGS_LOOKUP_INSERT: &str = "xdproxy_bench_ct_tags_lookup_insert";
 /// cgroup sock_addr hooks: socket-level load balancing.
 pub const SOCK_CONNECT4: &str = "xdproxy_connect4";
 pub const SOCK_CONNECT6: &str = "xdproxy_connect6";
