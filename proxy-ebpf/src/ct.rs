@@ -43,7 +43,7 @@ use proxy_common::{
 use crate::{
     atomic, closed,
     ctmap::{self, CtMaps, Entry, Seen, Table, now},
-    family::{Family, Target, V4, V6},
+    family::{self, Family, Target, V4, V6},
     maps::{self, CONFIG, CONNECTIONS},
     parse::{Flow, TCP_SYN, Tuple},
     snat::{self, Holder},
@@ -342,13 +342,27 @@ fn to_node<F: Family>(addr: F::Addr) -> bool {
 /// A backend's packet to a client whose `CT_SOCKET` entry `ours` accepts:
 /// its source becomes the entry's frontend. None if the frontend is
 /// unknown (the agent writes it before its service entry; never seen).
+///
+/// A reply refreshes the entry's second, and the client's next packet
+/// checks its backend's membership only if the service lost a member
+/// since that second (`family::entry_backend_stays`): so a reply whose backend
+/// left leaves the entry untouched, and the client's next packet finds out.
 #[inline(always)]
 fn back_to_client<F: Family>(
     flow: &Flow<F::Addr>,
     ours: impl Fn(&Entry<F::Addr>) -> bool,
 ) -> Option<Rewrite<F::Addr>> {
     let key = socket_key::<F>(flow.daddr, flow.dport, flow.proto);
-    let entry = F::ct_get_where(key, Seen::Reply(flow.tcp_flags), ours)?;
+    let seen = Seen::Reply(flow.tcp_flags);
+    let judge = |e: &Entry<F::Addr>| {
+        ours(e).then(
+            || match family::entry_backend_stays::<F>(&e.service_id, e) {
+                true => seen,
+                false => Seen::Nothing,
+            },
+        )
+    };
+    let entry = F::ct_get_judged(key, judge)?;
     let (addr, port) = F::rev_nat(entry.service_id)?;
     Some(Rewrite {
         side: Side::Source,

@@ -276,15 +276,23 @@ pub fn get_where<M: CtMaps>(
     seen: Seen,
     ours: impl Fn(&Entry<M::Addr>) -> bool,
 ) -> Option<Entry<M::Addr>> {
+    get_judged::<M>(key, |e| ours(e).then_some(seen))
+}
+
+/// `get_where` whose `judge` also says what the entry takes in of the
+/// packet (None: not ours).
+#[inline(always)]
+pub fn get_judged<M: CtMaps>(
+    key: M::Key,
+    judge: impl Fn(&Entry<M::Addr>) -> Option<Seen>,
+) -> Option<Entry<M::Addr>> {
     let (k, _) = M::slots(scratch()?);
     *k = key;
     let ptr = lookup::<M>(k)?;
     // SAFETY: a copy out of a live map value.
     let mut entry = M::entry(unsafe { &*ptr });
     entry.direction = M::direction(&key);
-    if !ours(&entry) {
-        return None;
-    }
+    let seen = judge(&entry)?;
     // SAFETY: a live map value.
     let fields = unsafe { M::fields(ptr) };
     let socket = entry.is_socket();

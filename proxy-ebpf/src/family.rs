@@ -12,9 +12,10 @@ use proxy_common::{
 use crate::{
     ctmap::{self, Ct4, Ct6, CtMaps, Entry, Peek, Seen, Table},
     hash::AddrHash,
+    lb,
     maps::{
-        AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH, MEMBERS4,
-        MEMBERS6, NEW_FLOW, REV_NAT4, REV_NAT6, SERVICES4, SERVICES6, SOURCE_RANGES4,
+        AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH, MEMBER_GONE,
+        MEMBERS4, MEMBERS6, NEW_FLOW, REV_NAT4, REV_NAT6, SERVICES4, SERVICES6, SOURCE_RANGES4,
         SOURCE_RANGES6,
     },
     parse::{Ipv4Hdr, Ipv6Hdr},
@@ -50,6 +51,8 @@ pub trait Family {
     fn backend(id: u32) -> Option<Target<Self::Addr>>;
     /// The backend as a member of the service.
     fn member(key: MemberKey) -> Option<Target<Self::Addr>>;
+    /// True if the member exists at `addr` and `port`: compared in place.
+    fn member_is(key: MemberKey, addr: Self::Addr, port: u16) -> bool;
     /// The address and port of the frontend with service id `id`, if the
     /// agent wrote it (`lb4_rev_nat`/`lb6_rev_nat`).
     fn rev_nat(id: u32) -> Option<(Self::Addr, u16)>;
@@ -67,6 +70,14 @@ pub trait Family {
         ours: impl Fn(&Entry<Self::Addr>) -> bool,
     ) -> Option<Entry<Self::Addr>> {
         ctmap::get_where::<Self::Ct>(key, seen, ours)
+    }
+    /// See `ctmap::get_judged`.
+    #[inline(always)]
+    fn ct_get_judged(
+        key: Self::CtKey,
+        judge: impl Fn(&Entry<Self::Addr>) -> Option<Seen>,
+    ) -> Option<Entry<Self::Addr>> {
+        ctmap::get_judged::<Self::Ct>(key, judge)
     }
     /// See `ctmap::flags`.
     #[inline(always)]
@@ -145,6 +156,38 @@ pub fn member<F: Family>(service_id: u32, backend_id: u32) -> Option<Target<F::A
     })
 }
 
+/// True if the backend of a flow's entry is still a member of service
+/// `service_id`, at the entry's address and port. Looked up only if the
+/// service's members may have lost one since the entry's last packet
+/// (`proxy_common::names::MEMBER_GONE`): otherwise the entry's backend is
+/// still what it was then, and an established packet spares a hash
+/// lookup. Only the answer is on the stack (TC's is nearly full).
+#[inline(always)]
+pub fn entry_backend_stays<F: Family>(service_id: &u32, entry: &Entry<F::Addr>) -> bool {
+    !member_gone_since(service_id, entry.last_seen)
+        || F::member_is(
+            MemberKey {
+                service_id: *service_id,
+                backend_id: entry.backend_id,
+            },
+            entry.addr,
+            entry.port,
+        )
+}
+
+/// True if the service's members may have lost one at or after `second`:
+/// the same second counts (the agent writes the second after it), and so
+/// does an unreadable time.
+/// The id is read where it is (`service_id` points into the caller's
+/// copy): a key of its own would take stack TC does not have.
+#[inline(always)]
+fn member_gone_since(service_id: &u32, second: u32) -> bool {
+    // SAFETY: an array of u32 keyed by u32.
+    let at = unsafe { lb::lookup::<u32>((&raw const MEMBER_GONE).cast(), service_id) };
+    // SAFETY: a live array value.
+    at.is_none_or(|t| unsafe { *t } >= second)
+}
+
 /// The families' impls differ only in names, types and header offsets: the
 /// maps and their fields are the same, so one body serves both.
 macro_rules! family {
@@ -201,6 +244,14 @@ macro_rules! family {
             fn member(key: MemberKey) -> Option<Target<$addr>> {
                 // SAFETY: a copy out of a live map value.
                 $members.get_ptr(key).map(|b| Target::from(unsafe { &*b }))
+            }
+
+            #[inline(always)]
+            fn member_is(key: MemberKey, addr: $addr, port: u16) -> bool {
+                // SAFETY: fields of a live map value.
+                $members
+                    .get_ptr(key)
+                    .is_some_and(|b| unsafe { (*b).addr == addr && (*b).port == port })
             }
 
             #[inline(always)]

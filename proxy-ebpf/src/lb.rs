@@ -194,9 +194,7 @@ fn established<F: Family>(
     service: &Service,
     entry: &Entry<F::Addr>,
 ) -> Option<Verdict<F::Addr>> {
-    let still_member = family::member::<F>(service.id, entry.backend_id)
-        .filter(|b| b.addr == entry.addr && b.port == entry.port);
-    let Some(backend) = still_member else {
+    if !family::entry_backend_stays::<F>(&service.id, entry) {
         maps::count(Counter::Reselected);
         if flow.proto == IPPROTO_TCP && !flow.opens() {
             ct::forget::<F>(flow, entry);
@@ -210,7 +208,7 @@ fn established<F: Family>(
         }
         ct::forget::<F>(flow, entry);
         return None;
-    };
+    }
     // A new connection on a closed one's port takes over: the old flow's
     // entries go now, or its reply entry (keyed by its own backend) would
     // stay behind until garbage collection, which needs the agent.
@@ -221,7 +219,12 @@ fn established<F: Family>(
     if service.flags & SVC_AFFINITY != 0 {
         affinity::touch::<F>(service, flow.saddr, entry.backend_id);
     }
-    Some(to(&backend))
+    // The member's address and port are the entry's (checked above).
+    Some(to(&Target {
+        addr: entry.addr,
+        port: entry.port,
+        flags: 0,
+    }))
 }
 
 /// True if `addr` is the node's source NAT address of its family.
@@ -385,7 +388,7 @@ extern "C" fn scan_slot(i: u64, scan: *mut Scan) -> i64 {
 /// # Safety
 /// `map` is a map whose key type `key` points to, and whose values are `V`.
 #[inline(always)]
-unsafe fn lookup<V>(map: *const c_void, key: *const impl Sized) -> Option<*mut V> {
+pub unsafe fn lookup<V>(map: *const c_void, key: *const impl Sized) -> Option<*mut V> {
     // SAFETY: the caller's.
     let value = unsafe { bpf_map_lookup_elem(map.cast_mut(), key.cast()) };
     (!value.is_null()).then_some(value.cast())

@@ -177,6 +177,10 @@ pub static REAPED: Array<u32, { MAX_BACKENDS as usize }> = Array::new();
 #[btf_map(name = "lb_rr")]
 pub static ROUND_ROBIN: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 
+/// See `proxy_common::names::MEMBER_GONE`.
+#[btf_map(name = "lb_member_gone")]
+pub static MEMBER_GONE: Array<u32, { MAX_SERVICES as usize }> = Array::new();
+
 #[btf_map(name = "counters")]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 

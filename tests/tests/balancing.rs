@@ -14,9 +14,10 @@ use common::{
     packets::{MAC_A as MAC_CLIENT, MAC_B as MAC_NODE, ipv4_header, ones, verifies},
 };
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_agent::datapath::conntrack::now;
 use proxy_common::{
     CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN, Connections,
-    Counter, Ct4Entry, Ct4Key, names, programs,
+    Counter, Ct4Entry, Ct4Key, MemberKey, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -113,6 +114,15 @@ impl Lab {
     fn frontend_of(&self, service_id: u32) -> (u32, u16) {
         let f = (self.dp.maps.v4.rev_nat.get(&service_id, 0)).expect("lb4_rev_nat entry");
         (f.addr, f.port)
+    }
+
+    /// `lb_member_gone` of a service id.
+    fn gone(&self, service_id: u32) -> u32 {
+        (self.dp.maps.member_gone.get(&service_id, 0)).expect("lb_member_gone entry")
+    }
+
+    fn set_gone(&mut self, service_id: u32, at: u32) {
+        (self.dp.maps.member_gone.set(service_id, at, 0)).expect("write lb_member_gone");
     }
 
     fn ct_len(&self) -> usize {
@@ -904,6 +914,72 @@ fn a_udp_flow_whose_backend_left_moves_to_a_live_one() {
         (1, 1),
         "the old backend's count released"
     );
+}
+
+/// An established packet looks its backend up among the service's members
+/// only if the service may have lost one since the flow's last packet
+/// (`lb_member_gone`, which the agent marks before a removal): without
+/// the mark the lookup is spared; with it the next packet finds out; and
+/// a reply that comes seconds after the removal does not hide it.
+#[test]
+fn established_packets_check_their_backend_only_after_a_member_may_be_gone() {
+    if !common::ready("established_packets_check_their_backend_only_after_a_member_may_be_gone") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let sport = 42100;
+    let first = lab.to_backend(&udp(CLIENT, sport));
+    let entry = (lab.ct_get(&flow_key(CLIENT, sport, IPPROTO_UDP))).expect("the flow's entry");
+    let service = entry.service_id;
+    // The member goes behind the agent's back, with no mark.
+    lab.set_gone(service, 0);
+    let member = MemberKey {
+        service_id: service,
+        backend_id: entry.backend_id,
+    };
+    lab.dp
+        .maps
+        .v4
+        .members
+        .remove(&member)
+        .expect("remove the member");
+    let before = lab.counter(Counter::Reselected);
+    assert_eq!(
+        lab.to_backend(&udp(CLIENT, sport)),
+        first,
+        "no mark: the lookup is spared and the flow stays"
+    );
+    assert_eq!(lab.counter(Counter::Reselected), before);
+    lab.set_gone(service, now().expect("clock") + 1);
+    // Its slot is still there, so the new choice may be the same backend:
+    // the count says whether the packet found the member gone.
+    lab.to_backend(&udp(CLIENT, sport));
+    assert_eq!(
+        lab.counter(Counter::Reselected),
+        before + 1,
+        "marked: the next packet finds its backend gone"
+    );
+
+    // Through the agent's own removal, then a reply a second after its mark.
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let sport = 42200;
+    let first = lab.to_backend(&udp(CLIENT, sport));
+    let entry = (lab.ct_get(&flow_key(CLIENT, sport, IPPROTO_UDP))).expect("the flow's entry");
+    let remaining: Vec<_> = BACKENDS.iter().copied().filter(|b| *b != first).collect();
+    lab.reprogram(&all_ready("random", &remaining));
+    let mark = lab.gone(entry.service_id);
+    while now().expect("clock") <= mark {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (ret, _) = lab.run(&answer(first, CLIENT, sport, IPPROTO_UDP));
+    assert_eq!(ret, XDP_PASS, "the reply is passed on");
+    let before = lab.counter(Counter::Reselected);
+    assert_ne!(
+        lab.to_backend(&udp(CLIENT, sport)),
+        first,
+        "the reply after the mark did not hide that the backend left"
+    );
+    assert_eq!(lab.counter(Counter::Reselected), before + 1);
 }
 
 #[test]

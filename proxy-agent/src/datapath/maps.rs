@@ -53,6 +53,8 @@ pub struct MapSet {
     pub stats: PerCpuArray<MapData, ServiceStatsEntry>,
     pub stats_base: Array<MapData, ServiceStats>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// See `names::MEMBER_GONE`.
+    pub member_gone: Array<MapData, u32>,
     /// `lb_svc_stats` entries summed over CPUs, as read since a service
     /// entry last went: an unused id's counts do not move until its service
     /// entry is written, so one read serves the 64 ids of an entry.
@@ -75,7 +77,7 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 impl MapSet {
     /// Takes the service maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<MapSet> {
-        Ok(MapSet {
+        MapSet {
             v4: FamilyMaps {
                 services: take(ebpf, names::SERVICES4)?,
                 rev_nat: take(ebpf, names::REV_NAT4)?,
@@ -95,9 +97,22 @@ impl MapSet {
             stats: take(ebpf, names::SERVICE_STATS)?,
             stats_base: take(ebpf, names::SERVICE_STATS_BASE)?,
             counters: take(ebpf, names::COUNTERS)?,
+            member_gone: take(ebpf, names::MEMBER_GONE)?,
             stats_read: Default::default(),
             left: Vec::new(),
-        })
+        }
+        .members_may_be_gone()
+    }
+
+    /// Every established flow checks its backend's membership once more:
+    /// members may have changed before this agent took the maps (a
+    /// datapath from a version without `lb_member_gone`, or one whose
+    /// agent failed between its writes).
+    fn members_may_be_gone(mut self) -> anyhow::Result<MapSet> {
+        let from = gone_from()?;
+        let all: Vec<(u32, u32)> = (0..MAX_SERVICES).map(|id| (id, from)).collect();
+        write_array(&mut self.member_gone, &all, names::MEMBER_GONE)?;
+        Ok(self)
     }
 
     /// Writes the reverse-NAT entry of every service entry the maps hold;
@@ -250,6 +265,12 @@ impl<F: Pod + Eq + std::hash::Hash, B, R> FamilyMaps<F, B, R> {
         write_array(&mut self.rev_nat, &entries, rev_nat)?;
         Ok(entries.len())
     }
+}
+
+/// The second `lb_member_gone` is given for a change now: the next
+/// one, so that a datapath clock a tick ahead still counts this second.
+fn gone_from() -> anyhow::Result<u32> {
+    Ok(super::conntrack::now()?.wrapping_add(1))
 }
 
 /// Writes `entries` (index, value) into an array in few syscalls (one
@@ -533,6 +554,12 @@ impl Maps for MapSet {
 
     fn remove_member(&mut self, member: Member, backend: &BackendKey) -> anyhow::Result<()> {
         let key = keys::member(member);
+        // Before the removal: a flow whose packet comes after it then
+        // checks its backend.
+        written(
+            self.member_gone.set(key.service_id, gone_from()?, 0),
+            names::MEMBER_GONE,
+        )?;
         if backend.addr.is_ipv6() {
             removed(self.v6.members.remove(&key), names::MEMBERS6)?;
         } else {

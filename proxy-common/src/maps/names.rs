@@ -19,6 +19,12 @@ pub const AFFINITY6: &str = "lb6_affinity";
 pub const SOURCE_RANGES4: &str = "lb4_src_ranges";
 pub const SOURCE_RANGES6: &str = "lb6_src_ranges";
 pub const ROUND_ROBIN: &str = "lb_rr";
+/// Service id -> the coarse second (as conntrack counts them) from which
+/// its members may have lost one: written by the agent before it removes
+/// a member, and for every id when it starts. An established flow whose
+/// last packet came before that checks that its backend is still a
+/// member; the others spare that lookup.
+pub const MEMBER_GONE: &str = "lb_member_gone";
 /// Service id -> its frontend (`Frontend4`/`Frontend6`): where a reply of a
 /// `CT_SOCKET` flow comes from.
 pub const REV_NAT4: &str = "lb4_rev_nat";
@@ -86,7 +92,8 @@ pub const BENCH_CT_TAGS: &str = "bench_ct_tags";
 pub const BENCH_CT_TAG_LINES: &str = "bench_ct_tag_lines";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 37] = [
+pub const ALL: [&str; 38] = [
+    MEMBER_GONE,
     SERVICE_STATS_BASE,
     NEW_FLOW,
     XDP_NEW_FLOW,
