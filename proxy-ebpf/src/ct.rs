@@ -345,24 +345,18 @@ fn to_node<F: Family>(addr: F::Addr) -> bool {
 ///
 /// A reply refreshes the entry's second, and the client's next packet
 /// checks its backend's membership only if the service lost a member
-/// since that second (`family::entry_backend_stays`): so a reply whose backend
-/// left leaves the entry untouched, and the client's next packet finds out.
+/// since that second (`family::entry_backend_stays`): so a reply whose
+/// backend left leaves the entry's second alone (its state still follows
+/// the packet), and the client's next packet finds out.
 #[inline(always)]
 fn back_to_client<F: Family>(
     flow: &Flow<F::Addr>,
     ours: impl Fn(&Entry<F::Addr>) -> bool,
 ) -> Option<Rewrite<F::Addr>> {
     let key = socket_key::<F>(flow.daddr, flow.dport, flow.proto);
-    let seen = Seen::Reply(flow.tcp_flags);
-    let judge = |e: &Entry<F::Addr>| {
-        ours(e).then(
-            || match family::entry_backend_stays::<F>(&e.service_id, e) {
-                true => seen,
-                false => Seen::Nothing,
-            },
-        )
-    };
-    let entry = F::ct_get_judged(key, judge)?;
+    let judge =
+        |e: &Entry<F::Addr>| ours(e).then(|| family::entry_backend_stays::<F>(&e.service_id, e));
+    let entry = F::ct_get_judged(key, Seen::Reply(flow.tcp_flags), judge)?;
     let (addr, port) = F::rev_nat(entry.service_id)?;
     Some(Rewrite {
         side: Side::Source,

@@ -234,21 +234,21 @@ pub struct Fields {
 }
 
 /// Takes a packet into an entry: refreshes its second (at most one write a
-/// second) and the TCP state of the packet's side, and confirms an
-/// unreplied flow if the packet came back; returns the state after the
-/// packet, or None if nothing was seen.
+/// second; not with `refresh` false) and the TCP state of the packet's
+/// side, and confirms an unreplied flow if the packet came back; returns
+/// the state after the packet, or None if nothing was seen.
 #[inline(always)]
-fn take_in(f: &Fields, proto: u8, seen: Seen, socket: bool) -> Option<u8> {
+fn take_in(f: &Fields, proto: u8, seen: Seen, socket: bool, refresh: bool) -> Option<u8> {
     let (tcp_flags, state, reply) = match seen {
         Seen::Nothing => return None,
         Seen::Client(flags) => (flags, f.state, false),
         Seen::Reply(flags) if socket => (flags, f.reply_state, true),
         Seen::Reply(flags) => (flags, f.state, true),
     };
-    let now = now();
     // SAFETY: all point into a live map value; a racing CPU stores the same
     // second, flags, or a state that the next packet corrects.
     unsafe {
+        let now = if refresh { now() } else { *f.last_seen };
         let next = next_state(*state, proto, tcp_flags);
         if *f.last_seen != now || *state != next {
             *f.last_seen = now;
@@ -276,15 +276,16 @@ pub fn get_where<M: CtMaps>(
     seen: Seen,
     ours: impl Fn(&Entry<M::Addr>) -> bool,
 ) -> Option<Entry<M::Addr>> {
-    get_judged::<M>(key, |e| ours(e).then_some(seen))
+    get_judged::<M>(key, seen, |e| ours(e).then_some(true))
 }
 
-/// `get_where` whose `judge` also says what the entry takes in of the
-/// packet (None: not ours).
+/// `get_where` whose `judge` also says whether the packet refreshes the
+/// entry's second (None: not ours; its state is taken in either way).
 #[inline(always)]
 pub fn get_judged<M: CtMaps>(
     key: M::Key,
-    judge: impl Fn(&Entry<M::Addr>) -> Option<Seen>,
+    seen: Seen,
+    judge: impl Fn(&Entry<M::Addr>) -> Option<bool>,
 ) -> Option<Entry<M::Addr>> {
     let (k, _) = M::slots(scratch()?);
     *k = key;
@@ -292,11 +293,11 @@ pub fn get_judged<M: CtMaps>(
     // SAFETY: a copy out of a live map value.
     let mut entry = M::entry(unsafe { &*ptr });
     entry.direction = M::direction(&key);
-    let seen = judge(&entry)?;
+    let refresh = judge(&entry)?;
     // SAFETY: a live map value.
     let fields = unsafe { M::fields(ptr) };
     let socket = entry.is_socket();
-    match take_in(&fields, M::proto(&key), seen, socket) {
+    match take_in(&fields, M::proto(&key), seen, socket, refresh) {
         Some(next) if socket && matches!(seen, Seen::Reply(_)) => entry.reply_state = next,
         Some(next) => entry.state = next,
         None => {}

@@ -75,9 +75,10 @@ pub trait Family {
     #[inline(always)]
     fn ct_get_judged(
         key: Self::CtKey,
-        judge: impl Fn(&Entry<Self::Addr>) -> Option<Seen>,
+        seen: Seen,
+        judge: impl Fn(&Entry<Self::Addr>) -> Option<bool>,
     ) -> Option<Entry<Self::Addr>> {
-        ctmap::get_judged::<Self::Ct>(key, judge)
+        ctmap::get_judged::<Self::Ct>(key, seen, judge)
     }
     /// See `ctmap::flags`.
     #[inline(always)]
