@@ -571,12 +571,15 @@ impl Parts {
 
 /// Issue 14's new-flow target, set from a figure for Katran on this
 /// machine. Katran timed again the way this bench times us
-/// (`bench/katran`, 2026-12-07): +513..684 ns for a new flow; the +270 was
+/// (`bench/katran`, 2026-12-07): +513..677 ns for a new flow; the +270 was
 /// most likely a SYN of a flow Katran already had (+260..297 that day).
 const NEW_FLOW_TARGET: f64 = 270.0;
 /// Katran's new flow without a SYN (as this bench's new flow), timed by
 /// `bench/katran` on 2026-12-07: the lowest and highest run medians.
-const KATRAN_NEW_FLOW: (f64, f64) = (590.0, 684.0);
+const KATRAN_NEW_FLOW: (f64, f64) = (578.0, 677.0);
+/// The same runs' established packet (an LRU hit) and packet to no VIP.
+const KATRAN_ESTABLISHED: (f64, f64) = (104.0, 113.0);
+const KATRAN_NOT_VIP: (f64, f64) = (49.0, 57.0);
 
 struct Row {
     services: usize,
@@ -633,5 +636,14 @@ fn print_table(title: &str, rows: &[Row]) {
     );
     println!(
         "targets: established <= empty + 60 ns, new flow <= empty + {NEW_FLOW_TARGET:.0} ns (then 150), non-service <= empty + 30 ns"
+    );
+    println!(
+        "Katran timed the same way (bench/katran, 2026-12-07, run medians): established +{:.0}..{:.0}, new flow +{:.0}..{:.0}, not a VIP +{:.0}..{:.0}",
+        KATRAN_ESTABLISHED.0,
+        KATRAN_ESTABLISHED.1,
+        KATRAN_NEW_FLOW.0,
+        KATRAN_NEW_FLOW.1,
+        KATRAN_NOT_VIP.0,
+        KATRAN_NOT_VIP.1
     );
 }
