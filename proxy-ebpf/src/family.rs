@@ -12,11 +12,10 @@ use proxy_common::{
 use crate::{
     ctmap::{self, Ct4, Ct6, CtMaps, Entry, Peek, Seen, Table},
     hash::AddrHash,
-    lb,
     maps::{
-        AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH, MEMBER_GONE,
-        MEMBERS4, MEMBERS6, NEW_FLOW, REV_NAT4, REV_NAT6, SERVICES4, SERVICES6, SOURCE_RANGES4,
-        SOURCE_RANGES6,
+        self, AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH,
+        MEMBER_GONE, MEMBERS4, MEMBERS6, NEW_FLOW, REV_NAT4, REV_NAT6, SERVICES4, SERVICES6,
+        SOURCE_RANGES4, SOURCE_RANGES6,
     },
     parse::{Ipv4Hdr, Ipv6Hdr},
 };
@@ -184,7 +183,7 @@ pub fn entry_backend_stays<F: Family>(service_id: &u32, entry: &Entry<F::Addr>) 
 #[inline(always)]
 fn member_gone_since(service_id: &u32, second: u32) -> bool {
     // SAFETY: an array of u32 keyed by u32.
-    let at = unsafe { lb::lookup::<u32>((&raw const MEMBER_GONE).cast(), service_id) };
+    let at = unsafe { maps::lookup::<u32>((&raw const MEMBER_GONE).cast(), service_id) };
     // SAFETY: a live array value.
     at.is_none_or(|t| unsafe { *t } >= second)
 }

@@ -1,9 +1,6 @@
 //! Service lookup, conntrack and backend selection: what to do with a packet.
 
-use aya_ebpf::{
-    cty::c_void,
-    helpers::{bpf_loop, bpf_map_lookup_elem},
-};
+use aya_ebpf::{cty::c_void, helpers::bpf_loop};
 use proxy_common::{
     ALG_LEAST_CONN, ALG_ROUND_ROBIN, ALG_SOURCE_HASH, Chosen, Counter, IPPROTO_TCP,
     LEAST_CONN_SCAN, SCOPE_ALL, SVC_AFFINITY, SVC_DROP_WHEN_EMPTY, SVC_REPLY_AT_EGRESS,
@@ -16,7 +13,7 @@ use crate::{
     ctmap::{Entry, Table},
     family::{self, Family, Target},
     hash::{Hashed, Key, OfFlow},
-    maps::{self, CONFIG, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS},
+    maps::{self, CONFIG, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS, lookup},
     parse::{Flow, TCP_RST},
     random::random,
     verdict::{Rewrite, Side, Stage, Verdict},
@@ -380,18 +377,6 @@ extern "C" fn scan_slot(i: u64, scan: *mut Scan) -> i64 {
         scan.best = scan.backend_id;
     }
     0
-}
-
-/// A map lookup with a key the caller keeps (aya's take it by value, onto
-/// the stack).
-///
-/// # Safety
-/// `map` is a map whose key type `key` points to, and whose values are `V`.
-#[inline(always)]
-pub unsafe fn lookup<V>(map: *const c_void, key: *const impl Sized) -> Option<*mut V> {
-    // SAFETY: the caller's.
-    let value = unsafe { bpf_map_lookup_elem(map.cast_mut(), key.cast()) };
-    (!value.is_null()).then_some(value.cast())
 }
 
 /// The scanned backend's open connections: opened - closed - reaped (see

@@ -3,6 +3,8 @@
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    cty::c_void,
+    helpers::bpf_map_lookup_elem,
     macros::btf_map,
 };
 use proxy_common::{
@@ -246,3 +248,15 @@ pub static FRAGMENTS4: LruHashMap<Frag4Key, Frag4Entry, { MAX_FRAGMENTS as usize
 #[btf_map(name = "frag6")]
 pub static FRAGMENTS6: LruHashMap<Frag6Key, Frag6Entry, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// A map lookup with a key the caller keeps (aya's take it by value, onto
+/// the stack).
+///
+/// # Safety
+/// `map` is a map whose key type `key` points to, and whose values are `V`.
+#[inline(always)]
+pub unsafe fn lookup<V>(map: *const c_void, key: *const impl Sized) -> Option<*mut V> {
+    // SAFETY: the caller's.
+    let value = unsafe { bpf_map_lookup_elem(map.cast_mut(), key.cast()) };
+    (!value.is_null()).then_some(value.cast())
+}

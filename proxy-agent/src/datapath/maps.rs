@@ -55,6 +55,10 @@ pub struct MapSet {
     pub counters: PerCpuArray<MapData, u64>,
     /// See `names::MEMBER_GONE`.
     pub member_gone: Array<MapData, u32>,
+    /// The second last written there for each service id this agent
+    /// removed a member of: a Service losing many members in one second
+    /// costs one write.
+    gone_written: std::collections::HashMap<u32, u32>,
     /// `lb_svc_stats` entries summed over CPUs, as read since a service
     /// entry last went: an unused id's counts do not move until its service
     /// entry is written, so one read serves the 64 ids of an entry.
@@ -98,6 +102,7 @@ impl MapSet {
             stats_base: take(ebpf, names::SERVICE_STATS_BASE)?,
             counters: take(ebpf, names::COUNTERS)?,
             member_gone: take(ebpf, names::MEMBER_GONE)?,
+            gone_written: Default::default(),
             stats_read: Default::default(),
             left: Vec::new(),
         }
@@ -556,10 +561,14 @@ impl Maps for MapSet {
         let key = keys::member(member);
         // Before the removal: a flow whose packet comes after it then
         // checks its backend.
-        written(
-            self.member_gone.set(key.service_id, gone_from()?, 0),
-            names::MEMBER_GONE,
-        )?;
+        let from = gone_from()?;
+        if self.gone_written.get(&key.service_id) != Some(&from) {
+            written(
+                self.member_gone.set(key.service_id, from, 0),
+                names::MEMBER_GONE,
+            )?;
+            self.gone_written.insert(key.service_id, from);
+        }
         if backend.addr.is_ipv6() {
             removed(self.v6.members.remove(&key), names::MEMBERS6)?;
         } else {
