@@ -240,7 +240,7 @@ fn create(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     let started = Instant::now();
     let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
     log::info!("maps ready in {:?}", started.elapsed());
-    let mut maps = MapSet::take(&mut loaded.ebpf)?;
+    let mut maps = MapSet::take(&mut loaded.ebpf, config.conntrack.longest_life())?;
     // Before the programs that read them are attached.
     let restored = maps.restore_rev_nat()?;
     if restored > 0 {

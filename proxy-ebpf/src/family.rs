@@ -11,6 +11,7 @@ use proxy_common::{
 
 use crate::{
     ctmap::{self, Ct4, Ct6, CtMaps, Entry, Peek, Seen, Table},
+    filter::FilterAddr,
     hash::AddrHash,
     maps::{
         self, AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CLOSED4, CLOSED6, CT_SCRATCH,
@@ -30,7 +31,7 @@ pub struct Target<A> {
 }
 
 pub trait Family {
-    type Addr: Copy + Default + PartialEq + AddrHash + Words + 'static;
+    type Addr: Copy + Default + PartialEq + AddrHash + FilterAddr + Words + 'static;
     type CtKey: Copy;
     /// The family's conntrack maps.
     type Ct: CtMaps<Addr = Self::Addr, Key = Self::CtKey>;

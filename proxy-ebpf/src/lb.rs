@@ -12,6 +12,7 @@ use crate::{
     ct::{self, Untracked},
     ctmap::{Entry, Table},
     family::{self, Family, Target},
+    filter,
     hash::{Hashed, Key, OfFlow},
     maps::{self, CONFIG, CONNECTIONS, REAPED, ROUND_ROBIN, SLOTS, lookup},
     parse::{Flow, TCP_RST},
@@ -25,9 +26,14 @@ pub fn decide<F: Family>(flow: &Flow<F::Addr>, len: u64, stage: Stage) -> Verdic
     if stage == Stage::Egress {
         return ct::egress::<F>(flow);
     }
-    if let Some(service) = F::service(flow.daddr, flow.dport, flow.proto, SCOPE_ALL) {
+    if filter::may_be_frontend(flow)
+        && let Some(service) = F::service(flow.daddr, flow.dport, flow.proto, SCOPE_ALL)
+    {
         maps::count_service(service.id, len);
         return to_service::<F>(flow, &service);
+    }
+    if !filter::may_be_backend(flow) {
+        return Verdict::Pass;
     }
     match ct::reply::<F>(flow) {
         Some(rewrite) => Verdict::Rewrite(rewrite),

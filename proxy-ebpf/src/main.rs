@@ -44,6 +44,7 @@ mod copy;
 mod ct;
 mod ctmap;
 mod family;
+mod filter;
 mod frag;
 mod hash;
 mod icmp;

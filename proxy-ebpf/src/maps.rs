@@ -9,12 +9,12 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry, CT_MARKS,
-    ClosedFlow4, ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Frag4Entry,
-    Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES,
-    MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, RingEnds,
-    STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key,
-    SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
+    ClosedFlow4, ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
+    FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig,
+    RingEnds, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4,
+    SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
@@ -182,6 +182,10 @@ pub static ROUND_ROBIN: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 /// See `proxy_common::names::MEMBER_GONE`.
 #[btf_map(name = "lb_member_gone")]
 pub static MEMBER_GONE: Array<u32, { MAX_SERVICES as usize }> = Array::new();
+
+/// See `proxy_common::filter`.
+#[btf_map(name = "lb_filter")]
+pub static FILTER: Array<u64, { FILTER_WORDS as usize }> = Array::new();
 
 #[btf_map(name = "counters")]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();

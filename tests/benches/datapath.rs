@@ -126,6 +126,9 @@ struct Samples {
     paired_non_service: Vec<u64>,
     snat_new_flow: Vec<u64>,
     snat_non_service: Vec<u64>,
+    /// Steady state only: a non-service packet from a backend's address
+    /// and port, which `lb_filter` lets through to the reply lookup.
+    filtered_in: Vec<u64>,
 }
 
 impl Samples {
@@ -145,6 +148,8 @@ impl Samples {
             paired_non_service: median(&self.paired_non_service) - empty,
             snat_new_flow: median(&self.snat_new_flow) - empty,
             snat_non_service: median(&self.snat_non_service) - empty,
+            non_service: median(&self.non_service) - empty,
+            filtered_in: median(&self.filtered_in) - empty,
         }
     }
 
@@ -167,6 +172,8 @@ struct Scale {
     service_id: u32,
     flow: Vec<u8>,
     other: Vec<u8>,
+    /// A non-service packet from a backend's address and port.
+    from_backend: Vec<u8>,
     backend: [u8; 4],
     /// Packets the service must have counted so far.
     expected: u64,
@@ -203,6 +210,8 @@ impl Scale {
         );
         let backend = destination(&out);
         let other = tcp(CLIENT, 51_001, Ipv4Addr::new(192, 168, 77, 7), 80);
+        // The first service's first backend (see `desired`).
+        let from_backend = tcp([10, 200, 0, 2], 8080, Ipv4Addr::new(192, 168, 77, 7), 80);
         Ok(Scale {
             services,
             dp,
@@ -210,6 +219,7 @@ impl Scale {
             service_id,
             flow,
             other,
+            from_backend,
             backend,
             expected: 1,
             single: Samples::default(),
@@ -275,6 +285,11 @@ impl Scale {
             .time(&self.dp, programs::XDP, &self.other, false, REPEAT)?;
         ensure!(out == self.other, "a non-service packet was changed");
         self.steady.non_service.push(ns);
+        let (ns, out) =
+            self.wrapper
+                .time(&self.dp, programs::XDP, &self.from_backend, false, REPEAT)?;
+        ensure!(out == self.from_backend, "a backend's packet was changed");
+        self.steady.filtered_in.push(ns);
         for (program, samples) in [
             (programs::XDP_BENCH_CT_LOOKUP, &mut self.steady.ct_lookup),
             (
@@ -314,7 +329,8 @@ impl Scale {
     /// A new flow and a non-service packet with a mark of `ct_paired`
     /// raised: `CT_MARK_PAIRS`, as on a node where two live flows share a
     /// client port (a new flow then also looks for a forward entry and an
-    /// earlier pair's reply entry, a non-service packet for a reply entry);
+    /// earlier pair's reply entry; a non-service packet would look for a
+    /// reply entry, but `lb_filter` stops it first);
     /// `CT_MARK_SOURCE_NAT`, as on a node with source-NATed flows (only
     /// packets to the node's source NAT address look for more).
     fn marked_round(&mut self, mark: u32) -> anyhow::Result<()> {
@@ -508,6 +524,9 @@ struct Parts {
     paired_non_service: f64,
     snat_new_flow: f64,
     snat_non_service: f64,
+    /// Non-service packets: one the filter stops, one it lets through.
+    non_service: f64,
+    filtered_in: f64,
 }
 
 impl Parts {
@@ -563,8 +582,12 @@ impl Parts {
             self.snat_new_flow, self.snat_non_service
         );
         println!(
-            "  with ct_paired's pairs mark raised (two live flows share a client port): new flow +{:.0} ns (a forward-entry and a reply-entry lookup too), non-service +{:.0} ns (a reply-entry lookup too)",
+            "  with ct_paired's pairs mark raised (two live flows share a client port): new flow +{:.0} ns (a forward-entry and a reply-entry lookup too), non-service +{:.0} ns (the filter stops it before any lookup)",
             self.paired_new_flow, self.paired_non_service
+        );
+        println!(
+            "  non-service +{:.0} ns: parsing, and lb_filter's two bits (its destination no frontend's, its source no backend's) instead of the service lookup and the reply-entry lookup; one from a backend's address and port, which the filter lets through to the reply-entry lookup, a miss: +{:.0} ns",
+            self.non_service, self.filtered_in
         );
     }
 }

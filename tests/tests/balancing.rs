@@ -17,7 +17,7 @@ use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_agent::datapath::conntrack::now;
 use proxy_common::{
     CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN, Connections,
-    Counter, Ct4Entry, Ct4Key, MemberKey, names, programs,
+    Counter, Ct4Entry, Ct4Key, FilterSet, MemberKey, filter_bit, filter_word, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -123,6 +123,28 @@ impl Lab {
 
     fn set_gone(&mut self, service_id: u32, at: u32) {
         (self.dp.maps.member_gone.set(service_id, at, 0)).expect("write lb_member_gone");
+    }
+
+    /// The source (address, port) of `packet` after XDP.
+    fn reply_source(&self, packet: &[u8]) -> ([u8; 4], u16) {
+        let (ret, out) = self.run(packet);
+        assert_eq!(ret, XDP_PASS, "a reply is passed on");
+        let out = parse(&out);
+        (out.src, out.sport)
+    }
+
+    fn raised(&self, bit: u32) -> bool {
+        let (word, mask) = filter_word(bit);
+        let value = (self.dp.maps.filter.get(&word, 0)).expect("lb_filter word");
+        value & mask != 0
+    }
+
+    /// Lowers a bit behind the agent's back.
+    fn lower(&mut self, bit: u32) {
+        let (word, mask) = filter_word(bit);
+        let value = (self.dp.maps.filter.get(&word, 0)).expect("lb_filter word");
+        let filter = &mut self.dp.maps.filter;
+        filter.set(word, value & !mask, 0).expect("write lb_filter");
     }
 
     fn ct_len(&self) -> usize {
@@ -980,6 +1002,55 @@ fn established_packets_check_their_backend_only_after_a_member_may_be_gone() {
         "the reply after the mark did not hide that the backend left"
     );
     assert_eq!(lab.counter(Counter::Reselected), before + 1);
+}
+
+/// `lb_filter`: a reply is looked up only if its source has a backend's
+/// bit, a packet's service only if its destination has a frontend's. A
+/// backend that left keeps its bit while flows to it may live, so their
+/// replies still go back as the service; a frontend that went loses its
+/// bit at once.
+#[test]
+fn lookups_are_spared_only_where_the_filter_says_no_entry_can_be() {
+    if !common::ready("lookups_are_spared_only_where_the_filter_says_no_entry_can_be") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let sport = 42300;
+    let first = lab.to_backend(&udp(CLIENT, sport));
+    let reply = answer(first, CLIENT, sport, IPPROTO_UDP);
+    assert_eq!(lab.reply_source(&reply), (VIP, 53), "reverse-NATed");
+    let backend = filter_bit(FilterSet::Backend, be32(first), 5353u16.to_be(), 0);
+    let frontend = filter_bit(FilterSet::Frontend, be32(VIP), 53u16.to_be(), IPPROTO_UDP);
+    assert!(lab.raised(backend) && lab.raised(frontend));
+
+    // The backend leaves (and with it its id): its flow's replies still
+    // find their entry.
+    let remaining: Vec<_> = BACKENDS.iter().copied().filter(|b| *b != first).collect();
+    lab.reprogram(&all_ready("random", &remaining));
+    assert!(lab.raised(backend), "a backend that left lingers");
+    assert_eq!(lab.reply_source(&reply), (VIP, 53), "still reverse-NATed");
+
+    // Without its bit, the reply is not looked up: the filter is read.
+    lab.lower(backend);
+    assert_eq!(lab.reply_source(&reply), (first, 5353), "passed untouched");
+
+    // Without the frontend's bit, the service is not looked up either.
+    lab.lower(frontend);
+    let (_, out) = lab.run(&udp(CLIENT, sport + 1));
+    assert_eq!(parse(&out).dst, VIP, "passed untouched");
+
+    // The agent lowers a frontend's bit once its entry goes.
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let tcp = filter_bit(FilterSet::Frontend, be32(VIP), 80u16.to_be(), IPPROTO_TCP);
+    assert!(lab.raised(tcp));
+    let endpoints: Vec<_> = remaining.iter().map(|b| (*b, Listed::Ready)).collect();
+    lab.reprogram(&manifests::balanced_web(
+        [10, 96, 0, 11],
+        "random",
+        &endpoints,
+    ));
+    assert!(!lab.raised(tcp), "the frontend went");
+    assert!(lab.raised(backend), "the backend that left lingers");
 }
 
 #[test]

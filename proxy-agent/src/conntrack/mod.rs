@@ -51,6 +51,12 @@ impl Config {
             overflow: self.overflow_entries,
         }
     }
+
+    /// How long an entry may outlive the last packet that refreshed it:
+    /// its timeout, and the garbage collection pass that finds it over.
+    pub fn longest_life(&self) -> Duration {
+        Duration::from_secs(self.timeouts.longest().into()) + self.gc_interval
+    }
 }
 
 impl Default for Config {

@@ -60,6 +60,21 @@ impl Timeouts {
         }
     }
 
+    /// The longest idle time any entry is allowed.
+    pub fn longest(&self) -> u32 {
+        [
+            self.tcp_syn,
+            self.tcp_established,
+            self.tcp_fin,
+            self.tcp_rst,
+            self.udp,
+            self.other,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
     /// The idle time allowed to an entry of a flow nothing has answered
     /// yet: no longer than a handshake that never finishes, whatever state
     /// its packets claimed (a bare ACK claims an established connection).

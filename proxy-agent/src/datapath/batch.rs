@@ -73,14 +73,33 @@ where
     K: Pod,
     V: Pod,
 {
-    let fd = map.map().fd().as_fd();
+    // SAFETY: aya checked, when it typed the map, that it is a hash map
+    // (not per-CPU) whose keys and values are the sizes of K and V.
+    unsafe { lookup_fd(map.map().fd().as_fd(), limit) }
+}
+
+/// As `lookup_all`, for an array: (index, value) of every index.
+pub fn lookup_array<V: Pod>(map: &Array<MapData, V>) -> io::Result<Option<Vec<(u32, V)>>> {
+    // SAFETY: aya checked, when it typed the map, that it is an array (not
+    // per-CPU), whose keys are u32, of values the size of V.
+    unsafe { lookup_fd(map.map().fd().as_fd(), usize::MAX) }
+}
+
+/// The batched read of `lookup_all` and `lookup_array`.
+///
+/// # Safety
+///
+/// The map behind `fd` must be a hash map or an array (not per-CPU) whose
+/// keys and values are the sizes of K and V.
+unsafe fn lookup_fd<K: Pod, V: Pod>(
+    fd: BorrowedFd,
+    limit: usize,
+) -> io::Result<Option<Vec<(K, V)>>> {
     let mut buffers = Buffers::new::<K, V>(BATCH);
     let mut cursor = None;
     let mut entries = Vec::new();
     while entries.len() < limit {
-        // SAFETY: aya checked, when it typed the map, that it is a hash map
-        // (not per-CPU) whose keys and values are the sizes of K and V,
-        // which the buffers were made for.
+        // SAFETY: the caller's promise; the buffers were made for K and V.
         let (outcome, next) = unsafe { buffers.call(fd, cursor) };
         match outcome {
             Outcome::Read(n) => entries.extend(buffers.decode::<K, V>(n)),

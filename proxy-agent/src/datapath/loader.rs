@@ -27,12 +27,12 @@ use aya::{
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry,
     CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry,
-    Ct4Key, Ct6Entry, Ct6Key, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS,
-    MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows,
-    NodeConfig, PROJECT, RingEnds, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry,
-    SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, names,
-    programs,
+    Ct4Key, Ct6Entry, Ct6Key, FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4,
+    Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW,
+    MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES,
+    MemberKey, NewFlows, NodeConfig, PROJECT, RingEnds, STATS_PER_ENTRY, Service, ServiceStats,
+    ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
+    SourceRange6, names, programs,
 };
 
 use super::iface::Hook;
@@ -147,6 +147,7 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
     if adopted > 0 {
         log::info!("adopting {adopted} maps pinned under {}", pins.display());
     }
+    let filter_found = pins.join(names::FILTER).exists();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -158,6 +159,9 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
     if adopted > 0 {
         assume_pairs(&mut ebpf)?;
+    }
+    if adopted > 0 && !filter_found {
+        assume_every_item(&mut ebpf)?;
     }
     remove_retired(&pins);
     Ok(Loaded {
@@ -183,6 +187,25 @@ fn assume_pairs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     for mark in [CT_MARK_PAIRS, CT_MARK_SOURCE_NAT] {
         flag.set(mark, 1, 0)
             .with_context(|| format!("setting {}", names::PAIRED))?;
+    }
+    Ok(())
+}
+
+/// Raises every bit of a new `lb_filter` on a datapath an earlier agent
+/// pinned, before any program of this one runs: that agent's conntrack
+/// entries may name backends this one will never write, whose replies
+/// must still find them. The bits linger from start as the conntrack
+/// entries may (`filter`); until then packets cost the lookups they
+/// cost before the filter.
+fn assume_every_item(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let map = (ebpf.map_mut(names::FILTER))
+        .with_context(|| format!("the eBPF object has no map {}", names::FILTER))?;
+    let mut filter: Array<&mut MapData, u64> = Array::try_from(map)
+        .with_context(|| format!("map {} has an unexpected type", names::FILTER))?;
+    for word in 0..FILTER_WORDS {
+        filter
+            .set(word, u64::MAX, 0)
+            .with_context(|| format!("setting {}", names::FILTER))?;
     }
     Ok(())
 }
@@ -288,6 +311,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::PAIRED => kv::<u32, u32>(CT_MARKS),
         names::REV_NAT4 => kv::<u32, Frontend4>(MAX_SERVICES),
         names::MEMBER_GONE => kv::<u32, u32>(MAX_SERVICES),
+        names::FILTER => kv::<u32, u64>(FILTER_WORDS),
         names::REV_NAT6 => kv::<u32, Frontend6>(MAX_SERVICES),
         names::CLOSED4 => kv::<u32, ClosedFlow4>(MAX_CT_CLOSED),
         names::CLOSED6 => kv::<u32, ClosedFlow6>(MAX_CT_CLOSED),

@@ -9,7 +9,10 @@
 //! goes (an array).
 
 use anyhow::Context;
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, Pod,
@@ -19,13 +22,14 @@ use aya::{
     },
 };
 use proxy_common::{
-    BACKEND_TERMINATING, Backend4, Backend6, Counter, Frontend4, Frontend6, MAX_SERVICES,
-    MemberKey, NodeConfig, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry, SlotKey,
-    SourceRange4, SourceRange6, names, stats_slot,
+    BACKEND_TERMINATING, Backend4, Backend6, Counter, FILTER_WORDS, Frontend4, Frontend6,
+    MAX_SERVICES, MemberKey, NodeConfig, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry,
+    SlotKey, SourceRange4, SourceRange6, names, stats_slot,
 };
 
 use super::{
     batch,
+    filter::{self, Bits},
     keys::{self, BackendValue, FrontendKey},
     pinned,
 };
@@ -59,6 +63,9 @@ pub struct MapSet {
     /// removed a member of: a Service losing many members in one second
     /// costs one write.
     gone_written: std::collections::HashMap<u32, u32>,
+    /// See `proxy_common::filter`; `filter_bits` says what it holds.
+    pub filter: Array<MapData, u64>,
+    filter_bits: Bits,
     /// `lb_svc_stats` entries summed over CPUs, as read since a service
     /// entry last went: an unused id's counts do not move until its service
     /// entry is written, so one read serves the 64 ids of an entry.
@@ -79,8 +86,12 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 }
 
 impl MapSet {
-    /// Takes the service maps out of a loaded object.
-    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<MapSet> {
+    /// Takes the service maps out of a loaded object. `longest_life`:
+    /// how long a conntrack entry may outlive its last packet, which is
+    /// how long a backend that went keeps its `lb_filter` bit.
+    pub fn take(ebpf: &mut Ebpf, longest_life: Duration) -> anyhow::Result<MapSet> {
+        let filter: Array<MapData, u64> = take(ebpf, names::FILTER)?;
+        let found = read_filter(&filter)?;
         MapSet {
             v4: FamilyMaps {
                 services: take(ebpf, names::SERVICES4)?,
@@ -103,10 +114,24 @@ impl MapSet {
             counters: take(ebpf, names::COUNTERS)?,
             member_gone: take(ebpf, names::MEMBER_GONE)?,
             gone_written: Default::default(),
+            filter,
+            filter_bits: Bits::new(found, longest_life, Instant::now()),
             stats_read: Default::default(),
             left: Vec::new(),
         }
         .members_may_be_gone()
+    }
+
+    /// Raises the `lb_filter` bits of `bits`, before the entries that need
+    /// them are written.
+    fn raise(&mut self, bits: impl IntoIterator<Item = u32>) -> anyhow::Result<()> {
+        let words = self.filter_bits.raise(bits);
+        if words.is_empty() {
+            return Ok(());
+        }
+        write_array(&mut self.filter, &words, names::FILTER)?;
+        self.filter_bits.written(&words);
+        Ok(())
     }
 
     /// Every established flow checks its backend's membership once more:
@@ -270,6 +295,27 @@ impl<F: Pod + Eq + std::hash::Hash, B, R> FamilyMaps<F, B, R> {
         write_array(&mut self.rev_nat, &entries, rev_nat)?;
         Ok(entries.len())
     }
+}
+
+/// Every word of `lb_filter`, in few syscalls where the kernel batches.
+fn read_filter(map: &Array<MapData, u64>) -> anyhow::Result<Vec<u64>> {
+    let mut words = vec![0; FILTER_WORDS as usize];
+    let read = || format!("reading {}", names::FILTER);
+    match batch::lookup_array(map).with_context(read)? {
+        Some(entries) => {
+            for (word, value) in entries {
+                if let Some(w) = words.get_mut(word as usize) {
+                    *w = value;
+                }
+            }
+        }
+        None => {
+            for (word, w) in (0u32..).zip(words.iter_mut()) {
+                *w = map.get(&word, 0).with_context(read)?;
+            }
+        }
+    }
+    Ok(words)
 }
 
 /// The second `lb_member_gone` is given for a change now: the next
@@ -466,6 +512,8 @@ fn member_value(backend: &BackendKey, terminating: bool) -> BackendValue {
 
 impl Maps for MapSet {
     fn set_backends(&mut self, backends: &[(u32, BackendKey)]) -> Result<(), Partial> {
+        self.raise(backends.iter().map(|(_, b)| filter::backend_bit(b)))
+            .map_err(Partial::none)?;
         let items: Vec<(u32, BackendValue)> = (backends.iter())
             .map(|(id, b)| (*id, keys::backend(b)))
             .collect();
@@ -502,6 +550,7 @@ impl Maps for MapSet {
     }
 
     fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
+        self.raise([filter::backend_bit(backend)])?;
         match keys::backend(backend) {
             BackendValue::V4(b) => written(self.v4.backends.insert(id, b, 0), names::BACKENDS4),
             BackendValue::V6(b) => written(self.v6.backends.insert(id, b, 0), names::BACKENDS6),
@@ -509,6 +558,7 @@ impl Maps for MapSet {
     }
 
     fn remove_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
+        (self.filter_bits).backend_gone(filter::backend_bit(backend), Instant::now());
         if backend.addr.is_ipv6() {
             removed(self.v6.backends.remove(&id), names::BACKENDS6)
         } else {
@@ -528,6 +578,7 @@ impl Maps for MapSet {
     }
 
     fn set_service(&mut self, frontend: &Frontend, entry: &ServiceEntry) -> anyhow::Result<()> {
+        self.raise([filter::frontend_bit(frontend)])?;
         let service = keys::service(entry);
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => written(self.v4.services.insert(f, service, 0), names::SERVICES4),
@@ -538,6 +589,7 @@ impl Maps for MapSet {
     fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()> {
         // Its id's counts may have moved since they were read.
         self.stats_read.clear();
+        self.filter_bits.frontend_gone();
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => removed(self.v4.services.remove(&f), names::SERVICES4),
             FrontendKey::V6(f) => removed(self.v6.services.remove(&f), names::SERVICES6),
@@ -628,6 +680,25 @@ impl Maps for MapSet {
         write_array(&mut self.v6.rev_nat, &v6, names::REV_NAT6)
     }
 
+    fn settle(
+        &mut self,
+        frontends: &mut dyn Iterator<Item = &Frontend>,
+        backends: &mut dyn Iterator<Item = &BackendKey>,
+    ) -> anyhow::Result<()> {
+        let live = (frontends.map(filter::frontend_bit)).chain(backends.map(filter::backend_bit));
+        let words = self.filter_bits.rebuild(live, Instant::now());
+        if words.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = write_array(&mut self.filter, &words, names::FILTER) {
+            // Bits it could not lower only cost lookups until the next try.
+            self.filter_bits.unsettled();
+            return Err(e);
+        }
+        self.filter_bits.written(&words);
+        Ok(())
+    }
+
     fn set_slots_of(&mut self, slots: &[(Slot, u32)]) -> Result<(), Partial> {
         let entries: Vec<(SlotKey, u32)> = (slots.iter())
             .map(|(slot, backend)| (keys::slot(*slot), *backend))
@@ -649,6 +720,8 @@ impl Maps for MapSet {
 
     /// Service entries, runs of one family at a time.
     fn set_services(&mut self, entries: &[(Frontend, ServiceEntry)]) -> Result<(), Partial> {
+        self.raise(entries.iter().map(|(f, _)| filter::frontend_bit(f)))
+            .map_err(Partial::none)?;
         let (v4, v6) = (&mut self.v4.services, &mut self.v6.services);
         write_by_family(
             entries,

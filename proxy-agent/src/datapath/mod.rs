@@ -6,6 +6,7 @@
 mod batch;
 pub mod cgroup;
 pub mod conntrack;
+mod filter;
 pub mod iface;
 pub mod keys;
 pub mod links;

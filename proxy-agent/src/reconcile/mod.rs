@@ -76,6 +76,17 @@ pub trait Maps {
     /// id, not per service write.
     fn fresh_service_id(&mut self, service_id: u32, frontend: &Frontend) -> anyhow::Result<()>;
 
+    /// After a pass, with every frontend and backend the maps hold: for
+    /// what is kept of all of them at once (`lb_filter`). Iterated only
+    /// if needed.
+    fn settle(
+        &mut self,
+        _frontends: &mut dyn Iterator<Item = &Frontend>,
+        _backends: &mut dyn Iterator<Item = &BackendKey>,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     // Several entries of one map at once, in order, stopping at the first
     // that fails; the kernel maps write them in few syscalls (a first pass
     // writes hundreds of thousands).
@@ -140,6 +151,13 @@ pub trait Maps {
 pub struct Partial {
     pub written: usize,
     pub error: anyhow::Error,
+}
+
+impl Partial {
+    /// Nothing written: `error` came first.
+    pub fn none(error: anyhow::Error) -> Partial {
+        Partial { written: 0, error }
+    }
 }
 
 /// `write` for each item in order, stopping at the first failure.
@@ -452,6 +470,10 @@ impl Reconciler {
             }
         }
         self.remove_unused_backends(maps, &mut report);
+        let settled = maps.settle(&mut self.frontends.keys(), &mut self.backends.keys());
+        if let Err(e) = settled {
+            report.errors.push(format!("{e:#}"));
+        }
         report
     }
 

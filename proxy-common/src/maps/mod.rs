@@ -1,6 +1,6 @@
 //! Map names, limits, keys and values, shared by the kernel programs and
 //! the agent, one file per job (as Cilium splits its headers): `lb`,
-//! `conntrack`, `config`, `socket`, `frag`, `stats`, `bench`, and the
+//! `filter`, `conntrack`, `config`, `socket`, `frag`, `stats`, `bench`, and the
 //! `names` of maps and `programs`. Everything is re-exported here (and from
 //! the crate root), so `proxy_common::maps::X` and `proxy_common::X` name
 //! the same item whichever file holds it.
@@ -8,6 +8,7 @@
 mod bench;
 mod config;
 mod conntrack;
+mod filter;
 mod frag;
 mod lb;
 pub mod names;
@@ -18,6 +19,7 @@ mod stats;
 pub use bench::*;
 pub use config::*;
 pub use conntrack::*;
+pub use filter::*;
 pub use frag::*;
 pub use lb::*;
 pub use socket::*;

@@ -25,6 +25,9 @@ pub const ROUND_ROBIN: &str = "lb_rr";
 /// last packet came before that checks that its backend is still a
 /// member; the others spare that lookup.
 pub const MEMBER_GONE: &str = "lb_member_gone";
+/// One bit per frontend and per backend (`FILTER_WORDS` words): packets
+/// that name neither skip the service and reply lookups.
+pub const FILTER: &str = "lb_filter";
 /// Service id -> its frontend (`Frontend4`/`Frontend6`): where a reply of a
 /// `CT_SOCKET` flow comes from.
 pub const REV_NAT4: &str = "lb4_rev_nat";
@@ -92,7 +95,8 @@ pub const BENCH_CT_TAGS: &str = "bench_ct_tags";
 pub const BENCH_CT_TAG_LINES: &str = "bench_ct_tag_lines";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 38] = [
+pub const ALL: [&str; 39] = [
+    FILTER,
     MEMBER_GONE,
     SERVICE_STATS_BASE,
     NEW_FLOW,

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -152,7 +154,7 @@ impl Loaded {
             .with_context(|| format!("verifying {name}"))?;
         }
         loader::set_new_flow_programs(&mut ebpf)?;
-        let maps = MapSet::take(&mut ebpf)?;
+        let maps = MapSet::take(&mut ebpf, Duration::from_secs(86_400))?;
         Ok(Loaded {
             ebpf,
             maps,
