@@ -124,6 +124,18 @@ pub struct CtScratch {
 #[btf_map(name = "ct_scratch")]
 pub static CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
 
+/// The second conntrack last read on this CPU, and the jiffy it read it
+/// in (see `ctmap::now`). Not pinned: a cache.
+#[repr(C)]
+pub struct Clock {
+    pub jiffies: u64,
+    pub seconds: u32,
+    pub _pad: u32,
+}
+
+#[btf_map(name = "ct_clock")]
+pub static CLOCK: PerCpuArray<Clock, 1> = PerCpuArray::new();
+
 /// A new flow's chosen backend, from the program its first packet met to
 /// the new-flow program that one tail-calls (see `lb::hand_over`). Per
 /// CPU, written right before the tail call: nothing else runs between on
