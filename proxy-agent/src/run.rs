@@ -242,7 +242,7 @@ fn create(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
     log::info!("maps ready in {:?}", started.elapsed());
     let mut maps = MapSet::take(&mut loaded.ebpf, config.conntrack.longest_life())?;
     // Before the programs that read them are attached.
-    let restored = maps.restore_rev_nat()?;
+    let restored = maps.restore_by_id()?;
     if restored > 0 {
         log::info!("reverse NAT entries written for {restored} adopted service entries");
     }

@@ -42,7 +42,7 @@ use proxy_common::{
 
 use crate::{
     atomic, closed,
-    ctmap::{self, CtMaps, Entry, Seen, Table, now},
+    ctmap::{self, CtMaps, Entry, Found, Seen, Table, now},
     family::{self, Family, Target, V4, V6},
     maps::{self, CONFIG, CONNECTIONS},
     parse::{Flow, TCP_SYN, Tuple},
@@ -122,6 +122,9 @@ fn connections(backend_id: u32, field: impl Fn(*mut proxy_common::Connections) -
     }
 }
 
+/// A family's conntrack value.
+pub type CtValue<F> = <<F as Family>::Ct as CtMaps>::Value;
+
 /// The key of the `CT_SOCKET` entry of a client's address and port.
 #[inline(always)]
 pub fn socket_key<F: Family>(client: F::Addr, port: u16, proto: u8) -> F::CtKey {
@@ -140,24 +143,115 @@ fn of<F: Family>(flow: &impl Tuple<F::Addr>, direction: u8) -> F::CtKey {
     )
 }
 
-/// The flow's entry towards `service`, if it has one (its client port's
-/// `CT_SOCKET` entry, or its forward entry), with this packet taken in. A
-/// connection the client began closing stops counting as open, and joins
-/// the closed flows the datapath may reclaim.
+/// What a packet to a frontend found at its client port's `CT_SOCKET`
+/// entry, before any service lookup. Every field is written whatever the
+/// kind: a value left undefined may be copied through a register the
+/// verifier has not seen written.
+pub struct Prior<V> {
+    pub kind: PriorKind,
+    /// With `PriorKind::Flow`: the entry's value, with the packet taken in
+    /// as `forward` takes it in (a null pointer otherwise), and its second
+    /// from before the packet.
+    pub value: *mut V,
+    pub last_seen: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PriorKind {
+    /// A flow to this frontend, whose service is listed by id.
+    Flow,
+    /// No entry: `forward` need not look there again.
+    NoSocketEntry,
+    /// An entry of another frontend (or of a service not listed by id).
+    Other,
+}
+
+/// The packet's flow and service from its client port's entry, if it is a
+/// flow to the packet's frontend (`lb4_rev_nat` names it at the entry's
+/// service id) whose service is listed by id: an established packet then
+/// costs one hash lookup, not two.
 #[inline(always)]
-pub fn forward<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Option<Entry<F::Addr>> {
+pub fn prior<F: Family>(flow: &Flow<F::Addr>) -> Prior<CtValue<F>> {
+    let seen = Seen::Client(flow.tcp_flags);
+    let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+    let this_frontend = |e: &Entry<F::Addr>| {
+        (F::frontend_is(e.service_id, flow.daddr, flow.dport, flow.proto)
+            && maps::service_by_id(e.service_id).is_some())
+        .then_some(true)
+    };
+    let (kind, value, last_seen) = match ctmap::find_where::<F::Ct>(key, seen, this_frontend) {
+        Found::Entry(value, last_seen) => (PriorKind::Flow, value, last_seen),
+        Found::NotOurs => (PriorKind::Other, core::ptr::null_mut(), 0),
+        Found::Absent => (PriorKind::NoSocketEntry, core::ptr::null_mut(), 0),
+    };
+    Prior {
+        kind,
+        value,
+        last_seen,
+    }
+}
+
+/// The service `prior`'s entry names, if it found this frontend's flow
+/// and the service is still listed by id.
+#[inline(always)]
+pub fn prior_service<F: Family>(prior: &Prior<CtValue<F>>) -> Option<Service> {
+    if prior.kind != PriorKind::Flow || prior.value.is_null() {
+        return None;
+    }
+    // SAFETY: a live map value `prior` found in this run of the program.
+    maps::service_by_id(F::Ct::service_id(unsafe { &*prior.value }))
+}
+
+/// The entry `prior` found, if it found this frontend's.
+#[inline(always)]
+fn prior_entry<F: Family>(prior: &Prior<CtValue<F>>) -> Option<Entry<F::Addr>> {
+    if prior.kind != PriorKind::Flow || prior.value.is_null() {
+        return None;
+    }
+    let key = socket_key::<F>(F::Addr::default(), 0, 0);
+    // SAFETY: a live map value `prior` found in this run of the program.
+    let mut entry = unsafe { ctmap::entry_at::<F::Ct>(prior.value, &key) };
+    entry.last_seen = prior.last_seen;
+    Some(entry)
+}
+
+/// The flow's entry towards `service`, if it has one (its client port's
+/// `CT_SOCKET` entry, looked for unless `prior` found none there, or its
+/// forward entry), with this packet taken in.
+#[inline(always)]
+pub fn forward<F: Family>(
+    flow: &Flow<F::Addr>,
+    service: &Service,
+    prior: Prior<CtValue<F>>,
+) -> Option<Entry<F::Addr>> {
     let seen = Seen::Client(flow.tcp_flags);
     let this_frontend = |e: &Entry<F::Addr>| e.service_id == service.id;
-    let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
-    let entry = match F::ct_get_where(key, seen, this_frontend) {
+    let found = match prior.kind {
+        // `prior` saw the frontend at the entry's id, and a frontend keeps
+        // its id for as long as it has an entry: `service` is that id's.
+        PriorKind::Flow => return prior_entry::<F>(&prior).map(|e| taken::<F>(flow, e)),
+        PriorKind::Other => {
+            let key = socket_key::<F>(flow.saddr, flow.sport, flow.proto);
+            F::ct_get_where(key, seen, this_frontend)
+        }
+        PriorKind::NoSocketEntry => None,
+    };
+    let entry = match found {
         Some(entry) => entry,
         None if ctmap::paired() => F::ct_get(of::<F>(flow, CT_FORWARD), seen)?,
         None => return None,
     };
+    Some(taken::<F>(flow, entry))
+}
+
+/// A connection the client began closing stops counting as open, and
+/// joins the closed flows the datapath may reclaim.
+#[inline(always)]
+fn taken<F: Family>(flow: &Flow<F::Addr>, entry: Entry<F::Addr>) -> Entry<F::Addr> {
     if closing(entry.state) && release::<F>(flow, &entry) {
         closed::push::<F>(flow, now());
     }
-    Some(entry)
+    entry
 }
 
 /// Called by each ingress hook after the packet's own work: while new

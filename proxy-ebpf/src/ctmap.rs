@@ -163,6 +163,8 @@ pub trait CtMaps {
     /// walked byte by byte on every path through every insert.
     fn write_value(v: &mut Self::Value, e: &Entry<Self::Addr>);
     fn entry(v: &Self::Value) -> Entry<Self::Addr>;
+    /// The value's service id alone.
+    fn service_id(v: &Self::Value) -> u32;
     /// What `peek` copies of the value.
     fn peek(v: &Self::Value) -> Peek<Self::Addr>;
     /// The `last_seen`, `state`, `active` and `flags` fields of a live map
@@ -320,12 +322,9 @@ pub fn get_judged<M: CtMaps>(
     seen: Seen,
     judge: impl Fn(&Entry<M::Addr>) -> Option<bool>,
 ) -> Option<Entry<M::Addr>> {
-    let (k, _) = M::slots(scratch()?);
-    *k = key;
-    let ptr = lookup::<M>(k)?;
-    // SAFETY: a copy out of a live map value.
-    let mut entry = M::entry(unsafe { &*ptr });
-    entry.direction = M::direction(&key);
+    let ptr = locate::<M>(key)?;
+    // SAFETY: a live map value.
+    let mut entry = unsafe { entry_at::<M>(ptr, &key) };
     let refresh = judge(&entry)?;
     // SAFETY: a live map value.
     let fields = unsafe { M::fields(ptr) };
@@ -336,6 +335,63 @@ pub fn get_judged<M: CtMaps>(
         None => {}
     }
     Some(entry)
+}
+
+/// The value at `key`, looked up through this CPU's scratch key.
+#[inline(always)]
+fn locate<M: CtMaps>(key: M::Key) -> Option<*mut M::Value> {
+    let (k, _) = M::slots(scratch()?);
+    *k = key;
+    lookup::<M>(k)
+}
+
+/// What a lookup found at a key.
+pub enum Found<V> {
+    /// The value of an entry the caller accepted, the packet taken in, and
+    /// its second from before (as `get_judged` returns it: a check of
+    /// what may have changed since the flow's last packet needs it).
+    Entry(*mut V, u32),
+    /// An entry the caller did not accept, left as it was.
+    NotOurs,
+    /// Nothing (or no scratch space to look with).
+    Absent,
+}
+
+/// `get_judged` that says whether an entry the judge refused was there,
+/// and leaves the copy of what it found to the caller (`entry_at`): a
+/// pointer takes less of the stack than an entry, which TC has little of.
+#[inline(always)]
+pub fn find_where<M: CtMaps>(
+    key: M::Key,
+    seen: Seen,
+    judge: impl Fn(&Entry<M::Addr>) -> Option<bool>,
+) -> Found<M::Value> {
+    let Some(ptr) = locate::<M>(key) else {
+        return Found::Absent;
+    };
+    // SAFETY: a live map value.
+    let entry = unsafe { entry_at::<M>(ptr, &key) };
+    let Some(refresh) = judge(&entry) else {
+        return Found::NotOurs;
+    };
+    // SAFETY: a live map value.
+    let fields = unsafe { M::fields(ptr) };
+    take_in(&fields, M::proto(&key), seen, entry.is_socket(), refresh);
+    Found::Entry(ptr, entry.last_seen)
+}
+
+/// The entry in `value`, found at `key`, as it is after the packet that
+/// found it was taken in (a racing CPU's packet may have moved it on).
+///
+/// # Safety
+///
+/// `value` must be a live map value.
+#[inline(always)]
+pub unsafe fn entry_at<M: CtMaps>(value: *mut M::Value, key: &M::Key) -> Entry<M::Addr> {
+    // SAFETY: the caller's promise.
+    let mut entry = M::entry(unsafe { &*value });
+    entry.direction = M::direction(key);
+    entry
 }
 
 /// The flags of the entry at `key`, if there is one; nothing else is
@@ -563,6 +619,11 @@ macro_rules! ct_maps {
                     active: v.active,
                     direction: 0,
                 }
+            }
+
+            #[inline(always)]
+            fn service_id(v: &$value) -> u32 {
+                v.service_id
             }
 
             #[inline(always)]

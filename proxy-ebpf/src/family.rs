@@ -5,7 +5,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
     Addr6, Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, Chosen, ClosedFlow,
-    Ct4Key, Ct6Key, Frontend4, Frontend6, MemberKey, NodeConfig, Service, SourceRange4,
+    Ct4Key, Ct6Key, Frontend4, Frontend6, MemberKey, NodeConfig, SCOPE_ALL, Service, SourceRange4,
     SourceRange6, csum::Words,
 };
 
@@ -56,6 +56,10 @@ pub trait Family {
     /// The address and port of the frontend with service id `id`, if the
     /// agent wrote it (`lb4_rev_nat`/`lb6_rev_nat`).
     fn rev_nat(id: u32) -> Option<(Self::Addr, u16)>;
+    /// True if the frontend at id `id` (`lb4_rev_nat`/`lb6_rev_nat`) is
+    /// (`addr`, `port`, `proto`) for every client (`SCOPE_ALL`, as the
+    /// ingress hooks look frontends up): compared in place.
+    fn frontend_is(id: u32, addr: Self::Addr, port: u16, proto: u8) -> bool;
 
     /// See `ctmap::get`.
     #[inline(always)]
@@ -263,6 +267,17 @@ macro_rules! family {
                 // An array reads zero where nothing was written.
                 // SAFETY: as above.
                 (port != 0).then(|| (unsafe { (*f).addr }, port))
+            }
+
+            #[inline(always)]
+            fn frontend_is(id: u32, addr: $addr, port: u16, proto: u8) -> bool {
+                // SAFETY: fields of a live array value.
+                $rev_nat.get_ptr(id).is_some_and(|f| unsafe {
+                    (*f).port == port
+                        && (*f).addr == addr
+                        && (*f).proto == proto
+                        && (*f).scope == SCOPE_ALL
+                })
             }
 
             #[inline(always)]

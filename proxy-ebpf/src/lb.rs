@@ -26,11 +26,18 @@ pub fn decide<F: Family>(flow: &Flow<F::Addr>, len: u64, stage: Stage) -> Verdic
     if stage == Stage::Egress {
         return ct::egress::<F>(flow);
     }
-    if filter::may_be_frontend(flow)
-        && let Some(service) = F::service(flow.daddr, flow.dport, flow.proto, SCOPE_ALL)
-    {
-        maps::count_service(service.id, len);
-        return to_service::<F>(flow, &service);
+    if filter::may_be_frontend(flow) {
+        // An established flow's entry names its service: the frontend's
+        // lookup is for the others.
+        let prior = ct::prior::<F>(flow);
+        // The judge saw it listed: read again, it is so unless the agent
+        // unlisted it since, and then the frontend's lookup decides.
+        let service = ct::prior_service::<F>(&prior);
+        let service = service.or_else(|| F::service(flow.daddr, flow.dport, flow.proto, SCOPE_ALL));
+        if let Some(service) = service {
+            maps::count_service(service.id, len);
+            return to_service::<F>(flow, &service, prior);
+        }
     }
     if !filter::may_be_backend(flow) {
         return Verdict::Pass;
@@ -54,8 +61,12 @@ pub enum Pick {
 /// A client's packet to a service: to the backend conntrack remembers while
 /// it is still a member of the service, otherwise to a newly chosen one.
 #[inline(always)]
-fn to_service<F: Family>(flow: &Flow<F::Addr>, service: &Service) -> Verdict<F::Addr> {
-    let pick = match ct::forward::<F>(flow, service) {
+fn to_service<F: Family>(
+    flow: &Flow<F::Addr>,
+    service: &Service,
+    prior: ct::Prior<ct::CtValue<F>>,
+) -> Verdict<F::Addr> {
+    let pick = match ct::forward::<F>(flow, service, prior) {
         Some(entry) => match established::<F>(flow, service, &entry) {
             Some(verdict) => return verdict,
             None => Pick::Algorithm,

@@ -13,8 +13,8 @@ use proxy_common::{
     FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY,
     MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
     MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig,
-    RingEnds, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4,
-    SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
+    RingEnds, STATS_PER_ENTRY, SVC_LISTED, Service, ServiceStats, ServiceStatsEntry, SlotKey,
+    SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between
@@ -194,6 +194,19 @@ pub static ROUND_ROBIN: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 /// See `proxy_common::names::MEMBER_GONE`.
 #[btf_map(name = "lb_member_gone")]
 pub static MEMBER_GONE: Array<u32, { MAX_SERVICES as usize }> = Array::new();
+
+/// See `proxy_common::names::SERVICES_BY_ID`.
+#[btf_map(name = "lb_svc_by_id")]
+pub static SERVICES_BY_ID: Array<Service, { MAX_SERVICES as usize }> = Array::new();
+
+/// The service entry of id `id`, if its frontend has one.
+#[inline(always)]
+pub fn service_by_id(id: u32) -> Option<Service> {
+    SERVICES_BY_ID
+        .get(id)
+        .filter(|s| s.flags & SVC_LISTED != 0)
+        .copied()
+}
 
 /// See `proxy_common::filter`.
 #[btf_map(name = "lb_filter")]

@@ -17,7 +17,8 @@ use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_agent::datapath::conntrack::now;
 use proxy_common::{
     CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN, Connections,
-    Counter, Ct4Entry, Ct4Key, FilterSet, MemberKey, filter_bit, filter_word, names, programs,
+    Counter, Ct4Entry, Ct4Key, FilterSet, Frontend4, MemberKey, SCOPE_ALL, SVC_LISTED, Service,
+    filter_bit, filter_word, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -1051,6 +1052,70 @@ fn lookups_are_spared_only_where_the_filter_says_no_entry_can_be() {
     ));
     assert!(!lab.raised(tcp), "the frontend went");
     assert!(lab.raised(backend), "the backend that left lingers");
+}
+
+/// An established flow's packet finds its service by its conntrack
+/// entry (`lb_svc_by_id` at the entry's service id, whose frontend
+/// `lb4_rev_nat` names): without the frontend's lookup, but only while
+/// the agent lists the service; a new flow still needs the frontend.
+#[test]
+fn an_established_packet_finds_its_service_by_its_entry_while_it_is_listed() {
+    if !common::ready("an_established_packet_finds_its_service_by_its_entry_while_it_is_listed") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let sport = 42400;
+    let first = lab.to_backend(&udp(CLIENT, sport));
+    let entry = (lab.ct_get(&flow_key(CLIENT, sport, IPPROTO_UDP))).expect("the flow's entry");
+    let listed = (lab.dp.maps.by_id.get(&entry.service_id, 0)).expect("lb_svc_by_id entry");
+    assert_eq!(listed.id, entry.service_id);
+    assert_ne!(listed.flags & SVC_LISTED, 0, "listed by the agent");
+
+    // The frontend's entry goes behind the agent's back: the flow's
+    // packets still find their service, a new flow does not.
+    let frontend = Frontend4 {
+        addr: be32(VIP),
+        port: 53u16.to_be(),
+        proto: IPPROTO_UDP,
+        scope: SCOPE_ALL,
+    };
+    let service = (lab.dp.maps.v4.services.get(&frontend, 0)).expect("the frontend's entry");
+    (lab.dp.maps.v4.services.remove(&frontend)).expect("remove the frontend's entry");
+    assert_eq!(
+        lab.to_backend(&udp(CLIENT, sport)),
+        first,
+        "found by its entry"
+    );
+    let (_, out) = lab.run(&udp(CLIENT, sport + 1));
+    assert_eq!(parse(&out).dst, VIP, "a new flow needs the frontend");
+
+    // Unlisted, the flow's packets look the frontend up, and miss.
+    (lab.dp
+        .maps
+        .by_id
+        .set(entry.service_id, Service::default(), 0))
+    .expect("unlist");
+    let (_, out) = lab.run(&udp(CLIENT, sport));
+    assert_eq!(parse(&out).dst, VIP, "not listed: not served");
+    (lab.dp.maps.v4.services.insert(frontend, service, 0)).expect("restore the entry");
+    assert_eq!(
+        lab.to_backend(&udp(CLIENT, sport)),
+        first,
+        "the frontend's lookup"
+    );
+
+    // The agent unlists a service before its entry goes.
+    let endpoints: Vec<_> = BACKENDS.iter().map(|b| (*b, Listed::Ready)).collect();
+    (lab.dp.maps.by_id.set(entry.service_id, listed, 0)).expect("list again");
+    lab.reprogram(&manifests::balanced_web(
+        [10, 96, 0, 11],
+        "random",
+        &endpoints,
+    ));
+    let unlisted = (lab.dp.maps.by_id.get(&entry.service_id, 0)).expect("lb_svc_by_id entry");
+    assert_eq!(unlisted.flags & SVC_LISTED, 0, "the agent unlisted it");
+    let (_, out) = lab.run(&udp(CLIENT, sport));
+    assert_eq!(parse(&out).dst, VIP, "the Service went: not served");
 }
 
 #[test]

@@ -312,6 +312,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::REV_NAT4 => kv::<u32, Frontend4>(MAX_SERVICES),
         names::MEMBER_GONE => kv::<u32, u32>(MAX_SERVICES),
         names::FILTER => kv::<u32, u64>(FILTER_WORDS),
+        names::SERVICES_BY_ID => kv::<u32, Service>(MAX_SERVICES),
         names::REV_NAT6 => kv::<u32, Frontend6>(MAX_SERVICES),
         names::CLOSED4 => kv::<u32, ClosedFlow4>(MAX_CT_CLOSED),
         names::CLOSED6 => kv::<u32, ClosedFlow6>(MAX_CT_CLOSED),

@@ -23,8 +23,8 @@ use aya::{
 };
 use proxy_common::{
     BACKEND_TERMINATING, Backend4, Backend6, Counter, FILTER_WORDS, Frontend4, Frontend6,
-    MAX_SERVICES, MemberKey, NodeConfig, STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry,
-    SlotKey, SourceRange4, SourceRange6, names, stats_slot,
+    MAX_SERVICES, MemberKey, NodeConfig, STATS_PER_ENTRY, SVC_LISTED, Service, ServiceStats,
+    ServiceStatsEntry, SlotKey, SourceRange4, SourceRange6, names, stats_slot,
 };
 
 use super::{
@@ -63,6 +63,8 @@ pub struct MapSet {
     /// removed a member of: a Service losing many members in one second
     /// costs one write.
     gone_written: std::collections::HashMap<u32, u32>,
+    /// See `names::SERVICES_BY_ID`.
+    pub by_id: Array<MapData, Service>,
     /// See `proxy_common::filter`; `filter_bits` says what it holds.
     pub filter: Array<MapData, u64>,
     filter_bits: Bits,
@@ -114,6 +116,7 @@ impl MapSet {
             counters: take(ebpf, names::COUNTERS)?,
             member_gone: take(ebpf, names::MEMBER_GONE)?,
             gone_written: Default::default(),
+            by_id: take(ebpf, names::SERVICES_BY_ID)?,
             filter,
             filter_bits: Bits::new(found, longest_life, Instant::now()),
             stats_read: Default::default(),
@@ -145,19 +148,47 @@ impl MapSet {
         Ok(self)
     }
 
-    /// Writes the reverse-NAT entry of every service entry the maps hold;
-    /// how many. For a datapath adopted before its programs are replaced:
-    /// one pinned by a version without the reverse-NAT arrays has service
-    /// entries whose frontends nobody wrote there, and a pass rewrites only
-    /// the entries that change.
-    pub fn restore_rev_nat(&mut self) -> anyhow::Result<usize> {
-        let v4 = self
+    /// Writes the reverse-NAT entry of every service entry the maps hold,
+    /// and `lb_svc_by_id` whole (each entry at its id, nothing elsewhere);
+    /// how many entries. For a datapath adopted before its programs are
+    /// replaced: one pinned by a version without these arrays has service
+    /// entries nobody wrote there (or, after a downgrade and back, entries
+    /// that have gone since), and a pass rewrites only the entries that
+    /// change.
+    pub fn restore_by_id(&mut self) -> anyhow::Result<usize> {
+        let mut services = self
             .v4
             .restore_rev_nat((names::SERVICES4, names::REV_NAT4))?;
-        let v6 = self
-            .v6
-            .restore_rev_nat((names::SERVICES6, names::REV_NAT6))?;
-        Ok(v4 + v6)
+        services.extend(
+            self.v6
+                .restore_rev_nat((names::SERVICES6, names::REV_NAT6))?,
+        );
+        let mut by_id = vec![Service::default(); MAX_SERVICES as usize];
+        for service in &services {
+            if let Some(at) = by_id.get_mut(service.id as usize) {
+                *at = listed(service);
+            }
+        }
+        let entries: Vec<(u32, Service)> = (0u32..).zip(by_id).collect();
+        write_array(&mut self.by_id, &entries, names::SERVICES_BY_ID)?;
+        Ok(services.len())
+    }
+
+    /// Zeroes the `lb_svc_by_id` entry of the service entry at `key`,
+    /// before that goes: an established packet then looks its frontend up.
+    fn unlist<K: Pod>(
+        services: &HashMap<MapData, K, Service>,
+        by_id: &mut Array<MapData, Service>,
+        key: &K,
+    ) -> anyhow::Result<()> {
+        match services.get(key, 0) {
+            Ok(service) => written(
+                by_id.set(service.id, Service::default(), 0),
+                names::SERVICES_BY_ID,
+            ),
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("reading a service entry"),
+        }
     }
 
     /// The backends that left a service since the last call, once each.
@@ -284,16 +315,25 @@ impl MapSet {
 }
 
 impl<F: Pod + Eq + std::hash::Hash, B, R> FamilyMaps<F, B, R> {
-    /// `MapSet::restore_rev_nat` for one family, in batches where the
-    /// kernel has them.
-    fn restore_rev_nat(&mut self, names: (&str, &str)) -> anyhow::Result<usize> {
+    /// `MapSet::restore_by_id`'s reverse NAT for one family, in batches
+    /// where the kernel has them; the service entries.
+    fn restore_rev_nat(&mut self, names: (&str, &str)) -> anyhow::Result<Vec<Service>> {
         let (services, rev_nat) = names;
         let limit = 2 * pinned::capacity(self.services.map(), MAX_SERVICES);
         let entries = pinned::entries(&self.services, limit)
             .with_context(|| format!("reading {services}"))?;
+        let values = entries.values().copied().collect();
         let entries = rev_nat_entries(entries);
         write_array(&mut self.rev_nat, &entries, rev_nat)?;
-        Ok(entries.len())
+        Ok(values)
+    }
+}
+
+/// A service entry as `lb_svc_by_id` holds it.
+fn listed(service: &Service) -> Service {
+    Service {
+        flags: service.flags | SVC_LISTED,
+        ..*service
     }
 }
 
@@ -583,13 +623,21 @@ impl Maps for MapSet {
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => written(self.v4.services.insert(f, service, 0), names::SERVICES4),
             FrontendKey::V6(f) => written(self.v6.services.insert(f, service, 0), names::SERVICES6),
-        }
+        }?;
+        written(
+            self.by_id.set(service.id, listed(&service), 0),
+            names::SERVICES_BY_ID,
+        )
     }
 
     fn remove_service(&mut self, frontend: &Frontend) -> anyhow::Result<()> {
         // Its id's counts may have moved since they were read.
         self.stats_read.clear();
         self.filter_bits.frontend_gone();
+        match keys::frontend(frontend) {
+            FrontendKey::V4(f) => Self::unlist(&self.v4.services, &mut self.by_id, &f),
+            FrontendKey::V6(f) => Self::unlist(&self.v6.services, &mut self.by_id, &f),
+        }?;
         match keys::frontend(frontend) {
             FrontendKey::V4(f) => removed(self.v4.services.remove(&f), names::SERVICES4),
             FrontendKey::V6(f) => removed(self.v6.services.remove(&f), names::SERVICES6),
@@ -723,7 +771,7 @@ impl Maps for MapSet {
         self.raise(entries.iter().map(|(f, _)| filter::frontend_bit(f)))
             .map_err(Partial::none)?;
         let (v4, v6) = (&mut self.v4.services, &mut self.v6.services);
-        write_by_family(
+        let result = write_by_family(
             entries,
             |(f, e)| match keys::frontend(f) {
                 FrontendKey::V4(f) => Family::V4((f, keys::service(e))),
@@ -731,7 +779,17 @@ impl Maps for MapSet {
             },
             |entries| write_all(v4, entries, names::SERVICES4),
             |entries| write_all(v6, entries, names::SERVICES6),
-        )
+        );
+        // The entries written, listed by id (an unwritten one must not be).
+        let written = result.as_ref().err().map_or(entries.len(), |p| p.written);
+        let by_id: Vec<(u32, Service)> = (entries[..written].iter())
+            .map(|(_, e)| {
+                let service = keys::service(e);
+                (service.id, listed(&service))
+            })
+            .collect();
+        write_array(&mut self.by_id, &by_id, names::SERVICES_BY_ID).map_err(Partial::none)?;
+        result
     }
 }
 

@@ -80,6 +80,9 @@ pub const SVC_SOURCE_RANGES: u32 = 4;
 pub const SVC_DROP_WHEN_EMPTY: u32 = 8;
 /// Clients on this node have an entry of their own (`SCOPE_LOCAL`).
 pub const SVC_LOCAL_TWIN: u32 = 32;
+/// Only in `lb_svc_by_id`: the id's frontend has this service entry (an
+/// array reads zero where nothing is).
+pub const SVC_LISTED: u32 = 64;
 
 /// Replies are translated back at the egress of the interface that takes
 /// them to the client, not at ingress: a frontend on one of the node's own

@@ -28,6 +28,10 @@ pub const MEMBER_GONE: &str = "lb_member_gone";
 /// One bit per frontend and per backend (`FILTER_WORDS` words): packets
 /// that name neither skip the service and reply lookups.
 pub const FILTER: &str = "lb_filter";
+/// Service id -> its service entry (`Service`, with `SVC_LISTED`) while
+/// the id's frontend has one: an established flow's packet finds its
+/// service from its conntrack entry, without the frontend's lookup.
+pub const SERVICES_BY_ID: &str = "lb_svc_by_id";
 /// Service id -> its frontend (`Frontend4`/`Frontend6`): where a reply of a
 /// `CT_SOCKET` flow comes from.
 pub const REV_NAT4: &str = "lb4_rev_nat";
@@ -95,8 +99,9 @@ pub const BENCH_CT_TAGS: &str = "bench_ct_tags";
 pub const BENCH_CT_TAG_LINES: &str = "bench_ct_tag_lines";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 39] = [
+pub const ALL: [&str; 40] = [
     FILTER,
+    SERVICES_BY_ID,
     MEMBER_GONE,
     SERVICE_STATS_BASE,
     NEW_FLOW,
