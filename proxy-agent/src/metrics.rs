@@ -76,6 +76,10 @@ pub struct Status {
     pub frontend_conflicts: usize,
     /// Interfaces with the datapath attached (`--iface`).
     pub interfaces: usize,
+    /// `lb_filter` bits raised: the share of the array a packet that is
+    /// neither a service's nor a reply finds raised is the share that
+    /// still pays a hash lookup.
+    pub filter_bits: u32,
     pub conntrack: Conntrack,
 }
 
@@ -115,6 +119,7 @@ impl Default for Status {
             slots: 0,
             services_over_slot_budget: 0,
             interfaces: 0,
+            filter_bits: 0,
             conntrack: Conntrack::default(),
         }
     }
@@ -184,6 +189,13 @@ impl Status {
                 "xdproxy_frontend_conflicts",
                 "Frontends two Services claim, left to the better claim (allocated addresses win)",
                 self.frontend_conflicts as f64,
+            ),
+            (
+                "xdproxy_filter_bits_raised",
+                "lb_filter bits raised, of 1048576 (one per frontend and per backend, and backends \
+                 that left while their flows may live): a packet to neither that meets a raised \
+                 bit pays the hash lookup the filter spares the others",
+                self.filter_bits as f64,
             ),
             (
                 "xdproxy_interfaces_attached",
@@ -300,10 +312,12 @@ mod tests {
             slot_tables: 2,
             slots: 131_073,
             services_over_slot_budget: 1,
+            filter_bits: 7,
             ..Status::default()
         };
         let out = s.render();
         for line in [
+            "# TYPE xdproxy_filter_bits_raised gauge\nxdproxy_filter_bits_raised 7\n",
             "# TYPE xdproxy_slot_tables gauge\nxdproxy_slot_tables 2\n",
             "# TYPE xdproxy_slots gauge\nxdproxy_slots 131073\n",
             "xdproxy_services_over_slot_budget 1\n",

@@ -884,6 +884,7 @@ impl Programmer {
         );
         let (slot_tables, slots) = self.reconciler.slot_usage();
         let over_budget = self.reconciler.over_budget();
+        let filter_bits = self.maps.filter_bits_raised();
         let failed = self.retry.pending();
         self.status(|s| {
             s.sync_duration.observe((done - started).as_secs_f64());
@@ -899,6 +900,7 @@ impl Programmer {
             s.slot_tables = slot_tables;
             s.slots = slots;
             s.services_over_slot_budget = over_budget;
+            s.filter_bits = filter_bits;
         });
         let line = format!(
             "synced: {} services, {} endpoint slices -> {frontends} frontends, {backends} backends ({} map writes) in {:?} ({scope})",

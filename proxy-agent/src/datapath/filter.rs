@@ -93,6 +93,11 @@ impl Bits {
             .collect()
     }
 
+    /// Bits raised, as written.
+    pub fn raised(&self) -> u32 {
+        self.words.iter().map(|w| w.count_ones()).sum()
+    }
+
     /// Records words as written.
     pub fn written(&mut self, words: &[(u32, u64)]) {
         for (word, value) in words {
@@ -192,6 +197,7 @@ mod tests {
         assert_eq!(bits.raise([1, 2, 64]).len(), 2);
         raise(&mut bits, &[1, 2, 64]);
         assert!(raised(&bits, 1) && raised(&bits, 64) && !raised(&bits, 3));
+        assert_eq!(bits.raised(), 3);
         assert!(bits.raise([1, 64]).is_empty());
     }
 

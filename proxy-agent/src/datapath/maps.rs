@@ -125,6 +125,11 @@ impl MapSet {
         .members_may_be_gone()
     }
 
+    /// `lb_filter` bits raised.
+    pub fn filter_bits_raised(&self) -> u32 {
+        self.filter_bits.raised()
+    }
+
     /// Raises the `lb_filter` bits of `bits`, before the entries that need
     /// them are written.
     fn raise(&mut self, bits: impl IntoIterator<Item = u32>) -> anyhow::Result<()> {
