@@ -769,9 +769,13 @@ impl Programmer {
         let Programmer {
             reconciler, maps, ..
         } = self;
-        let (report, written) =
+        let (mut report, written) =
             behind::write_behind(maps, |queue| reconciler.apply(desired, queue));
         let Err(e) = written else {
+            // The queue cannot lend the writer the pass's record.
+            if let Err(e) = reconciler.settle(maps) {
+                report.errors.push(format!("{e:#}"));
+            }
             return report;
         };
         // The maps hold the pass up to the write that failed: read them back

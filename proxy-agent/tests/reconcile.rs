@@ -38,6 +38,8 @@ struct FakeMaps {
     /// Skip the per-write check (for maps corrupted on purpose).
     unchecked: bool,
     config: Option<NodeEntry>,
+    /// What each `settle` was given: (frontends, backends).
+    settled: Vec<(BTreeSet<Frontend>, BTreeSet<BackendKey>)>,
 }
 
 impl FakeMaps {
@@ -212,6 +214,16 @@ impl Maps for FakeMaps {
         self.write(format!("remove_range {id} {range}"))?;
         self.ranges.remove(&(id, range));
         self.check();
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        frontends: &mut dyn Iterator<Item = &Frontend>,
+        backends: &mut dyn Iterator<Item = &BackendKey>,
+    ) -> anyhow::Result<()> {
+        let settled = (frontends.copied().collect(), backends.copied().collect());
+        self.settled.push(settled);
         Ok(())
     }
 }
@@ -1258,6 +1270,33 @@ fn passes_written_behind_end_as_direct_passes_and_each_write_is_safe() {
         assert!(written.is_ok(), "pass {n}: {written:?}");
         assert_eq!(contents(&behind), contents(&direct), "pass {n}");
     }
+}
+
+/// Maps that keep what is derived from all entries at once (`lb_filter`)
+/// get every frontend and backend the record holds after a pass: a direct
+/// pass settles itself; one written behind through the queue cannot, and
+/// `Reconciler::settle` does it after.
+#[test]
+fn a_pass_settles_the_maps_with_all_it_holds_and_one_written_behind_after() {
+    let mut maps = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    r.apply(desired(&[(80, &[1, 2]), (81, &[2, 3])]), &mut maps);
+    r.apply(desired(&[(80, &[1, 2])]), &mut maps);
+    let (frontends, backends) = maps.settled.last().cloned().expect("settled");
+    assert_eq!(frontends, maps.services.keys().copied().collect());
+    assert_eq!(backends, maps.backends.values().copied().collect());
+
+    let mut behind = FakeMaps::default();
+    let mut r = Reconciler::new(100, 100);
+    let (_, written) = write_behind(&mut behind, |m| r.apply(desired(&[(80, &[1, 2])]), m));
+    assert!(written.is_ok(), "{written:?}");
+    assert!(
+        behind.settled.is_empty(),
+        "the queue does not lend the record"
+    );
+    r.settle(&mut behind).expect("settle");
+    let (frontends, _) = behind.settled.last().cloned().expect("settled");
+    assert_eq!(frontends, behind.services.keys().copied().collect());
 }
 
 #[test]

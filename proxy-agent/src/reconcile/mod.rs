@@ -470,11 +470,17 @@ impl Reconciler {
             }
         }
         self.remove_unused_backends(maps, &mut report);
-        let settled = maps.settle(&mut self.frontends.keys(), &mut self.backends.keys());
-        if let Err(e) = settled {
+        if let Err(e) = self.settle(maps) {
             report.errors.push(format!("{e:#}"));
         }
         report
+    }
+
+    /// `Maps::settle` with every frontend and backend of the record: after
+    /// a pass (which does it itself, unless its maps were a queue whose
+    /// writes went behind it).
+    pub fn settle(&self, maps: &mut dyn Maps) -> anyhow::Result<()> {
+        maps.settle(&mut self.frontends.keys(), &mut self.backends.keys())
     }
 
     /// The changed Services whose slot tables fit the budget; the others
