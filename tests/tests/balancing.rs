@@ -16,9 +16,9 @@ use common::{
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_agent::datapath::conntrack::now;
 use proxy_common::{
-    CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN, Connections,
-    Counter, Ct4Entry, Ct4Key, FilterSet, Frontend4, MemberKey, SCOPE_ALL, SVC_LISTED, Service,
-    filter_bit, filter_word, names, programs,
+    Backend4, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
+    Connections, Counter, Ct4Entry, Ct4Key, FilterSet, Frontend4, MemberKey, SCOPE_ALL, SVC_LISTED,
+    Service, filter_bit, filter_word, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -1116,6 +1116,50 @@ fn an_established_packet_finds_its_service_by_its_entry_while_it_is_listed() {
     assert_eq!(unlisted.flags & SVC_LISTED, 0, "the agent unlisted it");
     let (_, out) = lab.run(&udp(CLIENT, sport));
     assert_eq!(parse(&out).dst, VIP, "the Service went: not served");
+}
+
+/// A starting agent lists every service entry it finds by id and raises
+/// the filter bits of every frontend and backend, whoever wrote them (an
+/// older agent after a downgrade kept neither).
+#[test]
+fn a_starting_agent_lists_and_raises_what_it_finds() {
+    if !common::ready("a_starting_agent_lists_and_raises_what_it_finds") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let frontend = Frontend4 {
+        addr: be32([10, 96, 0, 99]),
+        port: 443u16.to_be(),
+        proto: IPPROTO_TCP,
+        scope: SCOPE_ALL,
+    };
+    let service = Service {
+        id: 77,
+        ..Service::default()
+    };
+    (lab.dp.maps.v4.services.insert(frontend, service, 0)).expect("an older agent's entry");
+    let backend = Backend4 {
+        addr: be32([10, 1, 9, 9]),
+        port: 8443u16.to_be(),
+        proto: IPPROTO_TCP,
+        flags: 0,
+    };
+    (lab.dp.maps.v4.backends.insert(900, backend, 0)).expect("an older agent's backend");
+    let frontend_bit = filter_bit(
+        FilterSet::Frontend,
+        frontend.addr,
+        frontend.port,
+        IPPROTO_TCP,
+    );
+    let backend_bit = filter_bit(FilterSet::Backend, backend.addr, backend.port, 0);
+    assert!(!lab.raised(frontend_bit) && !lab.raised(backend_bit));
+
+    let found = lab.dp.maps.restore_by_id().expect("restore");
+    assert_eq!(found, 3, "the Service's two frontends and the older one");
+    assert!(lab.raised(frontend_bit), "its frontend's bit");
+    assert!(lab.raised(backend_bit), "its backend's bit");
+    let listed = (lab.dp.maps.by_id.get(&77, 0)).expect("lb_svc_by_id entry");
+    assert_eq!((listed.id, listed.flags & SVC_LISTED), (77, SVC_LISTED));
 }
 
 #[test]

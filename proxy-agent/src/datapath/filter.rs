@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_common::{FILTER_WORDS, FilterSet, filter_addr4, filter_addr6, filter_bit, filter_word};
+use proxy_common::{
+    Backend4, Backend6, FILTER_WORDS, FilterSet, Frontend4, Frontend6, filter_addr4, filter_addr6,
+    filter_bit, filter_word,
+};
 
 use super::keys::{self, BackendValue, FrontendKey};
 use crate::{model::Frontend, reconcile::BackendKey};
@@ -30,23 +33,58 @@ const REBUILD_EVERY: Duration = Duration::from_secs(1);
 /// much: a node whose endpoints churn rebuilds once a minute for them.
 const LINGER_BATCH: Duration = Duration::from_secs(60);
 
+/// An entry of the service maps as the filter sees it.
+pub trait FilterKey {
+    fn filter_bit(&self) -> u32;
+}
+
+impl FilterKey for Frontend4 {
+    fn filter_bit(&self) -> u32 {
+        filter_bit(
+            FilterSet::Frontend,
+            filter_addr4(self.addr),
+            self.port,
+            self.proto,
+        )
+    }
+}
+
+impl FilterKey for Frontend6 {
+    fn filter_bit(&self) -> u32 {
+        filter_bit(
+            FilterSet::Frontend,
+            filter_addr6(self.addr),
+            self.port,
+            self.proto,
+        )
+    }
+}
+
+impl FilterKey for Backend4 {
+    fn filter_bit(&self) -> u32 {
+        filter_bit(FilterSet::Backend, filter_addr4(self.addr), self.port, 0)
+    }
+}
+
+impl FilterKey for Backend6 {
+    fn filter_bit(&self) -> u32 {
+        filter_bit(FilterSet::Backend, filter_addr6(self.addr), self.port, 0)
+    }
+}
+
 /// The bit of a frontend: its address, port and protocol.
 pub fn frontend_bit(frontend: &Frontend) -> u32 {
     match keys::frontend(frontend) {
-        FrontendKey::V4(f) => {
-            filter_bit(FilterSet::Frontend, filter_addr4(f.addr), f.port, f.proto)
-        }
-        FrontendKey::V6(f) => {
-            filter_bit(FilterSet::Frontend, filter_addr6(f.addr), f.port, f.proto)
-        }
+        FrontendKey::V4(f) => f.filter_bit(),
+        FrontendKey::V6(f) => f.filter_bit(),
     }
 }
 
 /// The bit of a backend: the address and port its replies come from.
 pub fn backend_bit(backend: &BackendKey) -> u32 {
     match keys::backend(backend) {
-        BackendValue::V4(b) => filter_bit(FilterSet::Backend, filter_addr4(b.addr), b.port, 0),
-        BackendValue::V6(b) => filter_bit(FilterSet::Backend, filter_addr6(b.addr), b.port, 0),
+        BackendValue::V4(b) => b.filter_bit(),
+        BackendValue::V6(b) => b.filter_bit(),
     }
 }
 

@@ -23,13 +23,13 @@ use aya::{
 };
 use proxy_common::{
     BACKEND_TERMINATING, Backend4, Backend6, Counter, FILTER_WORDS, Frontend4, Frontend6,
-    MAX_SERVICES, MemberKey, NodeConfig, STATS_PER_ENTRY, SVC_LISTED, Service, ServiceStats,
-    ServiceStatsEntry, SlotKey, SourceRange4, SourceRange6, names, stats_slot,
+    MAX_BACKENDS, MAX_SERVICES, MemberKey, NodeConfig, STATS_PER_ENTRY, SVC_LISTED, Service,
+    ServiceStats, ServiceStatsEntry, SlotKey, SourceRange4, SourceRange6, names, stats_slot,
 };
 
 use super::{
     batch,
-    filter::{self, Bits},
+    filter::{self, Bits, FilterKey},
     keys::{self, BackendValue, FrontendKey},
     pinned,
 };
@@ -154,20 +154,22 @@ impl MapSet {
     }
 
     /// Writes the reverse-NAT entry of every service entry the maps hold,
-    /// and `lb_svc_by_id` whole (each entry at its id, nothing elsewhere);
-    /// how many entries. For a datapath adopted before its programs are
-    /// replaced: one pinned by a version without these arrays has service
-    /// entries nobody wrote there (or, after a downgrade and back, entries
-    /// that have gone since), and a pass rewrites only the entries that
-    /// change.
+    /// `lb_svc_by_id` whole (each entry at its id, nothing elsewhere), and
+    /// raises the `lb_filter` bits of every frontend and backend they
+    /// hold; how many service entries. For a datapath adopted before its
+    /// programs are replaced: one pinned by a version without these arrays
+    /// (or by an older agent after a downgrade, which kept none of them)
+    /// has entries nobody wrote there, and a pass rewrites only the entries
+    /// that change.
     pub fn restore_by_id(&mut self) -> anyhow::Result<usize> {
-        let mut services = self
-            .v4
-            .restore_rev_nat((names::SERVICES4, names::REV_NAT4))?;
-        services.extend(
-            self.v6
-                .restore_rev_nat((names::SERVICES6, names::REV_NAT6))?,
-        );
+        let (mut services, mut bits) =
+            self.v4
+                .restore_rev_nat((names::SERVICES4, names::REV_NAT4, names::BACKENDS4))?;
+        let (v6, bits6) =
+            (self.v6).restore_rev_nat((names::SERVICES6, names::REV_NAT6, names::BACKENDS6))?;
+        services.extend(v6);
+        bits.extend(bits6);
+        self.raise(bits)?;
         let mut by_id = vec![Service::default(); MAX_SERVICES as usize];
         for service in &services {
             if let Some(at) = by_id.get_mut(service.id as usize) {
@@ -319,18 +321,32 @@ impl MapSet {
     }
 }
 
-impl<F: Pod + Eq + std::hash::Hash, B, R> FamilyMaps<F, B, R> {
+impl<F, B, R> FamilyMaps<F, B, R>
+where
+    F: Pod + Eq + std::hash::Hash + FilterKey,
+    B: Pod + FilterKey,
+{
     /// `MapSet::restore_by_id`'s reverse NAT for one family, in batches
-    /// where the kernel has them; the service entries.
-    fn restore_rev_nat(&mut self, names: (&str, &str)) -> anyhow::Result<Vec<Service>> {
-        let (services, rev_nat) = names;
+    /// where the kernel has them; the service entries, and the filter bits
+    /// of every frontend and backend.
+    fn restore_rev_nat(
+        &mut self,
+        names: (&str, &str, &str),
+    ) -> anyhow::Result<(Vec<Service>, Vec<u32>)> {
+        let (services, rev_nat, backends) = names;
         let limit = 2 * pinned::capacity(self.services.map(), MAX_SERVICES);
         let entries = pinned::entries(&self.services, limit)
             .with_context(|| format!("reading {services}"))?;
+        let limit = 2 * pinned::capacity(self.backends.map(), MAX_BACKENDS);
+        let held = pinned::entries(&self.backends, limit)
+            .with_context(|| format!("reading {backends}"))?;
+        let bits = (entries.keys().map(FilterKey::filter_bit))
+            .chain(held.values().map(FilterKey::filter_bit))
+            .collect();
         let values = entries.values().copied().collect();
         let entries = rev_nat_entries(entries);
         write_array(&mut self.rev_nat, &entries, rev_nat)?;
-        Ok(values)
+        Ok((values, bits))
     }
 }
 
