@@ -31,6 +31,8 @@
 
 use std::net::SocketAddr;
 
+use proxy_common::mix::fmix64;
+
 use crate::model::Protocol;
 
 /// Table size used when neither the service nor the command line sets one.
@@ -177,16 +179,6 @@ fn fnv1a64(state: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()
         .fold(state, |h, b| (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME))
-}
-
-/// MurmurHash3's 64-bit finalizer: every input bit flips each output bit
-/// with probability close to 1/2.
-fn fmix64(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
 }
 
 #[cfg(test)]

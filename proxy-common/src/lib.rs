@@ -13,6 +13,7 @@
 pub mod crc32c;
 pub mod csum;
 pub mod maps;
+pub mod mix;
 
 pub use maps::*;
 

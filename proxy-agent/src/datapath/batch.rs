@@ -143,8 +143,8 @@ pub fn update_all<K: Pod, V: Pod>(
 
 /// As `update_all`, for an array (Linux 5.7 batches them): keys are
 /// indices, and one past the end stops the write there.
-pub fn update_array<V: Pod>(
-    map: &mut Array<MapData, V>,
+pub fn update_array<T: Borrow<MapData>, V: Pod>(
+    map: &mut Array<T, V>,
     entries: &[(u32, V)],
 ) -> Result<bool, Stopped> {
     // SAFETY: aya checked, when it typed the map, that it is an array (not

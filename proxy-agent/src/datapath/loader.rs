@@ -202,12 +202,8 @@ fn assume_every_item(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         .with_context(|| format!("the eBPF object has no map {}", names::FILTER))?;
     let mut filter: Array<&mut MapData, u64> = Array::try_from(map)
         .with_context(|| format!("map {} has an unexpected type", names::FILTER))?;
-    for word in 0..FILTER_WORDS {
-        filter
-            .set(word, u64::MAX, 0)
-            .with_context(|| format!("setting {}", names::FILTER))?;
-    }
-    Ok(())
+    let all: Vec<(u32, u64)> = (0..FILTER_WORDS).map(|word| (word, u64::MAX)).collect();
+    super::maps::write_array(&mut filter, &all, names::FILTER)
 }
 
 /// Unpins maps an earlier version pinned under names this one no longer

@@ -387,8 +387,8 @@ fn gone_from() -> anyhow::Result<u32> {
 
 /// Writes `entries` (index, value) into an array in few syscalls (one
 /// each where the kernel has no batches), stopping at the first failure.
-fn write_array<V: Pod>(
-    map: &mut Array<MapData, V>,
+pub(super) fn write_array<T: std::borrow::BorrowMut<MapData>, V: Pod>(
+    map: &mut Array<T, V>,
     entries: &[(u32, V)],
     name: &str,
 ) -> anyhow::Result<()> {

@@ -7,6 +7,8 @@
 //! (or one the agent has not cleared yet) only costs the lookups it would
 //! have cost anyway.
 
+use crate::mix::fmix64;
+
 /// Words in `lb_filter`: 2^20 bits, 128 KiB.
 pub const FILTER_WORDS: u32 = 1 << 14;
 const FILTER_BITS_LOG2: u32 = 20;
@@ -24,7 +26,7 @@ pub enum FilterSet {
 #[inline(always)]
 pub fn filter_bit(set: FilterSet, addr: u32, port: u16, proto: u8) -> u32 {
     let x = ((addr as u64) << 32) | ((port as u64) << 16) | ((proto as u64) << 8) | set as u64;
-    (mix(x) >> (64 - FILTER_BITS_LOG2)) as u32
+    (fmix64(x) >> (64 - FILTER_BITS_LOG2)) as u32
 }
 
 /// The word holding `bit`, and its mask there.
@@ -42,19 +44,8 @@ pub fn filter_addr4(addr: u32) -> u32 {
 pub fn filter_addr6(addr: [u32; 4]) -> u32 {
     let low = (addr[0] as u64) | ((addr[1] as u64) << 32);
     let high = (addr[2] as u64) | ((addr[3] as u64) << 32);
-    let h = mix(mix(low) ^ high);
+    let h = fmix64(fmix64(low) ^ high);
     (h ^ (h >> 32)) as u32
-}
-
-/// splitmix64's finalizer: every input bit moves about half the output
-/// bits, so addresses that differ in one octet land far apart.
-#[inline(always)]
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]
