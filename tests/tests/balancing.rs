@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aya::maps::{Array, HashMap as BpfHashMap};
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, PerCpuValues};
 use common::{
     Loaded, XDP_PASS,
     packets::{MAC_A as MAC_CLIENT, MAC_B as MAC_NODE, ipv4_header, ones, verifies},
@@ -1116,6 +1116,40 @@ fn an_established_packet_finds_its_service_by_its_entry_while_it_is_listed() {
     assert_eq!(unlisted.flags & SVC_LISTED, 0, "the agent unlisted it");
     let (_, out) = lab.run(&udp(CLIENT, sport));
     assert_eq!(parse(&out).dst, VIP, "the Service went: not served");
+}
+
+/// An established packet's lookup reads this CPU's cached second rather
+/// than calling for it; it must bring the cache to the current second
+/// first, or the entry would keep a second long past and be reaped.
+#[test]
+fn an_established_packet_brings_a_stale_clock_to_the_second_it_keeps() {
+    if !common::ready("an_established_packet_brings_a_stale_clock_to_the_second_it_keeps") {
+        return;
+    }
+    let mut lab = Lab::new(&all_ready("random", &BACKENDS));
+    let sport = 42500;
+    let key = flow_key(CLIENT, sport, IPPROTO_UDP);
+    let first = lab.to_backend(&udp(CLIENT, sport));
+    let mut entry = lab.ct_get(&key).expect("the flow's entry");
+    entry.last_seen = 7;
+    let ct = lab.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4");
+    let mut ct: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct).expect("ct4 hash");
+    (ct.insert(key, entry, 0)).expect("age the entry");
+    // Every CPU's cache says a jiffy long gone was second 7.
+    let clock = lab.dp.ebpf.map_mut("ct_clock").expect("ct_clock");
+    let mut clock: PerCpuArray<_, [u64; 2]> = PerCpuArray::try_from(clock).expect("per-CPU");
+    let cpus = aya::util::nr_cpus().expect("CPUs");
+    let stale = PerCpuValues::try_from(vec![[1u64, 7]; cpus]).expect("values");
+    clock.set(0, stale, 0).expect("a stale clock");
+
+    let before = now().expect("the clock");
+    assert_eq!(lab.to_backend(&udp(CLIENT, sport)), first, "the same flow");
+    let after = now().expect("the clock");
+    let seen = lab.ct_get(&key).expect("the flow's entry").last_seen;
+    assert!(
+        (before..=after).contains(&seen),
+        "the entry keeps second {seen}, not one in {before}..={after}"
+    );
 }
 
 /// A starting agent lists every service entry it finds by id and raises
