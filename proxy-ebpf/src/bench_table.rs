@@ -58,12 +58,15 @@ enum Found {
     Full,
 }
 
+/// The same lines, holding only the hit program's key.
+#[btf_map(name = "bench_ct_hit_slots")]
+static BENCH_CT_HIT_SLOTS: Array<Slot, 1> = Array::new();
+
 #[inline(always)]
-fn walk(key: &[u64; 2]) -> Found {
+fn walk(lines: &Array<Slot, 1>, key: &[u64; 2]) -> Found {
     let start = home(key);
     for i in 0..PROBES {
-        let Some(slot) = BENCH_CT_SLOTS.get_ptr_mut(start.wrapping_add(i) & BENCH_SLOTS_MASK)
-        else {
+        let Some(slot) = lines.get_ptr_mut(start.wrapping_add(i) & BENCH_SLOTS_MASK) else {
             return Found::Full;
         };
         // SAFETY: a live array value.
@@ -81,7 +84,7 @@ fn walk(key: &[u64; 2]) -> Found {
 /// The packet's forward key looked up, a miss: the line that ends the walk.
 #[xdp]
 pub fn xdproxy_bench_ct_slots_lookup(ctx: XdpContext) -> u32 {
-    match forward_key(&ctx).map(|k| walk(&words(&k))) {
+    match forward_key(&ctx).map(|k| walk(&BENCH_CT_SLOTS, &words(&k))) {
         Some(Found::Empty(_)) => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_ABORTED,
     }
@@ -94,20 +97,44 @@ pub fn xdproxy_bench_ct_slots_lookup_insert(ctx: XdpContext) -> u32 {
     let Some(key) = forward_key(&ctx).map(|k| words(&k)) else {
         return xdp_action::XDP_ABORTED;
     };
-    let Found::Empty(slot) = walk(&key) else {
+    let Found::Empty(slot) = walk(&BENCH_CT_SLOTS, &key) else {
         return xdp_action::XDP_ABORTED;
     };
+    match claim(slot, &key) {
+        true => xdp_action::XDP_PASS,
+        false => xdp_action::XDP_ABORTED,
+    }
+}
+
+/// The packet's forward key looked up and found: an established packet's
+/// lookup. The first run writes the key (XDP_TX), later ones find it.
+#[xdp]
+pub fn xdproxy_bench_ct_slots_hit(ctx: XdpContext) -> u32 {
+    let Some(key) = forward_key(&ctx).map(|k| words(&k)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    match walk(&BENCH_CT_HIT_SLOTS, &key) {
+        Found::Live => xdp_action::XDP_PASS,
+        Found::Empty(slot) if claim(slot, &key) => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_ABORTED,
+    }
+}
+
+/// Writes `key` into the empty line `slot` once this CPU's exchange
+/// claimed it; false if another CPU got there first.
+#[inline(always)]
+fn claim(slot: *mut Slot, key: &[u64; 2]) -> bool {
     // SAFETY: a live array value, its state word 4-byte aligned; the line
     // is written only by the CPU whose exchange claimed it.
     unsafe {
         if !atomic::compare_exchange(&raw mut (*slot).state, EMPTY, CLAIMED) {
-            return xdp_action::XDP_ABORTED;
+            return false;
         }
-        (*slot).key = key;
+        (*slot).key = *key;
         (*slot).value = Ct4Entry::default();
         (*slot).state = LIVE;
     }
-    xdp_action::XDP_PASS
+    true
 }
 
 /// Tags per group: one 32-byte read answers for eight lines.
