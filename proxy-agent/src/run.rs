@@ -98,7 +98,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         } => Some(KubeStart::begin(kubeconfig.as_deref(), apiserver.as_deref(), &config).await?),
     };
     let earlier = loader::pin_dir(&config.bpffs).exists();
-    let (loaded, maps) = match tokio::task::block_in_place(|| create(&config)) {
+    let (loaded, maps) = match tokio::task::block_in_place(|| create(&config, earlier)) {
         Ok(created) => created,
         Err(e) => return Err(given_up(&config.bpffs, earlier, e)),
     };
@@ -234,17 +234,24 @@ async fn cluster_key(client: kube::Client) -> nodeconfig::Key {
     }
 }
 
-/// Creates (or adopts) the datapath's maps, before any program loads.
-fn create(config: &RunConfig) -> anyhow::Result<(loader::Loaded, MapSet)> {
+/// Creates (or adopts, if `earlier` pinned them) the datapath's maps,
+/// before any program loads.
+fn create(config: &RunConfig, earlier: bool) -> anyhow::Result<(loader::Loaded, MapSet)> {
     let sizes = config.conntrack.sizes();
     let started = Instant::now();
     let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
     log::info!("maps ready in {:?}", started.elapsed());
     let mut maps = MapSet::take(&mut loaded.ebpf, config.conntrack.longest_life())?;
-    // Before the programs that read them are attached.
-    let restored = maps.restore_by_id()?;
-    if restored > 0 {
-        log::info!("reverse NAT entries written for {restored} adopted service entries");
+    // Before the programs that read them are attached. Maps created just
+    // now hold no entry to list or raise: rewriting every id's slot (4 MiB)
+    // would only delay the start.
+    if earlier {
+        let started = Instant::now();
+        let restored = maps.restore_by_id()?;
+        log::info!(
+            "adopted service entries listed by id and their filter bits raised: {restored}, in {:?}",
+            started.elapsed()
+        );
     }
     Ok((loaded, maps))
 }
