@@ -241,7 +241,7 @@ fn create(config: &RunConfig, earlier: bool) -> anyhow::Result<(loader::Loaded, 
     let started = Instant::now();
     let mut loaded = loader::load(&config.bpffs, datapath::object()?, sizes)?;
     log::info!("maps ready in {:?}", started.elapsed());
-    let mut maps = MapSet::take(&mut loaded.ebpf, config.conntrack.longest_life())?;
+    let mut maps = MapSet::take(&mut loaded.ebpf, config.conntrack.longest_life(), earlier)?;
     // Before the programs that read them are attached. Maps created just
     // now hold no entry to list or raise: rewriting every id's slot (4 MiB)
     // would only delay the start.

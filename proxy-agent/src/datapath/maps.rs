@@ -90,11 +90,13 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 impl MapSet {
     /// Takes the service maps out of a loaded object. `longest_life`:
     /// how long a conntrack entry may outlive its last packet, which is
-    /// how long a backend that went keeps its `lb_filter` bit.
-    pub fn take(ebpf: &mut Ebpf, longest_life: Duration) -> anyhow::Result<MapSet> {
+    /// how long a backend that went keeps its `lb_filter` bit. `adopted`:
+    /// the maps were pinned before (a datapath created just now has no
+    /// flow whose backend may be gone).
+    pub fn take(ebpf: &mut Ebpf, longest_life: Duration, adopted: bool) -> anyhow::Result<MapSet> {
         let filter: Array<MapData, u64> = take(ebpf, names::FILTER)?;
         let found = read_filter(&filter)?;
-        MapSet {
+        let set = MapSet {
             v4: FamilyMaps {
                 services: take(ebpf, names::SERVICES4)?,
                 rev_nat: take(ebpf, names::REV_NAT4)?,
@@ -121,8 +123,11 @@ impl MapSet {
             filter_bits: Bits::new(found, longest_life, Instant::now()),
             stats_read: Default::default(),
             left: Vec::new(),
+        };
+        match adopted {
+            true => set.members_may_be_gone(),
+            false => Ok(set),
         }
-        .members_may_be_gone()
     }
 
     /// `lb_filter` bits raised.

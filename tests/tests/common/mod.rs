@@ -161,7 +161,7 @@ impl Loaded {
             .with_context(|| format!("verifying {name}"))?;
         }
         loader::set_new_flow_programs(&mut ebpf)?;
-        let maps = MapSet::take(&mut ebpf, Duration::from_secs(86_400))?;
+        let maps = MapSet::take(&mut ebpf, Duration::from_secs(86_400), true)?;
         Ok(Loaded {
             ebpf,
             maps,
