@@ -100,7 +100,7 @@ pub fn xdproxy_bench_ct_lookup_insert(ctx: XdpContext) -> u32 {
     if BENCH_CT.get_ptr(&key).is_some() {
         return xdp_action::XDP_ABORTED;
     }
-    insert(&key)
+    insert(&BENCH_CT, &key)
 }
 
 /// One insert of the packet's forward key into `bench_ct`, as a new flow
@@ -110,7 +110,7 @@ pub fn xdproxy_bench_ct_insert(ctx: XdpContext) -> u32 {
     let Some(key) = forward_key(&ctx) else {
         return xdp_action::XDP_ABORTED;
     };
-    insert(&key)
+    insert(&BENCH_CT, &key)
 }
 
 /// `bench_ct`'s shape and size, holding only the hit program's key.
@@ -128,15 +128,15 @@ pub fn xdproxy_bench_ct_hit(ctx: XdpContext) -> u32 {
     if BENCH_CT_HIT.get_ptr(&key).is_some() {
         return xdp_action::XDP_PASS;
     }
-    match BENCH_CT_HIT.insert(&key, &Ct4Entry::default(), 0) {
-        Ok(()) => xdp_action::XDP_TX,
-        Err(_) => xdp_action::XDP_ABORTED,
+    match insert(&BENCH_CT_HIT, &key) {
+        xdp_action::XDP_PASS => xdp_action::XDP_TX,
+        other => other,
     }
 }
 
 #[inline(always)]
-fn insert(key: &Ct4Key) -> u32 {
-    match BENCH_CT.insert(key, &Ct4Entry::default(), 0) {
+fn insert(map: &HashMap<Ct4Key, Ct4Entry, 1>, key: &Ct4Key) -> u32 {
+    match map.insert(key, &Ct4Entry::default(), 0) {
         Ok(()) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_ABORTED,
     }

@@ -614,9 +614,7 @@ impl Parts {
             self.non_service, self.filtered_in
         );
     }
-}
 
-impl Parts {
     /// An established packet makes one conntrack lookup, which finds its
     /// client port's entry (warm: the bench repeats one flow), and reads
     /// its service by the entry's id: no other hash lookup.
@@ -637,7 +635,7 @@ impl Parts {
         let over = self.established - ESTABLISHED_TARGET;
         if over > 0.0 {
             println!(
-                "  target missed by {over:.0} ns; a table of our own (the sketch above, inlined array reads, no call) finds the key in {:.0} ns: an established packet at about +{:.0}",
+                "  target missed by {over:.0} ns; the sketch of a table of our own (see the new flow's figures: inlined array reads, no call) finds the key in {:.0} ns: an established packet at about +{:.0}",
                 self.slots_hit,
                 rest + self.slots_hit
             );

@@ -199,12 +199,15 @@ impl Lab {
         );
     }
 
+    fn ct_mut(&mut self) -> BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> {
+        BpfHashMap::try_from(self.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4"))
+            .expect("ct4 hash")
+    }
+
     /// Deletes every conntrack entry: the next packet of any flow is new.
     fn clear_ct(&mut self) {
         {
-            let mut ct: BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> =
-                BpfHashMap::try_from(self.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4"))
-                    .expect("ct4 hash");
+            let mut ct = self.ct_mut();
             let keys: Vec<Ct4Key> = ct.keys().map(|k| k.expect("ct4 key")).collect();
             for key in keys {
                 ct.remove(&key).expect("remove a ct4 entry");
@@ -1132,9 +1135,7 @@ fn an_established_packet_brings_a_stale_clock_to_the_second_it_keeps() {
     let first = lab.to_backend(&udp(CLIENT, sport));
     let mut entry = lab.ct_get(&key).expect("the flow's entry");
     entry.last_seen = 7;
-    let ct = lab.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4");
-    let mut ct: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct).expect("ct4 hash");
-    (ct.insert(key, entry, 0)).expect("age the entry");
+    (lab.ct_mut().insert(key, entry, 0)).expect("age the entry");
     // Every CPU's cache says a jiffy long gone was second 7.
     let clock = lab.dp.ebpf.map_mut("ct_clock").expect("ct_clock");
     let mut clock: PerCpuArray<_, [u64; 2]> = PerCpuArray::try_from(clock).expect("per-CPU");
