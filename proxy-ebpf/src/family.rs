@@ -241,8 +241,9 @@ macro_rules! family {
 
             #[inline(always)]
             fn backend(id: u32) -> Option<Target<$addr>> {
-                // SAFETY: a copy out of a live map value.
-                $backends.get_ptr(id).map(|b| Target::from(unsafe { &*b }))
+                // SAFETY: a live array value.
+                let b = unsafe { &*$backends.get_ptr(id)? };
+                b.present().then(|| Target::from(b))
             }
 
             #[inline(always)]

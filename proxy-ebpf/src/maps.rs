@@ -30,8 +30,12 @@ pub static SERVICES4: HashMap<Frontend4, Service, { MAX_SERVICES as usize }> = H
 #[btf_map(name = "lb_slots")]
 pub static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
 
-#[btf_map(name = "lb4_backends")]
-pub static BACKENDS4: HashMap<u32, Backend4, { MAX_BACKENDS as usize }> = HashMap::new();
+// An array, as Katran keeps its reals: ids are dense, and a lookup is a
+// load the verifier inlines. The agent rewrites an id in place only after
+// no slot names it, so a torn read could only reach a flow that picked
+// the id before its slot went.
+#[btf_map(name = "lb4_backends_v2")]
+pub static BACKENDS4: Array<Backend4, { MAX_BACKENDS as usize }> = Array::new();
 
 // Conntrack is a plain hash, not an LRU: a full table must not evict an
 // established flow to make room for a new one. Expired entries are removed
@@ -91,8 +95,8 @@ pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u32, { MAX_SOURCE_RANGES as usi
 #[btf_map(name = "lb6_services")]
 pub static SERVICES6: HashMap<Frontend6, Service, { MAX_SERVICES as usize }> = HashMap::new();
 
-#[btf_map(name = "lb6_backends")]
-pub static BACKENDS6: HashMap<u32, Backend6, { MAX_BACKENDS as usize }> = HashMap::new();
+#[btf_map(name = "lb6_backends_v2")]
+pub static BACKENDS6: Array<Backend6, { MAX_BACKENDS as usize }> = Array::new();
 
 #[btf_map(name = "lb6_members")]
 pub static MEMBERS6: HashMap<MemberKey, Backend6, { MAX_MEMBERS as usize }> = HashMap::new();

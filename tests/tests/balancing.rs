@@ -217,18 +217,15 @@ impl Lab {
     }
 
     /// Backend address -> backend id of its TCP target (8080), from
-    /// `lb4_backends`.
+    /// `lb4_backends_v2`.
     fn backend_ids(&self) -> BTreeMap<[u8; 4], u32> {
         self.backend_ids_of(IPPROTO_TCP, 8080)
     }
 
     fn backend_ids_of(&self, proto: u8, port: u16) -> BTreeMap<[u8; 4], u32> {
-        self.dp
-            .maps
-            .v4
-            .backends
-            .iter()
-            .map(|r| r.expect("lb4_backends"))
+        let backends = self.dp.maps.v4.backends.iter();
+        (0u32..)
+            .zip(backends.map(|r| r.expect("lb4_backends_v2")))
             .filter(|(_, b)| b.proto == proto && b.port == port.to_be())
             .map(|(id, b)| (b.addr.to_ne_bytes(), id))
             .collect()
@@ -1179,7 +1176,7 @@ fn a_starting_agent_lists_and_raises_what_it_finds() {
         proto: IPPROTO_TCP,
         flags: 0,
     };
-    (lab.dp.maps.v4.backends.insert(900, backend, 0)).expect("an older agent's backend");
+    (lab.dp.maps.v4.backends.set(900, backend, 0)).expect("an older agent's backend");
     let frontend_bit = filter_bit(
         FilterSet::Frontend,
         frontend.addr,

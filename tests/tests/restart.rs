@@ -6,13 +6,17 @@ mod common;
 use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
 
 use anyhow::Context;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use proxy_agent::{
     conntrack::upgrade::LEGACY_EGRESS,
-    datapath::{conntrack, pinned::Pins},
+    datapath::{
+        conntrack,
+        pinned::{self, Pins},
+    },
 };
 use proxy_common::{
-    CT_AT_EGRESS, CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, Ct4Entry, Ct4Key, IPPROTO_TCP, names,
+    Backend4, CT_AT_EGRESS, CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, Ct4Entry, Ct4Key,
+    IPPROTO_TCP, MAX_BACKENDS, names,
 };
 use proxy_tests::{
     agent::Agent,
@@ -182,5 +186,115 @@ fn an_upgrade_rewrites_the_earlier_versions_egress_entries() -> anyhow::Result<(
         ct4.get(&orphan, 0).is_err(),
         "the orphan legacy entry stayed"
     );
+    Ok(())
+}
+
+/// An agent of this version taking over the datapath of a version that kept
+/// backends in hash maps (`lb4_backends`) copies them into its arrays before
+/// its programs run: its first pass finds every backend in place (nothing
+/// to write), traffic does not notice, and the hash map is unpinned.
+#[test]
+fn an_upgrade_copies_the_earlier_versions_backends() -> anyhow::Result<()> {
+    if !common::ready("an_upgrade_copies_the_earlier_versions_backends") {
+        return Ok(());
+    }
+    let topology = Topology::build(&unique_prefix("rbe"), BACKENDS)?;
+    let _servers = topology.start_servers()?;
+    let manifest = ManifestFile::new(
+        &format!("backends-{}", topology.prefix()),
+        &manifests::web(&[0, 1, 2]),
+    )?;
+    let ifaces = topology.agent_ifaces(":tc");
+    let mut agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
+    let pins = Pins::at(agent.bpffs());
+    let array: Array<MapData, Backend4> = pins.map(names::BACKENDS4)?;
+    let held = pinned::backends(&array, names::BACKENDS4)?;
+    drop(array);
+    // Each endpoint once for TCP, once for UDP.
+    anyhow::ensure!(held.len() == 2 * BACKENDS, "backends programmed: {held:?}");
+
+    let traffic = Traffic::start(&topology.client)?;
+    thread::sleep(STEP);
+    agent.kill()?;
+    // What the earlier version left pinned: the backends in a hash map,
+    // and no array (its programs, still attached, hold theirs).
+    pin_legacy_backends(&pins.path(names::LEGACY_BACKENDS4), &held)?;
+    std::fs::remove_file(pins.path(names::BACKENDS4))?;
+    agent.restart(None)?;
+    thread::sleep(STEP);
+    let seen = traffic.stop()?;
+
+    let log = agent.log();
+    seen.assert_clean(50);
+    let copied = format!(
+        "copied {} backends from {} into {}",
+        held.len(),
+        names::LEGACY_BACKENDS4,
+        names::BACKENDS4
+    );
+    assert!(log.contains(&copied), "{log}");
+    let syncs: Vec<&str> = log.lines().filter(|l| l.contains("synced:")).collect();
+    assert_eq!(syncs.len(), 2, "{log}");
+    assert!(
+        syncs[1].contains("(0 map writes)"),
+        "the backends were in place before the first pass: {}",
+        syncs[1]
+    );
+    assert!(!pins.path(names::LEGACY_BACKENDS4).exists(), "{log}");
+    let array: Array<MapData, Backend4> = pins.map(names::BACKENDS4)?;
+    assert_eq!(pinned::backends(&array, names::BACKENDS4)?, held);
+    Ok(())
+}
+
+/// Pins a hash map of backends as versions before the arrays did, with
+/// `bpftool` (as an operator would inspect it).
+fn pin_legacy_backends(path: &std::path::Path, backends: &[(u32, Backend4)]) -> anyhow::Result<()> {
+    let bpftool = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .context("running bpftool (apt-get install bpftool)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let path = path.to_str().context("a UTF-8 pin path")?;
+    let entries = MAX_BACKENDS.to_string();
+    bpftool(&[
+        "map",
+        "create",
+        path,
+        "type",
+        "hash",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        &entries,
+        "name",
+        names::LEGACY_BACKENDS4,
+    ])?;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+    for (id, b) in backends {
+        let mut value = b.addr.to_ne_bytes().to_vec();
+        value.extend(b.port.to_ne_bytes());
+        value.extend([b.proto, b.flags]);
+        let mut args = vec![
+            "map".to_string(),
+            "update".into(),
+            "pinned".into(),
+            path.into(),
+        ];
+        args.extend(["key".into(), "hex".into()]);
+        args.extend(hex(&id.to_ne_bytes()));
+        args.extend(["value".into(), "hex".into()]);
+        args.extend(hex(&value));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bpftool(&args)?;
+    }
     Ok(())
 }

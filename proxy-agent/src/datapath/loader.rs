@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::Context;
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapInfo, ProgramArray, lpm_trie::Key},
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap, IterableMap, MapData, MapInfo, ProgramArray, lpm_trie::Key},
     programs::{
         Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -35,7 +35,10 @@ use proxy_common::{
     SourceRange6, names, programs,
 };
 
-use super::iface::Hook;
+use super::{
+    iface::Hook,
+    pinned::{self, Pins},
+};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -163,6 +166,9 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
     if adopted > 0 && !filter_found {
         assume_every_item(&mut ebpf)?;
     }
+    if adopted > 0 {
+        copy_legacy_backends(&mut ebpf, bpffs)?;
+    }
     remove_retired(&pins);
     Ok(Loaded {
         ebpf,
@@ -204,6 +210,47 @@ fn assume_every_item(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         .with_context(|| format!("map {} has an unexpected type", names::FILTER))?;
     let all: Vec<(u32, u64)> = (0..FILTER_WORDS).map(|word| (word, u64::MAX)).collect();
     super::maps::write_array(&mut filter, &all, names::FILTER)
+}
+
+/// Copies the backends of a datapath an earlier version pinned, which kept
+/// them in hash maps (`names::LEGACY_BACKENDS4`, `LEGACY_BACKENDS6`), into
+/// the arrays, before any program of this one runs: the adopted slots and
+/// members name those ids. Each array is written whole, so that ids the
+/// hash map does not hold (left by a later version before a downgrade)
+/// hold no backend.
+fn copy_legacy_backends(ebpf: &mut Ebpf, bpffs: &Path) -> anyhow::Result<()> {
+    let pins = Pins::at(bpffs);
+    copy_legacy::<Backend4>(ebpf, &pins, names::LEGACY_BACKENDS4, names::BACKENDS4)?;
+    copy_legacy::<Backend6>(ebpf, &pins, names::LEGACY_BACKENDS6, names::BACKENDS6)
+}
+
+fn copy_legacy<B: Pod + Default>(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<()> {
+    let Some(legacy) = pins.optional_map::<HashMap<MapData, u32, B>>(from)? else {
+        return Ok(());
+    };
+    let held = pinned::entries(
+        &legacy,
+        2 * pinned::capacity(legacy.map(), MAX_BACKENDS) + 1,
+    )
+    .with_context(|| format!("reading {}", pins.path(from).display()))?;
+    let map = (ebpf.map_mut(to)).with_context(|| format!("the eBPF object has no map {to}"))?;
+    let mut array: Array<&mut MapData, B> =
+        Array::try_from(map).with_context(|| format!("map {to} has an unexpected type"))?;
+    let mut all = vec![B::default(); array.len() as usize];
+    for (id, backend) in &held {
+        if let Some(at) = all.get_mut(*id as usize) {
+            *at = *backend;
+        }
+    }
+    let entries: Vec<(u32, B)> = (0u32..).zip(all).collect();
+    super::maps::write_array(&mut array, &entries, to)?;
+    log::info!("copied {} backends from {from} into {to}", held.len());
+    Ok(())
 }
 
 /// Unpins maps an earlier version pinned under names this one no longer

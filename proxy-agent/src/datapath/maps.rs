@@ -23,8 +23,8 @@ use aya::{
 };
 use proxy_common::{
     BACKEND_TERMINATING, Backend4, Backend6, Counter, FILTER_WORDS, Frontend4, Frontend6,
-    MAX_BACKENDS, MAX_SERVICES, MemberKey, NodeConfig, STATS_PER_ENTRY, SVC_LISTED, Service,
-    ServiceStats, ServiceStatsEntry, SlotKey, SourceRange4, SourceRange6, names, stats_slot,
+    MAX_SERVICES, MemberKey, NodeConfig, STATS_PER_ENTRY, SVC_LISTED, Service, ServiceStats,
+    ServiceStatsEntry, SlotKey, SourceRange4, SourceRange6, names, stats_slot,
 };
 
 use super::{
@@ -40,11 +40,12 @@ use crate::{
 };
 
 /// One family's maps.
-pub struct FamilyMaps<F: Pod, B, R> {
+pub struct FamilyMaps<F: Pod, B: Pod, R> {
     pub services: HashMap<MapData, F, Service>,
     /// Service id -> the frontend of its entry.
     pub rev_nat: Array<MapData, F>,
-    pub backends: HashMap<MapData, u32, B>,
+    /// Backend id -> backend; zeroes where no backend is.
+    pub backends: Array<MapData, B>,
     pub members: HashMap<MapData, MemberKey, B>,
     pub source_ranges: LpmTrie<MapData, R, u32>,
 }
@@ -231,8 +232,8 @@ impl MapSet {
         snapshot.services = services
             .filter_map(|(key, s)| Some((keys::frontend_of(&key)?, keys::service_entry(&s))))
             .collect();
-        let backends4 = collect(self.v4.backends.iter(), names::BACKENDS4)?;
-        let backends6 = collect(self.v6.backends.iter(), names::BACKENDS6)?;
+        let backends4 = pinned::backends(&self.v4.backends, names::BACKENDS4)?;
+        let backends6 = pinned::backends(&self.v6.backends, names::BACKENDS6)?;
         snapshot.backends = (backends4.into_iter())
             .map(|(id, b)| (id, BackendValue::V4(b)))
             .chain(
@@ -329,7 +330,7 @@ impl MapSet {
 impl<F, B, R> FamilyMaps<F, B, R>
 where
     F: Pod + Eq + std::hash::Hash + FilterKey,
-    B: Pod + FilterKey,
+    B: pinned::BackendSlot + FilterKey,
 {
     /// `MapSet::restore_by_id`'s reverse NAT for one family, in batches
     /// where the kernel has them; the service entries, and the filter bits
@@ -342,11 +343,9 @@ where
         let limit = 2 * pinned::capacity(self.services.map(), MAX_SERVICES);
         let entries = pinned::entries(&self.services, limit)
             .with_context(|| format!("reading {services}"))?;
-        let limit = 2 * pinned::capacity(self.backends.map(), MAX_BACKENDS);
-        let held = pinned::entries(&self.backends, limit)
-            .with_context(|| format!("reading {backends}"))?;
+        let held = pinned::backends(&self.backends, backends)?;
         let bits = (entries.keys().map(FilterKey::filter_bit))
-            .chain(held.values().map(FilterKey::filter_bit))
+            .chain(held.iter().map(|(_, b)| b.filter_bit()))
             .collect();
         let values = entries.values().copied().collect();
         let entries = rev_nat_entries(entries);
@@ -363,25 +362,9 @@ fn listed(service: &Service) -> Service {
     }
 }
 
-/// Every word of `lb_filter`, in few syscalls where the kernel batches.
+/// Every word of `lb_filter`.
 fn read_filter(map: &Array<MapData, u64>) -> anyhow::Result<Vec<u64>> {
-    let mut words = vec![0; FILTER_WORDS as usize];
-    let read = || format!("reading {}", names::FILTER);
-    match batch::lookup_array(map).with_context(read)? {
-        Some(entries) => {
-            for (word, value) in entries {
-                if let Some(w) = words.get_mut(word as usize) {
-                    *w = value;
-                }
-            }
-        }
-        None => {
-            for (word, w) in (0u32..).zip(words.iter_mut()) {
-                *w = map.get(&word, 0).with_context(read)?;
-            }
-        }
-    }
-    Ok(words)
+    pinned::read_array(map, FILTER_WORDS, names::FILTER)
 }
 
 /// The second `lb_member_gone` is given for a change now: the next
@@ -397,16 +380,7 @@ pub(super) fn write_array<T: std::borrow::BorrowMut<MapData>, V: Pod>(
     entries: &[(u32, V)],
     name: &str,
 ) -> anyhow::Result<()> {
-    match batch::update_array(map, entries) {
-        Ok(true) => Ok(()),
-        Ok(false) => {
-            for (id, value) in entries {
-                written(map.set(*id, *value, 0), name)?;
-            }
-            Ok(())
-        }
-        Err(stopped) => Err(stopped.error).with_context(|| format!("writing {name}")),
-    }
+    write_all(map, entries, name).map_err(|p| p.error)
 }
 
 /// The reverse-NAT entries of service entries: each frontend at its
@@ -491,13 +465,13 @@ fn written(result: Result<(), MapError>, what: &str) -> anyhow::Result<()> {
 /// Writes `entries` into `map` in order, in few syscalls (one each where
 /// the kernel has no batches), stopping at the first failure.
 fn write_all<K: Pod, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
+    map: &mut impl Writable<K, V>,
     entries: &[(K, V)],
     name: &str,
 ) -> Result<(), Partial> {
-    match batch::update_all(map, entries) {
+    match map.write_batch(entries) {
         Ok(true) => Ok(()),
-        Ok(false) => each(entries, |(k, v)| written(map.insert(k, v, 0), name)),
+        Ok(false) => each(entries, |(k, v)| written(map.write(k, v), name)),
         Err(stopped) => Err(Partial {
             written: stopped.written,
             error: anyhow::Error::new(stopped.error).context(format!("writing {name}")),
@@ -505,11 +479,37 @@ fn write_all<K: Pod, V: Pod>(
     }
 }
 
+/// A map `write_all` writes: a hash map, or an array (keys are indices).
+trait Writable<K, V> {
+    fn write_batch(&mut self, entries: &[(K, V)]) -> Result<bool, batch::Stopped>;
+    fn write(&mut self, key: &K, value: &V) -> Result<(), MapError>;
+}
+
+impl<K: Pod, V: Pod> Writable<K, V> for HashMap<MapData, K, V> {
+    fn write_batch(&mut self, entries: &[(K, V)]) -> Result<bool, batch::Stopped> {
+        batch::update_all(self, entries)
+    }
+
+    fn write(&mut self, key: &K, value: &V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+}
+
+impl<T: std::borrow::BorrowMut<MapData>, V: Pod> Writable<u32, V> for Array<T, V> {
+    fn write_batch(&mut self, entries: &[(u32, V)]) -> Result<bool, batch::Stopped> {
+        batch::update_array(self, entries)
+    }
+
+    fn write(&mut self, key: &u32, value: &V) -> Result<(), MapError> {
+        self.set(*key, value, 0)
+    }
+}
+
 /// Writes (key, backend) pairs into the map of each backend's family.
 fn write_backends<K: Pod>(
     items: &[(K, BackendValue)],
-    v4: (&mut HashMap<MapData, K, Backend4>, &str),
-    v6: (&mut HashMap<MapData, K, Backend6>, &str),
+    v4: (&mut impl Writable<K, Backend4>, &str),
+    v6: (&mut impl Writable<K, Backend6>, &str),
 ) -> Result<(), Partial> {
     write_by_family(
         items,
@@ -618,17 +618,23 @@ impl Maps for MapSet {
     fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
         self.raise([filter::backend_bit(backend)])?;
         match keys::backend(backend) {
-            BackendValue::V4(b) => written(self.v4.backends.insert(id, b, 0), names::BACKENDS4),
-            BackendValue::V6(b) => written(self.v6.backends.insert(id, b, 0), names::BACKENDS6),
+            BackendValue::V4(b) => written(self.v4.backends.set(id, b, 0), names::BACKENDS4),
+            BackendValue::V6(b) => written(self.v6.backends.set(id, b, 0), names::BACKENDS6),
         }
     }
 
     fn remove_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
         (self.filter_bits).backend_gone(filter::backend_bit(backend), Instant::now());
         if backend.addr.is_ipv6() {
-            removed(self.v6.backends.remove(&id), names::BACKENDS6)
+            written(
+                self.v6.backends.set(id, Backend6::default(), 0),
+                names::BACKENDS6,
+            )
         } else {
-            removed(self.v4.backends.remove(&id), names::BACKENDS4)
+            written(
+                self.v4.backends.set(id, Backend4::default(), 0),
+                names::BACKENDS4,
+            )
         }
     }
 

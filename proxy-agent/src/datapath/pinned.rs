@@ -13,8 +13,9 @@ use std::{
 use anyhow::{Context, bail};
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
+use proxy_common::{Backend4, Backend6};
 
 use super::{batch, loader};
 
@@ -157,4 +158,57 @@ pub fn per_cpu_sum<V: Pod, S>(
         Err(MapError::OutOfBounds { .. }) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// The first `len` values of an array, in few syscalls where the kernel
+/// batches.
+pub fn read_array<V: Pod + Default>(
+    map: &Array<MapData, V>,
+    len: u32,
+    name: &str,
+) -> anyhow::Result<Vec<V>> {
+    let mut values = vec![V::default(); len as usize];
+    let read = || format!("reading {name}");
+    match batch::lookup_array(map).with_context(read)? {
+        Some(entries) => {
+            for (index, value) in entries {
+                if let Some(v) = values.get_mut(index as usize) {
+                    *v = value;
+                }
+            }
+        }
+        None => {
+            for (index, v) in (0u32..).zip(values.iter_mut()) {
+                *v = map.get(&index, 0).with_context(read)?;
+            }
+        }
+    }
+    Ok(values)
+}
+
+/// A value of `lb4_backends_v2` or `lb6_backends_v2`.
+pub trait BackendSlot: Pod + Default {
+    /// False for an id no backend holds.
+    fn present(&self) -> bool;
+}
+
+impl BackendSlot for Backend4 {
+    fn present(&self) -> bool {
+        Backend4::present(self)
+    }
+}
+
+impl BackendSlot for Backend6 {
+    fn present(&self) -> bool {
+        Backend6::present(self)
+    }
+}
+
+/// The backends `lb4_backends_v2` or `lb6_backends_v2` holds, by id.
+pub fn backends<B: BackendSlot>(
+    map: &Array<MapData, B>,
+    name: &str,
+) -> anyhow::Result<Vec<(u32, B)>> {
+    let all = read_array(map, map.len(), name)?;
+    Ok((0u32..).zip(all).filter(|(_, b)| b.present()).collect())
 }

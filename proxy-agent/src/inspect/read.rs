@@ -21,7 +21,7 @@ use proxy_common::{
 use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
 use crate::datapath::{
     conntrack::{CtKey, Table},
-    pinned::{self, Pins},
+    pinned::{self, BackendSlot, Pins},
 };
 
 /// What `inspect` reads: the maps a node's datapath pinned.
@@ -109,11 +109,24 @@ impl Pinned {
     }
 
     fn backends(&self) -> anyhow::Result<BTreeMap<u32, Endpoint>> {
-        let v4 = self.hash::<u32, Backend4>(names::BACKENDS4)?;
-        let v6 = self.hash::<u32, Backend6>(names::BACKENDS6)?;
+        let v4 = self.backend_array::<Backend4>(names::BACKENDS4, names::LEGACY_BACKENDS4)?;
+        let v6 = self.backend_array::<Backend6>(names::BACKENDS6, names::LEGACY_BACKENDS6)?;
         Ok((v4.iter().map(|(id, b)| (*id, b.into())))
             .chain(v6.iter().map(|(id, b)| (*id, b.into())))
             .collect())
+    }
+
+    /// A family's backends by id: from its array, or from the hash map a
+    /// datapath of a version before them pinned.
+    fn backend_array<B: BackendSlot>(
+        &self,
+        name: &str,
+        legacy: &str,
+    ) -> anyhow::Result<Vec<(u32, B)>> {
+        match self.pins.optional_map::<Array<MapData, B>>(name)? {
+            Some(array) => pinned::backends(&array, name),
+            None => self.hash::<u32, B>(legacy),
+        }
     }
 
     fn members(&self) -> anyhow::Result<Vec<MemberRecord>> {

@@ -77,7 +77,7 @@ pub struct LbRecords {
     pub services: Vec<ServiceRecord>,
     /// `lb_slots`: (service id, slot) -> backend id.
     pub slots: BTreeMap<SlotKey, u32>,
-    /// `lb4_backends` and `lb6_backends`: backend id -> address.
+    /// `lb4_backends_v2` and `lb6_backends_v2`: backend id -> address.
     pub backends: BTreeMap<u32, Endpoint>,
     pub members: Vec<MemberRecord>,
     /// `lb_svc_stats` of each service id, summed over CPUs, since `lb_stats_base`.

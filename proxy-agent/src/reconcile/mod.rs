@@ -282,7 +282,7 @@ type MaglevKey = (Vec<SocketAddr>, Protocol, u32);
 pub struct Capacity {
     /// Service ids (`lb_svc_stats`, `lb_source_ranges` per id).
     pub services: u32,
-    /// Backend ids (`lb4_backends`, `lb6_backends`).
+    /// Backend ids (`lb4_backends_v2`, `lb6_backends_v2`).
     pub backends: u32,
     /// `lb_slots` entries.
     pub slots: u32,

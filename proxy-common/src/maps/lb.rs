@@ -1,6 +1,6 @@
 //! Load balancing: frontends and their service entries (`lb4_services`,
 //! `lb6_services`), slot tables (`lb_slots`), backends and members
-//! (`lb4_backends`, `lb6_backends`, `lb4_members`, `lb6_members`), session
+//! (`lb4_backends_v2`, `lb6_backends_v2`, `lb4_members`, `lb6_members`), session
 //! affinity and source ranges, and the service flags and algorithms.
 
 use super::Addr6;
@@ -127,7 +127,7 @@ pub struct NewFlows {
     pub v6: Chosen<Addr6>,
 }
 
-/// An IPv4 backend (keyed by backend id in `lb4_backends`).
+/// An IPv4 backend (at its backend id in `lb4_backends_v2`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend4 {
@@ -138,6 +138,15 @@ pub struct Backend4 {
     pub proto: u8,
     /// `BACKEND_*` bits (as a member: how the service uses it).
     pub flags: u8,
+}
+
+impl Backend4 {
+    /// False for an id of `lb4_backends_v2` no backend holds (zeroes:
+    /// every backend has a protocol).
+    #[inline(always)]
+    pub fn present(&self) -> bool {
+        self.proto != 0
+    }
 }
 
 /// A member that is terminating: its flows stay, new ones go elsewhere
@@ -202,8 +211,8 @@ pub struct Frontend6 {
     pub scope: u8,
 }
 
-/// An IPv6 backend (keyed by backend id in `lb6_backends`, and the value of
-/// `lb6_members`).
+/// An IPv6 backend (at its backend id in `lb6_backends_v2`, and the value
+/// of `lb6_members`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend6 {
@@ -212,6 +221,14 @@ pub struct Backend6 {
     pub proto: u8,
     /// `BACKEND_*` bits.
     pub flags: u8,
+}
+
+impl Backend6 {
+    /// As `Backend4::present`.
+    #[inline(always)]
+    pub fn present(&self) -> bool {
+        self.proto != 0
+    }
 }
 
 /// Key of `lb6_affinity`.

@@ -10,8 +10,15 @@ pub const CONFIG: &str = "lb_config";
 pub const SERVICES4: &str = "lb4_services";
 pub const SERVICES6: &str = "lb6_services";
 pub const SLOTS: &str = "lb_slots";
-pub const BACKENDS4: &str = "lb4_backends";
-pub const BACKENDS6: &str = "lb6_backends";
+/// Backend id -> backend, arrays: an id no backend holds is all zeroes
+/// (`Backend4::present`). A new flow finds its backend in a load the
+/// verifier inlines, not a hash lookup.
+pub const BACKENDS4: &str = "lb4_backends_v2";
+pub const BACKENDS6: &str = "lb6_backends_v2";
+/// The hash maps versions before 2026-12-08 kept backends in: a datapath
+/// adopted from one has them copied into the arrays, then unpinned.
+pub const LEGACY_BACKENDS4: &str = "lb4_backends";
+pub const LEGACY_BACKENDS6: &str = "lb6_backends";
 pub const MEMBERS4: &str = "lb4_members";
 pub const MEMBERS6: &str = "lb6_members";
 pub const AFFINITY4: &str = "lb4_affinity";
@@ -150,4 +157,10 @@ pub const ALL: [&str; 40] = [
 /// Names earlier versions pinned maps under, removed when a datapath is
 /// loaded: the programs that used them are replaced by then, and the kernel
 /// keeps a map alive while anything still holds it.
-pub const RETIRED: &[&str] = &["lb_members", "lb_stats", "lb_be_stats"];
+pub const RETIRED: &[&str] = &[
+    "lb_members",
+    "lb_stats",
+    "lb_be_stats",
+    LEGACY_BACKENDS4,
+    LEGACY_BACKENDS6,
+];
