@@ -1461,3 +1461,27 @@ fn an_overflow_table_under_pressure_keeps_each_flows_backend() {
     }
     assert_eq!(lab.ct_len(), MAX as usize);
 }
+
+/// A datapath the agent created at start holds no backend, and its
+/// snapshot does not read the backend arrays' ids then; once backends are
+/// written, a snapshot (as after a failed write) holds them all.
+#[test]
+fn a_snapshot_of_a_datapath_created_at_start_holds_the_backends_written_since() {
+    if !common::ready("a_snapshot_of_a_datapath_created_at_start_holds_the_backends_written_since")
+    {
+        return;
+    }
+    let mut dp = Loaded::created_now().expect("load the datapath");
+    let before = dp.maps.snapshot().expect("a snapshot before any write");
+    assert!(before.backends.is_empty(), "{:?}", before.backends);
+    dp.program_yaml(&all_ready("random", &BACKENDS))
+        .expect("program the service");
+    let after = dp.maps.snapshot().expect("a snapshot after the writes");
+    // Each endpoint once for TCP, once for UDP.
+    assert_eq!(
+        after.backends.len(),
+        2 * BACKENDS.len(),
+        "{:?}",
+        after.backends
+    );
+}

@@ -76,6 +76,10 @@ pub struct MapSet {
     /// Backends that stopped being a member of some service since the last
     /// `take_left`: sockets connected to them may have to go.
     left: Vec<BackendKey>,
+    /// True while the backend arrays were created by this agent and no
+    /// backend was written since: a snapshot need not read their 131,072
+    /// ids each (tens of milliseconds at every start).
+    no_backends: bool,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -124,6 +128,7 @@ impl MapSet {
             filter_bits: Bits::new(found, longest_life, Instant::now()),
             stats_read: Default::default(),
             left: Vec::new(),
+            no_backends: !adopted,
         };
         match adopted {
             true => set.members_may_be_gone(),
@@ -232,8 +237,13 @@ impl MapSet {
         snapshot.services = services
             .filter_map(|(key, s)| Some((keys::frontend_of(&key)?, keys::service_entry(&s))))
             .collect();
-        let backends4 = pinned::backends(&self.v4.backends, names::BACKENDS4)?;
-        let backends6 = pinned::backends(&self.v6.backends, names::BACKENDS6)?;
+        let (backends4, backends6) = match self.no_backends {
+            true => (Vec::new(), Vec::new()),
+            false => (
+                pinned::backends(&self.v4.backends, names::BACKENDS4)?,
+                pinned::backends(&self.v6.backends, names::BACKENDS6)?,
+            ),
+        };
         snapshot.backends = (backends4.into_iter())
             .map(|(id, b)| (id, BackendValue::V4(b)))
             .chain(
@@ -580,6 +590,7 @@ impl Maps for MapSet {
     fn set_backends(&mut self, backends: &[(u32, BackendKey)]) -> Result<(), Partial> {
         self.raise(backends.iter().map(|(_, b)| filter::backend_bit(b)))
             .map_err(Partial::none)?;
+        self.no_backends = false;
         let items: Vec<(u32, BackendValue)> = (backends.iter())
             .map(|(id, b)| (*id, keys::backend(b)))
             .collect();
@@ -617,6 +628,7 @@ impl Maps for MapSet {
 
     fn set_backend(&mut self, id: u32, backend: &BackendKey) -> anyhow::Result<()> {
         self.raise([filter::backend_bit(backend)])?;
+        self.no_backends = false;
         match keys::backend(backend) {
             BackendValue::V4(b) => written(self.v4.backends.set(id, b, 0), names::BACKENDS4),
             BackendValue::V6(b) => written(self.v6.backends.set(id, b, 0), names::BACKENDS6),

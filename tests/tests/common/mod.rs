@@ -142,7 +142,18 @@ impl Loaded {
         Self::load(&mut loader, names)
     }
 
+    /// As a datapath the agent creates at start (nothing pinned before):
+    /// its maps taken as such, only the new-flow programs verified.
+    pub fn created_now() -> anyhow::Result<Loaded> {
+        Self::load_as(&mut EbpfLoader::new(), &[], false)
+    }
+
     fn load(loader: &mut EbpfLoader, names: &[&str]) -> anyhow::Result<Loaded> {
+        Self::load_as(loader, names, true)
+    }
+
+    /// `adopted`: as `MapSet::take` has it.
+    fn load_as(loader: &mut EbpfLoader, names: &[&str], adopted: bool) -> anyhow::Result<Loaded> {
         let mut ebpf = loader
             .load(datapath::object()?)
             .context("loading the eBPF object")?;
@@ -161,7 +172,7 @@ impl Loaded {
             .with_context(|| format!("verifying {name}"))?;
         }
         loader::set_new_flow_programs(&mut ebpf)?;
-        let maps = MapSet::take(&mut ebpf, Duration::from_secs(86_400), true)?;
+        let maps = MapSet::take(&mut ebpf, Duration::from_secs(86_400), adopted)?;
         Ok(Loaded {
             ebpf,
             maps,
