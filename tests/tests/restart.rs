@@ -220,6 +220,9 @@ fn an_upgrade_copies_the_earlier_versions_backends() -> anyhow::Result<()> {
     // and no array (its programs, still attached, hold theirs).
     pin_legacy_backends(&pins.path(names::LEGACY_BACKENDS4), &held)?;
     std::fs::remove_file(pins.path(names::BACKENDS4))?;
+    // `inspect` reads a datapath of that version as well.
+    let listed = inspected_backends(agent.bpffs())?;
+    anyhow::ensure!(listed == held.len(), "inspect listed {listed} backends");
     agent.restart(None)?;
     thread::sleep(STEP);
     let seen = traffic.stop()?;
@@ -297,4 +300,21 @@ fn pin_legacy_backends(path: &std::path::Path, backends: &[(u32, Backend4)]) -> 
         bpftool(&args)?;
     }
     Ok(())
+}
+
+/// How many backends `proxy-agent inspect backends` lists.
+fn inspected_backends(bpffs: &std::path::Path) -> anyhow::Result<usize> {
+    let out = std::process::Command::new(proxy_tests::agent::binary()?)
+        .args(["inspect", "backends", "-o", "json", "--bpffs"])
+        .arg(bpffs)
+        .output()
+        .context("running proxy-agent inspect")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("inspect's JSON")?;
+    let backends = json["backends"].as_array().context("no backends array")?;
+    Ok(backends.len())
 }

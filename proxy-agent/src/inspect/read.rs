@@ -123,9 +123,13 @@ impl Pinned {
         name: &str,
         legacy: &str,
     ) -> anyhow::Result<Vec<(u32, B)>> {
-        match self.pins.optional_map::<Array<MapData, B>>(name)? {
-            Some(array) => pinned::backends(&array, name),
-            None => self.hash::<u32, B>(legacy),
+        if let Some(array) = self.pins.optional_map::<Array<MapData, B>>(name)? {
+            return pinned::backends(&array, name);
+        }
+        match self.pins.optional_map::<HashMap<MapData, u32, B>>(legacy)? {
+            Some(map) => self.entries(legacy, map),
+            // Neither: the error names the map this version pins.
+            None => pinned::backends(&self.pins.map::<Array<MapData, B>>(name)?, name),
         }
     }
 
