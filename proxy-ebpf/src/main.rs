@@ -287,14 +287,17 @@ fn try_tc_new(ctx: &TcContext) -> Result<i32, ()> {
 
 // Socket hooks, at the cgroup v2 root: every local socket, host network and
 // pods alike. IPv6 sockets may carry IPv4-mapped addresses (dual-stack
-// sockets), which are IPv4 frontends.
+// sockets), which are IPv4 frontends. Inlined as the packet entries are:
+// `sendmsg` runs for every datagram of an unconnected UDP socket.
 
 #[cgroup_sock_addr(connect4)]
+#[inline(always)]
 pub fn xdproxy_connect4(ctx: SockAddrContext) -> i32 {
     sock::connect::<V4, User4>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
+#[inline(always)]
 pub fn xdproxy_connect6(ctx: SockAddrContext) -> i32 {
     match sock::is_mapped4(&ctx) {
         true => sock::connect::<V4, Mapped4>(&ctx),
@@ -303,11 +306,13 @@ pub fn xdproxy_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(sendmsg4)]
+#[inline(always)]
 pub fn xdproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
     sock::sendmsg::<V4, User4>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
+#[inline(always)]
 pub fn xdproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
     match sock::is_mapped4(&ctx) {
         true => sock::sendmsg::<V4, Mapped4>(&ctx),
@@ -316,21 +321,25 @@ pub fn xdproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(recvmsg4)]
+#[inline(always)]
 pub fn xdproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
     sock::peer::<V4, User4>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
+#[inline(always)]
 pub fn xdproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
     peer6(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
+#[inline(always)]
 pub fn xdproxy_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::peer::<V4, User4>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername6)]
+#[inline(always)]
 pub fn xdproxy_getpeername6(ctx: SockAddrContext) -> i32 {
     peer6(&ctx)
 }
