@@ -59,7 +59,7 @@ fn base36(mut value: u32, width: usize) -> String {
 
 /// Runs a command to completion and returns its stdout; the error carries the
 /// command line and its stderr.
-pub(crate) fn run_checked(cmd: &mut Command) -> Result<String> {
+pub fn run_checked(cmd: &mut Command) -> Result<String> {
     let line = format!("{cmd:?}");
     let out = cmd
         .output()

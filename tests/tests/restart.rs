@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, process::Command, thread, time::Duration};
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap, MapData};
@@ -21,7 +21,7 @@ use proxy_common::{
 use proxy_tests::{
     agent::Agent,
     manifests::{self, ManifestFile},
-    netns::unique_prefix,
+    netns::{run_checked, unique_prefix},
     topology::Topology,
     traffic::Traffic,
 };
@@ -252,69 +252,43 @@ fn an_upgrade_copies_the_earlier_versions_backends() -> anyhow::Result<()> {
 /// Pins a hash map of backends as versions before the arrays did, with
 /// `bpftool` (as an operator would inspect it).
 fn pin_legacy_backends(path: &std::path::Path, backends: &[(u32, Backend4)]) -> anyhow::Result<()> {
-    let bpftool = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("bpftool")
-            .args(args)
-            .output()
-            .context("running bpftool (apt-get install bpftool)")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "bpftool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    let path = path.to_str().context("a UTF-8 pin path")?;
     let entries = MAX_BACKENDS.to_string();
-    bpftool(&[
-        "map",
-        "create",
-        path,
-        "type",
-        "hash",
-        "key",
-        "4",
-        "value",
-        "8",
-        "entries",
-        &entries,
-        "name",
-        names::LEGACY_BACKENDS4,
-    ])?;
+    run_checked(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(path)
+            .args([
+                "type", "hash", "key", "4", "value", "8", "entries", &entries,
+            ])
+            .args(["name", names::LEGACY_BACKENDS4]),
+    )
+    .context("creating the map (bpftool comes with apt-get install bpftool)")?;
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
     for (id, b) in backends {
         let mut value = b.addr.to_ne_bytes().to_vec();
         value.extend(b.port.to_ne_bytes());
         value.extend([b.proto, b.flags]);
-        let mut args = vec![
-            "map".to_string(),
-            "update".into(),
-            "pinned".into(),
-            path.into(),
-        ];
-        args.extend(["key".into(), "hex".into()]);
-        args.extend(hex(&id.to_ne_bytes()));
-        args.extend(["value".into(), "hex".into()]);
-        args.extend(hex(&value));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        bpftool(&args)?;
+        run_checked(
+            Command::new("bpftool")
+                .args(["map", "update", "pinned"])
+                .arg(path)
+                .args(["key", "hex"])
+                .args(hex(&id.to_ne_bytes()))
+                .args(["value", "hex"])
+                .args(hex(&value)),
+        )?;
     }
     Ok(())
 }
 
 /// How many backends `proxy-agent inspect backends` lists.
 fn inspected_backends(bpffs: &std::path::Path) -> anyhow::Result<usize> {
-    let out = std::process::Command::new(proxy_tests::agent::binary()?)
-        .args(["inspect", "backends", "-o", "json", "--bpffs"])
-        .arg(bpffs)
-        .output()
-        .context("running proxy-agent inspect")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "inspect: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("inspect's JSON")?;
+    let out = run_checked(
+        Command::new(proxy_tests::agent::binary()?)
+            .args(["inspect", "backends", "-o", "json", "--bpffs"])
+            .arg(bpffs),
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("inspect's JSON")?;
     let backends = json["backends"].as_array().context("no backends array")?;
     Ok(backends.len())
 }
