@@ -7,25 +7,22 @@
 //! `ct_scratch`.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
+    btf_maps::LruHashMap,
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use proxy_common::{
     Addr6, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN,
     CT_STATE_OPEN, CT_STATE_RST, CT_UNREPLIED, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP,
-    MAX_CONNTRACK, MAX_CT_OVERFLOW,
+    MAX_CT_OVERFLOW,
 };
 
 use crate::{
     atomic,
-    maps::{
-        CLOCK, CONNTRACK4, CONNTRACK6, CT_SCRATCH, CtScratch, OVERFLOW4, OVERFLOW6, OVERFLOWED,
-        PAIRED,
-    },
+    ctlines::{Lines4, Lines6},
+    maps::{CLOCK, CT_SCRATCH, CtScratch, OVERFLOW4, OVERFLOW6, OVERFLOWED, PAIRED},
     parse::{TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-type Main<K, V> = HashMap<K, V, { MAX_CONNTRACK as usize }>;
 type Overflow<K, V> = LruHashMap<K, V, { MAX_CT_OVERFLOW as usize }>;
 
 /// A conntrack value, family-independent.
@@ -170,7 +167,12 @@ pub trait CtMaps {
         proto: u8,
         direction: u8,
     ) -> Self::Key;
-    fn main() -> &'static Main<Self::Key, Self::Value>;
+    /// The value at the scratch buffer's key in the main table.
+    fn main_find() -> Option<*mut Self::Value>;
+    /// Writes the scratch buffer's value at its key into the main table.
+    fn main_insert(flags: u64) -> Result<(), i64>;
+    /// Removes the scratch buffer's key from the main table.
+    fn main_remove();
     fn overflow() -> &'static Overflow<Self::Key, Self::Value>;
     /// This family's places in the scratch buffer.
     fn slots(s: &mut CtScratch) -> (&mut Self::Key, &mut Self::Value);
@@ -272,7 +274,7 @@ fn scratch() -> Option<&'static mut CtScratch> {
 /// The value at `key`, in the main map or, while in use, the overflow map.
 #[inline(always)]
 fn lookup<M: CtMaps>(key: &M::Key) -> Option<*mut M::Value> {
-    (M::main().get_ptr_mut(key)).or_else(|| overflowed().then(|| M::overflow().get_ptr_mut(key))?)
+    M::main_find().or_else(|| overflowed().then(|| M::overflow().get_ptr_mut(key))?)
 }
 
 /// Pointers to the fields of a live map value that packets change.
@@ -481,15 +483,15 @@ pub fn insert<M: CtMaps>(
 fn write<M: CtMaps>(table: Table, flags: u64) -> Result<(), i64> {
     let (k, v) = M::slots(scratch().ok_or(-1i64)?);
     let inserted = match table {
-        Table::Main => M::main().insert(k, v, flags),
+        Table::Main => M::main_insert(flags),
         Table::Overflow => {
             mark_overflowed();
             let inserted = M::overflow().insert(k, v, flags);
             mark_overflowed();
-            inserted
+            inserted.map_err(i64::from)
         }
     };
-    inserted.map_err(i64::from)
+    inserted
 }
 
 /// Puts `entry` in the scratch buffer for `insert_staged`, which may then
@@ -516,7 +518,7 @@ pub fn insert_staged<M: CtMaps>(table: Table, key: M::Key, flags: u64) -> Result
 pub fn remove<M: CtMaps>(key: M::Key) {
     if let Some((k, _)) = scratch().map(M::slots) {
         *k = key;
-        let _ = M::main().remove(&*k);
+        M::main_remove();
         if overflowed() {
             let _ = M::overflow().remove(&*k);
         }
@@ -530,7 +532,7 @@ pub fn table_of<M: CtMaps>(key: M::Key) -> Table {
         return Table::Main;
     };
     *k = key;
-    match M::main().get_ptr(k) {
+    match M::main_find() {
         Some(_) => Table::Main,
         None => Table::Overflow,
     }
@@ -561,7 +563,7 @@ pub fn set_port<M: CtMaps>(key: M::Key, port: u16, node: bool) {
 pub fn deactivate<M: CtMaps>(key: M::Key) -> Option<u32> {
     let (k, _) = M::slots(scratch()?);
     *k = key;
-    let ptr = M::main().get_ptr_mut(k)?;
+    let ptr = M::main_find()?;
     // SAFETY: a live map value; its `active` field is 32-bit aligned.
     unsafe {
         let fields = M::fields(ptr);
@@ -601,8 +603,18 @@ macro_rules! ct_maps {
             }
 
             #[inline(always)]
-            fn main() -> &'static Main<$key, $value> {
-                &$main
+            fn main_find() -> Option<*mut $value> {
+                $main::find_value()
+            }
+
+            #[inline(always)]
+            fn main_insert(flags: u64) -> Result<(), i64> {
+                $main::insert_staged(flags)
+            }
+
+            #[inline(always)]
+            fn main_remove() {
+                $main::remove_staged()
             }
 
             #[inline(always)]
@@ -693,8 +705,8 @@ macro_rules! ct_maps {
 }
 
 ct_maps!(
-    Ct4, u32, Ct4Key, Ct4Entry, CONNTRACK4, OVERFLOW4, key4, value4
+    Ct4, u32, Ct4Key, Ct4Entry, Lines4, OVERFLOW4, key4, value4
 );
 ct_maps!(
-    Ct6, Addr6, Ct6Key, Ct6Entry, CONNTRACK6, OVERFLOW6, key6, value6
+    Ct6, Addr6, Ct6Key, Ct6Entry, Lines6, OVERFLOW6, key6, value6
 );

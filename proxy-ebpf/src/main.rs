@@ -42,6 +42,7 @@ mod bench_table;
 mod closed;
 mod copy;
 mod ct;
+mod ctlines;
 mod ctmap;
 mod family;
 mod filter;

@@ -11,7 +11,7 @@ use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry, CT_MARKS,
     ClosedFlow4, ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
     FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
+    MAX_BACKENDS, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
     MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig,
     RingEnds, STATS_PER_ENTRY, SVC_LISTED, Service, ServiceStats, ServiceStatsEntry, SlotKey,
     SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
@@ -36,13 +36,6 @@ pub static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }, NO_PREALLOC> = H
 // the id before its slot went.
 #[btf_map(name = "lb4_backends_v2")]
 pub static BACKENDS4: Array<Backend4, { MAX_BACKENDS as usize }> = Array::new();
-
-// Conntrack is a plain hash, not an LRU: a full table must not evict an
-// established flow to make room for a new one. Expired entries are removed
-// by the agent's garbage collection; new flows that find it full are
-// forwarded by flow hash and counted.
-#[btf_map(name = "ct4")]
-pub static CONNTRACK4: HashMap<Ct4Key, Ct4Entry, { MAX_CONNTRACK as usize }> = HashMap::new();
 
 // New flows that found the conntrack table full. An LRU: under pressure it
 // evicts the least recently used of these flows, never one in `ct4`.
@@ -100,9 +93,6 @@ pub static BACKENDS6: Array<Backend6, { MAX_BACKENDS as usize }> = Array::new();
 
 #[btf_map(name = "lb6_members")]
 pub static MEMBERS6: HashMap<MemberKey, Backend6, { MAX_MEMBERS as usize }> = HashMap::new();
-
-#[btf_map(name = "ct6")]
-pub static CONNTRACK6: HashMap<Ct6Key, Ct6Entry, { MAX_CONNTRACK as usize }> = HashMap::new();
 
 #[btf_map(name = "lb6_affinity")]
 pub static AFFINITY6: LruHashMap<Affinity6Key, AffinityEntry, { MAX_AFFINITY as usize }> =

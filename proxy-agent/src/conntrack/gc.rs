@@ -7,19 +7,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io,
-    os::fd::{AsFd, AsRawFd},
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use aya::{
-    Pod,
-    maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, MapError},
-};
+use aya::maps::{Array, MapData, MapError};
 use proxy_common::{
-    CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, Ct4Key, Ct6Key, MAX_CONNTRACK, names,
+    CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, Ct4Key, Ct6Key, names,
 };
 
 use super::{
@@ -29,7 +24,9 @@ use super::{
 };
 use crate::datapath::{
     conntrack::{CtKey, Record, Table, now},
-    pinned::{self, Pins},
+    ctlines::LineKey,
+    ctstore::CtTables,
+    pinned::Pins,
 };
 
 /// What one pass saw and did.
@@ -64,68 +61,21 @@ pub struct Stats {
     pub source_nat: bool,
 }
 
-/// One family's conntrack maps. Both are swept together: a flow is judged
-/// by all its entries, wherever the datapath put each of them.
-struct CtMaps<K: CtKey> {
-    main: BpfHashMap<MapData, K, K::Value>,
-    overflow: BpfHashMap<MapData, K, K::Value>,
-}
-
-impl<K: CtKey> CtMaps<K> {
-    fn open(pins: &Pins) -> anyhow::Result<Self> {
-        Ok(CtMaps {
-            main: pins.map(Table::Main.map_name::<K>())?,
-            overflow: pins.map(Table::Overflow.map_name::<K>())?,
-        })
-    }
-
-    fn map(&mut self, table: Table) -> &mut BpfHashMap<MapData, K, K::Value> {
-        match table {
-            Table::Main => &mut self.main,
-            Table::Overflow => &mut self.overflow,
+/// True when neither of a family's tables holds an entry that keeps
+/// `mark` up: a second read of both, for the rare pass that clears it.
+fn none_marked<K: CtKey>(tables: &CtTables<K>, mark: u32) -> anyhow::Result<bool> {
+    for table in [Table::Main, Table::Overflow] {
+        if marked_in(tables.entries(table)?.iter())[mark as usize] > 0 {
+            return Ok(false);
         }
     }
-
-    fn name(&self, table: Table) -> &'static str {
-        table.map_name::<K>()
-    }
-
-    /// True when neither map holds an entry that keeps `mark` up: a
-    /// second read of both, in batches, for the rare pass that clears it.
-    fn none_marked(&self, mark: u32) -> anyhow::Result<bool> {
-        for table in [Table::Main, Table::Overflow] {
-            let entries = read_all(self.map_ref(table))
-                .with_context(|| format!("reading {}", self.name(table)))?;
-            if marked_in(entries.iter())[mark as usize] > 0 {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    fn map_ref(&self, table: Table) -> &BpfHashMap<MapData, K, K::Value> {
-        match table {
-            Table::Main => &self.main,
-            Table::Overflow => &self.overflow,
-        }
-    }
-
-    fn overflow_empty(&self) -> anyhow::Result<bool> {
-        // The first key, if any: no walk of the map.
-        match self.overflow.keys().next() {
-            None => Ok(true),
-            Some(Ok(_)) => Ok(false),
-            Some(Err(e)) => {
-                Err(e).with_context(|| format!("reading {}", self.name(Table::Overflow)))
-            }
-        }
-    }
+    Ok(true)
 }
 
 /// The pinned maps garbage collection works on.
 pub struct Gc {
-    v4: CtMaps<Ct4Key>,
-    v6: CtMaps<Ct6Key>,
+    v4: CtTables<Ct4Key>,
+    v6: CtTables<Ct6Key>,
     reaped: Array<MapData, u32>,
     overflowed: Array<MapData, u32>,
     /// None: a datapath without `ct_paired` (every flow a pair).
@@ -142,8 +92,8 @@ impl Gc {
     pub fn open(bpffs: &Path, timeouts: Timeouts) -> anyhow::Result<Gc> {
         let pins = Pins::at(bpffs);
         Ok(Gc {
-            v4: CtMaps::<Ct4Key>::open(&pins)?,
-            v6: CtMaps::<Ct6Key>::open(&pins)?,
+            v4: CtTables::open(&pins)?,
+            v6: CtTables::open(&pins)?,
             reaped: pins.map(names::REAPED)?,
             overflowed: pins.map(names::OVERFLOWED)?,
             paired: pins.optional_map(names::PAIRED)?,
@@ -211,7 +161,7 @@ impl Gc {
         paired::settle(
             now,
             left,
-            || Ok(v4.none_marked(mark)? && v6.none_marked(mark)?),
+            || Ok(none_marked(v4, mark)? && none_marked(v6, mark)?),
             |value| (flag.set(mark, value, 0)).with_context(|| format!("writing {}", name())),
         )
     }
@@ -260,29 +210,27 @@ struct Sweep {
 }
 
 /// An entry as a pass saw it: where, its key, its value.
-type Seen<K> = (Table, K, <K as CtKey>::Value);
+type Seen<K> = (Table, K, <K as LineKey>::Value);
 
 /// Reads every entry of both maps, then deletes the expired flows (never
 /// while walking: a deleted key makes the kernel's walk start over). Open
 /// connections deleted are added to `reaped` as they go, so an error part
 /// way loses none.
 fn sweep<K: CtKey>(
-    tables: &mut CtMaps<K>,
+    tables: &mut CtTables<K>,
     now: u32,
     timeouts: &Timeouts,
     reaped: &mut BTreeMap<u32, u32>,
 ) -> anyhow::Result<Sweep> {
-    let main =
-        read_all(&tables.main).with_context(|| format!("reading {}", tables.name(Table::Main)))?;
-    let overflow = read_all(&tables.overflow)
-        .with_context(|| format!("reading {}", tables.name(Table::Overflow)))?;
+    let main = tables.entries(Table::Main)?;
+    let overflow = tables.entries(Table::Overflow)?;
     let mut sweep = Sweep {
         seen_main: main.len(),
         seen_overflow: overflow.len(),
         marked_left: marked_in(main.iter().chain(overflow.iter())),
         ..Sweep::default()
     };
-    let pressure = Pressure::of(main.len(), capacity(&tables.main), !overflow.is_empty());
+    let pressure = Pressure::of(main.len(), tables.capacity(), !overflow.is_empty());
     let plan = plan(main, overflow, now, timeouts, pressure);
     sweep.unconfirmed = plan.unconfirmed;
     for flow in &plan.expired {
@@ -327,58 +275,35 @@ fn plan<K: CtKey>(
     expiry::plan_under(records, now, timeouts, pressure)
 }
 
-/// The map's size as created (the default size if the kernel will not say).
-fn capacity<K: CtKey>(map: &BpfHashMap<MapData, K, K::Value>) -> usize {
-    pinned::capacity(map.map(), MAX_CONNTRACK)
-}
-
-/// Every entry, each once; a read stops after twice the map's capacity,
-/// and the next pass sees the rest.
-fn read_all<K: CtKey>(
-    map: &BpfHashMap<MapData, K, K::Value>,
-) -> anyhow::Result<HashMap<K, K::Value>> {
-    let limit = capacity(map).saturating_mul(2).max(1024);
-    pinned::entries(map, limit)
-}
-
 /// Deletes one expired flow, replies before forwards, unless one of its
 /// entries changed since the snapshot (a packet arrived, or a new flow
 /// took the key over): then the flow stays (None). Otherwise the number of
 /// entries this call deleted.
 fn delete_flow<K: CtKey>(
-    tables: &mut CtMaps<K>,
+    tables: &mut CtTables<K>,
     flow: &[Seen<K>],
     reaped: &mut BTreeMap<u32, u32>,
 ) -> anyhow::Result<Option<usize>> {
     for (table, key, seen) in flow {
-        match tables.map(*table).get(key, 0) {
-            Ok(current) if !same_state(key, seen, &current) => return Ok(None),
-            Ok(_) => {}
-            Err(e) if absent(&e) => {}
-            Err(e) => {
-                let name = tables.name(*table);
-                return Err(e).with_context(|| format!("re-reading an expired entry of {name}"));
-            }
+        let current = (tables.get(*table, key))
+            .with_context(|| format!("re-reading an expired entry of {}", table.map_name::<K>()))?;
+        if current.is_some_and(|current| !same_state(key, seen, &current)) {
+            return Ok(None);
         }
     }
     let mut deleted = 0;
     for (table, key, seen) in flow {
-        let name = tables.name(*table);
-        let map = tables.map(*table);
+        let name = table.map_name::<K>();
         if !key.record(seen).is_forward() {
-            match map.remove(key) {
-                Ok(()) => deleted += 1,
-                Err(e) if absent(&e) => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("deleting an expired entry of {name}"));
-                }
-            }
+            let removed = (tables.remove(*table, key))
+                .with_context(|| format!("deleting an expired entry of {name}"))?;
+            deleted += usize::from(removed);
             continue;
         }
         // The forward entry's `active` as it was when it went, not as the
         // snapshot saw it: the kernel may have released the connection
         // since, and counting it twice would skew least connections.
-        let taken = take(map.map(), key)
+        let taken = (tables.take(*table, key))
             .with_context(|| format!("deleting an expired forward entry of {name}"))?;
         if let Some(value) = taken {
             deleted += 1;
@@ -396,62 +321,6 @@ fn same_state<K: CtKey>(key: &K, a: &K::Value, b: &K::Value) -> bool {
         ..key.record(v)
     };
     quiet(a) == quiet(b)
-}
-
-/// The key was not there (any more): someone else deleted it, which is fine.
-pub(super) fn absent(error: &MapError) -> bool {
-    match error {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
-/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps: Linux 5.14), which aya 0.14
-/// offers for queues and stacks only.
-const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-
-/// The element-command part of `union bpf_attr`.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// Deletes `key` and returns its value as it was at that moment (None: it
-/// was not there), in one step that no other deletion can interleave with.
-fn take<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
-    let mut value = std::mem::MaybeUninit::<V>::zeroed();
-    let attr = ElemAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: value.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: the attribute points at a key and a value buffer of the map's
-    // key and value types (aya checked their sizes when the map was typed),
-    // both live for the call; the kernel zero-fills the rest of the union.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &raw const attr,
-            size_of::<ElemAttr>() as libc::c_uint,
-        )
-    };
-    if rc == 0 {
-        // SAFETY: the kernel wrote the whole value; any bytes are a valid V (Pod).
-        return Ok(Some(unsafe { value.assume_init() }));
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::ENOENT) {
-        return Ok(None);
-    }
-    Err(error)
 }
 
 #[cfg(test)]

@@ -10,16 +10,12 @@
 use std::collections::BTreeSet;
 
 use anyhow::Context;
-use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData};
-use proxy_common::{
-    CT_AT_EGRESS, CT_FORWARD, CT_OUTWARD, CT_REPLY, CT_SOURCE_NAT, Ct4Key, Ct6Key, MAX_CONNTRACK,
-};
-
-use super::gc;
+use proxy_common::{CT_AT_EGRESS, CT_FORWARD, CT_OUTWARD, CT_REPLY, CT_SOURCE_NAT, Ct4Key, Ct6Key};
 
 use crate::datapath::{
     conntrack::{AddrPort, CtKey, MapRecord, Table},
-    pinned::{self, Pins},
+    ctstore::CtTables,
+    pinned::Pins,
 };
 
 /// The direction versions before 2026-12-06 gave egress entries.
@@ -66,32 +62,25 @@ pub fn rewrite(bpffs: &std::path::Path) -> anyhow::Result<(usize, usize)> {
 }
 
 fn family<K: CtKey>(pins: &Pins) -> anyhow::Result<(usize, usize)> {
-    let mut maps: Vec<BpfHashMap<MapData, K, K::Value>> = Vec::new();
-    for table in [Table::Main, Table::Overflow] {
-        maps.push(pins.map(table.map_name::<K>())?);
-    }
+    let mut tables = CtTables::<K>::open(pins)?;
     let mut entries = Vec::new();
-    for (at, map) in maps.iter().enumerate() {
-        let limit = pinned::capacity(map.map(), MAX_CONNTRACK).saturating_mul(2);
-        let read = pinned::entries(map, limit.max(1024))?;
-        entries.extend(read.into_iter().map(|(key, value)| (at, key, value)));
+    for table in [Table::Main, Table::Overflow] {
+        let read = tables.entries(table)?;
+        entries.extend(read.into_iter().map(|(key, value)| (table, key, value)));
     }
     let records: Vec<_> = entries.iter().map(|(_, k, v)| k.record(v)).collect();
     let (mut rewritten, mut deleted) = (0, 0);
     for (i, flags) in plan(&records) {
-        let (at, key, value) = &entries[i];
-        let map = &mut maps[*at];
+        let (table, key, value) = &entries[i];
         match flags {
             Some(flags) => {
-                map.insert(key.with_direction(CT_REPLY), K::with_flags(value, flags), 0)?;
+                let key = key.with_direction(CT_REPLY);
+                tables.insert(*table, key, K::with_flags(value, flags))?;
                 rewritten += 1;
             }
             None => deleted += 1,
         }
-        match map.remove(key) {
-            Err(e) if !gc::absent(&e) => return Err(e.into()),
-            _ => {}
-        }
+        tables.remove(*table, key)?;
     }
     Ok((rewritten, deleted))
 }

@@ -3,14 +3,16 @@
 //! collection, `inspect`, the tests), which of a family's two maps it is
 //! in, and the clock its timestamps count.
 
-use std::{hash::Hash, io, net::SocketAddr};
+use std::{io, net::SocketAddr};
 
 use anyhow::Context;
-use aya::Pod;
 use proxy_common::{Addr6, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, names};
 use serde::Serialize;
 
-use super::keys::{socket4, socket6};
+use super::{
+    ctlines::LineKey,
+    keys::{socket4, socket6},
+};
 
 /// An address and port, as in the packet (network byte order).
 pub type AddrPort<A> = (A, u16);
@@ -73,12 +75,14 @@ impl<E: Copy> Record<E> {
     }
 }
 
-/// A conntrack key type, with its value type and its family's maps.
-pub trait CtKey: Pod + Eq + Hash {
-    type Value: Pod;
+/// A conntrack key type, with its value type (`LineKey::Value`) and its
+/// family's tables.
+pub trait CtKey: LineKey {
     type Addr: Copy + Ord;
-    /// The main map's pinned name, the overflow map's.
-    const MAPS: (&'static str, &'static str);
+    /// The overflow map's pinned name.
+    const OVERFLOW: &'static str;
+    /// The hash map a datapath pinned before the lines kept entries in.
+    const LEGACY: &'static str;
     fn record(&self, value: &Self::Value) -> MapRecord<Self::Addr>;
     /// `CT_FORWARD`, `CT_REPLY` or `CT_SOCKET`.
     fn direction(&self) -> u8;
@@ -100,11 +104,11 @@ pub trait CtKey: Pod + Eq + Hash {
 /// The families' keys and values have the same fields; only their address
 /// types differ.
 macro_rules! ct_key {
-    ($key:ty, $value:ty, $addr:ty, $maps:expr, $socket:expr) => {
+    ($key:ty, $value:ty, $addr:ty, $maps:expr, $legacy:expr, $socket:expr) => {
         impl CtKey for $key {
-            type Value = $value;
             type Addr = $addr;
-            const MAPS: (&'static str, &'static str) = $maps;
+            const OVERFLOW: &'static str = $maps;
+            const LEGACY: &'static str = $legacy;
             fn socket(at: AddrPort<$addr>) -> SocketAddr {
                 $socket(at)
             }
@@ -147,14 +151,16 @@ ct_key!(
     Ct4Key,
     Ct4Entry,
     u32,
-    (names::CONNTRACK4, names::OVERFLOW4),
+    names::OVERFLOW4,
+    names::LEGACY_CONNTRACK4,
     |(addr, port)| socket4(addr, port)
 );
 ct_key!(
     Ct6Key,
     Ct6Entry,
     Addr6,
-    (names::CONNTRACK6, names::OVERFLOW6),
+    names::OVERFLOW6,
+    names::LEGACY_CONNTRACK6,
     |(addr, port)| socket6(&addr, port)
 );
 
@@ -162,7 +168,7 @@ ct_key!(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Table {
-    /// `ct4`/`ct6`.
+    /// `ct4_lines`/`ct6_lines`.
     Main,
     /// `ct4_overflow`/`ct6_overflow`: flows that found the main map full.
     Overflow,
@@ -180,8 +186,8 @@ impl Table {
     /// The map of this table for keys `K`.
     pub fn map_name<K: CtKey>(self) -> &'static str {
         match self {
-            Table::Main => K::MAPS.0,
-            Table::Overflow => K::MAPS.1,
+            Table::Main => K::NAMES.0,
+            Table::Overflow => K::OVERFLOW,
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::{
     ffi::CString,
     fs,
-    os::unix::ffi::OsStrExt,
+    os::{fd::AsFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
 };
 
@@ -27,15 +27,17 @@ use aya::{
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry,
     CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry,
-    Ct4Key, Ct6Entry, Ct6Key, FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4,
+    Ct4Key, Ct4Line, Ct6Entry, Ct6Key, Ct6Line, CT_GROUP, CtTags, FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4,
     Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW,
     MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES,
     MemberKey, NewFlows, NodeConfig, PROJECT, RingEnds, STATS_PER_ENTRY, Service, ServiceStats,
     ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
-    SourceRange6, names, programs,
+    SourceRange6, ct_lines, names, programs,
 };
 
 use super::{
+    conntrack::{CtKey, Table},
+    ctstore::CtTables,
     iface::Hook,
     pinned::{self, Pins},
 };
@@ -99,7 +101,7 @@ pub struct Loaded {
 /// created (`--conntrack-max`, `--conntrack-overflow-max`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackSizes {
-    /// `ct4`, `ct6`.
+    /// Flows of `ct4_lines`, `ct6_lines` (see `ct_lines`).
     pub entries: u32,
     /// `ct4_overflow`, `ct6_overflow`.
     pub overflow: u32,
@@ -116,13 +118,37 @@ impl Default for ConntrackSizes {
 
 impl ConntrackSizes {
     /// The maps these sizes apply to, each with its size.
-    fn by_map(self) -> [(&'static str, u32); 4] {
+    fn by_map(self) -> [(&'static str, u32); 6] {
+        let lines = ct_lines(self.entries);
         [
-            (names::CONNTRACK4, self.entries),
-            (names::CONNTRACK6, self.entries),
+            (names::CT4_LINES, lines),
+            (names::CT4_TAGS, lines / CT_GROUP),
+            (names::CT6_LINES, lines),
+            (names::CT6_TAGS, lines / CT_GROUP),
             (names::OVERFLOW4, self.overflow),
             (names::OVERFLOW6, self.overflow),
         ]
+    }
+
+    /// The groups of the tables: `pinned`, those of tables pinned before
+    /// (at the size they were made), or those these sizes make; less one.
+    pub fn groups_mask(self, pinned: Option<u32>) -> u32 {
+        pinned.unwrap_or(ct_lines(self.entries) / CT_GROUP) - 1
+    }
+
+    /// Sizes the conntrack maps of `loader`'s object, and tells its
+    /// programs the groups of their tables (`groups_mask`).
+    pub fn apply<'a>(self, loader: &mut EbpfLoader<'a>, mask: &'a u32) {
+        let groups = mask + 1;
+        for (name, max) in self.by_map() {
+            let max = match name {
+                names::CT4_TAGS | names::CT6_TAGS => groups,
+                names::CT4_LINES | names::CT6_LINES => groups * CT_GROUP,
+                _ => max,
+            };
+            loader.map_max_entries(name, max);
+        }
+        loader.override_global(CT_GROUPS_MASK, mask, true);
     }
 
     /// True for a map whose size these are.
@@ -151,14 +177,13 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
         log::info!("adopting {adopted} maps pinned under {}", pins.display());
     }
     let filter_found = pins.join(names::FILTER).exists();
+    let mask = sizes.groups_mask(pinned_groups(&pins)?);
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     // A pinned map is reused at the size it has, whatever is set here.
-    for (name, max) in sizes.by_map() {
-        loader.map_max_entries(name, max);
-    }
+    sizes.apply(&mut loader, &mask);
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
     if adopted > 0 {
         assume_pairs(&mut ebpf)?;
@@ -168,6 +193,7 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
     }
     if adopted > 0 {
         copy_legacy_backends(&mut ebpf, bpffs)?;
+        copy_legacy_conntrack(&ebpf, bpffs)?;
     }
     remove_retired(&pins);
     Ok(Loaded {
@@ -253,6 +279,93 @@ fn copy_legacy<B: Pod + Default>(
     Ok(())
 }
 
+/// The program global that holds the conntrack tables' groups, less one.
+const CT_GROUPS_MASK: &str = "CT_GROUPS_MASK";
+
+/// The groups of the conntrack tables pinned under `pins`, if any: both
+/// families' must agree, and their lines with them.
+fn pinned_groups(pins: &Path) -> anyhow::Result<Option<u32>> {
+    let size = |name: &str| -> anyhow::Result<Option<u32>> {
+        let path = pins.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let info = MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Some(info.max_entries()))
+    };
+    let mut groups = None;
+    for (tags, lines) in [
+        (names::CT4_TAGS, names::CT4_LINES),
+        (names::CT6_TAGS, names::CT6_LINES),
+    ] {
+        let (Some(g), Some(l)) = (size(tags)?, size(lines)?) else {
+            continue;
+        };
+        anyhow::ensure!(
+            g.is_power_of_two() && l == g * CT_GROUP && groups.is_none_or(|seen| seen == g),
+            "the conntrack tables pinned under {} do not match each other ({tags}: {g} \
+             groups, {lines}: {l} lines); `proxy-agent cleanup` removes them",
+            pins.display()
+        );
+        groups = Some(g);
+    }
+    Ok(groups)
+}
+
+/// Copies the conntrack entries of a datapath pinned before conntrack's own
+/// table (`names::LEGACY_CONNTRACK4`, `LEGACY_CONNTRACK6`) into the lines,
+/// before any program of this one runs, so that its open connections keep
+/// their backends; an entry whose group is full goes to the overflow map.
+fn copy_legacy_conntrack(ebpf: &Ebpf, bpffs: &Path) -> anyhow::Result<()> {
+    let pins = Pins::at(bpffs);
+    copy_legacy_flows::<Ct4Key>(ebpf, &pins)?;
+    copy_legacy_flows::<Ct6Key>(ebpf, &pins)
+}
+
+fn copy_legacy_flows<K: CtKey>(ebpf: &Ebpf, pins: &Pins) -> anyhow::Result<()> {
+    let Some(legacy) = pins.optional_map::<HashMap<MapData, K, K::Value>>(K::LEGACY)? else {
+        return Ok(());
+    };
+    let held = pinned::entries(
+        &legacy,
+        2 * pinned::capacity(legacy.map(), MAX_CONNTRACK) + 1,
+    )
+    .with_context(|| format!("reading {}", pins.path(K::LEGACY).display()))?;
+    let mut tables = CtTables::<K>::of(ebpf)?;
+    let mut overflowed = 0;
+    for (key, value) in &held {
+        if tables.main.insert(*key, *value).is_err() {
+            tables.insert(Table::Overflow, *key, *value)?;
+            overflowed += 1;
+        }
+    }
+    if overflowed > 0 {
+        mark_overflowed(ebpf)?;
+    }
+    log::info!(
+        "copied {} conntrack entries from {} into {} ({overflowed} into {})",
+        held.len(),
+        K::LEGACY,
+        K::NAMES.0,
+        K::OVERFLOW
+    );
+    Ok(())
+}
+
+/// Raises `ct_overflowed`: entries were put in the overflow maps.
+fn mark_overflowed(ebpf: &Ebpf) -> anyhow::Result<()> {
+    let map = (ebpf.map(names::OVERFLOWED))
+        .with_context(|| format!("the eBPF object has no map {}", names::OVERFLOWED))?;
+    let aya::maps::Map::Array(data) = map else {
+        anyhow::bail!("map {} has an unexpected type", names::OVERFLOWED);
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned()?;
+    let mut flag: Array<MapData, u32> =
+        Array::try_from(aya::maps::Map::Array(MapData::from_fd(fd)?))?;
+    flag.set(0, 1, 0)
+        .with_context(|| format!("setting {}", names::OVERFLOWED))
+}
+
 /// Unpins maps an earlier version pinned under names this one no longer
 /// uses, so an upgraded node does not keep them; `cleanup` removes
 /// whatever is left anyway.
@@ -333,7 +446,8 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::XDP_NEW_FLOW | names::TC_NEW_FLOW => kv::<u32, u32>(1),
         names::SLOTS => kv::<SlotKey, u32>(MAX_SLOTS),
         names::BACKENDS4 => kv::<u32, Backend4>(MAX_BACKENDS),
-        names::CONNTRACK4 => kv::<Ct4Key, Ct4Entry>(sizes.entries),
+        names::CT4_LINES => kv::<u32, Ct4Line>(ct_lines(sizes.entries)),
+        names::CT4_TAGS => kv::<u32, CtTags>(ct_lines(sizes.entries) / CT_GROUP),
         names::SERVICE_STATS => kv::<u32, ServiceStatsEntry>(MAX_SERVICES / STATS_PER_ENTRY),
         names::SERVICE_STATS_BASE => kv::<u32, ServiceStats>(MAX_SERVICES),
         names::BACKEND_STATS => kv::<u32, BackendStatsEntry>(MAX_BACKENDS / STATS_PER_ENTRY),
@@ -342,7 +456,8 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::SERVICES6 => kv::<Frontend6, Service>(MAX_SERVICES),
         names::BACKENDS6 => kv::<u32, Backend6>(MAX_BACKENDS),
         names::MEMBERS6 => kv::<MemberKey, Backend6>(MAX_MEMBERS),
-        names::CONNTRACK6 => kv::<Ct6Key, Ct6Entry>(sizes.entries),
+        names::CT6_LINES => kv::<u32, Ct6Line>(ct_lines(sizes.entries)),
+        names::CT6_TAGS => kv::<u32, CtTags>(ct_lines(sizes.entries) / CT_GROUP),
         names::AFFINITY6 => kv::<Affinity6Key, AffinityEntry>(MAX_AFFINITY),
         names::SOURCE_RANGES6 => kv::<Key<SourceRange6>, u32>(MAX_SOURCE_RANGES),
         names::MEMBERS4 => kv::<MemberKey, Backend4>(MAX_MEMBERS),

@@ -6,6 +6,8 @@
 mod batch;
 pub mod cgroup;
 pub mod conntrack;
+pub mod ctlines;
+pub mod ctstore;
 mod filter;
 pub mod iface;
 pub mod keys;

@@ -21,6 +21,7 @@ use proxy_common::{
 use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
 use crate::datapath::{
     conntrack::{CtKey, Table},
+    ctstore::CtTables,
     pinned::{self, BackendSlot, Pins},
 };
 
@@ -228,21 +229,29 @@ impl Pinned {
         Ok(out)
     }
 
-    /// The entries of one family's main and overflow maps.
+    /// The entries of one family's own table and overflow map.
     fn conntrack_of<K: CtKey>(&self) -> anyhow::Result<Vec<CtRecord>> {
-        let (main, overflow) = K::MAPS;
-        let main = self.hash::<K, K::Value>(main)?;
-        let overflow = self.optional_hash::<K, K::Value>(overflow)?;
-        let decode = |table| {
-            move |(k, v): &(K, K::Value)| CtRecord {
+        let record = |table| {
+            move |(k, v): (&K, &K::Value)| CtRecord {
                 table,
                 entry: k.decode(v),
                 frontend: None,
             }
         };
-        Ok((main.iter().map(decode(Table::Main)))
-            .chain(overflow.iter().map(decode(Table::Overflow)))
-            .collect())
+        if !self.pins.path(K::NAMES.0).exists() {
+            // A datapath pinned before conntrack's own table.
+            let main = self.hash::<K, K::Value>(K::LEGACY)?;
+            let overflow = self.optional_hash::<K, K::Value>(K::OVERFLOW)?;
+            return Ok((main.iter().map(|(k, v)| record(Table::Main)((k, v))))
+                .chain(overflow.iter().map(|(k, v)| record(Table::Overflow)((k, v))))
+                .collect());
+        }
+        let tables = CtTables::<K>::open(&self.pins)?;
+        let mut out = Vec::new();
+        for table in [Table::Main, Table::Overflow] {
+            out.extend(tables.entries(table)?.iter().map(record(table)));
+        }
+        Ok(out)
     }
 
     /// The global `counters`, each summed over CPUs, by index.

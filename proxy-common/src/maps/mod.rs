@@ -8,6 +8,7 @@
 mod bench;
 mod config;
 mod conntrack;
+mod ctlines;
 mod filter;
 mod frag;
 mod lb;
@@ -19,6 +20,7 @@ mod stats;
 pub use bench::*;
 pub use config::*;
 pub use conntrack::*;
+pub use ctlines::*;
 pub use filter::*;
 pub use frag::*;
 pub use lb::*;
