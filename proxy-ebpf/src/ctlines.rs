@@ -1,9 +1,12 @@
 //! Conntrack's own table (see proxy-common's `ctlines`): a key's group of
-//! eight tags, and the line of the tag that matches it. Lookups, inserts
-//! and removals each run as one global function per family, which the
-//! verifier walks once, not at every place conntrack is used; they find
-//! the key in this CPU's scratch buffer and answer with a line index or
-//! an error, so no pointer crosses the call.
+//! eight lines, each a tag, a key and a value. Lookups, inserts and
+//! removals each run as one global function per family, which the
+//! verifier walks once, not at every place conntrack is used; they take
+//! the key (and value) by pointer, and answer with a line index or an
+//! error: a global function returns no pointer. They must keep to a few
+//! bytes of stack, as TC's program calls them with nearly all of BPF's
+//! 512 taken: one lookup (one call) each, the group's, so that few values
+//! live across a call (BPF keeps four in registers).
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
@@ -11,19 +14,15 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    CT_GROUP, CT_TAG_BUSY, CT_TAG_FREE, Ct4Line, Ct6Line, CtTags, CtWords, MAX_CONNTRACK,
-    ct_home, ct_lines,
+    CT_GROUP, CT_TAG_BUSY, CT_TAG_FREE, Ct4Entry, Ct4Group, Ct4Key, Ct6Entry, Ct6Group, Ct6Key,
+    CtGroup, CtWords, MAX_CONNTRACK, ct_home, ct_lines,
 };
 
-use crate::{
-    atomic,
-    maps::{CT_SCRATCH, CtScratch},
-};
+use crate::{atomic, maps};
 
 /// The agent maps the tables to read and release entries.
 const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
-const LINES: usize = ct_lines(MAX_CONNTRACK) as usize;
-const GROUPS: usize = LINES / CT_GROUP as usize;
+const GROUPS: usize = (ct_lines(MAX_CONNTRACK) / CT_GROUP) as usize;
 
 /// The kernel's answer to an insert into a full hash map, kept: a full
 /// group sends the flow to the overflow map as a full map did.
@@ -31,14 +30,10 @@ const E2BIG: i64 = 7;
 const EEXIST: i64 = 17;
 const ENOENT: i64 = 2;
 
-#[btf_map(name = "ct4_lines")]
-pub static CT4_LINES: Array<Ct4Line, LINES, MMAPABLE> = Array::new();
-#[btf_map(name = "ct4_tags")]
-pub static CT4_TAGS: Array<CtTags, GROUPS, MMAPABLE> = Array::new();
-#[btf_map(name = "ct6_lines")]
-pub static CT6_LINES: Array<Ct6Line, LINES, MMAPABLE> = Array::new();
-#[btf_map(name = "ct6_tags")]
-pub static CT6_TAGS: Array<CtTags, GROUPS, MMAPABLE> = Array::new();
+#[btf_map(name = "ct4_groups")]
+pub static CT4_GROUPS: Array<Ct4Group, GROUPS, MMAPABLE> = Array::new();
+#[btf_map(name = "ct6_groups")]
+pub static CT6_GROUPS: Array<Ct6Group, GROUPS, MMAPABLE> = Array::new();
 
 /// Groups of each table, less one. The loader sets it to match the sizes
 /// it gives the maps (a constant to the verifier); an index beyond a map
@@ -53,267 +48,270 @@ fn groups_mask() -> u32 {
     unsafe { core::ptr::read_volatile(&raw const CT_GROUPS_MASK) }
 }
 
-/// A family's table.
-trait Lines {
-    type Key: CtWords;
-    type Line: 'static;
-    fn tags() -> &'static Array<CtTags, GROUPS, MMAPABLE>;
-    fn lines() -> &'static Array<Self::Line, LINES, MMAPABLE>;
-    /// The scratch buffer's key.
-    fn staged(s: &CtScratch) -> &Self::Key;
-    /// # Safety
-    /// `line` is a live value of `lines()`.
-    unsafe fn key_at(line: *const Self::Line) -> Self::Key;
-    /// Copies the staged value into the line.
-    ///
-    /// # Safety
-    /// As `key_at`.
-    unsafe fn write(line: *mut Self::Line, key: &Self::Key, s: &CtScratch, with_key: bool);
-}
+/// No line: what `walk` answers for a key not there, or a group full.
+const NONE: u32 = u32::MAX;
 
-/// A line's value type.
-pub trait LineValue {
-    type Value;
-}
-
-impl LineValue for Ct4Line {
-    type Value = proxy_common::Ct4Entry;
-}
-
-impl LineValue for Ct6Line {
-    type Value = proxy_common::Ct6Entry;
-}
-
-/// True if both keys have the same words. Every word is compared, with no
-/// early exit, so that no loop becomes a `memcmp` the BPF target lacks.
+/// True if both keys have the same words, read in place. Every word is
+/// compared, with no early exit, so that no loop becomes a `memcmp` the
+/// BPF target lacks.
 #[inline(always)]
 fn same<K: CtWords>(a: &K, b: &K) -> bool {
-    let (a, b) = (a.words(), b.words());
     let mut diff = 0;
-    for (x, y) in a.as_ref().iter().zip(b.as_ref()) {
+    for (x, y) in a.words().iter().zip(b.words()) {
         diff |= x ^ y;
     }
     diff == 0
 }
 
-/// Where a key is: its tag's address, the tag, and its line's index.
-struct At {
-    tag_at: *mut u32,
-    tag: u32,
-    index: u32,
+/// The address of tag `i` (taken modulo the group's tags) of a group.
+#[inline(always)]
+fn tag_at<K, V>(group: *mut CtGroup<K, V>, i: u32) -> *mut u32 {
+    // SAFETY: within the group's value.
+    unsafe {
+        (&raw mut (*group).tags)
+            .cast::<u32>()
+            .add((i % CT_GROUP) as usize)
+    }
 }
 
-/// The key's place, or its group's first free tag (`Err`), or neither
-/// (`Err(None)`: the group is full, or beyond the map).
+/// The address of key `i` (taken modulo the group's keys) of a group.
 #[inline(always)]
-fn locate<T: Lines>(key: &T::Key) -> Result<At, Option<At>> {
-    let (group, tag) = ct_home(key, groups_mask());
-    let Some(tags) = T::tags().get_ptr_mut(group) else {
-        return Err(None);
-    };
-    let mut free = None;
+fn key_at<K, V>(group: *mut CtGroup<K, V>, i: u32) -> *mut K {
+    // SAFETY: within the group's value.
+    unsafe {
+        (&raw mut (*group).keys)
+            .cast::<K>()
+            .add((i % CT_GROUP) as usize)
+    }
+}
+
+/// The address of value `i` (taken modulo the group's values) of a group.
+#[inline(always)]
+fn value_at<K, V>(group: *mut CtGroup<K, V>, i: u32) -> *mut V {
+    // SAFETY: within the group's value.
+    unsafe {
+        (&raw mut (*group).values)
+            .cast::<V>()
+            .add((i % CT_GROUP) as usize)
+    }
+}
+
+/// The key's line (`NONE` if not there) and, when it is not there, the
+/// group's first free line (`NONE` if none), as indexes within the group.
+#[inline(always)]
+fn walk<K: CtWords, V>(group: *mut CtGroup<K, V>, tag: u32, key: &K) -> (u32, u32) {
+    let mut free = NONE;
     for i in 0..CT_GROUP {
-        // SAFETY: a live array value; `i` is within its tags.
-        let tag_at = unsafe { (&raw mut (*tags).tags).cast::<u32>().add(i as usize) };
-        // SAFETY: as above; read once, as another CPU may change it.
-        let seen = unsafe { core::ptr::read_volatile(tag_at) };
-        let index = group * CT_GROUP + i;
-        if seen == tag && holds::<T>(index, key) {
-            return Ok(At { tag_at, tag, index });
+        // SAFETY: a live array value. The tag is read once, as another
+        // CPU may change it; the key is read only under a live tag.
+        let seen = unsafe { core::ptr::read_volatile(tag_at(group, i)) };
+        if seen == tag && same(unsafe { &*key_at(group, i) }, key) {
+            return (i, NONE);
         }
-        if seen == CT_TAG_FREE && free.is_none() {
-            free = Some(At { tag_at, tag, index });
+        if seen == CT_TAG_FREE && free == NONE {
+            free = i;
         }
     }
-    Err(free)
+    (NONE, free)
 }
 
+/// The key's group, its index and the key's tag, looked up with `slot`,
+/// the one key on the stack.
 #[inline(always)]
-fn holds<T: Lines>(index: u32, key: &T::Key) -> bool {
-    T::lines()
-        .get_ptr(index)
-        // SAFETY: a live array value.
-        .is_some_and(|line| same(&unsafe { T::key_at(line) }, key))
+fn group_of<K: CtWords, V>(
+    groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
+    key: &K,
+    slot: &mut u32,
+) -> Option<(*mut CtGroup<K, V>, u32, u32)> {
+    let (index, tag) = ct_home(key, groups_mask());
+    *slot = index;
+    // SAFETY: the groups map, whose keys are u32 and values groups.
+    let group = unsafe {
+        maps::lookup::<CtGroup<K, V>>(core::ptr::from_ref(groups).cast(), &raw const *slot)
+    }?;
+    Some((group, index, tag))
 }
 
+/// The line holding `key`, or -ENOENT.
 #[inline(always)]
-fn scratch() -> Option<&'static CtScratch> {
-    // SAFETY: per-CPU; the caller staged the key (and value) just before.
-    CT_SCRATCH.get_ptr(0).map(|s| unsafe { &*s })
-}
-
-/// The line holding the staged key, or -ENOENT.
-#[inline(always)]
-fn find<T: Lines>() -> i64 {
-    let Some(s) = scratch() else {
+fn find<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key: &K) -> i64 {
+    let mut slot = 0;
+    let Some((group, index, tag)) = group_of(groups, key, &mut slot) else {
         return -ENOENT;
     };
-    match locate::<T>(T::staged(s)) {
-        Ok(at) => i64::from(at.index),
-        Err(_) => -ENOENT,
+    match walk(group, tag, key).0 {
+        NONE => -ENOENT,
+        i => i64::from(index * CT_GROUP + i),
     }
 }
 
-/// Writes the staged value at the staged key: over the key's line if it
-/// has one (unless `BPF_NOEXIST`: -EEXIST), else into a free line of its
-/// group, claimed from other CPUs (none: -E2BIG).
+/// Writes `value` at `key`: over the key's entry if it has one (if
+/// `REPLACE`, else -EEXIST), else into a free line of its group, claimed
+/// from other CPUs by compare-and-exchange on its tag (none, or another
+/// CPU took it first: -E2BIG). The key and the value go in before the
+/// tag, so no reader sees the line before it is whole; an entry
+/// rewritten in place may be seen half old, half new by a racing reader,
+/// as a flow's state change may.
 #[inline(always)]
-fn insert<T: Lines>(flags: u64) -> i64 {
-    let Some(s) = scratch() else {
+fn insert<K: CtWords, V: Copy, const REPLACE: bool>(
+    groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
+    key: &K,
+    value: &V,
+) -> i64 {
+    let mut slot = 0;
+    let Some((group, _, tag)) = group_of(groups, key, &mut slot) else {
         return -E2BIG;
     };
-    let key = T::staged(s);
-    let (at, with_key) = match locate::<T>(key) {
-        Ok(_) if flags == u64::from(BPF_NOEXIST) => return -EEXIST,
-        Ok(at) => (at, false),
-        Err(Some(free)) => {
-            // SAFETY: a live tag, 4-byte aligned.
-            if !unsafe { atomic::compare_exchange(free.tag_at, CT_TAG_FREE, CT_TAG_BUSY) } {
-                return -E2BIG;
-            }
-            (free, true)
+    let (found, free) = walk(group, tag, key);
+    if found != NONE {
+        if !REPLACE {
+            return -EEXIST;
         }
-        Err(None) => return -E2BIG,
-    };
-    let Some(line) = T::lines().get_ptr_mut(at.index) else {
-        if with_key {
-            // SAFETY: the tag this call claimed.
-            unsafe { core::ptr::write_volatile(at.tag_at, CT_TAG_FREE) };
-        }
+        // SAFETY: a live array value.
+        unsafe { *value_at(group, found) = *value };
+        return 0;
+    }
+    if free == NONE {
         return -E2BIG;
-    };
-    // SAFETY: a live array value. A claimed line is written only by this
-    // CPU and read by others once its tag is set, after it.
+    }
+    let at = tag_at(group, free);
+    // SAFETY: a live array value; its tag 4-byte aligned. The line is this
+    // CPU's while the tag is busy, and read by others once it is set,
+    // after the key and the value.
     unsafe {
-        T::write(line, key, s, with_key);
-        if with_key {
-            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
-            core::ptr::write_volatile(at.tag_at, at.tag);
+        if !atomic::compare_exchange(at, CT_TAG_FREE, CT_TAG_BUSY) {
+            return -E2BIG;
         }
+        *key_at(group, free) = *key;
+        *value_at(group, free) = *value;
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+        core::ptr::write_volatile(at, tag);
     }
     0
 }
 
-/// Releases the staged key's line; -ENOENT if it had none (or another CPU
+/// Releases the key's line; -ENOENT if it had none (or another CPU
 /// released it first).
 #[inline(always)]
-fn remove<T: Lines>() -> i64 {
-    let Some(s) = scratch() else {
+fn remove<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key: &K) -> i64 {
+    let mut slot = 0;
+    let Some((group, _, tag)) = group_of(groups, key, &mut slot) else {
         return -ENOENT;
     };
-    match locate::<T>(T::staged(s)) {
+    match walk(group, tag, key).0 {
+        NONE => -ENOENT,
         // SAFETY: a live tag, 4-byte aligned.
-        Ok(at) if unsafe { atomic::compare_exchange(at.tag_at, at.tag, CT_TAG_FREE) } => 0,
+        i if unsafe { atomic::compare_exchange(tag_at(group, i), tag, CT_TAG_FREE) } => 0,
         _ => -ENOENT,
     }
 }
 
 macro_rules! table {
-    ($name:ident, $key:ty, $line:ty, $tags:ident, $lines:ident, $k:ident, $v:ident,
-     $find:ident, $insert:ident, $remove:ident) => {
+    ($name:ident, $key:ty, $value:ty, $groups:ident,
+     $find:ident, $insert:ident, $replace:ident, $remove:ident) => {
         pub struct $name;
 
-        impl Lines for $name {
-            type Key = $key;
-            type Line = $line;
-            #[inline(always)]
-            fn tags() -> &'static Array<CtTags, GROUPS, MMAPABLE> {
-                &$tags
-            }
-            #[inline(always)]
-            fn lines() -> &'static Array<$line, LINES, MMAPABLE> {
-                &$lines
-            }
-            #[inline(always)]
-            fn staged(s: &CtScratch) -> &$key {
-                &s.$k
-            }
-            #[inline(always)]
-            unsafe fn key_at(line: *const $line) -> $key {
-                // SAFETY: the caller's.
-                unsafe { (*line).key }
-            }
-            #[inline(always)]
-            unsafe fn write(line: *mut $line, key: &$key, s: &CtScratch, with_key: bool) {
-                // SAFETY: the caller's.
-                unsafe {
-                    if with_key {
-                        (*line).key = *key;
-                    }
-                    (*line).value = s.$v;
-                }
-            }
-        }
-
         impl $name {
-            /// The value of the line holding the staged key.
+            /// The entry of `key`.
             #[inline(always)]
-            pub fn find_value() -> Option<*mut <$line as LineValue>::Value> {
-                let index = u32::try_from($find()).ok()?;
-                // SAFETY: a live array value.
-                $lines.get_ptr_mut(index).map(|line| unsafe { &raw mut (*line).value })
+            pub fn find(key: &$key) -> Option<*mut $value> {
+                let line = u32::try_from($find(key)).ok()?;
+                let group = $groups.get_ptr_mut(line / CT_GROUP)?;
+                Some(value_at(group, line))
             }
 
-            /// See `insert`.
+            /// Writes `value` at `key`: over the key's entry if it has one
+            /// (unless `BPF_NOEXIST`: -EEXIST), else into a free line of its
+            /// group (none: -E2BIG).
             #[inline(always)]
-            pub fn insert_staged(flags: u64) -> Result<(), i64> {
-                match $insert(flags) {
+            pub fn insert(key: &$key, value: &$value, flags: u64) -> Result<(), i64> {
+                let written = if flags == u64::from(BPF_NOEXIST) {
+                    $insert(key, value)
+                } else {
+                    $replace(key, value)
+                };
+                match written {
                     0 => Ok(()),
                     e => Err(e),
                 }
             }
 
-            /// See `remove`.
+            /// Removes `key`'s entry, if it has one.
             #[inline(always)]
-            pub fn remove_staged() {
-                $remove();
+            pub fn remove(key: &$key) {
+                $remove(key);
             }
         }
 
-        /// `find` for this family, verified once.
+        /// `find` for this family, verified once. Its arguments are
+        /// pointers the verifier checks at each call (a key in the scratch
+        /// buffer); it reads no more than their types' sizes.
         #[unsafe(no_mangle)]
         #[inline(never)]
-        pub extern "C" fn $find() -> i64 {
-            find::<$name>()
+        pub extern "C" fn $find(key: *const $key) -> i64 {
+            // SAFETY: the verifier lets only a live key of its size in;
+            // null is refused.
+            match unsafe { key.as_ref() } {
+                Some(key) => find(&$groups, key),
+                None => -ENOENT,
+            }
         }
 
-        /// `insert` for this family, verified once.
+        /// `Self::insert` with `BPF_NOEXIST`, verified once. The flags
+        /// make two functions, not an argument: one more value live across
+        /// the lookups would not fit the registers, and spill onto the
+        /// stack the callers have little of.
         #[unsafe(no_mangle)]
         #[inline(never)]
-        pub extern "C" fn $insert(flags: u64) -> i64 {
-            insert::<$name>(flags)
+        pub extern "C" fn $insert(key: *const $key, value: *const $value) -> i64 {
+            // SAFETY: as `find`.
+            match unsafe { (key.as_ref(), value.as_ref()) } {
+                (Some(key), Some(value)) => insert::<_, _, false>(&$groups, key, value),
+                _ => -E2BIG,
+            }
         }
 
-        /// `remove` for this family, verified once.
+        /// `Self::insert` without `BPF_NOEXIST`, verified once.
         #[unsafe(no_mangle)]
         #[inline(never)]
-        pub extern "C" fn $remove() -> i64 {
-            remove::<$name>()
+        pub extern "C" fn $replace(key: *const $key, value: *const $value) -> i64 {
+            // SAFETY: as `find`.
+            match unsafe { (key.as_ref(), value.as_ref()) } {
+                (Some(key), Some(value)) => insert::<_, _, true>(&$groups, key, value),
+                _ => -E2BIG,
+            }
+        }
+
+        /// `Self::remove`, verified once.
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        pub extern "C" fn $remove(key: *const $key) -> i64 {
+            // SAFETY: as `find`.
+            match unsafe { key.as_ref() } {
+                Some(key) => remove(&$groups, key),
+                None => -ENOENT,
+            }
         }
     };
 }
 
 table!(
     Lines4,
-    proxy_common::Ct4Key,
-    Ct4Line,
-    CT4_TAGS,
-    CT4_LINES,
-    key4,
-    value4,
+    Ct4Key,
+    Ct4Entry,
+    CT4_GROUPS,
     xdproxy_ct4_find,
     xdproxy_ct4_insert,
+    xdproxy_ct4_replace,
     xdproxy_ct4_remove
 );
 table!(
     Lines6,
-    proxy_common::Ct6Key,
-    Ct6Line,
-    CT6_TAGS,
-    CT6_LINES,
-    key6,
-    value6,
+    Ct6Key,
+    Ct6Entry,
+    CT6_GROUPS,
     xdproxy_ct6_find,
     xdproxy_ct6_insert,
+    xdproxy_ct6_replace,
     xdproxy_ct6_remove
 );

@@ -167,12 +167,12 @@ pub trait CtMaps {
         proto: u8,
         direction: u8,
     ) -> Self::Key;
-    /// The value at the scratch buffer's key in the main table.
-    fn main_find() -> Option<*mut Self::Value>;
-    /// Writes the scratch buffer's value at its key into the main table.
-    fn main_insert(flags: u64) -> Result<(), i64>;
-    /// Removes the scratch buffer's key from the main table.
-    fn main_remove();
+    /// The value at `key` in the main table.
+    fn main_find(key: &Self::Key) -> Option<*mut Self::Value>;
+    /// Writes `value` at `key` into the main table.
+    fn main_insert(key: &Self::Key, value: &Self::Value, flags: u64) -> Result<(), i64>;
+    /// Removes `key` from the main table.
+    fn main_remove(key: &Self::Key);
     fn overflow() -> &'static Overflow<Self::Key, Self::Value>;
     /// This family's places in the scratch buffer.
     fn slots(s: &mut CtScratch) -> (&mut Self::Key, &mut Self::Value);
@@ -274,7 +274,7 @@ fn scratch() -> Option<&'static mut CtScratch> {
 /// The value at `key`, in the main map or, while in use, the overflow map.
 #[inline(always)]
 fn lookup<M: CtMaps>(key: &M::Key) -> Option<*mut M::Value> {
-    M::main_find().or_else(|| overflowed().then(|| M::overflow().get_ptr_mut(key))?)
+    M::main_find(key).or_else(|| overflowed().then(|| M::overflow().get_ptr_mut(key))?)
 }
 
 /// Pointers to the fields of a live map value that packets change.
@@ -483,7 +483,7 @@ pub fn insert<M: CtMaps>(
 fn write<M: CtMaps>(table: Table, flags: u64) -> Result<(), i64> {
     let (k, v) = M::slots(scratch().ok_or(-1i64)?);
     let inserted = match table {
-        Table::Main => M::main_insert(flags),
+        Table::Main => M::main_insert(k, v, flags),
         Table::Overflow => {
             mark_overflowed();
             let inserted = M::overflow().insert(k, v, flags);
@@ -518,7 +518,7 @@ pub fn insert_staged<M: CtMaps>(table: Table, key: M::Key, flags: u64) -> Result
 pub fn remove<M: CtMaps>(key: M::Key) {
     if let Some((k, _)) = scratch().map(M::slots) {
         *k = key;
-        M::main_remove();
+        M::main_remove(k);
         if overflowed() {
             let _ = M::overflow().remove(&*k);
         }
@@ -532,7 +532,7 @@ pub fn table_of<M: CtMaps>(key: M::Key) -> Table {
         return Table::Main;
     };
     *k = key;
-    match M::main_find() {
+    match M::main_find(k) {
         Some(_) => Table::Main,
         None => Table::Overflow,
     }
@@ -563,7 +563,7 @@ pub fn set_port<M: CtMaps>(key: M::Key, port: u16, node: bool) {
 pub fn deactivate<M: CtMaps>(key: M::Key) -> Option<u32> {
     let (k, _) = M::slots(scratch()?);
     *k = key;
-    let ptr = M::main_find()?;
+    let ptr = M::main_find(k)?;
     // SAFETY: a live map value; its `active` field is 32-bit aligned.
     unsafe {
         let fields = M::fields(ptr);
@@ -603,18 +603,18 @@ macro_rules! ct_maps {
             }
 
             #[inline(always)]
-            fn main_find() -> Option<*mut $value> {
-                $main::find_value()
+            fn main_find(key: &$key) -> Option<*mut $value> {
+                $main::find(key)
             }
 
             #[inline(always)]
-            fn main_insert(flags: u64) -> Result<(), i64> {
-                $main::insert_staged(flags)
+            fn main_insert(key: &$key, value: &$value, flags: u64) -> Result<(), i64> {
+                $main::insert(key, value, flags)
             }
 
             #[inline(always)]
-            fn main_remove() {
-                $main::remove_staged()
+            fn main_remove(key: &$key) {
+                $main::remove(key)
             }
 
             #[inline(always)]
@@ -704,9 +704,7 @@ macro_rules! ct_maps {
     };
 }
 
-ct_maps!(
-    Ct4, u32, Ct4Key, Ct4Entry, Lines4, OVERFLOW4, key4, value4
-);
+ct_maps!(Ct4, u32, Ct4Key, Ct4Entry, Lines4, OVERFLOW4, key4, value4);
 ct_maps!(
     Ct6, Addr6, Ct6Key, Ct6Entry, Lines6, OVERFLOW6, key6, value6
 );

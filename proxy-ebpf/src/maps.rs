@@ -11,10 +11,10 @@ use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry, CT_MARKS,
     ClosedFlow4, ClosedFlow6, Connections, Counter, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key,
     FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig,
-    RingEnds, STATS_PER_ENTRY, SVC_LISTED, Service, ServiceStats, ServiceStatsEntry, SlotKey,
-    SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
+    MAX_BACKENDS, MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES,
+    MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, RingEnds,
+    STATS_PER_ENTRY, SVC_LISTED, Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4,
+    SockNat4Key, SockNat6, SockNat6Key, SourceRange4, SourceRange6, stats_slot,
 };
 
 /// Maglev tables make slot counts vary by orders of magnitude between

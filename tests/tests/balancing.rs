@@ -14,11 +14,11 @@ use common::{
     packets::{MAC_A as MAC_CLIENT, MAC_B as MAC_NODE, ipv4_header, ones, verifies},
 };
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
-use proxy_agent::datapath::conntrack::now;
+use proxy_agent::datapath::{conntrack::now, ctstore::CtTables};
 use proxy_common::{
     Backend4, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
     Connections, Counter, Ct4Entry, Ct4Key, FilterSet, Frontend4, MemberKey, SCOPE_ALL, SVC_LISTED,
-    Service, filter_bit, filter_word, names, programs,
+    Service, ct_lines, filter_bit, filter_word, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -103,12 +103,12 @@ impl Lab {
         self.dp.maps.counter(counter).expect("counter")
     }
 
-    fn ct(&self) -> BpfHashMap<&aya::maps::MapData, Ct4Key, Ct4Entry> {
-        BpfHashMap::try_from(self.dp.ebpf.map(names::CONNTRACK4).expect("ct4")).expect("ct4 hash")
+    fn ct(&self) -> CtTables<Ct4Key> {
+        CtTables::of(&self.dp.ebpf).expect("ct4's tables")
     }
 
     fn ct_get(&self, key: &Ct4Key) -> Option<Ct4Entry> {
-        self.ct().get(key, 0).ok()
+        self.ct().main.get(key)
     }
 
     /// The frontend (address, port) `lb4_rev_nat` holds for a service id.
@@ -149,7 +149,7 @@ impl Lab {
     }
 
     fn ct_len(&self) -> usize {
-        self.ct().keys().count()
+        self.ct().main.len()
     }
 
     fn overflow(&self) -> BpfHashMap<&aya::maps::MapData, Ct4Key, Ct4Entry> {
@@ -199,19 +199,11 @@ impl Lab {
         );
     }
 
-    fn ct_mut(&mut self) -> BpfHashMap<&mut aya::maps::MapData, Ct4Key, Ct4Entry> {
-        BpfHashMap::try_from(self.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4"))
-            .expect("ct4 hash")
-    }
-
     /// Deletes every conntrack entry: the next packet of any flow is new.
     fn clear_ct(&mut self) {
-        {
-            let mut ct = self.ct_mut();
-            let keys: Vec<Ct4Key> = ct.keys().map(|k| k.expect("ct4 key")).collect();
-            for key in keys {
-                ct.remove(&key).expect("remove a ct4 entry");
-            }
+        let ct = self.ct();
+        for key in ct.main.entries().keys() {
+            assert!(ct.main.remove(key), "remove a ct4 entry");
         }
         assert_eq!(self.ct_len(), 0);
     }
@@ -707,8 +699,9 @@ fn least_connections_counts_every_flow_from_concurrent_cpus() {
     );
     let forward = lab
         .ct()
-        .keys()
-        .map(|k| k.expect("ct4 key"))
+        .main
+        .entries()
+        .into_keys()
         .filter(|k| k.direction == CT_SOCKET)
         .count();
     assert_eq!(forward, 2 * usize::from(PER_THREAD));
@@ -1132,7 +1125,7 @@ fn an_established_packet_brings_a_stale_clock_to_the_second_it_keeps() {
     let first = lab.to_backend(&udp(CLIENT, sport));
     let mut entry = lab.ct_get(&key).expect("the flow's entry");
     entry.last_seen = 7;
-    (lab.ct_mut().insert(key, entry, 0)).expect("age the entry");
+    (lab.ct().main.insert(key, entry)).expect("age the entry");
     // Every CPU's cache says a jiffy long gone was second 7.
     let clock = lab.dp.ebpf.map_mut("ct_clock").expect("ct_clock");
     let mut clock: PerCpuArray<_, [u64; 2]> = PerCpuArray::try_from(clock).expect("per-CPU");
@@ -1358,7 +1351,7 @@ fn a_terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
     }
 }
 
-/// Fills a `ct4` of `MAX` entries with one-entry flows from `CLIENT`;
+/// Fills a `ct4_lines` of `max` lines with one-entry flows from `CLIENT`;
 /// returns each flow's port and backend.
 fn fill(lab: &Lab, max: u32) -> Vec<(u16, [u8; 4])> {
     let tracked: Vec<(u16, [u8; 4])> = (50000..50000 + max as u16)
@@ -1375,9 +1368,11 @@ fn a_full_conntrack_table_tracks_new_flows_in_the_overflow_table() {
     if !common::ready("a_full_conntrack_table_tracks_new_flows_in_the_overflow_table") {
         return;
     }
-    const MAX: u32 = 8;
+    // One group of eight lines: full at exactly eight flows.
+    const MAX: u32 = 4;
+    const LINES: u32 = ct_lines(MAX);
     let mut lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX, 1024);
-    let tracked = fill(&lab, MAX);
+    let tracked = fill(&lab, LINES);
 
     let mut overflowed = BTreeMap::new();
     for p in 51000..51040 {
@@ -1396,7 +1391,7 @@ fn a_full_conntrack_table_tracks_new_flows_in_the_overflow_table() {
         "each new flow counted once"
     );
     assert_eq!(lab.counter(Counter::CtInsertFailed), 0);
-    assert_eq!(lab.ct_len(), MAX as usize, "ct4 kept its flows");
+    assert_eq!(lab.ct_len(), LINES as usize, "ct4 kept its flows");
     assert_eq!(lab.overflowed(), 1);
     let entries = lab.overflow_entries();
     assert_eq!(entries.len(), 41, "one entry for each of 41 flows");
@@ -1421,7 +1416,7 @@ fn a_full_conntrack_table_tracks_new_flows_in_the_overflow_table() {
         assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b, "port {p}");
         lab.reply_from_service(&answer(*b, CLIENT, *p, IPPROTO_TCP));
     }
-    assert_eq!(lab.ct_len(), MAX as usize);
+    assert_eq!(lab.ct_len(), LINES as usize);
 }
 
 #[test]
@@ -1429,10 +1424,10 @@ fn an_overflow_table_under_pressure_keeps_each_flows_backend() {
     if !common::ready("an_overflow_table_under_pressure_keeps_each_flows_backend") {
         return;
     }
-    const MAX: u32 = 8;
+    const MAX: u32 = 4;
     const OVERFLOW: u32 = 16;
     let lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX, OVERFLOW);
-    let tracked = fill(&lab, MAX);
+    let tracked = fill(&lab, ct_lines(MAX));
     // Far more flows than both tables hold, interleaved so that the LRU
     // evicts flows that are still sending.
     let flows: Vec<u16> = (51000..51100).collect();
@@ -1459,7 +1454,7 @@ fn an_overflow_table_under_pressure_keeps_each_flows_backend() {
     for (p, b) in &tracked {
         assert_eq!(lab.to_backend(&with(CLIENT, *p, ACK)), *b, "port {p}");
     }
-    assert_eq!(lab.ct_len(), MAX as usize);
+    assert_eq!(lab.ct_len(), ct_lines(MAX) as usize);
 }
 
 /// A datapath the agent created at start holds no backend, and its

@@ -15,17 +15,21 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use aya::maps::{Array, HashMap, MapData, MapInfo};
+use aya::maps::{Array, MapData, MapInfo};
 use proxy_agent::{
     conntrack::{Gc, Timeouts},
     datapath::{self, loader},
-    datapath::{conntrack::now, pinned::Pins},
+    datapath::{
+        conntrack::{CtKey, Table, now},
+        ctstore::CtTables,
+        pinned::Pins,
+    },
 };
 use proxy_common::{
-    Addr6, CT_AT_EGRESS, CT_FORWARD, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_OUTWARD, CT_REPLY,
-    CT_REWRITE_DST, CT_SOCKET, CT_SOURCE_NAT, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OPEN,
-    CT_STATE_RST, CT_STATE_SYN, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_SERVICES, names,
+    Addr6, CT_AT_EGRESS, CT_FORWARD, CT_GROUP, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_OUTWARD,
+    CT_REPLY, CT_REWRITE_DST, CT_SOCKET, CT_SOURCE_NAT, CT_STATE_ESTABLISHED, CT_STATE_FIN,
+    CT_STATE_OPEN, CT_STATE_RST, CT_STATE_SYN, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_SERVICES, ct_lines, names,
 };
 
 /// Short timeouts, so that "expired" needs only minutes of uptime.
@@ -348,21 +352,26 @@ fn ipv6_cases(now: u32) -> Vec<Case<Ct6Key, Ct6Entry>> {
 }
 
 /// Writes the cases into the map; the keys that must remain.
-fn write<K: aya::Pod + Eq + Hash, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    cases: &[Case<K, V>],
+fn write<K: CtKey>(
+    tables: &mut CtTables<K>,
+    cases: &[Case<K, K::Value>],
 ) -> anyhow::Result<HashSet<K>> {
     for c in cases {
-        map.insert(c.key, c.value, 0)
+        (tables.insert(Table::Main, c.key, c.value))
             .with_context(|| format!("writing {}", c.name))?;
     }
     Ok(cases.iter().filter(|c| c.keep).map(|c| c.key).collect())
 }
 
-fn remaining<K: aya::Pod + Eq + Hash, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
-) -> anyhow::Result<HashSet<K>> {
-    Ok(map.keys().collect::<Result<_, _>>()?)
+fn remaining<K: CtKey>(tables: &CtTables<K>) -> anyhow::Result<HashSet<K>> {
+    Ok(tables.entries(Table::Main)?.into_keys().collect())
+}
+
+impl Pinned {
+    /// A family's conntrack tables, opened as the agent opens them.
+    fn ct<K: CtKey>(&self) -> anyhow::Result<CtTables<K>> {
+        CtTables::open(&Pins::at(&self.bpffs()))
+    }
 }
 
 /// Names of the cases whose keys are in `keys`.
@@ -384,8 +393,8 @@ fn a_pass_deletes_expired_flows_whole_and_reaps_their_connections() -> anyhow::R
     let now = uptime_past(OLDEST)?;
     let cases4 = ipv4_cases(now);
     let cases6 = ipv6_cases(now);
-    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
-    let mut ct6 = pinned.map::<HashMap<MapData, Ct6Key, Ct6Entry>>(names::CONNTRACK6)?;
+    let mut ct4 = pinned.ct::<Ct4Key>()?;
+    let mut ct6 = pinned.ct::<Ct6Key>()?;
     let keep4 = write(&mut ct4, &cases4)?;
     let keep6 = write(&mut ct6, &cases6)?;
     let mut reaped: Array<MapData, u32> = pinned.map(names::REAPED)?;
@@ -476,9 +485,9 @@ fn each_mark_of_ct_paired_falls_once_its_own_entries_are_gone() -> anyhow::Resul
         paired.forward(OLDEST, EST, true),
         paired.reply(0, OLDEST, EST),
     ];
-    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
+    let mut ct4 = pinned.ct::<Ct4Key>()?;
     for (key, value) in live_nat.iter().chain(&expired_pair) {
-        ct4.insert(key, value, 0)?;
+        ct4.insert(Table::Main, *key, *value)?;
     }
     // As the datapath leaves them once it wrote such entries.
     let mut flag: Array<MapData, u32> = pinned.map(names::PAIRED)?;
@@ -498,7 +507,7 @@ fn each_mark_of_ct_paired_falls_once_its_own_entries_are_gone() -> anyhow::Resul
     // The source-NATed flow expires too.
     let old = natted.snat(node, [OLDEST, OLDEST], EST);
     for (key, value) in [socket(OLDEST), old[0], old[1]] {
-        ct4.insert(key, value, 0)?;
+        ct4.insert(Table::Main, key, value)?;
     }
     let stats = gc.pass()?;
     assert_eq!((stats.paired, stats.source_nat), (false, false));
@@ -540,12 +549,13 @@ fn a_pass_reads_every_entry_of_a_large_map() -> anyhow::Result<()> {
     const FLOWS: u32 = 5_000;
     const BACKEND: u32 = 9;
     let mut pinned = Pinned::new("many")?;
-    pinned.load(2 * SIZE)?;
+    // Lines enough that no group of eight runs full.
+    pinned.load(4 * SIZE)?;
     let now = uptime_past(OLDEST)?;
     let flows = udp_flows(FLOWS, BACKEND, now);
-    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
+    let mut ct4 = pinned.ct::<Ct4Key>()?;
     for (key, value, _) in &flows {
-        ct4.insert(key, value, 0)?;
+        ct4.insert(Table::Main, *key, *value)?;
     }
     let keep: HashSet<Ct4Key> = flows.iter().filter(|f| f.2).map(|f| f.0).collect();
 
@@ -574,27 +584,29 @@ fn conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept() -> anyhow::Result<()
     let sizes = |pinned: &Pinned| -> anyhow::Result<[u32; 3]> {
         let max = |name: &str| MapInfo::from_pin(pinned.pin(name)).map(|i| i.max_entries());
         Ok([
-            max(names::CONNTRACK4)?,
-            max(names::CONNTRACK6)?,
+            max(names::CT4_GROUPS)?,
+            max(names::CT6_GROUPS)?,
             max(names::SERVICES4)?,
         ])
     };
-    assert_eq!(sizes(&pinned)?, [SIZE, SIZE, MAX_SERVICES]);
+    let groups = ct_lines(SIZE) / CT_GROUP;
+    assert_eq!(sizes(&pinned)?, [groups, groups, MAX_SERVICES]);
 
     // An open connection in the pinned map...
-    let mut ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
+    let mut ct4 = pinned.ct::<Ct4Key>()?;
     let now = now()?;
     let (key, value) = ipv4_cases(now)
         .into_iter()
         .next()
         .map(|c| (c.key, c.value))
         .context("a case")?;
-    ct4.insert(key, value, 0)?;
+    ct4.insert(Table::Main, key, value)?;
     drop(ct4);
-    // ... survives an agent asking for another size, which gets the old one.
+    // ... survives an agent asking for another size, which gets the old
+    // one, and its programs find the entries where they are.
     pinned.load(2 * SIZE)?;
-    assert_eq!(sizes(&pinned)?, [SIZE, SIZE, MAX_SERVICES]);
-    let ct4 = pinned.map::<HashMap<MapData, Ct4Key, Ct4Entry>>(names::CONNTRACK4)?;
-    assert_eq!(ct4.get(&key, 0)?, value, "the pinned entry is kept");
+    assert_eq!(sizes(&pinned)?, [groups, groups, MAX_SERVICES]);
+    let ct4 = pinned.ct::<Ct4Key>()?;
+    assert_eq!(ct4.main.get(&key), Some(value), "the pinned entry is kept");
     Ok(())
 }

@@ -16,7 +16,7 @@ use common::{
     },
 };
 use etherparse::PacketBuilder;
-use proxy_agent::datapath::conntrack::now;
+use proxy_agent::datapath::{conntrack::now, ctstore::CtTables};
 use proxy_common::{
     CT_AT_EGRESS, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_REPLY, CT_REWRITE_DST, CT_SOCKET,
     CT_SOURCE_NAT, CT_UNREPLIED, Counter, Ct4Entry, Ct4Key, names,
@@ -718,7 +718,8 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
     if !common::ready("source_nat_works_for_flows_that_found_conntrack_full") {
         return;
     }
-    const MAX: u32 = 8;
+    // One group of eight lines.
+    const MAX: u32 = 4;
     for hook in HOOKS {
         let programs = [
             proxy_common::programs::XDP,
@@ -744,35 +745,27 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
     }
 }
 
-/// Fills `ct4` with entries of flows that never come, but for `room`
-/// entries; returns the keys written.
+/// Fills `ct4_lines` with entries of flows that never come, but for `room`
+/// lines; returns the keys written.
 fn fill_ct4(lab: &mut Lab, room: usize) -> HashSet<Ct4Key> {
-    let ct4 = lab.dp.ebpf.map_mut(names::CONNTRACK4).expect("ct4");
-    let mut ct4: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct4).expect("a hash");
-    let mut keys = Vec::new();
-    for port in 1.. {
-        let key = Ct4Key {
-            src_addr: u32::from_ne_bytes([192, 0, 2, 1]),
-            src_port: u16::to_be(port),
-            proto: 6,
-            ..Ct4Key::default()
-        };
-        if ct4.insert(key, Ct4Entry::default(), 0).is_err() {
-            break;
-        }
-        keys.push(key);
-    }
+    let tables = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");
+    let key = |i: u32| Ct4Key {
+        src_addr: u32::from_ne_bytes([192, 0, 2, 1]),
+        src_port: u16::to_be(1 + i as u16),
+        proto: 6,
+        ..Ct4Key::default()
+    };
+    let mut keys = common::fill_lines(&tables, key, Ct4Entry::default());
     for key in keys.drain(keys.len() - room..) {
-        ct4.remove(&key).expect("make room");
+        assert!(tables.main.remove(&key), "make room");
     }
     assert!(!keys.is_empty(), "ct4 filled");
     keys.into_iter().collect()
 }
 
 fn ct4_keys(lab: &Lab) -> HashSet<Ct4Key> {
-    let ct4 = lab.dp.ebpf.map(names::CONNTRACK4).expect("ct4");
-    let ct4: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct4).expect("a hash");
-    ct4.keys().map(|k| k.expect("a ct4 key")).collect()
+    let tables = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");
+    tables.main.entries().into_keys().collect()
 }
 
 #[test]
@@ -1035,7 +1028,8 @@ fn a_source_nat_port_is_unique_across_both_conntrack_tables() {
     // Room for exactly one flow's two entries in ct4 (its socket entry and
     // its node-port entry): the second flow overflows, and must not be
     // given the port the first holds in ct4.
-    let mut lab = one_backend_lab(8, (61000, 61000));
+    // One group of eight lines.
+    let mut lab = one_backend_lab(4, (61000, 61000));
     fill_ct4(&mut lab, 2);
     let first = seen(&snat_flow(&lab, 50000).1);
     assert_eq!(first.sport, 61000);
@@ -1193,9 +1187,8 @@ fn tcp_flagged(
 }
 
 fn ct4_entries(lab: &Lab) -> Vec<(Ct4Key, Ct4Entry)> {
-    let ct4 = lab.dp.ebpf.map(names::CONNTRACK4).expect("ct4");
-    let ct4: BpfHashMap<_, Ct4Key, Ct4Entry> = BpfHashMap::try_from(ct4).expect("a hash");
-    ct4.iter().map(|e| e.expect("a ct4 entry")).collect()
+    let tables = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");
+    tables.main.entries().into_iter().collect()
 }
 
 /// The reply entries of the flows in ct4, with whether each is unreplied.

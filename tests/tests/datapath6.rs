@@ -12,6 +12,7 @@ use common::{
     },
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_agent::datapath::ctstore::CtTables;
 use proxy_common::{Counter, Ct6Entry, Ct6Key, names, programs};
 use proxy_tests::manifests::{load_balancer6, web_and_empty6 as services};
 
@@ -129,7 +130,7 @@ fn ipv6_flows_that_found_conntrack_full_work_both_ways() {
     if !common::ready("ipv6_flows_that_found_conntrack_full_work_both_ways") {
         return;
     }
-    const MAX: u32 = 8;
+    const MAX: u32 = 4;
     for hook in HOOKS {
         let programs = [programs::XDP, programs::TC_INGRESS, programs::TC_EGRESS];
         let loaded = Loaded::with_conntrack(MAX, 1024, &programs).expect("load the datapath");
@@ -149,21 +150,15 @@ fn ipv6_flows_that_found_conntrack_full_work_both_ways() {
     }
 }
 
-/// Fills `ct6` with entries of flows that never come.
+/// Fills `ct6_lines` with entries of flows that never come.
 fn fill_ct6(dp: &mut Loaded) {
-    let ct6 = dp.ebpf.map_mut(names::CONNTRACK6).expect("ct6");
-    let mut ct6: BpfHashMap<_, Ct6Key, Ct6Entry> = BpfHashMap::try_from(ct6).expect("a hash");
-    for port in 1.. {
-        let key = Ct6Key {
-            src_port: u16::to_be(port),
-            proto: 6,
-            ..Ct6Key::default()
-        };
-        if ct6.insert(key, Ct6Entry::default(), 0).is_err() {
-            break;
-        }
-    }
-    assert!(ct6.keys().count() > 0, "ct6 filled");
+    let tables = CtTables::<Ct6Key>::of(&dp.ebpf).expect("ct6's tables");
+    let key = |i: u32| Ct6Key {
+        src_port: u16::to_be(1 + i as u16),
+        proto: 6,
+        ..Ct6Key::default()
+    };
+    common::fill_lines(&tables, key, Ct6Entry::default());
 }
 
 #[test]

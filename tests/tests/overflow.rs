@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use proxy_agent::datapath::{conntrack::now, pinned::Pins};
+use proxy_agent::datapath::{conntrack::now, ctstore::CtTables, pinned::Pins};
 use proxy_common::{
     CT_FORWARD, CT_STATE_ESTABLISHED, Counter, Ct4Entry, Ct4Key, IPPROTO_TCP, names,
 };
@@ -85,12 +85,14 @@ impl Lab {
         WebLab::start("ovf", BACKENDS, extra, flags).map(Lab)
     }
 
-    fn ct4(&self) -> anyhow::Result<HashMap<MapData, Ct4Key, Ct4Entry>> {
-        pinned(self, names::CONNTRACK4)
+    fn ct4(&self) -> anyhow::Result<CtTables<Ct4Key>> {
+        CtTables::open(&Pins::at(self.agent.bpffs()))
     }
 
+    /// Entries in both of ct4's tables: a flow whose group of lines ran
+    /// full is in the overflow table.
     fn ct4_len(&self) -> anyhow::Result<usize> {
-        Ok(self.ct4()?.keys().count())
+        Ok(self.ct4()?.main.len() + self.overflow_len()?)
     }
 
     fn overflow_len(&self) -> anyhow::Result<usize> {
@@ -116,12 +118,15 @@ fn pinned<T: TryFrom<Map, Error = MapError>>(lab: &Lab, name: &str) -> anyhow::R
     Pins::at(lab.agent.bpffs()).map(name)
 }
 
-/// Fills `ct4` with established entries of flows from 192.0.2.0/24 that
-/// never send; returns their keys.
-fn fill(ct4: &mut HashMap<MapData, Ct4Key, Ct4Entry>) -> anyhow::Result<Vec<Ct4Key>> {
+/// Fills every line of `ct4_lines` with established entries of flows from
+/// 192.0.2.0/24 that never send; returns their keys.
+fn fill(ct4: &CtTables<Ct4Key>) -> anyhow::Result<Vec<Ct4Key>> {
     let now = now()?;
     let mut keys = Vec::new();
-    for i in 0..CONNTRACK_MAX {
+    let lines = ct4.main.lines();
+    ensure!(lines == 2 * CONNTRACK_MAX as usize, "{lines} lines");
+    // Keys land in groups by hash: many more than the lines fill them all.
+    for i in 0..16 * lines as u32 {
         let key = Ct4Key {
             src_addr: u32::from_be_bytes([192, 0, 2, (i % 250) as u8 + 1]).to_be(),
             dst_addr: u32::from_be_bytes([198, 51, 100, 1]).to_be(),
@@ -138,15 +143,14 @@ fn fill(ct4: &mut HashMap<MapData, Ct4Key, Ct4Entry>) -> anyhow::Result<Vec<Ct4K
             state: CT_STATE_ESTABLISHED,
             ..Ct4Entry::default()
         };
-        match ct4.insert(key, value, 0) {
-            Ok(()) => keys.push(key),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                return Ok(keys);
-            }
-            Err(e) => return Err(e).context("filling ct4"),
+        if ct4.main.insert(key, value).is_ok() {
+            keys.push(key);
+        }
+        if keys.len() == lines {
+            return Ok(keys);
         }
     }
-    bail!("ct4 took {CONNTRACK_MAX} more entries: it is larger than --conntrack-max")
+    bail!("ct4_lines took only {} of its {lines} lines", keys.len())
 }
 
 /// Polls `done` every 100 ms until it holds or `timeout` passes.
@@ -178,8 +182,8 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
         .map(HttpConn::get)
         .collect::<Result<_, _>>()?;
 
-    let mut ct4 = lab.ct4()?;
-    let filler = fill(&mut ct4)?;
+    let ct4 = lab.ct4()?;
+    let filler = fill(&ct4)?;
     let full_before = lab.counter(Counter::CtFull.name())?;
     ensure!(lab.overflowed()? == 0, "nothing overflowed before the fill");
 
@@ -218,13 +222,13 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
         Ok(lab.overflow_len()? == 0 && lab.overflowed()? == 0)
     })?;
     ensure!(
-        lab.ct4()?.keys().count() >= filler.len(),
+        lab.ct4()?.main.len() >= filler.len(),
         "the filler is untouched"
     );
 
     // Room again: new flows are tracked in ct4, not counted as ct_full.
-    for key in &filler[..64] {
-        ct4.remove(key).context("freeing a ct4 entry")?;
+    for key in &filler {
+        ensure!(ct4.main.remove(key), "freeing a ct4 entry");
     }
     let full_before = lab.counter(Counter::CtFull.name())?;
     lab.new_connections(10)?;
@@ -325,9 +329,10 @@ fn bare_acks_nobody_answers_last_only_the_syn_timeout() -> anyhow::Result<()> {
     })?;
     let unreplied = lab
         .ct4()?
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| v.flags & proxy_common::CT_UNREPLIED != 0)
+        .main
+        .entries()
+        .into_values()
+        .filter(|v| v.flags & proxy_common::CT_UNREPLIED != 0)
         .count();
     assert_eq!(unreplied, 200, "one unconfirmed entry per ACK");
     // --conntrack-tcp-timeout-syn 2s, a pass every second.

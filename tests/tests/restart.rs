@@ -6,11 +6,12 @@ mod common;
 use std::{net::Ipv4Addr, path::PathBuf, process::Command, thread, time::Duration};
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, MapData};
 use proxy_agent::{
     conntrack::upgrade::LEGACY_EGRESS,
     datapath::{
-        conntrack,
+        conntrack::{self, Table},
+        ctstore::CtTables,
         pinned::{self, Pins},
     },
 };
@@ -130,8 +131,7 @@ fn an_upgrade_rewrites_the_earlier_versions_egress_entries() -> anyhow::Result<(
     )?;
     let ifaces = topology.agent_ifaces(":tc");
     let mut agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
-    let mut ct4: HashMap<MapData, Ct4Key, Ct4Entry> =
-        Pins::at(agent.bpffs()).map(names::CONNTRACK4)?;
+    let mut ct4 = CtTables::<Ct4Key>::open(&Pins::at(agent.bpffs()))?;
     let endpoint = |last: u8, port: u16| {
         (
             u32::from(Ipv4Addr::new(10, 9, 0, last)).to_be(),
@@ -158,16 +158,20 @@ fn an_upgrade_rewrites_the_earlier_versions_egress_entries() -> anyhow::Result<(
     };
     let legacy = key(backend, client, LEGACY_EGRESS);
     let orphan = key(backend, endpoint(9, 1234), LEGACY_EGRESS);
-    ct4.insert(key(client, frontend, CT_FORWARD), value(backend), 0)?;
-    ct4.insert(legacy, value(frontend), 0)?;
-    ct4.insert(orphan, value(frontend), 0)?;
+    ct4.insert(
+        Table::Main,
+        key(client, frontend, CT_FORWARD),
+        value(backend),
+    )?;
+    ct4.insert(Table::Main, legacy, value(frontend))?;
+    ct4.insert(Table::Main, orphan, value(frontend))?;
 
     agent.kill()?;
     agent.restart(None)?;
     let rewritten = key(backend, client, CT_REPLY);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let entry = loop {
-        if let Ok(entry) = ct4.get(&rewritten, 0) {
+        if let Some(entry) = ct4.main.get(&rewritten) {
             break entry;
         }
         anyhow::ensure!(
@@ -181,9 +185,9 @@ fn an_upgrade_rewrites_the_earlier_versions_egress_entries() -> anyhow::Result<(
         entry.flags & CT_AT_EGRESS != 0 && (entry.nat_addr, entry.nat_port) == frontend,
         "rewritten as {entry:?}"
     );
-    anyhow::ensure!(ct4.get(&legacy, 0).is_err(), "the legacy entry stayed");
+    anyhow::ensure!(ct4.main.get(&legacy).is_none(), "the legacy entry stayed");
     anyhow::ensure!(
-        ct4.get(&orphan, 0).is_err(),
+        ct4.main.get(&orphan).is_none(),
         "the orphan legacy entry stayed"
     );
     Ok(())

@@ -21,12 +21,12 @@ use std::{
 };
 
 use anyhow::ensure;
-use aya::maps::{HashMap, MapData};
 use proxy_agent::datapath::{
     conntrack::{CtKey, Record},
+    ctstore::CtTables,
     pinned::Pins,
 };
-use proxy_common::{CT_FORWARD, CT_REPLY, Counter, Ct4Entry, Ct4Key, names};
+use proxy_common::{CT_FORWARD, CT_REPLY, Counter, Ct4Key};
 use proxy_tests::{
     churn::{Churned, Load, churn},
     lab::WebLab,
@@ -89,14 +89,13 @@ impl Lab {
     }
 
     fn ct4_records(&self) -> anyhow::Result<Vec<Record<SocketAddr>>> {
-        let pins = Pins::at(self.0.bpffs());
-        let map: HashMap<MapData, Ct4Key, Ct4Entry> = pins.map(names::CONNTRACK4)?;
-        map.iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                Ok(key.decode(&value))
-            })
-            .collect()
+        let tables = CtTables::<Ct4Key>::open(&Pins::at(self.0.bpffs()))?;
+        Ok(tables
+            .main
+            .entries()
+            .iter()
+            .map(|(k, v)| k.decode(v))
+            .collect())
     }
 }
 

@@ -13,9 +13,7 @@ use std::{
 
 use anyhow::Context;
 use aya::maps::{Array, MapData, MapError};
-use proxy_common::{
-    CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, Ct4Key, Ct6Key, names,
-};
+use proxy_common::{CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, Ct4Key, Ct6Key, names};
 
 use super::{
     expiry::{self, Deletions, Pressure},

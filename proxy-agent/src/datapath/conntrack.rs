@@ -186,7 +186,7 @@ impl Table {
     /// The map of this table for keys `K`.
     pub fn map_name<K: CtKey>(self) -> &'static str {
         match self {
-            Table::Main => K::NAMES.0,
+            Table::Main => K::GROUPS,
             Table::Overflow => K::OVERFLOW,
         }
     }

@@ -1,6 +1,6 @@
-//! The agent's side of conntrack's own table (`ct4_lines`/`ct4_tags`,
-//! `ct6_lines`/`ct6_tags`; see proxy-common's `ctlines`): both maps
-//! mapped into memory, read in place, and lines claimed and released by
+//! The agent's side of conntrack's own table (`ct4_groups`, `ct6_groups`;
+//! see proxy-common's `ctlines`): the map mapped into memory, read in
+//! place, and lines claimed and released by
 //! compare-and-exchange on their tags, as the datapath does. A system call
 //! per entry could not release a line only if it still holds the flow
 //! the agent judged: the datapath may have given it to another since.
@@ -15,17 +15,26 @@ use std::{
 
 use anyhow::Context;
 use aya::{Pod, maps::MapData};
-use proxy_common::{CT_GROUP, CT_TAG_BUSY, CT_TAG_FREE, CT_TAG_LIVE, CtWords, ct_home};
+use proxy_common::{
+    CT_GROUP, CT_TAG_BUSY, CT_TAG_FREE, CT_TAG_LIVE, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, CtGroup,
+    CtWords, ct_home, names,
+};
 
-/// A shared, writable mapping of a map's values.
+/// A shared, writable mapping of an array map's values.
 struct Mapping {
     at: NonNull<u8>,
     len: usize,
+    /// Bytes from one value to the next (the kernel's: the value's size
+    /// rounded up to 8).
+    stride: usize,
+    count: u32,
 }
 
 impl Mapping {
-    fn of(map: &MapData, name: &str) -> anyhow::Result<(Mapping, u32)> {
-        let info = map.info().with_context(|| format!("reading {name}'s info"))?;
+    fn of(map: &MapData, name: &str) -> anyhow::Result<Mapping> {
+        let info = map
+            .info()
+            .with_context(|| format!("reading {name}'s info"))?;
         let stride = (info.value_size() as usize).next_multiple_of(8);
         let len = stride * info.max_entries() as usize;
         // SAFETY: a fresh shared mapping of the map's fd, checked below.
@@ -44,7 +53,19 @@ impl Mapping {
                 .with_context(|| format!("mapping {name} into memory"));
         }
         let at = NonNull::new(at.cast::<u8>()).context("mmap returned null")?;
-        Ok((Mapping { at, len }, info.max_entries()))
+        Ok(Mapping {
+            at,
+            len,
+            stride,
+            count: info.max_entries(),
+        })
+    }
+
+    /// Value `index`, which must be below `count`.
+    fn value<V>(&self, index: u32) -> *mut V {
+        assert!(index < self.count, "index {index} of {}", self.count);
+        // SAFETY: within the mapping, as checked above.
+        unsafe { self.at.as_ptr().add(index as usize * self.stride).cast() }
     }
 }
 
@@ -55,23 +76,30 @@ impl Drop for Mapping {
     }
 }
 
-/// A conntrack key whose entries live in lines.
+/// A conntrack key whose entries live in the lines of a table.
 pub trait LineKey: CtWords + Pod + Eq + std::hash::Hash {
     type Value: Pod;
-    type Line: Pod;
-    /// The pinned names of the lines and of the tags.
-    const NAMES: (&'static str, &'static str);
-    fn split(line: &Self::Line) -> (Self, Self::Value);
-    fn join(key: Self, value: Self::Value) -> Self::Line;
-    /// Byte offset of the value's `active` field in a line.
+    /// The table's pinned name.
+    const GROUPS: &'static str;
+    /// Byte offset of the value's `active` field.
     const ACTIVE: usize;
+}
+
+impl LineKey for Ct4Key {
+    type Value = Ct4Entry;
+    const GROUPS: &'static str = names::CT4_GROUPS;
+    const ACTIVE: usize = std::mem::offset_of!(Ct4Entry, active);
+}
+
+impl LineKey for Ct6Key {
+    type Value = Ct6Entry;
+    const GROUPS: &'static str = names::CT6_GROUPS;
+    const ACTIVE: usize = std::mem::offset_of!(Ct6Entry, active);
 }
 
 /// One family's table, mapped.
 pub struct CtLines<K: LineKey> {
-    tags: Mapping,
-    lines: Mapping,
-    groups: u32,
+    groups: Mapping,
     _key: PhantomData<K>,
 }
 
@@ -79,25 +107,26 @@ pub struct CtLines<K: LineKey> {
 // or volatile; nothing in them is tied to a thread.
 unsafe impl<K: LineKey> Send for CtLines<K> {}
 
-/// The group a full table sent a flow away from (the datapath sends it to
+/// The key's group had no free line (the datapath sends such a flow to
 /// the overflow map).
 #[derive(Debug, PartialEq, Eq)]
 pub struct GroupFull;
 
 impl<K: LineKey> CtLines<K> {
-    /// Maps `tags` and `lines`, which must be a table's two maps.
-    pub fn new(tags: &MapData, lines: &MapData) -> anyhow::Result<Self> {
-        let (tag_map, groups) = Mapping::of(tags, K::NAMES.1)?;
-        let (line_map, count) = Mapping::of(lines, K::NAMES.0)?;
+    /// Maps `groups`, a table's map.
+    pub fn new(groups: &MapData) -> anyhow::Result<Self> {
+        let name = K::GROUPS;
+        let groups = Mapping::of(groups, name)?;
         anyhow::ensure!(
-            groups.is_power_of_two() && count == groups * CT_GROUP,
-            "{} holds {count} lines for {groups} groups of {CT_GROUP} in {}",
-            K::NAMES.0,
-            K::NAMES.1
+            groups.count.is_power_of_two(),
+            "{name} holds {} groups, not a power of two",
+            groups.count
+        );
+        anyhow::ensure!(
+            groups.stride >= size_of::<CtGroup<K, K::Value>>(),
+            "{name} has values of another size"
         );
         Ok(CtLines {
-            tags: tag_map,
-            lines: line_map,
             groups,
             _key: PhantomData,
         })
@@ -105,39 +134,84 @@ impl<K: LineKey> CtLines<K> {
 
     /// Lines in all.
     pub fn lines(&self) -> usize {
-        (self.groups * CT_GROUP) as usize
+        (self.groups.count * CT_GROUP) as usize
     }
 
-    fn tag(&self, index: u32) -> &AtomicU32 {
-        debug_assert!(index < self.groups * CT_GROUP);
-        // SAFETY: within the mapping (`index` is below groups * 8), 4-byte
-        // aligned; the kernel and the agent only access it atomically.
-        unsafe { &*self.tags.at.as_ptr().cast::<AtomicU32>().add(index as usize) }
+    fn group(&self, line: u32) -> *mut CtGroup<K, K::Value> {
+        self.groups.value(line / CT_GROUP)
     }
 
-    fn line_ptr(&self, index: u32) -> *mut K::Line {
-        // SAFETY: within the mapping, as `tag`.
-        unsafe { self.lines.at.as_ptr().cast::<K::Line>().add(index as usize) }
+    fn value_ptr(&self, line: u32) -> *mut K::Value {
+        let group = self.group(line);
+        // SAFETY: within the group.
+        unsafe {
+            (&raw mut (*group).values)
+                .cast::<K::Value>()
+                .add((line % CT_GROUP) as usize)
+        }
     }
 
-    fn read_line(&self, index: u32) -> (K, K::Value) {
-        // SAFETY: a line of the mapping; any bytes are a valid line (Pod).
-        K::split(&unsafe { self.line_ptr(index).read_volatile() })
+    fn tag(&self, line: u32) -> &AtomicU32 {
+        let group = self.group(line);
+        // SAFETY: a tag of a group of the mapping, 4-byte aligned; the
+        // kernel and the agent only access it atomically.
+        unsafe {
+            &*(&raw mut (*group).tags)
+                .cast::<AtomicU32>()
+                .add((line % CT_GROUP) as usize)
+        }
+    }
+
+    fn key(&self, line: u32) -> K {
+        let group = self.group(line);
+        // SAFETY: a key of a group of the mapping; any bytes are a key.
+        unsafe {
+            (&raw const (*group).keys)
+                .cast::<K>()
+                .add((line % CT_GROUP) as usize)
+                .read_volatile()
+        }
+    }
+
+    fn key_ptr(&self, line: u32) -> *mut K {
+        let group = self.group(line);
+        // SAFETY: within the group.
+        unsafe {
+            (&raw mut (*group).keys)
+                .cast::<K>()
+                .add((line % CT_GROUP) as usize)
+        }
+    }
+
+    fn value(&self, line: u32) -> K::Value {
+        // SAFETY: a value of the mapping; any bytes are a value (Pod).
+        unsafe { self.value_ptr(line).read_volatile() }
+    }
+
+    fn active(&self, line: u32) -> &AtomicU32 {
+        // SAFETY: the 4-byte aligned `active` field of a value of the
+        // mapping, which the datapath swaps atomically too.
+        unsafe {
+            &*self
+                .value_ptr(line)
+                .cast::<u8>()
+                .add(K::ACTIVE)
+                .cast::<AtomicU32>()
+        }
     }
 
     /// The live line holding `key`, with its tag; or the group's first
     /// free line (`Err(Some)`), or nothing (`Err(None)`).
     fn locate(&self, key: &K) -> Result<(u32, u32), Option<(u32, u32)>> {
-        let (group, tag) = ct_home(key, self.groups - 1);
+        let (group, tag) = ct_home(key, self.groups.count - 1);
         let mut free = None;
-        for i in 0..CT_GROUP {
-            let index = group * CT_GROUP + i;
-            let seen = self.tag(index).load(Ordering::Acquire);
-            if seen == tag && self.read_line(index).0.words() == key.words() {
-                return Ok((index, tag));
+        for line in group * CT_GROUP..(group + 1) * CT_GROUP {
+            let seen = self.tag(line).load(Ordering::Acquire);
+            if seen == tag && self.key(line).words() == key.words() {
+                return Ok((line, tag));
             }
             if seen == CT_TAG_FREE && free.is_none() {
-                free = Some((index, tag));
+                free = Some((line, tag));
             }
         }
         Err(free)
@@ -147,13 +221,13 @@ impl<K: LineKey> CtLines<K> {
     /// changed hands while it was read is left for the next reader.
     pub fn entries(&self) -> HashMap<K, K::Value> {
         let mut out = HashMap::new();
-        for index in 0..self.groups * CT_GROUP {
-            let tag = self.tag(index).load(Ordering::Acquire);
+        for line in 0..self.groups.count * CT_GROUP {
+            let tag = self.tag(line).load(Ordering::Acquire);
             if tag & CT_TAG_LIVE == 0 {
                 continue;
             }
-            let (key, value) = self.read_line(index);
-            if self.tag(index).load(Ordering::Acquire) == tag {
+            let (key, value) = (self.key(line), self.value(line));
+            if self.tag(line).load(Ordering::Acquire) == tag {
                 out.entry(key).or_insert(value);
             }
         }
@@ -162,8 +236,8 @@ impl<K: LineKey> CtLines<K> {
 
     /// Live lines.
     pub fn len(&self) -> usize {
-        (0..self.groups * CT_GROUP)
-            .filter(|i| self.tag(*i).load(Ordering::Relaxed) & CT_TAG_LIVE != 0)
+        (0..self.groups.count * CT_GROUP)
+            .filter(|line| self.tag(*line).load(Ordering::Relaxed) & CT_TAG_LIVE != 0)
             .count()
     }
 
@@ -172,23 +246,23 @@ impl<K: LineKey> CtLines<K> {
     }
 
     pub fn get(&self, key: &K) -> Option<K::Value> {
-        let (index, _) = self.locate(key).ok()?;
-        Some(self.read_line(index).1)
+        let (line, _) = self.locate(key).ok()?;
+        Some(self.value(line))
     }
 
     /// Writes the entry: over the key's line, or into a free line of its
     /// group claimed as the datapath claims one.
     pub fn insert(&self, key: K, value: K::Value) -> Result<(), GroupFull> {
-        let (index, tag) = match self.locate(&key) {
-            Ok((index, _)) => {
-                // SAFETY: a line of the mapping.
-                unsafe { self.line_ptr(index).write_volatile(K::join(key, value)) };
+        let (line, tag) = match self.locate(&key) {
+            Ok((line, _)) => {
+                // SAFETY: a value of the mapping.
+                unsafe { self.value_ptr(line).write_volatile(value) };
                 return Ok(());
             }
             Err(Some(free)) => free,
             Err(None) => return Err(GroupFull),
         };
-        let claimed = self.tag(index).compare_exchange(
+        let claimed = self.tag(line).compare_exchange(
             CT_TAG_FREE,
             CT_TAG_BUSY,
             Ordering::AcqRel,
@@ -197,19 +271,22 @@ impl<K: LineKey> CtLines<K> {
         if claimed.is_err() {
             return Err(GroupFull);
         }
-        // SAFETY: a line of the mapping, this call's own while its tag is
-        // busy.
-        unsafe { self.line_ptr(index).write_volatile(K::join(key, value)) };
-        self.tag(index).store(tag, Ordering::Release);
+        // SAFETY: a key and a value of the mapping, this call's own while
+        // its tag is busy.
+        unsafe {
+            self.key_ptr(line).write_volatile(key);
+            self.value_ptr(line).write_volatile(value);
+        }
+        self.tag(line).store(tag, Ordering::Release);
         Ok(())
     }
 
     /// Releases the key's line; false if it had none.
     pub fn remove(&self, key: &K) -> bool {
-        let Ok((index, tag)) = self.locate(key) else {
+        let Ok((line, tag)) = self.locate(key) else {
             return false;
         };
-        self.tag(index)
+        self.tag(line)
             .compare_exchange(tag, CT_TAG_FREE, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
@@ -219,66 +296,21 @@ impl<K: LineKey> CtLines<K> {
     /// while `active` is swapped out, so the datapath cannot release the
     /// connection as well.
     pub fn take(&self, key: &K) -> Option<K::Value> {
-        let (index, tag) = self.locate(key).ok()?;
-        self.tag(index)
+        let (line, tag) = self.locate(key).ok()?;
+        self.tag(line)
             .compare_exchange(tag, CT_TAG_BUSY, Ordering::AcqRel, Ordering::Relaxed)
             .ok()?;
-        // SAFETY: the `active` field of a line of the mapping, 4-byte
-        // aligned, which the datapath swaps atomically too.
-        let active = unsafe {
-            &*self
-                .line_ptr(index)
-                .cast::<u8>()
-                .add(K::ACTIVE)
-                .cast::<AtomicU32>()
-        };
-        let was = active.swap(0, Ordering::AcqRel);
-        let (_, value) = self.read_line(index);
-        self.tag(index).store(CT_TAG_FREE, Ordering::Release);
-        let mut line = K::join(*key, value);
-        // SAFETY: `ACTIVE` is within the line and 4-byte aligned.
+        let was = self.active(line).swap(0, Ordering::AcqRel);
+        let mut value = self.value(line);
+        self.tag(line).store(CT_TAG_FREE, Ordering::Release);
+        // SAFETY: `ACTIVE` is the offset of a u32 field within the value.
         unsafe {
-            std::ptr::from_mut(&mut line)
+            std::ptr::from_mut(&mut value)
                 .cast::<u8>()
                 .add(K::ACTIVE)
                 .cast::<u32>()
                 .write_unaligned(was)
         };
-        Some(K::split(&line).1)
+        Some(value)
     }
 }
-
-macro_rules! line_key {
-    ($key:ty, $value:ty, $line:ident, $names:expr) => {
-        impl LineKey for $key {
-            type Value = $value;
-            type Line = proxy_common::$line;
-            const NAMES: (&'static str, &'static str) = $names;
-            const ACTIVE: usize = std::mem::offset_of!(proxy_common::$line, value)
-                + std::mem::offset_of!($value, active);
-            fn split(line: &proxy_common::$line) -> (Self, $value) {
-                (line.key, line.value)
-            }
-            fn join(key: Self, value: $value) -> proxy_common::$line {
-                proxy_common::$line {
-                    key,
-                    value,
-                    ..Default::default()
-                }
-            }
-        }
-    };
-}
-
-line_key!(
-    proxy_common::Ct4Key,
-    proxy_common::Ct4Entry,
-    Ct4Line,
-    (proxy_common::names::CT4_LINES, proxy_common::names::CT4_TAGS)
-);
-line_key!(
-    proxy_common::Ct6Key,
-    proxy_common::Ct6Entry,
-    Ct6Line,
-    (proxy_common::names::CT6_LINES, proxy_common::names::CT6_TAGS)
-);

@@ -32,28 +32,21 @@ pub struct CtTables<K: CtKey> {
 impl<K: CtKey> CtTables<K> {
     /// The tables pinned under `pins`.
     pub fn open(pins: &Pins) -> anyhow::Result<Self> {
-        let (lines, tags) = K::NAMES;
-        let open = |name: &str| {
-            let path = pins.path(name);
-            MapData::from_pin(&path)
-                .with_context(|| format!("opening {} (needs root, or CAP_BPF)", path.display()))
-        };
+        let path = pins.path(K::GROUPS);
+        let groups = MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (needs root, or CAP_BPF)", path.display()))?;
         Ok(CtTables {
-            main: CtLines::new(&open(tags)?, &open(lines)?)?,
+            main: CtLines::new(&groups)?,
             overflow: pins.map(K::OVERFLOW)?,
         })
     }
 
     /// The tables of a loaded object (the tests'): the maps stay in it.
     pub fn of(ebpf: &Ebpf) -> anyhow::Result<Self> {
-        let (lines, tags) = K::NAMES;
-        let data = |name: &str| -> anyhow::Result<&MapData> {
-            match ebpf.map(name) {
-                Some(aya::maps::Map::Array(data)) => Ok(data),
-                _ => anyhow::bail!("the object has no array {name}"),
-            }
+        let main = match ebpf.map(K::GROUPS) {
+            Some(aya::maps::Map::Array(data)) => CtLines::new(data)?,
+            _ => anyhow::bail!("the object has no array {}", K::GROUPS),
         };
-        let main = CtLines::new(data(tags)?, data(lines)?)?;
         let overflow = match ebpf.map(K::OVERFLOW) {
             Some(aya::maps::Map::LruHashMap(data)) => data,
             _ => anyhow::bail!("the object has no LRU hash {}", K::OVERFLOW),
@@ -98,10 +91,7 @@ impl<K: CtKey> CtTables<K> {
     pub fn insert(&mut self, table: Table, key: K, value: K::Value) -> anyhow::Result<()> {
         match table {
             Table::Main => self.main.insert(key, value).map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: the key's group of {CT_GROUP} lines is full",
-                    K::NAMES.0
-                )
+                anyhow::anyhow!("{}: the key's group of {CT_GROUP} lines is full", K::GROUPS)
             }),
             Table::Overflow => (self.overflow.insert(key, value, 0))
                 .with_context(|| format!("writing {}", K::OVERFLOW)),

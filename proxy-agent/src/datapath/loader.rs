@@ -25,14 +25,14 @@ use aya::{
     },
 };
 use proxy_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry,
+    Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry, CT_GROUP,
     CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry,
-    Ct4Key, Ct4Line, Ct6Entry, Ct6Key, Ct6Line, CT_GROUP, CtTags, FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry, Frag6Key, Frontend4,
-    Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED, MAX_CT_OVERFLOW,
-    MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT, MAX_SOURCE_RANGES,
-    MemberKey, NewFlows, NodeConfig, PROJECT, RingEnds, STATS_PER_ENTRY, Service, ServiceStats,
-    ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key, SockNat6, SockNat6Key, SourceRange4,
-    SourceRange6, ct_lines, names, programs,
+    Ct4Group, Ct4Key, Ct6Entry, Ct6Group, Ct6Key, FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry,
+    Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED,
+    MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT,
+    MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, PROJECT, RingEnds, STATS_PER_ENTRY,
+    Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key, SockNat6,
+    SockNat6Key, SourceRange4, SourceRange6, ct_lines, names, programs,
 };
 
 use super::{
@@ -118,13 +118,11 @@ impl Default for ConntrackSizes {
 
 impl ConntrackSizes {
     /// The maps these sizes apply to, each with its size.
-    fn by_map(self) -> [(&'static str, u32); 6] {
+    fn by_map(self) -> [(&'static str, u32); 4] {
         let lines = ct_lines(self.entries);
         [
-            (names::CT4_LINES, lines),
-            (names::CT4_TAGS, lines / CT_GROUP),
-            (names::CT6_LINES, lines),
-            (names::CT6_TAGS, lines / CT_GROUP),
+            (names::CT4_GROUPS, lines / CT_GROUP),
+            (names::CT6_GROUPS, lines / CT_GROUP),
             (names::OVERFLOW4, self.overflow),
             (names::OVERFLOW6, self.overflow),
         ]
@@ -139,11 +137,9 @@ impl ConntrackSizes {
     /// Sizes the conntrack maps of `loader`'s object, and tells its
     /// programs the groups of their tables (`groups_mask`).
     pub fn apply<'a>(self, loader: &mut EbpfLoader<'a>, mask: &'a u32) {
-        let groups = mask + 1;
         for (name, max) in self.by_map() {
             let max = match name {
-                names::CT4_TAGS | names::CT6_TAGS => groups,
-                names::CT4_LINES | names::CT6_LINES => groups * CT_GROUP,
+                names::CT4_GROUPS | names::CT6_GROUPS => mask + 1,
                 _ => max,
             };
             loader.map_max_entries(name, max);
@@ -283,31 +279,24 @@ fn copy_legacy<B: Pod + Default>(
 const CT_GROUPS_MASK: &str = "CT_GROUPS_MASK";
 
 /// The groups of the conntrack tables pinned under `pins`, if any: both
-/// families' must agree, and their lines with them.
+/// families' must agree, as the programs have one count for both.
 fn pinned_groups(pins: &Path) -> anyhow::Result<Option<u32>> {
-    let size = |name: &str| -> anyhow::Result<Option<u32>> {
+    let mut groups = None;
+    for name in [names::CT4_GROUPS, names::CT6_GROUPS] {
         let path = pins.join(name);
         if !path.exists() {
-            return Ok(None);
-        }
-        let info = MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(Some(info.max_entries()))
-    };
-    let mut groups = None;
-    for (tags, lines) in [
-        (names::CT4_TAGS, names::CT4_LINES),
-        (names::CT6_TAGS, names::CT6_LINES),
-    ] {
-        let (Some(g), Some(l)) = (size(tags)?, size(lines)?) else {
             continue;
-        };
+        }
+        let info =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let n = info.max_entries();
         anyhow::ensure!(
-            g.is_power_of_two() && l == g * CT_GROUP && groups.is_none_or(|seen| seen == g),
-            "the conntrack tables pinned under {} do not match each other ({tags}: {g} \
-             groups, {lines}: {l} lines); `proxy-agent cleanup` removes them",
+            n.is_power_of_two() && groups.is_none_or(|seen| seen == n),
+            "the conntrack tables pinned under {} do not match each other ({name}: {n} \
+             groups); `proxy-agent cleanup` removes them",
             pins.display()
         );
-        groups = Some(g);
+        groups = Some(n);
     }
     Ok(groups)
 }
@@ -346,7 +335,7 @@ fn copy_legacy_flows<K: CtKey>(ebpf: &Ebpf, pins: &Pins) -> anyhow::Result<()> {
         "copied {} conntrack entries from {} into {} ({overflowed} into {})",
         held.len(),
         K::LEGACY,
-        K::NAMES.0,
+        K::GROUPS,
         K::OVERFLOW
     );
     Ok(())
@@ -446,8 +435,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::XDP_NEW_FLOW | names::TC_NEW_FLOW => kv::<u32, u32>(1),
         names::SLOTS => kv::<SlotKey, u32>(MAX_SLOTS),
         names::BACKENDS4 => kv::<u32, Backend4>(MAX_BACKENDS),
-        names::CT4_LINES => kv::<u32, Ct4Line>(ct_lines(sizes.entries)),
-        names::CT4_TAGS => kv::<u32, CtTags>(ct_lines(sizes.entries) / CT_GROUP),
+        names::CT4_GROUPS => kv::<u32, Ct4Group>(ct_lines(sizes.entries) / CT_GROUP),
         names::SERVICE_STATS => kv::<u32, ServiceStatsEntry>(MAX_SERVICES / STATS_PER_ENTRY),
         names::SERVICE_STATS_BASE => kv::<u32, ServiceStats>(MAX_SERVICES),
         names::BACKEND_STATS => kv::<u32, BackendStatsEntry>(MAX_BACKENDS / STATS_PER_ENTRY),
@@ -456,8 +444,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::SERVICES6 => kv::<Frontend6, Service>(MAX_SERVICES),
         names::BACKENDS6 => kv::<u32, Backend6>(MAX_BACKENDS),
         names::MEMBERS6 => kv::<MemberKey, Backend6>(MAX_MEMBERS),
-        names::CT6_LINES => kv::<u32, Ct6Line>(ct_lines(sizes.entries)),
-        names::CT6_TAGS => kv::<u32, CtTags>(ct_lines(sizes.entries) / CT_GROUP),
+        names::CT6_GROUPS => kv::<u32, Ct6Group>(ct_lines(sizes.entries) / CT_GROUP),
         names::AFFINITY6 => kv::<Affinity6Key, AffinityEntry>(MAX_AFFINITY),
         names::SOURCE_RANGES6 => kv::<Key<SourceRange6>, u32>(MAX_SOURCE_RANGES),
         names::MEMBERS4 => kv::<MemberKey, Backend4>(MAX_MEMBERS),
@@ -875,9 +862,9 @@ mod tests {
     fn the_overflow_maps_are_conntrack_maps_sized_by_their_flag() {
         let ct4 = (size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32);
         let ct6 = (size_of::<Ct6Key>() as u32, size_of::<Ct6Entry>() as u32);
-        assert_eq!(layout(names::CONNTRACK4, SIZES), Some((ct4.0, ct4.1, 4096)));
+        assert_eq!(layout(names::CT4_GROUPS, SIZES), Some((4, 384, 1024)));
         assert_eq!(layout(names::OVERFLOW4, SIZES), Some((ct4.0, ct4.1, 2048)));
-        assert_eq!(layout(names::CONNTRACK6, SIZES), Some((ct6.0, ct6.1, 4096)));
+        assert_eq!(layout(names::CT6_GROUPS, SIZES), Some((4, 672, 1024)));
         assert_eq!(layout(names::OVERFLOW6, SIZES), Some((ct6.0, ct6.1, 2048)));
         assert_eq!(layout(names::OVERFLOWED, SIZES), Some((4, 4, 1)));
     }
@@ -919,8 +906,8 @@ mod tests {
     #[test]
     fn conntrack_maps_of_another_size_are_adopted_and_nothing_else() {
         for name in [
-            names::CONNTRACK4,
-            names::CONNTRACK6,
+            names::CT4_GROUPS,
+            names::CT6_GROUPS,
             names::OVERFLOW4,
             names::OVERFLOW6,
         ] {

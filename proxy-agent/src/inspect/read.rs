@@ -238,12 +238,16 @@ impl Pinned {
                 frontend: None,
             }
         };
-        if !self.pins.path(K::NAMES.0).exists() {
+        if !self.pins.path(K::GROUPS).exists() {
             // A datapath pinned before conntrack's own table.
             let main = self.hash::<K, K::Value>(K::LEGACY)?;
             let overflow = self.optional_hash::<K, K::Value>(K::OVERFLOW)?;
             return Ok((main.iter().map(|(k, v)| record(Table::Main)((k, v))))
-                .chain(overflow.iter().map(|(k, v)| record(Table::Overflow)((k, v))))
+                .chain(
+                    overflow
+                        .iter()
+                        .map(|(k, v)| record(Table::Overflow)((k, v))),
+                )
                 .collect());
         }
         let tables = CtTables::<K>::open(&self.pins)?;

@@ -1,16 +1,17 @@
-//! Conntrack's own table: `ct4_lines`/`ct6_lines` hold one flow entry per
-//! line (a cache line for IPv4, two for IPv6), `ct4_tags`/`ct6_tags` a
-//! 32-bit tag per line, eight lines to a group. A key hashes to one group;
-//! its tag says which lines may hold it. A miss reads 32 bytes of tags
-//! and no line; a hit one line more. The datapath claims a free tag by
-//! compare-and-exchange, so inserts need no lock and no allocation, and
-//! both it and the agent (through `mmap`) release a tag the same way.
-//! Written once for the datapath and the agent: both must hash a key to
-//! the same group and tag.
+//! Conntrack's own table: `ct4_groups`/`ct6_groups` hold the flow entries
+//! in groups of eight lines, each line a 32-bit tag, a key and a value,
+//! kept apart (the tags first, then the keys, then the values) so that a
+//! group's tags share a cache line. A key hashes to one group; its tag
+//! says which of the group's lines may hold it. A miss reads the group's
+//! tags and no key; a hit the key and its value. The datapath claims a
+//! free line by compare-and-exchange on its tag, so inserts need no lock
+//! and no allocation, and both it and the agent (through `mmap`) release
+//! a line the same way. Written once for the datapath and the agent: both
+//! must hash a key to the same group and tag.
 
 use super::{Ct4Entry, Ct4Key, Ct6Entry, Ct6Key};
 
-/// Lines per group, and tags per `CtTags`.
+/// Lines per group.
 pub const CT_GROUP: u32 = 8;
 /// A tag whose line holds nothing.
 pub const CT_TAG_FREE: u32 = 0;
@@ -19,40 +20,18 @@ pub const CT_TAG_BUSY: u32 = 1;
 /// Every live tag has this bit, so none is `CT_TAG_FREE` or `CT_TAG_BUSY`.
 pub const CT_TAG_LIVE: u32 = 0x8000_0000;
 
-/// One group's tags (`ct4_tags`, `ct6_tags`).
+/// One group of `ct4_groups`/`ct6_groups`: its lines' tags, keys and
+/// values (a line's key and value are valid while its tag is live).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CtTags {
+pub struct CtGroup<K, V> {
     pub tags: [u32; CT_GROUP as usize],
+    pub keys: [K; CT_GROUP as usize],
+    pub values: [V; CT_GROUP as usize],
 }
 
-/// An IPv4 flow entry: 64 bytes, one cache line.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Ct4Line {
-    pub key: Ct4Key,
-    pub value: Ct4Entry,
-    pub _pad: [u32; 5],
-}
-
-/// An IPv6 flow entry: 128 bytes, two cache lines.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ct6Line {
-    pub key: Ct6Key,
-    pub value: Ct6Entry,
-    pub _pad: [u32; 12],
-}
-
-impl Default for Ct6Line {
-    fn default() -> Self {
-        Ct6Line {
-            key: Ct6Key::default(),
-            value: Ct6Entry::default(),
-            _pad: [0; 12],
-        }
-    }
-}
+pub type Ct4Group = CtGroup<Ct4Key, Ct4Entry>;
+pub type Ct6Group = CtGroup<Ct6Key, Ct6Entry>;
 
 /// Lines of a table sized for `entries` flows: twice as many, a power of
 /// two, at least one group. At half load a group of eight runs full for
@@ -71,28 +50,24 @@ pub const fn ct_lines(entries: u32) -> u32 {
 }
 
 /// A conntrack key as the 32-bit words it hashes and compares by (its
-/// padding is zero in every key the datapath and the agent make).
+/// padding is zero in every key the datapath and the agent make). Read in
+/// place: the datapath has no stack to spare for a copy.
 pub trait CtWords: Copy {
-    type Words: Copy + PartialEq + AsRef<[u32]>;
-    fn words(&self) -> Self::Words;
+    const WORDS: usize;
+    #[inline(always)]
+    fn words(&self) -> &[u32] {
+        // SAFETY: keys are plain data of `WORDS` 4-byte words, 4-byte
+        // aligned, padding explicit (checked by the tests below).
+        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u32>(), Self::WORDS) }
+    }
 }
 
 impl CtWords for Ct4Key {
-    type Words = [u32; 4];
-    #[inline(always)]
-    fn words(&self) -> [u32; 4] {
-        // SAFETY: 16 bytes of plain data, 4-byte aligned, padding explicit.
-        unsafe { core::mem::transmute::<Ct4Key, [u32; 4]>(*self) }
-    }
+    const WORDS: usize = 4;
 }
 
 impl CtWords for Ct6Key {
-    type Words = [u32; 10];
-    #[inline(always)]
-    fn words(&self) -> [u32; 10] {
-        // SAFETY: 40 bytes of plain data, 4-byte aligned, padding explicit.
-        unsafe { core::mem::transmute::<Ct6Key, [u32; 10]>(*self) }
-    }
+    const WORDS: usize = 10;
 }
 
 /// MurmurHash3's 32-bit finalizer.
@@ -109,7 +84,7 @@ const fn mix(mut h: u32) -> u32 {
 #[inline(always)]
 pub fn ct_home<K: CtWords>(key: &K, groups_mask: u32) -> (u32, u32) {
     let mut h = 0x9e37_79b9u32;
-    for w in key.words().as_ref() {
+    for w in key.words() {
         h = mix(h ^ *w);
     }
     (h & groups_mask, mix(h ^ 0x5bd1_e995) | CT_TAG_LIVE)
@@ -119,9 +94,8 @@ pub fn ct_home<K: CtWords>(key: &K, groups_mask: u32) -> (u32, u32) {
 mod pod {
     use super::*;
     // SAFETY: repr(C), Copy, explicit padding, no invalid bit patterns.
-    unsafe impl aya::Pod for CtTags {}
-    unsafe impl aya::Pod for Ct4Line {}
-    unsafe impl aya::Pod for Ct6Line {}
+    unsafe impl aya::Pod for Ct4Group {}
+    unsafe impl aya::Pod for Ct6Group {}
 }
 
 #[cfg(test)]
@@ -129,10 +103,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lines_are_whole_cache_lines() {
-        assert_eq!(core::mem::size_of::<Ct4Line>(), 64);
-        assert_eq!(core::mem::size_of::<Ct6Line>(), 128);
-        assert_eq!(core::mem::size_of::<CtTags>(), 32);
+    fn keys_are_whole_words() {
+        assert_eq!(core::mem::size_of::<Ct4Key>(), 4 * Ct4Key::WORDS);
+        assert_eq!(core::mem::size_of::<Ct6Key>(), 4 * Ct6Key::WORDS);
+        assert_eq!(core::mem::align_of::<Ct6Key>(), 4);
+    }
+
+    #[test]
+    fn groups_have_no_padding_between_tags_keys_and_values() {
+        assert_eq!(core::mem::size_of::<Ct4Group>(), 32 + 8 * 16 + 8 * 28);
+        assert_eq!(core::mem::size_of::<Ct6Group>(), 32 + 8 * 40 + 8 * 40);
     }
 
     #[test]

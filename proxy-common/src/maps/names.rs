@@ -50,18 +50,15 @@ pub const NEW_FLOW: &str = "new_flow";
 pub const XDP_NEW_FLOW: &str = "xdp_new_flow";
 pub const TC_NEW_FLOW: &str = "tc_new_flow";
 
-// Conntrack (`conntrack`, `ctlines`): a line per entry, and a tag per
-// line in groups of eight.
-pub const CT4_LINES: &str = "ct4_lines";
-pub const CT4_TAGS: &str = "ct4_tags";
-pub const CT6_LINES: &str = "ct6_lines";
-pub const CT6_TAGS: &str = "ct6_tags";
+// Conntrack (`conntrack`, `ctlines`): entries in groups of eight lines.
+pub const CT4_GROUPS: &str = "ct4_groups";
+pub const CT6_GROUPS: &str = "ct6_groups";
 /// The kernel hash maps conntrack was kept in before its own table: an
 /// agent adopting such a datapath copies their entries into the lines.
 pub const LEGACY_CONNTRACK4: &str = "ct4";
 pub const LEGACY_CONNTRACK6: &str = "ct6";
-/// Conntrack for new flows that found their group of `ct4_lines`/`ct6_lines`
-/// full: LRU maps.
+/// Conntrack for new flows that found their group of `ct4_groups`/
+/// `ct6_groups` full: LRU maps.
 pub const OVERFLOW4: &str = "ct4_overflow";
 pub const OVERFLOW6: &str = "ct6_overflow";
 /// Non-zero while the overflow maps may hold entries: the datapath
@@ -119,7 +116,7 @@ pub const BENCH_CT_HIT: &str = "bench_ct_hit";
 pub const BENCH_CT_HIT_SLOTS: &str = "bench_ct_hit_slots";
 
 /// Every map the programs define, for pinning and cleanup.
-pub const ALL: [&str; 42] = [
+pub const ALL: [&str; 40] = [
     FILTER,
     SERVICES_BY_ID,
     MEMBER_GONE,
@@ -148,15 +145,13 @@ pub const ALL: [&str; 42] = [
     SERVICES6,
     BACKENDS6,
     MEMBERS6,
-    CT6_LINES,
-    CT6_TAGS,
+    CT6_GROUPS,
     AFFINITY6,
     SOURCE_RANGES6,
     SERVICES4,
     BACKENDS4,
     SLOTS,
-    CT4_LINES,
-    CT4_TAGS,
+    CT4_GROUPS,
     SERVICE_STATS,
     COUNTERS,
     MEMBERS4,

@@ -129,16 +129,13 @@ impl Loaded {
     /// With the conntrack maps of both families sized as given (as the
     /// agent's loader sizes them), and only the programs named verified.
     pub fn with_conntrack(max: u32, overflow_max: u32, names: &[&str]) -> anyhow::Result<Loaded> {
-        use proxy_common::names::{CONNTRACK4, CONNTRACK6, OVERFLOW4, OVERFLOW6};
+        let sizes = proxy_agent::datapath::loader::ConntrackSizes {
+            entries: max,
+            overflow: overflow_max,
+        };
+        let mask = sizes.groups_mask(None);
         let mut loader = EbpfLoader::new();
-        for (map, size) in [
-            (CONNTRACK4, max),
-            (CONNTRACK6, max),
-            (OVERFLOW4, overflow_max),
-            (OVERFLOW6, overflow_max),
-        ] {
-            loader.map_max_entries(map, size);
-        }
+        sizes.apply(&mut loader, &mask);
         Self::load(&mut loader, names)
     }
 
@@ -349,4 +346,27 @@ pub fn crc32c(data: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// Fills every line of a family's own conntrack table with `value` under
+/// keys of flows that never come (`key(i)` for i = 0, 1, ...: keys land in
+/// groups by hash, so more keys than lines are tried); their keys.
+#[allow(dead_code)]
+pub fn fill_lines<K: proxy_agent::datapath::conntrack::CtKey>(
+    tables: &proxy_agent::datapath::ctstore::CtTables<K>,
+    key: impl Fn(u32) -> K,
+    value: K::Value,
+) -> Vec<K> {
+    let lines = tables.main.lines();
+    let mut keys = Vec::new();
+    for i in 0..64 * lines as u32 {
+        if keys.len() == lines {
+            break;
+        }
+        if tables.main.insert(key(i), value).is_ok() {
+            keys.push(key(i));
+        }
+    }
+    assert_eq!(keys.len(), lines, "every line of the table filled");
+    keys
 }
