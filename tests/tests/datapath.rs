@@ -964,15 +964,12 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
     );
     assert_eq!(lab.counter(Counter::SnatFailed), 1);
     // The first flow goes quiet for longer than TCP's idle time.
-    let mut ct: BpfHashMap<_, Ct4Key, Ct4Entry> =
-        BpfHashMap::try_from(lab.dp.ebpf.map_mut("ct4").expect("ct4")).expect("hash");
-    let mut entry = ct
-        .get(&node_port_key(61000), 0)
-        .expect("the first flow's reply entry");
+    let ct = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");
+    let mut entry = (ct.main.get(&node_port_key(61000))).expect("the first flow's reply entry");
     entry.last_seen = now()
         .expect("the conntrack clock")
         .wrapping_sub(proxy_common::SNAT_IDLE_STREAM + 10);
-    ct.insert(node_port_key(61000), entry, 0).expect("age it");
+    ct.main.insert(node_port_key(61000), entry).expect("age it");
     let third = seen(&snat_flow(&lab, 50002).1);
     assert_eq!(
         (third.src, third.sport),

@@ -118,7 +118,7 @@ fn pinned<T: TryFrom<Map, Error = MapError>>(lab: &Lab, name: &str) -> anyhow::R
     Pins::at(lab.agent.bpffs()).map(name)
 }
 
-/// Fills every line of `ct4_lines` with established entries of flows from
+/// Fills every free line of `ct4_groups` with established entries of flows from
 /// 192.0.2.0/24 that never send; returns their keys.
 fn fill(ct4: &CtTables<Ct4Key>) -> anyhow::Result<Vec<Ct4Key>> {
     let now = now()?;
@@ -146,11 +146,12 @@ fn fill(ct4: &CtTables<Ct4Key>) -> anyhow::Result<Vec<Ct4Key>> {
         if ct4.main.insert(key, value).is_ok() {
             keys.push(key);
         }
-        if keys.len() == lines {
+        // With the lines the connections opened before hold.
+        if ct4.main.len() == lines {
             return Ok(keys);
         }
     }
-    bail!("ct4_lines took only {} of its {lines} lines", keys.len())
+    bail!("ct4_groups took only {} of its {lines} lines", ct4.main.len())
 }
 
 /// Polls `done` every 100 ms until it holds or `timeout` passes.
