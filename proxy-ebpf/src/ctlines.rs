@@ -1,12 +1,12 @@
 //! Conntrack's own table (see proxy-common's `ctlines`): a key's group of
-//! eight lines, each a tag, a key and a value. Lookups, inserts and
-//! removals each run as one global function per family, which the
-//! verifier walks once, not at every place conntrack is used; they take
-//! the key (and value) by pointer, and answer with a line index or an
-//! error: a global function returns no pointer. They must keep to a few
-//! bytes of stack, as TC's program calls them with nearly all of BPF's
-//! 512 taken: one lookup (one call) each, the group's, so that few values
-//! live across a call (BPF keeps four in registers).
+//! eight lines, each a tag, a key and a value, and the next group for
+//! keys whose own group was full. Lookups, inserts and removals each run
+//! as one global function per family, which the verifier walks once, not
+//! at every place conntrack is used; they answer with a line index or an
+//! error (a global function returns no pointer). They must keep to a few
+//! bytes of stack, as TC's programs call them with nearly all of BPF's
+//! 512 taken: few values live across a group's lookup (BPF keeps four in
+//! registers), and loops keep little besides their own.
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
@@ -18,11 +18,14 @@ use proxy_common::{
     CtGroup, CtWords, MAX_CONNTRACK, ct_home, ct_lines,
 };
 
-use crate::{atomic, maps};
+use crate::{
+    atomic,
+    maps::{self, CtScratch},
+};
 
 /// The agent maps the tables to read and release entries.
-const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
-const GROUPS: usize = (ct_lines(MAX_CONNTRACK) / CT_GROUP) as usize;
+pub const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
+pub const GROUPS: usize = (ct_lines(MAX_CONNTRACK) / CT_GROUP) as usize;
 
 /// The kernel's answer to an insert into a full hash map, kept: a full
 /// group sends the flow to the overflow map as a full map did.
@@ -48,7 +51,7 @@ fn groups_mask() -> u32 {
     unsafe { core::ptr::read_volatile(&raw const CT_GROUPS_MASK) }
 }
 
-/// No line: what `walk` answers for a key not there, or a group full.
+/// No line: what a walk answers for a key not there, or a group full.
 const NONE: u32 = u32::MAX;
 
 /// True if both keys have the same words, read in place. Every word is
@@ -96,94 +99,187 @@ fn value_at<K, V>(group: *mut CtGroup<K, V>, i: u32) -> *mut V {
     }
 }
 
-/// The key's line (`NONE` if not there) and, when it is not there, the
-/// group's first free line (`NONE` if none), as indexes within the group.
+/// The address of a group's count of keys kept in the next group.
 #[inline(always)]
-fn walk<K: CtWords, V>(group: *mut CtGroup<K, V>, tag: u32, key: &K) -> (u32, u32) {
-    let mut free = NONE;
+fn spilled_at<K, V>(group: *mut CtGroup<K, V>) -> *mut u32 {
+    // SAFETY: within the group's value.
+    unsafe { &raw mut (*group).spilled }
+}
+
+/// True while some of the group's keys are kept in the next group.
+#[inline(always)]
+fn spills<K, V>(group: *mut CtGroup<K, V>) -> bool {
+    // SAFETY: a live array value; read once.
+    unsafe { core::ptr::read_volatile(spilled_at(group)) != 0 }
+}
+
+/// The key's line in `group` (`NONE` if not there). Free lines are looked
+/// for apart (`free_in`): each loop keeps fewer values in registers. The
+/// key is read anew at each compare (a fence between them): held in
+/// registers across the loop, an IPv6 key's ten words spilled onto the
+/// stack the callers do not have.
+#[inline(always)]
+fn walk<K: CtWords, V>(group: *mut CtGroup<K, V>, tag: u32, key: *const K) -> u32 {
     for i in 0..CT_GROUP {
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
         // SAFETY: a live array value. The tag is read once, as another
-        // CPU may change it; the key is read only under a live tag.
+        // CPU may change it; the key is read only under a live tag. `key`
+        // points to a live key.
         let seen = unsafe { core::ptr::read_volatile(tag_at(group, i)) };
-        if seen == tag && same(unsafe { &*key_at(group, i) }, key) {
-            return (i, NONE);
-        }
-        if seen == CT_TAG_FREE && free == NONE {
-            free = i;
+        if seen == tag && same(unsafe { &*key_at(group, i) }, unsafe { &*key }) {
+            return i;
         }
     }
-    (NONE, free)
+    NONE
 }
 
-/// The key's group, its index and the key's tag, looked up with `slot`,
-/// the one key on the stack.
+/// The first free line of `group` (`NONE` if none).
 #[inline(always)]
-fn group_of<K: CtWords, V>(
+fn free_in<K, V>(group: *mut CtGroup<K, V>) -> u32 {
+    for i in 0..CT_GROUP {
+        // SAFETY: a live array value, its tag read once.
+        if unsafe { core::ptr::read_volatile(tag_at(group, i)) } == CT_TAG_FREE {
+            return i;
+        }
+    }
+    NONE
+}
+
+/// Group `index`, looked up with `slot`, the one key on the stack.
+#[inline(always)]
+fn group_at<K, V>(
     groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
-    key: &K,
+    index: u32,
     slot: &mut u32,
-) -> Option<(*mut CtGroup<K, V>, u32, u32)> {
-    let (index, tag) = ct_home(key, groups_mask());
+) -> Option<*mut CtGroup<K, V>> {
     *slot = index;
     // SAFETY: the groups map, whose keys are u32 and values groups.
-    let group = unsafe {
-        maps::lookup::<CtGroup<K, V>>(core::ptr::from_ref(groups).cast(), &raw const *slot)
-    }?;
-    Some((group, index, tag))
+    unsafe { maps::lookup::<CtGroup<K, V>>(core::ptr::from_ref(groups).cast(), &raw const *slot) }
 }
 
-/// The line holding `key`, or -ENOENT.
+/// The group after `index`, wrapping.
 #[inline(always)]
-fn find<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key: &K) -> i64 {
+fn next(index: u32) -> u32 {
+    index.wrapping_add(1) & groups_mask()
+}
+
+/// The line holding `key`, or -ENOENT: in its group, or in the next one
+/// while its group has keys there.
+#[inline(always)]
+pub fn find<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key: &K) -> i64 {
     let mut slot = 0;
-    let Some((group, index, tag)) = group_of(groups, key, &mut slot) else {
+    let (index, tag) = ct_home(key, groups_mask());
+    let Some(group) = group_at(groups, index, &mut slot) else {
         return -ENOENT;
     };
-    match walk(group, tag, key).0 {
-        NONE => -ENOENT,
-        i => i64::from(index * CT_GROUP + i),
+    if let i @ 0..CT_GROUP = walk(group, tag, key) {
+        return i64::from(index * CT_GROUP + i);
+    }
+    if !spills(group) {
+        return -ENOENT;
+    }
+    let index = next(index);
+    let Some(group) = group_at(groups, index, &mut slot) else {
+        return -ENOENT;
+    };
+    match walk(group, tag, key) {
+        i @ 0..CT_GROUP => i64::from(index * CT_GROUP + i),
+        _ => -ENOENT,
     }
 }
 
 /// Writes `value` at `key`: over the key's entry if it has one (if
-/// `REPLACE`, else -EEXIST), else into a free line of its group, claimed
-/// from other CPUs by compare-and-exchange on its tag (none, or another
-/// CPU took it first: -E2BIG). The key and the value go in before the
-/// tag, so no reader sees the line before it is whole; an entry
-/// rewritten in place may be seen half old, half new by a racing reader,
-/// as a flow's state change may.
+/// `REPLACE`, else -EEXIST), else into a free line of its group, or of the
+/// next group when its own is full (none, or another CPU took it first:
+/// -E2BIG). Lines are claimed from other CPUs by compare-and-exchange on
+/// their tags. An entry rewritten in place may be seen half old, half new
+/// by a racing reader, as a flow's state change may.
 #[inline(always)]
-fn insert<K: CtWords, V: Copy, const REPLACE: bool>(
+pub fn insert<K: CtWords, V: Copy, const REPLACE: bool>(
     groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
     key: &K,
     value: &V,
 ) -> i64 {
     let mut slot = 0;
-    let Some((group, _, tag)) = group_of(groups, key, &mut slot) else {
+    let (index, tag) = ct_home(key, groups_mask());
+    let Some(group) = group_at(groups, index, &mut slot) else {
         return -E2BIG;
     };
-    let (found, free) = walk(group, tag, key);
-    if found != NONE {
-        if !REPLACE {
-            return -EEXIST;
-        }
-        // SAFETY: a live array value.
-        unsafe { *value_at(group, found) = *value };
-        return 0;
+    if let i @ 0..CT_GROUP = walk(group, tag, key) {
+        return replace::<_, _, REPLACE>(group, i, value);
     }
-    if free == NONE {
+    if !spills(group)
+        && let i @ 0..CT_GROUP = free_in(group)
+    {
+        return claim(group, i, tag, key, value);
+    }
+    spill::<_, _, REPLACE>(groups, group, key, value, &mut slot)
+}
+
+/// `insert` for a key whose group is full or keeps keys in the next group:
+/// the key may be there, and its line must be if its own group has none
+/// free. The group's index and the key's tag are worked out again rather
+/// than kept across the lookup.
+#[inline(always)]
+fn spill<K: CtWords, V: Copy, const REPLACE: bool>(
+    groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
+    group: *mut CtGroup<K, V>,
+    key: &K,
+    value: &V,
+    slot: &mut u32,
+) -> i64 {
+    let (index, _) = ct_home(key, groups_mask());
+    let Some(after) = group_at(groups, next(index), slot) else {
+        return -E2BIG;
+    };
+    let (_, tag) = ct_home(key, groups_mask());
+    if let i @ 0..CT_GROUP = walk(after, tag, key) {
+        return replace::<_, _, REPLACE>(after, i, value);
+    }
+    if let i @ 0..CT_GROUP = free_in(group) {
+        return claim(group, i, tag, key, value);
+    }
+    let i = free_in(after);
+    if i == NONE {
         return -E2BIG;
     }
-    let at = tag_at(group, free);
+    let spilled = spilled_at(group);
+    // SAFETY: a live array value's 4-byte aligned field. Raised before the
+    // key can be found, so that a miss in its group looks on.
+    unsafe { atomic::fetch_add(spilled, 1) };
+    let claimed = claim(after, i, tag, key, value);
+    if claimed != 0 {
+        // SAFETY: as above; the raise this call made.
+        unsafe { atomic::fetch_add(spilled, u32::MAX) };
+    }
+    claimed
+}
+
+/// Rewrites line `i` of `group` with `value` if `REPLACE`; -EEXIST if not.
+#[inline(always)]
+fn replace<K, V: Copy, const REPLACE: bool>(group: *mut CtGroup<K, V>, i: u32, value: &V) -> i64 {
+    if !REPLACE {
+        return -EEXIST;
+    }
+    // SAFETY: a live array value.
+    unsafe { *value_at(group, i) = *value };
+    0
+}
+
+/// Claims free line `i` of `group` for `key` and `value`; -E2BIG if
+/// another CPU took it first. The key and the value go in before the tag,
+/// so no reader sees the line before it is whole.
+#[inline(always)]
+fn claim<K: Copy, V: Copy>(group: *mut CtGroup<K, V>, i: u32, tag: u32, key: &K, value: &V) -> i64 {
+    let at = tag_at(group, i);
     // SAFETY: a live array value; its tag 4-byte aligned. The line is this
-    // CPU's while the tag is busy, and read by others once it is set,
-    // after the key and the value.
+    // CPU's while the tag is busy.
     unsafe {
         if !atomic::compare_exchange(at, CT_TAG_FREE, CT_TAG_BUSY) {
             return -E2BIG;
         }
-        *key_at(group, free) = *key;
-        *value_at(group, free) = *value;
+        *key_at(group, i) = *key;
+        *value_at(group, i) = *value;
         core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
         core::ptr::write_volatile(at, tag);
     }
@@ -191,23 +287,45 @@ fn insert<K: CtWords, V: Copy, const REPLACE: bool>(
 }
 
 /// Releases the key's line; -ENOENT if it had none (or another CPU
-/// released it first).
+/// released it first). A key kept in the next group lowers its own
+/// group's count once released.
 #[inline(always)]
 fn remove<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key: &K) -> i64 {
     let mut slot = 0;
-    let Some((group, _, tag)) = group_of(groups, key, &mut slot) else {
+    let (index, tag) = ct_home(key, groups_mask());
+    let Some(group) = group_at(groups, index, &mut slot) else {
         return -ENOENT;
     };
-    match walk(group, tag, key).0 {
-        NONE => -ENOENT,
-        // SAFETY: a live tag, 4-byte aligned.
-        i if unsafe { atomic::compare_exchange(tag_at(group, i), tag, CT_TAG_FREE) } => 0,
-        _ => -ENOENT,
+    if let i @ 0..CT_GROUP = walk(group, tag, key) {
+        return release(group, i, tag);
+    }
+    if !spills(group) {
+        return -ENOENT;
+    }
+    let Some(after) = group_at(groups, next(index), &mut slot) else {
+        return -ENOENT;
+    };
+    let i = walk(after, tag, key);
+    if i == NONE || release(after, i, tag) != 0 {
+        return -ENOENT;
+    }
+    // SAFETY: a live array value's 4-byte aligned field.
+    unsafe { atomic::fetch_add(spilled_at(group), u32::MAX) };
+    0
+}
+
+/// Frees line `i` of `group` if it still has `tag`; -ENOENT if not.
+#[inline(always)]
+fn release<K, V>(group: *mut CtGroup<K, V>, i: u32, tag: u32) -> i64 {
+    // SAFETY: a live tag, 4-byte aligned.
+    match unsafe { atomic::compare_exchange(tag_at(group, i), tag, CT_TAG_FREE) } {
+        true => 0,
+        false => -ENOENT,
     }
 }
 
 macro_rules! table {
-    ($name:ident, $key:ty, $value:ty, $groups:ident,
+    ($name:ident, $key:ty, $value:ty, $groups:ident, $k:ident, $v:ident,
      $find:ident, $insert:ident, $replace:ident, $remove:ident) => {
         pub struct $name;
 
@@ -220,15 +338,15 @@ macro_rules! table {
                 Some(value_at(group, line))
             }
 
-            /// Writes `value` at `key`: over the key's entry if it has one
-            /// (unless `BPF_NOEXIST`: -EEXIST), else into a free line of its
-            /// group (none: -E2BIG).
+            /// Writes the scratch buffer's value at its key: over the key's
+            /// entry if it has one (unless `BPF_NOEXIST`: -EEXIST), else
+            /// into a free line (none: -E2BIG).
             #[inline(always)]
-            pub fn insert(key: &$key, value: &$value, flags: u64) -> Result<(), i64> {
+            pub fn insert(s: &CtScratch, flags: u64) -> Result<(), i64> {
                 let written = if flags == u64::from(BPF_NOEXIST) {
-                    $insert(key, value)
+                    $insert(s)
                 } else {
-                    $replace(key, value)
+                    $replace(s)
                 };
                 match written {
                     0 => Ok(()),
@@ -257,28 +375,29 @@ macro_rules! table {
             }
         }
 
-        /// `Self::insert` with `BPF_NOEXIST`, verified once. The flags
-        /// make two functions, not an argument: one more value live across
-        /// the lookups would not fit the registers, and spill onto the
-        /// stack the callers have little of.
+        /// `Self::insert` with `BPF_NOEXIST`, verified once. The key and
+        /// the value come in one pointer, and the flags make two functions,
+        /// not an argument: one more value live across the lookups would
+        /// not fit the registers, and spill onto the stack the callers have
+        /// little of.
         #[unsafe(no_mangle)]
         #[inline(never)]
-        pub extern "C" fn $insert(key: *const $key, value: *const $value) -> i64 {
+        pub extern "C" fn $insert(s: *const CtScratch) -> i64 {
             // SAFETY: as `find`.
-            match unsafe { (key.as_ref(), value.as_ref()) } {
-                (Some(key), Some(value)) => insert::<_, _, false>(&$groups, key, value),
-                _ => -E2BIG,
+            match unsafe { s.as_ref() } {
+                Some(s) => insert::<_, _, false>(&$groups, &s.$k, &s.$v),
+                None => -E2BIG,
             }
         }
 
         /// `Self::insert` without `BPF_NOEXIST`, verified once.
         #[unsafe(no_mangle)]
         #[inline(never)]
-        pub extern "C" fn $replace(key: *const $key, value: *const $value) -> i64 {
+        pub extern "C" fn $replace(s: *const CtScratch) -> i64 {
             // SAFETY: as `find`.
-            match unsafe { (key.as_ref(), value.as_ref()) } {
-                (Some(key), Some(value)) => insert::<_, _, true>(&$groups, key, value),
-                _ => -E2BIG,
+            match unsafe { s.as_ref() } {
+                Some(s) => insert::<_, _, true>(&$groups, &s.$k, &s.$v),
+                None => -E2BIG,
             }
         }
 
@@ -300,6 +419,8 @@ table!(
     Ct4Key,
     Ct4Entry,
     CT4_GROUPS,
+    key4,
+    value4,
     xdproxy_ct4_find,
     xdproxy_ct4_insert,
     xdproxy_ct4_replace,
@@ -310,6 +431,8 @@ table!(
     Ct6Key,
     Ct6Entry,
     CT6_GROUPS,
+    key6,
+    value6,
     xdproxy_ct6_find,
     xdproxy_ct6_insert,
     xdproxy_ct6_replace,

@@ -169,8 +169,8 @@ pub trait CtMaps {
     ) -> Self::Key;
     /// The value at `key` in the main table.
     fn main_find(key: &Self::Key) -> Option<*mut Self::Value>;
-    /// Writes `value` at `key` into the main table.
-    fn main_insert(key: &Self::Key, value: &Self::Value, flags: u64) -> Result<(), i64>;
+    /// Writes the scratch buffer's value at its key into the main table.
+    fn main_insert(s: &CtScratch, flags: u64) -> Result<(), i64>;
     /// Removes `key` from the main table.
     fn main_remove(key: &Self::Key);
     fn overflow() -> &'static Overflow<Self::Key, Self::Value>;
@@ -451,6 +451,7 @@ pub struct Peek<A> {
     pub flags: u16,
     pub state: u8,
     pub node_port: u16,
+    pub last_seen: u32,
 }
 
 /// Part of the entry at `key`, if there is one; the entry is only read.
@@ -481,9 +482,13 @@ pub fn insert<M: CtMaps>(
 /// `ct_overflowed` around an overflow insert.
 #[inline(always)]
 fn write<M: CtMaps>(table: Table, flags: u64) -> Result<(), i64> {
-    let (k, v) = M::slots(scratch().ok_or(-1i64)?);
+    let s = scratch().ok_or(-1i64)?;
+    if table == Table::Main {
+        return M::main_insert(s, flags);
+    }
+    let (k, v) = M::slots(s);
     let inserted = match table {
-        Table::Main => M::main_insert(k, v, flags),
+        Table::Main => Err(-1),
         Table::Overflow => {
             mark_overflowed();
             let inserted = M::overflow().insert(k, v, flags);
@@ -608,8 +613,8 @@ macro_rules! ct_maps {
             }
 
             #[inline(always)]
-            fn main_insert(key: &$key, value: &$value, flags: u64) -> Result<(), i64> {
-                $main::insert(key, value, flags)
+            fn main_insert(s: &CtScratch, flags: u64) -> Result<(), i64> {
+                $main::insert(s, flags)
             }
 
             #[inline(always)]
@@ -681,6 +686,7 @@ macro_rules! ct_maps {
                     flags: v.flags,
                     state: v.state,
                     node_port: v.node_port,
+                    last_seen: v.last_seen,
                 }
             }
 

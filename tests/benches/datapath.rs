@@ -112,17 +112,14 @@ struct Samples {
     ct_lookup: Vec<u64>,
     ct_lookup_insert: Vec<u64>,
     ct_insert: Vec<u64>,
-    /// Steady state only: the same lookup, and lookup then insert, on the
-    /// sketch of a table of our own (`bench_ct_slots`).
-    slots_lookup: Vec<u64>,
-    slots_lookup_insert: Vec<u64>,
-    /// And with a compact index of tags in front of its lines.
-    tags_lookup: Vec<u64>,
-    tags_lookup_insert: Vec<u64>,
+    /// Steady state only: the same lookup, and lookup then insert, on
+    /// conntrack's own table (`bench_ct_groups`).
+    lines_lookup: Vec<u64>,
+    lines_lookup_insert: Vec<u64>,
     /// Steady state only: a conntrack lookup that finds its key, an
-    /// established packet's, in the kernel's hash map and in the sketch.
+    /// established packet's, in the kernel's hash map and in our table.
     ct_hit: Vec<u64>,
-    slots_hit: Vec<u64>,
+    lines_hit: Vec<u64>,
     /// Steady state only: a new flow and a non-service packet while a
     /// mark of `ct_paired` is raised (see `Scale::marked_round`): the
     /// pairs', the source NAT entries'.
@@ -142,15 +139,13 @@ impl Samples {
             services,
             established: median(&self.established) - empty,
             hit: median(&self.ct_hit) - empty,
-            slots_hit: median(&self.slots_hit) - empty,
+            lines_hit: median(&self.lines_hit) - empty,
             new_flow: median(&self.new_flow) - empty,
             lookup: median(&self.ct_lookup) - empty,
             lookup_insert: median(&self.ct_lookup_insert) - empty,
             insert: median(&self.ct_insert) - empty,
-            slots_lookup: median(&self.slots_lookup) - empty,
-            slots_lookup_insert: median(&self.slots_lookup_insert) - empty,
-            tags_lookup: median(&self.tags_lookup) - empty,
-            tags_lookup_insert: median(&self.tags_lookup_insert) - empty,
+            lines_lookup: median(&self.lines_lookup) - empty,
+            lines_lookup_insert: median(&self.lines_lookup_insert) - empty,
             paired_new_flow: median(&self.paired_new_flow) - empty,
             paired_non_service: median(&self.paired_non_service) - empty,
             snat_new_flow: median(&self.snat_new_flow) - empty,
@@ -299,7 +294,7 @@ impl Scale {
         self.steady.filtered_in.push(ns);
         for (program, samples) in [
             (programs::XDP_BENCH_CT_HIT, &mut self.steady.ct_hit),
-            (programs::XDP_BENCH_CT_SLOTS_HIT, &mut self.steady.slots_hit),
+            (programs::XDP_BENCH_LINES_HIT, &mut self.steady.lines_hit),
         ] {
             // XDP_PASS (checked by `time`) only if the last run found its
             // key: only the first run of all writes it.
@@ -316,20 +311,12 @@ impl Scale {
             ),
             (programs::XDP_BENCH_CT_INSERT, &mut self.steady.ct_insert),
             (
-                programs::XDP_BENCH_CT_SLOTS_LOOKUP,
-                &mut self.steady.slots_lookup,
+                programs::XDP_BENCH_LINES_LOOKUP,
+                &mut self.steady.lines_lookup,
             ),
             (
-                programs::XDP_BENCH_CT_SLOTS_LOOKUP_INSERT,
-                &mut self.steady.slots_lookup_insert,
-            ),
-            (
-                programs::XDP_BENCH_CT_TAGS_LOOKUP,
-                &mut self.steady.tags_lookup,
-            ),
-            (
-                programs::XDP_BENCH_CT_TAGS_LOOKUP_INSERT,
-                &mut self.steady.tags_lookup_insert,
+                programs::XDP_BENCH_LINES_LOOKUP_INSERT,
+                &mut self.steady.lines_lookup_insert,
             ),
         ] {
             // Each returns XDP_PASS only if its lookup missed and its insert
@@ -520,29 +507,26 @@ fn destination(packet: &[u8]) -> [u8; 4] {
     [packet[30], packet[31], packet[32], packet[33]]
 }
 
-/// Where a new flow's nanoseconds go: the conntrack writes it is made of,
-/// each timed alone on a table shaped like conntrack, and the rest.
+/// Where a new flow's nanoseconds go: the conntrack work it is made of,
+/// timed alone on a table shaped like conntrack's, and the rest.
 struct Parts {
     services: usize,
     /// Over the empty program: an established packet, a conntrack lookup
-    /// that finds its key in the kernel's hash map, and in the sketch.
+    /// that finds its key in our table, and in the kernel's hash map.
     established: f64,
+    lines_hit: f64,
     hit: f64,
-    slots_hit: f64,
     /// Over the empty program: the new flow, a lookup that misses (a cold
-    /// bucket), the same then an insert of its key (the bucket warm by
-    /// then), an insert alone (the insert pays for the cold bucket).
+    /// group), the same then an insert of its key (one walk of the group).
     new_flow: f64,
+    lines_lookup: f64,
+    lines_lookup_insert: f64,
+    /// The same in the kernel's hash map, which conntrack was kept in
+    /// before: a lookup that misses (a cold bucket), then an insert, and an
+    /// insert alone (which pays for the cold bucket).
     lookup: f64,
     lookup_insert: f64,
     insert: f64,
-    /// The same on the sketch of a table of our own (one cache line per
-    /// flow in an array, claimed by compare-and-exchange).
-    slots_lookup: f64,
-    slots_lookup_insert: f64,
-    /// And with a compact index of tags in front of the lines.
-    tags_lookup: f64,
-    tags_lookup_insert: f64,
     paired_new_flow: f64,
     paired_non_service: f64,
     snat_new_flow: f64,
@@ -554,27 +538,23 @@ struct Parts {
 
 impl Parts {
     /// A new flow (a SYN, no source NAT) looks up its entry, a miss, then
-    /// writes its one entry (`CT_SOCKET`, found from both directions).
-    /// The cold bucket lands on the first of them to touch it: in a new
-    /// flow the lookup (perf: most of the new flow's samples are in the
-    /// kernel's bucket walk of that lookup), so the insert is split into
-    /// what it costs after it.
+    /// writes its one entry (`CT_SOCKET`, found from both directions) into
+    /// a free line of the same group: the cold group lands on the lookup.
     fn print(&self) {
         self.print_established();
-        let insert = self.lookup_insert - self.lookup;
-        let rest = self.new_flow - self.lookup_insert;
+        let insert = self.lines_lookup_insert - self.lines_lookup;
+        let rest = self.new_flow - self.lines_lookup_insert;
         println!();
         println!(
             "where a new flow's +{:.0} ns go, {} services (steady state; target <= +{NEW_FLOW_TARGET:.0}, then +150; Katran timed the same way, bench/katran, 2026-12-07: +{:.0}..{:.0}):",
             self.new_flow, self.services, KATRAN_NEW_FLOW.0, KATRAN_NEW_FLOW.1
         );
         println!(
-            "  {:>5.0} ns  its entry's lookup, a miss (every packet to a service looks first): a cold bucket of conntrack's hash table, which any conntrack pays for a flow it has not seen",
-            self.lookup
+            "  {:>5.0} ns  its entry's lookup, a miss (every packet to a service looks first): a cold group of conntrack's own table (its tags' cache line), which any conntrack pays for a flow it has not seen; timed inlined, the datapath's is one call more",
+            self.lines_lookup
         );
         println!(
-            "  {insert:>5.0} ns  one conntrack insert after it (the bucket warm): the flow's only entry, keyed by its client and found from both directions (an insert alone, paying for the cold bucket itself: {:.0})",
-            self.insert
+            "  {insert:>5.0} ns  the insert after it: the flow's only entry (keyed by its client, found from both directions) written into a free line of the same group, claimed by compare-and-exchange"
         );
         println!(
             "  {rest:>5.0} ns  the rest: service lookup, backend choice, the hand-over to the new-flow program (a tail call, the packet parsed again), counters, rewrite and checksums"
@@ -582,24 +562,15 @@ impl Parts {
         let over = self.new_flow - NEW_FLOW_TARGET;
         if over > 0.0 {
             println!(
-                "  target missed by {over:.0} ns: the cold bucket and the insert are {:.0} of it through the kernel's hash map; the rest would have to shrink by the difference",
-                self.lookup_insert
+                "  target missed by {over:.0} ns: the cold group and the insert are {:.0} of it; the rest would have to shrink by the difference",
+                self.lines_lookup_insert
             );
         } else {
             println!("  target met");
         }
         println!(
-            "  a conntrack table of our own instead (sketch: one cache line per flow in an array map, lookup and insert one walk, the line claimed by compare-and-exchange): lookup {:.0} ns, lookup and insert {:.0} ns, against {:.0} through the kernel's hash map: a new flow at about +{:.0}",
-            self.slots_lookup,
-            self.slots_lookup_insert,
-            self.lookup_insert,
-            self.new_flow - self.lookup_insert + self.slots_lookup_insert
-        );
-        println!(
-            "  the same lines behind a compact index (a 32-bit tag per line, eight to a 32-byte group, a sixteenth of the lines' memory): lookup {:.0} ns, lookup and insert {:.0} ns: a new flow at about +{:.0}",
-            self.tags_lookup,
-            self.tags_lookup_insert,
-            self.new_flow - self.lookup_insert + self.tags_lookup_insert
+            "  the kernel's hash map, which conntrack was kept in before, timed the same way: lookup {:.0} ns, lookup and insert {:.0} ns (an insert alone, paying for the cold bucket itself: {:.0}), against {:.0} in our table",
+            self.lookup, self.lookup_insert, self.insert, self.lines_lookup_insert
         );
         println!(
             "  with ct_paired's source NAT mark raised (source-NATed flows on the node): new flow +{:.0} ns, non-service +{:.0} ns (neither looks for more, only packets to the node's address do)",
@@ -619,29 +590,29 @@ impl Parts {
     /// client port's entry (warm: the bench repeats one flow), and reads
     /// its service by the entry's id: no other hash lookup.
     fn print_established(&self) {
-        let rest = self.established - self.hit;
+        let rest = self.established - self.lines_hit;
         println!();
         println!(
             "where an established packet's +{:.0} ns go, {} services (steady state; target <= +{ESTABLISHED_TARGET:.0}; Katran timed the same way: +{:.0}..{:.0}):",
             self.established, self.services, KATRAN_ESTABLISHED.0, KATRAN_ESTABLISHED.1
         );
         println!(
-            "  {:>5.0} ns  its conntrack lookup, a hit, through the kernel's hash map (timed alone on a map of conntrack's size holding only that key, the key read from the packet): the helper call, jhash of the 16-byte key, the bucket walk and the key compare, four calls and returns, each through this CPU's return thunk (SRSO)",
-            self.hit
+            "  {:>5.0} ns  its conntrack lookup, a hit, in conntrack's own table (timed alone on a table holding only that key, inlined; the datapath's is a global function, one call and return more through this CPU's return thunk, SRSO): the key's hash, its group's tags, the key compare",
+            self.lines_hit
         );
         println!(
-            "  {rest:>5.0} ns  the rest, inlined, without a call: parsing, lb_filter's bit, the entry's frontend and listing checks (two array reads), the clock, the TCP state, the service counter, the membership check, rewrite and checksums; and whatever newer entries share the flow's conntrack bucket (new ones go in front)"
+            "  {rest:>5.0} ns  the rest: the lookup's call and return, parsing, lb_filter's bit, the entry's frontend and listing checks (two array reads), the clock, the TCP state, the service counter, the membership check, rewrite and checksums"
         );
         let over = self.established - ESTABLISHED_TARGET;
         if over > 0.0 {
-            println!(
-                "  target missed by {over:.0} ns; the sketch of a table of our own (see the new flow's figures: inlined array reads, no call) finds the key in {:.0} ns: an established packet at about +{:.0}",
-                self.slots_hit,
-                rest + self.slots_hit
-            );
+            println!("  target missed by {over:.0} ns");
         } else {
             println!("  target met");
         }
+        println!(
+            "  the kernel's hash map, which conntrack was kept in before, finds the key in {:.0} ns (the helper call, jhash, the bucket walk)",
+            self.hit
+        );
     }
 }
 

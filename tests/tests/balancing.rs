@@ -16,9 +16,9 @@ use common::{
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_agent::datapath::{conntrack::now, ctstore::CtTables};
 use proxy_common::{
-    Backend4, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
+    Backend4, CT_GROUP, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
     Connections, Counter, Ct4Entry, Ct4Key, FilterSet, Frontend4, MemberKey, SCOPE_ALL, SVC_LISTED,
-    Service, ct_lines, filter_bit, filter_word, names, programs,
+    Service, ct_home, ct_lines, filter_bit, filter_word, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -1478,5 +1478,72 @@ fn a_snapshot_of_a_datapath_created_at_start_holds_the_backends_written_since() 
         2 * BACKENDS.len(),
         "{:?}",
         after.backends
+    );
+}
+
+/// A flow whose group of conntrack lines is full takes a line of the next
+/// group, where its later packets find it; once both are full, new flows
+/// go to the overflow table. Releasing the spilled entry lowers its
+/// group's count again.
+#[test]
+fn a_full_group_spills_into_the_next_and_then_overflows() {
+    if !common::ready("a_full_group_spills_into_the_next_and_then_overflows") {
+        return;
+    }
+    // Two groups of eight lines.
+    const MAX: u32 = 8;
+    let lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX, 1024);
+    let mask = ct_lines(MAX) / CT_GROUP - 1;
+    let home = |key: &Ct4Key| ct_home(key, mask).0;
+    // Client ports whose flows' entries belong in group 0.
+    let ports: Vec<u16> = (50000..60000)
+        .filter(|p| home(&flow_key(CLIENT, *p, IPPROTO_TCP)) == 0)
+        .take(3)
+        .collect();
+    let ct = lab.ct();
+    // Group 0 full of flows that never come.
+    let filler = (1..)
+        .map(|p| flow_key([192, 0, 2, 1], p, IPPROTO_TCP))
+        .filter(|k| home(k) == 0)
+        .take(CT_GROUP as usize);
+    for key in filler {
+        ct.main
+            .insert(key, Ct4Entry::default())
+            .expect("room in group 0");
+    }
+    assert_eq!(ct.main.spilled_keys(), 0);
+
+    let b = lab.to_backend(&syn(CLIENT, ports[0]));
+    assert_eq!(lab.counter(Counter::CtFull), 0, "the flow found a line");
+    assert_eq!(ct.main.spilled_keys(), 1, "in the next group");
+    assert!(
+        lab.ct_get(&flow_key(CLIENT, ports[0], IPPROTO_TCP))
+            .is_some()
+    );
+    for _ in 0..3 {
+        assert_eq!(lab.to_backend(&with(CLIENT, ports[0], ACK)), b);
+    }
+    assert_eq!(lab.counter(Counter::CtFull), 0, "its packets find it");
+
+    // Group 1 full too: the next flow of group 0 overflows.
+    let others = (1..)
+        .map(|p| flow_key([192, 0, 2, 2], p, IPPROTO_TCP))
+        .filter(|k| home(k) == 1)
+        .take(CT_GROUP as usize - 1);
+    for key in others {
+        ct.main
+            .insert(key, Ct4Entry::default())
+            .expect("room in group 1");
+    }
+    lab.to_backend(&syn(CLIENT, ports[1]));
+    assert_eq!(lab.counter(Counter::CtFull), 1, "both groups full");
+    assert_eq!(lab.overflowed(), 1);
+    assert_eq!(lab.to_backend(&with(CLIENT, ports[0], ACK)), b);
+
+    assert!(ct.main.remove(&flow_key(CLIENT, ports[0], IPPROTO_TCP)));
+    assert_eq!(ct.main.spilled_keys(), 0, "released");
+    assert!(
+        lab.ct_get(&flow_key(CLIENT, ports[0], IPPROTO_TCP))
+            .is_none()
     );
 }

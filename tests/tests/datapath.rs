@@ -951,7 +951,7 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
         return;
     }
     // A single source NAT port, so the second flow competes.
-    let mut lab = one_backend_lab(proxy_common::MAX_CONNTRACK, (61000, 61000));
+    let lab = one_backend_lab(proxy_common::MAX_CONNTRACK, (61000, 61000));
     let node = [10, 0, 0, 1];
     let first = seen(&snat_flow(&lab, 50000).1);
     assert_eq!((first.src, first.sport), (node, 61000));

@@ -151,7 +151,10 @@ fn fill(ct4: &CtTables<Ct4Key>) -> anyhow::Result<Vec<Ct4Key>> {
             return Ok(keys);
         }
     }
-    bail!("ct4_groups took only {} of its {lines} lines", ct4.main.len())
+    bail!(
+        "ct4_groups took only {} of its {lines} lines",
+        ct4.main.len()
+    )
 }
 
 /// Polls `done` every 100 ms until it holds or `timeout` passes.

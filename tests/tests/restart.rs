@@ -21,6 +21,7 @@ use proxy_common::{
 };
 use proxy_tests::{
     agent::Agent,
+    clients::HttpConn,
     manifests::{self, ManifestFile},
     netns::{run_checked, unique_prefix},
     topology::Topology,
@@ -295,4 +296,121 @@ fn inspected_backends(bpffs: &std::path::Path) -> anyhow::Result<usize> {
     let json: serde_json::Value = serde_json::from_str(&out).context("inspect's JSON")?;
     let backends = json["backends"].as_array().context("no backends array")?;
     Ok(backends.len())
+}
+
+/// An agent of this version taking over the datapath of a version that kept
+/// conntrack in the kernel's hash maps (`ct4`) copies their entries into
+/// its own table before its programs run: open connections keep their
+/// backends (balancing is random: a connection whose entry were lost
+/// would be sent to another backend, which resets it), and the hash map
+/// is unpinned.
+#[test]
+fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
+    if !common::ready("an_upgrade_copies_the_earlier_versions_conntrack") {
+        return Ok(());
+    }
+    let topology = Topology::build(&unique_prefix("rct"), BACKENDS)?;
+    let _servers = topology.start_servers()?;
+    let manifest = ManifestFile::new(
+        &format!("conntrack-{}", topology.prefix()),
+        &manifests::web(&[0, 1, 2]),
+    )?;
+    let ifaces = topology.agent_ifaces(":tc");
+    let mut agent = Agent::start(&topology.node, manifest.path(), &ifaces)?;
+    let vip = std::net::SocketAddrV4::new(manifests::VIP, manifests::HTTP_PORT);
+    let mut conns = (0..8)
+        .map(|_| HttpConn::connect(&topology.client, vip, Duration::from_secs(5)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let first: Vec<String> = conns
+        .iter_mut()
+        .map(HttpConn::get)
+        .collect::<Result<_, _>>()?;
+    let distinct: std::collections::BTreeSet<&String> = first.iter().collect();
+    anyhow::ensure!(distinct.len() > 1, "connections spread: {first:?}");
+
+    agent.kill()?;
+    // What the earlier version left pinned: the entries in a hash map, and
+    // no table of its own (its programs, still attached, hold theirs).
+    let pins = Pins::at(agent.bpffs());
+    let held = CtTables::<Ct4Key>::open(&pins)?.main.entries();
+    anyhow::ensure!(held.len() >= conns.len(), "entries: {held:?}");
+    pin_legacy_conntrack(&pins.path(names::LEGACY_CONNTRACK4), &held)?;
+    std::fs::remove_file(pins.path(names::CT4_GROUPS))?;
+    // `inspect` reads a datapath of that version as well.
+    let listed = inspected_conntrack(agent.bpffs())?;
+    anyhow::ensure!(listed == held.len(), "inspect listed {listed} entries");
+    agent.restart(None)?;
+
+    let log = agent.log();
+    let copied = format!(
+        "copied {} conntrack entries from {} into {}",
+        held.len(),
+        names::LEGACY_CONNTRACK4,
+        names::CT4_GROUPS
+    );
+    assert!(log.contains(&copied), "{log}");
+    for (conn, backend) in conns.iter_mut().zip(&first) {
+        let now = conn
+            .get()
+            .context("a connection opened before the upgrade")?;
+        assert_eq!(&now, backend, "a connection moved across the upgrade");
+    }
+    assert!(!pins.path(names::LEGACY_CONNTRACK4).exists(), "{log}");
+    let table = CtTables::<Ct4Key>::open(&pins)?.main.entries();
+    for key in held.keys() {
+        assert!(table.contains_key(key), "{key:?} was not copied");
+    }
+    Ok(())
+}
+
+/// Pins conntrack entries in a hash map as versions before conntrack's own
+/// table did, with `bpftool`.
+fn pin_legacy_conntrack(
+    path: &std::path::Path,
+    entries: &std::collections::HashMap<Ct4Key, Ct4Entry>,
+) -> anyhow::Result<()> {
+    let (key, value) = (size_of::<Ct4Key>(), size_of::<Ct4Entry>());
+    let max = proxy_common::MAX_CONNTRACK.to_string();
+    run_checked(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(path)
+            .args(["type", "hash", "key", &key.to_string(), "value"])
+            .args([value.to_string().as_str(), "entries", &max])
+            .args(["name", names::LEGACY_CONNTRACK4]),
+    )
+    .context("creating the map (bpftool comes with apt-get install bpftool)")?;
+    for (k, v) in entries {
+        run_checked(
+            Command::new("bpftool")
+                .args(["map", "update", "pinned"])
+                .arg(path)
+                .args(["key", "hex"])
+                .args(hex(k))
+                .args(["value", "hex"])
+                .args(hex(v)),
+        )?;
+    }
+    Ok(())
+}
+
+/// A plain-data value's bytes, as `bpftool` takes them.
+fn hex<T: aya::Pod>(value: &T) -> Vec<String> {
+    // SAFETY: a Pod value's bytes, all initialized (explicit padding).
+    let bytes = unsafe {
+        std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>())
+    };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How many entries `proxy-agent inspect conntrack` lists.
+fn inspected_conntrack(bpffs: &std::path::Path) -> anyhow::Result<usize> {
+    let out = run_checked(
+        Command::new(proxy_tests::agent::binary()?)
+            .args(["inspect", "conntrack", "-o", "json", "--bpffs"])
+            .arg(bpffs),
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("inspect's JSON")?;
+    let entries = json["entries"].as_array().context("no entries array")?;
+    Ok(entries.len())
 }

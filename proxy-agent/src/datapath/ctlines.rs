@@ -200,21 +200,52 @@ impl<K: LineKey> CtLines<K> {
         }
     }
 
-    /// The live line holding `key`, with its tag; or the group's first
-    /// free line (`Err(Some)`), or nothing (`Err(None)`).
-    fn locate(&self, key: &K) -> Result<(u32, u32), Option<(u32, u32)>> {
-        let (group, tag) = ct_home(key, self.groups.count - 1);
-        let mut free = None;
-        for line in group * CT_GROUP..(group + 1) * CT_GROUP {
-            let seen = self.tag(line).load(Ordering::Acquire);
-            if seen == tag && self.key(line).words() == key.words() {
-                return Ok((line, tag));
-            }
-            if seen == CT_TAG_FREE && free.is_none() {
-                free = Some((line, tag));
-            }
+    /// Where `key` is: its line and tag, and whether it is kept in the
+    /// next group (its own group's index, whose count goes down when the
+    /// line is released).
+    fn locate(&self, key: &K) -> Option<Found> {
+        let (home, tag) = ct_home(key, self.groups.count - 1);
+        if let Some(line) = self.walk(home, tag, key) {
+            return Some(Found {
+                line,
+                tag,
+                spilled_from: None,
+            });
         }
-        Err(free)
+        if self.spilled(home).load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let line = self.walk(self.next(home), tag, key)?;
+        Some(Found {
+            line,
+            tag,
+            spilled_from: Some(home),
+        })
+    }
+
+    /// The line of `group` holding `key` under `tag`.
+    fn walk(&self, group: u32, tag: u32, key: &K) -> Option<u32> {
+        (group * CT_GROUP..(group + 1) * CT_GROUP).find(|line| {
+            self.tag(*line).load(Ordering::Acquire) == tag && self.key(*line).words() == key.words()
+        })
+    }
+
+    /// The first free line of `group`.
+    fn free_in(&self, group: u32) -> Option<u32> {
+        (group * CT_GROUP..(group + 1) * CT_GROUP)
+            .find(|line| self.tag(*line).load(Ordering::Acquire) == CT_TAG_FREE)
+    }
+
+    fn next(&self, group: u32) -> u32 {
+        group.wrapping_add(1) & (self.groups.count - 1)
+    }
+
+    /// The count of `group`'s keys kept in the next group.
+    fn spilled(&self, group: u32) -> &AtomicU32 {
+        let group = self.groups.value::<CtGroup<K, K::Value>>(group);
+        // SAFETY: a 4-byte aligned field of a group of the mapping, which
+        // the datapath changes atomically too.
+        unsafe { &*(&raw mut (*group).spilled).cast::<AtomicU32>() }
     }
 
     /// Every live entry, each key once, read in place: an entry whose line
@@ -234,6 +265,13 @@ impl<K: LineKey> CtLines<K> {
         out
     }
 
+    /// Live keys kept in the group after their own, which was full.
+    pub fn spilled_keys(&self) -> u64 {
+        (0..self.groups.count)
+            .map(|group| u64::from(self.spilled(group).load(Ordering::Relaxed)))
+            .sum()
+    }
+
     /// Live lines.
     pub fn len(&self) -> usize {
         (0..self.groups.count * CT_GROUP)
@@ -246,22 +284,34 @@ impl<K: LineKey> CtLines<K> {
     }
 
     pub fn get(&self, key: &K) -> Option<K::Value> {
-        let (line, _) = self.locate(key).ok()?;
-        Some(self.value(line))
+        Some(self.value(self.locate(key)?.line))
     }
 
-    /// Writes the entry: over the key's line, or into a free line of its
-    /// group claimed as the datapath claims one.
+    /// Writes the entry as the datapath does: over the key's line, or into
+    /// a free line of its group, or of the next group if its own is full.
     pub fn insert(&self, key: K, value: K::Value) -> Result<(), GroupFull> {
-        let (line, tag) = match self.locate(&key) {
-            Ok((line, _)) => {
-                // SAFETY: a value of the mapping.
-                unsafe { self.value_ptr(line).write_volatile(value) };
-                return Ok(());
-            }
-            Err(Some(free)) => free,
-            Err(None) => return Err(GroupFull),
-        };
+        if let Some(found) = self.locate(&key) {
+            // SAFETY: a value of the mapping.
+            unsafe { self.value_ptr(found.line).write_volatile(value) };
+            return Ok(());
+        }
+        let (home, tag) = ct_home(&key, self.groups.count - 1);
+        if let Some(line) = self.free_in(home) {
+            return self.claim(line, tag, key, value);
+        }
+        let line = self.free_in(self.next(home)).ok_or(GroupFull)?;
+        // Raised before the key can be found, as the datapath does.
+        self.spilled(home).fetch_add(1, Ordering::AcqRel);
+        let claimed = self.claim(line, tag, key, value);
+        if claimed.is_err() {
+            self.spilled(home).fetch_sub(1, Ordering::AcqRel);
+        }
+        claimed
+    }
+
+    /// Claims free `line` for the entry; `GroupFull` if the datapath took
+    /// it first.
+    fn claim(&self, line: u32, tag: u32, key: K, value: K::Value) -> Result<(), GroupFull> {
         let claimed = self.tag(line).compare_exchange(
             CT_TAG_FREE,
             CT_TAG_BUSY,
@@ -283,12 +333,25 @@ impl<K: LineKey> CtLines<K> {
 
     /// Releases the key's line; false if it had none.
     pub fn remove(&self, key: &K) -> bool {
-        let Ok((line, tag)) = self.locate(key) else {
+        let Some(found) = self.locate(key) else {
             return false;
         };
-        self.tag(line)
-            .compare_exchange(tag, CT_TAG_FREE, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+        let released = self.tag(found.line).compare_exchange(
+            found.tag,
+            CT_TAG_FREE,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        self.released(&found, released.is_ok())
+    }
+
+    /// Lowers the count of the group a released key was kept for; whether
+    /// it was released.
+    fn released(&self, found: &Found, released: bool) -> bool {
+        if let (true, Some(home)) = (released, found.spilled_from) {
+            self.spilled(home).fetch_sub(1, Ordering::AcqRel);
+        }
+        released
     }
 
     /// Releases the key's line and returns its value with the `active`
@@ -296,13 +359,15 @@ impl<K: LineKey> CtLines<K> {
     /// while `active` is swapped out, so the datapath cannot release the
     /// connection as well.
     pub fn take(&self, key: &K) -> Option<K::Value> {
-        let (line, tag) = self.locate(key).ok()?;
+        let found = self.locate(key)?;
+        let (line, tag) = (found.line, found.tag);
         self.tag(line)
             .compare_exchange(tag, CT_TAG_BUSY, Ordering::AcqRel, Ordering::Relaxed)
             .ok()?;
         let was = self.active(line).swap(0, Ordering::AcqRel);
         let mut value = self.value(line);
         self.tag(line).store(CT_TAG_FREE, Ordering::Release);
+        self.released(&found, true);
         // SAFETY: `ACTIVE` is the offset of a u32 field within the value.
         unsafe {
             std::ptr::from_mut(&mut value)
@@ -313,4 +378,12 @@ impl<K: LineKey> CtLines<K> {
         };
         Some(value)
     }
+}
+
+/// Where a key was found.
+struct Found {
+    line: u32,
+    tag: u32,
+    /// Its group, when it is kept in the next one.
+    spilled_from: Option<u32>,
 }

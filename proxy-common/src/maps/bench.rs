@@ -4,12 +4,6 @@
 /// without options, TCP without options, and 10 bytes to spare.
 pub const BENCH_HEAD: usize = 64;
 
-/// Lines of the benchmark's sketch of a conntrack table of our own
-/// (`bench_ct_slots`, proxy-ebpf's bench_table.rs), less one: twice
-/// conntrack's default entries, in about the memory the kernel's hash map
-/// of those entries takes (its bucket array and elements).
-pub const BENCH_SLOTS_MASK: u32 = 2 * crate::MAX_CONNTRACK - 1;
-
 /// The benchmark wrapper's saved packet (see proxy-ebpf's bench.rs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,9 @@
 //! kept apart (the tags first, then the keys, then the values) so that a
 //! group's tags share a cache line. A key hashes to one group; its tag
 //! says which of the group's lines may hold it. A miss reads the group's
-//! tags and no key; a hit the key and its value. The datapath claims a
+//! tags and no key; a hit the key and its value. A key whose group is
+//! full goes to the next group, which a miss then looks in too. The
+//! datapath claims a
 //! free line by compare-and-exchange on its tag, so inserts need no lock
 //! and no allocation, and both it and the agent (through `mmap`) release
 //! a line the same way. Written once for the datapath and the agent: both
@@ -26,6 +28,12 @@ pub const CT_TAG_LIVE: u32 = 0x8000_0000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtGroup<K, V> {
     pub tags: [u32; CT_GROUP as usize],
+    /// Live keys of this group kept in the next one (wrapping), which took
+    /// them while this one was full: a miss here looks there only while
+    /// this is not 0. Raised before such a key is written, lowered once it
+    /// is released, by whoever released it.
+    pub spilled: u32,
+    pub _pad: u32,
     pub keys: [K; CT_GROUP as usize],
     pub values: [V; CT_GROUP as usize],
 }
@@ -34,8 +42,10 @@ pub type Ct4Group = CtGroup<Ct4Key, Ct4Entry>;
 pub type Ct6Group = CtGroup<Ct6Key, Ct6Entry>;
 
 /// Lines of a table sized for `entries` flows: twice as many, a power of
-/// two, at least one group. At half load a group of eight runs full for
-/// about one flow in a hundred, which then goes to the overflow map.
+/// two, at least one group. At half load (`entries` flows) a group of
+/// eight is full for about one new flow in twenty; such a flow takes a
+/// line of the next group, and only one in about a hundred and twenty
+/// finds both full (and goes to the overflow map).
 pub const fn ct_lines(entries: u32) -> u32 {
     let lines = entries.saturating_mul(2);
     let lines = if lines < CT_GROUP { CT_GROUP } else { lines };
@@ -111,8 +121,8 @@ mod tests {
 
     #[test]
     fn groups_have_no_padding_between_tags_keys_and_values() {
-        assert_eq!(core::mem::size_of::<Ct4Group>(), 32 + 8 * 16 + 8 * 28);
-        assert_eq!(core::mem::size_of::<Ct6Group>(), 32 + 8 * 40 + 8 * 40);
+        assert_eq!(core::mem::size_of::<Ct4Group>(), 40 + 8 * 16 + 8 * 28);
+        assert_eq!(core::mem::size_of::<Ct6Group>(), 40 + 8 * 40 + 8 * 40);
     }
 
     #[test]

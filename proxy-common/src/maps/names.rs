@@ -103,17 +103,10 @@ pub const BENCH_PACKET: &str = "bench_packet";
 pub const BENCH_TARGET: &str = "bench_target";
 /// The benchmark's conntrack-shaped map (see `programs::XDP_BENCH_CT_INSERT`).
 pub const BENCH_CT: &str = "bench_ct";
-/// The benchmark's sketch of a conntrack table of our own (see
-/// `programs::XDP_BENCH_CT_SLOTS_LOOKUP_INSERT`).
-pub const BENCH_CT_SLOTS: &str = "bench_ct_slots";
-/// The same with a compact index of tags in front of its lines.
-pub const BENCH_CT_TAGS: &str = "bench_ct_tags";
-pub const BENCH_CT_TAG_LINES: &str = "bench_ct_tag_lines";
-/// One key each, looked up by the hit programs (`programs::XDP_BENCH_CT_HIT`,
-/// `programs::XDP_BENCH_CT_SLOTS_HIT`): shaped and sized as `bench_ct` and
-/// `bench_ct_slots`, but nothing else shares the key's bucket or lines.
+/// One key, looked up by the hit program (`programs::XDP_BENCH_CT_HIT`):
+/// shaped and sized as `bench_ct`, but nothing else shares the key's
+/// bucket.
 pub const BENCH_CT_HIT: &str = "bench_ct_hit";
-pub const BENCH_CT_HIT_SLOTS: &str = "bench_ct_hit_slots";
 
 /// Every map the programs define, for pinning and cleanup.
 pub const ALL: [&str; 40] = [

@@ -20,14 +20,11 @@ pub const XDP_BENCH_CT_LOOKUP_INSERT: &str = "xdproxy_bench_ct_lookup_insert";
 pub const XDP_BENCH_CT_INSERT: &str = "xdproxy_bench_ct_insert";
 /// A conntrack-like lookup that finds its key: an established packet's.
 pub const XDP_BENCH_CT_HIT: &str = "xdproxy_bench_ct_hit";
-/// The same two on a sketch of a conntrack table of our own: one cache
-/// line per flow in an array, claimed by compare-and-exchange.
-pub const XDP_BENCH_CT_SLOTS_LOOKUP: &str = "xdproxy_bench_ct_slots_lookup";
-pub const XDP_BENCH_CT_SLOTS_LOOKUP_INSERT: &str = "xdproxy_bench_ct_slots_lookup_insert";
-pub const XDP_BENCH_CT_SLOTS_HIT: &str = "xdproxy_bench_ct_slots_hit";
-/// The same with a compact index of tags in front of the lines.
-pub const XDP_BENCH_CT_TAGS_LOOKUP: &str = "xdproxy_bench_ct_tags_lookup";
-pub const XDP_BENCH_CT_TAGS_LOOKUP_INSERT: &str = "xdproxy_bench_ct_tags_lookup_insert";
+/// The same on conntrack's own table (`ct4_groups`' code, on a table of
+/// its own): a lookup that misses, lookup and insert, a lookup that hits.
+pub const XDP_BENCH_LINES_LOOKUP: &str = "xdproxy_bench_lines_lookup";
+pub const XDP_BENCH_LINES_LOOKUP_INSERT: &str = "xdproxy_bench_lines_lookup_insert";
+pub const XDP_BENCH_LINES_HIT: &str = "xdproxy_bench_lines_hit";
 /// cgroup sock_addr hooks: socket-level load balancing.
 pub const SOCK_CONNECT4: &str = "xdproxy_connect4";
 pub const SOCK_CONNECT6: &str = "xdproxy_connect6";

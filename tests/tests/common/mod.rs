@@ -102,26 +102,19 @@ impl Loaded {
     pub fn for_bench() -> anyhow::Result<Loaded> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(proxy_common::names::BENCH_CT, proxy_common::MAX_CONNTRACK);
-        let lines = proxy_common::BENCH_SLOTS_MASK + 1;
-        loader.map_max_entries(proxy_common::names::BENCH_CT_SLOTS, lines);
         loader.map_max_entries(
             proxy_common::names::BENCH_CT_HIT,
             proxy_common::MAX_CONNTRACK,
         );
-        loader.map_max_entries(proxy_common::names::BENCH_CT_HIT_SLOTS, lines);
-        loader.map_max_entries(proxy_common::names::BENCH_CT_TAG_LINES, lines);
-        loader.map_max_entries(proxy_common::names::BENCH_CT_TAGS, lines / 8);
         let mut names = ALL_PROGRAMS.to_vec();
         names.extend([
             programs::XDP_BENCH_CT_LOOKUP,
             programs::XDP_BENCH_CT_LOOKUP_INSERT,
             programs::XDP_BENCH_CT_INSERT,
             programs::XDP_BENCH_CT_HIT,
-            programs::XDP_BENCH_CT_SLOTS_HIT,
-            programs::XDP_BENCH_CT_SLOTS_LOOKUP,
-            programs::XDP_BENCH_CT_SLOTS_LOOKUP_INSERT,
-            programs::XDP_BENCH_CT_TAGS_LOOKUP,
-            programs::XDP_BENCH_CT_TAGS_LOOKUP_INSERT,
+            programs::XDP_BENCH_LINES_LOOKUP,
+            programs::XDP_BENCH_LINES_LOOKUP_INSERT,
+            programs::XDP_BENCH_LINES_HIT,
         ]);
         Self::load(&mut loader, &names)
     }
