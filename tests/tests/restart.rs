@@ -342,6 +342,11 @@ fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
     agent.restart(None)?;
 
     let log = agent.log();
+    for (conn, backend) in conns.iter_mut().zip(&first) {
+        let now = (conn.get())
+            .with_context(|| format!("a connection opened before the upgrade\n{log}"))?;
+        assert_eq!(&now, backend, "a connection moved across the upgrade");
+    }
     let copied = format!(
         "copied {} conntrack entries from {} into {}",
         held.len(),
@@ -349,12 +354,6 @@ fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
         names::CT4_GROUPS
     );
     assert!(log.contains(&copied), "{log}");
-    for (conn, backend) in conns.iter_mut().zip(&first) {
-        let now = conn
-            .get()
-            .context("a connection opened before the upgrade")?;
-        assert_eq!(&now, backend, "a connection moved across the upgrade");
-    }
     assert!(!pins.path(names::LEGACY_CONNTRACK4).exists(), "{log}");
     let table = CtTables::<Ct4Key>::open(&pins)?.main.entries();
     for key in held.keys() {

@@ -70,10 +70,11 @@ fn none_marked<K: CtKey>(tables: &CtTables<K>, mark: u32) -> anyhow::Result<bool
     Ok(true)
 }
 
-/// The pinned maps garbage collection works on.
+/// The pinned maps garbage collection works on. The conntrack tables are
+/// opened (mapped) for each pass and closed after it: kept mapped, their
+/// pages would count in the agent's memory between passes.
 pub struct Gc {
-    v4: CtTables<Ct4Key>,
-    v6: CtTables<Ct6Key>,
+    pins: Pins,
     reaped: Array<MapData, u32>,
     overflowed: Array<MapData, u32>,
     /// None: a datapath without `ct_paired` (every flow a pair).
@@ -89,12 +90,13 @@ impl Gc {
     /// `ct_paired` where the agent pinned them under `bpffs`.
     pub fn open(bpffs: &Path, timeouts: Timeouts) -> anyhow::Result<Gc> {
         let pins = Pins::at(bpffs);
+        CtTables::<Ct4Key>::open(&pins)?;
+        CtTables::<Ct6Key>::open(&pins)?;
         Ok(Gc {
-            v4: CtTables::open(&pins)?,
-            v6: CtTables::open(&pins)?,
             reaped: pins.map(names::REAPED)?,
             overflowed: pins.map(names::OVERFLOWED)?,
             paired: pins.optional_map(names::PAIRED)?,
+            pins,
             timeouts,
             pending: BTreeMap::new(),
         })
@@ -105,18 +107,22 @@ impl Gc {
     pub fn pass(&mut self) -> anyhow::Result<Stats> {
         let started = Instant::now();
         let now = now()?;
-        let v4 = sweep(&mut self.v4, now, &self.timeouts, &mut self.pending)
+        let mut tables = (
+            CtTables::<Ct4Key>::open(&self.pins)?,
+            CtTables::<Ct6Key>::open(&self.pins)?,
+        );
+        let v4 = sweep(&mut tables.0, now, &self.timeouts, &mut self.pending)
             .context("collecting IPv4 conntrack");
-        let v6 = sweep(&mut self.v6, now, &self.timeouts, &mut self.pending)
+        let v6 = sweep(&mut tables.1, now, &self.timeouts, &mut self.pending)
             .context("collecting IPv6 conntrack");
         // Whatever was deleted is counted, even if one family failed.
         let reaped = self.flush_reaped();
         let (v4, v6) = (v4?, v6?);
         let reaped = reaped?;
-        let overflowing = self.settle_overflowed()?;
+        let overflowing = self.settle_overflowed(&tables)?;
         let left = |mark: u32| v4.marked_left[mark as usize] + v6.marked_left[mark as usize];
-        let paired = self.settle_mark(CT_MARK_PAIRS, left(CT_MARK_PAIRS))?;
-        let source_nat = self.settle_mark(CT_MARK_SOURCE_NAT, left(CT_MARK_SOURCE_NAT))?;
+        let paired = self.settle_mark(&tables, CT_MARK_PAIRS, left(CT_MARK_PAIRS))?;
+        let source_nat = self.settle_mark(&tables, CT_MARK_SOURCE_NAT, left(CT_MARK_SOURCE_NAT))?;
         Ok(Stats {
             entries4: v4.seen_main,
             entries6: v6.seen_main,
@@ -135,8 +141,7 @@ impl Gc {
 
     /// Clears `ct_overflowed` once both overflow maps are empty (see
     /// `overflow`); whether it stays set.
-    fn settle_overflowed(&mut self) -> anyhow::Result<bool> {
-        let (v4, v6) = (&self.v4, &self.v6);
+    fn settle_overflowed(&mut self, (v4, v6): &Tables) -> anyhow::Result<bool> {
         let flag = &mut self.overflowed;
         overflow::settle(
             || Ok(v4.overflow_empty()? && v6.overflow_empty()?),
@@ -149,13 +154,12 @@ impl Gc {
     /// Clears `mark` of `ct_paired` once no map holds an entry that keeps
     /// it up (see `paired`), given the `left` the pass counted; whether it
     /// stays set.
-    fn settle_mark(&mut self, mark: u32, left: usize) -> anyhow::Result<bool> {
+    fn settle_mark(&mut self, (v4, v6): &Tables, mark: u32, left: usize) -> anyhow::Result<bool> {
         let Some(flag) = &mut self.paired else {
             return Ok(false);
         };
         let name = || format!("{}[{mark}]", names::PAIRED);
         let now = (flag.get(&mark, 0)).with_context(|| format!("reading {}", name()))?;
-        let (v4, v6) = (&self.v4, &self.v6);
         paired::settle(
             now,
             left,
@@ -192,6 +196,9 @@ impl Gc {
         }
     }
 }
+
+/// Both families' tables, open for a pass.
+type Tables = (CtTables<Ct4Key>, CtTables<Ct6Key>);
 
 /// One family's part of a pass.
 #[derive(Default)]
