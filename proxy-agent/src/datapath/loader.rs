@@ -862,9 +862,9 @@ mod tests {
     fn the_overflow_maps_are_conntrack_maps_sized_by_their_flag() {
         let ct4 = (size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32);
         let ct6 = (size_of::<Ct6Key>() as u32, size_of::<Ct6Entry>() as u32);
-        assert_eq!(layout(names::CT4_GROUPS, SIZES), Some((4, 384, 1024)));
+        assert_eq!(layout(names::CT4_GROUPS, SIZES), Some((4, 392, 1024)));
         assert_eq!(layout(names::OVERFLOW4, SIZES), Some((ct4.0, ct4.1, 2048)));
-        assert_eq!(layout(names::CT6_GROUPS, SIZES), Some((4, 672, 1024)));
+        assert_eq!(layout(names::CT6_GROUPS, SIZES), Some((4, 680, 1024)));
         assert_eq!(layout(names::OVERFLOW6, SIZES), Some((ct6.0, ct6.1, 2048)));
         assert_eq!(layout(names::OVERFLOWED, SIZES), Some((4, 4, 1)));
     }
