@@ -28,8 +28,9 @@ static BENCH_PACKET: Array<BenchPacket, 1> = Array::new();
 #[btf_map(name = "bench_target")]
 static BENCH_TARGET: ProgramArray<1> = ProgramArray::new();
 
-/// Where `xdproxy_bench_ct_insert` writes: shaped like `ct4`. Created with
-/// one entry; the benchmark sizes it as `ct4` when it loads the object.
+/// Where `xdproxy_bench_ct_insert` writes: the kernel hash map conntrack
+/// was kept in before its own table, of its size. Created with one entry;
+/// the benchmark sizes it when it loads the object.
 #[btf_map(name = "bench_ct")]
 static BENCH_CT: HashMap<Ct4Key, Ct4Entry, 1> = HashMap::new();
 

@@ -108,7 +108,7 @@ impl Lab {
     }
 
     fn ct_get(&self, key: &Ct4Key) -> Option<Ct4Entry> {
-        self.ct().main.get(key)
+        self.ct().main.get(key).expect("ct4 mapped")
     }
 
     /// The frontend (address, port) `lb4_rev_nat` holds for a service id.
@@ -149,7 +149,7 @@ impl Lab {
     }
 
     fn ct_len(&self) -> usize {
-        self.ct().main.len()
+        self.ct().main.len().expect("ct4 mapped")
     }
 
     fn overflow(&self) -> BpfHashMap<&aya::maps::MapData, Ct4Key, Ct4Entry> {
@@ -202,8 +202,11 @@ impl Lab {
     /// Deletes every conntrack entry: the next packet of any flow is new.
     fn clear_ct(&mut self) {
         let ct = self.ct();
-        for key in ct.main.entries().keys() {
-            assert!(ct.main.remove(key), "remove a ct4 entry");
+        for key in ct.main.entries().expect("ct4 mapped").keys() {
+            assert!(
+                ct.main.remove(key).expect("ct4 mapped"),
+                "remove a ct4 entry"
+            );
         }
         assert_eq!(self.ct_len(), 0);
     }
@@ -701,6 +704,7 @@ fn least_connections_counts_every_flow_from_concurrent_cpus() {
         .ct()
         .main
         .entries()
+        .expect("ct4 mapped")
         .into_keys()
         .filter(|k| k.direction == CT_SOCKET)
         .count();
@@ -1125,7 +1129,9 @@ fn an_established_packet_brings_a_stale_clock_to_the_second_it_keeps() {
     let first = lab.to_backend(&udp(CLIENT, sport));
     let mut entry = lab.ct_get(&key).expect("the flow's entry");
     entry.last_seen = 7;
-    (lab.ct().main.insert(key, entry)).expect("age the entry");
+    (lab.ct().main.insert(key, entry))
+        .expect("ct4 mapped")
+        .expect("age the entry");
     // Every CPU's cache says a jiffy long gone was second 7.
     let clock = lab.dp.ebpf.map_mut("ct_clock").expect("ct_clock");
     let mut clock: PerCpuArray<_, [u64; 2]> = PerCpuArray::try_from(clock).expect("per-CPU");
@@ -1509,13 +1515,18 @@ fn a_full_group_spills_into_the_next_and_then_overflows() {
     for key in filler {
         ct.main
             .insert(key, Ct4Entry::default())
+            .expect("ct4 mapped")
             .expect("room in group 0");
     }
-    assert_eq!(ct.main.spilled_keys(), 0);
+    assert_eq!(ct.main.spilled_keys().expect("ct4 mapped"), 0);
 
     let b = lab.to_backend(&syn(CLIENT, ports[0]));
     assert_eq!(lab.counter(Counter::CtFull), 0, "the flow found a line");
-    assert_eq!(ct.main.spilled_keys(), 1, "in the next group");
+    assert_eq!(
+        ct.main.spilled_keys().expect("ct4 mapped"),
+        1,
+        "in the next group"
+    );
     assert!(
         lab.ct_get(&flow_key(CLIENT, ports[0], IPPROTO_TCP))
             .is_some()
@@ -1533,6 +1544,7 @@ fn a_full_group_spills_into_the_next_and_then_overflows() {
     for key in others {
         ct.main
             .insert(key, Ct4Entry::default())
+            .expect("ct4 mapped")
             .expect("room in group 1");
     }
     lab.to_backend(&syn(CLIENT, ports[1]));
@@ -1540,8 +1552,9 @@ fn a_full_group_spills_into_the_next_and_then_overflows() {
     assert_eq!(lab.overflowed(), 1);
     assert_eq!(lab.to_backend(&with(CLIENT, ports[0], ACK)), b);
 
-    assert!(ct.main.remove(&flow_key(CLIENT, ports[0], IPPROTO_TCP)));
-    assert_eq!(ct.main.spilled_keys(), 0, "released");
+    let spilled = flow_key(CLIENT, ports[0], IPPROTO_TCP);
+    assert!(ct.main.remove(&spilled).expect("ct4 mapped"));
+    assert_eq!(ct.main.spilled_keys().expect("ct4 mapped"), 0, "released");
     assert!(
         lab.ct_get(&flow_key(CLIENT, ports[0], IPPROTO_TCP))
             .is_none()

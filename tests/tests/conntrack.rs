@@ -607,6 +607,6 @@ fn conntrack_max_sizes_the_maps_and_a_pinned_size_is_kept() -> anyhow::Result<()
     pinned.load(2 * SIZE)?;
     assert_eq!(sizes(&pinned)?, [groups, groups, MAX_SERVICES]);
     let ct4 = pinned.ct::<Ct4Key>()?;
-    assert_eq!(ct4.main.get(&key), Some(value), "the pinned entry is kept");
+    assert_eq!(ct4.main.get(&key)?, Some(value), "the pinned entry is kept");
     Ok(())
 }

@@ -757,7 +757,7 @@ fn fill_ct4(lab: &mut Lab, room: usize) -> HashSet<Ct4Key> {
     };
     let mut keys = common::fill_lines(&tables, key, Ct4Entry::default());
     for key in keys.drain(keys.len() - room..) {
-        assert!(tables.main.remove(&key), "make room");
+        assert!(tables.main.remove(&key).expect("ct4 mapped"), "make room");
     }
     assert!(!keys.is_empty(), "ct4 filled");
     keys.into_iter().collect()
@@ -765,7 +765,12 @@ fn fill_ct4(lab: &mut Lab, room: usize) -> HashSet<Ct4Key> {
 
 fn ct4_keys(lab: &Lab) -> HashSet<Ct4Key> {
     let tables = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");
-    tables.main.entries().into_keys().collect()
+    tables
+        .main
+        .entries()
+        .expect("ct4 mapped")
+        .into_keys()
+        .collect()
 }
 
 #[test]
@@ -965,11 +970,15 @@ fn an_idle_flows_source_nat_port_goes_to_a_new_flow() {
     assert_eq!(lab.counter(Counter::SnatFailed), 1);
     // The first flow goes quiet for longer than TCP's idle time.
     let ct = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");
-    let mut entry = (ct.main.get(&node_port_key(61000))).expect("the first flow's reply entry");
+    let mut entry = (ct.main.get(&node_port_key(61000)))
+        .expect("ct4 mapped")
+        .expect("the first flow's reply entry");
     entry.last_seen = now()
         .expect("the conntrack clock")
         .wrapping_sub(proxy_common::SNAT_IDLE_STREAM + 10);
-    ct.main.insert(node_port_key(61000), entry).expect("age it");
+    (ct.main.insert(node_port_key(61000), entry))
+        .expect("ct4 mapped")
+        .expect("age it");
     let third = seen(&snat_flow(&lab, 50002).1);
     assert_eq!(
         (third.src, third.sport),
@@ -1185,7 +1194,12 @@ fn tcp_flagged(
 
 fn ct4_entries(lab: &Lab) -> Vec<(Ct4Key, Ct4Entry)> {
     let tables = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");
-    tables.main.entries().into_iter().collect()
+    tables
+        .main
+        .entries()
+        .expect("ct4 mapped")
+        .into_iter()
+        .collect()
 }
 
 /// The reply entries of the flows in ct4, with whether each is unreplied.

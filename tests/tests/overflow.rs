@@ -92,7 +92,7 @@ impl Lab {
     /// Entries in both of ct4's tables: a flow whose group of lines ran
     /// full is in the overflow table.
     fn ct4_len(&self) -> anyhow::Result<usize> {
-        Ok(self.ct4()?.main.len() + self.overflow_len()?)
+        Ok(self.ct4()?.main.len()? + self.overflow_len()?)
     }
 
     fn overflow_len(&self) -> anyhow::Result<usize> {
@@ -143,17 +143,17 @@ fn fill(ct4: &CtTables<Ct4Key>) -> anyhow::Result<Vec<Ct4Key>> {
             state: CT_STATE_ESTABLISHED,
             ..Ct4Entry::default()
         };
-        if ct4.main.insert(key, value).is_ok() {
+        if ct4.main.insert(key, value)?.is_ok() {
             keys.push(key);
         }
         // With the lines the connections opened before hold.
-        if ct4.main.len() == lines {
+        if ct4.main.len()? == lines {
             return Ok(keys);
         }
     }
     bail!(
         "ct4_groups took only {} of its {lines} lines",
-        ct4.main.len()
+        ct4.main.len()?
     )
 }
 
@@ -226,13 +226,13 @@ fn a_full_conntrack_table_keeps_new_flows_working_and_collects_them_after() -> a
         Ok(lab.overflow_len()? == 0 && lab.overflowed()? == 0)
     })?;
     ensure!(
-        lab.ct4()?.main.len() >= filler.len(),
+        lab.ct4()?.main.len()? >= filler.len(),
         "the filler is untouched"
     );
 
     // Room again: new flows are tracked in ct4, not counted as ct_full.
     for key in &filler {
-        ensure!(ct4.main.remove(key), "freeing a ct4 entry");
+        ensure!(ct4.main.remove(key)?, "freeing a ct4 entry");
     }
     let full_before = lab.counter(Counter::CtFull.name())?;
     lab.new_connections(10)?;
@@ -334,7 +334,7 @@ fn bare_acks_nobody_answers_last_only_the_syn_timeout() -> anyhow::Result<()> {
     let unreplied = lab
         .ct4()?
         .main
-        .entries()
+        .entries()?
         .into_values()
         .filter(|v| v.flags & proxy_common::CT_UNREPLIED != 0)
         .count();

@@ -172,7 +172,7 @@ fn an_upgrade_rewrites_the_earlier_versions_egress_entries() -> anyhow::Result<(
     let rewritten = key(backend, client, CT_REPLY);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let entry = loop {
-        if let Some(entry) = ct4.main.get(&rewritten) {
+        if let Some(entry) = ct4.main.get(&rewritten)? {
             break entry;
         }
         anyhow::ensure!(
@@ -186,9 +186,9 @@ fn an_upgrade_rewrites_the_earlier_versions_egress_entries() -> anyhow::Result<(
         entry.flags & CT_AT_EGRESS != 0 && (entry.nat_addr, entry.nat_port) == frontend,
         "rewritten as {entry:?}"
     );
-    anyhow::ensure!(ct4.main.get(&legacy).is_none(), "the legacy entry stayed");
+    anyhow::ensure!(ct4.main.get(&legacy)?.is_none(), "the legacy entry stayed");
     anyhow::ensure!(
-        ct4.main.get(&orphan).is_none(),
+        ct4.main.get(&orphan)?.is_none(),
         "the orphan legacy entry stayed"
     );
     Ok(())
@@ -332,7 +332,7 @@ fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
     // What the earlier version left pinned: the entries in a hash map, and
     // no table of its own (its programs, still attached, hold theirs).
     let pins = Pins::at(agent.bpffs());
-    let held = CtTables::<Ct4Key>::open(&pins)?.main.entries();
+    let held = CtTables::<Ct4Key>::open(&pins)?.main.entries()?;
     anyhow::ensure!(held.len() >= conns.len(), "entries: {held:?}");
     pin_legacy_conntrack(&pins.path(names::LEGACY_CONNTRACK4), &held)?;
     std::fs::remove_file(pins.path(names::CT4_GROUPS))?;
@@ -355,7 +355,7 @@ fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
     );
     assert!(log.contains(&copied), "{log}");
     assert!(!pins.path(names::LEGACY_CONNTRACK4).exists(), "{log}");
-    let table = CtTables::<Ct4Key>::open(&pins)?.main.entries();
+    let table = CtTables::<Ct4Key>::open(&pins)?.main.entries()?;
     for key in held.keys() {
         assert!(table.contains_key(key), "{key:?} was not copied");
     }

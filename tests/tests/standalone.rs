@@ -90,12 +90,8 @@ impl Lab {
 
     fn ct4_records(&self) -> anyhow::Result<Vec<Record<SocketAddr>>> {
         let tables = CtTables::<Ct4Key>::open(&Pins::at(self.0.bpffs()))?;
-        Ok(tables
-            .main
-            .entries()
-            .iter()
-            .map(|(k, v)| k.decode(v))
-            .collect())
+        let entries = tables.main.entries()?;
+        Ok(entries.iter().map(|(k, v)| k.decode(v)).collect())
     }
 }
 

@@ -1,9 +1,10 @@
 //! Conntrack garbage collection.
 //!
-//! `ct4`/`ct6` are plain hash maps: the kernel never evicts an entry to make
-//! room (an LRU would drop established flows under a flood of new ones), so
-//! the agent removes what has gone idle. New flows that find them full go to
-//! the LRU maps `ct4_overflow`/`ct6_overflow`, collected the same way.
+//! `ct4_groups`/`ct6_groups` (conntrack's own table, `datapath::ctlines`)
+//! never evict an entry to make room (an LRU would drop established flows
+//! under a flood of new ones), so the agent removes what has gone idle. New
+//! flows that find their groups full go to the LRU maps
+//! `ct4_overflow`/`ct6_overflow`, collected the same way.
 //! `timeouts` says how long an entry may stay idle, `expiry` (pure) which
 //! flows have expired, `overflow` (pure) when the datapath may stop looking
 //! in the overflow maps, `paired` (pure) when it may stop looking for

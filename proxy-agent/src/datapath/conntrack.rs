@@ -1,5 +1,5 @@
 //! How a conntrack entry is laid out, once: the family-independent
-//! `Record` every reader decodes `ct4`/`ct6` entries into (garbage
+//! `Record` every reader decodes conntrack entries into (garbage
 //! collection, `inspect`, the tests), which of a family's two maps it is
 //! in, and the clock its timestamps count.
 

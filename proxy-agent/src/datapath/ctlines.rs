@@ -20,10 +20,23 @@ use proxy_common::{
     CtWords, ct_home, names,
 };
 
-/// A shared, writable mapping of an array map's values.
+/// A shared, writable mapping of some of an array map's values: groups
+/// `first..first + count`. Mapped a window at a time, as mapping a map
+/// puts all its pages in the agent's resident memory at once (64 MiB for
+/// both default tables).
 struct Mapping {
     at: NonNull<u8>,
     len: usize,
+    /// The byte of the map the mapping starts at (a page boundary).
+    offset: usize,
+    stride: usize,
+    first: u32,
+    count: u32,
+}
+
+/// An array map's shape: what mapping a window of it needs.
+#[derive(Clone, Copy)]
+struct Shape {
     /// Bytes from one value to the next (the kernel's: the value's size
     /// rounded up to 8).
     stride: usize,
@@ -31,13 +44,18 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn of(map: &MapData, name: &str) -> anyhow::Result<Mapping> {
-        let info = map
-            .info()
-            .with_context(|| format!("reading {name}'s info"))?;
-        let stride = (info.value_size() as usize).next_multiple_of(8);
-        let len = stride * info.max_entries() as usize;
-        // SAFETY: a fresh shared mapping of the map's fd, checked below.
+    fn window(map: &MapData, shape: Shape, first: u32, count: u32) -> anyhow::Result<Mapping> {
+        let count = count.min(shape.count.saturating_sub(first));
+        anyhow::ensure!(count > 0, "group {first} is beyond {}", shape.count);
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let start = first as usize * shape.stride;
+        let end = (first + count) as usize * shape.stride;
+        let offset = start / page * page;
+        let total = (shape.count as usize * shape.stride).next_multiple_of(page);
+        let len = (end - offset).next_multiple_of(page).min(total - offset);
+        // SAFETY: a fresh shared mapping of the map's fd within its size,
+        // checked below.
         let at = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -45,27 +63,33 @@ impl Mapping {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if at == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mapping {name} into memory"));
+            return Err(std::io::Error::last_os_error()).context("mapping conntrack's table");
         }
         let at = NonNull::new(at.cast::<u8>()).context("mmap returned null")?;
         Ok(Mapping {
             at,
             len,
-            stride,
-            count: info.max_entries(),
+            offset,
+            stride: shape.stride,
+            first,
+            count,
         })
     }
 
-    /// Value `index`, which must be below `count`.
+    fn holds(&self, index: u32) -> bool {
+        (self.first..self.first + self.count).contains(&index)
+    }
+
+    /// Value `index`, which must be in the window.
     fn value<V>(&self, index: u32) -> *mut V {
-        assert!(index < self.count, "index {index} of {}", self.count);
+        assert!(self.holds(index), "group {index} outside the window");
+        let at = index as usize * self.stride - self.offset;
         // SAFETY: within the mapping, as checked above.
-        unsafe { self.at.as_ptr().add(index as usize * self.stride).cast() }
+        unsafe { self.at.as_ptr().add(at).cast() }
     }
 }
 
@@ -97,48 +121,163 @@ impl LineKey for Ct6Key {
     const ACTIVE: usize = std::mem::offset_of!(Ct6Entry, active);
 }
 
-/// One family's table, mapped.
+/// One family's table: its map, mapped a window at a time.
 pub struct CtLines<K: LineKey> {
-    groups: Mapping,
+    map: MapData,
+    shape: Shape,
+    _key: PhantomData<K>,
+}
+
+/// The groups of a table an operation needs, mapped.
+struct View<K: LineKey> {
+    windows: Vec<Mapping>,
+    /// Groups in the whole table.
+    groups: u32,
     _key: PhantomData<K>,
 }
 
 // SAFETY: the mappings are shared memory every access to which is atomic
 // or volatile; nothing in them is tied to a thread.
-unsafe impl<K: LineKey> Send for CtLines<K> {}
+unsafe impl<K: LineKey> Send for View<K> {}
 
 /// The key's group had no free line (the datapath sends such a flow to
 /// the overflow map).
 #[derive(Debug, PartialEq, Eq)]
 pub struct GroupFull;
 
+/// Groups a scan maps at a time.
+const WINDOW: u32 = 4096;
+
 impl<K: LineKey> CtLines<K> {
-    /// Maps `groups`, a table's map.
+    /// The table in `groups`, a table's map (its descriptor is kept).
     pub fn new(groups: &MapData) -> anyhow::Result<Self> {
         let name = K::GROUPS;
-        let groups = Mapping::of(groups, name)?;
+        let info = (groups.info()).with_context(|| format!("reading {name}'s info"))?;
+        let shape = Shape {
+            stride: (info.value_size() as usize).next_multiple_of(8),
+            count: info.max_entries(),
+        };
         anyhow::ensure!(
-            groups.count.is_power_of_two(),
+            shape.count.is_power_of_two(),
             "{name} holds {} groups, not a power of two",
-            groups.count
+            shape.count
         );
         anyhow::ensure!(
-            groups.stride >= size_of::<CtGroup<K, K::Value>>(),
+            info.value_size() as usize == size_of::<CtGroup<K, K::Value>>(),
             "{name} has values of another size"
         );
+        let fd = (groups.fd().as_fd().try_clone_to_owned())
+            .with_context(|| format!("duplicating {name}'s descriptor"))?;
         Ok(CtLines {
-            groups,
+            map: MapData::from_fd(fd)?,
+            shape,
             _key: PhantomData,
         })
     }
 
     /// Lines in all.
     pub fn lines(&self) -> usize {
-        (self.groups.count * CT_GROUP) as usize
+        (self.shape.count * CT_GROUP) as usize
     }
 
+    /// Groups `first..first + count`, mapped.
+    fn view(&self, first: u32, count: u32) -> anyhow::Result<View<K>> {
+        Ok(View {
+            windows: vec![Mapping::window(&self.map, self.shape, first, count)?],
+            groups: self.shape.count,
+            _key: PhantomData,
+        })
+    }
+
+    /// The key's group and the next one, mapped.
+    fn view_of(&self, key: &K) -> anyhow::Result<View<K>> {
+        let (home, _) = ct_home(key, self.shape.count - 1);
+        let mut view = self.view(home, 2)?;
+        if home + 1 == self.shape.count && home != 0 {
+            view.windows
+                .push(Mapping::window(&self.map, self.shape, 0, 1)?);
+        }
+        Ok(view)
+    }
+
+    /// Every window of the table in turn, mapped.
+    fn scan<T>(
+        &self,
+        mut each: impl FnMut(&View<K>, std::ops::Range<u32>) -> T,
+    ) -> anyhow::Result<Vec<T>> {
+        let mut out = Vec::new();
+        let mut first = 0;
+        while first < self.shape.count {
+            let count = WINDOW.min(self.shape.count - first);
+            let view = self.view(first, count)?;
+            out.push(each(&view, first * CT_GROUP..(first + count) * CT_GROUP));
+            first += count;
+        }
+        Ok(out)
+    }
+
+    /// Every live entry, each key once, read in place: an entry whose line
+    /// changed hands while it was read is left for the next reader.
+    pub fn entries(&self) -> anyhow::Result<HashMap<K, K::Value>> {
+        let mut out = HashMap::new();
+        self.scan(|view, lines| view.collect(lines, &mut out))?;
+        Ok(out)
+    }
+
+    /// Live keys kept in the group after their own, which was full.
+    pub fn spilled_keys(&self) -> anyhow::Result<u64> {
+        let each = |view: &View<K>, lines: std::ops::Range<u32>| -> u64 {
+            (lines.start / CT_GROUP..lines.end / CT_GROUP)
+                .map(|group| u64::from(view.spilled(group).load(Ordering::Relaxed)))
+                .sum()
+        };
+        Ok(self.scan(each)?.into_iter().sum())
+    }
+
+    /// Live lines.
+    pub fn len(&self) -> anyhow::Result<usize> {
+        let each = |view: &View<K>, lines: std::ops::Range<u32>| {
+            lines
+                .filter(|line| view.tag(*line).load(Ordering::Relaxed) & CT_TAG_LIVE != 0)
+                .count()
+        };
+        Ok(self.scan(each)?.into_iter().sum())
+    }
+
+    pub fn is_empty(&self) -> anyhow::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    pub fn get(&self, key: &K) -> anyhow::Result<Option<K::Value>> {
+        let view = self.view_of(key)?;
+        Ok(view.locate(key).map(|found| view.value(found.line)))
+    }
+
+    /// Writes the entry as the datapath does: over the key's line, or into
+    /// a free line of its group, or of the next group if its own is full.
+    pub fn insert(&self, key: K, value: K::Value) -> anyhow::Result<Result<(), GroupFull>> {
+        Ok(self.view_of(&key)?.insert(key, value))
+    }
+
+    /// Releases the key's line; false if it had none.
+    pub fn remove(&self, key: &K) -> anyhow::Result<bool> {
+        Ok(self.view_of(key)?.remove(key))
+    }
+
+    /// Releases the key's line and returns its value with the `active`
+    /// it had when it went (see `View::take`).
+    pub fn take(&self, key: &K) -> anyhow::Result<Option<K::Value>> {
+        Ok(self.view_of(key)?.take(key))
+    }
+}
+
+impl<K: LineKey> View<K> {
     fn group(&self, line: u32) -> *mut CtGroup<K, K::Value> {
-        self.groups.value(line / CT_GROUP)
+        let index = line / CT_GROUP;
+        match self.windows.iter().find(|w| w.holds(index)) {
+            Some(window) => window.value(index),
+            None => panic!("group {index} is not mapped"),
+        }
     }
 
     fn value_ptr(&self, line: u32) -> *mut K::Value {
@@ -204,7 +343,7 @@ impl<K: LineKey> CtLines<K> {
     /// next group (its own group's index, whose count goes down when the
     /// line is released).
     fn locate(&self, key: &K) -> Option<Found> {
-        let (home, tag) = ct_home(key, self.groups.count - 1);
+        let (home, tag) = ct_home(key, self.groups - 1);
         if let Some(line) = self.walk(home, tag, key) {
             return Some(Found {
                 line,
@@ -237,22 +376,22 @@ impl<K: LineKey> CtLines<K> {
     }
 
     fn next(&self, group: u32) -> u32 {
-        group.wrapping_add(1) & (self.groups.count - 1)
+        group.wrapping_add(1) & (self.groups - 1)
     }
 
     /// The count of `group`'s keys kept in the next group.
     fn spilled(&self, group: u32) -> &AtomicU32 {
-        let group = self.groups.value::<CtGroup<K, K::Value>>(group);
+        let group = self.group(group * CT_GROUP);
         // SAFETY: a 4-byte aligned field of a group of the mapping, which
         // the datapath changes atomically too.
         unsafe { &*(&raw mut (*group).spilled).cast::<AtomicU32>() }
     }
 
-    /// Every live entry, each key once, read in place: an entry whose line
-    /// changed hands while it was read is left for the next reader.
-    pub fn entries(&self) -> HashMap<K, K::Value> {
-        let mut out = HashMap::new();
-        for line in 0..self.groups.count * CT_GROUP {
+    /// Adds the live entries of `lines` to `out`, each key once: an entry
+    /// whose line changed hands while it was read is left for the next
+    /// reader.
+    fn collect(&self, lines: std::ops::Range<u32>, out: &mut HashMap<K, K::Value>) {
+        for line in lines {
             let tag = self.tag(line).load(Ordering::Acquire);
             if tag & CT_TAG_LIVE == 0 {
                 continue;
@@ -262,40 +401,17 @@ impl<K: LineKey> CtLines<K> {
                 out.entry(key).or_insert(value);
             }
         }
-        out
-    }
-
-    /// Live keys kept in the group after their own, which was full.
-    pub fn spilled_keys(&self) -> u64 {
-        (0..self.groups.count)
-            .map(|group| u64::from(self.spilled(group).load(Ordering::Relaxed)))
-            .sum()
-    }
-
-    /// Live lines.
-    pub fn len(&self) -> usize {
-        (0..self.groups.count * CT_GROUP)
-            .filter(|line| self.tag(*line).load(Ordering::Relaxed) & CT_TAG_LIVE != 0)
-            .count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn get(&self, key: &K) -> Option<K::Value> {
-        Some(self.value(self.locate(key)?.line))
     }
 
     /// Writes the entry as the datapath does: over the key's line, or into
     /// a free line of its group, or of the next group if its own is full.
-    pub fn insert(&self, key: K, value: K::Value) -> Result<(), GroupFull> {
+    fn insert(&self, key: K, value: K::Value) -> Result<(), GroupFull> {
         if let Some(found) = self.locate(&key) {
             // SAFETY: a value of the mapping.
             unsafe { self.value_ptr(found.line).write_volatile(value) };
             return Ok(());
         }
-        let (home, tag) = ct_home(&key, self.groups.count - 1);
+        let (home, tag) = ct_home(&key, self.groups - 1);
         if let Some(line) = self.free_in(home) {
             return self.claim(line, tag, key, value);
         }
@@ -332,7 +448,7 @@ impl<K: LineKey> CtLines<K> {
     }
 
     /// Releases the key's line; false if it had none.
-    pub fn remove(&self, key: &K) -> bool {
+    fn remove(&self, key: &K) -> bool {
         let Some(found) = self.locate(key) else {
             return false;
         };
@@ -358,7 +474,7 @@ impl<K: LineKey> CtLines<K> {
     /// it had when it went: the line is held busy (no packet finds it)
     /// while `active` is swapped out, so the datapath cannot release the
     /// connection as well.
-    pub fn take(&self, key: &K) -> Option<K::Value> {
+    fn take(&self, key: &K) -> Option<K::Value> {
         let found = self.locate(key)?;
         let (line, tag) = (found.line, found.tag);
         self.tag(line)

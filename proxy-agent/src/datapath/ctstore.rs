@@ -68,7 +68,7 @@ impl<K: CtKey> CtTables<K> {
     /// Every entry of `table`.
     pub fn entries(&self, table: Table) -> anyhow::Result<HashMap<K, K::Value>> {
         match table {
-            Table::Main => Ok(self.main.entries()),
+            Table::Main => self.main.entries(),
             Table::Overflow => {
                 let limit = pinned::capacity(self.overflow.map(), MAX_CT_OVERFLOW) * 2;
                 pinned::entries(&self.overflow, limit.max(1024))
@@ -79,7 +79,7 @@ impl<K: CtKey> CtTables<K> {
 
     pub fn get(&self, table: Table, key: &K) -> anyhow::Result<Option<K::Value>> {
         match table {
-            Table::Main => Ok(self.main.get(key)),
+            Table::Main => self.main.get(key),
             Table::Overflow => match self.overflow.get(key, 0) {
                 Ok(value) => Ok(Some(value)),
                 Err(e) if absent(&e) => Ok(None),
@@ -90,7 +90,7 @@ impl<K: CtKey> CtTables<K> {
 
     pub fn insert(&mut self, table: Table, key: K, value: K::Value) -> anyhow::Result<()> {
         match table {
-            Table::Main => self.main.insert(key, value).map_err(|_| {
+            Table::Main => self.main.insert(key, value)?.map_err(|_| {
                 anyhow::anyhow!("{}: the key's group of {CT_GROUP} lines is full", K::GROUPS)
             }),
             Table::Overflow => (self.overflow.insert(key, value, 0))
@@ -101,7 +101,7 @@ impl<K: CtKey> CtTables<K> {
     /// Removes the key; false if it was not there.
     pub fn remove(&mut self, table: Table, key: &K) -> anyhow::Result<bool> {
         match table {
-            Table::Main => Ok(self.main.remove(key)),
+            Table::Main => self.main.remove(key),
             Table::Overflow => match self.overflow.remove(key) {
                 Ok(()) => Ok(true),
                 Err(e) if absent(&e) => Ok(false),
@@ -114,7 +114,7 @@ impl<K: CtKey> CtTables<K> {
     /// one step no other removal interleaves with (None: not there).
     pub fn take(&mut self, table: Table, key: &K) -> anyhow::Result<Option<K::Value>> {
         match table {
-            Table::Main => Ok(self.main.take(key)),
+            Table::Main => self.main.take(key),
             Table::Overflow => take(self.overflow.map(), key)
                 .with_context(|| format!("deleting from {}", K::OVERFLOW)),
         }

@@ -323,7 +323,7 @@ fn copy_legacy_flows<K: CtKey>(ebpf: &Ebpf, pins: &Pins) -> anyhow::Result<()> {
     let mut tables = CtTables::<K>::of(ebpf)?;
     let mut overflowed = 0;
     for (key, value) in &held {
-        if tables.main.insert(*key, *value).is_err() {
+        if tables.main.insert(*key, *value)?.is_err() {
             tables.insert(Table::Overflow, *key, *value)?;
             overflowed += 1;
         }

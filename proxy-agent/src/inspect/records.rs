@@ -86,7 +86,8 @@ pub struct LbRecords {
     pub activity: BTreeMap<u32, BackendActivity>,
 }
 
-/// One entry of `ct4`, `ct6` or their overflow maps, and which it is in.
+/// One entry of `ct4_groups`, `ct6_groups` or their overflow maps, and which
+/// it is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtRecord {
     pub table: Table,

@@ -457,8 +457,9 @@ pub struct ConntrackReport {
 #[derive(Debug, Serialize)]
 pub struct CtView {
     pub family: IpFamily,
-    /// `main` (`ct4`/`ct6`) or `overflow` (`ct4_overflow`/`ct6_overflow`:
-    /// a flow that found the main map full; the LRU may evict it).
+    /// `main` (`ct4_groups`/`ct6_groups`) or `overflow`
+    /// (`ct4_overflow`/`ct6_overflow`: a flow that found its groups full;
+    /// the LRU may evict it).
     pub table: Table,
     /// `forward`, `reply`, `dnat-back` (a reply entry that rewrites the
     /// destination), `egress`, or `socket` (a flow's only entry: its

@@ -1,6 +1,6 @@
-//! Conntrack: keys and entries of `ct4`/`ct6` (and their overflow maps),
-//! directions, flags and TCP states, and how long an idle flow keeps its
-//! source NAT port.
+//! Conntrack: keys and entries of `ct4_groups`/`ct6_groups` (and their
+//! overflow maps), directions, flags and TCP states, and how long an idle
+//! flow keeps its source NAT port.
 
 use super::Addr6;
 

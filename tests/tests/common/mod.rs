@@ -356,7 +356,7 @@ pub fn fill_lines<K: proxy_agent::datapath::conntrack::CtKey>(
         if keys.len() == lines {
             break;
         }
-        if tables.main.insert(key(i), value).is_ok() {
+        if tables.main.insert(key(i), value).expect("mapped").is_ok() {
             keys.push(key(i));
         }
     }
