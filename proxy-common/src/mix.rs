@@ -1,5 +1,16 @@
-//! MurmurHash3's 64-bit finalizer, shared by what both sides must hash
-//! alike (`lb_filter`) and by the agent's Maglev names.
+//! MurmurHash3's finalizers, shared by what both sides must hash alike
+//! (`lb_filter`, conntrack's table) and by the datapath's flow hashes and
+//! the agent's Maglev names.
+
+/// MurmurHash3's 32-bit finalizer: every input bit affects every output bit.
+#[inline(always)]
+pub const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
 
 /// Every input bit flips each output bit with probability close to 1/2.
 #[inline(always)]

@@ -66,37 +66,33 @@ fn same<K: CtWords>(a: &K, b: &K) -> bool {
     diff == 0
 }
 
-/// The address of tag `i` (taken modulo the group's tags) of a group.
+/// The address of element `i` (taken modulo a group's lines) of one of a
+/// group's arrays.
+#[inline(always)]
+fn nth<T>(array: *mut [T; CT_GROUP as usize], i: u32) -> *mut T {
+    // SAFETY: within the array: the index is taken modulo its length.
+    unsafe { array.cast::<T>().add((i % CT_GROUP) as usize) }
+}
+
+/// The address of tag `i` of a group.
 #[inline(always)]
 fn tag_at<K, V>(group: *mut CtGroup<K, V>, i: u32) -> *mut u32 {
-    // SAFETY: within the group's value.
-    unsafe {
-        (&raw mut (*group).tags)
-            .cast::<u32>()
-            .add((i % CT_GROUP) as usize)
-    }
+    // SAFETY: a field of a live group.
+    nth(unsafe { &raw mut (*group).tags }, i)
 }
 
-/// The address of key `i` (taken modulo the group's keys) of a group.
+/// The address of key `i` of a group.
 #[inline(always)]
 fn key_at<K, V>(group: *mut CtGroup<K, V>, i: u32) -> *mut K {
-    // SAFETY: within the group's value.
-    unsafe {
-        (&raw mut (*group).keys)
-            .cast::<K>()
-            .add((i % CT_GROUP) as usize)
-    }
+    // SAFETY: a field of a live group.
+    nth(unsafe { &raw mut (*group).keys }, i)
 }
 
-/// The address of value `i` (taken modulo the group's values) of a group.
+/// The address of value `i` of a group.
 #[inline(always)]
 fn value_at<K, V>(group: *mut CtGroup<K, V>, i: u32) -> *mut V {
-    // SAFETY: within the group's value.
-    unsafe {
-        (&raw mut (*group).values)
-            .cast::<V>()
-            .add((i % CT_GROUP) as usize)
-    }
+    // SAFETY: a field of a live group.
+    nth(unsafe { &raw mut (*group).values }, i)
 }
 
 /// The address of a group's count of keys kept in the next group.

@@ -63,15 +63,7 @@ impl<A: AddrHash> Hashed for OfFlow<'_, A> {
     }
 }
 
-/// MurmurHash3's 32-bit finalizer: every input bit affects every output bit.
-#[inline(always)]
-pub fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
+pub use proxy_common::mix::fmix32 as mix;
 
 /// `value` under `key`: each half of the key enters before a full mix, so
 /// that without the key the output tells nothing of how to change the input

@@ -257,30 +257,43 @@ fn an_upgrade_copies_the_earlier_versions_backends() -> anyhow::Result<()> {
 /// Pins a hash map of backends as versions before the arrays did, with
 /// `bpftool` (as an operator would inspect it).
 fn pin_legacy_backends(path: &std::path::Path, backends: &[(u32, Backend4)]) -> anyhow::Result<()> {
-    let entries = MAX_BACKENDS.to_string();
+    let entries = backends.iter().map(|(id, b)| {
+        let mut value = b.addr.to_ne_bytes().to_vec();
+        value.extend(b.port.to_ne_bytes());
+        value.extend([b.proto, b.flags]);
+        (id.to_ne_bytes().to_vec(), value)
+    });
+    pin_hash(path, names::LEGACY_BACKENDS4, (4, 8), MAX_BACKENDS, entries)
+}
+
+/// Pins a hash map `name` of `(key, value)` sizes and `max` entries at
+/// `path` with `bpftool`, holding `entries`.
+fn pin_hash(
+    path: &std::path::Path,
+    name: &str,
+    (key, value): (usize, usize),
+    max: u32,
+    entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<()> {
     run_checked(
         Command::new("bpftool")
             .args(["map", "create"])
             .arg(path)
-            .args([
-                "type", "hash", "key", "4", "value", "8", "entries", &entries,
-            ])
-            .args(["name", names::LEGACY_BACKENDS4]),
+            .args(["type", "hash", "key", &key.to_string(), "value"])
+            .args([value.to_string().as_str(), "entries", &max.to_string()])
+            .args(["name", name]),
     )
     .context("creating the map (bpftool comes with apt-get install bpftool)")?;
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
-    for (id, b) in backends {
-        let mut value = b.addr.to_ne_bytes().to_vec();
-        value.extend(b.port.to_ne_bytes());
-        value.extend([b.proto, b.flags]);
+    for (k, v) in entries {
         run_checked(
             Command::new("bpftool")
                 .args(["map", "update", "pinned"])
                 .arg(path)
                 .args(["key", "hex"])
-                .args(hex(&id.to_ne_bytes()))
+                .args(hex(&k))
                 .args(["value", "hex"])
-                .args(hex(&value)),
+                .args(hex(&v)),
         )?;
     }
     Ok(())
@@ -368,38 +381,17 @@ fn pin_legacy_conntrack(
     path: &std::path::Path,
     entries: &std::collections::HashMap<Ct4Key, Ct4Entry>,
 ) -> anyhow::Result<()> {
-    let (key, value) = (size_of::<Ct4Key>(), size_of::<Ct4Entry>());
-    let max = proxy_common::MAX_CONNTRACK.to_string();
-    run_checked(
-        Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(path)
-            .args(["type", "hash", "key", &key.to_string(), "value"])
-            .args([value.to_string().as_str(), "entries", &max])
-            .args(["name", names::LEGACY_CONNTRACK4]),
-    )
-    .context("creating the map (bpftool comes with apt-get install bpftool)")?;
-    for (k, v) in entries {
-        run_checked(
-            Command::new("bpftool")
-                .args(["map", "update", "pinned"])
-                .arg(path)
-                .args(["key", "hex"])
-                .args(hex(k))
-                .args(["value", "hex"])
-                .args(hex(v)),
-        )?;
-    }
-    Ok(())
+    let sizes = (size_of::<Ct4Key>(), size_of::<Ct4Entry>());
+    let entries = entries.iter().map(|(k, v)| (bytes(k), bytes(v)));
+    let max = proxy_common::MAX_CONNTRACK;
+    pin_hash(path, names::LEGACY_CONNTRACK4, sizes, max, entries)
 }
 
-/// A plain-data value's bytes, as `bpftool` takes them.
-fn hex<T: aya::Pod>(value: &T) -> Vec<String> {
+/// A plain-data value's bytes.
+fn bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
     // SAFETY: a Pod value's bytes, all initialized (explicit padding).
-    let bytes = unsafe {
-        std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>())
-    };
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
+        .to_vec()
 }
 
 /// How many entries `proxy-agent inspect conntrack` lists.

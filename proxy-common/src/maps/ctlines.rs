@@ -12,6 +12,7 @@
 //! must hash a key to the same group and tag.
 
 use super::{Ct4Entry, Ct4Key, Ct6Entry, Ct6Key};
+use crate::mix::fmix32 as mix;
 
 /// Lines per group.
 pub const CT_GROUP: u32 = 8;
@@ -78,16 +79,6 @@ impl CtWords for Ct4Key {
 
 impl CtWords for Ct6Key {
     const WORDS: usize = 10;
-}
-
-/// MurmurHash3's 32-bit finalizer.
-#[inline(always)]
-const fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// The key's group (of `groups_mask + 1`) and its tag.
