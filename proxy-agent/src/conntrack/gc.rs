@@ -236,8 +236,11 @@ fn sweep<K: CtKey>(
         ..Sweep::default()
     };
     let pressure = Pressure::of(main.len(), tables.capacity(), !overflow.is_empty());
-    let plan = plan(main, overflow, now, timeouts, pressure);
+    let mut plan = plan(main, overflow, now, timeouts, pressure);
     sweep.unconfirmed = plan.unconfirmed;
+    // In the order of their groups: the table is mapped a window at a time.
+    plan.expired
+        .sort_by_key(|flow| flow.first().map(|(_, key, _)| tables.main.home(key)));
     for flow in &plan.expired {
         match delete_flow(tables, flow, reaped)? {
             Some(deleted) => {

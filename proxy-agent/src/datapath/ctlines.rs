@@ -6,6 +6,7 @@
 //! the agent judged: the datapath may have given it to another since.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     marker::PhantomData,
     os::fd::{AsFd, AsRawFd},
@@ -121,10 +122,13 @@ impl LineKey for Ct6Key {
     const ACTIVE: usize = std::mem::offset_of!(Ct6Entry, active);
 }
 
-/// One family's table: its map, mapped a window at a time.
+/// One family's table: its map, mapped a window at a time. The window of
+/// the last key looked for stays mapped for the next, so that operations
+/// in the order of their keys' groups (`home`) map each window once.
 pub struct CtLines<K: LineKey> {
     map: MapData,
     shape: Shape,
+    near: RefCell<Option<View<K>>>,
     _key: PhantomData<K>,
 }
 
@@ -171,6 +175,7 @@ impl<K: LineKey> CtLines<K> {
         Ok(CtLines {
             map: MapData::from_fd(fd)?,
             shape,
+            near: RefCell::new(None),
             _key: PhantomData,
         })
     }
@@ -189,15 +194,35 @@ impl<K: LineKey> CtLines<K> {
         })
     }
 
-    /// The key's group and the next one, mapped.
-    fn view_of(&self, key: &K) -> anyhow::Result<View<K>> {
-        let (home, _) = ct_home(key, self.shape.count - 1);
-        let mut view = self.view(home, 2)?;
-        if home + 1 == self.shape.count && home != 0 {
-            view.windows
-                .push(Mapping::window(&self.map, self.shape, 0, 1)?);
+    /// The group `key` belongs to: operations on keys in this order map
+    /// each window of the table once.
+    pub fn home(&self, key: &K) -> u32 {
+        ct_home(key, self.shape.count - 1).0
+    }
+
+    /// `f` on a view holding the key's group and the next one: the window
+    /// mapped for the last key if it holds both, else the window from the
+    /// key's group on (and the first group, when the table wraps there).
+    fn near<T>(&self, key: &K, f: impl FnOnce(&View<K>) -> T) -> anyhow::Result<T> {
+        let home = self.home(key);
+        let next = home.wrapping_add(1) & (self.shape.count - 1);
+        let mut near = self.near.borrow_mut();
+        if !near
+            .as_ref()
+            .is_some_and(|v| v.holds(home) && v.holds(next))
+        {
+            *near = None;
+            let mut view = self.view(home, WINDOW)?;
+            if !view.holds(next) {
+                view.windows
+                    .push(Mapping::window(&self.map, self.shape, next, 1)?);
+            }
+            *near = Some(view);
         }
-        Ok(view)
+        match near.as_ref() {
+            Some(view) => Ok(f(view)),
+            None => anyhow::bail!("no window mapped for group {home}"),
+        }
     }
 
     /// Every window of the table in turn, mapped.
@@ -249,29 +274,34 @@ impl<K: LineKey> CtLines<K> {
     }
 
     pub fn get(&self, key: &K) -> anyhow::Result<Option<K::Value>> {
-        let view = self.view_of(key)?;
-        Ok(view.locate(key).map(|found| view.value(found.line)))
+        self.near(key, |view| {
+            view.locate(key).map(|found| view.value(found.line))
+        })
     }
 
     /// Writes the entry as the datapath does: over the key's line, or into
     /// a free line of its group, or of the next group if its own is full.
     pub fn insert(&self, key: K, value: K::Value) -> anyhow::Result<Result<(), GroupFull>> {
-        Ok(self.view_of(&key)?.insert(key, value))
+        self.near(&key, |view| view.insert(key, value))
     }
 
     /// Releases the key's line; false if it had none.
     pub fn remove(&self, key: &K) -> anyhow::Result<bool> {
-        Ok(self.view_of(key)?.remove(key))
+        self.near(key, |view| view.remove(key))
     }
 
     /// Releases the key's line and returns its value with the `active`
     /// it had when it went (see `View::take`).
     pub fn take(&self, key: &K) -> anyhow::Result<Option<K::Value>> {
-        Ok(self.view_of(key)?.take(key))
+        self.near(key, |view| view.take(key))
     }
 }
 
 impl<K: LineKey> View<K> {
+    fn holds(&self, group: u32) -> bool {
+        self.windows.iter().any(|w| w.holds(group))
+    }
+
     fn group(&self, line: u32) -> *mut CtGroup<K, K::Value> {
         let index = line / CT_GROUP;
         match self.windows.iter().find(|w| w.holds(index)) {
