@@ -1,7 +1,6 @@
 //! Conntrack entries and their maps, written once for both families: the
 //! family-independent `Entry`, `ct4_groups`/`ct6_groups` (`ctlines`) and
-//! their overflow maps while
-//! `ct_overflowed` says they may hold entries, and what a packet changes
+//! their overflow maps while `ct_overflowed` says they may hold entries, and what a packet changes
 //! in an entry (its time and TCP state), and `ct_paired`, which says
 //! whether any pairs (`CT_FORWARD`/`CT_REPLY`) or source NAT entries may
 //! exist. Keys and values reach the map helpers through the per-CPU
@@ -488,16 +487,10 @@ fn write<M: CtMaps>(table: Table, flags: u64) -> Result<(), i64> {
         return M::main_insert(s, flags);
     }
     let (k, v) = M::slots(s);
-    let inserted = match table {
-        Table::Main => Err(-1),
-        Table::Overflow => {
-            mark_overflowed();
-            let inserted = M::overflow().insert(k, v, flags);
-            mark_overflowed();
-            inserted.map_err(i64::from)
-        }
-    };
-    inserted
+    mark_overflowed();
+    let inserted = M::overflow().insert(k, v, flags);
+    mark_overflowed();
+    inserted.map_err(i64::from)
 }
 
 /// Puts `entry` in the scratch buffer for `insert_staged`, which may then

@@ -1,5 +1,5 @@
 //! One family's conntrack as garbage collection, `inspect`, upgrades and
-//! the tests see it: the datapath's own table (`ct4_lines`, mapped) and
+//! the tests see it: the datapath's own table (`ct4_groups`, mapped) and
 //! the overflow map (`ct4_overflow`, a kernel LRU hash), read, written and
 //! released through one interface whichever holds an entry.
 
@@ -7,7 +7,6 @@ use std::{
     collections::HashMap,
     io,
     os::fd::{AsFd, AsRawFd},
-    path::Path,
 };
 
 use anyhow::Context;
@@ -59,8 +58,9 @@ impl<K: CtKey> CtTables<K> {
         })
     }
 
-    /// The entries a full table holds: half its lines (a group of eight
-    /// runs full for about one flow in a hundred at that load).
+    /// The entries a full table holds: half its lines (at that load about
+    /// one new flow in a hundred and twenty finds its group and the next
+    /// full; see `ct_lines`).
     pub fn capacity(&self) -> usize {
         self.main.lines() / 2
     }
@@ -128,11 +128,6 @@ impl<K: CtKey> CtTables<K> {
             Some(Err(e)) => Err(e).with_context(|| format!("reading {}", K::OVERFLOW)),
         }
     }
-}
-
-/// Opens both families' tables under `bpffs`.
-pub fn open_pinned<K: CtKey>(bpffs: &Path) -> anyhow::Result<CtTables<K>> {
-    CtTables::open(&Pins::at(bpffs))
 }
 
 /// The key was not there (any more): someone else deleted it, which is fine.

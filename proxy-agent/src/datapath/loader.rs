@@ -9,7 +9,7 @@
 use std::{
     ffi::CString,
     fs,
-    os::{fd::AsFd, unix::ffi::OsStrExt},
+    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
@@ -101,7 +101,7 @@ pub struct Loaded {
 /// created (`--conntrack-max`, `--conntrack-overflow-max`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackSizes {
-    /// Flows of `ct4_lines`, `ct6_lines` (see `ct_lines`).
+    /// Flows of `ct4_groups`, `ct6_groups` (see `ct_lines`).
     pub entries: u32,
     /// `ct4_overflow`, `ct6_overflow`.
     pub overflow: u32,
@@ -189,7 +189,7 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
     }
     if adopted > 0 {
         copy_legacy_backends(&mut ebpf, bpffs)?;
-        copy_legacy_conntrack(&ebpf, bpffs)?;
+        copy_legacy_conntrack(&mut ebpf, bpffs)?;
     }
     remove_retired(&pins);
     Ok(Loaded {
@@ -302,16 +302,16 @@ fn pinned_groups(pins: &Path) -> anyhow::Result<Option<u32>> {
 }
 
 /// Copies the conntrack entries of a datapath pinned before conntrack's own
-/// table (`names::LEGACY_CONNTRACK4`, `LEGACY_CONNTRACK6`) into the lines,
+/// table (`names::LEGACY_CONNTRACK4`, `LEGACY_CONNTRACK6`) into the table,
 /// before any program of this one runs, so that its open connections keep
 /// their backends; an entry whose group is full goes to the overflow map.
-fn copy_legacy_conntrack(ebpf: &Ebpf, bpffs: &Path) -> anyhow::Result<()> {
+fn copy_legacy_conntrack(ebpf: &mut Ebpf, bpffs: &Path) -> anyhow::Result<()> {
     let pins = Pins::at(bpffs);
     copy_legacy_flows::<Ct4Key>(ebpf, &pins)?;
     copy_legacy_flows::<Ct6Key>(ebpf, &pins)
 }
 
-fn copy_legacy_flows<K: CtKey>(ebpf: &Ebpf, pins: &Pins) -> anyhow::Result<()> {
+fn copy_legacy_flows<K: CtKey>(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
     let Some(legacy) = pins.optional_map::<HashMap<MapData, K, K::Value>>(K::LEGACY)? else {
         return Ok(());
     };
@@ -342,15 +342,11 @@ fn copy_legacy_flows<K: CtKey>(ebpf: &Ebpf, pins: &Pins) -> anyhow::Result<()> {
 }
 
 /// Raises `ct_overflowed`: entries were put in the overflow maps.
-fn mark_overflowed(ebpf: &Ebpf) -> anyhow::Result<()> {
-    let map = (ebpf.map(names::OVERFLOWED))
+fn mark_overflowed(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let map = (ebpf.map_mut(names::OVERFLOWED))
         .with_context(|| format!("the eBPF object has no map {}", names::OVERFLOWED))?;
-    let aya::maps::Map::Array(data) = map else {
-        anyhow::bail!("map {} has an unexpected type", names::OVERFLOWED);
-    };
-    let fd = data.fd().as_fd().try_clone_to_owned()?;
-    let mut flag: Array<MapData, u32> =
-        Array::try_from(aya::maps::Map::Array(MapData::from_fd(fd)?))?;
+    let mut flag: Array<&mut MapData, u32> = Array::try_from(map)
+        .with_context(|| format!("map {} has an unexpected type", names::OVERFLOWED))?;
     flag.set(0, 1, 0)
         .with_context(|| format!("setting {}", names::OVERFLOWED))
 }
