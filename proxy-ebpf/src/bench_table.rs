@@ -13,15 +13,15 @@ use proxy_common::{Ct4Entry, Ct4Group};
 
 use crate::{
     bench::forward_key,
-    ctlines::{self, GROUPS, MMAPABLE},
+    ctlines::{self, ARRAY, MMAPABLE},
 };
 
 #[btf_map(name = "bench_ct_groups")]
-static BENCH_CT_GROUPS: Array<Ct4Group, GROUPS, MMAPABLE> = Array::new();
+static BENCH_CT_GROUPS: Array<Ct4Group, ARRAY, MMAPABLE> = Array::new();
 
 /// The same, holding only the hit program's key.
 #[btf_map(name = "bench_ct_hit_groups")]
-static BENCH_CT_HIT_GROUPS: Array<Ct4Group, GROUPS, MMAPABLE> = Array::new();
+static BENCH_CT_HIT_GROUPS: Array<Ct4Group, ARRAY, MMAPABLE> = Array::new();
 
 /// The packet's forward key looked up, a miss.
 #[xdp]

@@ -14,8 +14,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    CT_GROUP, CT_TAG_BUSY, CT_TAG_FREE, Ct4Entry, Ct4Group, Ct4Key, Ct6Entry, Ct6Group, Ct6Key,
-    CtGroup, CtWords, MAX_CONNTRACK, ct_home, ct_lines,
+    CT_GROUP, CT_HASH_KEYS, CT_TAG_BUSY, CT_TAG_FREE, Ct4Entry, Ct4Group, Ct4Key, Ct6Entry,
+    Ct6Group, Ct6Key, CtGroup, CtWords, MAX_CONNTRACK, ct_hash_keys, ct_lines,
 };
 
 use crate::{
@@ -26,6 +26,9 @@ use crate::{
 /// The agent maps the tables to read and release entries.
 pub const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
 pub const GROUPS: usize = (ct_lines(MAX_CONNTRACK) / CT_GROUP) as usize;
+/// Groups keys hash to, and the group holding the hash's seed (the agent's
+/// alone).
+pub const ARRAY: usize = GROUPS + 1;
 
 /// The kernel's answer to an insert into a full hash map, kept: a full
 /// group sends the flow to the overflow map as a full map did.
@@ -33,10 +36,10 @@ const E2BIG: i64 = 7;
 const EEXIST: i64 = 17;
 const ENOENT: i64 = 2;
 
-#[btf_map(name = "ct4_groups")]
-pub static CT4_GROUPS: Array<Ct4Group, GROUPS, MMAPABLE> = Array::new();
-#[btf_map(name = "ct6_groups")]
-pub static CT6_GROUPS: Array<Ct6Group, GROUPS, MMAPABLE> = Array::new();
+#[btf_map(name = "ct4_table")]
+pub static CT4_GROUPS: Array<Ct4Group, ARRAY, MMAPABLE> = Array::new();
+#[btf_map(name = "ct6_table")]
+pub static CT6_GROUPS: Array<Ct6Group, ARRAY, MMAPABLE> = Array::new();
 
 /// Groups of each table, less one. The loader sets it to match the sizes
 /// it gives the maps (a constant to the verifier); an index beyond a map
@@ -49,6 +52,22 @@ fn groups_mask() -> u32 {
     // SAFETY: a read of a static; volatile so that the loader's value, not
     // the compiler's, is the one read.
     unsafe { core::ptr::read_volatile(&raw const CT_GROUPS_MASK) }
+}
+
+/// The hash's multipliers, drawn from the tables' seed: the loader sets
+/// them (a read-only global, so each read is a load, not a lookup).
+#[unsafe(no_mangle)]
+static CT_HASH: [u64; CT_HASH_KEYS] = ct_hash_keys([0; 4]);
+
+/// The key's group and tag (see `proxy_common::ct_home`).
+#[inline(always)]
+fn ct_home<K: CtWords>(key: &K) -> (u32, u32) {
+    // SAFETY: reads of a static, within it; volatile so that the loader's
+    // values, not the compiler's, are the ones read.
+    let keys = |i: usize| unsafe {
+        core::ptr::read_volatile((&raw const CT_HASH).cast::<u64>().add(i % CT_HASH_KEYS))
+    };
+    proxy_common::ct_home(key, keys, groups_mask())
 }
 
 /// No line: what a walk answers for a key not there, or a group full.
@@ -144,7 +163,7 @@ fn free_in<K, V>(group: *mut CtGroup<K, V>) -> u32 {
 /// Group `index`, looked up with `slot`, the one key on the stack.
 #[inline(always)]
 fn group_at<K, V>(
-    groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
+    groups: &Array<CtGroup<K, V>, ARRAY, MMAPABLE>,
     index: u32,
     slot: &mut u32,
 ) -> Option<*mut CtGroup<K, V>> {
@@ -162,9 +181,9 @@ fn next(index: u32) -> u32 {
 /// The line holding `key`, or -ENOENT: in its group, or in the next one
 /// while its group has keys there.
 #[inline(always)]
-pub fn find<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key: &K) -> i64 {
+pub fn find<K: CtWords, V>(groups: &Array<CtGroup<K, V>, ARRAY, MMAPABLE>, key: &K) -> i64 {
     let mut slot = 0;
-    let (index, tag) = ct_home(key, groups_mask());
+    let (index, tag) = ct_home(key);
     let Some(group) = group_at(groups, index, &mut slot) else {
         return -ENOENT;
     };
@@ -192,12 +211,12 @@ pub fn find<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key:
 /// by a racing reader, as a flow's state change may.
 #[inline(always)]
 pub fn insert<K: CtWords, V: Copy, const REPLACE: bool>(
-    groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
+    groups: &Array<CtGroup<K, V>, ARRAY, MMAPABLE>,
     key: &K,
     value: &V,
 ) -> i64 {
     let mut slot = 0;
-    let (index, tag) = ct_home(key, groups_mask());
+    let (index, tag) = ct_home(key);
     let Some(group) = group_at(groups, index, &mut slot) else {
         return -E2BIG;
     };
@@ -218,17 +237,17 @@ pub fn insert<K: CtWords, V: Copy, const REPLACE: bool>(
 /// than kept across the lookup.
 #[inline(always)]
 fn spill<K: CtWords, V: Copy, const REPLACE: bool>(
-    groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>,
+    groups: &Array<CtGroup<K, V>, ARRAY, MMAPABLE>,
     group: *mut CtGroup<K, V>,
     key: &K,
     value: &V,
     slot: &mut u32,
 ) -> i64 {
-    let (index, _) = ct_home(key, groups_mask());
+    let (index, _) = ct_home(key);
     let Some(after) = group_at(groups, next(index), slot) else {
         return -E2BIG;
     };
-    let (_, tag) = ct_home(key, groups_mask());
+    let (_, tag) = ct_home(key);
     if let i @ 0..CT_GROUP = walk(after, tag, key) {
         return replace::<_, _, REPLACE>(after, i, value);
     }
@@ -286,9 +305,9 @@ fn claim<K: Copy, V: Copy>(group: *mut CtGroup<K, V>, i: u32, tag: u32, key: &K,
 /// released it first). A key kept in the next group lowers its own
 /// group's count once released.
 #[inline(always)]
-fn remove<K: CtWords, V>(groups: &Array<CtGroup<K, V>, GROUPS, MMAPABLE>, key: &K) -> i64 {
+fn remove<K: CtWords, V>(groups: &Array<CtGroup<K, V>, ARRAY, MMAPABLE>, key: &K) -> i64 {
     let mut slot = 0;
-    let (index, tag) = ct_home(key, groups_mask());
+    let (index, tag) = ct_home(key);
     let Some(group) = group_at(groups, index, &mut slot) else {
         return -ENOENT;
     };

@@ -18,7 +18,7 @@ use proxy_agent::datapath::{conntrack::now, ctstore::CtTables};
 use proxy_common::{
     Backend4, CT_GROUP, CT_SOCKET, CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_RST, CT_STATE_SYN,
     Connections, Counter, Ct4Entry, Ct4Key, FilterSet, Frontend4, MemberKey, SCOPE_ALL, SVC_LISTED,
-    Service, ct_home, ct_lines, filter_bit, filter_word, names, programs,
+    Service, ct_lines, filter_bit, filter_word, names, programs,
 };
 use proxy_tests::manifests::{self, FIVE_BACKENDS as BACKENDS, Listed};
 
@@ -1499,14 +1499,15 @@ fn a_full_group_spills_into_the_next_and_then_overflows() {
     // Two groups of eight lines.
     const MAX: u32 = 8;
     let lab = Lab::with_conntrack_max(&all_ready("random", &BACKENDS), MAX, 1024);
-    let mask = ct_lines(MAX) / CT_GROUP - 1;
-    let home = |key: &Ct4Key| ct_home(key, mask).0;
+    let ct = lab.ct();
+    assert_eq!(ct.main.groups(), ct_lines(MAX) / CT_GROUP);
+    // As the datapath hashes: by the table's seed.
+    let home = |key: &Ct4Key| ct.main.home(key);
     // Client ports whose flows' entries belong in group 0.
     let ports: Vec<u16> = (50000..60000)
         .filter(|p| home(&flow_key(CLIENT, *p, IPPROTO_TCP)) == 0)
         .take(3)
         .collect();
-    let ct = lab.ct();
     // Group 0 full of flows that never come.
     let filler = (1..)
         .map(|p| flow_key([192, 0, 2, 1], p, IPPROTO_TCP))

@@ -16,8 +16,8 @@ use proxy_agent::{
     },
 };
 use proxy_common::{
-    Backend4, CT_AT_EGRESS, CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, Ct4Entry, Ct4Key,
-    IPPROTO_TCP, MAX_BACKENDS, names,
+    Backend4, CT_AT_EGRESS, CT_FORWARD, CT_GROUP, CT_REPLY, CT_STATE_ESTABLISHED, CT_TAG_LIVE,
+    Ct4Entry, Ct4Group, Ct4Key, CtWords, IPPROTO_TCP, MAX_BACKENDS, ct_lines, mix::fmix32, names,
 };
 use proxy_tests::{
     agent::Agent,
@@ -263,13 +263,21 @@ fn pin_legacy_backends(path: &std::path::Path, backends: &[(u32, Backend4)]) -> 
         value.extend([b.proto, b.flags]);
         (id.to_ne_bytes().to_vec(), value)
     });
-    pin_hash(path, names::LEGACY_BACKENDS4, (4, 8), MAX_BACKENDS, entries)
+    pin_map(
+        path,
+        ("hash", 0),
+        names::LEGACY_BACKENDS4,
+        (4, 8),
+        MAX_BACKENDS,
+        entries,
+    )
 }
 
-/// Pins a hash map `name` of `(key, value)` sizes and `max` entries at
-/// `path` with `bpftool`, holding `entries`.
-fn pin_hash(
+/// Pins a map `name` of `(type, flags)`, `(key, value)` sizes and `max`
+/// entries at `path` with `bpftool`, holding `entries`.
+fn pin_map(
     path: &std::path::Path,
+    (kind, flags): (&str, u32),
     name: &str,
     (key, value): (usize, usize),
     max: u32,
@@ -279,9 +287,9 @@ fn pin_hash(
         Command::new("bpftool")
             .args(["map", "create"])
             .arg(path)
-            .args(["type", "hash", "key", &key.to_string(), "value"])
+            .args(["type", kind, "key", &key.to_string(), "value"])
             .args([value.to_string().as_str(), "entries", &max.to_string()])
-            .args(["name", name]),
+            .args(["name", name, "flags", &flags.to_string()]),
     )
     .context("creating the map (bpftool comes with apt-get install bpftool)")?;
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
@@ -319,7 +327,35 @@ fn inspected_backends(bpffs: &std::path::Path) -> anyhow::Result<usize> {
 /// is unpinned.
 #[test]
 fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
-    if !common::ready("an_upgrade_copies_the_earlier_versions_conntrack") {
+    upgrade_keeps_conntrack(
+        "an_upgrade_copies_the_earlier_versions_conntrack",
+        names::LEGACY_CONNTRACK4,
+        pin_legacy_conntrack,
+    )
+}
+
+/// The same from the version whose table hashed without a seed
+/// (`ct4_groups`): its entries are read from every line, wherever its hash
+/// put them, and written where the seeded hash puts them.
+#[test]
+fn an_upgrade_rehashes_the_unseeded_table() -> anyhow::Result<()> {
+    upgrade_keeps_conntrack(
+        "an_upgrade_rehashes_the_unseeded_table",
+        names::LEGACY_GROUPS4,
+        pin_unseeded_table,
+    )
+}
+
+/// Pins a family's conntrack entries as an earlier version kept them.
+type PinOld =
+    fn(&std::path::Path, &std::collections::HashMap<Ct4Key, Ct4Entry>) -> anyhow::Result<()>;
+
+/// Open connections through an agent, then its conntrack entries pinned
+/// by `pin_old` at `legacy` as an earlier version left them, and an agent
+/// of this version started over that: the connections keep their
+/// backends, and the legacy map is copied and unpinned.
+fn upgrade_keeps_conntrack(name: &str, legacy: &str, pin_old: PinOld) -> anyhow::Result<()> {
+    if !common::ready(name) {
         return Ok(());
     }
     let topology = Topology::build(&unique_prefix("rct"), BACKENDS)?;
@@ -342,12 +378,12 @@ fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
     anyhow::ensure!(distinct.len() > 1, "connections spread: {first:?}");
 
     agent.kill()?;
-    // What the earlier version left pinned: the entries in a hash map, and
-    // no table of its own (its programs, still attached, hold theirs).
+    // What the earlier version left pinned: the entries in its map, and
+    // no table of this version (its programs, still attached, hold theirs).
     let pins = Pins::at(agent.bpffs());
     let held = CtTables::<Ct4Key>::open(&pins)?.main.entries()?;
     anyhow::ensure!(held.len() >= conns.len(), "entries: {held:?}");
-    pin_legacy_conntrack(&pins.path(names::LEGACY_CONNTRACK4), &held)?;
+    pin_old(&pins.path(legacy), &held)?;
     std::fs::remove_file(pins.path(names::CT4_GROUPS))?;
     // `inspect` reads a datapath of that version as well.
     let listed = inspected_conntrack(agent.bpffs())?;
@@ -361,13 +397,12 @@ fn an_upgrade_copies_the_earlier_versions_conntrack() -> anyhow::Result<()> {
         assert_eq!(&now, backend, "a connection moved across the upgrade");
     }
     let copied = format!(
-        "copied {} conntrack entries from {} into {}",
+        "copied {} conntrack entries from {legacy} into {}",
         held.len(),
-        names::LEGACY_CONNTRACK4,
         names::CT4_GROUPS
     );
     assert!(log.contains(&copied), "{log}");
-    assert!(!pins.path(names::LEGACY_CONNTRACK4).exists(), "{log}");
+    assert!(!pins.path(legacy).exists(), "{log}");
     let table = CtTables::<Ct4Key>::open(&pins)?.main.entries()?;
     for key in held.keys() {
         assert!(table.contains_key(key), "{key:?} was not copied");
@@ -384,7 +419,48 @@ fn pin_legacy_conntrack(
     let sizes = (size_of::<Ct4Key>(), size_of::<Ct4Entry>());
     let entries = entries.iter().map(|(k, v)| (bytes(k), bytes(v)));
     let max = proxy_common::MAX_CONNTRACK;
-    pin_hash(path, names::LEGACY_CONNTRACK4, sizes, max, entries)
+    pin_map(
+        path,
+        ("hash", 0),
+        names::LEGACY_CONNTRACK4,
+        sizes,
+        max,
+        entries,
+    )
+}
+
+/// Pins conntrack entries in a table as the version before the seed did,
+/// with `bpftool`: groups of eight lines, all of the map a power of two of
+/// them, each key at the group and tag that version's hash gave it.
+fn pin_unseeded_table(
+    path: &std::path::Path,
+    entries: &std::collections::HashMap<Ct4Key, Ct4Entry>,
+) -> anyhow::Result<()> {
+    let groups = ct_lines(proxy_common::MAX_CONNTRACK) / CT_GROUP;
+    let mut table: std::collections::BTreeMap<u32, Ct4Group> = Default::default();
+    for (key, value) in entries {
+        let (home, tag) = unseeded_home(key, groups - 1);
+        let group = table.entry(home).or_default();
+        let line = (group.tags.iter().position(|t| *t == 0)).context("a full group")?;
+        group.tags[line] = tag;
+        group.keys[line] = *key;
+        group.values[line] = *value;
+    }
+    let sizes = (4, size_of::<Ct4Group>());
+    let written = (table.iter()).map(|(index, group)| (index.to_ne_bytes().to_vec(), bytes(group)));
+    let mmapable = 1 << 10;
+    let name = names::LEGACY_GROUPS4;
+    pin_map(path, ("array", mmapable), name, sizes, groups, written)
+}
+
+/// The group and tag of a key in the table before the seed: a chain of
+/// MurmurHash3 finalizers, one a word of the key.
+fn unseeded_home(key: &Ct4Key, mask: u32) -> (u32, u32) {
+    let mut h = 0x9e37_79b9u32;
+    for w in key.words() {
+        h = fmix32(h ^ *w);
+    }
+    (h & mask, fmix32(h ^ 0x5bd1_e995) | CT_TAG_LIVE)
 }
 
 /// A plain-data value's bytes.

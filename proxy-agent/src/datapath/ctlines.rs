@@ -1,4 +1,4 @@
-//! The agent's side of conntrack's own table (`ct4_groups`, `ct6_groups`;
+//! The agent's side of conntrack's own table (`ct4_table`, `ct6_table`;
 //! see proxy-common's `ctlines`): the map mapped into memory, read in
 //! place, and lines claimed and released by
 //! compare-and-exchange on their tags, as the datapath does. A system call
@@ -17,9 +17,12 @@ use std::{
 use anyhow::Context;
 use aya::{Pod, maps::MapData};
 use proxy_common::{
-    CT_GROUP, CT_TAG_BUSY, CT_TAG_FREE, CT_TAG_LIVE, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, CtGroup,
-    CtWords, ct_home, names,
+    CT_GROUP, CT_HASH_KEYS, CT_SEED_WORDS, CT_TAG_BUSY, CT_TAG_FREE, CT_TAG_LIVE, Ct4Entry, Ct4Key,
+    Ct6Entry, Ct6Key, CtGroup, CtWords, ct_hash_keys, names,
 };
+
+/// The seed of a table's hash (see proxy-common's `ctlines`).
+pub type Seed = [u32; CT_SEED_WORDS];
 
 /// A shared, writable mapping of some of an array map's values: groups
 /// `first..first + count`. Mapped a window at a time, as mapping a map
@@ -41,7 +44,18 @@ struct Shape {
     /// Bytes from one value to the next (the kernel's: the value's size
     /// rounded up to 8).
     stride: usize,
+    /// Groups keys hash to: all but the last, the seed's.
     count: u32,
+}
+
+impl Shape {
+    /// The map whole, the seed's group included.
+    fn whole(self) -> Shape {
+        Shape {
+            count: self.count + 1,
+            ..self
+        }
+    }
 }
 
 impl Mapping {
@@ -106,6 +120,8 @@ pub trait LineKey: CtWords + Pod + Eq + std::hash::Hash {
     type Value: Pod;
     /// The table's pinned name.
     const GROUPS: &'static str;
+    /// The name the version before the seed pinned its table under.
+    const LEGACY_GROUPS: &'static str;
     /// Byte offset of the value's `active` field.
     const ACTIVE: usize;
 }
@@ -113,12 +129,14 @@ pub trait LineKey: CtWords + Pod + Eq + std::hash::Hash {
 impl LineKey for Ct4Key {
     type Value = Ct4Entry;
     const GROUPS: &'static str = names::CT4_GROUPS;
+    const LEGACY_GROUPS: &'static str = names::LEGACY_GROUPS4;
     const ACTIVE: usize = std::mem::offset_of!(Ct4Entry, active);
 }
 
 impl LineKey for Ct6Key {
     type Value = Ct6Entry;
     const GROUPS: &'static str = names::CT6_GROUPS;
+    const LEGACY_GROUPS: &'static str = names::LEGACY_GROUPS6;
     const ACTIVE: usize = std::mem::offset_of!(Ct6Entry, active);
 }
 
@@ -128,6 +146,8 @@ impl LineKey for Ct6Key {
 pub struct CtLines<K: LineKey> {
     map: MapData,
     shape: Shape,
+    /// The hash's multipliers, drawn from the table's seed.
+    keys: [u64; CT_HASH_KEYS],
     near: RefCell<Option<View<K>>>,
     _key: PhantomData<K>,
 }
@@ -137,6 +157,7 @@ struct View<K: LineKey> {
     windows: Vec<Mapping>,
     /// Groups in the whole table.
     groups: u32,
+    keys: [u64; CT_HASH_KEYS],
     _key: PhantomData<K>,
 }
 
@@ -155,16 +176,29 @@ const WINDOW: u32 = 4096;
 impl<K: LineKey> CtLines<K> {
     /// The table in `groups`, a table's map (its descriptor is kept).
     pub fn new(groups: &MapData) -> anyhow::Result<Self> {
-        let name = K::GROUPS;
+        let mut lines = Self::open(groups, K::GROUPS, 1)?;
+        lines.keys = ct_hash_keys(lines.seed()?);
+        Ok(lines)
+    }
+
+    /// The entries of a table of the version before the seed (`LEGACY`),
+    /// whose groups are all its map holds and whose hash was another.
+    pub fn legacy_entries(groups: &MapData) -> anyhow::Result<HashMap<K, K::Value>> {
+        Self::open(groups, K::LEGACY_GROUPS, 0)?.entries()
+    }
+
+    /// The table in `groups`, the last `seeds` of its map's values not
+    /// groups keys hash to.
+    fn open(groups: &MapData, name: &str, seeds: u32) -> anyhow::Result<Self> {
         let info = (groups.info()).with_context(|| format!("reading {name}'s info"))?;
         let shape = Shape {
             stride: (info.value_size() as usize).next_multiple_of(8),
-            count: info.max_entries(),
+            count: info.max_entries().saturating_sub(seeds),
         };
         anyhow::ensure!(
             shape.count.is_power_of_two(),
-            "{name} holds {} groups, not a power of two",
-            shape.count
+            "{name} holds {} values, not a power of two and {seeds}",
+            info.max_entries()
         );
         anyhow::ensure!(
             info.value_size() as usize == size_of::<CtGroup<K, K::Value>>(),
@@ -175,9 +209,46 @@ impl<K: LineKey> CtLines<K> {
         Ok(CtLines {
             map: MapData::from_fd(fd)?,
             shape,
+            keys: ct_hash_keys([0; CT_SEED_WORDS]),
             near: RefCell::new(None),
             _key: PhantomData,
         })
+    }
+
+    /// Groups keys hash to.
+    pub fn groups(&self) -> u32 {
+        self.shape.count
+    }
+
+    /// The seed kept in the table's last group.
+    pub fn seed(&self) -> anyhow::Result<Seed> {
+        let window = self.seed_window()?;
+        let group = window.value::<CtGroup<K, K::Value>>(self.shape.count);
+        let mut seed = [0; CT_SEED_WORDS];
+        for (i, word) in seed.iter_mut().enumerate() {
+            // SAFETY: a tag of the seed's group, within the mapping.
+            *word = unsafe { (&raw const (*group).tags[i]).read_volatile() };
+        }
+        Ok(seed)
+    }
+
+    /// Keeps `seed` in the table's last group and hashes by it: for a
+    /// table no program has used yet, whose programs were given the
+    /// multipliers drawn from it.
+    pub fn set_seed(&mut self, seed: Seed) -> anyhow::Result<()> {
+        let window = self.seed_window()?;
+        let group = window.value::<CtGroup<K, K::Value>>(self.shape.count);
+        for (i, word) in seed.iter().enumerate() {
+            // SAFETY: as in `seed`; no program reads this group.
+            unsafe { (&raw mut (*group).tags[i]).write_volatile(*word) };
+        }
+        self.keys = ct_hash_keys(seed);
+        *self.near.borrow_mut() = None;
+        Ok(())
+    }
+
+    fn seed_window(&self) -> anyhow::Result<Mapping> {
+        Mapping::window(&self.map, self.shape.whole(), self.shape.count, 1)
     }
 
     /// Lines in all.
@@ -190,6 +261,7 @@ impl<K: LineKey> CtLines<K> {
         Ok(View {
             windows: vec![Mapping::window(&self.map, self.shape, first, count)?],
             groups: self.shape.count,
+            keys: self.keys,
             _key: PhantomData,
         })
     }
@@ -197,7 +269,7 @@ impl<K: LineKey> CtLines<K> {
     /// The group `key` belongs to: operations on keys in this order map
     /// each window of the table once.
     pub fn home(&self, key: &K) -> u32 {
-        ct_home(key, self.shape.count - 1).0
+        proxy_common::ct_home(key, |i| self.keys[i], self.shape.count - 1).0
     }
 
     /// `f` on a view holding the key's group and the next one: the window
@@ -298,6 +370,11 @@ impl<K: LineKey> CtLines<K> {
 }
 
 impl<K: LineKey> View<K> {
+    /// The key's group and tag.
+    fn home(&self, key: &K) -> (u32, u32) {
+        proxy_common::ct_home(key, |i| self.keys[i], self.groups - 1)
+    }
+
     fn holds(&self, group: u32) -> bool {
         self.windows.iter().any(|w| w.holds(group))
     }
@@ -373,7 +450,7 @@ impl<K: LineKey> View<K> {
     /// next group (its own group's index, whose count goes down when the
     /// line is released).
     fn locate(&self, key: &K) -> Option<Found> {
-        let (home, tag) = ct_home(key, self.groups - 1);
+        let (home, tag) = self.home(key);
         if let Some(line) = self.walk(home, tag, key) {
             return Some(Found {
                 line,
@@ -441,7 +518,7 @@ impl<K: LineKey> View<K> {
             unsafe { self.value_ptr(found.line).write_volatile(value) };
             return Ok(());
         }
-        let (home, tag) = ct_home(&key, self.groups - 1);
+        let (home, tag) = self.home(&key);
         if let Some(line) = self.free_in(home) {
             return self.claim(line, tag, key, value);
         }

@@ -26,17 +26,19 @@ use aya::{
 };
 use proxy_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Backend4, Backend6, BackendStatsEntry, CT_GROUP,
-    CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter, Ct4Entry,
-    Ct4Group, Ct4Key, Ct6Entry, Ct6Group, Ct6Key, FILTER_WORDS, Frag4Entry, Frag4Key, Frag6Entry,
-    Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CT_CLOSED,
-    MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS, MAX_SOCK_NAT,
-    MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, PROJECT, RingEnds, STATS_PER_ENTRY,
-    Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key, SockNat6,
-    SockNat6Key, SourceRange4, SourceRange6, ct_lines, names, programs,
+    CT_HASH_KEYS, CT_MARK_PAIRS, CT_MARK_SOURCE_NAT, CT_MARKS, ClosedFlow4, ClosedFlow6, Counter,
+    Ct4Entry, Ct4Group, Ct4Key, Ct6Entry, Ct6Group, Ct6Key, FILTER_WORDS, Frag4Entry, Frag4Key,
+    Frag6Entry, Frag6Key, Frontend4, Frontend6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_CT_CLOSED, MAX_CT_OVERFLOW, MAX_FRAGMENTS, MAX_MEMBERS, MAX_SERVICES, MAX_SLOTS,
+    MAX_SOCK_NAT, MAX_SOURCE_RANGES, MemberKey, NewFlows, NodeConfig, PROJECT, RingEnds,
+    STATS_PER_ENTRY, Service, ServiceStats, ServiceStatsEntry, SlotKey, SockNat4, SockNat4Key,
+    SockNat6, SockNat6Key, SourceRange4, SourceRange6, ct_hash_keys, ct_lines, names, programs,
 };
 
 use super::{
+    super::nodeconfig,
     conntrack::{CtKey, Table},
+    ctlines::{CtLines, LineKey, Seed},
     ctstore::CtTables,
     iface::Hook,
     pinned::{self, Pins},
@@ -117,12 +119,13 @@ impl Default for ConntrackSizes {
 }
 
 impl ConntrackSizes {
-    /// The maps these sizes apply to, each with its size.
+    /// The maps these sizes apply to, each with its size (a table's groups
+    /// and the seed's).
     fn by_map(self) -> [(&'static str, u32); 4] {
-        let lines = ct_lines(self.entries);
+        let groups = ct_lines(self.entries) / CT_GROUP + 1;
         [
-            (names::CT4_GROUPS, lines / CT_GROUP),
-            (names::CT6_GROUPS, lines / CT_GROUP),
+            (names::CT4_GROUPS, groups),
+            (names::CT6_GROUPS, groups),
             (names::OVERFLOW4, self.overflow),
             (names::OVERFLOW6, self.overflow),
         ]
@@ -135,16 +138,23 @@ impl ConntrackSizes {
     }
 
     /// Sizes the conntrack maps of `loader`'s object, and tells its
-    /// programs the groups of their tables (`groups_mask`).
-    pub fn apply<'a>(self, loader: &mut EbpfLoader<'a>, mask: &'a u32) {
+    /// programs the groups of their tables (`groups_mask`) and the
+    /// multipliers of their hash (`ct_hash_keys` of the tables' seed).
+    pub fn apply<'a>(
+        self,
+        loader: &mut EbpfLoader<'a>,
+        mask: &'a u32,
+        keys: &'a [u64; CT_HASH_KEYS],
+    ) {
         for (name, max) in self.by_map() {
             let max = match name {
-                names::CT4_GROUPS | names::CT6_GROUPS => mask + 1,
+                names::CT4_GROUPS | names::CT6_GROUPS => mask + 2,
                 _ => max,
             };
             loader.map_max_entries(name, max);
         }
         loader.override_global(CT_GROUPS_MASK, mask, true);
+        loader.override_global(CT_HASH, keys, true);
     }
 
     /// True for a map whose size these are.
@@ -173,14 +183,22 @@ pub fn load(bpffs: &Path, object: &[u8], sizes: ConntrackSizes) -> anyhow::Resul
         log::info!("adopting {adopted} maps pinned under {}", pins.display());
     }
     let filter_found = pins.join(names::FILTER).exists();
-    let mask = sizes.groups_mask(pinned_groups(&pins)?);
+    let (groups, seed) = pinned_tables(&pins)?;
+    let mask = sizes.groups_mask(groups);
+    let seed = match seed {
+        Some(seed) => seed,
+        None => random_seed()?,
+    };
+    let keys = ct_hash_keys(seed);
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     // A pinned map is reused at the size it has, whatever is set here.
-    sizes.apply(&mut loader, &mask);
+    sizes.apply(&mut loader, &mask, &keys);
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    // Before any program can run: none has used a table without its seed.
+    seed_tables(&ebpf, seed)?;
     if adopted > 0 {
         assume_pairs(&mut ebpf)?;
     }
@@ -275,36 +293,70 @@ fn copy_legacy<B: Pod + Default>(
     Ok(())
 }
 
-/// The program global that holds the conntrack tables' groups, less one.
+/// The program globals that hold the conntrack tables' groups, less one,
+/// and their hash's multipliers.
 const CT_GROUPS_MASK: &str = "CT_GROUPS_MASK";
+const CT_HASH: &str = "CT_HASH";
 
-/// The groups of the conntrack tables pinned under `pins`, if any: both
-/// families' must agree, as the programs have one count for both.
-fn pinned_groups(pins: &Path) -> anyhow::Result<Option<u32>> {
-    let mut groups = None;
-    for name in [names::CT4_GROUPS, names::CT6_GROUPS] {
-        let path = pins.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let info =
-            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
-        let n = info.max_entries();
-        anyhow::ensure!(
-            n.is_power_of_two() && groups.is_none_or(|seen| seen == n),
-            "the conntrack tables pinned under {} do not match each other ({name}: {n} \
-             groups); `proxy-agent cleanup` removes them",
+/// The groups (the seed's not counted) and the seed of the conntrack
+/// tables pinned under `pins`, if any: both families' must agree, as the
+/// programs have one count and one set of multipliers for both.
+fn pinned_tables(pins: &Path) -> anyhow::Result<(Option<u32>, Option<Seed>)> {
+    let mismatch = |name: &str| {
+        anyhow::anyhow!(
+            "the conntrack tables pinned under {} do not match each other ({name}); \
+             `proxy-agent cleanup` removes them",
             pins.display()
-        );
-        groups = Some(n);
+        )
+    };
+    let mut found: Option<(u32, Seed)> = None;
+    for (name, table) in [
+        (names::CT4_GROUPS, pinned_table::<Ct4Key>(pins)?),
+        (names::CT6_GROUPS, pinned_table::<Ct6Key>(pins)?),
+    ] {
+        let Some(table) = table else {
+            continue;
+        };
+        if found.is_some_and(|seen| seen != table) {
+            return Err(mismatch(name));
+        }
+        found = Some(table);
     }
-    Ok(groups)
+    Ok((found.map(|f| f.0), found.map(|f| f.1)))
 }
 
-/// Copies the conntrack entries of a datapath pinned before conntrack's own
-/// table (`names::LEGACY_CONNTRACK4`, `LEGACY_CONNTRACK6`) into the table,
-/// before any program of this one runs, so that its open connections keep
-/// their backends; an entry whose group is full goes to the overflow map.
+/// The groups and seed of the family's table pinned under `pins`.
+fn pinned_table<K: LineKey>(pins: &Path) -> anyhow::Result<Option<(u32, Seed)>> {
+    let path = pins.join(K::GROUPS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let lines = CtLines::<K>::new(&map).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some((lines.groups(), lines.seed()?)))
+}
+
+/// A seed for new tables: random, so that clients cannot tell which
+/// group their flows hash to.
+fn random_seed() -> anyhow::Result<Seed> {
+    let (a, b) = (nodeconfig::random_key()?, nodeconfig::random_key()?);
+    Ok([a[0], a[1], b[0], b[1]])
+}
+
+/// Keeps `seed` in both tables (unchanged in tables that had it), whose
+/// programs were given the multipliers drawn from it.
+pub fn seed_tables(ebpf: &Ebpf, seed: Seed) -> anyhow::Result<()> {
+    CtTables::<Ct4Key>::of(ebpf)?.main.set_seed(seed)?;
+    CtTables::<Ct6Key>::of(ebpf)?.main.set_seed(seed)
+}
+
+/// Copies the conntrack entries of a datapath pinned by an earlier
+/// version into the table, before any program of this one runs, so that
+/// its open connections keep their backends: from the hash maps before
+/// conntrack's own table (`names::LEGACY_CONNTRACK4`, `6`), or from the
+/// table before its seed (`names::LEGACY_GROUPS4`, `6`), whose groups
+/// were hashed otherwise. An entry whose group is full goes to the
+/// overflow map.
 fn copy_legacy_conntrack(ebpf: &mut Ebpf, bpffs: &Path) -> anyhow::Result<()> {
     let pins = Pins::at(bpffs);
     copy_legacy_flows::<Ct4Key>(ebpf, &pins)?;
@@ -312,17 +364,48 @@ fn copy_legacy_conntrack(ebpf: &mut Ebpf, bpffs: &Path) -> anyhow::Result<()> {
 }
 
 fn copy_legacy_flows<K: CtKey>(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
+    for (from, held) in [
+        (K::LEGACY, legacy_hash_flows::<K>(pins)?),
+        (K::LEGACY_GROUPS, legacy_table_flows::<K>(pins)?),
+    ] {
+        if let Some(held) = held {
+            copy_flows::<K>(ebpf, from, &held)?;
+        }
+    }
+    Ok(())
+}
+
+/// Conntrack entries read from a map.
+type Flows<K> = std::collections::HashMap<K, <K as LineKey>::Value>;
+
+fn legacy_hash_flows<K: CtKey>(pins: &Pins) -> anyhow::Result<Option<Flows<K>>> {
     let Some(legacy) = pins.optional_map::<HashMap<MapData, K, K::Value>>(K::LEGACY)? else {
-        return Ok(());
+        return Ok(None);
     };
     let held = pinned::entries(
         &legacy,
         2 * pinned::capacity(legacy.map(), MAX_CONNTRACK) + 1,
     )
     .with_context(|| format!("reading {}", pins.path(K::LEGACY).display()))?;
+    Ok(Some(held))
+}
+
+fn legacy_table_flows<K: CtKey>(pins: &Pins) -> anyhow::Result<Option<Flows<K>>> {
+    let path = pins.path(K::LEGACY_GROUPS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let read =
+        || -> anyhow::Result<Flows<K>> { CtLines::<K>::legacy_entries(&MapData::from_pin(&path)?) };
+    let held = read().with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(held))
+}
+
+/// Writes `held`, read from `from`, into the table.
+fn copy_flows<K: CtKey>(ebpf: &mut Ebpf, from: &str, held: &Flows<K>) -> anyhow::Result<()> {
     let mut tables = CtTables::<K>::of(ebpf)?;
     let mut overflowed = 0;
-    for (key, value) in &held {
+    for (key, value) in held {
         if tables.main.insert(*key, *value)?.is_err() {
             tables.insert(Table::Overflow, *key, *value)?;
             overflowed += 1;
@@ -332,9 +415,8 @@ fn copy_legacy_flows<K: CtKey>(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<(
         mark_overflowed(ebpf)?;
     }
     log::info!(
-        "copied {} conntrack entries from {} into {} ({overflowed} into {})",
+        "copied {} conntrack entries from {from} into {} ({overflowed} into {})",
         held.len(),
-        K::LEGACY,
         K::GROUPS,
         K::OVERFLOW
     );
@@ -431,7 +513,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::XDP_NEW_FLOW | names::TC_NEW_FLOW => kv::<u32, u32>(1),
         names::SLOTS => kv::<SlotKey, u32>(MAX_SLOTS),
         names::BACKENDS4 => kv::<u32, Backend4>(MAX_BACKENDS),
-        names::CT4_GROUPS => kv::<u32, Ct4Group>(ct_lines(sizes.entries) / CT_GROUP),
+        names::CT4_GROUPS => kv::<u32, Ct4Group>(ct_lines(sizes.entries) / CT_GROUP + 1),
         names::SERVICE_STATS => kv::<u32, ServiceStatsEntry>(MAX_SERVICES / STATS_PER_ENTRY),
         names::SERVICE_STATS_BASE => kv::<u32, ServiceStats>(MAX_SERVICES),
         names::BACKEND_STATS => kv::<u32, BackendStatsEntry>(MAX_BACKENDS / STATS_PER_ENTRY),
@@ -440,7 +522,7 @@ fn layout(name: &str, sizes: ConntrackSizes) -> Option<(u32, u32, u32)> {
         names::SERVICES6 => kv::<Frontend6, Service>(MAX_SERVICES),
         names::BACKENDS6 => kv::<u32, Backend6>(MAX_BACKENDS),
         names::MEMBERS6 => kv::<MemberKey, Backend6>(MAX_MEMBERS),
-        names::CT6_GROUPS => kv::<u32, Ct6Group>(ct_lines(sizes.entries) / CT_GROUP),
+        names::CT6_GROUPS => kv::<u32, Ct6Group>(ct_lines(sizes.entries) / CT_GROUP + 1),
         names::AFFINITY6 => kv::<Affinity6Key, AffinityEntry>(MAX_AFFINITY),
         names::SOURCE_RANGES6 => kv::<Key<SourceRange6>, u32>(MAX_SOURCE_RANGES),
         names::MEMBERS4 => kv::<MemberKey, Backend4>(MAX_MEMBERS),
@@ -858,9 +940,9 @@ mod tests {
     fn the_overflow_maps_are_conntrack_maps_sized_by_their_flag() {
         let ct4 = (size_of::<Ct4Key>() as u32, size_of::<Ct4Entry>() as u32);
         let ct6 = (size_of::<Ct6Key>() as u32, size_of::<Ct6Entry>() as u32);
-        assert_eq!(layout(names::CT4_GROUPS, SIZES), Some((4, 392, 1024)));
+        assert_eq!(layout(names::CT4_GROUPS, SIZES), Some((4, 392, 1025)));
         assert_eq!(layout(names::OVERFLOW4, SIZES), Some((ct4.0, ct4.1, 2048)));
-        assert_eq!(layout(names::CT6_GROUPS, SIZES), Some((4, 680, 1024)));
+        assert_eq!(layout(names::CT6_GROUPS, SIZES), Some((4, 680, 1025)));
         assert_eq!(layout(names::OVERFLOW6, SIZES), Some((ct6.0, ct6.1, 2048)));
         assert_eq!(layout(names::OVERFLOWED, SIZES), Some((4, 4, 1)));
     }

@@ -21,6 +21,7 @@ use proxy_common::{
 use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
 use crate::datapath::{
     conntrack::{CtKey, Table},
+    ctlines::CtLines,
     ctstore::CtTables,
     pinned::{self, BackendSlot, Pins},
 };
@@ -239,8 +240,7 @@ impl Pinned {
             }
         };
         if !self.pins.path(K::GROUPS).exists() {
-            // A datapath pinned before conntrack's own table.
-            let main = self.hash::<K, K::Value>(K::LEGACY)?;
+            let main = self.legacy_flows::<K>()?;
             let overflow = self.optional_hash::<K, K::Value>(K::OVERFLOW)?;
             return Ok((main.iter().map(|(k, v)| record(Table::Main)((k, v))))
                 .chain(
@@ -256,6 +256,19 @@ impl Pinned {
             out.extend(tables.entries(table)?.iter().map(record(table)));
         }
         Ok(out)
+    }
+
+    /// The main conntrack entries of a datapath an earlier version pinned:
+    /// in its table hashed without a seed, or, before that table, in a
+    /// hash map.
+    fn legacy_flows<K: CtKey>(&self) -> anyhow::Result<Vec<(K, K::Value)>> {
+        let path = self.pins.path(K::LEGACY_GROUPS);
+        if !path.exists() {
+            return self.hash::<K, K::Value>(K::LEGACY);
+        }
+        let map =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(CtLines::<K>::legacy_entries(&map)?.into_iter().collect())
     }
 
     /// The global `counters`, each summed over CPUs, by index.

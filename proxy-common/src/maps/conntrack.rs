@@ -1,4 +1,4 @@
-//! Conntrack: keys and entries of `ct4_groups`/`ct6_groups` (and their
+//! Conntrack: keys and entries of `ct4_table`/`ct6_table` (and their
 //! overflow maps), directions, flags and TCP states, and how long an idle
 //! flow keeps its source NAT port.
 

@@ -1,18 +1,21 @@
-//! Conntrack's own table: `ct4_groups`/`ct6_groups` hold the flow entries
+//! Conntrack's own table: `ct4_table`/`ct6_table` hold the flow entries
 //! in groups of eight lines, each line a 32-bit tag, a key and a value,
 //! kept apart (the tags first, then the keys, then the values) so that a
 //! group's tags share a cache line. A key hashes to one group; its tag
 //! says which of the group's lines may hold it. A miss reads the group's
 //! tags and no key; a hit the key and its value. A key whose group is
 //! full goes to the next group, which a miss then looks in too. The
-//! datapath claims a
-//! free line by compare-and-exchange on its tag, so inserts need no lock
-//! and no allocation, and both it and the agent (through `mmap`) release
-//! a line the same way. Written once for the datapath and the agent: both
-//! must hash a key to the same group and tag.
+//! datapath claims a free line by compare-and-exchange on its tag, so
+//! inserts need no lock and no allocation, and both it and the agent
+//! (through `mmap`) release a line the same way. Written once for the
+//! datapath and the agent: both must hash a key to the same group and tag.
+//!
+//! The hash is keyed by a random seed the agent draws when it makes the
+//! table and keeps in the table's last group (past those keys hash to):
+//! whoever adopts the table hashes as its maker did, and clients, who do
+//! not know the seed, cannot crowd their flows into one group.
 
 use super::{Ct4Entry, Ct4Key, Ct6Entry, Ct6Key};
-use crate::mix::fmix32 as mix;
 
 /// Lines per group.
 pub const CT_GROUP: u32 = 8;
@@ -23,7 +26,7 @@ pub const CT_TAG_BUSY: u32 = 1;
 /// Every live tag has this bit, so none is `CT_TAG_FREE` or `CT_TAG_BUSY`.
 pub const CT_TAG_LIVE: u32 = 0x8000_0000;
 
-/// One group of `ct4_groups`/`ct6_groups`: its lines' tags, keys and
+/// One group of `ct4_table`/`ct6_table`: its lines' tags, keys and
 /// values (a line's key and value are valid while its tag is live).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -81,14 +84,44 @@ impl CtWords for Ct6Key {
     const WORDS: usize = 10;
 }
 
-/// The key's group (of `groups_mask + 1`) and its tag.
-#[inline(always)]
-pub fn ct_home<K: CtWords>(key: &K, groups_mask: u32) -> (u32, u32) {
-    let mut h = 0x9e37_79b9u32;
-    for w in key.words() {
-        h = mix(h ^ *w);
+/// Multipliers of a table's hash: one more than an IPv6 key's words.
+pub const CT_HASH_KEYS: usize = 11;
+/// Words of the seed the multipliers are drawn from, the first tags of
+/// the table's last group (past the groups keys hash to). All zero (a
+/// table nobody seeded) draws the object's own multipliers.
+pub const CT_SEED_WORDS: usize = 4;
+
+/// The multipliers drawn from `seed` (splitmix64 over it): random and
+/// secret as the seed is, so a client cannot aim its flows at one group.
+pub const fn ct_hash_keys(seed: [u32; CT_SEED_WORDS]) -> [u64; CT_HASH_KEYS] {
+    let mut state = ((seed[0] as u64) << 32 | seed[1] as u64) ^ 0x9e37_79b9_7f4a_7c15;
+    let salt = (seed[2] as u64) << 32 | seed[3] as u64;
+    let mut keys = [0u64; CT_HASH_KEYS];
+    let mut i = 0;
+    while i < CT_HASH_KEYS {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state ^ salt;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        keys[i] = z ^ (z >> 31);
+        i += 1;
     }
-    (h & groups_mask, mix(h ^ 0x5bd1_e995) | CT_TAG_LIVE)
+    keys
+}
+
+/// The key's group (of `groups_mask + 1`) and its tag, by the multipliers
+/// `keys` gives (`ct_hash_keys`): a multilinear hash, whose products do
+/// not wait on each other (a chain of mixes, one a word, took most of a
+/// hit's time), finished by one mix for the tag.
+#[inline(always)]
+pub fn ct_home<K: CtWords>(key: &K, keys: impl Fn(usize) -> u64, groups_mask: u32) -> (u32, u32) {
+    let mut h = keys(0);
+    for (i, w) in key.words().iter().enumerate() {
+        h = h.wrapping_add((*w as u64).wrapping_mul(keys(i + 1)));
+    }
+    let group = (h >> 32) as u32 & groups_mask;
+    let t = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (group, (t >> 32) as u32 | CT_TAG_LIVE)
 }
 
 #[cfg(feature = "user")]
@@ -126,6 +159,7 @@ mod tests {
     #[test]
     fn keys_spread_over_groups_and_tags_are_live() {
         let mask = 1023;
+        let keys = ct_hash_keys([1, 2, 3, 4]);
         let mut seen = [0u32; 1024];
         for port in 0..8192u16 {
             let key = Ct4Key {
@@ -134,7 +168,7 @@ mod tests {
                 proto: 6,
                 ..Ct4Key::default()
             };
-            let (group, tag) = ct_home(&key, mask);
+            let (group, tag) = ct_home(&key, |i| keys[i], mask);
             assert!(tag & CT_TAG_LIVE != 0);
             seen[group as usize] += 1;
         }
@@ -142,5 +176,22 @@ mod tests {
         // group empty and none near three times that.
         let empty = seen.iter().filter(|n| **n == 0).count();
         assert!(empty <= 4 && seen.iter().all(|n| *n < 24), "{seen:?}");
+    }
+
+    #[test]
+    fn seeds_draw_different_multipliers() {
+        let a = ct_hash_keys([1, 2, 3, 4]);
+        let b = ct_hash_keys([1, 2, 3, 5]);
+        let c = ct_hash_keys([2, 2, 3, 4]);
+        assert!(a.iter().zip(b).all(|(x, y)| *x != y));
+        assert!(a.iter().zip(c).all(|(x, y)| *x != y));
+        let key = Ct4Key {
+            src_addr: 0x0a00_0001,
+            src_port: 40_000,
+            proto: 6,
+            ..Ct4Key::default()
+        };
+        let homes = [a, b, c].map(|k| ct_home(&key, |i| k[i], u32::MAX));
+        assert!(homes[0] != homes[1] && homes[0] != homes[2]);
     }
 }

@@ -50,15 +50,21 @@ pub const NEW_FLOW: &str = "new_flow";
 pub const XDP_NEW_FLOW: &str = "xdp_new_flow";
 pub const TC_NEW_FLOW: &str = "tc_new_flow";
 
-// Conntrack (`conntrack`, `ctlines`): entries in groups of eight lines.
-pub const CT4_GROUPS: &str = "ct4_groups";
-pub const CT6_GROUPS: &str = "ct6_groups";
+// Conntrack (`conntrack`, `ctlines`): entries in groups of eight lines,
+// and past them one group holding the seed of the table's hash.
+pub const CT4_GROUPS: &str = "ct4_table";
+pub const CT6_GROUPS: &str = "ct6_table";
+/// The tables of the version before, hashed without a seed: an
+/// agent adopting such a datapath copies their entries into the seeded
+/// tables.
+pub const LEGACY_GROUPS4: &str = "ct4_groups";
+pub const LEGACY_GROUPS6: &str = "ct6_groups";
 /// The kernel hash maps conntrack was kept in before its own table: an
 /// agent adopting such a datapath copies their entries into the lines.
 pub const LEGACY_CONNTRACK4: &str = "ct4";
 pub const LEGACY_CONNTRACK6: &str = "ct6";
-/// Conntrack for new flows that found their group of `ct4_groups`/
-/// `ct6_groups` full: LRU maps.
+/// Conntrack for new flows that found their group of `ct4_table`/
+/// `ct6_table` full: LRU maps.
 pub const OVERFLOW4: &str = "ct4_overflow";
 pub const OVERFLOW6: &str = "ct6_overflow";
 /// Non-zero while the overflow maps may hold entries: the datapath
@@ -163,4 +169,6 @@ pub const RETIRED: &[&str] = &[
     LEGACY_BACKENDS6,
     LEGACY_CONNTRACK4,
     LEGACY_CONNTRACK6,
+    LEGACY_GROUPS4,
+    LEGACY_GROUPS6,
 ];

@@ -20,7 +20,7 @@ pub const XDP_BENCH_CT_LOOKUP_INSERT: &str = "xdproxy_bench_ct_lookup_insert";
 pub const XDP_BENCH_CT_INSERT: &str = "xdproxy_bench_ct_insert";
 /// A conntrack-like lookup that finds its key: an established packet's.
 pub const XDP_BENCH_CT_HIT: &str = "xdproxy_bench_ct_hit";
-/// The same on conntrack's own table (`ct4_groups`' code, on a table of
+/// The same on conntrack's own table (`ct4_table`'s code, on a table of
 /// its own): a lookup that misses, lookup and insert, a lookup that hits.
 pub const XDP_BENCH_LINES_LOOKUP: &str = "xdproxy_bench_lines_lookup";
 pub const XDP_BENCH_LINES_LOOKUP_INSERT: &str = "xdproxy_bench_lines_lookup_insert";

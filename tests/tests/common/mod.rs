@@ -119,17 +119,22 @@ impl Loaded {
         Self::load(&mut loader, &names)
     }
 
-    /// With the conntrack maps of both families sized as given (as the
-    /// agent's loader sizes them), and only the programs named verified.
+    /// With the conntrack maps of both families sized as given and their
+    /// hash seeded (as the agent's loader does), and only the programs
+    /// named verified.
     pub fn with_conntrack(max: u32, overflow_max: u32, names: &[&str]) -> anyhow::Result<Loaded> {
-        let sizes = proxy_agent::datapath::loader::ConntrackSizes {
+        let sizes = loader::ConntrackSizes {
             entries: max,
             overflow: overflow_max,
         };
         let mask = sizes.groups_mask(None);
-        let mut loader = EbpfLoader::new();
-        sizes.apply(&mut loader, &mask);
-        Self::load(&mut loader, names)
+        let seed = [0x5eed, 1, 2, 3];
+        let keys = proxy_common::ct_hash_keys(seed);
+        let mut ebpf_loader = EbpfLoader::new();
+        sizes.apply(&mut ebpf_loader, &mask, &keys);
+        let loaded = Self::load(&mut ebpf_loader, names)?;
+        loader::seed_tables(&loaded.ebpf, seed)?;
+        Ok(loaded)
     }
 
     /// As a datapath the agent creates at start (nothing pinned before):
