@@ -1,5 +1,5 @@
 //! Conntrack entries and their maps, written once for both families: the
-//! family-independent `Entry`, `ct4_groups`/`ct6_groups` (`ctlines`) and
+//! family-independent `Entry`, `ct4_table`/`ct6_table` (`ctlines`) and
 //! their overflow maps while `ct_overflowed` says they may hold entries, and what a packet changes
 //! in an entry (its time and TCP state), and `ct_paired`, which says
 //! whether any pairs (`CT_FORWARD`/`CT_REPLY`) or source NAT entries may
@@ -147,7 +147,7 @@ pub fn next_state(state: u8, proto: u8, tcp_flags: u8) -> u8 {
 /// The conntrack map a new flow's entries go to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Table {
-    /// `ct4_groups`/`ct6_groups`: never evicted.
+    /// `ct4_table`/`ct6_table`: never evicted.
     Main,
     /// `ct4_overflow`/`ct6_overflow`, LRU: for flows that found `Main` full.
     Overflow,

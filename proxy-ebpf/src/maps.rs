@@ -38,7 +38,7 @@ pub static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }, NO_PREALLOC> = H
 pub static BACKENDS4: Array<Backend4, { MAX_BACKENDS as usize }> = Array::new();
 
 // New flows that found the conntrack table full. An LRU: under pressure it
-// evicts the least recently used of these flows, never one in `ct4_groups`.
+// evicts the least recently used of these flows, never one in `ct4_table`.
 #[btf_map(name = "ct4_overflow")]
 pub static OVERFLOW4: LruHashMap<Ct4Key, Ct4Entry, { MAX_CT_OVERFLOW as usize }> =
     LruHashMap::new();

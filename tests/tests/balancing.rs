@@ -1357,7 +1357,7 @@ fn a_terminating_backend_keeps_its_flows_and_gets_no_new_ones() {
     }
 }
 
-/// Fills a `ct4_groups` of `max` lines with one-entry flows from `CLIENT`;
+/// Fills a `ct4_table` of `max` lines with one-entry flows from `CLIENT`;
 /// returns each flow's port and backend.
 fn fill(lab: &Lab, max: u32) -> Vec<(u16, [u8; 4])> {
     let tracked: Vec<(u16, [u8; 4])> = (50000..50000 + max as u16)

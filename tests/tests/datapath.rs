@@ -745,7 +745,7 @@ fn source_nat_works_for_flows_that_found_conntrack_full() {
     }
 }
 
-/// Fills `ct4_groups` with entries of flows that never come, but for `room`
+/// Fills `ct4_table` with entries of flows that never come, but for `room`
 /// lines; returns the keys written.
 fn fill_ct4(lab: &mut Lab, room: usize) -> HashSet<Ct4Key> {
     let tables = CtTables::<Ct4Key>::of(&lab.dp.ebpf).expect("ct4's tables");

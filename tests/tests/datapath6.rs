@@ -150,7 +150,7 @@ fn ipv6_flows_that_found_conntrack_full_work_both_ways() {
     }
 }
 
-/// Fills `ct6_groups` with entries of flows that never come.
+/// Fills `ct6_table` with entries of flows that never come.
 fn fill_ct6(dp: &mut Loaded) {
     let tables = CtTables::<Ct6Key>::of(&dp.ebpf).expect("ct6's tables");
     let key = |i: u32| Ct6Key {

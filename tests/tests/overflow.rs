@@ -118,7 +118,7 @@ fn pinned<T: TryFrom<Map, Error = MapError>>(lab: &Lab, name: &str) -> anyhow::R
     Pins::at(lab.agent.bpffs()).map(name)
 }
 
-/// Fills every free line of `ct4_groups` with established entries of flows from
+/// Fills every free line of `ct4_table` with established entries of flows from
 /// 192.0.2.0/24 that never send; returns their keys.
 fn fill(ct4: &CtTables<Ct4Key>) -> anyhow::Result<Vec<Ct4Key>> {
     let now = now()?;
@@ -152,7 +152,7 @@ fn fill(ct4: &CtTables<Ct4Key>) -> anyhow::Result<Vec<Ct4Key>> {
         }
     }
     bail!(
-        "ct4_groups took only {} of its {lines} lines",
+        "ct4_table took only {} of its {lines} lines",
         ct4.main.len()?
     )
 }

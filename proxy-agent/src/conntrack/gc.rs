@@ -30,9 +30,9 @@ use crate::datapath::{
 /// What one pass saw and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Stats {
-    /// Entries in `ct4_groups` when the pass read it.
+    /// Entries in `ct4_table` when the pass read it.
     pub entries4: usize,
-    /// Entries in `ct6_groups` when the pass read it.
+    /// Entries in `ct6_table` when the pass read it.
     pub entries6: usize,
     /// Entries in `ct4_overflow` when the pass read it.
     pub overflow4: usize,

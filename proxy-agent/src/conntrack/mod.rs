@@ -1,6 +1,6 @@
 //! Conntrack garbage collection.
 //!
-//! `ct4_groups`/`ct6_groups` (conntrack's own table, `datapath::ctlines`)
+//! `ct4_table`/`ct6_table` (conntrack's own table, `datapath::ctlines`)
 //! never evict an entry to make room (an LRU would drop established flows
 //! under a flood of new ones), so the agent removes what has gone idle. New
 //! flows that find their groups full go to the LRU maps

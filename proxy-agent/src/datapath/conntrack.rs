@@ -168,7 +168,7 @@ ct_key!(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Table {
-    /// `ct4_groups`/`ct6_groups`.
+    /// `ct4_table`/`ct6_table`.
     Main,
     /// `ct4_overflow`/`ct6_overflow`: flows that found the main map full.
     Overflow,

@@ -1,5 +1,5 @@
 //! One family's conntrack as garbage collection, `inspect`, upgrades and
-//! the tests see it: the datapath's own table (`ct4_groups`, mapped) and
+//! the tests see it: the datapath's own table (`ct4_table`, mapped) and
 //! the overflow map (`ct4_overflow`, a kernel LRU hash), read, written and
 //! released through one interface whichever holds an entry.
 

@@ -103,7 +103,7 @@ pub struct Loaded {
 /// created (`--conntrack-max`, `--conntrack-overflow-max`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackSizes {
-    /// Flows of `ct4_groups`, `ct6_groups` (see `ct_lines`).
+    /// Flows of `ct4_table`, `ct6_table` (see `ct_lines`).
     pub entries: u32,
     /// `ct4_overflow`, `ct6_overflow`.
     pub overflow: u32,

@@ -86,7 +86,7 @@ pub struct LbRecords {
     pub activity: BTreeMap<u32, BackendActivity>,
 }
 
-/// One entry of `ct4_groups`, `ct6_groups` or their overflow maps, and which
+/// One entry of `ct4_table`, `ct6_table` or their overflow maps, and which
 /// it is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtRecord {

@@ -457,7 +457,7 @@ pub struct ConntrackReport {
 #[derive(Debug, Serialize)]
 pub struct CtView {
     pub family: IpFamily,
-    /// `main` (`ct4_groups`/`ct6_groups`) or `overflow`
+    /// `main` (`ct4_table`/`ct6_table`) or `overflow`
     /// (`ct4_overflow`/`ct6_overflow`: a flow that found its groups full;
     /// the LRU may evict it).
     pub table: Table,
