@@ -607,7 +607,10 @@ pub fn remember<F: Family>(
         table,
         flags,
         ids: (backend_id, service.id),
-        now: now(),
+        // Only the new-flow programs write new flows, tail-called for a
+        // packet whose conntrack lookup (`prior`) ticked this CPU's clock:
+        // a read, not a call.
+        now: ctmap::now_ticked(),
     };
     let written = match one_entry::<F>(&new, flow, backend) {
         Err(e) if e == -EEXIST => pair::<F>(&new, flow, backend),

@@ -88,9 +88,10 @@ pub extern "C" fn xdproxy_now() -> u32 {
 /// On this kind of CPU every return pays a mitigation's thunk (the call
 /// took 7 ns of an established packet); read so wherever `now` is called,
 /// the verifier's walk grew as much as inlining `now` whole did (TC egress
-/// 77k -> 140k), so only an established packet's lookup reads it so.
+/// 77k -> 140k), so only an established packet's lookup and a new
+/// flow's entries (written right after that lookup's tick) read it so.
 #[inline(always)]
-fn now_ticked() -> u32 {
+pub fn now_ticked() -> u32 {
     // SAFETY: this CPU's value, live.
     CLOCK
         .get_ptr(0)
