@@ -15,6 +15,13 @@
 //! measured in alternation: a disturbance hits all of them alike. Every case
 //! proves the path it timed: return value, output bytes and the service's
 //! packet counter are checked after each measurement.
+//!
+//! With `XDPROXY_PROFILE=established|new|non-service` it runs that case
+//! alone, steady state, one service, for `bench/profile/run.py` to sample
+//! (it prints the program ids once they are loaded, then runs for
+//! `XDPROXY_PROFILE_SECS`, 20 by default; new flows stop early once
+//! conntrack, sized 2^23 flows for them, 32 times the default, holds a
+//! quarter of that: its cold groups cost more than in the bench's table).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -53,6 +60,9 @@ const CLIENT: [u8; 4] = [172, 16, 0, 2];
 fn main() -> anyhow::Result<()> {
     if !proxy_tests::privilege::require_root("cargo xtask bench") {
         bail!("the benchmark needs root");
+    }
+    if let Ok(case) = std::env::var(PROFILE) {
+        return profile(&case);
     }
     let mut scales = SCALES
         .iter()
@@ -183,9 +193,48 @@ struct Scale {
     steady: Samples,
 }
 
+/// Names the case to run alone for a profiler (see the top).
+const PROFILE: &str = "XDPROXY_PROFILE";
+/// Flows of the conntrack tables a profile of new flows runs on.
+const PROFILE_FLOWS: u32 = 1 << 23;
+
+/// One case, steady state, over and over: what `bench/profile/run.py`
+/// samples.
+fn profile(case: &str) -> anyhow::Result<()> {
+    let secs = match std::env::var("XDPROXY_PROFILE_SECS") {
+        Ok(s) => s.parse().context("XDPROXY_PROFILE_SECS")?,
+        Err(_) => 20,
+    };
+    let mut scale = Scale::new(1)?;
+    let (packet, vary, repeat) = match case {
+        "established" => (scale.flow.clone(), false, REPEAT),
+        "new" => (scale.flow.clone(), true, NEW_FLOW_REPEAT),
+        "non-service" => (scale.other.clone(), false, REPEAT),
+        _ => bail!("{PROFILE}: established, new or non-service, not {case:?}"),
+    };
+    let ids = (scale.dp.ebpf.programs())
+        .filter_map(|(name, p)| Some(format!("{name}={}", p.info().ok()?.id())))
+        .collect::<Vec<_>>();
+    println!("profiling {case}: {}", ids.join(" "));
+    let started = std::time::Instant::now();
+    let mut flows = 0u64;
+    while started.elapsed().as_secs() < secs && flows < u64::from(PROFILE_FLOWS / 4) {
+        (scale.wrapper).time(&scale.dp, programs::XDP, &packet, vary, repeat)?;
+        flows += u64::from(vary) * u64::from(repeat);
+    }
+    let full = scale.dp.maps.counter(Counter::CtFull)?;
+    let secs = started.elapsed().as_secs_f64();
+    println!("profiled {case} for {secs:.1} s ({full} new flows found their groups full)");
+    Ok(())
+}
+
 impl Scale {
     fn new(services: usize) -> anyhow::Result<Scale> {
-        let mut dp = Loaded::for_bench()?;
+        let mut dp = match std::env::var(PROFILE).as_deref() {
+            // New flows for as long as the profile runs.
+            Ok("new") => Loaded::with_conntrack(PROFILE_FLOWS, 65_536, &common::ALL_PROGRAMS)?,
+            _ => Loaded::for_bench()?,
+        };
         let started = std::time::Instant::now();
         let desired = desired(services);
         dp.program(&desired)?;
