@@ -158,19 +158,24 @@ mod tests {
         assert_eq!(ct_lines(1), CT_GROUP);
     }
 
+    /// The socket key of a TCP client's address and port.
+    fn client_port(src_addr: u32, src_port: u16) -> Ct4Key {
+        Ct4Key {
+            src_addr,
+            src_port,
+            proto: 6,
+            direction: 3,
+            ..Ct4Key::default()
+        }
+    }
+
     #[test]
     fn keys_spread_over_groups_and_tags_are_live() {
         let mask = 1023;
         let keys = ct_hash_keys([1, 2, 3, 4]);
         let mut seen = [0u32; 1024];
         for port in 0..8192u16 {
-            let key = Ct4Key {
-                src_addr: 0x0a00_0001,
-                src_port: port,
-                proto: 6,
-                ..Ct4Key::default()
-            };
-            let (group, tag) = ct_home(&key, |i| keys[i], mask);
+            let (group, tag) = ct_home(&client_port(0x0a00_0001, port), |i| keys[i], mask);
             assert!(tag & CT_TAG_LIVE != 0);
             seen[group as usize] += 1;
         }
@@ -191,13 +196,7 @@ mod tests {
             let keys = ct_hash_keys([s, s.wrapping_mul(0x9e37_79b9), !s, 7]);
             let mut load = [0u32; 4096];
             for port in 20_000..25_000u16 {
-                let key = Ct4Key {
-                    src_addr: 0x0100_000a,
-                    src_port: port,
-                    proto: 6,
-                    direction: 3,
-                    ..Ct4Key::default()
-                };
+                let key = client_port(0x0100_000a, port);
                 load[ct_home(&key, |i| keys[i], groups - 1).0 as usize] += 1;
             }
             let pair = (0..groups as usize).map(|g| load[g] + load[(g + 1) % 4096]);
@@ -212,12 +211,7 @@ mod tests {
         let c = ct_hash_keys([2, 2, 3, 4]);
         assert!(a.iter().zip(b).all(|(x, y)| *x != y));
         assert!(a.iter().zip(c).all(|(x, y)| *x != y));
-        let key = Ct4Key {
-            src_addr: 0x0a00_0001,
-            src_port: 40_000,
-            proto: 6,
-            ..Ct4Key::default()
-        };
+        let key = client_port(0x0a00_0001, 40_000);
         let homes = [a, b, c].map(|k| ct_home(&key, |i| k[i], u32::MAX));
         assert!(homes[0] != homes[1] && homes[0] != homes[2]);
     }
