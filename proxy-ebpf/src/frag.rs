@@ -60,6 +60,9 @@ pub trait Fragments: Family {
     fn map() -> &'static Map<Self::Key, Self::Value>;
     /// This family's places in the scratch buffer.
     fn slots(s: &mut FragScratch) -> (&mut Self::Key, &mut Self::Value);
+    /// True if the packet whose flow this is is a first fragment (read
+    /// before the scratch buffer is looked up: most packets are whole).
+    fn fragmented(start: usize, end: usize, flow: &Flow<Self::Addr>) -> bool;
     /// Writes the datagram's key into `key` if the packet whose flow this
     /// is is a first fragment; false for a whole packet.
     fn first(start: usize, end: usize, flow: &Flow<Self::Addr>, key: &mut Self::Key) -> bool;
@@ -103,6 +106,9 @@ pub fn remember<F: Fragments>(
     stage: Stage,
     rewrite: &Rewrite<F::Addr>,
 ) {
+    if !F::fragmented(start, end, flow) {
+        return;
+    }
     let Some((key, value)) = scratch().map(F::slots) else {
         return;
     };
@@ -275,6 +281,14 @@ macro_rules! fragments {
 
 fragments!(V4, Frag4Key, Frag4Entry, FRAGMENTS4, key4, value4 {
     #[inline(always)]
+    fn fragmented(start: usize, end: usize, flow: &Flow<u32>) -> bool {
+        // SAFETY: bounds checked by ptr_at. The flow parser took only
+        // first fragments: any bit here means one.
+        ptr_at::<Ipv4Hdr>(start, end, flow.l3)
+            .is_some_and(|ip| u16::from_be(unsafe { (*ip).frag_off }) & IP_MF_OFFSET != 0)
+    }
+
+    #[inline(always)]
     fn first(start: usize, end: usize, flow: &Flow<u32>, key: &mut Frag4Key) -> bool {
         let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, flow.l3) else {
             return false;
@@ -315,6 +329,13 @@ fragments!(V4, Frag4Key, Frag4Entry, FRAGMENTS4, key4, value4 {
 });
 
 fragments!(V6, Frag6Key, Frag6Entry, FRAGMENTS6, key6, value6 {
+    #[inline(always)]
+    fn fragmented(start: usize, end: usize, flow: &Flow<Addr6>) -> bool {
+        // SAFETY: bounds checked by ptr_at.
+        ptr_at::<Ipv6Hdr>(start, end, flow.l3)
+            .is_some_and(|ip| unsafe { (*ip).next_header } == NEXTHDR_FRAGMENT)
+    }
+
     #[inline(always)]
     fn first(start: usize, end: usize, flow: &Flow<Addr6>, key: &mut Frag6Key) -> bool {
         let Some(ip) = ptr_at::<Ipv6Hdr>(start, end, flow.l3) else {
