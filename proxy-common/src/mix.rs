@@ -1,6 +1,6 @@
 //! MurmurHash3's finalizers, shared by what both sides must hash alike
-//! (`lb_filter`, conntrack's table) and by the datapath's flow hashes and
-//! the agent's Maglev names.
+//! (`lb_filter`) and by the datapath's flow hashes and the agent's Maglev
+//! names.
 
 /// MurmurHash3's 32-bit finalizer: every input bit affects every output bit.
 #[inline(always)]

@@ -173,6 +173,12 @@ pub struct GroupFull;
 /// Groups a scan maps at a time.
 const WINDOW: u32 = 4096;
 
+/// The group (of `groups`) and tag of `key` by the multipliers `keys`, as
+/// the datapath hashes it.
+fn home<K: CtWords>(keys: &[u64; CT_HASH_KEYS], groups: u32, key: &K) -> (u32, u32) {
+    proxy_common::ct_home(key, |i| keys[i], groups - 1)
+}
+
 impl<K: LineKey> CtLines<K> {
     /// The table in `groups`, a table's map (its descriptor is kept).
     pub fn new(groups: &MapData) -> anyhow::Result<Self> {
@@ -233,8 +239,8 @@ impl<K: LineKey> CtLines<K> {
     }
 
     /// Keeps `seed` in the table's last group and hashes by it: for a
-    /// table no program has used yet, whose programs were given the
-    /// multipliers drawn from it.
+    /// table whose programs were given the multipliers drawn from it (a
+    /// new table, or an adopted one's own seed written again).
     pub fn set_seed(&mut self, seed: Seed) -> anyhow::Result<()> {
         let window = self.seed_window()?;
         let group = window.value::<CtGroup<K, K::Value>>(self.shape.count);
@@ -269,7 +275,7 @@ impl<K: LineKey> CtLines<K> {
     /// The group `key` belongs to: operations on keys in this order map
     /// each window of the table once.
     pub fn home(&self, key: &K) -> u32 {
-        proxy_common::ct_home(key, |i| self.keys[i], self.shape.count - 1).0
+        home(&self.keys, self.shape.count, key).0
     }
 
     /// `f` on a view holding the key's group and the next one: the window
@@ -372,7 +378,7 @@ impl<K: LineKey> CtLines<K> {
 impl<K: LineKey> View<K> {
     /// The key's group and tag.
     fn home(&self, key: &K) -> (u32, u32) {
-        proxy_common::ct_home(key, |i| self.keys[i], self.groups - 1)
+        home(&self.keys, self.groups, key)
     }
 
     fn holds(&self, group: u32) -> bool {

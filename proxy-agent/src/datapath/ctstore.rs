@@ -40,6 +40,20 @@ impl<K: CtKey> CtTables<K> {
         })
     }
 
+    /// The entries of the table the version before the seed pinned
+    /// (`LEGACY_GROUPS`), if there is one: what an upgrade copies and
+    /// `inspect` lists.
+    pub fn legacy_table(pins: &Pins) -> anyhow::Result<Option<HashMap<K, K::Value>>> {
+        let path = pins.path(K::LEGACY_GROUPS);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let read = || CtLines::<K>::legacy_entries(&MapData::from_pin(&path)?);
+        read()
+            .map(Some)
+            .with_context(|| format!("reading {}", path.display()))
+    }
+
     /// The tables of a loaded object (the tests'): the maps stay in it.
     pub fn of(ebpf: &Ebpf) -> anyhow::Result<Self> {
         let main = match ebpf.map(K::GROUPS) {

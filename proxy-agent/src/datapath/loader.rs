@@ -366,7 +366,7 @@ fn copy_legacy_conntrack(ebpf: &mut Ebpf, bpffs: &Path) -> anyhow::Result<()> {
 fn copy_legacy_flows<K: CtKey>(ebpf: &mut Ebpf, pins: &Pins) -> anyhow::Result<()> {
     for (from, held) in [
         (K::LEGACY, legacy_hash_flows::<K>(pins)?),
-        (K::LEGACY_GROUPS, legacy_table_flows::<K>(pins)?),
+        (K::LEGACY_GROUPS, CtTables::<K>::legacy_table(pins)?),
     ] {
         if let Some(held) = held {
             copy_flows::<K>(ebpf, from, &held)?;
@@ -387,17 +387,6 @@ fn legacy_hash_flows<K: CtKey>(pins: &Pins) -> anyhow::Result<Option<Flows<K>>> 
         2 * pinned::capacity(legacy.map(), MAX_CONNTRACK) + 1,
     )
     .with_context(|| format!("reading {}", pins.path(K::LEGACY).display()))?;
-    Ok(Some(held))
-}
-
-fn legacy_table_flows<K: CtKey>(pins: &Pins) -> anyhow::Result<Option<Flows<K>>> {
-    let path = pins.path(K::LEGACY_GROUPS);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let read =
-        || -> anyhow::Result<Flows<K>> { CtLines::<K>::legacy_entries(&MapData::from_pin(&path)?) };
-    let held = read().with_context(|| format!("reading {}", path.display()))?;
     Ok(Some(held))
 }
 

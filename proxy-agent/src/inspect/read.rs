@@ -21,7 +21,6 @@ use proxy_common::{
 use super::records::{BackendActivity, CtRecord, Endpoint, LbRecords, MemberRecord, ServiceRecord};
 use crate::datapath::{
     conntrack::{CtKey, Table},
-    ctlines::CtLines,
     ctstore::CtTables,
     pinned::{self, BackendSlot, Pins},
 };
@@ -262,13 +261,10 @@ impl Pinned {
     /// in its table hashed without a seed, or, before that table, in a
     /// hash map.
     fn legacy_flows<K: CtKey>(&self) -> anyhow::Result<Vec<(K, K::Value)>> {
-        let path = self.pins.path(K::LEGACY_GROUPS);
-        if !path.exists() {
-            return self.hash::<K, K::Value>(K::LEGACY);
+        match CtTables::<K>::legacy_table(&self.pins)? {
+            Some(table) => Ok(table.into_iter().collect()),
+            None => self.hash::<K, K::Value>(K::LEGACY),
         }
-        let map =
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(CtLines::<K>::legacy_entries(&map)?.into_iter().collect())
     }
 
     /// The global `counters`, each summed over CPUs, by index.
